@@ -1,0 +1,69 @@
+"""Bad model directories give one clear error naming the path; pickles are never unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.models.loading import load_diffusers_model
+
+
+def test_loads_bundled(bundled):
+    model = load_diffusers_model(bundled.transformer_dir)
+    assert type(model).__name__ == "DiTTransformer2DModel"
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(TmpdiffError, match="does not exist") as err:
+        load_diffusers_model(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(err.value)
+
+
+def test_not_diffusers_format(tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(TmpdiffError, match="no config.json"):
+        load_diffusers_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden": 3}))
+    with pytest.raises(TmpdiffError, match="no _class_name"):
+        load_diffusers_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(TmpdiffError, match="not valid JSON"):
+        load_diffusers_model(tmp_path)
+
+
+def test_unknown_class(tmp_path, bundled):
+    shutil.copytree(bundled.transformer_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    cfg["_class_name"] = "NotAModel"
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TmpdiffError, match="unknown diffusers model class 'NotAModel'"):
+        load_diffusers_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_safetensors(tmp_path, bundled, damage):
+    shutil.copytree(bundled.transformer_dir, tmp_path / "m")
+    weights = tmp_path / "m/diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[damage])
+    with pytest.raises(TmpdiffError, match="corrupt safetensors") as err:
+        load_diffusers_model(tmp_path / "m")
+    assert "diffusion_pytorch_model.safetensors" in str(err.value)
+
+
+def test_pickle_checkpoint_refused_not_unpickled(tmp_path, bundled):
+    shutil.copy(bundled.transformer_dir / "config.json", tmp_path / "config.json")
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(TmpdiffError, match="pickle checkpoints"):
+        load_diffusers_model(tmp_path)
+    assert not marker.exists()

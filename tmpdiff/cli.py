@@ -1,0 +1,102 @@
+"""The `tmpdiff` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tmpdiff.errors import TmpdiffError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Temporal mixed precision for diffusion denoisers.")
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for expected errors")] = False):
+    _state["debug"] = debug
+
+
+def _resolve_model_dir(model: str, subfolder: str | None) -> Path:
+    from tmpdiff.models.bundled import bundled_dir
+
+    root = bundled_dir() if model == "bundled" else Path(model)
+    if model == "bundled" and subfolder is None:
+        subfolder = "transformer"
+    return root / subfolder if subfolder else root
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="diffusers model directory, pipeline directory (with --subfolder), or 'bundled'")],
+    out: Annotated[Path, typer.Option(help="build root; artifacts go to OUT/<model-id>/")] = Path("build"),
+    precisions: Annotated[str, typer.Option(help="comma-separated precisions")] = "fp32",
+    subfolder: Annotated[str | None, typer.Option(help="model subfolder of a pipeline directory (transformer, unet)")] = None,
+    model_id: Annotated[str | None, typer.Option(help="name of the build directory (default: the model dir's name)")] = None,
+) -> None:
+    """Export a denoiser to ONNX, one graph per precision, recorded in manifest.json."""
+    from tmpdiff.export.pipeline import export_model, parse_precisions
+
+    names = parse_precisions(precisions)
+    model_dir = _resolve_model_dir(model, subfolder)
+    if model_id is None and model == "bundled":
+        model_id = "tiny-dit"
+    build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id,
+                                       on_progress=lambda msg: console.print(msg))
+    for o in outcomes:
+        typer.echo(f"{o.precision}\t{'up to date' if o.skipped else 'exported'}\t{o.onnx_path}")
+    typer.echo(f"manifest: {build_dir / 'manifest.json'}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
+    per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 8,
+    steps: Annotated[int | None, typer.Option(min=1, help="denoising steps (default: the model's)")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads (default: all cores)")] = None,
+) -> None:
+    """Run the bundled model end to end on CPU and write grid.png + report.json."""
+    from tmpdiff.demo import run_demo
+
+    report = run_demo(out, per_class=per_class, steps=steps, seed=seed, threads=threads, console=console)
+    typer.echo(
+        f"{report['steps']} steps, median step {report['step_ms_median']:.1f} ms "
+        f"(batch {report['batch_per_call']}), total {report['total_seconds']:.1f} s, "
+        f"classifier accuracy {report['classifier_accuracy']:.1%}"
+    )
+    typer.echo(f"wrote {out / 'grid.png'} and {out / 'report.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args, standalone_mode=False)
+    except TmpdiffError as exc:
+        if _state["debug"] or "--debug" in args:
+            raise
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

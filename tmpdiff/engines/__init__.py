@@ -1,0 +1,1 @@
+"""Engines: one protocol, ONNX Runtime and TensorRT backends."""

@@ -1,0 +1,1 @@
+"""Evaluation: classifier-based quality, image metrics, grids and reports."""

@@ -1,0 +1,1 @@
+"""Export: torch -> ONNX, quantization with modelopt, graph clean-up."""

@@ -1,0 +1,92 @@
+"""The build directory's `manifest.json` (format `tmpdiff.manifest/1`), validated with pydantic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tmpdiff.atomic import sha256_file, write_json
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.models.adapter import TensorSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "tmpdiff.manifest/1"
+
+
+class TensorSpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+    @classmethod
+    def of(cls, spec: TensorSpec) -> TensorSpecModel:
+        return cls(name=spec.name, dtype=spec.dtype, shape=list(spec.shape))
+
+
+class PrecisionEntry(BaseModel):
+    """One exported precision: its ONNX graph (path relative to the build dir) and what made it."""
+
+    model_config = ConfigDict(extra="forbid")
+    onnx: str
+    sha256: str
+    opset: int
+    quantization: dict = Field(default_factory=dict)
+    error_vs_fp32: float | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["tmpdiff.manifest/1"] = FORMAT
+    model_id: str
+    architecture: str
+    model_sha256: str
+    model_config_: dict = Field(alias="model_config")
+    inputs: list[TensorSpecModel]
+    outputs: list[TensorSpecModel]
+    precisions: dict[str, PrecisionEntry] = Field(default_factory=dict)
+
+
+def model_content_hash(model_dir: Path) -> str:
+    """sha256 over a diffusers model directory's config and weight files (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors")]):
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def load_manifest(build_dir: str | Path) -> Manifest:
+    """Read and validate `build_dir/manifest.json`; errors name the file and the problem."""
+    path = Path(build_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise TmpdiffError("no manifest.json: not a tmpdiff build directory", Path(build_dir))
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+        raise TmpdiffError(f"invalid manifest ({problems})", path) from None
+
+
+def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
+    """Write the manifest atomically."""
+    write_json(Path(build_dir) / MANIFEST_NAME, manifest.model_dump(mode="json", by_alias=True))
+
+
+def verify_artifact(build_dir: Path, precision: str, entry: PrecisionEntry) -> Path:
+    """Path of a precision's ONNX graph after checking it exists inside the build dir and matches its hash."""
+    build_dir = build_dir.resolve()
+    path = (build_dir / entry.onnx).resolve()
+    if not path.is_relative_to(build_dir):
+        raise TmpdiffError(f"{precision}: ONNX path escapes the build directory", build_dir / MANIFEST_NAME)
+    if not path.is_file():
+        raise TmpdiffError(f"{precision}: ONNX file is missing; re-run `tmpdiff export`", path)
+    if sha256_file(path) != entry.sha256:
+        raise TmpdiffError(f"{precision}: sha256 does not match the manifest; re-run `tmpdiff export`", path)
+    return path

@@ -1,0 +1,96 @@
+"""What the pipeline needs to know about a denoiser class: its ONNX inputs, outputs and sample inputs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from tmpdiff.errors import TmpdiffError
+
+Dim = int | str  # a fixed size, or the name of a dynamic axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, and shape with named dynamic axes."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The shape with every named axis replaced by its size in `dims`."""
+        try:
+            return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+        except KeyError as exc:
+            raise TmpdiffError(f"no size given for axis {exc.args[0]!r} of {self.name}") from None
+
+    def check(self, array_shape: tuple[int, ...], dtype: np.dtype | str, dims: dict[str, int]) -> None:
+        """Raise if an array does not fit this spec."""
+        want = self.concrete(dims)
+        if tuple(array_shape) != want:
+            raise TmpdiffError(f"input {self.name!r} has shape {tuple(array_shape)}, expected {want}")
+        if np.dtype(dtype) != np.dtype(self.dtype):
+            raise TmpdiffError(f"input {self.name!r} has dtype {np.dtype(dtype)}, expected {self.dtype}")
+
+
+class DenoiserAdapter(ABC):
+    """Describes one diffusers denoiser class for export and running."""
+
+    architecture: ClassVar[str]
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    @abstractmethod
+    def input_specs(self) -> list[TensorSpec]: ...
+
+    @abstractmethod
+    def output_specs(self) -> list[TensorSpec]: ...
+
+    @abstractmethod
+    def default_dims(self, batch: int = 1) -> dict[str, int]:
+        """Sizes of the named axes for a typical call with `batch` latents."""
+
+    @abstractmethod
+    def export_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A module whose forward takes the inputs positionally (spec order) and returns the outputs."""
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx-style dynamic axes for every named dimension."""
+        axes: dict[str, dict[int, str]] = {}
+        for spec in [*self.input_specs(), *self.output_specs()]:
+            named = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+            if named:
+                axes[spec.name] = named
+        return axes
+
+    def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random inputs that fit the specs (floats ~ N(0,1); integer inputs via `integer_range`)."""
+        gen = torch.Generator().manual_seed(seed)
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.input_specs():
+            shape = spec.concrete(dims)
+            if np.issubdtype(np.dtype(spec.dtype), np.integer):
+                low, high = self.integer_range(spec.name)
+                out[spec.name] = torch.randint(low, high, shape, generator=gen, dtype=torch.int64)
+            else:
+                low_high = self.float_range(spec.name)
+                if low_high is None:
+                    out[spec.name] = torch.randn(shape, generator=gen, dtype=torch.float32)
+                else:
+                    low, high = low_high
+                    out[spec.name] = low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float32)
+        return out
+
+    def integer_range(self, name: str) -> tuple[int, int]:
+        """Half-open range of valid values of an integer input."""
+        raise NotImplementedError(f"{type(self).__name__} has no integer input {name!r}")
+
+    def float_range(self, name: str) -> tuple[float, float] | None:
+        """Uniform range for a float input's sample values, or None for N(0, 1)."""
+        return None

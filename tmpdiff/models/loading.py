@@ -1,0 +1,90 @@
+"""Loading diffusers-format model directories with checks that name the bad path.
+
+Only safetensors weights are ever read: a directory that holds pickle checkpoints
+(`.bin`, `.pt`, `.ckpt`, `.pth`) is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmpdiff.errors import TmpdiffError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or corrupt file is a TmpdiffError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise TmpdiffError("weights file is missing", path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TmpdiffError(f"corrupt safetensors file ({exc})", path) from None
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """The diffusers config.json of a model directory, checked for `_class_name`."""
+    if not model_dir.exists():
+        raise TmpdiffError("model directory does not exist", model_dir)
+    if not model_dir.is_dir():
+        raise TmpdiffError("not a directory", model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise TmpdiffError("not a diffusers model directory (no config.json)", model_dir)
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TmpdiffError(f"config.json is not valid JSON ({exc})", config_path) from None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise TmpdiffError("not a diffusers model config (no _class_name)", config_path)
+    return config
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors weight files of a model directory; refuses pickle-only directories."""
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise TmpdiffError(
+            f"holds only pickle checkpoints ({', '.join(pickles)}); tmpdiff loads safetensors only "
+            "and never unpickles files: convert the weights to safetensors first",
+            model_dir,
+        )
+    raise TmpdiffError("no .safetensors weights found", model_dir)
+
+
+def check_weights(model_dir: Path) -> None:
+    """Open every safetensors file's header and data so corruption is caught before diffusers sees it."""
+    for path in weight_files(model_dir):
+        load_safetensors(path)
+
+
+def load_diffusers_model(model_dir: str | Path, subfolder: str | None = None) -> torch.nn.Module:
+    """Load a diffusers model class from a local directory via `from_pretrained` (safetensors only)."""
+    import diffusers
+
+    model_dir = Path(model_dir)
+    target = model_dir / subfolder if subfolder else model_dir
+    config = read_model_config(target)
+    class_name = config["_class_name"]
+    model_cls = getattr(diffusers, class_name, None)
+    if model_cls is None or not isinstance(model_cls, type) or not issubclass(model_cls, diffusers.ModelMixin):
+        raise TmpdiffError(f"unknown diffusers model class {class_name!r}", target / "config.json")
+    check_weights(target)
+    try:
+        model = model_cls.from_pretrained(str(target), use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TmpdiffError(f"could not load {class_name} ({first_line})", target) from None
+    return model.eval()
