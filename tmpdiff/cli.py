@@ -35,22 +35,59 @@ def _resolve_model_dir(model: str, subfolder: str | None) -> Path:
 def export(
     model: Annotated[str, typer.Argument(help="diffusers model directory, pipeline directory (with --subfolder), or 'bundled'")],
     out: Annotated[Path, typer.Option(help="build root; artifacts go to OUT/<model-id>/")] = Path("build"),
-    precisions: Annotated[str, typer.Option(help="comma-separated precisions")] = "fp32",
+    precisions: Annotated[str, typer.Option(help="comma-separated: fp32,fp16,int8,int8-sq,fp8,int4,nvfp4")] = "fp32,fp16,int8,fp8,int4",
     subfolder: Annotated[str | None, typer.Option(help="model subfolder of a pipeline directory (transformer, unet)")] = None,
     model_id: Annotated[str | None, typer.Option(help="name of the build directory (default: the model dir's name)")] = None,
+    calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration trajectories")] = "0,1",
+    calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration trajectories (default: all)")] = None,
+    keep_high_precision: Annotated[str | None, typer.Option(
+        help="comma-separated modelopt wildcards of layers left unquantized (default: embeddings, in/out projections, final norm)")] = None,
+    census: Annotated[bool, typer.Option(help="print every MatMul/Gemm/Conv with its quantized operands")] = False,
 ) -> None:
-    """Export a denoiser to ONNX, one graph per precision, recorded in manifest.json."""
+    """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
     from tmpdiff.export.pipeline import export_model, parse_precisions
+    from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS
+    from tmpdiff.export.report import print_census, print_export_table
 
     names = parse_precisions(precisions)
     model_dir = _resolve_model_dir(model, subfolder)
     if model_id is None and model == "bundled":
         model_id = "tiny-dit"
-    build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id,
-                                       on_progress=lambda msg: console.print(msg))
-    for o in outcomes:
-        typer.echo(f"{o.precision}\t{'up to date' if o.skipped else 'exported'}\t{o.onnx_path}")
+    keep = tuple(p.strip() for p in keep_high_precision.split(",") if p.strip()) if keep_high_precision is not None \
+        else HIGH_PRECISION_PATTERNS
+    calibration = _calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
+                                   None if calib_classes is None else _int_list(calib_classes, "--calib-classes"))
+    build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
+                                       keep_high_precision=keep, on_progress=lambda msg: console.print(msg))
+    print_export_table(outcomes)
+    if census:
+        for outcome in outcomes:
+            print_census(outcome)
     typer.echo(f"manifest: {build_dir / 'manifest.json'}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TmpdiffError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+def _calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None):
+    """Sampled trajectories for a tmpdiff class-conditional model directory; random inputs otherwise."""
+    from tmpdiff.models.bundled import INFO_NAME, load_model_info
+
+    root = model_dir.parent
+    if not (root / INFO_NAME).is_file():
+        return None
+    from tmpdiff.export.calibration_data import sampled_calibration
+
+    info = load_model_info(root)
+    chosen = list(range(info.num_classes)) if classes is None else classes
+    bad = [c for c in chosen if not 0 <= c < info.num_classes]
+    if bad:
+        raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
+    return lambda model, adapter: sampled_calibration(model, info, chosen, seeds)
 
 
 @app.command()

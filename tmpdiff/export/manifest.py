@@ -34,9 +34,14 @@ class PrecisionEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     onnx: str
     sha256: str
+    trt_onnx: str | None = None
+    trt_sha256: str | None = None
     opset: int
+    key: str
+    parity_error: float
+    error_vs_fp32: float
+    ort_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     quantization: dict = Field(default_factory=dict)
-    error_vs_fp32: float | None = None
 
 
 class Manifest(BaseModel):

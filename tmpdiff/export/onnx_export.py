@@ -1,43 +1,32 @@
-"""torch -> ONNX export of a denoiser described by its adapter, written atomically and checked."""
+"""torch -> ONNX export of a denoiser described by its adapter (TorchScript exporter, in memory)."""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 
-from tmpdiff.atomic import atomic_path
-from tmpdiff.errors import TmpdiffError
 from tmpdiff.models.adapter import DenoiserAdapter
 
-# onnx protobufs cannot exceed 2 GB; larger graphs must keep weights in external data.
-PROTOBUF_LIMIT = 2**31 - 1
 
+def export_to_proto(module: torch.nn.Module, adapter: DenoiserAdapter, opset: int, batch: int = 2) -> onnx.ModelProto:
+    """Trace `module` (inputs positional in spec order) to an ONNX model with the adapter's names and axes.
 
-def export_onnx(
-    model: torch.nn.Module,
-    adapter: DenoiserAdapter,
-    path: str | Path,
-    opset: int = 19,
-    batch: int = 2,
-) -> Path:
-    """Export `model` to `path` with the adapter's names and dynamic axes; the file appears only if valid.
-
-    Uses the TorchScript exporter (`dynamo=False`): it is the one modelopt's quantized modules export
-    through, so fp32 and quantized graphs come from the same tracer.
+    Uses the TorchScript exporter (`dynamo=False`): modelopt's quantizers export through its symbolic
+    functions, so fp32 and quantized graphs come from the same tracer.
     """
-    path = Path(path)
-    module = adapter.export_module(model)
     inputs = adapter.sample_inputs(adapter.default_dims(batch))
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="tmpdiff-export-") as tmp_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        path = Path(tmp_dir) / "model.onnx"
         with torch.no_grad():
             torch.onnx.export(
                 module,
                 tuple(inputs.values()),
-                str(tmp),
+                str(path),
                 input_names=list(inputs),
                 output_names=[s.name for s in adapter.output_specs()],
                 dynamic_axes=adapter.dynamic_axes(),
@@ -45,7 +34,4 @@ def export_onnx(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        if tmp.stat().st_size > PROTOBUF_LIMIT:
-            raise TmpdiffError("exported graph exceeds 2 GB without external data", path)
-        onnx.checker.check_model(str(tmp))
-    return path
+        return onnx.load(str(path))

@@ -1,13 +1,30 @@
-"""`tmpdiff export`: a diffusers model directory -> build/<model-id>/<precision>/model.onnx + manifest."""
+"""`tmpdiff export`: a diffusers denoiser -> build/<model-id>/<precision>/ graphs + manifest.json.
+
+Per precision the build dir holds `model.onnx` (the graph ONNX Runtime runs) and, for quantized
+precisions, `model.trt.onnx` (modelopt's Q/DQ for TensorRT) plus the calibrated torch state. Every
+artifact is keyed by content (model hash, precision, quantization config, calibration set, tool
+versions): re-running an export with the same key is a no-op.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
+import tmpdiff
 from tmpdiff.atomic import sha256_file
 from tmpdiff.errors import TmpdiffError
+from tmpdiff.export import census as graph_census
+from tmpdiff.export.calibration_data import CalibrationSet, random_calibration
+from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.manifest import (
     Manifest,
     PrecisionEntry,
@@ -16,12 +33,32 @@ from tmpdiff.export.manifest import (
     model_content_hash,
     save_manifest,
 )
-from tmpdiff.export.onnx_export import export_onnx
+from tmpdiff.export.onnx_export import export_to_proto
+from tmpdiff.export.onnx_io import save_onnx
+from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS, Precision, get_precision
+from tmpdiff.export.quantize import (
+    build_config,
+    config_digest,
+    quantize,
+    quantized_modules,
+    quantizer_census,
+    save_quantized_state,
+)
+from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.loading import load_diffusers_model, read_model_config
 from tmpdiff.models.registry import adapter_for_config
 
-SUPPORTED_PRECISIONS = ("fp32",)
-FP32_OPSET = 19
+# ORT twin vs the torch model it was exported from, relative L2 on fresh random inputs.
+# fp32: same maths, different kernels -> float rounding only. fp16: both sides compute in half but
+# accumulate differently (ORT's MLAS vs torch's CPU kernels) -> ~1e-3 per layer. Quantized: the twin
+# computes exactly the fake-quant maths, but an activation landing on a rounding tie in one backend
+# and not the other moves one quantization step (1/127 of the range), which propagates. int4 is
+# weight-only (W4A16): weights are dequantized exactly, so only float rounding remains.
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2, "int8-sq": 2e-2, "fp8": 2e-2, "int4": 1e-4}
+# fp8's float8 Q/DQ graph only loads at ORT's basic level: the extended level fuses it into
+# MatMulIntegerToFloat, which rejects float8 inputs (seen with ORT 1.31).
+ORT_OPTIMIZATION = {"fp8": "basic"}
+KIND = {"int8": "int8", "int8-sq": "int8", "fp8": "fp8", "int4": "int4"}
 
 
 @dataclass
@@ -29,17 +66,63 @@ class ExportOutcome:
     precision: str
     onnx_path: Path
     skipped: bool
+    seconds: float = 0.0
+    entry: PrecisionEntry | None = None
+    census_rows: list = field(default_factory=list)
 
 
 def parse_precisions(text: str) -> list[str]:
-    """'fp32,int8' -> ['fp32', 'int8'], refusing names this build cannot export."""
+    """'fp32,int8' -> ['fp32', 'int8']; unknown names are an error listing the known ones."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     if not names:
         raise TmpdiffError("no precision given")
-    unknown = [p for p in names if p not in SUPPORTED_PRECISIONS]
-    if unknown:
-        raise TmpdiffError(f"unknown precision {', '.join(unknown)}; supported: {', '.join(SUPPORTED_PRECISIONS)}")
+    for name in names:
+        get_precision(name)
     return names
+
+
+def _versions() -> dict[str, str]:
+    import modelopt
+    import onnx
+
+    return {"tmpdiff": tmpdiff.__version__, "torch": torch.__version__, "modelopt": modelopt.__version__,
+            "onnx": onnx.__version__}
+
+
+def _artifact_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(build_dir: Path, entry: PrecisionEntry | None, key: str) -> bool:
+    if entry is None or entry.key != key:
+        return False
+    for rel, digest in [(entry.onnx, entry.sha256), (entry.trt_onnx, entry.trt_sha256)]:
+        if rel is None:
+            continue
+        path = build_dir / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+
+
+def _parity_inputs(adapter: DenoiserAdapter) -> dict[str, torch.Tensor]:
+    return adapter.sample_inputs(adapter.default_dims(3), seed=20_251)
+
+
+def _torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    with torch.no_grad():
+        return module(*inputs.values()).float().numpy()
+
+
+def _ort_outputs(path: Path, precision: str, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    from tmpdiff.engines.ort import OrtEngine
+
+    engine = OrtEngine(path, optimization=ORT_OPTIMIZATION.get(precision, "all"))
+    return next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
 
 
 def export_model(
@@ -47,9 +130,12 @@ def export_model(
     out_root: Path,
     precisions: list[str],
     model_id: str | None = None,
+    calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None = None,
+    keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
     on_progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[Path, list[ExportOutcome]]:
-    """Export each precision of a diffusers denoiser directory; up-to-date artifacts are kept (no-op)."""
+    """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept."""
+    specs = [get_precision(p) for p in precisions]
     config = read_model_config(model_dir)
     adapter = adapter_for_config(config)
     model_id = model_id or model_dir.resolve().name
@@ -66,26 +152,123 @@ def export_model(
             model_id=model_id,
             architecture=adapter.architecture,
             model_sha256=model_hash,
-            model_config={k: v for k, v in config.items() if not k.startswith("_")} | {"_class_name": config["_class_name"]},
+            model_config=dict(config),
             inputs=[TensorSpecModel.of(s) for s in adapter.input_specs()],
             outputs=[TensorSpecModel.of(s) for s in adapter.output_specs()],
         )
 
-    model = None
+    state: dict = {}
+
+    def model() -> torch.nn.Module:
+        if "model" not in state:
+            state["model"] = load_diffusers_model(model_dir)
+        return state["model"]
+
+    def calib() -> CalibrationSet:
+        if "calib" not in state:
+            on_progress("capturing calibration inputs")
+            make = calibration or (lambda m, a: random_calibration(a))
+            state["calib"] = make(model(), adapter)
+        return state["calib"]
+
+    versions = _versions()
     outcomes = []
-    for precision in precisions:
-        rel = f"{precision}/model.onnx"
-        path = build_dir / rel
-        entry = manifest.precisions.get(precision)
-        if entry is not None and path.is_file() and sha256_file(path) == entry.sha256:
-            on_progress(f"{precision}: up to date, skipped")
-            outcomes.append(ExportOutcome(precision, path, skipped=True))
+    for spec in specs:
+        key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
+        quant_config = None
+        if spec.modelopt_cfg is not None:
+            quant_config = build_config(spec, model(), keep_high_precision)
+            key_parts |= {"config": config_digest(quant_config), "calibration": calib().description["digest"]}
+        key = _artifact_key(key_parts)
+        entry = manifest.precisions.get(spec.name)
+        if _up_to_date(build_dir, entry, key):
+            on_progress(f"{spec.name}: up to date, skipped")
+            outcomes.append(ExportOutcome(spec.name, build_dir / entry.onnx, skipped=True, entry=entry))
             continue
-        on_progress(f"{precision}: exporting")
-        if model is None:
-            model = load_diffusers_model(model_dir)
-        export_onnx(model, adapter, path, opset=FP32_OPSET)
-        manifest.precisions[precision] = PrecisionEntry(onnx=rel, sha256=sha256_file(path), opset=FP32_OPSET)
+        on_progress(f"{spec.name}: exporting")
+        started = time.perf_counter()
+        if spec.modelopt_cfg is None:
+            entry, rows = _export_plain(spec, model(), adapter, build_dir, key)
+        else:
+            entry, rows = _export_quantized(spec, model(), adapter, build_dir, key, quant_config, calib())
+        seconds = time.perf_counter() - started
+        manifest.precisions[spec.name] = entry
         save_manifest(build_dir, manifest)
-        outcomes.append(ExportOutcome(precision, path, skipped=False))
+        outcomes.append(ExportOutcome(spec.name, build_dir / entry.onnx, False, seconds, entry, rows))
     return build_dir, outcomes
+
+
+def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path,
+                  key: str) -> tuple[PrecisionEntry, list]:
+    """fp32 / fp16: one graph serves TensorRT and ONNX Runtime."""
+    dtype = torch.float16 if spec.name == "fp16" else torch.float32
+    module = adapter.export_module(copy.deepcopy(model) if dtype != torch.float32 else model, dtype)
+    proto = export_to_proto(module, adapter, spec.ort_opset)
+    remove_dead_nodes(proto)
+    rel = f"{spec.name}/model.onnx"
+    save_onnx(proto, build_dir / rel)
+    inputs = _parity_inputs(adapter)
+    got = _ort_outputs(build_dir / rel, spec.name, inputs)
+    parity = _relative_error(got, _torch_outputs(module, inputs))
+    reference = _torch_outputs(adapter.export_module(model), inputs)
+    _check_parity(spec.name, parity, build_dir / rel)
+    entry = PrecisionEntry(
+        onnx=rel, sha256=sha256_file(build_dir / rel), trt_onnx=rel, trt_sha256=sha256_file(build_dir / rel),
+        opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=_relative_error(got, reference),
+        ort_optimization=ORT_OPTIMIZATION.get(spec.name, "all"),
+    )
+    return entry, []
+
+
+def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path, key: str,
+                      quant_config: dict, calibration: CalibrationSet) -> tuple[PrecisionEntry, list]:
+    """modelopt fake quant -> TensorRT graph (trt:: Q/DQ) + ORT twin (standard ops), parity-checked."""
+    quantized = quantize(model, quant_config, calibration.batches,
+                         lambda m, batch: adapter.export_module(m)(*batch.values()))
+    directory = build_dir / spec.name
+    save_quantized_state(quantized, quant_config, directory)
+    module = adapter.export_module(quantized)
+    raw = export_to_proto(module, adapter, spec.trt_opset)
+    kind = KIND[spec.name]
+    trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
+    twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
+    rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
+    save_onnx(trt_proto, build_dir / trt_rel)
+    save_onnx(twin, build_dir / rel)
+
+    rows = graph_census.census(trt_proto)
+    weight_modules, input_modules = quantized_modules(quantized)
+    problems = graph_census.missing_quantization(rows, weight_modules, input_modules)
+    if problems:
+        raise TmpdiffError(f"{spec.name}: graph census found unquantized layers: {'; '.join(problems[:5])}",
+                           build_dir / trt_rel)
+
+    inputs = _parity_inputs(adapter)
+    got = _ort_outputs(build_dir / rel, spec.name, inputs)
+    parity = _relative_error(got, _torch_outputs(module, inputs))
+    _check_parity(spec.name, parity, build_dir / rel)
+    error = _relative_error(got, _torch_outputs(adapter.export_module(model), inputs))
+    entry = PrecisionEntry(
+        onnx=rel, sha256=sha256_file(build_dir / rel), trt_onnx=trt_rel, trt_sha256=sha256_file(build_dir / trt_rel),
+        opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=error,
+        ort_optimization=ORT_OPTIMIZATION.get(spec.name, "all"),
+        quantization={
+            "modelopt_config": spec.modelopt_cfg,
+            "config_sha256": config_digest(quant_config),
+            "calibration": calibration.description,
+            "quantizers": quantizer_census(quantized),
+            "census": graph_census.summarize(rows),
+            "rewrite": {"trt": trt_stats, "ort": twin_stats},
+            "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
+        },
+    )
+    return entry, rows
+
+
+def _check_parity(precision: str, error: float, path: Path) -> None:
+    tolerance = PARITY_TOLERANCE.get(precision, 2e-2)
+    if not np.isfinite(error) or error > tolerance:
+        raise TmpdiffError(
+            f"{precision}: ONNX Runtime output differs from the torch model by {error:.2e} (tolerance {tolerance:.0e})",
+            path,
+        )

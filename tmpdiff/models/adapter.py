@@ -57,8 +57,12 @@ class DenoiserAdapter(ABC):
         """Sizes of the named axes for a typical call with `batch` latents."""
 
     @abstractmethod
-    def export_module(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A module whose forward takes the inputs positionally (spec order) and returns the outputs."""
+    def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """A module whose forward takes the inputs positionally (spec order) and returns the outputs.
+
+        With `dtype` float16 the model computes in half precision while graph inputs and outputs stay
+        float32, so every precision's engine binds the same buffers.
+        """
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx-style dynamic axes for every named dimension."""

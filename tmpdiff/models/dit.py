@@ -8,15 +8,16 @@ from tmpdiff.models.adapter import DenoiserAdapter, TensorSpec
 
 
 class _DiTForExport(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, out_channels: int) -> None:
+    def __init__(self, model: torch.nn.Module, out_channels: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.model = model
+        self.model = model if dtype == torch.float32 else model.to(dtype)
         self.out_channels = out_channels
+        self.dtype = dtype
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        out = self.model(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
+        out = self.model(hidden_states.to(self.dtype), timestep=timestep, class_labels=class_labels, return_dict=False)[0]
         # A learned-sigma DiT returns [eps, variance]; samplers here use eps only.
-        return out[:, : self.out_channels]
+        return out[:, : self.out_channels].float()
 
 
 class DiTAdapter(DenoiserAdapter):
@@ -52,8 +53,8 @@ class DiTAdapter(DenoiserAdapter):
     def default_dims(self, batch: int = 1) -> dict[str, int]:
         return {"batch": batch}
 
-    def export_module(self, model: torch.nn.Module) -> torch.nn.Module:
-        return _DiTForExport(model, self.channels).eval()
+    def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        return _DiTForExport(model, self.channels, dtype).eval()
 
     def integer_range(self, name: str) -> tuple[int, int]:
         if name == "class_labels":

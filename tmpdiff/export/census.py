@@ -1,0 +1,71 @@
+"""Graph census: which MatMul / Gemm / Conv nodes of an exported graph take quantized inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+GEMM_OPS = ("MatMul", "Gemm", "Conv")
+PASS_THROUGH = ("Transpose", "Reshape", "Cast")
+
+
+@dataclass(frozen=True)
+class CensusRow:
+    node: str
+    op: str
+    module: str  # torch module path the node was traced from
+    input_quantized: bool
+    weight_quantized: bool
+
+
+def _module_of(node_name: str) -> str:
+    # TorchScript export names nodes "/model/<dotted.module.path>/<Op>"; the wrapper adds "model".
+    parts = [p for p in node_name.split("/") if p][:-1]
+    if parts and parts[0] == "model":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def census(model: onnx.ModelProto) -> list[CensusRow]:
+    """One row per MatMul/Gemm/Conv: does each operand come from a DequantizeLinear (through layout ops)?"""
+    producer = {out: n for n in model.graph.node for out in n.output}
+
+    def from_dequantize(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in PASS_THROUGH:
+            node = producer.get(node.input[0])
+        return node is not None and "DequantizeLinear" in node.op_type
+
+    rows = []
+    for node in model.graph.node:
+        if node.op_type in GEMM_OPS:
+            rows.append(CensusRow(node.name, node.op_type, _module_of(node.name),
+                                  from_dequantize(node.input[0]), len(node.input) > 1 and from_dequantize(node.input[1])))
+    return rows
+
+
+def missing_quantization(rows: list[CensusRow], weight_modules: set[str], input_modules: set[str]) -> list[str]:
+    """Modules meant to be quantized (by their enabled quantizers) whose graph node lacks quantized operands."""
+    problems = []
+    seen = {r.module: r for r in rows}
+    for module in sorted(weight_modules | input_modules):
+        row = seen.get(module)
+        if row is None:
+            problems.append(f"{module}: no MatMul/Gemm/Conv found in the graph")
+            continue
+        if module in weight_modules and not row.weight_quantized:
+            problems.append(f"{module}: weight is not quantized in the graph")
+        if module in input_modules and not row.input_quantized:
+            problems.append(f"{module}: input activation is not quantized in the graph")
+    return problems
+
+
+def summarize(rows: list[CensusRow]) -> dict[str, int]:
+    """Counts for the manifest and the CLI table."""
+    return {
+        "gemm_nodes": len(rows),
+        "weight_quantized": sum(r.weight_quantized for r in rows),
+        "input_quantized": sum(r.input_quantized for r in rows),
+        "both_quantized": sum(r.weight_quantized and r.input_quantized for r in rows),
+    }

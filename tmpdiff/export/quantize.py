@@ -1,0 +1,228 @@
+"""Post-training quantization of a denoiser with nvidia-modelopt (fake quant on CPU).
+
+The quantized torch state is kept as safetensors (weights as modified by AWQ/SmoothQuant, plus every
+quantizer's amax and pre-quant scale) next to a JSON copy of the modelopt config, so an export can be
+redone without recalibrating and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmpdiff.atomic import atomic_path, write_json
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS, Precision
+
+CalibrationBatch = dict[str, torch.Tensor]
+
+
+def _linear_in_features(model: torch.nn.Module, skip: Sequence[str]) -> list[int]:
+    from fnmatch import fnmatch
+
+    sizes = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(fnmatch(f"{name}.weight_quantizer", p) for p in skip):
+            sizes.append(module.in_features)
+    return sizes
+
+
+def int4_block_size(model: torch.nn.Module, skip: Sequence[str], preferred: int = 128) -> int:
+    """Largest block size <= preferred (128, 64, 32, 16) dividing every quantized Linear's in_features.
+
+    A block that does not divide the reduction dimension makes modelopt pad the weight inside the
+    exported graph, which neither TensorRT's int4 path nor a blocked DequantizeLinear accepts.
+    """
+    sizes = _linear_in_features(model, skip)
+    for block in (128, 64, 32, 16):
+        if block <= preferred and all(s % block == 0 for s in sizes):
+            return block
+    raise TmpdiffError(f"no int4 block size divides every Linear input width ({sorted(set(sizes))})")
+
+
+def build_config(
+    precision: Precision, model: torch.nn.Module, keep_high_precision: Sequence[str] = HIGH_PRECISION_PATTERNS
+) -> dict[str, Any]:
+    """The modelopt config for a precision, with sensitive layers left unquantized."""
+    import modelopt.torch.quantization as mtq
+
+    if precision.modelopt_cfg is None:
+        raise TmpdiffError(f"{precision.name} is not a modelopt quantization")
+    if precision.needs_cuda and not torch.cuda.is_available():
+        raise TmpdiffError(
+            f"{precision.name} quantization needs CUDA (modelopt's {precision.modelopt_cfg} calibrates on the GPU); "
+            "run the export on a machine with an NVIDIA GPU"
+        )
+    config = copy.deepcopy(getattr(mtq, precision.modelopt_cfg))
+    entries = list(config["quant_cfg"])
+    if precision.name == "int4":
+        block = int4_block_size(model, keep_high_precision)
+        for entry in entries:
+            cfg = entry.get("cfg") or {}
+            if isinstance(cfg, dict) and "block_sizes" in cfg:
+                cfg["block_sizes"] = {**cfg["block_sizes"], -1: block}
+    entries += [{"quantizer_name": pattern, "enable": False} for pattern in keep_high_precision]
+    # modelopt also wraps normalisation layers; quantizing their inputs adds error and no GEMM to speed up.
+    entries += [{"parent_class": cls, "quantizer_name": "*", "enable": False} for cls in _registered_norm_classes()]
+    config["quant_cfg"] = entries
+    return config
+
+
+def _registered_norm_classes() -> list[str]:
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+    names = []
+    for name in ("nn.LayerNorm", "nn.GroupNorm", "nn.InstanceNorm2d", "nn.BatchNorm2d"):
+        try:
+            QuantModuleRegistry[name]
+        except KeyError:
+            continue
+        names.append(name)
+    return names
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """Stable hash of a modelopt config (for artifact keys)."""
+    return hashlib.sha256(json.dumps(_str_keys(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _str_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_str_keys(v) for v in value]
+    return value
+
+
+def calibration_digest(batches: Sequence[CalibrationBatch]) -> str:
+    """Hash of the calibration tensors themselves, so a changed calibration set rebuilds."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            tensor = batch[name].detach().contiguous().cpu()
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def quantize(
+    model: torch.nn.Module, config: dict[str, Any], calibration: Sequence[CalibrationBatch], forward
+) -> torch.nn.Module:
+    """Insert modelopt quantizers into a copy of `model` and calibrate them on `calibration`.
+
+    `forward(module, batch)` runs the denoiser on one calibration batch.
+    """
+    import modelopt.torch.quantization as mtq
+
+    if not calibration:
+        raise TmpdiffError("calibration set is empty: quantization needs at least one batch of denoiser inputs")
+    quantized = copy.deepcopy(model).eval()
+
+    def forward_loop(module: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for batch in calibration:
+                forward(module, batch)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mtq.quantize(quantized, config, forward_loop)
+
+
+def quantizer_census(model: torch.nn.Module) -> dict[str, int]:
+    """Counts of enabled / disabled weight and input quantizers."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    counts = {"weight_enabled": 0, "weight_disabled": 0, "input_enabled": 0, "input_disabled": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer):
+            kind = "weight" if name.endswith("weight_quantizer") else "input" if name.endswith("input_quantizer") else None
+            if kind:
+                counts[f"{kind}_{'enabled' if module.is_enabled else 'disabled'}"] += 1
+    return counts
+
+
+def save_quantized_state(model: torch.nn.Module, config: dict[str, Any], directory: Path) -> None:
+    """Write the calibrated state: `quant_state.safetensors` + `quant_config.json` (atomically)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / "quant_state.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(directory / "quant_config.json", config)
+
+
+def restore_quantized(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
+    """Rebuild a quantized model from `save_quantized_state` output without recalibrating."""
+    import modelopt.torch.quantization as mtq
+
+    from tmpdiff.models.loading import load_safetensors
+
+    config_path = directory / "quant_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TmpdiffError(f"cannot read quantization config ({exc})", config_path) from None
+    _int_keys(config)
+    state = load_safetensors(directory / "quant_state.safetensors")
+    quantized = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = mtq.quantize(quantized, config, forward_loop=None)
+        _prepare_buffers(quantized, state)
+        missing, unexpected = quantized.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "quantizer" not in m]:
+        raise TmpdiffError(
+            f"quantized state does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            directory / "quant_state.safetensors",
+        )
+    return quantized
+
+
+def _int_keys(config: Any) -> None:
+    """JSON turns modelopt's integer block-size keys (-1) into strings; turn them back."""
+    if isinstance(config, dict):
+        for key in list(config):
+            if isinstance(key, str) and key.lstrip("-").isdigit():
+                config[int(key)] = config.pop(key)
+        for value in config.values():
+            _int_keys(value)
+    elif isinstance(config, list):
+        for value in config:
+            _int_keys(value)
+
+
+def _prepare_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Create quantizer buffers (amax, pre-quant scale) that exist only after calibration, so load_state_dict fills them."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer):
+            continue
+        for attr in ("_amax", "_pre_quant_scale"):
+            key = f"{name}.{attr}"
+            if key in state and not hasattr(module, attr):
+                module.register_buffer(attr, torch.empty_like(state[key]))
+            elif key in state and getattr(module, attr).shape != state[key].shape:
+                setattr(module, attr, torch.empty_like(state[key]))
+
+
+def quantized_modules(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+    """Names of Linear/Conv modules whose weight, and whose input, quantizers are enabled."""
+    weights, inputs = set(), set()
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            continue
+        wq, iq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
+        if wq is not None and wq.is_enabled:
+            weights.add(name)
+        if iq is not None and iq.is_enabled:
+            inputs.add(name)
+    return weights, inputs

@@ -1,0 +1,40 @@
+"""Terminal tables for `tmpdiff export`."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from tmpdiff.export.pipeline import ExportOutcome
+
+_console = Console()
+
+
+def print_export_table(outcomes: list[ExportOutcome]) -> None:
+    """One row per precision: status, time, parity vs torch, error vs fp32, quantized-node census."""
+    table = Table(title="export")
+    for column in ("precision", "status", "seconds", "ORT vs torch", "error vs fp32", "GEMMs", "W quantized",
+                   "A quantized", "graph"):
+        table.add_column(column, justify="right" if column not in ("precision", "status", "graph") else "left")
+    for o in outcomes:
+        e = o.entry
+        census = e.quantization.get("census", {}) if e else {}
+        table.add_row(
+            o.precision, "up to date" if o.skipped else "exported", f"{o.seconds:.1f}",
+            f"{e.parity_error:.1e}" if e else "", f"{e.error_vs_fp32:.2e}" if e else "",
+            str(census.get("gemm_nodes", "")), str(census.get("weight_quantized", "")),
+            str(census.get("input_quantized", "")), str(o.onnx_path),
+        )
+    _console.print(table)
+
+
+def print_census(outcome: ExportOutcome) -> None:
+    """Every MatMul/Gemm/Conv of a quantized precision's TensorRT graph and its quantized operands."""
+    if not outcome.census_rows:
+        return
+    table = Table(title=f"{outcome.precision}: TensorRT graph census")
+    for column in ("module", "op", "input Q/DQ", "weight Q/DQ"):
+        table.add_column(column)
+    for row in outcome.census_rows:
+        table.add_row(row.module, row.op, "yes" if row.input_quantized else "-", "yes" if row.weight_quantized else "-")
+    _console.print(table)
