@@ -47,3 +47,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[None]:
+    """Serialise writers of one build directory (two exports or builds at once wait, never interleave)."""
+    from filelock import FileLock, Timeout
+
+    from tmpdiff.errors import TmpdiffError
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / ".lock"), timeout=timeout)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise TmpdiffError(f"another tmpdiff process has held the lock for {timeout:.0f} s", directory / ".lock") from None

@@ -91,6 +91,61 @@ def _calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | Non
 
 
 @app.command()
+def build(
+    build_dir: Annotated[Path, typer.Argument(help="build directory written by `tmpdiff export` (build/<model-id>)")],
+    backend: Annotated[str, typer.Option(help="ort (ONNX Runtime) or trt (native TensorRT)")] = "ort",
+    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every exported precision)")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+) -> None:
+    """Build (ORT: optimise and save) an engine for every exported precision."""
+    from tmpdiff.engines.build import build_engines
+
+    if backend != "ort":
+        raise TmpdiffError(f"unknown backend {backend!r}; choose ort or trt")
+    names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
+    outcomes = build_engines(build_dir, backend, device, names, threads, on_progress=lambda m: console.print(m))
+    for o in outcomes:
+        typer.echo(f"{o.precision}\t{'up to date' if o.skipped else 'built'}\t{o.path}")
+
+
+@app.command()
+def profile(
+    build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
+    out: Annotated[Path, typer.Option(help="costs table to write (format tmpdiff.costs/1)")] = Path("costs.json"),
+    backend: Annotated[str, typer.Option(help="ort or trt")] = "ort",
+    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    batch: Annotated[int, typer.Option(min=1, help="latents per engine call (with guidance: 2 x samples)")] = 20,
+    warmup: Annotated[int, typer.Option(min=0)] = 3,
+    repeats: Annotated[int, typer.Option(min=1)] = 20,
+    threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every built precision)")] = None,
+) -> None:
+    """Measure the median step latency of every built precision and write the costs table."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from tmpdiff.engines.costs import save_costs
+    from tmpdiff.engines.profile import profile_build
+
+    names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("profiling", total=repeats)
+        table = profile_build(build_dir, backend, device, batch, warmup, repeats, threads, names,
+                              on_repeat=lambda: progress.advance(task))
+    save_costs(table, out)
+    relative = table.relative("fp32") if "fp32" in table.precisions else {}
+    view = Table(title=f"step latency, batch {batch}, {table.device}")
+    for column in ("precision", "median ms", "p10 ms", "p90 ms", "vs fp32"):
+        view.add_column(column, justify="left" if column == "precision" else "right")
+    for name, cost in table.precisions.items():
+        view.add_row(name, f"{cost.median_ms:.2f}", f"{cost.p10_ms:.2f}", f"{cost.p90_ms:.2f}",
+                     f"{relative[name]:.2f}" if relative else "")
+    Console().print(view)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
     per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 8,

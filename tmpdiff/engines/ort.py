@@ -1,29 +1,34 @@
-"""ONNX Runtime engine (CPU provider here; CUDA / TensorRT execution providers on GPU machines)."""
+"""ONNX Runtime engine: CPU provider here; CUDA and TensorRT execution providers with onnxruntime-gpu.
+
+Inputs and outputs are bound with IOBinding to runtime-owned torch tensors, so a latent handed from
+one step to the next never passes through a Python-side copy.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tmpdiff.engines.base import Stream, check_buffers
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.models.adapter import TensorSpec
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt-ep": "TensorrtExecutionProvider"}
+LEVELS = ("disable", "basic", "extended", "all")
 
 
-def session_options(threads: int | None = None, optimization: str = "all"):
-    """ORT session options set deliberately: thread count and graph optimisation level."""
+def session_options(threads: int | None = None, optimization: str = "all", optimized_path: Path | None = None):
+    """ORT session options set deliberately: threads, graph optimisation level, where to save the optimised graph."""
     import onnxruntime as ort
 
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
+    levels = dict(zip(LEVELS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                               ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                      strict=True))
     if optimization not in levels:
         raise TmpdiffError(f"unknown ORT optimisation level {optimization!r}; choose from {', '.join(levels)}")
     opts = ort.SessionOptions()
@@ -31,7 +36,10 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
     # ORT fuses int4 DequantizeLinear + MatMul into MatMulNBits; its default accuracy level 4 quantizes
     # the activations to int8 inside the kernel (W4A8). Level 1 keeps them fp32: the W4A16 that
     # TensorRT computes and that the parity test checks (1e-3 -> 2e-7 relative error, measured).
@@ -39,22 +47,63 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     return opts
 
 
-class OrtEngine:
-    """An ONNX model loaded into an ORT session on the CPU provider."""
+def providers_for(device: str) -> list:
+    """Execution providers for a device name, checked against what this onnxruntime build offers."""
+    import onnxruntime as ort
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None, optimization: str = "all") -> None:
+    if device not in PROVIDERS:
+        raise TmpdiffError(f"unknown ORT device {device!r}; choose from {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[device]
+    if wanted not in ort.get_available_providers():
+        raise TmpdiffError(
+            f"onnxruntime {ort.__version__} here has no {wanted}; for --device {device} install onnxruntime-gpu "
+            "(pip install 'tmpdiff[gpu]') on a machine with an NVIDIA GPU"
+        )
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    options: dict[str, str] = {}
+    if torch.cuda.is_available():
+        # Run on torch's current stream so engine launches and the scheduler update stay ordered
+        # without host synchronisation.
+        options = {"user_compute_stream": str(torch.cuda.current_stream().cuda_stream)}
+        if device == "cuda":
+            options["has_user_compute_stream"] = "1"
+    chain = [(wanted, options)]
+    if device == "trt-ep":
+        chain.append(("CUDAExecutionProvider", {}))
+    return [*chain, "CPUExecutionProvider"]
+
+
+class OrtEngine:
+    """An ONNX graph in an ORT session, runnable on host arrays (`infer`) or bound buffers (`bind`/`run`)."""
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+        optimization: str = "all",
+        optimized_path: Path | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
+        self.precision = precision
+        self.device = device
         if not self.path.is_file():
             raise TmpdiffError("ONNX file is missing", self.path)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(threads, optimization), providers=["CPUExecutionProvider"]
+                str(self.path), sess_options=session_options(threads, optimization, optimized_path),
+                providers=providers_for(device),
             )
+        except TmpdiffError:
+            raise
         except Exception as exc:  # ORT raises its own pybind exception types for bad graphs
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TmpdiffError(f"ONNX Runtime cannot load this model ({first})", self.path) from None
+        self._binding = None
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -65,13 +114,40 @@ class OrtEngine:
         return [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), tuple(o.shape)) for o in self.session.get_outputs()]
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once on host arrays."""
+        """Run once on host arrays (tests, export parity); the runtime uses bind/run instead."""
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feeds), strict=True))
 
+    def bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        """Bind runtime-owned tensors by pointer; later `run` calls read and write them in place."""
+        name = f"{self.precision} engine ({self.path})"
+        check_buffers(name, self.input_specs, inputs)
+        check_buffers(name, self.output_specs, outputs)
+        binding = self.session.io_binding()
+        for spec in self.input_specs:
+            self._bind_one(binding.bind_input, spec, inputs[spec.name])
+        for spec in self.output_specs:
+            self._bind_one(binding.bind_output, spec, outputs[spec.name])
+        self._binding = binding
+
+    @staticmethod
+    def _bind_one(bind, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        device_type = "cuda" if tensor.is_cuda else "cpu"
+        device_id = (tensor.device.index or 0) if tensor.is_cuda else 0
+        bind(spec.name, device_type, device_id, np.dtype(spec.dtype), tuple(tensor.shape), tensor.data_ptr())
+
+    def run(self, stream: Stream) -> None:
+        """One inference on the bound buffers (ORT orders it on the stream it was given at load)."""
+        if self._binding is None:
+            raise TmpdiffError(f"{self.precision} engine: run() before bind()")
+        self.session.run_with_iobinding(self._binding)
+
+    def close(self) -> None:
+        self._binding = None
+
 
 class OrtDenoiser:
-    """Adapts a one-output denoiser engine to the sampler's call (torch tensors in and out, no copies)."""
+    """Adapts a one-output denoiser engine to the sampler's call (host arrays in and out, no copies)."""
 
     def __init__(self, engine: OrtEngine) -> None:
         self.engine = engine

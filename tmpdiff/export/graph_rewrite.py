@@ -280,20 +280,19 @@ def ort_twin(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelP
 
 
 def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The graph for TensorRT: modelopt's Q/DQ as exported, weights pre-quantized where TRT's parser wants them.
+    """The graph for TensorRT: modelopt's Q/DQ as exported (trt:: ops included), cleaned.
 
-    int8 keeps standard Q/DQ on float weights (TensorRT folds them at build time); fp8 goes through
-    modelopt's own FP8 exporter (fp8 weight initializers, trt:: Q/DQ); int4 gets int4 (K, N) weights
-    into trt::DequantizeLinear, the layout modelopt's int4 exporter writes for fp16 models.
+    int8 keeps standard Q/DQ on float weights (TensorRT folds them at build time) and fp8 keeps
+    modelopt's trt::TRT_FP8{Quantize,Dequantize}Linear pairs; int4 gets int4 (K, N) weights into
+    trt::DequantizeLinear, the layout modelopt's int4 exporter writes. modelopt's FP8QuantExporter
+    post-processing is deliberately not applied: it fp8-quantizes every Conv weight (including the
+    patch embedding kept high precision) and adds Q/DQ after Softmax, so the engine would no longer
+    compute what the torch fake-quant model and the ORT twin compute.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     stats: dict[str, int] = {}
-    if kind == "fp8":
-        from modelopt.onnx.export import FP8QuantExporter
-
-        out = FP8QuantExporter.process_model(out)
-    elif kind == "int4":
+    if kind == "int4":
         stats["int4_weights"] = _replace_int4_weights(_Graph(out), domain=TRT_DOMAIN)
     remove_dead_nodes(out)
     _set_opset(out, opset, keep_trt_domain=True)

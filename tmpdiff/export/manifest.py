@@ -44,16 +44,37 @@ class PrecisionEntry(BaseModel):
     quantization: dict = Field(default_factory=dict)
 
 
+class EngineEntry(BaseModel):
+    """One built engine: what it was built from, by which backend version, for which device."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["ort", "trt"]
+    precision: str
+    path: str
+    sha256: str
+    source_sha256: str
+    backend_version: str
+    device: str
+    compute_capability: str | None = None
+    build_flags: dict = Field(default_factory=dict)
+
+
+def engine_key(backend: str, device: str, precision: str) -> str:
+    """Manifest key of an engine: one per backend, device and precision."""
+    return f"{backend}:{device}:{precision}"
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["tmpdiff.manifest/1"] = FORMAT
     model_id: str
     architecture: str
     model_sha256: str
-    model_config_: dict = Field(alias="model_config")
+    denoiser_config: dict
     inputs: list[TensorSpecModel]
     outputs: list[TensorSpecModel]
     precisions: dict[str, PrecisionEntry] = Field(default_factory=dict)
+    engines: dict[str, EngineEntry] = Field(default_factory=dict)
 
 
 def model_content_hash(model_dir: Path) -> str:
@@ -81,7 +102,7 @@ def load_manifest(build_dir: str | Path) -> Manifest:
 
 def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
     """Write the manifest atomically."""
-    write_json(Path(build_dir) / MANIFEST_NAME, manifest.model_dump(mode="json", by_alias=True))
+    write_json(Path(build_dir) / MANIFEST_NAME, manifest.model_dump(mode="json"))
 
 
 def verify_artifact(build_dir: Path, precision: str, entry: PrecisionEntry) -> Path:

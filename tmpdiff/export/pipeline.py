@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import tmpdiff
-from tmpdiff.atomic import sha256_file
+from tmpdiff.atomic import directory_lock, sha256_file
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationSet, random_calibration
@@ -134,7 +134,27 @@ def export_model(
     keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
     on_progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[Path, list[ExportOutcome]]:
-    """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept."""
+    """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
+
+    Holds the build directory's lock throughout, so concurrent exports/builds are serialised.
+    """
+    for name in precisions:
+        get_precision(name)  # unknown names fail before anything is created
+    adapter_for_config(read_model_config(model_dir))
+    build_dir = out_root / (model_id or model_dir.resolve().name)
+    with directory_lock(build_dir):
+        return _export_locked(model_dir, out_root, precisions, model_id, calibration, keep_high_precision, on_progress)
+
+
+def _export_locked(
+    model_dir: Path,
+    out_root: Path,
+    precisions: list[str],
+    model_id: str | None = None,
+    calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None = None,
+    keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
+    on_progress: Callable[[str], None] = lambda _: None,
+) -> tuple[Path, list[ExportOutcome]]:
     specs = [get_precision(p) for p in precisions]
     config = read_model_config(model_dir)
     adapter = adapter_for_config(config)
@@ -152,7 +172,7 @@ def export_model(
             model_id=model_id,
             architecture=adapter.architecture,
             model_sha256=model_hash,
-            model_config=dict(config),
+            denoiser_config=dict(config),
             inputs=[TensorSpecModel.of(s) for s in adapter.input_specs()],
             outputs=[TensorSpecModel.of(s) for s in adapter.output_specs()],
         )

@@ -1,0 +1,32 @@
+"""Opening built engines of a build directory for one backend and device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tmpdiff.engines.base import Engine
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import Manifest, engine_key
+
+
+def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],
+                 threads: int | None = None) -> dict[str, Engine]:
+    """One engine per precision, each checked against its manifest record (version, device, sha256)."""
+    engines: dict[str, Engine] = {}
+    for name in precisions:
+        if name not in manifest.precisions:
+            raise TmpdiffError(f"precision {name!r} was not exported (exported: {', '.join(manifest.precisions)})",
+                               build_dir / "manifest.json")
+        entry = manifest.engines.get(engine_key(backend, device, name))
+        if entry is None:
+            raise TmpdiffError(f"no {backend} engine for {name} on {device}: run `tmpdiff build {build_dir} --backend {backend}"
+                               f" --device {device}`", build_dir / "manifest.json")
+        if backend == "ort":
+            from tmpdiff.engines.ort_build import load_ort_engine
+
+            engines[name] = load_ort_engine(build_dir, entry, device, threads)
+        else:
+            from tmpdiff.engines.trt import load_trt_engine
+
+            engines[name] = load_trt_engine(build_dir, entry)
+    return engines

@@ -1,0 +1,87 @@
+"""`tmpdiff profile`: median step latency of every built precision, measured interleaved in one process."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tmpdiff.engines.base import Engine, HostStream
+from tmpdiff.engines.costs import CostsTable, PrecisionCost
+from tmpdiff.engines.device import device_label
+from tmpdiff.engines.loading import load_engines
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import load_manifest
+from tmpdiff.models.registry import adapter_for_config
+
+
+def make_buffers(manifest, batch: int, device: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Runtime-style buffers for the model's inputs (random, valid values) and outputs (zeros)."""
+    adapter = adapter_for_config(manifest.denoiser_config)
+    dims = adapter.default_dims(batch)
+    torch_device = "cuda" if device in ("cuda", "trt-ep", "trt") else "cpu"
+    inputs = {k: v.to(torch_device).contiguous() for k, v in adapter.sample_inputs(dims, seed=0).items()}
+    outputs = {s.name: torch.zeros(s.concrete(dims), dtype=getattr(torch, s.dtype), device=torch_device)
+               for s in adapter.output_specs()}
+    return inputs, outputs
+
+
+def _stream(device: str):
+    if device == "cpu":
+        return HostStream()
+    from tmpdiff.engines.trt import CudaStream
+
+    return CudaStream()
+
+
+def time_engines(engines: dict[str, Engine], stream, warmup: int, repeats: int,
+                 on_repeat: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per run of each engine; precisions interleaved in every repeat so drift hits all alike."""
+    for engine in engines.values():
+        for _ in range(warmup):
+            engine.run(stream)
+        stream.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.run(stream)
+            stream.synchronize()
+            samples[name].append(time.perf_counter() - start)
+        on_repeat()
+    return samples
+
+
+def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup: int = 3, repeats: int = 20,
+                  threads: int | None = None, precisions: list[str] | None = None,
+                  on_repeat: Callable[[], None] = lambda: None) -> CostsTable:
+    """Measure every built engine of `build_dir` at `batch` and return the costs table."""
+    if repeats < 1:
+        raise TmpdiffError(f"--repeats must be >= 1, got {repeats}")
+    manifest = load_manifest(build_dir)
+    names = precisions or [p for p in manifest.precisions
+                           if any(k == f"{backend}:{device}:{p}" for k in manifest.engines)]
+    if not names:
+        raise TmpdiffError(f"no {backend} engines built for {device}: run `tmpdiff build {build_dir} --backend {backend}`",
+                           build_dir / "manifest.json")
+    engines = load_engines(build_dir, manifest, backend, device, names, threads)
+    inputs, outputs = make_buffers(manifest, batch, device)
+    for engine in engines.values():
+        engine.bind(inputs, outputs)
+    samples = time_engines(engines, _stream(device), warmup, repeats, on_repeat)
+    for engine in engines.values():
+        engine.close()
+    costs = {}
+    for name, seconds in samples.items():
+        ms = np.array(seconds) * 1e3
+        costs[name] = PrecisionCost(median_ms=float(statistics.median(ms)), p10_ms=float(np.percentile(ms, 10)),
+                                    p90_ms=float(np.percentile(ms, 90)), repeats=repeats)
+    version = next(iter(manifest.engines[f"{backend}:{device}:{n}"].backend_version for n in names))
+    return CostsTable(model_id=manifest.model_id, backend=backend, backend_version=version, device=device_label(device),
+                      batch=batch, threads=threads, warmup=warmup,
+                      measured_at=datetime.now(UTC).isoformat(timespec="seconds"), precisions=costs)

@@ -1,0 +1,366 @@
+"""Native TensorRT engine: a plan bound once to runtime-owned CUDA buffers and launched per step.
+
+Engines that the runtime switches between share one activation allocation (`SharedDeviceMemory`,
+sized to the largest engine), because only one of them runs at a time on the runtime's stream. Each
+engine can capture its launch into a CUDA graph after one warm-up run and replay it afterwards.
+
+`tensorrt` is imported lazily: importing this module never needs TensorRT or a GPU.
+Building lives in `tmpdiff.engines.trt_build`; its public names are re-exported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmpdiff.atomic import sha256_file
+from tmpdiff.engines.base import Stream, check_buffers
+from tmpdiff.engines.trt_build import (
+    MIN_COMPUTE_CAPABILITY,
+    NOT_INSTALLED,
+    REBUILD_HINT,
+    CudaDevice,
+    ProfileShape,
+    ProfileShapes,
+    TrtBuildOptions,
+    build_trt_engine,
+    check_precision_supported,
+    cuda_device,
+    first_error,
+    load_tensorrt,
+    options_profile,
+    parse_compute_capability,
+    parse_version,
+    plan_file_name,
+    polygraphy_command,
+    profile_shapes,
+    trt_logger,
+    trtexec_command,
+)
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import EngineEntry
+from tmpdiff.models.adapter import TensorSpec
+
+__all__ = [
+    "MIN_COMPUTE_CAPABILITY", "NOT_INSTALLED", "CudaDevice", "CudaStream", "ProfileShape", "ProfileShapes",
+    "SharedDeviceMemory", "TrtBuildOptions", "TrtEngine", "build_trt_engine", "check_engine_compatible",
+    "check_precision_supported", "cuda_device", "load_tensorrt", "options_profile", "parse_compute_capability",
+    "parse_version", "plan_file_name", "polygraphy_command", "profile_shapes", "trtexec_command",
+]
+
+log = logging.getLogger("tmpdiff.trt")
+
+# TensorRT DataType member name -> numpy dtype name used by TensorSpec.
+_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+                "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+_ALIGNMENT = 256  # IExecutionContext.set_device_memory wants 256-byte aligned memory
+
+
+def check_engine_compatible(entry: EngineEntry, plan_path: str | Path, trt_version: str, gpu: CudaDevice,
+                            strict_gpu_model: bool = True) -> None:
+    """Refuse a manifest engine built by another TensorRT version or for another GPU.
+
+    A plan loads only in the TensorRT version that built it and only on the GPU architecture it was built
+    for; TensorRT also advises against using a plan on another GPU model of the same architecture, which
+    `strict_gpu_model` refuses too (the built model is `build_flags["gpu_name"]`).
+    """
+    plan_path = Path(plan_path)
+    if entry.backend != "trt":
+        raise TmpdiffError(f"manifest entry is a {entry.backend} engine, not a TensorRT plan", plan_path)
+    if entry.backend_version != trt_version:
+        raise TmpdiffError(
+            f"plan built by TensorRT {entry.backend_version}, this is TensorRT {trt_version}; {REBUILD_HINT}", plan_path)
+    built_gpu = entry.build_flags.get("gpu_name")
+    built_cc = entry.compute_capability
+    if built_cc is None or parse_compute_capability(built_cc) != parse_compute_capability(gpu.compute_capability) or (
+            strict_gpu_model and built_gpu is not None and built_gpu != gpu.name):
+        built = f"{built_gpu or 'unknown GPU'} (compute capability {built_cc or '?'})"
+        raise TmpdiffError(
+            f"plan built for {built}, this GPU is {gpu.name} (compute capability {gpu.compute_capability}); {REBUILD_HINT}",
+            plan_path)
+
+
+class CudaStream:
+    """A CUDA stream for TensorRT launches (wraps torch.cuda.Stream); `handle` is the cudaStream_t as an int."""
+
+    def __init__(self, device: int | str | None = None, stream: torch.cuda.Stream | None = None) -> None:
+        gpu = cuda_device(device)
+        self.torch = stream if stream is not None else torch.cuda.Stream(device=gpu.index)
+        self.device_index = gpu.index
+
+    @property
+    def handle(self) -> int:
+        return int(self.torch.cuda_stream)
+
+    def synchronize(self) -> None:
+        self.torch.synchronize()
+
+
+class SharedDeviceMemory:
+    """One device allocation shared as activation memory by every attached engine's execution context.
+
+    Sound only because attached engines run one at a time on one stream (the runtime's step loop). The
+    allocation grows to the largest engine's `device_memory_size_v2`; growing re-points every attached
+    context and drops their CUDA graphs, which baked in the old address.
+    """
+
+    def __init__(self, device: int | str | None = None) -> None:
+        self.device_index = cuda_device(device).index
+        self._buffer: torch.Tensor | None = None
+        self._users: weakref.WeakSet[TrtEngine] = weakref.WeakSet()
+
+    @property
+    def size(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    @property
+    def address(self) -> int:
+        if self._buffer is None:
+            raise TmpdiffError("shared device memory is not allocated")
+        return self._buffer.data_ptr()
+
+    def reserve(self, nbytes: int) -> None:
+        """Make the allocation at least `nbytes` long (re-pointing attached engines if it moves)."""
+        if nbytes <= self.size:
+            return
+        if self._buffer is not None:
+            # The old block may still be read by queued launches; wait before handing it back to torch.
+            torch.cuda.synchronize(self.device_index)
+        self._buffer = None
+        self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=torch.device("cuda", self.device_index))
+        if self._buffer.data_ptr() % _ALIGNMENT:
+            raise TmpdiffError(f"device memory at {self._buffer.data_ptr():#x} is not {_ALIGNMENT}-byte aligned")
+        for engine in list(self._users):
+            engine._use_device_memory(self)
+
+    def attach(self, engine: TrtEngine, nbytes: int) -> None:
+        """Reserve `nbytes` for `engine` and point its context at the shared allocation."""
+        self.reserve(nbytes)
+        self._users.add(engine)
+        engine._use_device_memory(self)
+
+    def detach(self, engine: TrtEngine) -> None:
+        self._users.discard(engine)
+
+    def close(self) -> None:
+        """Free the allocation; attached engines must be closed first."""
+        if len(self._users):
+            raise TmpdiffError(f"shared device memory still has {len(self._users)} engine(s) attached; close them first")
+        if self._buffer is not None:
+            torch.cuda.synchronize(self.device_index)
+        self._buffer = None
+
+
+def _torch_stream(stream: Stream, device_index: int) -> torch.cuda.Stream:
+    if isinstance(stream, CudaStream):
+        return stream.torch
+    handle = int(getattr(stream, "handle", 0) or 0)
+    if not handle:
+        raise TmpdiffError("TensorRT engines run on a CUDA stream (tmpdiff.engines.trt.CudaStream), not the host stream")
+    return torch.cuda.ExternalStream(handle, device=torch.device("cuda", device_index))
+
+
+class TrtEngine:
+    """A deserialized TensorRT plan with one USER_MANAGED execution context (implements `Engine`)."""
+
+    def __init__(self, plan_path: str | Path, entry: EngineEntry | None = None, *, precision: str | None = None,
+                 memory: SharedDeviceMemory | None = None, cuda_graph: bool = False, device: int | str | None = None,
+                 input_specs: list[TensorSpec] | None = None, output_specs: list[TensorSpec] | None = None,
+                 verify_sha256: bool = True, strict_gpu_model: bool = True) -> None:
+        self._context: Any = None
+        self._engine: Any = None
+        self._runtime: Any = None
+        self._memory: SharedDeviceMemory | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._bound: dict[str, torch.Tensor] | None = None
+
+        trt = load_tensorrt()
+        gpu = cuda_device(device if device is not None else (memory.device_index if memory is not None else None))
+        self.path = Path(plan_path)
+        self.device = f"cuda:{gpu.index}"
+        self.gpu = gpu
+        self.precision = entry.precision if entry is not None else (precision or self.path.parent.name)
+        self.cuda_graph = cuda_graph
+        self._device_index = gpu.index
+        self._trt = trt
+        if memory is not None and memory.device_index != gpu.index:
+            raise TmpdiffError(f"shared device memory is on cuda:{memory.device_index}, engine on {self.device}")
+
+        if not self.path.is_file():
+            raise TmpdiffError(f"plan file is missing; {REBUILD_HINT}", self.path)
+        if entry is not None:
+            check_engine_compatible(entry, self.path, trt.__version__, gpu, strict_gpu_model)
+            if verify_sha256 and sha256_file(self.path) != entry.sha256:
+                raise TmpdiffError(f"plan does not match the manifest's sha256; {REBUILD_HINT}", self.path)
+        if self.precision in MIN_COMPUTE_CAPABILITY:
+            check_precision_supported(self.precision, gpu.compute_capability, gpu.name)
+
+        logger = trt_logger(trt)
+        with torch.cuda.device(gpu.index):
+            self._runtime = trt.Runtime(logger)
+            logger.take_errors()
+            self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self._engine is None:
+                reason = first_error(logger.take_errors(), "truncated or corrupt plan")
+                raise TmpdiffError(f"TensorRT cannot deserialize this plan ({reason}); {REBUILD_HINT}", self.path)
+            self._context = self._engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if self._context is None:
+                raise TmpdiffError(f"TensorRT could not create an execution context "
+                                   f"({first_error(logger.take_errors(), 'no error was logged')})", self.path)
+        self._inputs, self._outputs = self._io_specs()
+        if input_specs is not None:
+            self._inputs = self._check_specs("input", input_specs, self._inputs)
+        if output_specs is not None:
+            self._outputs = self._check_specs("output", output_specs, self._outputs)
+        (memory or SharedDeviceMemory(gpu.index)).attach(self, int(self._engine.device_memory_size_v2))
+
+    # -- Engine protocol ----------------------------------------------------------------------------
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    @property
+    def device_memory_size(self) -> int:
+        """Activation memory this engine needs (bytes), the most over its optimization profile."""
+        return int(self._require_open().device_memory_size_v2)
+
+    def bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        """Set input shapes and every tensor address from runtime-owned CUDA buffers (once per buffer set)."""
+        self._require_open()
+        name = f"TensorRT {self.precision} engine"
+        check_buffers(name, self._inputs, inputs)
+        check_buffers(name, self._outputs, outputs)
+        for buffers in (inputs, outputs):
+            for key, buf in buffers.items():
+                if buf.device.type != "cuda" or buf.device.index != self._device_index:
+                    raise TmpdiffError(f"{name}: {key} buffer is on {buf.device}, engine runs on {self.device}")
+        ctx = self._context
+        for spec in self._inputs:
+            shape = tuple(inputs[spec.name].shape)
+            if not ctx.set_input_shape(spec.name, shape):
+                low, _, high = (tuple(d) for d in self._engine.get_tensor_profile_shape(spec.name, 0))
+                raise TmpdiffError(f"{name}: {spec.name} shape {shape} is outside the engine's profile {low}..{high}; "
+                                   f"rebuild with a matching batch (or --dynamic)")
+        unresolved = ctx.infer_shapes()
+        if unresolved:
+            raise TmpdiffError(f"{name}: TensorRT cannot infer shapes of {', '.join(unresolved)}")
+        for spec in self._outputs:
+            want = tuple(ctx.get_tensor_shape(spec.name))
+            if tuple(outputs[spec.name].shape) != want:
+                raise TmpdiffError(f"{name}: {spec.name} buffer has shape {tuple(outputs[spec.name].shape)}, "
+                                   f"these inputs give {want}")
+        bound = {**{s.name: inputs[s.name] for s in self._inputs}, **{s.name: outputs[s.name] for s in self._outputs}}
+        for key, buf in bound.items():
+            if not ctx.set_tensor_address(key, buf.data_ptr()):
+                raise TmpdiffError(f"{name}: TensorRT refused the address of {key}")
+        self._bound = bound  # keeps the buffers alive while their addresses are bound
+        self._graph = None  # a captured graph baked in the previous addresses and shapes
+
+    def run(self, stream: Stream) -> None:
+        """Enqueue one inference on `stream` (no host synchronization). With `cuda_graph`, the first run
+        after `bind` launches normally and then captures a graph (a one-off device synchronization) that
+        later runs replay."""
+        self._require_open()
+        if self._bound is None:
+            raise TmpdiffError(f"TensorRT {self.precision} engine: run() before bind()")
+        torch_stream = _torch_stream(stream, self._device_index)
+        if self._graph is not None:
+            with torch.cuda.stream(torch_stream):
+                self._graph.replay()
+            return
+        with torch.cuda.device(self._device_index):
+            self._execute(torch_stream.cuda_stream)
+            if self.cuda_graph:
+                self._capture(torch_stream)
+
+    def close(self) -> None:
+        """Wait for queued launches, then release the graph, context, engine and runtime (in that order)
+        and detach from the shared memory (freed with it when this engine was its only user)."""
+        if self._engine is not None:
+            # Queued launches may still use the activation memory and the graph; torch must not reuse them yet.
+            torch.cuda.synchronize(self._device_index)
+        self._graph = None
+        self._bound = None
+        if self._memory is not None:
+            self._memory.detach(self)
+            self._memory = None
+        self._context = None
+        self._engine = None
+        self._runtime = None
+
+    def __enter__(self) -> TrtEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _require_open(self) -> Any:
+        if self._engine is None:
+            raise TmpdiffError(f"TensorRT {self.precision} engine is closed", self.path)
+        return self._engine
+
+    def _execute(self, handle: int) -> None:
+        if not self._context.execute_async_v3(int(handle)):
+            raise TmpdiffError(f"TensorRT {self.precision} engine failed to enqueue "
+                               f"({first_error(trt_logger(self._trt).take_errors(), 'no error was logged')})", self.path)
+
+    def _capture(self, torch_stream: torch.cuda.Stream) -> None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: other threads' CUDA calls do not invalidate this capture (as trtexec captures).
+            with torch.cuda.graph(graph, stream=torch_stream, capture_error_mode="thread_local"):
+                ok = self._context.execute_async_v3(int(torch_stream.cuda_stream))
+        except RuntimeError as exc:
+            ok, reason = False, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        else:
+            reason = "enqueue failed during capture"
+        if not ok:
+            # Some engines cannot be captured (e.g. data-dependent shapes); they keep launching normally.
+            log.warning("TensorRT %s engine: CUDA graph capture failed (%s); running without a graph", self.precision, reason)
+            self.cuda_graph = False
+            return
+        self._graph = graph
+
+    def _use_device_memory(self, memory: SharedDeviceMemory) -> None:
+        self._memory = memory
+        self._graph = None
+        self._context.set_device_memory(memory.address, memory.size)
+
+    def _io_specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        trt, engine = self._trt, self._engine
+        inputs: list[TensorSpec] = []
+        outputs: list[TensorSpec] = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtype = engine.get_tensor_dtype(name)
+            dtype_name = _DTYPE_NAMES.get(getattr(dtype, "name", str(dtype)).split(".")[-1], str(dtype))
+            # Dynamic axes (-1) get names so check_buffers accepts any size there; axis 0 is the batch axis.
+            shape = tuple(d if d >= 0 else ("batch" if j == 0 else f"dim{j}") for j, d in enumerate(engine.get_tensor_shape(name)))
+            spec = TensorSpec(name, dtype_name, shape)
+            (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
+        return inputs, outputs
+
+    def _check_specs(self, kind: str, given: list[TensorSpec], found: list[TensorSpec]) -> list[TensorSpec]:
+        """The manifest's specs, after checking the plan has the same tensors, dtypes and ranks."""
+        by_name = {s.name: s for s in found}
+        if sorted(by_name) != sorted(s.name for s in given):
+            raise TmpdiffError(f"plan {kind}s {sorted(by_name)} differ from the model's {sorted(s.name for s in given)}; "
+                               f"{REBUILD_HINT}", self.path)
+        for spec in given:
+            have = by_name[spec.name]
+            if have.dtype != spec.dtype or len(have.shape) != len(spec.shape):
+                raise TmpdiffError(f"plan {kind} {spec.name} is {have.dtype}{list(have.shape)}, the model's is "
+                                   f"{spec.dtype}{list(spec.shape)}; {REBUILD_HINT}", self.path)
+        return list(given)
