@@ -20,20 +20,14 @@ from tmpdiff.export.pipeline import ORT_OPTIMIZATION, PARITY_TOLERANCE, export_m
 from tmpdiff.export.quantize import restore_quantized
 from tmpdiff.models.registry import adapter_for_config
 
+from .conftest import small_calibration
+
 QUANTIZED = ["int8", "fp8", "int4"]
 ALL = ["fp32", "fp16", *QUANTIZED]
 
 
 def _calibration(bundled):
-    return lambda model, adapter: sampled_calibration(model, bundled, classes=range(10), seeds=[0], steps=10)
-
-
-@pytest.fixture(scope="module")
-def quant_build(tmp_path_factory, bundled):
-    root = tmp_path_factory.mktemp("qbuild")
-    build_dir, outcomes = export_model(bundled.transformer_dir, root, ALL, model_id="tiny-dit",
-                                       calibration=_calibration(bundled))
-    return root, build_dir, {o.precision: o for o in outcomes}
+    return small_calibration(bundled)
 
 
 def test_every_precision_recorded(quant_build):
@@ -93,17 +87,22 @@ def test_ort_twin_matches_restored_torch_state_on_fresh_inputs(quant_build, torc
         assert error <= PARITY_TOLERANCE[name], f"{name}: {error:.2e}"
 
 
-def test_rerun_is_noop_and_changed_config_rebuilds(quant_build, bundled):
-    root, build_dir, _ = quant_build
-    before = (build_dir / "manifest.json").read_bytes()
-    _, again = export_model(bundled.transformer_dir, root, ALL, model_id="tiny-dit", calibration=_calibration(bundled))
+def test_rerun_is_noop_and_changed_config_rebuilds(quant_build, bundled, tmp_path):
+    from tmpdiff.models.bundled import sampling_info
+
+    _, build_dir, _ = quant_build
+    root = tmp_path / "copy"
+    shutil.copytree(build_dir, root / "tiny-dit")  # the session's build dir stays untouched
+    before = (root / "tiny-dit" / "manifest.json").read_bytes()
+    _, again = export_model(bundled.transformer_dir, root, ALL, model_id="tiny-dit", calibration=_calibration(bundled),
+                            sampling=sampling_info(bundled))
     assert all(o.skipped for o in again)
-    assert (build_dir / "manifest.json").read_bytes() == before
+    assert (root / "tiny-dit" / "manifest.json").read_bytes() == before
     # a different set of high-precision layers is a different artifact
     _, changed = export_model(bundled.transformer_dir, root, ["int8"], model_id="tiny-dit",
                               calibration=_calibration(bundled), keep_high_precision=("*proj_out*",))
     assert not changed[0].skipped
-    assert load_manifest(build_dir).precisions["int8"].key != json.loads(before)["precisions"]["int8"]["key"]
+    assert load_manifest(root / "tiny-dit").precisions["int8"].key != json.loads(before)["precisions"]["int8"]["key"]
 
 
 def test_tampered_artifact_is_refused_then_rebuilt(quant_build, bundled, tmp_path):

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tmpdiff.errors import TmpdiffError
 
@@ -55,10 +56,11 @@ def export(
         model_id = "tiny-dit"
     keep = tuple(p.strip() for p in keep_high_precision.split(",") if p.strip()) if keep_high_precision is not None \
         else HIGH_PRECISION_PATTERNS
-    calibration = _calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
-                                   None if calib_classes is None else _int_list(calib_classes, "--calib-classes"))
+    calibration, sampling = _calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
+                                             None if calib_classes is None else _int_list(calib_classes, "--calib-classes"))
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
-                                       keep_high_precision=keep, on_progress=lambda msg: console.print(msg))
+                                       keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
+                                       sampling=sampling)
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:
@@ -74,12 +76,12 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None):
-    """Sampled trajectories for a tmpdiff class-conditional model directory; random inputs otherwise."""
-    from tmpdiff.models.bundled import INFO_NAME, load_model_info
+    """Sampled trajectories (and sampling info) for a tmpdiff class-conditional model dir; random inputs otherwise."""
+    from tmpdiff.models.bundled import INFO_NAME, load_model_info, sampling_info
 
     root = model_dir.parent
     if not (root / INFO_NAME).is_file():
-        return None
+        return None, None
     from tmpdiff.export.calibration_data import sampled_calibration
 
     info = load_model_info(root)
@@ -87,24 +89,42 @@ def _calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | Non
     bad = [c for c in chosen if not 0 <= c < info.num_classes]
     if bad:
         raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
-    return lambda model, adapter: sampled_calibration(model, info, chosen, seeds)
+    return (lambda model, adapter: sampled_calibration(model, info, chosen, seeds)), sampling_info(info)
 
 
 @app.command()
 def build(
     build_dir: Annotated[Path, typer.Argument(help="build directory written by `tmpdiff export` (build/<model-id>)")],
     backend: Annotated[str, typer.Option(help="ort (ONNX Runtime) or trt (native TensorRT)")] = "ort",
-    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep (trt always builds for the current GPU)")] = "cpu",
     precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every exported precision)")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="trt: batch of the optimisation profile (latents per call)")] = 20,
+    dynamic: Annotated[bool, typer.Option(help="trt: dynamic batch axis (min/opt/max) instead of a static shape")] = False,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="trt --dynamic: largest batch")] = None,
+    opt_level: Annotated[int, typer.Option(min=0, max=5, help="trt: builder optimisation level")] = 3,
+    timing_cache: Annotated[Path | None, typer.Option(help="trt: timing cache file (read if present, then updated)")] = None,
+    print_command: Annotated[bool, typer.Option(help="trt: print equivalent trtexec / polygraphy commands and exit")] = False,
 ) -> None:
-    """Build (ORT: optimise and save) an engine for every exported precision."""
-    from tmpdiff.engines.build import build_engines
+    """Build an engine for every exported precision (ORT: optimise and save; trt: strongly typed plans)."""
+    from tmpdiff.engines.build import build_engines, trt_commands
 
-    if backend != "ort":
-        raise TmpdiffError(f"unknown backend {backend!r}; choose ort or trt")
     names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
-    outcomes = build_engines(build_dir, backend, device, names, threads, on_progress=lambda m: console.print(m))
+    trt_options = None
+    if backend == "trt":
+        from tmpdiff.engines.trt_build import TrtBuildOptions
+
+        trt_options = TrtBuildOptions(batch=batch, dynamic=dynamic, max_batch=max_batch, optimization_level=opt_level,
+                                      timing_cache=timing_cache)
+        device = "cuda"
+        if print_command:
+            for line in trt_commands(build_dir, names, trt_options):
+                typer.echo(line)
+            return
+    elif print_command:
+        raise TmpdiffError("--print-command is for --backend trt")
+    outcomes = build_engines(build_dir, backend, device, names, threads, on_progress=lambda m: console.print(m),
+                             trt_options=trt_options)
     for o in outcomes:
         typer.echo(f"{o.precision}\t{'up to date' if o.skipped else 'built'}\t{o.path}")
 
@@ -146,6 +166,50 @@ def profile(
 
 
 @app.command()
+def run(
+    build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
+    out: Annotated[Path, typer.Option(help="image to write (PNG, one sample per class given)")] = Path("sample.png"),
+    schedule: Annotated[Path | None, typer.Option(help="schedule.json (format tmpdiff.schedule/1)")] = None,
+    precision: Annotated[str | None, typer.Option(help="run every step at this precision instead of a schedule")] = None,
+    class_: Annotated[str, typer.Option("--class", help="comma-separated class ids, one sample each")] = "0",
+    batch: Annotated[int, typer.Option(min=1, help="samples per class")] = 1,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="must equal the schedule's length")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the model's)")] = None,
+    backend: Annotated[str, typer.Option(help="ort or trt")] = "ort",
+    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    trace: Annotated[Path | None, typer.Option(help="write a Chrome trace (one event per step) here")] = None,
+) -> None:
+    """Sample with a per-step precision schedule; print the per-step table; write the image (and a trace)."""
+    from rich.table import Table
+
+    from tmpdiff.eval.images import grid_image, save_png
+    from tmpdiff.models.digits import to_uint8
+    from tmpdiff.runtime.run import RunRequest
+    from tmpdiff.runtime.run import run as run_schedule
+
+    classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
+    request = RunRequest(build_dir, classes, seed, steps, schedule, precision, backend, device, threads, guidance)
+    result, used, info = run_schedule(request)
+    table = Table(title=f"{info['source']}, {len(classes)} samples, guidance {info['guidance_scale']}")
+    for column in ("step", "timestep", "precision", "ms"):
+        table.add_column(column, justify="right" if column != "precision" else "left")
+    for event in result.trace.steps:
+        label = event.precision + (f" (fallback from {event.fallback_from})" if event.fallback_from else "")
+        table.add_row(str(event.index), str(event.timestep), label, f"{event.seconds * 1e3:.2f}")
+    Console().print(table)
+    total = sum(e.seconds for e in result.trace.steps)
+    typer.echo(f"total {total * 1e3:.1f} ms over {len(result.trace.steps)} steps, {result.trace.switches} engine switches, "
+               f"{len(result.trace.fallbacks)} NaN/Inf fallbacks")
+    save_png(grid_image(to_uint8(result.latents.cpu()), rows=1), out)
+    typer.echo(f"wrote {out}")
+    if trace is not None:
+        result.trace.write_chrome_trace(trace)
+        typer.echo(f"wrote {trace}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
     per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 8,
@@ -173,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except TmpdiffError as exc:
         if _state["debug"] or "--debug" in args:
             raise
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

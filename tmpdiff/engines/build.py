@@ -26,10 +26,11 @@ def build_engines(
     precisions: list[str] | None = None,
     threads: int | None = None,
     on_progress: Callable[[str], None] = lambda _: None,
+    trt_options=None,
 ) -> list[BuildOutcome]:
     """Build (ORT: optimise and save) each precision; engines already current for this backend/version/device are kept."""
-    if backend != "ort":
-        raise TmpdiffError(f"backend {backend!r} is built by its own module; this function builds ORT engines")
+    if backend not in ("ort", "trt"):
+        raise TmpdiffError(f"unknown backend {backend!r}; choose ort or trt")
     load_manifest(build_dir)  # a wrong path fails here, before the lock file is created
     with directory_lock(build_dir):
         manifest = load_manifest(build_dir)
@@ -43,6 +44,15 @@ def build_engines(
             entry = manifest.precisions[name]
             key = engine_key(backend, device, name)
             current = manifest.engines.get(key)
+            if backend == "trt":
+                engine = _build_trt(build_dir, manifest, name, current, trt_options, on_progress)
+                if engine is None:
+                    outcomes.append(BuildOutcome(name, build_dir / current.path, skipped=True))
+                    continue
+                manifest.engines[key] = engine
+                save_manifest(build_dir, manifest)
+                outcomes.append(BuildOutcome(name, build_dir / engine.path, skipped=False))
+                continue
             if ort_engine_current(build_dir, current, entry, device):
                 on_progress(f"{name}: up to date")
                 outcomes.append(BuildOutcome(name, build_dir / current.path, skipped=True))
@@ -53,3 +63,49 @@ def build_engines(
             save_manifest(build_dir, manifest)
             outcomes.append(BuildOutcome(name, build_dir / engine.path, skipped=False))
         return outcomes
+
+
+def _trt_specs(manifest):
+    from tmpdiff.models.adapter import TensorSpec
+
+    return [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.inputs]
+
+
+def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progress):
+    """Build one TensorRT plan from the precision's TensorRT graph; None if the current plan still fits."""
+    from tmpdiff.atomic import sha256_file
+    from tmpdiff.engines.trt_build import TrtBuildOptions, build_trt_engine, load_tensorrt, options_profile
+
+    options = options or TrtBuildOptions()
+    entry = manifest.precisions[name]
+    if entry.trt_onnx is None:
+        raise TmpdiffError(f"{name} has no TensorRT graph; re-run `tmpdiff export`", build_dir / "manifest.json")
+    trt = load_tensorrt()
+    if (current is not None and current.source_sha256 == entry.trt_sha256 and current.backend_version == trt.__version__
+            and (build_dir / current.path).is_file() and sha256_file(build_dir / current.path) == current.sha256):
+        on_progress(f"{name}: up to date")
+        return None
+    on_progress(f"{name}: building TensorRT plan")
+    specs = _trt_specs(manifest)
+    return build_trt_engine(build_dir / entry.trt_onnx, build_dir / name, specs, options_profile(specs, options), options,
+                            precision=name)
+
+
+def trt_commands(build_dir: Path, precisions: list[str] | None, options) -> list[str]:
+    """The trtexec and polygraphy commands that build the same plans on another machine (no TensorRT needed here)."""
+    from tmpdiff.engines.trt_build import TrtBuildOptions, options_profile, polygraphy_command, trtexec_command
+
+    options = options or TrtBuildOptions()
+    manifest = load_manifest(build_dir)
+    specs = _trt_specs(manifest)
+    shapes = options_profile(specs, options)
+    lines = []
+    for name in precisions or list(manifest.precisions):
+        entry = manifest.precisions[name]
+        if entry.trt_onnx is None:
+            continue
+        onnx_path = build_dir / entry.trt_onnx
+        plan = build_dir / name / "engine_trt.plan"
+        lines += [f"# {name}", trtexec_command(onnx_path, plan, specs, shapes, options),
+                  polygraphy_command(onnx_path, plan, specs, shapes, options)]
+    return lines

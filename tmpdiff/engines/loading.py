@@ -7,6 +7,7 @@ from pathlib import Path
 from tmpdiff.engines.base import Engine
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.export.manifest import Manifest, engine_key
+from tmpdiff.models.adapter import TensorSpec
 
 
 def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],
@@ -21,6 +22,10 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
         if entry is None:
             raise TmpdiffError(f"no {backend} engine for {name} on {device}: run `tmpdiff build {build_dir} --backend {backend}"
                                f" --device {device}`", build_dir / "manifest.json")
+        source_sha = manifest.precisions[name].trt_sha256 if backend == "trt" else manifest.precisions[name].sha256
+        if entry.source_sha256 != source_sha:
+            raise TmpdiffError(f"the {backend} engine for {name} was built from an older export: rebuild with "
+                               f"`tmpdiff build {build_dir} --backend {backend}`", build_dir / entry.path)
         if backend == "ort":
             from tmpdiff.engines.ort_build import load_ort_engine
 
@@ -28,5 +33,7 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
         else:
             from tmpdiff.engines.trt import load_trt_engine
 
-            engines[name] = load_trt_engine(build_dir, entry)
+            engines[name] = load_trt_engine(
+                build_dir, entry, input_specs=[TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.inputs],
+                output_specs=[TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.outputs])
     return engines

@@ -49,7 +49,8 @@ from tmpdiff.models.adapter import TensorSpec
 __all__ = [
     "MIN_COMPUTE_CAPABILITY", "NOT_INSTALLED", "CudaDevice", "CudaStream", "ProfileShape", "ProfileShapes",
     "SharedDeviceMemory", "TrtBuildOptions", "TrtEngine", "build_trt_engine", "check_engine_compatible",
-    "check_precision_supported", "cuda_device", "load_tensorrt", "options_profile", "parse_compute_capability",
+    "check_precision_supported", "cuda_device", "default_device_memory", "load_tensorrt", "load_trt_engine",
+    "options_profile", "parse_compute_capability",
     "parse_version", "plan_file_name", "polygraphy_command", "profile_shapes", "trtexec_command",
 ]
 
@@ -109,8 +110,9 @@ class SharedDeviceMemory:
     context and drops their CUDA graphs, which baked in the old address.
     """
 
-    def __init__(self, device: int | str | None = None) -> None:
+    def __init__(self, device: int | str | None = None, release_when_unused: bool = False) -> None:
         self.device_index = cuda_device(device).index
+        self.release_when_unused = release_when_unused
         self._buffer: torch.Tensor | None = None
         self._users: weakref.WeakSet[TrtEngine] = weakref.WeakSet()
 
@@ -132,7 +134,11 @@ class SharedDeviceMemory:
             # The old block may still be read by queued launches; wait before handing it back to torch.
             torch.cuda.synchronize(self.device_index)
         self._buffer = None
-        self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=torch.device("cuda", self.device_index))
+        try:
+            self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=torch.device("cuda", self.device_index))
+        except torch.OutOfMemoryError:
+            raise TmpdiffError(f"not enough free memory on cuda:{self.device_index} for {nbytes / 2**20:.0f} MiB of "
+                               f"TensorRT activation memory") from None
         if self._buffer.data_ptr() % _ALIGNMENT:
             raise TmpdiffError(f"device memory at {self._buffer.data_ptr():#x} is not {_ALIGNMENT}-byte aligned")
         for engine in list(self._users):
@@ -145,7 +151,10 @@ class SharedDeviceMemory:
         engine._use_device_memory(self)
 
     def detach(self, engine: TrtEngine) -> None:
+        """Forget `engine`; with `release_when_unused`, the last detach frees the allocation."""
         self._users.discard(engine)
+        if self.release_when_unused and not len(self._users):
+            self.close()
 
     def close(self) -> None:
         """Free the allocation; attached engines must be closed first."""
@@ -154,6 +163,39 @@ class SharedDeviceMemory:
         if self._buffer is not None:
             torch.cuda.synchronize(self.device_index)
         self._buffer = None
+
+
+_DEFAULT_MEMORY: dict[int, SharedDeviceMemory] = {}
+
+
+def default_device_memory(device: int | str | None = None) -> SharedDeviceMemory:
+    """The process-wide shared activation memory of one GPU (freed when its last engine closes).
+
+    Engines opened with it must run one at a time on one stream, as tmpdiff's runtime and profiler do;
+    give engines that run concurrently their own `SharedDeviceMemory`.
+    """
+    index = cuda_device(device).index
+    if index not in _DEFAULT_MEMORY:
+        _DEFAULT_MEMORY[index] = SharedDeviceMemory(index, release_when_unused=True)
+    return _DEFAULT_MEMORY[index]
+
+
+def load_trt_engine(build_dir: str | Path, entry: EngineEntry, *, memory: SharedDeviceMemory | None = None,
+                    cuda_graph: bool = False, input_specs: list[TensorSpec] | None = None,
+                    output_specs: list[TensorSpec] | None = None, device: int | str | None = None) -> TrtEngine:
+    """Open a manifest's TensorRT engine (plan path kept inside the build dir; version, GPU and sha256 checked).
+
+    Without `memory`, engines of one GPU share `default_device_memory()`.
+    """
+    root = Path(build_dir).resolve()
+    path = (root / entry.path).resolve()
+    if not path.is_relative_to(root):
+        raise TmpdiffError(f"{entry.precision}: plan path escapes the build directory", root / "manifest.json")
+    if memory is None:
+        load_tensorrt()  # a missing TensorRT is the first error, before any CUDA check
+        memory = default_device_memory(device)
+    return TrtEngine(path, entry, memory=memory, cuda_graph=cuda_graph, device=device, input_specs=input_specs,
+                     output_specs=output_specs)
 
 
 def _torch_stream(stream: Stream, device_index: int) -> torch.cuda.Stream:
@@ -217,7 +259,8 @@ class TrtEngine:
             self._inputs = self._check_specs("input", input_specs, self._inputs)
         if output_specs is not None:
             self._outputs = self._check_specs("output", output_specs, self._outputs)
-        (memory or SharedDeviceMemory(gpu.index)).attach(self, int(self._engine.device_memory_size_v2))
+        memory = memory or SharedDeviceMemory(gpu.index, release_when_unused=True)
+        memory.attach(self, int(self._engine.device_memory_size_v2))
 
     # -- Engine protocol ----------------------------------------------------------------------------
 
@@ -244,6 +287,8 @@ class TrtEngine:
             for key, buf in buffers.items():
                 if buf.device.type != "cuda" or buf.device.index != self._device_index:
                     raise TmpdiffError(f"{name}: {key} buffer is on {buf.device}, engine runs on {self.device}")
+        # A failed bind leaves the engine unbound, never half re-bound behind an old graph.
+        self._graph, self._bound = None, None
         ctx = self._context
         for spec in self._inputs:
             shape = tuple(inputs[spec.name].shape)
@@ -264,7 +309,6 @@ class TrtEngine:
             if not ctx.set_tensor_address(key, buf.data_ptr()):
                 raise TmpdiffError(f"{name}: TensorRT refused the address of {key}")
         self._bound = bound  # keeps the buffers alive while their addresses are bound
-        self._graph = None  # a captured graph baked in the previous addresses and shapes
 
     def run(self, stream: Stream) -> None:
         """Enqueue one inference on `stream` (no host synchronization). With `cuda_graph`, the first run

@@ -315,14 +315,14 @@ def _parse_onnx(trt: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any, Any]:
         for i in range(parser.num_errors):
             err = parser.get_error(i)
             where = f"node {err.node_name()!r} ({err.node_operator()}): " if err.node() >= 0 else ""
-            problems.append(f"{where}{err.desc()}")
+            problems.append(" ".join(f"{where}{err.desc()}".split()))  # one line: TmpdiffError prints as one
         detail = "; ".join(problems[:3]) or first_error(logger.take_errors(), "no parser error recorded")
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise TmpdiffError(f"TensorRT's ONNX parser rejected this graph: {detail}{more}", onnx_path)
     return builder, network, parser
 
 
-def _network_profile(trt: Any, builder: Any, network: Any, specs: list[TensorSpec], shapes: ProfileShapes,
+def _network_profile(builder: Any, network: Any, specs: list[TensorSpec], shapes: ProfileShapes,
                      onnx_path: Path) -> Any | None:
     """The optimization profile for the network's dynamic inputs (None if every input is static)."""
     spec_names = {s.name for s in specs}
@@ -356,9 +356,9 @@ def _timing_cache(trt: Any, config: Any, path: Path | None) -> bool:
         return False
     blob = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(blob)
-    if config.set_timing_cache(cache, False):
+    if cache is not None and config.set_timing_cache(cache, False):
         return bool(blob)
-    # A cache from another GPU or TensorRT version is refused; start empty rather than fail the build.
+    # A corrupt cache, or one from another GPU or TensorRT version, is refused; start empty rather than fail.
     log.warning("timing cache %s does not match this GPU / TensorRT; starting a new one", path)
     config.set_timing_cache(config.create_timing_cache(b""), False)
     return False
@@ -387,12 +387,13 @@ def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[Te
     started = time.perf_counter()
     logger = trt_logger(trt)
     with torch.cuda.device(gpu.index):
+        # The parser owns the parsed weights: it stays referenced until the plan is built.
         builder, network, _parser = _parse_onnx(trt, logger, onnx_path)
         config = builder.create_builder_config()
         config.builder_optimization_level = options.optimization_level
         if options.workspace_bytes is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-        profile = _network_profile(trt, builder, network, specs, shapes, onnx_path)
+        profile = _network_profile(builder, network, specs, shapes, onnx_path)
         if profile is not None and config.add_optimization_profile(profile) < 0:
             raise TmpdiffError("TensorRT rejected the optimization profile (check min <= opt <= max)", onnx_path)
         reused_cache = _timing_cache(trt, config, options.timing_cache)

@@ -64,6 +64,20 @@ def engine_key(backend: str, device: str, precision: str) -> str:
     return f"{backend}:{device}:{precision}"
 
 
+class SamplingInfo(BaseModel):
+    """How to sample a class-conditional model from its build directory alone (scheduler, classes, guidance)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheduler_class: str
+    scheduler_config: dict
+    num_classes: int = Field(ge=1)
+    null_class: int
+    image_size: int = Field(ge=1)
+    channels: int = Field(ge=1)
+    default_steps: int = Field(ge=1)
+    guidance_scale: float
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["tmpdiff.manifest/1"] = FORMAT
@@ -75,6 +89,7 @@ class Manifest(BaseModel):
     outputs: list[TensorSpecModel]
     precisions: dict[str, PrecisionEntry] = Field(default_factory=dict)
     engines: dict[str, EngineEntry] = Field(default_factory=dict)
+    sampling: SamplingInfo | None = None
 
 
 def model_content_hash(model_dir: Path) -> str:

@@ -28,6 +28,7 @@ from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.manifest import (
     Manifest,
     PrecisionEntry,
+    SamplingInfo,
     TensorSpecModel,
     load_manifest,
     model_content_hash,
@@ -133,6 +134,7 @@ def export_model(
     calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None = None,
     keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
     on_progress: Callable[[str], None] = lambda _: None,
+    sampling: SamplingInfo | None = None,
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
 
@@ -143,7 +145,8 @@ def export_model(
     adapter_for_config(read_model_config(model_dir))
     build_dir = out_root / (model_id or model_dir.resolve().name)
     with directory_lock(build_dir):
-        return _export_locked(model_dir, out_root, precisions, model_id, calibration, keep_high_precision, on_progress)
+        return _export_locked(model_dir, out_root, precisions, model_id, calibration, keep_high_precision, on_progress,
+                              sampling)
 
 
 def _export_locked(
@@ -154,6 +157,7 @@ def _export_locked(
     calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None = None,
     keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
     on_progress: Callable[[str], None] = lambda _: None,
+    sampling: SamplingInfo | None = None,
 ) -> tuple[Path, list[ExportOutcome]]:
     specs = [get_precision(p) for p in precisions]
     config = read_model_config(model_dir)
@@ -176,6 +180,8 @@ def _export_locked(
             inputs=[TensorSpecModel.of(s) for s in adapter.input_specs()],
             outputs=[TensorSpecModel.of(s) for s in adapter.output_specs()],
         )
+    if sampling is not None:
+        manifest.sampling = sampling
 
     state: dict = {}
 

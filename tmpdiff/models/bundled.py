@@ -88,3 +88,17 @@ def load_model_info(root: str | Path | None = None) -> ModelInfo:
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise TmpdiffError(f"malformed model info ({exc!r})", info_path) from None
+
+
+def sampling_info(info: ModelInfo):
+    """The manifest's SamplingInfo for a tmpdiff class-conditional model directory."""
+    from tmpdiff.export.manifest import SamplingInfo
+    from tmpdiff.runtime.sampler import load_scheduler
+
+    scheduler = load_scheduler(info.scheduler_dir)
+    return SamplingInfo(
+        scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
+        num_classes=info.num_classes, null_class=int(info.extra.get("null_class", info.num_classes)),
+        image_size=info.image_size, channels=int(info.extra.get("channels", 1)), default_steps=info.default_steps,
+        guidance_scale=info.guidance_scale,
+    )

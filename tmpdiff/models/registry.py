@@ -5,8 +5,15 @@ from __future__ import annotations
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.dit import DiTAdapter
+from tmpdiff.models.flux import FluxAdapter
+from tmpdiff.models.pixart import PixArtAdapter
+from tmpdiff.models.sana import SanaAdapter
+from tmpdiff.models.sd3 import SD3Adapter
+from tmpdiff.models.unet import UNetAdapter
 
-ADAPTERS: dict[str, type[DenoiserAdapter]] = {cls.architecture: cls for cls in (DiTAdapter,)}
+ADAPTERS: dict[str, type[DenoiserAdapter]] = {
+    cls.architecture: cls for cls in (DiTAdapter, UNetAdapter, SD3Adapter, FluxAdapter, SanaAdapter, PixArtAdapter)
+}
 
 
 def adapter_for_config(config: dict) -> DenoiserAdapter:

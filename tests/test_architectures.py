@@ -1,0 +1,193 @@
+"""Every supported denoiser family end to end: a tiny random model saved as a diffusers directory ->
+`export_model` (fp32 + quantized) -> ONNX Runtime parity, graph census, and a batch-flexible fp32 graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from tmpdiff.engines.ort import OrtEngine
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.pipeline import PARITY_TOLERANCE, export_model
+from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS
+from tmpdiff.models.registry import ADAPTERS, adapter_for_config
+
+# Widths are multiples of 64 (PixArt: 96, as its size conditioning splits the width in thirds) so every
+# quantized Linear's in_features divides into int4 blocks.
+
+
+def _dit() -> torch.nn.Module:
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+                                 sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+
+
+def _unet(sdxl: bool) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        extra = {}
+        if sdxl:  # SDXL: linear proj_in/out, pooled text (32) + 6 time ids x addition_time_embed_dim (8)
+            extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                     "projection_class_embeddings_input_dim": 32 + 6 * 8, "use_linear_projection": True}
+        return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=8, **extra)
+
+    return build
+
+
+def _sd3() -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    # SD3.5 layout: dual attention in the first block, RMS q/k norms.
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
+                                 num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64,
+                                 pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def _flux() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+                                  num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
+                                  axes_dims_rope=(8, 12, 12))
+
+
+def _sana() -> torch.nn.Module:
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+                                  num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
+                                  caption_channels=64, sample_size=8, patch_size=1)
+
+
+def _pixart() -> torch.nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    # Learned sigma (out_channels = 2 x in) and PixArt-alpha's resolution / aspect-ratio conditioning.
+    return PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=1,
+                                    cross_attention_dim=96, caption_channels=64, sample_size=8, patch_size=2,
+                                    use_additional_conditions=True)
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], torch.nn.Module]
+    precisions: tuple[str, ...]
+    config: dict = field(default_factory=lambda: {"text_len": 8})  # tmpdiff keys written into config.json
+
+
+ALL = ("fp32", "int8", "fp8", "int4")
+CASES = {
+    "dit": Case(_dit, ALL, {}),
+    # int4 is left out where Conv layers are quantized: see test_int4_with_conv_layers_kept_high_precision.
+    # UNet int8 parity (1.7e-2 and 1.8e-2 here, tolerance 2e-2) is close to its limit: one activation rounding
+    # differently in ORT and torch flips quantization steps downstream through the UNet's GroupNorm/resnet stack.
+    "unet-sd15": Case(_unet(sdxl=False), ("fp32", "int8", "fp8")),
+    "unet-sdxl": Case(_unet(sdxl=True), ("fp32", "int8", "fp8")),
+    "sd3": Case(_sd3, ALL),
+    "flux": Case(_flux, ALL, {"text_len": 8, "sample_size": 8}),
+    "sana": Case(_sana, ("fp32", "int8", "fp8")),
+    "pixart": Case(_pixart, ALL),
+}
+
+
+def _save(case: Case, directory) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    if case.config:
+        model.register_to_config(**case.config)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    name = request.param
+    case = CASES[name]
+    root = tmp_path_factory.mktemp(name)
+    model = _save(case, root / "model")
+    build_dir, outcomes = export_model(root / "model", root / "build", list(case.precisions), model_id=name)
+    adapter = adapter_for_config(dict(model.config) | {"_class_name": type(model).__name__})
+    return name, model, adapter, build_dir, {o.precision: o for o in outcomes}
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_registry_knows_every_family():
+    assert {"DiTTransformer2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+            "SanaTransformer2DModel", "PixArtTransformer2DModel"} <= set(ADAPTERS)
+
+
+def test_export_parity_and_census(exported):
+    name, model, adapter, build_dir, outcomes = exported
+    assert list(outcomes) == list(CASES[name].precisions)
+    for precision, outcome in outcomes.items():
+        entry = outcome.entry
+        assert not outcome.skipped and outcome.onnx_path.is_file()
+        assert entry.parity_error < PARITY_TOLERANCE[precision], f"{name} {precision}: parity {entry.parity_error:.2e}"
+        if precision == "fp32":
+            assert entry.error_vs_fp32 < 1e-4
+            continue
+        assert entry.error_vs_fp32 > 0, f"{name} {precision}: quantization changed nothing"
+        census = entry.quantization["census"]
+        if precision == "int4":  # weight-only
+            assert census["weight_quantized"] > 0 and census["input_quantized"] == 0, census
+        else:
+            assert census["both_quantized"] > 0, census
+
+
+@pytest.mark.parametrize("batch", [1, 5])  # the export traced batch 2
+def test_fp32_graph_matches_torch_at_other_batch_sizes(exported, batch):
+    name, model, adapter, build_dir, outcomes = exported
+    inputs = adapter.sample_inputs(adapter.default_dims(batch), seed=100 + batch)
+    for spec in adapter.input_specs():
+        spec.check(tuple(inputs[spec.name].shape), inputs[spec.name].numpy().dtype, adapter.default_dims(batch))
+    got = OrtEngine(outcomes["fp32"].onnx_path).infer({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
+    with torch.no_grad():
+        want = adapter.export_module(model)(*inputs.values()).numpy()
+    assert got.shape == adapter.output_specs()[0].concrete(adapter.default_dims(batch))
+    assert _relative(got, want) < 1e-4, f"{name} batch {batch}: relative error {_relative(got, want):.2e}"
+
+
+@pytest.mark.slow
+def test_int4_with_conv_layers_kept_high_precision(tmp_path):
+    """int4 (W4A16) is a GEMM format: Sana's GLUMBConv feed-forward stays high precision, attention goes int4."""
+    _save(CASES["sana"], tmp_path / "model")
+    _, [outcome] = export_model(tmp_path / "model", tmp_path / "build", ["int4"], model_id="sana",
+                                keep_high_precision=(*HIGH_PRECISION_PATTERNS, "*.ff.conv_*"))
+    assert outcome.entry.parity_error < PARITY_TOLERANCE["int4"]
+    assert outcome.entry.quantization["census"]["weight_quantized"] > 0
+
+
+def test_adapter_specs_follow_config():
+    flux = adapter_for_config({"_class_name": "FluxTransformer2DModel", "in_channels": 64, "joint_attention_dim": 4096,
+                               "pooled_projection_dim": 768, "guidance_embeds": False})
+    assert [s.name for s in flux.input_specs()] == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                                   "img_ids", "txt_ids"]
+    assert flux.input_specs()[0].shape == ("batch", 4096, 64) and flux.input_specs()[4].shape == (4096, 3)
+
+    sdxl = adapter_for_config({"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 128,
+                               "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                               "projection_class_embeddings_input_dim": 2816})
+    shapes = {s.name: s.shape for s in sdxl.input_specs()}
+    assert shapes["text_embeds"] == ("batch", 1280) and shapes["time_ids"] == ("batch", 6)
+    assert shapes["encoder_hidden_states"] == ("batch", 77, 2048)
+
+    pixart = adapter_for_config({"_class_name": "PixArtTransformer2DModel", "in_channels": 4, "sample_size": 128,
+                                 "patch_size": 2, "caption_channels": 4096, "cross_attention_dim": 1152})
+    assert [s.name for s in pixart.input_specs()][-2:] == ["resolution", "aspect_ratio"]
+
+    upscaler = adapter_for_config({"_class_name": "UNet2DConditionModel", "in_channels": 7, "sample_size": 32,
+                                   "cross_attention_dim": 1024, "num_class_embeds": 1000})
+    with pytest.raises(TmpdiffError, match="not supported"):
+        upscaler.input_specs()

@@ -1,0 +1,170 @@
+"""The schedule-driven runtime: engine switching on shared buffers, NaN fallback, bad input, traces, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tmpdiff.engines.loading import load_engines
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import load_manifest
+from tmpdiff.runtime.run import RunRequest, run, scheduler_from
+from tmpdiff.runtime.runner import ScheduledRunner
+from tmpdiff.runtime.sampler import initial_noise
+from tmpdiff.runtime.schedule import Schedule, fallback_for, save_schedule
+
+
+def _runner(build_dir, precisions, batch=2, **kwargs):
+    manifest = load_manifest(build_dir)
+    s = manifest.sampling
+    engines = load_engines(build_dir, manifest, "ort", "cpu", precisions)
+    return manifest, ScheduledRunner(engines, batch, s.channels, s.image_size, s.guidance_scale, s.null_class,
+                                     s.num_classes, **kwargs)
+
+
+def test_uniform_fp32_matches_plain_sampler(quant_build, bundled):
+    from tmpdiff.engines.ort import OrtDenoiser, OrtEngine
+    from tmpdiff.runtime.sampler import load_scheduler, sample
+
+    _, build_dir, _ = quant_build
+    manifest, runner = _runner(build_dir, ["fp32"])
+    labels, noise = torch.tensor([3, 7]), initial_noise(2, 1, bundled.image_size, seed=4)
+    got = runner.sample(scheduler_from(manifest.sampling), labels, noise, ["fp32"] * 10).latents
+    plain = sample(OrtDenoiser(OrtEngine(build_dir / "fp32/model.onnx")), load_scheduler(bundled.scheduler_dir), labels,
+                   noise, 10, bundled.guidance_scale, null_class=bundled.num_classes).latents
+    assert (got - plain).abs().max().item() < 1e-4
+
+
+def test_mixed_schedule_runs_the_named_engines(quant_build, bundled):
+    _, build_dir, _ = quant_build
+    schedule = ["fp32", "int8", "int8", "fp16", "int4", "fp8", "fp32", "int8", "int4", "fp32"]
+    manifest, runner = _runner(build_dir, ["fp32", "fp16", "int8", "fp8", "int4"])
+    result = runner.sample(scheduler_from(manifest.sampling), torch.tensor([1, 2]),
+                           initial_noise(2, 1, bundled.image_size, 0), schedule)
+    assert [e.precision for e in result.trace.steps] == schedule
+    assert result.trace.switches == 8 and not result.trace.fallbacks
+    assert torch.isfinite(result.latents).all()
+    uniform = runner.sample(scheduler_from(manifest.sampling), torch.tensor([1, 2]),
+                            initial_noise(2, 1, bundled.image_size, 0), ["fp32"] * 10).latents
+    assert 0 < (result.latents - uniform).abs().max().item() < 0.5  # quantized steps changed the result a little
+
+
+def test_same_seed_same_schedule_is_bit_identical(quant_build, bundled):
+    _, build_dir, _ = quant_build
+    manifest, runner = _runner(build_dir, ["fp32", "int8"])
+    runs = [runner.sample(scheduler_from(manifest.sampling), torch.tensor([5, 6]),
+                          initial_noise(2, 1, bundled.image_size, 9), ["int8", "fp32"] * 5).latents for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+class _NaNAfter:
+    """Wraps an engine so its output turns NaN (what an overflowing low-precision engine does)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.precision, self.device = engine, engine.precision, engine.device
+        self.input_specs, self.output_specs = engine.input_specs, engine.output_specs
+
+    def bind(self, inputs, outputs):
+        self.outputs = outputs
+        self.engine.bind(inputs, outputs)
+
+    def run(self, stream):
+        self.engine.run(stream)
+        self.outputs["noise_pred"][0, 0, 0, 0] = float("nan")
+
+    def close(self):
+        self.engine.close()
+
+
+def test_nan_step_falls_back_to_higher_precision(quant_build, bundled):
+    _, build_dir, _ = quant_build
+    manifest = load_manifest(build_dir)
+    engines = load_engines(build_dir, manifest, "ort", "cpu", ["fp32", "fp16", "int8"])
+    engines["int8"] = _NaNAfter(engines["int8"])
+    s = manifest.sampling
+    runner = ScheduledRunner(engines, 2, s.channels, s.image_size, s.guidance_scale, s.null_class, s.num_classes)
+    result = runner.sample(scheduler_from(s), torch.tensor([0, 1]), initial_noise(2, 1, s.image_size, 0),
+                           ["fp32", "int8", "fp32", "int8"])
+    assert [(e.precision, e.fallback_from) for e in result.trace.steps] == [
+        ("fp32", None), ("fp16", "int8"), ("fp32", None), ("fp16", "int8")]
+    assert torch.isfinite(result.latents).all()
+    assert fallback_for("int4", ["fp32", "int8"]) == "int8" and fallback_for("fp32", ["fp32"]) is None
+
+
+def test_trace_has_one_event_per_step_and_switches(quant_build, tmp_path, bundled):
+    _, build_dir, _ = quant_build
+    manifest, runner = _runner(build_dir, ["fp32", "int8"])
+    result = runner.sample(scheduler_from(manifest.sampling), torch.tensor([0, 1]),
+                           initial_noise(2, 1, bundled.image_size, 0), ["fp32", "fp32", "int8", "fp32"])
+    result.trace.write_chrome_trace(tmp_path / "trace.json")
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert [e["name"] for e in events if e["ph"] == "X"] == ["step 0 fp32", "step 1 fp32", "step 2 int8", "step 3 fp32"]
+    assert [e["name"] for e in events if e["ph"] == "i"] == ["switch fp32 -> int8", "switch int8 -> fp32"]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "request_kwargs", "message"),
+    [
+        ({"steps": 4, "precisions": ["fp32"] * 4}, {"steps": 5}, "schedule has 4 steps but --steps 5"),
+        ({"steps": 4, "precisions": ["fp32"] * 3}, {}, "3 precisions for 4 steps"),
+        ({"steps": 2, "precisions": ["fp32", "int3"]}, {}, "unknown precision int3"),
+        ({"steps": 2, "precisions": ["fp32", "int8-sq"]}, {}, "uses int8-sq but only"),
+        ({"steps": 2, "precisions": ["fp32", "fp32"]}, {"classes": [10]}, "class ids must be in 0..9"),
+        ({"steps": 2, "precisions": ["fp32", "fp32"]}, {"classes": []}, "class ids must be in 0..9"),
+    ],
+)
+def test_bad_runs_fail_before_the_first_step(quant_build, tmp_path, schedule, request_kwargs, message):
+    _, build_dir, _ = quant_build
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"format": "tmpdiff.schedule/1", **schedule}))
+    steps_run = []
+    request = RunRequest(build_dir, request_kwargs.pop("classes", [0]), schedule_path=path, **request_kwargs)
+    with pytest.raises(TmpdiffError, match=message):
+        run(request, on_step=steps_run.append)
+    assert steps_run == []
+
+
+def test_buffers_of_wrong_shape_are_refused(quant_build):
+    _, build_dir, _ = quant_build
+    manifest = load_manifest(build_dir)
+    engine = load_engines(build_dir, manifest, "ort", "cpu", ["fp32"])["fp32"]
+    inputs = {"hidden_states": torch.zeros(2, 1, 8, 8), "timestep": torch.zeros(2), "class_labels": torch.zeros(2, dtype=torch.int64)}
+    with pytest.raises(TmpdiffError, match=r"hidden_states buffer has shape \(2, 1, 8, 8\)"):
+        engine.bind(inputs, {"noise_pred": torch.zeros(2, 1, 16, 16)})
+    inputs["hidden_states"] = torch.zeros(2, 1, 16, 16, dtype=torch.float64)
+    with pytest.raises(TmpdiffError, match="hidden_states buffer is torch.float64"):
+        engine.bind(inputs, {"noise_pred": torch.zeros(2, 1, 16, 16)})
+
+
+def test_cli_run_mixed_schedule(quant_build, tmp_path):
+    _, build_dir, _ = quant_build
+    schedule = Schedule(steps=6, precisions=["fp32", "int8", "int8", "int4", "fp32", "fp32"])
+    save_schedule(schedule, tmp_path / "schedule.json")
+    result = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "run", str(build_dir), "--schedule",
+                             str(tmp_path / "schedule.json"), "--class", "3,8", "--out", str(tmp_path / "img.png"),
+                             "--trace", str(tmp_path / "trace.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "int4" in result.stdout and "engine switches" in result.stdout
+    assert (tmp_path / "img.png").stat().st_size > 0 and (tmp_path / "trace.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "run", str(build_dir), "--schedule",
+                          str(tmp_path / "schedule.json"), "--steps", "20"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "schedule has 6 steps" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_profile_writes_costs_for_every_engine(quant_build, tmp_path):
+    from tmpdiff.engines.costs import load_costs
+    from tmpdiff.engines.profile import profile_build
+
+    _, build_dir, _ = quant_build
+    table = profile_build(build_dir, "ort", "cpu", batch=4, warmup=1, repeats=3)
+    assert set(table.precisions) == {"fp32", "fp16", "int8", "fp8", "int4"}
+    assert all(np.isfinite(c.median_ms) and c.p10_ms <= c.median_ms <= c.p90_ms for c in table.precisions.values())
+    from tmpdiff.engines.costs import save_costs
+
+    save_costs(table, tmp_path / "costs.json")
+    assert load_costs(tmp_path / "costs.json").batch == 4

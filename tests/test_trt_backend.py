@@ -1,0 +1,663 @@
+"""Native TensorRT backend: CPU-side helpers and errors everywhere; real builds and runs on GPU machines only."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tmpdiff.engines import trt as trt_backend
+from tmpdiff.engines import trt_build
+from tmpdiff.engines.trt import (
+    NOT_INSTALLED,
+    CudaDevice,
+    CudaStream,
+    ProfileShape,
+    SharedDeviceMemory,
+    TrtBuildOptions,
+    TrtEngine,
+    build_trt_engine,
+    check_engine_compatible,
+    check_precision_supported,
+    plan_file_name,
+    polygraphy_command,
+    profile_shapes,
+    trtexec_command,
+)
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import EngineEntry
+from tmpdiff.models.adapter import TensorSpec
+
+SPECS = [
+    TensorSpec("hidden_states", "float32", ("batch", 4, 8, 8)),
+    TensorSpec("timestep", "float32", ("batch",)),
+    TensorSpec("class_labels", "int64", ("batch",)),
+    TensorSpec("img_ids", "float32", (16, 3)),
+]
+L4 = CudaDevice(0, "NVIDIA L4", "8.9")
+
+
+def _entry(**changes) -> EngineEntry:
+    fields = dict(backend="trt", precision="fp8", path="fp8/engine_trt10.8.plan", sha256="0" * 64, source_sha256="1" * 64,
+                  backend_version="10.8.0.43", device="cuda", compute_capability="8.9", build_flags={"gpu_name": "NVIDIA L4"})
+    fields.update(changes)
+    return EngineEntry(**fields)
+
+
+def _tiny_onnx(path: Path, batch_axis: bool = True) -> Path:
+    """y = x * 2 with x, y float32 (batch, 4)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    dims = ["batch", 4] if batch_axis else [2, 4]
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])], "times_two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+        initializer=[two],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+TINY_SPECS = [TensorSpec("x", "float32", ("batch", 4))]
+TINY_OUT = [TensorSpec("y", "float32", ("batch", 4))]
+
+
+# --- plan names, profiles ---------------------------------------------------------------------------
+
+
+def test_plan_file_name_carries_major_minor():
+    assert plan_file_name("10.8.0.43") == "engine_trt10.8.plan"
+    assert plan_file_name("10.16.1") == "engine_trt10.16.plan"
+    with pytest.raises(TmpdiffError, match="not a TensorRT version"):
+        plan_file_name("ten")
+
+
+def test_static_profile_is_the_requested_batch():
+    shapes = profile_shapes(SPECS, 2)
+    assert shapes["hidden_states"] == ProfileShape((2, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8))
+    assert shapes["class_labels"] == ProfileShape((2,), (2,), (2,))
+    assert shapes["img_ids"] == ProfileShape((16, 3), (16, 3), (16, 3))
+    assert all(s.is_static for s in shapes.values())
+
+
+def test_dynamic_profile_ranges_the_batch_axis_only():
+    shapes = profile_shapes(SPECS, 2, dynamic=True, max_batch=8)
+    assert shapes["hidden_states"] == ProfileShape((1, 4, 8, 8), (2, 4, 8, 8), (8, 4, 8, 8))
+    assert shapes["timestep"] == ProfileShape((1,), (2,), (8,))
+    assert shapes["img_ids"].is_static
+    assert profile_shapes(SPECS, 4, dynamic=True, min_batch=2)["timestep"] == ProfileShape((2,), (4,), (4,))
+
+
+def test_profile_errors_are_clear():
+    with pytest.raises(TmpdiffError, match="at least 1"):
+        profile_shapes(SPECS, 0)
+    with pytest.raises(TmpdiffError, match="min <= batch <= max"):
+        profile_shapes(SPECS, 4, dynamic=True, max_batch=2)
+    with pytest.raises(TmpdiffError, match="dynamic engines only"):
+        profile_shapes(SPECS, 2, max_batch=8)
+    tokens = [TensorSpec("tokens", "float32", ("batch", "seq", 8))]
+    with pytest.raises(TmpdiffError, match="'seq'"):
+        profile_shapes(tokens, 2)
+    assert profile_shapes(tokens, 2, dims={"seq": 77})["tokens"].opt == (2, 77, 8)
+
+
+# --- compatibility and precision checks ------------------------------------------------------------
+
+
+def test_matching_engine_entry_passes():
+    check_engine_compatible(_entry(), "b/fp8/engine_trt10.8.plan", "10.8.0.43", L4)
+
+
+def test_version_mismatch_names_both_versions_and_the_fix():
+    with pytest.raises(TmpdiffError) as info:
+        check_engine_compatible(_entry(), "b/fp8/engine_trt10.8.plan", "10.9.0.34", L4)
+    message = str(info.value)
+    assert "engine_trt10.8.plan" in message and "10.8.0.43" in message and "10.9.0.34" in message
+    assert "tmpdiff build --backend trt" in message
+    assert "\n" not in message
+
+
+def test_gpu_mismatch_names_both_gpus():
+    h100 = CudaDevice(0, "NVIDIA H100 80GB HBM3", "9.0")
+    with pytest.raises(TmpdiffError) as info:
+        check_engine_compatible(_entry(), "b/fp8/engine_trt10.8.plan", "10.8.0.43", h100)
+    message = str(info.value)
+    assert "NVIDIA L4" in message and "8.9" in message and "H100" in message and "9.0" in message
+    assert "tmpdiff build --backend trt" in message and "engine_trt10.8.plan" in message
+
+
+def test_same_architecture_other_model_is_refused_unless_lenient():
+    rtx4090 = CudaDevice(0, "NVIDIA GeForce RTX 4090", "8.9")
+    with pytest.raises(TmpdiffError, match="RTX 4090"):
+        check_engine_compatible(_entry(), "p.plan", "10.8.0.43", rtx4090)
+    check_engine_compatible(_entry(), "p.plan", "10.8.0.43", rtx4090, strict_gpu_model=False)
+
+
+def test_non_trt_entry_is_refused():
+    with pytest.raises(TmpdiffError, match="not a TensorRT plan"):
+        check_engine_compatible(_entry(backend="ort"), "p.plan", "10.8.0.43", L4)
+
+
+@pytest.mark.parametrize(("precision", "refused", "accepted"), [
+    ("fp8", "8.6", "8.9"),
+    ("int4", "7.5", "8.0"),
+    ("nvfp4", "9.0", "10.0"),
+    ("fp16", "7.0", "7.5"),
+])
+def test_precision_needs_compute_capability(precision, refused, accepted):
+    with pytest.raises(TmpdiffError) as info:
+        check_precision_supported(precision, refused, "Some GPU")
+    assert precision in str(info.value) and refused in str(info.value) and accepted in str(info.value)
+    assert "Some GPU" in str(info.value)
+    check_precision_supported(precision, accepted)
+    check_precision_supported(precision, "12.0")
+
+
+def test_unknown_precision_and_bad_capability_are_refused():
+    with pytest.raises(TmpdiffError, match="unknown precision"):
+        check_precision_supported("int3", "9.0")
+    with pytest.raises(TmpdiffError, match="compute capability"):
+        check_precision_supported("fp16", "sm89")
+
+
+# --- equivalent command lines ----------------------------------------------------------------------
+
+
+def test_trtexec_command_builds_the_same_engine(tmp_path):
+    options = TrtBuildOptions(batch=2, dynamic=True, max_batch=8, optimization_level=4, workspace_bytes=1 << 30,
+                              timing_cache=tmp_path / "timing.cache")
+    shapes = profile_shapes(SPECS, 2, dynamic=True, max_batch=8)
+    argv = shlex.split(trtexec_command("b/fp8/model.trt.onnx", "b/fp8/engine_trt10.8.plan", SPECS, shapes, options))
+    assert argv[0] == "trtexec"
+    assert "--onnx=b/fp8/model.trt.onnx" in argv and "--saveEngine=b/fp8/engine_trt10.8.plan" in argv
+    assert "--stronglyTyped" in argv and "--skipInference" in argv
+    # img_ids is static: trtexec refuses explicit shapes for it.
+    assert "--minShapes=hidden_states:1x4x8x8,timestep:1,class_labels:1" in argv
+    assert "--optShapes=hidden_states:2x4x8x8,timestep:2,class_labels:2" in argv
+    assert "--maxShapes=hidden_states:8x4x8x8,timestep:8,class_labels:8" in argv
+    assert "--builderOptimizationLevel=4" in argv
+    assert f"--memPoolSize=workspace:{1 << 30}B" in argv
+    assert f"--timingCacheFile={tmp_path / 'timing.cache'}" in argv
+
+
+def test_trtexec_command_static_graph_has_no_shape_flags():
+    specs = [TensorSpec("x", "float32", (2, 4))]
+    argv = shlex.split(trtexec_command("m.onnx", "e.plan", specs, profile_shapes(specs, 2), TrtBuildOptions(batch=2)))
+    assert not any(a.startswith(("--minShapes", "--optShapes", "--maxShapes")) for a in argv)
+    assert "--builderOptimizationLevel=3" in argv
+    assert not any(a.startswith(("--memPoolSize", "--timingCacheFile")) for a in argv)
+
+
+def test_trtexec_quotes_names_with_colons():
+    specs = [TensorSpec("input:0", "float32", ("batch", 3))]
+    argv = shlex.split(trtexec_command("m.onnx", "e.plan", specs, profile_shapes(specs, 1), TrtBuildOptions()))
+    assert "--minShapes='input:0':1x3" in argv
+
+
+def test_polygraphy_command_parses_to_the_same_profile(tmp_path):
+    """Parse the generated command with polygraphy's own argument parser (no TensorRT needed)."""
+    from polygraphy.tools.args.backend.trt.config import TrtConfigArgs
+    from polygraphy.tools.convert import Convert
+
+    cache = tmp_path / "timing.cache"
+    options = TrtBuildOptions(batch=2, dynamic=True, max_batch=6, optimization_level=5, workspace_bytes=1 << 28,
+                              timing_cache=cache)
+    shapes = profile_shapes(SPECS, 2, dynamic=True, max_batch=6)
+    argv = shlex.split(polygraphy_command("m.trt.onnx", "e.plan", SPECS, shapes, options))
+    assert argv[:2] == ["polygraphy", "convert"]
+    tool = Convert()
+    args = tool.setup_parser().parse_args(argv[2:])
+    tool.parse(args)
+    config = tool.arg_groups[TrtConfigArgs]
+    expected = {n: tuple(list(d) for d in shapes[n]) for n in ("hidden_states", "timestep", "class_labels")}
+    assert config.profile_dicts == [expected]
+    assert args.strongly_typed is True and args.convert_to == "trt" and args.output == "e.plan"
+    assert config.builder_optimization_level == 5
+    assert list(config.memory_pool_limits.values()) == [1 << 28]
+    assert args.load_timing_cache == str(cache) and args.save_timing_cache == str(cache)
+
+
+# --- lazy import and the one clear error -----------------------------------------------------------
+
+
+def test_import_does_not_need_tensorrt():
+    code = ("import sys; sys.modules['tensorrt'] = None\n"
+            "import tmpdiff.engines.trt, tmpdiff.engines.trt_build\n"
+            "assert sys.modules['tensorrt'] is None\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_missing_tensorrt_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ModuleNotFoundError
+    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
+    with pytest.raises(TmpdiffError) as info:
+        TrtEngine(tmp_path / "fp32" / "engine_trt10.8.plan")
+    assert str(info.value) == NOT_INSTALLED
+    with pytest.raises(TmpdiffError) as info:
+        build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
+    assert str(info.value) == NOT_INSTALLED
+    with pytest.raises(TmpdiffError) as info:
+        trt_backend.load_trt_engine(tmp_path, _entry(path="fp32/engine_trt10.8.plan"))
+    assert str(info.value) == NOT_INSTALLED
+
+
+def test_stub_tensorrt_package_counts_as_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    with pytest.raises(TmpdiffError) as info:
+        TrtEngine("anything.plan")
+    assert str(info.value) == NOT_INSTALLED
+
+
+def test_no_gpu_is_one_clear_error(monkeypatch, tmp_path):
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.8.0.43"
+    fake.Builder = object
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
+    for make in (lambda: TrtEngine(tmp_path / "fp32" / "engine_trt10.8.plan"),
+                 lambda: build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 1),
+                                          TrtBuildOptions()),
+                 CudaStream, SharedDeviceMemory):
+        with pytest.raises(TmpdiffError, match="no NVIDIA GPU"):
+            make()
+
+
+def test_build_options_are_validated():
+    with pytest.raises(TmpdiffError, match="0..5"):
+        TrtBuildOptions(optimization_level=7)
+    with pytest.raises(TmpdiffError, match="positive"):
+        TrtBuildOptions(workspace_bytes=0)
+
+
+def test_tiny_onnx_is_x_times_two(tmp_path):
+    import onnxruntime as ort
+
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(y, 2 * x)
+
+
+# --- build / load logic against a recording stand-in for the tensorrt module ------------------------
+# Not TensorRT: it only records what tmpdiff asks of the API, so the orchestration (profile, flags, timing
+# cache, atomic plan write, manifest entry, error paths) runs on CPU. Real behaviour is covered by the GPU tests.
+
+
+class _Severity:
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+
+class _ILogger:
+    Severity = _Severity
+
+    def __init__(self) -> None:
+        pass
+
+
+class _ParserError:
+    def __init__(self, desc: str) -> None:
+        self._desc = desc
+
+    def desc(self) -> str:
+        return self._desc
+
+    def node(self) -> int:
+        return 0
+
+    def node_name(self) -> str:
+        return "Mul_0"
+
+    def node_operator(self) -> str:
+        return "Mul"
+
+
+class _Network:
+    def __init__(self) -> None:
+        self.inputs: list = []
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    def get_input(self, i: int):
+        return self.inputs[i]
+
+
+class _OnnxParser:
+    def __init__(self, network: _Network, logger) -> None:
+        self.network, self.errors = network, []
+
+    def parse_from_file(self, path: str) -> bool:
+        import onnx
+
+        try:
+            model = onnx.load(path)
+        except Exception:
+            self.errors = [_ParserError("failed to parse onnx file")]
+            return False
+        for value in model.graph.input:
+            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+            self.network.inputs.append(types.SimpleNamespace(name=value.name, shape=dims))
+        return True
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, i: int) -> _ParserError:
+        return self.errors[i]
+
+
+class _Config:
+    def __init__(self, calls: dict) -> None:
+        self.calls, self.builder_optimization_level, self.cache = calls, None, None
+
+    def set_memory_pool_limit(self, pool, size: int) -> None:
+        self.calls["pool"] = (pool, size)
+
+    def add_optimization_profile(self, profile) -> int:
+        self.calls["profile"] = profile.shapes
+        return 0
+
+    def create_timing_cache(self, blob: bytes):
+        self.calls["cache_loaded"] = blob
+        return types.SimpleNamespace(serialize=lambda: blob + b"+new")
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+class _Builder:
+    plan: bytes | None = b"PLAN-BYTES"
+
+    def __init__(self, logger) -> None:
+        self.logger, self.calls = logger, {}
+
+    def create_network(self, flags: int) -> _Network:
+        self.calls["network_flags"] = flags
+        return _Network()
+
+    def create_builder_config(self) -> _Config:
+        return _Config(self.calls)
+
+    def create_optimization_profile(self):
+        shapes: dict = {}
+        return types.SimpleNamespace(shapes=shapes, set_shape=lambda n, lo, opt, hi: shapes.__setitem__(n, (lo, opt, hi)))
+
+    def build_serialized_network(self, network, config):
+        _BUILDS.append((self.calls, config.builder_optimization_level))
+        if self.plan is None:
+            self.logger.log(_Severity.ERROR, "no implementation for layer Mul_0")
+        return self.plan
+
+
+_BUILDS: list = []
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    import contextlib
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.8.0.43"
+    fake.ILogger, fake.Builder, fake.OnnxParser = _ILogger, _Builder, _OnnxParser
+    fake.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    fake.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    fake.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
+    fake.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_build, "_LOGGER", None)
+    gpu = CudaDevice(0, "Fake GPU", "8.9")
+    monkeypatch.setattr(trt_build, "cuda_device", lambda device=None: gpu)
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda device=None: gpu)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    _BUILDS.clear()
+    return fake
+
+
+def test_build_orchestration_static(fake_trt, tmp_path):
+    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    opts = TrtBuildOptions(batch=2, optimization_level=4, workspace_bytes=1 << 20, timing_cache=cache)
+    entry = build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, trt_backend.options_profile(TINY_SPECS, opts), opts)
+    (calls, level), = _BUILDS
+    assert calls["network_flags"] == 1 << 0 and level == 4
+    assert calls["pool"] == ("WORKSPACE", 1 << 20)
+    assert calls["profile"] == {"x": ((2, 4), (2, 4), (2, 4))}
+    assert calls["cache_loaded"] == b"old" and cache.read_bytes() == b"old+new"
+    plan = tmp_path / "fp32" / "engine_trt10.8.plan"
+    assert plan.read_bytes() == b"PLAN-BYTES"
+    assert entry.path == "fp32/engine_trt10.8.plan" and entry.precision == "fp32" and entry.device == "cuda"
+    assert entry.sha256 == hashlib.sha256(b"PLAN-BYTES").hexdigest()
+    assert entry.source_sha256 == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert entry.backend_version == "10.8.0.43" and entry.compute_capability == "8.9"
+    assert entry.build_flags["gpu_name"] == "Fake GPU" and entry.build_flags["timing_cache_reused"] is True
+    assert entry.build_flags["trtexec"].startswith("trtexec --onnx=")
+    assert not list((tmp_path / "fp32").glob(".*.tmp"))
+
+
+def test_build_orchestration_dynamic_and_static_graphs(fake_trt, tmp_path):
+    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
+    opts = TrtBuildOptions(batch=2, dynamic=True, max_batch=4)
+    build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, trt_backend.options_profile(TINY_SPECS, opts), opts)
+    assert _BUILDS[-1][0]["profile"] == {"x": ((1, 4), (2, 4), (4, 4))}
+    assert "pool" not in _BUILDS[-1][0] and _BUILDS[-1][1] == 3
+
+    fixed = _tiny_onnx(tmp_path / "fp32" / "fixed.onnx", batch_axis=False)
+    build_trt_engine(fixed, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
+    assert "profile" not in _BUILDS[-1][0]  # nothing dynamic: no optimization profile
+    with pytest.raises(TmpdiffError, match="fixed shape"):
+        build_trt_engine(fixed, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 3), TrtBuildOptions(batch=3))
+
+
+def test_build_errors_name_the_onnx_file(fake_trt, tmp_path, monkeypatch):
+    broken = tmp_path / "fp32" / "broken.onnx"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(TmpdiffError) as info:
+        build_trt_engine(broken, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
+    assert str(broken) in str(info.value) and "node 'Mul_0' (Mul)" in str(info.value)
+
+    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
+    monkeypatch.setattr(_Builder, "plan", None)
+    with pytest.raises(TmpdiffError) as info:
+        build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
+    assert str(onnx_path) in str(info.value) and "no implementation for layer Mul_0" in str(info.value)
+    assert not (tmp_path / "fp32" / "engine_trt10.8.plan").exists()
+
+    fp8 = _tiny_onnx(tmp_path / "fp8" / "model.trt.onnx")
+    monkeypatch.setattr(trt_build, "cuda_device", lambda device=None: CudaDevice(0, "NVIDIA A10", "8.6"))
+    with pytest.raises(TmpdiffError, match="fp8 needs a GPU with compute capability 8.9"):
+        build_trt_engine(fp8, tmp_path / "fp8", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
+
+
+def test_corrupt_plan_is_a_rebuild_error(fake_trt, tmp_path):
+    plan = tmp_path / "fp32" / "engine_trt10.8.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"truncated")
+    with pytest.raises(TmpdiffError) as info:
+        TrtEngine(plan)
+    message = str(info.value)
+    assert str(plan) in message and "cannot deserialize" in message and "tmpdiff build --backend trt" in message
+    with pytest.raises(TmpdiffError, match="plan file is missing"):
+        TrtEngine(tmp_path / "fp32" / "other.plan")
+    entry = _entry(precision="fp32", path="fp32/engine_trt10.8.plan", compute_capability="8.9",
+                   build_flags={"gpu_name": "Fake GPU"})
+    with pytest.raises(TmpdiffError, match="sha256"):
+        TrtEngine(plan, entry)
+    with pytest.raises(TmpdiffError, match="TensorRT 10.9.1.0, this is TensorRT 10.8.0.43"):
+        TrtEngine(plan, entry.model_copy(update={"backend_version": "10.9.1.0"}))
+    with pytest.raises(TmpdiffError, match="escapes the build directory"):
+        trt_backend.load_trt_engine(tmp_path / "fp32", entry.model_copy(update={"path": "../outside.plan"}))
+
+
+# --- GPU: real builds and runs ---------------------------------------------------------------------
+
+
+def _gpu_ready() -> bool:
+    try:
+        import tensorrt
+
+        return hasattr(tensorrt, "Builder") and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+needs_gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs TensorRT and an NVIDIA GPU")
+
+
+def _build(tmp_path: Path, **options) -> tuple[Path, EngineEntry]:
+    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
+    opts = TrtBuildOptions(**options)
+    entry = build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, trt_backend.options_profile(TINY_SPECS, opts), opts)
+    return tmp_path / entry.path, entry
+
+
+def _buffers(batch: int, seed: float = 0.0) -> tuple[dict, dict]:
+    x = (torch.arange(batch * 4, dtype=torch.float32, device="cuda").reshape(batch, 4) + seed).contiguous()
+    return {"x": x}, {"y": torch.empty(batch, 4, device="cuda")}
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_build_writes_versioned_plan_and_entry(tmp_path):
+    import tensorrt
+
+    plan, entry = _build(tmp_path, batch=2, timing_cache=tmp_path / "timing.cache")
+    assert plan.name == plan_file_name(tensorrt.__version__) and plan.parent.name == "fp32"
+    assert entry.path == f"fp32/{plan.name}" and entry.backend == "trt" and entry.precision == "fp32"
+    assert entry.sha256 == hashlib.sha256(plan.read_bytes()).hexdigest()
+    assert entry.source_sha256 == hashlib.sha256((tmp_path / "fp32" / "model.onnx").read_bytes()).hexdigest()
+    assert entry.backend_version == tensorrt.__version__
+    major, minor = torch.cuda.get_device_capability()
+    assert entry.compute_capability == f"{major}.{minor}"
+    assert entry.build_flags["gpu_name"] == torch.cuda.get_device_name()
+    assert entry.build_flags["strongly_typed"] is True
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    assert not list((tmp_path / "fp32").glob(".*.tmp"))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_static_engine_runs_and_refuses_other_batches(tmp_path):
+    plan, entry = _build(tmp_path, batch=2)
+    stream = CudaStream()
+    with TrtEngine(plan, entry, input_specs=TINY_SPECS, output_specs=TINY_OUT) as engine:
+        inputs, outputs = _buffers(2)
+        engine.bind(inputs, outputs)
+        engine.run(stream)
+        stream.synchronize()
+        torch.testing.assert_close(outputs["y"], 2 * inputs["x"])
+        with pytest.raises(TmpdiffError, match="outside the engine's profile"):
+            engine.bind(*_buffers(3))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_dynamic_engine_accepts_the_batch_range(tmp_path):
+    plan, entry = _build(tmp_path, batch=2, dynamic=True, max_batch=4)
+    stream = CudaStream()
+    with TrtEngine(plan, entry) as engine:
+        for batch in (1, 3, 4):
+            inputs, outputs = _buffers(batch)
+            engine.bind(inputs, outputs)
+            engine.run(stream)
+            stream.synchronize()
+            torch.testing.assert_close(outputs["y"], 2 * inputs["x"])
+        with pytest.raises(TmpdiffError, match="outside the engine's profile"):
+            engine.bind(*_buffers(5))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_graph_replay_equals_plain_run(tmp_path):
+    plan, entry = _build(tmp_path, batch=2)
+    stream = CudaStream()
+    memory = SharedDeviceMemory()
+    plain = TrtEngine(plan, entry, memory=memory)
+    graphed = TrtEngine(plan, entry, memory=memory, cuda_graph=True)
+    inputs, out_plain = _buffers(2)
+    out_graph = {"y": torch.empty_like(out_plain["y"])}
+    plain.bind(inputs, out_plain)
+    graphed.bind(inputs, out_graph)
+    for _ in range(4):
+        with torch.cuda.stream(stream.torch):
+            inputs["x"].copy_(torch.randn(2, 4, device="cuda"))  # replay must read the new input values
+        plain.run(stream)
+        graphed.run(stream)
+        stream.synchronize()
+        torch.testing.assert_close(out_graph["y"], out_plain["y"])
+        torch.testing.assert_close(out_plain["y"], 2 * inputs["x"])
+        assert graphed._graph is not None  # captured after the first run, replayed from the second
+    assert memory.size >= max(plain.device_memory_size, graphed.device_memory_size)
+    plain.close()
+    graphed.close()
+    memory.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_manifest_engines_share_the_default_device_memory(tmp_path):
+    _, static_entry = _build(tmp_path / "a", batch=2)
+    _, dynamic_entry = _build(tmp_path / "b", batch=2, dynamic=True, max_batch=8)
+    first = trt_backend.load_trt_engine(tmp_path / "a", static_entry)
+    second = trt_backend.load_trt_engine(tmp_path / "b", dynamic_entry)
+    memory = trt_backend.default_device_memory()
+    assert first._memory is memory and second._memory is memory
+    assert memory.size >= max(first.device_memory_size, second.device_memory_size)
+    stream = CudaStream()
+    for engine in (first, second):
+        inputs, outputs = _buffers(2)
+        engine.bind(inputs, outputs)
+        engine.run(stream)
+        stream.synchronize()
+        torch.testing.assert_close(outputs["y"], 2 * inputs["x"])
+    first.close()
+    assert memory.size > 0  # still held by the second engine
+    second.close()
+    assert memory.size == 0  # the last engine to close frees the default allocation
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_corrupt_plan_and_bad_graph_are_clear_errors(tmp_path):
+    plan, entry = _build(tmp_path, batch=2)
+    plan.write_bytes(plan.read_bytes()[: plan.stat().st_size // 2])
+    with pytest.raises(TmpdiffError, match="sha256"):
+        TrtEngine(plan, entry)
+    with pytest.raises(TmpdiffError) as info:
+        TrtEngine(plan, entry, verify_sha256=False)
+    assert "deserialize" in str(info.value) and "tmpdiff build --backend trt" in str(info.value)
+    assert str(plan) in str(info.value)
+    broken = tmp_path / "fp32" / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(TmpdiffError) as info:
+        build_trt_engine(broken, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
+    assert str(broken) in str(info.value)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_version_mismatch_is_refused_before_loading(tmp_path):
+    plan, entry = _build(tmp_path, batch=2)
+    with pytest.raises(TmpdiffError, match="tmpdiff build --backend trt"):
+        TrtEngine(plan, entry.model_copy(update={"backend_version": "10.0.0.0"}))

@@ -1,0 +1,79 @@
+"""Adapter for diffusers' `SanaTransformer2DModel` (linear-attention DiT with GLUMBConv feed-forward)."""
+
+from __future__ import annotations
+
+import torch
+
+from tmpdiff.models.adapter import DenoiserAdapter, TensorSpec
+
+
+class _SanaForExport(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, guidance: bool) -> None:
+        super().__init__()
+        self.model = model if dtype == torch.float32 else model.to(dtype)
+        self.dtype = dtype
+        self.guidance = guidance
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
+                *guidance: torch.Tensor) -> torch.Tensor:
+        out = self.model(hidden_states.to(self.dtype), encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+                         timestep=timestep, guidance=guidance[0] if self.guidance else None, return_dict=False)[0]
+        return out.float()
+
+
+class SanaAdapter(DenoiserAdapter):
+    """Inputs: latent (B, C, H, W), Gemma tokens (B, text_len, caption_channels), timestep (B,) in [0, 1000),
+    and guidance (B,) when `guidance_embeds` (Sana Sprint). All float32.
+
+    `text_len` (config key, default 300: the Sana pipeline's max_sequence_length) fixes the text sequence length.
+    """
+
+    architecture = "SanaTransformer2DModel"
+
+    @property
+    def channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.config.get("out_channels") or self.channels)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.config["sample_size"])
+
+    @property
+    def text_len(self) -> int:
+        return int(self.config.get("text_len", 300))
+
+    @property
+    def has_guidance(self) -> bool:
+        return bool(self.config.get("guidance_embeds", False))
+
+    def input_specs(self) -> list[TensorSpec]:
+        size = self.sample_size
+        specs = [
+            TensorSpec("hidden_states", "float32", ("batch", self.channels, size, size)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", self.text_len, int(self.config["caption_channels"]))),
+            TensorSpec("timestep", "float32", ("batch",)),
+        ]
+        if self.has_guidance:
+            specs.append(TensorSpec("guidance", "float32", ("batch",)))
+        return specs
+
+    def output_specs(self) -> list[TensorSpec]:
+        size = self.sample_size
+        return [TensorSpec("noise_pred", "float32", ("batch", self.out_channels, size, size))]
+
+    def default_dims(self, batch: int = 1) -> dict[str, int]:
+        return {"batch": batch}
+
+    def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        return _SanaForExport(model, dtype, self.has_guidance).eval()
+
+    def float_range(self, name: str) -> tuple[float, float] | None:
+        if name == "timestep":
+            return 0.0, 999.0
+        if name == "guidance":
+            return 1.0, 10.0
+        return None

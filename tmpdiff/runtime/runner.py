@@ -1,0 +1,112 @@
+"""The schedule-driven sampler: step t runs on engines[schedule[t]]; all engines share one set of buffers.
+
+The runtime owns the input and output tensors and binds every engine to them once. A step writes the
+scaled latent, timestep and labels into those tensors in place, runs the engine the schedule names,
+and hands its output to the diffusers scheduler. Switching engines therefore moves no data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from tmpdiff.engines.base import Engine, HostStream, Stream
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.runtime.schedule import fallback_for
+from tmpdiff.runtime.trace import RunTrace, StepEvent, nvtx_range, nvtx_wanted
+
+
+@dataclass
+class RunResult:
+    latents: torch.Tensor
+    trace: RunTrace
+
+
+class ScheduledRunner:
+    """Class-conditional sampling with per-step engine choice, classifier-free guidance in one batched call."""
+
+    def __init__(self, engines: Mapping[str, Engine], batch: int, channels: int, size: int, guidance_scale: float,
+                 null_class: int, num_classes: int, device: str = "cpu", stream: Stream | None = None,
+                 nan_guard: bool = True, nvtx: bool | None = None) -> None:
+        if not engines:
+            raise TmpdiffError("no engines to run")
+        self.engines = dict(engines)
+        self.batch = batch
+        self.guidance_scale = guidance_scale
+        self.use_cfg = guidance_scale != 1.0
+        self.null_class = null_class
+        self.num_classes = num_classes
+        self.stream = stream or HostStream()
+        self.nan_guard = nan_guard
+        self.nvtx = nvtx_wanted() if nvtx is None else nvtx
+        rows = batch * (2 if self.use_cfg else 1)
+        torch_device = "cpu" if device == "cpu" else "cuda"
+        self.inputs = {
+            "hidden_states": torch.zeros((rows, channels, size, size), dtype=torch.float32, device=torch_device),
+            "timestep": torch.zeros((rows,), dtype=torch.float32, device=torch_device),
+            "class_labels": torch.zeros((rows,), dtype=torch.int64, device=torch_device),
+        }
+        self.outputs = {"noise_pred": torch.zeros((rows, channels, size, size), dtype=torch.float32, device=torch_device)}
+        for engine in self.engines.values():
+            engine.bind(self.inputs, self.outputs)
+
+    def _check_labels(self, class_labels: torch.Tensor) -> None:
+        if class_labels.shape != (self.batch,):
+            raise TmpdiffError(f"{tuple(class_labels.shape)} class labels for a runner of batch {self.batch}")
+        bad = [int(c) for c in class_labels if not 0 <= int(c) < self.num_classes]
+        if bad:
+            raise TmpdiffError(f"class id {bad[0]} out of range 0..{self.num_classes - 1}")
+
+    @torch.no_grad()
+    def sample(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
+               on_step: Callable[[StepEvent], None] | None = None) -> RunResult:
+        """Run len(precisions) steps from `noise`; returns the final latents and what ran at each step."""
+        self._check_labels(class_labels)
+        missing = sorted(set(precisions) - set(self.engines))
+        if missing:
+            raise TmpdiffError(f"schedule uses {', '.join(missing)} but only {', '.join(self.engines)} engines are loaded")
+        if noise.shape != self.inputs["hidden_states"][: self.batch].shape:
+            raise TmpdiffError(f"noise of shape {tuple(noise.shape)} for buffers of "
+                               f"{tuple(self.inputs['hidden_states'][: self.batch].shape)}")
+        scheduler.set_timesteps(len(precisions))
+        device = self.inputs["hidden_states"].device
+        latent = noise.to(device) * scheduler.init_noise_sigma
+        labels = class_labels.to(device)
+        self.inputs["class_labels"].copy_(torch.cat([labels, torch.full_like(labels, self.null_class)])
+                                          if self.use_cfg else labels)
+        trace = RunTrace()
+        available = list(self.engines)
+        for index, (t, precision) in enumerate(zip(scheduler.timesteps, precisions, strict=True)):
+            start = time.perf_counter()
+            model_in = torch.cat([latent, latent]) if self.use_cfg else latent
+            self.inputs["hidden_states"].copy_(scheduler.scale_model_input(model_in, t))
+            self.inputs["timestep"].fill_(float(t))
+            used, fallback_from = precision, None
+            with nvtx_range(f"step {index} {precision}", self.nvtx):
+                self.engines[precision].run(self.stream)
+            while self.nan_guard and not bool(torch.isfinite(self.outputs["noise_pred"]).all()):
+                higher = fallback_for(used, available)
+                if higher is None:
+                    raise TmpdiffError(f"step {index}: {used} output is not finite and no higher precision is loaded")
+                fallback_from = fallback_from or precision
+                used = higher
+                with nvtx_range(f"step {index} {used} (fallback)", self.nvtx):
+                    self.engines[used].run(self.stream)
+            eps = self.outputs["noise_pred"]
+            if self.use_cfg:
+                eps_cond, eps_uncond = eps.chunk(2)
+                eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+            latent = scheduler.step(eps, t, latent).prev_sample
+            self.stream.synchronize()
+            event = StepEvent(index, int(t), used, start, time.perf_counter() - start, fallback_from)
+            trace.steps.append(event)
+            if on_step is not None:
+                on_step(event)
+        return RunResult(latents=latent, trace=trace)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
