@@ -210,6 +210,67 @@ def run(
 
 
 @app.command()
+def calibrate(
+    build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
+    costs: Annotated[Path, typer.Option(help="latency table from `tmpdiff profile` (tmpdiff.costs/1)")],
+    out: Annotated[Path, typer.Option(help="schedule to write (tmpdiff.schedule/1)")] = Path("schedule.json"),
+    speedup: Annotated[float | None, typer.Option(help="target speedup over the all-reference schedule")] = None,
+    max_error: Annotated[float | None, typer.Option(help="quality floor: largest error on --metric")] = None,
+    min_ssim: Annotated[float | None, typer.Option(help="quality floor: smallest mean SSIM vs the reference")] = None,
+    steps: Annotated[int | None, typer.Option(min=2, help="denoising steps (default: the model's)")] = None,
+    metric: Annotated[str, typer.Option(help="error the search minimises: latent (relative MSE) or ssim (1 - SSIM)")] = "latent",
+    method: Annotated[str, typer.Option(help="sensitivity (profile + exact knapsack) or bisection (segment bisection)")] = "sensitivity",
+    tolerance: Annotated[float, typer.Option(min=0.0, help="adaptive sensitivity sampling: interpolate when within this")] = 0.05,
+    reference: Annotated[str, typer.Option(help="reference precision")] = "fp32",
+    calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
+    calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration set (default: all)")] = None,
+    report: Annotated[Path | None, typer.Option(help="also write calibration_report.md + plots to this directory")] = None,
+    backend: Annotated[str, typer.Option(help="ort or trt")] = "ort",
+    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+) -> None:
+    """Search a per-step precision schedule (TMPDiff) and write schedule.json."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from tmpdiff.calibration.calibrate import Target
+    from tmpdiff.calibration.calibrate import calibrate as run_calibration
+    from tmpdiff.calibration.session import open_session
+    from tmpdiff.export.manifest import load_manifest
+    from tmpdiff.runtime.run import sampling_of
+    from tmpdiff.runtime.schedule import save_schedule
+
+    target = Target(speedup, max_error, min_ssim)
+    steps = steps or sampling_of(load_manifest(build_dir), build_dir).default_steps
+    classes = None if calib_classes is None else _int_list(calib_classes, "--calib-classes")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("reference run", total=None)
+        count = {"n": 0}
+
+        def on_evaluation(evaluation) -> None:
+            count["n"] += 1
+            progress.update(task, description=f"{count['n']} evaluations, last error {evaluation.error(metric):.3g}")
+
+        session = open_session(build_dir, costs, steps, metric, reference, classes, _int_list(calib_seeds, "--calib-seeds"),
+                               backend, device, threads, on_evaluation=on_evaluation)
+        from tmpdiff.calibration.calibrate import check_target
+
+        check_target(session.problem, target)  # an unreachable speedup fails before any search evaluation
+        result = run_calibration(session, target, method, tolerance)
+        if report is not None:
+            from tmpdiff.calibration.report import write_calibration_report
+
+            progress.update(task, description="validation report")
+            write_calibration_report(session, result, report)
+    save_schedule(result.file, out)
+    f = result.file
+    typer.echo(f"schedule: {' '.join(f.precisions)}")
+    typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured error {f.measured.error:.4g} ({metric}), "
+               f"SSIM {f.measured.ssim:.4f}, {f.evaluations} evaluations")
+    typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.md'}" if report else ""))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
     per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 8,

@@ -116,7 +116,11 @@ class OrtEngine:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on host arrays (tests, export parity); the runtime uses bind/run instead."""
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
+        try:
+            return dict(zip(names, self.session.run(names, feeds), strict=True))
+        except Exception as exc:  # onnxruntime's Fail / InvalidArgument for shapes and kernels
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TmpdiffError(f"{self.precision} engine failed to run ({first})", self.path) from None
 
     def bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         """Bind runtime-owned tensors by pointer; later `run` calls read and write them in place."""

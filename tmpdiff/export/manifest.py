@@ -67,7 +67,8 @@ def engine_key(backend: str, device: str, precision: str) -> str:
 class SamplingInfo(BaseModel):
     """How to sample a class-conditional model from its build directory alone (scheduler, classes, guidance)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # scheduler configs hold -inf (lambda_min_clipped): keep it as JSON's -Infinity instead of null
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
     scheduler_class: str
     scheduler_config: dict
     num_classes: int = Field(ge=1)
@@ -79,7 +80,7 @@ class SamplingInfo(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
     format: Literal["tmpdiff.manifest/1"] = FORMAT
     model_id: str
     architecture: str

@@ -110,8 +110,7 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
 
 
-def _parity_inputs(adapter: DenoiserAdapter) -> dict[str, torch.Tensor]:
-    return adapter.sample_inputs(adapter.default_dims(3), seed=20_251)
+PARITY_SEEDS = (20_251, 20_252, 20_253)
 
 
 def _torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
@@ -119,11 +118,24 @@ def _torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> 
         return module(*inputs.values()).float().numpy()
 
 
-def _ort_outputs(path: Path, precision: str, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.nn.Module,
+            reference: torch.nn.Module) -> tuple[float, float]:
+    """Median over three fresh random batches of (ORT vs `module`, ORT vs fp32 `reference`) relative errors.
+
+    The median, because one batch can put an int8 activation on a rounding tie deep in a UNet, where
+    ORT and torch round it differently and the difference grows through the up-blocks (seen: 3.7e-7,
+    2.7e-4 and 3.0e-2 on three seeds of one model, with equal error vs fp32 on both sides).
+    """
     from tmpdiff.engines.ort import OrtEngine
 
-    engine = OrtEngine(path, optimization=ORT_OPTIMIZATION.get(precision, "all"))
-    return next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
+    engine = OrtEngine(path, precision, optimization=ORT_OPTIMIZATION.get(precision, "all"))
+    parity, error = [], []
+    for seed in PARITY_SEEDS:
+        inputs = adapter.sample_inputs(adapter.default_dims(3), seed=seed)
+        got = next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
+        parity.append(_relative_error(got, _torch_outputs(module, inputs)))
+        error.append(_relative_error(got, _torch_outputs(reference, inputs)))
+    return float(np.median(parity)), float(np.median(error))
 
 
 def export_model(
@@ -180,8 +192,10 @@ def _export_locked(
             inputs=[TensorSpecModel.of(s) for s in adapter.input_specs()],
             outputs=[TensorSpecModel.of(s) for s in adapter.output_specs()],
         )
-    if sampling is not None:
+    if sampling is not None and manifest.sampling != sampling:
         manifest.sampling = sampling
+        if manifest.precisions:
+            save_manifest(build_dir, manifest)
 
     state: dict = {}
 
@@ -233,14 +247,11 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
     remove_dead_nodes(proto)
     rel = f"{spec.name}/model.onnx"
     save_onnx(proto, build_dir / rel)
-    inputs = _parity_inputs(adapter)
-    got = _ort_outputs(build_dir / rel, spec.name, inputs)
-    parity = _relative_error(got, _torch_outputs(module, inputs))
-    reference = _torch_outputs(adapter.export_module(model), inputs)
+    parity, error = _parity(build_dir / rel, spec.name, adapter, module, adapter.export_module(model))
     _check_parity(spec.name, parity, build_dir / rel)
     entry = PrecisionEntry(
         onnx=rel, sha256=sha256_file(build_dir / rel), trt_onnx=rel, trt_sha256=sha256_file(build_dir / rel),
-        opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=_relative_error(got, reference),
+        opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=error,
         ort_optimization=ORT_OPTIMIZATION.get(spec.name, "all"),
     )
     return entry, []
@@ -269,11 +280,8 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         raise TmpdiffError(f"{spec.name}: graph census found unquantized layers: {'; '.join(problems[:5])}",
                            build_dir / trt_rel)
 
-    inputs = _parity_inputs(adapter)
-    got = _ort_outputs(build_dir / rel, spec.name, inputs)
-    parity = _relative_error(got, _torch_outputs(module, inputs))
+    parity, error = _parity(build_dir / rel, spec.name, adapter, module, adapter.export_module(model))
     _check_parity(spec.name, parity, build_dir / rel)
-    error = _relative_error(got, _torch_outputs(adapter.export_module(model), inputs))
     entry = PrecisionEntry(
         onnx=rel, sha256=sha256_file(build_dir / rel), trt_onnx=trt_rel, trt_sha256=sha256_file(build_dir / trt_rel),
         opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=error,

@@ -40,8 +40,8 @@ PRECISIONS: dict[str, Precision] = {
 HIGH_PRECISION_PATTERNS: tuple[str, ...] = (
     "*pos_embed*", "*patch_embed*", "*x_embedder*", "*context_embedder*", "*caption_projection*",
     "*time_embed*", "*time_proj*", "*timestep_embedder*", "*time_text_embed*", "*add_embedding*",
-    "*class_embedding*", "*adaln_single*", "*norm1.emb*", "*norm1.linear*", "*norm1_context.linear*",
-    "*norm_out*", "*proj_out*", "*conv_in*", "*conv_out*", "*time_embedding*",
+    "*class_embedding*", "*adaln_single*", "*norm1.emb*", "*norm1.linear*", "*norm1_context.linear*", "*norm.linear*",
+    "*norm_out*", "proj_out*", "conv_in.*", "conv_out.*", "*time_embedding*",
 )
 
 

@@ -68,18 +68,30 @@ def build_config(
             cfg = entry.get("cfg") or {}
             if isinstance(cfg, dict) and "block_sizes" in cfg:
                 cfg["block_sizes"] = {**cfg["block_sizes"], -1: block}
+        # W4A16 is a GEMM format: modelopt would block-quantize Conv kernels along their width.
+        entries += [{"parent_class": c, "quantizer_name": "*", "enable": False} for c in _registered(CONV_CLASSES)]
+    # modelopt's defaults disable every "*proj_out.*" (an LLM rule); inside transformer blocks proj_out is
+    # an ordinary GEMM (Flux single blocks: the largest one), so re-enable it there.
+    entries.append({"quantizer_name": "*blocks.*proj_out*weight_quantizer", "enable": True})
+    if precision.name != "int4":  # int4 is weight-only: its input quantizers stay off
+        entries.append({"quantizer_name": "*blocks.*proj_out*input_quantizer", "enable": True})
     entries += [{"quantizer_name": pattern, "enable": False} for pattern in keep_high_precision]
     # modelopt also wraps normalisation layers; quantizing their inputs adds error and no GEMM to speed up.
-    entries += [{"parent_class": cls, "quantizer_name": "*", "enable": False} for cls in _registered_norm_classes()]
+    entries += [{"parent_class": cls, "quantizer_name": "*", "enable": False} for cls in _registered(NORM_CLASSES)]
     config["quant_cfg"] = entries
     return config
 
 
-def _registered_norm_classes() -> list[str]:
+NORM_CLASSES = ("nn.LayerNorm", "nn.GroupNorm", "nn.InstanceNorm2d", "nn.BatchNorm2d")
+CONV_CLASSES = ("nn.Conv1d", "nn.Conv2d", "nn.Conv3d")
+
+
+def _registered(class_names: tuple[str, ...]) -> list[str]:
+    """The names modelopt's QuantModuleRegistry knows (parent_class entries must name registered classes)."""
     from modelopt.torch.quantization.nn import QuantModuleRegistry
 
     names = []
-    for name in ("nn.LayerNorm", "nn.GroupNorm", "nn.InstanceNorm2d", "nn.BatchNorm2d"):
+    for name in class_names:
         try:
             QuantModuleRegistry[name]
         except KeyError:

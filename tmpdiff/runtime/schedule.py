@@ -18,7 +18,7 @@ PRECISION_ORDER = ("fp32", "fp16", "int8-sq", "int8", "fp8", "int4", "nvfp4")
 
 
 class SchedulerRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
     class_name: str
     config: dict
 

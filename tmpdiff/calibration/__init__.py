@@ -1,0 +1,1 @@
+"""Calibration: the TMPDiff per-step precision schedule search, its baselines and validation."""

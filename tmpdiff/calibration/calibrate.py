@@ -1,0 +1,98 @@
+"""`tmpdiff calibrate`: choose a per-step precision schedule for a speedup target or a quality floor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tmpdiff.calibration.search import (
+    Problem,
+    Schedule,
+    Sensitivities,
+    measure_sensitivities,
+    meet_quality_floor,
+    segment_bisection,
+    tmpdiff_search,
+)
+from tmpdiff.calibration.session import CalibrationSession
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.runtime.schedule import Figures, SchedulerRef
+from tmpdiff.runtime.schedule import Schedule as ScheduleFile
+
+METHODS = ("sensitivity", "bisection")
+
+
+@dataclass
+class Target:
+    """Exactly one of: a speedup over the all-reference schedule, a maximum error, a minimum SSIM."""
+
+    speedup: float | None = None
+    max_error: float | None = None
+    min_ssim: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.speedup, self.max_error, self.min_ssim) if v is not None]
+        if len(given) != 1:
+            raise TmpdiffError("give exactly one target: --speedup X, --max-error E or --min-ssim S")
+        if self.min_ssim is not None and not 0 < self.min_ssim <= 1:
+            raise TmpdiffError(f"--min-ssim must be in (0, 1], got {self.min_ssim}")
+        if self.max_error is not None and self.max_error < 0:
+            raise TmpdiffError(f"--max-error must be >= 0, got {self.max_error}")
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class CalibrationResult:
+    schedule: Schedule
+    file: ScheduleFile
+    sensitivities: Sensitivities
+    candidates: list[Schedule]
+
+
+def check_target(problem: Problem, target: Target) -> float | None:
+    """The cost budget for a speedup target (None for quality floors); unreachable targets fail before any evaluation."""
+    if target.speedup is not None:
+        return problem.budget_for_speedup(target.speedup)
+    return None
+
+
+def calibrate(session: CalibrationSession, target: Target, method: str = "sensitivity",
+              tolerance: float = 0.05) -> CalibrationResult:
+    """Run the search and verify the chosen schedule with a real evaluation."""
+    if method not in METHODS:
+        raise TmpdiffError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    problem = session.problem
+    budget = check_target(problem, target)
+    sens = measure_sensitivities(problem, tolerance)
+    if budget is not None:
+        if method == "sensitivity":
+            schedule, candidates = tmpdiff_search(problem, budget, sens)
+        else:
+            schedule = segment_bisection(problem, budget, sens)
+            candidates = [schedule]
+    else:
+        if target.max_error is not None:
+            def accept(e):
+                return e.error(problem.metric) <= target.max_error
+        else:
+            def accept(e):
+                return e.ssim >= target.min_ssim
+        schedule, candidates = meet_quality_floor(problem, sens, accept)
+    evaluation = problem.evaluate(schedule)
+    sampling = session.manifest.sampling
+    file = ScheduleFile(
+        steps=problem.steps,
+        scheduler=SchedulerRef(class_name=sampling.scheduler_class, config=sampling.scheduler_config),
+        precisions=list(schedule),
+        reference=problem.reference,
+        target=target.as_dict() | {"metric": problem.metric, "method": method},
+        predicted=Figures(speedup=problem.speedup(schedule), error=sens.score_down(schedule),
+                          error_s_up=sens.score_up(schedule, problem.cheapest)),
+        measured=Figures(speedup=None, error=evaluation.error(problem.metric), latent_error=evaluation.latent_error,
+                         ssim=evaluation.ssim, psnr=evaluation.psnr if evaluation.psnr != float("inf") else None),
+        evaluations=session.evaluator.runs,
+        costs={"source": session.costs.device, "backend": session.costs.backend, "batch": session.costs.batch,
+               "per_step_ms": problem.cost},
+    )
+    return CalibrationResult(schedule, file, sens, candidates)

@@ -1,0 +1,98 @@
+"""E(Z): how far a schedule's final samples land from the reference schedule's, over a calibration set.
+
+Every evaluation runs the real engines through the runtime (what is calibrated is what is deployed),
+from fixed initial noise, and is cached by schedule. Latent error is the mean relative squared
+distance; SSIM and PSNR of the decoded images come from scikit-image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import SamplingInfo
+from tmpdiff.runtime.run import scheduler_from
+from tmpdiff.runtime.runner import ScheduledRunner
+from tmpdiff.runtime.sampler import initial_noise
+
+METRICS = ("latent", "ssim")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One schedule's measured quality against the reference."""
+
+    schedule: tuple[str, ...]
+    latent_error: float  # mean over samples of ||x - x_ref||^2 / ||x_ref||^2
+    ssim: float  # mean SSIM of decoded images vs the reference's
+    psnr: float  # mean PSNR (dB); inf where identical
+
+    def error(self, metric: str) -> float:
+        """The scalar the search minimises: relative latent MSE, or 1 - SSIM."""
+        return self.latent_error if metric == "latent" else 1.0 - self.ssim
+
+
+def to_images(latents: torch.Tensor) -> np.ndarray:
+    """Pixel-space samples in [-1, 1] -> float images in [0, 1], (N, H, W) (channel 0)."""
+    return ((latents.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0)[:, 0].numpy()
+
+
+def image_metrics(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean SSIM and PSNR of images against reference images, both in [0, 1]."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ssims, psnrs = [], []
+    for img, ref in zip(images, reference, strict=True):
+        ssims.append(structural_similarity(ref, img, data_range=1.0))
+        psnrs.append(peak_signal_noise_ratio(ref, img, data_range=1.0) if not np.array_equal(img, ref) else np.inf)
+    return float(np.mean(ssims)), float(np.mean(psnrs))
+
+
+@dataclass
+class Evaluator:
+    """Runs schedules over a fixed calibration set and caches E(Z)."""
+
+    runner: ScheduledRunner
+    sampling: SamplingInfo
+    classes: Sequence[int]
+    seeds: Sequence[int]
+    reference: str
+    steps: int
+    cache: dict[tuple[str, ...], Evaluation] = field(default_factory=dict)
+    runs: int = 0  # schedules actually run (cache misses), reference excluded
+
+    def __post_init__(self) -> None:
+        if not self.classes or not self.seeds:
+            raise TmpdiffError("calibration set is empty: give at least one class and one seed")
+        self.labels = torch.tensor([c for _ in self.seeds for c in self.classes], dtype=torch.int64)
+        self.noise = torch.cat([initial_noise(len(self.classes), self.sampling.channels, self.sampling.image_size, seed)
+                                for seed in self.seeds])
+        self.reference_latents = self._run([self.reference] * self.steps)
+        self.reference_images = to_images(self.reference_latents)
+        ref = tuple([self.reference] * self.steps)
+        self.cache[ref] = Evaluation(ref, 0.0, 1.0, float("inf"))
+
+    def _run(self, schedule: Sequence[str]) -> torch.Tensor:
+        return self.runner.sample(scheduler_from(self.sampling), self.labels, self.noise, list(schedule)).latents
+
+    def evaluate(self, schedule: Sequence[str]) -> Evaluation:
+        """E(Z) for a schedule (from the cache when already run)."""
+        key = tuple(schedule)
+        if len(key) != self.steps:
+            raise TmpdiffError(f"schedule of {len(key)} steps for a {self.steps}-step calibration")
+        if key not in self.cache:
+            latents = self._run(key)
+            diff = (latents - self.reference_latents).flatten(1).pow(2).sum(1)
+            norm = self.reference_latents.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+            ssim, psnr = image_metrics(to_images(latents), self.reference_images)
+            self.cache[key] = Evaluation(key, float((diff / norm).mean()), ssim, psnr)
+            self.runs += 1
+        return self.cache[key]
+
+    def latents(self, schedule: Sequence[str]) -> torch.Tensor:
+        """Final latents of a schedule (runs it again; used for images and classifier metrics)."""
+        return self._run(schedule)

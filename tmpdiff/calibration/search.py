@@ -1,0 +1,219 @@
+"""The TMPDiff schedule search (design §5): sensitivities + exact assignment, and segment bisection.
+
+Both searches work on a `Problem`: T steps, a reference level, cheaper levels with per-step costs
+(from a `tmpdiff.costs/1` table) and an evaluator that measures E(Z) with the real engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tmpdiff.calibration.evaluator import Evaluation
+from tmpdiff.calibration.knapsack import solve_mckp
+from tmpdiff.calibration.sensitivity import SensitivityCurve, adaptive_curve
+from tmpdiff.errors import TmpdiffError
+
+Schedule = tuple[str, ...]
+
+
+@dataclass
+class Problem:
+    """What a search needs: steps, levels (reference first, then cheaper by cost), costs, metric, evaluator."""
+
+    steps: int
+    reference: str
+    levels: list[str]  # cheaper levels, most expensive first
+    cost: dict[str, float]  # per-step latency of each level
+    metric: str
+    evaluate: Callable[[Sequence[str]], Evaluation]
+
+    @classmethod
+    def create(cls, steps: int, reference: str, costs: dict[str, float], metric: str,
+               evaluate: Callable[[Sequence[str]], Evaluation]) -> Problem:
+        """Keep only levels cheaper than the reference: a level that is not cheaper can never pay off."""
+        if reference not in costs:
+            raise TmpdiffError(f"the costs table has no entry for the reference precision {reference}")
+        cheaper = sorted((p for p, c in costs.items() if p != reference and c < costs[reference]),
+                         key=lambda p: -costs[p])
+        if not cheaper:
+            raise TmpdiffError(f"no precision in the costs table is cheaper than {reference}: nothing to schedule")
+        return cls(steps, reference, cheaper, dict(costs), metric, evaluate)
+
+    @property
+    def all_levels(self) -> list[str]:
+        return [self.reference, *self.levels]
+
+    @property
+    def cheapest(self) -> str:
+        return self.levels[-1]
+
+    def schedule_cost(self, schedule: Sequence[str]) -> float:
+        return float(sum(self.cost[p] for p in schedule))
+
+    def speedup(self, schedule: Sequence[str]) -> float:
+        return self.steps * self.cost[self.reference] / self.schedule_cost(schedule)
+
+    def error(self, schedule: Sequence[str]) -> float:
+        return self.evaluate(schedule).error(self.metric)
+
+    def max_speedup(self) -> float:
+        return self.cost[self.reference] / self.cost[self.cheapest]
+
+    def budget_for_speedup(self, speedup: float) -> float:
+        if speedup < 1.0:
+            raise TmpdiffError(f"speedup must be >= 1, got {speedup}")
+        if speedup > self.max_speedup() * (1 + 1e-9):
+            raise TmpdiffError(f"speedup {speedup:g} is out of reach: the all-{self.cheapest} schedule gives "
+                               f"{self.max_speedup():.3f}x at most with these costs")
+        return self.steps * self.cost[self.reference] / speedup
+
+
+@dataclass
+class Sensitivities:
+    """d_t(p) from the reference (down) and u_t(p) from the all-cheapest schedule (up), per cheaper level."""
+
+    down: dict[str, SensitivityCurve] = field(default_factory=dict)
+    up: dict[str, SensitivityCurve] = field(default_factory=dict)
+    cheap_error: float = 0.0
+
+    def score_down(self, schedule: Sequence[str]) -> float:
+        """S-down: sum of single-step downcast errors."""
+        return float(sum(self.down[p].values[t] for t, p in enumerate(schedule) if p in self.down))
+
+    def score_up(self, schedule: Sequence[str], cheapest: str) -> float:
+        """S-up: E(all cheapest) minus the gains of every step raised above the cheapest level."""
+        return float(self.cheap_error - sum(self.up[p].values[t] for t, p in enumerate(schedule)
+                                            if p != cheapest and p in self.up))
+
+
+def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions: tuple[str, ...] = ("down", "up")
+                          ) -> Sensitivities:
+    """Adaptive-sampled d_t(p) and u_t(p) for every cheaper level: at most T evaluations per level and direction."""
+    T, ref, cheap = problem.steps, problem.reference, problem.cheapest
+    sens = Sensitivities()
+    all_cheap = [cheap] * T
+    sens.cheap_error = problem.error(all_cheap)
+    for level in problem.levels:
+        if "down" in directions:
+            sens.down[level] = adaptive_curve(
+                T, lambda t, level=level: problem.error([level if i == t else ref for i in range(T)]), tolerance)
+    if "up" in directions:
+        for level in [ref, *problem.levels[:-1]]:
+            sens.up[level] = adaptive_curve(
+                T, lambda t, level=level: sens.cheap_error - problem.error(
+                    [level if i == t else cheap for i in range(T)]), tolerance)
+    return sens
+
+
+def _assign(problem: Problem, scores: list[list[float]], budget: float) -> Schedule:
+    costs = [[problem.cost[p] for p in problem.all_levels] for _ in range(problem.steps)]
+    picks = solve_mckp(costs, scores, budget)
+    return tuple(problem.all_levels[i] for i in picks)
+
+
+def assign_down(problem: Problem, sens: Sensitivities, budget: float) -> Schedule:
+    """Minimise S-down under the budget (exact multiple-choice knapsack)."""
+    scores = [[0.0] + [float(sens.down[p].values[t]) for p in problem.levels] for t in range(problem.steps)]
+    return _assign(problem, scores, budget)
+
+
+def assign_up(problem: Problem, sens: Sensitivities, budget: float) -> Schedule:
+    """Minimise S-up under the budget: maximise the summed upcast gains."""
+    scores = []
+    for t in range(problem.steps):
+        row = [-float(sens.up[p].values[t]) if p in sens.up else 0.0 for p in problem.all_levels]
+        scores.append(row)
+    return _assign(problem, scores, budget)
+
+
+@dataclass
+class SearchResult:
+    schedule: Schedule
+    evaluation: Evaluation
+    candidates: list[Schedule]
+    evaluations: int
+    method: str
+    sensitivities: Sensitivities | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def tmpdiff_search(problem: Problem, budget: float, sens: Sensitivities) -> tuple[Schedule, list[Schedule]]:
+    """Method B: both additive scores give a knapsack-optimal candidate; the better *measured* one wins."""
+    candidates = list(dict.fromkeys([assign_down(problem, sens, budget), assign_up(problem, sens, budget)]))
+    best = min(candidates, key=problem.error)
+    return best, candidates
+
+
+def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | None = None,
+                      max_rounds: int = 6) -> Schedule:
+    """Method A: lower whole segments to each cheaper level in turn; split a segment whose error per unit of
+    cost saved exceeds lambda. Lambda starts at the budget's average allowance and doubles until the budget holds.
+    """
+    T, ref = problem.steps, problem.reference
+    current: list[str] = [ref] * T
+    full_saving = problem.schedule_cost(current) - problem.schedule_cost([problem.cheapest] * T)
+    lam = max(problem.error([problem.cheapest] * T), 1e-12) / max(full_saving, 1e-12)
+    rank = {p: i for i, p in enumerate(problem.all_levels)}
+
+    def down_score(a: int, b: int, level: str) -> float:
+        if sens is None or level not in sens.down:
+            return 0.0
+        return float(sens.down[level].values[a : b + 1].sum())
+
+    for _ in range(max_rounds):
+        for level in problem.levels:
+            stack = [(0, T - 1)]
+            while stack and problem.schedule_cost(current) > budget:
+                a, b = stack.pop()
+                candidate = [level if a <= i <= b and rank[p] < rank[level] else p for i, p in enumerate(current)]
+                if candidate == current:
+                    continue
+                added = problem.error(candidate) - problem.error(current)
+                saved = problem.schedule_cost(current) - problem.schedule_cost(candidate)
+                if added <= lam * saved:
+                    current = candidate
+                elif a < b:
+                    m = (a + b) // 2
+                    halves = sorted([(a, m), (m + 1, b)], key=lambda h: -down_score(*h, level))
+                    stack.extend(halves)  # the half with the lower (better) score ends on top
+        if problem.schedule_cost(current) <= budget:
+            break
+        lam *= 2.0
+    if problem.schedule_cost(current) > budget:
+        current = list(assign_down(problem, sens, budget)) if sens else [problem.cheapest] * T
+    return tuple(current)
+
+
+def meet_quality_floor(problem: Problem, sens: Sensitivities, accept: Callable[[Evaluation], bool],
+                       iterations: int = 10) -> tuple[Schedule, list[Schedule]]:
+    """Cheapest knapsack schedule whose *measured* quality passes `accept`: bisect the budget with real evaluations."""
+    T = problem.steps
+    low, high = T * problem.cost[problem.cheapest], T * problem.cost[problem.reference]
+    best: Schedule = tuple([problem.reference] * T)
+    tried = []
+    cheapest_candidate, _ = tmpdiff_search(problem, low * (1 + 1e-9), sens)
+    tried.append(cheapest_candidate)
+    if accept(problem.evaluate(cheapest_candidate)):
+        return cheapest_candidate, tried
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        candidate, _ = tmpdiff_search(problem, mid, sens)
+        tried.append(candidate)
+        if accept(problem.evaluate(candidate)):
+            best, high = candidate, mid
+        else:
+            low = mid
+    return best, tried
+
+
+def random_schedules(problem: Problem, count: int, rng: np.random.Generator) -> list[Schedule]:
+    """Random schedules over all levels, varied in how many steps are cheap (validation hold-out)."""
+    out = []
+    for _ in range(count):
+        share = rng.uniform(0, 1)
+        out.append(tuple(rng.choice(problem.levels) if rng.uniform() < share else problem.reference
+                         for _ in range(problem.steps)))
+    return out

@@ -1,0 +1,51 @@
+"""Per-step sensitivities with adaptive sampling along t.
+
+d_t(p): error of the reference schedule with step t alone lowered to p. u_t(p): error removed from the
+all-cheapest schedule by raising step t alone to p. Both are sampled adaptively: the two ends first,
+then an interval's midpoint; if it lies within `tolerance` (relative to the largest value seen) of the
+line through the interval's ends the interval is interpolated, else both halves are refined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SensitivityCurve:
+    """A sampled-and-interpolated curve over steps 0..T-1 and which steps were really evaluated."""
+
+    values: np.ndarray
+    sampled: list[int] = field(default_factory=list)
+
+
+def adaptive_curve(steps: int, measure: Callable[[int], float], tolerance: float) -> SensitivityCurve:
+    """Measure `measure(t)` at few t and interpolate the rest (at most `steps` evaluations)."""
+    known: dict[int, float] = {}
+
+    def get(t: int) -> float:
+        if t not in known:
+            known[t] = measure(t)
+        return known[t]
+
+    get(0)
+    if steps > 1:
+        get(steps - 1)
+    stack = [(0, steps - 1)]
+    while stack:
+        a, b = stack.pop()
+        if b - a < 2:
+            continue
+        m = (a + b) // 2
+        line = known[a] + (known[b] - known[a]) * (m - a) / (b - a)
+        scale = max(abs(v) for v in known.values()) or 1e-12
+        if abs(get(m) - line) <= tolerance * scale:
+            continue  # the line through the ends explains the midpoint: interpolate [a, b]
+        stack.append((m, b))
+        stack.append((a, m))
+    xs = np.array(sorted(known))
+    values = np.interp(np.arange(steps), xs, np.array([known[x] for x in xs]))
+    return SensitivityCurve(values=values, sampled=sorted(known))

@@ -1,0 +1,80 @@
+"""Everything a calibration run sets up once: engines, runner, evaluator and the search problem."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmpdiff.calibration.evaluator import METRICS, Evaluation, Evaluator
+from tmpdiff.calibration.search import Problem
+from tmpdiff.engines.costs import CostsTable, load_costs
+from tmpdiff.engines.loading import load_engines
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import Manifest, load_manifest
+from tmpdiff.runtime.run import sampling_of
+from tmpdiff.runtime.runner import ScheduledRunner
+
+
+@dataclass
+class CalibrationSession:
+    build_dir: Path
+    manifest: Manifest
+    costs: CostsTable
+    evaluator: Evaluator
+    problem: Problem
+
+    def with_metric(self, metric: str) -> Problem:
+        """The same problem judged on another metric (evaluations stay cached)."""
+        return Problem(self.problem.steps, self.problem.reference, self.problem.levels, self.problem.cost, metric,
+                       self.problem.evaluate)
+
+
+def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "latent", reference: str = "fp32",
+                 classes: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1), backend: str = "ort",
+                 device: str = "cpu", threads: int | None = None, levels: Sequence[str] | None = None,
+                 on_evaluation: Callable[[Evaluation], None] = lambda _: None) -> CalibrationSession:
+    """Check every input first (costs vs built engines, metric, calibration set), then load engines and run the reference."""
+    if metric not in METRICS:
+        raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if steps < 2:
+        raise TmpdiffError(f"a schedule needs at least 2 steps, got {steps}")
+    manifest = load_manifest(build_dir)
+    sampling = sampling_of(manifest, build_dir)
+    costs = load_costs(costs_path)
+    if costs.model_id != manifest.model_id:
+        raise TmpdiffError(f"costs were measured for model {costs.model_id!r}, this build is {manifest.model_id!r}", costs_path)
+    built = [p for p in manifest.precisions if f"{backend}:{device}:{p}" in manifest.engines]
+    stray = sorted(set(costs.precisions) - set(manifest.precisions))
+    if stray:
+        raise TmpdiffError(f"costs name precisions that were not exported here: {', '.join(stray)} "
+                           f"(exported: {', '.join(manifest.precisions)})", costs_path)
+    wanted = [p for p in costs.precisions if levels is None or p in levels or p == reference]
+    unbuilt = [p for p in wanted if p not in built]
+    if unbuilt:
+        raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`", costs_path)
+    classes = list(range(sampling.num_classes)) if classes is None else list(classes)
+    if not classes or not seeds:
+        raise TmpdiffError("calibration set is empty: give at least one class and one seed")
+    bad = [c for c in classes if not 0 <= c < sampling.num_classes]
+    if bad:
+        raise TmpdiffError(f"calibration classes {bad} out of range 0..{sampling.num_classes - 1}")
+
+    cost = {p: costs.precisions[p].median_ms for p in wanted}
+    # Problem.create refuses a table without any level cheaper than the reference, before engines load.
+    probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
+    engines = load_engines(build_dir, manifest, backend, device, probe.all_levels, threads)
+    runner = ScheduledRunner(engines, len(classes) * len(seeds), sampling.channels, sampling.image_size,
+                             sampling.guidance_scale, sampling.null_class, sampling.num_classes, device=device,
+                             nan_guard=True)
+    evaluator = Evaluator(runner, sampling, classes, list(seeds), reference, steps)
+
+    def evaluate(schedule: Sequence[str]) -> Evaluation:
+        before = evaluator.runs
+        result = evaluator.evaluate(schedule)
+        if evaluator.runs != before:
+            on_evaluation(result)
+        return result
+
+    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, evaluate)
+    return CalibrationSession(build_dir, manifest, costs, evaluator, problem)
