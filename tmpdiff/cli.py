@@ -271,6 +271,47 @@ def calibrate(
 
 
 @app.command()
+def bench(
+    build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
+    costs: Annotated[Path, typer.Option(help="latency table from `tmpdiff profile`")],
+    out: Annotated[Path, typer.Option(help="output directory (bench.json, bench.md, pareto.png)")] = Path("bench-out"),
+    steps: Annotated[str, typer.Option(help="comma-separated step counts")] = "10,20",
+    speedups: Annotated[str, typer.Option(help="comma-separated speedup targets")] = "1.1,1.25,1.4",
+    calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
+    threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+) -> None:
+    """TMPDiff vs uniform, heuristic, evolutionary and exhaustive schedules at several speedup targets."""
+    from tmpdiff.calibration.bench import bench as run_bench
+    from tmpdiff.models.bundled import bundled_dir
+
+    try:
+        targets = [float(v) for v in speedups.split(",") if v.strip()]
+    except ValueError:
+        raise TmpdiffError(f"--speedups must be comma-separated numbers, got {speedups!r}") from None
+    classifier = bundled_dir() / "classifier"
+    run_bench(build_dir, costs, out, _int_list(steps, "--steps"), targets, _int_list(calib_seeds, "--calib-seeds"),
+              threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m))
+    typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
+
+
+@app.command()
+def check(
+    build_dir: Annotated[Path, typer.Argument(help="build directory to validate")],
+    schedule: Annotated[list[Path] | None, typer.Option(help="schedule file(s) to check against the build")] = None,
+    spot_check: Annotated[bool, typer.Option(help="run each precision once and compare with fp32")] = True,
+) -> None:
+    """Validate a build directory: manifest, hashes, ONNX graphs, engines, schedules, a numerical spot check."""
+    from tmpdiff.check import check_build
+
+    problems = check_build(build_dir, schedule, spot_check)
+    for problem in problems:
+        typer.echo(str(problem))
+    if problems:
+        raise typer.Exit(code=1)
+    typer.echo(f"{build_dir}: ok")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
     per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 8,
@@ -294,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        app(args, standalone_mode=False)
+        code = app(args, standalone_mode=False)  # click returns a typer.Exit's code here
     except TmpdiffError as exc:
         if _state["debug"] or "--debug" in args:
             raise
@@ -312,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def evolutionary(problem: Problem, budget: float, evaluations: int, seed: int = 
     for schedule in pop:
         if spent < evaluations:
             fitness(schedule)
-    while spent < evaluations:
+    stale = 0  # offspring already seen in a row: a small search space can run out of new schedules
+    while spent < evaluations and stale < 200:
         parents = sorted(scored, key=scored.get)[:population]
         parent = list(parents[int(rng.integers(len(parents)))])
         for _ in range(1 + int(rng.integers(2))):
@@ -81,7 +82,9 @@ def evolutionary(problem: Problem, budget: float, evaluations: int, seed: int = 
             parent[t] = str(rng.choice(levels))
         child = tuple(repair(parent))
         if child in scored:
+            stale += 1
             continue
+        stale = 0
         fitness(child)
     return min(scored, key=scored.get)
 

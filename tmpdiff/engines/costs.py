@@ -55,7 +55,7 @@ def load_costs(path: str | Path) -> CostsTable:
         raise TmpdiffError("costs file does not exist", path)
     try:
         return CostsTable.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])

@@ -55,7 +55,7 @@ class DigitClassifier(nn.Module):
             raise TmpdiffError("classifier config.json is missing", directory)
         try:
             config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise TmpdiffError(f"not valid JSON ({exc})", config_path) from None
         if config.pop("format", None) != FORMAT:
             raise TmpdiffError(f"not a {FORMAT} classifier config", config_path)

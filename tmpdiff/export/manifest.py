@@ -109,7 +109,7 @@ def load_manifest(build_dir: str | Path) -> Manifest:
         raise TmpdiffError("no manifest.json: not a tmpdiff build directory", Path(build_dir))
     try:
         return Manifest.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])

@@ -86,7 +86,7 @@ def load_model_info(root: str | Path | None = None) -> ModelInfo:
             guidance_scale=float(info["guidance_scale"]),
             extra=info,
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise TmpdiffError(f"malformed model info ({exc!r})", info_path) from None
 
 

@@ -42,7 +42,7 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
         raise TmpdiffError("not a diffusers model directory (no config.json)", model_dir)
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"config.json is not valid JSON ({exc})", config_path) from None
     if not isinstance(config, dict) or "_class_name" not in config:
         raise TmpdiffError("not a diffusers model config (no _class_name)", config_path)

@@ -53,7 +53,7 @@ def load_scheduler(scheduler_dir: str | Path):
         raise TmpdiffError("no scheduler_config.json", scheduler_dir)
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", config_path) from None
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if cls is None or not hasattr(cls, "set_timesteps"):

@@ -1,0 +1,92 @@
+"""Fuzzed schedule and costs files: a clear TmpdiffError or a valid object, never a traceback; nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tmpdiff.check import check_build
+from tmpdiff.engines.costs import load_costs
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.runtime.schedule import Schedule, load_schedule
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**12, max_value=10**12),
+                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
+json_values = st.recursive(
+    json_scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6), inner, max_size=5),
+    max_leaves=20)
+precision_names = st.sampled_from(["fp32", "fp16", "int8", "fp8", "int4", "int3", "", "FP32"])
+schedule_like = st.fixed_dictionaries(
+    {"format": st.sampled_from(["tmpdiff.schedule/1", "tmpdiff.schedule/2", 7]),
+     "steps": st.one_of(st.integers(min_value=-5, max_value=10**9), st.floats(allow_nan=True), st.text(max_size=3)),
+     "precisions": st.one_of(st.lists(precision_names, max_size=12), json_values)},
+    optional={"reference": precision_names, "evaluations": json_values, "predicted": json_values},
+)
+
+
+def _dump(value) -> str:
+    return json.dumps(value, allow_nan=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=st.one_of(schedule_like, json_values))
+def test_fuzzed_schedules(tmp_path, document):
+    path = tmp_path / "schedule.json"
+    path.write_text(_dump(document))
+    before = path.read_bytes()
+    try:
+        schedule = load_schedule(path)
+    except TmpdiffError as exc:
+        assert "schedule.json" in str(exc)
+    else:
+        assert isinstance(schedule, Schedule) and len(schedule.precisions) == schedule.steps
+    assert path.read_bytes() == before
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=st.one_of(json_values, st.fixed_dictionaries({
+    "format": st.just("tmpdiff.costs/1"), "model_id": st.text(max_size=5), "backend": st.just("ort"),
+    "backend_version": st.just("1"), "device": st.just("cpu"), "batch": st.integers(-2, 4), "warmup": st.integers(-1, 2),
+    "measured_at": st.just("now"),
+    "precisions": st.dictionaries(precision_names, st.fixed_dictionaries({
+        "median_ms": st.floats(allow_nan=True, allow_infinity=True), "p10_ms": st.floats(0.1, 2),
+        "p90_ms": st.floats(0.1, 2), "repeats": st.integers(0, 3)}), max_size=3)})))
+def test_fuzzed_costs(tmp_path, document):
+    path = tmp_path / "costs.json"
+    path.write_text(_dump(document))
+    try:
+        table = load_costs(path)
+    except TmpdiffError as exc:
+        assert "costs.json" in str(exc)
+    else:
+        assert table.precisions and all(math.isfinite(c.median_ms) and c.median_ms > 0 for c in table.precisions.values())
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xff\xfe", b"{", b"[]", b"null"])
+def test_garbage_files(tmp_path, payload):
+    for loader, name in ((load_schedule, "schedule.json"), (load_costs, "costs.json")):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(TmpdiffError, match=name):
+            loader(tmp_path / name)
+
+
+def test_check_names_every_problem(quant_build, tmp_path):
+    import shutil
+
+    _, build_dir, _ = quant_build
+    assert check_build(build_dir) == []
+    copy = tmp_path / "b"
+    shutil.copytree(build_dir, copy)
+    (copy / "int8" / "model.onnx").unlink()
+    data = (copy / "fp16" / "model.onnx").read_bytes()
+    (copy / "fp16" / "model.onnx").write_bytes(data[: len(data) // 2])
+    (tmp_path / "bad_schedule.json").write_text(json.dumps({"steps": 2, "precisions": ["fp32", "int4"], "reference": "fp32"}))
+    problems = [str(p) for p in check_build(copy, [tmp_path / "bad_schedule.json"])]
+    assert any("int8: file is missing" in p for p in problems)
+    assert any("fp16: sha256 does not match" in p for p in problems)
+    assert any("engine ort:cpu:int8" in p for p in problems)
+    assert all("->" in p for p in problems)

@@ -1,0 +1,105 @@
+"""`tmpdiff check`: a build directory is valid or clearly invalid, one line per problem with its fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tmpdiff.errors import TmpdiffError
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message} -> {self.fix}"
+
+
+def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check: bool = True) -> list[Problem]:
+    """Every check that can fail, collected (not stopping at the first)."""
+    from tmpdiff.atomic import sha256_file
+    from tmpdiff.export.manifest import load_manifest
+    from tmpdiff.export.onnx_io import load_onnx
+
+    problems: list[Problem] = []
+    try:
+        manifest = load_manifest(build_dir)
+    except TmpdiffError as exc:
+        return [Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`")]
+    root = build_dir.resolve()
+    for name, entry in manifest.precisions.items():
+        for rel, digest in [(entry.onnx, entry.sha256), (entry.trt_onnx, entry.trt_sha256)]:
+            if rel is None:
+                continue
+            path = (root / rel).resolve()
+            if not path.is_relative_to(root):
+                problems.append(Problem(rel, f"{name}: path escapes the build directory", "re-run `tmpdiff export`"))
+            elif not path.is_file():
+                problems.append(Problem(str(path), f"{name}: file is missing (interrupted export?)",
+                                        f"re-run `tmpdiff export --precisions {name}`"))
+            elif sha256_file(path) != digest:
+                problems.append(Problem(str(path), f"{name}: sha256 does not match the manifest",
+                                        f"re-run `tmpdiff export --precisions {name}`"))
+            else:
+                try:
+                    load_onnx(path, root)
+                except TmpdiffError as exc:
+                    problems.append(Problem(str(path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
+    for key, engine in manifest.engines.items():
+        path = root / engine.path
+        source = manifest.precisions.get(engine.precision)
+        expected = None if source is None else (source.trt_sha256 if engine.backend == "trt" else source.sha256)
+        if not path.is_file() or sha256_file(path) != engine.sha256:
+            problems.append(Problem(str(path), f"engine {key} is missing or corrupt", f"run `tmpdiff build {build_dir} "
+                                    f"--backend {engine.backend}`"))
+        elif engine.source_sha256 != expected:
+            problems.append(Problem(str(path), f"engine {key} was built from an older export",
+                                    f"run `tmpdiff build {build_dir} --backend {engine.backend}`"))
+        elif engine.backend == "ort":
+            from tmpdiff.engines.device import device_label
+            from tmpdiff.engines.ort_build import ort_version
+
+            device = engine.build_flags.get("device", "cpu")
+            if engine.backend_version != ort_version() or engine.device != device_label(device):
+                problems.append(Problem(str(path), f"engine {key} was built for {engine.backend_version} on {engine.device}",
+                                        f"run `tmpdiff build {build_dir}` on this machine"))
+    for schedule_path in schedules or []:
+        from tmpdiff.runtime.schedule import load_schedule
+
+        try:
+            schedule = load_schedule(schedule_path)
+        except TmpdiffError as exc:
+            problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff calibrate`"))
+            continue
+        missing = sorted(set(schedule.precisions) - set(manifest.precisions))
+        if missing:
+            problems.append(Problem(str(schedule_path), f"uses {', '.join(missing)}, not exported here",
+                                    f"export them or re-run `tmpdiff calibrate {build_dir}`"))
+    if spot_check and not problems:
+        problems += _spot_check(build_dir, manifest)
+    return problems
+
+
+def _spot_check(build_dir: Path, manifest) -> list[Problem]:
+    """Each precision vs fp32 on one random input: within 3x the error the manifest recorded (plus a floor)."""
+    from tmpdiff.engines.ort import OrtEngine
+    from tmpdiff.models.registry import adapter_for_config
+
+    if "fp32" not in manifest.precisions:
+        return []
+    adapter = adapter_for_config(manifest.denoiser_config)
+    feeds = {k: v.numpy() for k, v in adapter.sample_inputs(adapter.default_dims(2), seed=99).items()}
+    reference = next(iter(OrtEngine(build_dir / manifest.precisions["fp32"].onnx).infer(feeds).values()))
+    problems = []
+    for name, entry in manifest.precisions.items():
+        got = next(iter(OrtEngine(build_dir / entry.onnx, name, optimization=entry.ort_optimization).infer(feeds).values()))
+        error = float(np.linalg.norm(got - reference) / max(np.linalg.norm(reference), 1e-12))
+        if not np.isfinite(error) or error > 3 * entry.error_vs_fp32 + 1e-4:
+            problems.append(Problem(str(build_dir / entry.onnx), f"{name} differs from fp32 by {error:.2e}; the manifest "
+                                    f"recorded {entry.error_vs_fp32:.2e}", f"re-run `tmpdiff export --precisions {name}`"))
+    return problems
