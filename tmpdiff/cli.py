@@ -314,21 +314,27 @@ def check(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
-    per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 8,
-    steps: Annotated[int | None, typer.Option(min=1, help="denoising steps (default: the model's)")] = None,
+    per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 4,
+    steps: Annotated[int | None, typer.Option(min=2, help="denoising steps (default: the model's)")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads (default: all cores)")] = None,
+    precisions: Annotated[str, typer.Option(help="precisions to export and consider")] = "fp32,fp16,int8,fp8,int4",
+    speedup: Annotated[float | None, typer.Option(help="speedup target (default: 60% of the way to the maximum)")] = None,
 ) -> None:
-    """Run the bundled model end to end on CPU and write grid.png + report.json."""
+    """The whole pipeline on the bundled model: export, build, profile, calibrate, sample, report."""
     from tmpdiff.demo import run_demo
+    from tmpdiff.export.pipeline import parse_precisions
 
-    report = run_demo(out, per_class=per_class, steps=steps, seed=seed, threads=threads, console=console)
-    typer.echo(
-        f"{report['steps']} steps, median step {report['step_ms_median']:.1f} ms "
-        f"(batch {report['batch_per_call']}), total {report['total_seconds']:.1f} s, "
-        f"classifier accuracy {report['classifier_accuracy']:.1%}"
-    )
-    typer.echo(f"wrote {out / 'grid.png'} and {out / 'report.json'}")
+    names = tuple(parse_precisions(precisions))
+    if "fp32" not in names:
+        raise TmpdiffError("the demo needs fp32 (the reference) among --precisions")
+    report = run_demo(out, per_class=per_class, steps=steps, seed=seed, threads=threads, precisions=names,
+                      speedup=speedup, console=console)
+    for name, row in report["runs"].items():
+        typer.echo(f"{name:<22} accuracy {row['accuracy']:.1%}  median step {row['step_ms_median']:.1f} ms  "
+                   f"total {row['total_ms']:.0f} ms")
+    typer.echo(f"schedule: {' '.join(report['schedule']['precisions'])}")
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:

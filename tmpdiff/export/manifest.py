@@ -38,8 +38,9 @@ class PrecisionEntry(BaseModel):
     trt_sha256: str | None = None
     opset: int
     key: str
-    parity_error: float
-    error_vs_fp32: float
+    parity_error: float  # ORT graph vs the torch (fake-quant) model, relative L2, median of 3 random batches
+    error_vs_fp32: float  # ORT graph vs the fp32 torch model
+    torch_error_vs_fp32: float | None = None  # torch fake-quant model vs fp32
     ort_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     quantization: dict = Field(default_factory=dict)
 

@@ -7,9 +7,11 @@ redone without recalibrating and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,7 +145,8 @@ def quantize(
             for batch in calibration:
                 forward(module, batch)
 
-    with warnings.catch_warnings():
+    # modelopt prints progress ("Inserted N quantizers") to stdout; keep stdout for the command's own output
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         return mtq.quantize(quantized, config, forward_loop)
 
@@ -185,7 +188,7 @@ def restore_quantized(model: torch.nn.Module, directory: Path) -> torch.nn.Modul
     _int_keys(config)
     state = load_safetensors(directory / "quant_state.safetensors")
     quantized = copy.deepcopy(model).eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         quantized = mtq.quantize(quantized, config, forward_loop=None)
         _prepare_buffers(quantized, state)

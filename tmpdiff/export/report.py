@@ -7,7 +7,7 @@ from rich.table import Table
 
 from tmpdiff.export.pipeline import ExportOutcome
 
-_console = Console()
+_console = Console(width=160)  # wide enough that status and paths are never cut, also when piped
 
 
 def print_export_table(outcomes: list[ExportOutcome]) -> None:
