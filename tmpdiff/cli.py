@@ -251,11 +251,11 @@ def calibrate(
             count["n"] += 1
             progress.update(task, description=f"{count['n']} evaluations, last error {evaluation.error(metric):.3g}")
 
-        session = open_session(build_dir, costs, steps, metric, reference, classes, _int_list(calib_seeds, "--calib-seeds"),
-                               backend, device, threads, on_evaluation=on_evaluation)
         from tmpdiff.calibration.calibrate import check_target
 
-        check_target(session.problem, target)  # an unreachable speedup fails before any search evaluation
+        session = open_session(build_dir, costs, steps, metric, reference, classes, _int_list(calib_seeds, "--calib-seeds"),
+                               backend, device, threads, on_evaluation=on_evaluation,
+                               check=lambda problem: check_target(problem, target))
         result = run_calibration(session, target, method, tolerance)
         if report is not None:
             from tmpdiff.calibration.report import write_calibration_report

@@ -155,7 +155,9 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
     T, ref = problem.steps, problem.reference
     current: list[str] = [ref] * T
     full_saving = problem.schedule_cost(current) - problem.schedule_cost([problem.cheapest] * T)
-    lam = max(problem.error([problem.cheapest] * T), 1e-12) / max(full_saving, 1e-12)
+    # Start below the all-cheapest schedule's average rate: at exactly that rate the whole range
+    # [1, T] is always accepted and the search overshoots any budget to the cheapest schedule.
+    lam = 0.25 * max(problem.error([problem.cheapest] * T), 1e-12) / max(full_saving, 1e-12)
     rank = {p: i for i, p in enumerate(problem.all_levels)}
 
     def down_score(a: int, b: int, level: str) -> float:

@@ -33,7 +33,8 @@ class CalibrationSession:
 def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "latent", reference: str = "fp32",
                  classes: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1), backend: str = "ort",
                  device: str = "cpu", threads: int | None = None, levels: Sequence[str] | None = None,
-                 on_evaluation: Callable[[Evaluation], None] = lambda _: None) -> CalibrationSession:
+                 on_evaluation: Callable[[Evaluation], None] = lambda _: None,
+                 check: Callable[[Problem], object] = lambda _: None) -> CalibrationSession:
     """Check every input first (costs vs built engines, metric, calibration set), then load engines and run the reference."""
     if metric not in METRICS:
         raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
@@ -63,6 +64,7 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     cost = {p: costs.precisions[p].median_ms for p in wanted}
     # Problem.create refuses a table without any level cheaper than the reference, before engines load.
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
+    check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
     engines = load_engines(build_dir, manifest, backend, device, probe.all_levels, threads)
     runner = ScheduledRunner(engines, len(classes) * len(seeds), sampling.channels, sampling.image_size,
                              sampling.guidance_scale, sampling.null_class, sampling.num_classes, device=device,
