@@ -42,9 +42,27 @@ class DenoiserAdapter(ABC):
     """Describes one diffusers denoiser class for export and running."""
 
     architecture: ClassVar[str]
+    default_text_len: ClassVar[int] = 77  # text-conditioned models: the pipeline's usual token count
 
     def __init__(self, config: dict) -> None:
         self.config = config
+
+    @property
+    def channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.config.get("out_channels") or self.channels)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.config["sample_size"])
+
+    @property
+    def text_len(self) -> int:
+        """Fixed text sequence length of the exported graph (config key `text_len` overrides the default)."""
+        return int(self.config.get("text_len", self.default_text_len))
 
     @abstractmethod
     def input_specs(self) -> list[TensorSpec]: ...

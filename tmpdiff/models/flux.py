@@ -81,15 +81,8 @@ class FluxAdapter(DenoiserAdapter):
     `text_len` (default 512, FLUX.1-dev's T5 length).
     """
 
+    default_text_len = 512
     architecture = "FluxTransformer2DModel"
-
-    @property
-    def channels(self) -> int:
-        return int(self.config["in_channels"])
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.config.get("out_channels") or self.channels)
 
     @property
     def grid(self) -> int:
@@ -99,10 +92,6 @@ class FluxAdapter(DenoiserAdapter):
     @property
     def image_len(self) -> int:
         return self.grid * self.grid
-
-    @property
-    def text_len(self) -> int:
-        return int(self.config.get("text_len", 512))
 
     @property
     def has_guidance(self) -> bool:

@@ -46,19 +46,8 @@ class PixArtAdapter(DenoiserAdapter):
     `text_len` (config key, default 300: PixArt-sigma; PixArt-alpha uses 120) fixes the text sequence length.
     """
 
+    default_text_len = 300
     architecture = "PixArtTransformer2DModel"
-
-    @property
-    def channels(self) -> int:
-        return int(self.config["in_channels"])
-
-    @property
-    def sample_size(self) -> int:
-        return int(self.config["sample_size"])
-
-    @property
-    def text_len(self) -> int:
-        return int(self.config.get("text_len", 300))
 
     @property
     def text_dim(self) -> int:

@@ -28,23 +28,8 @@ class SanaAdapter(DenoiserAdapter):
     `text_len` (config key, default 300: the Sana pipeline's max_sequence_length) fixes the text sequence length.
     """
 
+    default_text_len = 300
     architecture = "SanaTransformer2DModel"
-
-    @property
-    def channels(self) -> int:
-        return int(self.config["in_channels"])
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.config.get("out_channels") or self.channels)
-
-    @property
-    def sample_size(self) -> int:
-        return int(self.config["sample_size"])
-
-    @property
-    def text_len(self) -> int:
-        return int(self.config.get("text_len", 300))
 
     @property
     def has_guidance(self) -> bool:

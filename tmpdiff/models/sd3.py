@@ -27,23 +27,8 @@ class SD3Adapter(DenoiserAdapter):
     `text_len` (config key, default 333: 77 CLIP + 256 T5 tokens) fixes the text sequence length.
     """
 
+    default_text_len = 333
     architecture = "SD3Transformer2DModel"
-
-    @property
-    def channels(self) -> int:
-        return int(self.config["in_channels"])
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.config.get("out_channels") or self.channels)
-
-    @property
-    def sample_size(self) -> int:
-        return int(self.config["sample_size"])
-
-    @property
-    def text_len(self) -> int:
-        return int(self.config.get("text_len", 333))
 
     def input_specs(self) -> list[TensorSpec]:
         size = self.sample_size

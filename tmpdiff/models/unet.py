@@ -35,25 +35,14 @@ class UNetAdapter(DenoiserAdapter):
     `text_len` (config key, default 77: CLIP's context) fixes the text sequence length.
     """
 
+    default_text_len = 77
     architecture = "UNet2DConditionModel"
-
-    @property
-    def channels(self) -> int:
-        return int(self.config["in_channels"])
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.config.get("out_channels") or self.channels)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
         size = self.config["sample_size"]
         height, width = size if isinstance(size, list | tuple) else (size, size)
         return int(height), int(width)
-
-    @property
-    def text_len(self) -> int:
-        return int(self.config.get("text_len", 77))
 
     @property
     def text_dim(self) -> int:
