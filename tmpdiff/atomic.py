@@ -71,3 +71,18 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[N
             yield
     except Timeout:
         raise TmpdiffError(f"another tmpdiff process has held the lock for {timeout:.0f} s", directory / ".lock") from None
+
+
+def read_model_file(path: Path, model_cls, what: str):
+    """Validate a JSON file against a pydantic model; a bad file is a TmpdiffError naming it and its first problems."""
+    from pydantic import ValidationError
+
+    from tmpdiff.errors import TmpdiffError
+
+    try:
+        return model_cls.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}" for e in exc.errors()[:3])
+        raise TmpdiffError(f"not a valid {what} ({problems})", path) from None

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tmpdiff.atomic import write_json
+from tmpdiff.atomic import read_model_file, write_json
 from tmpdiff.errors import TmpdiffError
 
 
@@ -53,14 +52,7 @@ def load_costs(path: str | Path) -> CostsTable:
     path = Path(path)
     if not path.is_file():
         raise TmpdiffError("costs file does not exist", path)
-    try:
-        return CostsTable.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
-        raise TmpdiffError(f"not a tmpdiff.costs/1 table ({problems})", path) from None
-
+    return read_model_file(path, CostsTable, "tmpdiff.costs/1 table")
 
 def save_costs(table: CostsTable, path: str | Path) -> None:
     write_json(path, table.model_dump(mode="json"))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tmpdiff.atomic import sha256_file, write_json
+from tmpdiff.atomic import read_model_file, sha256_file, write_json
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.models.adapter import TensorSpec
 
@@ -108,14 +107,7 @@ def load_manifest(build_dir: str | Path) -> Manifest:
     path = Path(build_dir) / MANIFEST_NAME
     if not path.is_file():
         raise TmpdiffError("no manifest.json: not a tmpdiff build directory", Path(build_dir))
-    try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
-        raise TmpdiffError(f"invalid manifest ({problems})", path) from None
-
+    return read_model_file(path, Manifest, "tmpdiff.manifest/1 manifest")
 
 def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
     """Write the manifest atomically."""

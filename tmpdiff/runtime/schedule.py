@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tmpdiff.atomic import write_json
+from tmpdiff.atomic import read_model_file, write_json
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.export.precisions import PRECISIONS
 
@@ -63,14 +62,7 @@ def load_schedule(path: str | Path) -> Schedule:
     path = Path(path)
     if not path.is_file():
         raise TmpdiffError("schedule file does not exist", path)
-    try:
-        return Schedule.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'schedule'}: {e['msg']}" for e in exc.errors()[:3])
-        raise TmpdiffError(f"not a valid {SCHEDULE_FORMAT} schedule ({problems})", path) from None
-
+    return read_model_file(path, Schedule, f"{SCHEDULE_FORMAT} schedule")
 
 def save_schedule(schedule: Schedule, path: str | Path) -> None:
     write_json(path, schedule.model_dump(mode="json"))
