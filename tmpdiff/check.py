@@ -23,7 +23,7 @@ class Problem:
 def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check: bool = True) -> list[Problem]:
     """Every check that can fail, collected (not stopping at the first)."""
     from tmpdiff.atomic import sha256_file
-    from tmpdiff.export.manifest import load_manifest
+    from tmpdiff.export.manifest import artifact_problem, load_manifest
     from tmpdiff.export.onnx_io import load_onnx
 
     problems: list[Problem] = []
@@ -36,20 +36,14 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
         for rel, digest in [(entry.onnx, entry.sha256), (entry.trt_onnx, entry.trt_sha256)]:
             if rel is None:
                 continue
-            path = (root / rel).resolve()
-            if not path.is_relative_to(root):
-                problems.append(Problem(rel, f"{name}: path escapes the build directory", "re-run `tmpdiff export`"))
-            elif not path.is_file():
-                problems.append(Problem(str(path), f"{name}: file is missing (interrupted export?)",
-                                        f"re-run `tmpdiff export --precisions {name}`"))
-            elif sha256_file(path) != digest:
-                problems.append(Problem(str(path), f"{name}: sha256 does not match the manifest",
-                                        f"re-run `tmpdiff export --precisions {name}`"))
-            else:
-                try:
-                    load_onnx(path, root)
-                except TmpdiffError as exc:
-                    problems.append(Problem(str(path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
+            path, problem = artifact_problem(build_dir, rel, digest)
+            if problem is not None:
+                problems.append(Problem(str(path), f"{name}: {problem}", f"re-run `tmpdiff export --precisions {name}`"))
+                continue
+            try:
+                load_onnx(path, root)
+            except TmpdiffError as exc:
+                problems.append(Problem(str(path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
     for key, engine in manifest.engines.items():
         path = root / engine.path
         source = manifest.precisions.get(engine.precision)

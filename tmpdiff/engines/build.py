@@ -65,12 +65,6 @@ def build_engines(
         return outcomes
 
 
-def _trt_specs(manifest):
-    from tmpdiff.models.adapter import TensorSpec
-
-    return [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.inputs]
-
-
 def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progress):
     """Build one TensorRT plan from the precision's TensorRT graph; None if the current plan still fits."""
     from tmpdiff.atomic import sha256_file
@@ -86,7 +80,7 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
         on_progress(f"{name}: up to date")
         return None
     on_progress(f"{name}: building TensorRT plan")
-    specs = _trt_specs(manifest)
+    specs = [s.spec() for s in manifest.inputs]
     return build_trt_engine(build_dir / entry.trt_onnx, build_dir / name, specs, options_profile(specs, options), options,
                             precision=name)
 
@@ -97,7 +91,7 @@ def trt_commands(build_dir: Path, precisions: list[str] | None, options) -> list
 
     options = options or TrtBuildOptions()
     manifest = load_manifest(build_dir)
-    specs = _trt_specs(manifest)
+    specs = [s.spec() for s in manifest.inputs]
     shapes = options_profile(specs, options)
     lines = []
     for name in precisions or list(manifest.precisions):

@@ -7,7 +7,6 @@ from pathlib import Path
 from tmpdiff.engines.base import Engine
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.export.manifest import Manifest, engine_key
-from tmpdiff.models.adapter import TensorSpec
 
 
 def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],
@@ -34,6 +33,6 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
             from tmpdiff.engines.trt import load_trt_engine
 
             engines[name] = load_trt_engine(
-                build_dir, entry, input_specs=[TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.inputs],
-                output_specs=[TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.outputs])
+                build_dir, entry, input_specs=[s.spec() for s in manifest.inputs],
+                output_specs=[s.spec() for s in manifest.outputs])
     return engines

@@ -75,11 +75,12 @@ class _Graph:
         self.initializers[tensor.name] = tensor
         return tensor.name
 
-    def rename_input(self, old: str, new: str) -> None:
-        for node in list(self.consumers.get(old, [])):
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
+    def replace(self, dead: list[onnx.NodeProto], new: onnx.NodeProto) -> None:
+        """Swap a chain of nodes for one node producing the chain's output, and refresh the index."""
+        for node in dead:
+            self.model.graph.node.remove(node)
+        self.model.graph.node.append(new)
+        self.reindex()
 
 
 def _broadcast_scale(scale: np.ndarray, weight_shape: tuple[int, ...], axis: int | None) -> np.ndarray:
@@ -148,10 +149,7 @@ def _replace_weight_qdq(g: _Graph, kind: str) -> int:
         attrs = {"axis": axis} if axis is not None else {}
         out = transpose.output[0] if fold else dq.output[0]
         new_dq = helper.make_node("DequantizeLinear", [w_name, s_name, zp], [out], name=f"{base}.dq", **attrs)
-        for dead in [q, dq] + ([transpose] if fold else []):
-            g.model.graph.node.remove(dead)
-        g.model.graph.node.append(new_dq)
-        g.reindex()
+        g.replace([q, dq] + ([transpose] if fold else []), new_dq)
         folded += 1
     return folded
 
@@ -202,10 +200,7 @@ def _replace_int4_weights(g: _Graph, domain: str) -> int:
             inputs.append(g.add_initializer(_zero_point(f"{base}.zero_point", "int4", scales.shape)))
         new_dq = helper.make_node("DequantizeLinear", inputs, [out], name=f"{base}.int4", domain=domain,
                                   axis=axis, block_size=block)
-        for dead in [dq, reshape] + ([transpose] if fold else []):
-            g.model.graph.node.remove(dead)
-        g.model.graph.node.append(new_dq)
-        g.reindex()
+        g.replace([dq, reshape] + ([transpose] if fold else []), new_dq)
         converted += 1
     return converted
 

@@ -26,6 +26,9 @@ class TensorSpecModel(BaseModel):
     def of(cls, spec: TensorSpec) -> TensorSpecModel:
         return cls(name=spec.name, dtype=spec.dtype, shape=list(spec.shape))
 
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, tuple(self.shape))
+
 
 class PrecisionEntry(BaseModel):
     """One exported precision: its ONNX graph (path relative to the build dir) and what made it."""
@@ -114,14 +117,22 @@ def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
     write_json(Path(build_dir) / MANIFEST_NAME, manifest.model_dump(mode="json"))
 
 
+def artifact_problem(build_dir: Path, rel: str, digest: str) -> tuple[Path, str | None]:
+    """Where an artifact recorded in the manifest lives, and what is wrong with it (None if nothing)."""
+    root = build_dir.resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        return path, "path escapes the build directory"
+    if not path.is_file():
+        return path, "file is missing (interrupted export?)"
+    if sha256_file(path) != digest:
+        return path, "sha256 does not match the manifest"
+    return path, None
+
+
 def verify_artifact(build_dir: Path, precision: str, entry: PrecisionEntry) -> Path:
     """Path of a precision's ONNX graph after checking it exists inside the build dir and matches its hash."""
-    build_dir = build_dir.resolve()
-    path = (build_dir / entry.onnx).resolve()
-    if not path.is_relative_to(build_dir):
-        raise TmpdiffError(f"{precision}: ONNX path escapes the build directory", build_dir / MANIFEST_NAME)
-    if not path.is_file():
-        raise TmpdiffError(f"{precision}: ONNX file is missing; re-run `tmpdiff export`", path)
-    if sha256_file(path) != entry.sha256:
-        raise TmpdiffError(f"{precision}: sha256 does not match the manifest; re-run `tmpdiff export`", path)
+    path, problem = artifact_problem(build_dir, entry.onnx, entry.sha256)
+    if problem is not None:
+        raise TmpdiffError(f"{precision}: {problem}; re-run `tmpdiff export --precisions {precision}`", path)
     return path

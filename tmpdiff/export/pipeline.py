@@ -154,30 +154,28 @@ def export_model(
 
     Holds the build directory's lock throughout, so concurrent exports/builds are serialised.
     """
-    for name in precisions:
-        get_precision(name)  # unknown names fail before anything is created
-    adapter_for_config(read_model_config(model_dir))
-    build_dir = out_root / (model_id or model_dir.resolve().name)
-    with directory_lock(build_dir):
-        return _export_locked(model_dir, out_root, precisions, model_id, calibration, keep_high_precision, on_progress,
-                              sampling)
-
-
-def _export_locked(
-    model_dir: Path,
-    out_root: Path,
-    precisions: list[str],
-    model_id: str | None = None,
-    calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None = None,
-    keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
-    on_progress: Callable[[str], None] = lambda _: None,
-    sampling: SamplingInfo | None = None,
-) -> tuple[Path, list[ExportOutcome]]:
-    specs = [get_precision(p) for p in precisions]
+    specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
     config = read_model_config(model_dir)
     adapter = adapter_for_config(config)
     model_id = model_id or model_dir.resolve().name
     build_dir = out_root / model_id
+    with directory_lock(build_dir):
+        return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
+                              on_progress, sampling)
+
+
+def _export_locked(
+    model_dir: Path,
+    build_dir: Path,
+    model_id: str,
+    specs: list[Precision],
+    config: dict,
+    adapter: DenoiserAdapter,
+    calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None,
+    keep_high_precision: tuple[str, ...],
+    on_progress: Callable[[str], None],
+    sampling: SamplingInfo | None,
+) -> tuple[Path, list[ExportOutcome]]:
     model_hash = model_content_hash(model_dir)
 
     manifest = None

@@ -70,9 +70,9 @@ class DenoiserAdapter(ABC):
     @abstractmethod
     def output_specs(self) -> list[TensorSpec]: ...
 
-    @abstractmethod
     def default_dims(self, batch: int = 1) -> dict[str, int]:
-        """Sizes of the named axes for a typical call with `batch` latents."""
+        """Sizes of the named axes for a typical call with `batch` latents (only the batch axis is dynamic)."""
+        return {"batch": batch}
 
     @abstractmethod
     def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -111,7 +111,7 @@ class DenoiserAdapter(ABC):
 
     def integer_range(self, name: str) -> tuple[int, int]:
         """Half-open range of valid values of an integer input."""
-        raise NotImplementedError(f"{type(self).__name__} has no integer input {name!r}")
+        raise TmpdiffError(f"{type(self).__name__} has no integer input {name!r}")
 
     def float_range(self, name: str) -> tuple[float, float] | None:
         """Uniform range for a float input's sample values, or None for N(0, 1)."""

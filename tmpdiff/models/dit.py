@@ -50,9 +50,6 @@ class DiTAdapter(DenoiserAdapter):
         size = self.sample_size
         return [TensorSpec("noise_pred", "float32", ("batch", self.channels, size, size))]
 
-    def default_dims(self, batch: int = 1) -> dict[str, int]:
-        return {"batch": batch}
-
     def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         return _DiTForExport(model, self.channels, dtype).eval()
 

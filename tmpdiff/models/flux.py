@@ -113,9 +113,6 @@ class FluxAdapter(DenoiserAdapter):
     def output_specs(self) -> list[TensorSpec]:
         return [TensorSpec("noise_pred", "float32", ("batch", self.image_len, self.out_channels))]
 
-    def default_dims(self, batch: int = 1) -> dict[str, int]:
-        return {"batch": batch}
-
     def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         register_rms_norm_symbolic()  # Flux's attention norms are torch.nn.RMSNorm
         return _FluxForExport(model, dtype, self.has_guidance).eval()

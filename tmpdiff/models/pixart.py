@@ -74,9 +74,6 @@ class PixArtAdapter(DenoiserAdapter):
         size = self.sample_size
         return [TensorSpec("noise_pred", "float32", ("batch", self.channels, size, size))]
 
-    def default_dims(self, batch: int = 1) -> dict[str, int]:
-        return {"batch": batch}
-
     def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         tokens = (self.sample_size // int(self.config["patch_size"])) ** 2
         return _PixArtForExport(model, self.channels, tokens, dtype, self.size_conditioning).eval()

@@ -77,9 +77,6 @@ class UNetAdapter(DenoiserAdapter):
     def output_specs(self) -> list[TensorSpec]:
         return [TensorSpec("noise_pred", "float32", ("batch", self.out_channels, *self.latent_hw))]
 
-    def default_dims(self, batch: int = 1) -> dict[str, int]:
-        return {"batch": batch}
-
     def export_module(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         return _UNetForExport(model, dtype, self.sdxl).eval()
 

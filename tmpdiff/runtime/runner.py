@@ -81,8 +81,11 @@ class ScheduledRunner:
         available = list(self.engines)
         for index, (t, precision) in enumerate(zip(scheduler.timesteps, precisions, strict=True)):
             start = time.perf_counter()
-            model_in = torch.cat([latent, latent]) if self.use_cfg else latent
-            self.inputs["hidden_states"].copy_(scheduler.scale_model_input(model_in, t))
+            # cond and uncond rows get the same latent: written into the bound buffer, no concatenation
+            scaled = scheduler.scale_model_input(latent, t)
+            self.inputs["hidden_states"][: self.batch].copy_(scaled)
+            if self.use_cfg:
+                self.inputs["hidden_states"][self.batch :].copy_(scaled)
             self.inputs["timestep"].fill_(float(t))
             used, fallback_from = precision, None
             with nvtx_range(f"step {index} {precision}", self.nvtx):
