@@ -35,6 +35,16 @@ class HostStream:
         return None
 
 
+def runtime_stream(device: str) -> Stream:
+    """Where a runtime launches: the host for CPU; otherwise torch's current CUDA stream, so engine launches
+    and the torch scheduler maths between them are ordered on one stream without host synchronisation."""
+    if device == "cpu":
+        return HostStream()
+    from tmpdiff.engines.trt import CudaStream
+
+    return CudaStream(stream=torch.cuda.current_stream())
+
+
 @runtime_checkable
 class Engine(Protocol):
     """One runnable precision of a denoiser on one backend."""

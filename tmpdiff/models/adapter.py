@@ -12,6 +12,7 @@ import torch
 from tmpdiff.errors import TmpdiffError
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
+TEXT_MASK = "encoder_attention_mask"  # (batch, text_len) float32: 1 for a token, 0 for padding
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,16 @@ class DenoiserAdapter(ABC):
         return axes
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
-        """Random inputs that fit the specs (floats ~ N(0,1); integer inputs via `integer_range`)."""
+        """Random inputs that fit the specs (floats ~ N(0,1); integer inputs via `integer_range`; a text
+        attention mask keeps a random-length prefix of tokens, as a tokenizer's padding does)."""
         gen = torch.Generator().manual_seed(seed)
         out: dict[str, torch.Tensor] = {}
         for spec in self.input_specs():
             shape = spec.concrete(dims)
-            if np.issubdtype(np.dtype(spec.dtype), np.integer):
+            if spec.name == TEXT_MASK:
+                lengths = torch.randint(1, shape[1] + 1, (shape[0], 1), generator=gen)
+                out[spec.name] = (torch.arange(shape[1])[None, :] < lengths).to(torch.float32)
+            elif np.issubdtype(np.dtype(spec.dtype), np.integer):
                 low, high = self.integer_range(spec.name)
                 out[spec.name] = torch.randint(low, high, shape, generator=gen, dtype=torch.int64)
             else:

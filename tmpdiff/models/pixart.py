@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tmpdiff.models.adapter import DenoiserAdapter, TensorSpec
+from tmpdiff.models.adapter import TEXT_MASK, DenoiserAdapter, TensorSpec
 
 
 class _PixArtForExport(torch.nn.Module):
@@ -16,8 +16,8 @@ class _PixArtForExport(torch.nn.Module):
         self.dtype = dtype
         self.size_cond = size_cond
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
-                *size_cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                timestep: torch.Tensor, *size_cond: torch.Tensor) -> torch.Tensor:
         resolution, aspect_ratio = size_cond if self.size_cond else (None, None)
         hook = None
         if torch.jit.is_tracing():
@@ -30,8 +30,8 @@ class _PixArtForExport(torch.nn.Module):
             hook = self.model.proj_out.register_forward_hook(lambda module, args, output: output.reshape(batch, 1, flat))
         try:
             out = self.model(hidden_states.to(self.dtype), encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-                             timestep=timestep, added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio},
-                             return_dict=False)[0]
+                             encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                             added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio}, return_dict=False)[0]
         finally:
             if hook is not None:
                 hook.remove()
@@ -40,7 +40,8 @@ class _PixArtForExport(torch.nn.Module):
 
 
 class PixArtAdapter(DenoiserAdapter):
-    """Inputs: latent (B, C, H, W), T5 tokens (B, text_len, caption_channels), timestep (B,) in [0, 1000), and
+    """Inputs: latent (B, C, H, W), T5 tokens (B, text_len, caption_channels), their mask (B, text_len) with 1 for a
+    token and 0 for padding (the pipeline pads every prompt to text_len), timestep (B,) in [0, 1000), and
     with additional conditions (PixArt-alpha 1024) resolution (B, 2) and aspect_ratio (B, 1). All float32.
 
     `text_len` (config key, default 300: PixArt-sigma; PixArt-alpha uses 120) fixes the text sequence length.
@@ -64,6 +65,7 @@ class PixArtAdapter(DenoiserAdapter):
         specs = [
             TensorSpec("hidden_states", "float32", ("batch", self.channels, size, size)),
             TensorSpec("encoder_hidden_states", "float32", ("batch", self.text_len, self.text_dim)),
+            TensorSpec(TEXT_MASK, "float32", ("batch", self.text_len)),
             TensorSpec("timestep", "float32", ("batch",)),
         ]
         if self.size_conditioning:

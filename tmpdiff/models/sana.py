@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tmpdiff.models.adapter import DenoiserAdapter, TensorSpec
+from tmpdiff.models.adapter import TEXT_MASK, DenoiserAdapter, TensorSpec
 
 
 class _SanaForExport(torch.nn.Module):
@@ -14,15 +14,17 @@ class _SanaForExport(torch.nn.Module):
         self.dtype = dtype
         self.guidance = guidance
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
-                *guidance: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                timestep: torch.Tensor, *guidance: torch.Tensor) -> torch.Tensor:
         out = self.model(hidden_states.to(self.dtype), encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-                         timestep=timestep, guidance=guidance[0] if self.guidance else None, return_dict=False)[0]
+                         encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                         guidance=guidance[0] if self.guidance else None, return_dict=False)[0]
         return out.float()
 
 
 class SanaAdapter(DenoiserAdapter):
-    """Inputs: latent (B, C, H, W), Gemma tokens (B, text_len, caption_channels), timestep (B,) in [0, 1000),
+    """Inputs: latent (B, C, H, W), Gemma tokens (B, text_len, caption_channels), their mask (B, text_len) with 1 for
+    a token and 0 for padding, timestep (B,) in [0, 1000),
     and guidance (B,) when `guidance_embeds` (Sana Sprint). All float32.
 
     `text_len` (config key, default 300: the Sana pipeline's max_sequence_length) fixes the text sequence length.
@@ -40,6 +42,7 @@ class SanaAdapter(DenoiserAdapter):
         specs = [
             TensorSpec("hidden_states", "float32", ("batch", self.channels, size, size)),
             TensorSpec("encoder_hidden_states", "float32", ("batch", self.text_len, int(self.config["caption_channels"]))),
+            TensorSpec(TEXT_MASK, "float32", ("batch", self.text_len)),
             TensorSpec("timestep", "float32", ("batch",)),
         ]
         if self.has_guidance:

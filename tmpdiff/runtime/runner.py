@@ -7,16 +7,35 @@ and hands its output to the diffusers scheduler. Switching engines therefore mov
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from tmpdiff.engines.base import Engine, HostStream, Stream
+from tmpdiff.engines.base import Engine, Stream, runtime_stream
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.runtime.schedule import fallback_for
-from tmpdiff.runtime.trace import RunTrace, StepEvent, nvtx_range, nvtx_wanted
+from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
+
+
+def run_guarded(engines: Mapping[str, Engine], precision: str, output: torch.Tensor, stream: Stream, *, label: str,
+                nan_guard: bool = True, nvtx: bool = False) -> tuple[str, str | None]:
+    """Run engines[precision]; while `output` is not finite, re-run at the next higher loaded precision.
+
+    Returns the precision that produced the output and the one it fell back from (None if no fallback).
+    """
+    used, fallback_from = precision, None
+    with nvtx_range(f"{label} {precision}", nvtx):
+        engines[precision].run(stream)
+    while nan_guard and not bool(torch.isfinite(output).all()):
+        higher = fallback_for(used, list(engines))
+        if higher is None:
+            raise TmpdiffError(f"{label}: {used} output is not finite and no higher precision is loaded")
+        fallback_from = fallback_from or precision
+        used = higher
+        with nvtx_range(f"{label} {used} (fallback)", nvtx):
+            engines[used].run(stream)
+    return used, fallback_from
 
 
 @dataclass
@@ -33,17 +52,18 @@ class ScheduledRunner:
                  nan_guard: bool = True, nvtx: bool | None = None) -> None:
         if not engines:
             raise TmpdiffError("no engines to run")
+        torch_device = "cpu" if device == "cpu" else "cuda"
         self.engines = dict(engines)
         self.batch = batch
         self.guidance_scale = guidance_scale
         self.use_cfg = guidance_scale != 1.0
         self.null_class = null_class
         self.num_classes = num_classes
-        self.stream = stream or HostStream()
+        self.stream = stream or runtime_stream(device)
+        self.clock = StepClock(getattr(self.stream, "torch", None))
         self.nan_guard = nan_guard
         self.nvtx = nvtx_wanted() if nvtx is None else nvtx
         rows = batch * (2 if self.use_cfg else 1)
-        torch_device = "cpu" if device == "cpu" else "cuda"
         self.inputs = {
             "hidden_states": torch.zeros((rows, channels, size, size), dtype=torch.float32, device=torch_device),
             "timestep": torch.zeros((rows,), dtype=torch.float32, device=torch_device),
@@ -63,7 +83,11 @@ class ScheduledRunner:
     @torch.no_grad()
     def sample(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
                on_step: Callable[[StepEvent], None] | None = None) -> RunResult:
-        """Run len(precisions) steps from `noise`; returns the final latents and what ran at each step."""
+        """Run len(precisions) steps from `noise`; returns the final latents and what ran at each step.
+
+        On a GPU nothing here waits for the device between steps (unless the NaN guard is on: reading its
+        verdict is one synchronisation per step); step times come from CUDA events read after the run.
+        """
         self._check_labels(class_labels)
         missing = sorted(set(precisions) - set(self.engines))
         if missing:
@@ -77,38 +101,35 @@ class ScheduledRunner:
         labels = class_labels.to(device)
         self.inputs["class_labels"].copy_(torch.cat([labels, torch.full_like(labels, self.null_class)])
                                           if self.use_cfg else labels)
-        trace = RunTrace()
-        available = list(self.engines)
+        marks: list[tuple[int, int, str, str | None, object, object]] = []
         for index, (t, precision) in enumerate(zip(scheduler.timesteps, precisions, strict=True)):
-            start = time.perf_counter()
+            start = self.clock.mark()
             # cond and uncond rows get the same latent: written into the bound buffer, no concatenation
             scaled = scheduler.scale_model_input(latent, t)
             self.inputs["hidden_states"][: self.batch].copy_(scaled)
             if self.use_cfg:
                 self.inputs["hidden_states"][self.batch :].copy_(scaled)
             self.inputs["timestep"].fill_(float(t))
-            used, fallback_from = precision, None
-            with nvtx_range(f"step {index} {precision}", self.nvtx):
-                self.engines[precision].run(self.stream)
-            while self.nan_guard and not bool(torch.isfinite(self.outputs["noise_pred"]).all()):
-                higher = fallback_for(used, available)
-                if higher is None:
-                    raise TmpdiffError(f"step {index}: {used} output is not finite and no higher precision is loaded")
-                fallback_from = fallback_from or precision
-                used = higher
-                with nvtx_range(f"step {index} {used} (fallback)", self.nvtx):
-                    self.engines[used].run(self.stream)
+            used, fallback_from = run_guarded(self.engines, precision, self.outputs["noise_pred"], self.stream,
+                                              label=f"step {index}", nan_guard=self.nan_guard, nvtx=self.nvtx)
             eps = self.outputs["noise_pred"]
             if self.use_cfg:
                 eps_cond, eps_uncond = eps.chunk(2)
                 eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
             latent = scheduler.step(eps, t, latent).prev_sample
-            self.stream.synchronize()
-            event = StepEvent(index, int(t), used, start, time.perf_counter() - start, fallback_from)
-            trace.steps.append(event)
-            if on_step is not None:
+            marks.append((index, int(t), used, fallback_from, start, self.clock.mark()))
+            if on_step is not None and self.clock.torch_stream is None:
+                on_step(self._event(marks[0][4], marks[-1]))
+        self.stream.synchronize()
+        trace = RunTrace([self._event(marks[0][4], m) for m in marks])
+        if on_step is not None and self.clock.torch_stream is not None:
+            for event in trace.steps:
                 on_step(event)
         return RunResult(latents=latent, trace=trace)
+
+    def _event(self, origin, mark) -> StepEvent:
+        index, t, used, fallback_from, start, end = mark
+        return StepEvent(index, t, used, self.clock.seconds(origin, start), self.clock.seconds(start, end), fallback_from)
 
     def close(self) -> None:
         for engine in self.engines.values():

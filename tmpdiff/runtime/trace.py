@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from tmpdiff.atomic import write_json
 
@@ -50,6 +53,29 @@ class RunTrace:
                            "args": {"timestep": step.timestep, "fallback_from": step.fallback_from}})
             previous = step.precision
         write_json(path, {"traceEvents": events, "displayTimeUnit": "ms"})
+
+
+class StepClock:
+    """Per-step wall times without host synchronisation: perf_counter on the host, CUDA events on a GPU stream.
+
+    `mark()` records a point on the stream; `seconds(a, b)` is only asked after the run has synchronised once.
+    """
+
+    def __init__(self, torch_stream: torch.cuda.Stream | None = None) -> None:
+        self.torch_stream = torch_stream
+
+    def mark(self) -> float | torch.cuda.Event:
+        if self.torch_stream is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.torch_stream)
+        return event
+
+    @staticmethod
+    def seconds(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+        if isinstance(start, float):
+            return end - start
+        return start.elapsed_time(end) / 1e3
 
 
 def nvtx_wanted() -> bool:
