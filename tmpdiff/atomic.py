@@ -1,4 +1,9 @@
-"""Atomic file writes and content hashes, so a crash never leaves a half-written artifact."""
+"""Atomic file writes and content hashes, so a crash never leaves a half-written artifact.
+
+In-flight data lives under a hidden temp name beside its target, `.<name>.<writer pid>.<random>.tmp` (a file, or a
+directory for multi-file writes), and is renamed into place when complete. A writer killed mid-write (SIGKILL,
+SIGTERM) leaves that temp behind; the pid tells such leftovers from writes still in progress.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,20 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of the temp name for writing `name` (pass `suffix=TEMP_SUFFIX` to tempfile as well)."""
+    return f".{name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
@@ -17,7 +32,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final.name), suffix=TEMP_SUFFIX, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -56,9 +71,49 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def interrupted_writes(directory: str | Path) -> list[Path]:
+    """Temp files/directories in `directory` and its direct subdirectories whose writing process is gone."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    folders = [directory, *sorted(p for p in directory.iterdir() if p.is_dir() and not p.is_symlink()
+                                  and not _TEMP_NAME.match(p.name))]
+    found = []
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            match = _TEMP_NAME.match(entry.name)
+            if match and not _process_alive(int(match["pid"])):
+                found.append(entry)
+    return found
+
+
+def remove_interrupted_writes(directory: str | Path) -> list[Path]:
+    """Delete what `interrupted_writes` finds (the data never reached its final name); return what was removed."""
+    removed = interrupted_writes(directory)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
 @contextlib.contextmanager
 def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[None]:
-    """Serialise writers of one build directory (two exports or builds at once wait, never interleave)."""
+    """Serialise writers of one build directory (two exports or builds at once wait, never interleave).
+
+    Once the lock is held, temps left by killed writers are removed, so a re-run needs no manual clean-up.
+    """
     from filelock import FileLock, Timeout
 
     from tmpdiff.errors import TmpdiffError
@@ -68,6 +123,7 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[N
     lock = FileLock(str(directory / ".lock"), timeout=timeout)
     try:
         with lock:
+            remove_interrupted_writes(directory)
             yield
     except Timeout:
         raise TmpdiffError(f"another tmpdiff process has held the lock for {timeout:.0f} s", directory / ".lock") from None
@@ -84,5 +140,9 @@ def read_model_file(path: Path, model_cls, what: str):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}" for e in exc.errors()[:3])
-        raise TmpdiffError(f"not a valid {what} ({problems})", path) from None
+        raise TmpdiffError(f"not a valid {what} ({validation_problems(exc)})", path) from None
+
+
+def validation_problems(exc) -> str:
+    """The first problems of a pydantic ValidationError, one clause each."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}" for e in exc.errors()[:3])

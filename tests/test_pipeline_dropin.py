@@ -1,0 +1,118 @@
+"""The diffusers drop-in: tiny PixArt-Sigma, SD3 and Flux pipelines with their denoiser replaced by ORT engines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests import tiny_pipelines
+from tmpdiff.engines.build import build_engines
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.pipeline import export_model
+from tmpdiff.pipeline import attach_engines
+
+STEPS = 4
+PROMPTS = ["a photo of a cat", "red house on the hill"]
+
+
+@pytest.fixture(scope="module", params=list(tiny_pipelines.PIPELINES))
+def exported(request, tmp_path_factory):
+    """(name, build dir with fp32 + int8 ORT engines) for each tiny pipeline's denoiser."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    model_dir = tiny_pipelines.save_denoiser(tiny_pipelines.build(name), name, root / "transformer")
+    build_dir, _ = export_model(model_dir, root / "build", ["fp32", "int8"], model_id=name)
+    build_engines(build_dir, "ort", "cpu")
+    return name, build_dir
+
+
+def _call(pipe, name: str, steps: int = STEPS, output_type: str = "np", **extra) -> np.ndarray:
+    kwargs = tiny_pipelines.PIPELINES[name][2] | extra
+    out = pipe(PROMPTS, num_inference_steps=steps, height=tiny_pipelines.SIZE, width=tiny_pipelines.SIZE,
+               generator=torch.Generator().manual_seed(7), output_type=output_type, **kwargs)
+    images = out.images
+    return images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_fp32_engines_reproduce_the_torch_pipeline(exported):
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    want_latents, want_images = _call(pipe, name, output_type="latent"), _call(pipe, name)
+    denoiser = attach_engines(pipe, build_dir, schedule=["fp32"] * STEPS)
+    assert type(pipe.transformer).__name__ == "EngineDenoiser"
+    got_latents, got_images = _call(pipe, name, output_type="latent"), _call(pipe, name)
+    print(f"{name}: fp32 engines vs torch, latents {_relative(got_latents, want_latents):.2e} relative, "
+          f"images {np.abs(got_images - want_images).max():.2e} max abs")
+    assert _relative(got_latents, want_latents) < 1e-4, f"{name}: latents differ by {_relative(got_latents, want_latents):.2e}"
+    assert np.abs(got_images - want_images).max() < 1e-3
+    assert [e.precision for e in denoiser.trace.steps] == ["fp32"] * STEPS
+    assert [e.index for e in denoiser.trace.steps] == list(range(STEPS))
+
+
+def test_mixed_schedule_runs_the_precisions_it_names(exported):
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    reference = _call(pipe, name, output_type="latent")
+    schedule = ["fp32", "int8", "int8", "fp32"]
+    denoiser = attach_engines(pipe, build_dir, schedule=schedule)
+    mixed = _call(pipe, name, output_type="latent")
+    assert [e.precision for e in denoiser.trace.steps] == schedule
+    assert not denoiser.trace.fallbacks and denoiser.trace.switches == 2
+    assert np.isfinite(mixed).all()
+    error = _relative(mixed, reference)
+    print(f"{name}: schedule {schedule} vs the torch pipeline, latents {error:.2e} relative")
+    assert 0 < error < 0.5, f"{name}: int8 steps moved the latents by {error:.2e}"
+
+
+def test_uniform_precision_follows_any_step_count(exported):
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    denoiser = attach_engines(pipe, build_dir, precision="int8")
+    _call(pipe, name, steps=3)
+    assert [e.precision for e in denoiser.trace.steps] == ["int8"] * 3
+
+
+@pytest.mark.parametrize("exported", ["pixart"], indirect=True)  # one pipeline class is enough for this path
+def test_pipeline_loaded_without_its_denoiser(exported, tmp_path):
+    """The deployment path: the torch denoiser is never loaded; config and signature come from the build dir."""
+    from diffusers import DiffusionPipeline
+
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    want = _call(pipe, name, output_type="latent")
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", transformer=None, local_files_only=True, use_safetensors=True)
+    assert loaded.transformer is None
+    attach_engines(loaded, build_dir, precision="fp32")
+    assert _relative(_call(loaded, name, output_type="latent"), want) < 1e-4
+
+
+def test_mismatches_are_caught_before_the_first_step(exported):
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    denoiser = attach_engines(pipe, build_dir, schedule=["fp32"] * STEPS)
+    with pytest.raises(TmpdiffError, match=f"schedule has {STEPS} steps but the pipeline runs 3"):
+        _call(pipe, name, steps=3)
+    assert denoiser.trace.steps == []
+    with pytest.raises(TmpdiffError, match="text tokens"):
+        _call(pipe, name, max_sequence_length=tiny_pipelines.TEXT_LEN - 2)
+    with pytest.raises(TmpdiffError, match="latent size is fixed"):
+        pipe(PROMPTS, num_inference_steps=STEPS, height=2 * tiny_pipelines.SIZE, width=2 * tiny_pipelines.SIZE,
+             output_type="latent", **tiny_pipelines.PIPELINES[name][2])
+
+
+def test_attach_refuses_what_does_not_fit(exported):
+    name, build_dir = exported
+    with pytest.raises(TmpdiffError, match="fp8"):
+        attach_engines(tiny_pipelines.build(name), build_dir, schedule=["fp32", "fp8", "fp32", "fp32"])
+    with pytest.raises(TmpdiffError, match="unknown precision"):
+        attach_engines(tiny_pipelines.build(name), build_dir, schedule=["fp32", "fp64", "fp32", "fp32"])
+    other = tiny_pipelines.build(name)
+    other.transformer.register_to_config(num_layers=7)
+    with pytest.raises(TmpdiffError, match="num_layers"):
+        attach_engines(other, build_dir, precision="fp32")

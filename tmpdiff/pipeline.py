@@ -1,0 +1,310 @@
+"""The diffusers drop-in: a pipeline's `transformer` (or `unet`) replaced by tmpdiff engines that follow a schedule.
+
+    pipe = PixArtSigmaPipeline.from_pretrained(path, transformer=None)   # the torch denoiser is never loaded
+    denoiser = attach_engines(pipe, "build/pixart", schedule="schedule.json")
+    image = pipe(prompt, num_inference_steps=denoiser.steps).images[0]
+    denoiser.trace  # what ran at each step
+
+The pipeline's text encoders, VAE, scheduler and guidance run unchanged; only the denoiser call goes to the
+engines. Each call looks up the scheduler's current step index and runs the engine the schedule names for
+that step. The engines stay bound to one set of buffers owned here: the pipeline's tensors are copied in
+(the pipeline owns its latents), the output is copied out (multistep schedulers keep earlier outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmpdiff.atomic import validation_problems
+from tmpdiff.engines.base import TORCH_DTYPES, Engine, Stream, runtime_stream
+from tmpdiff.engines.loading import load_engines
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.export.manifest import Manifest, load_manifest
+from tmpdiff.models.adapter import TEXT_MASK, DenoiserAdapter, TensorSpec
+from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.runtime.runner import run_guarded
+from tmpdiff.runtime.schedule import Schedule, load_schedule
+from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
+
+DENOISER_COMPONENTS = ("transformer", "unet")
+# Keyword arguments a pipeline passes that carry attention-processor options: honoured only when empty.
+PROCESSOR_OPTIONS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
+# Config keys tmpdiff adds for export (fixed graph sizes); the model config itself does not have them.
+TMPDIFF_CONFIG_KEYS = ("text_len", "sample_size")
+
+
+class EngineDenoiser(torch.nn.Module):
+    """Stands in for a diffusers denoiser module: same config, same call, engines underneath.
+
+    `precisions` has one entry per scheduler step (len(scheduler.timesteps)); with `uniform` set instead,
+    every step runs that precision whatever the step count.
+    """
+
+    def __init__(self, engines: Mapping[str, Engine], adapter: DenoiserAdapter, config: Mapping[str, Any],
+                 forward_signature: inspect.Signature, scheduler_of, *, precisions: list[str] | None = None,
+                 uniform: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 stream: Stream | None = None, nan_guard: bool = True, nvtx: bool | None = None) -> None:
+        super().__init__()
+        if (precisions is None) == (uniform is None):
+            raise TmpdiffError("give a schedule or a uniform precision, not both or neither")
+        self.engines = dict(engines)
+        self.adapter = adapter
+        self.precisions = precisions
+        self.uniform = uniform
+        self.nan_guard = nan_guard
+        self.nvtx = nvtx_wanted() if nvtx is None else nvtx
+        self._marks: list[tuple] = []  # (index, timestep, used, fallback_from, start mark, end mark) per call
+        self._config = _frozen(config)
+        self._signature = forward_signature
+        self._scheduler_of = scheduler_of
+        self._device = torch.device("cpu" if device == "cpu" else "cuda")
+        self._dtype = dtype
+        self.stream = stream or runtime_stream(device)
+        self._clock = StepClock(getattr(self.stream, "torch", None))
+        self._input_specs: list[TensorSpec] = adapter.input_specs()
+        self._output_spec: TensorSpec = adapter.output_specs()[0]
+        self._batch: int | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    # What diffusers pipelines read from their denoiser besides calling it.
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def trace(self) -> RunTrace:
+        """What ran at each denoiser call of the latest pipeline call (precision used, fallbacks, times)."""
+        if self._clock.torch_stream is not None:
+            self.stream.synchronize()  # CUDA event times are readable only once the work is done
+        origin = self._marks[0][4] if self._marks else None
+        return RunTrace([StepEvent(index, t, used, self._clock.seconds(origin, start), self._clock.seconds(start, end), fallback)
+                         for index, t, used, fallback, start, end in self._marks])
+
+    @property
+    def steps(self) -> int | None:
+        """The step count the schedule was made for (None for a uniform precision)."""
+        return None if self.precisions is None else len(self.precisions)
+
+    def cache_context(self, name: str) -> contextlib.AbstractContextManager:
+        """diffusers' cache hook (Flux calls it around cond/uncond): engines keep no cache, so a no-op."""
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any):
+        """The denoiser call as the pipeline makes it; returns `(noise_pred,)` or an output with `.sample`."""
+        try:
+            call = dict(self._signature.bind(*args, **kwargs).arguments)
+        except TypeError as exc:
+            raise TmpdiffError(f"{self.adapter.architecture} engines called with unexpected arguments ({exc})") from None
+        return_dict = call.pop("return_dict", True)
+        feeds = self._feeds(call)
+        hidden = feeds[self._input_specs[0].name]
+        self._ensure_buffers(int(hidden.shape[0]))
+        for spec in self._input_specs:
+            _copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
+        index, timestep = self._step()
+        precision = self._precision_at(index)
+        if index == 0 and self._marks and self._marks[-1][0] != 0:
+            self._marks = []  # a new pipeline call (Flux's true CFG calls twice at every step, so 0 can repeat)
+        start = self._clock.mark()
+        out = self._outputs[self._output_spec.name]
+        used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
+                                          nan_guard=self.nan_guard, nvtx=self.nvtx)
+        result = out.to(dtype=hidden.dtype, copy=True)
+        self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
+        if not return_dict:
+            return (result,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=result)
+
+    def _feeds(self, call: dict[str, Any]) -> dict[str, Any]:
+        """Each engine input from the call (or its `added_cond_kwargs`); anything else it passes must be empty."""
+        added = dict(call.pop("added_cond_kwargs", None) or {})
+        feeds: dict[str, Any] = {}
+        for spec in self._input_specs:
+            value = call.pop(spec.name, None)
+            if value is None:
+                value = added.pop(spec.name, None)
+            if value is None and spec.name == TEXT_MASK:
+                value = 1.0  # no mask given: every token counts
+            if value is None:
+                raise TmpdiffError(f"the pipeline did not pass {spec.name!r}, which the {self.adapter.architecture} engines take")
+            feeds[spec.name] = value
+        unused = [name for name, value in {**call, **added}.items()
+                  if value is not None and not (name in PROCESSOR_OPTIONS and not value)]
+        if unused:
+            raise TmpdiffError(f"the {self.adapter.architecture} engines cannot take {', '.join(sorted(unused))} "
+                               "(not part of the exported graph)")
+        return feeds
+
+    def _ensure_buffers(self, batch: int) -> None:
+        """Buffers for this batch size, bound to every engine (once per batch size, not per step)."""
+        if batch == self._batch:
+            return
+        dims = self.adapter.default_dims(batch)
+        self._inputs = {s.name: torch.zeros(s.concrete(dims), dtype=TORCH_DTYPES[s.dtype], device=self._device)
+                        for s in self._input_specs}
+        self._outputs = {s.name: torch.zeros(s.concrete(dims), dtype=TORCH_DTYPES[s.dtype], device=self._device)
+                         for s in self.adapter.output_specs()}
+        for engine in self.engines.values():
+            engine.bind(self._inputs, self._outputs)
+        self._batch = batch
+
+    def _step(self) -> tuple[int, int]:
+        """The scheduler's current step index (checked against the schedule) and its timestep."""
+        scheduler = self._scheduler_of()
+        timesteps = scheduler.timesteps
+        if timesteps is None:
+            raise TmpdiffError("the pipeline's scheduler has no timesteps set")
+        if self.precisions is not None and len(timesteps) != len(self.precisions):
+            raise TmpdiffError(f"the schedule has {len(self.precisions)} steps but the pipeline runs {len(timesteps)}: "
+                               f"call it with num_inference_steps={len(self.precisions)}")
+        index = scheduler.step_index
+        if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
+            index = scheduler.begin_index or 0
+        if not 0 <= index < len(timesteps):
+            raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
+        return index, int(float(timesteps[index]))
+
+    def _precision_at(self, index: int) -> str:
+        return self.uniform if self.precisions is None else self.precisions[index]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def _frozen(config: Mapping[str, Any]):
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict(config)
+
+
+def _copy_into(spec: TensorSpec, buffer: torch.Tensor, value: Any, adapter: DenoiserAdapter) -> None:
+    """Write one call argument into its bound buffer; only per-sample scalars (timestep, guidance) broadcast."""
+    tensor = torch.as_tensor(value, device=buffer.device)
+    per_sample_scalar = len(spec.shape) == 1 and isinstance(spec.shape[0], str)
+    if (per_sample_scalar and tensor.numel() == 1) or (spec.name == TEXT_MASK and tensor.dim() == 0):
+        buffer.fill_(tensor.reshape(()).item())
+        return
+    if tuple(tensor.shape) != tuple(buffer.shape):
+        hint = ""
+        if spec.name == "encoder_hidden_states":
+            hint = (f" (the graph was exported for {adapter.text_len} text tokens: call the pipeline with "
+                    f"max_sequence_length to match, or re-export with --text-len)")
+        elif spec.name in ("hidden_states", "sample"):
+            hint = " (the graph's latent size is fixed at export: pass the matching height and width)"
+        raise TmpdiffError(f"{spec.name} has shape {tuple(tensor.shape)}, the engines take {tuple(buffer.shape)}{hint}")
+    buffer.copy_(tensor)
+
+
+def denoiser_component(pipe) -> str:
+    """Which attribute of the pipeline holds the denoiser."""
+    components = getattr(pipe, "components", {})
+    for name in DENOISER_COMPONENTS:
+        if name in components:
+            return name
+    raise TmpdiffError(f"{type(pipe).__name__} has no {' or '.join(DENOISER_COMPONENTS)} component")
+
+
+def check_same_model(original: torch.nn.Module, manifest: Manifest, build_dir: Path) -> None:
+    """The pipeline's own denoiser (when loaded) must be the model the build directory was exported from."""
+    if type(original).__name__ != manifest.architecture:
+        raise TmpdiffError(f"the pipeline's denoiser is a {type(original).__name__}, the build directory holds "
+                           f"{manifest.architecture} engines", build_dir / "manifest.json")
+    exported = manifest.denoiser_config
+    differing = sorted(k for k, v in dict(original.config).items()
+                       if not k.startswith("_") and k not in TMPDIFF_CONFIG_KEYS and k in exported
+                       and _plain(exported[k]) != _plain(v))
+    if differing:
+        key = differing[0]
+        raise TmpdiffError(f"the pipeline's denoiser config differs from the exported one in {', '.join(differing)} "
+                           f"({key}: {exported[key]!r} exported, {dict(original.config)[key]!r} here)",
+                           build_dir / "manifest.json")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _forward_signature(architecture: str) -> inspect.Signature:
+    import diffusers
+
+    cls = getattr(diffusers, architecture)
+    parameters = list(inspect.signature(cls.forward).parameters.values())[1:]  # drop self
+    return inspect.Signature(parameters)
+
+
+def _denoiser_config(manifest: Manifest, adapter: DenoiserAdapter) -> dict[str, Any]:
+    """The config the pipeline will read; out_channels says what the graph returns (eps only for learned-sigma models)."""
+    config = {k: v for k, v in manifest.denoiser_config.items() if not k.startswith("_")}
+    output = adapter.output_specs()[0]
+    if len(output.shape) == 4 and isinstance(output.shape[1], int):
+        config["out_channels"] = output.shape[1]
+    return config
+
+
+def resolve_plan(schedule: Schedule | str | Path | list[str] | None, precision: str | None,
+                 source: Path) -> tuple[list[str] | None, str | None]:
+    """(per-step precisions, None) for a schedule, (None, precision) for a uniform run."""
+    if (schedule is None) == (precision is None):
+        raise TmpdiffError("give exactly one of a schedule or a uniform precision", source)
+    if precision is not None:
+        return None, precision
+    if isinstance(schedule, (str, Path)):
+        schedule = load_schedule(schedule)
+    if isinstance(schedule, list):
+        from pydantic import ValidationError
+
+        try:
+            schedule = Schedule(steps=len(schedule), precisions=schedule)
+        except ValidationError as exc:
+            raise TmpdiffError(f"not a valid schedule ({validation_problems(exc)})") from None
+    return list(schedule.precisions), None
+
+
+def attach_engines(pipe, build_dir: str | Path, *, schedule: Schedule | str | Path | list[str] | None = None,
+                   precision: str | None = None, backend: str = "ort", device: str = "cpu", threads: int | None = None,
+                   nan_guard: bool = True) -> EngineDenoiser:
+    """Replace the pipeline's transformer/unet with engines from `build_dir` that follow `schedule`.
+
+    Every built engine of the backend is loaded (a NaN step falls back to the next higher precision); the
+    schedule's precisions must all be built. The pipeline may have been loaded without its denoiser
+    (`transformer=None`): config and call signature then come from the build directory.
+    """
+    build_dir = Path(build_dir)
+    manifest = load_manifest(build_dir)
+    precisions, uniform = resolve_plan(schedule, precision, build_dir)
+    component = denoiser_component(pipe)
+    original = getattr(pipe, component, None)
+    if original is not None:
+        check_same_model(original, manifest, build_dir)
+    adapter = adapter_for_config(manifest.denoiser_config)
+    built = [p for p in manifest.precisions if f"{backend}:{device}:{p}" in manifest.engines]
+    missing = sorted(set(precisions or [uniform]) - set(built))
+    if missing:
+        raise TmpdiffError(f"the schedule uses {', '.join(missing)} but only {', '.join(built) or 'no'} {backend} engines "
+                           f"are built for {device}", build_dir)
+    engines = load_engines(build_dir, manifest, backend, device, built, threads)
+    dtype = original.dtype if original is not None else torch.float32
+    denoiser = EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
+                              lambda: pipe.scheduler, precisions=precisions, uniform=uniform, device=device, dtype=dtype,
+                              nan_guard=nan_guard)
+    setattr(pipe, component, denoiser)
+    return denoiser
