@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +94,32 @@ def test_pipeline_loaded_without_its_denoiser(exported, tmp_path):
     assert loaded.transformer is None
     attach_engines(loaded, build_dir, precision="fp32")
     assert _relative(_call(loaded, name, output_type="latent"), want) < 1e-4
+
+
+@pytest.mark.parametrize("exported", ["sd3"], indirect=True)
+def test_cli_runs_prompts_through_a_pipeline_directory(exported, tmp_path):
+    """`tmpdiff run --pipeline DIR --prompt ...`: image, per-step table, Chrome trace; the schedule's precisions ran."""
+    from PIL import Image
+
+    from tmpdiff.runtime.schedule import Schedule, save_schedule
+
+    name, build_dir = exported
+    tiny_pipelines.build(name).save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    save_schedule(Schedule(steps=STEPS, precisions=["fp32", "int8", "fp32", "int8"]), tmp_path / "schedule.json")
+    args = ["run", str(build_dir), "--pipeline", str(tmp_path / "pipe"), "--prompt", "a red house", "--prompt", "a blue tree",
+            "--schedule", str(tmp_path / "schedule.json"), "--out", str(tmp_path / "image.png"), "--trace", str(tmp_path / "trace.json")]
+    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "total" in done.stdout and "3 engine switches" in done.stdout
+    assert Image.open(tmp_path / "image.png").mode == "RGB"
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert [e["name"] for e in events if e["ph"] == "X"] == [f"step {i} {p}" for i, p in enumerate(["fp32", "int8", "fp32", "int8"])]
+
+    wrong = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args, "--steps", "3"], capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "4 steps but --steps 3" in wrong.stderr and "Traceback" not in wrong.stderr
+    empty = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args[:4], "--prompt", " ", "--precision", "fp32"],
+                           capture_output=True, text=True, timeout=600)
+    assert empty.returncode == 2 and "non-empty" in empty.stderr
 
 
 def test_mismatches_are_caught_before_the_first_step(exported):

@@ -168,11 +168,14 @@ def profile(
 @app.command()
 def run(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
-    out: Annotated[Path, typer.Option(help="image to write (PNG, one sample per class given)")] = Path("sample.png"),
+    out: Annotated[Path, typer.Option(help="image to write (PNG grid, one sample per class or prompt)")] = Path("sample.png"),
     schedule: Annotated[Path | None, typer.Option(help="schedule.json (format tmpdiff.schedule/1)")] = None,
     precision: Annotated[str | None, typer.Option(help="run every step at this precision instead of a schedule")] = None,
     class_: Annotated[str, typer.Option("--class", help="comma-separated class ids, one sample each")] = "0",
-    batch: Annotated[int, typer.Option(min=1, help="samples per class")] = 1,
+    prompt: Annotated[list[str] | None, typer.Option(help="text prompt (repeatable); needs --pipeline")] = None,
+    pipeline: Annotated[Path | None, typer.Option(help="local diffusers pipeline directory whose text encoders, VAE and "
+                                                       "scheduler run around the engines (text-conditioned models)")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="samples per class or prompt")] = 1,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="must equal the schedule's length")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the model's)")] = None,
@@ -182,31 +185,50 @@ def run(
     trace: Annotated[Path | None, typer.Option(help="write a Chrome trace (one event per step) here")] = None,
 ) -> None:
     """Sample with a per-step precision schedule; print the per-step table; write the image (and a trace)."""
+    from tmpdiff.eval.images import grid_image, save_png
+
+    if (prompt is None) != (pipeline is None):
+        raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
+    if prompt is not None:
+        from tmpdiff.runtime.run_pipeline import PromptRequest, run_prompts
+
+        request = PromptRequest(build_dir, pipeline, [p for p in prompt for _ in range(batch)], seed, steps, schedule, precision,
+                                backend, device, threads, guidance)
+        images, denoiser, source = run_prompts(request)
+        steps_run = denoiser.trace
+        title = f"{source}, {len(request.prompts)} prompts"
+    else:
+        from tmpdiff.models.digits import to_uint8
+        from tmpdiff.runtime.run import RunRequest
+        from tmpdiff.runtime.run import run as run_schedule
+
+        classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
+        request = RunRequest(build_dir, classes, seed, steps, schedule, precision, backend, device, threads, guidance)
+        result, _, info = run_schedule(request)
+        images, steps_run = to_uint8(result.latents.cpu()), result.trace
+        title = f"{info['source']}, {len(classes)} samples, guidance {info['guidance_scale']}"
+    _print_steps(steps_run, title)
+    save_png(grid_image(images, rows=1), out)
+    typer.echo(f"wrote {out}")
+    if trace is not None:
+        steps_run.write_chrome_trace(trace)
+        typer.echo(f"wrote {trace}")
+
+
+def _print_steps(trace, title: str) -> None:
+    """The per-step table (step, timestep, precision, ms) and totals."""
     from rich.table import Table
 
-    from tmpdiff.eval.images import grid_image, save_png
-    from tmpdiff.models.digits import to_uint8
-    from tmpdiff.runtime.run import RunRequest
-    from tmpdiff.runtime.run import run as run_schedule
-
-    classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
-    request = RunRequest(build_dir, classes, seed, steps, schedule, precision, backend, device, threads, guidance)
-    result, used, info = run_schedule(request)
-    table = Table(title=f"{info['source']}, {len(classes)} samples, guidance {info['guidance_scale']}")
+    table = Table(title=title)
     for column in ("step", "timestep", "precision", "ms"):
         table.add_column(column, justify="right" if column != "precision" else "left")
-    for event in result.trace.steps:
+    for event in trace.steps:
         label = event.precision + (f" (fallback from {event.fallback_from})" if event.fallback_from else "")
         table.add_row(str(event.index), str(event.timestep), label, f"{event.seconds * 1e3:.2f}")
     Console().print(table)
-    total = sum(e.seconds for e in result.trace.steps)
-    typer.echo(f"total {total * 1e3:.1f} ms over {len(result.trace.steps)} steps, {result.trace.switches} engine switches, "
-               f"{len(result.trace.fallbacks)} NaN/Inf fallbacks")
-    save_png(grid_image(to_uint8(result.latents.cpu()), rows=1), out)
-    typer.echo(f"wrote {out}")
-    if trace is not None:
-        result.trace.write_chrome_trace(trace)
-        typer.echo(f"wrote {trace}")
+    total = sum(e.seconds for e in trace.steps)
+    typer.echo(f"total {total * 1e3:.1f} ms over {len(trace.steps)} steps, {trace.switches} engine switches, "
+               f"{len(trace.fallbacks)} NaN/Inf fallbacks")
 
 
 @app.command()
@@ -350,15 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except typer.Abort:
+        return 1
+    except typer.TyperException as exc:  # typer's own click: usage errors, bad option values
+        if not hasattr(exc, "show"):
+            raise
+        exc.show()
+        return exc.exit_code
     return code if isinstance(code, int) else 0
 
 

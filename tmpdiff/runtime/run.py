@@ -56,7 +56,7 @@ def resolve_schedule(request: RunRequest, sampling: SamplingInfo) -> tuple[Sched
 def sampling_of(manifest: Manifest, build_dir: Path) -> SamplingInfo:
     if manifest.sampling is None:
         raise TmpdiffError("the build directory has no sampling info (exported from a model without tmpdiff_model.json); "
-                           "use the diffusers drop-in for pipelines", build_dir / "manifest.json")
+                           "run a text-conditioned model inside its pipeline: --pipeline DIR --prompt TEXT", build_dir / "manifest.json")
     return manifest.sampling
 
 

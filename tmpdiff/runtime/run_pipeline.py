@@ -1,0 +1,103 @@
+"""`tmpdiff run --pipeline DIR --prompt ...`: a local diffusers pipeline whose denoiser runs on the build's engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tmpdiff.errors import TmpdiffError
+from tmpdiff.pipeline import EngineDenoiser, attach_engines, denoiser_component
+from tmpdiff.runtime.schedule import load_schedule
+
+
+@dataclass
+class PromptRequest:
+    build_dir: Path
+    pipeline_dir: Path
+    prompts: list[str]
+    seed: int = 0
+    steps: int | None = None
+    schedule_path: Path | None = None
+    precision: str | None = None
+    backend: str = "ort"
+    device: str = "cpu"
+    threads: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+def load_pipeline_without_denoiser(pipeline_dir: Path):
+    """The pipeline's text encoders, VAE and scheduler from a local directory (safetensors only, nothing downloaded)."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    index_path = pipeline_dir / "model_index.json"
+    if not index_path.is_file():
+        raise TmpdiffError("not a diffusers pipeline directory (no model_index.json)", pipeline_dir)
+    try:
+        components = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TmpdiffError(f"not valid JSON ({exc})", index_path) from None
+    denoiser = next((name for name in ("transformer", "unet") if name in components), None)
+    if denoiser is None:
+        raise TmpdiffError("the pipeline has no transformer or unet component", index_path)
+    try:
+        return DiffusionPipeline.from_pretrained(pipeline_dir, **{denoiser: None}, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TmpdiffError(f"cannot load the pipeline ({first})", pipeline_dir) from None
+
+
+def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str]:
+    """Images (N, H, W, 3) uint8 for the prompts, the attached denoiser (its trace says what ran), and the schedule's source."""
+    if not request.prompts or any(not p.strip() for p in request.prompts):
+        raise TmpdiffError("every --prompt must be non-empty")
+    if (request.schedule_path is None) == (request.precision is None):
+        raise TmpdiffError("give exactly one of --schedule FILE or --precision P")
+    if request.schedule_path is not None:
+        schedule = load_schedule(request.schedule_path)
+        if request.steps is not None and request.steps != schedule.steps:
+            raise TmpdiffError(f"schedule has {schedule.steps} steps but --steps {request.steps} was given", request.schedule_path)
+        steps, plan, source = schedule.steps, {"schedule": schedule}, str(request.schedule_path)
+    else:
+        steps, plan, source = request.steps or 20, {"precision": request.precision}, f"uniform {request.precision}"
+    pipe = load_pipeline_without_denoiser(request.pipeline_dir)
+    denoiser = attach_engines(pipe, request.build_dir, backend=request.backend, device=request.device,
+                              threads=request.threads, **plan)
+    if request.device != "cpu":
+        pipe.to("cuda")
+    kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(request.seed), "output_type": "np"}
+    if request.guidance_scale is not None:
+        kwargs["guidance_scale"] = request.guidance_scale
+    sample_size = denoiser.config.get("sample_size")
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if sample_size and scale:  # the graphs' latent size is fixed: default to the image size it implies
+        kwargs["height"] = request.height or int(sample_size) * scale
+        kwargs["width"] = request.width or int(sample_size) * scale
+    text_len = getattr(denoiser.adapter, "text_len", None)
+    if text_len and "max_sequence_length" in _call_parameters(pipe):
+        kwargs["max_sequence_length"] = _t5_length(pipe, denoiser_component(pipe), text_len)
+    try:
+        images = pipe(request.prompts, **kwargs).images
+    finally:
+        denoiser.close()
+    return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, source
+
+
+def _call_parameters(pipe) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def _t5_length(pipe, component: str, text_len: int) -> int:
+    """The pipeline's max_sequence_length that yields the exported text length (SD3 prepends its CLIP tokens)."""
+    clip = getattr(pipe, "tokenizer", None)
+    if type(pipe).__name__.startswith("StableDiffusion3") and clip is not None:
+        return text_len - int(clip.model_max_length)
+    return text_len
