@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -43,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=10, help="samples per run (engine batch = 2x with guidance)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threading", choices=("per-session", "shared"), default="shared",
+                        help="one ORT thread pool shared by all sessions (the runtime's way), or a pool per session")
     parser.add_argument("--costs", type=Path, default=None, help="costs table for the predicted mixed latency")
     parser.add_argument("--out", type=Path, default=Path("bench-switch.json"))
     args = parser.parse_args(argv)
 
+    if args.threading == "per-session":
+        os.environ["TMPDIFF_ORT_PER_SESSION_THREADS"] = "1"
     manifest = load_manifest(args.build_dir)
     sampling = manifest.sampling
     engines = load_engines(args.build_dir, manifest, "ort", "cpu", [args.precision, args.cheap], args.threads)
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     predicted = (medians["uniform"] + medians[f"uniform_{args.cheap}"]) / 2
     report = {
         "device": manifest.engines[engine_key("ort", "cpu", args.precision)].device,
+        "threading": args.threading, "spinning": os.environ.get("TMPDIFF_ORT_SPINNING", "0") == "1" or args.threading == "shared",
         "steps": args.steps, "samples": args.samples, "repeats": args.repeats,
         "median_step_ms": medians, "switch_overhead_fraction": overhead,
         "mixed_vs_uniform_mean": {"measured_ms": medians[mixed], "predicted_ms": predicted,

@@ -7,6 +7,7 @@ one step to the next never passes through a Python-side copy.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,33 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tr
 LEVELS = ("disable", "basic", "extended", "all")
 
 
+_shared_pool: dict[str, int] = {}
+
+
+def use_shared_thread_pool(threads: int | None = None) -> int:
+    """From now on, every ORT session of this process runs on one shared intra-op thread pool; returns its size.
+
+    The runtime holds one session per precision and alternates between them. With a pool per session,
+    each switch hands the work to another set of threads, and idle pools must not spin or they steal the
+    cores from the active one; with one pool the same threads serve every step and may spin between ops.
+    ORT creates the pool once per process: a later request for another size keeps the first (with a warning).
+    TMPDIFF_ORT_PER_SESSION_THREADS=1 keeps a pool per session instead (returns 0).
+    """
+    import onnxruntime as ort
+
+    if os.environ.get("TMPDIFF_ORT_PER_SESSION_THREADS") == "1":
+        return 0
+    size = threads or len(os.sched_getaffinity(0))
+    if _shared_pool:
+        if _shared_pool["threads"] != size:
+            warnings.warn(f"the shared ORT thread pool already has {_shared_pool['threads']} threads; "
+                          f"{size} requested, {_shared_pool['threads']} kept", stacklevel=2)
+        return _shared_pool["threads"]
+    ort.set_global_thread_pool_sizes(size, 1)
+    _shared_pool["threads"] = size
+    return size
+
+
 def session_options(threads: int | None = None, optimization: str = "all", optimized_path: Path | None = None):
     """ORT session options set deliberately: threads, graph optimisation level, where to save the optimised graph."""
     import onnxruntime as ort
@@ -34,7 +62,9 @@ def session_options(threads: int | None = None, optimization: str = "all", optim
         raise TmpdiffError(f"unknown ORT optimisation level {optimization!r}; choose from {', '.join(levels)}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = levels[optimization]
-    if threads:
+    if _shared_pool:
+        opts.use_per_session_threads = False  # threads come from the shared pool; `threads` was given to it
+    elif threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -45,8 +75,8 @@ def session_options(threads: int | None = None, optimization: str = "all", optim
     # the activations to int8 inside the kernel (W4A8). Level 1 keeps them fp32: the W4A16 that
     # TensorRT computes and that the parity test checks (1e-3 -> 2e-7 relative error, measured).
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    # The runtime keeps one session per precision and alternates between them. Spinning intra-op
-    # threads of idle sessions steal the cores from the active one (2 cores, 5 sessions interleaved:
+    # Sessions with their own pools (export parity, build, check; the runtime uses the shared pool) alternate
+    # too. Spinning intra-op threads of idle sessions steal the cores from the active one (2 cores, 5 sessions interleaved:
     # fp32 step 76.7 ms spinning, 59.8 ms blocking; one session alone: 48.8 ms spinning, 58.2 blocking).
     # Blocking is the default; TMPDIFF_ORT_SPINNING=1 turns spinning back on.
     opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("TMPDIFF_ORT_SPINNING", "0"))
