@@ -25,8 +25,9 @@ def exported(request, tmp_path_factory):
     """(name, build dir with fp32 + int8 ORT engines) for each tiny pipeline's denoiser."""
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    model_dir = tiny_pipelines.save_denoiser(tiny_pipelines.build(name), name, root / "transformer")
-    build_dir, _ = export_model(model_dir, root / "build", ["fp32", "int8"], model_id=name)
+    model_dir = tiny_pipelines.save_denoiser(tiny_pipelines.build(name), root / "transformer")
+    build_dir, _ = export_model(model_dir, root / "build", ["fp32", "int8"], model_id=name,
+                                graph_sizes=tiny_pipelines.PIPELINES[name][1])
     build_engines(build_dir, "ort", "cpu")
     return name, build_dir
 
@@ -134,6 +135,21 @@ def test_mismatches_are_caught_before_the_first_step(exported):
     with pytest.raises(TmpdiffError, match="latent size is fixed"):
         pipe(PROMPTS, num_inference_steps=STEPS, height=2 * tiny_pipelines.SIZE, width=2 * tiny_pipelines.SIZE,
              output_type="latent", **tiny_pipelines.PIPELINES[name][2])
+
+
+@pytest.mark.parametrize("exported", ["pixart"], indirect=True)
+def test_export_with_other_graph_sizes_replaces_the_build(exported):
+    """A new text length is another graph: the export starts the build directory over instead of mixing sizes."""
+    name, build_dir = exported
+    model_dir = build_dir.parent.parent / "transformer"
+    other, [outcome] = export_model(model_dir, build_dir.parent.parent / "other", ["fp32"], model_id=name, graph_sizes={"text_len": 6})
+    from tmpdiff.export.manifest import load_manifest
+
+    shapes = {s.name: s.shape for s in load_manifest(other).inputs}
+    assert shapes["encoder_hidden_states"][1] == 6 and shapes["encoder_attention_mask"] == ["batch", 6]
+    again, [outcome] = export_model(model_dir, build_dir.parent.parent / "other", ["fp32"], model_id=name,
+                                    graph_sizes={"text_len": 7})
+    assert not outcome.skipped and load_manifest(again).inputs[1].shape[1] == 7
 
 
 def test_attach_refuses_what_does_not_fit(exported):

@@ -94,7 +94,8 @@ def flux():
                         text_encoder_2=t5_text_encoder(64), tokenizer_2=word_tokenizer(TEXT_LEN), transformer=transformer)
 
 
-# Per pipeline: builder, tmpdiff config keys for export, and the call arguments that match them.
+# Per pipeline: builder, the graph sizes to export (`export_model(graph_sizes=...)`, `--text-len`, `--sample-size`),
+# and the call arguments that match them.
 PIPELINES = {
     "pixart": (pixart_sigma, {"text_len": TEXT_LEN},
                {"max_sequence_length": TEXT_LEN, "use_resolution_binning": False, "clean_caption": False}),
@@ -109,12 +110,7 @@ def build(name: str, seed: int = 0):
     return PIPELINES[name][0]()
 
 
-def save_denoiser(pipe, name: str, directory: Path) -> Path:
-    """The pipeline's denoiser saved as a diffusers model directory with tmpdiff's export keys in its config."""
-    import json
-
+def save_denoiser(pipe, directory: Path) -> Path:
+    """The pipeline's denoiser saved as a diffusers model directory (safetensors)."""
     pipe.transformer.save_pretrained(directory, safe_serialization=True)
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text()) | PIPELINES[name][1]
-    config_path.write_text(json.dumps(config, indent=2))
     return directory

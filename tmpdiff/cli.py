@@ -44,6 +44,10 @@ def export(
     keep_high_precision: Annotated[str | None, typer.Option(
         help="comma-separated modelopt wildcards of layers left unquantized (default: embeddings, in/out projections, final norm)")] = None,
     census: Annotated[bool, typer.Option(help="print every MatMul/Gemm/Conv with its quantized operands")] = False,
+    text_len: Annotated[int | None, typer.Option(min=1, help="text tokens the graph takes (the pipeline's max_sequence_length; "
+                                                            "SD3: CLIP's 77 + T5's); default per architecture")] = None,
+    sample_size: Annotated[int | None, typer.Option(min=1, help="latent height = width the graph takes (default: the model "
+                                                               "config's sample_size; Flux: 128)")] = None,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
     from tmpdiff.export.pipeline import export_model, parse_precisions
@@ -60,7 +64,7 @@ def export(
                                              None if calib_classes is None else _int_list(calib_classes, "--calib-classes"))
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
-                                       sampling=sampling)
+                                       sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size})
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:

@@ -149,13 +149,16 @@ def export_model(
     keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
     on_progress: Callable[[str], None] = lambda _: None,
     sampling: SamplingInfo | None = None,
+    graph_sizes: dict[str, int | None] | None = None,
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
 
-    Holds the build directory's lock throughout, so concurrent exports/builds are serialised.
+    `graph_sizes` ({"text_len": N, "sample_size": N}, None entries ignored) overrides the fixed sizes the
+    graph takes, as the same keys in the model's config.json would. Holds the build directory's lock
+    throughout, so concurrent exports/builds are serialised.
     """
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
-    config = read_model_config(model_dir)
+    config = read_model_config(model_dir) | {k: v for k, v in (graph_sizes or {}).items() if v is not None}
     adapter = adapter_for_config(config)
     model_id = model_id or model_dir.resolve().name
     build_dir = out_root / model_id
@@ -181,8 +184,9 @@ def _export_locked(
     manifest = None
     if (build_dir / "manifest.json").is_file():
         manifest = load_manifest(build_dir)
-        if manifest.model_sha256 != model_hash:
-            manifest = None  # another model's (or changed weights') artifacts: rebuild everything
+        inputs = [TensorSpecModel.of(s) for s in adapter.input_specs()]
+        if manifest.model_sha256 != model_hash or manifest.inputs != inputs:
+            manifest = None  # another model's (or changed weights' or graph sizes') artifacts: rebuild everything
     if manifest is None:
         manifest = Manifest(
             model_id=model_id,
