@@ -79,11 +79,16 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     if sample_size and scale:  # the graphs' latent size is fixed: default to the image size it implies
         kwargs["height"] = request.height or int(sample_size) * scale
         kwargs["width"] = request.width or int(sample_size) * scale
+    parameters = _call_parameters(pipe)
+    if "use_resolution_binning" in parameters:
+        kwargs["use_resolution_binning"] = False  # the graph's latent size is fixed: no aspect-ratio bins
     text_len = getattr(denoiser.adapter, "text_len", None)
-    if text_len and "max_sequence_length" in _call_parameters(pipe):
+    if text_len and "max_sequence_length" in parameters:
         kwargs["max_sequence_length"] = _t5_length(pipe, denoiser_component(pipe), text_len)
     try:
         images = pipe(request.prompts, **kwargs).images
+    except ValueError as exc:  # diffusers pipelines check their arguments with ValueError
+        raise TmpdiffError(f"{type(pipe).__name__} refused the call ({exc})", request.pipeline_dir) from None
     finally:
         denoiser.close()
     return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, source
