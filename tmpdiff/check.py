@@ -22,15 +22,18 @@ class Problem:
 
 def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check: bool = True) -> list[Problem]:
     """Every check that can fail, collected (not stopping at the first)."""
-    from tmpdiff.atomic import sha256_file
+    from tmpdiff.atomic import interrupted_writes, sha256_file
     from tmpdiff.export.manifest import artifact_problem, load_manifest
     from tmpdiff.export.onnx_io import load_onnx
 
-    problems: list[Problem] = []
+    # a killed export/build leaves its in-flight temp; the next run of it (under the build lock) removes it
+    problems = [Problem(str(path), "incomplete write left by an interrupted tmpdiff process",
+                        "re-run the interrupted `tmpdiff export` or `tmpdiff build` (it removes this)")
+                for path in interrupted_writes(build_dir)]
     try:
         manifest = load_manifest(build_dir)
     except TmpdiffError as exc:
-        return [Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`")]
+        return [*problems, Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`")]
     root = build_dir.resolve()
     for name, entry in manifest.precisions.items():
         for rel, digest in [(entry.onnx, entry.sha256), (entry.trt_onnx, entry.trt_sha256)]:

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tmpdiff.atomic import sha256_file
+from tmpdiff.atomic import TEMP_SUFFIX, sha256_file, temp_prefix
 from tmpdiff.engines.device import device_label
 from tmpdiff.engines.ort import OrtEngine
 from tmpdiff.errors import TmpdiffError
@@ -33,7 +33,7 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
     source = verify_artifact(build_dir, precision, entry)
     rel = f"{precision}/{prepared_name(device)}"
     final = build_dir / rel
-    with tempfile.TemporaryDirectory(prefix=".ort-build.", dir=final.parent) as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(final.name), suffix=TEMP_SUFFIX, dir=final.parent) as tmp_dir:
         tmp = Path(tmp_dir) / final.name
         OrtEngine(source, precision, device, threads, entry.ort_optimization, optimized_path=tmp)
         if not tmp.is_file():

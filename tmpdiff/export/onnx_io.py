@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from tmpdiff.atomic import TEMP_SUFFIX, temp_prefix
 from tmpdiff.errors import TmpdiffError
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -21,7 +22,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, force_external: bool = F
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     external = force_external or model.ByteSize() > PROTOBUF_LIMIT
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / path.name
         data_name = f"{path.name}.data"
         if external:
