@@ -94,6 +94,19 @@ def flux():
                         text_encoder_2=t5_text_encoder(64), tokenizer_2=word_tokenizer(TEXT_LEN), transformer=transformer)
 
 
+def sd15():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    # DDIM keeps no step_index: the drop-in counts the calls of each run instead.
+    unet = UNet2DConditionModel(sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    return StableDiffusionPipeline(vae=tiny_vae(4), text_encoder=clip_text_encoder(32, 32, False),
+                                   tokenizer=word_tokenizer(TEXT_LEN, bos=True), unet=unet, scheduler=DDIMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 # Per pipeline: builder, the graph sizes to export (`export_model(graph_sizes=...)`, `--text-len`, `--sample-size`),
 # and the call arguments that match them.
 PIPELINES = {
@@ -101,6 +114,7 @@ PIPELINES = {
                {"max_sequence_length": TEXT_LEN, "use_resolution_binning": False, "clean_caption": False}),
     "sd3": (sd3, {"text_len": 2 * TEXT_LEN}, {"max_sequence_length": TEXT_LEN}),
     "flux": (flux, {"text_len": TEXT_LEN, "sample_size": SIZE // 2}, {"max_sequence_length": TEXT_LEN}),
+    "sd15": (sd15, {"text_len": TEXT_LEN}, {}),
 }
 
 
@@ -112,5 +126,5 @@ def build(name: str, seed: int = 0):
 
 def save_denoiser(pipe, directory: Path) -> Path:
     """The pipeline's denoiser saved as a diffusers model directory (safetensors)."""
-    pipe.transformer.save_pretrained(directory, safe_serialization=True)
+    (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).save_pretrained(directory, safe_serialization=True)
     return directory

@@ -70,6 +70,8 @@ class EngineDenoiser(torch.nn.Module):
         self._input_specs: list[TensorSpec] = adapter.input_specs()
         self._output_spec: TensorSpec = adapter.output_specs()[0]
         self._batch: int | None = None
+        self._counted_timesteps: torch.Tensor | None = None
+        self._calls = 0
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
 
@@ -175,9 +177,14 @@ class EngineDenoiser(torch.nn.Module):
         if self.precisions is not None and len(timesteps) != len(self.precisions):
             raise TmpdiffError(f"the schedule has {len(self.precisions)} steps but the pipeline runs {len(timesteps)}: "
                                f"call it with num_inference_steps={len(self.precisions)}")
-        index = scheduler.step_index
-        if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
-            index = scheduler.begin_index or 0
+        if hasattr(scheduler, "step_index"):
+            index = scheduler.step_index
+            if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
+                index = scheduler.begin_index or 0
+        else:  # DDIM, DDPM, PNDM keep no step index: count the calls since set_timesteps made new timesteps
+            if timesteps is not self._counted_timesteps:
+                self._counted_timesteps, self._calls = timesteps, 0
+            index, self._calls = self._calls, self._calls + 1
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
         return index, int(float(timesteps[index]))
