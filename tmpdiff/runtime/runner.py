@@ -14,6 +14,7 @@ import torch
 
 from tmpdiff.engines.base import Engine, Stream, runtime_stream
 from tmpdiff.errors import TmpdiffError
+from tmpdiff.runtime.sampler import guided
 from tmpdiff.runtime.schedule import fallback_for
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
 
@@ -114,8 +115,7 @@ class ScheduledRunner:
                                               label=f"step {index}", nan_guard=self.nan_guard, nvtx=self.nvtx)
             eps = self.outputs["noise_pred"]
             if self.use_cfg:
-                eps_cond, eps_uncond = eps.chunk(2)
-                eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+                eps = guided(eps, self.guidance_scale)
             latent = scheduler.step(eps, t, latent).prev_sample
             marks.append((index, int(t), used, fallback_from, start, self.clock.mark()))
             if on_step is not None and self.clock.torch_stream is None:

@@ -67,6 +67,12 @@ def initial_noise(batch: int, channels: int, size: int, seed: int) -> torch.Tens
     return torch.randn((batch, channels, size, size), generator=gen, dtype=torch.float32)
 
 
+def guided(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance from one batched call whose first half is conditional, second half unconditional."""
+    eps_cond, eps_uncond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
 @torch.no_grad()
 def sample(
     denoiser: Denoiser,
@@ -95,8 +101,7 @@ def sample(
         timestep = torch.full((model_in.shape[0],), float(t), dtype=torch.float32)
         eps = denoiser(model_in, timestep, labels)
         if use_cfg:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            eps = guided(eps, guidance_scale)
         latent = scheduler.step(eps, t, latent).prev_sample
         record = StepRecord(index=index, timestep=int(t), seconds=time.perf_counter() - start)
         result.steps.append(record)
