@@ -2,8 +2,9 @@
 """Engine-switch overhead: the same steps run as a uniform schedule and as one that changes engine every step.
 
 Two engines of the same graph (two sessions of one precision) isolate the cost of switching from
-the cost difference between precisions. Also runs an fp32/int8 alternation to compare the measured
-step latency against what the costs table predicts. Medians over repeats, all in one process.
+the cost difference between precisions. Also runs an fp32/int8 alternation, and optionally a calibrated
+schedule, to compare the measured step latency against what the costs table predicts. Per run the mean
+ms per step; medians over repeats, schedules interleaved, all in one process.
 
   python scripts/bench_switch.py build/tiny-dit --out bench-switch.json
 """
@@ -26,13 +27,15 @@ from tmpdiff.export.manifest import engine_key, load_manifest
 from tmpdiff.runtime.run import scheduler_from
 from tmpdiff.runtime.runner import ScheduledRunner
 from tmpdiff.runtime.sampler import initial_noise
+from tmpdiff.runtime.schedule import load_schedule
 
 
-def run_schedule(runner: ScheduledRunner, sampling, schedule: list[str], samples: int) -> list[float]:
+def run_schedule(runner: ScheduledRunner, sampling, schedule: list[str], samples: int) -> float:
+    """Mean milliseconds per step of one sampling run."""
     labels = torch.arange(samples) % sampling.num_classes
     result = runner.sample(scheduler_from(sampling), labels, initial_noise(samples, sampling.channels,
                                                                            sampling.image_size, 0), schedule)
-    return [e.seconds for e in result.trace.steps]
+    return statistics.fmean(e.seconds for e in result.trace.steps) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--threading", choices=("per-session", "shared"), default="shared",
-                        help="one ORT thread pool shared by all sessions (the runtime's way), or a pool per session")
+                        help="one ORT thread pool and memory arena shared by all sessions (the runtime's way), or per session")
     parser.add_argument("--costs", type=Path, default=None, help="costs table for the predicted mixed latency")
+    parser.add_argument("--schedule", type=Path, default=None,
+                        help="a calibrated schedule.json (steps = --steps) to time against the costs table's prediction")
     parser.add_argument("--out", type=Path, default=Path("bench-switch.json"))
     args = parser.parse_args(argv)
 
@@ -54,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TMPDIFF_ORT_PER_SESSION_THREADS"] = "1"
     manifest = load_manifest(args.build_dir)
     sampling = manifest.sampling
-    engines = load_engines(args.build_dir, manifest, "ort", "cpu", [args.precision, args.cheap], args.threads)
+    calibrated = load_schedule(args.schedule).precisions if args.schedule else []
+    names = list(dict.fromkeys([args.precision, args.cheap, *calibrated]))
+    engines = load_engines(args.build_dir, manifest, "ort", "cpu", names, args.threads)
     twin = load_ort_engine(args.build_dir, manifest.engines[engine_key("ort", "cpu", args.precision)], "cpu", args.threads)
     engines["twin"] = twin
     runner = ScheduledRunner(engines, args.samples, sampling.channels, sampling.image_size, sampling.guidance_scale,
@@ -66,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         f"alternating_{args.precision}_{args.cheap}": [args.precision if i % 2 == 0 else args.cheap
                                                        for i in range(args.steps)],
     }
+    if calibrated:
+        schedules["calibrated"] = calibrated
     run_schedule(runner, sampling, schedules["uniform"], args.samples)  # warm-up every engine once
     run_schedule(runner, sampling, schedules[f"uniform_{args.cheap}"], args.samples)
     per_step: dict[str, list[float]] = {name: [] for name in schedules}
     for _ in range(args.repeats):
         for name, schedule in schedules.items():  # interleaved, so drift hits every schedule alike
-            per_step[name].append(statistics.median(run_schedule(runner, sampling, schedule, args.samples)) * 1e3)
+            per_step[name].append(run_schedule(runner, sampling, schedule, args.samples))
     medians = {name: statistics.median(v) for name, v in per_step.items()}
     overhead = medians["alternating_same_graph"] / medians["uniform"] - 1.0
     mixed = f"alternating_{args.precision}_{args.cheap}"
@@ -80,19 +89,36 @@ def main(argv: list[str] | None = None) -> int:
         "device": manifest.engines[engine_key("ort", "cpu", args.precision)].device,
         "threading": args.threading, "spinning": os.environ.get("TMPDIFF_ORT_SPINNING", "0") == "1" or args.threading == "shared",
         "steps": args.steps, "samples": args.samples, "repeats": args.repeats,
-        "median_step_ms": medians, "switch_overhead_fraction": overhead,
+        "step_ms": medians, "step_ms_is": "mean over a run's steps, median over repeats",
+        "switch_overhead_fraction": overhead,
         "mixed_vs_uniform_mean": {"measured_ms": medians[mixed], "predicted_ms": predicted,
                                   "ratio": medians[mixed] / predicted},
     }
     if args.costs:
         costs = json.loads(args.costs.read_text())["precisions"]
-        report["mixed_vs_costs_table"] = {"predicted_ms": (costs[args.precision]["median_ms"] + costs[args.cheap]["median_ms"]) / 2}
+        from_table = (costs[args.precision]["median_ms"] + costs[args.cheap]["median_ms"]) / 2
+        report["mixed_vs_costs_table"] = {"measured_ms": medians[mixed], "predicted_ms": from_table,
+                                          "ratio": medians[mixed] / from_table}
+        if calibrated:
+            predicted_run = statistics.fmean(costs[p]["median_ms"] for p in calibrated)
+            switches = sum(a != b for a, b in zip(calibrated, calibrated[1:], strict=False))
+            report["calibrated_vs_costs_table"] = {"schedule": calibrated, "switches": switches,
+                                                   "measured_ms": medians["calibrated"], "predicted_ms": predicted_run,
+                                                   "ratio": medians["calibrated"] / predicted_run}
     write_json(args.out, report)
-    print(f"{'schedule':<34}{'median ms/step':>16}")
+    print(f"{'schedule':<34}{'ms/step':>16}")
     for name, value in medians.items():
         print(f"{name:<34}{value:>16.2f}")
     print(f"switch overhead (same graph, every step): {overhead * 100:+.2f}% per step")
     print(f"{mixed}: measured {medians[mixed]:.2f} ms/step vs {predicted:.2f} predicted from the uniform runs")
+    if args.costs:
+        table = report["mixed_vs_costs_table"]
+        print(f"{mixed}: measured {table['measured_ms']:.2f} ms/step vs {table['predicted_ms']:.2f} from the costs table "
+              f"({(table['ratio'] - 1) * 100:+.1f}%)")
+        if calibrated:
+            table = report["calibrated_vs_costs_table"]
+            print(f"calibrated ({table['switches']} switches): measured {table['measured_ms']:.2f} ms/step vs "
+                  f"{table['predicted_ms']:.2f} from the costs table ({(table['ratio'] - 1) * 100:+.1f}%)")
     print(f"wrote {args.out}")
     return 0
 
