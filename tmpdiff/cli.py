@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -363,9 +364,16 @@ def demo(
     typer.echo(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'}")
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C: in-flight temp files are removed on the way out."""
+    console.print("terminated")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
     args = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(args, standalone_mode=False)  # click returns a typer.Exit's code here
     except TmpdiffError as exc:
@@ -373,16 +381,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
         console.print("interrupted")
         return 130
-    except typer.Abort:
-        return 1
     except typer.TyperException as exc:  # typer's own click: usage errors, bad option values
         if not hasattr(exc, "show"):
             raise
         exc.show()
         return exc.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) else 0
 
 
