@@ -62,6 +62,24 @@ def test_same_seed_same_schedule_is_bit_identical(quant_build, bundled):
     assert torch.equal(runs[0], runs[1])
 
 
+_LATENT_DIGEST = """
+import hashlib, sys
+from pathlib import Path
+from tmpdiff.runtime.run import RunRequest, run
+result, _, _ = run(RunRequest(Path(sys.argv[1]), [5, 6], seed=9, steps=10, precision=None, schedule_path=Path(sys.argv[2])))
+print(hashlib.sha256(result.latents.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_same_seed_same_schedule_is_bit_identical_across_processes(quant_build, tmp_path):
+    """Fresh processes (own ORT thread pool and arena each) give the same latents bit for bit."""
+    _, build_dir, _ = quant_build
+    save_schedule(Schedule(steps=10, precisions=["int8", "fp32"] * 5), tmp_path / "schedule.json")
+    digests = [subprocess.run([sys.executable, "-c", _LATENT_DIGEST, str(build_dir), str(tmp_path / "schedule.json")],
+                              capture_output=True, text=True, timeout=300, check=True).stdout.strip() for _ in range(2)]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
 class _NaNAfter:
     """Wraps an engine so its output turns NaN (what an overflowing low-precision engine does)."""
 
