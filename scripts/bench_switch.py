@@ -22,6 +22,7 @@ import torch
 
 from tmpdiff.atomic import write_json
 from tmpdiff.engines.loading import load_engines
+from tmpdiff.engines.ort import own_process
 from tmpdiff.engines.ort_build import load_ort_engine
 from tmpdiff.export.manifest import engine_key, load_manifest
 from tmpdiff.runtime.run import scheduler_from
@@ -48,14 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--threading", choices=("per-session", "shared"), default="shared",
-                        help="one ORT thread pool and memory arena shared by all sessions (the runtime's way), or per session")
+                        help="one ORT thread pool shared by all sessions (the tmpdiff CLI's way), or a pool per session")
     parser.add_argument("--costs", type=Path, default=None, help="costs table for the predicted mixed latency")
     parser.add_argument("--schedule", type=Path, default=None,
                         help="a calibrated schedule.json (steps = --steps) to time against the costs table's prediction")
     parser.add_argument("--out", type=Path, default=Path("bench-switch.json"))
     args = parser.parse_args(argv)
 
-    if args.threading == "per-session":
+    if args.threading == "shared":
+        own_process()  # as the tmpdiff CLI does
+    else:
         os.environ["TMPDIFF_ORT_PER_SESSION_THREADS"] = "1"
     manifest = load_manifest(args.build_dir)
     sampling = manifest.sampling

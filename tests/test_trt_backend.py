@@ -286,9 +286,11 @@ def test_build_options_are_validated():
 def test_tiny_onnx_is_x_times_two(tmp_path):
     import onnxruntime as ort
 
+    from tmpdiff.engines.ort import session_options  # valid whether or not a global thread pool exists
+
     path = _tiny_onnx(tmp_path / "m.onnx")
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (y,) = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(y, 2 * x)
 
 

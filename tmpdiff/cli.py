@@ -372,7 +372,10 @@ def _terminated(signum: int, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
+    from tmpdiff.engines.ort import own_process
+
     args = sys.argv[1:] if argv is None else argv
+    own_process()  # runtime ORT sessions may share one global thread pool
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(args, standalone_mode=False)  # click returns a typer.Exit's code here

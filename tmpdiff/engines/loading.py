@@ -13,13 +13,14 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
                  threads: int | None = None) -> dict[str, Engine]:
     """One engine per precision, each checked against its manifest record (version, device, sha256).
 
-    ORT engines share one thread pool and memory arena (see `share_ort_resources`): they run one at a time.
+    ORT engines share one memory arena, and in a tmpdiff process one thread pool (`share_runtime_resources`):
+    the runtime runs them one at a time.
     """
     engines: dict[str, Engine] = {}
     if backend == "ort":
-        from tmpdiff.engines.ort import share_ort_resources
+        from tmpdiff.engines.ort import share_runtime_resources
 
-        share_ort_resources(threads)
+        share_runtime_resources(threads)
     for name in precisions:
         if name not in manifest.precisions:
             raise TmpdiffError(f"precision {name!r} was not exported (exported: {', '.join(manifest.precisions)})",

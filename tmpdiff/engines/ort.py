@@ -24,38 +24,52 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tr
 LEVELS = ("disable", "basic", "extended", "all")
 
 
-_shared_pool: dict[str, int] = {}
+_shared: dict[str, int | bool] = {}  # what share_runtime_resources has set up in this process
 
 
-def share_ort_resources(threads: int | None = None) -> int:
-    """From now on, every ORT session of this process shares one intra-op thread pool and one CPU memory arena.
+def own_process() -> None:
+    """Declare that tmpdiff owns this process (its CLI does): runtime sessions may then share a global thread pool.
 
-    The runtime holds one session per precision and alternates between them. With a pool and an arena
-    per session, each switch hands the work to other threads and other (cache-cold) activation memory:
-    two sessions of the same fp32 graph alternated through ORT alone cost +3.5% per run on this project's
-    2-core Xeon (batch 20), +0.7% with both shared. One pool also lets threads spin between ops without
-    idle pools stealing the cores. ORT creates both once per process: a later request for another size
-    keeps the first (with a warning). TMPDIFF_ORT_PER_SESSION_THREADS=1 keeps them per session (returns 0).
+    ORT's global pool is process-wide and, once created, every session in the process must be made with
+    `use_per_session_threads = False` (tmpdiff's are; a library's default-option session would fail to load),
+    so a host application opts in by calling this; `tmpdiff` commands do it for themselves.
+    """
+    _shared["own_process"] = True
+
+
+def share_runtime_resources(threads: int | None = None) -> None:
+    """Set up what the runtime's sessions share: always one CPU memory arena; one thread pool if `own_process()`.
+
+    The runtime holds one session per precision and alternates between them. With an arena per session,
+    each switch computes in other, cache-cold activation memory: two sessions of the same fp32 graph
+    alternated through ORT cost +3.4% per run on this project's 2-core Xeon (batch 20), +0.3% with one
+    arena. One thread pool lets its threads spin between ops without idle pools stealing the cores
+    (28.7 -> 23.1 ms per fp32 step there); per-session pools must block instead. ORT sets both up once
+    per process: a later request for another pool size keeps the first (with a warning).
+    TMPDIFF_ORT_PER_SESSION_THREADS=1 turns the shared pool off.
     """
     import onnxruntime as ort
 
-    if os.environ.get("TMPDIFF_ORT_PER_SESSION_THREADS") == "1":
-        return 0
+    if "arena" not in _shared:
+        cpu_arena = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(cpu_arena, ort.OrtArenaCfg(0, -1, -1, -1))  # ORT's default arena settings
+        _shared["arena"] = True
+    if not _shared.get("own_process") or os.environ.get("TMPDIFF_ORT_PER_SESSION_THREADS") == "1":
+        return
     size = threads or len(os.sched_getaffinity(0))
-    if _shared_pool:
-        if _shared_pool["threads"] != size:
-            warnings.warn(f"the shared ORT thread pool already has {_shared_pool['threads']} threads; "
-                          f"{size} requested, {_shared_pool['threads']} kept", stacklevel=2)
-        return _shared_pool["threads"]
+    if "threads" in _shared:
+        if _shared["threads"] != size:
+            warnings.warn(f"the shared ORT thread pool already has {_shared['threads']} threads; "
+                          f"{size} requested, {_shared['threads']} kept", stacklevel=2)
+        return
     ort.set_global_thread_pool_sizes(size, 1)
-    cpu_arena = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(cpu_arena, ort.OrtArenaCfg(0, -1, -1, -1))  # ORT's default arena settings
-    _shared_pool["threads"] = size
-    return size
+    _shared["threads"] = size
 
 
-def session_options(threads: int | None = None, optimization: str = "all", optimized_path: Path | None = None):
-    """ORT session options set deliberately: threads, graph optimisation level, where to save the optimised graph."""
+def session_options(threads: int | None = None, optimization: str = "all", optimized_path: Path | None = None,
+                    runtime: bool = False):
+    """ORT session options set deliberately: threads, graph optimisation level, where to save the optimised graph;
+    `runtime` sessions use what `share_runtime_resources` set up."""
     import onnxruntime as ort
 
     levels = dict(zip(LEVELS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -65,9 +79,10 @@ def session_options(threads: int | None = None, optimization: str = "all", optim
         raise TmpdiffError(f"unknown ORT optimisation level {optimization!r}; choose from {', '.join(levels)}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = levels[optimization]
-    if _shared_pool:
-        opts.use_per_session_threads = False  # threads come from the shared pool; `threads` was given to it
+    if runtime and _shared.get("arena"):
         opts.add_session_config_entry("session.use_env_allocators", "1")
+    if "threads" in _shared:  # a global pool exists: ORT refuses sessions with their own from now on
+        opts.use_per_session_threads = False
     elif threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -125,6 +140,7 @@ class OrtEngine:
         threads: int | None = None,
         optimization: str = "all",
         optimized_path: Path | None = None,
+        runtime: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -135,7 +151,7 @@ class OrtEngine:
             raise TmpdiffError("ONNX file is missing", self.path)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(threads, optimization, optimized_path),
+                str(self.path), sess_options=session_options(threads, optimization, optimized_path, runtime),
                 providers=providers_for(device),
             )
         except TmpdiffError:

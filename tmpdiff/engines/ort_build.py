@@ -68,4 +68,4 @@ def load_ort_engine(build_dir: Path, engine: EngineEntry, device: str, threads: 
     if not path.is_file() or sha256_file(path) != engine.sha256:
         raise TmpdiffError("prepared engine is missing or does not match its sha256: rebuild with `tmpdiff build`", path)
     # Already optimised at build time: skip re-optimisation on every load.
-    return OrtEngine(path, engine.precision, device, threads, optimization="disable")
+    return OrtEngine(path, engine.precision, device, threads, optimization="disable", runtime=True)
