@@ -223,6 +223,20 @@ def copy_build(exported: tuple[Path, float], tmp_path: Path) -> Path:
     return target
 
 
+def assert_check_reports(build_dir: Path, named: list[str] | None, event: str) -> list[str]:
+    """After a kill: nothing half-written, and `check` passes (`named` None) or names every fragment in `named`."""
+    assert_nothing_half_written(build_dir)
+    code, lines = check(build_dir)
+    report(f"{event}; check exit {code}: {lines or 'ok'}")
+    if named is None:
+        assert code == 0, lines
+    else:
+        assert code == 1
+        for fragment in named:
+            assert any(fragment in line for line in lines), (fragment, lines)
+    return lines
+
+
 # Export, stopped just before each rename below, in this order, each run starting from the previous one's wreckage:
 # (artifact, nth rename of it in that run, signal, what the manifest lists afterwards, what check must name or None).
 EXPORT_POINTS = [
@@ -246,16 +260,8 @@ def test_export_killed_at_each_write_then_rerun(tmp_path):
             assert not previous.exists(), f"{previous} from the killed run before survived a re-run"
         state = manifest_state(build_dir)
         assert (state and state[0]) == listed
-        assert_nothing_half_written(build_dir)
-        code, lines = check(build_dir)
-        report(f"export stopped before renaming {stop_at} ({sig.name}): exit {run.proc.returncode}; "
-               f"check exit {code}: {lines or 'ok'}")
-        if named is None:
-            assert code == 0
-        else:
-            assert code == 1
-            for fragment in named:
-                assert any(fragment in line for line in lines), (fragment, lines)
+        lines = assert_check_reports(build_dir, named, f"export stopped before renaming {stop_at} ({sig.name}): "
+                                     f"exit {run.proc.returncode}")
         if sig not in CLEAN_EXITS:
             assert any(line.startswith(f"{temp}:") for line in lines), (temp, lines)
         previous = temp if temp.exists() else None
@@ -339,16 +345,8 @@ def test_build_killed_then_rerun(exported, tmp_path):
         if previous is not None:
             assert not previous.exists(), f"{previous} from the killed run before survived a re-run"
         assert manifest_state(build_dir) == (["fp32", "int8"], engines)
-        assert_nothing_half_written(build_dir)
-        code, lines = check(build_dir)
-        report(f"build stopped before renaming {stop_at} ({sig.name}): exit {run.proc.returncode}; "
-               f"check exit {code}: {lines or 'ok'}")
-        if named is None:
-            assert code == 0
-        else:
-            assert code == 1
-            for fragment in named:
-                assert any(fragment in line for line in lines), (fragment, lines)
+        assert_check_reports(build_dir, named, f"build stopped before renaming {stop_at} ({sig.name}): "
+                             f"exit {run.proc.returncode}")
         previous = temp if temp.exists() else None
 
     # and the real executable, killed half-way through a build's wall time

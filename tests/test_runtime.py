@@ -66,7 +66,7 @@ _LATENT_DIGEST = """
 import hashlib, sys
 from pathlib import Path
 from tmpdiff.runtime.run import RunRequest, run
-result, _, _ = run(RunRequest(Path(sys.argv[1]), [5, 6], seed=9, steps=10, precision=None, schedule_path=Path(sys.argv[2])))
+result, _, _ = run(RunRequest(build_dir=Path(sys.argv[1]), classes=[5, 6], seed=9, steps=10, schedule_path=Path(sys.argv[2])))
 print(hashlib.sha256(result.latents.numpy().tobytes()).hexdigest())
 """
 
@@ -141,7 +141,7 @@ def test_bad_runs_fail_before_the_first_step(quant_build, tmp_path, schedule, re
     path = tmp_path / "schedule.json"
     path.write_text(json.dumps({"format": "tmpdiff.schedule/1", **schedule}))
     steps_run = []
-    request = RunRequest(build_dir, request_kwargs.pop("classes", [0]), schedule_path=path, **request_kwargs)
+    request = RunRequest(build_dir=build_dir, classes=request_kwargs.pop("classes", [0]), schedule_path=path, **request_kwargs)
     with pytest.raises(TmpdiffError, match=message):
         run(request, on_step=steps_run.append)
     assert steps_run == []

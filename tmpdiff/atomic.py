@@ -129,6 +129,19 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[N
         raise TmpdiffError(f"another tmpdiff process has held the lock for {timeout:.0f} s", directory / ".lock") from None
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; anything else is a TmpdiffError naming the file."""
+    from tmpdiff.errors import TmpdiffError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
+    if not isinstance(data, dict):
+        raise TmpdiffError(f"expected a JSON object, found {type(data).__name__}", path)
+    return data
+
+
 def read_model_file(path: Path, model_cls, what: str):
     """Validate a JSON file against a pydantic model; a bad file is a TmpdiffError naming it and its first problems."""
     from pydantic import ValidationError

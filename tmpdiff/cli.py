@@ -194,11 +194,13 @@ def run(
 
     if (prompt is None) != (pipeline is None):
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
+    options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
+               "device": device, "threads": threads, "guidance_scale": guidance}
     if prompt is not None:
         from tmpdiff.runtime.run_pipeline import PromptRequest, run_prompts
 
-        request = PromptRequest(build_dir, pipeline, [p for p in prompt for _ in range(batch)], seed, steps, schedule, precision,
-                                backend, device, threads, guidance)
+        request = PromptRequest(build_dir=build_dir, pipeline_dir=pipeline, prompts=[p for p in prompt for _ in range(batch)],
+                                **options)
         images, denoiser, source = run_prompts(request)
         steps_run = denoiser.trace
         title = f"{source}, {len(request.prompts)} prompts"
@@ -208,7 +210,7 @@ def run(
         from tmpdiff.runtime.run import run as run_schedule
 
         classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
-        request = RunRequest(build_dir, classes, seed, steps, schedule, precision, backend, device, threads, guidance)
+        request = RunRequest(build_dir=build_dir, classes=classes, **options)
         result, _, info = run_schedule(request)
         images, steps_run = to_uint8(result.latents.cpu()), result.trace
         title = f"{info['source']}, {len(classes)} samples, guidance {info['guidance_scale']}"

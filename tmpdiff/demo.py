@@ -34,7 +34,8 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
 
 def _sample_grid(build_dir: Path, classes: list[int], seed: int, steps: int, threads: int | None, schedule_path=None,
                  precision=None, progress=None) -> tuple[torch.Tensor, list]:
-    request = RunRequest(build_dir, classes, seed, steps, schedule_path, precision, threads=threads)
+    request = RunRequest(build_dir=build_dir, classes=classes, seed=seed, steps=steps, schedule_path=schedule_path,
+                         precision=precision, threads=threads)
     result, _, _ = run(request, on_step=progress)
     return result.latents, result.trace.steps
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tmpdiff.atomic import atomic_path, write_json
+from tmpdiff.atomic import atomic_path, read_json_object, write_json
 from tmpdiff.errors import TmpdiffError
 
 CONFIG_NAME = "config.json"
@@ -53,10 +52,7 @@ class DigitClassifier(nn.Module):
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise TmpdiffError("classifier config.json is missing", directory)
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TmpdiffError(f"not valid JSON ({exc})", config_path) from None
+        config = read_json_object(config_path)
         if config.pop("format", None) != FORMAT:
             raise TmpdiffError(f"not a {FORMAT} classifier config", config_path)
         model = cls(**config)

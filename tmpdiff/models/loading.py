@@ -6,12 +6,12 @@ Only safetensors weights are ever read: a directory that holds pickle checkpoint
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tmpdiff.atomic import read_json_object
 from tmpdiff.errors import TmpdiffError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -40,11 +40,8 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise TmpdiffError("not a diffusers model directory (no config.json)", model_dir)
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"config.json is not valid JSON ({exc})", config_path) from None
-    if not isinstance(config, dict) or "_class_name" not in config:
+    config = read_json_object(config_path)
+    if "_class_name" not in config:
         raise TmpdiffError("not a diffusers model config (no _class_name)", config_path)
     return config
 

@@ -15,10 +15,11 @@ from tmpdiff.runtime.sampler import initial_noise
 from tmpdiff.runtime.schedule import Schedule, load_schedule
 
 
-@dataclass
-class RunRequest:
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every run names: engines, schedule (or one precision), seed, backend."""
+
     build_dir: Path
-    classes: list[int]
     seed: int = 0
     steps: int | None = None
     schedule_path: Path | None = None
@@ -27,6 +28,13 @@ class RunRequest:
     device: str = "cpu"
     threads: int | None = None
     guidance_scale: float | None = None
+
+
+@dataclass(kw_only=True)
+class RunRequest(RunOptions):
+    """A class-conditional run of a build directory with sampling info (the bundled model's kind)."""
+
+    classes: list[int]
 
 
 def scheduler_from(sampling: SamplingInfo):
@@ -39,7 +47,7 @@ def scheduler_from(sampling: SamplingInfo):
     return cls.from_config(sampling.scheduler_config)
 
 
-def resolve_schedule(request: RunRequest, sampling: SamplingInfo) -> tuple[Schedule, str]:
+def resolve_schedule(request: RunOptions, default_steps: int) -> tuple[Schedule, str]:
     """The schedule to run and where it came from; checked before any engine is loaded."""
     if (request.schedule_path is None) == (request.precision is None):
         raise TmpdiffError("give exactly one of --schedule FILE or --precision P")
@@ -49,7 +57,7 @@ def resolve_schedule(request: RunRequest, sampling: SamplingInfo) -> tuple[Sched
             raise TmpdiffError(f"schedule has {schedule.steps} steps but --steps {request.steps} was given",
                                request.schedule_path)
         return schedule, str(request.schedule_path)
-    steps = request.steps or sampling.default_steps
+    steps = request.steps or default_steps
     return Schedule.uniform(request.precision, steps), f"uniform {request.precision}"
 
 
@@ -64,7 +72,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, Schedule, dict]:
     """Validate everything, load the engines the schedule needs, and sample."""
     manifest = load_manifest(request.build_dir)
     sampling = sampling_of(manifest, request.build_dir)
-    schedule, source = resolve_schedule(request, sampling)
+    schedule, source = resolve_schedule(request, sampling.default_steps)
     bad = [c for c in request.classes if not 0 <= c < sampling.num_classes]
     if not request.classes or bad:
         raise TmpdiffError(f"class ids must be in 0..{sampling.num_classes - 1}, got {request.classes}")

@@ -8,41 +8,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmpdiff.atomic import read_json_object
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.pipeline import EngineDenoiser, attach_engines, denoiser_component
-from tmpdiff.runtime.schedule import load_schedule
+from tmpdiff.runtime.run import RunOptions, resolve_schedule
+
+DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
 
 
-@dataclass
-class PromptRequest:
-    build_dir: Path
+@dataclass(kw_only=True)
+class PromptRequest(RunOptions):
+    """A text-conditioned run: the denoiser's engines inside a local diffusers pipeline."""
+
     pipeline_dir: Path
     prompts: list[str]
-    seed: int = 0
-    steps: int | None = None
-    schedule_path: Path | None = None
-    precision: str | None = None
-    backend: str = "ort"
-    device: str = "cpu"
-    threads: int | None = None
-    guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
 
 
 def load_pipeline_without_denoiser(pipeline_dir: Path):
     """The pipeline's text encoders, VAE and scheduler from a local directory (safetensors only, nothing downloaded)."""
-    import json
-
     from diffusers import DiffusionPipeline
 
     index_path = pipeline_dir / "model_index.json"
     if not index_path.is_file():
         raise TmpdiffError("not a diffusers pipeline directory (no model_index.json)", pipeline_dir)
-    try:
-        components = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"not valid JSON ({exc})", index_path) from None
+    components = read_json_object(index_path)
     denoiser = next((name for name in ("transformer", "unet") if name in components), None)
     if denoiser is None:
         raise TmpdiffError("the pipeline has no transformer or unet component", index_path)
@@ -57,15 +48,9 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     """Images (N, H, W, 3) uint8 for the prompts, the attached denoiser (its trace says what ran), and the schedule's source."""
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise TmpdiffError("every --prompt must be non-empty")
-    if (request.schedule_path is None) == (request.precision is None):
-        raise TmpdiffError("give exactly one of --schedule FILE or --precision P")
-    if request.schedule_path is not None:
-        schedule = load_schedule(request.schedule_path)
-        if request.steps is not None and request.steps != schedule.steps:
-            raise TmpdiffError(f"schedule has {schedule.steps} steps but --steps {request.steps} was given", request.schedule_path)
-        steps, plan, source = schedule.steps, {"schedule": schedule}, str(request.schedule_path)
-    else:
-        steps, plan, source = request.steps or 20, {"precision": request.precision}, f"uniform {request.precision}"
+    schedule, source = resolve_schedule(request, DEFAULT_STEPS)
+    steps = schedule.steps
+    plan = {"schedule": schedule} if request.schedule_path is not None else {"precision": request.precision}
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     denoiser = attach_engines(pipe, request.build_dir, backend=request.backend, device=request.device,
                               threads=request.threads, **plan)

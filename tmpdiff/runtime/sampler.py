@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from tmpdiff.atomic import read_json_object
 from tmpdiff.errors import TmpdiffError
 
 
@@ -43,18 +44,13 @@ class SampleResult:
 
 def load_scheduler(scheduler_dir: str | Path):
     """A fresh diffusers scheduler from a `scheduler_config.json` directory (class taken from the config)."""
-    import json
-
     import diffusers
 
     scheduler_dir = Path(scheduler_dir)
     config_path = scheduler_dir / "scheduler_config.json"
     if not config_path.is_file():
         raise TmpdiffError("no scheduler_config.json", scheduler_dir)
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"not valid JSON ({exc})", config_path) from None
+    config = read_json_object(config_path)
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if cls is None or not hasattr(cls, "set_timesteps"):
         raise TmpdiffError(f"unknown scheduler class {config.get('_class_name')!r}", config_path)
