@@ -188,6 +188,8 @@ def run(
     device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     trace: Annotated[Path | None, typer.Option(help="write a Chrome trace (one event per step) here")] = None,
+    nan_guard: Annotated[bool, typer.Option(help="re-run a step whose output is not finite at the next higher precision "
+                                                 "(on a GPU this reads one flag per step)")] = True,
 ) -> None:
     """Sample with a per-step precision schedule; print the per-step table; write the image (and a trace)."""
     from tmpdiff.eval.images import grid_image, save_png
@@ -195,7 +197,7 @@ def run(
     if (prompt is None) != (pipeline is None):
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
-               "device": device, "threads": threads, "guidance_scale": guidance}
+               "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}
     if prompt is not None:
         from tmpdiff.runtime.run_pipeline import PromptRequest, run_prompts
 

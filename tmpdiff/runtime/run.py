@@ -28,6 +28,7 @@ class RunOptions:
     device: str = "cpu"
     threads: int | None = None
     guidance_scale: float | None = None
+    nan_guard: bool = True  # re-run a non-finite step at the next higher precision (on a GPU: one sync per step)
 
 
 @dataclass(kw_only=True)
@@ -87,7 +88,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, Schedule, dict]:
     guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
     runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
                              guidance_scale=guidance, null_class=sampling.null_class, num_classes=sampling.num_classes,
-                             device=request.device)
+                             device=request.device, nan_guard=request.nan_guard)
     labels = torch.tensor(request.classes, dtype=torch.int64)
     noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
     try:

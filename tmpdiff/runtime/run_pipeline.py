@@ -53,7 +53,7 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     plan = {"schedule": schedule} if request.schedule_path is not None else {"precision": request.precision}
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     denoiser = attach_engines(pipe, request.build_dir, backend=request.backend, device=request.device,
-                              threads=request.threads, **plan)
+                              threads=request.threads, nan_guard=request.nan_guard, **plan)
     if request.device != "cpu":
         pipe.to("cuda")
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(request.seed), "output_type": "np"}
