@@ -1,5 +1,5 @@
-"""The diffusers drop-in: tiny PixArt-Sigma, SD3, Flux and SD1.5 (UNet + DDIM) pipelines with their denoiser
-replaced by ORT engines."""
+"""The diffusers drop-in: tiny PixArt-Sigma, SD3, Flux, SD1.5 (UNet + DDIM) and SDXL (added conditioning) pipelines
+with their denoiser replaced by ORT engines."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tmpdiff.export.pipeline import export_model
 from tmpdiff.pipeline import attach_engines, denoiser_component
 
 STEPS = 4
+UNET_PIPELINES = ("sd15", "sdxl")  # CLIP-only text: no max_sequence_length argument
 PROMPTS = ["a photo of a cat", "red house on the hill"]
 
 
@@ -132,9 +133,12 @@ def test_mismatches_are_caught_before_the_first_step(exported):
         _call(pipe, name, steps=3)
     assert denoiser.trace.steps == []
     with pytest.raises(TmpdiffError, match="text tokens"):
-        if name == "sd15":  # CLIP's length is the tokenizer's: hand the pipeline shorter embeddings instead
-            short = torch.zeros(len(PROMPTS), tiny_pipelines.TEXT_LEN - 2, 32)
-            pipe(prompt_embeds=short, negative_prompt_embeds=short, num_inference_steps=STEPS, output_type="latent")
+        if name in UNET_PIPELINES:  # CLIP's length is the tokenizer's: hand the pipeline shorter embeddings instead
+            width = getattr(pipe, denoiser_component(pipe)).config["cross_attention_dim"]
+            short = torch.zeros(len(PROMPTS), tiny_pipelines.TEXT_LEN - 2, width)
+            pooled = {"pooled_prompt_embeds": torch.zeros(len(PROMPTS), 32),
+                      "negative_pooled_prompt_embeds": torch.zeros(len(PROMPTS), 32)} if name == "sdxl" else {}
+            pipe(prompt_embeds=short, negative_prompt_embeds=short, num_inference_steps=STEPS, output_type="latent", **pooled)
         else:
             _call(pipe, name, max_sequence_length=tiny_pipelines.TEXT_LEN - 2)
     with pytest.raises(TmpdiffError, match="latent size is fixed"):

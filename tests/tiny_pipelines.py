@@ -107,6 +107,21 @@ def sd15():
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    # Added conditioning: pooled text (32, text_encoder_2's projection) + 6 time ids x 8, through added_cond_kwargs.
+    unet = UNet2DConditionModel(sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                use_linear_projection=True)
+    return StableDiffusionXLPipeline(vae=tiny_vae(4), text_encoder=clip_text_encoder(32, 32, False),
+                                     text_encoder_2=clip_text_encoder(32, 32, True), tokenizer=word_tokenizer(TEXT_LEN, bos=True),
+                                     tokenizer_2=word_tokenizer(TEXT_LEN, bos=True), unet=unet, scheduler=EulerDiscreteScheduler())
+
+
 # Per pipeline: builder, the graph sizes to export (`export_model(graph_sizes=...)`, `--text-len`, `--sample-size`),
 # and the call arguments that match them.
 PIPELINES = {
@@ -115,6 +130,7 @@ PIPELINES = {
     "sd3": (sd3, {"text_len": 2 * TEXT_LEN}, {"max_sequence_length": TEXT_LEN}),
     "flux": (flux, {"text_len": TEXT_LEN, "sample_size": SIZE // 2}, {"max_sequence_length": TEXT_LEN}),
     "sd15": (sd15, {"text_len": TEXT_LEN}, {}),
+    "sdxl": (sdxl, {"text_len": TEXT_LEN}, {}),
 }
 
 

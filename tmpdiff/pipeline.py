@@ -17,6 +17,7 @@ import contextlib
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -72,6 +73,10 @@ class EngineDenoiser(torch.nn.Module):
         self._batch: int | None = None
         self._counted_timesteps: torch.Tensor | None = None
         self._calls = 0
+        if config.get("addition_embed_type") == "text_time":
+            # SDXL pipelines check their time ids against add_embedding's input width before the first step.
+            width = int(config["projection_class_embeddings_input_dim"])
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
 
