@@ -13,6 +13,7 @@ import torch
 WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "house", "tree", "on", "the", "hill")
 SIZE = 16  # image pixels; the VAE below downsamples by 2, so latents are 8x8
 TEXT_LEN = 8  # tokens per text encoder (the exported graphs are fixed to this)
+SANA_SIZE = 32  # Sana's pipeline wants image sides divisible by 32
 
 
 def word_tokenizer(max_length: int, bos: bool = False):
@@ -122,6 +123,33 @@ def sdxl():
                                      tokenizer_2=word_tokenizer(TEXT_LEN, bos=True), unet=unet, scheduler=EulerDiscreteScheduler())
 
 
+def gemma_text_encoder(hidden: int):
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                          pad_token_id=0, eos_token_id=2, bos_token_id=3)
+    return Gemma2Model(config).eval()
+
+
+def sana():
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+                                         num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
+                                         caption_channels=32, sample_size=SANA_SIZE // 2, patch_size=1)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), upsample_block_type="interpolate",
+                        downsample_block_type="stride_conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    # Sana's pipeline keeps max_sequence_length tokens after its chat-instruction prefix.
+    return SanaPipeline(tokenizer=word_tokenizer(512, bos=True), text_encoder=gemma_text_encoder(32), vae=vae,
+                        transformer=transformer, scheduler=DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                                                                       use_flow_sigmas=True, flow_shift=3.0))
+
+
 # Per pipeline: builder, the graph sizes to export (`export_model(graph_sizes=...)`, `--text-len`, `--sample-size`),
 # and the call arguments that match them.
 PIPELINES = {
@@ -131,6 +159,8 @@ PIPELINES = {
     "flux": (flux, {"text_len": TEXT_LEN, "sample_size": SIZE // 2}, {"max_sequence_length": TEXT_LEN}),
     "sd15": (sd15, {"text_len": TEXT_LEN}, {}),
     "sdxl": (sdxl, {"text_len": TEXT_LEN}, {}),
+    "sana": (sana, {"text_len": TEXT_LEN}, {"max_sequence_length": TEXT_LEN, "use_resolution_binning": False,
+                                            "height": SANA_SIZE, "width": SANA_SIZE}),
 }
 
 
