@@ -99,8 +99,8 @@ class EngineDenoiser(torch.nn.Module):
         if self._clock.torch_stream is not None:
             self.stream.synchronize()  # CUDA event times are readable only once the work is done
         origin = self._marks[0][4] if self._marks else None
-        return RunTrace([StepEvent(index, t, used, self._clock.seconds(origin, start), self._clock.seconds(start, end), fallback)
-                         for index, t, used, fallback, start, end in self._marks])
+        return RunTrace([StepEvent(index, int(float(t)), used, self._clock.seconds(origin, start), self._clock.seconds(start, end),
+                                   fallback) for index, t, used, fallback, start, end in self._marks])
 
     @property
     def steps(self) -> int | None:
@@ -173,7 +173,7 @@ class EngineDenoiser(torch.nn.Module):
             engine.bind(self._inputs, self._outputs)
         self._batch = batch
 
-    def _step(self) -> tuple[int, int]:
+    def _step(self) -> tuple[int, torch.Tensor]:
         """The scheduler's current step index (checked against the schedule) and its timestep."""
         scheduler = self._scheduler_of()
         timesteps = scheduler.timesteps
@@ -192,7 +192,7 @@ class EngineDenoiser(torch.nn.Module):
             index, self._calls = self._calls, self._calls + 1
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
-        return index, int(float(timesteps[index]))
+        return index, timesteps[index]  # a 0-d tensor, read as a number only when the trace is asked for
 
     def _precision_at(self, index: int) -> str:
         return self.uniform if self.precisions is None else self.precisions[index]
@@ -213,7 +213,7 @@ def _copy_into(spec: TensorSpec, buffer: torch.Tensor, value: Any, adapter: Deno
     tensor = torch.as_tensor(value, device=buffer.device)
     per_sample_scalar = len(spec.shape) == 1 and isinstance(spec.shape[0], str)
     if (per_sample_scalar and tensor.numel() == 1) or (spec.name == TEXT_MASK and tensor.dim() == 0):
-        buffer.fill_(tensor.reshape(()).item())
+        buffer.copy_(tensor.reshape(()).expand(buffer.shape))  # on the device: .item() would synchronise
         return
     if tuple(tensor.shape) != tuple(buffer.shape):
         hint = ""
