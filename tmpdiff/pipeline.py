@@ -252,7 +252,10 @@ def check_same_model(original: torch.nn.Module, manifest: Manifest, build_dir: P
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    """A config value as the manifest's JSON holds it (tuples, nested too, become lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _forward_signature(architecture: str) -> inspect.Signature:
