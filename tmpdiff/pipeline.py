@@ -24,7 +24,7 @@ import torch
 
 from tmpdiff.atomic import validation_problems
 from tmpdiff.engines.base import TORCH_DTYPES, Engine, Stream, runtime_stream
-from tmpdiff.engines.loading import load_engines
+from tmpdiff.engines.loading import load_built_engines
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.export.manifest import Manifest, load_manifest
 from tmpdiff.models.adapter import TEXT_MASK, DenoiserAdapter, TensorSpec
@@ -311,12 +311,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: Schedule | str | Pa
     if original is not None:
         check_same_model(original, manifest, build_dir)
     adapter = adapter_for_config(manifest.denoiser_config)
-    built = [p for p in manifest.precisions if f"{backend}:{device}:{p}" in manifest.engines]
-    missing = sorted(set(precisions or [uniform]) - set(built))
-    if missing:
-        raise TmpdiffError(f"the schedule uses {', '.join(missing)} but only {', '.join(built) or 'no'} {backend} engines "
-                           f"are built for {device}", build_dir)
-    engines = load_engines(build_dir, manifest, backend, device, built, threads)
+    engines = load_built_engines(build_dir, manifest, backend, device, precisions or [uniform], threads)
     dtype = original.dtype if original is not None else torch.float32
     denoiser = EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
                               lambda: pipe.scheduler, precisions=precisions, uniform=uniform, device=device, dtype=dtype,

@@ -45,7 +45,7 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     costs = load_costs(costs_path)
     if costs.model_id != manifest.model_id:
         raise TmpdiffError(f"costs were measured for model {costs.model_id!r}, this build is {manifest.model_id!r}", costs_path)
-    built = [p for p in manifest.precisions if f"{backend}:{device}:{p}" in manifest.engines]
+    built = manifest.built_precisions(backend, device)
     stray = sorted(set(costs.precisions) - set(manifest.precisions))
     if stray:
         raise TmpdiffError(f"costs name precisions that were not exported here: {', '.join(stray)} "

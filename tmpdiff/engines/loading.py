@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from tmpdiff.engines.base import Engine
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.export.manifest import Manifest, engine_key
+
+
+def load_built_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, needed: Iterable[str],
+                       threads: int | None = None, what: str = "the schedule") -> dict[str, Engine]:
+    """Every built engine of this backend and device, so a NaN step can fall back to a higher precision;
+    the precisions `needed` (what a schedule names) must be among them."""
+    built = manifest.built_precisions(backend, device)
+    missing = sorted(set(needed) - set(built))
+    if missing:
+        raise TmpdiffError(f"{what} uses {', '.join(missing)} but only {', '.join(built) or 'no'} {backend} engines "
+                           f"are built for {device}", build_dir)
+    return load_engines(build_dir, manifest, backend, device, built, threads)
 
 
 def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpdiff.engines.base import Engine, HostStream
+from tmpdiff.engines.base import Engine, runtime_stream
 from tmpdiff.engines.costs import CostsTable, PrecisionCost
 from tmpdiff.engines.device import device_label
 from tmpdiff.engines.loading import load_engines
 from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import load_manifest
+from tmpdiff.export.manifest import engine_key, load_manifest
 from tmpdiff.models.registry import adapter_for_config
 
 
@@ -29,14 +29,6 @@ def make_buffers(manifest, batch: int, device: str) -> tuple[dict[str, torch.Ten
     outputs = {s.name: torch.zeros(s.concrete(dims), dtype=getattr(torch, s.dtype), device=torch_device)
                for s in adapter.output_specs()}
     return inputs, outputs
-
-
-def _stream(device: str):
-    if device == "cpu":
-        return HostStream()
-    from tmpdiff.engines.trt import CudaStream
-
-    return CudaStream()
 
 
 def time_engines(engines: dict[str, Engine], stream, warmup: int, repeats: int,
@@ -64,8 +56,7 @@ def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup
     if repeats < 1:
         raise TmpdiffError(f"--repeats must be >= 1, got {repeats}")
     manifest = load_manifest(build_dir)
-    names = precisions or [p for p in manifest.precisions
-                           if any(k == f"{backend}:{device}:{p}" for k in manifest.engines)]
+    names = precisions or manifest.built_precisions(backend, device)
     if not names:
         raise TmpdiffError(f"no {backend} engines built for {device}: run `tmpdiff build {build_dir} --backend {backend}`",
                            build_dir / "manifest.json")
@@ -73,7 +64,7 @@ def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup
     inputs, outputs = make_buffers(manifest, batch, device)
     for engine in engines.values():
         engine.bind(inputs, outputs)
-    samples = time_engines(engines, _stream(device), warmup, repeats, on_repeat)
+    samples = time_engines(engines, runtime_stream(device), warmup, repeats, on_repeat)
     for engine in engines.values():
         engine.close()
     costs = {}
@@ -81,7 +72,7 @@ def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup
         ms = np.array(seconds) * 1e3
         costs[name] = PrecisionCost(median_ms=float(statistics.median(ms)), p10_ms=float(np.percentile(ms, 10)),
                                     p90_ms=float(np.percentile(ms, 90)), repeats=repeats)
-    version = next(iter(manifest.engines[f"{backend}:{device}:{n}"].backend_version for n in names))
+    version = manifest.engines[engine_key(backend, device, names[0])].backend_version
     return CostsTable(model_id=manifest.model_id, backend=backend, backend_version=version, device=device_label(device),
                       batch=batch, threads=threads, warmup=warmup,
                       measured_at=datetime.now(UTC).isoformat(timespec="seconds"), precisions=costs)

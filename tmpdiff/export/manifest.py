@@ -95,6 +95,10 @@ class Manifest(BaseModel):
     engines: dict[str, EngineEntry] = Field(default_factory=dict)
     sampling: SamplingInfo | None = None
 
+    def built_precisions(self, backend: str, device: str) -> list[str]:
+        """Exported precisions that have an engine for this backend and device, in export order."""
+        return [p for p in self.precisions if engine_key(backend, device, p) in self.engines]
+
 
 def model_content_hash(model_dir: Path) -> str:
     """sha256 over a diffusers model directory's config and weight files (names and contents)."""

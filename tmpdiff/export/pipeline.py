@@ -251,14 +251,7 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
     remove_dead_nodes(proto)
     rel = f"{spec.name}/model.onnx"
     save_onnx(proto, build_dir / rel)
-    parity, error, torch_error = _parity(build_dir / rel, spec.name, adapter, module, adapter.export_module(model))
-    _check_parity(spec.name, parity, error, torch_error, build_dir / rel)
-    entry = PrecisionEntry(
-        onnx=rel, sha256=sha256_file(build_dir / rel), trt_onnx=rel, trt_sha256=sha256_file(build_dir / rel),
-        opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=error, torch_error_vs_fp32=torch_error,
-        ort_optimization=ORT_OPTIMIZATION.get(spec.name, "all"),
-    )
-    return entry, []
+    return _checked_entry(spec, build_dir, rel, rel, key, adapter, module, model), []
 
 
 def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path, key: str,
@@ -284,23 +277,30 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         raise TmpdiffError(f"{spec.name}: graph census found unquantized layers: {'; '.join(problems[:5])}",
                            build_dir / trt_rel)
 
+    quantization = {
+        "modelopt_config": spec.modelopt_cfg,
+        "config_sha256": config_digest(quant_config),
+        "calibration": calibration.description,
+        "quantizers": quantizer_census(quantized),
+        "census": graph_census.summarize(rows),
+        "rewrite": {"trt": trt_stats, "ort": twin_stats},
+        "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
+    }
+    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, model, quantization)
+    return entry, rows
+
+
+def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key: str, adapter: DenoiserAdapter,
+                   module: torch.nn.Module, model: torch.nn.Module, quantization: dict | None = None) -> PrecisionEntry:
+    """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity holds."""
     parity, error, torch_error = _parity(build_dir / rel, spec.name, adapter, module, adapter.export_module(model))
     _check_parity(spec.name, parity, error, torch_error, build_dir / rel)
-    entry = PrecisionEntry(
-        onnx=rel, sha256=sha256_file(build_dir / rel), trt_onnx=trt_rel, trt_sha256=sha256_file(build_dir / trt_rel),
+    sha = sha256_file(build_dir / rel)
+    return PrecisionEntry(
+        onnx=rel, sha256=sha, trt_onnx=trt_rel, trt_sha256=sha if trt_rel == rel else sha256_file(build_dir / trt_rel),
         opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=error, torch_error_vs_fp32=torch_error,
-        ort_optimization=ORT_OPTIMIZATION.get(spec.name, "all"),
-        quantization={
-            "modelopt_config": spec.modelopt_cfg,
-            "config_sha256": config_digest(quant_config),
-            "calibration": calibration.description,
-            "quantizers": quantizer_census(quantized),
-            "census": graph_census.summarize(rows),
-            "rewrite": {"trt": trt_stats, "ort": twin_stats},
-            "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
-        },
+        ort_optimization=ORT_OPTIMIZATION.get(spec.name, "all"), quantization=quantization or {},
     )
-    return entry, rows
 
 
 def parity_ok(precision: str, parity: float, error: float, torch_error: float | None) -> bool:

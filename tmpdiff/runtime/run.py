@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tmpdiff.engines.loading import load_engines
+from tmpdiff.engines.loading import load_built_engines
 from tmpdiff.errors import TmpdiffError
 from tmpdiff.export.manifest import Manifest, SamplingInfo, load_manifest
 from tmpdiff.runtime.runner import RunResult, ScheduledRunner
@@ -77,14 +77,8 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, Schedule, dict]:
     bad = [c for c in request.classes if not 0 <= c < sampling.num_classes]
     if not request.classes or bad:
         raise TmpdiffError(f"class ids must be in 0..{sampling.num_classes - 1}, got {request.classes}")
-    names = list(dict.fromkeys(schedule.precisions))
-    # Every built engine is loaded so a NaN step can fall back to a higher precision.
-    built = [p for p in manifest.precisions if f"{request.backend}:{request.device}:{p}" in manifest.engines]
-    missing = [p for p in names if p not in built]
-    if missing:
-        raise TmpdiffError(f"schedule {source} uses {', '.join(missing)} but only {', '.join(built) or 'no'} "
-                           f"{request.backend} engines are built for {request.device}", request.build_dir)
-    engines = load_engines(request.build_dir, manifest, request.backend, request.device, built, request.threads)
+    engines = load_built_engines(request.build_dir, manifest, request.backend, request.device, schedule.precisions,
+                                 request.threads, what=f"schedule {source}")
     guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
     runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
                              guidance_scale=guidance, null_class=sampling.null_class, num_classes=sampling.num_classes,

@@ -10,7 +10,7 @@ import torch
 
 from tmpdiff.atomic import read_json_object
 from tmpdiff.errors import TmpdiffError
-from tmpdiff.pipeline import EngineDenoiser, attach_engines, denoiser_component
+from tmpdiff.pipeline import DENOISER_COMPONENTS, EngineDenoiser, attach_engines
 from tmpdiff.runtime.run import RunOptions, resolve_schedule
 
 DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
@@ -34,9 +34,9 @@ def load_pipeline_without_denoiser(pipeline_dir: Path):
     if not index_path.is_file():
         raise TmpdiffError("not a diffusers pipeline directory (no model_index.json)", pipeline_dir)
     components = read_json_object(index_path)
-    denoiser = next((name for name in ("transformer", "unet") if name in components), None)
+    denoiser = next((name for name in DENOISER_COMPONENTS if name in components), None)
     if denoiser is None:
-        raise TmpdiffError("the pipeline has no transformer or unet component", index_path)
+        raise TmpdiffError(f"the pipeline has no {' or '.join(DENOISER_COMPONENTS)} component", index_path)
     try:
         return DiffusionPipeline.from_pretrained(pipeline_dir, **{denoiser: None}, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as exc:
@@ -49,14 +49,12 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise TmpdiffError("every --prompt must be non-empty")
     schedule, source = resolve_schedule(request, DEFAULT_STEPS)
-    steps = schedule.steps
-    plan = {"schedule": schedule} if request.schedule_path is not None else {"precision": request.precision}
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
-    denoiser = attach_engines(pipe, request.build_dir, backend=request.backend, device=request.device,
-                              threads=request.threads, nan_guard=request.nan_guard, **plan)
+    denoiser = attach_engines(pipe, request.build_dir, schedule=schedule, backend=request.backend, device=request.device,
+                              threads=request.threads, nan_guard=request.nan_guard)
     if request.device != "cpu":
         pipe.to("cuda")
-    kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(request.seed), "output_type": "np"}
+    kwargs = {"num_inference_steps": schedule.steps, "generator": torch.Generator().manual_seed(request.seed), "output_type": "np"}
     if request.guidance_scale is not None:
         kwargs["guidance_scale"] = request.guidance_scale
     sample_size = denoiser.config.get("sample_size")
@@ -69,7 +67,7 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
         kwargs["use_resolution_binning"] = False  # the graph's latent size is fixed: no aspect-ratio bins
     text_len = getattr(denoiser.adapter, "text_len", None)
     if text_len and "max_sequence_length" in parameters:
-        kwargs["max_sequence_length"] = _t5_length(pipe, denoiser_component(pipe), text_len)
+        kwargs["max_sequence_length"] = _t5_length(pipe, text_len)
     try:
         images = pipe(request.prompts, **kwargs).images
     except ValueError as exc:  # diffusers pipelines check their arguments with ValueError
@@ -85,7 +83,7 @@ def _call_parameters(pipe) -> set[str]:
     return set(inspect.signature(type(pipe).__call__).parameters)
 
 
-def _t5_length(pipe, component: str, text_len: int) -> int:
+def _t5_length(pipe, text_len: int) -> int:
     """The pipeline's max_sequence_length that yields the exported text length (SD3 prepends its CLIP tokens)."""
     clip = getattr(pipe, "tokenizer", None)
     if type(pipe).__name__.startswith("StableDiffusion3") and clip is not None:
