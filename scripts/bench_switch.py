@@ -20,21 +20,20 @@ from pathlib import Path
 
 import torch
 
-from tmpdiff.atomic import write_json
 from tmpdiff.engines.loading import load_engines
 from tmpdiff.engines.ort import own_process
 from tmpdiff.engines.ort_build import load_ort_engine
-from tmpdiff.export.manifest import engine_key, load_manifest
-from tmpdiff.runtime.run import scheduler_from
-from tmpdiff.runtime.runner import ScheduledRunner
-from tmpdiff.runtime.sampler import initial_noise
-from tmpdiff.runtime.schedule import load_schedule
+from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.manifest import engine_key, load_manifest
+from tmpdiff.formats.schedule import load_schedule
+from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
 def run_schedule(runner: ScheduledRunner, sampling, schedule: list[str], samples: int) -> float:
     """Mean milliseconds per step of one sampling run."""
     labels = torch.arange(samples) % sampling.num_classes
-    result = runner.sample(scheduler_from(sampling), labels, initial_noise(samples, sampling.channels,
+    result = runner.sample(sampling_scheduler(sampling), labels, initial_noise(samples, sampling.channels,
                                                                            sampling.image_size, 0), schedule)
     return statistics.fmean(e.seconds for e in result.trace.steps) * 1e3
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrated = load_schedule(args.schedule).precisions if args.schedule else []
     names = list(dict.fromkeys([args.precision, args.cheap, *calibrated]))
     engines = load_engines(args.build_dir, manifest, "ort", "cpu", names, args.threads)
-    twin = load_ort_engine(args.build_dir, manifest.engines[engine_key("ort", "cpu", args.precision)], "cpu", args.threads)
+    twin = load_ort_engine(args.build_dir, manifest, manifest.engines[engine_key("ort", "cpu", args.precision)], "cpu", args.threads)
     engines["twin"] = twin
     runner = ScheduledRunner(engines, args.samples, sampling.channels, sampling.image_size, sampling.guidance_scale,
                              sampling.null_class, sampling.num_classes)

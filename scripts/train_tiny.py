@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tmpdiff.atomic import write_json
+from tmpdiff.engines.torch_engine import TorchEngine
 from tmpdiff.eval.classifier import DigitClassifier, classify
+from tmpdiff.formats.atomic import write_json
 from tmpdiff.models.bundled import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -34,7 +35,8 @@ from tmpdiff.models.bundled import (
     bundled_dir,
 )
 from tmpdiff.models.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors, train_test_split
-from tmpdiff.runtime.sampler import TorchDenoiser, initial_noise, sample
+from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -104,14 +106,15 @@ def evaluate(model, classifier, scheduler_config: dict, per_class: int, steps: i
     from diffusers import DPMSolverMultistepScheduler
 
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    adapter = adapter_for_config(dict(model.config) | {"_class_name": type(model).__name__})
+    engine = TorchEngine.for_model(model, adapter)  # the torch model through the runtime's one sampling loop
     correct = 0
     for chunk_start in range(0, len(labels), 100):
         chunk = labels[chunk_start : chunk_start + 100]
         noise = initial_noise(len(chunk), 1, IMAGE_SIZE, seed=10_000 + chunk_start)
-        out = sample(
-            TorchDenoiser(model), DPMSolverMultistepScheduler.from_config(scheduler_config),
-            chunk, noise, steps, guidance, null_class=NUM_CLASSES,
-        )
+        runner = ScheduledRunner({"fp32": engine}, len(chunk), 1, IMAGE_SIZE, guidance, NUM_CLASSES, NUM_CLASSES,
+                                 nan_guard=False)
+        out = runner.sample(DPMSolverMultistepScheduler.from_config(scheduler_config), chunk, noise, ["fp32"] * steps)
         preds, _ = classify(classifier, out.latents)
         correct += int((preds == chunk).sum())
     return correct / len(labels)

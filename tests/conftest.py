@@ -23,7 +23,7 @@ def bundled():
 @pytest.fixture(scope="session")
 def fp32_build(tmp_path_factory, bundled) -> Path:
     """Build dir with the bundled model exported to fp32 ONNX."""
-    from tmpdiff.export.pipeline import export_model
+    from tmpdiff.export.exporter import export_model
 
     build_dir, _ = export_model(bundled.transformer_dir, tmp_path_factory.mktemp("build"), ["fp32"], model_id="tiny-dit")
     return build_dir
@@ -38,16 +38,17 @@ def torch_dit(bundled):
 
 def small_calibration(bundled):
     """10 classes x 1 seed x 10 steps: enough to calibrate the tiny model, quick to capture."""
-    from tmpdiff.export.calibration_data import sampled_calibration
+    from tmpdiff.models.bundled import sampling_info
+    from tmpdiff.runtime.capture import sampled_calibration
 
-    return lambda model, adapter: sampled_calibration(model, bundled, classes=range(10), seeds=[0], steps=10)
+    return lambda model, adapter: sampled_calibration(model, adapter, sampling_info(bundled), classes=range(10), seeds=[0], steps=10)
 
 
 @pytest.fixture(scope="session")
 def quant_build(tmp_path_factory, bundled):
     """Every precision exported (with sampling info) and built as ORT-CPU engines: (root, build_dir, outcomes)."""
     from tmpdiff.engines.build import build_engines
-    from tmpdiff.export.pipeline import export_model
+    from tmpdiff.export.exporter import export_model
     from tmpdiff.models.bundled import sampling_info
 
     root = tmp_path_factory.mktemp("qbuild")

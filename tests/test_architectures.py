@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tmpdiff.engines.ort import OrtEngine
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.pipeline import PARITY_TOLERANCE, export_model, parity_ok
-from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS
+from tmpdiff.export.exporter import export_model, parity_ok
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, PRECISIONS
 from tmpdiff.models.registry import ADAPTERS, adapter_for_config
 
 # Widths are multiples of 64 (PixArt: 96, as its size conditioning splits the width in thirds) so every
@@ -166,7 +166,7 @@ def test_int4_with_conv_layers_kept_high_precision(tmp_path):
     _save(CASES["sana"], tmp_path / "model")
     _, [outcome] = export_model(tmp_path / "model", tmp_path / "build", ["int4"], model_id="sana",
                                 keep_high_precision=(*HIGH_PRECISION_PATTERNS, "*.ff.conv_*"))
-    assert outcome.entry.parity_error < PARITY_TOLERANCE["int4"]
+    assert outcome.entry.parity_error < PRECISIONS["int4"].parity_tolerance
     assert outcome.entry.quantization["census"]["weight_quantized"] > 0
 
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tmpdiff.check import check_build
-from tmpdiff.engines.costs import load_costs
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.runtime.schedule import Schedule, load_schedule
+from tmpdiff.commands.check import check_build
+from tmpdiff.formats.costs import load_costs
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.schedule import Schedule, load_schedule
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**12, max_value=10**12),
                          st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))

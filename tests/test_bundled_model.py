@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tmpdiff.engines.ort import OrtDenoiser, OrtEngine
+from tmpdiff.engines.ort import OrtEngine
 from tmpdiff.eval.classifier import DigitClassifier, classify
 from tmpdiff.models.bundled import bundled_dir
 from tmpdiff.models.digits import load_digits_tensors, train_test_split
-from tmpdiff.runtime.sampler import initial_noise, load_scheduler, sample
+from tmpdiff.models.schedulers import load_scheduler
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
 def test_assets_are_small_and_safetensors_only():
@@ -29,15 +30,15 @@ def test_classifier_recognises_held_out_digits(bundled):
 
 @pytest.mark.slow
 def test_generated_samples_meet_quality_bar(fp32_build, bundled):
-    """500 samples (50 per class), fp32 on ORT, default steps: the classifier recognises >= 90%."""
-    engine = OrtDenoiser(OrtEngine(fp32_build / "fp32/model.onnx"))
+    """500 samples (50 per class), fp32 on ORT through the shipped runner, default steps: the classifier recognises >= 90%."""
+    runner = ScheduledRunner({"fp32": OrtEngine(fp32_build / "fp32/model.onnx")}, 100, 1, bundled.image_size,
+                             bundled.guidance_scale, bundled.num_classes, bundled.num_classes)
     classifier = DigitClassifier.load(bundled.classifier_dir)
     correct = 0
     labels_all = torch.arange(bundled.num_classes).repeat_interleave(50)
     for start in range(0, 500, 100):
         labels = labels_all[start : start + 100]
         noise = initial_noise(len(labels), 1, bundled.image_size, seed=10_000 + start)
-        out = sample(engine, load_scheduler(bundled.scheduler_dir), labels, noise, bundled.default_steps,
-                     bundled.guidance_scale, null_class=bundled.num_classes)
+        out = runner.sample(load_scheduler(bundled.scheduler_dir), labels, noise, ["fp32"] * bundled.default_steps)
         correct += int((classify(classifier, out.latents)[0] == labels).sum())
     assert correct / 500 >= 0.90, f"accuracy {correct / 500:.3f}"

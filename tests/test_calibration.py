@@ -12,7 +12,7 @@ import pytest
 
 from tmpdiff.calibration.knapsack import solve_mckp
 from tmpdiff.calibration.sensitivity import adaptive_curve
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -59,8 +59,8 @@ def _calibrate(build_dir, costs, *extra, seeds="0"):
 
 @pytest.fixture(scope="module")
 def costs_file(quant_build, tmp_path_factory):
-    from tmpdiff.engines.costs import save_costs
     from tmpdiff.engines.profile import profile_build
+    from tmpdiff.formats.costs import save_costs
 
     _, build_dir, _ = quant_build
     path = tmp_path_factory.mktemp("costs") / "costs.json"
@@ -72,7 +72,7 @@ def costs_file(quant_build, tmp_path_factory):
 
 
 def test_calibrate_writes_a_verified_schedule(quant_build, costs_file, tmp_path):
-    from tmpdiff.runtime.schedule import load_schedule
+    from tmpdiff.formats.schedule import load_schedule
 
     _, build_dir, _ = quant_build
     result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--out", str(tmp_path / "s.json"),
@@ -90,7 +90,7 @@ def test_calibrate_writes_a_verified_schedule(quant_build, costs_file, tmp_path)
 
 def test_calibration_with_a_fixed_seed_is_deterministic(quant_build, costs_file, tmp_path):
     """Same engines, costs and seed: byte-identical schedule files from separate processes; another seed draws other noise."""
-    from tmpdiff.runtime.schedule import load_schedule
+    from tmpdiff.formats.schedule import load_schedule
 
     _, build_dir, _ = quant_build
     runs = {name: tmp_path / f"{name}.json" for name in ("seed0", "seed0-again", "seed1")}

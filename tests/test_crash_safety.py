@@ -194,7 +194,7 @@ def exported(tmp_path_factory) -> tuple[Path, float]:
 
 def test_only_temps_of_dead_writers_are_leftovers(tmp_path):
     """A temp whose writer is gone is a leftover (reported, removed under the lock); a live writer's temp is kept."""
-    from tmpdiff.atomic import directory_lock, interrupted_writes, temp_prefix
+    from tmpdiff.formats.atomic import directory_lock, interrupted_writes, temp_prefix
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()

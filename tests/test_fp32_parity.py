@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tmpdiff.engines.ort import OrtDenoiser, OrtEngine
-from tmpdiff.export.manifest import load_manifest
+from tmpdiff.engines.ort import OrtEngine
+from tmpdiff.engines.torch_engine import TorchEngine
+from tmpdiff.formats.manifest import load_manifest
 from tmpdiff.models.registry import adapter_for_config
-from tmpdiff.runtime.sampler import TorchDenoiser, initial_noise, load_scheduler, sample
+from tmpdiff.models.schedulers import load_scheduler
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
 def test_manifest_records_fp32(fp32_build, bundled):
@@ -32,12 +34,16 @@ def test_ort_matches_torch_on_random_inputs(fp32_build, torch_dit):
 
 
 def test_sampled_image_ort_matches_torch(fp32_build, torch_dit, bundled):
+    """The shipped runner, once with the torch model as its engine and once with the ORT graph."""
+    adapter = adapter_for_config(dict(torch_dit.config) | {"_class_name": "DiTTransformer2DModel"})
     labels = torch.arange(bundled.num_classes)
     noise = initial_noise(len(labels), 1, bundled.image_size, seed=5)
     runs = {}
-    for name, denoiser in [("torch", TorchDenoiser(torch_dit)), ("ort", OrtDenoiser(OrtEngine(fp32_build / "fp32/model.onnx")))]:
-        runs[name] = sample(denoiser, load_scheduler(bundled.scheduler_dir), labels, noise, bundled.default_steps,
-                            bundled.guidance_scale, null_class=bundled.num_classes).latents
+    for name, engine in [("torch", TorchEngine.for_model(torch_dit, adapter)),
+                         ("ort", OrtEngine(fp32_build / "fp32/model.onnx"))]:
+        runner = ScheduledRunner({"fp32": engine}, len(labels), 1, bundled.image_size, bundled.guidance_scale,
+                                 bundled.num_classes, bundled.num_classes)
+        runs[name] = runner.sample(load_scheduler(bundled.scheduler_dir), labels, noise, ["fp32"] * bundled.default_steps).latents
     diff = (runs["torch"] - runs["ort"]).abs().max().item()
     assert diff < 1e-3, f"max abs difference {diff:.2e}"
     assert len(set(runs["ort"].flatten().tolist())) > 100  # a real image, not a constant

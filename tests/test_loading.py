@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.loading import load_diffusers_model
 
 

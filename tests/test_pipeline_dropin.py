@@ -13,9 +13,9 @@ import torch
 
 from tests import tiny_pipelines
 from tmpdiff.engines.build import build_engines
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.pipeline import export_model
-from tmpdiff.pipeline import attach_engines, denoiser_component
+from tmpdiff.export.exporter import export_model
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.runtime.dropin import attach_engines, denoiser_component
 
 STEPS = 4
 UNET_PIPELINES = ("sd15", "sdxl")  # CLIP-only text: no max_sequence_length argument
@@ -104,7 +104,7 @@ def test_cli_runs_prompts_through_a_pipeline_directory(exported, tmp_path):
     """`tmpdiff run --pipeline DIR --prompt ...`: image, per-step table, Chrome trace; the schedule's precisions ran."""
     from PIL import Image
 
-    from tmpdiff.runtime.schedule import Schedule, save_schedule
+    from tmpdiff.formats.schedule import Schedule, save_schedule
 
     name, build_dir = exported
     tiny_pipelines.build(name).save_pretrained(tmp_path / "pipe", safe_serialization=True)
@@ -152,7 +152,7 @@ def test_export_with_other_graph_sizes_replaces_the_build(exported):
     name, build_dir = exported
     model_dir = build_dir.parent.parent / "transformer"
     other, [outcome] = export_model(model_dir, build_dir.parent.parent / "other", ["fp32"], model_id=name, graph_sizes={"text_len": 6})
-    from tmpdiff.export.manifest import load_manifest
+    from tmpdiff.formats.manifest import load_manifest
 
     shapes = {s.name: s.shape for s in load_manifest(other).inputs}
     assert shapes["encoder_hidden_states"][1] == 6 and shapes["encoder_attention_mask"] == ["batch", 6]

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from tmpdiff.engines.ort import OrtEngine
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.calibration_data import sampled_calibration
 from tmpdiff.export.census import census
-from tmpdiff.export.manifest import load_manifest, verify_artifact
+from tmpdiff.export.exporter import export_model, parse_precisions
 from tmpdiff.export.onnx_io import load_onnx, save_onnx
-from tmpdiff.export.pipeline import ORT_OPTIMIZATION, PARITY_TOLERANCE, export_model, parse_precisions
 from tmpdiff.export.quantize import restore_quantized
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import load_manifest, verify_artifact
+from tmpdiff.formats.precisions import PRECISIONS
+from tmpdiff.models.bundled import sampling_info
 from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.runtime.capture import sampled_calibration
 
 from .conftest import small_calibration
 
@@ -35,7 +37,7 @@ def test_every_precision_recorded(quant_build):
     manifest = load_manifest(build_dir)
     assert set(manifest.precisions) == set(ALL)
     for name, entry in manifest.precisions.items():
-        assert entry.parity_error <= PARITY_TOLERANCE[name], name
+        assert entry.parity_error <= PRECISIONS[name].parity_tolerance, name
         verify_artifact(build_dir, name, entry)
     for name in QUANTIZED:
         entry = manifest.precisions[name]
@@ -81,10 +83,10 @@ def test_ort_twin_matches_restored_torch_state_on_fresh_inputs(quant_build, torc
         inputs = adapter.sample_inputs(adapter.default_dims(6), seed=777)
         with torch.no_grad():
             want = adapter.export_module(quantized)(*inputs.values()).numpy()
-        engine = OrtEngine(build_dir / name / "model.onnx", optimization=ORT_OPTIMIZATION.get(name, "all"))
+        engine = OrtEngine(build_dir / name / "model.onnx", optimization=PRECISIONS[name].ort_optimization)
         got = engine.infer({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
         error = np.linalg.norm(got - want) / np.linalg.norm(want)
-        assert error <= PARITY_TOLERANCE[name], f"{name}: {error:.2e}"
+        assert error <= PRECISIONS[name].parity_tolerance, f"{name}: {error:.2e}"
 
 
 def test_rerun_is_noop_and_changed_config_rebuilds(quant_build, bundled, tmp_path):
@@ -127,7 +129,7 @@ def test_bad_precisions_and_calibration(bundled, tmp_path):
             export_model(bundled.transformer_dir, tmp_path, ["nvfp4"])
     with pytest.raises(TmpdiffError, match="calibration set is empty"):
         export_model(bundled.transformer_dir, tmp_path, ["int8"],
-                     calibration=lambda m, a: sampled_calibration(m, bundled, classes=[], seeds=[0]))
+                     calibration=lambda m, a: sampled_calibration(m, a, sampling_info(bundled), classes=[], seeds=[0]))
     assert not list(tmp_path.rglob("*.onnx"))
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from tmpdiff.commands.run import RunRequest, run
 from tmpdiff.engines.loading import load_engines
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import load_manifest
-from tmpdiff.runtime.run import RunRequest, run, scheduler_from
-from tmpdiff.runtime.runner import ScheduledRunner
-from tmpdiff.runtime.sampler import initial_noise
-from tmpdiff.runtime.schedule import Schedule, fallback_for, save_schedule
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.formats.precisions import next_higher
+from tmpdiff.formats.schedule import Schedule, save_schedule
+from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
 def _runner(build_dir, precisions, batch=2, **kwargs):
@@ -27,29 +28,38 @@ def _runner(build_dir, precisions, batch=2, **kwargs):
                                      s.num_classes, **kwargs)
 
 
-def test_uniform_fp32_matches_plain_sampler(quant_build, bundled):
-    from tmpdiff.engines.ort import OrtDenoiser, OrtEngine
-    from tmpdiff.runtime.sampler import load_scheduler, sample
+def test_runner_matches_a_direct_diffusers_loop(quant_build, bundled):
+    """The runner (bound buffers, in-place copies, CFG in one batch) against the textbook diffusers loop written
+    here with host arrays: same noise, same scheduler, same graph."""
+    from tmpdiff.engines.ort import OrtEngine
 
     _, build_dir, _ = quant_build
     manifest, runner = _runner(build_dir, ["fp32"])
     labels, noise = torch.tensor([3, 7]), initial_noise(2, 1, bundled.image_size, seed=4)
-    got = runner.sample(scheduler_from(manifest.sampling), labels, noise, ["fp32"] * 10).latents
-    plain = sample(OrtDenoiser(OrtEngine(build_dir / "fp32/model.onnx")), load_scheduler(bundled.scheduler_dir), labels,
-                   noise, 10, bundled.guidance_scale, null_class=bundled.num_classes).latents
-    assert (got - plain).abs().max().item() < 1e-4
+    got = runner.sample(sampling_scheduler(manifest.sampling), labels, noise, ["fp32"] * 10).latents
+
+    engine, scheduler = OrtEngine(build_dir / "fp32/model.onnx"), sampling_scheduler(manifest.sampling)
+    scheduler.set_timesteps(10)
+    latent, both = noise * scheduler.init_noise_sigma, torch.cat([labels, torch.full_like(labels, bundled.num_classes)])
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latent, latent]), t)
+        eps = torch.from_numpy(engine.infer({"hidden_states": model_in.numpy(), "class_labels": both.numpy(),
+                                             "timestep": np.full(4, float(t), np.float32)})["noise_pred"])
+        cond, uncond = eps.chunk(2)
+        latent = scheduler.step(uncond + bundled.guidance_scale * (cond - uncond), t, latent).prev_sample
+    assert (got - latent).abs().max().item() < 1e-4
 
 
 def test_mixed_schedule_runs_the_named_engines(quant_build, bundled):
     _, build_dir, _ = quant_build
     schedule = ["fp32", "int8", "int8", "fp16", "int4", "fp8", "fp32", "int8", "int4", "fp32"]
     manifest, runner = _runner(build_dir, ["fp32", "fp16", "int8", "fp8", "int4"])
-    result = runner.sample(scheduler_from(manifest.sampling), torch.tensor([1, 2]),
+    result = runner.sample(sampling_scheduler(manifest.sampling), torch.tensor([1, 2]),
                            initial_noise(2, 1, bundled.image_size, 0), schedule)
     assert [e.precision for e in result.trace.steps] == schedule
     assert result.trace.switches == 8 and not result.trace.fallbacks
     assert torch.isfinite(result.latents).all()
-    uniform = runner.sample(scheduler_from(manifest.sampling), torch.tensor([1, 2]),
+    uniform = runner.sample(sampling_scheduler(manifest.sampling), torch.tensor([1, 2]),
                             initial_noise(2, 1, bundled.image_size, 0), ["fp32"] * 10).latents
     assert 0 < (result.latents - uniform).abs().max().item() < 0.5  # quantized steps changed the result a little
 
@@ -57,7 +67,7 @@ def test_mixed_schedule_runs_the_named_engines(quant_build, bundled):
 def test_same_seed_same_schedule_is_bit_identical(quant_build, bundled):
     _, build_dir, _ = quant_build
     manifest, runner = _runner(build_dir, ["fp32", "int8"])
-    runs = [runner.sample(scheduler_from(manifest.sampling), torch.tensor([5, 6]),
+    runs = [runner.sample(sampling_scheduler(manifest.sampling), torch.tensor([5, 6]),
                           initial_noise(2, 1, bundled.image_size, 9), ["int8", "fp32"] * 5).latents for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
@@ -65,7 +75,7 @@ def test_same_seed_same_schedule_is_bit_identical(quant_build, bundled):
 _LATENT_DIGEST = """
 import hashlib, sys
 from pathlib import Path
-from tmpdiff.runtime.run import RunRequest, run
+from tmpdiff.commands.run import RunRequest, run
 result, _, _ = run(RunRequest(build_dir=Path(sys.argv[1]), classes=[5, 6], seed=9, steps=10, schedule_path=Path(sys.argv[2])))
 print(hashlib.sha256(result.latents.numpy().tobytes()).hexdigest())
 """
@@ -106,18 +116,18 @@ def test_nan_step_falls_back_to_higher_precision(quant_build, bundled):
     engines["int8"] = _NaNAfter(engines["int8"])
     s = manifest.sampling
     runner = ScheduledRunner(engines, 2, s.channels, s.image_size, s.guidance_scale, s.null_class, s.num_classes)
-    result = runner.sample(scheduler_from(s), torch.tensor([0, 1]), initial_noise(2, 1, s.image_size, 0),
+    result = runner.sample(sampling_scheduler(s), torch.tensor([0, 1]), initial_noise(2, 1, s.image_size, 0),
                            ["fp32", "int8", "fp32", "int8"])
     assert [(e.precision, e.fallback_from) for e in result.trace.steps] == [
         ("fp32", None), ("fp16", "int8"), ("fp32", None), ("fp16", "int8")]
     assert torch.isfinite(result.latents).all()
-    assert fallback_for("int4", ["fp32", "int8"]) == "int8" and fallback_for("fp32", ["fp32"]) is None
+    assert next_higher("int4", ["fp32", "int8"]) == "int8" and next_higher("fp32", ["fp32"]) is None
 
 
 def test_trace_has_one_event_per_step_and_switches(quant_build, tmp_path, bundled):
     _, build_dir, _ = quant_build
     manifest, runner = _runner(build_dir, ["fp32", "int8"])
-    result = runner.sample(scheduler_from(manifest.sampling), torch.tensor([0, 1]),
+    result = runner.sample(sampling_scheduler(manifest.sampling), torch.tensor([0, 1]),
                            initial_noise(2, 1, bundled.image_size, 0), ["fp32", "fp32", "int8", "fp32"])
     result.trace.write_chrome_trace(tmp_path / "trace.json")
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
@@ -175,14 +185,14 @@ def test_cli_run_mixed_schedule(quant_build, tmp_path):
 
 
 def test_profile_writes_costs_for_every_engine(quant_build, tmp_path):
-    from tmpdiff.engines.costs import load_costs
     from tmpdiff.engines.profile import profile_build
+    from tmpdiff.formats.costs import load_costs
 
     _, build_dir, _ = quant_build
     table = profile_build(build_dir, "ort", "cpu", batch=4, warmup=1, repeats=3)
     assert set(table.precisions) == {"fp32", "fp16", "int8", "fp8", "int4"}
     assert all(np.isfinite(c.median_ms) and c.p10_ms <= c.median_ms <= c.p90_ms for c in table.precisions.values())
-    from tmpdiff.engines.costs import save_costs
+    from tmpdiff.formats.costs import save_costs
 
     save_costs(table, tmp_path / "costs.json")
     assert load_costs(tmp_path / "costs.json").batch == 4

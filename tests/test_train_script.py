@@ -9,7 +9,7 @@ from pathlib import Path
 from tmpdiff.eval.classifier import DigitClassifier
 from tmpdiff.models.bundled import load_model_info
 from tmpdiff.models.loading import load_diffusers_model
-from tmpdiff.runtime.sampler import load_scheduler
+from tmpdiff.models.schedulers import load_scheduler
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
 

@@ -31,9 +31,9 @@ from tmpdiff.engines.trt import (
     profile_shapes,
     trtexec_command,
 )
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import EngineEntry
-from tmpdiff.models.adapter import TensorSpec
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import EngineEntry
+from tmpdiff.formats.specs import TensorSpec
 
 SPECS = [
     TensorSpec("hidden_states", "float32", ("batch", 4, 8, 8)),

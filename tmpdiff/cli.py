@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Temporal mixed precision for diffusion denoisers.")
@@ -22,15 +22,6 @@ _state = {"debug": False}
 @app.callback()
 def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for expected errors")] = False):
     _state["debug"] = debug
-
-
-def _resolve_model_dir(model: str, subfolder: str | None) -> Path:
-    from tmpdiff.models.bundled import bundled_dir
-
-    root = bundled_dir() if model == "bundled" else Path(model)
-    if model == "bundled" and subfolder is None:
-        subfolder = "transformer"
-    return root / subfolder if subfolder else root
 
 
 @app.command()
@@ -51,17 +42,18 @@ def export(
                                                                "config's sample_size; Flux: 128)")] = None,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
-    from tmpdiff.export.pipeline import export_model, parse_precisions
-    from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS
+    from tmpdiff.commands.export import calibration_for, resolve_model_dir
+    from tmpdiff.export.exporter import export_model, parse_precisions
     from tmpdiff.export.report import print_census, print_export_table
+    from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS
 
     names = parse_precisions(precisions)
-    model_dir = _resolve_model_dir(model, subfolder)
+    model_dir = resolve_model_dir(model, subfolder)
     if model_id is None and model == "bundled":
         model_id = "tiny-dit"
     keep = tuple(p.strip() for p in keep_high_precision.split(",") if p.strip()) if keep_high_precision is not None \
         else HIGH_PRECISION_PATTERNS
-    calibration, sampling = _calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
+    calibration, sampling = calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
                                              None if calib_classes is None else _int_list(calib_classes, "--calib-classes"))
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
@@ -78,23 +70,6 @@ def _int_list(text: str, option: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise TmpdiffError(f"{option} must be comma-separated integers, got {text!r}") from None
-
-
-def _calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None):
-    """Sampled trajectories (and sampling info) for a tmpdiff class-conditional model dir; random inputs otherwise."""
-    from tmpdiff.models.bundled import INFO_NAME, load_model_info, sampling_info
-
-    root = model_dir.parent
-    if not (root / INFO_NAME).is_file():
-        return None, None
-    from tmpdiff.export.calibration_data import sampled_calibration
-
-    info = load_model_info(root)
-    chosen = list(range(info.num_classes)) if classes is None else classes
-    bad = [c for c in chosen if not 0 <= c < info.num_classes]
-    if bad:
-        raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
-    return (lambda model, adapter: sampled_calibration(model, info, chosen, seeds)), sampling_info(info)
 
 
 @app.command()
@@ -150,8 +125,8 @@ def profile(
     from rich.progress import Progress
     from rich.table import Table
 
-    from tmpdiff.engines.costs import save_costs
     from tmpdiff.engines.profile import profile_build
+    from tmpdiff.formats.costs import save_costs
 
     names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
     with Progress(console=console, transient=True) as progress:
@@ -199,7 +174,7 @@ def run(
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
                "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}
     if prompt is not None:
-        from tmpdiff.runtime.run_pipeline import PromptRequest, run_prompts
+        from tmpdiff.commands.run_prompts import PromptRequest, run_prompts
 
         request = PromptRequest(build_dir=build_dir, pipeline_dir=pipeline, prompts=[p for p in prompt for _ in range(batch)],
                                 **options)
@@ -207,9 +182,9 @@ def run(
         steps_run = denoiser.trace
         title = f"{source}, {len(request.prompts)} prompts"
     else:
+        from tmpdiff.commands.run import RunRequest
+        from tmpdiff.commands.run import run as run_schedule
         from tmpdiff.models.digits import to_uint8
-        from tmpdiff.runtime.run import RunRequest
-        from tmpdiff.runtime.run import run as run_schedule
 
         classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
         request = RunRequest(build_dir=build_dir, classes=classes, **options)
@@ -266,12 +241,11 @@ def calibrate(
     from tmpdiff.calibration.calibrate import Target
     from tmpdiff.calibration.calibrate import calibrate as run_calibration
     from tmpdiff.calibration.session import open_session
-    from tmpdiff.export.manifest import load_manifest
-    from tmpdiff.runtime.run import sampling_of
-    from tmpdiff.runtime.schedule import save_schedule
+    from tmpdiff.formats.manifest import load_manifest
+    from tmpdiff.formats.schedule import save_schedule
 
     target = Target(speedup, max_error, min_ssim)
-    steps = steps or sampling_of(load_manifest(build_dir), build_dir).default_steps
+    steps = steps or load_manifest(build_dir).require_sampling(build_dir).default_steps
     classes = None if calib_classes is None else _int_list(calib_classes, "--calib-classes")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
@@ -332,7 +306,7 @@ def check(
     spot_check: Annotated[bool, typer.Option(help="run each precision once and compare with fp32")] = True,
 ) -> None:
     """Validate a build directory: manifest, hashes, ONNX graphs, engines, schedules, a numerical spot check."""
-    from tmpdiff.check import check_build
+    from tmpdiff.commands.check import check_build
 
     problems = check_build(build_dir, schedule, spot_check)
     for problem in problems:
@@ -353,8 +327,8 @@ def demo(
     speedup: Annotated[float | None, typer.Option(help="speedup target (default: 60% of the way to the maximum)")] = None,
 ) -> None:
     """The whole pipeline on the bundled model: export, build, profile, calibrate, sample, report."""
-    from tmpdiff.demo import run_demo
-    from tmpdiff.export.pipeline import parse_precisions
+    from tmpdiff.commands.demo import run_demo
+    from tmpdiff.export.exporter import parse_precisions
 
     names = tuple(parse_precisions(precisions))
     if "fp32" not in names:

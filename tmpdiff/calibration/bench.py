@@ -10,7 +10,6 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tmpdiff.atomic import write_bytes, write_json
 from tmpdiff.calibration.baselines import (
     HEURISTICS,
     cheap_positions,
@@ -22,7 +21,8 @@ from tmpdiff.calibration.baselines import (
 from tmpdiff.calibration.evaluator import METRICS
 from tmpdiff.calibration.search import Problem, Sensitivities, measure_sensitivities, segment_bisection, tmpdiff_search
 from tmpdiff.calibration.session import CalibrationSession, open_session
-from tmpdiff.runtime.run import scheduler_from
+from tmpdiff.formats.atomic import write_bytes, write_json
+from tmpdiff.models.schedulers import sampling_scheduler
 
 
 class CountingProblem(Problem):
@@ -55,7 +55,7 @@ def _measured_speedup(session: CalibrationSession, schedule, repeats: int = 3) -
     for name, z in (("ref", ref), ("z", list(schedule))):
         runs = []
         for _ in range(repeats):
-            result = session.evaluator.runner.sample(scheduler_from(session.manifest.sampling),
+            result = session.evaluator.runner.sample(sampling_scheduler(session.manifest.sampling),
                                                      session.evaluator.labels, session.evaluator.noise, z)
             runs.append(sum(s.seconds for s in result.trace.steps))
         times[name] = statistics.median(runs)

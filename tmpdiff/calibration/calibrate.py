@@ -14,9 +14,9 @@ from tmpdiff.calibration.search import (
     tmpdiff_search,
 )
 from tmpdiff.calibration.session import CalibrationSession
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.runtime.schedule import Figures, SchedulerRef
-from tmpdiff.runtime.schedule import Schedule as ScheduleFile
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.schedule import Figures, SchedulerRef
+from tmpdiff.formats.schedule import Schedule as ScheduleFile
 
 METHODS = ("sensitivity", "bisection")
 

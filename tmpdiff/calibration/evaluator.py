@@ -2,7 +2,7 @@
 
 Every evaluation runs the real engines through the runtime (what is calibrated is what is deployed),
 from fixed initial noise, and is cached by schedule. Latent error is the mean relative squared
-distance; SSIM and PSNR of the decoded images come from scikit-image.
+distance; SSIM and PSNR of the decoded images come from `tmpdiff.eval.metrics` (scikit-image).
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import SamplingInfo
-from tmpdiff.runtime.run import scheduler_from
-from tmpdiff.runtime.runner import ScheduledRunner
-from tmpdiff.runtime.sampler import initial_noise
+from tmpdiff.eval.metrics import image_metrics, to_images
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import SamplingInfo
+from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 METRICS = ("latent", "ssim")
 
@@ -34,22 +33,6 @@ class Evaluation:
     def error(self, metric: str) -> float:
         """The scalar the search minimises: relative latent MSE, or 1 - SSIM."""
         return self.latent_error if metric == "latent" else 1.0 - self.ssim
-
-
-def to_images(latents: torch.Tensor) -> np.ndarray:
-    """Pixel-space samples in [-1, 1] -> float images in [0, 1], (N, H, W) (channel 0)."""
-    return ((latents.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0)[:, 0].numpy()
-
-
-def image_metrics(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """Mean SSIM and PSNR of images against reference images, both in [0, 1]."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    ssims, psnrs = [], []
-    for img, ref in zip(images, reference, strict=True):
-        ssims.append(structural_similarity(ref, img, data_range=1.0))
-        psnrs.append(peak_signal_noise_ratio(ref, img, data_range=1.0) if not np.array_equal(img, ref) else np.inf)
-    return float(np.mean(ssims)), float(np.mean(psnrs))
 
 
 @dataclass
@@ -77,7 +60,7 @@ class Evaluator:
         self.cache[ref] = Evaluation(ref, 0.0, 1.0, float("inf"))
 
     def _run(self, schedule: Sequence[str]) -> torch.Tensor:
-        return self.runner.sample(scheduler_from(self.sampling), self.labels, self.noise, list(schedule)).latents
+        return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule)).latents
 
     def evaluate(self, schedule: Sequence[str]) -> Evaluation:
         """E(Z) for a schedule (from the cache when already run)."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
 
 
 def solve_mckp(costs: Sequence[Sequence[float]], scores: Sequence[Sequence[float]], budget: float,

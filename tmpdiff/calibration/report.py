@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tmpdiff.atomic import atomic_path, write_bytes, write_json  # noqa: E402
-from tmpdiff.calibration.evaluator import to_images  # noqa: E402
 from tmpdiff.calibration.validation import held_out_schedules, validate  # noqa: E402
+from tmpdiff.eval.metrics import to_images  # noqa: E402
+from tmpdiff.formats.atomic import atomic_path, write_bytes, write_json  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

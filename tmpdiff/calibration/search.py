@@ -14,7 +14,7 @@ import numpy as np
 from tmpdiff.calibration.evaluator import Evaluation
 from tmpdiff.calibration.knapsack import solve_mckp
 from tmpdiff.calibration.sensitivity import SensitivityCurve, adaptive_curve
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
 
 Schedule = tuple[str, ...]
 
@@ -127,17 +127,6 @@ def assign_up(problem: Problem, sens: Sensitivities, budget: float) -> Schedule:
         row = [-float(sens.up[p].values[t]) if p in sens.up else 0.0 for p in problem.all_levels]
         scores.append(row)
     return _assign(problem, scores, budget)
-
-
-@dataclass
-class SearchResult:
-    schedule: Schedule
-    evaluation: Evaluation
-    candidates: list[Schedule]
-    evaluations: int
-    method: str
-    sensitivities: Sensitivities | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def tmpdiff_search(problem: Problem, budget: float, sens: Sensitivities) -> tuple[Schedule, list[Schedule]]:

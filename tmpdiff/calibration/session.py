@@ -8,11 +8,10 @@ from pathlib import Path
 
 from tmpdiff.calibration.evaluator import METRICS, Evaluation, Evaluator
 from tmpdiff.calibration.search import Problem
-from tmpdiff.engines.costs import CostsTable, load_costs
 from tmpdiff.engines.loading import load_engines
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import Manifest, load_manifest
-from tmpdiff.runtime.run import sampling_of
+from tmpdiff.formats.costs import CostsTable, load_costs
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.runtime.runner import ScheduledRunner
 
 
@@ -41,7 +40,7 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     if steps < 2:
         raise TmpdiffError(f"a schedule needs at least 2 steps, got {steps}")
     manifest = load_manifest(build_dir)
-    sampling = sampling_of(manifest, build_dir)
+    sampling = manifest.require_sampling(build_dir)
     costs = load_costs(costs_path)
     if costs.model_id != manifest.model_id:
         raise TmpdiffError(f"costs were measured for model {costs.model_id!r}, this build is {manifest.model_id!r}", costs_path)

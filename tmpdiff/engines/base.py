@@ -9,40 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.models.adapter import TensorSpec
+from tmpdiff.engines.streams import Stream
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.specs import TensorSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
                 "bfloat16": torch.bfloat16}
-
-
-@runtime_checkable
-class Stream(Protocol):
-    """Where engine launches are ordered. On CPU every call completes before it returns."""
-
-    def synchronize(self) -> None: ...
-
-
-class HostStream:
-    """The CPU 'stream': launches are synchronous, so there is nothing to wait for."""
-
-    handle = 0
-
-    def synchronize(self) -> None:
-        return None
-
-
-def runtime_stream(device: str) -> Stream:
-    """Where a runtime launches: the host for CPU; otherwise torch's current CUDA stream, so engine launches
-    and the torch scheduler maths between them are ordered on one stream without host synchronisation."""
-    if device == "cpu":
-        return HostStream()
-    from tmpdiff.engines.trt import CudaStream
-
-    return CudaStream(stream=torch.cuda.current_stream())
 
 
 @runtime_checkable
@@ -80,7 +54,3 @@ def check_buffers(engine_name: str, specs: list[TensorSpec], buffers: Mapping[st
             raise TmpdiffError(f"{engine_name}: {spec.name} buffer is {buf.dtype}, engine expects {spec.dtype}")
         if not buf.is_contiguous():
             raise TmpdiffError(f"{engine_name}: {spec.name} buffer is not contiguous")
-
-
-def numpy_dtype(spec: TensorSpec) -> np.dtype:
-    return np.dtype(spec.dtype)

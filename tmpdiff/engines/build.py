@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmpdiff.atomic import directory_lock
-from tmpdiff.engines.ort_build import ort_engine_current, prepare_ort_engine
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import engine_key, load_manifest, save_manifest
+from tmpdiff.engines.ort_build import ort_engine_problem, prepare_ort_engine
+from tmpdiff.formats.atomic import directory_lock
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import engine_key, engine_problem, load_manifest, save_manifest
 
 
 @dataclass
@@ -53,7 +53,7 @@ def build_engines(
                 save_manifest(build_dir, manifest)
                 outcomes.append(BuildOutcome(name, build_dir / engine.path, skipped=False))
                 continue
-            if ort_engine_current(build_dir, current, entry, device):
+            if current is not None and ort_engine_problem(build_dir, manifest, current, device) is None:
                 on_progress(f"{name}: up to date")
                 outcomes.append(BuildOutcome(name, build_dir / current.path, skipped=True))
                 continue
@@ -67,7 +67,6 @@ def build_engines(
 
 def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progress):
     """Build one TensorRT plan from the precision's TensorRT graph; None if the current plan still fits."""
-    from tmpdiff.atomic import sha256_file
     from tmpdiff.engines.trt_build import TrtBuildOptions, build_trt_engine, load_tensorrt, options_profile
 
     options = options or TrtBuildOptions()
@@ -75,8 +74,7 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
     if entry.trt_onnx is None:
         raise TmpdiffError(f"{name} has no TensorRT graph; re-run `tmpdiff export`", build_dir / "manifest.json")
     trt = load_tensorrt()
-    if (current is not None and current.source_sha256 == entry.trt_sha256 and current.backend_version == trt.__version__
-            and (build_dir / current.path).is_file() and sha256_file(build_dir / current.path) == current.sha256):
+    if current is not None and engine_problem(build_dir, manifest, current, backend_version=trt.__version__) is None:
         on_progress(f"{name}: up to date")
         return None
     on_progress(f"{name}: building TensorRT plan")

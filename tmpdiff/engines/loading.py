@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tmpdiff.engines.base import Engine
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import Manifest, engine_key
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import Manifest, engine_key, engine_problem
 
 
 def load_built_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, needed: Iterable[str],
@@ -42,14 +42,14 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
         if entry is None:
             raise TmpdiffError(f"no {backend} engine for {name} on {device}: run `tmpdiff build {build_dir} --backend {backend}"
                                f" --device {device}`", build_dir / "manifest.json")
-        source_sha = manifest.precisions[name].trt_sha256 if backend == "trt" else manifest.precisions[name].sha256
-        if entry.source_sha256 != source_sha:
-            raise TmpdiffError(f"the {backend} engine for {name} was built from an older export: rebuild with "
+        problem = engine_problem(build_dir, manifest, entry)
+        if problem is not None:
+            raise TmpdiffError(f"the {backend} engine for {name}: {problem}; rebuild with "
                                f"`tmpdiff build {build_dir} --backend {backend}`", build_dir / entry.path)
         if backend == "ort":
             from tmpdiff.engines.ort_build import load_ort_engine
 
-            engines[name] = load_ort_engine(build_dir, entry, device, threads)
+            engines[name] = load_ort_engine(build_dir, manifest, entry, device, threads)
         else:
             from tmpdiff.engines.trt import load_trt_engine
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpdiff.engines.base import Stream, check_buffers
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.models.adapter import TensorSpec
+from tmpdiff.engines.base import check_buffers
+from tmpdiff.engines.streams import Stream
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.specs import TensorSpec
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
@@ -204,16 +205,3 @@ class OrtEngine:
 
     def close(self) -> None:
         self._binding = None
-
-
-class OrtDenoiser:
-    """Adapts a one-output denoiser engine to the sampler's call (host arrays in and out, no copies)."""
-
-    def __init__(self, engine: OrtEngine) -> None:
-        self.engine = engine
-        self.names = [s.name for s in engine.input_specs]
-        self.output = engine.output_specs[0].name
-
-    def __call__(self, latent: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        feeds = dict(zip(self.names, (latent.numpy(), timestep.numpy(), class_labels.numpy()), strict=True))
-        return torch.from_numpy(self.engine.infer(feeds)[self.output])

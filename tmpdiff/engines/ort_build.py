@@ -10,11 +10,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from tmpdiff.atomic import TEMP_SUFFIX, sha256_file, temp_prefix
 from tmpdiff.engines.device import device_label
 from tmpdiff.engines.ort import OrtEngine
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import EngineEntry, PrecisionEntry, verify_artifact
+from tmpdiff.formats.atomic import TEMP_SUFFIX, sha256_file, temp_prefix
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import EngineEntry, Manifest, PrecisionEntry, engine_problem, verify_artifact
 
 
 def ort_version() -> str:
@@ -47,25 +47,17 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
     )
 
 
-def ort_engine_current(build_dir: Path, engine: EngineEntry | None, entry: PrecisionEntry, device: str) -> bool:
-    """True if a prepared engine exists for this graph, ORT version and device, and its file is intact."""
-    if engine is None:
-        return False
-    path = build_dir / engine.path
-    return (engine.source_sha256 == entry.sha256 and engine.backend_version == ort_version()
-            and engine.device == device_label(device) and path.is_file() and sha256_file(path) == engine.sha256)
+def ort_engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry, device: str) -> str | None:
+    """Why a prepared engine does not fit this ORT version and device (None if it does)."""
+    return engine_problem(build_dir, manifest, engine, backend_version=ort_version(), device=device_label(device))
 
 
-def load_ort_engine(build_dir: Path, engine: EngineEntry, device: str, threads: int | None = None) -> OrtEngine:
-    """Open a prepared engine after checking it belongs to this ORT version and device."""
-    path = build_dir / engine.path
-    if engine.backend_version != ort_version():
-        raise TmpdiffError(f"prepared with onnxruntime {engine.backend_version}, running {ort_version()}: "
-                           "rebuild with `tmpdiff build --backend ort`", path)
-    if engine.device != device_label(device):
-        raise TmpdiffError(f"prepared for {engine.device!r}, this is {device_label(device)!r}: "
-                           "rebuild with `tmpdiff build --backend ort`", path)
-    if not path.is_file() or sha256_file(path) != engine.sha256:
-        raise TmpdiffError("prepared engine is missing or does not match its sha256: rebuild with `tmpdiff build`", path)
+def load_ort_engine(build_dir: Path, manifest: Manifest, engine: EngineEntry, device: str,
+                    threads: int | None = None) -> OrtEngine:
+    """Open a prepared engine after checking it is current for this export, ORT version and device."""
+    problem = ort_engine_problem(build_dir, manifest, engine, device)
+    if problem is not None:
+        raise TmpdiffError(f"{engine.precision} engine {problem}: rebuild with `tmpdiff build {build_dir} --backend ort`",
+                           build_dir / engine.path)
     # Already optimised at build time: skip re-optimisation on every load.
-    return OrtEngine(path, engine.precision, device, threads, optimization="disable", runtime=True)
+    return OrtEngine(build_dir / engine.path, engine.precision, device, threads, optimization="disable", runtime=True)

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpdiff.engines.base import Engine, runtime_stream
-from tmpdiff.engines.costs import CostsTable, PrecisionCost
+from tmpdiff.engines.base import Engine
 from tmpdiff.engines.device import device_label
 from tmpdiff.engines.loading import load_engines
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import engine_key, load_manifest
+from tmpdiff.engines.streams import runtime_stream
+from tmpdiff.formats.costs import CostsTable, PrecisionCost
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import engine_key, load_manifest
 from tmpdiff.models.registry import adapter_for_config
 
 

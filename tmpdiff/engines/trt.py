@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-from tmpdiff.atomic import sha256_file
-from tmpdiff.engines.base import Stream, check_buffers
+from tmpdiff.engines.base import check_buffers
+from tmpdiff.engines.streams import CudaStream, Stream
 from tmpdiff.engines.trt_build import (
-    MIN_COMPUTE_CAPABILITY,
     NOT_INSTALLED,
     REBUILD_HINT,
     CudaDevice,
@@ -42,12 +41,14 @@ from tmpdiff.engines.trt_build import (
     trt_logger,
     trtexec_command,
 )
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import EngineEntry
-from tmpdiff.models.adapter import TensorSpec
+from tmpdiff.formats.atomic import sha256_file
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import EngineEntry
+from tmpdiff.formats.precisions import PRECISIONS
+from tmpdiff.formats.specs import TensorSpec
 
 __all__ = [
-    "MIN_COMPUTE_CAPABILITY", "NOT_INSTALLED", "CudaDevice", "CudaStream", "ProfileShape", "ProfileShapes",
+    "NOT_INSTALLED", "CudaDevice", "ProfileShape", "ProfileShapes",
     "SharedDeviceMemory", "TrtBuildOptions", "TrtEngine", "build_trt_engine", "check_engine_compatible",
     "check_precision_supported", "cuda_device", "default_device_memory", "load_tensorrt", "load_trt_engine",
     "options_profile", "parse_compute_capability",
@@ -84,22 +85,6 @@ def check_engine_compatible(entry: EngineEntry, plan_path: str | Path, trt_versi
         raise TmpdiffError(
             f"plan built for {built}, this GPU is {gpu.name} (compute capability {gpu.compute_capability}); {REBUILD_HINT}",
             plan_path)
-
-
-class CudaStream:
-    """A CUDA stream for TensorRT launches (wraps torch.cuda.Stream); `handle` is the cudaStream_t as an int."""
-
-    def __init__(self, device: int | str | None = None, stream: torch.cuda.Stream | None = None) -> None:
-        gpu = cuda_device(device)
-        self.torch = stream if stream is not None else torch.cuda.Stream(device=gpu.index)
-        self.device_index = gpu.index
-
-    @property
-    def handle(self) -> int:
-        return int(self.torch.cuda_stream)
-
-    def synchronize(self) -> None:
-        self.torch.synchronize()
 
 
 class SharedDeviceMemory:
@@ -239,7 +224,7 @@ class TrtEngine:
             check_engine_compatible(entry, self.path, trt.__version__, gpu, strict_gpu_model)
             if verify_sha256 and sha256_file(self.path) != entry.sha256:
                 raise TmpdiffError(f"plan does not match the manifest's sha256; {REBUILD_HINT}", self.path)
-        if self.precision in MIN_COMPUTE_CAPABILITY:
+        if self.precision in PRECISIONS:
             check_precision_supported(self.precision, gpu.compute_capability, gpu.name)
 
         logger = trt_logger(trt)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tmpdiff.atomic import sha256_file, write_bytes
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import EngineEntry
-from tmpdiff.export.precisions import get_precision
-from tmpdiff.models.adapter import TensorSpec
+from tmpdiff.formats.atomic import sha256_file, write_bytes
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import EngineEntry
+from tmpdiff.formats.precisions import get_precision
+from tmpdiff.formats.specs import TensorSpec
 
 log = logging.getLogger("tmpdiff.trt")
 
@@ -32,19 +32,6 @@ BATCH_AXIS = "batch"
 REBUILD_HINT = "rebuild it with `tmpdiff build --backend trt`"
 NOT_INSTALLED = "TensorRT is not installed: pip install 'tmpdiff[gpu]' on a machine with an NVIDIA GPU"
 
-# Oldest GPU architecture each precision builds and runs on, as (major, minor) compute capability.
-# TensorRT 10.5+ supports Turing (7.5) and newer (Volta was removed in 10.5). The quantized rows follow
-# the Model Optimizer support matrix: INT4 weight-only (W4A16) "Ampere and later", FP8 "Ada and later",
-# NVFP4 "Blackwell and later".
-MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
-    "fp32": (7, 5),
-    "fp16": (7, 5),
-    "int8": (7, 5),
-    "int8-sq": (7, 5),
-    "int4": (8, 0),
-    "fp8": (8, 9),
-    "nvfp4": (10, 0),
-}
 _ARCHITECTURES = {(7, 5): "Turing", (8, 0): "Ampere", (8, 9): "Ada", (10, 0): "Blackwell"}
 
 
@@ -121,8 +108,7 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
 
 def check_precision_supported(precision: str, compute_capability: str, gpu_name: str | None = None) -> None:
     """Refuse a precision the GPU cannot run (fp8 < 8.9, int4 < 8.0, nvfp4 < 10.0, anything < 7.5)."""
-    get_precision(precision)  # unknown names list the known ones
-    need = MIN_COMPUTE_CAPABILITY.get(precision, (7, 5))
+    need = get_precision(precision).min_compute_capability  # unknown names list the known ones
     have = parse_compute_capability(compute_capability)
     if have < need:
         arch = _ARCHITECTURES.get(need)

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tmpdiff.atomic import atomic_path, read_json_object, write_json
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.atomic import atomic_path, read_json_object, write_json
+from tmpdiff.formats.errors import TmpdiffError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tmpdiff.atomic import atomic_path
+from tmpdiff.formats.atomic import atomic_path
 
 
 def grid_image(images: np.ndarray, rows: int, scale: int = 4, pad: int = 2) -> np.ndarray:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import onnx
 
-from tmpdiff.atomic import TEMP_SUFFIX, temp_prefix
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.atomic import TEMP_SUFFIX, temp_prefix
+from tmpdiff.formats.errors import TmpdiffError
 
 PROTOBUF_LIMIT = 2**31 - 1
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from tmpdiff.atomic import atomic_path, write_json
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS, Precision
+from tmpdiff.formats.atomic import atomic_path, write_json
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision
 
 CalibrationBatch = dict[str, torch.Tensor]
 

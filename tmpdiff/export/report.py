@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from tmpdiff.export.pipeline import ExportOutcome
+from tmpdiff.export.exporter import ExportOutcome
 
 _console = Console(width=160)  # wide enough that status and paths are never cut, also when piped
 

@@ -8,7 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.digits import IMAGE_SIZE, NUM_CLASSES
 
 BUNDLED_NAME = "tiny-dit"
@@ -90,10 +91,9 @@ def load_model_info(root: str | Path | None = None) -> ModelInfo:
         raise TmpdiffError(f"malformed model info ({exc!r})", info_path) from None
 
 
-def sampling_info(info: ModelInfo):
+def sampling_info(info: ModelInfo) -> SamplingInfo:
     """The manifest's SamplingInfo for a tmpdiff class-conditional model directory."""
-    from tmpdiff.export.manifest import SamplingInfo
-    from tmpdiff.runtime.sampler import load_scheduler
+    from tmpdiff.models.schedulers import load_scheduler
 
     scheduler = load_scheduler(info.scheduler_dir)
     return SamplingInfo(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tmpdiff.models.adapter import DenoiserAdapter, TensorSpec
+from tmpdiff.formats.specs import TensorSpec
+from tmpdiff.models.adapter import DenoiserAdapter
 
 
 class _DiTForExport(torch.nn.Module):

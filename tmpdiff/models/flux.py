@@ -7,7 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
-from tmpdiff.models.adapter import DenoiserAdapter, TensorSpec
+from tmpdiff.formats.specs import TensorSpec
+from tmpdiff.models.adapter import DenoiserAdapter
 
 _RMS_NORM_OPSET = 18  # ReduceMean takes axes as an input from opset 18; the registration covers later opsets
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from tmpdiff.atomic import read_json_object
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.atomic import read_json_object
+from tmpdiff.formats.errors import TmpdiffError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tmpdiff.models.adapter import TEXT_MASK, DenoiserAdapter, TensorSpec
+from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
+from tmpdiff.models.adapter import DenoiserAdapter
 
 
 class _PixArtForExport(torch.nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.dit import DiTAdapter
 from tmpdiff.models.flux import FluxAdapter

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.models.adapter import DenoiserAdapter, TensorSpec
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.specs import TensorSpec
+from tmpdiff.models.adapter import DenoiserAdapter
 
 TIME_IDS = 6  # SDXL micro-conditioning: original size (2), crop top-left (2), target size (2)
 

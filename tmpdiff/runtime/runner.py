@@ -1,4 +1,4 @@
-"""The schedule-driven sampler: step t runs on engines[schedule[t]]; all engines share one set of buffers.
+"""The one sampling loop: step t runs on engines[schedule[t]]; all engines share one set of buffers.
 
 The runtime owns the input and output tensors and binds every engine to them once. A step writes the
 scaled latent, timestep and labels into those tensors in place, runs the engine the schedule names,
@@ -12,11 +12,23 @@ from dataclasses import dataclass
 
 import torch
 
-from tmpdiff.engines.base import Engine, Stream, runtime_stream
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.runtime.sampler import guided
-from tmpdiff.runtime.schedule import fallback_for
+from tmpdiff.engines.base import Engine
+from tmpdiff.engines.streams import Stream, runtime_stream
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import next_higher
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
+
+
+def initial_noise(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """Deterministic starting latent for a seed (CPU generator, so it is identical on every machine)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn((batch, channels, size, size), generator=gen, dtype=torch.float32)
+
+
+def guided(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance from one batched call whose first half is conditional, second half unconditional."""
+    eps_cond, eps_uncond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 def run_guarded(engines: Mapping[str, Engine], precision: str, output: torch.Tensor, stream: Stream, *, label: str,
@@ -29,7 +41,7 @@ def run_guarded(engines: Mapping[str, Engine], precision: str, output: torch.Ten
     with nvtx_range(f"{label} {precision}", nvtx):
         engines[precision].run(stream)
     while nan_guard and not bool(torch.isfinite(output).all()):
-        higher = fallback_for(used, list(engines))
+        higher = next_higher(used, list(engines))
         if higher is None:
             raise TmpdiffError(f"{label}: {used} output is not finite and no higher precision is loaded")
         fallback_from = fallback_from or precision

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tmpdiff.atomic import write_json
+from tmpdiff.formats.atomic import write_json
 
 
 @dataclass

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpdiff.atomic import read_json_object
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.pipeline import DENOISER_COMPONENTS, EngineDenoiser, attach_engines
-from tmpdiff.runtime.run import RunOptions, resolve_schedule
+from tmpdiff.commands.run import RunOptions
+from tmpdiff.formats.atomic import read_json_object
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.runtime.dropin import DENOISER_COMPONENTS, EngineDenoiser, attach_engines
 
 DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
 
@@ -48,13 +48,13 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     """Images (N, H, W, 3) uint8 for the prompts, the attached denoiser (its trace says what ran), and the schedule's source."""
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise TmpdiffError("every --prompt must be non-empty")
-    schedule, source = resolve_schedule(request, DEFAULT_STEPS)
+    plan = request.plan(DEFAULT_STEPS)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
-    denoiser = attach_engines(pipe, request.build_dir, schedule=schedule, backend=request.backend, device=request.device,
+    denoiser = attach_engines(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
                               threads=request.threads, nan_guard=request.nan_guard)
     if request.device != "cpu":
         pipe.to("cuda")
-    kwargs = {"num_inference_steps": schedule.steps, "generator": torch.Generator().manual_seed(request.seed), "output_type": "np"}
+    kwargs = {"num_inference_steps": plan.steps, "generator": torch.Generator().manual_seed(request.seed), "output_type": "np"}
     if request.guidance_scale is not None:
         kwargs["guidance_scale"] = request.guidance_scale
     sample_size = denoiser.config.get("sample_size")
@@ -74,7 +74,7 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
         raise TmpdiffError(f"{type(pipe).__name__} refused the call ({exc})", request.pipeline_dir) from None
     finally:
         denoiser.close()
-    return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, source
+    return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, plan.source
 
 
 def _call_parameters(pipe) -> set[str]:

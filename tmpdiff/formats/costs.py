@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tmpdiff.atomic import read_model_file, write_json
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.atomic import read_model_file, write_json
+from tmpdiff.formats.errors import TmpdiffError
 
 
 class PrecisionCost(BaseModel):

@@ -22,15 +22,17 @@ from typing import Any
 
 import torch
 
-from tmpdiff.atomic import validation_problems
-from tmpdiff.engines.base import TORCH_DTYPES, Engine, Stream, runtime_stream
+from tmpdiff.engines.base import TORCH_DTYPES, Engine
 from tmpdiff.engines.loading import load_built_engines
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.manifest import Manifest, load_manifest
-from tmpdiff.models.adapter import TEXT_MASK, DenoiserAdapter, TensorSpec
+from tmpdiff.engines.streams import Stream, runtime_stream
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import Manifest, load_manifest
+from tmpdiff.formats.schedule import Schedule
+from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
+from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
-from tmpdiff.runtime.schedule import Schedule, load_schedule
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
 
 DENOISER_COMPONENTS = ("transformer", "unet")
@@ -43,21 +45,18 @@ TMPDIFF_CONFIG_KEYS = ("text_len", "sample_size")
 class EngineDenoiser(torch.nn.Module):
     """Stands in for a diffusers denoiser module: same config, same call, engines underneath.
 
-    `precisions` has one entry per scheduler step (len(scheduler.timesteps)); with `uniform` set instead,
-    every step runs that precision whatever the step count.
+    The plan has one precision per scheduler step (len(scheduler.timesteps)), or one uniform precision that
+    fits any step count.
     """
 
     def __init__(self, engines: Mapping[str, Engine], adapter: DenoiserAdapter, config: Mapping[str, Any],
-                 forward_signature: inspect.Signature, scheduler_of, *, precisions: list[str] | None = None,
-                 uniform: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 stream: Stream | None = None, nan_guard: bool = True, nvtx: bool | None = None) -> None:
+                 forward_signature: inspect.Signature, scheduler_of, plan: PrecisionPlan, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, stream: Stream | None = None, nan_guard: bool = True,
+                 nvtx: bool | None = None) -> None:
         super().__init__()
-        if (precisions is None) == (uniform is None):
-            raise TmpdiffError("give a schedule or a uniform precision, not both or neither")
         self.engines = dict(engines)
         self.adapter = adapter
-        self.precisions = precisions
-        self.uniform = uniform
+        self.plan = plan
         self.nan_guard = nan_guard
         self.nvtx = nvtx_wanted() if nvtx is None else nvtx
         self._marks: list[tuple] = []  # (index, timestep, used, fallback_from, start mark, end mark) per call
@@ -105,7 +104,7 @@ class EngineDenoiser(torch.nn.Module):
     @property
     def steps(self) -> int | None:
         """The step count the schedule was made for (None for a uniform precision)."""
-        return None if self.precisions is None else len(self.precisions)
+        return self.plan.steps
 
     def cache_context(self, name: str) -> contextlib.AbstractContextManager:
         """diffusers' cache hook (Flux calls it around cond/uncond): engines keep no cache, so a no-op."""
@@ -125,7 +124,7 @@ class EngineDenoiser(torch.nn.Module):
         for spec in self._input_specs:
             _copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
         index, timestep = self._step()
-        precision = self._precision_at(index)
+        precision = self.plan.at(index)
         if index == 0 and self._marks and self._marks[-1][0] != 0:
             self._marks = []  # a new pipeline call (Flux's true CFG calls twice at every step, so 0 can repeat)
         start = self._clock.mark()
@@ -179,9 +178,9 @@ class EngineDenoiser(torch.nn.Module):
         timesteps = scheduler.timesteps
         if timesteps is None:
             raise TmpdiffError("the pipeline's scheduler has no timesteps set")
-        if self.precisions is not None and len(timesteps) != len(self.precisions):
-            raise TmpdiffError(f"the schedule has {len(self.precisions)} steps but the pipeline runs {len(timesteps)}: "
-                               f"call it with num_inference_steps={len(self.precisions)}")
+        if self.plan.steps is not None and len(timesteps) != self.plan.steps:
+            raise TmpdiffError(f"the schedule has {self.plan.steps} steps but the pipeline runs {len(timesteps)}: "
+                               f"call it with num_inference_steps={self.plan.steps}")
         if hasattr(scheduler, "step_index"):
             index = scheduler.step_index
             if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
@@ -193,9 +192,6 @@ class EngineDenoiser(torch.nn.Module):
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
         return index, timesteps[index]  # a 0-d tensor, read as a number only when the trace is asked for
-
-    def _precision_at(self, index: int) -> str:
-        return self.uniform if self.precisions is None else self.precisions[index]
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -275,26 +271,7 @@ def _denoiser_config(manifest: Manifest, adapter: DenoiserAdapter) -> dict[str, 
     return config
 
 
-def resolve_plan(schedule: Schedule | str | Path | list[str] | None, precision: str | None,
-                 source: Path) -> tuple[list[str] | None, str | None]:
-    """(per-step precisions, None) for a schedule, (None, precision) for a uniform run."""
-    if (schedule is None) == (precision is None):
-        raise TmpdiffError("give exactly one of a schedule or a uniform precision", source)
-    if precision is not None:
-        return None, precision
-    if isinstance(schedule, (str, Path)):
-        schedule = load_schedule(schedule)
-    if isinstance(schedule, list):
-        from pydantic import ValidationError
-
-        try:
-            schedule = Schedule(steps=len(schedule), precisions=schedule)
-        except ValidationError as exc:
-            raise TmpdiffError(f"not a valid schedule ({validation_problems(exc)})") from None
-    return list(schedule.precisions), None
-
-
-def attach_engines(pipe, build_dir: str | Path, *, schedule: Schedule | str | Path | list[str] | None = None,
+def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Schedule | str | Path | list[str] | None = None,
                    precision: str | None = None, backend: str = "ort", device: str = "cpu", threads: int | None = None,
                    nan_guard: bool = True) -> EngineDenoiser:
     """Replace the pipeline's transformer/unet with engines from `build_dir` that follow `schedule`.
@@ -305,16 +282,16 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: Schedule | str | Pa
     """
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
-    precisions, uniform = resolve_plan(schedule, precision, build_dir)
+    plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
     component = denoiser_component(pipe)
     original = getattr(pipe, component, None)
     if original is not None:
         check_same_model(original, manifest, build_dir)
     adapter = adapter_for_config(manifest.denoiser_config)
-    engines = load_built_engines(build_dir, manifest, backend, device, precisions or [uniform], threads)
+    engines = load_built_engines(build_dir, manifest, backend, device, plan.needed, threads)
     dtype = original.dtype if original is not None else torch.float32
     denoiser = EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
-                              lambda: pipe.scheduler, precisions=precisions, uniform=uniform, device=device, dtype=dtype,
+                              lambda: pipe.scheduler, plan, device=device, dtype=dtype,
                               nan_guard=nan_guard)
     setattr(pipe, component, denoiser)
     return denoiser

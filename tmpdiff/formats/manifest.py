@@ -8,9 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tmpdiff.atomic import read_model_file, sha256_file, write_json
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.models.adapter import TensorSpec
+from tmpdiff.formats.atomic import read_model_file, sha256_file, write_json
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.specs import TensorSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "tmpdiff.manifest/1"
@@ -45,6 +45,17 @@ class PrecisionEntry(BaseModel):
     torch_error_vs_fp32: float | None = None  # torch fake-quant model vs fp32
     ort_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     quantization: dict = Field(default_factory=dict)
+
+    def graphs(self) -> list[tuple[str, str]]:
+        """(path, sha256) of each graph file: the ORT graph and, when it is another file, the TensorRT graph."""
+        pairs = [(self.onnx, self.sha256)]
+        if self.trt_onnx is not None and self.trt_onnx != self.onnx:
+            pairs.append((self.trt_onnx, self.trt_sha256 or ""))
+        return pairs
+
+    def source_sha256(self, backend: str) -> str | None:
+        """Hash of the graph a backend builds from (TensorRT: the trt:: graph; ORT: the standard-op twin)."""
+        return self.trt_sha256 if backend == "trt" else self.sha256
 
 
 class EngineEntry(BaseModel):
@@ -95,6 +106,14 @@ class Manifest(BaseModel):
     engines: dict[str, EngineEntry] = Field(default_factory=dict)
     sampling: SamplingInfo | None = None
 
+    def require_sampling(self, build_dir: str | Path) -> SamplingInfo:
+        """The sampling info class-conditional runs need; text-conditioned builds are told to use their pipeline."""
+        if self.sampling is None:
+            raise TmpdiffError("the build directory has no sampling info (exported from a model without tmpdiff_model.json); "
+                               "run a text-conditioned model inside its pipeline: --pipeline DIR --prompt TEXT",
+                               Path(build_dir) / MANIFEST_NAME)
+        return self.sampling
+
     def built_precisions(self, backend: str, device: str) -> list[str]:
         """Exported precisions that have an engine for this backend and device, in export order."""
         return [p for p in self.precisions if engine_key(backend, device, p) in self.engines]
@@ -132,6 +151,32 @@ def artifact_problem(build_dir: Path, rel: str, digest: str) -> tuple[Path, str 
     if sha256_file(path) != digest:
         return path, "sha256 does not match the manifest"
     return path, None
+
+
+def graph_problems(build_dir: Path, entry: PrecisionEntry) -> list[tuple[Path, str]]:
+    """Every graph file of an exported precision that is missing, corrupt or outside the build dir."""
+    found = [artifact_problem(build_dir, rel, digest) for rel, digest in entry.graphs()]
+    return [(path, problem) for path, problem in found if problem is not None]
+
+
+def engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry, *, backend_version: str | None = None,
+                   device: str | None = None) -> str | None:
+    """Why a built engine cannot be used as it is (None when it is current): its file is outside the build dir,
+    missing or corrupt; it was built from an older export; or (when given) by another backend version or for
+    another device. The one freshness rule for build, load, run and check."""
+    source = manifest.precisions.get(engine.precision)
+    if source is None:
+        return f"engine for {engine.precision}, which is no longer exported"
+    _, problem = artifact_problem(build_dir, engine.path, engine.sha256)
+    if problem is not None:
+        return f"engine file: {problem}"
+    if engine.source_sha256 != source.source_sha256(engine.backend):
+        return "built from an older export"
+    if backend_version is not None and engine.backend_version != backend_version:
+        return f"built with {engine.backend} {engine.backend_version}, running {backend_version}"
+    if device is not None and engine.device != device:
+        return f"built for {engine.device!r}, this is {device!r}"
+    return None
 
 
 def verify_artifact(build_dir: Path, precision: str, entry: PrecisionEntry) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import time
 from collections.abc import Callable
@@ -19,24 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import tmpdiff
-from tmpdiff.atomic import directory_lock, sha256_file
-from tmpdiff.errors import TmpdiffError
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationSet, random_calibration
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
-from tmpdiff.export.manifest import (
-    Manifest,
-    PrecisionEntry,
-    SamplingInfo,
-    TensorSpecModel,
-    load_manifest,
-    model_content_hash,
-    save_manifest,
-)
 from tmpdiff.export.onnx_export import export_to_proto
 from tmpdiff.export.onnx_io import save_onnx
-from tmpdiff.export.precisions import HIGH_PRECISION_PATTERNS, Precision, get_precision
 from tmpdiff.export.quantize import (
     build_config,
     config_digest,
@@ -45,21 +33,22 @@ from tmpdiff.export.quantize import (
     quantizer_census,
     save_quantized_state,
 )
+from tmpdiff.formats.atomic import directory_lock, sha256_file
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import (
+    Manifest,
+    PrecisionEntry,
+    SamplingInfo,
+    TensorSpecModel,
+    graph_problems,
+    load_manifest,
+    model_content_hash,
+    save_manifest,
+)
+from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision, get_precision
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.loading import load_diffusers_model, read_model_config
 from tmpdiff.models.registry import adapter_for_config
-
-# ORT twin vs the torch model it was exported from, relative L2 on fresh random inputs.
-# fp32: same maths, different kernels -> float rounding only. fp16: both sides compute in half but
-# accumulate differently (ORT's MLAS vs torch's CPU kernels) -> ~1e-3 per layer. Quantized: the twin
-# computes exactly the fake-quant maths, but an activation landing on a rounding tie in one backend
-# and not the other moves one quantization step (1/127 of the range), which propagates. int4 is
-# weight-only (W4A16): weights are dequantized exactly, so only float rounding remains.
-PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2, "int8-sq": 2e-2, "fp8": 2e-2, "int4": 1e-4}
-# fp8's float8 Q/DQ graph only loads at ORT's basic level: the extended level fuses it into
-# MatMulIntegerToFloat, which rejects float8 inputs (seen with ORT 1.31).
-ORT_OPTIMIZATION = {"fp8": "basic"}
-KIND = {"int8": "int8", "int8-sq": "int8", "fp8": "fp8", "int4": "int4"}
 
 
 @dataclass
@@ -86,7 +75,7 @@ def _versions() -> dict[str, str]:
     import modelopt
     import onnx
 
-    return {"tmpdiff": tmpdiff.__version__, "torch": torch.__version__, "modelopt": modelopt.__version__,
+    return {"tmpdiff": importlib.metadata.version("tmpdiff"), "torch": torch.__version__, "modelopt": modelopt.__version__,
             "onnx": onnx.__version__}
 
 
@@ -95,15 +84,7 @@ def _artifact_key(parts: dict) -> str:
 
 
 def _up_to_date(build_dir: Path, entry: PrecisionEntry | None, key: str) -> bool:
-    if entry is None or entry.key != key:
-        return False
-    for rel, digest in [(entry.onnx, entry.sha256), (entry.trt_onnx, entry.trt_sha256)]:
-        if rel is None:
-            continue
-        path = build_dir / rel
-        if not path.is_file() or sha256_file(path) != digest:
-            return False
-    return True
+    return entry is not None and entry.key == key and not graph_problems(build_dir, entry)
 
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -128,7 +109,7 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
     """
     from tmpdiff.engines.ort import OrtEngine
 
-    engine = OrtEngine(path, precision, optimization=ORT_OPTIMIZATION.get(precision, "all"))
+    engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
     parity, error, torch_error = [], [], []
     for seed in PARITY_SEEDS:
         inputs = adapter.sample_inputs(adapter.default_dims(3), seed=seed)
@@ -263,7 +244,7 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     save_quantized_state(quantized, quant_config, directory)
     module = adapter.export_module(quantized)
     raw = export_to_proto(module, adapter, spec.trt_opset)
-    kind = KIND[spec.name]
+    kind = spec.rewrite_kind
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
@@ -299,7 +280,7 @@ def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key
     return PrecisionEntry(
         onnx=rel, sha256=sha, trt_onnx=trt_rel, trt_sha256=sha if trt_rel == rel else sha256_file(build_dir / trt_rel),
         opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=error, torch_error_vs_fp32=torch_error,
-        ort_optimization=ORT_OPTIMIZATION.get(spec.name, "all"), quantization=quantization or {},
+        ort_optimization=spec.ort_optimization, quantization=quantization or {},
     )
 
 
@@ -310,9 +291,9 @@ def parity_ok(precision: str, parity: float, error: float, torch_error: float | 
     """
     if not np.isfinite(parity):
         return False
-    if parity <= PARITY_TOLERANCE.get(precision, 2e-2):
+    if parity <= get_precision(precision).parity_tolerance:
         return True
-    return (precision in KIND and torch_error is not None and parity < torch_error
+    return (get_precision(precision).rewrite_kind is not None and torch_error is not None and parity < torch_error
             and abs(error - torch_error) <= 0.15 * torch_error)
 
 
@@ -320,4 +301,4 @@ def _check_parity(precision: str, parity: float, error: float, torch_error: floa
     if not parity_ok(precision, parity, error, torch_error):
         raise TmpdiffError(
             f"{precision}: ONNX Runtime output differs from the torch model by {parity:.2e} (tolerance "
-            f"{PARITY_TOLERANCE.get(precision, 2e-2):.0e}; error vs fp32: ORT {error:.2e}, torch {torch_error:.2e})", path)
+            f"{get_precision(precision).parity_tolerance:.0e}; error vs fp32: ORT {error:.2e}, torch {torch_error:.2e})", path)

@@ -7,13 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tmpdiff.atomic import read_model_file, write_json
-from tmpdiff.errors import TmpdiffError
-from tmpdiff.export.precisions import PRECISIONS
+from tmpdiff.formats.atomic import read_model_file, write_json
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import PRECISIONS
 
 SCHEDULE_FORMAT = "tmpdiff.schedule/1"
-# Highest precision first: a step whose output is not finite is re-run one place to the left.
-PRECISION_ORDER = ("fp32", "fp16", "int8-sq", "int8", "fp8", "int4", "nvfp4")
 
 
 class SchedulerRef(BaseModel):
@@ -66,21 +64,3 @@ def load_schedule(path: str | Path) -> Schedule:
 
 def save_schedule(schedule: Schedule, path: str | Path) -> None:
     write_json(path, schedule.model_dump(mode="json"))
-
-
-def check_against(schedule: Schedule, steps: int, available: list[str], source: str | Path) -> None:
-    """The schedule fits this run: same step count, and every precision it names has an engine."""
-    if schedule.steps != steps:
-        raise TmpdiffError(f"schedule has {schedule.steps} steps but {steps} were requested", source)
-    missing = sorted(set(schedule.precisions) - set(available))
-    if missing:
-        raise TmpdiffError(f"schedule uses {', '.join(missing)} but only {', '.join(available)} engines are built", source)
-
-
-def fallback_for(precision: str, available: list[str]) -> str | None:
-    """The next higher precision among `available` (None if `precision` is already the highest)."""
-    index = PRECISION_ORDER.index(precision)
-    for candidate in reversed(PRECISION_ORDER[:index]):
-        if candidate in available:
-            return candidate
-    return None

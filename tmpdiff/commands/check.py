@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmpdiff.errors import TmpdiffError
+from tmpdiff.formats.errors import TmpdiffError
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,10 @@ class Problem:
 
 def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check: bool = True) -> list[Problem]:
     """Every check that can fail, collected (not stopping at the first)."""
-    from tmpdiff.atomic import interrupted_writes, sha256_file
-    from tmpdiff.export.manifest import artifact_problem, load_manifest
+    from tmpdiff.engines.ort_build import ort_engine_problem
     from tmpdiff.export.onnx_io import load_onnx
+    from tmpdiff.formats.atomic import interrupted_writes
+    from tmpdiff.formats.manifest import engine_problem, graph_problems, load_manifest
 
     # a killed export/build leaves its in-flight temp; the next run of it (under the build lock) removes it
     problems = [Problem(str(path), "incomplete write left by an interrupted tmpdiff process",
@@ -36,37 +37,24 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
         return [*problems, Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`")]
     root = build_dir.resolve()
     for name, entry in manifest.precisions.items():
-        for rel, digest in [(entry.onnx, entry.sha256), (entry.trt_onnx, entry.trt_sha256)]:
-            if rel is None:
-                continue
-            path, problem = artifact_problem(build_dir, rel, digest)
-            if problem is not None:
-                problems.append(Problem(str(path), f"{name}: {problem}", f"re-run `tmpdiff export --precisions {name}`"))
-                continue
+        broken = graph_problems(build_dir, entry)
+        for path, problem in broken:
+            problems.append(Problem(str(path), f"{name}: {problem}", f"re-run `tmpdiff export --precisions {name}`"))
+        for rel, _ in [] if broken else entry.graphs():
             try:
-                load_onnx(path, root)
+                load_onnx(root / rel, root)
             except TmpdiffError as exc:
-                problems.append(Problem(str(path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
+                problems.append(Problem(str(root / rel), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
     for key, engine in manifest.engines.items():
-        path = root / engine.path
-        source = manifest.precisions.get(engine.precision)
-        expected = None if source is None else (source.trt_sha256 if engine.backend == "trt" else source.sha256)
-        if not path.is_file() or sha256_file(path) != engine.sha256:
-            problems.append(Problem(str(path), f"engine {key} is missing or corrupt", f"run `tmpdiff build {build_dir} "
-                                    f"--backend {engine.backend}`"))
-        elif engine.source_sha256 != expected:
-            problems.append(Problem(str(path), f"engine {key} was built from an older export",
-                                    f"run `tmpdiff build {build_dir} --backend {engine.backend}`"))
-        elif engine.backend == "ort":
-            from tmpdiff.engines.device import device_label
-            from tmpdiff.engines.ort_build import ort_version
-
-            device = engine.build_flags.get("device", "cpu")
-            if engine.backend_version != ort_version() or engine.device != device_label(device):
-                problems.append(Problem(str(path), f"engine {key} was built for {engine.backend_version} on {engine.device}",
-                                        f"run `tmpdiff build {build_dir}` on this machine"))
+        if engine.backend == "ort":
+            problem = ort_engine_problem(build_dir, manifest, engine, engine.build_flags.get("device", "cpu"))
+        else:  # the TensorRT version and GPU are checked where TensorRT runs (`tmpdiff run --backend trt`)
+            problem = engine_problem(build_dir, manifest, engine)
+        if problem is not None:
+            problems.append(Problem(str(build_dir / engine.path), f"engine {key}: {problem}",
+                                    f"run `tmpdiff build {build_dir} --backend {engine.backend}` on the target machine"))
     for schedule_path in schedules or []:
-        from tmpdiff.runtime.schedule import load_schedule
+        from tmpdiff.formats.schedule import load_schedule
 
         try:
             schedule = load_schedule(schedule_path)

@@ -116,7 +116,7 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[N
     """
     from filelock import FileLock, Timeout
 
-    from tmpdiff.errors import TmpdiffError
+    from tmpdiff.formats.errors import TmpdiffError
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[N
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object; anything else is a TmpdiffError naming the file."""
-    from tmpdiff.errors import TmpdiffError
+    from tmpdiff.formats.errors import TmpdiffError
 
     try:
         data = json.loads(Path(path).read_text())
@@ -146,7 +146,7 @@ def read_model_file(path: Path, model_cls, what: str):
     """Validate a JSON file against a pydantic model; a bad file is a TmpdiffError naming it and its first problems."""
     from pydantic import ValidationError
 
-    from tmpdiff.errors import TmpdiffError
+    from tmpdiff.formats.errors import TmpdiffError
 
     try:
         return model_cls.model_validate(json.loads(path.read_text()))

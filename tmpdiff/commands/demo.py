@@ -13,21 +13,21 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tmpdiff.atomic import write_bytes, write_json
 from tmpdiff.calibration.calibrate import Target, calibrate
 from tmpdiff.calibration.report import write_calibration_report
 from tmpdiff.calibration.session import open_session
+from tmpdiff.commands.run import RunRequest, run
 from tmpdiff.engines.build import build_engines
-from tmpdiff.engines.costs import save_costs
 from tmpdiff.engines.profile import profile_build
 from tmpdiff.eval.classifier import DigitClassifier, classify
 from tmpdiff.eval.images import grid_image, save_png
-from tmpdiff.export.calibration_data import sampled_calibration
-from tmpdiff.export.pipeline import export_model
+from tmpdiff.export.exporter import export_model
+from tmpdiff.formats.atomic import write_bytes, write_json
+from tmpdiff.formats.costs import save_costs
+from tmpdiff.formats.schedule import save_schedule
 from tmpdiff.models.bundled import load_model_info, sampling_info
 from tmpdiff.models.digits import to_uint8
-from tmpdiff.runtime.run import RunRequest, run
-from tmpdiff.runtime.schedule import save_schedule
+from tmpdiff.runtime.capture import sampled_calibration
 
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
 
@@ -55,11 +55,12 @@ def run_demo(out: Path, per_class: int = 4, steps: int | None = None, seed: int 
         console.print(f"[bold]{name}[/bold] done in {timings[name]:.1f} s")
         return time.perf_counter()
 
+    sampling = sampling_info(info)
     t = time.perf_counter()
     build_dir, exports = export_model(
         info.transformer_dir, out / "build", list(precisions), model_id="tiny-dit",
-        calibration=lambda model, adapter: sampled_calibration(model, info, range(info.num_classes), [0, 1]),
-        sampling=sampling_info(info), on_progress=lambda msg: console.print(f"export {msg}"))
+        calibration=lambda model, adapter: sampled_calibration(model, adapter, sampling, range(info.num_classes), [0, 1]),
+        sampling=sampling, on_progress=lambda msg: console.print(f"export {msg}"))
     t = stage("export", t)
     build_engines(build_dir, "ort", "cpu", threads=threads, on_progress=lambda msg: console.print(f"build {msg}"))
     t = stage("build", t)

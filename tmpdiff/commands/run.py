@@ -1,0 +1,64 @@
+"""`tmpdiff run`: sample a class-conditional model from a build directory with a precision schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tmpdiff.engines.loading import load_built_engines
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
+from tmpdiff.runtime.runner import RunResult, ScheduledRunner, initial_noise
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every run names: engines, schedule (or one precision), seed, backend."""
+
+    build_dir: Path
+    seed: int = 0
+    steps: int | None = None
+    schedule_path: Path | None = None
+    precision: str | None = None
+    backend: str = "ort"
+    device: str = "cpu"
+    threads: int | None = None
+    guidance_scale: float | None = None
+    nan_guard: bool = True  # re-run a non-finite step at the next higher precision (on a GPU: one sync per step)
+
+    def plan(self, default_steps: int) -> PrecisionPlan:
+        return resolve_plan(self.schedule_path, self.precision, steps=self.steps, default_steps=default_steps)
+
+
+@dataclass(kw_only=True)
+class RunRequest(RunOptions):
+    """A class-conditional run of a build directory with sampling info (the bundled model's kind)."""
+
+    classes: list[int]
+
+
+def run(request: RunRequest, on_step=None) -> tuple[RunResult, PrecisionPlan, dict]:
+    """Validate everything, load the engines the schedule needs, and sample."""
+    manifest = load_manifest(request.build_dir)
+    sampling = manifest.require_sampling(request.build_dir)
+    plan = request.plan(sampling.default_steps)
+    bad = [c for c in request.classes if not 0 <= c < sampling.num_classes]
+    if not request.classes or bad:
+        raise TmpdiffError(f"class ids must be in 0..{sampling.num_classes - 1}, got {request.classes}")
+    engines = load_built_engines(request.build_dir, manifest, request.backend, request.device, plan.needed,
+                                 request.threads, what=f"schedule {plan.source}")
+    guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
+                             guidance_scale=guidance, null_class=sampling.null_class, num_classes=sampling.num_classes,
+                             device=request.device, nan_guard=request.nan_guard)
+    labels = torch.tensor(request.classes, dtype=torch.int64)
+    noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
+    try:
+        result = runner.sample(sampling_scheduler(sampling), labels, noise, list(plan.precisions), on_step=on_step)
+    finally:
+        runner.close()
+    return result, plan, {"source": plan.source, "guidance_scale": guidance}

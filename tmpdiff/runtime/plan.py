@@ -1,0 +1,71 @@
+"""Which precision each step runs: a schedule (file, object or list), or one precision for every step.
+
+The one place a run's "--schedule FILE or --precision P" is resolved, for `tmpdiff run`, `run --pipeline`
+and the diffusers drop-in; checked before any engine is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from tmpdiff.formats.atomic import validation_problems
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import get_precision
+from tmpdiff.formats.schedule import Schedule, load_schedule
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """Per-step precisions; `steps` is None for a uniform precision that fits any step count."""
+
+    precisions: tuple[str, ...] | None
+    uniform: str | None
+    source: str  # where it came from, for messages and reports
+
+    @property
+    def steps(self) -> int | None:
+        return None if self.precisions is None else len(self.precisions)
+
+    @property
+    def needed(self) -> list[str]:
+        """The precisions that must have engines."""
+        return list(dict.fromkeys(self.precisions)) if self.precisions is not None else [self.uniform]
+
+    def at(self, index: int) -> str:
+        return self.uniform if self.precisions is None else self.precisions[index]
+
+    def schedule(self) -> Schedule:
+        """As a schedule file object (a uniform plan must have a step count by now)."""
+        if self.precisions is None:
+            raise TmpdiffError(f"{self.source}: a uniform plan has no step count")
+        return Schedule(steps=len(self.precisions), precisions=list(self.precisions),
+                        reference=self.uniform or "fp32")
+
+
+def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, precision: str | None = None, *,
+                 steps: int | None = None, default_steps: int | None = None) -> PrecisionPlan:
+    """Exactly one of a schedule or a precision. A uniform precision gets `steps` (or `default_steps`) steps when
+    either is given and stays step-count free otherwise; a schedule's length must equal `steps` when given."""
+    if (schedule is None) == (precision is None):
+        raise TmpdiffError("give exactly one of a schedule (--schedule FILE) or a uniform precision (--precision P)")
+    if precision is not None:
+        get_precision(precision)  # unknown names list the known ones
+        count = steps or default_steps
+        per_step = None if count is None else (precision,) * count
+        return PrecisionPlan(per_step, precision, f"uniform {precision}")
+    source = "schedule"
+    if isinstance(schedule, (str, Path)):
+        source = str(schedule)
+        schedule = load_schedule(schedule)
+    elif isinstance(schedule, list):
+        try:
+            schedule = Schedule(steps=len(schedule), precisions=schedule)
+        except ValidationError as exc:
+            raise TmpdiffError(f"not a valid schedule ({validation_problems(exc)})") from None
+    if steps is not None and steps != schedule.steps:
+        raise TmpdiffError(f"schedule has {schedule.steps} steps but --steps {steps} was given",
+                           source if source != "schedule" else None)
+    return PrecisionPlan(tuple(schedule.precisions), None, source)
