@@ -39,9 +39,9 @@ def torch_dit(bundled):
 def small_calibration(bundled):
     """10 classes x 1 seed x 10 steps: enough to calibrate the tiny model, quick to capture."""
     from tmpdiff.models.bundled import sampling_info
-    from tmpdiff.runtime.capture import sampled_calibration
+    from tmpdiff.runtime.capture import sampled_recipe
 
-    return lambda model, adapter: sampled_calibration(model, adapter, sampling_info(bundled), classes=range(10), seeds=[0], steps=10)
+    return sampled_recipe(sampling_info(bundled), classes=range(10), seeds=[0], steps=10)
 
 
 @pytest.fixture(scope="session")

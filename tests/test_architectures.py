@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tmpdiff.engines.ort import OrtEngine
-from tmpdiff.export.exporter import export_model, parity_ok
+from tmpdiff.engines.ort import OrtEngine, session_options
+from tmpdiff.export.exporter import PARITY_SEEDS, export_model
+from tmpdiff.export.quantize import restore_quantized
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, PRECISIONS
 from tmpdiff.models.registry import ADAPTERS, adapter_for_config
@@ -82,6 +83,7 @@ class Case:
     build: Callable[[], torch.nn.Module]
     precisions: tuple[str, ...]
     config: dict = field(default_factory=lambda: {"text_len": 8})  # tmpdiff keys written into config.json
+    rounding_ties: bool = False  # deep quantized stack where one activation rounding differently flips the output
 
 
 ALL = ("fp32", "int8", "fp8", "int4")
@@ -90,8 +92,8 @@ CASES = {
     # int4 is left out where Conv layers are quantized: see test_int4_with_conv_layers_kept_high_precision.
     # UNet int8 parity (1.7e-2 and 1.8e-2 here, tolerance 2e-2) is close to its limit: one activation rounding
     # differently in ORT and torch flips quantization steps downstream through the UNet's GroupNorm/resnet stack.
-    "unet-sd15": Case(_unet(sdxl=False), ("fp32", "int8", "fp8")),
-    "unet-sdxl": Case(_unet(sdxl=True), ("fp32", "int8", "fp8")),
+    "unet-sd15": Case(_unet(sdxl=False), ("fp32", "int8", "fp8"), rounding_ties=True),
+    "unet-sdxl": Case(_unet(sdxl=True), ("fp32", "int8", "fp8"), rounding_ties=True),
     "sd3": Case(_sd3, ALL),
     "flux": Case(_flux, ALL, {"text_len": 8, "sample_size": 8}),
     "sana": Case(_sana, ("fp32", "int8", "fp8")),
@@ -123,6 +125,45 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+FRESH_SEEDS = (31, 32, 33)  # not the exporter's PARITY_SEEDS: inputs the export never checked
+
+
+def _check_fresh_parity(name: str, precision: str, model: torch.nn.Module, adapter, build_dir, onnx_path) -> None:
+    """The saved ORT graph, run by onnxruntime itself, against the torch model it came from (for quantized
+    precisions: the fake-quant model restored from the saved state) on fresh random batches, seed by seed.
+
+    Every graph must match within the precision's parity tolerance (measured on these seeds: fp32 <= 6.6e-7,
+    int4 <= 2.6e-7, int8 / fp8 of the transformers <= 4.1e-4), except the quantized UNets: there ORT's other
+    float rounding puts a few activations on the other side of a quantization tie, and one flip moves the output
+    by 1e-2..5e-2 - torch alone does the same (fake-quant UNet, input scaled by 1 + 1e-7 or 1e-6: 1.3e-2..5.3e-2
+    on 6 of 12 seed/precision pairs). ORT vs torch measured 2.0e-2..3.0e-2 on every seed for int8, 4e-7..6.6e-2
+    for fp8. For those the bound is that ORT is closer to the fake-quant model than the fake-quant model is to
+    fp32 (ratio <= 0.77 measured, bound 0.9), and ORT's error vs fp32 is torch's within 20% (<= 11% measured):
+    same quantization, another noise draw. A twin missing its quantizers (error vs fp32 ~0) or with wrong scales
+    (error far from torch's) fails either way.
+    """
+    import onnxruntime as ort
+
+    assert not set(FRESH_SEEDS) & set(PARITY_SEEDS)
+    spec = PRECISIONS[precision]
+    session = ort.InferenceSession(str(onnx_path), sess_options=session_options(optimization=spec.ort_optimization),
+                                   providers=["CPUExecutionProvider"])
+    source = model if spec.modelopt_cfg is None else restore_quantized(model, build_dir / precision)
+    reference, fake_quant = adapter.export_module(model), adapter.export_module(source)
+    for seed in FRESH_SEEDS:
+        inputs = adapter.sample_inputs(adapter.default_dims(2), seed=seed)
+        (got,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        with torch.no_grad():
+            want, fp32 = fake_quant(*inputs.values()).numpy(), reference(*inputs.values()).numpy()
+        assert np.isfinite(got).all(), f"{name} {precision} seed {seed}: non-finite output"
+        parity, ort_error, torch_error = _relative(got, want), _relative(got, fp32), _relative(want, fp32)
+        where = f"{name} {precision} seed {seed}: ORT vs torch {parity:.2e}, vs fp32 ORT {ort_error:.2e} torch {torch_error:.2e}"
+        if parity <= spec.parity_tolerance:
+            continue
+        assert CASES[name].rounding_ties and spec.modelopt_cfg is not None, where
+        assert parity <= 0.9 * torch_error and abs(ort_error - torch_error) <= 0.2 * torch_error, where
+
+
 def test_registry_knows_every_family():
     assert {"DiTTransformer2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
             "SanaTransformer2DModel", "PixArtTransformer2DModel"} <= set(ADAPTERS)
@@ -134,8 +175,7 @@ def test_export_parity_and_census(exported):
     for precision, outcome in outcomes.items():
         entry = outcome.entry
         assert not outcome.skipped and outcome.onnx_path.is_file()
-        assert parity_ok(precision, entry.parity_error, entry.error_vs_fp32, entry.torch_error_vs_fp32), (
-            f"{name} {precision}: parity {entry.parity_error:.2e}")
+        _check_fresh_parity(name, precision, model, adapter, build_dir, outcome.onnx_path)
         if precision == "fp32":
             assert entry.error_vs_fp32 < 1e-4
             continue

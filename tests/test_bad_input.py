@@ -84,7 +84,8 @@ def test_check_names_every_problem(quant_build, tmp_path):
     (copy / "int8" / "model.onnx").unlink()
     data = (copy / "fp16" / "model.onnx").read_bytes()
     (copy / "fp16" / "model.onnx").write_bytes(data[: len(data) // 2])
-    (tmp_path / "bad_schedule.json").write_text(json.dumps({"steps": 2, "precisions": ["fp32", "int8-sq"], "reference": "fp32"}))
+    (tmp_path / "bad_schedule.json").write_text(json.dumps({"format": "tmpdiff.schedule/1", "steps": 2, "precisions": ["fp32", "int8-sq"],
+                                                                 "reference": "fp32"}))
     problems = [str(p) for p in check_build(copy, [tmp_path / "bad_schedule.json"])]
     assert any("int8: file is missing" in p for p in problems)
     assert any("fp16: sha256 does not match" in p for p in problems)

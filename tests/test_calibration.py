@@ -15,20 +15,57 @@ from tmpdiff.calibration.sensitivity import adaptive_curve
 from tmpdiff.formats.errors import TmpdiffError
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_knapsack_matches_brute_force(seed):
+def _brute_force(costs, scores, budget):
+    """Best summed score over all L^T choices within budget (the solver's 1e-9 relative tolerance), and all costs."""
+    steps, levels = len(costs), len(costs[0])
+    choices = np.array(list(itertools.product(range(levels), repeat=steps)))
+    total_cost = np.array([sum(costs[t][i] for t, i in enumerate(c)) for c in choices])
+    total_score = np.array([sum(scores[t][i] for t, i in enumerate(c)) for c in choices])
+    feasible = total_cost <= budget * (1 + 1e-9)
+    return (float(total_score[feasible].min()) if feasible.any() else None), total_cost
+
+
+def _knapsack_instance(kind, rng, steps, levels):
+    if kind == "integer":
+        costs = rng.integers(1, 10, (steps, levels)).tolist()
+    elif kind == "float":
+        costs = rng.uniform(1, 3, (steps, levels)).tolist()
+    elif kind == "shared":  # calibration's case: the same per-level costs at every step
+        costs = [rng.uniform(1, 3, levels).tolist()] * steps
+    else:  # mixed: some steps share a cost row, others have their own
+        row = rng.uniform(1, 3, levels).tolist()
+        costs = [row if t % 2 else rng.uniform(1, 3, levels).tolist() for t in range(steps)]
+    scores = rng.normal(0, 1, (steps, levels)).tolist()  # any sign, no order between levels
+    return costs, scores
+
+
+@pytest.mark.parametrize("kind", ["integer", "float", "shared", "mixed"])
+@pytest.mark.parametrize("seed", range(4))
+def test_knapsack_matches_brute_force(kind, seed):
     rng = np.random.default_rng(seed)
-    steps, levels = 6, 3
-    costs = [sorted(rng.uniform(1, 3, levels), reverse=True) for _ in range(steps)]
-    scores = [[0.0, *sorted(rng.uniform(0, 1, levels - 1))] for _ in range(steps)]
-    budget = float(rng.uniform(sum(min(r) for r in costs), sum(max(r) for r in costs)))
-    picks = solve_mckp(costs, scores, budget)
-    assert sum(costs[t][i] for t, i in enumerate(picks)) <= budget + 1e-9
-    best = min(sum(scores[t][i] for t, i in enumerate(c)) for c in itertools.product(range(levels), repeat=steps)
-               if sum(costs[t][i] for t, i in enumerate(c)) <= budget)
-    # exact up to the cost discretisation (2000 units of the budget)
-    assert sum(scores[t][i] for t, i in enumerate(picks)) <= best + 1e-9 or budget - sum(
-        costs[t][i] for t, i in enumerate(picks)) < 0.01 * budget
+    steps, levels = 6 + seed % 3, 3
+    costs, scores = _knapsack_instance(kind, rng, steps, levels)
+    nothing, total_cost = _brute_force(costs, scores, 0.5)
+    assert nothing is None  # every cost is >= 1
+    unconstrained = sum(min(row) for row in scores)
+    # budgets hit exactly by some choice (the cheapest one, random ones) and budgets in between
+    budgets = [float(total_cost.min()), *rng.choice(total_cost, 4).tolist(),
+               *rng.uniform(total_cost.min(), total_cost.max(), 3).tolist()]
+    binding = 0
+    for budget in budgets:
+        best, _ = _brute_force(costs, scores, budget)
+        picks = solve_mckp(costs, scores, budget)
+        assert len(picks) == steps
+        assert sum(costs[t][i] for t, i in enumerate(picks)) <= budget * (1 + 1e-9)
+        assert sum(scores[t][i] for t, i in enumerate(picks)) == pytest.approx(best, abs=1e-9)
+        binding += best > unconstrained + 1e-9
+    assert binding >= 2  # the budget really constrains most of these instances (not just the shortcut)
+
+
+def test_knapsack_refuses_an_impossible_budget():
+    with pytest.raises(TmpdiffError, match="no schedule fits"):
+        solve_mckp([[3.0, 2.0]] * 4, [[0.0, 1.0]] * 4, 7.99)
+    assert solve_mckp([[3.0, 2.0]] * 4, [[0.0, 1.0]] * 4, 8.0) == [1, 1, 1, 1]
 
 
 def test_knapsack_exact_budget_is_feasible():
@@ -71,6 +108,25 @@ def costs_file(quant_build, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def session6(quant_build, costs_file):
+    """The calibration set `_calibrate` uses (6 steps, seed 0, classes 0-3, fp32 vs int8), opened in this process."""
+    from tmpdiff.calibration.session import open_session
+
+    _, build_dir, _ = quant_build
+    session = open_session(build_dir, costs_file, 6, classes=[0, 1, 2, 3], seeds=[0])
+    yield session
+    session.evaluator.runner.close()
+
+
+def _check_measured_speedup(schedule) -> None:
+    """measured.speedup is a timing made on this machine, recorded with its inputs."""
+    m = schedule.measured
+    assert m.repeats == 3 and m.device.startswith("ort, cpu: ") and m.device.endswith("batch 4")
+    assert m.reference_ms > 0 and m.schedule_ms > 0
+    assert m.speedup == pytest.approx(m.reference_ms / m.schedule_ms, rel=1e-9)
+
+
 def test_calibrate_writes_a_verified_schedule(quant_build, costs_file, tmp_path):
     from tmpdiff.formats.schedule import load_schedule
 
@@ -82,14 +138,26 @@ def test_calibrate_writes_a_verified_schedule(quant_build, costs_file, tmp_path)
     assert schedule.steps == 6 and set(schedule.precisions) <= {"fp32", "int8"}
     assert schedule.predicted.speedup >= 1.2 - 1e-6 and schedule.measured.ssim > 0.9
     assert 0 < schedule.evaluations <= 2 * 6 * 1 + 4  # 2 T L plus verification
+    _check_measured_speedup(schedule)
+    assert f"measured speedup {schedule.measured.speedup:.3f}x" in result.stdout
     validation = json.loads((tmp_path / "report" / "validation.json").read_text())
     assert validation["fits"]["all"]["s_down"]["spearman"] > 0.5
     for png in ("sensitivities.png", "score_fit.png", "images.png"):
         assert (tmp_path / "report" / png).stat().st_size > 0
 
 
+TIMING_FIELDS = ("speedup", "reference_ms", "schedule_ms")  # measured wall times: the one part that varies run to run
+
+
+def _without_timings(path):
+    data = json.loads(path.read_text())
+    timings = {k: data["measured"].pop(k) for k in TIMING_FIELDS}
+    return data, timings
+
+
 def test_calibration_with_a_fixed_seed_is_deterministic(quant_build, costs_file, tmp_path):
-    """Same engines, costs and seed: byte-identical schedule files from separate processes; another seed draws other noise."""
+    """Same engines, costs and seed: identical schedule files (but for the timed speedup) from separate processes;
+    another seed draws other noise."""
     from tmpdiff.formats.schedule import load_schedule
 
     _, build_dir, _ = quant_build
@@ -97,7 +165,9 @@ def test_calibration_with_a_fixed_seed_is_deterministic(quant_build, costs_file,
     for name, path in runs.items():
         result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--out", str(path), seeds=name[4])
         assert result.returncode == 0, result.stderr
-    assert runs["seed0"].read_bytes() == runs["seed0-again"].read_bytes()
+    (first, first_timing), (again, again_timing) = _without_timings(runs["seed0"]), _without_timings(runs["seed0-again"])
+    assert first == again
+    assert all(v > 0 for v in (*first_timing.values(), *again_timing.values()))
     first, other = load_schedule(runs["seed0"]), load_schedule(runs["seed1"])
     assert "int8" in first.precisions and first.measured.error > 0  # a mixed schedule, so the error depends on the noise
     assert other.measured.error != first.measured.error
@@ -132,3 +202,168 @@ def test_evaluator_rejects_wrong_length(quant_build, costs_file):
     session = open_session(build_dir, costs_file, 4, classes=[0, 1], seeds=[0])
     with pytest.raises(TmpdiffError, match="schedule of 3 steps"):
         session.evaluator.evaluate(["fp32"] * 3)
+
+
+def test_calibrate_bisection_meets_the_target(quant_build, costs_file, session6, tmp_path):
+    from tmpdiff.formats.schedule import load_schedule
+
+    _, build_dir, _ = quant_build
+    result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--method", "bisection", "--out", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    schedule = load_schedule(tmp_path / "s.json")
+    problem = session6.problem
+    assert schedule.target["method"] == "bisection" and set(schedule.precisions) <= {"fp32", "int8"}
+    assert schedule.predicted.speedup == pytest.approx(problem.speedup(schedule.precisions), rel=1e-12)
+    assert schedule.predicted.speedup >= 1.2 - 1e-9
+    # the file's measured error is the real one, and no worse than lowering every step
+    assert schedule.measured.error == pytest.approx(problem.error(schedule.precisions), rel=1e-6)
+    assert schedule.measured.error <= problem.error(["int8"] * 6)
+    _check_measured_speedup(schedule)
+
+
+@pytest.mark.parametrize("floor", ["--min-ssim", "--max-error"])
+def test_calibrate_meets_a_quality_floor_with_cheap_steps(quant_build, costs_file, session6, tmp_path, floor):
+    from tmpdiff.formats.schedule import load_schedule
+
+    _, build_dir, _ = quant_build
+    problem = session6.problem
+    cheap = problem.evaluate(["int8"] * 6)
+    if floor == "--min-ssim":  # halfway between the all-int8 schedule and the reference (SSIM 1)
+        value = (cheap.ssim + 1.0) / 2
+
+        def passes(e):
+            return e.ssim >= value
+    else:
+        value = cheap.latent_error / 2
+
+        def passes(e):
+            return e.latent_error <= value
+    singles = [["int8" if i == t else "fp32" for i in range(6)] for t in range(6)]
+    assert not passes(cheap) and any(passes(problem.evaluate(z)) for z in singles)  # the floor admits cheap steps
+    result = _calibrate(build_dir, costs_file, floor, repr(value), "--out", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    schedule = load_schedule(tmp_path / "s.json")
+    assert schedule.target[floor[2:].replace("-", "_")] == value
+    evaluation = problem.evaluate(schedule.precisions)
+    assert passes(evaluation)
+    assert schedule.measured.ssim == pytest.approx(evaluation.ssim, rel=1e-9)
+    assert schedule.measured.latent_error == pytest.approx(evaluation.latent_error, rel=1e-6)
+    assert "int8" in schedule.precisions and schedule.predicted.speedup > 1  # not the trivial all-fp32 answer
+    _check_measured_speedup(schedule)
+
+
+def _synthetic_problem(steps: int = 6, seed: int = 7):
+    """fp32/int8 over `steps` steps: error = per-step weights of the int8 steps + a term per adjacent int8 pair."""
+    from tmpdiff.calibration.evaluator import Evaluation
+    from tmpdiff.calibration.search import Problem
+
+    rng = np.random.default_rng(seed)
+    weight, pair = rng.uniform(0.1, 1.0, steps), rng.uniform(-0.1, 0.6, steps - 1)
+
+    def error(schedule) -> float:
+        cheap = np.array([p == "int8" for p in schedule], dtype=float)
+        return float(weight @ cheap + pair @ (cheap[:-1] * cheap[1:]))
+
+    calls: list[tuple[str, ...]] = []
+
+    def evaluate(schedule):
+        calls.append(tuple(schedule))
+        return Evaluation(tuple(schedule), error(schedule), 1.0 - error(schedule) / 10, float("inf"))
+
+    return Problem.create(steps, "fp32", {"fp32": 1.0, "int8": 0.7}, "latent", evaluate), error, calls
+
+
+def test_exhaustive_and_evolutionary_on_a_synthetic_problem():
+    from tmpdiff.calibration.baselines import evolutionary, exhaustive_two_level
+
+    problem, error, calls = _synthetic_problem()
+    everything = {z: error(z) for z in itertools.product(("fp32", "int8"), repeat=6)}
+    best = exhaustive_two_level(problem, "int8")
+    assert len(set(calls)) == 64 and sorted(best) == list(range(7))
+    for k, (schedule, value) in best.items():
+        assert schedule.count("int8") == k
+        assert value == min(v for z, v in everything.items() if z.count("int8") == k)
+    budget = problem.budget_for_speedup(1.2)  # at least 4 of the 6 steps in int8
+    optimum = min(v for z, v in everything.items() if problem.schedule_cost(z) <= budget)
+    assert min(v for z, v in best.values() if problem.schedule_cost(z) <= budget) == optimum
+    for seed in range(5):
+        calls.clear()
+        schedule = evolutionary(problem, budget, 12, seed=seed)
+        assert len(calls) <= 12 and schedule in calls  # within its evaluation budget, returns something it measured
+        assert problem.schedule_cost(schedule) <= budget and everything[schedule] >= optimum
+
+
+def test_exhaustive_and_evolutionary_on_the_bundled_engines(session6):
+    from tmpdiff.calibration.baselines import evolutionary, exhaustive_two_level
+    from tmpdiff.calibration.search import Problem
+
+    base = session6.problem
+    calls: list[tuple[str, ...]] = []
+
+    def evaluate(schedule):
+        calls.append(tuple(schedule))
+        return base.evaluate(schedule)
+
+    problem = Problem(base.steps, base.reference, base.levels, base.cost, base.metric, evaluate)
+    best = exhaustive_two_level(problem, "int8")
+    assert len(set(calls)) == 64
+    budget = problem.budget_for_speedup(1.2)
+    everything = {z: base.error(z) for z in itertools.product(("fp32", "int8"), repeat=6)}
+    optimum = min((z for z in everything if problem.schedule_cost(z) <= budget), key=everything.get)
+    found, found_error = min((v for v in best.values() if problem.schedule_cost(v[0]) <= budget), key=lambda v: v[1])
+    assert found == optimum and found_error == everything[optimum] > 0
+    calls.clear()
+    schedule = evolutionary(problem, budget, 16, seed=0)
+    assert len(calls) <= 16 and problem.schedule_cost(schedule) <= budget
+    assert everything[schedule] >= found_error
+
+
+def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp_path):
+    from tmpdiff.calibration.baselines import HEURISTICS
+
+    _, build_dir, _ = quant_build
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "bench", str(build_dir), "--costs", str(costs_file),
+                             "--out", str(out), "--steps", "4", "--speedups", "1.1", "--calib-seeds", "0"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads((out / "bench.json").read_text())["runs"]
+    assert run["steps"] == 4 and [t["speedup"] for t in run["targets"]] == [1.1]
+    rows = {r["method"]: r for r in run["targets"][0]["rows"]}
+    assert set(rows) == {f"{m} ({metric})" for m in ("TMPDiff", "bisection", "evolutionary") for metric in ("latent", "ssim")
+                         } | set(HEURISTICS)
+    assert all(r["speedup"] >= 1.1 - 1e-9 for r in rows.values())  # every method within the budget
+    for metric, key in (("latent", "latent_error"), ("ssim", "one_minus_ssim")):
+        ours = rows[f"TMPDiff ({metric})"]
+        for heuristic in ("cheap first", "cheap last"):
+            assert ours["cheap_steps"] == rows[heuristic]["cheap_steps"]  # two levels: the same cost
+            assert ours[key] <= rows[heuristic][key]
+    # the exhaustive judge: nothing beats the optimum with as many cheap steps
+    assert {r["k"] for r in run["exhaustive"]} == {1, 2, 3}
+    for r in run["exhaustive"]:
+        assert r["optimum"] <= min(r["tmpdiff"], *(r[h] for h in HEURISTICS))
+    assert run["targets"][0]["measured_speedup_tmpdiff_ssim"] > 0
+    assert "| TMPDiff (latent) |" in (out / "bench.md").read_text()
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_figures_are_declared_and_old_files_load(tmp_path):
+    from pydantic import ValidationError
+
+    from tmpdiff.formats.schedule import Schedule, load_schedule
+
+    # as `tmpdiff calibrate` wrote them before measured.speedup was timed
+    old = {"format": "tmpdiff.schedule/1", "steps": 3, "precisions": ["fp32", "int8", "fp32"], "reference": "fp32",
+           "target": {"speedup": 1.1, "metric": "latent", "method": "sensitivity"},
+           "predicted": {"speedup": 1.12, "error": 1.7e-4, "error_s_up": -5.0e-4},
+           "measured": {"speedup": None, "error": 1.2e-4, "latent_error": 1.2e-4, "ssim": 0.9998, "psnr": 49.0},
+           "evaluations": 7, "costs": {"source": "cpu: x", "backend": "ort", "batch": 8, "per_step_ms": {"fp32": 1.0}}}
+    (tmp_path / "s.json").write_text(json.dumps(old))
+    schedule = load_schedule(tmp_path / "s.json")
+    assert schedule.predicted.error_s_up == -5.0e-4 and schedule.measured.ssim == 0.9998
+    assert schedule.measured.speedup is None and schedule.measured.device is None
+    assert Schedule.model_validate({**old, "measured": {**old["measured"], "psnr": None}}).measured.psnr is None
+    for field, bad in (("ssim", float("nan")), ("ssim", 1.5), ("psnr", float("inf")), ("latent_error", -1.0),
+                       ("speedup", 0.0), ("schedule_ms", float("inf")), ("repeats", 0)):
+        with pytest.raises(ValidationError, match=field):
+            Schedule.model_validate({**old, "measured": {**old["measured"], field: bad}})

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,21 +17,66 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+def _grid_tiles(path, samples: int, rows: int, size: int, scale: int = 4, pad: int = 2) -> np.ndarray:
+    """The uint8 samples of a demo grid (tmpdiff.eval.images.grid_image's layout: nearest x4 upscale, 2 px padding)."""
+    grid = np.asarray(Image.open(path))
+    cols = -(-samples // rows)
+    tiles = []
+    for i in range(samples):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (size * scale + pad), pad + c * (size * scale + pad)
+        tiles.append(grid[y:y + size * scale:scale, x:x + size * scale:scale])
+    return np.stack(tiles)
+
+
 def test_demo_runs_the_pipeline(tmp_path, bundled):
+    """The demo's claims against its fp32 reference: the calibrated schedule mixes int8 into fp32, runs faster,
+    and its samples look like (SSIM) and classify like the reference's."""
+    from skimage.metrics import structural_similarity
+
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--per-class", "2", "--steps", "6", "--precisions", "fp32,int8"]) == 0
+    assert main(["demo", "--out", str(out), "--per-class", "2", "--steps", "6", "--precisions", "fp32,int8"], own_process=False) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "tmpdiff.demo/1"
     assert report["steps"] == 6 and len(report["step_ms"]) == 6
-    assert len(report["schedule"]["precisions"]) == 6 and report["schedule"]["evaluations"] > 0
     assert set(report["runs"]) == {"reference (fp32)", "uniform int8", "TMPDiff schedule"}
     for name in ("report.md", "costs.json", "schedule.json", "calibration/calibration_report.md", "grid_tmpdiff.png"):
         assert (out / name).is_file(), name
-    assert report["step_ms_median"] > 0 and report["total_seconds"] >= report["sampling_seconds"]
-    assert 0.0 <= report["classifier_accuracy"] <= 1.0
-    grid = Image.open(out / "grid.png")
-    assert grid.height > grid.width / 2  # ten rows of two samples
     assert not list(out.rglob("*.tmp"))
+    reference, uniform, scheduled = (report["runs"][k] for k in ("reference (fp32)", "uniform int8", "TMPDiff schedule"))
+    schedule = report["schedule"]
+    assert reference["precisions"] == ["fp32"] * 6 and uniform["precisions"] == ["int8"] * 6
+    assert scheduled["precisions"] == schedule["precisions"] and schedule["evaluations"] > 0
+
+    # The schedule mixes: at least one cheap int8 step, and not all int8 since the target (60% of the way to the
+    # all-int8 speedup) does not demand it. Its speedup from the profiled step costs meets the target.
+    costs = report["costs_ms"]
+    assert costs["int8"] < costs["fp32"], costs  # int8 ~0.65x of fp32 at the calibration batch here
+    all_int8 = costs["fp32"] / costs["int8"]
+    target = schedule["target"]["speedup"]
+    assert 1 < target < all_int8
+    assert "int8" in schedule["precisions"] and set(schedule["precisions"]) == {"fp32", "int8"}, schedule["precisions"]
+    from_costs = 6 * costs["fp32"] / sum(costs[p] for p in schedule["precisions"])
+    assert from_costs >= target and from_costs == pytest.approx(schedule["predicted"]["speedup"], rel=1e-6)
+
+    # Measured end to end (sum of the six step times of one run): 1.34x and 1.47x over fp32 in two runs here,
+    # all-int8 1.68x / 1.52x. One run per row makes this noisy (steps of one run vary by +-30% on this shared
+    # 2-core machine), so the bound is loose; an all-fp32 schedule would fail the checks above.
+    measured = reference["total_ms"] / scheduled["total_ms"]
+    assert measured >= 1.05, f"schedule {scheduled['total_ms']:.0f} ms vs fp32 {reference['total_ms']:.0f} ms"
+
+    # Quality vs the fp32 reference, from the grids themselves: mean SSIM 0.9988 (min 0.992) measured for the
+    # schedule, 0.990 for uniform int8; calibration's own SSIM on its seeds 0.9994.
+    samples, size = report["samples"], bundled.image_size
+    ref_tiles = _grid_tiles(out / "grid.png", samples, bundled.num_classes, size)
+    ssim = {file: float(np.mean([structural_similarity(a, b, data_range=255) for a, b in
+                                 zip(ref_tiles, _grid_tiles(out / file, samples, bundled.num_classes, size), strict=True)]))
+            for file in ("grid_tmpdiff.png", "grid_uniform.png")}
+    assert ssim["grid_tmpdiff.png"] >= 0.95 and ssim["grid_tmpdiff.png"] >= ssim["grid_uniform.png"], ssim
+    assert schedule["measured"]["ssim"] >= 0.95, schedule["measured"]
+    # The classifier (100% on the fp32 samples here) scores the schedule's samples within 2 of 20 of the reference.
+    assert report["classifier_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-4) and reference["accuracy"] >= 0.9
+    assert abs(scheduled["accuracy"] - reference["accuracy"]) <= 0.1 + 1e-9, (scheduled["accuracy"], reference["accuracy"])
 
 
 def test_export_is_cached(tmp_path):

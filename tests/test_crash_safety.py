@@ -155,7 +155,7 @@ def assert_nothing_half_written(build_dir: Path) -> None:
     from safetensors.numpy import load_file
 
     for path in sorted(build_dir.rglob("*")):
-        if path.is_dir() or path.name == ".lock" or any(p.name.endswith(".tmp") for p in (path, *path.parents)):
+        if path.is_dir() or path.name in (".lock", ".lock.owner") or any(p.name.endswith(".tmp") for p in (path, *path.parents)):
             continue
         if path.suffix == ".onnx":
             onnx.checker.check_model(onnx.load(str(path)))

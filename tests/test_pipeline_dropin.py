@@ -118,7 +118,8 @@ def test_cli_runs_prompts_through_a_pipeline_directory(exported, tmp_path):
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert [e["name"] for e in events if e["ph"] == "X"] == [f"step {i} {p}" for i, p in enumerate(["fp32", "int8", "fp32", "int8"])]
 
-    wrong = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args, "--steps", "3"], capture_output=True, text=True, timeout=600)
+    wrong = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args, "--steps", "3", "--force"], capture_output=True,
+                           text=True, timeout=600)
     assert wrong.returncode == 2 and "4 steps but --steps 3" in wrong.stderr and "Traceback" not in wrong.stderr
     empty = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args[:4], "--prompt", " ", "--precision", "fp32"],
                            capture_output=True, text=True, timeout=600)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -20,7 +21,7 @@ from tmpdiff.formats.manifest import load_manifest, verify_artifact
 from tmpdiff.formats.precisions import PRECISIONS
 from tmpdiff.models.bundled import sampling_info
 from tmpdiff.models.registry import adapter_for_config
-from tmpdiff.runtime.capture import sampled_calibration
+from tmpdiff.runtime.capture import sampled_recipe
 
 from .conftest import small_calibration
 
@@ -32,19 +33,52 @@ def _calibration(bundled):
     return small_calibration(bundled)
 
 
+def _file_sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def test_every_precision_recorded(quant_build):
+    """What the manifest says about each exported precision, checked against the files themselves."""
     _, build_dir, outcomes = quant_build
     manifest = load_manifest(build_dir)
     assert set(manifest.precisions) == set(ALL)
+    spec_io = ([(s.name, s.dtype) for s in manifest.inputs], [(s.name, s.dtype) for s in manifest.outputs])
     for name, entry in manifest.precisions.items():
-        assert entry.parity_error <= PRECISIONS[name].parity_tolerance, name
-        verify_artifact(build_dir, name, entry)
-    for name in QUANTIZED:
-        entry = manifest.precisions[name]
-        assert entry.trt_onnx == f"{name}/model.trt.onnx"
+        precision = PRECISIONS[name]
+        ort_path, trt_path = build_dir / entry.onnx, build_dir / entry.trt_onnx
+        # every recorded hash is the file's own (hashed here, not by tmpdiff's helper)
+        assert entry.sha256 == _file_sha256(ort_path), name
+        assert entry.trt_sha256 == _file_sha256(trt_path), name
+        for rel, digest in entry.artifacts.items():
+            assert digest == _file_sha256(build_dir / rel), f"{name}: {rel}"
+        if precision.modelopt_cfg is not None:  # the saved quantizer state is covered by the manifest's hashes
+            assert {f"{name}/quant_state.safetensors", f"{name}/quant_config.json"} <= set(entry.artifacts), name
+        # the opset in each graph file is the one recorded, and the one the precision table asks for
+        ort_graph, trt_graph = onnx.load(ort_path), onnx.load(trt_path)
+        assert _default_opset(ort_graph) == entry.opset == precision.ort_opset, name
+        assert _default_opset(trt_graph) == precision.trt_opset, name
+        # the ORT graph takes and returns exactly the tensors the manifest specifies, in order
+        onnx_types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+        graph_io = ([(v.name, onnx_types.get(v.type.tensor_type.elem_type)) for v in ort_graph.graph.input],
+                    [(v.name, onnx_types.get(v.type.tensor_type.elem_type)) for v in ort_graph.graph.output])
+        assert graph_io == spec_io, name
+        if precision.modelopt_cfg is None:
+            assert entry.trt_onnx == entry.onnx and entry.quantization == {}, name
+            continue
+        assert entry.trt_onnx == f"{name}/model.trt.onnx" and entry.trt_sha256 != entry.sha256, name
         assert entry.error_vs_fp32 > 1e-5  # quantization really changed the maths
         calib = entry.quantization["calibration"]
         assert calib["batches"] == 10 and calib["classes"] == list(range(10))
+        # the twin ORT runs uses standard ops only: int8/fp8 quantize activations (QuantizeLinear present),
+        # int4 is weight-only (DequantizeLinear on weights, no QuantizeLinear)
+        twin_ops = [(n.domain, n.op_type) for n in ort_graph.graph.node]
+        assert all(domain in ("", "ai.onnx", "com.microsoft") for domain, _ in twin_ops), (name, set(twin_ops))
+        assert ("", "DequantizeLinear") in twin_ops, name
+        assert (("", "QuantizeLinear") in twin_ops) == (name != "int4"), name
 
 
 def test_trt_graph_has_tensorrt_ops_and_twin_has_none(quant_build):
@@ -129,7 +163,7 @@ def test_bad_precisions_and_calibration(bundled, tmp_path):
             export_model(bundled.transformer_dir, tmp_path, ["nvfp4"])
     with pytest.raises(TmpdiffError, match="calibration set is empty"):
         export_model(bundled.transformer_dir, tmp_path, ["int8"],
-                     calibration=lambda m, a: sampled_calibration(m, a, sampling_info(bundled), classes=[], seeds=[0]))
+                     calibration=sampled_recipe(sampling_info(bundled), classes=[], seeds=[0]))
     assert not list(tmp_path.rglob("*.onnx"))
 
 
@@ -161,3 +195,47 @@ def test_corrupt_onnx_is_clear_error(tmp_path, fp32_build, damage):
         load_onnx(path)
     with pytest.raises(TmpdiffError, match="ONNX Runtime cannot load"):
         OrtEngine(path)
+
+
+def test_int8_smoothquant_exports_and_runs(quant_build, bundled, torch_dit, tmp_path):
+    """modelopt INT8 SmoothQuant: the ORT twin computes the fake-quant model (pre-quant scales folded in) and its
+    error vs fp32 is of the same order as plain int8's, on inputs the export never saw."""
+    from safetensors.torch import load_file
+
+    from tmpdiff.export.quantize import build_config, quantize
+
+    _, int8_dir, _ = quant_build
+    build_dir, outcomes = export_model(bundled.transformer_dir, tmp_path, ["fp32", "int8-sq"], model_id="tiny-dit",
+                                       calibration=small_calibration(bundled))
+    assert [(o.precision, o.skipped) for o in outcomes] == [("fp32", False), ("int8-sq", False)]
+    entry = load_manifest(build_dir).precisions["int8-sq"]
+    assert entry.quantization["modelopt_config"] == "INT8_SMOOTHQUANT_CFG"
+    assert entry.quantization["census"]["both_quantized"] > 0
+    adapter = adapter_for_config(dict(torch_dit.config) | {"_class_name": "DiTTransformer2DModel"})
+
+    # The torch fake-quant reference, quantized here again with the same config and calibration set (restore_quantized
+    # cannot rebuild a SmoothQuant model: modelopt's smoothquant step insists on a forward loop). It is the exported
+    # model: its state equals the saved one, SmoothQuant's per-channel pre-quant scales included.
+    calibration = small_calibration(bundled).capture(torch_dit, adapter)
+    smooth = quantize(torch_dit, build_config(PRECISIONS["int8-sq"], torch_dit), calibration.batches,
+                      lambda m, batch: adapter.export_module(m)(*batch.values()))
+    saved = load_file(build_dir / "int8-sq" / "quant_state.safetensors")
+    state = smooth.state_dict()
+    assert any(k.endswith("input_quantizer._pre_quant_scale") for k in saved)
+    assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+
+    inputs = adapter.sample_inputs(adapter.default_dims(6), seed=4321)
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    with torch.no_grad():
+        fp32 = adapter.export_module(torch_dit)(*inputs.values()).numpy()
+    errors = {}
+    for name, directory, quantized in (("int8-sq", build_dir, smooth), ("int8", int8_dir, restore_quantized(torch_dit, int8_dir / "int8"))):
+        with torch.no_grad():
+            want = adapter.export_module(quantized)(*inputs.values()).numpy()
+        got = OrtEngine(directory / name / "model.onnx", optimization=PRECISIONS[name].ort_optimization).infer(feeds)["noise_pred"]
+        parity = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert parity <= PRECISIONS[name].parity_tolerance, f"{name}: ORT vs torch fake quant {parity:.2e}"
+        errors[name] = np.linalg.norm(got - fp32) / np.linalg.norm(fp32)
+        print(f"{name}: parity {parity:.2e}, error vs fp32 {errors[name]:.2e}")
+    assert errors["int8-sq"] > 1e-5, errors  # SmoothQuant really quantized
+    assert errors["int8"] / 10 < errors["int8-sq"] < 10 * errors["int8"], errors

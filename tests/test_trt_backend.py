@@ -26,13 +26,16 @@ from tmpdiff.engines.trt import (
     build_trt_engine,
     check_engine_compatible,
     check_precision_supported,
+    parse_compute_capability,
+    parse_version,
     plan_file_name,
     polygraphy_command,
     profile_shapes,
     trtexec_command,
 )
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import EngineEntry
+from tmpdiff.formats.manifest import EngineEntry, Manifest, PrecisionEntry, engine_problem
+from tmpdiff.formats.precisions import PRECISIONS
 from tmpdiff.formats.specs import TensorSpec
 
 SPECS = [
@@ -294,222 +297,100 @@ def test_tiny_onnx_is_x_times_two(tmp_path):
     np.testing.assert_array_equal(y, 2 * x)
 
 
-# --- build / load logic against a recording stand-in for the tensorrt module ------------------------
-# Not TensorRT: it only records what tmpdiff asks of the API, so the orchestration (profile, flags, timing
-# cache, atomic plan write, manifest entry, error paths) runs on CPU. Real behaviour is covered by the GPU tests.
-
-
-class _Severity:
-    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-
-class _ILogger:
-    Severity = _Severity
-
-    def __init__(self) -> None:
-        pass
-
-
-class _ParserError:
-    def __init__(self, desc: str) -> None:
-        self._desc = desc
-
-    def desc(self) -> str:
-        return self._desc
-
-    def node(self) -> int:
-        return 0
-
-    def node_name(self) -> str:
-        return "Mul_0"
-
-    def node_operator(self) -> str:
-        return "Mul"
-
-
-class _Network:
-    def __init__(self) -> None:
-        self.inputs: list = []
-
-    @property
-    def num_inputs(self) -> int:
-        return len(self.inputs)
-
-    def get_input(self, i: int):
-        return self.inputs[i]
-
-
-class _OnnxParser:
-    def __init__(self, network: _Network, logger) -> None:
-        self.network, self.errors = network, []
-
-    def parse_from_file(self, path: str) -> bool:
-        import onnx
-
-        try:
-            model = onnx.load(path)
-        except Exception:
-            self.errors = [_ParserError("failed to parse onnx file")]
-            return False
-        for value in model.graph.input:
-            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
-            self.network.inputs.append(types.SimpleNamespace(name=value.name, shape=dims))
-        return True
-
-    @property
-    def num_errors(self) -> int:
-        return len(self.errors)
-
-    def get_error(self, i: int) -> _ParserError:
-        return self.errors[i]
-
-
-class _Config:
-    def __init__(self, calls: dict) -> None:
-        self.calls, self.builder_optimization_level, self.cache = calls, None, None
-
-    def set_memory_pool_limit(self, pool, size: int) -> None:
-        self.calls["pool"] = (pool, size)
-
-    def add_optimization_profile(self, profile) -> int:
-        self.calls["profile"] = profile.shapes
-        return 0
-
-    def create_timing_cache(self, blob: bytes):
-        self.calls["cache_loaded"] = blob
-        return types.SimpleNamespace(serialize=lambda: blob + b"+new")
-
-    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
-        self.cache = cache
-        return True
-
-    def get_timing_cache(self):
-        return self.cache
-
-
-class _Builder:
-    plan: bytes | None = b"PLAN-BYTES"
-
-    def __init__(self, logger) -> None:
-        self.logger, self.calls = logger, {}
-
-    def create_network(self, flags: int) -> _Network:
-        self.calls["network_flags"] = flags
-        return _Network()
-
-    def create_builder_config(self) -> _Config:
-        return _Config(self.calls)
-
-    def create_optimization_profile(self):
-        shapes: dict = {}
-        return types.SimpleNamespace(shapes=shapes, set_shape=lambda n, lo, opt, hi: shapes.__setitem__(n, (lo, opt, hi)))
-
-    def build_serialized_network(self, network, config):
-        _BUILDS.append((self.calls, config.builder_optimization_level))
-        if self.plan is None:
-            self.logger.log(_Severity.ERROR, "no implementation for layer Mul_0")
-        return self.plan
-
-
-_BUILDS: list = []
+# --- refusals that happen before TensorRT is touched ------------------------------------------------
+# A bare stand-in module that load_tensorrt accepts (a version and a Builder attribute) but with no API at all:
+# any call into TensorRT would raise AttributeError, so these tests show each refusal comes before one.
 
 
 @pytest.fixture
-def fake_trt(monkeypatch):
-    import contextlib
+def bare_trt(monkeypatch):
+    bare = types.ModuleType("tensorrt")
+    bare.__version__ = "10.8.0.43"
+    bare.Builder = object
+    monkeypatch.setitem(sys.modules, "tensorrt", bare)
+    return bare
 
-    fake = types.ModuleType("tensorrt")
-    fake.__version__ = "10.8.0.43"
-    fake.ILogger, fake.Builder, fake.OnnxParser = _ILogger, _Builder, _OnnxParser
-    fake.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
-    fake.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    fake.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
-    fake.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: None)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_build, "_LOGGER", None)
-    gpu = CudaDevice(0, "Fake GPU", "8.9")
+
+def _gpu(monkeypatch, gpu: CudaDevice) -> None:
     monkeypatch.setattr(trt_build, "cuda_device", lambda device=None: gpu)
     monkeypatch.setattr(trt_backend, "cuda_device", lambda device=None: gpu)
-    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
-    _BUILDS.clear()
-    return fake
 
 
-def test_build_orchestration_static(fake_trt, tmp_path):
-    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
-    cache = tmp_path / "timing.cache"
-    cache.write_bytes(b"old")
-    opts = TrtBuildOptions(batch=2, optimization_level=4, workspace_bytes=1 << 20, timing_cache=cache)
-    entry = build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, trt_backend.options_profile(TINY_SPECS, opts), opts)
-    (calls, level), = _BUILDS
-    assert calls["network_flags"] == 1 << 0 and level == 4
-    assert calls["pool"] == ("WORKSPACE", 1 << 20)
-    assert calls["profile"] == {"x": ((2, 4), (2, 4), (2, 4))}
-    assert calls["cache_loaded"] == b"old" and cache.read_bytes() == b"old+new"
-    plan = tmp_path / "fp32" / "engine_trt10.8.plan"
-    assert plan.read_bytes() == b"PLAN-BYTES"
-    assert entry.path == "fp32/engine_trt10.8.plan" and entry.precision == "fp32" and entry.device == "cuda"
-    assert entry.sha256 == hashlib.sha256(b"PLAN-BYTES").hexdigest()
-    assert entry.source_sha256 == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    assert entry.backend_version == "10.8.0.43" and entry.compute_capability == "8.9"
-    assert entry.build_flags["gpu_name"] == "Fake GPU" and entry.build_flags["timing_cache_reused"] is True
-    assert entry.build_flags["trtexec"].startswith("trtexec --onnx=")
-    assert not list((tmp_path / "fp32").glob(".*.tmp"))
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_every_precision_needs_its_table_capability(precision):
+    """check_precision_supported follows the precision table: the minimum passes, the GPU generation below refuses."""
+    need = PRECISIONS[precision].min_compute_capability
+    check_precision_supported(precision, f"{need[0]}.{need[1]}")
+    below = f"{need[0]}.{need[1] - 1}" if need[1] else f"{need[0] - 1}.9"
+    with pytest.raises(TmpdiffError, match=rf"{need[0]}\.{need[1]} or newer"):
+        check_precision_supported(precision, below)
 
 
-def test_build_orchestration_dynamic_and_static_graphs(fake_trt, tmp_path):
-    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
-    opts = TrtBuildOptions(batch=2, dynamic=True, max_batch=4)
-    build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, trt_backend.options_profile(TINY_SPECS, opts), opts)
-    assert _BUILDS[-1][0]["profile"] == {"x": ((1, 4), (2, 4), (4, 4))}
-    assert "pool" not in _BUILDS[-1][0] and _BUILDS[-1][1] == 3
+def test_version_and_capability_parsing():
+    assert parse_version("10.8.0.43") == (10, 8) and parse_version(" 10.16.1") == (10, 16) and parse_version("11.0") == (11, 0)
+    for bad in ("", "10", "v10.8", "ten.eight"):
+        with pytest.raises(TmpdiffError, match="not a TensorRT version"):
+            parse_version(bad)
+    # compared as numbers, not strings: 10.0 is newer than 9.0, 8.10 than 8.9
+    assert parse_compute_capability("10.0") > parse_compute_capability("9.0")
+    assert parse_compute_capability("8.10") > parse_compute_capability("8.9")
+    check_precision_supported("fp8", "8.10")
+    check_precision_supported("nvfp4", "12.0")
+    for bad in ("8", "8.9.1", "sm_89", "8,9"):
+        with pytest.raises(TmpdiffError, match="not a compute capability"):
+            parse_compute_capability(bad)
 
-    fixed = _tiny_onnx(tmp_path / "fp32" / "fixed.onnx", batch_axis=False)
-    build_trt_engine(fixed, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
-    assert "profile" not in _BUILDS[-1][0]  # nothing dynamic: no optimization profile
-    with pytest.raises(TmpdiffError, match="fixed shape"):
-        build_trt_engine(fixed, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 3), TrtBuildOptions(batch=3))
 
-
-def test_build_errors_name_the_onnx_file(fake_trt, tmp_path, monkeypatch):
-    broken = tmp_path / "fp32" / "broken.onnx"
-    broken.parent.mkdir(parents=True)
-    broken.write_bytes(b"not an onnx file")
-    with pytest.raises(TmpdiffError) as info:
-        build_trt_engine(broken, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
-    assert str(broken) in str(info.value) and "node 'Mul_0' (Mul)" in str(info.value)
-
-    onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
-    monkeypatch.setattr(_Builder, "plan", None)
-    with pytest.raises(TmpdiffError) as info:
-        build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
-    assert str(onnx_path) in str(info.value) and "no implementation for layer Mul_0" in str(info.value)
-    assert not (tmp_path / "fp32" / "engine_trt10.8.plan").exists()
-
+def test_build_refuses_a_precision_the_gpu_cannot_run(bare_trt, monkeypatch, tmp_path):
+    _gpu(monkeypatch, CudaDevice(0, "NVIDIA A10", "8.6"))
     fp8 = _tiny_onnx(tmp_path / "fp8" / "model.trt.onnx")
-    monkeypatch.setattr(trt_build, "cuda_device", lambda device=None: CudaDevice(0, "NVIDIA A10", "8.6"))
-    with pytest.raises(TmpdiffError, match="fp8 needs a GPU with compute capability 8.9"):
+    with pytest.raises(TmpdiffError, match="fp8 needs a GPU with compute capability 8.9 or newer .Ada or later.; NVIDIA A10 has 8.6"):
         build_trt_engine(fp8, tmp_path / "fp8", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
+    with pytest.raises(TmpdiffError, match="ONNX file is missing"):  # int8 runs on 8.6; the graph is not there
+        build_trt_engine(tmp_path / "int8" / "model.trt.onnx", tmp_path / "int8", TINY_SPECS, profile_shapes(TINY_SPECS, 2),
+                         TrtBuildOptions(batch=2))
+    assert not list(tmp_path.rglob("*.plan"))
 
 
-def test_corrupt_plan_is_a_rebuild_error(fake_trt, tmp_path):
-    plan = tmp_path / "fp32" / "engine_trt10.8.plan"
+def test_plan_is_checked_against_its_manifest_entry_before_loading(bare_trt, monkeypatch, tmp_path):
+    gpu = CudaDevice(0, "NVIDIA A10", "8.6")
+    _gpu(monkeypatch, gpu)
+    plan = tmp_path / "fp8" / "engine_trt10.8.plan"
     plan.parent.mkdir(parents=True)
-    plan.write_bytes(b"truncated")
-    with pytest.raises(TmpdiffError) as info:
-        TrtEngine(plan)
-    message = str(info.value)
-    assert str(plan) in message and "cannot deserialize" in message and "tmpdiff build --backend trt" in message
+    plan.write_bytes(b"plan bytes")
+    digest = hashlib.sha256(b"plan bytes").hexdigest()
+    entry = _entry(sha256=digest, compute_capability="8.6", build_flags={"gpu_name": "NVIDIA A10"})
     with pytest.raises(TmpdiffError, match="plan file is missing"):
-        TrtEngine(tmp_path / "fp32" / "other.plan")
-    entry = _entry(precision="fp32", path="fp32/engine_trt10.8.plan", compute_capability="8.9",
-                   build_flags={"gpu_name": "Fake GPU"})
+        TrtEngine(tmp_path / "fp8" / "other.plan", entry)
     with pytest.raises(TmpdiffError, match="sha256"):
-        TrtEngine(plan, entry)
+        TrtEngine(plan, entry.model_copy(update={"sha256": "0" * 64}))
     with pytest.raises(TmpdiffError, match="TensorRT 10.9.1.0, this is TensorRT 10.8.0.43"):
         TrtEngine(plan, entry.model_copy(update={"backend_version": "10.9.1.0"}))
+    with pytest.raises(TmpdiffError, match="built for NVIDIA L4"):
+        TrtEngine(plan, entry.model_copy(update={"compute_capability": "8.9", "build_flags": {"gpu_name": "NVIDIA L4"}}))
+    # an entry that matches this GPU and TensorRT still cannot run fp8 on compute capability 8.6
+    with pytest.raises(TmpdiffError, match="fp8 needs a GPU with compute capability 8.9"):
+        TrtEngine(plan, entry)
     with pytest.raises(TmpdiffError, match="escapes the build directory"):
-        trt_backend.load_trt_engine(tmp_path / "fp32", entry.model_copy(update={"path": "../outside.plan"}))
+        trt_backend.load_trt_engine(tmp_path / "fp8", entry.model_copy(update={"path": "../outside.plan"}))
+
+
+def test_manifest_freshness_uses_the_tensorrt_graph_hash(tmp_path):
+    """A TensorRT engine is current when built from the trt:: graph (trt_sha256), an ORT engine from the twin."""
+    plan = tmp_path / "fp8" / "engine_trt10.8.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"plan bytes")
+    precision = PrecisionEntry(onnx="fp8/model.onnx", sha256="a" * 64, trt_onnx="fp8/model.trt.onnx", trt_sha256="b" * 64,
+                               opset=19, key="k", parity_error=0.0, error_vs_fp32=0.01)
+    manifest = Manifest(model_id="m", architecture="dit", model_sha256="c" * 64, denoiser_config={}, inputs=[], outputs=[],
+                        precisions={"fp8": precision})
+    entry = _entry(sha256=hashlib.sha256(b"plan bytes").hexdigest(), source_sha256="b" * 64)
+    assert engine_problem(tmp_path, manifest, entry, backend_version="10.8.0.43", device="cuda") is None
+    assert engine_problem(tmp_path, manifest, entry.model_copy(update={"source_sha256": "a" * 64})) == "built from an older export"
+    assert "10.8.0.43, running 10.9" in engine_problem(tmp_path, manifest, entry, backend_version="10.9.0.34")
+    assert "no longer exported" in engine_problem(tmp_path, manifest, entry.model_copy(update={"precision": "int4"}))
+    plan.write_bytes(b"other bytes")
+    assert "sha256" in engine_problem(tmp_path, manifest, entry)
 
 
 # --- GPU: real builds and runs ---------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,13 +18,53 @@ from rich.markup import escape
 from tmpdiff.formats.errors import TmpdiffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Temporal mixed precision for diffusion denoisers.")
 console = Console(stderr=True)
 _state = {"debug": False}
 
+class BackendName(StrEnum):
+    ort = "ort"
+    trt = "trt"
+
+
+class DeviceName(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+    trt_ep = "trt-ep"
+
+
+BackendOpt = Annotated[BackendName, typer.Option(help="ort (ONNX Runtime) or trt (native TensorRT)")]
+DeviceOpt = Annotated[DeviceName | None, typer.Option(help="ORT: cpu | cuda | trt-ep (default cpu); trt: always cuda")]
+
+
+def _device(backend: BackendName, device: DeviceName | None) -> str:
+    """The one rule for every command: TensorRT runs on CUDA; ORT on the device asked for, else the CPU."""
+    if backend is BackendName.trt:
+        if device not in (None, DeviceName.cuda):
+            raise TmpdiffError(f"--backend trt runs on cuda, not --device {device.value}")
+        return "cuda"
+    return (device or DeviceName.cpu).value
+
+
+Wait = Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for another export/build of the same "
+                                                            "build directory to finish")]
+Force = Annotated[bool, typer.Option("--force", help="replace existing outputs (and write through symbolic links)")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        typer.echo(f"tmpdiff {importlib.metadata.version('tmpdiff')}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for expected errors")] = False):
+def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for expected errors")] = False,
+            version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                  help="print the version and exit")] = False):
     _state["debug"] = debug
 
 
@@ -40,6 +84,7 @@ def export(
                                                             "SD3: CLIP's 77 + T5's); default per architecture")] = None,
     sample_size: Annotated[int | None, typer.Option(min=1, help="latent height = width the graph takes (default: the model "
                                                                "config's sample_size; Flux: 128)")] = None,
+    wait: Wait = 3600.0,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
     from tmpdiff.commands.export import calibration_for, resolve_model_dir
@@ -57,7 +102,8 @@ def export(
                                              None if calib_classes is None else _int_list(calib_classes, "--calib-classes"))
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
-                                       sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size})
+                                       sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
+                                       wait=wait)
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:
@@ -75,8 +121,8 @@ def _int_list(text: str, option: str) -> list[int]:
 @app.command()
 def build(
     build_dir: Annotated[Path, typer.Argument(help="build directory written by `tmpdiff export` (build/<model-id>)")],
-    backend: Annotated[str, typer.Option(help="ort (ONNX Runtime) or trt (native TensorRT)")] = "ort",
-    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep (trt always builds for the current GPU)")] = "cpu",
+    backend: BackendOpt = BackendName.ort,
+    device: DeviceOpt = None,
     precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every exported precision)")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     batch: Annotated[int, typer.Option(min=1, help="trt: batch of the optimisation profile (latents per call)")] = 20,
@@ -85,9 +131,16 @@ def build(
     opt_level: Annotated[int, typer.Option(min=0, max=5, help="trt: builder optimisation level")] = 3,
     timing_cache: Annotated[Path | None, typer.Option(help="trt: timing cache file (read if present, then updated)")] = None,
     print_command: Annotated[bool, typer.Option(help="trt: print equivalent trtexec / polygraphy commands and exit")] = False,
+    import_plan: Annotated[list[str] | None, typer.Option(help="trt: PRECISION=FILE, register a plan built elsewhere "
+                                                                "(repeatable; checked like a plan tmpdiff builds)")] = None,
+    wait: Wait = 3600.0,
 ) -> None:
     """Build an engine for every exported precision (ORT: optimise and save; trt: strongly typed plans)."""
+    device, backend = _device(backend, device), backend.value
     from tmpdiff.engines.build import build_engines, trt_commands
+    from tmpdiff.engines.loading import check_threads
+
+    check_threads(threads)
 
     names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
     trt_options = None
@@ -96,15 +149,24 @@ def build(
 
         trt_options = TrtBuildOptions(batch=batch, dynamic=dynamic, max_batch=max_batch, optimization_level=opt_level,
                                       timing_cache=timing_cache)
-        device = "cuda"
+        if import_plan:
+            from tmpdiff.engines.build import import_trt_plan
+
+            for item in import_plan:
+                name, sep, file = item.partition("=")
+                if not sep or not name or not file:
+                    raise TmpdiffError(f"--import-plan takes PRECISION=FILE, got {item!r}")
+                outcome = import_trt_plan(build_dir, name, Path(file), wait, on_progress=lambda m: console.print(m))
+                typer.echo(f"{outcome.precision}\timported\t{outcome.path}")
+            return
         if print_command:
             for line in trt_commands(build_dir, names, trt_options):
                 typer.echo(line)
             return
-    elif print_command:
-        raise TmpdiffError("--print-command is for --backend trt")
+    elif print_command or import_plan:
+        raise TmpdiffError("--print-command and --import-plan are for --backend trt")
     outcomes = build_engines(build_dir, backend, device, names, threads, on_progress=lambda m: console.print(m),
-                             trt_options=trt_options)
+                             trt_options=trt_options, wait=wait)
     for o in outcomes:
         typer.echo(f"{o.precision}\t{'up to date' if o.skipped else 'built'}\t{o.path}")
 
@@ -113,27 +175,38 @@ def build(
 def profile(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
     out: Annotated[Path, typer.Option(help="costs table to write (format tmpdiff.costs/1)")] = Path("costs.json"),
-    backend: Annotated[str, typer.Option(help="ort or trt")] = "ort",
-    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    backend: BackendOpt = BackendName.ort,
+    device: DeviceOpt = None,
     batch: Annotated[int, typer.Option(min=1, help="latents per engine call (with guidance: 2 x samples)")] = 20,
     warmup: Annotated[int, typer.Option(min=0)] = 3,
     repeats: Annotated[int, typer.Option(min=1)] = 20,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every built precision)")] = None,
+    force: Force = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Measure the median step latency of every built precision and write the costs table."""
+    device, backend = _device(backend, device), backend.value
     from rich.progress import Progress
     from rich.table import Table
 
+    from tmpdiff.engines.loading import check_backend, check_threads
     from tmpdiff.engines.profile import profile_build
     from tmpdiff.formats.costs import save_costs
+    from tmpdiff.formats.outputs import Output, check_outputs
 
+    check_backend(backend, device)
+    check_threads(threads)
+    out = check_outputs([Output.file("--out", out, ".json")], force=force, build_dirs=[build_dir])["--out"]
     names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("profiling", total=repeats)
         table = profile_build(build_dir, backend, device, batch, warmup, repeats, threads, names,
                               on_repeat=lambda: progress.advance(task))
     save_costs(table, out)
+    if json_output:
+        _print_json(table.model_dump(mode="json") | {"wrote": str(out)})
+        return
     relative = table.relative("fp32") if "fp32" in table.precisions else {}
     view = Table(title=f"step latency, batch {batch}, {table.device}")
     for column in ("precision", "median ms", "p10 ms", "p90 ms", "vs fp32"):
@@ -159,18 +232,24 @@ def run(
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="must equal the schedule's length")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the model's)")] = None,
-    backend: Annotated[str, typer.Option(help="ort or trt")] = "ort",
-    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    backend: BackendOpt = BackendName.ort,
+    device: DeviceOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     trace: Annotated[Path | None, typer.Option(help="write a Chrome trace (one event per step) here")] = None,
     nan_guard: Annotated[bool, typer.Option(help="re-run a step whose output is not finite at the next higher precision "
                                                  "(on a GPU this reads one flag per step)")] = True,
+    force: Force = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Sample with a per-step precision schedule; print the per-step table; write the image (and a trace)."""
+    device, backend = _device(backend, device), backend.value
     from tmpdiff.eval.images import grid_image, save_png
+    from tmpdiff.formats.outputs import Output, check_outputs
 
     if (prompt is None) != (pipeline is None):
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
+    targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
+    paths = check_outputs(targets, force=force, inputs=[schedule], build_dirs=[build_dir])
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
                "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}
     if prompt is not None:
@@ -188,15 +267,38 @@ def run(
 
         classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
         request = RunRequest(build_dir=build_dir, classes=classes, **options)
-        result, _, info = run_schedule(request)
+        with _step_progress(json_output) as on_step:
+            result, _, info = run_schedule(request, on_step=on_step)
         images, steps_run = to_uint8(result.latents.cpu()), result.trace
         title = f"{info['source']}, {len(classes)} samples, guidance {info['guidance_scale']}"
-    _print_steps(steps_run, title)
-    save_png(grid_image(images, rows=1), out)
-    typer.echo(f"wrote {out}")
+    save_png(grid_image(images, rows=1), paths["--out"])
     if trace is not None:
-        steps_run.write_chrome_trace(trace)
-        typer.echo(f"wrote {trace}")
+        steps_run.write_chrome_trace(paths["--trace"])
+    if json_output:
+        _print_json({"source": title, "steps": [vars(e) for e in steps_run.steps], "switches": steps_run.switches,
+                     "fallbacks": len(steps_run.fallbacks), "wrote": [str(p) for p in paths.values()]})
+        return
+    _print_steps(steps_run, title)
+    for path in paths.values():
+        typer.echo(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def _step_progress(quiet: bool):
+    """A transient progress bar on stderr, advanced once per denoising step (nothing in --json mode)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("sampling", total=None)
+        yield lambda event: progress.update(task, completed=event.index + 1)
+
+
+def _print_json(payload) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
 
 
 def _print_steps(trace, title: str) -> None:
@@ -231,20 +333,28 @@ def calibrate(
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
     calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration set (default: all)")] = None,
     report: Annotated[Path | None, typer.Option(help="also write calibration_report.md + plots to this directory")] = None,
-    backend: Annotated[str, typer.Option(help="ort or trt")] = "ort",
-    device: Annotated[str, typer.Option(help="ORT: cpu | cuda | trt-ep")] = "cpu",
+    backend: BackendOpt = BackendName.ort,
+    device: DeviceOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    force: Force = False,
 ) -> None:
     """Search a per-step precision schedule (TMPDiff) and write schedule.json."""
+    device, backend = _device(backend, device), backend.value
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from tmpdiff.calibration.calibrate import Target
     from tmpdiff.calibration.calibrate import calibrate as run_calibration
     from tmpdiff.calibration.session import open_session
+    from tmpdiff.engines.loading import check_threads
     from tmpdiff.formats.manifest import load_manifest
+    from tmpdiff.formats.outputs import Output, check_outputs
     from tmpdiff.formats.schedule import save_schedule
 
     target = Target(speedup, max_error, min_ssim)
+    check_threads(threads)
+    targets = [Output.file("--out", out, ".json")] + ([Output.folder("--report", report)] if report else [])
+    paths = check_outputs(targets, force=force, inputs=[costs], build_dirs=[build_dir])
+    out, report = paths["--out"], paths.get("--report")
     steps = steps or load_manifest(build_dir).require_sampling(build_dir).default_steps
     classes = None if calib_classes is None else _int_list(calib_classes, "--calib-classes")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -270,8 +380,10 @@ def calibrate(
     save_schedule(result.file, out)
     f = result.file
     typer.echo(f"schedule: {' '.join(f.precisions)}")
-    typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured error {f.measured.error:.4g} ({metric}), "
-               f"SSIM {f.measured.ssim:.4f}, {f.evaluations} evaluations")
+    typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured speedup {f.measured.speedup:.3f}x "
+               f"({f.measured.schedule_ms:.1f} vs {f.measured.reference_ms:.1f} ms all-{f.reference}, median of "
+               f"{f.measured.repeats}, {f.measured.device})")
+    typer.echo(f"measured error {f.measured.error:.4g} ({metric}), SSIM {f.measured.ssim:.4f}, {f.evaluations} evaluations")
     typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.md'}" if report else ""))
 
 
@@ -284,15 +396,22 @@ def bench(
     speedups: Annotated[str, typer.Option(help="comma-separated speedup targets")] = "1.1,1.25,1.4",
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    force: Force = False,
 ) -> None:
     """TMPDiff vs uniform, heuristic, evolutionary and exhaustive schedules at several speedup targets."""
     from tmpdiff.calibration.bench import bench as run_bench
+    from tmpdiff.engines.loading import check_threads
+    from tmpdiff.formats.outputs import Output, check_outputs
     from tmpdiff.models.bundled import bundled_dir
 
     try:
         targets = [float(v) for v in speedups.split(",") if v.strip()]
     except ValueError:
         raise TmpdiffError(f"--speedups must be comma-separated numbers, got {speedups!r}") from None
+    for target in targets:
+        _check_speedup(target, "--speedups")
+    check_threads(threads)
+    out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs], build_dirs=[build_dir])["--out"]
     classifier = bundled_dir() / "classifier"
     run_bench(build_dir, costs, out, _int_list(steps, "--steps"), targets, _int_list(calib_seeds, "--calib-seeds"),
               threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m))
@@ -303,17 +422,73 @@ def bench(
 def check(
     build_dir: Annotated[Path, typer.Argument(help="build directory to validate")],
     schedule: Annotated[list[Path] | None, typer.Option(help="schedule file(s) to check against the build")] = None,
-    spot_check: Annotated[bool, typer.Option(help="run each precision once and compare with fp32")] = True,
+    spot_check: Annotated[bool, typer.Option(help="run each built engine on its recorded check input")] = True,
+    json_output: JsonOutput = False,
 ) -> None:
     """Validate a build directory: manifest, hashes, ONNX graphs, engines, schedules, a numerical spot check."""
     from tmpdiff.commands.check import check_build
 
     problems = check_build(build_dir, schedule, spot_check)
+    if json_output:
+        _print_json({"build_dir": str(build_dir), "ok": not problems, "problems": [vars(p) for p in problems]})
+        raise typer.Exit(code=1 if problems else 0)
     for problem in problems:
         typer.echo(str(problem))
     if problems:
         raise typer.Exit(code=1)
     typer.echo(f"{build_dir}: ok")
+
+
+@app.command()
+def info(
+    build_dir: Annotated[Path, typer.Argument(help="build directory written by `tmpdiff export`")],
+    json_output: JsonOutput = False,
+) -> None:
+    """What a build directory holds: exported precisions, built engines (backend, version, device) and their state."""
+    from rich.table import Table
+
+    from tmpdiff.commands.info import build_info
+
+    data = build_info(build_dir)
+    if json_output:
+        _print_json(data)
+        return
+    typer.echo(f"{data['model_id']} ({data['architecture']}), {data['format']}, sampling: {data['sampling'] or 'none'}")
+    view = Table(title="exported precisions")
+    for column in ("precision", "files", "MB", "error vs fp32", "state"):
+        view.add_column(column)
+    for name, row in data["precisions"].items():
+        view.add_row(name, str(row["files"]), f"{row['bytes'] / 1e6:.1f}", f"{row['error_vs_fp32']:.2e}", row["state"])
+    Console().print(view)
+    view = Table(title="engines")
+    for column in ("engine", "backend version", "device", "state"):
+        view.add_column(column)
+    for key, row in data["engines"].items():
+        view.add_row(key, row["backend_version"], row["device"], row["state"])
+    Console().print(view)
+
+
+@app.command()
+def doctor(
+    gpu: Annotated[bool, typer.Option("--gpu", help="run the GPU checks (build, kernels, parity, costs, streams, graphs)")] = False,
+    work: Annotated[Path, typer.Option(help="--gpu: scratch directory for the bundled model's build")] = Path("gpu-check"),
+    results: Annotated[Path, typer.Option(help="--gpu: results root; writes RESULTS/<gpu-name>/gpu_check.json")] = Path("results"),
+) -> None:
+    """What this machine has for the GPU path (CUDA torch, TensorRT, onnxruntime-gpu); with --gpu, the GPU checks."""
+    from tmpdiff.commands.doctor import gpu_check, inventory
+
+    inv = inventory()
+    for key, value in vars(inv).items():
+        typer.echo(f"{key:<14} {value if value not in (None, []) else '-'}")
+    for line in inv.missing():
+        typer.echo(f"missing: {line}")
+    if not gpu:
+        return
+    out = gpu_check(work, results, inv, on_line=typer.echo)
+    typer.echo(f"wrote {out}")
+    data = json.loads(out.read_text())
+    if any(r["status"] == "failed" for r in data["results"]):
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -325,14 +500,21 @@ def demo(
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads (default: all cores)")] = None,
     precisions: Annotated[str, typer.Option(help="precisions to export and consider")] = "fp32,fp16,int8,fp8,int4",
     speedup: Annotated[float | None, typer.Option(help="speedup target (default: 60% of the way to the maximum)")] = None,
+    force: Force = False,
 ) -> None:
     """The whole pipeline on the bundled model: export, build, profile, calibrate, sample, report."""
     from tmpdiff.commands.demo import run_demo
+    from tmpdiff.engines.loading import check_threads
     from tmpdiff.export.exporter import parse_precisions
+    from tmpdiff.formats.outputs import Output, check_outputs
 
     names = tuple(parse_precisions(precisions))
     if "fp32" not in names:
         raise TmpdiffError("the demo needs fp32 (the reference) among --precisions")
+    if speedup is not None:
+        _check_speedup(speedup, "--speedup")
+    check_threads(threads)
+    out = check_outputs([Output.folder("--out", out)], force=force)["--out"]
     report = run_demo(out, per_class=per_class, steps=steps, seed=seed, threads=threads, precisions=names,
                       speedup=speedup, console=console)
     for name, row in report["runs"].items():
@@ -342,18 +524,39 @@ def demo(
     typer.echo(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'}")
 
 
+def _check_speedup(value: float, option: str) -> None:
+    """A speedup target is a finite number above 1 (1 is the reference itself)."""
+    if not math.isfinite(value) or value <= 1.0:
+        raise TmpdiffError(f"{option} must be a finite number above 1, got {value}")
+
+
+def _quiet_third_party() -> None:
+    """In tmpdiff's own process, libraries' advice that does not apply here is not printed: diffusers' and
+    transformers' info/warning chatter (e.g. "install accelerate") and modelopt's version notice. Errors still are."""
+    import os
+    import warnings
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
+
+
 def _terminated(signum: int, frame) -> None:
     """SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C: in-flight temp files are removed on the way out."""
     console.print("terminated")
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
-    from tmpdiff.engines.ort import own_process
+def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
+    """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug).
+
+    `own_process=False` (tests calling it in a process they share) keeps ORT's process-wide thread pool off."""
+    from tmpdiff.engines import ort
 
     args = sys.argv[1:] if argv is None else argv
-    own_process()  # runtime ORT sessions may share one global thread pool
+    _quiet_third_party()
+    if own_process:
+        ort.own_process()  # runtime ORT sessions may share one global thread pool
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(args, standalone_mode=False)  # click returns a typer.Exit's code here
@@ -366,9 +569,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print("interrupted")
         return 130
     except typer.TyperException as exc:  # typer's own click: usage errors, bad option values
-        if not hasattr(exc, "show"):
+        if not hasattr(exc, "format_message"):
             raise
-        exc.show()
+        context = getattr(exc, "ctx", None)
+        where = f" (see `{context.command_path} -h`)" if context is not None else ""
+        console.print(f"[red]error:[/red] {escape(exc.format_message())}{escape(where)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)

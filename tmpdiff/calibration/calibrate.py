@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tmpdiff.calibration.search import (
@@ -14,6 +15,7 @@ from tmpdiff.calibration.search import (
     tmpdiff_search,
 )
 from tmpdiff.calibration.session import CalibrationSession
+from tmpdiff.engines.device import device_label
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.schedule import Figures, SchedulerRef
 from tmpdiff.formats.schedule import Schedule as ScheduleFile
@@ -33,10 +35,12 @@ class Target:
         given = [v for v in (self.speedup, self.max_error, self.min_ssim) if v is not None]
         if len(given) != 1:
             raise TmpdiffError("give exactly one target: --speedup X, --max-error E or --min-ssim S")
-        if self.min_ssim is not None and not 0 < self.min_ssim <= 1:
+        if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1):
+            raise TmpdiffError(f"--speedup must be a finite number above 1, got {self.speedup}")
+        if self.min_ssim is not None and not (math.isfinite(self.min_ssim) and 0 < self.min_ssim <= 1):
             raise TmpdiffError(f"--min-ssim must be in (0, 1], got {self.min_ssim}")
-        if self.max_error is not None and self.max_error < 0:
-            raise TmpdiffError(f"--max-error must be >= 0, got {self.max_error}")
+        if self.max_error is not None and not (math.isfinite(self.max_error) and self.max_error >= 0):
+            raise TmpdiffError(f"--max-error must be a finite number >= 0, got {self.max_error}")
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -50,6 +54,13 @@ class CalibrationResult:
     candidates: list[Schedule]
 
 
+def timing_device(session: CalibrationSession) -> str:
+    """Where sampling was timed: backend and device of the loaded engines, e.g. 'ort, cpu: Intel(R) Xeon(R) ...'."""
+    engine = next(iter(session.evaluator.runner.engines.values()))
+    backend = {"OrtEngine": "ort", "TrtEngine": "trt"}.get(type(engine).__name__, type(engine).__name__)
+    return f"{backend}, {device_label(engine.device)}, batch {len(session.evaluator.labels)}"
+
+
 def check_target(problem: Problem, target: Target) -> float | None:
     """The cost budget for a speedup target (None for quality floors); unreachable targets fail before any evaluation."""
     if target.speedup is not None:
@@ -58,8 +69,9 @@ def check_target(problem: Problem, target: Target) -> float | None:
 
 
 def calibrate(session: CalibrationSession, target: Target, method: str = "sensitivity",
-              tolerance: float = 0.05) -> CalibrationResult:
-    """Run the search and verify the chosen schedule with a real evaluation."""
+              tolerance: float = 0.05, timing_repeats: int = 3) -> CalibrationResult:
+    """Run the search and verify the chosen schedule: its quality from a real evaluation, its speedup by timing
+    sampling runs of it and of the all-reference schedule (median of `timing_repeats`, interleaved) here."""
     if method not in METHODS:
         raise TmpdiffError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     problem = session.problem
@@ -80,6 +92,8 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
                 return e.ssim >= target.min_ssim
         schedule, candidates = meet_quality_floor(problem, sens, accept)
     evaluation = problem.evaluate(schedule)
+    reference_s, schedule_s = session.evaluator.time_sampling([[problem.reference] * problem.steps, list(schedule)],
+                                                              timing_repeats)
     sampling = session.manifest.sampling
     file = ScheduleFile(
         steps=problem.steps,
@@ -89,8 +103,11 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
         target=target.as_dict() | {"metric": problem.metric, "method": method},
         predicted=Figures(speedup=problem.speedup(schedule), error=sens.score_down(schedule),
                           error_s_up=sens.score_up(schedule, problem.cheapest)),
-        measured=Figures(speedup=None, error=evaluation.error(problem.metric), latent_error=evaluation.latent_error,
-                         ssim=evaluation.ssim, psnr=evaluation.psnr if evaluation.psnr != float("inf") else None),
+        measured=Figures(speedup=reference_s / schedule_s, error=evaluation.error(problem.metric),
+                         latent_error=evaluation.latent_error, ssim=evaluation.ssim,
+                         psnr=evaluation.psnr if evaluation.psnr != float("inf") else None,
+                         device=timing_device(session), reference_ms=reference_s * 1e3, schedule_ms=schedule_s * 1e3,
+                         repeats=timing_repeats),
         evaluations=session.evaluator.runs,
         costs={"source": session.costs.device, "backend": session.costs.backend, "batch": session.costs.batch,
                "per_step_ms": problem.cost},

@@ -3,10 +3,12 @@
 Every evaluation runs the real engines through the runtime (what is calibrated is what is deployed),
 from fixed initial noise, and is cached by schedule. Latent error is the mean relative squared
 distance; SSIM and PSNR of the decoded images come from `tmpdiff.eval.metrics` (scikit-image).
+`time_sampling` times whole sampling runs of schedules on the same engines and calibration batch.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +77,26 @@ class Evaluator:
             self.cache[key] = Evaluation(key, float((diff / norm).mean()), ssim, psnr)
             self.runs += 1
         return self.cache[key]
+
+    def time_sampling(self, schedules: Sequence[Sequence[str]], repeats: int = 3) -> list[float]:
+        """Median wall time (seconds) of sampling the calibration batch with each schedule.
+
+        The schedules are run in turn, `repeats` rounds, the order reversed every other round so that
+        drift in the machine's speed (other jobs, clocks) does not favour one of them. A run's time is the
+        sum of its per-step times from the runtime trace (engine call, guidance and scheduler update).
+        """
+        if repeats < 1:
+            raise TmpdiffError(f"repeats must be >= 1, got {repeats}")
+        for schedule in schedules:
+            if len(schedule) != self.steps:
+                raise TmpdiffError(f"schedule of {len(schedule)} steps for a {self.steps}-step calibration")
+        times: list[list[float]] = [[] for _ in schedules]
+        order = list(range(len(schedules)))
+        for round_ in range(repeats):
+            for i in order if round_ % 2 == 0 else order[::-1]:
+                result = self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedules[i]))
+                times[i].append(sum(step.seconds for step in result.trace.steps))
+        return [statistics.median(t) for t in times]
 
     def latents(self, schedule: Sequence[str]) -> torch.Tensor:
         """Final latents of a schedule (runs it again; used for images and classifier metrics)."""

@@ -25,7 +25,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
     from tmpdiff.engines.ort_build import ort_engine_problem
     from tmpdiff.export.onnx_io import load_onnx
     from tmpdiff.formats.atomic import interrupted_writes
-    from tmpdiff.formats.manifest import engine_problem, graph_problems, load_manifest
+    from tmpdiff.formats.manifest import engine_problem, load_manifest, precision_problems
 
     # a killed export/build leaves its in-flight temp; the next run of it (under the build lock) removes it
     problems = [Problem(str(path), "incomplete write left by an interrupted tmpdiff process",
@@ -37,7 +37,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
         return [*problems, Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`")]
     root = build_dir.resolve()
     for name, entry in manifest.precisions.items():
-        broken = graph_problems(build_dir, entry)
+        broken = precision_problems(build_dir, entry)
         for path, problem in broken:
             problems.append(Problem(str(path), f"{name}: {problem}", f"re-run `tmpdiff export --precisions {name}`"))
         for rel, _ in [] if broken else entry.graphs():
@@ -55,6 +55,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
                                     f"run `tmpdiff build {build_dir} --backend {engine.backend}` on the target machine"))
     for schedule_path in schedules or []:
         from tmpdiff.formats.schedule import load_schedule
+        from tmpdiff.models.schedulers import schedule_scheduler
 
         try:
             schedule = load_schedule(schedule_path)
@@ -65,26 +66,100 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
         if missing:
             problems.append(Problem(str(schedule_path), f"uses {', '.join(missing)}, not exported here",
                                     f"export them or re-run `tmpdiff calibrate {build_dir}`"))
+        try:
+            schedule_scheduler(schedule, manifest.sampling)
+        except TmpdiffError as exc:
+            problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], f"re-run `tmpdiff calibrate {build_dir}`"))
     if spot_check and not problems:
         problems += _spot_check(build_dir, manifest)
     return problems
 
 
-def _spot_check(build_dir: Path, manifest) -> list[Problem]:
-    """Each precision vs fp32 on one random input: within 3x the error the manifest recorded (plus a floor)."""
-    from tmpdiff.engines.ort import OrtEngine
-    from tmpdiff.models.registry import adapter_for_config
+@dataclass(frozen=True)
+class Replay:
+    """One engine run on its precision's recorded check input."""
 
-    if "fp32" not in manifest.precisions:
-        return []
-    adapter = adapter_for_config(manifest.denoiser_config)
-    feeds = {k: v.numpy() for k, v in adapter.sample_inputs(adapter.default_dims(2), seed=99).items()}
-    reference = next(iter(OrtEngine(build_dir / manifest.precisions["fp32"].onnx).infer(feeds).values()))
+    precision: str
+    output: np.ndarray | None  # None when the engine failed to run
+    error: float  # relative L2 vs the exported graph's recorded output (inf when it failed)
+    failure: str | None = None
+
+
+def replay_check_inputs(build_dir: Path, manifest, backend: str, device: str) -> dict[str, Replay]:
+    """Load the engines `run` would load for this backend and device and run each on the input recorded at export."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from tmpdiff.engines.loading import load_engines
+    from tmpdiff.engines.streams import runtime_stream
+    from tmpdiff.formats.manifest import CHECK_IO_NAME
+
+    names = manifest.built_precisions(backend, device)
+    engines = load_engines(build_dir, manifest, backend, device, names)
+    on = "cpu" if device == "cpu" else "cuda"
+    replays = {}
+    for name, engine in engines.items():
+        io_path = build_dir / name / CHECK_IO_NAME
+        if f"{name}/{CHECK_IO_NAME}" not in manifest.precisions[name].artifacts:
+            replays[name] = Replay(name, None, float("inf"), "no recorded check input (exported by an older tmpdiff)")
+            continue
+        recorded = load_file(str(io_path))
+        inputs = {k.removeprefix("input."): torch.from_numpy(v).to(on) for k, v in recorded.items() if k.startswith("input.")}
+        want = {k.removeprefix("output."): v for k, v in recorded.items() if k.startswith("output.")}
+        got = {k: torch.zeros(v.shape, dtype=torch.from_numpy(v).dtype, device=on) for k, v in want.items()}
+        try:
+            engine.bind(inputs, got)
+            engine.run(runtime_stream(device))
+            runtime_stream(device).synchronize()
+        except Exception as exc:  # the backends' own error types for a graph that loads but cannot run
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            replays[name] = Replay(name, None, float("inf"), f"fails on the recorded check input ({first})")
+            continue
+        out_name = next(iter(want))
+        output = got[out_name].cpu().numpy()
+        replays[name] = Replay(name, output, _relative(output, want[out_name]))
+    return replays
+
+
+def _spot_check(build_dir: Path, manifest) -> list[Problem]:
+    """Replay each precision's recorded input on the engines `run` loads (ORT on each device it was built for that
+    this machine has), and compare with the output the exported graph gave at export: within the precision's parity
+    tolerance, and its error vs the fp32 engine within 3x what the manifest recorded. TensorRT plans are replayed
+    by `tmpdiff doctor --gpu` on a GPU."""
+    import torch
+
+    from tmpdiff.formats.precisions import get_precision
+
     problems = []
-    for name, entry in manifest.precisions.items():
-        got = next(iter(OrtEngine(build_dir / entry.onnx, name, optimization=entry.ort_optimization).infer(feeds).values()))
-        error = float(np.linalg.norm(got - reference) / max(np.linalg.norm(reference), 1e-12))
-        if not np.isfinite(error) or error > 3 * entry.error_vs_fp32 + 1e-4:
-            problems.append(Problem(str(build_dir / entry.onnx), f"{name} differs from fp32 by {error:.2e}; the manifest "
-                                    f"recorded {entry.error_vs_fp32:.2e}", f"re-run `tmpdiff export --precisions {name}`"))
+    devices = sorted({e.build_flags.get("device", "cpu") for e in manifest.engines.values() if e.backend == "ort"})
+    for device in devices:
+        if device != "cpu" and not torch.cuda.is_available():
+            continue  # built for a GPU provider on another machine: `tmpdiff check` there runs them
+        rebuild = f"run `tmpdiff build {build_dir} --device {device}`"
+        try:
+            replays = replay_check_inputs(build_dir, manifest, "ort", device)
+        except TmpdiffError as exc:
+            problems.append(Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], rebuild))
+            continue
+        for name, replay in replays.items():
+            tolerance = get_precision(name).parity_tolerance
+            if replay.failure is not None:
+                problems.append(Problem(str(build_dir / name), f"the {name} engine: {replay.failure}", rebuild))
+            elif not replay.error <= tolerance:
+                problems.append(Problem(str(build_dir / name), f"the {name} engine's output on the recorded check input "
+                                        f"differs from the exported graph's by {replay.error:.2e} (tolerance {tolerance:.0e})",
+                                        f"{rebuild} (or re-export {name})"))
+        reference = replays.get("fp32")
+        for name, replay in replays.items():
+            if reference is None or reference.output is None or replay.output is None or name == "fp32":
+                continue
+            error, recorded = _relative(replay.output, reference.output), manifest.precisions[name].error_vs_fp32
+            if not error <= 3 * recorded + 1e-4:
+                problems.append(Problem(str(build_dir / name), f"the {name} engine differs from fp32 by {error:.2e}; the "
+                                        f"manifest recorded {recorded:.2e}", f"re-run `tmpdiff export --precisions {name}`"))
     return problems
+
+
+def _relative(got, want) -> float:
+    error = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+    return error if np.isfinite(error) else float("inf")

@@ -27,7 +27,7 @@ from tmpdiff.formats.costs import save_costs
 from tmpdiff.formats.schedule import save_schedule
 from tmpdiff.models.bundled import load_model_info, sampling_info
 from tmpdiff.models.digits import to_uint8
-from tmpdiff.runtime.capture import sampled_calibration
+from tmpdiff.runtime.capture import sampled_recipe
 
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
 
@@ -59,7 +59,7 @@ def run_demo(out: Path, per_class: int = 4, steps: int | None = None, seed: int 
     t = time.perf_counter()
     build_dir, exports = export_model(
         info.transformer_dir, out / "build", list(precisions), model_id="tiny-dit",
-        calibration=lambda model, adapter: sampled_calibration(model, adapter, sampling, range(info.num_classes), [0, 1]),
+        calibration=sampled_recipe(sampling, range(info.num_classes), [0, 1]),
         sampling=sampling, on_progress=lambda msg: console.print(f"export {msg}"))
     t = stage("export", t)
     build_engines(build_dir, "ort", "cpu", threads=threads, on_progress=lambda msg: console.print(f"build {msg}"))

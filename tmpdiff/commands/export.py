@@ -22,7 +22,7 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
     root = model_dir.parent
     if not (root / INFO_NAME).is_file():
         return None, None
-    from tmpdiff.runtime.capture import sampled_calibration
+    from tmpdiff.runtime.capture import sampled_recipe
 
     info = load_model_info(root)
     sampling = sampling_info(info)
@@ -30,4 +30,4 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
     bad = [c for c in chosen if not 0 <= c < info.num_classes]
     if bad:
         raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
-    return (lambda model, adapter: sampled_calibration(model, adapter, sampling, chosen, seeds)), sampling
+    return sampled_recipe(sampling, chosen, seeds), sampling

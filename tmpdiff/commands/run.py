@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tmpdiff.engines.loading import load_built_engines
+from tmpdiff.engines.loading import check_backend, check_batch, check_threads, load_built_engines
+from tmpdiff.engines.memory import check_fits
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import load_manifest
-from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler, schedule_scheduler
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import RunResult, ScheduledRunner, initial_noise
 
@@ -31,7 +33,20 @@ class RunOptions:
     nan_guard: bool = True  # re-run a non-finite step at the next higher precision (on a GPU: one sync per step)
 
     def plan(self, default_steps: int) -> PrecisionPlan:
+        """The per-step precisions, after every option is checked (before anything is loaded)."""
+        self.check()
         return resolve_plan(self.schedule_path, self.precision, steps=self.steps, default_steps=default_steps)
+
+    def check(self) -> None:
+        """Options that cannot work are refused by name: seed range, thread count, guidance, backend and device."""
+        if not 0 <= self.seed < 2**63:
+            raise TmpdiffError(f"--seed must be in 0..2^63-1, got {self.seed}")
+        check_threads(self.threads)
+        if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
+            raise TmpdiffError(f"--guidance must be a finite number, got {self.guidance_scale}")
+        if self.backend == "trt":
+            self.device = "cuda"  # TensorRT plans run on the GPU they were built for
+        check_backend(self.backend, self.device)
 
 
 @dataclass(kw_only=True)
@@ -49,16 +64,22 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, PrecisionPlan, di
     bad = [c for c in request.classes if not 0 <= c < sampling.num_classes]
     if not request.classes or bad:
         raise TmpdiffError(f"class ids must be in 0..{sampling.num_classes - 1}, got {request.classes}")
+    scheduler = (sampling_scheduler(sampling) if plan.file is None
+                 else schedule_scheduler(plan.file, sampling, plan.source))
+    check_distinct_timesteps(scheduler, len(plan.precisions))
+    guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    rows = len(request.classes) * (2 if guidance != 1.0 else 1)
+    check_batch(manifest, request.build_dir, request.backend, request.device, rows)
+    check_fits(manifest, rows, request.backend, request.device)
     engines = load_built_engines(request.build_dir, manifest, request.backend, request.device, plan.needed,
                                  request.threads, what=f"schedule {plan.source}")
-    guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
     runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
                              guidance_scale=guidance, null_class=sampling.null_class, num_classes=sampling.num_classes,
                              device=request.device, nan_guard=request.nan_guard)
     labels = torch.tensor(request.classes, dtype=torch.int64)
     noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
     try:
-        result = runner.sample(sampling_scheduler(sampling), labels, noise, list(plan.precisions), on_step=on_step)
+        result = runner.sample(scheduler, labels, noise, list(plan.precisions), on_step=on_step)
     finally:
         runner.close()
     return result, plan, {"source": plan.source, "guidance_scale": guidance}

@@ -27,12 +27,13 @@ def build_engines(
     threads: int | None = None,
     on_progress: Callable[[str], None] = lambda _: None,
     trt_options=None,
+    wait: float = 3600.0,
 ) -> list[BuildOutcome]:
     """Build (ORT: optimise and save) each precision; engines already current for this backend/version/device are kept."""
     if backend not in ("ort", "trt"):
         raise TmpdiffError(f"unknown backend {backend!r}; choose ort or trt")
     load_manifest(build_dir)  # a wrong path fails here, before the lock file is created
-    with directory_lock(build_dir):
+    with directory_lock(build_dir, wait, on_wait=on_progress):
         manifest = load_manifest(build_dir)
         names = precisions or list(manifest.precisions)
         unknown = [p for p in names if p not in manifest.precisions]
@@ -83,6 +84,41 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
                             precision=name)
 
 
+def import_trt_plan(build_dir: Path, precision: str, plan_file: Path, wait: float = 3600.0,
+                    on_progress: Callable[[str], None] = lambda _: None) -> BuildOutcome:
+    """Register a plan built elsewhere (trtexec, polygraphy) as this build's engine for `precision`.
+
+    Checked like a plan tmpdiff built: TensorRT on this machine must deserialize it for this GPU, and its inputs and
+    outputs must be the manifest's; it is then copied into the build dir under the name the runtime loads.
+    """
+    from tmpdiff.engines.trt import TrtEngine
+    from tmpdiff.engines.trt_build import load_tensorrt, plan_file_name
+    from tmpdiff.formats.atomic import sha256_file, write_bytes
+    from tmpdiff.formats.manifest import EngineEntry
+
+    plan_file = Path(plan_file)
+    if not plan_file.is_file():
+        raise TmpdiffError("plan file does not exist", plan_file)
+    trt = load_tensorrt()
+    with directory_lock(build_dir, wait, on_wait=on_progress):
+        manifest = load_manifest(build_dir)
+        entry = manifest.precisions.get(precision)
+        if entry is None or entry.trt_onnx is None:
+            raise TmpdiffError(f"{precision} has no exported TensorRT graph here", build_dir / "manifest.json")
+        engine = TrtEngine(plan_file, precision=precision, input_specs=[s.spec() for s in manifest.inputs],
+                           output_specs=[s.spec() for s in manifest.outputs])  # deserializes and checks the I/O
+        gpu = engine.gpu
+        engine.close()
+        rel = f"{precision}/{plan_file_name(trt.__version__)}"
+        write_bytes(build_dir / rel, plan_file.read_bytes())
+        manifest.engines[engine_key("trt", "cuda", precision)] = EngineEntry(
+            backend="trt", precision=precision, path=rel, sha256=sha256_file(build_dir / rel),
+            source_sha256=entry.trt_sha256 or "", backend_version=trt.__version__, device="cuda",
+            compute_capability=gpu.compute_capability, build_flags={"imported_from": str(plan_file), "gpu_name": gpu.name})
+        save_manifest(build_dir, manifest)
+    return BuildOutcome(precision, build_dir / rel, skipped=False)
+
+
 def trt_commands(build_dir: Path, precisions: list[str] | None, options) -> list[str]:
     """The trtexec and polygraphy commands that build the same plans on another machine (no TensorRT needed here)."""
     from tmpdiff.engines.trt_build import TrtBuildOptions, options_profile, polygraphy_command, trtexec_command
@@ -97,7 +133,9 @@ def trt_commands(build_dir: Path, precisions: list[str] | None, options) -> list
         if entry.trt_onnx is None:
             continue
         onnx_path = build_dir / entry.trt_onnx
-        plan = build_dir / name / "engine_trt.plan"
-        lines += [f"# {name}", trtexec_command(onnx_path, plan, specs, shapes, options),
-                  polygraphy_command(onnx_path, plan, specs, shapes, options)]
+        plan = build_dir / name / "external.plan"
+        lines += [f"# {name}: build with either command, then register the plan (checked like a plan tmpdiff builds):",
+                  trtexec_command(onnx_path, plan, specs, shapes, options),
+                  polygraphy_command(onnx_path, plan, specs, shapes, options),
+                  f"tmpdiff build {build_dir} --backend trt --import-plan {name}={plan}"]
     return lines

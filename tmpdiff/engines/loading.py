@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tmpdiff.engines.base import Engine
+from tmpdiff.formats.atomic import lock_holder
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, engine_key, engine_problem
+
+BACKEND_DEVICES = {"ort": ("cpu", "cuda", "trt-ep"), "trt": ("cuda",)}
+
+
+def check_backend(backend: str, device: str) -> None:
+    """A known backend and a device it runs on."""
+    if backend not in BACKEND_DEVICES:
+        raise TmpdiffError(f"unknown backend {backend!r}; choose {' or '.join(BACKEND_DEVICES)}")
+    if device not in BACKEND_DEVICES[backend]:
+        raise TmpdiffError(f"unknown device {device!r} for {backend}; choose {', '.join(BACKEND_DEVICES[backend])}")
+
+
+def check_threads(threads: int | None) -> None:
+    """At most one intra-op thread per core: more only time-slice the same cores."""
+    cores = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cores:
+        raise TmpdiffError(f"--threads must be in 1..{cores} (this machine's cores), got {threads}")
+
+
+def check_batch(manifest: Manifest, build_dir: Path, backend: str, device: str, rows: int) -> None:
+    """A run's batch rows must fit every TensorRT plan's optimisation profile (checked before any work)."""
+    if backend != "trt":
+        return
+    for entry in manifest.engines.values():
+        if entry.backend != "trt":
+            continue
+        profile = entry.build_flags.get("profile") or {}
+        ranges = [(shape[0][0], shape[2][0]) for shape in profile.values() if shape and shape[0]]
+        if ranges and not all(low <= rows <= high for low, high in ranges):
+            low, high = ranges[0]
+            built = f"batch {low}" if low == high else f"batches {low}..{high}"
+            raise TmpdiffError(f"this run needs {rows} batch rows (samples x 2 with guidance), the {entry.precision} plan was "
+                               f"built for {built}: rebuild with `tmpdiff build {build_dir} --backend trt --batch {rows}` "
+                               f"(or --dynamic --max-batch {rows})", build_dir / entry.path)
 
 
 def load_built_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, needed: Iterable[str],
@@ -16,19 +52,26 @@ def load_built_engines(build_dir: Path, manifest: Manifest, backend: str, device
     the precisions `needed` (what a schedule names) must be among them."""
     built = manifest.built_precisions(backend, device)
     missing = sorted(set(needed) - set(built))
+    if missing and not built:
+        raise TmpdiffError(f"no {backend} engine is built for {device}: run `tmpdiff build {build_dir} --backend {backend}`"
+                           + ("" if backend == "trt" else f" --device {device}"), build_dir)
     if missing:
-        raise TmpdiffError(f"{what} uses {', '.join(missing)} but only {', '.join(built) or 'no'} {backend} engines "
+        raise TmpdiffError(f"{what} uses {', '.join(missing)} but only {', '.join(built)} {backend} engines "
                            f"are built for {device}", build_dir)
     return load_engines(build_dir, manifest, backend, device, built, threads)
 
 
 def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],
-                 threads: int | None = None) -> dict[str, Engine]:
+                 threads: int | None = None, cuda_graphs: bool = True) -> dict[str, Engine]:
     """One engine per precision, each checked against its manifest record (version, device, sha256).
 
     ORT engines share one memory arena, and in a tmpdiff process one thread pool (`share_runtime_resources`):
     the runtime runs them one at a time.
     """
+    holder = lock_holder(build_dir)
+    if holder is not None:
+        raise TmpdiffError(f"a tmpdiff export or build (PID {holder if holder > 0 else '?'}) is writing this build "
+                           "directory; run again when it has finished", build_dir)
     engines: dict[str, Engine] = {}
     if backend == "ort":
         from tmpdiff.engines.ort import share_runtime_resources
@@ -53,7 +96,9 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
         else:
             from tmpdiff.engines.trt import load_trt_engine
 
+            # CUDA graphs by default where the plan's shapes are static (a graph bakes in shapes and addresses)
             engines[name] = load_trt_engine(
                 build_dir, entry, input_specs=[s.spec() for s in manifest.inputs],
-                output_specs=[s.spec() for s in manifest.outputs])
+                output_specs=[s.spec() for s in manifest.outputs],
+                cuda_graph=cuda_graphs and not entry.build_flags.get("dynamic", False))
     return engines

@@ -103,8 +103,9 @@ def session_options(threads: int | None = None, optimization: str = "all", optim
     return opts
 
 
-def providers_for(device: str) -> list:
-    """Execution providers for a device name, checked against what this onnxruntime build offers."""
+def providers_for(device: str, trt_ep: dict[str, str] | None = None) -> list:
+    """Execution providers for a device name, checked against what this onnxruntime build offers; `trt_ep` holds the
+    TensorRT EP's options (caches, profile shapes, int8) for --device trt-ep."""
     import onnxruntime as ort
 
     if device not in PROVIDERS:
@@ -119,11 +120,15 @@ def providers_for(device: str) -> list:
         return ["CPUExecutionProvider"]
     options: dict[str, str] = {}
     if torch.cuda.is_available():
-        # Run on torch's current stream so engine launches and the scheduler update stay ordered
-        # without host synchronisation.
-        options = {"user_compute_stream": str(torch.cuda.current_stream().cuda_stream)}
+        # Launch on the runtime's dedicated stream, where the sampling loop's torch work runs too: ordered without
+        # host synchronisation (run() also tells ORT not to synchronise after each run).
+        from tmpdiff.engines.streams import runtime_stream
+
+        options = {"user_compute_stream": str(runtime_stream(device).handle)}
         if device == "cuda":
             options["has_user_compute_stream"] = "1"
+    if device == "trt-ep":
+        options = {**options, **(trt_ep or {})}
     chain = [(wanted, options)]
     if device == "trt-ep":
         chain.append(("CUDAExecutionProvider", {}))
@@ -142,6 +147,7 @@ class OrtEngine:
         optimization: str = "all",
         optimized_path: Path | None = None,
         runtime: bool = False,
+        trt_ep: dict[str, str] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -153,7 +159,7 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(
                 str(self.path), sess_options=session_options(threads, optimization, optimized_path, runtime),
-                providers=providers_for(device),
+                providers=providers_for(device, trt_ep),
             )
         except TmpdiffError:
             raise
@@ -161,6 +167,9 @@ class OrtEngine:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TmpdiffError(f"ONNX Runtime cannot load this model ({first})", self.path) from None
         self._binding = None
+        self._run_options = ort.RunOptions()
+        if device != "cpu":  # the runtime orders work on its stream; ORT's per-run device synchronisation is not needed
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -201,7 +210,7 @@ class OrtEngine:
         """One inference on the bound buffers (ORT orders it on the stream it was given at load)."""
         if self._binding is None:
             raise TmpdiffError(f"{self.precision} engine: run() before bind()")
-        self.session.run_with_iobinding(self._binding)
+        self.session.run_with_iobinding(self._binding, self._run_options)
 
     def close(self) -> None:
         self._binding = None

@@ -27,10 +27,35 @@ def prepared_name(device: str) -> str:
     return f"model.ort-{device}.onnx"
 
 
+def trt_ep_options(build_dir: Path, precision: str, manifest: Manifest, batch: tuple[int, int, int] = (1, 20, 40)) -> dict:
+    """ONNX Runtime's TensorRT EP options for one precision: its engine and timing caches inside the build dir (so a
+    process reuses the engines an earlier one built), profile shapes from the manifest's input specs (so a batch
+    change within the range does not rebuild), and the int8 flag for graphs with int8 Q/DQ."""
+    from tmpdiff.formats.precisions import get_precision
+
+    cache = build_dir / precision / "trt-ep-cache"
+    shapes = []
+    for which in batch:
+        dims = {s.name: [which if isinstance(d, str) else d for d in s.shape] for s in manifest.inputs}
+        shapes.append(",".join(f"{name}:{'x'.join(map(str, dim))}" for name, dim in dims.items()))
+    options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": "True",
+               "trt_timing_cache_path": str(cache), "trt_profile_min_shapes": shapes[0], "trt_profile_opt_shapes": shapes[1],
+               "trt_profile_max_shapes": shapes[2], "trt_fp16_enable": "True"}
+    if get_precision(precision).rewrite_kind == "int8":
+        options["trt_int8_enable"] = "True"
+    return options
+
+
 def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, device: str,
                        threads: int | None = None) -> EngineEntry:
-    """Optimise `precision`'s ORT graph at its recorded level and save the result atomically."""
+    """Optimise `precision`'s ORT graph at its recorded level and save the result atomically. For the TensorRT EP the
+    graph is not saved (ORT refuses to save graphs with compiled nodes): the engine is the exported graph itself, and
+    TensorRT's own engine cache (in the build dir) holds what it compiles."""
     source = verify_artifact(build_dir, precision, entry)
+    if device == "trt-ep":
+        return EngineEntry(backend="ort", precision=precision, path=entry.onnx, sha256=entry.sha256,
+                           source_sha256=entry.sha256, backend_version=ort_version(), device=device_label(device),
+                           build_flags={"optimization": entry.ort_optimization, "device": device, "trt_ep_cache": True})
     rel = f"{precision}/{prepared_name(device)}"
     final = build_dir / rel
     with tempfile.TemporaryDirectory(prefix=temp_prefix(final.name), suffix=TEMP_SUFFIX, dir=final.parent) as tmp_dir:
@@ -39,11 +64,15 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
         if not tmp.is_file():
             raise TmpdiffError("ONNX Runtime did not write the optimised graph", final)
         os.replace(tmp, final)
+    flags = {"optimization": entry.ort_optimization, "device": device, "matmulnbits_accuracy_level": 1}
+    if device == "cpu":
+        from tmpdiff.engines.memory import measure_bytes_per_row
+
+        flags["bytes_per_row"] = measure_bytes_per_row(final, OrtEngine(final, precision, optimization="disable").input_specs)
     return EngineEntry(
         backend="ort", precision=precision, path=rel, sha256=sha256_file(final), source_sha256=entry.sha256,
         backend_version=ort_version(), device=device_label(device),
-        build_flags={"optimization": entry.ort_optimization, "device": device,
-                     "matmulnbits_accuracy_level": 1},
+        build_flags=flags,
     )
 
 
@@ -59,5 +88,9 @@ def load_ort_engine(build_dir: Path, manifest: Manifest, engine: EngineEntry, de
     if problem is not None:
         raise TmpdiffError(f"{engine.precision} engine {problem}: rebuild with `tmpdiff build {build_dir} --backend ort`",
                            build_dir / engine.path)
+    if device == "trt-ep":
+        return OrtEngine(build_dir / engine.path, engine.precision, device, threads,
+                         optimization=engine.build_flags.get("optimization", "all"), runtime=True,
+                         trt_ep=trt_ep_options(build_dir, engine.precision, manifest))
     # Already optimised at build time: skip re-optimisation on every load.
     return OrtEngine(build_dir / engine.path, engine.precision, device, threads, optimization="disable", runtime=True)

@@ -14,6 +14,7 @@ import torch
 from tmpdiff.engines.base import Engine
 from tmpdiff.engines.device import device_label
 from tmpdiff.engines.loading import load_engines
+from tmpdiff.engines.memory import check_fits
 from tmpdiff.engines.streams import runtime_stream
 from tmpdiff.formats.costs import CostsTable, PrecisionCost
 from tmpdiff.formats.errors import TmpdiffError
@@ -62,6 +63,7 @@ def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup
         raise TmpdiffError(f"no {backend} engines built for {device}: run `tmpdiff build {build_dir} --backend {backend}`",
                            build_dir / "manifest.json")
     engines = load_engines(build_dir, manifest, backend, device, names, threads)
+    check_fits(manifest, batch, backend, device)
     inputs, outputs = make_buffers(manifest, batch, device)
     for engine in engines.values():
         engine.bind(inputs, outputs)

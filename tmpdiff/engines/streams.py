@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -20,17 +23,38 @@ class HostStream:
     """The CPU 'stream': launches are synchronous, so there is nothing to wait for."""
 
     handle = 0
+    torch = None
 
     def synchronize(self) -> None:
         return None
 
 
+@functools.cache
 def runtime_stream(device: str) -> Stream:
-    """Where a runtime launches: the host for CPU; otherwise torch's current CUDA stream, so engine launches
-    and the torch scheduler maths between them are ordered on one stream without host synchronisation."""
+    """Where the runtime launches: the host for CPU; otherwise one dedicated, non-default CUDA stream per process
+    (the legacy default stream makes TensorRT synchronise and cannot capture CUDA graphs). Engines get it at load
+    (ORT-CUDA as its compute stream) and the sampling loop runs its torch work on it (`on_stream`)."""
     if device == "cpu":
         return HostStream()
-    return CudaStream(stream=torch.cuda.current_stream())
+    return CudaStream()
+
+
+@contextlib.contextmanager
+def on_stream(stream: Stream) -> Iterator[None]:
+    """Run the block's torch work on `stream`, after whatever the caller's current stream has queued and before
+    whatever it queues next: ordered with events (`wait_stream`), never by waiting on the host."""
+    torch_stream = getattr(stream, "torch", None)
+    if torch_stream is None:
+        yield
+        return
+    caller = torch.cuda.current_stream(torch_stream.device)
+    if caller == torch_stream:
+        yield
+        return
+    torch_stream.wait_stream(caller)
+    with torch.cuda.stream(torch_stream):
+        yield
+    caller.wait_stream(torch_stream)
 
 
 class CudaStream:

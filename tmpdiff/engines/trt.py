@@ -112,8 +112,9 @@ class SharedDeviceMemory:
         return self._buffer.data_ptr()
 
     def reserve(self, nbytes: int) -> None:
-        """Make the allocation at least `nbytes` long (re-pointing attached engines if it moves)."""
-        if nbytes <= self.size:
+        """Make the allocation at least `nbytes` long (re-pointing attached engines if it moves). An engine that needs
+        no activation memory still gets a valid (1-byte) allocation to point at."""
+        if self._buffer is not None and nbytes <= self.size:
             return
         if self._buffer is not None:
             # The old block may still be read by queued launches; wait before handing it back to torch.
@@ -163,6 +164,27 @@ def default_device_memory(device: int | str | None = None) -> SharedDeviceMemory
     if index not in _DEFAULT_MEMORY:
         _DEFAULT_MEMORY[index] = SharedDeviceMemory(index, release_when_unused=True)
     return _DEFAULT_MEMORY[index]
+
+
+def inspect_layers(build_dir: str | Path, precision: str) -> list[dict]:
+    """The engine inspector's JSON layer list of a built plan (layer names, types, precisions, tactics; plans are
+    built with DETAILED profiling verbosity so these are present)."""
+    import json
+
+    from tmpdiff.formats.manifest import engine_key, load_manifest
+
+    manifest = load_manifest(build_dir)
+    entry = manifest.engines.get(engine_key("trt", "cuda", precision))
+    if entry is None:
+        raise TmpdiffError(f"no TensorRT plan for {precision}", Path(build_dir) / "manifest.json")
+    engine = load_trt_engine(build_dir, entry)
+    try:
+        trt = engine._trt
+        info = engine._engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    finally:
+        engine.close()
+    layers = json.loads(info).get("Layers", [])
+    return [layer if isinstance(layer, dict) else {"Name": layer} for layer in layers]
 
 
 def load_trt_engine(build_dir: str | Path, entry: EngineEntry, *, memory: SharedDeviceMemory | None = None,
@@ -346,21 +368,39 @@ class TrtEngine:
                                f"({first_error(trt_logger(self._trt).take_errors(), 'no error was logged')})", self.path)
 
     def _capture(self, torch_stream: torch.cuda.Stream) -> None:
+        if torch_stream == torch.cuda.default_stream(self._device_index):
+            # The legacy default stream cannot be captured; the runtime launches on its own stream, a caller may not.
+            log.warning("TensorRT %s engine: no CUDA graph on the default stream; running without one", self.precision)
+            self.cuda_graph = False
+            return
         graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: other threads' CUDA calls do not invalidate this capture (as trtexec captures).
-            with torch.cuda.graph(graph, stream=torch_stream, capture_error_mode="thread_local"):
-                ok = self._context.execute_async_v3(int(torch_stream.cuda_stream))
-        except RuntimeError as exc:
-            ok, reason = False, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        else:
-            reason = "enqueue failed during capture"
+        ok, reason, begun = False, "enqueue failed during capture", False
+        torch_stream.synchronize()  # capture starts from an idle stream (a one-off wait, after the warm-up run)
+        with torch.cuda.stream(torch_stream):
+            try:
+                # thread_local: other threads' CUDA calls do not invalidate this capture (as trtexec captures).
+                graph.capture_begin(capture_error_mode="thread_local")
+                begun = True
+                ok = bool(self._context.execute_async_v3(int(torch_stream.cuda_stream)))
+            except RuntimeError as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            finally:
+                if begun:  # always end a capture that began, or the stream stays in capture mode
+                    try:
+                        graph.capture_end()
+                    except RuntimeError as exc:
+                        ok, reason = False, str(exc).strip().splitlines()[0] or type(exc).__name__
         if not ok:
             # Some engines cannot be captured (e.g. data-dependent shapes); they keep launching normally.
             log.warning("TensorRT %s engine: CUDA graph capture failed (%s); running without a graph", self.precision, reason)
             self.cuda_graph = False
             return
         self._graph = graph
+
+    @property
+    def graph_active(self) -> bool:
+        """True once a CUDA graph has been captured and later runs replay it."""
+        return self._graph is not None
 
     def _use_device_memory(self, memory: SharedDeviceMemory) -> None:
         self._memory = memory

@@ -377,6 +377,8 @@ def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[Te
         builder, network, _parser = _parse_onnx(trt, logger, onnx_path)
         config = builder.create_builder_config()
         config.builder_optimization_level = options.optimization_level
+        # layer names and parameters (precisions, tactics) in the plan, for the engine inspector (`inspect_layers`)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if options.workspace_bytes is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
         profile = _network_profile(builder, network, specs, shapes, onnx_path)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from tmpdiff.export import census as graph_census
-from tmpdiff.export.calibration_data import CalibrationSet, random_calibration
+from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
+from tmpdiff.export.memory import activation_bytes_per_row
 from tmpdiff.export.onnx_export import export_to_proto
 from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
@@ -33,16 +34,18 @@ from tmpdiff.export.quantize import (
     quantizer_census,
     save_quantized_state,
 )
-from tmpdiff.formats.atomic import directory_lock, sha256_file
+from tmpdiff.formats.atomic import atomic_path, directory_lock, sha256_file
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import (
+    CHECK_IO_NAME,
+    CHECK_SEED,
     Manifest,
     PrecisionEntry,
     SamplingInfo,
     TensorSpecModel,
-    graph_problems,
     load_manifest,
     model_content_hash,
+    precision_problems,
     save_manifest,
 )
 from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision, get_precision
@@ -84,7 +87,7 @@ def _artifact_key(parts: dict) -> str:
 
 
 def _up_to_date(build_dir: Path, entry: PrecisionEntry | None, key: str) -> bool:
-    return entry is not None and entry.key == key and not graph_problems(build_dir, entry)
+    return entry is not None and entry.key == key and not precision_problems(build_dir, entry)
 
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -121,29 +124,49 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
     return float(np.median(parity)), float(np.median(error)), float(np.median(torch_error))
 
 
+def _record_check_io(path: Path, precision: str, adapter: DenoiserAdapter, out: Path) -> None:
+    """The graph's output on one fixed input, saved beside it: `tmpdiff check` runs the built engines on the
+    same input and compares, so a swapped or damaged engine cannot pass as long as its hash was updated."""
+    from safetensors.numpy import save_file
+
+    from tmpdiff.engines.ort import OrtEngine
+
+    engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
+    inputs = {k: v.numpy() for k, v in adapter.sample_inputs(adapter.default_dims(2), seed=CHECK_SEED).items()}
+    outputs = engine.infer(inputs)
+    tensors = {f"input.{k}": v for k, v in inputs.items()} | {f"output.{k}": v for k, v in outputs.items()}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp))
+
+
 def export_model(
     model_dir: Path,
     out_root: Path,
     precisions: list[str],
     model_id: str | None = None,
-    calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None = None,
+    calibration: CalibrationRecipe | None = None,
     keep_high_precision: tuple[str, ...] = HIGH_PRECISION_PATTERNS,
     on_progress: Callable[[str], None] = lambda _: None,
     sampling: SamplingInfo | None = None,
     graph_sizes: dict[str, int | None] | None = None,
+    wait: float = 3600.0,
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
 
     `graph_sizes` ({"text_len": N, "sample_size": N}, None entries ignored) overrides the fixed sizes the
     graph takes, as the same keys in the model's config.json would. Holds the build directory's lock
-    throughout, so concurrent exports/builds are serialised.
+    throughout, so concurrent exports/builds are serialised (waiting at most `wait` seconds, and saying so).
     """
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
     config = read_model_config(model_dir) | {k: v for k, v in (graph_sizes or {}).items() if v is not None}
     adapter = adapter_for_config(config)
     model_id = model_id or model_dir.resolve().name
     build_dir = out_root / model_id
-    with directory_lock(build_dir):
+    if out_root.exists() and not out_root.is_dir():
+        raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
+    if build_dir.exists() and not build_dir.is_dir():
+        raise TmpdiffError("the build directory's path holds a file", build_dir)
+    with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
                               on_progress, sampling)
 
@@ -155,7 +178,7 @@ def _export_locked(
     specs: list[Precision],
     config: dict,
     adapter: DenoiserAdapter,
-    calibration: Callable[[torch.nn.Module, DenoiserAdapter], CalibrationSet] | None,
+    calibration: CalibrationRecipe | None,
     keep_high_precision: tuple[str, ...],
     on_progress: Callable[[str], None],
     sampling: SamplingInfo | None,
@@ -189,21 +212,23 @@ def _export_locked(
             state["model"] = load_diffusers_model(model_dir)
         return state["model"]
 
+    recipe = calibration or random_recipe()
+
     def calib() -> CalibrationSet:
         if "calib" not in state:
             on_progress("capturing calibration inputs")
-            make = calibration or (lambda m, a: random_calibration(a))
-            state["calib"] = make(model(), adapter)
+            state["calib"] = recipe.capture(model(), adapter)
         return state["calib"]
 
     versions = _versions()
     outcomes = []
     for spec in specs:
         key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
-        quant_config = None
         if spec.modelopt_cfg is not None:
-            quant_config = build_config(spec, model(), keep_high_precision)
-            key_parts |= {"config": config_digest(quant_config), "calibration": calib().description["digest"]}
+            # by recipe, not by result: the config follows from (model, modelopt config, kept layers), the data from
+            # (model, recipe), so checking freshness needs neither the model nor a capture
+            key_parts |= {"config": {"modelopt": spec.modelopt_cfg, "keep": list(keep_high_precision)},
+                          "calibration": recipe.description}
         key = _artifact_key(key_parts)
         entry = manifest.precisions.get(spec.name)
         if _up_to_date(build_dir, entry, key):
@@ -214,7 +239,10 @@ def _export_locked(
         started = time.perf_counter()
         if spec.modelopt_cfg is None:
             entry, rows = _export_plain(spec, model(), adapter, build_dir, key)
+            if spec.name == "fp32":
+                manifest.activation_bytes_per_row = activation_bytes_per_row(build_dir / entry.onnx)
         else:
+            quant_config = build_config(spec, model(), keep_high_precision)
             entry, rows = _export_quantized(spec, model(), adapter, build_dir, key, quant_config, calib())
         seconds = time.perf_counter() - started
         manifest.precisions[spec.name] = entry
@@ -231,8 +259,8 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
     proto = export_to_proto(module, adapter, spec.ort_opset)
     remove_dead_nodes(proto)
     rel = f"{spec.name}/model.onnx"
-    save_onnx(proto, build_dir / rel)
-    return _checked_entry(spec, build_dir, rel, rel, key, adapter, module, model), []
+    written = save_onnx(proto, build_dir / rel)
+    return _checked_entry(spec, build_dir, rel, rel, key, adapter, module, model, extra_files=written), []
 
 
 def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path, key: str,
@@ -248,8 +276,8 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
-    save_onnx(trt_proto, build_dir / trt_rel)
-    save_onnx(twin, build_dir / rel)
+    written = [*save_onnx(trt_proto, build_dir / trt_rel), *save_onnx(twin, build_dir / rel),
+               directory / "quant_state.safetensors", directory / "quant_config.json"]
 
     rows = graph_census.census(trt_proto)
     weight_modules, input_modules = quantized_modules(quantized)
@@ -267,20 +295,27 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
-    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, model, quantization)
+    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, model, quantization, written)
     return entry, rows
 
 
 def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key: str, adapter: DenoiserAdapter,
-                   module: torch.nn.Module, model: torch.nn.Module, quantization: dict | None = None) -> PrecisionEntry:
-    """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity holds."""
+                   module: torch.nn.Module, model: torch.nn.Module, quantization: dict | None = None,
+                   extra_files: list[Path] = ()) -> PrecisionEntry:
+    """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity holds;
+    every other file written for it (external data, quantizer state) is hashed too."""
     parity, error, torch_error = _parity(build_dir / rel, spec.name, adapter, module, adapter.export_module(model))
     _check_parity(spec.name, parity, error, torch_error, build_dir / rel)
+    check_io = build_dir / spec.name / CHECK_IO_NAME
+    _record_check_io(build_dir / rel, spec.name, adapter, check_io)
+    extra_files = [*extra_files, check_io]
     sha = sha256_file(build_dir / rel)
     return PrecisionEntry(
         onnx=rel, sha256=sha, trt_onnx=trt_rel, trt_sha256=sha if trt_rel == rel else sha256_file(build_dir / trt_rel),
         opset=spec.ort_opset, key=key, parity_error=parity, error_vs_fp32=error, torch_error_vs_fp32=torch_error,
         ort_optimization=spec.ort_optimization, quantization=quantization or {},
+        artifacts={path.relative_to(build_dir).as_posix(): sha256_file(path) for path in extra_files
+                   if path.relative_to(build_dir).as_posix() not in (rel, trt_rel)},
     )
 
 

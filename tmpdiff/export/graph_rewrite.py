@@ -6,17 +6,19 @@ modelopt's TorchScript export writes fake quantization as graph ops on float wei
   int4:  W(blocks) -> trt::DequantizeLinear(block_size) -> Reshape -> Transpose -> MatMul
 Here weights are quantized once, offline, into int8 / float8e4m3fn / int4 initializers feeding a single
 DequantizeLinear (transposes folded in), and TensorRT-domain activation Q/DQ become standard ops.
+
+The rewrites work on an onnx-graphsurgeon graph: a replaced chain is detached from its tensors at once
+(so producer / consumer links stay exact for the next match) and dropped by one cleanup at the end.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
-
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from tmpdiff.formats.errors import TmpdiffError
 
@@ -24,63 +26,55 @@ FP8_MAX = 448.0
 TRT_DOMAIN = "trt"
 
 
-@dataclass
-class _Graph:
-    """Index of a GraphProto: producers, consumers and constant values by tensor name."""
+def _is(node: gs.Node, op: str, domain: str = "") -> bool:
+    return node.op == op and (node.domain or "") == domain
 
-    model: onnx.ModelProto
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
-    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.reindex()
+def _live(graph: gs.Graph, op: str, domain: str = "") -> list[gs.Node]:
+    """The `domain::op` nodes still wired into the graph (replaced chains stay in graph.nodes, detached, until cleanup)."""
+    return [n for n in graph.nodes if n.outputs and _is(n, op, domain)]
 
-    def reindex(self) -> None:
-        g = self.model.graph
-        self.producer = {out: n for n in g.node for out in n.output}
-        self.consumers = defaultdict(list)
-        for n in g.node:
-            for name in n.input:
-                self.consumers[name].append(n)
-        self.initializers = {i.name: i for i in g.initializer}
 
-    def const(self, name: str) -> np.ndarray | None:
-        """Value of a tensor computed from constants only through Constant / Cast / Reshape, else None."""
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        if node.op_type == "Cast":
-            value = self.const(node.input[0])
-            to = helper.get_attribute_value(node.attribute[0])
-            return None if value is None else value.astype(helper.tensor_dtype_to_np_dtype(to))
+def _const(tensor: gs.Tensor) -> np.ndarray | None:
+    """Value of a tensor computed from constants only through Constant / Cast / Reshape, else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) != 1:
         return None
+    node = tensor.inputs[0]
+    if _is(node, "Constant"):
+        value = node.attrs.get("value")
+        return value.values if isinstance(value, gs.Constant) else None
+    if _is(node, "Cast"):
+        value = _const(node.inputs[0])
+        return None if value is None else value.astype(helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+    if _is(node, "Reshape"):
+        value, shape = _const(node.inputs[0]), _const(node.inputs[1])
+        if value is None or shape is None:
+            return None
+        # ONNX Reshape: 0 copies the input's dimension unless allowzero=1; -1 is inferred (as numpy does)
+        dims = [value.shape[i] if d == 0 and not node.attrs.get("allowzero", 0) else int(d) for i, d in enumerate(shape)]
+        return value.reshape(dims)
+    return None
 
-    def attr(self, node: onnx.NodeProto, name: str, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return helper.get_attribute_value(a)
-        return default
 
-    def only_consumer(self, name: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 else None
+def _only_consumer(tensor: gs.Tensor) -> gs.Node | None:
+    users = tensor.outputs
+    return users[0] if len(users) == 1 else None
 
-    def add_initializer(self, tensor: onnx.TensorProto) -> str:
-        self.model.graph.initializer.append(tensor)
-        self.initializers[tensor.name] = tensor
-        return tensor.name
 
-    def replace(self, dead: list[onnx.NodeProto], new: onnx.NodeProto) -> None:
-        """Swap a chain of nodes for one node producing the chain's output, and refresh the index."""
-        for node in dead:
-            self.model.graph.node.remove(node)
-        self.model.graph.node.append(new)
-        self.reindex()
+def _replace(graph: gs.Graph, chain: list[gs.Node], new: gs.Node) -> None:
+    """Swap a chain of nodes for `new`, which takes over the output tensor of the chain's last node.
+
+    The chain is only detached (its tensors forget it); the final cleanup drops it with whatever
+    constants fed only it.
+    """
+    out = chain[-1].outputs[0]
+    for node in chain:
+        node.inputs.clear()
+        node.outputs.clear()
+    new.outputs.append(out)
+    graph.nodes.append(new)
 
 
 def _broadcast_scale(scale: np.ndarray, weight_shape: tuple[int, ...], axis: int | None) -> np.ndarray:
@@ -102,145 +96,153 @@ def _quantize_weight(weight: np.ndarray, scale: np.ndarray, kind: str) -> np.nda
     raise ValueError(kind)
 
 
-def _make_tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+def _constant(name: str, array: np.ndarray) -> gs.Constant:
     if array.dtype == ml_dtypes.int4:
-        return helper.make_tensor(name, TensorProto.INT4, array.shape, array.astype(np.int8).flatten().tolist())
-    if array.dtype == ml_dtypes.float8_e4m3fn:
-        return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, array.shape, array.tobytes(), raw=True)
-    return numpy_helper.from_array(array, name)
+        # graphsurgeon 0.6.1 writes a numpy Constant's bytes as raw data, one byte per element, which ONNX
+        # rejects for int4 (two per byte): hand it the packed TensorProto, exported as is.
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(array, name)))
+    return gs.Constant(name, array)
 
 
-def _zero_point(name: str, kind: str, shape: tuple[int, ...] = ()) -> onnx.TensorProto:
+def _zero_point(name: str, kind: str, shape: tuple[int, ...] = ()) -> gs.Constant:
     dtype = {"int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn, "int4": ml_dtypes.int4}[kind]
-    return _make_tensor(name, np.zeros(shape, dtype=dtype))
+    return _constant(name, np.zeros(shape, dtype=dtype))
 
 
-def _fold_transpose(g: _Graph, dq_out: str) -> tuple[onnx.NodeProto | None, bool]:
-    """If `dq_out` feeds exactly one 2-D Transpose(perm=[1,0]), return it so it can be folded into the weight."""
-    user = g.only_consumer(dq_out)
-    if user is not None and user.op_type == "Transpose" and list(g.attr(user, "perm", [])) == [1, 0]:
-        return user, True
-    return None, False
+def _foldable_transpose(tensor: gs.Tensor) -> gs.Node | None:
+    """The one 2-D Transpose(perm=[1,0]) reading `tensor`, if that is its only consumer: it can be folded into the weight."""
+    user = _only_consumer(tensor)
+    if user is not None and _is(user, "Transpose") and list(user.attrs.get("perm", [])) == [1, 0]:
+        return user
+    return None
 
 
-def _replace_weight_qdq(g: _Graph, kind: str) -> int:
+def _replace_weight_qdq(graph: gs.Graph, kind: str) -> int:
     """Weight Q(W) -> DQ becomes constant Wq -> DQ (int8 / fp8), transposes folded. Returns count."""
-    q_ops = {"int8": ("QuantizeLinear", ""), "fp8": ("TRT_FP8QuantizeLinear", TRT_DOMAIN)}[kind]
+    q_op, q_domain = {"int8": ("QuantizeLinear", ""), "fp8": ("TRT_FP8QuantizeLinear", TRT_DOMAIN)}[kind]
     folded = 0
-    for q in [n for n in g.model.graph.node if (n.op_type, n.domain) == q_ops]:
-        weight = g.const(q.input[0])
+    for q in _live(graph, q_op, q_domain):
+        weight = _const(q.inputs[0])
         if weight is None or weight.ndim < 2:
-            continue
-        dq = g.only_consumer(q.output[0])
-        if dq is None or "DequantizeLinear" not in dq.op_type:
+            continue  # an activation quantizer (or a 1-D one), left as it is
+        dq = _only_consumer(q.outputs[0])
+        if dq is None or "DequantizeLinear" not in dq.op:
             raise TmpdiffError(f"weight quantizer {q.name} is not followed by one DequantizeLinear")
-        scale = g.const(q.input[1])
-        axis = g.attr(q, "axis", 1) if scale.size > 1 else None
+        scale = _const(q.inputs[1])
+        if scale is None:
+            raise TmpdiffError(f"weight quantizer {q.name} has a non-constant scale")
+        # QuantizeLinear's default axis is 1; modelopt's per-channel weight scales give it explicitly
+        axis = q.attrs.get("axis", 1) if scale.size > 1 else None
         qweight = _quantize_weight(weight, _broadcast_scale(scale, weight.shape, axis), kind)
-        transpose, fold = _fold_transpose(g, dq.output[0])
-        if fold:
+        transpose = _foldable_transpose(dq.outputs[0])
+        if transpose is not None:
+            # DQ(Wq, axis=a) -> Transpose(perm=[1,0]) == DQ(Wq^T, axis=1-a): a per-channel scale indexes
+            # the channel dimension, which the 2-D transpose moves from axis a to axis 1-a.
             qweight = np.ascontiguousarray(qweight.T)
             axis = None if axis is None else 1 - axis
-        base = q.output[0]
-        w_name = g.add_initializer(_make_tensor(f"{base}.qweight", qweight))
-        s_name = g.add_initializer(numpy_helper.from_array(scale.astype(np.float32).reshape(-1) if axis is not None
-                                                           else scale.astype(np.float32).reshape(()), f"{base}.scale"))
-        zp = g.add_initializer(_zero_point(f"{base}.zero_point", kind, (scale.size,) if axis is not None else ()))
-        attrs = {"axis": axis} if axis is not None else {}
-        out = transpose.output[0] if fold else dq.output[0]
-        new_dq = helper.make_node("DequantizeLinear", [w_name, s_name, zp], [out], name=f"{base}.dq", **attrs)
-        g.replace([q, dq] + ([transpose] if fold else []), new_dq)
+        base = q.outputs[0].name
+        scale = scale.astype(np.float32).reshape(-1 if axis is not None else ())
+        inputs = [_constant(f"{base}.qweight", qweight), _constant(f"{base}.scale", scale),
+                  _zero_point(f"{base}.zero_point", kind, (scale.size,) if axis is not None else ())]
+        new_dq = gs.Node("DequantizeLinear", name=f"{base}.dq", attrs={"axis": axis} if axis is not None else {},
+                         inputs=inputs)
+        _replace(graph, [q, dq] + ([transpose] if transpose is not None else []), new_dq)
         folded += 1
     return folded
 
 
-def _replace_trt_fp8_activation_qdq(g: _Graph) -> int:
-    """trt::TRT_FP8{Quantize,Dequantize}Linear(x, scale) -> standard ops with a float8e4m3fn zero point."""
+def _replace_trt_fp8_activation_qdq(graph: gs.Graph) -> int:
+    """trt::TRT_FP8{Quantize,Dequantize}Linear(x, scale) -> standard ops with a float8e4m3fn zero point.
+
+    Both compute x / scale (resp. x * scale). On the standard QuantizeLinear the zero point's type selects
+    the output type: float8e4m3fn (saturating at +-448, like modelopt's fake quantization) rather than the
+    default uint8; its DequantizeLinear gets the matching one.
+    """
+    standard = {"TRT_FP8QuantizeLinear": "QuantizeLinear", "TRT_FP8DequantizeLinear": "DequantizeLinear"}
     swapped = 0
-    for node in list(g.model.graph.node):
-        if node.domain != TRT_DOMAIN or node.op_type not in ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"):
-            continue
-        zp = g.add_initializer(_zero_point(f"{node.name}.zero_point", "fp8"))
-        op = "QuantizeLinear" if "Quantize" in node.op_type and "Dequantize" not in node.op_type else "DequantizeLinear"
-        node.op_type, node.domain = op, ""
-        del node.input[2:]
-        node.input.append(zp)
+    for node in [n for n in graph.nodes if n.outputs and n.domain == TRT_DOMAIN and n.op in standard]:
+        node.op, node.domain = standard[node.op], None
+        while len(node.inputs) > 2:
+            node.inputs.pop()
+        node.inputs.append(_zero_point(f"{node.outputs[0].name}.zero_point", "fp8"))
         swapped += 1
-    g.reindex()
     return swapped
 
 
-def _replace_int4_weights(g: _Graph, domain: str) -> int:
+def _replace_int4_weights(graph: gs.Graph, domain: str) -> int:
     """trt::DequantizeLinear on float weight blocks -> int4 initializer (K, N) -> DequantizeLinear(axis 0, block).
 
     `domain` "" gives the standard opset-21 op (ONNX Runtime); "trt" keeps TensorRT's custom op.
+
+    modelopt hands its block quantizer the (N, K) = (out_features, in_features) weight viewed as
+    (N*K/B, B) rows of B consecutive in_features, with one scale (amax / 7) per row, shape (N*K/B, 1);
+    its trt::DequantizeLinear(axis=0, block_size=B) on those float rows is followed by a Reshape back
+    to (N, K) and (for MatMul) a Transpose to (K, N). Quantizing the rows and reshaping them to (N, K) puts block b of
+    output n at columns [b*B, (b+1)*B), so the scales reshape to (N, K/B) and opset 21's blocked
+    DequantizeLinear(axis=1, block_size=B) - y[n, k] = x[n, k] * scale[n, k // B] - replaces all three
+    nodes up to the Reshape. Folding the Transpose transposes both: int4 (K, N), scales (K/B, N), blocks
+    along axis 0, the layout MatMul consumes and ORT's MatMulNBits fusion expects.
     """
     converted = 0
-    for dq in [n for n in g.model.graph.node if n.op_type == "DequantizeLinear" and n.domain == TRT_DOMAIN]:
-        blocks, scale = g.const(dq.input[0]), g.const(dq.input[1])
+    for dq in _live(graph, "DequantizeLinear", TRT_DOMAIN):
+        blocks, scale = _const(dq.inputs[0]), _const(dq.inputs[1])
         if blocks is None or scale is None:
             raise TmpdiffError(f"int4 weight dequantizer {dq.name} has non-constant inputs")
-        block = int(g.attr(dq, "block_size"))
-        reshape = g.only_consumer(dq.output[0])
-        if reshape is None or reshape.op_type != "Reshape":
+        block = int(dq.attrs["block_size"])
+        reshape = _only_consumer(dq.outputs[0])
+        if reshape is None or not _is(reshape, "Reshape"):
             raise TmpdiffError(f"int4 weight dequantizer {dq.name} is not followed by a Reshape")
-        out_features, in_features = (int(v) for v in g.const(reshape.input[1]))
+        shape = _const(reshape.inputs[1])
+        if shape is None or shape.size != 2:
+            raise TmpdiffError(f"int4 weight dequantizer {dq.name} is not reshaped to a constant 2-D weight shape")
+        out_features, in_features = (int(v) for v in shape)
         qweight = _quantize_weight(blocks, scale.reshape(-1, 1), "int4").reshape(out_features, in_features)
         scales = scale.astype(np.float32).reshape(out_features, in_features // block)
-        transpose, fold = _fold_transpose(g, reshape.output[0])
-        if fold:  # (K, N) layout with blocks along K: what MatMul consumes and MatMulNBits fuses
-            qweight, scales, axis, out = np.ascontiguousarray(qweight.T), np.ascontiguousarray(scales.T), 0, transpose.output[0]
+        transpose = _foldable_transpose(reshape.outputs[0])
+        if transpose is not None:
+            qweight, scales, axis = np.ascontiguousarray(qweight.T), np.ascontiguousarray(scales.T), 0
         else:
-            axis, out = 1, reshape.output[0]
-        base = dq.output[0]
-        w_name = g.add_initializer(_make_tensor(f"{base}.qweight", qweight))
-        s_name = g.add_initializer(numpy_helper.from_array(scales, f"{base}.scale"))
-        inputs = [w_name, s_name]
-        if domain == "":
-            inputs.append(g.add_initializer(_zero_point(f"{base}.zero_point", "int4", scales.shape)))
-        new_dq = helper.make_node("DequantizeLinear", inputs, [out], name=f"{base}.int4", domain=domain,
-                                  axis=axis, block_size=block)
-        g.replace([dq, reshape] + ([transpose] if fold else []), new_dq)
+            axis = 1
+        base = dq.outputs[0].name
+        inputs = [_constant(f"{base}.qweight", qweight), _constant(f"{base}.scale", scales)]
+        if domain == "":  # TensorRT's op takes no zero point; opset 21's needs an int4 one to dequantize int4
+            inputs.append(_zero_point(f"{base}.zero_point", "int4", scales.shape))
+        new_dq = gs.Node("DequantizeLinear", name=f"{base}.int4", attrs={"axis": axis, "block_size": block},
+                         inputs=inputs, domain=domain or None)
+        _replace(graph, [dq, reshape] + ([transpose] if transpose is not None else []), new_dq)
         converted += 1
     return converted
 
 
+def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """`graph` without unused nodes and initializers, topologically sorted, with `like`'s model-level fields."""
+    graph.cleanup().toposort()
+    # explicit opset imports: graphsurgeon would otherwise append missing domains to `like`'s own list
+    model = gs.export_onnx(graph, opset_imports=list(like.opset_import))
+    model.doc_string, model.domain, model.model_version = like.doc_string, like.domain, like.model_version
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    """`model` as a graphsurgeon graph whose export leaves `model` as it was.
+
+    graphsurgeon exports an imported tensor by writing its name into the TensorProto it came from.
+    Initializers always carry theirs; a node attribute's tensor (Constant, ConstantOfShape) often has
+    none and would gain an empty one, so those small tensors are loaded into detached copies.
+    """
+    graph = gs.import_onnx(model)
+    for sub in (graph, *graph.functions, *graph.subgraphs(recursive=True)):
+        for node in sub.nodes:
+            for key, value in node.attrs.items():
+                if isinstance(value, gs.Constant):
+                    node.attrs[key] = gs.Constant(value.name, value.values)
+    return graph
+
+
 def remove_dead_nodes(model: onnx.ModelProto) -> None:
     """Drop nodes whose outputs nobody reads and initializers nobody uses; topologically sort the rest."""
-    graph = model.graph
-    producers = {out: n for n in graph.node for out in n.output}
-    used: set[str] = set()
-    keep_ids: set[int] = set()
-    stack = [o.name for o in graph.output]
-    while stack:
-        name = stack.pop()
-        if name in used:
-            continue
-        used.add(name)
-        node = producers.get(name)
-        if node is not None and id(node) not in keep_ids:
-            keep_ids.add(id(node))
-            stack.extend(i for i in node.input if i)
-    order: list[onnx.NodeProto] = []
-    seen: set[int] = set()
-
-    def visit(node: onnx.NodeProto) -> None:
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        for name in node.input:
-            if name in producers:
-                visit(producers[name])
-        order.append(node)
-
-    for node in graph.node:
-        if id(node) in keep_ids:
-            visit(node)
-    del graph.node[:]
-    graph.node.extend(order)
-    inits = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    model.graph.CopyFrom(_export(gs.import_onnx(model), model).graph)
 
 
 def _set_opset(model: onnx.ModelProto, opset: int, keep_trt_domain: bool) -> None:
@@ -254,17 +256,15 @@ def _set_opset(model: onnx.ModelProto, opset: int, keep_trt_domain: bool) -> Non
 
 def ort_twin(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The same quantization in standard ONNX ops ONNX Runtime's CPU provider runs."""
-    twin = onnx.ModelProto()
-    twin.CopyFrom(model)
-    g = _Graph(twin)
+    graph = _import(model)
     stats: dict[str, int] = {}
     if kind in ("int8", "fp8"):
-        stats["weights_folded"] = _replace_weight_qdq(g, kind)
+        stats["weights_folded"] = _replace_weight_qdq(graph, kind)
     if kind == "fp8":
-        stats["activation_qdq_swapped"] = _replace_trt_fp8_activation_qdq(g)
+        stats["activation_qdq_swapped"] = _replace_trt_fp8_activation_qdq(graph)
     if kind == "int4":
-        stats["int4_weights"] = _replace_int4_weights(g, domain="")
-    remove_dead_nodes(twin)
+        stats["int4_weights"] = _replace_int4_weights(graph, domain="")
+    twin = _export(graph, model)
     del twin.graph.value_info[:]  # exporter-declared types of rewritten ops (uint8 for fp8) no longer hold
     _set_opset(twin, opset, keep_trt_domain=False)
     leftover = sorted({f"{n.domain}::{n.op_type}" for n in twin.graph.node if n.domain == TRT_DOMAIN})
@@ -284,11 +284,10 @@ def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.Model
     patch embedding kept high precision) and adds Q/DQ after Softmax, so the engine would no longer
     compute what the torch fake-quant model and the ORT twin compute.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    graph = _import(model)
     stats: dict[str, int] = {}
     if kind == "int4":
-        stats["int4_weights"] = _replace_int4_weights(_Graph(out), domain=TRT_DOMAIN)
-    remove_dead_nodes(out)
+        stats["int4_weights"] = _replace_int4_weights(graph, domain=TRT_DOMAIN)
+    out = _export(graph, model)
     _set_opset(out, opset, keep_trt_domain=True)
     return out, stats

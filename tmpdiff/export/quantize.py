@@ -186,6 +186,12 @@ def restore_quantized(model: torch.nn.Module, directory: Path) -> torch.nn.Modul
     except (OSError, json.JSONDecodeError) as exc:
         raise TmpdiffError(f"cannot read quantization config ({exc})", config_path) from None
     _int_keys(config)
+    method = config.get("algorithm")
+    method = method.get("method") if isinstance(method, dict) else method
+    if method in ("smoothquant", "awq_full", "awq_clip"):
+        # these need calibration data; here every calibrated value (amax, pre-quant scales, smoothed weights) comes
+        # from the saved state, so quantizers are only inserted (weight-only max stats, then overwritten)
+        config = {**config, "algorithm": "max"}
     state = load_safetensors(directory / "quant_state.safetensors")
     quantized = copy.deepcopy(model).eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Write `obj` as indented, standard JSON to `path` atomically (NaN and infinities are refused, not written)."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -108,11 +108,34 @@ def remove_interrupted_writes(directory: str | Path) -> list[Path]:
     return removed
 
 
+LOCK_NAME = ".lock"
+OWNER_NAME = ".lock.owner"  # the holder's PID, written once the lock is held (filelock keeps no owner)
+
+
+def lock_holder(directory: str | Path) -> int | None:
+    """PID of the tmpdiff process writing `directory` now (None if nobody holds its lock)."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    if not (directory / LOCK_NAME).exists():
+        return None
+    try:
+        with FileLock(str(directory / LOCK_NAME), timeout=0):
+            return None
+    except Timeout:
+        try:
+            return int((directory / OWNER_NAME).read_text().strip())
+        except (OSError, ValueError):
+            return -1  # held, but the holder has not written its PID yet
+
+
 @contextlib.contextmanager
-def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[None]:
+def directory_lock(directory: str | Path, timeout: float = 3600.0,
+                   on_wait: Callable[[str], None] = lambda _: None) -> Iterator[None]:
     """Serialise writers of one build directory (two exports or builds at once wait, never interleave).
 
-    Once the lock is held, temps left by killed writers are removed, so a re-run needs no manual clean-up.
+    A writer that has to wait says so through `on_wait`, naming the holder's PID. Once the lock is held, temps
+    left by killed writers are removed, so a re-run needs no manual clean-up.
     """
     from filelock import FileLock, Timeout
 
@@ -120,13 +143,25 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0) -> Iterator[N
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(directory / ".lock"), timeout=timeout)
+    lock = FileLock(str(directory / LOCK_NAME), timeout=timeout)
     try:
-        with lock:
-            remove_interrupted_writes(directory)
-            yield
+        lock.acquire(timeout=0)
     except Timeout:
-        raise TmpdiffError(f"another tmpdiff process has held the lock for {timeout:.0f} s", directory / ".lock") from None
+        holder = lock_holder(directory)
+        on_wait(f"waiting for PID {holder if holder and holder > 0 else '?'}, which is writing {directory} "
+                f"(at most {timeout:.0f} s; --wait sets the limit)")
+        try:
+            lock.acquire()
+        except Timeout:
+            raise TmpdiffError(f"another tmpdiff process (PID {holder}) still holds the lock after {timeout:.0f} s",
+                               directory / LOCK_NAME) from None
+    try:
+        (directory / OWNER_NAME).write_text(f"{os.getpid()}\n")
+        remove_interrupted_writes(directory)
+        yield
+    finally:
+        (directory / OWNER_NAME).unlink(missing_ok=True)
+        lock.release()
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -149,7 +184,10 @@ def read_model_file(path: Path, model_cls, what: str):
     from tmpdiff.formats.errors import TmpdiffError
 
     try:
-        return model_cls.model_validate(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "format" in model_cls.model_fields and "format" not in data:
+            raise TmpdiffError(f"not a valid {what} (no 'format' field)", path)
+        return model_cls.model_validate(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
     except ValidationError as exc:

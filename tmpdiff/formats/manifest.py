@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from tmpdiff.formats.atomic import read_model_file, sha256_file, write_json
+from tmpdiff.formats.config_values import decode_non_finite, encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "tmpdiff.manifest/1"
+# per precision: a fixed input and the exported graph's output on it, which `tmpdiff check` replays on the engines
+CHECK_IO_NAME = "check_io.safetensors"
+CHECK_SEED = 99
+FORMAT = "tmpdiff.manifest/2"  # /2 adds PrecisionEntry.artifacts and writes standard JSON; /1 still reads
 
 
 class TensorSpecModel(BaseModel):
@@ -45,6 +50,19 @@ class PrecisionEntry(BaseModel):
     torch_error_vs_fp32: float | None = None  # torch fake-quant model vs fp32
     ort_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     quantization: dict = Field(default_factory=dict)
+    # every other file a run or a rebuild depends on (external weight data, modelopt state and config): path -> sha256
+    artifacts: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("parity_error", "error_vs_fp32", "torch_error_vs_fp32")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number (a NaN or infinite figure would switch checks off)")
+        return value
+
+    def files(self) -> list[tuple[str, str]]:
+        """(path, sha256) of every file of this precision: its graphs and their artifacts."""
+        return [*self.graphs(), *self.artifacts.items()]
 
     def graphs(self) -> list[tuple[str, str]]:
         """(path, sha256) of each graph file: the ORT graph and, when it is another file, the TensorRT graph."""
@@ -81,21 +99,31 @@ def engine_key(backend: str, device: str, precision: str) -> str:
 class SamplingInfo(BaseModel):
     """How to sample a class-conditional model from its build directory alone (scheduler, classes, guidance)."""
 
-    # scheduler configs hold -inf (lambda_min_clipped): keep it as JSON's -Infinity instead of null
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    model_config = ConfigDict(extra="forbid")
     scheduler_class: str
+    # scheduler configs hold -inf (lambda_min_clipped): standard JSON has no -Infinity, so non-finite numbers
+    # are written as the strings "-inf", "inf", "nan" and read back as floats
     scheduler_config: dict
     num_classes: int = Field(ge=1)
     null_class: int
     image_size: int = Field(ge=1)
     channels: int = Field(ge=1)
     default_steps: int = Field(ge=1)
-    guidance_scale: float
+    guidance_scale: float = Field(allow_inf_nan=False)
+
+    @field_validator("scheduler_config", mode="before")
+    @classmethod
+    def _read_non_finite(cls, config: dict) -> dict:
+        return decode_non_finite(config)
+
+    @field_serializer("scheduler_config")
+    def _write_non_finite(self, config: dict) -> dict:
+        return encode_non_finite(config)
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
-    format: Literal["tmpdiff.manifest/1"] = FORMAT
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["tmpdiff.manifest/1", "tmpdiff.manifest/2"] = FORMAT
     model_id: str
     architecture: str
     model_sha256: str
@@ -105,6 +133,8 @@ class Manifest(BaseModel):
     precisions: dict[str, PrecisionEntry] = Field(default_factory=dict)
     engines: dict[str, EngineEntry] = Field(default_factory=dict)
     sampling: SamplingInfo | None = None
+    # largest intermediate tensor of the fp32 graph per batch row (ONNX shape inference): the memory guard's input
+    activation_bytes_per_row: int | None = Field(default=None, ge=0)
 
     def require_sampling(self, build_dir: str | Path) -> SamplingInfo:
         """The sampling info class-conditional runs need; text-conditioned builds are told to use their pipeline."""
@@ -136,8 +166,8 @@ def load_manifest(build_dir: str | Path) -> Manifest:
     return read_model_file(path, Manifest, "tmpdiff.manifest/1 manifest")
 
 def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
-    """Write the manifest atomically."""
-    write_json(Path(build_dir) / MANIFEST_NAME, manifest.model_dump(mode="json"))
+    """Write the manifest atomically, in the current format version."""
+    write_json(Path(build_dir) / MANIFEST_NAME, manifest.model_copy(update={"format": FORMAT}).model_dump(mode="json"))
 
 
 def artifact_problem(build_dir: Path, rel: str, digest: str) -> tuple[Path, str | None]:
@@ -153,9 +183,10 @@ def artifact_problem(build_dir: Path, rel: str, digest: str) -> tuple[Path, str 
     return path, None
 
 
-def graph_problems(build_dir: Path, entry: PrecisionEntry) -> list[tuple[Path, str]]:
-    """Every graph file of an exported precision that is missing, corrupt or outside the build dir."""
-    found = [artifact_problem(build_dir, rel, digest) for rel, digest in entry.graphs()]
+def precision_problems(build_dir: Path, entry: PrecisionEntry) -> list[tuple[Path, str]]:
+    """Every file of an exported precision (graphs, external data, quantizer state) that is missing, corrupt or
+    outside the build dir (symlinks resolved)."""
+    found = [artifact_problem(build_dir, rel, digest) for rel, digest in entry.files()]
     return [(path, problem) for path, problem in found if problem is not None]
 
 

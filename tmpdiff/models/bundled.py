@@ -97,7 +97,9 @@ def sampling_info(info: ModelInfo) -> SamplingInfo:
 
     scheduler = load_scheduler(info.scheduler_dir)
     return SamplingInfo(
-        scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
+        scheduler_class=type(scheduler).__name__,
+        # diffusers bookkeeping ("_use_default_values" comes from a set: its order differs per process) is left out
+        scheduler_config={k: v for k, v in scheduler.config.items() if not k.startswith("_")},
         num_classes=info.num_classes, null_class=int(info.extra.get("null_class", info.num_classes)),
         image_size=info.image_size, channels=int(info.extra.get("channels", 1)), default_steps=info.default_steps,
         guidance_scale=info.guidance_scale,

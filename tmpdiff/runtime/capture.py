@@ -11,12 +11,27 @@ from collections.abc import Sequence
 import torch
 
 from tmpdiff.engines.torch_engine import TorchEngine
-from tmpdiff.export.calibration_data import CalibrationSet
+from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet
+from tmpdiff.formats.config_values import encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
+
+
+def sampled_recipe(sampling: SamplingInfo, classes: Sequence[int], seeds: Sequence[int],
+                   steps: int | None = None) -> CalibrationRecipe:
+    """The recipe of `sampled_calibration` (checked now, captured only when an export needs the data)."""
+    classes, seeds = list(classes), list(seeds)
+    if not classes or not seeds:
+        raise TmpdiffError("calibration set is empty: give at least one class and one seed")
+    steps = steps or sampling.default_steps
+    description = {"source": "sampled trajectories, fp32 torch", "classes": classes, "seeds": seeds, "steps": steps,
+                   "guidance_scale": sampling.guidance_scale, "scheduler": sampling.scheduler_class,
+                   "scheduler_config": encode_non_finite(sampling.scheduler_config)}
+    return CalibrationRecipe(description, lambda model, adapter: sampled_calibration(model, adapter, sampling, classes,
+                                                                                      seeds, steps))
 
 
 def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampling: SamplingInfo, classes: Sequence[int],

@@ -24,7 +24,7 @@ import torch
 
 from tmpdiff.engines.base import TORCH_DTYPES, Engine
 from tmpdiff.engines.loading import load_built_engines
-from tmpdiff.engines.streams import Stream, runtime_stream
+from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import Schedule
@@ -121,17 +121,18 @@ class EngineDenoiser(torch.nn.Module):
         feeds = self._feeds(call)
         hidden = feeds[self._input_specs[0].name]
         self._ensure_buffers(int(hidden.shape[0]))
-        for spec in self._input_specs:
-            _copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
         index, timestep = self._step()
         precision = self.plan.at(index)
         if index == 0 and self._marks and self._marks[-1][0] != 0:
             self._marks = []  # a new pipeline call (Flux's true CFG calls twice at every step, so 0 can repeat)
-        start = self._clock.mark()
-        out = self._outputs[self._output_spec.name]
-        used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
-                                          nan_guard=self.nan_guard, nvtx=self.nvtx)
-        result = out.to(dtype=hidden.dtype, copy=True)
+        with on_stream(self.stream):  # ordered after the pipeline's work on its stream, before what it does next
+            for spec in self._input_specs:
+                _copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
+            start = self._clock.mark()
+            out = self._outputs[self._output_spec.name]
+            used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
+                                              nan_guard=self.nan_guard, nvtx=self.nvtx)
+            result = out.to(dtype=hidden.dtype, copy=True)
         self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
         if not return_dict:
             return (result,)
@@ -206,6 +207,9 @@ def _frozen(config: Mapping[str, Any]):
 
 def _copy_into(spec: TensorSpec, buffer: torch.Tensor, value: Any, adapter: DenoiserAdapter) -> None:
     """Write one call argument into its bound buffer; only per-sample scalars (timestep, guidance) broadcast."""
+    if isinstance(value, (int, float)) and (len(spec.shape) == 1 or spec.name == TEXT_MASK):
+        buffer.fill_(value)  # a Python number goes to the kernel as an argument: no host-to-device copy
+        return
     tensor = torch.as_tensor(value, device=buffer.device)
     per_sample_scalar = len(spec.shape) == 1 and isinstance(spec.shape[0], str)
     if (per_sample_scalar and tensor.numel() == 1) or (spec.name == TEXT_MASK and tensor.dim() == 0):
@@ -283,6 +287,11 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
+    if plan.file is not None and plan.file.scheduler is not None:
+        ours, theirs = plan.file.scheduler.class_name, type(pipe.scheduler).__name__
+        if ours != theirs:
+            raise TmpdiffError(f"the schedule was calibrated with {ours}, the pipeline samples with {theirs}: set "
+                               f"pipe.scheduler = {ours}.from_config(pipe.scheduler.config) or re-calibrate", plan.source)
     component = denoiser_component(pipe)
     original = getattr(pipe, component, None)
     if original is not None:

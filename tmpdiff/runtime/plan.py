@@ -24,6 +24,7 @@ class PrecisionPlan:
     precisions: tuple[str, ...] | None
     uniform: str | None
     source: str  # where it came from, for messages and reports
+    file: Schedule | None = None  # the schedule it was read from (its scheduler is the one to sample with)
 
     @property
     def steps(self) -> int | None:
@@ -68,4 +69,4 @@ def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, prec
     if steps is not None and steps != schedule.steps:
         raise TmpdiffError(f"schedule has {schedule.steps} steps but --steps {steps} was given",
                            source if source != "schedule" else None)
-    return PrecisionPlan(tuple(schedule.precisions), None, source)
+    return PrecisionPlan(tuple(schedule.precisions), None, source, schedule)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tmpdiff.engines.base import Engine
-from tmpdiff.engines.streams import Stream, runtime_stream
+from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import next_higher
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
@@ -108,6 +108,18 @@ class ScheduledRunner:
         if noise.shape != self.inputs["hidden_states"][: self.batch].shape:
             raise TmpdiffError(f"noise of shape {tuple(noise.shape)} for buffers of "
                                f"{tuple(self.inputs['hidden_states'][: self.batch].shape)}")
+        with on_stream(self.stream):  # the caller's stream and the runtime's are ordered with events, not host waits
+            latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step)
+        self.stream.synchronize()
+        trace = RunTrace([self._event(marks[0][4], m) for m in marks])
+        if on_step is not None and self.clock.torch_stream is not None:
+            for event in trace.steps:
+                on_step(event)
+        return RunResult(latents=latent, trace=trace)
+
+    def _steps(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
+               on_step: Callable[[StepEvent], None] | None) -> tuple[torch.Tensor, list]:
+        """The loop proper, on the runtime stream: write the bound inputs, run the step's engine, update the latent."""
         scheduler.set_timesteps(len(precisions))
         device = self.inputs["hidden_states"].device
         latent = noise.to(device) * scheduler.init_noise_sigma
@@ -132,12 +144,7 @@ class ScheduledRunner:
             marks.append((index, int(t), used, fallback_from, start, self.clock.mark()))
             if on_step is not None and self.clock.torch_stream is None:
                 on_step(self._event(marks[0][4], marks[-1]))
-        self.stream.synchronize()
-        trace = RunTrace([self._event(marks[0][4], m) for m in marks])
-        if on_step is not None and self.clock.torch_stream is not None:
-            for event in trace.steps:
-                on_step(event)
-        return RunResult(latents=latent, trace=trace)
+        return latent, marks
 
     def _event(self, origin, mark) -> StepEvent:
         index, t, used, fallback_from, start, end = mark

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The first thing to run on a machine with an NVIDIA GPU: lists what the GPU path needs (CUDA torch, TensorRT,
+# onnxruntime-gpu) and what is missing, then runs every GPU check whose prerequisites are present, in order,
+# stopping at the first failure with its cause; writes results/<gpu-name>/gpu_check.json.
+# It installs nothing by itself (a GPU box may have no registry access); TMPDIFF_GPU_INSTALL=1 installs '.[gpu]'.
+# Without a GPU it stops with one line and exit code 2.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
+cd "$REPO"
+if [ "${TMPDIFF_GPU_INSTALL:-0}" = "1" ]; then
+    "$VENV/bin/python" -m pip install --quiet -e "$REPO[gpu]"
+fi
+exec tmpdiff doctor --gpu --work "${TMPDIFF_GPU_WORK:-$REPO/gpu-check}" --results "$REPO/results" "$@"

@@ -1,0 +1,73 @@
+"""The GPU path's CPU-checkable parts: one backend/device rule, batch vs plan profiles, TensorRT EP options, and the
+GPU check stopping cleanly on a machine without a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli_helpers import cli
+from tmpdiff.engines.loading import check_batch
+from tmpdiff.engines.ort_build import trt_ep_options
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import EngineEntry, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _with_trt_plan(manifest, batch: tuple[int, int, int]):
+    """The manifest as if a TensorRT int8 plan with this batch profile had been built."""
+    profile = {s.name: [[b, *[d for d in s.shape[1:]]] for b in batch] for s in manifest.inputs}
+    manifest.engines["trt:cuda:int8"] = EngineEntry(
+        backend="trt", precision="int8", path="int8/engine_trt10.16.plan", sha256="0", source_sha256="0",
+        backend_version="10.16", device="cuda", compute_capability="9.0", build_flags={"profile": profile})
+    return manifest
+
+
+def test_a_batch_outside_the_plan_profile_is_refused_with_the_rebuild(quant_build):
+    _, build_dir, _ = quant_build
+    static = _with_trt_plan(load_manifest(build_dir), (20, 20, 20))
+    check_batch(static, build_dir, "trt", "cuda", 20)
+    with pytest.raises(TmpdiffError, match=r"needs 4 batch rows.*built for batch 20.*--backend trt --batch 4"):
+        check_batch(static, build_dir, "trt", "cuda", 4)
+    dynamic = _with_trt_plan(load_manifest(build_dir), (1, 20, 40))
+    check_batch(dynamic, build_dir, "trt", "cuda", 33)
+    with pytest.raises(TmpdiffError, match="batches 1..40"):
+        check_batch(dynamic, build_dir, "trt", "cuda", 41)
+    check_batch(static, build_dir, "ort", "cpu", 4)  # ORT graphs take any batch
+
+
+def test_one_backend_device_rule_for_every_command(quant_build, tmp_path):
+    _, build_dir, _ = quant_build
+    for command in (["run", build_dir, "--precision", "fp32", "--out", tmp_path / "x.png"],
+                    ["profile", build_dir, "--out", tmp_path / "c.json"],
+                    ["build", build_dir]):
+        code, _, err = cli(*command, "--backend", "trt", "--device", "cpu")
+        assert code == 2 and "--backend trt runs on cuda" in err, err
+        code, _, err = cli(*command, "--backend", "tensorrt")
+        assert code == 2 and "'tensorrt' is not one of 'ort', 'trt'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_trt_ep_keeps_its_caches_in_the_build_dir_with_profile_shapes(quant_build):
+    _, build_dir, _ = quant_build
+    manifest = load_manifest(build_dir)
+    options = trt_ep_options(build_dir, "int8", manifest, batch=(2, 8, 16))
+    assert Path(options["trt_engine_cache_path"]).is_relative_to(build_dir)
+    assert options["trt_profile_min_shapes"].startswith("hidden_states:2x1x16x16")
+    assert "timestep:16" in options["trt_profile_max_shapes"] and options["trt_int8_enable"] == "True"
+    assert "trt_int8_enable" not in trt_ep_options(build_dir, "fp8", manifest)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU exit")
+def test_gpu_check_stops_with_one_line_without_a_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIFF_GPU_INSTALL"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert errors == ["error: no NVIDIA GPU visible to torch (torch.cuda.is_available() is False): the GPU checks need one"]
+    assert "tensorrt" in done.stdout and "missing: TensorRT is not installed" in done.stdout

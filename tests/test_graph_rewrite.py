@@ -1,0 +1,185 @@
+"""graph_rewrite on small hand-built graphs in modelopt's export patterns: folded weights, layouts, clean-up."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
+from tmpdiff.formats.errors import TmpdiffError
+
+N, K, BLOCK = 6, 8, 4  # out_features, in_features, int4 block size
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((N, K)).astype(np.float32)
+X = RNG.standard_normal((3, K)).astype(np.float32)
+
+
+def _model(nodes, initializers, opset=19) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", N])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("trt", 1)],
+                           ir_version=10)
+
+
+def _const_node(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array))  # unnamed, as torch writes them
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray = X) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return sorted(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in model.graph.initializer}
+
+
+def _int8_model() -> onnx.ModelProto:
+    """W (as a Constant cast to float) -> Q -> DQ (per output channel, axis 0) -> Transpose -> MatMul, plus activation Q/DQ."""
+    scale = (np.abs(W).max(axis=1) / 127).astype(np.float32)
+    nodes = [
+        _const_node("w16", W.astype(np.float16)),
+        helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+        helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"], axis=0),
+        helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wdq"], axis=0),
+        helper.make_node("Transpose", ["wdq"], ["wt"], perm=[1, 0]),
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"]),
+        helper.make_node("MatMul", ["xdq", "wt"], ["y"]),
+        helper.make_node("Relu", ["x"], ["unused"]),  # dead
+    ]
+    inits = [numpy_helper.from_array(scale, "w_scale"), numpy_helper.from_array(np.zeros(N, np.int8), "w_zp"),
+             numpy_helper.from_array(np.float32(0.02), "x_scale"), numpy_helper.from_array(np.int8(0), "x_zp"),
+             numpy_helper.from_array(np.ones(3, np.float32), "orphan")]
+    return _model(nodes, inits)
+
+
+def test_int8_weight_is_quantized_offline_and_its_transpose_folded_with_the_axis_flipped():
+    model = _int8_model()
+    before = model.SerializeToString()
+    twin, stats = ort_twin(model, "int8", 19)
+    assert model.SerializeToString() == before  # the exporter's graph is left as it was
+    assert stats == {"weights_folded": 1}
+    assert _ops(twin) == ["DequantizeLinear", "DequantizeLinear", "MatMul", "QuantizeLinear"]
+    dq = next(n for n in twin.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".qweight"))
+    assert helper.get_attribute_value(dq.attribute[0]) == 1  # channel axis 0 of (N, K) is axis 1 of (K, N)
+    qweight = numpy_helper.to_array(_inits(twin)[dq.input[0]])
+    assert qweight.dtype == np.int8 and qweight.shape == (K, N)
+    assert "orphan" not in _inits(twin)
+    np.testing.assert_allclose(_run(twin), _run(model), rtol=1e-6, atol=1e-6)
+
+
+def test_trt_graph_keeps_int8_qdq_on_float_weights():
+    model = _int8_model()
+    before = model.SerializeToString()
+    out, stats = trt_graph(model, "int8", 19)
+    assert model.SerializeToString() == before
+    assert stats == {}
+    assert _ops(out) == ["Cast", "Constant", "DequantizeLinear", "DequantizeLinear", "MatMul", "QuantizeLinear",
+                         "QuantizeLinear", "Transpose"]
+    assert "orphan" not in _inits(out)
+    np.testing.assert_allclose(_run(out), _run(model), rtol=0, atol=0)
+
+
+def _fp8(values: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+    return np.clip(values / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
+
+
+def test_fp8_weights_and_activations_become_standard_float8_ops():
+    w_scale, x_scale = np.float32(np.abs(W).max() / 448), np.float32(np.abs(X).max() / 448)
+    nodes = [
+        helper.make_node("TRT_FP8QuantizeLinear", ["w", "w_scale"], ["wq"], domain="trt"),
+        helper.make_node("TRT_FP8DequantizeLinear", ["wq", "w_scale"], ["wdq"], domain="trt"),
+        helper.make_node("Transpose", ["wdq"], ["wt"], perm=[1, 0]),
+        _const_node("x_scale", x_scale),
+        helper.make_node("TRT_FP8QuantizeLinear", ["x", "x_scale"], ["xq"], domain="trt"),
+        helper.make_node("TRT_FP8DequantizeLinear", ["xq", "x_scale"], ["xdq"], domain="trt"),
+        helper.make_node("MatMul", ["xdq", "wt"], ["y"]),
+    ]
+    model = _model(nodes, [numpy_helper.from_array(W, "w"), numpy_helper.from_array(w_scale, "w_scale")])
+    twin, stats = ort_twin(model, "fp8", 19)
+    assert stats == {"weights_folded": 1, "activation_qdq_swapped": 2}
+    assert _ops(twin) == ["Constant", "DequantizeLinear", "DequantizeLinear", "MatMul", "QuantizeLinear"]
+    types = {i.name: i.data_type for i in twin.graph.initializer}
+    assert list(types.values()).count(TensorProto.FLOAT8E4M3FN) == 4  # weight, its zero point, two activation zero points
+    want = _fp8(X, x_scale) @ _fp8(W, w_scale).T
+    np.testing.assert_allclose(_run(twin), want, rtol=1e-5, atol=1e-6)
+    out, _ = trt_graph(model, "fp8", 19)
+    assert _ops(out) == _ops(model)
+
+
+def _int4_model(transpose: bool) -> tuple[onnx.ModelProto, np.ndarray]:
+    """modelopt's int4 export: (N*K/B, B) float blocks -> trt::DequantizeLinear -> Reshape (N, K) [-> Transpose]."""
+    blocks = W.reshape(-1, BLOCK)
+    scale = (np.abs(blocks).max(axis=1, keepdims=True) / 7).astype(np.float32)
+    dequantized = (np.clip(np.rint(blocks / scale), -8, 7) * scale).reshape(N, K)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["blocks", "scale"], ["wb"], domain="trt", axis=0, block_size=BLOCK),
+        _const_node("shape", np.array([N, K], np.int64)),
+        helper.make_node("Reshape", ["wb", "shape"], ["w"]),
+    ]
+    if transpose:
+        nodes += [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    else:
+        nodes += [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(blocks, "blocks"), numpy_helper.from_array(scale, "scale")]
+    return _model(nodes, inits), X @ dequantized.T
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_int4_blocks_become_an_opset21_blocked_dequantize(transpose):
+    model, want = _int4_model(transpose)
+    twin, stats = ort_twin(model, "int4", 21)
+    assert stats == {"int4_weights": 1}
+    dq = next(n for n in twin.graph.node if n.op_type == "DequantizeLinear")
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    inits = {name: numpy_helper.to_array(_inits(twin)[name]) for name in dq.input}
+    qweight, scales, zero_point = (inits[name] for name in dq.input)
+    if transpose:  # (K, N), blocks along K
+        assert attrs == {"axis": 0, "block_size": BLOCK} and qweight.shape == (K, N) and scales.shape == (K // BLOCK, N)
+        assert "Transpose" not in _ops(twin)
+    else:
+        assert attrs == {"axis": 1, "block_size": BLOCK} and qweight.shape == (N, K) and scales.shape == (N, K // BLOCK)
+    assert qweight.dtype == ml_dtypes.int4 and zero_point.dtype == ml_dtypes.int4 and not zero_point.astype(int).any()
+    assert "Reshape" not in _ops(twin) and twin.opset_import[0].version == 21
+    np.testing.assert_allclose(_run(twin), want, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_trt_graph_keeps_tensorrts_op_on_int4_weights():
+    model, _ = _int4_model(transpose=True)
+    out, stats = trt_graph(model, "int4", 19)
+    assert stats == {"int4_weights": 1}
+    assert _ops(out) == ["MatMul", "trt::DequantizeLinear"]
+    dq = next(n for n in out.graph.node if n.domain == "trt")
+    assert len(dq.input) == 2  # no zero point
+    assert _inits(out)[dq.input[0]].data_type == TensorProto.INT4
+    assert {(o.domain, o.version) for o in out.opset_import} == {("", 19), ("trt", 1)}
+
+
+def test_int4_without_a_constant_reshape_is_an_error():
+    model, _ = _int4_model(transpose=True)
+    model.graph.node[2].input[1] = "x"  # Reshape to a computed shape
+    with pytest.raises(TmpdiffError, match="constant 2-D weight shape"):
+        ort_twin(model, "int4", 21)
+
+
+def test_remove_dead_nodes_in_place():
+    model = _int8_model()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([nodes[7], *nodes[:7], nodes[8]])  # MatMul first: not topologically sorted
+    remove_dead_nodes(model)
+    assert [n.op_type for n in model.graph.node][-1] == "MatMul"
+    assert "Relu" not in _ops(model) and "orphan" not in _inits(model)
+    assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["y"]
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_run(model), _run(_int8_model()), rtol=0, atol=0)

@@ -1,0 +1,294 @@
+"""Adversarial use: outputs never replace what a user owns, manifest paths stay in the build dir, `check` checks what
+`run` uses, and every bad option is one line on stderr with exit code 2 and nothing on disk changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from tests.cli_helpers import cli
+from tmpdiff.formats.manifest import load_manifest, save_manifest
+
+
+def tree_digest(*roots: Path) -> dict[str, str]:
+    """Every file and link under `roots`: content hash, link target or file type (what must not change)."""
+    found = {}
+    for root in roots:
+        for path in sorted([root, *root.rglob("*")]):
+            if path.is_symlink():
+                found[str(path)] = "link:" + os.readlink(path)
+            elif path.is_file() and path.name not in (".lock", ".lock.owner"):
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif not path.is_dir() and path.exists():
+                found[str(path)] = "special"
+    return found
+
+
+def refused(args, *names: str, roots: tuple[Path, ...] = ()) -> str:
+    """Run, expect exit 2 with one line on stderr naming each of `names`, and `roots` unchanged; returns the line."""
+    before = tree_digest(*roots)
+    code, _, err = cli(*args)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert tree_digest(*roots) == before
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def build(quant_build, tmp_path_factory) -> Path:
+    """A private copy of the fully built bundled build (tests below tamper with copies of it)."""
+    _, build_dir, _ = quant_build
+    target = tmp_path_factory.mktemp("safety") / "tiny-dit"
+    shutil.copytree(build_dir, target)
+    return target
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    return tmp_path
+
+
+def run_args(build: Path, *extra) -> list:
+    return ["run", build, "--precision", "fp32", "--steps", "2", "--class", "1", *extra]
+
+
+# --- outputs never replace what a user owns -------------------------------------------------------------------------
+
+def test_fifo_device_and_directory_outputs_are_refused(build, work):
+    fifo = work / "p.png"
+    os.mkfifo(fifo)
+    refused(run_args(build, "--out", fifo), "FIFO", str(fifo), roots=(build, work))
+    refused(run_args(build, "--out", fifo, "--force"), "FIFO", roots=(build, work))  # --force never writes to a FIFO
+    device = work / "dev.png"
+    try:
+        os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null node (root only)
+    except PermissionError:
+        device = None
+    if device is not None:
+        refused(run_args(build, "--out", device, "--force"), "character device", roots=(build, work))
+        assert device.is_char_device()
+    (work / "dir.png").mkdir()
+    refused(run_args(build, "--out", work / "dir.png"), "is a directory", roots=(build, work))
+    refused(["profile", build, "--out", work / "dir.png", "--repeats", "1"], "--out", roots=(build, work))
+    assert fifo.exists() and not fifo.is_file()
+
+
+def test_symlink_output_needs_force_and_then_keeps_the_link(build, work):
+    target, link = work / "t.png", work / "l.png"
+    target.write_bytes(b"mine")
+    link.symlink_to(target)
+    refused(run_args(build, "--out", link), "symbolic link", "--force", roots=(build, work))
+    code, out, err = cli(*run_args(build, "--out", link, "--force"))
+    assert code == 0, err
+    assert link.is_symlink() and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written through, link kept
+
+
+def test_existing_output_is_kept_unless_forced(build, work):
+    out = work / "a.png"
+    out.write_bytes(b"mine")
+    refused(run_args(build, "--out", out), "exists", "--force", roots=(build, work))
+    code, _, err = cli(*run_args(build, "--out", out, "--force"))
+    assert code == 0, err and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inputs_and_build_files_are_never_outputs(build, work):
+    schedule = work / "s.json"
+    schedule.write_text(json.dumps({"format": "tmpdiff.schedule/1", "steps": 2, "precisions": ["fp32", "int8"]}))
+    refused(run_args(build, "--out", build / "manifest.json", "--force"), "--out", roots=(build, work))
+    refused(["run", build, "--schedule", schedule, "--trace", schedule, "--out", work / "x.png", "--force"],
+            "input", roots=(build, work))
+    refused(run_args(build, "--out", build / "int8" / "x.png"), "manages", roots=(build, work))
+    refused(["profile", build, "--out", build / "manifest.json", "--force", "--repeats", "1"], "manages", roots=(build, work))
+    costs = work / "c.json"
+    costs.write_text("{}")
+    refused(["calibrate", build, "--costs", costs, "--out", costs, "--speedup", "1.1", "--force"], "input",
+            roots=(build, work))
+
+
+def test_extension_must_match_the_format_written(build, work):
+    refused(run_args(build, "--out", work / "x.jpg"), ".png", roots=(build, work))
+    refused(run_args(build, "--out", work / "x.png", "--trace", work / "t.txt"), ".json", roots=(build, work))
+    refused(["profile", build, "--out", work / "c.txt", "--repeats", "1"], ".json", roots=(build, work))
+
+
+def test_export_out_must_be_a_directory(work):
+    afile = work / "root"
+    afile.write_text("mine")
+    refused(["export", "bundled", "--out", afile, "--precisions", "fp32"], "directory", roots=(work,))
+
+
+# --- manifest paths stay in the build dir; check checks what run uses ------------------------------------------------
+
+@pytest.fixture
+def tampered(build, tmp_path) -> Path:
+    copy = tmp_path / "tiny-dit"
+    shutil.copytree(build, copy)
+    return copy
+
+
+def _problems(build_dir: Path) -> list[str]:
+    code, out, err = cli("check", build_dir)
+    assert code in (0, 1) and "Traceback" not in err, err
+    return [line for line in out.splitlines() if " -> " in line]
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_engine_paths_are_confined(tampered, where, tmp_path):
+    manifest = load_manifest(tampered)
+    key = next(k for k in manifest.engines if k.endswith(":int8"))
+    engine = manifest.engines[key]
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(tampered / engine.path, outside)
+    if where == "absolute":
+        engine.path = str(outside)
+    elif where == "dotdot":
+        engine.path = "../outside.onnx"
+    else:
+        (tampered / engine.path).unlink()
+        (tampered / engine.path).symlink_to(outside)
+    save_manifest(tampered, manifest)
+    assert any("escapes the build directory" in p for p in _problems(tampered))
+    refused(["run", tampered, "--precision", "int8", "--steps", "2", "--out", tmp_path / "o.png"], "escapes")
+
+
+def _identity_graph(path: Path, like: Path) -> None:
+    """A graph with the engine's inputs and outputs whose output is just its latent input."""
+    original = onnx.load(str(like), load_external_data=False)
+    inputs = list(original.graph.input)
+    out = original.graph.output[0]
+    node = helper.make_node("Identity", [inputs[0].name], [out.name])
+    graph = helper.make_graph([node], "identity", inputs, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=original.ir_version)
+    onnx.save(model, str(path))
+
+
+def test_check_runs_the_engines_run_loads(tampered):
+    """An engine swapped for a wrong graph, with its hash updated, passes every hash check: only replaying the
+    recorded check input on the engine itself catches it."""
+    manifest = load_manifest(tampered)
+    key = next(k for k in manifest.engines if k.endswith(":int8"))
+    path = tampered / manifest.engines[key].path
+    _identity_graph(path, path)
+    manifest.engines[key].sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    save_manifest(tampered, manifest)
+    problems = _problems(tampered)
+    assert any("int8 engine" in p and "check input" in p for p in problems), problems
+
+
+def test_every_artifact_is_hashed(tampered):
+    state = tampered / "int8" / "quant_state.safetensors"
+    state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])
+    problems = _problems(tampered)
+    assert any("quant_state.safetensors" in p and "sha256" in p for p in problems), problems
+
+
+def test_manifest_is_standard_json_and_refuses_non_finite_figures(tampered):
+    text = (tampered / "manifest.json").read_text()
+
+    def reject(token):
+        raise ValueError(token)
+
+    json.loads(text, parse_constant=reject)  # no NaN / Infinity anywhere
+    data = json.loads(text)
+    data["precisions"]["int8"]["error_vs_fp32"] = float("nan")
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    line = refused(["info", tampered], "manifest.json", "error_vs_fp32")
+    assert "finite" in line
+
+
+# --- schedules ------------------------------------------------------------------------------------------------------
+
+def test_schedule_files_are_strict(build, work):
+    for bad, word in [({"steps": 2, "precisions": ["fp32", "fp32"]}, "format"),
+                      ({"format": "tmpdiff.schedule/1", "steps": "2", "precisions": ["fp32", "fp32"]}, "steps")]:
+        path = work / f"bad-{word}.json"
+        path.write_text(json.dumps(bad))
+        refused(["run", build, "--schedule", path, "--out", work / f"{word}.png"], str(path), word)
+
+
+def test_a_schedule_runs_with_its_own_scheduler_and_refuses_another_noise_process(build, work):
+    from tmpdiff.formats.schedule import Schedule, SchedulerRef
+    from tmpdiff.models.schedulers import schedule_scheduler
+
+    sampling = load_manifest(build).sampling
+    euler = SchedulerRef(class_name="EulerDiscreteScheduler", config=sampling.scheduler_config)
+    schedule = Schedule(steps=2, precisions=["fp32", "int8"], scheduler=euler)
+    assert type(schedule_scheduler(schedule, sampling)).__name__ == "EulerDiscreteScheduler"
+    other = SchedulerRef(class_name=sampling.scheduler_class, config=sampling.scheduler_config | {"beta_schedule": "linear"})
+    path = work / "other.json"
+    path.write_text(Schedule(steps=2, precisions=["fp32", "int8"], scheduler=other).model_dump_json())
+    refused(["run", build, "--schedule", path, "--out", work / "o.png"], "noise process", "beta_schedule")
+
+
+# --- one line and exit 2 for every bad number ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("extra", "names"), [
+    (["--precision", "fp64"], ["unknown precision 'fp64'"]),
+    (["--precision", "fp32", "--steps", "100000"], ["100000 steps"]),
+    (["--precision", "fp32", "--seed", "99999999999999999999"], ["--seed"]),
+    (["--precision", "fp32", "--guidance", "nan"], ["--guidance"]),
+    (["--precision", "fp32", "--threads", "1000"], ["--threads"]),
+    (["--precision", "fp32", "--backend", "bogus"], ["'bogus' is not one of 'ort', 'trt'"]),
+    (["--precision", "fp32", "--batch", "100000"], ["GiB", "--batch"]),
+])
+def test_bad_run_options_are_one_line(build, work, extra, names):
+    refused(["run", build, "--class", "1", "--out", work / "x.png", *extra], *names, roots=(build, work))
+
+
+def test_bad_targets_are_refused_before_any_work(build, work):
+    costs = work / "c.json"
+    costs.write_text("{}")
+    refused(["calibrate", build, "--costs", costs, "--speedup", "nan"], "--speedup")
+    refused(["calibrate", build, "--costs", costs, "--max-error", "nan"], "--max-error")
+    refused(["bench", build, "--costs", costs, "--speedups", "nan", "--out", work / "b"], "--speedups")
+    refused(["bench", build, "--costs", costs, "--speedups", "0.5", "--out", work / "b"], "--speedups")
+    refused(["demo", "--speedup", "0.5", "--out", work / "d"], "--speedup")
+    assert not (work / "b").exists() and not (work / "d").exists()
+
+
+def test_a_run_during_a_build_names_the_writer(build, work):
+    from tmpdiff.formats.atomic import directory_lock
+
+    with directory_lock(build):
+        refused(run_args(build, "--out", work / "x.png"), "is writing this build directory", f"PID {os.getpid()}")
+
+
+# --- what users expect --------------------------------------------------------------------------------------------
+
+def test_version_help_info_and_json(build):
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("tmpdiff ")
+    code, out, _ = cli("run", "-h")
+    assert code == 0 and "--schedule" in out
+    code, out, err = cli("info", build, "--json")
+    data = json.loads(out)
+    assert code == 0 and set(data["precisions"]) == set(load_manifest(build).precisions)
+    assert all(row["state"] == "ok" for row in [*data["precisions"].values(), *data["engines"].values()])
+    code, out, err = cli("check", build, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True, out + err
+
+
+def test_the_check_input_is_what_the_graph_gave(build):
+    """The recorded check output is reproduced by the fp32 engine to float precision (the replay is meaningful)."""
+    from safetensors.numpy import load_file
+
+    from tmpdiff.engines.ort import OrtEngine
+
+    recorded = load_file(str(build / "fp32" / "check_io.safetensors"))
+    feeds = {k.removeprefix("input."): v for k, v in recorded.items() if k.startswith("input.")}
+    got = OrtEngine(build / "fp32" / "model.onnx").infer(feeds)
+    for name, value in got.items():
+        assert np.allclose(value, recorded[f"output.{name}"], rtol=1e-5, atol=1e-6)
+        assert np.abs(value).max() > 0  # a real output, not an empty buffer

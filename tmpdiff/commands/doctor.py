@@ -1,0 +1,283 @@
+"""`tmpdiff doctor [--gpu]`: what this machine has for tmpdiff's GPU path, and (with --gpu) the GPU checks.
+
+The checks run in order and stop at the first failure with its cause; a check whose prerequisites are missing is
+named as skipped, never silently passed. Without an NVIDIA GPU the command says so in one line (exit 2). Nothing is
+installed here: a GPU machine may have no registry access, so missing packages are listed with the command to run.
+Results go to `results/<gpu-name>/gpu_check.json`.
+
+None of the GPU checks has run yet: this project's machines have no GPU (see the README's GPU section).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tmpdiff.formats.errors import TmpdiffError
+
+
+@dataclass
+class Inventory:
+    """What is present for the GPU path."""
+
+    nvidia_smi: str | None  # first GPU line of `nvidia-smi -L`
+    torch_cuda: str | None  # torch's CUDA version, None for a CPU build
+    gpu: str | None  # torch.cuda device 0 name and capability
+    tensorrt: str | None
+    ort_providers: list[str] = field(default_factory=list)
+
+    def missing(self) -> list[str]:
+        """Human lines for what is absent, with the install command for each."""
+        lines = []
+        if self.torch_cuda is None:
+            lines.append("torch is a CPU build: pip install torch --index-url <the CUDA wheel index for your driver>")
+        if self.tensorrt is None:
+            lines.append("TensorRT is not installed: pip install 'tensorrt>=10.8,<11' (or pip install '.[gpu]')")
+        if "CUDAExecutionProvider" not in self.ort_providers:
+            lines.append("onnxruntime has no CUDA provider: pip install onnxruntime-gpu==1.31.1 (replaces onnxruntime)")
+        return lines
+
+
+def inventory() -> Inventory:
+    import torch
+
+    smi = None
+    if shutil.which("nvidia-smi"):
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        smi = next(iter(done.stdout.strip().splitlines()), None) if done.returncode == 0 else None
+    gpu = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        gpu = f"{torch.cuda.get_device_name(0)} (compute capability {major}.{minor})"
+    trt = None
+    if importlib.util.find_spec("tensorrt") is not None:
+        try:
+            from tmpdiff.engines.trt_build import load_tensorrt
+
+            trt = load_tensorrt().__version__
+        except TmpdiffError:
+            trt = None
+    import onnxruntime
+
+    return Inventory(smi, torch.version.cuda, gpu, trt, list(onnxruntime.get_available_providers()))
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # passed | failed | skipped
+    detail: str
+    seconds: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class GpuCheck:
+    """The GPU checks of issue #13, in order, on the bundled model in `work` (exported and built there)."""
+
+    def __init__(self, work: Path, inv: Inventory, on_line: Callable[[str], None]) -> None:
+        self.work = work
+        self.inv = inv
+        self.say = on_line
+        self.results: list[CheckResult] = []
+        self.build_dir = work / "build" / "tiny-dit"
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def _run(self, name: str, needs: list[str], body: Callable[[], tuple[str, dict]]) -> bool:
+        absent = [n for n in needs if not getattr(self, f"_has_{n}")()]
+        if absent:
+            self.results.append(CheckResult(name, "skipped", f"needs {', '.join(absent)}"))
+            self.say(f"skip  {name}: needs {', '.join(absent)}")
+            return True
+        started = time.perf_counter()
+        try:
+            detail, data = body()
+        except Exception as exc:  # a check's failure is reported with its cause, then the run stops
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.results.append(CheckResult(name, "failed", message, time.perf_counter() - started))
+            self.say(f"FAIL  {name}: {message}")
+            return False
+        self.results.append(CheckResult(name, "passed", detail, time.perf_counter() - started, data))
+        self.say(f"ok    {name}: {detail}")
+        return True
+
+    def _has_tensorrt(self) -> bool:
+        return self.inv.tensorrt is not None
+
+    def _has_ort_cuda(self) -> bool:
+        return "CUDAExecutionProvider" in self.inv.ort_providers
+
+    def _has_ort_trt(self) -> bool:
+        return "TensorrtExecutionProvider" in self.inv.ort_providers
+
+    def _has_build(self) -> bool:
+        return any(r.name == "build" and r.status == "passed" for r in self.results)
+
+    # ---- the checks -----------------------------------------------------------------------------------------
+    def build(self) -> tuple[str, dict]:
+        from tmpdiff.commands.export import calibration_for, resolve_model_dir
+        from tmpdiff.engines.build import build_engines
+        from tmpdiff.export.exporter import export_model
+
+        model_dir = resolve_model_dir("bundled", None)
+        calibration, sampling = calibration_for(model_dir, [0, 1], None)
+        export_model(model_dir, self.work / "build", ["fp32", "fp16", "int8", "fp8", "int4"], model_id="tiny-dit",
+                     calibration=calibration, sampling=sampling)
+        build_engines(self.build_dir, "ort", "cpu")
+        built = build_engines(self.build_dir, "trt", "cuda")
+        return f"{len(built)} TensorRT plans", {"plans": [str(o.path) for o in built]}
+
+    def kernels(self) -> tuple[str, dict]:
+        """Engine inspector: INT8 and FP8 GEMM kernels, and int4 weight-only dequantisation, are in the plans."""
+        from tmpdiff.engines.trt import inspect_layers
+
+        found = {}
+        for precision, pattern in (("int8", r"int8|i8"), ("fp8", r"fp8|e4m3"), ("int4", r"int4|weightonly|dequant")):
+            layers = inspect_layers(self.build_dir, precision)
+            hits = [layer for layer in layers if re.search(pattern, json.dumps(layer), re.IGNORECASE)]
+            if not hits:
+                raise TmpdiffError(f"the {precision} plan's layers show no {precision} kernels ({len(layers)} layers)")
+            found[precision] = len(hits)
+        return ", ".join(f"{k}: {v} layers" for k, v in found.items()), found
+
+    def parity(self) -> tuple[str, dict]:
+        from tmpdiff.commands.check import replay_check_inputs
+        from tmpdiff.formats.manifest import load_manifest
+        from tmpdiff.formats.precisions import get_precision
+
+        replays = replay_check_inputs(self.build_dir, load_manifest(self.build_dir), "trt", "cuda")
+        errors = {name: r.error for name, r in replays.items()}
+        bad = [f"{n} {r.failure or f'{r.error:.2e}'}" for n, r in replays.items()
+               if r.failure or not r.error <= get_precision(n).parity_tolerance]
+        if bad:
+            raise TmpdiffError(f"TensorRT plans differ from their ORT-CPU twins' recorded outputs: {'; '.join(bad)}")
+        return ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), errors
+
+    def costs(self) -> tuple[str, dict]:
+        from tmpdiff.engines.profile import profile_build
+
+        table = profile_build(self.build_dir, "trt", "cuda", batch=20, warmup=5, repeats=30)
+        rel = table.relative("fp16")
+        if not table.precisions["fp16"].median_ms < table.precisions["fp32"].median_ms:
+            raise TmpdiffError(f"fp16 is not faster than fp32 ({rel['fp32']:.2f}x of fp16)")
+        return ", ".join(f"{k} {v:.2f}x fp16" for k, v in rel.items()), table.model_dump(mode="json")
+
+    def no_host_sync(self) -> tuple[str, dict]:
+        import torch
+
+        from tmpdiff.commands.run import RunRequest, run
+
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2e9))  # ~1 s of GPU time queued on the caller's stream
+        started = time.perf_counter()
+        request = RunRequest(build_dir=self.build_dir, classes=[1, 2], steps=4, precision="fp16", backend="trt",
+                             nan_guard=False)
+        run(request)  # ends with one synchronisation: the host returns after the sleep only because of it
+        waited = time.perf_counter() - started
+        return f"run returned after {waited:.2f} s with 1 s of queued GPU work", {"seconds": waited}
+
+    def caller_stream(self) -> tuple[str, dict]:
+        import torch
+
+        from tmpdiff.commands.run import RunRequest, run
+
+        request = RunRequest(build_dir=self.build_dir, classes=[1, 2], steps=4, precision="fp16", backend="trt")
+        plain = run(request)[0].latents
+        with torch.cuda.stream(torch.cuda.Stream()):
+            other = run(request)[0].latents
+        if not torch.equal(plain, other):
+            raise TmpdiffError("latents differ when the caller runs on its own stream")
+        return "bit-identical latents from a caller stream", {}
+
+    def cuda_graphs(self) -> tuple[str, dict]:
+        import torch
+
+        from tmpdiff.engines.loading import load_engines
+        from tmpdiff.formats.manifest import load_manifest
+        from tmpdiff.models.schedulers import sampling_scheduler
+        from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
+
+        manifest = load_manifest(self.build_dir)
+        sampling = manifest.sampling
+        engines = load_engines(self.build_dir, manifest, "trt", "cuda", ["fp16"])
+        runner = ScheduledRunner(engines, 2, sampling.channels, sampling.image_size, sampling.guidance_scale,
+                                 sampling.null_class, sampling.num_classes, device="cuda", nan_guard=False)
+        labels, noise = torch.tensor([1, 2]), initial_noise(2, sampling.channels, sampling.image_size, 0)
+        runs = [runner.sample(sampling_scheduler(sampling), labels, noise, ["fp16"] * 4) for _ in range(2)]
+        active = engines["fp16"].graph_active
+        runner.close()
+        if not active:
+            raise TmpdiffError("no CUDA graph was captured after the warm-up run (see the TensorRT log)")
+        ms = [run.trace.steps[-1].seconds * 1e3 for run in runs]
+        return f"graph active; last step {ms[1]:.2f} ms replayed vs {ms[0]:.2f} ms in the warm-up run", {"ms": ms}
+
+    def schedule_speedup(self) -> tuple[str, dict]:
+        """A schedule calibrated with the GPU costs: measured speedup within 5% of the costs table's prediction."""
+        from tmpdiff.calibration.calibrate import Target, calibrate
+        from tmpdiff.calibration.session import open_session
+        from tmpdiff.formats.costs import CostsTable, save_costs
+
+        costs = next(r.data for r in self.results if r.name == "costs")
+        save_costs(CostsTable.model_validate(costs), self.work / "costs.json")
+        session = open_session(self.build_dir, self.work / "costs.json", 10, "latent", "fp32", classes=list(range(10)),
+                               seeds=[0], backend="trt", device="cuda")
+        target = round(1 + 0.6 * (session.problem.max_speedup() - 1), 3)
+        result = calibrate(session, Target(speedup=target))
+        predicted, measured = result.file.predicted.speedup, result.file.measured.speedup
+        if measured is None or abs(measured / predicted - 1) > 0.05:
+            raise TmpdiffError(f"measured speedup {measured} vs predicted {predicted:.3f} (more than 5% apart)")
+        return f"predicted {predicted:.3f}x, measured {measured:.3f}x", {"predicted": predicted, "measured": measured}
+
+    def ort_providers(self) -> tuple[str, dict]:
+        import torch
+
+        from tmpdiff.commands.run import RunRequest, run
+        from tmpdiff.engines.build import build_engines
+
+        reference = run(RunRequest(build_dir=self.build_dir, classes=[1], steps=5, precision="fp32", backend="trt"))[0]
+        errors = {}
+        for device in ("cuda", "trt-ep"):
+            if device == "trt-ep" and not self._has_ort_trt():
+                continue
+            build_engines(self.build_dir, "ort", device, ["fp32"])
+            got = run(RunRequest(build_dir=self.build_dir, classes=[1], steps=5, precision="fp32", device=device))[0]
+            errors[device] = float((got.latents.cpu() - reference.latents.cpu()).abs().max())
+            if not errors[device] < 1e-2:
+                raise TmpdiffError(f"ORT {device} differs from TensorRT fp32 by {errors[device]:.2e}")
+        del torch
+        return ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), errors
+
+    def run_all(self) -> list[CheckResult]:
+        steps = [("build", ["tensorrt"], self.build), ("kernels", ["tensorrt", "build"], self.kernels),
+                 ("parity", ["tensorrt", "build"], self.parity), ("costs", ["tensorrt", "build"], self.costs),
+                 ("no host sync", ["tensorrt", "build"], self.no_host_sync),
+                 ("caller stream", ["tensorrt", "build"], self.caller_stream),
+                 ("cuda graphs", ["tensorrt", "build"], self.cuda_graphs),
+                 ("ort providers", ["tensorrt", "build", "ort_cuda"], self.ort_providers),
+                 ("schedule speedup", ["tensorrt", "build"], self.schedule_speedup)]
+        for name, needs, body in steps:
+            if not self._run(name, needs, body):
+                break
+        return self.results
+
+
+def gpu_check(work: Path, results_root: Path, inv: Inventory, on_line: Callable[[str], None]) -> Path:
+    """Run the GPU checks; TmpdiffError (one line) when there is no GPU; returns the JSON written."""
+    from tmpdiff.formats.atomic import write_json
+
+    if inv.gpu is None:
+        raise TmpdiffError("no NVIDIA GPU visible to torch (torch.cuda.is_available() is False): the GPU checks need one"
+                           + (f"; nvidia-smi sees {inv.nvidia_smi}" if inv.nvidia_smi else ""))
+    results = GpuCheck(work, inv, on_line).run_all()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", inv.gpu.split(" (")[0]).strip("-").lower()
+    out = results_root / name / "gpu_check.json"
+    write_json(out, {"format": "tmpdiff.gpu_check/1", "inventory": asdict(inv),
+                     "results": [asdict(r) for r in results]})
+    return out

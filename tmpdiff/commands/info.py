@@ -1,0 +1,27 @@
+"""`tmpdiff info`: what a build directory holds — model, exported precisions, engines and whether each is current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tmpdiff.formats.manifest import engine_problem, load_manifest, precision_problems
+
+
+def build_info(build_dir: Path) -> dict[str, Any]:
+    """The manifest's content as a user reads it, with each artifact's state checked on disk (hashes included)."""
+    manifest = load_manifest(build_dir)
+    precisions = {}
+    for name, entry in manifest.precisions.items():
+        problems = precision_problems(build_dir, entry)
+        size = sum((build_dir / rel).stat().st_size for rel, _ in entry.files() if (build_dir / rel).is_file())
+        precisions[name] = {"files": len(entry.files()), "bytes": size, "error_vs_fp32": entry.error_vs_fp32,
+                            "state": "; ".join(p for _, p in problems) or "ok"}
+    engines = {key: {"backend": e.backend, "precision": e.precision, "backend_version": e.backend_version,
+                     "device": e.device, "compute_capability": e.compute_capability,
+                     "state": engine_problem(build_dir, manifest, e) or "ok"}
+               for key, e in manifest.engines.items()}
+    return {"build_dir": str(build_dir), "format": manifest.format, "model_id": manifest.model_id,
+            "architecture": manifest.architecture, "inputs": [s.model_dump() for s in manifest.inputs],
+            "sampling": None if manifest.sampling is None else manifest.sampling.scheduler_class,
+            "precisions": precisions, "engines": engines}

@@ -1,0 +1,94 @@
+"""Memory as a measured quantity: bytes per batch row of each built engine, and a guard that refuses a run whose
+batch cannot fit before anything is allocated.
+
+The per-row figure is measured when an ORT-CPU engine is built: a fresh process (onnxruntime only) runs the prepared
+graph at two batch sizes with the runtime's session options, and the growth of its resident memory (ORT's arena keeps what a
+run needed) divided by the added rows is recorded. Without a measurement (older builds, GPU engines) the guard falls back to the lower bound
+from ONNX shape inference at export (I/O plus twice the largest activation per row).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import Manifest
+
+ROWS = (4, 36)  # the two batch sizes measured; the difference is what one row costs
+# ORT's CPU arena extends by powers of two, so a run can hold up to twice what it uses (seen on the bundled model:
+# 0.74 MiB per row measured here, 1.6 MiB per row of peak RSS growth between --batch 250 and 1000 of `tmpdiff run`)
+ARENA_GROWTH = 2
+
+_PROBE = r"""
+import json, resource, sys
+import numpy as np, onnxruntime as ort
+path, optimization, inputs, rows = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+options = ort.SessionOptions()
+options.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}.get(
+    optimization, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+peaks = []
+for n in rows:
+    feeds = {}
+    for name, dtype, shape in inputs:
+        shape = [n if isinstance(d, str) else d for d in shape]
+        feeds[name] = (np.ones(shape, dtype) if "int" not in dtype else np.zeros(shape, dtype))
+    session.run(None, feeds)
+    with open("/proc/self/statm") as fh:  # resident pages now: ORT's arena keeps what the run needed
+        peaks.append(int(fh.read().split()[1]) * resource.getpagesize())
+print(json.dumps(peaks))
+"""
+
+
+def measure_bytes_per_row(onnx_path: Path, input_specs: list, optimization: str = "disable") -> int | None:
+    """Resident-memory growth per batch row of a graph on ORT-CPU (None if the probe process fails)."""
+    specs = [[s.name, s.dtype, list(s.shape)] for s in input_specs]
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(onnx_path), optimization, json.dumps(specs),
+                               json.dumps(list(ROWS))], capture_output=True, text=True, timeout=600, check=True)
+        low, high = json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return None
+    return max(0, (high - low) // (ROWS[1] - ROWS[0]))
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where the OS does not say)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def bytes_per_row(manifest: Manifest, backend: str = "ort", device: str = "cpu") -> tuple[int, str]:
+    """What one batch row needs and where the figure comes from: the largest measured engine of this backend and
+    device, else the shape-inference lower bound."""
+    measured = [e.build_flags.get("bytes_per_row") for e in manifest.engines.values()
+                if e.backend == backend and e.build_flags.get("device", "cuda") == device]
+    measured = [m for m in measured if isinstance(m, int) and m > 0]
+    if measured:
+        return ARENA_GROWTH * max(measured), f"measured at build, x{ARENA_GROWTH} for arena growth"
+    io = 0
+    for spec in [*manifest.inputs, *manifest.outputs]:
+        size = 1
+        for dim in spec.shape[1:]:
+            size *= dim if isinstance(dim, int) else 1
+        io += size * (8 if spec.dtype in ("int64", "float64") else 4)
+    return io + 2 * (manifest.activation_bytes_per_row or 0), "lower bound from the graph"
+
+
+def check_fits(manifest: Manifest, rows: int, backend: str = "ort", device: str = "cpu", what: str = "--batch") -> None:
+    """Raise before allocation when `rows` batch rows need more than the memory available now."""
+    per_row, source = bytes_per_row(manifest, backend, device)
+    available = available_bytes()
+    need = rows * per_row
+    if available is not None and need > available:
+        raise TmpdiffError(f"{rows} batch rows need about {need / 2**30:.1f} GiB ({per_row / 2**20:.2f} MiB per row, "
+                           f"{source}), {available / 2**30:.1f} GiB is available: use a smaller {what}")

@@ -1,0 +1,122 @@
+"""Where a command may write: every output path is checked once, before any work starts.
+
+Rules (the same for every command):
+- never onto something that is not a regular file: a FIFO, a device, a socket; a file output never onto a
+  directory, a directory output never onto a file;
+- never onto an input of the same command, never onto another output of it, never into the files a build
+  directory manages (its manifest, lock, and everything under a precision's folder or named by the manifest);
+- an existing file (or a non-empty output directory) is kept unless the user passed --force;
+- a symbolic link is written through (its target replaced) only with --force;
+- a file's extension matches what is written into it.
+Writes themselves stay atomic (`formats.atomic`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmpdiff.formats.atomic import LOCK_NAME, OWNER_NAME
+from tmpdiff.formats.errors import TmpdiffError
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output a command will write: which option named it, and what it is."""
+
+    option: str  # e.g. "--out"
+    path: Path
+    suffixes: tuple[str, ...] = ()  # allowed extensions of a file output, lower case with the dot
+    directory: bool = False  # a folder the command writes several files into
+
+    @classmethod
+    def file(cls, option: str, path: str | Path, *suffixes: str) -> Output:
+        return cls(option, Path(path), tuple(s.lower() for s in suffixes))
+
+    @classmethod
+    def folder(cls, option: str, path: str | Path) -> Output:
+        return cls(option, Path(path), directory=True)
+
+
+def managed_paths(build_dir: Path) -> list[Path]:
+    """What a build directory owns: its manifest and lock, each precision's folder, every path its manifest names."""
+    from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
+
+    root = Path(build_dir).resolve()
+    owned = [root / MANIFEST_NAME, root / LOCK_NAME, root / OWNER_NAME]
+    try:
+        manifest = load_manifest(build_dir)
+    except TmpdiffError:
+        return owned
+    owned += [root / name for name in manifest.precisions]
+    for entry in manifest.precisions.values():
+        owned += [root / rel for rel, _ in entry.files()]
+    owned += [root / engine.path for engine in manifest.engines.values()]
+    return owned
+
+
+def _kind(mode: int) -> str | None:
+    """The name of a non-regular, non-directory file type (None for regular files and folders)."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None
+
+
+def _check_one(output: Output, force: bool) -> Path:
+    """The path to write for one output (a symlink's target with --force), or a TmpdiffError naming the problem."""
+    path = output.path
+    if output.suffixes and path.suffix.lower() not in output.suffixes:
+        raise TmpdiffError(f"{output.option} must end in {' or '.join(output.suffixes)} (that is the format written)", path)
+    if path.is_symlink():
+        if not force:
+            raise TmpdiffError(f"{output.option} is a symbolic link; pass --force to write through to its target "
+                               f"({os.readlink(path)})", path)
+        path = path.resolve()
+    if not os.path.lexists(path):
+        if not output.directory and path.parent.exists() and not path.parent.is_dir():
+            raise TmpdiffError(f"{output.option}: {path.parent} is not a directory", path)
+        return path
+    mode = os.stat(path).st_mode
+    kind = _kind(mode)
+    if kind is not None:
+        raise TmpdiffError(f"{output.option} is {kind}, not a regular file; refusing to write there", path)
+    if output.directory:
+        if not stat.S_ISDIR(mode):
+            raise TmpdiffError(f"{output.option} must be a directory, found a file", path)
+        if any(path.iterdir()) and not force:
+            raise TmpdiffError(f"{output.option} is a directory that is not empty; pass --force to write into it", path)
+        return path
+    if stat.S_ISDIR(mode):
+        raise TmpdiffError(f"{output.option} is a directory; name a file", path)
+    if not force:
+        raise TmpdiffError(f"{output.option} exists; pass --force to replace it", path)
+    return path
+
+
+def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Iterable[str | Path | None] = (),
+                  build_dirs: Iterable[str | Path] = ()) -> dict[str, Path]:
+    """Check every output of a command before it does any work; returns option -> path to write."""
+    outputs = [o for o in outputs if o.path is not None]
+    resolved_inputs = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+    owned = [path for build_dir in build_dirs for path in managed_paths(Path(build_dir))]
+    chosen: dict[str, Path] = {}
+    seen: dict[Path, str] = {}
+    for output in outputs:
+        target = _check_one(output, force)
+        real = target.resolve()
+        if real in resolved_inputs:
+            raise TmpdiffError(f"{output.option} is also an input of this command ({resolved_inputs[real]})", output.path)
+        if real in seen:
+            raise TmpdiffError(f"{output.option} is the same path as {seen[real]}", output.path)
+        for managed in owned:
+            if real == managed or real.is_relative_to(managed):
+                raise TmpdiffError(f"{output.option} would write over files the build directory manages ({managed})",
+                                   output.path)
+        seen[real] = output.option
+        chosen[output.option] = target
+    return chosen
