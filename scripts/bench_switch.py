@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from tmpdiff.engines.loading import load_engines
-from tmpdiff.engines.ort import own_process
 from tmpdiff.engines.ort_build import load_ort_engine
+from tmpdiff.engines.ort_process import own_process
 from tmpdiff.formats.atomic import write_json
 from tmpdiff.formats.manifest import engine_key, load_manifest
 from tmpdiff.formats.schedule import load_schedule

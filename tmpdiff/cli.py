@@ -551,12 +551,12 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
     """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug).
 
     `own_process=False` (tests calling it in a process they share) keeps ORT's process-wide thread pool off."""
-    from tmpdiff.engines import ort
+    from tmpdiff.engines import ort_process
 
     args = sys.argv[1:] if argv is None else argv
     _quiet_third_party()
     if own_process:
-        ort.own_process()  # runtime ORT sessions may share one global thread pool
+        ort_process.own_process()  # runtime ORT sessions may share one global thread pool
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(args, standalone_mode=False)  # click returns a typer.Exit's code here

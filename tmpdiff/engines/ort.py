@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tmpdiff.engines.base import check_buffers
+from tmpdiff.engines.ort_process import process_state
 from tmpdiff.engines.streams import Stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
@@ -23,19 +24,6 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt-ep": "TensorrtExecutionProvider"}
 LEVELS = ("disable", "basic", "extended", "all")
-
-
-_shared: dict[str, int | bool] = {}  # what share_runtime_resources has set up in this process
-
-
-def own_process() -> None:
-    """Declare that tmpdiff owns this process (its CLI does): runtime sessions may then share a global thread pool.
-
-    ORT's global pool is process-wide and, once created, every session in the process must be made with
-    `use_per_session_threads = False` (tmpdiff's are; a library's default-option session would fail to load),
-    so a host application opts in by calling this; `tmpdiff` commands do it for themselves.
-    """
-    _shared["own_process"] = True
 
 
 def share_runtime_resources(threads: int | None = None) -> None:
@@ -51,20 +39,20 @@ def share_runtime_resources(threads: int | None = None) -> None:
     """
     import onnxruntime as ort
 
-    if "arena" not in _shared:
+    if "arena" not in process_state:
         cpu_arena = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(cpu_arena, ort.OrtArenaCfg(0, -1, -1, -1))  # ORT's default arena settings
-        _shared["arena"] = True
-    if not _shared.get("own_process") or os.environ.get("TMPDIFF_ORT_PER_SESSION_THREADS") == "1":
+        process_state["arena"] = True
+    if not process_state.get("own_process") or os.environ.get("TMPDIFF_ORT_PER_SESSION_THREADS") == "1":
         return
     size = threads or len(os.sched_getaffinity(0))
-    if "threads" in _shared:
-        if _shared["threads"] != size:
-            warnings.warn(f"the shared ORT thread pool already has {_shared['threads']} threads; "
-                          f"{size} requested, {_shared['threads']} kept", stacklevel=2)
+    if "threads" in process_state:
+        if process_state["threads"] != size:
+            warnings.warn(f"the shared ORT thread pool already has {process_state['threads']} threads; "
+                          f"{size} requested, {process_state['threads']} kept", stacklevel=2)
         return
     ort.set_global_thread_pool_sizes(size, 1)
-    _shared["threads"] = size
+    process_state["threads"] = size
 
 
 def session_options(threads: int | None = None, optimization: str = "all", optimized_path: Path | None = None,
@@ -80,9 +68,9 @@ def session_options(threads: int | None = None, optimization: str = "all", optim
         raise TmpdiffError(f"unknown ORT optimisation level {optimization!r}; choose from {', '.join(levels)}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = levels[optimization]
-    if runtime and _shared.get("arena"):
+    if runtime and process_state.get("arena"):
         opts.add_session_config_entry("session.use_env_allocators", "1")
-    if "threads" in _shared:  # a global pool exists: ORT refuses sessions with their own from now on
+    if "threads" in process_state:  # a global pool exists: ORT refuses sessions with their own from now on
         opts.use_per_session_threads = False
     elif threads:
         opts.intra_op_num_threads = threads
