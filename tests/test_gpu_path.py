@@ -71,3 +71,24 @@ def test_gpu_check_stops_with_one_line_without_a_gpu():
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert errors == ["error: no NVIDIA GPU visible to torch (torch.cuda.is_available() is False): the GPU checks need one"]
     assert "tensorrt" in done.stdout and "missing: TensorRT is not installed" in done.stdout
+
+
+def test_census_records_the_compute_dtype_of_gemms_softmax_and_norms(quant_build):
+    """The census reads dtypes off the graph: the fp16 graph computes every GEMM, softmax and norm in float16, the
+    fp32 graph in float32 (same node counts), and each quantized TensorRT graph's census is recorded in the manifest."""
+    import onnx
+
+    from tmpdiff.export.census import compute_dtypes
+
+    _, build_dir, _ = quant_build
+    manifest = load_manifest(build_dir)
+    fp32 = compute_dtypes(onnx.load(str(build_dir / "fp32" / "model.onnx")))
+    fp16 = compute_dtypes(onnx.load(str(build_dir / "fp16" / "model.onnx")))
+    assert set(fp32) >= {"MatMul", "Gemm", "Softmax", "LayerNormalization"}
+    assert all(list(per_op) == ["float32"] for per_op in fp32.values()), fp32
+    assert {op: {"float16": sum(d.values())} for op, d in fp32.items()} == fp16
+    for name in ("int8", "fp8", "int4"):
+        entry = manifest.precisions[name]
+        recorded = entry.quantization["trt_compute_dtypes"]
+        assert recorded == compute_dtypes(onnx.load(str(build_dir / entry.trt_onnx))), name
+        assert sum(recorded["MatMul"].values()) == sum(fp32["MatMul"].values())

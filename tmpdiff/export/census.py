@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import onnx
 
 GEMM_OPS = ("MatMul", "Gemm", "Conv")
+# ops whose compute dtype decides a 16-bit engine's speed: GEMMs, attention's softmax, normalisations
+COMPUTE_OPS = (*GEMM_OPS, "Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization")
 PASS_THROUGH = ("Transpose", "Reshape", "Cast")
 
 
@@ -69,3 +71,28 @@ def summarize(rows: list[CensusRow]) -> dict[str, int]:
         "input_quantized": sum(r.input_quantized for r in rows),
         "both_quantized": sum(r.weight_quantized and r.input_quantized for r in rows),
     }
+
+
+def compute_dtypes(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """Per op type in COMPUTE_OPS, how many nodes compute in each dtype (their first input's, by ONNX shape inference).
+
+    In a strongly typed TensorRT network this is the precision the layer runs in: a quantized graph whose GEMMs read
+    float32 dequantized values runs them in FP32/TF32 (what `tmpdiff export` records, per TensorRT graph)."""
+    import numpy as np
+    from onnx import helper, shape_inference
+
+    inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    types |= {t.name: t.data_type for t in inferred.graph.initializer}
+    for node in inferred.graph.node:  # Constant outputs carry their tensor's type
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            types[node.output[0]] = node.attribute[0].t.data_type
+    counts: dict[str, dict[str, int]] = {}
+    for node in inferred.graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        elem = types.get(node.input[0])
+        name = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name if elem else "unknown"
+        per_op = counts.setdefault(node.op_type, {})
+        per_op[name] = per_op.get(name, 0) + 1
+    return counts

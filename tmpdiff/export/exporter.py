@@ -292,6 +292,7 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "calibration": calibration.description,
         "quantizers": quantizer_census(quantized),
         "census": graph_census.summarize(rows),
+        "trt_compute_dtypes": graph_census.compute_dtypes(trt_proto),
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
