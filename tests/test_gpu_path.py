@@ -92,3 +92,8 @@ def test_census_records_the_compute_dtype_of_gemms_softmax_and_norms(quant_build
         recorded = entry.quantization["trt_compute_dtypes"]
         assert recorded == compute_dtypes(onnx.load(str(build_dir / entry.trt_onnx))), name
         assert sum(recorded["MatMul"].values()) == sum(fp32["MatMul"].values())
+        # 16-bit base where ModelOpt's AutoCast converts (int8, int4): no GEMM, softmax or norm left in fp32
+        base = "float16" if name in ("int8", "int4") else "float32"
+        assert entry.quantization["trt_base"] == base
+        assert all(set(per_op) == {base} for per_op in recorded.values()), (name, recorded)
+    assert 0 < manifest.precisions["int8"].quantization["trt_parity_error"] <= 2e-2  # fp16 graph, run by ORT on CPU

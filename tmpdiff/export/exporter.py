@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
+from tmpdiff.export.half import HALF_KINDS, to_half
 from tmpdiff.export.memory import activation_bytes_per_row
 from tmpdiff.export.onnx_export import export_to_proto
 from tmpdiff.export.onnx_io import save_onnx
@@ -122,6 +124,32 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
         error.append(_relative_error(got, fp32))
         torch_error.append(_relative_error(want, fp32))
     return float(np.median(parity)), float(np.median(error)), float(np.median(torch_error))
+
+
+def _trt_parity(trt_proto: onnx.ModelProto, precision: str, adapter: DenoiserAdapter, module: torch.nn.Module,
+                reference: torch.nn.Module) -> float | None:
+    """The TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (median relative L2 over the parity
+    seeds), where ONNX Runtime can load it (standard-op graphs: int8); None for graphs with trt:: ops. The 16-bit graph
+    must stay within the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where a rounding tie flips
+    a quantized activation (UNets) - closer to it than the fake-quant model is to fp32; else export fails."""
+    import onnxruntime as ort
+
+    if any(n.domain == "trt" for n in trt_proto.graph.node):
+        return None
+    session = ort.InferenceSession(trt_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    errors, quantization = [], []
+    for seed in PARITY_SEEDS:
+        inputs = adapter.sample_inputs(adapter.default_dims(3), seed=seed)
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        want = _torch_outputs(module, inputs)
+        errors.append(_relative_error(got, want))
+        quantization.append(_relative_error(want, _torch_outputs(reference, inputs)))
+    error, quantization_error = float(np.median(errors)), float(np.median(quantization))
+    tolerance = get_precision("fp16").parity_tolerance
+    if not (error <= tolerance or error < quantization_error):
+        raise TmpdiffError(f"{precision}: the TensorRT graph differs from the torch model by {error:.2e} on ONNX Runtime "
+                           f"(fp16 tolerance {tolerance:.0e}; the fake-quant model is {quantization_error:.2e} from fp32)")
+    return error
 
 
 def _record_check_io(path: Path, precision: str, adapter: DenoiserAdapter, out: Path) -> None:
@@ -274,6 +302,8 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     raw = export_to_proto(module, adapter, spec.trt_opset)
     kind = spec.rewrite_kind
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
+    if kind in HALF_KINDS:
+        trt_proto = to_half(trt_proto, str(build_dir / spec.name))
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
     written = [*save_onnx(trt_proto, build_dir / trt_rel), *save_onnx(twin, build_dir / rel),
@@ -293,6 +323,8 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "quantizers": quantizer_census(quantized),
         "census": graph_census.summarize(rows),
         "trt_compute_dtypes": graph_census.compute_dtypes(trt_proto),
+        "trt_base": "float16" if kind in HALF_KINDS else "float32",
+        "trt_parity_error": _trt_parity(trt_proto, spec.name, adapter, module, adapter.export_module(model)),
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
