@@ -130,25 +130,28 @@ def _trt_parity(trt_proto: onnx.ModelProto, precision: str, adapter: DenoiserAda
                 reference: torch.nn.Module) -> float | None:
     """The TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (median relative L2 over the parity
     seeds), where ONNX Runtime can load it (standard-op graphs: int8); None for graphs with trt:: ops. The 16-bit graph
-    must stay within the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where a rounding tie flips
-    a quantized activation (UNets) - closer to it than the fake-quant model is to fp32; else export fails."""
+    must stay within the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where fp16 rounding flips
+    quantized activations (UNets) - be of the same quality: at most 1.5x as far from the fp32 model as the fake-quant
+    model is (a graph with missing or wrong quantizers is an order of magnitude off); else export fails."""
     import onnxruntime as ort
 
     if any(n.domain == "trt" for n in trt_proto.graph.node):
         return None
     session = ort.InferenceSession(trt_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    errors, quantization = [], []
+    errors, graph_vs_fp32, quantization = [], [], []
     for seed in PARITY_SEEDS:
         inputs = adapter.sample_inputs(adapter.default_dims(3), seed=seed)
         got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        want = _torch_outputs(module, inputs)
+        want, fp32 = _torch_outputs(module, inputs), _torch_outputs(reference, inputs)
         errors.append(_relative_error(got, want))
-        quantization.append(_relative_error(want, _torch_outputs(reference, inputs)))
-    error, quantization_error = float(np.median(errors)), float(np.median(quantization))
+        graph_vs_fp32.append(_relative_error(got, fp32))
+        quantization.append(_relative_error(want, fp32))
+    error, vs_fp32, quantization_error = (float(np.median(e)) for e in (errors, graph_vs_fp32, quantization))
     tolerance = get_precision("fp16").parity_tolerance
-    if not (error <= tolerance or error < quantization_error):
+    if not (error <= tolerance or vs_fp32 <= 1.5 * quantization_error):
         raise TmpdiffError(f"{precision}: the TensorRT graph differs from the torch model by {error:.2e} on ONNX Runtime "
-                           f"(fp16 tolerance {tolerance:.0e}; the fake-quant model is {quantization_error:.2e} from fp32)")
+                           f"(fp16 tolerance {tolerance:.0e}); it is {vs_fp32:.2e} from fp32, the fake-quant model "
+                           f"{quantization_error:.2e}")
     return error
 
 
