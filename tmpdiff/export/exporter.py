@@ -24,7 +24,7 @@ import torch
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
-from tmpdiff.export.half import HALF_KINDS, to_half
+from tmpdiff.export.half import HALF_KINDS, preload_autocast, to_half
 from tmpdiff.export.memory import activation_bytes_per_row
 from tmpdiff.export.onnx_export import export_to_proto
 from tmpdiff.export.onnx_io import save_onnx
@@ -54,6 +54,8 @@ from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision, get_p
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.loading import load_diffusers_model, read_model_config
 from tmpdiff.models.registry import adapter_for_config
+
+TRACE_OPSET = 19  # the opset torch's TorchScript exporter traces quantized modules at (modelopt's Q/DQ symbolics)
 
 
 @dataclass
@@ -197,6 +199,8 @@ def export_model(
         raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
+    if any(spec.rewrite_kind in HALF_KINDS for spec in specs):
+        preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
                               on_progress, sampling)
@@ -302,7 +306,7 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     directory = build_dir / spec.name
     save_quantized_state(quantized, quant_config, directory)
     module = adapter.export_module(quantized)
-    raw = export_to_proto(module, adapter, spec.trt_opset)
+    raw = export_to_proto(module, adapter, TRACE_OPSET)  # each graph gets its own opset from the rewrite
     kind = spec.rewrite_kind
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
     if kind in HALF_KINDS:

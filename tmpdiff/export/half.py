@@ -19,6 +19,12 @@ from tmpdiff.formats.errors import TmpdiffError
 HALF_KINDS = ("int8", "int4")
 
 
+def preload_autocast() -> None:
+    """Import AutoCast (and the native extensions modelopt.onnx loads) now. Interrupted by SIGTERM in the middle of
+    that import, a nanobind module aborts the process instead of unwinding; export imports it before starting work."""
+    import modelopt.onnx.autocast.convert  # noqa: F401
+
+
 def to_half(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """The graph with fp16 compute and fp32 I/O; a TmpdiffError naming `where` if AutoCast refuses it."""
     from modelopt.onnx.autocast.convert import convert_to_f16

@@ -19,7 +19,7 @@ class Precision:
     name: str
     modelopt_cfg: str | None  # modelopt.torch.quantization config name; None = not quantized (plain graph)
     ort_opset: int  # opset of the ONNX Runtime graph (standard Q/DQ ops)
-    trt_opset: int  # opset of the TensorRT graph (modelopt's trt:: Q/DQ ops)
+    trt_opset: int  # opset of the TensorRT graph file (modelopt's trt:: Q/DQ ops; int4's 16-bit graph needs 21)
     rewrite_kind: str | None  # which graph rewrite its Q/DQ nodes need (int8, fp8, int4); None = plain
     parity_tolerance: float  # ORT graph vs the torch model it came from, relative L2
     min_compute_capability: tuple[int, int]  # oldest NVIDIA GPU (major, minor) TensorRT runs it on
@@ -42,7 +42,7 @@ _TABLE = (
     Precision("int8-sq", "INT8_SMOOTHQUANT_CFG", 19, 19, "int8", 2e-2, (7, 5)),
     Precision("int8", "INT8_DEFAULT_CFG", 19, 19, "int8", 2e-2, (7, 5)),
     Precision("fp8", "FP8_DEFAULT_CFG", 19, 19, "fp8", 2e-2, (8, 9), ort_optimization="basic"),
-    Precision("int4", "INT4_AWQ_CFG", 21, 19, "int4", 1e-4, (8, 0)),
+    Precision("int4", "INT4_AWQ_CFG", 21, 21, "int4", 1e-4, (8, 0)),
     Precision("nvfp4", "NVFP4_DEFAULT_CFG", 21, 21, None, 2e-2, (10, 0), needs_cuda=True),
 )
 PRECISIONS: dict[str, Precision] = {p.name: p for p in _TABLE}
