@@ -285,16 +285,29 @@ def run(
 
 @contextlib.contextmanager
 def _step_progress(quiet: bool):
-    """A transient progress bar on stderr, advanced once per denoising step (nothing in --json mode)."""
+    """A transient progress bar on stderr, started at the first denoising step (so an error before sampling is one
+    clean line) and advanced once per step; nothing in --json mode."""
     if quiet:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
-        task = progress.add_task("sampling", total=None)
-        yield lambda event: progress.update(task, completed=event.index + 1)
+    progress = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                        transient=True)
+    task = None
+
+    def on_step(event) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("sampling", total=None)
+        progress.update(task, completed=event.index + 1)
+
+    try:
+        yield on_step
+    finally:
+        if task is not None:
+            progress.stop()
 
 
 def _print_json(payload) -> None:

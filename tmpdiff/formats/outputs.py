@@ -107,8 +107,7 @@ def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Ite
     chosen: dict[str, Path] = {}
     seen: dict[Path, str] = {}
     for output in outputs:
-        target = _check_one(output, force)
-        real = target.resolve()
+        real = output.path.resolve()  # what would be written, symlinks followed: judged before existence or --force
         if real in resolved_inputs:
             raise TmpdiffError(f"{output.option} is also an input of this command ({resolved_inputs[real]})", output.path)
         if real in seen:
@@ -118,5 +117,5 @@ def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Ite
                 raise TmpdiffError(f"{output.option} would write over files the build directory manages ({managed})",
                                    output.path)
         seen[real] = output.option
-        chosen[output.option] = target
+        chosen[output.option] = _check_one(output, force)
     return chosen
