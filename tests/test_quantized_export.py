@@ -213,9 +213,9 @@ def test_int8_smoothquant_exports_and_runs(quant_build, bundled, torch_dit, tmp_
     assert entry.quantization["census"]["both_quantized"] > 0
     adapter = adapter_for_config(dict(torch_dit.config) | {"_class_name": "DiTTransformer2DModel"})
 
-    # The torch fake-quant reference, quantized here again with the same config and calibration set (restore_quantized
-    # cannot rebuild a SmoothQuant model: modelopt's smoothquant step insists on a forward loop). It is the exported
-    # model: its state equals the saved one, SmoothQuant's per-channel pre-quant scales included.
+    # The torch fake-quant reference, quantized here again with the same config and calibration set. It is the exported
+    # model: its state equals the saved one, SmoothQuant's per-channel pre-quant scales included; and the saved state
+    # restores to it (restore_quantized inserts the quantizers without SmoothQuant's forward loop, then loads it).
     calibration = small_calibration(bundled).capture(torch_dit, adapter)
     smooth = quantize(torch_dit, build_config(PRECISIONS["int8-sq"], torch_dit), calibration.batches,
                       lambda m, batch: adapter.export_module(m)(*batch.values()))
@@ -228,6 +228,8 @@ def test_int8_smoothquant_exports_and_runs(quant_build, bundled, torch_dit, tmp_
     feeds = {k: v.numpy() for k, v in inputs.items()}
     with torch.no_grad():
         fp32 = adapter.export_module(torch_dit)(*inputs.values()).numpy()
+        restored = adapter.export_module(restore_quantized(torch_dit, build_dir / "int8-sq"))(*inputs.values())
+        assert torch.allclose(restored, adapter.export_module(smooth)(*inputs.values()), rtol=1e-5, atol=1e-6)
     errors = {}
     for name, directory, quantized in (("int8-sq", build_dir, smooth), ("int8", int8_dir, restore_quantized(torch_dit, int8_dir / "int8"))):
         with torch.no_grad():
