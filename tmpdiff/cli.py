@@ -39,12 +39,9 @@ DeviceOpt = Annotated[DeviceName | None, typer.Option(help="ORT: cpu | cuda | tr
 
 
 def _device(backend: BackendName, device: DeviceName | None) -> str:
-    """The one rule for every command: TensorRT runs on CUDA; ORT on the device asked for, else the CPU."""
-    if backend is BackendName.trt:
-        if device not in (None, DeviceName.cuda):
-            raise TmpdiffError(f"--backend trt runs on cuda, not --device {device.value}")
-        return "cuda"
-    return (device or DeviceName.cpu).value
+    from tmpdiff.engines.loading import resolve_device
+
+    return resolve_device(backend.value, None if device is None else device.value)
 
 
 Wait = Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for another export/build of the same "

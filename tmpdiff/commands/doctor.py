@@ -236,8 +236,6 @@ class GpuCheck:
         return f"predicted {predicted:.3f}x, measured {measured:.3f}x", {"predicted": predicted, "measured": measured}
 
     def ort_providers(self) -> tuple[str, dict]:
-        import torch
-
         from tmpdiff.commands.run import RunRequest, run
         from tmpdiff.engines.build import build_engines
 
@@ -251,7 +249,6 @@ class GpuCheck:
             errors[device] = float((got.latents.cpu() - reference.latents.cpu()).abs().max())
             if not errors[device] < 1e-2:
                 raise TmpdiffError(f"ORT {device} differs from TensorRT fp32 by {errors[device]:.2e}")
-        del torch
         return ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), errors
 
     def run_all(self) -> list[CheckResult]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tmpdiff.engines.loading import check_backend, check_batch, check_threads, load_built_engines
+from tmpdiff.engines.loading import check_batch, check_threads, load_built_engines, resolve_device
 from tmpdiff.engines.memory import check_fits
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import load_manifest
@@ -27,7 +27,7 @@ class RunOptions:
     schedule_path: Path | None = None
     precision: str | None = None
     backend: str = "ort"
-    device: str = "cpu"
+    device: str | None = None  # None: cpu for ORT, cuda for TensorRT (`resolve_device`)
     threads: int | None = None
     guidance_scale: float | None = None
     nan_guard: bool = True  # re-run a non-finite step at the next higher precision (on a GPU: one sync per step)
@@ -44,9 +44,7 @@ class RunOptions:
         check_threads(self.threads)
         if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
             raise TmpdiffError(f"--guidance must be a finite number, got {self.guidance_scale}")
-        if self.backend == "trt":
-            self.device = "cuda"  # TensorRT plans run on the GPU they were built for
-        check_backend(self.backend, self.device)
+        self.device = resolve_device(self.backend, self.device)
 
 
 @dataclass(kw_only=True)

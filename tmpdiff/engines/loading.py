@@ -22,6 +22,16 @@ def check_backend(backend: str, device: str) -> None:
         raise TmpdiffError(f"unknown device {device!r} for {backend}; choose {', '.join(BACKEND_DEVICES[backend])}")
 
 
+def resolve_device(backend: str, device: str | None) -> str:
+    """The one rule for every command and the library: TensorRT runs on CUDA; ORT on the device asked for, else the
+    CPU. A TensorRT run asked for another device, or an unknown backend or device, is refused."""
+    if backend == "trt" and device not in (None, "cuda"):
+        raise TmpdiffError(f"--backend trt runs on cuda, not --device {device}")
+    device = device or ("cuda" if backend == "trt" else "cpu")
+    check_backend(backend, device)
+    return device
+
+
 def check_threads(threads: int | None) -> None:
     """At most one intra-op thread per core: more only time-slice the same cores."""
     cores = os.cpu_count() or 1

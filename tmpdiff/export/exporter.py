@@ -128,32 +128,21 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
     return float(np.median(parity)), float(np.median(error)), float(np.median(torch_error))
 
 
-def _trt_parity(trt_proto: onnx.ModelProto, precision: str, adapter: DenoiserAdapter, module: torch.nn.Module,
-                reference: torch.nn.Module) -> float | None:
-    """The TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (median relative L2 over the parity
-    seeds), where ONNX Runtime can load it (standard-op graphs: int8); None for graphs with trt:: ops. The 16-bit graph
-    must stay within the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where fp16 rounding flips
-    quantized activations (UNets) - be of the same quality: at most 1.5x as far from the fp32 model as the fake-quant
-    model is (a graph with missing or wrong quantizers is an order of magnitude off); else export fails."""
-    import onnxruntime as ort
-
+def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, adapter: DenoiserAdapter,
+                module: torch.nn.Module, reference: torch.nn.Module) -> float | None:
+    """The saved TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (`_parity`), where ONNX
+    Runtime can load it (standard-op graphs: int8); None for graphs with trt:: ops. The 16-bit graph must stay within
+    the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where fp16 rounding flips quantized
+    activations (UNets) - be of the same quality: at most 1.5x as far from the fp32 model as the fake-quant model is
+    (a graph with missing or wrong quantizers is an order of magnitude off); else export fails."""
     if any(n.domain == "trt" for n in trt_proto.graph.node):
         return None
-    session = ort.InferenceSession(trt_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    errors, graph_vs_fp32, quantization = [], [], []
-    for seed in PARITY_SEEDS:
-        inputs = adapter.sample_inputs(adapter.default_dims(3), seed=seed)
-        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        want, fp32 = _torch_outputs(module, inputs), _torch_outputs(reference, inputs)
-        errors.append(_relative_error(got, want))
-        graph_vs_fp32.append(_relative_error(got, fp32))
-        quantization.append(_relative_error(want, fp32))
-    error, vs_fp32, quantization_error = (float(np.median(e)) for e in (errors, graph_vs_fp32, quantization))
+    error, vs_fp32, quantization_error = _parity(path, precision, adapter, module, reference)
     tolerance = get_precision("fp16").parity_tolerance
     if not (error <= tolerance or vs_fp32 <= 1.5 * quantization_error):
         raise TmpdiffError(f"{precision}: the TensorRT graph differs from the torch model by {error:.2e} on ONNX Runtime "
                            f"(fp16 tolerance {tolerance:.0e}); it is {vs_fp32:.2e} from fp32, the fake-quant model "
-                           f"{quantization_error:.2e}")
+                           f"{quantization_error:.2e}", path)
     return error
 
 
@@ -331,7 +320,8 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "census": graph_census.summarize(rows),
         "trt_compute_dtypes": graph_census.compute_dtypes(trt_proto),
         "trt_base": "float16" if kind in HALF_KINDS else "float32",
-        "trt_parity_error": _trt_parity(trt_proto, spec.name, adapter, module, adapter.export_module(model)),
+        "trt_parity_error": _trt_parity(build_dir / trt_rel, trt_proto, spec.name, adapter, module,
+                                        adapter.export_module(model)),
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
