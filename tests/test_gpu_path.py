@@ -92,8 +92,30 @@ def test_census_records_the_compute_dtype_of_gemms_softmax_and_norms(quant_build
         recorded = entry.quantization["trt_compute_dtypes"]
         assert recorded == compute_dtypes(onnx.load(str(build_dir / entry.trt_onnx))), name
         assert sum(recorded["MatMul"].values()) == sum(fp32["MatMul"].values())
-        # 16-bit base where ModelOpt's AutoCast converts (int8, int4): no GEMM, softmax or norm left in fp32
-        base = "float16" if name in ("int8", "int4") else "float32"
-        assert entry.quantization["trt_base"] == base
-        assert all(set(per_op) == {base} for per_op in recorded.values()), (name, recorded)
-    assert 0 < manifest.precisions["int8"].quantization["trt_parity_error"] <= 2e-2  # fp16 graph, run by ORT on CPU
+        # a 16-bit base (ModelOpt's AutoCast): no GEMM, softmax or norm left in fp32
+        assert entry.quantization["trt_base"] == "float16"
+        assert all(set(per_op) == {"float16"} for per_op in recorded.values()), (name, recorded)
+    # the standard-op fp16 graphs run on ORT-CPU in the parity check; int4's trt::DequantizeLinear cannot
+    assert 0 < manifest.precisions["int8"].quantization["trt_parity_error"] <= 2e-2
+    assert 0 < manifest.precisions["fp8"].quantization["trt_parity_error"] <= 4e-2
+    assert manifest.precisions["int4"].quantization["trt_parity_error"] is None
+
+
+def test_bf16_base_for_tensorrt_graphs_and_an_unknown_type_refused(bundled, tmp_path):
+    """--trt-dtype bfloat16: every GEMM, softmax and norm of the TensorRT graph in bfloat16, the ORT twin unchanged in
+    fp32; ORT-CPU has no bf16 Q/DQ kernels, so its parity is recorded as not run (None), never as a number."""
+    import onnx
+
+    from tests.conftest import small_calibration
+    from tmpdiff.export.census import compute_dtypes
+    from tmpdiff.export.exporter import export_model
+
+    build_dir, _ = export_model(bundled.transformer_dir, tmp_path, ["int8"], model_id="bf", trt_dtype="bfloat16",
+                                calibration=small_calibration(bundled))
+    entry = load_manifest(build_dir).precisions["int8"]
+    trt_dtypes = compute_dtypes(onnx.load(str(build_dir / entry.trt_onnx)))
+    assert entry.quantization["trt_base"] == "bfloat16" and entry.quantization["trt_parity_error"] is None
+    assert trt_dtypes and all(set(per_op) == {"bfloat16"} for per_op in trt_dtypes.values()), trt_dtypes
+    assert all(set(per_op) == {"float32"} for per_op in compute_dtypes(onnx.load(str(build_dir / entry.onnx))).values())
+    code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "int8", "--trt-dtype", "half")
+    assert code == 2 and "'half' is not one of 'float16', 'bfloat16'" in err, err

@@ -28,6 +28,11 @@ class BackendName(StrEnum):
     trt = "trt"
 
 
+class TrtDtype(StrEnum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
 class DeviceName(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
@@ -81,6 +86,9 @@ def export(
                                                             "SD3: CLIP's 77 + T5's); default per architecture")] = None,
     sample_size: Annotated[int | None, typer.Option(min=1, help="latent height = width the graph takes (default: the model "
                                                                "config's sample_size; Flux: 128)")] = None,
+    trt_dtype: Annotated[TrtDtype, typer.Option(help="16-bit type the quantized TensorRT graphs compute in outside "
+                                                     "their Q/DQ (bfloat16 for models whose activations overflow fp16)")]
+    = TrtDtype.float16,
     wait: Wait = 3600.0,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
@@ -100,7 +108,7 @@ def export(
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
                                        sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
-                                       wait=wait)
+                                       wait=wait, trt_dtype=trt_dtype.value)
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:

@@ -52,9 +52,11 @@ def on_stream(stream: Stream) -> Iterator[None]:
         yield
         return
     torch_stream.wait_stream(caller)
-    with torch.cuda.stream(torch_stream):
-        yield
-    caller.wait_stream(torch_stream)
+    try:
+        with torch.cuda.stream(torch_stream):
+            yield
+    finally:  # also after an error: whatever the caller queues next (clean-up included) follows the block's work
+        caller.wait_stream(torch_stream)
 
 
 class CudaStream:

@@ -92,24 +92,32 @@ class SharedDeviceMemory:
 
     Sound only because attached engines run one at a time on one stream (the runtime's step loop). The
     allocation grows to the largest engine's `device_memory_size_v2`; growing re-points every attached
-    context and drops their CUDA graphs, which baked in the old address.
+    context and drops their CUDA graphs, which baked in the old address. `torch.device("cpu")` keeps the same
+    bookkeeping in host memory (no engine can use it; it is how the sharing rules are checked without a GPU).
     """
 
-    def __init__(self, device: int | str | None = None, release_when_unused: bool = False) -> None:
-        self.device_index = cuda_device(device).index
+    def __init__(self, device: int | str | torch.device | None = None, release_when_unused: bool = False) -> None:
+        if isinstance(device, torch.device) and device.type == "cpu":
+            self.torch_device, self.device_index = device, -1
+        else:
+            self.device_index = cuda_device(device).index
+            self.torch_device = torch.device("cuda", self.device_index)
         self.release_when_unused = release_when_unused
         self._buffer: torch.Tensor | None = None
+        self._size = 0
         self._users: weakref.WeakSet[TrtEngine] = weakref.WeakSet()
 
     @property
     def size(self) -> int:
-        return 0 if self._buffer is None else self._buffer.numel()
+        """Usable bytes from `address` on (0 when nothing is allocated)."""
+        return self._size
 
     @property
     def address(self) -> int:
+        """The block's first 256-byte aligned address (what set_device_memory requires)."""
         if self._buffer is None:
             raise TmpdiffError("shared device memory is not allocated")
-        return self._buffer.data_ptr()
+        return self._buffer.data_ptr() + (-self._buffer.data_ptr()) % _ALIGNMENT
 
     def reserve(self, nbytes: int) -> None:
         """Make the allocation at least `nbytes` long (re-pointing attached engines if it moves). An engine that needs
@@ -117,16 +125,16 @@ class SharedDeviceMemory:
         if self._buffer is not None and nbytes <= self.size:
             return
         if self._buffer is not None:
-            # The old block may still be read by queued launches; wait before handing it back to torch.
-            torch.cuda.synchronize(self.device_index)
-        self._buffer = None
+            self._wait_for_launches()  # the old block may still be read by queued launches
+        self._buffer, self._size = None, 0
+        size = max(nbytes, _ALIGNMENT)  # TensorRT may take a null pointer for 0 bytes, but `address` must stay valid
         try:
-            self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=torch.device("cuda", self.device_index))
+            # room to align the start: torch's CUDA allocator hands out 512-byte aligned blocks, host memory may not
+            self._buffer = torch.empty(size + _ALIGNMENT - 1, dtype=torch.uint8, device=self.torch_device)
         except torch.OutOfMemoryError:
-            raise TmpdiffError(f"not enough free memory on cuda:{self.device_index} for {nbytes / 2**20:.0f} MiB of "
+            raise TmpdiffError(f"not enough free memory on {self.torch_device} for {nbytes / 2**20:.0f} MiB of "
                                f"TensorRT activation memory") from None
-        if self._buffer.data_ptr() % _ALIGNMENT:
-            raise TmpdiffError(f"device memory at {self._buffer.data_ptr():#x} is not {_ALIGNMENT}-byte aligned")
+        self._size = size
         for engine in list(self._users):
             engine._use_device_memory(self)
 
@@ -147,8 +155,12 @@ class SharedDeviceMemory:
         if len(self._users):
             raise TmpdiffError(f"shared device memory still has {len(self._users)} engine(s) attached; close them first")
         if self._buffer is not None:
+            self._wait_for_launches()
+        self._buffer, self._size = None, 0
+
+    def _wait_for_launches(self) -> None:
+        if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.device_index)
-        self._buffer = None
 
 
 _DEFAULT_MEMORY: dict[int, SharedDeviceMemory] = {}

@@ -24,7 +24,7 @@ import torch
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
-from tmpdiff.export.half import HALF_KINDS, preload_autocast, to_half
+from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.memory import activation_bytes_per_row
 from tmpdiff.export.onnx_export import export_to_proto
 from tmpdiff.export.onnx_io import save_onnx
@@ -129,13 +129,14 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
 
 
 def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, adapter: DenoiserAdapter,
-                module: torch.nn.Module, reference: torch.nn.Module) -> float | None:
+                module: torch.nn.Module, reference: torch.nn.Module, trt_dtype: str) -> float | None:
     """The saved TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (`_parity`), where ONNX
-    Runtime can load it (standard-op graphs: int8); None for graphs with trt:: ops. The 16-bit graph must stay within
+    Runtime can run it (standard ops in fp16: int8, fp8); None for graphs with trt:: ops (int4) or bf16 compute (no
+    CPU kernels for its Q/DQ). The 16-bit graph must stay within
     the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where fp16 rounding flips quantized
     activations (UNets) - be of the same quality: at most 1.5x as far from the fp32 model as the fake-quant model is
     (a graph with missing or wrong quantizers is an order of magnitude off); else export fails."""
-    if any(n.domain == "trt" for n in trt_proto.graph.node):
+    if trt_dtype != "float16" or any(n.domain == "trt" for n in trt_proto.graph.node):
         return None
     error, vs_fp32, quantization_error = _parity(path, precision, adapter, module, reference)
     tolerance = get_precision("fp16").parity_tolerance
@@ -172,14 +173,18 @@ def export_model(
     sampling: SamplingInfo | None = None,
     graph_sizes: dict[str, int | None] | None = None,
     wait: float = 3600.0,
+    trt_dtype: str = "float16",
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
 
     `graph_sizes` ({"text_len": N, "sample_size": N}, None entries ignored) overrides the fixed sizes the
     graph takes, as the same keys in the model's config.json would. Holds the build directory's lock
     throughout, so concurrent exports/builds are serialised (waiting at most `wait` seconds, and saying so).
+    `trt_dtype` is the 16-bit type the quantized TensorRT graphs compute in outside their Q/DQ (float16, bfloat16).
     """
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
+    if trt_dtype not in TRT_DTYPES:
+        raise TmpdiffError(f"unknown --trt-dtype {trt_dtype!r} (known: {', '.join(TRT_DTYPES)})")
     config = read_model_config(model_dir) | {k: v for k, v in (graph_sizes or {}).items() if v is not None}
     adapter = adapter_for_config(config)
     model_id = model_id or model_dir.resolve().name
@@ -188,11 +193,11 @@ def export_model(
         raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
-    if any(spec.rewrite_kind in HALF_KINDS for spec in specs):
+    if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
-                              on_progress, sampling)
+                              on_progress, sampling, trt_dtype)
 
 
 def _export_locked(
@@ -206,6 +211,7 @@ def _export_locked(
     keep_high_precision: tuple[str, ...],
     on_progress: Callable[[str], None],
     sampling: SamplingInfo | None,
+    trt_dtype: str,
 ) -> tuple[Path, list[ExportOutcome]]:
     model_hash = model_content_hash(model_dir)
 
@@ -252,7 +258,7 @@ def _export_locked(
             # by recipe, not by result: the config follows from (model, modelopt config, kept layers), the data from
             # (model, recipe), so checking freshness needs neither the model nor a capture
             key_parts |= {"config": {"modelopt": spec.modelopt_cfg, "keep": list(keep_high_precision)},
-                          "calibration": recipe.description}
+                          "calibration": recipe.description, "trt_dtype": trt_dtype}
         key = _artifact_key(key_parts)
         entry = manifest.precisions.get(spec.name)
         if _up_to_date(build_dir, entry, key):
@@ -267,7 +273,7 @@ def _export_locked(
                 manifest.activation_bytes_per_row = activation_bytes_per_row(build_dir / entry.onnx)
         else:
             quant_config = build_config(spec, model(), keep_high_precision)
-            entry, rows = _export_quantized(spec, model(), adapter, build_dir, key, quant_config, calib())
+            entry, rows = _export_quantized(spec, model(), adapter, build_dir, key, quant_config, calib(), trt_dtype)
         seconds = time.perf_counter() - started
         manifest.precisions[spec.name] = entry
         save_manifest(build_dir, manifest)
@@ -288,8 +294,9 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
 
 
 def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path, key: str,
-                      quant_config: dict, calibration: CalibrationSet) -> tuple[PrecisionEntry, list]:
-    """modelopt fake quant -> TensorRT graph (trt:: Q/DQ) + ORT twin (standard ops), parity-checked."""
+                      quant_config: dict, calibration: CalibrationSet, trt_dtype: str) -> tuple[PrecisionEntry, list]:
+    """modelopt fake quant -> TensorRT graph (Q/DQ, `trt_dtype` compute elsewhere) + ORT twin (standard ops, fp32),
+    both parity-checked."""
     quantized = quantize(model, quant_config, calibration.batches,
                          lambda m, batch: adapter.export_module(m)(*batch.values()))
     directory = build_dir / spec.name
@@ -298,8 +305,7 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     raw = export_to_proto(module, adapter, TRACE_OPSET)  # each graph gets its own opset from the rewrite
     kind = spec.rewrite_kind
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
-    if kind in HALF_KINDS:
-        trt_proto = to_half(trt_proto, str(build_dir / spec.name))
+    trt_proto = to_half(trt_proto, str(build_dir / spec.name), trt_dtype)
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
     written = [*save_onnx(trt_proto, build_dir / trt_rel), *save_onnx(twin, build_dir / rel),
@@ -319,9 +325,9 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "quantizers": quantizer_census(quantized),
         "census": graph_census.summarize(rows),
         "trt_compute_dtypes": graph_census.compute_dtypes(trt_proto),
-        "trt_base": "float16" if kind in HALF_KINDS else "float32",
+        "trt_base": trt_dtype,
         "trt_parity_error": _trt_parity(build_dir / trt_rel, trt_proto, spec.name, adapter, module,
-                                        adapter.export_module(model)),
+                                        adapter.export_module(model), trt_dtype),
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }

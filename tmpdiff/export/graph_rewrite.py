@@ -275,10 +275,12 @@ def ort_twin(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelP
 
 
 def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The graph for TensorRT: modelopt's Q/DQ as exported (trt:: ops included), cleaned.
+    """The graph for TensorRT, before its 16-bit conversion (`export.half`).
 
-    int8 keeps standard Q/DQ on float weights (TensorRT folds them at build time) and fp8 keeps
-    modelopt's trt::TRT_FP8{Quantize,Dequantize}Linear pairs; int4 gets int4 (K, N) weights into
+    int8 keeps standard Q/DQ on float weights (TensorRT folds them at build time). fp8 gets the ORT twin's
+    standard ops: float8e4m3fn weight initializers into DequantizeLinear and float8 activation Q/DQ, as ModelOpt's
+    own ONNX fp8 flow writes for TensorRT (its `qdq_to_dq`); modelopt's trt::TRT_FP8 ops would also parse, but
+    AutoCast cannot type them without TensorRT installed. int4 gets int4 (K, N) weights into
     trt::DequantizeLinear, the layout modelopt's int4 exporter writes. modelopt's FP8QuantExporter
     post-processing is deliberately not applied: it fp8-quantizes every Conv weight (including the
     patch embedding kept high precision) and adds Q/DQ after Softmax, so the engine would no longer
@@ -286,8 +288,13 @@ def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.Model
     """
     graph = _import(model)
     stats: dict[str, int] = {}
+    if kind == "fp8":
+        stats["weights_folded"] = _replace_weight_qdq(graph, kind)
+        stats["activation_qdq_swapped"] = _replace_trt_fp8_activation_qdq(graph)
     if kind == "int4":
         stats["int4_weights"] = _replace_int4_weights(graph, domain=TRT_DOMAIN)
     out = _export(graph, model)
+    if kind == "fp8":
+        del out.graph.value_info[:]  # exporter-declared types of the swapped ops (uint8) no longer hold
     _set_opset(out, opset, keep_trt_domain=True)
     return out, stats

@@ -1,8 +1,8 @@
 """TensorRT graphs on a 16-bit base: ModelOpt's AutoCast (`modelopt.onnx.autocast.convert_to_f16`, what ModelOpt's
 diffusers example applies with `--trt-high-precision-dtype Half`) rewrites a quantized graph so every layer outside the
 Q/DQ pairs computes in fp16 (attention, softmax, norms, unquantized GEMMs; Q/DQ scales in fp16), with fp32 graph
-inputs and outputs kept by casts. A strongly typed TensorRT network then runs those layers in fp16 instead of
-FP32/TF32. The ORT-CPU twins stay fp32-based (this CPU has no fast fp16)."""
+inputs and outputs kept by casts (or bf16: `--trt-dtype bfloat16`). A strongly typed TensorRT network then runs
+those layers in 16 bits instead of FP32/TF32. The ORT-CPU twins stay fp32-based (this CPU has no fast fp16)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import onnx
 
 from tmpdiff.formats.errors import TmpdiffError
 
-# What AutoCast converts today: its FP8 path looks TensorRT up to describe modelopt's trt::TRT_FP8 ops, and TensorRT
-# cannot be installed on the machines that export here, so fp8 TensorRT graphs stay fp32-based (recorded).
-HALF_KINDS = ("int8", "int4")
+# The 16-bit types a TensorRT graph can be based on -> AutoCast's name. fp16 by default, as ModelOpt's diffusers example
+# and TensorRT's demo/Diffusion build; bf16 for models whose activations overflow fp16 (FLUX-size transformers).
+TRT_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 def preload_autocast() -> None:
@@ -25,8 +25,11 @@ def preload_autocast() -> None:
     import modelopt.onnx.autocast.convert  # noqa: F401
 
 
-def to_half(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """The graph with fp16 compute and fp32 I/O; a TmpdiffError naming `where` if AutoCast refuses it."""
+def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.ModelProto:
+    """The graph with `dtype` (float16 / bfloat16) compute and fp32 I/O; a TmpdiffError naming `where` if AutoCast
+    refuses it. bf16 raises the graph's opset to 22 (AutoCast's requirement for bf16 Q/DQ scales)."""
+    if dtype not in TRT_DTYPES:
+        raise TmpdiffError(f"unknown 16-bit type {dtype!r} for the TensorRT graph (known: {', '.join(TRT_DTYPES)})", where)
     from modelopt.onnx.autocast.convert import convert_to_f16
 
     quiet = [logging.getLogger(name) for name in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast")]
@@ -35,10 +38,10 @@ def to_half(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return convert_to_f16(model, low_precision_type="fp16", keep_io_types=True)
+            return convert_to_f16(model, low_precision_type=TRT_DTYPES[dtype], keep_io_types=True)
     except Exception as exc:  # AutoCast raises its own and onnx's error types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TmpdiffError(f"ModelOpt AutoCast could not convert the TensorRT graph to fp16 ({first})", where) from None
+        raise TmpdiffError(f"ModelOpt AutoCast could not convert the TensorRT graph to {dtype} ({first})", where) from None
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
