@@ -98,4 +98,4 @@ def test_zero_byte_engines_get_a_valid_block_and_growth_repoints_every_engine():
         memory.detach(engine)
     assert memory.size == 0  # the last detach released it
     with pytest.raises(TmpdiffError, match="not allocated"):
-        memory.address
+        _ = memory.address
