@@ -56,9 +56,10 @@ def share_runtime_resources(threads: int | None = None) -> None:
 
 
 def session_options(threads: int | None = None, optimization: str = "all", optimized_path: Path | None = None,
-                    runtime: bool = False):
-    """ORT session options set deliberately: threads, graph optimisation level, where to save the optimised graph;
-    `runtime` sessions use what `share_runtime_resources` set up."""
+                    runtime: bool = False, optimized_data: bool = False):
+    """ORT session options set deliberately: threads, graph optimisation level, where to save the optimised graph
+    (with `optimized_data`, its weights in `<name>.data` beside it); `runtime` sessions use what
+    `share_runtime_resources` set up."""
     import onnxruntime as ort
 
     levels = dict(zip(LEVELS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -79,6 +80,10 @@ def session_options(threads: int | None = None, optimization: str = "all", optim
     opts.log_severity_level = 3
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
+        if optimized_data:  # weights beside the graph: a protobuf over 2 GB cannot be written
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          f"{Path(optimized_path).name}.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     # ORT fuses int4 DequantizeLinear + MatMul into MatMulNBits; its default accuracy level 4 quantizes
     # the activations to int8 inside the kernel (W4A8). Level 1 keeps them fp32: the W4A16 that
     # TensorRT computes and that the parity test checks (1e-3 -> 2e-7 relative error, measured).
@@ -136,6 +141,7 @@ class OrtEngine:
         optimized_path: Path | None = None,
         runtime: bool = False,
         trt_ep: dict[str, str] | None = None,
+        optimized_data: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -146,7 +152,8 @@ class OrtEngine:
             raise TmpdiffError("ONNX file is missing", self.path)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(threads, optimization, optimized_path, runtime),
+                str(self.path), sess_options=session_options(threads, optimization, optimized_path, runtime,
+                                                                optimized_data),
                 providers=providers_for(device, trt_ep),
             )
         except TmpdiffError:

@@ -55,14 +55,19 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
     if device == "trt-ep":
         return EngineEntry(backend="ort", precision=precision, path=entry.onnx, sha256=entry.sha256,
                            source_sha256=entry.sha256, backend_version=ort_version(), device=device_label(device),
-                           build_flags={"optimization": entry.ort_optimization, "device": device, "trt_ep_cache": True})
+                           build_flags={"optimization": entry.ort_optimization, "device": device, "trt_ep_cache": True},
+                           artifacts={k: v for k, v in entry.artifacts.items() if k == f"{entry.onnx}.data"})
     rel = f"{precision}/{prepared_name(device)}"
     final = build_dir / rel
+    data = final.with_name(f"{final.name}.data")
+    external = source.with_name(f"{source.name}.data").is_file()  # a large export makes a large engine
     with tempfile.TemporaryDirectory(prefix=temp_prefix(final.name), suffix=TEMP_SUFFIX, dir=final.parent) as tmp_dir:
         tmp = Path(tmp_dir) / final.name
-        OrtEngine(source, precision, device, threads, entry.ort_optimization, optimized_path=tmp)
-        if not tmp.is_file():
+        OrtEngine(source, precision, device, threads, entry.ort_optimization, optimized_path=tmp, optimized_data=external)
+        if not tmp.is_file() or (external and not (tmp.parent / data.name).is_file()):
             raise TmpdiffError("ONNX Runtime did not write the optimised graph", final)
+        if external:  # the data first: a graph never points at a missing or older data file
+            os.replace(tmp.parent / data.name, data)
         os.replace(tmp, final)
     flags = {"optimization": entry.ort_optimization, "device": device, "matmulnbits_accuracy_level": 1}
     if device == "cpu":
@@ -71,8 +76,8 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
         flags["bytes_per_row"] = measure_bytes_per_row(final, OrtEngine(final, precision, optimization="disable").input_specs)
     return EngineEntry(
         backend="ort", precision=precision, path=rel, sha256=sha256_file(final), source_sha256=entry.sha256,
-        backend_version=ort_version(), device=device_label(device),
-        build_flags=flags,
+        backend_version=ort_version(), device=device_label(device), build_flags=flags,
+        artifacts={data.relative_to(build_dir).as_posix(): sha256_file(data)} if external else {},
     )
 
 

@@ -81,7 +81,9 @@ def compute_dtypes(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     import numpy as np
     from onnx import helper, shape_inference
 
-    inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    from tmpdiff.export.onnx_io import weightless
+
+    inferred = shape_inference.infer_shapes(weightless(model), strict_mode=False)  # any model size
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
     types |= {t.name: t.data_type for t in inferred.graph.initializer}
     for node in inferred.graph.node:  # Constant outputs carry their tensor's type

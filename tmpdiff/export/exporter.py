@@ -304,12 +304,15 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     module = adapter.export_module(quantized)
     raw = export_to_proto(module, adapter, TRACE_OPSET)  # each graph gets its own opset from the rewrite
     kind = spec.rewrite_kind
+    rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
+    # One graph at a time, each saved before the next is made: a large graph's weights leave memory when it is saved.
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
     trt_proto = to_half(trt_proto, str(build_dir / spec.name), trt_dtype)
+    written = save_onnx(trt_proto, build_dir / trt_rel)
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
-    rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
-    written = [*save_onnx(trt_proto, build_dir / trt_rel), *save_onnx(twin, build_dir / rel),
-               directory / "quant_state.safetensors", directory / "quant_config.json"]
+    del raw
+    written += [*save_onnx(twin, build_dir / rel), directory / "quant_state.safetensors", directory / "quant_config.json"]
+    del twin
 
     rows = graph_census.census(trt_proto)
     weight_modules, input_modules = quantized_modules(quantized)

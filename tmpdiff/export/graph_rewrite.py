@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from tmpdiff.export.onnx_io import is_large
 from tmpdiff.formats.errors import TmpdiffError
 
 FP8_MAX = 448.0
@@ -270,7 +271,8 @@ def ort_twin(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelP
     leftover = sorted({f"{n.domain}::{n.op_type}" for n in twin.graph.node if n.domain == TRT_DOMAIN})
     if leftover:
         raise TmpdiffError(f"ORT twin still holds TensorRT-only ops: {', '.join(leftover)}")
-    onnx.checker.check_model(twin)
+    if not is_large(twin):  # a large graph cannot be checked in memory; ONNX Runtime loads the saved file at parity
+        onnx.checker.check_model(twin)
     return twin, stats
 
 

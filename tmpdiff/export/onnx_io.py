@@ -11,17 +11,73 @@ import onnx
 from tmpdiff.formats.atomic import TEMP_SUFFIX, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
 
-PROTOBUF_LIMIT = 2**31 - 1
+# Graphs whose tensors exceed this go to one external `.data` file. Well under protobuf's 2 GB so the graph itself
+# always serialises; TMPDIFF_EXTERNAL_DATA_BYTES lowers it (tests force the large-model path on a small model).
+EXTERNAL_DATA_BYTES = 2**30
+
+
+def external_data_threshold() -> int:
+    """Tensor bytes above which graphs are written with external data."""
+    text = os.environ.get("TMPDIFF_EXTERNAL_DATA_BYTES")
+    if text is None:
+        return EXTERNAL_DATA_BYTES
+    try:
+        return max(int(text), 0)
+    except ValueError:
+        raise TmpdiffError(f"TMPDIFF_EXTERNAL_DATA_BYTES must be a number of bytes, got {text!r}") from None
+
+
+def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return list(onnx.external_data_helper._get_all_tensors(model))
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the graph holds in memory (initializers and Constant attributes); never serialises, so it
+    works on graphs over protobuf's 2 GB limit."""
+    total = 0
+    for tensor in _tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # a reference to a file, not data in memory
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        else:  # typed fields hold the data; a stub with only dims (see `weightless`) holds none
+            total += 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * (
+                len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data))
+    return total
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether `model` is saved with external data (and must not be serialised whole)."""
+    return tensor_bytes(model) > external_data_threshold()
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph's structure with every initializer's data dropped (names, types and shapes kept): enough for shape
+    and type inference, cheap to copy, serialisable at any model size."""
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    graph = out.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for tensor in model.graph.initializer:
+        graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    return out
 
 
 def save_onnx(model: onnx.ModelProto, path: str | Path, force_external: bool = False) -> list[Path]:
-    """Write `model` to `path` (plus `path.data` when over 2 GB), each file appearing complete or not at all.
+    """Write `model` to `path` (plus `path.data` when large, see `is_large`), each file appearing complete or not at
+    all. Returns the files written; the data file is renamed into place before the graph that refers to it.
 
-    Returns the files written. The data file is renamed into place before the graph that refers to it.
+    With external data, `model`'s tensors move into the file: the proto keeps only references to it, so a large
+    graph is never held twice. Use the saved file (or `weightless`) afterwards, not the proto's weights.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = force_external or model.ByteSize() > PROTOBUF_LIMIT
+    external = force_external or is_large(model)
     with tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / path.name
         data_name = f"{path.name}.data"
@@ -55,14 +111,17 @@ def check_external_data(path: Path, root: Path) -> None:
 
 
 def load_onnx(path: str | Path, root: str | Path | None = None) -> onnx.ModelProto:
-    """Load and check a graph; a corrupt or truncated file is a TmpdiffError naming it."""
+    """Check a graph and return it (without its external data: tensors stay references to the `.data` file); a
+    corrupt or truncated file is a TmpdiffError naming it."""
     path = Path(path)
     if not path.is_file():
         raise TmpdiffError("ONNX file is missing", path)
     try:
         check_external_data(path, Path(root) if root else path.parent)
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model))
+        # by path when external: the checker then reads the data file itself instead of one >2 GB proto
+        onnx.checker.check_model(str(path) if external else model)
     except TmpdiffError:
         raise
     except Exception as exc:  # protobuf DecodeError, onnx ValidationError, OSError

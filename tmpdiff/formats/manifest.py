@@ -89,6 +89,8 @@ class EngineEntry(BaseModel):
     device: str
     compute_capability: str | None = None
     build_flags: dict = Field(default_factory=dict)
+    # other files the engine reads (an ORT graph's external `.data`), by path relative to the build dir -> sha256
+    artifacts: dict[str, str] = Field(default_factory=dict)
 
 
 def engine_key(backend: str, device: str, precision: str) -> str:
@@ -198,9 +200,10 @@ def engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry, *, 
     source = manifest.precisions.get(engine.precision)
     if source is None:
         return f"engine for {engine.precision}, which is no longer exported"
-    _, problem = artifact_problem(build_dir, engine.path, engine.sha256)
-    if problem is not None:
-        return f"engine file: {problem}"
+    for rel, digest in [(engine.path, engine.sha256), *engine.artifacts.items()]:
+        path, problem = artifact_problem(build_dir, rel, digest)
+        if problem is not None:
+            return f"engine file {path.name}: {problem}"
     if engine.source_sha256 != source.source_sha256(engine.backend):
         return "built from an older export"
     if backend_version is not None and engine.backend_version != backend_version:
