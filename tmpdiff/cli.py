@@ -53,6 +53,8 @@ Wait = Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for 
                                                             "build directory to finish")]
 Force = Annotated[bool, typer.Option("--force", help="replace existing outputs (and write through symbolic links)")]
 JsonOutput = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+CostsOpt = Annotated[Path, typer.Option(help="costs table (tmpdiff.costs/1): measured by `tmpdiff profile` or stated "
+                                               "for a device by `tmpdiff costs`")]
 
 
 def _print_version(value: bool) -> None:
@@ -224,6 +226,36 @@ def profile(
 
 
 @app.command()
+def costs(
+    device: Annotated[str, typer.Option(help="the target device the ratios are for, e.g. 'H100 SXM'")],
+    ratio: Annotated[list[str], typer.Option(help="PRECISION=RATIO pairs, comma-separated (repeatable): the step "
+                                                  "cost of each precision relative to the others, e.g. fp16=1,fp8=0.55")],
+    source: Annotated[str, typer.Option(help="where the ratios come from (a paper, a vendor table, a run elsewhere)")],
+    out: Annotated[Path, typer.Option(help="costs table to write (format tmpdiff.costs/1)")] = Path("costs.json"),
+    model_id: Annotated[str | None, typer.Option(help="the model the ratios are for (default: any model)")] = None,
+    force: Force = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Write a costs table stated for a target device (ratios, not measured here) for calibrate and bench."""
+    from rich.table import Table
+
+    from tmpdiff.commands.costs import write_stated_costs
+
+    table, out = write_stated_costs(device, ratio, source, out, model_id=model_id, force=force)
+    if json_output:
+        _print_json(table.model_dump(mode="json") | {"note": table.note(), "wrote": str(out)})
+        return
+    view = Table(title="step cost ratios")
+    for column in ("precision", "ratio"):
+        view.add_column(column, justify="left" if column == "precision" else "right")
+    for name, value in table.step_costs().items():
+        view.add_row(name, f"{value:g}")
+    Console().print(view)
+    typer.echo(f"costs: {table.note()}")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def run(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
     out: Annotated[Path, typer.Option(help="image to write (PNG grid, one sample per class or prompt)")] = Path("sample.png"),
@@ -338,7 +370,7 @@ def _print_steps(trace, title: str) -> None:
 @app.command()
 def calibrate(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
-    costs: Annotated[Path, typer.Option(help="latency table from `tmpdiff profile` (tmpdiff.costs/1)")],
+    costs: CostsOpt,
     out: Annotated[Path, typer.Option(help="schedule to write (tmpdiff.schedule/1)")] = Path("schedule.json"),
     speedup: Annotated[float | None, typer.Option(help="target speedup over the all-reference schedule")] = None,
     max_error: Annotated[float | None, typer.Option(help="quality floor: largest error on --metric")] = None,
@@ -402,17 +434,19 @@ def calibrate(
                f"({f.measured.schedule_ms:.1f} vs {f.measured.reference_ms:.1f} ms all-{f.reference}, median of "
                f"{f.measured.repeats}, {f.measured.device})")
     typer.echo(f"measured error {f.measured.error:.4g} ({metric}), SSIM {f.measured.ssim:.4f}, {f.evaluations} evaluations")
+    typer.echo(f"costs: {session.costs.note()}")
     typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.md'}" if report else ""))
 
 
 @app.command()
 def bench(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
-    costs: Annotated[Path, typer.Option(help="latency table from `tmpdiff profile`")],
+    costs: CostsOpt,
     out: Annotated[Path, typer.Option(help="output directory (bench.json, bench.md, pareto.png)")] = Path("bench-out"),
     steps: Annotated[str, typer.Option(help="comma-separated step counts")] = "10,20",
     speedups: Annotated[str, typer.Option(help="comma-separated speedup targets")] = "1.1,1.25,1.4",
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
+    reference: Annotated[str, typer.Option(help="reference precision (must be in the costs table)")] = "fp32",
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     force: Force = False,
 ) -> None:
@@ -431,8 +465,10 @@ def bench(
     check_threads(threads)
     out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs], build_dirs=[build_dir])["--out"]
     classifier = bundled_dir() / "classifier"
-    run_bench(build_dir, costs, out, _int_list(steps, "--steps"), targets, _int_list(calib_seeds, "--calib-seeds"),
-              threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m))
+    report = run_bench(build_dir, costs, out, _int_list(steps, "--steps"), targets, _int_list(calib_seeds, "--calib-seeds"),
+                       threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m),
+                       reference=reference)
+    typer.echo(f"costs: {report['costs_table']['note']}")
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
 
 

@@ -22,6 +22,7 @@ from tmpdiff.calibration.evaluator import METRICS
 from tmpdiff.calibration.search import Problem, Sensitivities, measure_sensitivities, segment_bisection, tmpdiff_search
 from tmpdiff.calibration.session import CalibrationSession, open_session
 from tmpdiff.formats.atomic import write_bytes, write_json
+from tmpdiff.formats.costs import load_costs
 from tmpdiff.models.schedulers import sampling_scheduler
 
 
@@ -64,14 +65,16 @@ def _measured_speedup(session: CalibrationSession, schedule, repeats: int = 3) -
 
 def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int] = (10, 20),
           speedups: Sequence[float] = (1.1, 1.25, 1.4), seeds: Sequence[int] = (0, 1), threads: int | None = None,
-          classifier_dir: Path | None = None, on_progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Run the whole comparison and write its outputs; returns the bench dict."""
+          classifier_dir: Path | None = None, on_progress: Callable[[str], None] = lambda _: None,
+          reference: str = "fp32") -> dict:
+    """Run the whole comparison and write its outputs; returns the bench dict (its costs' origin in `costs_table`)."""
     from tmpdiff.eval.quality import sample_quality
 
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"costs": str(costs_path), "seeds": list(seeds), "runs": []}
+    report: dict = {"costs": str(costs_path), "costs_table": load_costs(costs_path).provenance(), "seeds": list(seeds),
+                    "runs": []}
     for steps in steps_list:
-        session = open_session(build_dir, costs_path, steps, "latent", seeds=seeds, threads=threads)
+        session = open_session(build_dir, costs_path, steps, "latent", reference, seeds=seeds, threads=threads)
         labels = session.evaluator.labels
 
         def quality(schedule, session=session, labels=labels):
@@ -80,7 +83,8 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
             return sample_quality(str(classifier_dir), session.evaluator.latents(schedule), labels)
 
         cheap = session.problem.cheapest
-        per_steps: dict = {"steps": steps, "levels": session.problem.all_levels, "cost_ms": session.problem.cost,
+        per_steps: dict = {"steps": steps, "levels": session.problem.all_levels,
+                           f"cost_{session.costs.unit}": session.problem.cost,
                            "max_speedup": session.problem.max_speedup(), "targets": []}
         per_steps["uniform"] = [_row(session, session.problem, f"uniform {p}", [p] * steps, 0, quality)
                                 for p in session.problem.all_levels]
@@ -153,10 +157,12 @@ def _fmt(value) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    lines = ["# tmpdiff bench", ""]
+    costs = report["costs_table"]
+    lines = ["# tmpdiff bench", "", f"Costs ({costs['origin']}): {costs['note']}. The speedups in the tables are "
+             "the costs table's; measured end-to-end speedups are timed here.", ""]
     for run in report["runs"]:
-        lines += [f"## T = {run['steps']}, levels {run['levels']}, per-step ms {run['cost_ms']}, "
-                  f"max speedup {run['max_speedup']:.3f}", ""]
+        lines += [f"## T = {run['steps']}, levels {run['levels']}, per-step {costs['unit']} "
+                  f"{run['cost_' + costs['unit']]}, max speedup {run['max_speedup']:.3f}", ""]
         header = ["method", "speedup (costs)", "latent err", "1-SSIM", "PSNR", "accuracy", "FD", "evaluations", "schedule"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in run["uniform"]:
@@ -207,4 +213,5 @@ def plot_pareto(report: dict, path: Path) -> None:
         ax.set_xlabel("speedup (costs table)")
         ax.set_ylabel("SSIM vs reference")
         ax.legend(fontsize=7)
+    fig.suptitle(f"costs {report['costs_table']['note']}", fontsize=8)
     save_figure(fig, path)

@@ -109,7 +109,6 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
                          device=timing_device(session), reference_ms=reference_s * 1e3, schedule_ms=schedule_s * 1e3,
                          repeats=timing_repeats),
         evaluations=session.evaluator.runs,
-        costs={"source": session.costs.device, "backend": session.costs.backend, "batch": session.costs.batch,
-               "per_step_ms": problem.cost},
+        costs=session.costs.provenance() | {f"per_step_{session.costs.unit}": problem.cost},
     )
     return CalibrationResult(schedule, file, sens, candidates)

@@ -77,13 +77,15 @@ def write_calibration_report(session, result, out: Path) -> dict:
              "TMPDiff": to_images(session.evaluator.latents(result.schedule)),
              f"uniform {problem.cheapest}": to_images(session.evaluator.latents(cheapest))}
     image_strip(strip, out / "images.png", count=min(10, len(strip["reference"])))
-    write_json(out / "validation.json", validation)
+    costs = session.costs
+    write_json(out / "validation.json", validation | {"costs": costs.provenance()})
     f = result.file
     fits = validation["fits"]
     lines = [
         "# Calibration report", "",
         f"- schedule ({problem.steps} steps): `{' '.join(f.precisions)}`",
-        f"- target: {f.target}; costs from {f.costs.get('source')} (per-step ms {f.costs.get('per_step_ms')})",
+        f"- target: {f.target}",
+        f"- costs ({costs.origin}): {costs.note()}; per-step {costs.unit} {problem.cost}",
         f"- predicted speedup {f.predicted.speedup:.3f}x; measured {problem.metric} error {f.measured.error:.4g}, "
         f"SSIM {f.measured.ssim:.4f}; search evaluations: {f.evaluations}",
         "", "## Does additivity hold? (held-out schedules)", "",

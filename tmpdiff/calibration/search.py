@@ -1,7 +1,7 @@
 """The TMPDiff schedule search (design §5): sensitivities + exact assignment, and segment bisection.
 
 Both searches work on a `Problem`: T steps, a reference level, cheaper levels with per-step costs
-(from a `tmpdiff.costs/1` table) and an evaluator that measures E(Z) with the real engines.
+(from a `tmpdiff.costs/1` table, measured or stated) and an evaluator that measures E(Z) with the real engines.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Problem:
     steps: int
     reference: str
     levels: list[str]  # cheaper levels, most expensive first
-    cost: dict[str, float]  # per-step latency of each level
+    cost: dict[str, float]  # per-step cost of each level (ms measured, or a stated ratio: only ratios matter)
     metric: str
     evaluate: Callable[[Sequence[str]], Evaluation]
 
@@ -35,7 +35,8 @@ class Problem:
                evaluate: Callable[[Sequence[str]], Evaluation]) -> Problem:
         """Keep only levels cheaper than the reference: a level that is not cheaper can never pay off."""
         if reference not in costs:
-            raise TmpdiffError(f"the costs table has no entry for the reference precision {reference}")
+            raise TmpdiffError(f"the costs table has no entry for the reference precision {reference} (it has "
+                               f"{', '.join(costs) or 'none this build exported'}; --reference chooses another)")
         cheaper = sorted((p for p, c in costs.items() if p != reference and c < costs[reference]),
                          key=lambda p: -costs[p])
         if not cheaper:

@@ -29,6 +29,19 @@ class CalibrationSession:
                        self.problem.evaluate)
 
 
+def _usable_costs(costs: CostsTable, manifest: Manifest, costs_path: Path) -> dict[str, float]:
+    """The table's step costs for this build. A measured table must be for this model and name only exported
+    precisions; a stated one (a device's figures) may be for any model (when it names none) and name more."""
+    if costs.model_id is not None and costs.model_id != manifest.model_id:
+        raise TmpdiffError(f"costs were {costs.origin} for model {costs.model_id!r}, this build is {manifest.model_id!r}",
+                           costs_path)
+    stray = sorted(set(costs.precisions) - set(manifest.precisions))
+    if stray and costs.origin == "measured":
+        raise TmpdiffError(f"costs name precisions that were not exported here: {', '.join(stray)} "
+                           f"(exported: {', '.join(manifest.precisions)})", costs_path)
+    return {p: c for p, c in costs.step_costs().items() if p in manifest.precisions}
+
+
 def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "latent", reference: str = "fp32",
                  classes: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1), backend: str = "ort",
                  device: str = "cpu", threads: int | None = None, levels: Sequence[str] | None = None,
@@ -42,14 +55,9 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     manifest = load_manifest(build_dir)
     sampling = manifest.require_sampling(build_dir)
     costs = load_costs(costs_path)
-    if costs.model_id != manifest.model_id:
-        raise TmpdiffError(f"costs were measured for model {costs.model_id!r}, this build is {manifest.model_id!r}", costs_path)
+    usable = _usable_costs(costs, manifest, costs_path)
     built = manifest.built_precisions(backend, device)
-    stray = sorted(set(costs.precisions) - set(manifest.precisions))
-    if stray:
-        raise TmpdiffError(f"costs name precisions that were not exported here: {', '.join(stray)} "
-                           f"(exported: {', '.join(manifest.precisions)})", costs_path)
-    wanted = [p for p in costs.precisions if levels is None or p in levels or p == reference]
+    wanted = [p for p in usable if levels is None or p in levels or p == reference]
     unbuilt = [p for p in wanted if p not in built]
     if unbuilt:
         raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`", costs_path)
@@ -60,7 +68,7 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     if bad:
         raise TmpdiffError(f"calibration classes {bad} out of range 0..{sampling.num_classes - 1}")
 
-    cost = {p: costs.precisions[p].median_ms for p in wanted}
+    cost = {p: usable[p] for p in wanted}
     # Problem.create refuses a table without any level cheaper than the reference, before engines load.
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
