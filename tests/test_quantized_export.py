@@ -82,12 +82,16 @@ def test_every_precision_recorded(quant_build):
 
 
 def test_trt_graph_has_tensorrt_ops_and_twin_has_none(quant_build):
+    """int4's TensorRT graph keeps TensorRT's int4 DequantizeLinear; fp8's is standard float8 Q/DQ (AutoCast can type
+    it), the same ops as its twin but in fp16; no twin has a TensorRT op."""
     _, build_dir, _ = quant_build
     for name in ("fp8", "int4"):
         trt_ops = {(n.domain, n.op_type) for n in onnx.load(build_dir / name / "model.trt.onnx").graph.node}
         twin_ops = {(n.domain, n.op_type) for n in onnx.load(build_dir / name / "model.onnx").graph.node}
-        assert any(domain == "trt" for domain, _ in trt_ops), name
+        assert any(domain == "trt" for domain, _ in trt_ops) == (name == "int4"), name
         assert not any(domain == "trt" for domain, _ in twin_ops), name
+    fp8_trt = onnx.load(build_dir / "fp8" / "model.trt.onnx")
+    assert sum(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in fp8_trt.graph.initializer) >= 24
     twin = onnx.load(build_dir / "int4" / "model.onnx")
     assert any(i.data_type == onnx.TensorProto.INT4 for i in twin.graph.initializer)
     assert twin.opset_import[0].version >= 21

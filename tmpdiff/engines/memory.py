@@ -18,6 +18,8 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest
 
 ROWS = (4, 36)  # the two batch sizes measured; the difference is what one row costs
+LARGE_ROWS = (1, 3)  # for graphs over LARGE_GRAPH_BYTES (an SD1.5 UNet row takes seconds and ~0.5 GB on CPU)
+LARGE_GRAPH_BYTES = 256 * 2**20
 # ORT's CPU arena extends by powers of two, so a run can hold up to twice what it uses (seen on the bundled model:
 # 0.74 MiB per row measured here, 1.6 MiB per row of peak RSS growth between --batch 250 and 1000 of `tmpdiff run`)
 ARENA_GROWTH = 2
@@ -44,15 +46,20 @@ print(json.dumps(peaks))
 
 
 def measure_bytes_per_row(onnx_path: Path, input_specs: list, optimization: str = "disable") -> int | None:
-    """Resident-memory growth per batch row of a graph on ORT-CPU (None if the probe process fails)."""
+    """Resident-memory growth per batch row of a graph on ORT-CPU (None if the probe process fails). Large graphs
+    (weights beside them included) are probed at smaller batches, so the probe stays minutes and gigabytes below
+    the build it belongs to."""
     specs = [[s.name, s.dtype, list(s.shape)] for s in input_specs]
+    data = onnx_path.with_name(f"{onnx_path.name}.data")
+    size = onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    rows = LARGE_ROWS if size > LARGE_GRAPH_BYTES else ROWS
     try:
         done = subprocess.run([sys.executable, "-c", _PROBE, str(onnx_path), optimization, json.dumps(specs),
-                               json.dumps(list(ROWS))], capture_output=True, text=True, timeout=600, check=True)
+                               json.dumps(list(rows))], capture_output=True, text=True, timeout=1800, check=True)
         low, high = json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError, OSError):
         return None
-    return max(0, (high - low) // (ROWS[1] - ROWS[0]))
+    return max(0, (high - low) // (rows[1] - rows[0]))
 
 
 def available_bytes() -> int | None:

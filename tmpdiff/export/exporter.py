@@ -26,7 +26,8 @@ from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, r
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.memory import activation_bytes_per_row
-from tmpdiff.export.onnx_export import export_to_proto
+from tmpdiff.export.memory_plan import choose_base
+from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
     build_config,
@@ -99,6 +100,7 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 PARITY_SEEDS = (20_251, 20_252, 20_253)
+LARGE_MODEL_PARAMETERS = 100_000_000
 
 
 def _torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
@@ -118,8 +120,10 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
 
     engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
     parity, error, torch_error = [], [], []
+    # real-size models (SD1.5: ~8 s per row and pass on 2 cores) check one row per seed, small models three
+    rows = 1 if sum(p.numel() for p in reference.parameters()) > LARGE_MODEL_PARAMETERS else 3
     for seed in PARITY_SEEDS:
-        inputs = adapter.sample_inputs(adapter.default_dims(3), seed=seed)
+        inputs = adapter.sample_inputs(adapter.default_dims(rows), seed=seed)
         got = next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
         want, fp32 = _torch_outputs(module, inputs), _torch_outputs(reference, inputs)
         parity.append(_relative_error(got, want))
@@ -174,6 +178,7 @@ def export_model(
     graph_sizes: dict[str, int | None] | None = None,
     wait: float = 3600.0,
     trt_dtype: str = "float16",
+    memory_check: bool = True,
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
 
@@ -181,6 +186,8 @@ def export_model(
     graph takes, as the same keys in the model's config.json would. Holds the build directory's lock
     throughout, so concurrent exports/builds are serialised (waiting at most `wait` seconds, and saying so).
     `trt_dtype` is the 16-bit type the quantized TensorRT graphs compute in outside their Q/DQ (float16, bfloat16).
+    With `memory_check`, an export whose planned peak memory (`export.memory_plan`) exceeds what is available is
+    refused before the model is loaded.
     """
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
     if trt_dtype not in TRT_DTYPES:
@@ -193,11 +200,12 @@ def export_model(
         raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
+    base = choose_base(model_dir, specs) if memory_check else "float32"
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
-                              on_progress, sampling, trt_dtype)
+                              on_progress, sampling, trt_dtype, base)
 
 
 def _export_locked(
@@ -212,6 +220,7 @@ def _export_locked(
     on_progress: Callable[[str], None],
     sampling: SamplingInfo | None,
     trt_dtype: str,
+    base: str,
 ) -> tuple[Path, list[ExportOutcome]]:
     model_hash = model_content_hash(model_dir)
 
@@ -239,7 +248,9 @@ def _export_locked(
 
     def model() -> torch.nn.Module:
         if "model" not in state:
-            state["model"] = load_diffusers_model(model_dir)
+            if base != "float32":
+                on_progress(f"loading the model in {base}: a float32 copy would not fit in memory")
+            state["model"] = load_diffusers_model(model_dir, dtype=getattr(torch, base))
         return state["model"]
 
     recipe = calibration or random_recipe()
@@ -254,6 +265,8 @@ def _export_locked(
     outcomes = []
     for spec in specs:
         key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
+        if base != "float32":
+            key_parts["base"] = base  # checked against a 16-bit torch model, not the fp32 one
         if spec.modelopt_cfg is not None:
             # by recipe, not by result: the config follows from (model, modelopt config, kept layers), the data from
             # (model, recipe), so checking freshness needs neither the model nor a capture
@@ -281,16 +294,26 @@ def _export_locked(
     return build_dir, outcomes
 
 
+def _dtype_of(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path,
                   key: str) -> tuple[PrecisionEntry, list]:
     """fp32 / fp16: one graph serves TensorRT and ONNX Runtime."""
     dtype = torch.float16 if spec.name == "fp16" else torch.float32
-    module = adapter.export_module(copy.deepcopy(model) if dtype != torch.float32 else model, dtype)
-    proto = export_to_proto(module, adapter, spec.ort_opset)
-    remove_dead_nodes(proto)
+    if dtype != _dtype_of(model) and _dtype_of(model) != torch.float32:
+        raise TmpdiffError(f"{spec.name} cannot be exported from a model loaded in {_dtype_of(model)}")
+    # the fp16 graph traces a half copy, unless the model itself was loaded in 16 bits (fp32 would not fit)
+    module = adapter.export_module(copy.deepcopy(model) if dtype != _dtype_of(model) else model, dtype)
     rel = f"{spec.name}/model.onnx"
-    written = save_onnx(proto, build_dir / rel)
-    return _checked_entry(spec, build_dir, rel, rel, key, adapter, module, model, extra_files=written), []
+    with traced(module, adapter, spec.ort_opset) as (proto, data_dir):
+        remove_dead_nodes(proto)
+        written = save_onnx(proto, build_dir / rel, data_dir=data_dir)  # a large model's weights stream, never loaded
+    del proto
+    # a model loaded in 16 bits (fp32 would not fit) is its own reference: there is no fp32 model to compare with
+    reference = module if _dtype_of(model) != torch.float32 else adapter.export_module(model)
+    return _checked_entry(spec, build_dir, rel, rel, key, adapter, module, reference, extra_files=written), []
 
 
 def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path, key: str,
@@ -302,7 +325,8 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     directory = build_dir / spec.name
     save_quantized_state(quantized, quant_config, directory)
     module = adapter.export_module(quantized)
-    raw = export_to_proto(module, adapter, TRACE_OPSET)  # each graph gets its own opset from the rewrite
+    with traced(module, adapter, TRACE_OPSET) as (raw, data_dir):  # each graph gets its own opset from the rewrite
+        load_weights(raw, data_dir)
     kind = spec.rewrite_kind
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
     # One graph at a time, each saved before the next is made: a large graph's weights leave memory when it is saved.
@@ -334,16 +358,18 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
-    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, model, quantization, written)
+    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, adapter.export_module(model),
+                           quantization, written)
     return entry, rows
 
 
 def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key: str, adapter: DenoiserAdapter,
-                   module: torch.nn.Module, model: torch.nn.Module, quantization: dict | None = None,
+                   module: torch.nn.Module, reference: torch.nn.Module, quantization: dict | None = None,
                    extra_files: list[Path] = ()) -> PrecisionEntry:
-    """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity holds;
-    every other file written for it (external data, quantizer state) is hashed too."""
-    parity, error, torch_error = _parity(build_dir / rel, spec.name, adapter, module, adapter.export_module(model))
+    """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity with `module`
+    holds (errors also against `reference`, the fp32 model); every other file written for it (external data,
+    quantizer state) is hashed too."""
+    parity, error, torch_error = _parity(build_dir / rel, spec.name, adapter, module, reference)
     _check_parity(spec.name, parity, error, torch_error, build_dir / rel)
     check_io = build_dir / spec.name / CHECK_IO_NAME
     _record_check_io(build_dir / rel, spec.name, adapter, check_io)

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from tmpdiff.export.onnx_io import is_large
+from tmpdiff.export.onnx_io import is_large, weightless
 from tmpdiff.formats.errors import TmpdiffError
 
 FP8_MAX = 448.0
@@ -242,8 +242,16 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nobody reads and initializers nobody uses; topologically sort the rest."""
-    model.graph.CopyFrom(_export(gs.import_onnx(model), model).graph)
+    """Drop nodes whose outputs nobody reads and initializers nobody uses; topologically sort the rest.
+
+    Works in place on a weightless copy's answer, so a multi-gigabyte graph's weights are never copied."""
+    cleaned = _export(gs.import_onnx(weightless(model)), model).graph
+    used = {tensor.name for tensor in cleaned.initializer}
+    for index in reversed(range(len(model.graph.initializer))):
+        if model.graph.initializer[index].name not in used:
+            del model.graph.initializer[index]
+    del model.graph.node[:]
+    model.graph.node.extend(cleaned.node)
 
 
 def _set_opset(model: onnx.ModelProto, opset: int, keep_trt_domain: bool) -> None:

@@ -68,24 +68,28 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def save_onnx(model: onnx.ModelProto, path: str | Path, force_external: bool = False) -> list[Path]:
+def save_onnx(model: onnx.ModelProto, path: str | Path, force_external: bool = False,
+              data_dir: Path | None = None) -> list[Path]:
     """Write `model` to `path` (plus `path.data` when large, see `is_large`), each file appearing complete or not at
     all. Returns the files written; the data file is renamed into place before the graph that refers to it.
 
-    With external data, `model`'s tensors move into the file: the proto keeps only references to it, so a large
-    graph is never held twice. Use the saved file (or `weightless`) afterwards, not the proto's weights.
+    Tensors may already be external (references into files under `data_dir`, as torch's exporter writes a large
+    model): they are streamed into `path.data` a tensor at a time, never loaded together. With external data,
+    `model`'s tensors move into the file: the proto keeps only references to it, so a large graph is never held
+    twice. Use the saved file (or `weightless`) afterwards, not the proto's weights.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = force_external or is_large(model)
+    referenced = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model))
+    if referenced and data_dir is None:
+        raise TmpdiffError("graph refers to external data but no directory to read it from was given", path)
+    external = force_external or referenced or is_large(model)
     with tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / path.name
         data_name = f"{path.name}.data"
         if external:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(tmp))
+            _stream_tensors(model, data_dir, Path(tmp_dir) / data_name)
+        onnx.save_model(model, str(tmp))
         written = []
         if external:
             os.replace(Path(tmp_dir) / data_name, path.parent / data_name)
@@ -93,6 +97,49 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, force_external: bool = F
         os.replace(tmp, path)
         written.append(path)
     return written
+
+
+_INLINE_BYTES = 1024  # smaller tensors stay in the graph file
+_ALIGN = 4096  # each tensor starts on a page, so ONNX Runtime can map it
+
+
+def _external_field(tensor: onnx.TensorProto, key: str) -> str | None:
+    return next((entry.value for entry in tensor.external_data if entry.key == key), None)
+
+
+def _stream_tensors(model: onnx.ModelProto, data_dir: Path | None, data_path: Path) -> None:
+    """Move every initializer of at least `_INLINE_BYTES` into `data_path`, one tensor at a time: in-memory data is
+    written and dropped, external data (of any tensor, Constant values included) is copied from its file under
+    `data_dir`. In-memory Constant values stay inline, as ONNX's own saver leaves them."""
+    initializers = list(model.graph.initializer)
+    attributes = [t for t in onnx.external_data_helper._get_attribute_tensors(model)
+                  if t.data_location == onnx.TensorProto.EXTERNAL]
+    with data_path.open("wb") as out:
+        for tensor in [*initializers, *attributes]:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                location = _external_field(tensor, "location") or ""
+                source = (Path(data_dir) / location).resolve()
+                if data_dir is None or not source.is_relative_to(Path(data_dir).resolve()) or not source.is_file():
+                    raise TmpdiffError(f"external data {location!r} of tensor {tensor.name!r} is missing or outside "
+                                       f"{data_dir}", data_path)
+                with source.open("rb") as handle:
+                    handle.seek(int(_external_field(tensor, "offset") or 0))
+                    length = _external_field(tensor, "length")
+                    payload = handle.read(int(length)) if length is not None else handle.read()
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _INLINE_BYTES:
+                payload = tensor.raw_data
+            else:
+                continue  # small, or stored in typed fields (torch writes raw_data for weights)
+            offset = out.seek(0, os.SEEK_END)
+            if offset % _ALIGN:
+                out.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                offset = out.tell()
+            out.write(payload)
+            del tensor.external_data[:]
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(payload)))):
+                tensor.external_data.add(key=key, value=value)
 
 
 def check_external_data(path: Path, root: Path) -> None:

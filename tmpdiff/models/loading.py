@@ -62,13 +62,23 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def check_weights(model_dir: Path) -> None:
-    """Open every safetensors file's header and data so corruption is caught before diffusers sees it."""
+    """Read every tensor of every safetensors file, one at a time, so corruption is caught before diffusers sees it
+    without holding a second copy of a multi-gigabyte model."""
+    from safetensors import SafetensorError, safe_open
+
     for path in weight_files(model_dir):
-        load_safetensors(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise TmpdiffError(f"corrupt safetensors file ({exc})", path) from None
 
 
-def load_diffusers_model(model_dir: str | Path, subfolder: str | None = None) -> torch.nn.Module:
-    """Load a diffusers model class from a local directory via `from_pretrained` (safetensors only)."""
+def load_diffusers_model(model_dir: str | Path, subfolder: str | None = None,
+                         dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a diffusers model class from a local directory via `from_pretrained` (safetensors only), in `dtype`
+    (default: as stored)."""
     import diffusers
 
     model_dir = Path(model_dir)
@@ -80,7 +90,8 @@ def load_diffusers_model(model_dir: str | Path, subfolder: str | None = None) ->
         raise TmpdiffError(f"unknown diffusers model class {class_name!r}", target / "config.json")
     check_weights(target)
     try:
-        model = model_cls.from_pretrained(str(target), use_safetensors=True, local_files_only=True)
+        model = model_cls.from_pretrained(str(target), use_safetensors=True, local_files_only=True,
+                                          **({"torch_dtype": dtype} if dtype is not None else {}))
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TmpdiffError(f"could not load {class_name} ({first_line})", target) from None

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Real-size denoisers through the whole pipeline on this machine: export, ORT-CPU build, one profiled step.
+
+Models are made here from the public `config.json` values of each family, with random weights (seed 0; nothing is
+downloaded), saved with `save_pretrained` (safetensors). Per model and precision every stage runs as its own
+`tmpdiff` process, so its peak RSS is that process's own (`os.wait4`); the script records wall time, peak RSS, the
+files each stage wrote, and then profiles every built precision in one `tmpdiff profile` run (ORT-CPU, batch 1,
+median of the repeats). The JSON is written after every stage, so an interrupted run keeps what it measured and a
+re-run skips what is done.
+
+    python scripts/bench_scale.py --models sd15-unet,pixart-sigma --out results/cpu-epyc-2core/scale.json
+
+Graphs take 512-px latents (64 x 64; SD1.5's native size, the others' 512-px variants) so a CPU step stays in
+seconds; parameter counts, and so export memory, are those of the full models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tmpdiff.formats.atomic import write_json
+
+# Public config.json values (diffusers format) of each family's denoiser; `dtype` is how the weights are stored.
+MODELS: dict[str, dict] = {
+    "sd15-unet": {
+        "source": "runwayml/stable-diffusion-v1-5 unet/config.json",
+        "class": "UNet2DConditionModel", "dtype": "float32",
+        "config": {"sample_size": 64, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 768,
+                   "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8},
+    },
+    "pixart-sigma": {
+        "source": "PixArt-alpha/PixArt-Sigma-XL-2-512-MS transformer/config.json",
+        "class": "PixArtTransformer2DModel", "dtype": "float32",
+        "config": {"sample_size": 64, "patch_size": 2, "in_channels": 4, "out_channels": 8, "num_layers": 28,
+                   "num_attention_heads": 16, "attention_head_dim": 72, "cross_attention_dim": 1152,
+                   "caption_channels": 4096, "norm_type": "ada_norm_single", "norm_elementwise_affine": False,
+                   "norm_eps": 1e-6, "num_embeds_ada_norm": 1000, "activation_fn": "gelu-approximate",
+                   "attention_bias": True, "interpolation_scale": 1, "use_additional_conditions": False},
+    },
+    "sd3-medium": {
+        "source": "stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json",
+        "class": "SD3Transformer2DModel", "dtype": "float16",
+        "config": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                   "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                   "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192},
+        "graph": ["--sample-size", "64"],
+    },
+    "sdxl-unet": {
+        "source": "stabilityai/stable-diffusion-xl-base-1.0 unet/config.json",
+        "class": "UNet2DConditionModel", "dtype": "float16",
+        "config": {"sample_size": 128, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280],
+                   "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                   "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                   "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+                   "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+                   "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816},
+        "graph": ["--sample-size", "64"],
+    },
+}
+
+
+def make_model(name: str, work: Path) -> tuple[Path, int, float]:
+    """The model directory (made once, seed 0), its parameter count and the seconds making it took."""
+    import diffusers
+    import torch
+
+    spec = MODELS[name]
+    directory = work / "models" / name
+    started = time.perf_counter()
+    if not (directory / "config.json").is_file():
+        torch.manual_seed(0)
+        model = getattr(diffusers, spec["class"]).from_config(spec["config"])
+        model = model.to(getattr(torch, spec["dtype"]))
+        model.save_pretrained(directory, safe_serialization=True, max_shard_size="100GB")
+        del model
+    params = parameter_count(directory)
+    return directory, params, time.perf_counter() - started
+
+
+def parameter_count(directory: Path) -> int:
+    """Parameters in a model directory's safetensors files, read from their headers (no weights loaded)."""
+    import struct
+
+    total = 0
+    for file in directory.glob("*.safetensors"):
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def run_stage(args: list[str], log: Path) -> dict:
+    """One `tmpdiff` process: seconds, peak RSS (its own, from wait4), exit code; output appended to `log`."""
+    started = time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"\n$ tmpdiff {' '.join(args)}\n")
+        out.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "tmpdiff.cli", *args], stdout=out, stderr=out)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+            "exit_code": proc.returncode}
+
+
+def files_of(build_dir: Path, precision: str, pattern: str) -> dict[str, int]:
+    """Sizes (bytes) of a precision's files matching `pattern`."""
+    return {p.name: p.stat().st_size for p in sorted((build_dir / precision).glob(pattern)) if p.is_file()}
+
+
+def bench_model(name: str, precisions: list[str], work: Path, results: dict, out: Path, repeats: int) -> None:
+    model_dir, params, make_seconds = make_model(name, work)
+    spec = MODELS[name]
+    record = results["models"].setdefault(name, {})
+    record.update({"source": spec["source"], "class": spec["class"], "weights_dtype": spec["dtype"],
+                   "parameters": params, "make_seconds": round(make_seconds, 1), "graph_args": spec.get("graph", []),
+                   "precisions": record.get("precisions", {})})
+    build_root, log = work / "build", work / f"{name}.log"
+    build_dir = build_root / name
+    for precision in tqdm(precisions, desc=name):
+        row = record["precisions"].setdefault(precision, {})
+        if row.get("build", {}).get("exit_code") == 0:
+            continue  # measured by an earlier run of this script
+        row["export"] = run_stage(["export", str(model_dir), "--precisions", precision, "--out", str(build_root),
+                                   "--model-id", name, *spec.get("graph", [])], log)
+        write_json(out, results)
+        if row["export"]["exit_code"] != 0:
+            continue
+        row["graph_files"] = files_of(build_dir, precision, "model*.onnx*")
+        row["build"] = run_stage(["build", str(build_dir), "--backend", "ort", "--precisions", precision], log)
+        row["engine_files"] = files_of(build_dir, precision, "model.ort-*")
+        write_json(out, results)
+        if row["build"]["exit_code"] != 0:
+            continue
+    # one profile over every built precision: ratios measured in one run, alternating precisions per repeat
+    built = [p for p in precisions if record["precisions"].get(p, {}).get("build", {}).get("exit_code") == 0]
+    if not built:
+        return
+    costs = work / f"{name}-costs.json"
+    record["profile"] = run_stage(["profile", str(build_dir), "--backend", "ort", "--precisions", ",".join(built),
+                                   "--batch", "1", "--warmup", "1", "--repeats", str(repeats), "--out", str(costs),
+                                   "--force"], log)
+    if record["profile"]["exit_code"] == 0:
+        measured = json.loads(costs.read_text())["precisions"]
+        for precision in built:
+            record["precisions"][precision]["step_ms_batch1"] = measured[precision]["median_ms"]
+    write_json(out, results)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated from {', '.join(MODELS)}")
+    parser.add_argument("--precisions", default="fp32,int8,fp8,int4")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tmpdiff-scale"), help="models, builds and logs")
+    parser.add_argument("--out", type=Path, required=True, help="JSON to write (updated after every stage)")
+    parser.add_argument("--repeats", type=int, default=3, help="profiled steps per precision (median)")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"models": {}}
+    results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                          "python": platform.python_version()}
+    for name in names:
+        bench_model(name, [p.strip() for p in args.precisions.split(",")], args.work, results, args.out, args.repeats)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

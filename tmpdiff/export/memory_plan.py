@@ -1,0 +1,102 @@
+"""Peak memory of an export, planned before any work: a model of bytes per parameter per stage, and the refusal.
+
+Every export stage holds the torch model plus some number of copies of its weights (the traced module, the ONNX
+proto, a graph being rewritten, ONNX Runtime's session in the parity check). The copies per stage were measured
+with `scripts/bench_scale.py` (peak RSS of one `tmpdiff export` process per precision, SD1.5-size UNet and
+PixArt-size transformer, results/cpu-epyc-2core/scale.json): peak ~= BASE_BYTES + copies x fp32 weight bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmpdiff.engines import memory as engine_memory
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import Precision
+
+GB = 1e9
+BASE_BYTES = 1.0 * GB  # the interpreter with torch, diffusers, modelopt and ONNX Runtime imported
+# Peak RSS in units of the loaded model's weight bytes, per kind of export (see the module docstring).
+COPIES = {"plain": 4.4, "fp16": 4.4, "quantized": 5.0}
+BYTES_PER_WEIGHT = {"float32": 4, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ExportMemory:
+    """What one precision's export is planned to need, starting from the model loaded in `base` dtype."""
+
+    precision: str
+    parameters: int
+    base: str
+    peak_bytes: float
+
+    def describe(self) -> str:
+        return (f"{self.precision} needs about {_size(self.peak_bytes)} ({COPIES[_kind(self.precision)]} x the "
+                f"{_size(self.parameters * BYTES_PER_WEIGHT[self.base])} of {self.base} weights of "
+                f"{self.parameters / 1e6:,.1f}M parameters + {_size(BASE_BYTES)})")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GB:.1f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1e6:.0f} MB"
+
+
+def _kind(precision: str) -> str:
+    from tmpdiff.formats.precisions import get_precision
+
+    spec = get_precision(precision)
+    if spec.modelopt_cfg is not None:
+        return "quantized"
+    return "fp16" if spec.name == "fp16" else "plain"
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters in a diffusers model directory, from its safetensors headers (no weights read)."""
+    total = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with file.open("rb") as handle:
+                size = struct.unpack("<Q", handle.read(8))[0]
+                header = json.loads(handle.read(size))
+        except (struct.error, ValueError, OSError) as exc:
+            raise TmpdiffError(f"not a readable safetensors header ({exc})", file) from None
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            count = 1
+            for dim in entry.get("shape", []):
+                count *= int(dim)
+            total += count
+    return total
+
+
+def plan_export(model_dir: Path, specs: list[Precision], base: str = "float32") -> list[ExportMemory]:
+    """The planned peak of each precision's export of the model in `model_dir`, loaded in `base` dtype."""
+    params = parameter_count(model_dir)
+    weights = params * BYTES_PER_WEIGHT[base]
+    return [ExportMemory(spec.name, params, base, BASE_BYTES + COPIES[_kind(spec.name)] * weights) for spec in specs]
+
+
+def choose_base(model_dir: Path, specs: list[Precision], available: int | None = None) -> str:
+    """The dtype the model is loaded in for this export: float32 (the reference every precision is checked against)
+    when its planned peak fits the memory available, float16 for a 16-bit-only export that fits only that way; else a
+    TmpdiffError with the numbers, before anything is loaded."""
+    available = engine_memory.available_bytes() if available is None else available
+    plans = plan_export(model_dir, specs)
+    if available is None or all(plan.peak_bytes <= available for plan in plans):
+        return "float32"
+    if all(spec.name == "fp16" for spec in specs):
+        half = plan_export(model_dir, specs, "float16")
+        if all(plan.peak_bytes <= available for plan in half):
+            return "float16"
+    worst = max(plans, key=lambda plan: plan.peak_bytes)
+    from tmpdiff.formats.precisions import get_precision
+
+    half = plan_export(model_dir, [get_precision("fp16")], "float16")[0]
+    hint = f"--precisions fp16 alone fits from the 16-bit model ({_size(half.peak_bytes)}); " \
+        if half.peak_bytes <= available else ""
+    raise TmpdiffError(
+        f"not enough memory to export: {worst.describe()}, {_size(available)} is available; {hint}export on a machine "
+        f"with at least {_size(worst.peak_bytes)} free, or pass --no-memory-check to try anyway", model_dir)
