@@ -91,6 +91,8 @@ def export(
     trt_dtype: Annotated[TrtDtype, typer.Option(help="16-bit type the quantized TensorRT graphs compute in outside "
                                                      "their Q/DQ (bfloat16 for models whose activations overflow fp16)")]
     = TrtDtype.float16,
+    memory_check: Annotated[bool, typer.Option(help="refuse up front an export whose planned peak memory exceeds "
+                                                    "what is available")] = True,
     wait: Wait = 3600.0,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
@@ -110,7 +112,7 @@ def export(
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
                                        sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
-                                       wait=wait, trt_dtype=trt_dtype.value)
+                                       wait=wait, trt_dtype=trt_dtype.value, memory_check=memory_check)
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:
@@ -259,7 +261,7 @@ def costs(
 def run(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
     out: Annotated[Path, typer.Option(help="image to write (PNG grid, one sample per class or prompt)")] = Path("sample.png"),
-    schedule: Annotated[Path | None, typer.Option(help="schedule.json (format tmpdiff.schedule/1)")] = None,
+    schedule: Annotated[Path | None, typer.Option(help="schedule.json (format tmpdiff.schedule/1, or /2 with its own timesteps)")] = None,
     precision: Annotated[str | None, typer.Option(help="run every step at this precision instead of a schedule")] = None,
     class_: Annotated[str, typer.Option("--class", help="comma-separated class ids, one sample each")] = "0",
     prompt: Annotated[list[str] | None, typer.Option(help="text prompt (repeatable); needs --pipeline")] = None,
