@@ -63,8 +63,9 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, PrecisionPlan, di
     if not request.classes or bad:
         raise TmpdiffError(f"class ids must be in 0..{sampling.num_classes - 1}, got {request.classes}")
     scheduler = (sampling_scheduler(sampling) if plan.file is None
-                 else schedule_scheduler(plan.file, sampling, plan.source))
-    check_distinct_timesteps(scheduler, len(plan.precisions))
+                 else schedule_scheduler(plan.file, sampling, plan.source))  # custom timesteps are checked here
+    if plan.timesteps is None:
+        check_distinct_timesteps(scheduler, len(plan.precisions))
     guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
     rows = len(request.classes) * (2 if guidance != 1.0 else 1)
     check_batch(manifest, request.build_dir, request.backend, request.device, rows)
@@ -77,7 +78,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, PrecisionPlan, di
     labels = torch.tensor(request.classes, dtype=torch.int64)
     noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
     try:
-        result = runner.sample(scheduler, labels, noise, list(plan.precisions), on_step=on_step)
+        result = runner.sample(scheduler, labels, noise, list(plan.precisions), on_step=on_step, timesteps=plan.timesteps)
     finally:
         runner.close()
     return result, plan, {"source": plan.source, "guidance_scale": guidance}

@@ -55,6 +55,8 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     if request.device != "cpu":
         pipe.to("cuda")
     kwargs = {"num_inference_steps": plan.steps, "generator": torch.Generator().manual_seed(request.seed), "output_type": "np"}
+    if plan.timesteps is not None:  # attach_engines checked that the pipeline and its scheduler take them
+        kwargs["timesteps"] = plan.timesteps
     if request.guidance_scale is not None:
         kwargs["guidance_scale"] = request.guidance_scale
     sample_size = denoiser.config.get("sample_size")

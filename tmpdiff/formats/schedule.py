@@ -1,18 +1,42 @@
-"""`schedule.json` (format `tmpdiff.schedule/1`): which precision runs each denoising step."""
+"""`schedule.json`: which precision runs each denoising step (format `tmpdiff.schedule/1`), and optionally at which
+training timestep (`tmpdiff.schedule/2`).
+
+Version 2 adds one optional field, `timesteps`: a list parallel to `precisions` (step i samples at training timestep
+`timesteps[i]` with `precisions[i]`). A parallel list rather than a per-step `{"precision", "timestep"}` object,
+because: `precisions` keeps the shape every v1 file, reader and report has; custom timesteps are all or nothing
+(a scheduler's `set_timesteps(timesteps=[...])` takes the whole list, so a per-step field that some steps omit
+would be a state with no meaning); and the list is what the diffusers scheduler and pipeline are handed as is.
+
+v1 files read unchanged. A schedule is written in the lowest version that holds it: `/1` without timesteps (so
+tmpdiff versions that know only `/1` keep reading calibration outputs), `/2` with them; a `/1` file that names
+timesteps is refused.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.config_values import decode_non_finite, encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import PRECISIONS
 
-SCHEDULE_FORMAT = "tmpdiff.schedule/1"
+SCHEDULE_FORMAT_V1 = "tmpdiff.schedule/1"
+SCHEDULE_FORMAT = "tmpdiff.schedule/2"  # /2 adds the optional per-step `timesteps`; /1 still reads
 
 
 class SchedulerRef(BaseModel):
@@ -59,13 +83,15 @@ class Figures(BaseModel):
 
 
 class Schedule(BaseModel):
-    """T precisions for T steps, with what the calibration predicted and measured for them."""
+    """T precisions for T steps (and, from /2, optionally the T training timesteps they run at), with what the
+    calibration predicted and measured for them. Without `timesteps` the scheduler spaces T steps its own way."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal["tmpdiff.schedule/1"] = SCHEDULE_FORMAT
+    format: Literal["tmpdiff.schedule/1", "tmpdiff.schedule/2"] = SCHEDULE_FORMAT_V1
     steps: int = Field(ge=1, le=10_000, strict=True)
     scheduler: SchedulerRef | None = None
     precisions: list[str]
+    timesteps: list[StrictInt] | None = None  # sampling order: strictly decreasing training timesteps, one per step
     reference: str = "fp32"
     target: dict = Field(default_factory=dict)
     predicted: Figures = Field(default_factory=Figures)
@@ -80,11 +106,62 @@ class Schedule(BaseModel):
         unknown = sorted({p for p in [*self.precisions, self.reference] if p not in PRECISIONS})
         if unknown:
             raise ValueError(f"unknown precision {', '.join(unknown)}; known: {', '.join(PRECISIONS)}")
+        if self.timesteps is not None:
+            if "format" in self.model_fields_set and self.format == SCHEDULE_FORMAT_V1:
+                raise ValueError(f"timesteps need format {SCHEDULE_FORMAT}, not {SCHEDULE_FORMAT_V1}")
+            self.format = SCHEDULE_FORMAT
         return self
+
+    @field_validator("timesteps")
+    @classmethod
+    def _valid_timesteps(cls, timesteps: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        """One per step, a strictly decreasing subset of the training timesteps (of the named scheduler, if any)."""
+        if timesteps is None:
+            return None
+        steps = info.data.get("steps")
+        if steps is not None and len(timesteps) != steps:
+            raise ValueError(f"{len(timesteps)} timesteps for {steps} steps")
+        problem = timestep_problem(timesteps, train_timesteps(info.data.get("scheduler")))
+        if problem:
+            raise ValueError(problem)
+        return timesteps
+
+    @model_serializer(mode="wrap")
+    def _lowest_version(self, handler):
+        """Written as /1 without timesteps (the field left out), as /2 with them."""
+        data = handler(self)
+        if data.get("timesteps") is None:
+            data.pop("timesteps", None)
+        data["format"] = SCHEDULE_FORMAT if self.timesteps is not None else SCHEDULE_FORMAT_V1
+        return data
 
     @classmethod
     def uniform(cls, precision: str, steps: int) -> Schedule:
         return cls(steps=steps, precisions=[precision] * steps, reference=precision)
+
+
+def train_timesteps(scheduler: SchedulerRef | None) -> int | None:
+    """The named scheduler's training timestep count, when its config states it (else the runtime checks the range)."""
+    if scheduler is None:
+        return None
+    value = scheduler.config.get("num_train_timesteps")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def timestep_problem(timesteps: list[int], train: int | None = None) -> str | None:
+    """What is wrong with a custom timestep list (None if nothing): range (0..train-1), duplicates, order."""
+    outside = [t for t in timesteps if t < 0 or (train is not None and t >= train)]
+    if outside:
+        known = "0 or more" if train is None else f"0..{train - 1}"
+        return f"timestep {outside[0]} is outside the training timesteps ({known})"
+    counts = Counter(timesteps)
+    repeated = max((t for t, n in counts.items() if n > 1), default=None)
+    if repeated is not None:
+        return f"timestep {repeated} appears {counts[repeated]} times (each step needs its own)"
+    for index, (before, after) in enumerate(zip(timesteps, timesteps[1:], strict=False), start=1):
+        if after > before:
+            return f"timesteps must be strictly decreasing (sampling order): step {index} has {after} after {before}"
+    return None
 
 
 def load_schedule(path: str | Path) -> Schedule:
@@ -92,7 +169,9 @@ def load_schedule(path: str | Path) -> Schedule:
     path = Path(path)
     if not path.is_file():
         raise TmpdiffError("schedule file does not exist", path)
-    return read_model_file(path, Schedule, f"{SCHEDULE_FORMAT} schedule")
+    return read_model_file(path, Schedule, "schedule")
+
 
 def save_schedule(schedule: Schedule, path: str | Path) -> None:
+    """Write in the lowest format version that holds the schedule (see the module docstring)."""
     write_json(path, schedule.model_dump(mode="json"))

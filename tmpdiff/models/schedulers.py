@@ -1,7 +1,17 @@
-"""Diffusers schedulers, built one way: a class name and a config (from a directory or a build's record)."""
+"""Diffusers schedulers, built one way: a class name and a config (from a directory or a build's record).
+
+Custom timesteps (a `tmpdiff.schedule/2` file's `timesteps`) go through the scheduler's own
+`set_timesteps(timesteps=[...])`. In diffusers 0.42 that exists and samples at exactly the given timesteps for
+DDPM, DPMSolverMultistep, DPMSolverSinglestep, EulerDiscrete, LCM, TCD, FlowMatchEulerDiscrete and FlowMatchLCM,
+among others (DPM-Solver refuses them with Karras, exponential or beta sigmas or lu-lambdas). DDIM, UniPC, PNDM,
+DEIS, EulerAncestral, LMS, KDPM2 and SA-Solver have no `timesteps=`; Heun repeats every timestep (two calls per
+step); SCM and Piflow raise. Which applies is decided by trying it on the configured scheduler, not by names.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +54,17 @@ NOISE_PROCESS_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "bet
 def schedule_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: str | Path | None = None):
     """The scheduler a schedule was calibrated with (its step count depends on it), else the build's.
 
-    Refused when its noise process differs from the model's: a schedule from another model cannot run here.
+    Refused when its noise process differs from the model's (a schedule from another model cannot run here), or
+    when the schedule names timesteps this scheduler cannot sample at.
     """
+    scheduler = _named_scheduler(schedule, sampling, source)
+    if schedule.timesteps is not None:
+        set_custom_timesteps(scheduler, schedule.timesteps, source)
+    return scheduler
+
+
+def _named_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: str | Path | None):
+    """The schedule's own scheduler (same noise process as the model's), or the build's when it names none."""
     if schedule.scheduler is None:
         if sampling is None:
             raise TmpdiffError("the schedule names no scheduler and the build has no sampling info", source)
@@ -61,10 +80,56 @@ def schedule_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source
     return scheduler
 
 
+def train_timesteps(scheduler) -> int:
+    """How many training timesteps the scheduler has (diffusers' default 1000 when its config omits it)."""
+    return int(scheduler.config.get("num_train_timesteps", 1000))
+
+
+def takes_custom_timesteps(scheduler) -> bool:
+    """Whether the scheduler's `set_timesteps` has a `timesteps=` argument (its config may still refuse them)."""
+    return "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
+
+
+def set_custom_timesteps(scheduler, timesteps: Sequence[int], source: str | Path | None = None) -> None:
+    """Set the scheduler to sample at exactly `timesteps`, or refuse in one line naming the source and the class.
+
+    Refused when a timestep is outside 0..num_train_timesteps-1, when `set_timesteps` takes no `timesteps=` or
+    raises for them (a config that forbids them), and when the scheduler would sample at other timesteps.
+    """
+    name = type(scheduler).__name__
+    train = train_timesteps(scheduler)
+    outside = [t for t in timesteps if not 0 <= t < train]
+    if outside:
+        raise TmpdiffError(f"timestep {outside[0]} is outside {name}'s training timesteps 0..{train - 1}", source)
+    if not takes_custom_timesteps(scheduler):
+        raise TmpdiffError(f"{name} cannot sample at custom timesteps (its set_timesteps takes no timesteps=); "
+                           f"use e.g. DPMSolverMultistepScheduler, EulerDiscreteScheduler or DDPMScheduler", source)
+    try:
+        scheduler.set_timesteps(timesteps=list(timesteps))
+    except (TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TmpdiffError(f"{name} cannot sample at custom timesteps ({reason})", source) from None
+    ran = [float(t) for t in scheduler.timesteps]
+    if ran != [float(t) for t in timesteps]:
+        shown = ", ".join(f"{t:g}" for t in ran[:6]) + (", ..." if len(ran) > 6 else "")
+        raise TmpdiffError(f"{name} does not sample at exactly the schedule's timesteps (it would run {len(ran)} "
+                           f"steps at {shown})", source)
+
+
+def set_sampling_timesteps(scheduler, steps: int, timesteps: Sequence[int] | None = None) -> None:
+    """Start a run of `steps` steps: the scheduler's own spacing, or exactly `timesteps` when given."""
+    if timesteps is None:
+        scheduler.set_timesteps(steps)
+        return
+    if len(timesteps) != steps:
+        raise TmpdiffError(f"{len(timesteps)} timesteps for {steps} steps")
+    set_custom_timesteps(scheduler, timesteps)
+
+
 def check_distinct_timesteps(scheduler, steps: int) -> None:
     """Refuse a step count the scheduler cannot give distinct timesteps for (it would repeat one, and a model
     step at a repeated timestep divides by zero in multistep solvers)."""
-    train = int(scheduler.config.get("num_train_timesteps", 1000))
+    train = train_timesteps(scheduler)
     if steps > train:
         raise TmpdiffError(f"{steps} steps, but the scheduler has {train} training timesteps: use at most {train}")
     scheduler.set_timesteps(steps)

@@ -5,6 +5,11 @@
     image = pipe(prompt, num_inference_steps=denoiser.steps).images[0]
     denoiser.trace  # what ran at each step
 
+A schedule with custom timesteps (`tmpdiff.schedule/2`) is passed through, not refused: call the pipeline with
+`timesteps=denoiser.timesteps` (None for other schedules, so that call fits every schedule). Attaching refuses a
+pipeline whose call or scheduler cannot take them; a call that samples at other timesteps is refused at its
+first denoiser call, before any engine runs.
+
 The pipeline's text encoders, VAE, scheduler and guidance run unchanged; only the denoiser call goes to the
 engines. Each call looks up the scheduler's current step index and runs the engine the schedule names for
 that step. The engines stay bound to one set of buffers owned here: the pipeline's tensors are copied in
@@ -31,6 +36,7 @@ from tmpdiff.formats.schedule import Schedule
 from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.models.schedulers import set_custom_timesteps
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
@@ -71,6 +77,7 @@ class EngineDenoiser(torch.nn.Module):
         self._output_spec: TensorSpec = adapter.output_specs()[0]
         self._batch: int | None = None
         self._counted_timesteps: torch.Tensor | None = None
+        self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
         self._calls = 0
         if config.get("addition_embed_type") == "text_time":
             # SDXL pipelines check their time ids against add_embedding's input width before the first step.
@@ -105,6 +112,11 @@ class EngineDenoiser(torch.nn.Module):
     def steps(self) -> int | None:
         """The step count the schedule was made for (None for a uniform precision)."""
         return self.plan.steps
+
+    @property
+    def timesteps(self) -> list[int] | None:
+        """The schedule's custom timesteps, to pass as the pipeline's `timesteps=` (None: the scheduler's spacing)."""
+        return self.plan.timesteps
 
     def cache_context(self, name: str) -> contextlib.AbstractContextManager:
         """diffusers' cache hook (Flux calls it around cond/uncond): engines keep no cache, so a no-op."""
@@ -179,6 +191,7 @@ class EngineDenoiser(torch.nn.Module):
         timesteps = scheduler.timesteps
         if timesteps is None:
             raise TmpdiffError("the pipeline's scheduler has no timesteps set")
+        self._check_custom_timesteps(timesteps)
         if self.plan.steps is not None and len(timesteps) != self.plan.steps:
             raise TmpdiffError(f"the schedule has {self.plan.steps} steps but the pipeline runs {len(timesteps)}: "
                                f"call it with num_inference_steps={self.plan.steps}")
@@ -193,6 +206,18 @@ class EngineDenoiser(torch.nn.Module):
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
         return index, timesteps[index]  # a 0-d tensor, read as a number only when the trace is asked for
+
+    def _check_custom_timesteps(self, timesteps: torch.Tensor) -> None:
+        """With a schedule's custom timesteps, the pipeline must sample at exactly those (read once per pipeline call)."""
+        wanted = self.plan.timesteps
+        if wanted is None or timesteps is self._matched_timesteps:
+            return
+        ran = [float(t) for t in timesteps.tolist()]
+        if ran != [float(t) for t in wanted]:
+            shown = ", ".join(f"{t:g}" for t in ran[:6]) + (", ..." if len(ran) > 6 else "")
+            raise TmpdiffError(f"the schedule samples at its own {len(wanted)} timesteps but the pipeline runs {len(ran)} "
+                               f"at {shown}: call it with timesteps=denoiser.timesteps", self.plan.source)
+        self._matched_timesteps = timesteps
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -275,6 +300,14 @@ def _denoiser_config(manifest: Manifest, adapter: DenoiserAdapter) -> dict[str, 
     return config
 
 
+def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
+    """A schedule's custom timesteps need a pipeline call with `timesteps=` and a scheduler that samples at them."""
+    if "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
+        raise TmpdiffError(f"the schedule names its timesteps but {type(pipe).__name__} takes no timesteps=", plan.source)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a copy: the pipeline's own stays untouched
+    set_custom_timesteps(scheduler, plan.timesteps, plan.source)
+
+
 def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Schedule | str | Path | list[str] | None = None,
                    precision: str | None = None, backend: str = "ort", device: str = "cpu", threads: int | None = None,
                    nan_guard: bool = True) -> EngineDenoiser:
@@ -292,6 +325,8 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         if ours != theirs:
             raise TmpdiffError(f"the schedule was calibrated with {ours}, the pipeline samples with {theirs}: set "
                                f"pipe.scheduler = {ours}.from_config(pipe.scheduler.config) or re-calibrate", plan.source)
+    if plan.timesteps is not None:
+        check_takes_timesteps(pipe, plan)
     component = denoiser_component(pipe)
     original = getattr(pipe, component, None)
     if original is not None:

@@ -1,4 +1,5 @@
-"""Which precision each step runs: a schedule (file, object or list), or one precision for every step.
+"""Which precision each step runs: a schedule (file, object or list), or one precision for every step; a
+`tmpdiff.schedule/2` file may also name the timestep of each step (then its length is the step count).
 
 The one place a run's "--schedule FILE or --precision P" is resolved, for `tmpdiff run`, `run --pipeline`
 and the diffusers drop-in; checked before any engine is loaded.
@@ -29,6 +30,11 @@ class PrecisionPlan:
     @property
     def steps(self) -> int | None:
         return None if self.precisions is None else len(self.precisions)
+
+    @property
+    def timesteps(self) -> list[int] | None:
+        """The training timesteps the schedule samples at, in sampling order (None: the scheduler's own spacing)."""
+        return None if self.file is None or self.file.timesteps is None else list(self.file.timesteps)
 
     @property
     def needed(self) -> list[str]:

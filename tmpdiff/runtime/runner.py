@@ -7,7 +7,7 @@ and hands its output to the diffusers scheduler. Switching engines therefore mov
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ from tmpdiff.engines.base import Engine
 from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import next_higher
+from tmpdiff.models.schedulers import set_sampling_timesteps
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
 
 
@@ -95,8 +96,10 @@ class ScheduledRunner:
 
     @torch.no_grad()
     def sample(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
-               on_step: Callable[[StepEvent], None] | None = None) -> RunResult:
+               on_step: Callable[[StepEvent], None] | None = None, timesteps: Sequence[int] | None = None) -> RunResult:
         """Run len(precisions) steps from `noise`; returns the final latents and what ran at each step.
+
+        The scheduler spaces the steps its own way, or samples at exactly `timesteps` (one per precision) when given.
 
         On a GPU nothing here waits for the device between steps (unless the NaN guard is on: reading its
         verdict is one synchronisation per step); step times come from CUDA events read after the run.
@@ -108,6 +111,7 @@ class ScheduledRunner:
         if noise.shape != self.inputs["hidden_states"][: self.batch].shape:
             raise TmpdiffError(f"noise of shape {tuple(noise.shape)} for buffers of "
                                f"{tuple(self.inputs['hidden_states'][: self.batch].shape)}")
+        set_sampling_timesteps(scheduler, len(precisions), timesteps)  # fresh solver state, checked before any work
         with on_stream(self.stream):  # the caller's stream and the runtime's are ordered with events, not host waits
             latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step)
         self.stream.synchronize()
@@ -120,7 +124,6 @@ class ScheduledRunner:
     def _steps(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
                on_step: Callable[[StepEvent], None] | None) -> tuple[torch.Tensor, list]:
         """The loop proper, on the runtime stream: write the bound inputs, run the step's engine, update the latent."""
-        scheduler.set_timesteps(len(precisions))
         device = self.inputs["hidden_states"].device
         latent = noise.to(device) * scheduler.init_noise_sigma
         labels = class_labels.to(device)
