@@ -108,9 +108,23 @@ def _torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> 
         return module(*inputs.values()).float().numpy()
 
 
+def _parity_inputs(adapter: DenoiserAdapter, parameters: int) -> list[dict[str, torch.Tensor]]:
+    """The three fresh random batches every parity check uses; real-size models (SD1.5: ~8 s per row and pass on 2
+    cores) check one row per seed, small models three."""
+    rows = 1 if parameters > LARGE_MODEL_PARAMETERS else 3
+    return [adapter.sample_inputs(adapter.default_dims(rows), seed=seed) for seed in PARITY_SEEDS]
+
+
+def reference_outputs(adapter: DenoiserAdapter, reference: torch.nn.Module) -> list[np.ndarray]:
+    """The reference (fp32) module's outputs on the parity inputs, computed once: a model quantized in place no longer
+    has them."""
+    parameters = sum(p.numel() for p in reference.parameters())
+    return [_torch_outputs(reference, inputs) for inputs in _parity_inputs(adapter, parameters)]
+
+
 def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.nn.Module,
-            reference: torch.nn.Module) -> tuple[float, float, float]:
-    """Median over three fresh random batches of ORT vs `module`, ORT vs fp32 and `module` vs fp32 relative errors.
+            reference: list[np.ndarray]) -> tuple[float, float, float]:
+    """Median over the parity batches of ORT vs `module`, ORT vs the reference outputs (fp32) and `module` vs them.
 
     The median, because one batch can put an int8 activation on a rounding tie deep in a UNet, where
     ORT and torch round it differently and the difference grows through the up-blocks (seen: 3.7e-7,
@@ -120,12 +134,10 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
 
     engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
     parity, error, torch_error = [], [], []
-    # real-size models (SD1.5: ~8 s per row and pass on 2 cores) check one row per seed, small models three
-    rows = 1 if sum(p.numel() for p in reference.parameters()) > LARGE_MODEL_PARAMETERS else 3
-    for seed in PARITY_SEEDS:
-        inputs = adapter.sample_inputs(adapter.default_dims(rows), seed=seed)
+    parameters = sum(p.numel() for p in module.parameters())
+    for inputs, fp32 in zip(_parity_inputs(adapter, parameters), reference, strict=True):
         got = next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
-        want, fp32 = _torch_outputs(module, inputs), _torch_outputs(reference, inputs)
+        want = _torch_outputs(module, inputs)
         parity.append(_relative_error(got, want))
         error.append(_relative_error(got, fp32))
         torch_error.append(_relative_error(want, fp32))
@@ -133,7 +145,7 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
 
 
 def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, adapter: DenoiserAdapter,
-                module: torch.nn.Module, reference: torch.nn.Module, trt_dtype: str) -> float | None:
+                module: torch.nn.Module, reference: list[np.ndarray], trt_dtype: str) -> float | None:
     """The saved TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (`_parity`), where ONNX
     Runtime can run it (standard ops in fp16: int8, fp8); None for graphs with trt:: ops (int4) or bf16 compute (no
     CPU kernels for its Q/DQ). The 16-bit graph must stay within
@@ -255,6 +267,11 @@ def _export_locked(
 
     recipe = calibration or random_recipe()
 
+    def reference() -> list[np.ndarray]:
+        if "reference" not in state:  # the loaded model's outputs on the parity inputs: fp32 (or its 16-bit base)
+            state["reference"] = reference_outputs(adapter, adapter.export_module(model(), _dtype_of(model())))
+        return state["reference"]
+
     def calib() -> CalibrationSet:
         if "calib" not in state:
             on_progress("capturing calibration inputs")
@@ -281,12 +298,15 @@ def _export_locked(
         on_progress(f"{spec.name}: exporting")
         started = time.perf_counter()
         if spec.modelopt_cfg is None:
-            entry, rows = _export_plain(spec, model(), adapter, build_dir, key)
+            entry, rows = _export_plain(spec, model(), adapter, build_dir, key, reference())
             if spec.name == "fp32":
                 manifest.activation_bytes_per_row = activation_bytes_per_row(build_dir / entry.onnx)
         else:
             quant_config = build_config(spec, model(), keep_high_precision)
-            entry, rows = _export_quantized(spec, model(), adapter, build_dir, key, quant_config, calib(), trt_dtype)
+            calibration_set, fp32_outputs = calib(), reference()
+            # quantized in place (a real-size model is not held twice); the next precision loads a fresh one
+            entry, rows = _export_quantized(spec, state.pop("model"), adapter, build_dir, key, quant_config,
+                                            calibration_set, trt_dtype, fp32_outputs)
         seconds = time.perf_counter() - started
         manifest.precisions[spec.name] = entry
         save_manifest(build_dir, manifest)
@@ -299,7 +319,7 @@ def _dtype_of(model: torch.nn.Module) -> torch.dtype:
 
 
 def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path,
-                  key: str) -> tuple[PrecisionEntry, list]:
+                  key: str, reference: list[np.ndarray]) -> tuple[PrecisionEntry, list]:
     """fp32 / fp16: one graph serves TensorRT and ONNX Runtime."""
     dtype = torch.float16 if spec.name == "fp16" else torch.float32
     if dtype != _dtype_of(model) and _dtype_of(model) != torch.float32:
@@ -311,17 +331,16 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
         remove_dead_nodes(proto)
         written = save_onnx(proto, build_dir / rel, data_dir=data_dir)  # a large model's weights stream, never loaded
     del proto
-    # a model loaded in 16 bits (fp32 would not fit) is its own reference: there is no fp32 model to compare with
-    reference = module if _dtype_of(model) != torch.float32 else adapter.export_module(model)
     return _checked_entry(spec, build_dir, rel, rel, key, adapter, module, reference, extra_files=written), []
 
 
 def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path, key: str,
-                      quant_config: dict, calibration: CalibrationSet, trt_dtype: str) -> tuple[PrecisionEntry, list]:
-    """modelopt fake quant -> TensorRT graph (Q/DQ, `trt_dtype` compute elsewhere) + ORT twin (standard ops, fp32),
-    both parity-checked."""
+                      quant_config: dict, calibration: CalibrationSet, trt_dtype: str,
+                      reference: list[np.ndarray]) -> tuple[PrecisionEntry, list]:
+    """modelopt fake quant (of `model` itself) -> ORT twin (standard ops, fp32) + TensorRT graph (Q/DQ, `trt_dtype`
+    compute elsewhere), both parity-checked against the fake-quant model, errors against the `reference` outputs."""
     quantized = quantize(model, quant_config, calibration.batches,
-                         lambda m, batch: adapter.export_module(m)(*batch.values()))
+                         lambda m, batch: adapter.export_module(m)(*batch.values()), in_place=True)
     directory = build_dir / spec.name
     save_quantized_state(quantized, quant_config, directory)
     module = adapter.export_module(quantized)
@@ -329,14 +348,16 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         load_weights(raw, data_dir)
     kind = spec.rewrite_kind
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
-    # One graph at a time, each saved before the next is made: a large graph's weights leave memory when it is saved.
-    trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
-    trt_proto = to_half(trt_proto, str(build_dir / spec.name), trt_dtype)
-    written = save_onnx(trt_proto, build_dir / trt_rel)
+    # One graph at a time, each saved before the next is made (a large graph's weights leave memory when it is
+    # saved): the twin first (its weights are int8/fp8/int4), then the TensorRT graph, converted to 16 bits once the
+    # traced graph is gone.
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
-    del raw
-    written += [*save_onnx(twin, build_dir / rel), directory / "quant_state.safetensors", directory / "quant_config.json"]
+    written = [*save_onnx(twin, build_dir / rel), directory / "quant_state.safetensors", directory / "quant_config.json"]
     del twin
+    trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
+    del raw
+    trt_proto = to_half(trt_proto, str(build_dir / spec.name), trt_dtype)
+    written += save_onnx(trt_proto, build_dir / trt_rel)
 
     rows = graph_census.census(trt_proto)
     weight_modules, input_modules = quantized_modules(quantized)
@@ -353,18 +374,17 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "census": graph_census.summarize(rows),
         "trt_compute_dtypes": graph_census.compute_dtypes(trt_proto),
         "trt_base": trt_dtype,
-        "trt_parity_error": _trt_parity(build_dir / trt_rel, trt_proto, spec.name, adapter, module,
-                                        adapter.export_module(model), trt_dtype),
+        "trt_parity_error": _trt_parity(build_dir / trt_rel, trt_proto, spec.name, adapter, module, reference,
+                                        trt_dtype),
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
-    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, adapter.export_module(model),
-                           quantization, written)
+    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, reference, quantization, written)
     return entry, rows
 
 
 def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key: str, adapter: DenoiserAdapter,
-                   module: torch.nn.Module, reference: torch.nn.Module, quantization: dict | None = None,
+                   module: torch.nn.Module, reference: list[np.ndarray], quantization: dict | None = None,
                    extra_files: list[Path] = ()) -> PrecisionEntry:
     """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity with `module`
     holds (errors also against `reference`, the fp32 model); every other file written for it (external data,

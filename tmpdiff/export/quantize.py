@@ -128,9 +128,11 @@ def calibration_digest(batches: Sequence[CalibrationBatch]) -> str:
 
 
 def quantize(
-    model: torch.nn.Module, config: dict[str, Any], calibration: Sequence[CalibrationBatch], forward
+    model: torch.nn.Module, config: dict[str, Any], calibration: Sequence[CalibrationBatch], forward,
+    in_place: bool = False,
 ) -> torch.nn.Module:
-    """Insert modelopt quantizers into a copy of `model` and calibrate them on `calibration`.
+    """Insert modelopt quantizers into a copy of `model` (or, `in_place`, into `model` itself: no second copy of a
+    multi-gigabyte model) and calibrate them on `calibration`.
 
     `forward(module, batch)` runs the denoiser on one calibration batch.
     """
@@ -138,7 +140,7 @@ def quantize(
 
     if not calibration:
         raise TmpdiffError("calibration set is empty: quantization needs at least one batch of denoiser inputs")
-    quantized = copy.deepcopy(model).eval()
+    quantized = (model if in_place else copy.deepcopy(model)).eval()
 
     def forward_loop(module: torch.nn.Module) -> None:
         with torch.no_grad():
