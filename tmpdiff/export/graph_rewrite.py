@@ -287,10 +287,11 @@ def ort_twin(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelP
 def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The graph for TensorRT, before its 16-bit conversion (`export.half`).
 
-    int8 keeps standard Q/DQ on float weights (TensorRT folds them at build time). fp8 gets the ORT twin's
-    standard ops: float8e4m3fn weight initializers into DequantizeLinear and float8 activation Q/DQ, as ModelOpt's
-    own ONNX fp8 flow writes for TensorRT (its `qdq_to_dq`); modelopt's trt::TRT_FP8 ops would also parse, but
-    AutoCast cannot type them without TensorRT installed. int4 gets int4 (K, N) weights into
+    int8 and fp8 get the ORT twin's weights: int8 / float8e4m3fn initializers into a DequantizeLinear, the
+    weight-only-DQ form ModelOpt's own ONNX flow writes for TensorRT (its `qdq_to_dq`), which TensorRT builds exactly
+    as the Q/DQ pair on float weights but which holds a quarter of the bytes (an SD1.5 UNet's int8 graph on float
+    weights ran out of 21 GB inside AutoCast); fp8's activation Q/DQ become standard float8 ops (modelopt's
+    trt::TRT_FP8 ops would also parse, but AutoCast cannot type them without TensorRT installed). int4 gets int4 (K, N) weights into
     trt::DequantizeLinear, the layout modelopt's int4 exporter writes. modelopt's FP8QuantExporter
     post-processing is deliberately not applied: it fp8-quantizes every Conv weight (including the
     patch embedding kept high precision) and adds Q/DQ after Softmax, so the engine would no longer
@@ -298,8 +299,9 @@ def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.Model
     """
     graph = _import(model)
     stats: dict[str, int] = {}
-    if kind == "fp8":
+    if kind in ("int8", "fp8"):
         stats["weights_folded"] = _replace_weight_qdq(graph, kind)
+    if kind == "fp8":
         stats["activation_qdq_swapped"] = _replace_trt_fp8_activation_qdq(graph)
     if kind == "int4":
         stats["int4_weights"] = _replace_int4_weights(graph, domain=TRT_DOMAIN)
