@@ -39,6 +39,18 @@ class DeviceName(StrEnum):
     trt_ep = "trt-ep"
 
 
+class SamplingMode(StrEnum):
+    """DRiffusion modes (tmpdiff/runtime/parallel.py): rate 2/(n+1) and 1/n in rounds of denoiser calls."""
+
+    conservative = "conservative"
+    aggressive = "aggressive"
+
+
+class ExecutorName(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
 BackendOpt = Annotated[BackendName, typer.Option(help="ort (ONNX Runtime) or trt (native TensorRT)")]
 DeviceOpt = Annotated[DeviceName | None, typer.Option(help="ORT: cpu | cuda | trt-ep (default cpu); trt: always cuda")]
 
@@ -277,6 +289,13 @@ def run(
     trace: Annotated[Path | None, typer.Option(help="write a Chrome trace (one event per step) here")] = None,
     nan_guard: Annotated[bool, typer.Option(help="re-run a step whose output is not finite at the next higher precision "
                                                  "(on a GPU this reads one flag per step)")] = True,
+    parallel: Annotated[int, typer.Option(min=1, help="DRiffusion draft-and-refine sampling with N workers (1: sequential)")] = 1,
+    mode: Annotated[SamplingMode, typer.Option(help="conservative: n+1 steps per 2 rounds of calls; aggressive: n per "
+                                                    "round")] = SamplingMode.conservative,
+    executor: Annotated[ExecutorName, typer.Option(help="local: a round's N calls one after another here (same samples); "
+                                                       "ray: N Ray actors")] = ExecutorName.local,
+    address: Annotated[str | None, typer.Option(help="an existing Ray cluster (with --executor ray; default: start a local "
+                                                     "one)")] = None,
     force: Force = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -287,8 +306,11 @@ def run(
 
     if (prompt is None) != (pipeline is None):
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
+    if prompt is not None and (parallel > 1 or executor is not ExecutorName.local or address is not None):
+        raise TmpdiffError("--parallel runs class-conditional builds only; the --pipeline drop-in samples sequentially")
     targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
     paths = check_outputs(targets, force=force, inputs=[schedule], build_dirs=[build_dir])
+    extra: dict = {}
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
                "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}
     if prompt is not None:
@@ -305,17 +327,21 @@ def run(
         from tmpdiff.models.digits import to_uint8
 
         classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
-        request = RunRequest(build_dir=build_dir, classes=classes, **options)
+        request = RunRequest(build_dir=build_dir, classes=classes, parallel=parallel, mode=mode.value,
+                             executor=executor.value, address=address, **options)
         with _step_progress(json_output) as on_step:
             result, _, info = run_schedule(request, on_step=on_step)
         images, steps_run = to_uint8(result.latents.cpu()), result.trace
         title = f"{info['source']}, {len(classes)} samples, guidance {info['guidance_scale']}"
+        if parallel > 1:
+            title += f", {mode.value} on {parallel} {executor.value} workers: {info['rounds']} rounds of denoiser calls"
+            extra = {k: info[k] for k in ("parallel", "mode", "executor", "rounds", "ray_startup_s") if k in info}
     save_png(grid_image(images, rows=1), paths["--out"])
     if trace is not None:
         steps_run.write_chrome_trace(paths["--trace"])
     if json_output:
         _print_json({"source": title, "steps": [vars(e) for e in steps_run.steps], "switches": steps_run.switches,
-                     "fallbacks": len(steps_run.fallbacks), "wrote": [str(p) for p in paths.values()]})
+                     "fallbacks": len(steps_run.fallbacks), "wrote": [str(p) for p in paths.values()], **extra})
         return
     _print_steps(steps_run, title)
     for path in paths.values():

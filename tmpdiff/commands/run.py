@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,8 +13,10 @@ from tmpdiff.engines.memory import check_fits
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import load_manifest
 from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler, schedule_scheduler
+from tmpdiff.runtime.parallel import ParallelMode, ParallelResult, check_parallel_scheduler, sample_parallel
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import RunResult, ScheduledRunner, initial_noise
+from tmpdiff.runtime.workers import InProcessExecutor, WorkerSpec
 
 
 @dataclass(kw_only=True)
@@ -52,9 +54,29 @@ class RunRequest(RunOptions):
     """A class-conditional run of a build directory with sampling info (the bundled model's kind)."""
 
     classes: list[int]
+    parallel: int = 1  # DRiffusion workers (1: the sequential sampler)
+    mode: str = "conservative"
+    executor: str = "local"  # local: the N calls of a round one after another here; ray: N Ray actors
+    address: str | None = None  # an existing Ray cluster (else a local Ray is started)
+
+    def check(self) -> None:
+        super().check()
+        if self.parallel < 1:
+            raise TmpdiffError(f"--parallel must be at least 1, got {self.parallel}")
+        if self.mode not in {m.value for m in ParallelMode}:
+            raise TmpdiffError(f"--mode must be conservative or aggressive, got {self.mode!r}")
+        if self.executor not in EXECUTORS:
+            raise TmpdiffError(f"--executor must be local or ray, got {self.executor!r}")
+        if self.address is not None and self.executor != "ray":
+            raise TmpdiffError("--address names a Ray cluster: it needs --executor ray")
+        if self.executor == "ray" and self.parallel == 1:
+            raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
 
 
-def run(request: RunRequest, on_step=None) -> tuple[RunResult, PrecisionPlan, dict]:
+EXECUTORS = ("local", "ray")
+
+
+def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, PrecisionPlan, dict]:
     """Validate everything, load the engines the schedule needs, and sample."""
     manifest = load_manifest(request.build_dir)
     sampling = manifest.require_sampling(request.build_dir)
@@ -66,10 +88,14 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, PrecisionPlan, di
                  else schedule_scheduler(plan.file, sampling, plan.source))  # custom timesteps are checked here
     if plan.timesteps is None:
         check_distinct_timesteps(scheduler, len(plan.precisions))
+    if request.parallel > 1:
+        check_parallel_scheduler(scheduler)  # before any engine is loaded
     guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
     rows = len(request.classes) * (2 if guidance != 1.0 else 1)
     check_batch(manifest, request.build_dir, request.backend, request.device, rows)
     check_fits(manifest, rows, request.backend, request.device)
+    if request.parallel > 1:
+        return _run_parallel(request, manifest, plan, scheduler, guidance, on_step)
     engines = load_built_engines(request.build_dir, manifest, request.backend, request.device, plan.needed,
                                  request.threads, what=f"schedule {plan.source}")
     runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
@@ -82,3 +108,31 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult, PrecisionPlan, di
     finally:
         runner.close()
     return result, plan, {"source": plan.source, "guidance_scale": guidance}
+
+
+def _run_parallel(request: RunRequest, manifest, plan: PrecisionPlan, scheduler, guidance: float,
+                  on_step) -> tuple[ParallelResult, PrecisionPlan, dict]:
+    """DRiffusion sampling with `request.parallel` workers: emulated here one call after another, or on Ray actors."""
+    sampling = manifest.sampling
+    spec = WorkerSpec(request.build_dir, request.backend, request.device, tuple(plan.needed), request.threads,
+                      len(request.classes), sampling.channels, sampling.image_size, guidance, sampling.null_class,
+                      sampling.num_classes, request.nan_guard)
+    info = {"source": plan.source, "guidance_scale": guidance, "parallel": request.parallel, "mode": request.mode,
+            "executor": request.executor}
+    if request.executor == "ray":
+        from tmpdiff.runtime.ray_executor import RayExecutor, default_threads
+
+        spec = replace(spec, threads=request.threads or default_threads(request.parallel))
+        executor = RayExecutor(spec, request.parallel, request.address)
+        info["ray_startup_s"] = executor.startup_seconds
+    else:
+        executor = InProcessExecutor(spec.build(), request.parallel)
+    labels = torch.tensor(request.classes, dtype=torch.int64)
+    noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
+    try:
+        result = sample_parallel(executor, scheduler, labels, noise, list(plan.precisions), request.mode,
+                                 timesteps=plan.timesteps, on_step=on_step)
+    finally:
+        executor.close()
+    info["rounds"] = result.rounds
+    return result, plan, info
