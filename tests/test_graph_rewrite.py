@@ -187,3 +187,14 @@ def test_remove_dead_nodes_in_place():
     assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["y"]
     onnx.checker.check_model(model)
     np.testing.assert_allclose(_run(model), _run(_int8_model()), rtol=0, atol=0)
+
+
+def test_parity_rule_accepts_another_draw_of_the_same_quality_only():
+    from tmpdiff.export.exporter import parity_ok
+
+    assert parity_ok("int8", 1e-3, 5e-2, 5e-2)  # within tolerance
+    assert parity_ok("int8", 5.7e-2, 4.98e-2, 5.01e-2)  # SD1.5-size UNet: another rounding draw, same quality
+    assert not parity_ok("int8", 9e-2, 4.98e-2, 5.01e-2)  # further apart than two draws of that size
+    assert not parity_ok("int8", 5.7e-2, 8e-2, 5.01e-2)  # worse than the fake-quant model
+    assert not parity_ok("fp32", 5.7e-2, 5e-2, 5e-2)  # unquantized graphs must simply match
+    assert not parity_ok("int8", float("nan"), 5e-2, 5e-2)

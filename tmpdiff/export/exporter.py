@@ -406,15 +406,17 @@ def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key
 
 def parity_ok(precision: str, parity: float, error: float, torch_error: float | None) -> bool:
     """The twin passes if it matches torch within the precision's tolerance, or - for quantized graphs deep
-    enough that rounding ties flip (UNets) - if it differs from torch by less than torch differs from fp32
-    and its own error vs fp32 is within 15% of torch's: same quantization quality, another noise draw.
+    enough that rounding ties flip (UNets; a real-size random-weight SD1.5 UNet: 5.7e-2 apart, both 5.0e-2 from
+    fp32) - if it is of the same quantization quality as torch: its own error vs fp32 within 15% of torch's, and
+    at most 1.5x torch's error away from torch (two independent draws of equal size are sqrt(2) x apart; a graph
+    with missing or wrong quantizers is off in its own error, not only in its draw).
     """
     if not np.isfinite(parity):
         return False
     if parity <= get_precision(precision).parity_tolerance:
         return True
-    return (get_precision(precision).rewrite_kind is not None and torch_error is not None and parity < torch_error
-            and abs(error - torch_error) <= 0.15 * torch_error)
+    return (get_precision(precision).rewrite_kind is not None and torch_error is not None
+            and parity <= 1.5 * torch_error and abs(error - torch_error) <= 0.15 * torch_error)
 
 
 def _check_parity(precision: str, parity: float, error: float, torch_error: float, path: Path) -> None:
