@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Iterator
 
 import onnx
 
@@ -25,6 +26,30 @@ def preload_autocast() -> None:
     import modelopt.onnx.autocast.convert  # noqa: F401
 
 
+@contextlib.contextmanager
+def _stable_subgraph_nodes() -> Iterator[None]:
+    """Work around AutoCast 0.47 keying a subgraph's nodes by `id()` of protobuf wrappers it does not keep: a wrapper
+    freed between its two loops comes back with another id (KeyError; seen on PixArt's fp8 graph, whose traced
+    `squeeze` is an If). Holding every node of the subgraph while it converts keeps the ids stable."""
+    from modelopt.onnx.autocast import precisionconverter
+
+    converter = precisionconverter.PrecisionConverter
+    original = getattr(converter, "_convert_subgraph_precision", None)
+    if original is None:  # another modelopt: nothing to work around
+        yield
+        return
+
+    def pinned(self, subgraph, *args, **kwargs):
+        nodes = list(subgraph.node)  # noqa: F841 (alive for the call)
+        return original(self, subgraph, *args, **kwargs)
+
+    converter._convert_subgraph_precision = pinned
+    try:
+        yield
+    finally:
+        converter._convert_subgraph_precision = original
+
+
 def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.ModelProto:
     """The graph with `dtype` (float16 / bfloat16) compute and fp32 I/O; a TmpdiffError naming `where` if AutoCast
     refuses it. bf16 raises the graph's opset to 22 (AutoCast's requirement for bf16 Q/DQ scales)."""
@@ -37,7 +62,7 @@ def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _stable_subgraph_nodes():
             return convert_to_f16(model, low_precision_type=TRT_DTYPES[dtype], keep_io_types=True)
     except Exception as exc:  # AutoCast raises its own and onnx's error types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
