@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tmpdiff.engines.torch_engine import TorchEngine
 from tmpdiff.eval.classifier import DigitClassifier, classify
-from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.atomic import replace_directory, write_json
 from tmpdiff.models.bundled import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -177,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "generated_accuracy": {"value": round(accuracy, 4), "per_class": args.eval_per_class,
                                    "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE},
         })
-        backup = args.out.with_name(f".{args.out.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        if args.out.exists():
-            args.out.rename(backup)
-        staging.rename(args.out)
-        shutil.rmtree(backup, ignore_errors=True)
+        replace_directory(staging, args.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from tmpdiff.eval.attributes import AttributeClassifier
 from tmpdiff.eval.t2i import attribute_fd, generate, judge
-from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.atomic import replace_directory, write_json
 from tmpdiff.models.colored_digits import (
     COLOURS,
     Combo,
@@ -356,12 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "figures": figures,
         })
-        backup = args.out.with_name(f".{args.out.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        if args.out.exists():
-            args.out.rename(backup)
-        staging.rename(args.out)
-        shutil.rmtree(backup, ignore_errors=True)
+        replace_directory(staging, args.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")

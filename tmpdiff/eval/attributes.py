@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from tmpdiff.formats.atomic import atomic_path, read_json_object, write_json
-from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.eval.saved_module import SavedModule
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 FORMAT = "tmpdiff.attribute_classifier/1"
 
 
@@ -33,13 +28,15 @@ def _conv_stack(channels: int, width: int, image_size: int, out: int) -> nn.Sequ
     )
 
 
-class AttributeClassifier(nn.Module):
+class AttributeClassifier(SavedModule):
     """Reads (N, 3, S, S) images in [-1, 1]: a digit branch on the colour-free `ink_map` (so a digit is read the same
     in every colour pair, held-out ones included) and a colour branch on RGB + ink; each ends in a linear bottleneck.
 
     `features` is both bottlenecks before their activation, `digit_dim + colour_dim` (32) numbers: full-rank enough
     for a Fréchet distance from a few hundred samples.
     """
+
+    FORMAT = FORMAT
 
     def __init__(self, num_digits: int = 10, num_colours: int = 6, width: int = 16, digit_dim: int = 24,
                  colour_dim: int = 8, image_size: int = 32) -> None:
@@ -68,38 +65,11 @@ class AttributeClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.heads(self.features(images))
 
-    def save(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors (each atomically)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        write_json(directory / CONFIG_NAME, {"format": FORMAT, **self.config})
-
-    @classmethod
-    def load(cls, directory: str | Path) -> AttributeClassifier:
-        """Load from a directory written by `save`; errors name the bad file."""
-        from tmpdiff.models.loading import load_safetensors
-
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise TmpdiffError("classifier config.json is missing", directory)
-        config = read_json_object(config_path)
-        if config.pop("format", None) != FORMAT:
-            raise TmpdiffError(f"not a {FORMAT} classifier config", config_path)
-        try:
-            model = cls(**config)
-            model.load_state_dict(load_safetensors(directory / WEIGHTS_NAME))
-        except (TypeError, RuntimeError) as exc:
-            raise TmpdiffError(f"weights do not match the config ({exc})", directory) from None
-        return model.eval()
-
 
 @torch.no_grad()
 def read_attributes(model: AttributeClassifier, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted (digit, fg, bg) as (N, 3) int64 and bottleneck features (N, feature_dim) for images in [-1, 1]."""
+
     preds, feats = [], []
     for chunk in images.split(batch):
         f = model.features(chunk.float().clamp(-1, 1))

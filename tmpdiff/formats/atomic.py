@@ -45,6 +45,18 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def replace_directory(staging: str | Path, final: str | Path) -> None:
+    """Put a finished `staging` directory at `final`, replacing what was there: the old one is moved aside first and
+    removed after, so `final` is always either the old or the new directory, never a mix."""
+    staging, final = Path(staging), Path(final)
+    backup = final.with_name(f".{final.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)
+    if final.exists():
+        final.rename(backup)
+    staging.rename(final)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
