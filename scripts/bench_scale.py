@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tmpdiff.export.memory_plan import parameter_count
 from tmpdiff.formats.atomic import write_json
 
 # Public config.json values (diffusers format) of each family's denoiser; `dtype` is how the weights are stored.
@@ -84,23 +85,6 @@ def make_model(name: str, work: Path) -> tuple[Path, int, float]:
         del model
     params = parameter_count(directory)
     return directory, params, time.perf_counter() - started
-
-
-def parameter_count(directory: Path) -> int:
-    """Parameters in a model directory's safetensors files, read from their headers (no weights loaded)."""
-    import struct
-
-    total = 0
-    for file in directory.glob("*.safetensors"):
-        with file.open("rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        for key, entry in header.items():
-            if key != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                total += count
-    return total
 
 
 def run_stage(args: list[str], log: Path) -> dict:
