@@ -1,0 +1,260 @@
+"""TMPQ-DM (issue 16, items 2-3): super-network switching, timestep groups, the evolutionary search, per-layer costs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tmpdiff.calibration.tmpq_search import Candidate, SearchSettings, TmpqSearch, tmpq_groups
+from tmpdiff.engines.layer_costs import layer_of, node_times
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.layer_costs import LayerCost, LayerCostsTable
+from tmpdiff.formats.schedule import SCHEDULE_FORMAT
+from tmpdiff.formats.tmpq_plan import TmpqPlan
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timestep groups
+
+
+def test_groups_for_8_steps_are_the_released_quadratic_boundaries():
+    # sqrt(800) / 7 = 4.0406; squares of 1..7 multiples: 16.3, 65.3, 146.9, 261.2, 408.2, 587.8, 800.0
+    groups = tmpq_groups(8)
+    assert [(g.start, g.stop) for g in groups] == [(0, 16), (16, 65), (65, 146), (146, 261), (261, 408), (408, 587),
+                                                    (587, 800), (800, 1000)]
+
+
+@pytest.mark.parametrize("steps", [2, 4, 10, 20, 29, 50])
+def test_groups_partition_the_training_timesteps(steps):
+    groups = tmpq_groups(steps)
+    covered = [t for g in groups for t in g]
+    assert covered == list(range(1000))  # every training timestep in exactly one group, in order
+    bounds = [int(s) for s in (np.linspace(0, math.sqrt(800), steps) ** 2)[1:]]
+    assert len(groups) == len(set(bounds) - {0}) + 1  # repeated (or zero) boundaries open no group
+    if steps >= 4:  # (two steps: [0, 800) and [800, 1000))
+        assert len(groups[0]) < len(groups[-1])  # narrow at low noise, wide at high noise
+
+
+def test_fifty_steps_lose_the_empty_first_group():
+    groups = tmpq_groups(50)  # the first boundary is int(0.33) = 0: no [0, 0) group, as the released code skips it
+    assert len(groups) == 49 and (groups[0].start, groups[0].stop) == (0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the evolution (toy fitness and costs: the search itself, fast)
+
+LAYERS, CHOICES = 6, 3
+LAYER_MS = (3.0, 1.0, 2.0)  # per choice
+
+
+def _cost(cand: Candidate) -> float:
+    return sum(sum(LAYER_MS[g] for g in config) for config in cand.configs)
+
+
+def _search(fitness, budget: float, seed: int = 0, **settings) -> TmpqSearch:
+    defaults = dict(population=16, select=4, mutations=6, crossovers=4, generations=4, seed=seed)
+    return TmpqSearch(tmpq_groups(6), LAYERS, CHOICES, fitness, _cost, budget,
+                      SearchSettings(**(defaults | settings)), init_config=(1,) * LAYERS)
+
+
+def test_over_budget_candidates_are_never_evaluated_nor_kept():
+    evaluated = []
+
+    def greedy(cand: Candidate) -> float:  # prefers expensive candidates: pushes the search against the budget
+        evaluated.append(cand)
+        return -_cost(cand)
+
+    budget = 6 * 10.0  # 6 steps x 10 ms: all-choice-0 (18 ms a step) and most random configurations do not fit
+    search = _search(greedy, budget)
+    result = search.run()
+    assert search.rejected > 0  # the budget did bind
+    assert evaluated and all(_cost(c) <= budget for c in evaluated)
+    assert all(cost <= budget for _, _, cost in result.top) and result.cost <= budget
+    assert all(info["fitness"] == math.inf for c, info in search.seen.items() if info["cost"] > budget)
+    assert result.evaluations == len(evaluated) == len(set(evaluated))  # no candidate evaluated twice
+
+
+def test_timestep_genes_stay_in_their_groups_and_configs_are_capped_per_step():
+    groups = tmpq_groups(6)
+    evaluated = []
+
+    def fitness(cand: Candidate) -> float:
+        evaluated.append(cand)
+        return float(sum(cand.timesteps)) + sum(sum(c) for c in cand.configs)
+
+    search = _search(fitness, budget=1e9, consistent=False, max_configs=2)
+    search.run()
+    assert len(evaluated) > 16
+    for cand in evaluated:
+        assert all(t in g for t, g in zip(cand.timesteps, groups, strict=True))
+        assert len(cand.distinct_configs) <= 2
+    assert search.rejected > 0  # mutations that make a third configuration were discarded
+
+
+def test_search_is_deterministic_for_a_seed():
+    def fitness(cand: Candidate) -> float:
+        return abs(sum(cand.timesteps) - 1500) + 10 * sum(cand.configs[0])
+
+    runs = [_search(fitness, budget=6 * 14.0, seed=seed).run() for seed in (3, 3, 4)]
+    first, again, other = runs
+    assert (first.best, first.fitness, first.evaluations, first.rejected) == \
+        (again.best, again.fitness, again.evaluations, again.rejected)
+    assert [h["best_fitness"] for h in first.history] == [h["best_fitness"] for h in again.history]
+    assert [c for c, _, _ in first.top] != [c for c, _, _ in other.top]  # the seed matters
+    assert first.history[-1]["best_fitness"] <= first.history[0]["best_fitness"]  # elitist: never worse
+
+
+def test_sampling_order_is_highest_noise_first():
+    cand = Candidate((5, 40, 900), ((0, 1), (1, 1), (2, 2)))
+    assert cand.sampling_timesteps() == [900, 40, 5]
+    assert cand.sampling_configs() == [(2, 2), (1, 1), (0, 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-layer costs: node attribution, profile parsing, the table
+
+
+def test_nodes_map_to_the_longest_layer_scope():
+    layers = ["transformer_blocks.1.ff.net.0.proj", "transformer_blocks.10.ff.net.0.proj",
+              "transformer_blocks.1.attn1.to_out.0"]
+    assert layer_of("/model/transformer_blocks.1/ff/net.0/proj/MatMul", layers) == layers[0]
+    assert layer_of("/model/transformer_blocks.10/ff/net.0/proj/input_quantizer/QuantizeLinear", layers) == layers[1]
+    assert layer_of("/model/transformer_blocks.1/attn1/to_out.0/MatMul/MatMulScaleFusion/", layers) == layers[2]
+    assert layer_of("/model/transformer_blocks.1/attn1/Softmax", layers) is None
+
+
+def test_profile_events_are_split_into_warmup_and_timed_runs():
+    events = [{"cat": "Session", "name": "model_run", "dur": 1000 * (i + 1)} for i in range(3)]
+    events += [{"cat": "Node", "name": "a_kernel_time", "dur": d} for d in (900, 100, 300)]
+    events += [{"cat": "Node", "name": "a_fence_before", "dur": 5}]
+    nodes, runs = node_times(events, warmup=1)
+    assert nodes == {"a": [0.1, 0.3]} and runs == [2.0, 3.0]
+
+
+def _table() -> LayerCostsTable:
+    layers = [LayerCost(name="a", macs=100, ms={"fp32": 2.0, "int8": 0.5}),
+              LayerCost(name="b", macs=300, ms={"fp32": 4.0, "int8": 1.0})]
+    return LayerCostsTable(model_id="m", backend="ort", backend_version="1", device="cpu", batch=2, repeats=3,
+                           precisions=["fp32", "int8"], layers=layers, rest_ms={"fp32": 1.0, "int8": 1.5},
+                           step_ms={"fp32": 7.0, "int8": 3.0})
+
+
+def test_layer_costs_table_prices_mixed_configurations():
+    table = _table()
+    assert table.config_ms(["fp32", "int8"]) == 1.0 + 2.0 + 1.0  # rest from fp32, each layer at its precision
+    assert table.config_bitops(["int8", "fp32"]) == 100 * 8 * 8 + 300 * 32 * 32
+    with pytest.raises(TmpdiffError, match="no layer costs for fp8"):
+        table.config_ms(["fp8", "fp32"])
+    with pytest.raises(ValueError, match="has no cost for int8"):
+        LayerCostsTable.model_validate(table.model_dump() | {"layers": [{"name": "a", "macs": 1, "ms": {"fp32": 1}}]})
+
+
+def test_a_uniform_plan_is_a_v2_schedule_and_a_mixed_one_is_not():
+    plan = TmpqPlan(model_id="m", steps=3, timesteps=[900, 400, 10], layers=["a", "b"],
+                    configs=[["int8", "int8"], ["fp32", "fp32"]], step_configs=[1, 0, 0])
+    schedule = plan.uniform_schedule()
+    assert schedule is not None and schedule.precisions == ["fp32", "int8", "int8"]
+    assert schedule.model_dump(mode="json")["format"] == SCHEDULE_FORMAT and schedule.timesteps == [900, 400, 10]
+    mixed = plan.model_copy(update={"configs": [["int8", "fp32"], ["fp32", "fp32"]]})
+    assert mixed.uniform_schedule() is None
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        TmpqPlan.model_validate(plan.model_dump() | {"timesteps": [10, 400, 900]})
+
+
+def test_every_dit_layer_owns_profiled_nodes_of_its_engine(fp32_build):
+    from tmpdiff.engines.layer_costs import profile_engines
+    from tmpdiff.engines.profile import make_buffers
+    from tmpdiff.formats.manifest import load_manifest
+
+    layers = [f"transformer_blocks.{b}.{n}" for b in range(4)
+              for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")]
+    inputs, _ = make_buffers(load_manifest(fp32_build), 2, "cpu")
+    medians, run_ms = profile_engines({"fp32": fp32_build / "fp32" / "model.onnx"},
+                                      {k: v.numpy() for k, v in inputs.items()}, warmup=1, repeats=3)["fp32"]
+    owners = {layer_of(node, layers) for node in medians}
+    assert set(layers) <= owners and None in owners  # every layer found, and shared nodes remain shared
+    assert run_ms > 0 and all(ms >= 0 for ms in medians.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the super-network
+
+
+@pytest.fixture(scope="module")
+def int8_supernet(torch_dit, bundled):
+    from tmpdiff.export.quantize import build_config, quantize
+    from tmpdiff.export.supernet import assemble
+    from tmpdiff.formats.precisions import get_precision
+    from tmpdiff.models.registry import adapter_for_config
+
+    adapter = adapter_for_config(dict(torch_dit.config))
+    batches = [adapter.sample_inputs(adapter.default_dims(4), seed=s) for s in range(2)]
+
+    def forward(module, batch):
+        return adapter.export_module(module)(*batch.values())
+
+    quantized = quantize(torch_dit, build_config(get_precision("int8"), torch_dit), batches, forward)
+    return assemble(torch_dit, {"int8": quantized}), quantized, adapter
+
+
+def _amax(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if k.endswith("_amax")}
+
+
+def test_switching_one_layer_runs_the_separately_quantized_layer(int8_supernet, torch_dit):
+    supernet, quantized, adapter = int8_supernet
+    inputs = list(adapter.sample_inputs(adapter.default_dims(2), seed=7).values())
+    net = adapter.export_module(supernet.model)
+    layer = "transformer_blocks.2.ff.net.0.proj"
+    seen = {}
+    switch = supernet.switches[layer]
+    handle = switch.register_forward_hook(lambda m, args, out: seen.update(x=args[0].clone(), y=out.clone()))
+    config = supernet.uniform("fp32")
+    config[supernet.layers.index(layer)] = "int8"
+    amax_before = _amax(quantized)
+    with torch.no_grad():
+        supernet.select(config)
+        mixed = net(*inputs)
+        handle.remove()
+        alone = quantized.get_submodule(layer)(seen["x"])
+        fp32_layer = torch_dit.get_submodule(layer)(seen["x"])
+        supernet.select(supernet.uniform("fp32"))
+        fp32_out = net(*inputs)
+        reference = adapter.export_module(torch_dit)(*inputs)
+    assert torch.equal(seen["y"], alone)  # the switched layer is the quantized copy's layer, quantizers and all
+    assert not torch.allclose(alone, fp32_layer)  # ... and that is not the fp32 layer
+    assert torch.equal(fp32_out, reference)  # switching back leaves the fp32 model exactly
+    assert not torch.equal(mixed, reference)
+    after = _amax(quantized)
+    assert after.keys() == amax_before.keys() and all(torch.equal(after[k], amax_before[k]) for k in after)
+
+
+def test_uniform_configuration_equals_the_quantized_model(int8_supernet):
+    supernet, quantized, adapter = int8_supernet
+    inputs = list(adapter.sample_inputs(adapter.default_dims(2), seed=9).values())
+    with torch.no_grad():
+        supernet.select(supernet.uniform("int8"))
+        switched = adapter.export_module(supernet.model)(*inputs)
+        direct = adapter.export_module(quantized)(*inputs)
+    supernet.select(supernet.uniform("fp32"))
+    assert len(supernet.layers) == 24  # 4 blocks x (q, k, v, out, two MLP GEMMs); embeddings and proj_out stay fp32
+    assert torch.equal(switched, direct)
+    with pytest.raises(TmpdiffError, match="has no fp8"):
+        supernet.select(supernet.uniform("fp8"))
+
+
+def test_a_mixed_configuration_exports_as_a_parity_checked_ort_graph(int8_supernet, tmp_path):
+    import onnx
+
+    from tmpdiff.export.mixed import export_mixed
+
+    supernet, _, adapter = int8_supernet
+    config = ["int8" if i % 3 == 0 else "fp32" for i in range(len(supernet.layers))]
+    parity = export_mixed(supernet, config, adapter, tmp_path / "mixed.onnx")
+    graph = onnx.load(str(tmp_path / "mixed.onnx")).graph
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert parity < 2e-2
+    assert len(int8_weights) == config.count("int8")  # only the layers chosen int8 carry int8 weights
+    assert supernet.config == supernet.uniform("fp32")  # the export leaves the super-network as it found it

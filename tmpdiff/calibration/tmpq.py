@@ -1,0 +1,164 @@
+"""TMPQ-DM in tmpdiff: per-layer costs of a build, the joint (timesteps, per-layer precision) search, the plan.
+
+The super-network comes from the build's saved quantizer state (`export.supernet`), so what is searched is what the
+engines were exported from; costs come from the per-layer table measured on the engines (`engines.layer_costs`). The
+budget is a speedup over the fp32 model at the reference step count, predicted from that table; candidates over it are
+discarded before they are evaluated. The result is judged again on held-out seeds against the fp32 reference and the
+single-axis baselines (fewer steps at one precision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tmpdiff.calibration.tmpq_eval import PlanEvaluator, fitness_of
+from tmpdiff.calibration.tmpq_search import Candidate, SearchResult, SearchSettings, TmpqSearch, tmpq_groups
+from tmpdiff.engines.layer_costs import profile_layers
+from tmpdiff.export.supernet import SuperNet, layer_macs, supernet_from_build
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.layer_costs import LayerCostsTable
+from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.formats.schedule import SchedulerRef
+from tmpdiff.formats.tmpq_plan import TmpqPlan
+from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.models.schedulers import sampling_scheduler, train_timesteps
+
+
+def measure_layer_costs(build_dir: Path, model_dir: Path, precisions: Sequence[str] | None = None, batch: int = 20,
+                        warmup: int = 3, repeats: int = 20, threads: int | None = None,
+                        on_start: Callable[[list[str]], None] = lambda _: None) -> LayerCostsTable:
+    """The per-layer costs table of a build: the super-network names the layers and counts their MACs."""
+    supernet = supernet_from_build(build_dir, model_dir, precisions)
+    manifest = load_manifest(build_dir)
+    adapter = adapter_for_config(manifest.denoiser_config)
+    inputs = adapter.sample_inputs(adapter.default_dims(1), seed=0)
+    macs = layer_macs(supernet, adapter.export_module(supernet.model), list(inputs.values()))
+    return profile_layers(build_dir, supernet.layers, macs, supernet.precisions, batch, warmup, repeats, threads, on_start)
+
+
+@dataclass
+class TmpqOptions:
+    steps: int = 8
+    speedup: float = 3.0  # predicted, over fp32 at `reference_steps`
+    metric: str = "ssim"
+    reference_steps: int = 20
+    classes: Sequence[int] = tuple(range(10))
+    seeds: Sequence[int] = (100,)  # calibration seeds (the search's)
+    holdout_seeds: Sequence[int] = (1000, 1001, 1002, 1003, 1004)  # never seen by the search
+    precisions: Sequence[str] | None = None  # per-layer choices (default: every precision of the costs table)
+    settings: SearchSettings = field(default_factory=SearchSettings)
+
+
+@dataclass
+class TmpqOutcome:
+    plan: TmpqPlan
+    result: SearchResult
+    holdout: dict[str, dict]  # name -> quality and predicted speedup on the held-out seeds
+
+
+def _names(supernet: SuperNet, config: Sequence[int]) -> list[str]:
+    return [supernet.precisions[i] for i in config]
+
+
+def search_plan(build_dir: Path, model_dir: Path, classifier_dir: Path, table: LayerCostsTable, options: TmpqOptions,
+                on_generation: Callable[[dict], None] = lambda _: None,
+                on_status: Callable[[str], None] = lambda _: None) -> TmpqOutcome:
+    """Run the search on the calibration seeds, then judge the best plan and the baselines on the held-out seeds."""
+    manifest = load_manifest(build_dir)
+    sampling = manifest.require_sampling(build_dir)
+    adapter = adapter_for_config(manifest.denoiser_config)
+    on_status("building the super-network from the build's quantizer state")
+    choices = list(options.precisions or table.precisions)
+    unknown = sorted(set(choices) - set(table.precisions))
+    if unknown:
+        raise TmpdiffError(f"the layer costs table has no {', '.join(unknown)} (it has {', '.join(table.precisions)})")
+    supernet = supernet_from_build(build_dir, model_dir, [p for p in choices if p != "fp32"])
+    if supernet.layers != table.names or "fp32" not in table.precisions:
+        raise TmpdiffError("the layer costs table is not for this build's layers (or has no fp32): measure it again "
+                           "with `tmpdiff layer-costs`")
+    overlap = set(options.seeds) & set(options.holdout_seeds)
+    if overlap:
+        raise TmpdiffError(f"seed {min(overlap)} is both a calibration and a held-out seed")
+    groups = tmpq_groups(options.steps, train_timesteps(sampling_scheduler(sampling)))
+    steps = len(groups)
+    reference_ms = table.config_ms(table.uniform("fp32")) * options.reference_steps
+    budget = reference_ms / options.speedup
+
+    def cost(cand: Candidate) -> float:
+        return sum(table.config_ms(_names(supernet, c)) for c in cand.configs)
+
+    on_status("sampling the fp32 reference on the calibration seeds")
+    evaluator = PlanEvaluator(supernet, adapter, sampling, classifier_dir, options.classes, options.seeds,
+                              options.reference_steps)
+
+    def fitness(cand: Candidate) -> float:
+        latents = evaluator.sample([_names(supernet, c) for c in cand.sampling_configs()], cand.sampling_timesteps())
+        return fitness_of(evaluator.quality(latents), options.metric)
+
+    uniform_costs = {i: table.config_ms(table.uniform(p)) * steps for i, p in enumerate(supernet.precisions)}
+    fitting = [i for i, c in uniform_costs.items() if c <= budget]
+    init = max(fitting, key=uniform_costs.get) if fitting else min(uniform_costs, key=uniform_costs.get)
+    search = TmpqSearch(groups, len(supernet.layers), len(supernet.precisions), fitness, cost, budget, options.settings,
+                        init_config=tuple([init] * len(supernet.layers)), on_generation=on_generation)
+    result = search.run()
+    plan = _plan(manifest.model_id, supernet, table, result, options, sampling, reference_ms, budget, steps)
+    on_status("judging on the held-out seeds")
+    holdout = judge(plan, supernet, adapter, sampling, classifier_dir, table, options, reference_ms)
+    plan.measured = {"calibration": {"seeds": list(options.seeds), "metric": options.metric, "fitness": result.fitness},
+                     "holdout": {"seeds": list(options.holdout_seeds), "classes": list(options.classes),
+                                 "results": holdout}}
+    return TmpqOutcome(plan, result, holdout)
+
+
+def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: SearchResult, options: TmpqOptions,
+          sampling, reference_ms: float, budget: float, steps: int) -> TmpqPlan:
+    best = result.best
+    step_configs = [tuple(_names(supernet, c)) for c in best.sampling_configs()]
+    distinct = list(dict.fromkeys(step_configs))
+    bitops = sum(table.config_bitops(list(c)) for c in step_configs)
+    reference_bitops = table.config_bitops(table.uniform("fp32")) * options.reference_steps
+    s = options.settings
+    return TmpqPlan(
+        model_id=model_id, steps=steps, timesteps=best.sampling_timesteps(),
+        scheduler=SchedulerRef(class_name=sampling.scheduler_class, config=sampling.scheduler_config),
+        layers=supernet.layers, configs=[list(c) for c in distinct], step_configs=[distinct.index(c) for c in step_configs],
+        reference={"precision": "fp32", "steps": options.reference_steps, "ms": reference_ms},
+        predicted={"ms": result.cost, "speedup": reference_ms / result.cost, "budget_ms": budget,
+                   "target": {"speedup": options.speedup}, "bitops_per_sample": bitops,
+                   "bitops_vs_reference": bitops / reference_bitops,
+                   "engine_ms": {f"config{i}": table.config_ms(list(c)) for i, c in enumerate(distinct)}},
+        search={"method": "tmpq-dm evolutionary", "mode": "consistent" if s.consistent else "per-step",
+                "max_configs": 1 if s.consistent else s.max_configs, "population": s.population, "select": s.select,
+                "mutations": s.mutations, "crossovers": s.crossovers, "m_prob": s.m_prob, "generations": result.generations,
+                "precisions": supernet.precisions, "metric": options.metric, "calibration_seeds": list(options.seeds),
+                "seed": s.seed, "evaluations": result.evaluations, "rejected": result.rejected,
+                "seconds": round(result.seconds, 1), "history": result.history},
+        costs={"table": table.format, "device": table.device, "backend": f"{table.backend} {table.backend_version}",
+               "batch": table.batch, "measured_at": table.measured_at})
+
+
+def judge(plan: TmpqPlan, supernet: SuperNet, adapter, sampling, classifier_dir: Path, table: LayerCostsTable,
+          options: TmpqOptions, reference_ms: float) -> dict[str, dict]:
+    """Quality (classifier accuracy and confidence; SSIM/PSNR/latent error vs fp32 at the reference step count) and
+    predicted speedup of the plan and the single-axis baselines, on the held-out seeds."""
+    evaluator = PlanEvaluator(supernet, adapter, sampling, classifier_dir, options.classes, options.holdout_seeds,
+                              options.reference_steps)
+    steps = plan.steps
+    fp32, int8 = supernet.uniform("fp32"), supernet.uniform("int8") if "int8" in supernet.precisions else None
+    entries: dict[str, tuple[list[list[str]], list[int] | None]] = {
+        f"fp32 {options.reference_steps} steps (reference)": ([fp32] * options.reference_steps, None),
+        f"fp32 {steps} steps (scheduler spacing)": ([fp32] * steps, None),
+        f"fp32 at the plan's {steps} timesteps": ([fp32] * steps, plan.timesteps),
+        "plan (timesteps + per-layer precision)": (plan.step_precisions(), plan.timesteps),
+    }
+    if int8 is not None:
+        entries[f"int8 {steps} steps (scheduler spacing)"] = ([int8] * steps, None)
+    results = {}
+    for name, (configs, timesteps) in entries.items():
+        quality = evaluator.quality(evaluator.sample(configs, timesteps))
+        ms = sum(table.config_ms(c) for c in configs)
+        results[name] = quality | {"predicted_ms": ms, "predicted_speedup": reference_ms / ms,
+                                   "bitops_per_sample": sum(table.config_bitops(c) for c in configs)}
+    return results

@@ -1,0 +1,94 @@
+"""`tmpdiff layer-costs` and `tmpdiff search-plan`: TMPQ-DM's per-layer costs table and joint search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tmpdiff.calibration.tmpq import TmpqOptions, TmpqOutcome, measure_layer_costs, search_plan
+from tmpdiff.formats.layer_costs import LayerCostsTable, load_layer_costs, save_layer_costs
+from tmpdiff.formats.outputs import Output, check_outputs
+from tmpdiff.formats.schedule import save_schedule
+from tmpdiff.formats.tmpq_plan import save_tmpq_plan
+from tmpdiff.models.bundled import load_model_info
+
+
+def layer_costs_command(build_dir: Path, out: Path, model: str, precisions: list[str] | None, batch: int, warmup: int,
+                        repeats: int, threads: int | None, force: bool, console: Console) -> LayerCostsTable:
+    """Measure and write the per-layer costs table; returns it."""
+    out = check_outputs([Output.file("--out", out, ".json")], force=force, build_dirs=[build_dir])["--out"]
+    info = load_model_info(model)
+    with console.status("building the super-network and profiling the engines"):
+        table = measure_layer_costs(build_dir, info.transformer_dir, precisions, batch, warmup, repeats, threads,
+                                    on_start=lambda names: console.print(f"profiling {', '.join(names)} interleaved, "
+                                                                         f"{repeats} calls each"))
+    save_layer_costs(table, out)
+    return table
+
+
+def print_layer_costs(table: LayerCostsTable, console: Console) -> None:
+    view = Table(title=f"per-layer ms per call (batch {table.batch}, {table.device}); BitOPs per sample")
+    view.add_column("layer")
+    view.add_column("MMACs", justify="right")
+    for p in table.precisions:
+        view.add_column(f"{p} ms", justify="right")
+    for layer in table.layers:
+        view.add_row(layer.name, f"{layer.macs / 1e6:.1f}", *(f"{layer.ms[p]:.3f}" for p in table.precisions))
+    view.add_row("(rest)", "", *(f"{table.rest_ms[p]:.3f}" for p in table.precisions))
+    view.add_row("uniform: predicted", "", *(f"{table.config_ms(table.uniform(p)):.2f}" for p in table.precisions))
+    view.add_row("uniform: profiled call", "", *(f"{table.step_ms[p]:.2f}" for p in table.precisions))
+    view.add_row("uniform: GBitOPs", "", *(f"{table.config_bitops(table.uniform(p)) / 1e9:.1f}" for p in table.precisions))
+    console.print(view)
+
+
+def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_out: Path | None, model: str,
+                        options: TmpqOptions, force: bool, console: Console) -> TmpqOutcome:
+    """Run the search and write the plan (and, when every configuration is one precision, a v2 schedule)."""
+    outputs = [Output.file("--out", out, ".json")]
+    if schedule_out is not None:
+        outputs.append(Output.file("--schedule-out", schedule_out, ".json"))
+    paths = check_outputs(outputs, force=force, inputs=[layer_costs], build_dirs=[build_dir])
+    table = load_layer_costs(layer_costs)
+    info = load_model_info(model)
+    generations = options.settings.generations
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("generations", total=generations)
+
+        def on_generation(record: dict) -> None:
+            progress.update(task, completed=record["generation"] + 1,
+                            description=f"generation {record['generation']}: best {record['best_fitness']:.4f}, "
+                                        f"{record['evaluations']} evaluated, {record['rejected']} over budget")
+
+        outcome = search_plan(build_dir, info.transformer_dir, info.classifier_dir, table, options, on_generation,
+                              on_status=lambda message: progress.update(task, description=message))
+    save_tmpq_plan(outcome.plan, paths["--out"])
+    schedule = outcome.plan.uniform_schedule()
+    if schedule_out is not None:
+        if schedule is None:
+            console.print("[yellow]--schedule-out not written: the plan mixes precisions inside a step's layers, which "
+                          "no built engine runs yet[/yellow]")
+        else:
+            save_schedule(schedule, paths["--schedule-out"])
+    return outcome
+
+
+def print_outcome(outcome: TmpqOutcome, console: Console) -> None:
+    plan = outcome.plan
+    counts = {p: sum(c.count(p) for c in plan.step_precisions()) for p in {p for c in plan.configs for p in c}}
+    console.print(f"timesteps {plan.timesteps}; {len(plan.configs)} layer configuration(s); layer-steps by precision "
+                  f"{dict(sorted(counts.items()))}; predicted {plan.predicted['speedup']:.2f}x over fp32 at "
+                  f"{plan.reference['steps']} steps; {outcome.result.evaluations} evaluations, "
+                  f"{outcome.result.rejected} over budget, {outcome.result.seconds:.0f} s")
+    view = Table(title=f"held-out seeds {plan.measured['holdout']['seeds']}")
+    for column in ("plan", "accuracy", "confidence", "SSIM vs ref", "PSNR", "pred. speedup", "BitOPs vs ref"):
+        view.add_column(column, justify="left" if column == "plan" else "right")
+    results = outcome.holdout
+    ref_bitops = next(iter(results.values()))["bitops_per_sample"]
+    for name, r in results.items():
+        view.add_row(name, f"{r['accuracy']:.3f}", f"{r['confidence']:.5f}", f"{r['ssim']:.4f}", f"{r['psnr']:.2f}",
+                     f"{r['predicted_speedup']:.2f}x", f"{r['bitops_per_sample'] / ref_bitops:.3f}")
+    console.print(view)

@@ -1,0 +1,124 @@
+"""Per-layer costs measured on the built ORT engines with ONNX Runtime's profiler (`enable_profiling`).
+
+Each precision's engine (the optimised graph the runtime loads) runs `warmup + repeats` calls on the same inputs; the
+profiler's per-node kernel times are attributed to the layer whose ONNX name scope the node carries (the exporter
+names nodes after the module path, e.g. `/model/transformer_blocks.0/attn1/to_q/MatMul`, and ORT's fused nodes keep
+it). A layer's cost is the sum over its nodes of each node's median time; nodes of no listed layer are `rest_ms`.
+Profiling adds a little time per node; `step_ms` (the profiled whole call) is recorded to compare with `tmpdiff profile`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tmpdiff.engines.device import device_label
+from tmpdiff.engines.ort import session_options
+from tmpdiff.engines.ort_build import ort_engine_problem, ort_version
+from tmpdiff.engines.profile import make_buffers
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.layer_costs import LayerCost, LayerCostsTable
+from tmpdiff.formats.manifest import engine_key, load_manifest
+
+
+def layer_of(node: str, layers: Sequence[str]) -> str | None:
+    """The layer (module path) whose scope a node name carries; the longest match wins, None for shared nodes."""
+    dotted = "." + node.replace("/", ".") + "."
+    best = None
+    for layer in layers:
+        if f".{layer}." in dotted and (best is None or len(layer) > len(best)):
+            best = layer
+    return best
+
+
+def node_times(profile: list[dict], warmup: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Per node, its kernel times (ms) in the timed runs; and each timed run's whole duration (ms)."""
+    runs = [e for e in profile if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    nodes: dict[str, list[float]] = defaultdict(list)
+    for event in profile:
+        if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+            nodes[event["name"].removesuffix("_kernel_time")].append(event["dur"] / 1e3)
+    timed = {name: times[warmup:] for name, times in nodes.items()}
+    return {k: v for k, v in timed.items() if v}, [e["dur"] / 1e3 for e in runs[warmup:]]
+
+
+def profile_engines(paths: Mapping[str, Path], feeds: Mapping[str, np.ndarray], warmup: int, repeats: int,
+                    threads: int | None = None) -> dict[str, tuple[dict[str, float], float]]:
+    """Per engine file: median kernel time per node (ms) and median whole-call time (ms) under ORT's profiler.
+
+    The engines run interleaved (one call of each in every repeat), so drift in the machine's speed hits all alike.
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="tmpdiff-ortprof-") as tmp:
+        sessions = {}
+        for name, path in paths.items():
+            opts = session_options(threads, optimization="disable")  # the prepared engine is already optimised
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(tmp) / f"profile-{name}")
+            sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + repeats):
+            for session in sessions.values():
+                session.run(None, dict(feeds))
+        results = {}
+        for name, session in sessions.items():
+            nodes, runs = node_times(json.loads(Path(session.end_profiling()).read_text()), warmup)
+            if not runs or not nodes:
+                raise TmpdiffError("ONNX Runtime's profile holds no timed node events", paths[name])
+            results[name] = ({node: statistics.median(times) for node, times in nodes.items()}, statistics.median(runs))
+    return results
+
+
+def profile_layers(build_dir: Path, layers: Sequence[str], macs: Mapping[str, int], precisions: Sequence[str] | None = None,
+                   batch: int = 20, warmup: int = 3, repeats: int = 20, threads: int | None = None,
+                   on_start: Callable[[list[str]], None] = lambda _: None) -> LayerCostsTable:
+    """The per-layer costs table of `layers` on each precision's ORT-CPU engine of `build_dir` (`batch` rows a call)."""
+    if repeats < 1 or warmup < 0:
+        raise TmpdiffError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    manifest = load_manifest(build_dir)
+    names = list(precisions or manifest.built_precisions("ort", "cpu"))
+    inputs, _ = make_buffers(manifest, batch, "cpu")
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    per_layer: dict[str, dict[str, float]] = {layer: {} for layer in layers}
+    counts: dict[str, dict[str, int]] = {layer: {} for layer in layers}
+    rest, step = {}, {}
+    paths = {}
+    for precision in names:
+        entry = manifest.engines.get(engine_key("ort", "cpu", precision))
+        if entry is None:
+            raise TmpdiffError(f"no ORT-CPU engine for {precision}: run `tmpdiff build {build_dir}`",
+                               build_dir / "manifest.json")
+        problem = ort_engine_problem(build_dir, manifest, entry, "cpu")
+        if problem is not None:
+            raise TmpdiffError(f"{precision} engine {problem}: rebuild with `tmpdiff build {build_dir}`", build_dir / entry.path)
+        paths[precision] = build_dir / entry.path
+    on_start(names)
+    load = [os.getloadavg()[0]]
+    for precision, (medians, step[precision]) in profile_engines(paths, feeds, warmup, repeats, threads).items():
+        for layer in layers:
+            per_layer[layer][precision], counts[layer][precision] = 0.0, 0
+        rest[precision] = 0.0
+        for node, ms in medians.items():
+            owner = layer_of(node, layers)
+            if owner is None:
+                rest[precision] += ms
+            else:
+                per_layer[owner][precision] += ms
+                counts[owner][precision] += 1
+    empty = [layer for layer in layers if not any(counts[layer].values())]
+    if empty:
+        raise TmpdiffError(f"no profiled node belongs to layer {empty[0]} (node names do not carry module scopes)",
+                           build_dir / "manifest.json")
+    return LayerCostsTable(
+        model_id=manifest.model_id, backend="ort", backend_version=ort_version(), device=device_label("cpu"),
+        batch=batch, repeats=repeats, precisions=names, base=names[0] if "fp32" not in names else "fp32",
+        layers=[LayerCost(name=layer, macs=int(macs.get(layer, 0)), ms=per_layer[layer], nodes=counts[layer])
+                for layer in layers],
+        rest_ms=rest, step_ms=step, load_average=[*load, os.getloadavg()[0]])

@@ -1,0 +1,114 @@
+"""Per-layer costs (format `tmpdiff.layer-costs/1`): what each quantizable layer costs at each precision.
+
+Measured on the engines (ONNX Runtime's profiler: per-node durations of each precision's engine, nodes mapped to the
+layer whose ONNX name scope they carry). A layer configuration (one precision per layer) is predicted to cost
+`rest_ms[base] + sum(layer.ms[precision])`: the nodes no layer owns (attention matmuls, softmax, norms, embeddings)
+taken from the base precision's engine. BitOPs (MACs x weight bits x activation bits, per sample) are reported
+beside, as TMPQ-DM's constraint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tmpdiff.formats.atomic import read_model_file, write_json
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import PRECISIONS
+
+LAYER_COSTS_FORMAT = "tmpdiff.layer-costs/1"
+
+# (weight bits, activation bits) of each precision, for BitOPs; int4 is W4A16 (modelopt's INT4 AWQ).
+BITS: dict[str, tuple[int, int]] = {"fp32": (32, 32), "fp16": (16, 16), "int8": (8, 8), "int8-sq": (8, 8),
+                                    "fp8": (8, 8), "int4": (4, 16), "nvfp4": (4, 4)}
+
+
+class LayerCost(BaseModel):
+    """One quantizable layer (a Linear/Conv module name): its MACs per sample and its cost at each precision."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    macs: int = Field(ge=0)  # multiply-accumulates per sample (one latent row)
+    ms: dict[str, float]  # per precision: median ms of this layer's nodes in one engine call
+    nodes: dict[str, int] = Field(default_factory=dict)  # per precision: how many profiled nodes it owns
+
+    def bitops(self, precision: str) -> float:
+        weight_bits, act_bits = BITS[precision]
+        return float(self.macs) * weight_bits * act_bits
+
+
+class LayerCostsTable(BaseModel):
+    """Per-layer costs of one build on one device; `step_ms` is each engine's whole profiled call, for checking."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["tmpdiff.layer-costs/1"] = LAYER_COSTS_FORMAT
+    model_id: str
+    backend: str
+    backend_version: str
+    device: str
+    batch: int = Field(ge=1)  # rows per engine call (classifier-free guidance doubles the samples)
+    repeats: int = Field(ge=1)
+    precisions: list[str]
+    base: str = "fp32"  # precision whose unattributed nodes (`rest_ms`) every configuration pays
+    layers: list[LayerCost]
+    rest_ms: dict[str, float]  # per precision: nodes no layer owns
+    step_ms: dict[str, float]  # per precision: median profiled duration of a whole engine call
+    measured_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    load_average: list[float] = Field(default_factory=list)  # 1-minute load before and after (other jobs' share)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LayerCostsTable:
+        unknown = sorted({p for p in self.precisions if p not in PRECISIONS or p not in BITS})
+        if unknown:
+            raise ValueError(f"unknown precision {', '.join(unknown)}")
+        if self.base not in self.precisions:
+            raise ValueError(f"base precision {self.base} is not among {self.precisions}")
+        for layer in self.layers:
+            missing = [p for p in self.precisions if p not in layer.ms]
+            if missing:
+                raise ValueError(f"layer {layer.name} has no cost for {', '.join(missing)}")
+        if len({layer.name for layer in self.layers}) != len(self.layers):
+            raise ValueError("a layer is listed twice")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def config_ms(self, config: Sequence[str]) -> float:
+        """Predicted ms of one engine call of a layer configuration (one precision per layer, in table order)."""
+        self._check(config)
+        return self.rest_ms[self.base] + sum(layer.ms[p] for layer, p in zip(self.layers, config, strict=True))
+
+    def config_bitops(self, config: Sequence[str]) -> float:
+        """BitOPs per sample of one denoiser call of a layer configuration."""
+        self._check(config)
+        return sum(layer.bitops(p) for layer, p in zip(self.layers, config, strict=True))
+
+    def uniform(self, precision: str) -> list[str]:
+        return [precision] * len(self.layers)
+
+    def _check(self, config: Sequence[str]) -> None:
+        if len(config) != len(self.layers):
+            raise TmpdiffError(f"a layer configuration of {len(config)} precisions for {len(self.layers)} layers")
+        unknown = sorted(set(config) - set(self.precisions))
+        if unknown:
+            raise TmpdiffError(f"no layer costs for {', '.join(unknown)} (the table has {', '.join(self.precisions)})")
+
+    def as_dict(self) -> Mapping[str, LayerCost]:
+        return {layer.name: layer for layer in self.layers}
+
+
+def load_layer_costs(path: str | Path) -> LayerCostsTable:
+    path = Path(path)
+    if not path.is_file():
+        raise TmpdiffError("layer costs file does not exist", path)
+    return read_model_file(path, LayerCostsTable, "layer costs table")
+
+
+def save_layer_costs(table: LayerCostsTable, path: str | Path) -> None:
+    write_json(path, table.model_dump(mode="json"))

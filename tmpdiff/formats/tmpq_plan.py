@@ -1,0 +1,82 @@
+"""A TMPQ-DM plan (format `tmpdiff.tmpq-plan/1`): which training timesteps run, and each step's per-layer precisions.
+
+`configs` lists the distinct layer configurations (one precision per layer of `layers`); step i runs `configs[
+step_configs[i]]` at `timesteps[i]` (sampling order, strictly decreasing). A configuration whose layers all share one
+precision is that precision's engine; such a plan is also written as a `tmpdiff.schedule/2` file that `tmpdiff run`
+executes (`uniform_schedule`). Mixed configurations need an engine of their own (not exported yet).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tmpdiff.formats.atomic import read_model_file, write_json
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.precisions import PRECISIONS
+from tmpdiff.formats.schedule import Schedule, SchedulerRef, timestep_problem
+
+TMPQ_PLAN_FORMAT = "tmpdiff.tmpq-plan/1"
+
+
+class TmpqPlan(BaseModel):
+    """Timesteps and per-step layer configurations, with what the search predicted and measured for them."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["tmpdiff.tmpq-plan/1"] = TMPQ_PLAN_FORMAT
+    model_id: str
+    steps: int = Field(ge=1)
+    timesteps: list[int]
+    scheduler: SchedulerRef | None = None
+    layers: list[str]
+    configs: list[list[str]]
+    step_configs: list[int]
+    reference: dict = Field(default_factory=dict)  # what the plan is compared with (fp32, its step count)
+    predicted: dict = Field(default_factory=dict)  # from the per-layer costs table: ms, speedup, BitOPs
+    measured: dict = Field(default_factory=dict)  # quality on the search's seeds and on held-out seeds
+    search: dict = Field(default_factory=dict)  # settings, evaluations, rejected, seconds, history
+    costs: dict = Field(default_factory=dict)  # which per-layer costs table, measured where
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TmpqPlan:
+        if len(self.timesteps) != self.steps or len(self.step_configs) != self.steps:
+            raise ValueError(f"{len(self.timesteps)} timesteps and {len(self.step_configs)} step configurations for "
+                             f"{self.steps} steps")
+        problem = timestep_problem(self.timesteps)
+        if problem:
+            raise ValueError(problem)
+        for config in self.configs:
+            if len(config) != len(self.layers):
+                raise ValueError(f"a configuration of {len(config)} precisions for {len(self.layers)} layers")
+            unknown = sorted(set(config) - set(PRECISIONS))
+            if unknown:
+                raise ValueError(f"unknown precision {', '.join(unknown)}")
+        if any(not 0 <= i < len(self.configs) for i in self.step_configs):
+            raise ValueError(f"a step names configuration outside 0..{len(self.configs) - 1}")
+        return self
+
+    def step_precisions(self) -> list[list[str]]:
+        return [self.configs[i] for i in self.step_configs]
+
+    def uniform_schedule(self) -> Schedule | None:
+        """The plan as a v2 schedule when every configuration is one precision for all layers (else None)."""
+        if any(len(set(c)) != 1 for c in self.configs):
+            return None
+        return Schedule(steps=self.steps, scheduler=self.scheduler, precisions=[c[0] for c in self.step_precisions()],
+                        timesteps=list(self.timesteps), reference=str(self.reference.get("precision", "fp32")),
+                        target=dict(self.predicted.get("target", {})),
+                        predicted={"speedup": self.predicted.get("speedup")} if self.predicted.get("speedup") else {},
+                        evaluations=int(self.search.get("evaluations", 0)))
+
+
+def load_tmpq_plan(path: str | Path) -> TmpqPlan:
+    path = Path(path)
+    if not path.is_file():
+        raise TmpdiffError("plan file does not exist", path)
+    return read_model_file(path, TmpqPlan, "TMPQ-DM plan")
+
+
+def save_tmpq_plan(plan: TmpqPlan, path: str | Path) -> None:
+    write_json(path, plan.model_dump(mode="json"))
