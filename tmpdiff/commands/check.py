@@ -163,3 +163,30 @@ def _spot_check(build_dir: Path, manifest) -> list[Problem]:
 def _relative(got, want) -> float:
     error = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
     return error if np.isfinite(error) else float("inf")
+
+
+def calibration_notes(build_dir: Path) -> list[str]:
+    """One line per quantized precision saying what its activation ranges were calibrated on (random inputs said
+    plainly: quantization calibrated on them can lose far more than on the model's real inputs)."""
+    from tmpdiff.formats.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(build_dir)
+    except TmpdiffError:
+        return []
+    notes = []
+    for name, entry in manifest.precisions.items():
+        calibration = (entry.quantization or {}).get("calibration")
+        if not calibration:
+            continue
+        source = calibration.get("source", "unknown")
+        if source == "random inputs":
+            notes.append(f"{name}: calibrated on random N(0, 1) inputs (--random-calibration), not on the model's "
+                         f"real inputs; {calibration.get('batches')} batches")
+        elif "prompts" in calibration:
+            notes.append(f"{name}: calibrated on {calibration['prompts']} prompts x {len(calibration.get('seeds', []))} "
+                         f"seeds x {calibration.get('steps')} steps of {calibration.get('pipeline')} (guidance "
+                         f"{calibration.get('guidance_scale')}), {calibration.get('batches')} batches")
+        else:
+            notes.append(f"{name}: calibrated on {source}, {calibration.get('batches')} batches")
+    return notes

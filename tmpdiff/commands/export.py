@@ -7,27 +7,75 @@ from pathlib import Path
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.bundled import INFO_NAME, bundled_dir, load_model_info, sampling_info
 
+BUNDLED_T2I = "bundled-t2i"  # the bundled text-to-image pipeline's transformer
+PIPELINE_DEFAULT_STEPS = 20  # calibration steps for a pipeline without --calib-steps
+
 
 def resolve_model_dir(model: str, subfolder: str | None) -> Path:
-    """The denoiser directory: `bundled` is the packaged model's transformer, else MODEL[/SUBFOLDER]."""
+    """The denoiser directory: `bundled` is the packaged class-conditional model's transformer, `bundled-t2i` the
+    packaged text-to-image pipeline's, else MODEL[/SUBFOLDER]."""
+    if model == BUNDLED_T2I:
+        from tmpdiff.models.tiny_t2i import t2i_dir
+
+        return t2i_dir() / (subfolder or "transformer")
     root = bundled_dir() if model == "bundled" else Path(model)
     if model == "bundled" and subfolder is None:
         subfolder = "transformer"
     return root / subfolder if subfolder else root
 
 
-def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None):
-    """Sampled trajectories (and sampling info) for a tmpdiff class-conditional model dir; (None, None) otherwise,
-    where export falls back to random inputs."""
+def pipeline_of(model_dir: Path) -> Path | None:
+    """The pipeline directory a denoiser directory is a component of (MODEL --subfolder transformer), if any."""
     root = model_dir.parent
-    if not (root / INFO_NAME).is_file():
-        return None, None
-    from tmpdiff.runtime.capture import sampled_recipe
+    return root if (root / "model_index.json").is_file() else None
 
-    info = load_model_info(root)
-    sampling = sampling_info(info)
-    chosen = list(range(info.num_classes)) if classes is None else classes
-    bad = [c for c in chosen if not 0 <= c < info.num_classes]
-    if bad:
-        raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
-    return sampled_recipe(sampling, chosen, seeds), sampling
+
+def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None, *, prompts: Path | None = None,
+                    steps: int | None = None, guidance: float | None = None, random: bool = False,
+                    needed: bool = True):
+    """The calibration recipe (and sampling info) for a quantized export:
+    - a tmpdiff class-conditional model dir: sampled trajectories of `classes` x `seeds`;
+    - a pipeline's denoiser with `prompts`: its inputs captured from the stock pipeline over the prompts x `seeds`;
+    - `random`: random N(0, 1) inputs, only when asked for.
+    Without any of them (and `needed`: some precision is quantized) a clear error says what to pass."""
+    pipeline = pipeline_of(model_dir)
+    if prompts is not None and random:
+        raise TmpdiffError("give --prompts or --random-calibration, not both")
+    if prompts is not None and pipeline is None:
+        raise TmpdiffError("--prompts captures inputs from a pipeline: give the pipeline directory with "
+                           "--subfolder transformer (or unet)", model_dir)
+    if (model_dir.parent / INFO_NAME).is_file():
+        if prompts is not None:
+            raise TmpdiffError("a class-conditional model is calibrated on its own sampled trajectories (--calib-seeds, "
+                               "--calib-classes), not --prompts", model_dir.parent / INFO_NAME)
+        info = load_model_info(model_dir.parent)
+        sampling = sampling_info(info)
+        if random:
+            from tmpdiff.export.calibration_data import random_recipe
+
+            return random_recipe(), sampling
+        from tmpdiff.runtime.capture import sampled_recipe
+
+        chosen = list(range(info.num_classes)) if classes is None else classes
+        bad = [c for c in chosen if not 0 <= c < info.num_classes]
+        if bad:
+            raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
+        return sampled_recipe(sampling, chosen, seeds), sampling
+    if random:
+        from tmpdiff.export.calibration_data import random_recipe
+
+        return random_recipe(), None
+    if prompts is not None:
+        from tmpdiff.runtime.capture import PromptCapture, prompted_recipe, read_prompts
+
+        capture = PromptCapture(pipeline, read_prompts(prompts), list(seeds), steps or PIPELINE_DEFAULT_STEPS, guidance,
+                                prompts_file=str(prompts))
+        return prompted_recipe(capture), None
+    if not needed:
+        return None, None
+    from tmpdiff.models.loading import read_model_config
+
+    read_model_config(model_dir)  # not a model directory at all: that error first
+    where = f"the pipeline {pipeline}" if pipeline is not None else "its pipeline (MODEL_DIR --subfolder transformer)"
+    raise TmpdiffError(f"quantizing needs calibration data: pass --prompts FILE to capture the denoiser's inputs from "
+                       f"{where}, or --random-calibration for random inputs", model_dir)

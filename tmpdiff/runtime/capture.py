@@ -6,17 +6,26 @@ uncond rows, scaled latents, timesteps, labels) are copied out as one calibratio
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tmpdiff.engines.torch_engine import TorchEngine
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet
+from tmpdiff.formats.atomic import read_json_object
 from tmpdiff.formats.config_values import encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.dropin import call_feeds, copy_into
+from tmpdiff.runtime.pipeline_io import call_kwargs, default_guidance_of, load_pipeline, pipeline_denoiser_name
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
@@ -50,3 +59,97 @@ def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampli
         runner.sample(sampling_scheduler(sampling), labels, noise, ["fp32"] * steps)
     return CalibrationSet(batches, {"source": "sampled trajectories, fp32 torch", "classes": list(classes),
                                     "seeds": list(seeds), "steps": steps, "guidance_scale": sampling.guidance_scale})
+
+
+def read_prompts(path: Path) -> list[str]:
+    """A prompts file: one prompt per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TmpdiffError(f"cannot read the prompts file ({type(exc).__name__})", path) from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise TmpdiffError("the prompts file has no prompts (one per line)", path)
+    return prompts
+
+
+@dataclass(frozen=True)
+class PromptCapture:
+    """Pipeline runs whose denoiser inputs become the calibration set: `prompts` x `seeds`, `steps` steps each."""
+
+    pipeline_dir: Path
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance_scale: float | None  # None: the pipeline's default
+    prompts_file: str | None = None
+
+    def description(self, pipeline_class: str, scheduler: dict) -> dict:
+        digest = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+        return {"source": "pipeline prompts, fp32 torch", "pipeline": pipeline_class, "prompts": len(self.prompts),
+                "prompts_sha256": digest, "seeds": self.seeds, "steps": self.steps,
+                "guidance_scale": self.guidance_scale, "scheduler": scheduler}
+
+
+def prompted_recipe(capture: PromptCapture) -> CalibrationRecipe:
+    """The recipe of `prompted_calibration`; its description (prompts digest, seeds, steps, guidance, the pipeline's
+    scheduler) is read from the pipeline directory without loading any model."""
+    if not capture.prompts or not capture.seeds:
+        raise TmpdiffError("calibration set is empty: give at least one prompt and one seed")
+    if capture.steps < 1:
+        raise TmpdiffError(f"--calib-steps must be at least 1, got {capture.steps}")
+    pipeline_denoiser_name(capture.pipeline_dir)  # a pipeline directory with a denoiser, or a clear error now
+    index = read_json_object(capture.pipeline_dir / "model_index.json")
+    scheduler_path = capture.pipeline_dir / "scheduler" / "scheduler_config.json"
+    scheduler = encode_non_finite(read_json_object(scheduler_path)) if scheduler_path.is_file() else {}
+    pipeline_class = str(index.get("_class_name"))
+    if capture.guidance_scale is None:  # the pipeline's own default, read from its class (no model loaded)
+        import diffusers
+
+        cls = getattr(diffusers, pipeline_class, None)
+        default = default_guidance_of(cls) if cls is not None else None
+        capture = dataclasses.replace(capture, guidance_scale=default)
+    description = capture.description(pipeline_class, scheduler)
+    return CalibrationRecipe(description, lambda model, adapter: prompted_calibration(model, adapter, capture, description))
+
+
+def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, capture: PromptCapture,
+                         description: dict | None = None) -> CalibrationSet:
+    """The denoiser's inputs at every step of the stock pipeline run over the prompts (one call per seed, all prompts
+    batched, cond and uncond rows as the pipeline makes them), with `model` (fp32 torch) as its denoiser."""
+    pipe = load_pipeline(capture.pipeline_dir, model)
+    batches: list[dict[str, torch.Tensor]] = []
+    signature = inspect.signature(model.forward)
+    specs = adapter.input_specs()
+
+    def record(module, args, kwargs) -> None:
+        call = dict(signature.bind(*args, **kwargs).arguments)
+        call.pop("return_dict", None)
+        feeds = call_feeds(specs, call, adapter.architecture)
+        rows = int(torch.as_tensor(feeds[specs[0].name]).shape[0])
+        dims = adapter.default_dims(rows)
+        batch = {}
+        for spec in specs:
+            buffer = torch.zeros(spec.concrete(dims), dtype=torch.float32)
+            copy_into(spec, buffer, feeds[spec.name], adapter)
+            batch[spec.name] = buffer
+        batches.append(batch)
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    guidance = capture.guidance_scale
+    try:
+        for seed in tqdm(capture.seeds, desc="capturing calibration inputs", leave=False):
+            kwargs = call_kwargs(pipe, steps=capture.steps, seed=seed, guidance_scale=guidance,
+                                 text_len=getattr(adapter, "text_len", None), sample_size=adapter.sample_size)
+            try:
+                pipe(list(capture.prompts), output_type="latent", **kwargs)
+            except ValueError as exc:
+                raise TmpdiffError(f"{type(pipe).__name__} refused the call ({exc})", capture.pipeline_dir) from None
+    finally:
+        handle.remove()
+    if not batches:
+        raise TmpdiffError("the pipeline never called its denoiser", capture.pipeline_dir)
+    recorded = dict(description or {})
+    rows = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    recorded |= {"prompts_file": capture.prompts_file, "calls": len(batches), "rows": rows}
+    return CalibrationSet(batches, recorded)

@@ -37,11 +37,11 @@ from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.registry import adapter_for_config
 from tmpdiff.models.schedulers import set_custom_timesteps
+from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
 
-DENOISER_COMPONENTS = ("transformer", "unet")
 # Keyword arguments a pipeline passes that carry attention-processor options: honoured only when empty.
 PROCESSOR_OPTIONS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
 # Config keys tmpdiff adds for export (fixed graph sizes); the model config itself does not have them.
@@ -130,7 +130,7 @@ class EngineDenoiser(torch.nn.Module):
         except TypeError as exc:
             raise TmpdiffError(f"{self.adapter.architecture} engines called with unexpected arguments ({exc})") from None
         return_dict = call.pop("return_dict", True)
-        feeds = self._feeds(call)
+        feeds = call_feeds(self._input_specs, call, self.adapter.architecture)
         hidden = feeds[self._input_specs[0].name]
         self._ensure_buffers(int(hidden.shape[0]))
         index, timestep = self._step()
@@ -139,7 +139,7 @@ class EngineDenoiser(torch.nn.Module):
             self._marks = []  # a new pipeline call (Flux's true CFG calls twice at every step, so 0 can repeat)
         with on_stream(self.stream):  # ordered after the pipeline's work on its stream, before what it does next
             for spec in self._input_specs:
-                _copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
+                copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
             start = self._clock.mark()
             out = self._outputs[self._output_spec.name]
             used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
@@ -151,26 +151,6 @@ class EngineDenoiser(torch.nn.Module):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=result)
-
-    def _feeds(self, call: dict[str, Any]) -> dict[str, Any]:
-        """Each engine input from the call (or its `added_cond_kwargs`); anything else it passes must be empty."""
-        added = dict(call.pop("added_cond_kwargs", None) or {})
-        feeds: dict[str, Any] = {}
-        for spec in self._input_specs:
-            value = call.pop(spec.name, None)
-            if value is None:
-                value = added.pop(spec.name, None)
-            if value is None and spec.name == TEXT_MASK:
-                value = 1.0  # no mask given: every token counts
-            if value is None:
-                raise TmpdiffError(f"the pipeline did not pass {spec.name!r}, which the {self.adapter.architecture} engines take")
-            feeds[spec.name] = value
-        unused = [name for name, value in {**call, **added}.items()
-                  if value is not None and not (name in PROCESSOR_OPTIONS and not value)]
-        if unused:
-            raise TmpdiffError(f"the {self.adapter.architecture} engines cannot take {', '.join(sorted(unused))} "
-                               "(not part of the exported graph)")
-        return feeds
 
     def _ensure_buffers(self, batch: int) -> None:
         """Buffers for this batch size, bound to every engine (once per batch size, not per step)."""
@@ -224,13 +204,35 @@ class EngineDenoiser(torch.nn.Module):
             engine.close()
 
 
+def call_feeds(input_specs: list[TensorSpec], call: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """Each graph input from a denoiser call's bound arguments (or its `added_cond_kwargs`); anything else it passes
+    must be empty."""
+    added = dict(call.pop("added_cond_kwargs", None) or {})
+    feeds: dict[str, Any] = {}
+    for spec in input_specs:
+        value = call.pop(spec.name, None)
+        if value is None:
+            value = added.pop(spec.name, None)
+        if value is None and spec.name == TEXT_MASK:
+            value = 1.0  # no mask given: every token counts
+        if value is None:
+            raise TmpdiffError(f"the pipeline did not pass {spec.name!r}, which the {architecture} engines take")
+        feeds[spec.name] = value
+    unused = [name for name, value in {**call, **added}.items()
+              if value is not None and not (name in PROCESSOR_OPTIONS and not value)]
+    if unused:
+        raise TmpdiffError(f"the {architecture} engines cannot take {', '.join(sorted(unused))} "
+                           "(not part of the exported graph)")
+    return feeds
+
+
 def _frozen(config: Mapping[str, Any]):
     from diffusers.configuration_utils import FrozenDict
 
     return FrozenDict(config)
 
 
-def _copy_into(spec: TensorSpec, buffer: torch.Tensor, value: Any, adapter: DenoiserAdapter) -> None:
+def copy_into(spec: TensorSpec, buffer: torch.Tensor, value: Any, adapter: DenoiserAdapter) -> None:
     """Write one call argument into its bound buffer; only per-sample scalars (timestep, guidance) broadcast."""
     if isinstance(value, (int, float)) and (len(spec.shape) == 1 or spec.name == TEXT_MASK):
         buffer.fill_(value)  # a Python number goes to the kernel as an argument: no host-to-device copy

@@ -1,0 +1,103 @@
+"""The bundled text-to-image pipeline end to end: quantization calibrated on captured pipeline inputs, a schedule
+calibrated inside the pipeline, run unchanged by `tmpdiff run --pipeline`, and the refusal of another denoiser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.cli_helpers import cli
+from tmpdiff.commands.check import calibration_notes
+from tmpdiff.commands.export import calibration_for, resolve_model_dir
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.formats.schedule import load_schedule
+from tmpdiff.models.tiny_t2i import t2i_dir
+
+PROMPTS = ["a red 3 on a blue background", "a green 7 on a black background"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Prompts file, an fp32 + int8 export of the bundled transformer calibrated on 2 prompts x 1 seed x 4 steps
+    (through the CLI), its ORT engines and a stated costs table."""
+    root = tmp_path_factory.mktemp("t2i")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(["# calibration prompts", *PROMPTS]) + "\n")
+    code, _, err = cli("export", "bundled-t2i", "--out", root, "--precisions", "fp32,int8", "--prompts", prompts,
+                       "--calib-seeds", "0", "--calib-steps", STEPS)
+    assert code == 0, err
+    build = root / "tiny-t2i"
+    code, _, err = cli("build", build, "--threads", 1)
+    assert code == 0, err
+    code, _, err = cli("costs", "--device", "test", "--ratio", "fp32=1,int8=0.5", "--source", "test",
+                       "--out", root / "costs.json")
+    assert code == 0, err
+    return root, build, prompts
+
+
+def test_export_captures_the_pipelines_denoiser_inputs(work):
+    _, build, _ = work
+    calibration = load_manifest(build).precisions["int8"].quantization["calibration"]
+    assert calibration["source"] == "pipeline prompts, fp32 torch" and calibration["pipeline"] == "PixArtSigmaPipeline"
+    assert (calibration["prompts"], calibration["seeds"], calibration["steps"]) == (2, [0], STEPS)
+    assert calibration["guidance_scale"] == 4.5  # the pipeline's default, read from its class
+    # one batch per denoiser call (cond + uncond rows of both prompts: classifier-free guidance batched)
+    assert (calibration["calls"], calibration["rows"], calibration["batches"]) == (STEPS, STEPS * 2 * 2, STEPS)
+    notes = calibration_notes(build)
+    assert len(notes) == 1 and notes[0].startswith("int8: calibrated on 2 prompts x 1 seeds x 4 steps"), notes
+
+
+def test_random_calibration_only_when_asked():
+    model_dir = resolve_model_dir("bundled-t2i", None)
+    with pytest.raises(TmpdiffError, match="pass --prompts FILE .* or --random-calibration"):
+        calibration_for(model_dir, [0], None)
+    recipe, sampling = calibration_for(model_dir, [0], None, random=True)
+    assert recipe.description["source"] == "random inputs" and sampling is None
+    assert calibration_for(model_dir, [0], None, needed=False) == (None, None)  # fp32 alone needs no data
+    code, _, err = cli("export", "bundled-t2i", "--precisions", "int8", "--out", "unused")
+    assert code == 2 and "--random-calibration" in err and "transformer" in err, err
+
+
+def test_calibrate_in_the_pipeline_and_run_the_schedule_unchanged(work, tmp_path):
+    root, build, prompts = work
+    schedule_path = tmp_path / "schedule.json"
+    code, out, err = cli("calibrate", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                         "--calib-seeds", "0", "--steps", STEPS, "--speedup", 1.3, "--out", schedule_path,
+                         "--report", tmp_path / "report", "--threads", 1)
+    assert code == 0, err
+    schedule = load_schedule(schedule_path)
+    assert schedule.steps == STEPS and set(schedule.precisions) <= {"fp32", "int8"} and "int8" in schedule.precisions
+    assert schedule.scheduler.class_name == "DPMSolverMultistepScheduler"  # the pipeline's own scheduler
+    measured = schedule.measured.model_dump()
+    assert 0 < measured["ssim"] <= 1 and measured["latent_error"] >= 0 and measured["samples"] == len(PROMPTS)
+    assert 0 <= measured["adherence"] <= 1 and "adherence" in out
+    report = json.loads((tmp_path / "report" / "calibration_report.json").read_text())
+    assert report["compared"]["all-fp32"]["ssim"] == 1.0 and report["compared"]["all-int8"]["ssim"] < 1.0
+    assert (tmp_path / "report" / "grid.png").is_file()
+
+    code, out, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", schedule_path,
+                         "--out", tmp_path / "run.png", "--json", "--threads", 1)
+    assert code == 0, err
+    ran = [step["precision"] for step in json.loads(out)["steps"]]
+    assert ran == schedule.precisions
+
+
+def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):
+    root, build, prompts = work
+    other = tmp_path / "other"
+    shutil.copytree(t2i_dir(), other)
+    weights = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + torch.full_like(tensors[name], 1e-3)
+    save_file(tensors, weights)
+    code, _, err = cli("calibrate", build, "--costs", root / "costs.json", "--pipeline", other, "--prompts", prompts,
+                       "--steps", STEPS, "--speedup", 1.3, "--out", tmp_path / "s.json")
+    assert code == 2 and "differs from the model the build was exported from" in err, err
+    assert str(other / "transformer") in err and not (tmp_path / "s.json").exists()

@@ -1,0 +1,190 @@
+"""Calibration inside a text-to-image pipeline: E(Z) from the stock diffusers pipeline run with the engines.
+
+The pipeline (its text encoder, VAE, scheduler, step count and classifier-free guidance) samples from fixed seeds
+with the build's engines attached as its denoiser (`attach_engines`); each schedule is the plan the attached
+denoiser follows for one set of calls. Errors are measured on the final latents (relative MSE) and on the decoded
+RGB images (SSIM over all channels, PSNR). The same `Problem` and searches as the class-conditional model run on it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from tmpdiff.calibration.evaluator import METRICS, Evaluation
+from tmpdiff.calibration.search import Problem
+from tmpdiff.calibration.session import CalibrationSession, _usable_costs
+from tmpdiff.eval.rgb import mean_rgb_metrics
+from tmpdiff.formats.costs import load_costs
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
+from tmpdiff.formats.schedule import SchedulerRef
+from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
+from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, decode_latents, load_pipeline
+from tmpdiff.runtime.plan import resolve_plan
+
+
+@dataclass
+class PipelineEvaluator:
+    """Runs schedules through the pipeline over `prompts` x `seeds` (one pipeline call per seed) and caches E(Z)."""
+
+    pipe: object
+    denoiser: EngineDenoiser
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance_scale: float | None
+    reference: str
+    cache: dict[tuple[str, ...], Evaluation] = field(default_factory=dict)
+    runs: int = 0  # schedules actually run (cache misses), reference excluded
+
+    def __post_init__(self) -> None:
+        if not self.prompts or not self.seeds:
+            raise TmpdiffError("calibration set is empty: give at least one prompt and one seed")
+        self.runner = SimpleNamespace(engines=self.denoiser.engines)  # what calibrate's timing report reads
+        self.labels = [p for _ in self.seeds for p in self.prompts]  # one entry per sample
+        ref = tuple([self.reference] * self.steps)
+        self.reference_latents, _ = self._run(ref)
+        self.reference_images = decode_latents(self.pipe, self.reference_latents)
+        self.cache[ref] = Evaluation(ref, 0.0, 1.0, float("inf"))
+
+    def _run(self, schedule: Sequence[str]) -> tuple[torch.Tensor, float]:
+        """Final latents (samples in seed-major order) and the seconds spent in denoiser calls."""
+        self.denoiser.plan = resolve_plan(list(schedule))
+        latents, seconds = [], 0.0
+        for seed in self.seeds:
+            kwargs = call_kwargs(self.pipe, steps=self.steps, seed=seed, guidance_scale=self.guidance_scale,
+                                 text_len=getattr(self.denoiser.adapter, "text_len", None),
+                                 sample_size=self.denoiser.config.get("sample_size"))
+            latents.append(self.pipe(list(self.prompts), output_type="latent", **kwargs).images.float().cpu())
+            seconds += sum(event.seconds for event in self.denoiser.trace.steps)
+        return torch.cat(latents), seconds
+
+    def evaluate(self, schedule: Sequence[str]) -> Evaluation:
+        """E(Z) for a schedule (from the cache when already run)."""
+        key = tuple(schedule)
+        if len(key) != self.steps:
+            raise TmpdiffError(f"schedule of {len(key)} steps for a {self.steps}-step calibration")
+        if key not in self.cache:
+            latents, _ = self._run(key)
+            diff = (latents - self.reference_latents).flatten(1).pow(2).sum(1)
+            norm = self.reference_latents.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+            ssim, psnr = mean_rgb_metrics(decode_latents(self.pipe, latents), self.reference_images)
+            self.cache[key] = Evaluation(key, float((diff / norm).mean()), ssim, psnr)
+            self.runs += 1
+        return self.cache[key]
+
+    def time_sampling(self, schedules: Sequence[Sequence[str]], repeats: int = 3) -> list[float]:
+        """Median seconds of denoiser calls per run of the calibration set, each schedule in turn, `repeats` rounds
+        (order reversed every other round)."""
+        if repeats < 1:
+            raise TmpdiffError(f"repeats must be >= 1, got {repeats}")
+        times: list[list[float]] = [[] for _ in schedules]
+        order = list(range(len(schedules)))
+        for round_ in range(repeats):
+            for i in order if round_ % 2 == 0 else order[::-1]:
+                times[i].append(self._run(schedules[i])[1])
+        return [statistics.median(t) for t in times]
+
+    def latents(self, schedule: Sequence[str]) -> torch.Tensor:
+        return self._run(schedule)[0]
+
+    def images(self, schedule: Sequence[str]) -> torch.Tensor:
+        """Decoded images (N, 3, H, W) in [0, 1] of a schedule."""
+        return decode_latents(self.pipe, self.latents(schedule))
+
+    def close(self) -> None:
+        self.denoiser.close()
+
+
+@dataclass
+class PipelineSession(CalibrationSession):
+    """A calibration session whose samples come from a diffusers pipeline; its scheduler is the pipeline's."""
+
+    pipeline_dir: Path | None = None
+    scheduler: SchedulerRef | None = None
+
+    def scheduler_ref(self) -> SchedulerRef:
+        return self.scheduler
+
+
+def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path, prompts: Sequence[str],
+                          seeds: Sequence[int], steps: int | None = None, metric: str = "latent", reference: str = "fp32",
+                          guidance_scale: float | None = None, backend: str = "ort", device: str = "cpu",
+                          threads: int | None = None, levels: Sequence[str] | None = None,
+                          on_evaluation: Callable[[Evaluation], None] = lambda _: None,
+                          check: Callable[[Problem], object] = lambda _: None,
+                          default_steps: int = 20) -> PipelineSession:
+    """Check every input first (pipeline vs build, costs vs built engines, metric), then attach the engines to the
+    pipeline and run the reference schedule."""
+    if metric not in METRICS:
+        raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    steps = steps or default_steps
+    if steps < 2:
+        raise TmpdiffError(f"a schedule needs at least 2 steps, got {steps}")
+    prompts, seeds = list(prompts), list(seeds)
+    if not prompts or not seeds:
+        raise TmpdiffError("calibration set is empty: give at least one prompt and one seed")
+    manifest = load_manifest(build_dir)
+    check_pipeline_denoiser(pipeline_dir, manifest.model_sha256, build_dir / MANIFEST_NAME)
+    costs = load_costs(costs_path)
+    usable = _usable_costs(costs, manifest, costs_path)
+    built = manifest.built_precisions(backend, device)
+    wanted = [p for p in usable if levels is None or p in levels or p == reference]
+    unbuilt = [p for p in wanted if p not in built]
+    if unbuilt:
+        raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`", costs_path)
+    probe = Problem.create(steps, reference, {p: usable[p] for p in wanted}, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
+    check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
+    pipe = load_pipeline(pipeline_dir)
+    denoiser = attach_engines(pipe, build_dir, precision=reference, backend=backend, device=device, threads=threads)
+    missing = [p for p in probe.all_levels if p not in denoiser.engines]
+    if missing:
+        raise TmpdiffError(f"no {backend} engine loaded for {', '.join(missing)}", build_dir)
+    if device != "cpu":
+        pipe.to("cuda")
+    evaluator = PipelineEvaluator(pipe, denoiser, prompts, seeds, steps, guidance_scale, reference)
+
+    def evaluate(schedule: Sequence[str]) -> Evaluation:
+        before = evaluator.runs
+        result = evaluator.evaluate(schedule)
+        if evaluator.runs != before:
+            on_evaluation(result)
+        return result
+
+    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, evaluate)
+    scheduler = SchedulerRef(class_name=type(pipe.scheduler).__name__, config=dict(pipe.scheduler.config))
+    return PipelineSession(build_dir, manifest, costs, evaluator, problem, pipeline_dir=pipeline_dir, scheduler=scheduler)
+
+
+def judge_schedules(session: PipelineSession, schedules: dict[str, Sequence[str]],
+                    progress: bool = True) -> dict[str, dict] | None:
+    """Prompt adherence and the Fréchet distance to the reference's images (classifier features) of each schedule,
+    when the pipeline ships an attribute classifier (the bundled one does) and every prompt names its attributes;
+    None otherwise."""
+    from tmpdiff.eval.attributes import AttributeClassifier
+    from tmpdiff.eval.t2i import attribute_fd, judge
+    from tmpdiff.models.colored_digits import parse_prompt
+    from tmpdiff.models.tiny_t2i import CLASSIFIER_SUBFOLDER
+
+    classifier_dir = session.pipeline_dir / CLASSIFIER_SUBFOLDER
+    if not (classifier_dir / "config.json").is_file():
+        return None
+    evaluator: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
+    try:
+        combos = [parse_prompt(p) for p in evaluator.labels]
+    except TmpdiffError:
+        return None
+    classifier = AttributeClassifier.load(classifier_dir)
+    reference = evaluator.reference_images * 2 - 1
+    out = {}
+    for name, schedule in tqdm(schedules.items(), desc="judging", leave=False, disable=not progress):
+        images = evaluator.images(schedule) * 2 - 1
+        out[name] = judge(classifier, images, combos) | {"fd_vs_reference": attribute_fd(classifier, images, reference)}
+    return out

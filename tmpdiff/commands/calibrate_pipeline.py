@@ -1,0 +1,91 @@
+"""`tmpdiff calibrate BUILD --pipeline DIR --prompts FILE`: a schedule searched inside a text-to-image pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tmpdiff.calibration.calibrate import CalibrationResult, Target, check_target
+from tmpdiff.calibration.calibrate import calibrate as run_calibration
+from tmpdiff.calibration.pipeline_session import PipelineSession, judge_schedules, open_pipeline_session
+from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.schedule import Figures
+from tmpdiff.runtime.capture import read_prompts
+from tmpdiff.runtime.pipeline_io import default_guidance_of
+
+
+def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts_file: Path, seeds: list[int],
+                       target: Target, *, steps: int | None = None, metric: str = "latent", method: str = "sensitivity",
+                       tolerance: float = 0.05, reference: str = "fp32", guidance: float | None = None,
+                       backend: str = "ort", device: str = "cpu", threads: int | None = None,
+                       report: Path | None = None, on_evaluation: Callable = lambda _: None,
+                       on_progress: Callable[[str], None] = lambda _: None,
+                       timing_repeats: int = 3) -> tuple[CalibrationResult, PipelineSession, dict | None]:
+    """Search the schedule; then judge the reference, the all-cheapest and the chosen schedule (prompt adherence and
+    FD, when the pipeline ships an attribute classifier) and record that in the schedule's measured figures."""
+    prompts = read_prompts(prompts_file)
+    session = open_pipeline_session(build_dir, costs, pipeline_dir, prompts, seeds, steps, metric, reference, guidance,
+                                    backend, device, threads, on_evaluation=on_evaluation,
+                                    check=lambda problem: check_target(problem, target))
+    try:
+        result = run_calibration(session, target, method, tolerance, timing_repeats=timing_repeats)
+        problem = session.problem
+        compared = {f"all-{problem.reference}": [problem.reference] * problem.steps,
+                    f"all-{problem.cheapest}": [problem.cheapest] * problem.steps, "schedule": list(result.schedule)}
+        on_progress("judging the reference, the all-cheapest schedule and the chosen one")
+        judged = judge_schedules(session, compared)
+        if judged is not None:
+            extra = {"adherence": judged["schedule"]["adherence"],
+                     "adherence_reference": judged[f"all-{problem.reference}"]["adherence"],
+                     "fd_vs_reference": judged["schedule"]["fd_vs_reference"], "samples": judged["schedule"]["n"]}
+            result.file.measured = Figures(**result.file.measured.model_dump(mode="json"), **extra)
+        used = guidance if guidance is not None else default_guidance_of(type(session.evaluator.pipe))
+        result.file.target = result.file.target | {"pipeline": str(pipeline_dir), "prompts": len(prompts),
+                                                   "seeds": list(seeds), "guidance_scale": used}
+        if report is not None:
+            _write_report(report, session, result, compared, judged)
+    finally:
+        session.evaluator.close()
+    return result, session, judged
+
+
+def _write_report(directory: Path, session: PipelineSession, result: CalibrationResult, compared: dict,
+                  judged: dict | None) -> None:
+    """calibration_report.json (figures of the compared schedules) and grid.png (one row per compared schedule)."""
+    from tmpdiff.eval.images import grid_image, save_png
+    from tmpdiff.eval.t2i import to_uint8
+
+    directory.mkdir(parents=True, exist_ok=True)
+    evaluator = session.evaluator
+    rows = []
+    figures = {}
+    for name, schedule in compared.items():
+        evaluation = session.problem.evaluate(schedule)
+        figures[name] = {"precisions": list(schedule), "latent_error": evaluation.latent_error, "ssim": evaluation.ssim,
+                         "psnr": None if evaluation.psnr == float("inf") else evaluation.psnr,
+                         **((judged or {}).get(name) or {})}
+        rows.append(to_uint8(evaluator.images(schedule) * 2 - 1))
+    import numpy as np
+
+    save_png(grid_image(np.concatenate(rows), rows=len(rows)), directory / "grid.png")
+    write_json(directory / "calibration_report.json",
+               {"schedule": result.file.model_dump(mode="json"), "compared": figures,
+                "grid": f"rows: {', '.join(compared)}; columns: prompts x seeds"})
+
+
+def print_result(result: CalibrationResult, session: PipelineSession, judged: dict | None, metric: str) -> None:
+    """What `tmpdiff calibrate --pipeline` prints: the schedule, speedups, errors, adherence and FD."""
+    import typer
+
+    f = result.file
+    typer.echo(f"schedule: {' '.join(f.precisions)}")
+    typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured speedup {f.measured.speedup:.3f}x "
+               f"({f.measured.schedule_ms:.1f} vs {f.measured.reference_ms:.1f} ms of denoiser calls all-{f.reference}, "
+               f"median of {f.measured.repeats}, {f.measured.device})")
+    psnr = "inf" if f.measured.psnr is None else f"{f.measured.psnr:.2f} dB"
+    typer.echo(f"measured error {f.measured.error:.4g} ({metric}), latent error {f.measured.latent_error:.4g}, "
+               f"SSIM (RGB) {f.measured.ssim:.4f}, PSNR {psnr}, {f.evaluations} evaluations")
+    for name, row in (judged or {}).items():
+        typer.echo(f"{name:<14} adherence {row['adherence']:.1%} of {row['n']}, FD vs all-{f.reference} "
+                   f"{row['fd_vs_reference']:.2f}")
+    typer.echo(f"costs: {session.costs.note()}")

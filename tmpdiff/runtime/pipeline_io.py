@@ -1,0 +1,110 @@
+"""A local diffusers text-to-image pipeline as tmpdiff calls it: loading, the call's arguments, decoding latents.
+
+One place, so that prompt capture (export), schedule calibration and `tmpdiff run --pipeline` sample the same way:
+the graphs' fixed latent size and text length, no aspect-ratio bins, prompts passed as typed (no caption cleaning).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from tmpdiff.formats.atomic import read_json_object
+from tmpdiff.formats.errors import TmpdiffError
+
+DENOISER_COMPONENTS = ("transformer", "unet")
+
+
+def pipeline_denoiser_name(pipeline_dir: Path) -> str:
+    """Which component of a pipeline directory holds its denoiser (from model_index.json)."""
+    index_path = pipeline_dir / "model_index.json"
+    if not index_path.is_file():
+        raise TmpdiffError("not a diffusers pipeline directory (no model_index.json)", pipeline_dir)
+    components = read_json_object(index_path)
+    name = next((n for n in DENOISER_COMPONENTS if n in components), None)
+    if name is None:
+        raise TmpdiffError(f"the pipeline has no {' or '.join(DENOISER_COMPONENTS)} component", index_path)
+    return name
+
+
+def load_pipeline(pipeline_dir: Path, denoiser: torch.nn.Module | None = None, *, load_denoiser: bool = False):
+    """The pipeline from a local directory (safetensors only, nothing downloaded): with `denoiser` given, that module
+    as its denoiser; else its own denoiser when `load_denoiser`, none otherwise (engines will be attached)."""
+    from diffusers import DiffusionPipeline
+
+    name = pipeline_denoiser_name(pipeline_dir)
+    extra = {} if load_denoiser and denoiser is None else {name: denoiser}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(pipeline_dir, **extra, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TmpdiffError(f"cannot load the pipeline ({first})", pipeline_dir) from None
+    pipe.set_progress_bar_config(disable=True)  # tmpdiff shows its own progress
+    return pipe
+
+
+def check_pipeline_denoiser(pipeline_dir: Path, model_sha256: str, manifest_path: Path) -> None:
+    """The pipeline directory's denoiser must be the model the build was exported from (same config and weights)."""
+    from tmpdiff.formats.manifest import model_content_hash
+
+    denoiser_dir = pipeline_dir / pipeline_denoiser_name(pipeline_dir)
+    if not (denoiser_dir / "config.json").is_file():
+        raise TmpdiffError("the pipeline's denoiser has no config.json", denoiser_dir)
+    if model_content_hash(denoiser_dir) != model_sha256:
+        raise TmpdiffError(f"the pipeline's denoiser differs from the model the build was exported from (config or "
+                           f"weights; the build's manifest is {manifest_path}): re-export from this pipeline or pass "
+                           f"the pipeline it was exported from", denoiser_dir)
+
+
+def call_parameters(pipe) -> set[str]:
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def default_guidance_of(pipeline_class) -> float | None:
+    """The guidance scale a pipeline class's call defaults to (None if it takes none)."""
+    parameter = inspect.signature(pipeline_class.__call__).parameters.get("guidance_scale")
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else float(parameter.default)
+
+
+def t5_length(pipe, text_len: int) -> int:
+    """The pipeline's max_sequence_length that yields the exported text length (SD3 prepends its CLIP tokens)."""
+    clip = getattr(pipe, "tokenizer", None)
+    if type(pipe).__name__.startswith("StableDiffusion3") and clip is not None:
+        return text_len - int(clip.model_max_length)
+    return text_len
+
+
+def call_kwargs(pipe, *, steps: int | None, seed: int, guidance_scale: float | None, text_len: int | None,
+                sample_size: int | None, height: int | None = None, width: int | None = None) -> dict:
+    """Keyword arguments of one pipeline call at the graphs' sizes (`sample_size` latents, `text_len` tokens)."""
+    parameters = call_parameters(pipe)
+    kwargs: dict = {"generator": torch.Generator().manual_seed(seed)}
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if sample_size and scale:  # the graphs' latent size is fixed: default to the image size it implies
+        kwargs["height"] = height or int(sample_size) * scale
+        kwargs["width"] = width or int(sample_size) * scale
+    if "use_resolution_binning" in parameters:
+        kwargs["use_resolution_binning"] = False  # the graph's latent size is fixed: no aspect-ratio bins
+    if "clean_caption" in parameters:
+        kwargs["clean_caption"] = False  # prompts go in as typed (cleaning needs bs4 and ftfy)
+    if text_len and "max_sequence_length" in parameters:
+        kwargs["max_sequence_length"] = t5_length(pipe, text_len)
+    return kwargs
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents -> images (N, 3, H, W) in [0, 1], as the pipeline's own decode step makes them."""
+    vae = pipe.vae
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        scaled = scaled + shift
+    images = vae.decode(scaled, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pt").float().cpu()
