@@ -1,7 +1,10 @@
 """`tmpdiff bench`: TMPDiff against every baseline at several speedup targets, on two metrics, judged on all.
 
-Writes bench.json, bench.md and pareto.png. For T <= 12 with two levels the exhaustive optimum is the
-judge: for each number K of cheap steps, optimum vs TMPDiff vs each heuristic.
+Writes bench.json, bench.md and pareto.png. Searches run on the calibration seeds; every row is also judged
+on unseen seeds (`unseen_seeds`, default 100, 101, ...) with bootstrap intervals. For T <= 12 with two levels the
+exhaustive optimum is the judge (all 2^T schedules by a prefix-cached tree walk, `calibration.exhaustive`): per
+number K of cheap steps, optimum vs TMPDiff vs each heuristic on the calibration seeds, and TMPDiff (knapsack and
+refined) against the optimum of the unseen seeds.
 """
 
 from __future__ import annotations
@@ -14,40 +17,38 @@ from tmpdiff.calibration.baselines import (
     HEURISTICS,
     cheap_positions,
     evolutionary,
-    exhaustive_two_level,
     heuristics_at_budget,
     two_level,
 )
 from tmpdiff.calibration.evaluator import METRICS
-from tmpdiff.calibration.search import Problem, Sensitivities, measure_sensitivities, segment_bisection, tmpdiff_search
+from tmpdiff.calibration.exhaustive import SampleTable, build_table
+from tmpdiff.calibration.lossy import exhaustive_comparison, table_problem
+from tmpdiff.calibration.refine import evaluation_cap, refine
+from tmpdiff.calibration.search import (
+    CountingProblem,
+    Problem,
+    Sensitivities,
+    measure_sensitivities,
+    segment_bisection,
+    tmpdiff_search,
+)
 from tmpdiff.calibration.session import CalibrationSession, open_session
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
 from tmpdiff.models.schedulers import sampling_scheduler
 
 
-class CountingProblem(Problem):
-    """A Problem whose evaluate records which distinct schedules a search asked for."""
-
-    def __init__(self, base: Problem) -> None:
-        super().__init__(base.steps, base.reference, base.levels, base.cost, base.metric, base.evaluate)
-        self.asked: set[tuple[str, ...]] = set()
-        inner = base.evaluate
-
-        def counted(schedule):
-            self.asked.add(tuple(schedule))
-            return inner(schedule)
-
-        self.evaluate = counted
-
-
 def _row(session: CalibrationSession, problem: Problem, name: str, schedule, evaluations: int | None,
-         quality: Callable) -> dict:
+         quality: Callable, unseen: Callable | None = None) -> dict:
+    """Calibration-set figures of a schedule, and with `unseen` its figures on unseen seeds with intervals."""
     e = session.evaluator.evaluate(schedule)
-    return {"method": name, "schedule": list(schedule), "speedup": problem.speedup(schedule),
-            "cheap_steps": sum(p != problem.reference for p in schedule), "latent_error": e.latent_error,
-            "one_minus_ssim": 1 - e.ssim, "ssim": e.ssim, "psnr": None if e.psnr == float("inf") else e.psnr,
-            "evaluations": evaluations, **quality(schedule)}
+    row = {"method": name, "schedule": list(schedule), "speedup": problem.speedup(schedule),
+           "cheap_steps": sum(p != problem.reference for p in schedule), "latent_error": e.latent_error,
+           "one_minus_ssim": 1 - e.ssim, "ssim": e.ssim, "psnr": None if e.psnr == float("inf") else e.psnr,
+           "evaluations": evaluations, **quality(schedule)}
+    if unseen is not None:
+        row["unseen"] = unseen(schedule)
+    return row
 
 
 def _measured_speedup(session: CalibrationSession, schedule, repeats: int = 3) -> float:
@@ -66,27 +67,39 @@ def _measured_speedup(session: CalibrationSession, schedule, repeats: int = 3) -
 def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int] = (10, 20),
           speedups: Sequence[float] = (1.1, 1.25, 1.4), seeds: Sequence[int] = (0, 1), threads: int | None = None,
           classifier_dir: Path | None = None, on_progress: Callable[[str], None] = lambda _: None,
-          reference: str = "fp32") -> dict:
-    """Run the whole comparison and write its outputs; returns the bench dict (its costs' origin in `costs_table`)."""
-    from tmpdiff.eval.quality import sample_quality
+          reference: str = "fp32", unseen_seeds: Sequence[int] | None = None, exhaustive: bool = True) -> dict:
+    """Run the whole comparison and write its outputs; returns the bench dict (its costs' origin in `costs_table`).
 
+    Unseen seeds default to 100, 101, ... (as many as calibration seeds); `exhaustive` adds the 2^T judge at T <= 12.
+    """
+    from tmpdiff.calibration.matched import UnseenJudge, summarise, unseen_groups
+    from tmpdiff.eval.quality import real_low_features, sample_quality
+
+    unseen_seeds = list(unseen_seeds) if unseen_seeds is not None else [100 + i for i in range(len(seeds))]
+    groups = unseen_groups(list(seeds), unseen_seeds)
+    clf = None if classifier_dir is None else str(classifier_dir)
+    real = None if clf is None else real_low_features(clf)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"costs": str(costs_path), "costs_table": load_costs(costs_path).provenance(), "seeds": list(seeds),
-                    "runs": []}
+                    "unseen_seeds": unseen_seeds, "runs": []}
     for steps in steps_list:
         session = open_session(build_dir, costs_path, steps, "latent", reference, seeds=seeds, threads=threads)
         labels = session.evaluator.labels
+        judge_unseen = UnseenJudge(session, groups, clf)
 
         def quality(schedule, session=session, labels=labels):
             if classifier_dir is None:
                 return {}
             return sample_quality(str(classifier_dir), session.evaluator.latents(schedule), labels)
 
+        def unseen(schedule, judge_unseen=judge_unseen):
+            return summarise(judge_unseen(schedule), real)
+
         cheap = session.problem.cheapest
         per_steps: dict = {"steps": steps, "levels": session.problem.all_levels,
                            f"cost_{session.costs.unit}": session.problem.cost,
                            "max_speedup": session.problem.max_speedup(), "targets": []}
-        per_steps["uniform"] = [_row(session, session.problem, f"uniform {p}", [p] * steps, 0, quality)
+        per_steps["uniform"] = [_row(session, session.problem, f"uniform {p}", [p] * steps, 0, quality, unseen)
                                 for p in session.problem.all_levels]
         sens_by_metric: dict[str, Sensitivities] = {}
         for metric in METRICS:
@@ -105,21 +118,30 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                 counting = CountingProblem(session.with_metric(metric))
                 schedule, _ = tmpdiff_search(counting, budget, sens)
                 spent = per_steps["sensitivity_evaluations"][metric] + len(counting.asked)
-                target["rows"].append(_row(session, counting, f"TMPDiff ({metric})", schedule, spent, quality))
+                target["rows"].append(_row(session, counting, f"TMPDiff ({metric})", schedule, spent, quality, unseen))
+                refined = refine(counting, schedule, budget, max(0, evaluation_cap(counting) - spent), sens)
+                spent_refined = spent + refined.evaluations
+                target["rows"].append(_row(session, counting, f"TMPDiff refined ({metric})", refined.schedule,
+                                           spent_refined, quality, unseen))
                 bisect = CountingProblem(session.with_metric(metric))
                 target["rows"].append(_row(session, bisect, f"bisection ({metric})", segment_bisection(bisect, budget, sens),
-                                           per_steps["sensitivity_evaluations"][metric] + len(bisect.asked), quality))
+                                           per_steps["sensitivity_evaluations"][metric] + len(bisect.asked), quality,
+                                           unseen))
                 evo_problem = session.with_metric(metric)
                 target["rows"].append(_row(session, evo_problem, f"evolutionary ({metric})",
-                                           evolutionary(evo_problem, budget, spent, seed=steps), spent, quality))
+                                           evolutionary(evo_problem, budget, spent_refined, seed=steps), spent_refined,
+                                           quality, unseen))
             for kind, schedule in heuristics_at_budget(session.problem, cheap, budget).items():
-                target["rows"].append(_row(session, session.problem, kind, schedule, 0, quality))
+                target["rows"].append(_row(session, session.problem, kind, schedule, 0, quality, unseen))
             tmp_row = next(r for r in target["rows"] if r["method"] == "TMPDiff (ssim)")
             target["measured_speedup_tmpdiff_ssim"] = _measured_speedup(session, tmp_row["schedule"])
             per_steps["targets"].append(target)
-        if steps <= 12:
-            on_progress(f"T={steps}: exhaustive two-level optimum ({2 ** steps} schedules)")
-            per_steps["exhaustive"] = _exhaustive_table(session, sens_by_metric, cheap)
+        if exhaustive and steps <= 12:
+            on_progress(f"T={steps}: exhaustive two-level optimum ({2 ** steps} schedules, prefix-cached)")
+            table = _two_level_table(session, [list(seeds), *groups], clf)
+            per_steps["exhaustive"] = _exhaustive_table(table, session.problem, sens_by_metric, cheap, seeds)
+            per_steps["exhaustive_unseen"] = exhaustive_comparison(table, seeds, unseen_seeds, session.problem.cost,
+                                                                   reference)
         report["runs"].append(per_steps)
         session.evaluator.runner.close()
     write_json(out / "bench.json", report)
@@ -128,22 +150,31 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
     return report
 
 
-def _exhaustive_table(session: CalibrationSession, sens_by_metric: dict[str, Sensitivities], cheap: str) -> list[dict]:
-    """Per K cheap steps and per metric: the optimum, TMPDiff at that K's cost, and each heuristic."""
-    two = Problem(session.problem.steps, session.problem.reference, [cheap], session.problem.cost, "latent",
-                  session.problem.evaluate)
+def _two_level_table(session: CalibrationSession, groups: list[list[int]], classifier_dir: str | None) -> SampleTable:
+    ev, problem = session.evaluator, session.problem
+    return build_table(ev.runner, ev.sampling, list(ev.classes), groups, [problem.reference, problem.cheapest],
+                       problem.reference, problem.steps, classifier_dir)
+
+
+def _exhaustive_table(table: SampleTable, base: Problem, sens_by_metric: dict[str, Sensitivities], cheap: str,
+                      seeds: Sequence[int]) -> list[dict]:
+    """Per K cheap steps and per metric on the calibration seeds: the optimum, TMPDiff at that K's cost, each heuristic."""
+    calib = table.samples_of(seeds)
     rows = []
     for metric in METRICS:
-        problem = Problem(two.steps, two.reference, two.levels, two.cost, metric, two.evaluate)
-        optimum = exhaustive_two_level(problem, cheap)
+        problem, _ = table_problem(table, calib, base.cost, base.reference, metric)
+        schedules = table.schedules
+        values = [problem.error(s) for s in schedules]  # the same sums as every compared row (lookups)
         sens = sens_by_metric[metric]
         # restrict the knapsack to the two levels, as the optimum is over two levels
         two_sens = Sensitivities(down={cheap: sens.down[cheap]}, up={problem.reference: sens.up[problem.reference]}
                                  if problem.reference in sens.up else {}, cheap_error=sens.cheap_error)
         for k in range(1, problem.steps):
+            with_k = [i for i, s in enumerate(schedules) if sum(p == cheap for p in s) == k]
+            best = min(with_k, key=lambda i: values[i])
             budget = problem.schedule_cost([cheap] * k + [problem.reference] * (problem.steps - k))
             schedule, _ = tmpdiff_search(problem, budget * (1 + 1e-9), two_sens)
-            row = {"metric": metric, "k": k, "optimum": optimum[k][1], "optimum_schedule": list(optimum[k][0]),
+            row = {"metric": metric, "k": k, "optimum": float(values[best]), "optimum_schedule": list(schedules[best]),
                    "tmpdiff": problem.error(schedule), "tmpdiff_schedule": list(schedule),
                    "tmpdiff_cheap_steps": sum(p == cheap for p in schedule)}
             for kind in HEURISTICS:
@@ -157,13 +188,19 @@ def _fmt(value) -> str:
 
 
 def render_markdown(report: dict) -> str:
+    from tmpdiff.calibration.lossy_report import _render_exhaustive
+
     costs = report["costs_table"]
     lines = ["# tmpdiff bench", "", f"Costs ({costs['origin']}): {costs['note']}. The speedups in the tables are "
              "the costs table's; measured end-to-end speedups are timed here.", ""]
+    if report.get("unseen_seeds"):
+        lines += [f"Searches calibrate on seeds {report['seeds']}; the *unseen* columns judge each schedule on seeds "
+                  f"{report['unseen_seeds']} the search never saw (mean [95% bootstrap interval] over samples).", ""]
     for run in report["runs"]:
         lines += [f"## T = {run['steps']}, levels {run['levels']}, per-step {costs['unit']} "
                   f"{run['cost_' + costs['unit']]}, max speedup {run['max_speedup']:.3f}", ""]
-        header = ["method", "speedup (costs)", "latent err", "1-SSIM", "PSNR", "accuracy", "FD", "evaluations", "schedule"]
+        header = ["method", "speedup (costs)", "latent err", "1-SSIM", "PSNR", "accuracy", "FD", "evaluations",
+                  "unseen latent err", "unseen 1-SSIM", "unseen log p(class)", "unseen FD (8-d)", "schedule"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in run["uniform"]:
             lines.append(_table_row(row))
@@ -174,7 +211,8 @@ def render_markdown(report: dict) -> str:
                 lines.append(_table_row(row))
         lines.append("")
         if "exhaustive" in run:
-            lines += ["### Exhaustive optimum (two levels) vs TMPDiff vs heuristics, per number K of cheap steps", "",
+            lines += ["### Exhaustive optimum (two levels) vs TMPDiff vs heuristics, per number K of cheap steps "
+                      "(calibration seeds)", "",
                       "| metric | K | optimum | TMPDiff | TMPDiff / optimum | " + " | ".join(HEURISTICS) + " |",
                       "|" + "---|" * (5 + len(HEURISTICS))]
             for r in run["exhaustive"]:
@@ -182,13 +220,26 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {r['metric']} | {r['k']} | {r['optimum']:.4g} | {r['tmpdiff']:.4g} | {ratio:.3f} | "
                              + " | ".join(f"{r[k]:.4g}" for k in HEURISTICS) + " |")
             lines.append("")
+        if "exhaustive_unseen" in run:
+            lines += ["#" + line if line.startswith("## ") else line
+                      for line in _render_exhaustive("exhaustive", run["exhaustive_unseen"])]
     lines += ["![pareto](pareto.png)", ""]
     return "\n".join(lines)
 
 
+def _ci_cell(unseen: dict | None, key: str) -> str:
+    if not unseen or key not in unseen:
+        return ""
+    d = unseen[key]
+    return f"{d['value']:.4g} [{d['low']:.3g}, {d['high']:.3g}]"
+
+
 def _table_row(row: dict) -> str:
+    unseen = row.get("unseen")
     return (f"| {row['method']} | {row['speedup']:.3f} | {_fmt(row['latent_error'])} | {_fmt(row['one_minus_ssim'])} | "
             f"{_fmt(row['psnr'])} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('fd'))} | {_fmt(row['evaluations'])} | "
+            f"{_ci_cell(unseen, 'latent')} | {_ci_cell(unseen, 'one_minus_ssim')} | {_ci_cell(unseen, 'log_prob')} | "
+            f"{_ci_cell(unseen, 'fd_low')} | "
             f"`{' '.join(p.replace('fp32', 'F').replace('int8', 'i8').replace('int4', 'i4') for p in row['schedule'])}` |")
 
 

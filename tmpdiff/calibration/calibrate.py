@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
     Problem,
     Schedule,
@@ -17,7 +18,7 @@ from tmpdiff.calibration.search import (
 from tmpdiff.calibration.session import CalibrationSession
 from tmpdiff.engines.device import device_label
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.schedule import Figures, SchedulerRef
+from tmpdiff.formats.schedule import Figures
 from tmpdiff.formats.schedule import Schedule as ScheduleFile
 
 METHODS = ("sensitivity", "bisection")
@@ -69,9 +70,12 @@ def check_target(problem: Problem, target: Target) -> float | None:
 
 
 def calibrate(session: CalibrationSession, target: Target, method: str = "sensitivity",
-              tolerance: float = 0.05, timing_repeats: int = 3) -> CalibrationResult:
+              tolerance: float = 0.05, timing_repeats: int = 3, refine_schedule: bool = True) -> CalibrationResult:
     """Run the search and verify the chosen schedule: its quality from a real evaluation, its speedup by timing
-    sampling runs of it and of the all-reference schedule (median of `timing_repeats`, interleaved) here."""
+    sampling runs of it and of the all-reference schedule (median of `timing_repeats`, interleaved) here.
+
+    With `refine_schedule` the knapsack answer for a speedup target is refined with real evaluations (level swaps
+    while they help, `calibration.refine`) within 3*T*L evaluations in all."""
     if method not in METHODS:
         raise TmpdiffError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     problem = session.problem
@@ -80,6 +84,9 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
     if budget is not None:
         if method == "sensitivity":
             schedule, candidates = tmpdiff_search(problem, budget, sens)
+            if refine_schedule:
+                left = max(0, evaluation_cap(problem) - session.evaluator.runs)
+                schedule = refine(problem, schedule, budget, left, sens).schedule
         else:
             schedule = segment_bisection(problem, budget, sens)
             candidates = [schedule]
@@ -94,10 +101,9 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
     evaluation = problem.evaluate(schedule)
     reference_s, schedule_s = session.evaluator.time_sampling([[problem.reference] * problem.steps, list(schedule)],
                                                               timing_repeats)
-    sampling = session.manifest.sampling
     file = ScheduleFile(
         steps=problem.steps,
-        scheduler=SchedulerRef(class_name=sampling.scheduler_class, config=sampling.scheduler_config),
+        scheduler=session.scheduler_ref(),
         precisions=list(schedule),
         reference=problem.reference,
         target=target.as_dict() | {"metric": problem.metric, "method": method},

@@ -72,6 +72,21 @@ class Problem:
         return self.steps * self.cost[self.reference] / speedup
 
 
+class CountingProblem(Problem):
+    """A Problem whose evaluate records which distinct schedules a search asked for."""
+
+    def __init__(self, base: Problem) -> None:
+        super().__init__(base.steps, base.reference, base.levels, base.cost, base.metric, base.evaluate)
+        self.asked: set[tuple[str, ...]] = set()
+        inner = base.evaluate
+
+        def counted(schedule):
+            self.asked.add(tuple(schedule))
+            return inner(schedule)
+
+        self.evaluate = counted
+
+
 @dataclass
 class Sensitivities:
     """d_t(p) from the reference (down) and u_t(p) from the all-cheapest schedule (up), per cheaper level."""

@@ -12,6 +12,7 @@ from tmpdiff.engines.loading import load_engines
 from tmpdiff.formats.costs import CostsTable, load_costs
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
+from tmpdiff.formats.schedule import SchedulerRef
 from tmpdiff.runtime.runner import ScheduledRunner
 
 
@@ -22,6 +23,11 @@ class CalibrationSession:
     costs: CostsTable
     evaluator: Evaluator
     problem: Problem
+
+    def scheduler_ref(self) -> SchedulerRef:
+        """The scheduler the schedule is calibrated with (written into schedule.json)."""
+        sampling = self.manifest.sampling
+        return SchedulerRef(class_name=sampling.scheduler_class, config=sampling.scheduler_config)
 
     def with_metric(self, metric: str) -> Problem:
         """The same problem judged on another metric (evaluations stay cached)."""

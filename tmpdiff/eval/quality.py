@@ -1,7 +1,13 @@
-"""Reference-free quality of generated digits: classifier accuracy and Fréchet distance in its feature space."""
+"""Reference-free quality of generated digits: classifier accuracy and confidence, Fréchet distances.
+
+The classifier's penultimate features are 128-dimensional; a Fréchet distance needs well over 128 samples
+for a full-rank covariance. `fd_low` projects the features onto the top principal directions of the real
+digits' features (`LOW_DIM`, fitted on all 1,797 real digits) so that tens of samples estimate it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -10,11 +16,13 @@ from scipy import linalg
 
 from tmpdiff.eval.classifier import DigitClassifier, classify
 
+LOW_DIM = 8
+
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."""
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
@@ -29,9 +37,57 @@ def _real_features(classifier_dir: str) -> np.ndarray:
     return classify(classifier, images)[1].numpy()
 
 
+@cache
+def _projection(classifier_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and top-LOW_DIM principal directions of the real digits' features."""
+    real = _real_features(classifier_dir)
+    mean = real.mean(0)
+    _, _, vt = np.linalg.svd(real - mean, full_matrices=False)
+    return mean, vt[:LOW_DIM].T
+
+
+def low_features(classifier_dir: str, features: np.ndarray) -> np.ndarray:
+    """Features projected onto the real digits' top principal directions."""
+    mean, basis = _projection(str(classifier_dir))
+    return (features - mean) @ basis
+
+
+def real_low_features(classifier_dir: str) -> np.ndarray:
+    return low_features(classifier_dir, _real_features(str(classifier_dir)))
+
+
+@dataclass
+class PerSample:
+    """Per-sample classifier judgements: correct (0/1), log-probability of the asked class, low-dim features."""
+
+    correct: np.ndarray
+    log_prob: np.ndarray
+    features: np.ndarray
+
+
+@cache
+def _classifier(classifier_dir: str) -> DigitClassifier:
+    return DigitClassifier.load(classifier_dir)
+
+
+@torch.no_grad()
+def per_sample_quality(classifier_dir: str, latents: torch.Tensor, labels: torch.Tensor) -> PerSample:
+    """Correctness, log p(asked class) and `LOW_DIM` features of each sample."""
+    classifier = _classifier(str(classifier_dir))
+    images = latents.detach().float().cpu().clamp(-1, 1)
+    feats = classifier.features(images)
+    log_probs = torch.log_softmax(classifier.head(feats), dim=1)
+    asked = labels.cpu().long()
+    return PerSample(correct=(log_probs.argmax(1) == asked).double().numpy(),
+                     log_prob=log_probs.gather(1, asked[:, None])[:, 0].double().numpy(),
+                     features=low_features(str(classifier_dir), feats.numpy()))
+
+
 def sample_quality(classifier_dir: str, latents: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy of the classifier on samples (vs the class asked for) and FD to the real digits' features."""
+    """Accuracy, mean log p(asked class), FD to the real digits' features (128-d) and in `LOW_DIM` dimensions."""
     classifier = DigitClassifier.load(classifier_dir)
-    preds, feats = classify(classifier, latents.cpu())
-    return {"accuracy": float((preds == labels.cpu()).float().mean()),
-            "fd": frechet_distance(feats.numpy(), _real_features(str(classifier_dir)))}
+    _, feats = classify(classifier, latents.cpu())
+    per = per_sample_quality(classifier_dir, latents, labels)
+    return {"accuracy": float(per.correct.mean()), "log_prob": float(per.log_prob.mean()),
+            "fd": frechet_distance(feats.numpy(), _real_features(str(classifier_dir))),
+            "fd_low": frechet_distance(per.features, real_low_features(classifier_dir))}

@@ -1,0 +1,97 @@
+"""The lossy-regime benchmark (issue 15) on the bundled DiT with a stated GPU-like costs table.
+
+Stages (each writes into --out, results are re-used when present):
+  tables   exhaustive per-sample tables by prefix-cached tree walks (T=10 fp32/int4, T=8 fp32/int8/int4)
+  matched  T=20, all levels, real evaluations: TMPDiff vs uniform/heuristics/evolutionary, judged on unseen seeds
+  report   bench_lossy.json, bench_lossy.md and plots from the tables and matched.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tmpdiff.formats.atomic import write_json
+
+
+def _groups(text: str) -> list[list[int]]:
+    return [[int(s) for s in g.split(",")] for g in text.split("/") if g]
+
+
+def stage_table(args, steps: int, levels: list[str], group: list[int], path: Path) -> None:
+    from tmpdiff.calibration.exhaustive import build_table, save_table, tree_steps
+    from tmpdiff.calibration.session import open_session
+    from tmpdiff.models.bundled import bundled_dir
+
+    session = open_session(args.build, args.costs, steps, seeds=group, threads=1, reference=args.reference)
+    ev = session.evaluator
+    bar = tqdm(total=tree_steps(len(levels), steps), desc=path.name, mininterval=10)
+    table = build_table(ev.runner, ev.sampling, list(ev.classes), [group], levels, args.reference, steps,
+                        str(bundled_dir() / "classifier"), bar.update)
+    save_table(table, path)
+    session.evaluator.runner.close()
+
+
+def stage_matched(args) -> None:
+    from tmpdiff.calibration.matched import judge_unseen, search_matched
+    from tmpdiff.calibration.session import open_session
+    from tmpdiff.formats.costs import load_costs
+    from tmpdiff.models.bundled import bundled_dir
+
+    session = open_session(args.build, args.costs, args.matched_steps, args.metric, args.reference,
+                           seeds=_groups(args.matched_calib)[0], threads=1)
+    cost = session.problem.cost
+    targets = {f"uniform {p} cost": cost[args.reference] / cost[p] for p in session.problem.levels[:-1]}
+    targets |= {f"{s:g}x": s for s in args.matched_speedups}
+    found = search_matched(session, targets, args.metric, on_progress=lambda m: print(m, flush=True),
+                           refine_evaluations=args.refine_evaluations)
+    schedules = {tuple([p] * args.matched_steps) for p in session.problem.all_levels}
+    schedules |= {tuple(m["schedule"]) for t in found["targets"] for m in t["methods"].values()}
+    judged = judge_unseen(session, sorted(schedules), _groups(args.matched_unseen), str(bundled_dir() / "classifier"))
+    import numpy as np
+
+    np.savez_compressed(args.out / "matched_samples.npz",
+                        **{f"{' '.join(s)}|{k}": v for s, m in judged.items() for k, v in m.items()})
+    write_json(args.out / "matched.json", found | {"costs_table": load_costs(args.costs).provenance(),
+                                                   "calib_seeds": _groups(args.matched_calib)[0],
+                                                   "unseen_seeds": [s for g in _groups(args.matched_unseen) for s in g],
+                                                   "steps": args.matched_steps, "per_step_cost": cost,
+                                                   "calibration_evaluations": session.evaluator.runs})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["table", "matched", "report"])
+    parser.add_argument("--build", type=Path, required=True)
+    parser.add_argument("--costs", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reference", default="fp32")
+    parser.add_argument("--metric", default="latent")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--levels", default="fp32,int4")
+    parser.add_argument("--group", default="0,1", help="seeds of one table walk")
+    parser.add_argument("--matched-steps", type=int, default=20)
+    parser.add_argument("--matched-calib", default="0")
+    parser.add_argument("--matched-unseen", default="100/101/102/103")
+    parser.add_argument("--matched-speedups", type=float, nargs="*", default=[])
+    parser.add_argument("--refine-evaluations", type=int, default=None,
+                        help="matched stage: at most this many refinement evaluations per target (default: up to 3*T*L)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "table":
+        name = f"table_T{args.steps}_{args.levels.replace(',', '-')}_s{args.group.replace(',', '-')}.npz"
+        stage_table(args, args.steps, args.levels.split(","), [int(s) for s in args.group.split(",")], args.out / name)
+    elif args.stage == "matched":
+        stage_matched(args)
+    else:
+        from tmpdiff.calibration.lossy_report import write_report
+
+        write_report(args.out, json.loads((args.out / "config.json").read_text()) if (args.out / "config.json").exists()
+                     else {})
+
+
+if __name__ == "__main__":
+    main()

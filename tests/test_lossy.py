@@ -1,0 +1,180 @@
+"""Issue 15: prefix-cached exhaustive evaluation, bootstrap intervals, refinement, the lossy bench report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tmpdiff.calibration.evaluator import Evaluation
+from tmpdiff.calibration.exhaustive import build_table, merge_tables, optimum, tree_steps, walk_schedules
+from tmpdiff.calibration.refine import evaluation_cap, refine
+from tmpdiff.calibration.search import Problem
+from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, ratio_ci
+from tmpdiff.eval.metrics import latent_errors
+from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
+
+LEVEL_GAIN = {"fp32": 1.0, "int8": 0.97, "int4": 0.9}
+
+
+class FakeEngine:
+    """A cheap deterministic stand-in denoiser whose output depends on the level, latent, timestep and class."""
+
+    device = "cpu"
+    input_specs: list = []
+    output_specs: list = []
+
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
+
+    def bind(self, inputs, outputs) -> None:
+        self.inputs, self.outputs = inputs, outputs
+
+    def run(self, stream) -> None:
+        x, t, c = self.inputs["hidden_states"], self.inputs["timestep"], self.inputs["class_labels"]
+        gain = LEVEL_GAIN[self.precision]
+        self.outputs["noise_pred"].copy_(torch.tanh(gain * x + 1e-3 * t[:, None, None, None] * gain
+                                                    + 0.05 * c[:, None, None, None].float()))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fake(bundled):
+    from tmpdiff.models.bundled import sampling_info
+
+    sampling = sampling_info(bundled)
+    classes = [0, 3, 7]
+    runner = ScheduledRunner({p: FakeEngine(p) for p in LEVEL_GAIN}, len(classes), sampling.channels,
+                             sampling.image_size, sampling.guidance_scale, sampling.null_class, sampling.num_classes)
+    labels = torch.tensor(classes)
+    noise = initial_noise(len(classes), sampling.channels, sampling.image_size, 5)
+    return runner, sampling, classes, labels, noise
+
+
+def test_prefix_walk_equals_brute_force(fake):
+    runner, sampling, _, labels, noise = fake
+    levels, steps = ["fp32", "int8", "int4"], 4
+    leaves = {}
+    count = walk_schedules(runner, sampling_scheduler(sampling), labels, noise, levels, steps,
+                           lambda s, x: leaves.__setitem__(s, x.clone()))
+    assert count == tree_steps(3, 4) == 3 + 9 + 27 + 81
+    assert list(leaves) == list(itertools.product(levels, repeat=steps))
+    assert len({x.sum().item() for x in leaves.values()}) > 40  # levels differ: a mixed-up prefix would show
+    # every two-level schedule and a few three-level ones, sampled directly, match bit for bit
+    rng = np.random.default_rng(0)
+    checked = list(itertools.product(["fp32", "int4"], repeat=steps))
+    checked += [tuple(rng.choice(levels, size=steps).tolist()) for _ in range(6)]
+    for schedule in checked:
+        direct = runner.sample(sampling_scheduler(sampling), labels, noise, list(schedule)).latents
+        assert torch.equal(direct, leaves[schedule]), schedule
+
+
+def test_table_optimum_is_the_brute_force_optimum(fake):
+    runner, sampling, classes, _, _ = fake
+    levels, steps, groups = ["fp32", "int4"], 4, [[1], [2]]
+    tables = [build_table(runner, sampling, classes, [g], levels, "fp32", steps, None) for g in groups]
+    table = merge_tables(tables)
+    assert table.metrics["latent"].shape == (16, 6) and table.seeds == [1, 1, 1, 2, 2, 2]
+    cost = {"fp32": 1.0, "int4": 0.45}
+    budget = 2 * 1.0 + 2 * 0.45
+    samples = table.samples_of([2])
+    best, value = optimum(table, "latent", samples, cost, budget)
+    # brute force: sample every schedule of seed 2 directly and measure
+    labels = torch.tensor(classes)
+    noise = initial_noise(len(classes), sampling.channels, sampling.image_size, 2)
+    ref = runner.sample(sampling_scheduler(sampling), labels, noise, ["fp32"] * steps).latents.clone()
+    brute = {}
+    for schedule in itertools.product(levels, repeat=steps):
+        if sum(cost[p] for p in schedule) <= budget * (1 + 1e-9):
+            x = runner.sample(sampling_scheduler(sampling), labels, noise, list(schedule)).latents
+            brute[schedule] = float(latent_errors(x, ref).mean())
+    assert best == min(brute, key=brute.get)
+    assert value == pytest.approx(brute[best], rel=1e-12)
+    assert sum(p == "int4" for p in best) == 2  # the budget is used: cheaper is worse here
+
+
+def test_bootstrap_interval_contains_the_mean_and_shrinks():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1.0, 1.0, 20), rng.normal(1.0, 1.0, 2000)
+    a, b = mean_ci(small), mean_ci(large)
+    assert a.low < small.mean() < a.high and b.low < large.mean() < b.high
+    assert (b.high - b.low) < 0.3 * (a.high - a.low)
+    x = rng.normal(0, 1, 200)
+    assert diff_ci(x + 0.5, x).excludes(0.0)  # paired: the shift is exact
+    assert not diff_ci(x, rng.permutation(x)).excludes(0.0)
+    assert ratio_ci(2 * np.abs(x) + 1, np.abs(x) + 0.5).value == pytest.approx(2.0)
+    j_small, j_large = (jackknife_ci(lambda i, v=v: float(np.var(v[i])), len(v)) for v in (small, large))
+    assert j_small.low < j_small.value < j_small.high and j_large.low < j_large.value < j_large.high
+    assert (j_large.high - j_large.low) < 0.3 * (j_small.high - j_small.low)
+
+
+def _interacting_problem(steps: int = 8) -> Problem:
+    """A 2-level problem whose error has adjacent-step interactions the additive scores cannot see."""
+    weight = np.linspace(2.0, 0.2, steps)
+
+    def evaluate(schedule):
+        cheap = np.array([p == "int4" for p in schedule], dtype=float)
+        err = float(weight @ cheap + 1.5 * (cheap[:-1] * cheap[1:]).sum())
+        return Evaluation(tuple(schedule), err, 1.0 - err / 100, 30.0)
+
+    return Problem.create(steps, "fp32", {"fp32": 1.0, "int4": 0.45}, "latent", evaluate)
+
+
+def test_refinement_never_worse_and_within_its_cap():
+    problem = _interacting_problem()
+    T = problem.steps
+    budget = 5 * 1.0 + 3 * 0.45
+    rng = np.random.default_rng(1)
+    improved = 0
+    for _ in range(12):
+        cheap = set(rng.choice(T, size=3, replace=False).tolist())
+        start = tuple("int4" if t in cheap else "fp32" for t in range(T))
+        for cap in (0, 3, evaluation_cap(problem)):
+            result = refine(problem, start, budget, cap)
+            assert result.error <= problem.error(start)
+            assert result.evaluations <= cap
+            assert problem.schedule_cost(result.schedule) <= budget * (1 + 1e-9)
+            improved += result.error < problem.error(start)
+    assert improved > 0  # it does move off bad starts
+    # with room to spare, the adjacent-cheap start is refined to the true optimum (non-adjacent, last steps)
+    best = min((s for s in itertools.product(["fp32", "int4"], repeat=T)
+                if problem.schedule_cost(s) <= budget * (1 + 1e-9)), key=problem.error)
+    assert refine(problem, tuple(["fp32"] * 5 + ["int4"] * 3), budget, 100).error == pytest.approx(problem.error(best))
+
+
+def test_lossy_report_names_the_costs_origin(fake, tmp_path):
+    from tmpdiff.calibration.exhaustive import save_table
+    from tmpdiff.calibration.lossy_report import write_report
+    from tmpdiff.formats.costs import CostsTable, save_costs
+
+    runner, sampling, classes, _, _ = fake
+    paths = []
+    for group in ([1], [2], [3]):
+        table = build_table(runner, sampling, classes, [group], ["fp32", "int4"], "fp32", 4, None)
+        paths.append(tmp_path / f"t{group[0]}.npz")
+        save_table(table, paths[-1])
+    save_costs(CostsTable.stated("Test GPU", {"fp32": 1.0, "int4": 0.45}, "assumed ratios", None), tmp_path / "c.json")
+    config = {"costs": str(tmp_path / "c.json"),
+              "exhaustive": {"a": {"tables": [str(p) for p in paths], "calib_seeds": [1, 2], "unseen_seeds": [3],
+                                   "curve": {"pool_seeds": [1, 2], "sizes": [3, 6], "draws": 1}}}}
+    report = write_report(tmp_path, config)
+    saved = json.loads((tmp_path / "bench_lossy.json").read_text())
+    assert saved["costs_table"]["origin"] == "stated" and saved["costs_table"]["device"] == "Test GPU"
+    assert "not measured here" in (tmp_path / "bench_lossy.md").read_text()
+    rows = report["parts"]["a"]["rows"]
+    assert [r["budget_label"] for r in rows if r["metric"] == "latent"] == ["K=1", "K=2", "K=3"]
+    for row in rows:
+        m = row["methods"]
+        assert m["calibration optimum"]["calib_ratio"] == pytest.approx(1.0)
+        assert all(v["calib_ratio"] >= 1 - 1e-9 for v in m.values())  # nothing beats the optimum on its samples
+        assert m["TMPDiff refined"]["calib"] <= m["TMPDiff knapsack"]["calib"]
+        assert m["TMPDiff refined"]["evaluations"] <= 3 * 4 * 2
+        ratio = m["TMPDiff refined"]["unseen"]["ratio_to_optimum"]
+        assert ratio["value"] >= 1 - 1e-9
+    assert (tmp_path / "lossy.png").stat().st_size > 1000

@@ -1,0 +1,142 @@
+"""The lossy regime on exhaustive tables: TMPDiff (knapsack, then refined) against the optimum, judged on unseen seeds.
+
+Every search runs on the calibration samples of a `SampleTable` (a lookup: the table holds every schedule's
+per-sample scores), so its evaluations are counted as the distinct schedules it asked for, exactly as a real
+calibration would spend them. Each chosen schedule is then judged on the table's unseen samples against the
+optimum *on those samples* at the same budget, with paired bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tmpdiff.calibration.baselines import evolutionary, heuristics_at_budget
+from tmpdiff.calibration.exhaustive import SampleTable, TableEvaluator, optimum
+from tmpdiff.calibration.refine import evaluation_cap, refine
+from tmpdiff.calibration.search import Problem, measure_sensitivities, tmpdiff_search
+from tmpdiff.eval.bootstrap import mean_ci, ratio_ci
+
+# search metric (Problem/Evaluation name) -> per-sample table metric
+TABLE_METRIC = {"latent": "latent", "ssim": "one_minus_ssim"}
+
+
+def table_problem(table: SampleTable, samples: np.ndarray, cost: dict[str, float], reference: str, metric: str
+                  ) -> tuple[Problem, TableEvaluator]:
+    evaluator = TableEvaluator(table, samples)
+    levels = {p: cost[p] for p in table.levels}
+    return Problem.create(table.steps, reference, levels, metric, evaluator), evaluator
+
+
+def budgets_for(table: SampleTable, cost: dict[str, float], reference: str, speedups: Sequence[float] | None
+                ) -> list[tuple[str, float]]:
+    """(label, budget): every count K of cheap steps for two levels, else the given speedups."""
+    T = table.steps
+    if len(table.levels) == 2 and speedups is None:
+        cheap = next(p for p in table.levels if p != reference)
+        return [(f"K={k}", (T - k) * cost[reference] + k * cost[cheap]) for k in range(1, T)]
+    return [(f"{s:g}x", T * cost[reference] / s) for s in speedups or ()]
+
+
+def search_on_table(table: SampleTable, calib: np.ndarray, cost: dict[str, float], reference: str, metric: str,
+                    budget: float, cap: int | None = None) -> dict:
+    """Knapsack and knapsack + refinement on the calibration samples; schedules and evaluations of each."""
+    problem, evaluator = table_problem(table, calib, cost, reference, metric)
+    sens = measure_sensitivities(problem)
+    sens_evals = len(evaluator.asked)
+    knap, _ = tmpdiff_search(problem, budget, sens)
+    knap_evals = len(evaluator.asked)
+    limit = evaluation_cap(problem) if cap is None else cap
+    refined = refine(problem, knap, budget, max(0, limit - knap_evals), sens)
+    return {"sensitivity_evaluations": sens_evals, "knapsack": knap, "knapsack_evaluations": knap_evals,
+            "refined": refined.schedule, "refined_evaluations": len(evaluator.asked), "problem": problem}
+
+
+def _judge(table: SampleTable, metric: str, schedule, best, samples: np.ndarray, seed: int) -> dict:
+    """Mean on samples with its interval, and the paired ratio to `best` (the optimum there) with its interval."""
+    name = TABLE_METRIC[metric]
+    values = table.values(name, schedule, samples)
+    ratio = ratio_ci(values, table.values(name, best, samples), seed=seed)
+    return {"mean": mean_ci(values, seed=seed).as_dict(), "ratio_to_optimum": ratio.as_dict()}
+
+
+def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen_seeds: Sequence[int],
+                          cost: dict[str, float], reference: str, metrics: Sequence[str] = ("latent", "ssim"),
+                          speedups: Sequence[float] | None = None, on_progress=lambda _: None,
+                          calib_classes: Sequence[int] | None = None, unseen_classes: Sequence[int] | None = None
+                          ) -> dict:
+    """Per calibration metric and budget: optimum (calibration and unseen), TMPDiff knapsack and refined,
+    evolutionary at TMPDiff's evaluations, heuristics; ratios on calibration samples and on unseen ones.
+    Unseen samples are other seeds, or (with `*_classes`) other classes of the same seeds."""
+    calib, unseen = table.samples_of(calib_seeds, calib_classes), table.samples_of(unseen_seeds, unseen_classes)
+    if set(calib.tolist()) & set(unseen.tolist()):
+        from tmpdiff.formats.errors import TmpdiffError
+
+        raise TmpdiffError("calibration and unseen samples overlap")
+    out: dict = {"steps": table.steps, "levels": table.levels, "schedules": len(table.schedules),
+                 "step_evaluations": table.step_evaluations, "calib_seeds": list(calib_seeds),
+                 "unseen_seeds": list(unseen_seeds), "calib_classes": calib_classes, "unseen_classes": unseen_classes,
+                 "calib_samples": int(len(calib)),
+                 "unseen_samples": int(len(unseen)), "rows": []}
+    for metric in metrics:
+        name = TABLE_METRIC[metric]
+        for label, budget in budgets_for(table, cost, reference, speedups):
+            on_progress(f"T={table.steps} {metric} {label}")
+            found = search_on_table(table, calib, cost, reference, metric, budget)
+            problem = found["problem"]
+            opt_c, opt_c_value = optimum(table, name, calib, cost, budget)
+            opt_u, opt_u_value = optimum(table, name, unseen, cost, budget)
+            methods = {"TMPDiff knapsack": (found["knapsack"], found["knapsack_evaluations"]),
+                       "TMPDiff refined": (found["refined"], found["refined_evaluations"]),
+                       "calibration optimum": (opt_c, len(table.schedules))}
+            evo_problem, evo_eval = table_problem(table, calib, cost, reference, metric)
+            evo = evolutionary(evo_problem, budget, found["refined_evaluations"], seed=table.steps)
+            methods["evolutionary (same evaluations)"] = (evo, len(evo_eval.asked))
+            for kind, schedule in heuristics_at_budget(problem, problem.cheapest, budget).items():
+                methods[kind] = (schedule, 0)
+            row = {"metric": metric, "budget_label": label, "budget": budget,
+                   "speedup": table.steps * cost[reference] / budget,
+                   "optimum_calib": {"schedule": list(opt_c), "value": opt_c_value},
+                   "optimum_unseen": {"schedule": list(opt_u), "value": opt_u_value}, "methods": {}}
+            for method, (schedule, evals) in methods.items():
+                calib_value = float(table.values(name, schedule, calib).mean())
+                row["methods"][method] = {
+                    "schedule": list(schedule), "evaluations": evals, "calib": calib_value,
+                    "calib_ratio": calib_value / opt_c_value if opt_c_value > 0 else float("nan"),
+                    "unseen": _judge(table, metric, schedule, opt_u, unseen, seed=len(out["rows"]))}
+            out["rows"].append(row)
+    return out
+
+
+def size_curve(table: SampleTable, pool_seeds: Sequence[int], unseen_seeds: Sequence[int], cost: dict[str, float],
+               reference: str, sizes: Sequence[int], draws: int = 5, metric: str = "latent",
+               speedups: Sequence[float] | None = None, seed: int = 0) -> dict:
+    """Calibration set size (samples) vs the refined schedule's unseen ratio to the unseen optimum: per size,
+    `draws` random subsets of the pool seeds' samples; mean and max over budgets, averaged over draws."""
+    rng = np.random.default_rng(seed)
+    name = TABLE_METRIC[metric]
+    pool, unseen = table.samples_of(pool_seeds), table.samples_of(unseen_seeds)
+    budgets = budgets_for(table, cost, reference, speedups)
+    optima = {label: optimum(table, name, unseen, cost, b) for label, b in budgets}
+    points = []
+    for size in sizes:
+        runs = []
+        for _ in range(draws if size < len(pool) else 1):
+            calib = np.sort(rng.choice(pool, size=size, replace=False))
+            ratios, knap_ratios, evals = [], [], []
+            for label, budget in budgets:
+                found = search_on_table(table, calib, cost, reference, metric, budget)
+                opt_value = optima[label][1]
+                for key, acc in (("refined", ratios), ("knapsack", knap_ratios)):
+                    acc.append(float(table.values(name, found[key], unseen).mean()) / opt_value)
+                evals.append(found["refined_evaluations"])
+            runs.append({"samples": calib.tolist(), "ratios": ratios, "knapsack_ratios": knap_ratios,
+                         "evaluations": evals})
+        points.append({"samples": int(size), "runs": runs,
+                       "mean_ratio": float(np.mean([np.mean(r["ratios"]) for r in runs])),
+                       "mean_max_ratio": float(np.mean([np.max(r["ratios"]) for r in runs])),
+                       "worst_max_ratio": float(np.max([np.max(r["ratios"]) for r in runs])),
+                       "knapsack_mean_max_ratio": float(np.mean([np.max(r["knapsack_ratios"]) for r in runs]))})
+    return {"metric": metric, "pool_seeds": list(pool_seeds), "unseen_seeds": list(unseen_seeds),
+            "budgets": [label for label, _ in budgets], "draws": draws, "points": points}
