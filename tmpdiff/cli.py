@@ -86,13 +86,21 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="diffusers model directory, pipeline directory (with --subfolder), or 'bundled'")],
+    model: Annotated[str, typer.Argument(help="diffusers model directory, pipeline directory (with --subfolder), 'bundled' "
+                                               "or 'bundled-t2i' (the bundled text-to-image pipeline's transformer)")],
     out: Annotated[Path, typer.Option(help="build root; artifacts go to OUT/<model-id>/")] = Path("build"),
     precisions: Annotated[str, typer.Option(help="comma-separated: fp32,fp16,int8,int8-sq,fp8,int4,nvfp4")] = "fp32,fp16,int8,fp8,int4",
     subfolder: Annotated[str | None, typer.Option(help="model subfolder of a pipeline directory (transformer, unet)")] = None,
     model_id: Annotated[str | None, typer.Option(help="name of the build directory (default: the model dir's name)")] = None,
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration trajectories")] = "0,1",
     calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration trajectories (default: all)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="pipeline denoisers: prompts file (one per line); the stock pipeline "
+                                                      "runs over them and the denoiser's inputs calibrate quantization")] = None,
+    calib_steps: Annotated[int | None, typer.Option(min=1, help="--prompts: denoising steps of the capture runs (default 20)")] = None,
+    calib_guidance: Annotated[float | None, typer.Option(help="--prompts: guidance scale of the capture runs (default: "
+                                                              "the pipeline's)")] = None,
+    random_calibration: Annotated[bool, typer.Option("--random-calibration", help="calibrate quantization on random "
+                                                     "N(0, 1) inputs (recorded in the manifest)")] = False,
     keep_high_precision: Annotated[str | None, typer.Option(
         help="comma-separated modelopt wildcards of layers left unquantized (default: embeddings, in/out projections, final norm)")] = None,
     census: Annotated[bool, typer.Option(help="print every MatMul/Gemm/Conv with its quantized operands")] = False,
@@ -115,12 +123,21 @@ def export(
 
     names = parse_precisions(precisions)
     model_dir = resolve_model_dir(model, subfolder)
-    if model_id is None and model == "bundled":
-        model_id = "tiny-dit"
+    if model_id is None and model in ("bundled", "bundled-t2i"):
+        model_id = {"bundled": "tiny-dit", "bundled-t2i": "tiny-t2i"}[model]
+    if text_len is None and model == "bundled-t2i":
+        from tmpdiff.models.tiny_t2i import TEXT_LEN
+
+        text_len = TEXT_LEN
     keep = tuple(p.strip() for p in keep_high_precision.split(",") if p.strip()) if keep_high_precision is not None \
         else HIGH_PRECISION_PATTERNS
+    from tmpdiff.formats.precisions import get_precision
+
     calibration, sampling = calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
-                                             None if calib_classes is None else _int_list(calib_classes, "--calib-classes"))
+                                             None if calib_classes is None else _int_list(calib_classes, "--calib-classes"),
+                                             prompts=prompts, steps=calib_steps, guidance=calib_guidance,
+                                             random=random_calibration,
+                                             needed=any(get_precision(n).modelopt_cfg is not None for n in names))
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
                                        sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
@@ -269,6 +286,65 @@ def costs(
     typer.echo(f"wrote {out}")
 
 
+class SolverName(StrEnum):
+    dpmsolver = "dpmsolver++"
+    ddim = "ddim"
+
+
+class EmbeddingMethod(StrEnum):
+    mteo = "mteo"
+    timestep_shift = "timestep-shift"
+
+
+class DistillLoss(StrEnum):
+    both = "both"
+    trajectory = "trajectory"
+    final = "final"
+
+
+@app.command("distill-embeddings")
+def distill_embeddings(
+    model: Annotated[str, typer.Argument(help="class-conditional model directory (tmpdiff_model.json), or 'bundled'")],
+    steps: Annotated[int, typer.Option(min=1, help="N: the few-step schedule's step count")],
+    out: Annotated[Path, typer.Option(help="embeddings file to write (.safetensors, tmpdiff.time_embeddings/1)")],
+    solver: Annotated[SolverName, typer.Option(help="dpmsolver++ (2M) or ddim (trailing spacing)")] = SolverName.dpmsolver,
+    method: Annotated[EmbeddingMethod, typer.Option(help="mteo: a vector per (step, block); timestep-shift: a scalar "
+                                                         "per step (baseline)")] = EmbeddingMethod.mteo,
+    loss: Annotated[DistillLoss, typer.Option(help="match the reference at the student's timesteps, at the sample, or "
+                                                   "both (keep the lower held-out sample error)")] = DistillLoss.both,
+    iterations: Annotated[int, typer.Option(min=0, help="optimiser steps per loss")] = 40,
+    batch: Annotated[int, typer.Option(min=1, help="trajectories per optimiser step")] = 8,
+    train_samples: Annotated[int, typer.Option(min=1, help="training trajectories (noise seed --train-seed)")] = 32,
+    reference_steps: Annotated[int, typer.Option(min=2, help="steps of the fp32 DPM-Solver++ reference")] = 50,
+    train_seed: Annotated[int, typer.Option(help="noise seed of the training set (keep it apart from evaluation seeds)")] = 1000,
+    validation_seed: Annotated[int, typer.Option(help="noise seed of the held-out set that picks the loss")] = 2000,
+    force: Force = False,
+) -> None:
+    """Distill per-step, per-block time embeddings (MTEO) for an N-step solver; the backbone stays frozen."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tmpdiff.calibration.mteo import DistillConfig
+    from tmpdiff.commands.distill import distill_embeddings as run_distill
+
+    losses = ["trajectory", "final"] if loss is DistillLoss.both else [loss.value]
+    cfg = DistillConfig(solver=solver.value, steps=steps, kind=method.value, iterations=iterations, batch=batch,
+                        train_samples=train_samples, reference_steps=reference_steps, train_seed=train_seed,
+                        validation_seed=validation_seed)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        tasks = {name: progress.add_task(f"{name} loss", total=iterations) for name in losses}
+        outcome = run_distill(model, cfg, losses, out, force=force,
+                              on_progress=lambda name, i, value: progress.update(
+                                  tasks[name], completed=i + 1, description=f"{name} loss {value:.4g}"))
+    info = outcome.info
+    for run in info.runs:
+        typer.echo(f"{run.loss}: loss {run.initial:.4g} -> {run.final:.4g}, held-out sample MSE {run.validation_mse:.4g}, "
+                   f"{run.seconds:.0f} s wall, {run.cpu_seconds:.0f} s CPU{'  (kept)' if run.loss == info.loss else ''}")
+    typer.echo(f"{info.kind}: {info.trained_parameters:,} trained parameters = {info.parameter_fraction:.3%} of the "
+               f"model's {info.model_parameters:,}; timesteps {info.timesteps}")
+    typer.echo(f"wrote {outcome.path}")
+
+
 @app.command()
 def run(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
@@ -407,16 +483,25 @@ def calibrate(
     metric: Annotated[str, typer.Option(help="error the search minimises: latent (relative MSE) or ssim (1 - SSIM)")] = "latent",
     method: Annotated[str, typer.Option(help="sensitivity (profile + exact knapsack) or bisection (segment bisection)")] = "sensitivity",
     tolerance: Annotated[float, typer.Option(min=0.0, help="adaptive sensitivity sampling: interpolate when within this")] = 0.05,
+    refine: Annotated[bool, typer.Option(help="refine the knapsack schedule with real evaluations (level swaps while "
+                                              "they help), within 3*T*L evaluations in all")] = True,
     reference: Annotated[str, typer.Option(help="reference precision")] = "fp32",
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
     calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration set (default: all)")] = None,
     report: Annotated[Path | None, typer.Option(help="also write calibration_report.md + plots to this directory")] = None,
+    pipeline: Annotated[Path | None, typer.Option(help="text-conditioned builds: the diffusers pipeline directory the "
+                                                       "engines run in (its scheduler, steps and guidance)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts file (one per line), each sampled from "
+                                                      "every --calib-seeds seed")] = None,
+    guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     backend: BackendOpt = BackendName.ort,
     device: DeviceOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     force: Force = False,
 ) -> None:
     """Search a per-step precision schedule (TMPDiff) and write schedule.json."""
+    if (pipeline is None) != (prompts is None):
+        raise TmpdiffError("--pipeline and --prompts go together (a text-conditioned build calibrates inside its pipeline)")
     device, backend = _device(backend, device), backend.value
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -433,6 +518,19 @@ def calibrate(
     targets = [Output.file("--out", out, ".json")] + ([Output.folder("--report", report)] if report else [])
     paths = check_outputs(targets, force=force, inputs=[costs], build_dirs=[build_dir])
     out, report = paths["--out"], paths.get("--report")
+    if pipeline is not None:
+        if calib_classes is not None:
+            raise TmpdiffError("--calib-classes is for class-conditional builds; a pipeline calibrates on --prompts")
+        from tmpdiff.commands.calibrate_pipeline import calibrate_pipeline, print_result
+
+        result, session, judged = calibrate_pipeline(
+            build_dir, costs, pipeline, prompts, _int_list(calib_seeds, "--calib-seeds"), target, steps=steps,
+            metric=metric, method=method, tolerance=tolerance, reference=reference, guidance=guidance, backend=backend,
+            device=device, threads=threads, report=report, on_progress=lambda m: console.print(m))
+        save_schedule(result.file, out)
+        print_result(result, session, judged, metric)
+        typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.json'}" if report else ""))
+        return
     steps = steps or load_manifest(build_dir).require_sampling(build_dir).default_steps
     classes = None if calib_classes is None else _int_list(calib_classes, "--calib-classes")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -449,7 +547,7 @@ def calibrate(
         session = open_session(build_dir, costs, steps, metric, reference, classes, _int_list(calib_seeds, "--calib-seeds"),
                                backend, device, threads, on_evaluation=on_evaluation,
                                check=lambda problem: check_target(problem, target))
-        result = run_calibration(session, target, method, tolerance)
+        result = run_calibration(session, target, method, tolerance, refine_schedule=refine)
         if report is not None:
             from tmpdiff.calibration.report import write_calibration_report
 
@@ -474,6 +572,9 @@ def bench(
     steps: Annotated[str, typer.Option(help="comma-separated step counts")] = "10,20",
     speedups: Annotated[str, typer.Option(help="comma-separated speedup targets")] = "1.1,1.25,1.4",
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
+    unseen_seeds: Annotated[str | None, typer.Option(help="seeds every schedule is judged on, never calibrated on (a "
+                                                          "multiple of the calibration seeds' count; default 100, 101, ...)")] = None,
+    exhaustive: Annotated[bool, typer.Option(help="at T <= 12: the two-level exhaustive optimum (prefix-cached)")] = True,
     reference: Annotated[str, typer.Option(help="reference precision (must be in the costs table)")] = "fp32",
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     force: Force = False,
@@ -495,7 +596,8 @@ def bench(
     classifier = bundled_dir() / "classifier"
     report = run_bench(build_dir, costs, out, _int_list(steps, "--steps"), targets, _int_list(calib_seeds, "--calib-seeds"),
                        threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m),
-                       reference=reference)
+                       reference=reference, exhaustive=exhaustive,
+                       unseen_seeds=None if unseen_seeds is None else _int_list(unseen_seeds, "--unseen-seeds"))
     typer.echo(f"costs: {report['costs_table']['note']}")
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
 
@@ -508,12 +610,16 @@ def check(
     json_output: JsonOutput = False,
 ) -> None:
     """Validate a build directory: manifest, hashes, ONNX graphs, engines, schedules, a numerical spot check."""
-    from tmpdiff.commands.check import check_build
+    from tmpdiff.commands.check import calibration_notes, check_build
 
     problems = check_build(build_dir, schedule, spot_check)
+    notes = calibration_notes(build_dir)
     if json_output:
-        _print_json({"build_dir": str(build_dir), "ok": not problems, "problems": [vars(p) for p in problems]})
+        _print_json({"build_dir": str(build_dir), "ok": not problems, "problems": [vars(p) for p in problems],
+                     "calibration": notes})
         raise typer.Exit(code=1 if problems else 0)
+    for note in notes:  # what each quantized precision was calibrated on (random inputs said plainly), on stderr
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     for problem in problems:
         typer.echo(str(problem))
     if problems:
@@ -582,6 +688,8 @@ def demo(
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads (default: all cores)")] = None,
     precisions: Annotated[str, typer.Option(help="precisions to export and consider")] = "fp32,fp16,int8,fp8,int4",
     speedup: Annotated[float | None, typer.Option(help="speedup target (default: 60% of the way to the maximum)")] = None,
+    t2i: Annotated[bool, typer.Option(help="also the bundled text-to-image pipeline (OUT/t2i: export with prompt "
+                                           "capture, calibration inside the pipeline, grid, report)")] = False,
     force: Force = False,
 ) -> None:
     """The whole pipeline on the bundled model: export, build, profile, calibrate, sample, report."""
@@ -604,6 +712,90 @@ def demo(
                    f"total {row['total_ms']:.0f} ms")
     typer.echo(f"schedule: {' '.join(report['schedule']['precisions'])}")
     typer.echo(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'}")
+    if t2i:
+        from tmpdiff.commands.demo_t2i import run_t2i_demo
+
+        t2i_report = run_t2i_demo(out / "t2i", steps=steps, seed=seed, threads=threads, console=console)
+        for name, row in t2i_report["runs"].items():
+            typer.echo(f"t2i {name:<18} adherence {row['adherence']:.1%}  median step {row['step_ms_median']:.1f} ms")
+        typer.echo(f"t2i schedule: {' '.join(t2i_report['schedule']['precisions'])}")
+        typer.echo(f"wrote {out / 't2i' / 'report.md'}, {out / 't2i' / 'grid.png'}")
+
+
+class TmpqMetric(StrEnum):
+    """What the TMPQ-DM search minimises (tmpdiff/calibration/tmpq_eval.py)."""
+
+    ssim = "ssim"
+    latent = "latent"
+    confidence = "confidence"
+    accuracy = "accuracy"
+
+
+@app.command("layer-costs")
+def layer_costs(
+    build_dir: Annotated[Path, typer.Argument(help="build directory with ORT-CPU engines and quantized exports")],
+    out: Annotated[Path, typer.Option(help="per-layer costs table to write (tmpdiff.layer-costs/1)")] = Path("layer_costs.json"),
+    model: Annotated[str, typer.Option(help="the model directory the build was exported from")] = "bundled",
+    precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every built precision)")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="latents per engine call (with guidance: 2 x samples)")] = 20,
+    warmup: Annotated[int, typer.Option(min=0)] = 3,
+    repeats: Annotated[int, typer.Option(min=1)] = 30,
+    threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    force: Force = False,
+) -> None:
+    """Per-layer costs of every precision's engine (ONNX Runtime's profiler), with BitOPs, for TMPQ-DM's search."""
+    from tmpdiff.commands.search_plan import layer_costs_command, print_layer_costs
+
+    names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
+    table = layer_costs_command(build_dir, out, model, names, batch, warmup, repeats, threads, force, console)
+    print_layer_costs(table, Console())
+    typer.echo(f"wrote {out}")
+
+
+@app.command("search-plan")
+def search_plan(
+    build_dir: Annotated[Path, typer.Argument(help="build directory with quantized exports")],
+    layer_costs: Annotated[Path, typer.Option(help="per-layer costs table (`tmpdiff layer-costs`)")],
+    out: Annotated[Path, typer.Option(help="plan to write (tmpdiff.tmpq-plan/1)")] = Path("plan.json"),
+    schedule_out: Annotated[Path | None, typer.Option(help="also write a tmpdiff.schedule/2 file when every layer "
+                                                           "configuration is one precision (runs with `tmpdiff run`)")] = None,
+    model: Annotated[str, typer.Option(help="the model directory the build was exported from")] = "bundled",
+    steps: Annotated[int, typer.Option(min=2, help="denoising steps (one TMPQ-DM timestep group each)")] = 8,
+    speedup: Annotated[float, typer.Option(help="budget: predicted speedup over fp32 at --reference-steps")] = 3.0,
+    reference_steps: Annotated[int, typer.Option(min=2, help="step count of the fp32 reference")] = 20,
+    metric: Annotated[TmpqMetric, typer.Option(help="what the search minimises")] = TmpqMetric.ssim,
+    precisions: Annotated[str | None, typer.Option(help="comma-separated per-layer choices (default: every precision "
+                                                        "of the costs table; fp32 is always one)")] = None,
+    per_step: Annotated[bool, typer.Option(help="a layer configuration per step (default: one for all steps)")] = False,
+    max_configs: Annotated[int, typer.Option(min=1, help="--per-step: most distinct layer configurations (engines)")] = 2,
+    generations: Annotated[int, typer.Option(min=1)] = 8,
+    population: Annotated[int, typer.Option(min=2)] = 50,
+    seed: Annotated[int, typer.Option(help="the search's random seed")] = 0,
+    calib_seeds: Annotated[str, typer.Option(help="noise seeds the search evaluates on")] = "100",
+    holdout_seeds: Annotated[str, typer.Option(help="noise seeds the result is judged on (never searched)")] = "1000,1001,1002,1003,1004",
+    max_minutes: Annotated[float | None, typer.Option(min=0.1, help="stop after the generation that passes this")] = None,
+    force: Force = False,
+) -> None:
+    """TMPQ-DM: search timesteps and per-layer precision jointly under a speedup budget; write the plan."""
+    from tmpdiff.calibration.tmpq import TmpqOptions
+    from tmpdiff.calibration.tmpq_search import SearchSettings
+    from tmpdiff.commands.search_plan import print_outcome, search_plan_command
+
+    _check_speedup(speedup, "--speedup")
+    select = min(10, population)
+    mutations, crossovers = min(25, population // 2), min(10, population // 5)
+    settings = SearchSettings(population=population, select=select, mutations=mutations, crossovers=crossovers,
+                              generations=generations, consistent=not per_step, max_configs=max_configs, seed=seed,
+                              max_seconds=None if max_minutes is None else max_minutes * 60)
+    options = TmpqOptions(steps=steps, speedup=speedup, metric=metric.value, reference_steps=reference_steps,
+                          seeds=_int_list(calib_seeds, "--calib-seeds"),
+                          holdout_seeds=_int_list(holdout_seeds, "--holdout-seeds"), settings=settings,
+                          precisions=None if precisions is None else
+                          ["fp32", *(p.strip() for p in precisions.split(",") if p.strip() and p.strip() != "fp32")])
+    outcome = search_plan_command(build_dir, layer_costs, out, schedule_out, model, options, force, console)
+    print_outcome(outcome, Console())
+    typer.echo(f"wrote {out}" + (f", {schedule_out}" if schedule_out is not None and outcome.plan.uniform_schedule()
+                                 else ""))
 
 
 def _check_speedup(value: float, option: str) -> None:
