@@ -5,8 +5,10 @@ Models are made here from the public `config.json` values of each family, with r
 downloaded), saved with `save_pretrained` (safetensors). Per model and precision every stage runs as its own
 `tmpdiff` process, so its peak RSS is that process's own (`os.wait4`); the script records wall time, peak RSS, the
 files each stage wrote, and then profiles every built precision in one `tmpdiff profile` run (ORT-CPU, batch 1,
-median of the repeats). The JSON is written after every stage, so an interrupted run keeps what it measured and a
-re-run skips what is done.
+median of the repeats). Quantized precisions calibrate on random inputs (`--random-calibration`): the weights are
+random too, so there is no real input distribution to capture. The JSON is written after every stage, so an
+interrupted run keeps what it measured and a re-run skips what is done (`--redo` measures it again, recording the
+commit each row was measured with).
 
     python scripts/bench_scale.py --models sd15-unet,pixart-sigma --out results/cpu-epyc-2core/scale.json
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from tmpdiff.export.memory_plan import parameter_count
 from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.precisions import get_precision
 
 # Public config.json values (diffusers format) of each family's denoiser; `dtype` is how the weights are stored.
 MODELS: dict[str, dict] = {
@@ -105,7 +109,15 @@ def files_of(build_dir: Path, precision: str, pattern: str) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted((build_dir / precision).glob(pattern)) if p.is_file()}
 
 
-def bench_model(name: str, precisions: list[str], work: Path, results: dict, out: Path, repeats: int) -> None:
+def code_version() -> str:
+    """The commit the stages ran (`-dirty` with uncommitted changes), recorded beside each measured stage."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
+
+
+def bench_model(name: str, precisions: list[str], work: Path, results: dict, out: Path, repeats: int,
+                redo: bool = False) -> None:
     model_dir, params, make_seconds = make_model(name, work)
     spec = MODELS[name]
     record = results["models"].setdefault(name, {})
@@ -116,10 +128,14 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
     build_dir = build_root / name
     for precision in tqdm(precisions, desc=name):
         row = record["precisions"].setdefault(precision, {})
-        if row.get("build", {}).get("exit_code") == 0:
+        if row.get("build", {}).get("exit_code") == 0 and not redo:
             continue  # measured by an earlier run of this script
+        row.clear()
+        row["code"] = code_version()
+        shutil.rmtree(build_dir / precision, ignore_errors=True)  # this script's scratch build: export it afresh
         row["export"] = run_stage(["export", str(model_dir), "--precisions", precision, "--out", str(build_root),
-                                   "--model-id", name, *spec.get("graph", [])], log)
+                                   "--model-id", name, *spec.get("graph", []),
+                                   *(["--random-calibration"] if get_precision(precision).modelopt_cfg else [])], log)
         write_json(out, results)
         if row["export"]["exit_code"] != 0:
             continue
@@ -151,6 +167,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tmpdiff-scale"), help="models, builds and logs")
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (updated after every stage)")
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps per precision (median)")
+    parser.add_argument("--redo", action="store_true", help="measure precisions an earlier run already measured again")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -162,7 +179,7 @@ def main() -> int:
                           "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                           "python": platform.python_version()}
     for name in names:
-        bench_model(name, [p.strip() for p in args.precisions.split(",")], args.work, results, args.out, args.repeats)
+        bench_model(name, [p.strip() for p in args.precisions.split(",")], args.work, results, args.out, args.repeats, args.redo)
     print(json.dumps(results, indent=1))
     return 0
 

@@ -99,3 +99,25 @@ def check_fits(manifest: Manifest, rows: int, backend: str = "ort", device: str 
     if available is not None and need > available:
         raise TmpdiffError(f"{rows} batch rows need about {need / 2**30:.1f} GiB ({per_row / 2**20:.2f} MiB per row, "
                            f"{source}), {available / 2**30:.1f} GiB is available: use a smaller {what}")
+
+
+def release_freed_memory() -> None:
+    """Free unreachable objects and hand memory the process has freed back to the system (glibc's `malloc_trim`; the
+    trim is a no-op elsewhere).
+
+    glibc keeps freed heap for reuse, so after a multi-gigabyte graph is dropped the resident size stays at its peak and
+    the next stage's allocations stack on top of it; trimming after each large graph is freed lets stages reuse the
+    same physical memory (measured on an export's stages: see `export.memory_plan`)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()  # a quantized torch module is held in reference cycles (its quantizers' hooks), not by refcounts alone
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    trim(0)

@@ -80,6 +80,9 @@ def session_options(threads: int | None = None, optimization: str = "all", optim
     opts.log_severity_level = 3
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
+        # a session that only writes the optimised graph never runs: packing its weights for the kernels would hold
+        # a second copy of them (the packed form is not what is saved)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
         if optimized_data:  # weights beside the graph: a protobuf over 2 GB cannot be written
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                           f"{Path(optimized_path).name}.data")

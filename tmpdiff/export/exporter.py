@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from tmpdiff.engines.memory import release_freed_memory
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
@@ -32,6 +33,7 @@ from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
     build_config,
     config_digest,
+    preload_modelopt,
     quantize,
     quantized_modules,
     quantizer_census,
@@ -115,16 +117,26 @@ def _parity_inputs(adapter: DenoiserAdapter, parameters: int) -> list[dict[str, 
     return [adapter.sample_inputs(adapter.default_dims(rows), seed=seed) for seed in PARITY_SEEDS]
 
 
-def reference_outputs(adapter: DenoiserAdapter, reference: torch.nn.Module) -> list[np.ndarray]:
-    """The reference (fp32) module's outputs on the parity inputs, computed once: a model quantized in place no longer
-    has them."""
-    parameters = sum(p.numel() for p in reference.parameters())
-    return [_torch_outputs(reference, inputs) for inputs in _parity_inputs(adapter, parameters)]
+@dataclass(frozen=True)
+class ParityOutputs:
+    """A torch module's outputs on the parity inputs, with those inputs: kept so the module itself can leave memory
+    before its graph is rewritten and checked (a real-size model is not held beside its graphs)."""
+
+    inputs: list[dict[str, torch.Tensor]]
+    outputs: list[np.ndarray]
 
 
-def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.nn.Module,
-            reference: list[np.ndarray]) -> tuple[float, float, float]:
-    """Median over the parity batches of ORT vs `module`, ORT vs the reference outputs (fp32) and `module` vs them.
+def parity_outputs(adapter: DenoiserAdapter, module: torch.nn.Module,
+                   like: ParityOutputs | None = None) -> ParityOutputs:
+    """`module`'s outputs on the parity inputs, or on `like`'s inputs (for the reference: the fp32 model's, computed
+    once - a model quantized in place no longer has them)."""
+    inputs = like.inputs if like is not None else _parity_inputs(adapter, sum(p.numel() for p in module.parameters()))
+    return ParityOutputs(inputs, [_torch_outputs(module, batch) for batch in inputs])
+
+
+def _parity(path: Path, precision: str, expected: ParityOutputs, reference: ParityOutputs) -> tuple[float, float, float]:
+    """Median over the parity batches of ORT vs the torch module's `expected` outputs, ORT vs the `reference` outputs
+    (fp32) and the module vs them.
 
     The median, because one batch can put an int8 activation on a rounding tie deep in a UNet, where
     ORT and torch round it differently and the difference grows through the up-blocks (seen: 3.7e-7,
@@ -134,18 +146,16 @@ def _parity(path: Path, precision: str, adapter: DenoiserAdapter, module: torch.
 
     engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
     parity, error, torch_error = [], [], []
-    parameters = sum(p.numel() for p in module.parameters())
-    for inputs, fp32 in zip(_parity_inputs(adapter, parameters), reference, strict=True):
+    for inputs, want, fp32 in zip(expected.inputs, expected.outputs, reference.outputs, strict=True):
         got = next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
-        want = _torch_outputs(module, inputs)
         parity.append(_relative_error(got, want))
         error.append(_relative_error(got, fp32))
         torch_error.append(_relative_error(want, fp32))
     return float(np.median(parity)), float(np.median(error)), float(np.median(torch_error))
 
 
-def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, adapter: DenoiserAdapter,
-                module: torch.nn.Module, reference: list[np.ndarray], trt_dtype: str) -> float | None:
+def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, expected: ParityOutputs,
+                reference: ParityOutputs, trt_dtype: str) -> float | None:
     """The saved TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (`_parity`), where ONNX
     Runtime can run it (standard ops in fp16: int8, fp8); None for graphs with trt:: ops (int4) or bf16 compute (no
     CPU kernels for its Q/DQ). The 16-bit graph must stay within
@@ -154,7 +164,7 @@ def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, adapter:
     (a graph with missing or wrong quantizers is an order of magnitude off); else export fails."""
     if trt_dtype != "float16" or any(n.domain == "trt" for n in trt_proto.graph.node):
         return None
-    error, vs_fp32, quantization_error = _parity(path, precision, adapter, module, reference)
+    error, vs_fp32, quantization_error = _parity(path, precision, expected, reference)
     tolerance = get_precision("fp16").parity_tolerance
     if not (error <= tolerance or vs_fp32 <= 1.5 * quantization_error):
         raise TmpdiffError(f"{precision}: the TensorRT graph differs from the torch model by {error:.2e} on ONNX Runtime "
@@ -215,6 +225,7 @@ def export_model(
     base = choose_base(model_dir, specs) if memory_check else "float32"
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
+        preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
                               on_progress, sampling, trt_dtype, base)
@@ -267,9 +278,9 @@ def _export_locked(
 
     recipe = calibration or random_recipe()
 
-    def reference() -> list[np.ndarray]:
+    def reference() -> ParityOutputs:
         if "reference" not in state:  # the loaded model's outputs on the parity inputs: fp32 (or its 16-bit base)
-            state["reference"] = reference_outputs(adapter, adapter.export_module(model(), _dtype_of(model())))
+            state["reference"] = parity_outputs(adapter, adapter.export_module(model(), _dtype_of(model())))
         return state["reference"]
 
     def calib() -> CalibrationSet:
@@ -305,7 +316,7 @@ def _export_locked(
             quant_config = build_config(spec, model(), keep_high_precision)
             calibration_set, fp32_outputs = calib(), reference()
             # quantized in place (a real-size model is not held twice); the next precision loads a fresh one
-            entry, rows = _export_quantized(spec, state.pop("model"), adapter, build_dir, key, quant_config,
+            entry, rows = _export_quantized(spec, lambda: state.pop("model"), adapter, build_dir, key, quant_config,
                                             calibration_set, trt_dtype, fp32_outputs)
         seconds = time.perf_counter() - started
         manifest.precisions[spec.name] = entry
@@ -319,7 +330,7 @@ def _dtype_of(model: torch.nn.Module) -> torch.dtype:
 
 
 def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path,
-                  key: str, reference: list[np.ndarray]) -> tuple[PrecisionEntry, list]:
+                  key: str, reference: ParityOutputs) -> tuple[PrecisionEntry, list]:
     """fp32 / fp16: one graph serves TensorRT and ONNX Runtime."""
     dtype = torch.float16 if spec.name == "fp16" else torch.float32
     if dtype != _dtype_of(model) and _dtype_of(model) != torch.float32:
@@ -331,21 +342,34 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
         remove_dead_nodes(proto)
         written = save_onnx(proto, build_dir / rel, data_dir=data_dir)  # a large model's weights stream, never loaded
     del proto
-    return _checked_entry(spec, build_dir, rel, rel, key, adapter, module, reference, extra_files=written), []
+    release_freed_memory()
+    # traced at the loaded model's own dtype, the module computes exactly what the reference outputs are
+    expected = reference if dtype == _dtype_of(model) else parity_outputs(adapter, module, reference)
+    return _checked_entry(spec, build_dir, rel, rel, key, adapter, expected, reference, extra_files=written), []
 
 
-def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path, key: str,
-                      quant_config: dict, calibration: CalibrationSet, trt_dtype: str,
-                      reference: list[np.ndarray]) -> tuple[PrecisionEntry, list]:
-    """modelopt fake quant (of `model` itself) -> ORT twin (standard ops, fp32) + TensorRT graph (Q/DQ, `trt_dtype`
-    compute elsewhere), both parity-checked against the fake-quant model, errors against the `reference` outputs."""
-    quantized = quantize(model, quant_config, calibration.batches,
-                         lambda m, batch: adapter.export_module(m)(*batch.values()), in_place=True)
+def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module], adapter: DenoiserAdapter,
+                      build_dir: Path, key: str, quant_config: dict, calibration: CalibrationSet, trt_dtype: str,
+                      reference: ParityOutputs) -> tuple[PrecisionEntry, list]:
+    """modelopt fake quant (of the model `take_model` hands over, in place) -> ORT twin (standard ops, fp32) +
+    TensorRT graph (Q/DQ, `trt_dtype` compute elsewhere), both parity-checked against the fake-quant model, errors
+    against the `reference` outputs.
+
+    What the checks need from the torch model (its outputs, its quantizers) is taken before it is traced; the model
+    leaves memory once its graph exists, so the graph rewrites never share memory with it (handed over by a callable:
+    an argument would stay referenced by the caller's frame for the whole call)."""
+    model = take_model()
+    quantize(model, quant_config, calibration.batches, lambda m, batch: adapter.export_module(m)(*batch.values()),
+             in_place=True)
     directory = build_dir / spec.name
-    save_quantized_state(quantized, quant_config, directory)
-    module = adapter.export_module(quantized)
-    with traced(module, adapter, TRACE_OPSET) as (raw, data_dir):  # each graph gets its own opset from the rewrite
+    save_quantized_state(model, quant_config, directory)
+    expected = parity_outputs(adapter, adapter.export_module(model), reference)
+    quantizers = quantizer_census(model)
+    weight_modules, input_modules = quantized_modules(model)
+    with traced(adapter.export_module(model), adapter, TRACE_OPSET) as (raw, data_dir):  # opsets come from the rewrites
         load_weights(raw, data_dir)
+    del model  # the context manager held it until here
+    release_freed_memory()
     kind = spec.rewrite_kind
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"
     # One graph at a time, each saved before the next is made (a large graph's weights leave memory when it is
@@ -354,13 +378,14 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
     written = [*save_onnx(twin, build_dir / rel), directory / "quant_state.safetensors", directory / "quant_config.json"]
     del twin
+    release_freed_memory()
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
     del raw
+    release_freed_memory()
     trt_proto = to_half(trt_proto, str(build_dir / spec.name), trt_dtype)
     written += save_onnx(trt_proto, build_dir / trt_rel)
 
     rows = graph_census.census(trt_proto)
-    weight_modules, input_modules = quantized_modules(quantized)
     problems = graph_census.missing_quantization(rows, weight_modules, input_modules)
     if problems:
         raise TmpdiffError(f"{spec.name}: graph census found unquantized layers: {'; '.join(problems[:5])}",
@@ -370,26 +395,26 @@ def _export_quantized(spec: Precision, model: torch.nn.Module, adapter: Denoiser
         "modelopt_config": spec.modelopt_cfg,
         "config_sha256": config_digest(quant_config),
         "calibration": calibration.description,
-        "quantizers": quantizer_census(quantized),
+        "quantizers": quantizers,
         "census": graph_census.summarize(rows),
         "trt_compute_dtypes": graph_census.compute_dtypes(trt_proto),
         "trt_base": trt_dtype,
-        "trt_parity_error": _trt_parity(build_dir / trt_rel, trt_proto, spec.name, adapter, module, reference,
-                                        trt_dtype),
+        "trt_parity_error": _trt_parity(build_dir / trt_rel, trt_proto, spec.name, expected, reference, trt_dtype),
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
-    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, module, reference, quantization, written)
+    del trt_proto
+    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, expected, reference, quantization, written)
     return entry, rows
 
 
 def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key: str, adapter: DenoiserAdapter,
-                   module: torch.nn.Module, reference: list[np.ndarray], quantization: dict | None = None,
+                   expected: ParityOutputs, reference: ParityOutputs, quantization: dict | None = None,
                    extra_files: list[Path] = ()) -> PrecisionEntry:
-    """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity with `module`
-    holds (errors also against `reference`, the fp32 model); every other file written for it (external data,
-    quantizer state) is hashed too."""
-    parity, error, torch_error = _parity(build_dir / rel, spec.name, adapter, module, reference)
+    """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity with the torch
+    module's `expected` outputs holds (errors also against `reference`, the fp32 model's); every other file written
+    for it (external data, quantizer state) is hashed too."""
+    parity, error, torch_error = _parity(build_dir / rel, spec.name, expected, reference)
     _check_parity(spec.name, parity, error, torch_error, build_dir / rel)
     check_io = build_dir / spec.name / CHECK_IO_NAME
     _record_check_io(build_dir / rel, spec.name, adapter, check_io)
