@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from tmpdiff.calibration.few_step import FewStepSampler, make_scheduler
 from tmpdiff.calibration.mteo import DistillConfig, model_parameters
 from tmpdiff.commands.distill import load_distiller
+from tmpdiff.engines.device import cpu_name
 from tmpdiff.eval.classifier import DigitClassifier, classify
 from tmpdiff.eval.metrics import image_metrics, to_images
 from tmpdiff.eval.quality import frechet_distance
@@ -44,13 +44,6 @@ FD_DIMS = 16
 TRAINED = {"mteo-trajectory": ("mteo", "trajectory"), "mteo-final": ("mteo", "final"),
            "shift": ("timestep-shift", "trajectory")}
 
-
-def _cpu() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def train(args, steps: int) -> None:
@@ -273,14 +266,14 @@ def report(args) -> None:
         samples = load_safetensors(args.out / f"samples-N{steps}.safetensors")
         for row in result["rows"]:
             row["fd_vs_reference"] = judge.fd_difference(samples[row["method"]], ref)
-    payload = {"format": "tmpdiff.bench_mteo/1", "machine": _cpu(), "threads": 1, "solver": args.solver,
+    payload = {"format": "tmpdiff.bench_mteo/1", "machine": cpu_name(), "threads": 1, "solver": args.solver,
                "eval_samples": args.samples, "eval_seed": args.eval_seed, "bootstrap": args.bootstrap,
                "fd": f"classifier features on the real digits' top {FD_DIMS} principal directions; percentile bootstrap "
                      "of the generated samples (the real set fixed)",
                "reference": ref_row, "training": {stem: t for (_, stem), t in sorted(trains.items())}, "evaluation": evals}
     write_json(args.out / "mteo.json", payload)
     lines = [f"# MTEO on the bundled DiT ({args.solver}, {args.samples} evaluation samples, noise seed {args.eval_seed})",
-             "", f"Machine: {_cpu()}, 1 thread per process (OMP_NUM_THREADS=1), cores shared with other jobs: the evaluation "
+             "", f"Machine: {cpu_name()}, 1 thread per process (OMP_NUM_THREADS=1), cores shared with other jobs: the evaluation "
              "times below ran at load average 1-2, the training times (train s) at 5-15 and are inflated. Time: wall "
              "seconds to sample the whole evaluation set in one batch (the 20-step reference row: 200 samples). "
              "Accuracy and confidence saturate on "

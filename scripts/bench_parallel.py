@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from tmpdiff.engines.device import cpu_name
 from tmpdiff.engines.loading import load_engines
 from tmpdiff.eval.classifier import DigitClassifier, classify
 from tmpdiff.eval.metrics import image_metrics, to_images
@@ -29,15 +29,6 @@ from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.parallel import ParallelMode, expected_rounds, sample_parallel
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 from tmpdiff.runtime.workers import DenoiseWorker, InProcessExecutor
-
-
-def _cpu() -> str:
-    """The CPU model (Linux), else the architecture."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                          "rounds": result.rounds, "rounds_formula": expected_rounds(args.steps, workers, mode),
                          "accuracy": float((classify(classifier, result.latents)[0] == labels).float().mean())})
     runner.close()
-    write_json(args.out, {"format": "tmpdiff.bench_parallel/1", "machine": _cpu(),
+    write_json(args.out, {"format": "tmpdiff.bench_parallel/1", "machine": cpu_name(),
                           "steps": args.steps, "samples": args.samples, "seed": args.seed, "precision": "fp32",
                           "executor": "in-process (a round's calls one after another: the samples of N workers)",
                           "reference": "sequential fp32 sampler, same noise", "rows": rows})

@@ -25,6 +25,7 @@ import torch
 
 from tmpdiff.commands.export import calibration_for, resolve_model_dir
 from tmpdiff.engines.build import build_engines
+from tmpdiff.engines.device import cpu_name
 from tmpdiff.eval.attributes import AttributeClassifier
 from tmpdiff.eval.rgb import rgb_metrics
 from tmpdiff.eval.t2i import attribute_fd, generate, judge
@@ -37,13 +38,6 @@ from tmpdiff.runtime.pipeline_io import load_pipeline
 
 PRECISIONS = ("int8", "fp8", "int4")
 
-
-def _cpu() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def _export(work: Path, name: str, prompts_file: Path | None, seeds: list[int], steps: int) -> Path:
@@ -124,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 "same seeds; adherence = digit, colour and background all read as asked",
         "steps": args.steps, "guidance_scale": DEFAULT_GUIDANCE, "eval_seed": 0,
         "calibration": calibration, "calibration_prompts": calib_prompts, "results": results,
-        "machine": {"cpu": _cpu(), "threads": 1, "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "threads": 1, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 1),
     })
     print(f"wrote {args.out}")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tmpdiff.calibration.evaluator import METRICS, Evaluation
 from tmpdiff.calibration.search import Problem
-from tmpdiff.calibration.session import CalibrationSession, _usable_costs
+from tmpdiff.calibration.session import CalibrationSession, _usable_costs, reporting
 from tmpdiff.eval.rgb import mean_rgb_metrics
 from tmpdiff.formats.costs import load_costs
 from tmpdiff.formats.errors import TmpdiffError
@@ -151,14 +151,7 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
         pipe.to("cuda")
     evaluator = PipelineEvaluator(pipe, denoiser, prompts, seeds, steps, guidance_scale, reference)
 
-    def evaluate(schedule: Sequence[str]) -> Evaluation:
-        before = evaluator.runs
-        result = evaluator.evaluate(schedule)
-        if evaluator.runs != before:
-            on_evaluation(result)
-        return result
-
-    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, evaluate)
+    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, reporting(evaluator, on_evaluation))
     scheduler = SchedulerRef(class_name=type(pipe.scheduler).__name__, config=dict(pipe.scheduler.config))
     return PipelineSession(build_dir, manifest, costs, evaluator, problem, pipeline_dir=pipeline_dir, scheduler=scheduler)
 

@@ -84,6 +84,13 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
                              nan_guard=True)
     evaluator = Evaluator(runner, sampling, classes, list(seeds), reference, steps)
 
+    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, reporting(evaluator, on_evaluation))
+    return CalibrationSession(build_dir, manifest, costs, evaluator, problem)
+
+
+def reporting(evaluator, on_evaluation: Callable[[Evaluation], None]) -> Callable[[Sequence[str]], Evaluation]:
+    """`evaluator.evaluate`, telling `on_evaluation` about each schedule it actually ran (not its cached answers)."""
+
     def evaluate(schedule: Sequence[str]) -> Evaluation:
         before = evaluator.runs
         result = evaluator.evaluate(schedule)
@@ -91,5 +98,4 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
             on_evaluation(result)
         return result
 
-    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, evaluate)
-    return CalibrationSession(build_dir, manifest, costs, evaluator, problem)
+    return evaluate
