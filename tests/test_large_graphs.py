@@ -87,11 +87,12 @@ def test_export_refuses_up_front_when_the_planned_peak_does_not_fit(bundled, tmp
     params = memory_plan.parameter_count(bundled.transformer_dir)
     assert params == sum(p.numel() for p in load_diffusers_model(bundled.transformer_dir).parameters())
     plans = memory_plan.plan_export(bundled.transformer_dir, [get_precision("fp32"), get_precision("int8")])
-    assert plans[1].peak_bytes > plans[0].peak_bytes > memory_plan.BASE_BYTES
+    # a quantized export frees the torch model once traced, so its planned peak is below the fp32 export's
+    assert plans[0].peak_bytes > plans[1].peak_bytes > memory_plan.BASE_BYTES
     monkeypatch.setattr(memory_plan.engine_memory, "available_bytes", lambda: int(memory_plan.BASE_BYTES))
     code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "fp32,int8")
     lines = err.strip().splitlines()
-    assert code != 0 and len(lines) == 1 and "not enough memory to export: int8 needs about" in lines[0], err
+    assert code != 0 and len(lines) == 1 and "not enough memory to export: fp32 needs about" in lines[0], err
     assert "GB is available" in lines[0] and "--no-memory-check" in lines[0]
     assert not any(tmp_path.iterdir())  # refused before anything was created
 

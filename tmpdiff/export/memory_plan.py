@@ -5,8 +5,9 @@ proto, a graph being rewritten, AutoCast's working copies, ONNX Runtime's sessio
 peak ~= BASE_BYTES + copies x the loaded model's weight bytes. The copies were measured with
 `scripts/bench_scale.py` (peak RSS of one `tmpdiff export` process per precision, SD1.5-size UNet, 860M parameters,
 3.44 GB of fp32 weights; results/cpu-epyc-2core/scale.json): fp32 15.8 GB -> 4.3 copies (measured before the traced
-weights were streamed, so an upper bound), int8 16.8 GB -> 4.6 copies. fp16 and the other quantized precisions are
-not measured separately: they take the same coefficients (fp8/int4 fold their weights smaller than int8 does).
+weights were streamed, so an upper bound); int8 10.9 GB -> 2.9 copies, since a quantized export frees the torch model
+once it is traced (16.8 GB, 4.6 copies, before). fp16 and the other quantized precisions are not measured separately:
+they take the same coefficients (fp8/int4 fold their weights smaller than int8 does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tmpdiff.formats.precisions import Precision
 GB = 1e9
 BASE_BYTES = 1.0 * GB  # the interpreter with torch, diffusers, modelopt and ONNX Runtime imported
 # Peak RSS in units of the loaded model's weight bytes, per kind of export (see the module docstring).
-COPIES = {"plain": 4.3, "fp16": 4.3, "quantized": 4.6}
+COPIES = {"plain": 4.3, "fp16": 4.3, "quantized": 2.9}
 BYTES_PER_WEIGHT = {"float32": 4, "float16": 2}
 
 

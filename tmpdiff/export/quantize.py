@@ -50,9 +50,10 @@ def int4_block_size(model: torch.nn.Module, skip: Sequence[str], preferred: int 
 
 
 def preload_modelopt() -> None:
-    """Import modelopt's quantization package before any model is loaded. Its import keeps a traceback, whose frames
-    keep their callers' frames and locals alive for the life of the process: imported from a function holding the
-    model, it pinned the whole model in memory after the export had let go of it (found on a 220M-parameter UNet export)."""
+    """Import modelopt's quantization package before any model is loaded. Something its first import creates keeps
+    the importing frames alive (seen with gc: an importlib frame chain back to the function that imported it), and a
+    kept frame keeps its locals: imported from a function holding the model, it pinned the whole model in memory
+    after the export had let go of it (found on a 220M-parameter UNet export)."""
     import modelopt.torch.quantization  # noqa: F401
 
 
