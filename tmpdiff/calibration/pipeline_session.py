@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tmpdiff.calibration.evaluator import METRICS, Evaluation
 from tmpdiff.calibration.search import Problem
-from tmpdiff.calibration.session import CalibrationSession, _usable_costs, reporting
+from tmpdiff.calibration.session import CalibrationSession, level_costs, reporting
 from tmpdiff.eval.rgb import mean_rgb_metrics
 from tmpdiff.formats.costs import load_costs
 from tmpdiff.formats.errors import TmpdiffError
@@ -134,13 +134,8 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
     manifest = load_manifest(build_dir)
     check_pipeline_denoiser(pipeline_dir, manifest.model_sha256, build_dir / MANIFEST_NAME)
     costs = load_costs(costs_path)
-    usable = _usable_costs(costs, manifest, costs_path)
-    built = manifest.built_precisions(backend, device)
-    wanted = [p for p in usable if levels is None or p in levels or p == reference]
-    unbuilt = [p for p in wanted if p not in built]
-    if unbuilt:
-        raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`", costs_path)
-    probe = Problem.create(steps, reference, {p: usable[p] for p in wanted}, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
+    cost = level_costs(build_dir, manifest, costs, costs_path, backend, device, levels, reference)
+    probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
     pipe = load_pipeline(pipeline_dir)
     denoiser = attach_engines(pipe, build_dir, precision=reference, backend=backend, device=device, threads=threads)

@@ -48,6 +48,19 @@ def _usable_costs(costs: CostsTable, manifest: Manifest, costs_path: Path) -> di
     return {p: c for p, c in costs.step_costs().items() if p in manifest.precisions}
 
 
+def level_costs(build_dir: Path, manifest: Manifest, costs: CostsTable, costs_path: Path, backend: str, device: str,
+                levels: Sequence[str] | None, reference: str) -> dict[str, float]:
+    """Step costs of the levels a search may use: the table's precisions this build exported, narrowed to `levels`
+    (the reference always kept); a TmpdiffError naming the costs file if one of them has no built engine."""
+    usable = _usable_costs(costs, manifest, costs_path)
+    built = manifest.built_precisions(backend, device)
+    wanted = [p for p in usable if levels is None or p in levels or p == reference]
+    unbuilt = [p for p in wanted if p not in built]
+    if unbuilt:
+        raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`", costs_path)
+    return {p: usable[p] for p in wanted}
+
+
 def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "latent", reference: str = "fp32",
                  classes: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1), backend: str = "ort",
                  device: str = "cpu", threads: int | None = None, levels: Sequence[str] | None = None,
@@ -61,12 +74,7 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     manifest = load_manifest(build_dir)
     sampling = manifest.require_sampling(build_dir)
     costs = load_costs(costs_path)
-    usable = _usable_costs(costs, manifest, costs_path)
-    built = manifest.built_precisions(backend, device)
-    wanted = [p for p in usable if levels is None or p in levels or p == reference]
-    unbuilt = [p for p in wanted if p not in built]
-    if unbuilt:
-        raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`", costs_path)
+    cost = level_costs(build_dir, manifest, costs, costs_path, backend, device, levels, reference)
     classes = list(range(sampling.num_classes)) if classes is None else list(classes)
     if not classes or not seeds:
         raise TmpdiffError("calibration set is empty: give at least one class and one seed")
@@ -74,7 +82,6 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     if bad:
         raise TmpdiffError(f"calibration classes {bad} out of range 0..{sampling.num_classes - 1}")
 
-    cost = {p: usable[p] for p in wanted}
     # Problem.create refuses a table without any level cheaper than the reference, before engines load.
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
