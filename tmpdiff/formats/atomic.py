@@ -189,12 +189,15 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_model_file(path: Path, model_cls, what: str):
-    """Validate a JSON file against a pydantic model; a bad file is a TmpdiffError naming it and its first problems."""
+def read_model_file(path: Path, model_cls, what: str, missing: str | None = None):
+    """Validate a JSON file against a pydantic model; a bad file is a TmpdiffError naming it and its first problems,
+    an absent one too when `missing` says what to call it ("costs file")."""
     from pydantic import ValidationError
 
     from tmpdiff.formats.errors import TmpdiffError
 
+    if missing is not None and not path.is_file():
+        raise TmpdiffError(f"{missing} does not exist", path)
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "format" in model_cls.model_fields and "format" not in data:

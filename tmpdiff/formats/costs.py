@@ -15,7 +15,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from tmpdiff.formats.atomic import read_model_file, write_json
-from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import PRECISIONS
 
 Origin = Literal["measured", "stated"]
@@ -137,10 +136,7 @@ class CostsTable(BaseModel):
 
 def load_costs(path: str | Path) -> CostsTable:
     """Read and validate a costs file; errors name the file and the first problems."""
-    path = Path(path)
-    if not path.is_file():
-        raise TmpdiffError("costs file does not exist", path)
-    return read_model_file(path, CostsTable, "tmpdiff.costs/1 table")
+    return read_model_file(Path(path), CostsTable, "tmpdiff.costs/1 table", missing="costs file")
 
 
 def save_costs(table: CostsTable, path: str | Path) -> None:

@@ -104,10 +104,7 @@ class LayerCostsTable(BaseModel):
 
 
 def load_layer_costs(path: str | Path) -> LayerCostsTable:
-    path = Path(path)
-    if not path.is_file():
-        raise TmpdiffError("layer costs file does not exist", path)
-    return read_model_file(path, LayerCostsTable, "layer costs table")
+    return read_model_file(Path(path), LayerCostsTable, "layer costs table", missing="layer costs file")
 
 
 def save_layer_costs(table: LayerCostsTable, path: str | Path) -> None:

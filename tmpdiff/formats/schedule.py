@@ -32,7 +32,6 @@ from pydantic import (
 
 from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.config_values import decode_non_finite, encode_non_finite
-from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import PRECISIONS
 
 SCHEDULE_FORMAT_V1 = "tmpdiff.schedule/1"
@@ -166,10 +165,7 @@ def timestep_problem(timesteps: list[int], train: int | None = None) -> str | No
 
 def load_schedule(path: str | Path) -> Schedule:
     """Read and validate a schedule file; errors name the file and the first problems."""
-    path = Path(path)
-    if not path.is_file():
-        raise TmpdiffError("schedule file does not exist", path)
-    return read_model_file(path, Schedule, "schedule")
+    return read_model_file(Path(path), Schedule, "schedule", missing="schedule file")
 
 
 def save_schedule(schedule: Schedule, path: str | Path) -> None:

@@ -14,7 +14,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tmpdiff.formats.atomic import read_model_file, write_json
-from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import PRECISIONS
 from tmpdiff.formats.schedule import Schedule, SchedulerRef, timestep_problem
 
@@ -72,10 +71,7 @@ class TmpqPlan(BaseModel):
 
 
 def load_tmpq_plan(path: str | Path) -> TmpqPlan:
-    path = Path(path)
-    if not path.is_file():
-        raise TmpdiffError("plan file does not exist", path)
-    return read_model_file(path, TmpqPlan, "TMPQ-DM plan")
+    return read_model_file(Path(path), TmpqPlan, "TMPQ-DM plan", missing="plan file")
 
 
 def save_tmpq_plan(plan: TmpqPlan, path: str | Path) -> None:
