@@ -86,6 +86,11 @@ def test_calibrate_in_the_pipeline_and_run_the_schedule_unchanged(work, tmp_path
     assert code == 0, err
     ran = [step["precision"] for step in json.loads(out)["steps"]]
     assert ran == schedule.precisions
+    # another guidance scale changes every step's error: the schedule's figures would not hold
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", schedule_path,
+                       "--guidance", 7.0, "--out", tmp_path / "other.png", "--threads", 1)
+    assert code == 2 and "calibrated at guidance scale 4.5, this run would use 7" in err, err
+    assert str(schedule_path) in err and not (tmp_path / "other.png").exists()
 
 
 def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):
@@ -101,3 +106,41 @@ def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):
                        "--steps", STEPS, "--speedup", 1.3, "--out", tmp_path / "s.json")
     assert code == 2 and "differs from the model the build was exported from" in err, err
     assert str(other / "transformer") in err and not (tmp_path / "s.json").exists()
+
+
+def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path):
+    root, build, prompts = work
+    unseen = tmp_path / "unseen.txt"
+    unseen.write_text("a yellow 1 on a green background\na white 0 on a red background\n")
+    code, out, err = cli("bench", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                         "--unseen-prompts", unseen, "--calib-seeds", "0", "--unseen-seeds", "5,6", "--steps", STEPS,
+                         "--speedups", "1.3,9", "--refine-evaluations", 2, "--out", tmp_path / "bench", "--threads", 1)
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert (report["prompts"], report["unseen_prompts"], report["unseen_seeds"]) == (2, 2, [5, 6])
+    (run,) = report["runs"]
+    assert run["steps"] == STEPS and run["unseen_samples"] == 4 and run["skipped_speedups"] == [9.0]
+    fp32, int8 = run["uniform"]
+    assert fp32["unseen"]["one_minus_ssim"]["value"] == 0 and fp32["unseen"]["fd_vs_reference"]["value"] < 1e-6
+    assert int8["unseen"]["one_minus_ssim"]["value"] > 0 and int8["speedup"] == pytest.approx(2.0)
+    for key in ("latent", "psnr", "correct", "fd_vs_reference"):
+        d = int8["unseen"][key]
+        assert d["low"] <= d["value"] <= d["high"], (key, d)
+    (target,) = run["targets"]
+    methods = {r["method"]: r for r in target["rows"]}
+    assert {"TMPDiff (ssim)", "TMPDiff refined (latent)", "evolutionary (same evaluations) (ssim)"} <= set(methods)
+    for r in methods.values():
+        assert r["speedup"] >= 1.3 - 1e-9 and len(r["schedule"]) == STEPS
+    assert set(target["headline_versus"]) == set(methods) - {"TMPDiff refined (ssim)"}
+    assert target["measured_speedup"] > 0
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "unseen adherence" in md and "target 1.3x" in md and (tmp_path / "bench" / "pareto.png").is_file()
+
+
+def test_bench_pipeline_options_go_together(work, tmp_path):
+    root, build, prompts = work
+    code, _, err = cli("bench", build, "--costs", root / "costs.json", "--prompts", prompts, "--out", tmp_path / "b")
+    assert code == 2 and "--pipeline and --prompts go together" in err
+    code, _, err = cli("bench", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                       "--calib-seeds", "0", "--unseen-seeds", "0", "--out", tmp_path / "b")
+    assert code == 2 and "shares prompts and seeds" in err and not (tmp_path / "b").exists()

@@ -569,17 +569,32 @@ def bench(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
     costs: CostsOpt,
     out: Annotated[Path, typer.Option(help="output directory (bench.json, bench.md, pareto.png)")] = Path("bench-out"),
-    steps: Annotated[str, typer.Option(help="comma-separated step counts")] = "10,20",
+    steps: Annotated[str | None, typer.Option(help="comma-separated step counts (default 10,20; with --pipeline, "
+                                                     "the pipeline's 20)")] = None,
     speedups: Annotated[str, typer.Option(help="comma-separated speedup targets")] = "1.1,1.25,1.4",
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
     unseen_seeds: Annotated[str | None, typer.Option(help="seeds every schedule is judged on, never calibrated on (a "
                                                           "multiple of the calibration seeds' count; default 100, 101, ...)")] = None,
-    exhaustive: Annotated[bool, typer.Option(help="at T <= 12: the two-level exhaustive optimum (prefix-cached)")] = True,
+    exhaustive: Annotated[bool, typer.Option(help="class-conditional builds at T <= 12: the two-level exhaustive "
+                                                  "optimum (prefix-cached)")] = True,
     reference: Annotated[str, typer.Option(help="reference precision (must be in the costs table)")] = "fp32",
+    pipeline: Annotated[Path | None, typer.Option(help="text-conditioned builds: the diffusers pipeline directory the "
+                                                       "engines run in (its scheduler and guidance)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="--pipeline: calibration prompts file (one per line)")] = None,
+    unseen_prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts every schedule is judged on with the "
+                                                             "unseen seeds (default: --prompts)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
+    refine_evaluations: Annotated[int | None, typer.Option(min=0, help="--pipeline: at most this many evaluations of "
+                                                                       "refinement per target (default: up to 3*T*L "
+                                                                       "in all)")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
     force: Force = False,
 ) -> None:
     """TMPDiff vs uniform, heuristic, evolutionary and exhaustive schedules at several speedup targets."""
+    if (pipeline is None) != (prompts is None):
+        raise TmpdiffError("--pipeline and --prompts go together (a text-conditioned build is benched inside its pipeline)")
+    if pipeline is None and (unseen_prompts is not None or guidance is not None or refine_evaluations is not None):
+        raise TmpdiffError("--unseen-prompts, --guidance and --refine-evaluations need --pipeline")
     from tmpdiff.calibration.bench import bench as run_bench
     from tmpdiff.engines.loading import check_threads
     from tmpdiff.formats.outputs import Output, check_outputs
@@ -593,8 +608,23 @@ def bench(
         _check_speedup(target, "--speedups")
     check_threads(threads)
     out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs], build_dirs=[build_dir])["--out"]
+    if pipeline is not None:
+        from tmpdiff.calibration.pipeline_bench import pipeline_bench
+        from tmpdiff.runtime.capture import read_prompts
+
+        seeds = _int_list(calib_seeds, "--calib-seeds")
+        calib = read_prompts(prompts)
+        pipeline_bench(build_dir, costs, out, pipeline, calib, seeds,
+                       calib if unseen_prompts is None else read_prompts(unseen_prompts),
+                       [100 + i for i in range(len(seeds))] if unseen_seeds is None
+                       else _int_list(unseen_seeds, "--unseen-seeds"),
+                       _int_list(steps or "20", "--steps"), targets, guidance=guidance, reference=reference,
+                       threads=threads, refine_evaluations=refine_evaluations, on_progress=lambda m: console.print(m))
+        typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
+        return
     classifier = bundled_dir() / "classifier"
-    report = run_bench(build_dir, costs, out, _int_list(steps, "--steps"), targets, _int_list(calib_seeds, "--calib-seeds"),
+    report = run_bench(build_dir, costs, out, _int_list(steps or "10,20", "--steps"), targets,
+                       _int_list(calib_seeds, "--calib-seeds"),
                        threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m),
                        reference=reference, exhaustive=exhaustive,
                        unseen_seeds=None if unseen_seeds is None else _int_list(unseen_seeds, "--unseen-seeds"))

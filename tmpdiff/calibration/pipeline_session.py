@@ -151,25 +151,34 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
     return PipelineSession(build_dir, manifest, costs, evaluator, problem, pipeline_dir=pipeline_dir, scheduler=scheduler)
 
 
-def judge_schedules(session: PipelineSession, schedules: dict[str, Sequence[str]],
-                    progress: bool = True) -> dict[str, dict] | None:
-    """Prompt adherence and the Fréchet distance to the reference's images (classifier features) of each schedule,
-    when the pipeline ships an attribute classifier (the bundled one does) and every prompt names its attributes;
-    None otherwise."""
+def attribute_judge(pipeline_dir: Path, prompts: Sequence[str]) -> tuple[object, list] | None:
+    """The pipeline's attribute classifier and the attributes each prompt asks for, when the pipeline ships one (the
+    bundled one does) and every prompt names its attributes; None otherwise."""
     from tmpdiff.eval.attributes import AttributeClassifier
-    from tmpdiff.eval.t2i import attribute_fd, judge
     from tmpdiff.models.colored_digits import parse_prompt
     from tmpdiff.models.tiny_t2i import CLASSIFIER_SUBFOLDER
 
-    classifier_dir = session.pipeline_dir / CLASSIFIER_SUBFOLDER
+    classifier_dir = pipeline_dir / CLASSIFIER_SUBFOLDER
     if not (classifier_dir / "config.json").is_file():
         return None
-    evaluator: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
     try:
-        combos = [parse_prompt(p) for p in evaluator.labels]
+        combos = [parse_prompt(p) for p in prompts]
     except TmpdiffError:
         return None
-    classifier = AttributeClassifier.load(classifier_dir)
+    return AttributeClassifier.load(classifier_dir), combos
+
+
+def judge_schedules(session: PipelineSession, schedules: dict[str, Sequence[str]],
+                    progress: bool = True) -> dict[str, dict] | None:
+    """Prompt adherence and the Fréchet distance to the reference's images (classifier features) of each schedule,
+    when the pipeline has an attribute judge (`attribute_judge`); None otherwise."""
+    from tmpdiff.eval.t2i import attribute_fd, judge
+
+    evaluator: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
+    judged = attribute_judge(session.pipeline_dir, evaluator.labels)
+    if judged is None:
+        return None
+    classifier, combos = judged
     reference = evaluator.reference_images * 2 - 1
     out = {}
     for name, schedule in tqdm(schedules.items(), desc="judging", leave=False, disable=not progress):

@@ -10,7 +10,8 @@ import numpy as np
 from tmpdiff.commands.run import RunOptions
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
-from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+from tmpdiff.runtime.pipeline_io import call_kwargs, default_guidance_of, load_pipeline
+from tmpdiff.runtime.plan import PrecisionPlan
 
 DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
 
@@ -30,12 +31,29 @@ def load_pipeline_without_denoiser(pipeline_dir: Path):
     return load_pipeline(pipeline_dir)
 
 
+def check_calibrated_call(plan: PrecisionPlan, pipe, guidance_scale: float | None) -> None:
+    """A schedule calibrated inside a pipeline runs with the scheduler class and guidance scale it was calibrated
+    with: either changes every step's error, so the schedule's figures would not hold."""
+    if plan.file is None:
+        return
+    calibrated = plan.file.scheduler
+    if calibrated is not None and calibrated.class_name != type(pipe.scheduler).__name__:
+        raise TmpdiffError(f"the schedule was calibrated with {calibrated.class_name}, the pipeline samples with "
+                           f"{type(pipe.scheduler).__name__}: recalibrate with this pipeline", plan.source)
+    scale = plan.file.target.get("guidance_scale")
+    used = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
+    if scale is not None and used is not None and abs(float(scale) - used) > 1e-9:
+        raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this run would use {used:g}: "
+                           f"pass --guidance {scale:g} or recalibrate with --guidance {used:g}", plan.source)
+
+
 def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str]:
     """Images (N, H, W, 3) uint8 for the prompts, the attached denoiser (its trace says what ran), and the schedule's source."""
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise TmpdiffError("every --prompt must be non-empty")
     plan = request.plan(DEFAULT_STEPS)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
+    check_calibrated_call(plan, pipe, request.guidance_scale)
     denoiser = attach_engines(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
                               threads=request.threads, nan_guard=request.nan_guard)
     if request.device != "cpu":

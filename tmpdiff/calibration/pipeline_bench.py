@@ -1,0 +1,255 @@
+"""`tmpdiff bench BUILD --pipeline DIR --prompts FILE`: TMPDiff inside a text-to-image pipeline, against uniform
+precisions, the heuristics and the evolutionary search, searched on calibration prompts x seeds and judged on unseen
+prompts x seeds.
+
+Per step count: every uniform level; per speedup target, on each metric (latent, ssim), the knapsack and refined
+TMPDiff schedules, the evolutionary search given the refined search's evaluations, and the heuristics at the same
+budget (`search_matched`). Every schedule is judged on the calibration set (what the search saw) and on the unseen
+set, per sample against the fp32 images of the same prompt and seed: latent error, 1 - SSIM and PSNR of the decoded
+RGB images, prompt adherence (all attributes right, when the pipeline ships an attribute classifier) with 95%
+bootstrap intervals, and the Fréchet distance to the fp32 images in the classifier's features (jackknife interval).
+Refined TMPDiff is compared with every other row of its target by paired differences, and its denoiser time is
+measured against the all-reference schedule's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tmpdiff.calibration.matched import compare, search_matched, summarise
+from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
+from tmpdiff.eval.metrics import PSNR_CAP_DB, latent_errors
+from tmpdiff.eval.rgb import rgb_metrics
+from tmpdiff.formats.atomic import write_bytes, write_json
+from tmpdiff.formats.costs import load_costs
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.runtime.pipeline_io import decode_latents
+
+METRIC_NAMES = {"latent": "latent err", "one_minus_ssim": "1-SSIM (RGB)", "psnr": "PSNR dB", "correct": "adherence",
+                "fd_vs_reference": "FD vs fp32"}
+HEADLINE = "TMPDiff refined (ssim)"
+
+
+class PipelineJudge:
+    """Per-sample judgements of schedules on an unseen prompts x seeds set, run in the session's pipeline and engines."""
+
+    def __init__(self, session: PipelineSession, prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        ev: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
+        self.evaluator = PipelineEvaluator(ev.pipe, ev.denoiser, list(prompts), list(seeds), ev.steps,
+                                           ev.guidance_scale, ev.reference)
+        self.attributes = attribute_judge(session.pipeline_dir, self.evaluator.labels)
+        self.reference_features = None
+        if self.attributes is not None:
+            self.reference_features = self._read(self.evaluator.reference_images)[1]
+        self.cache: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+
+    @property
+    def samples(self) -> int:
+        return len(self.evaluator.labels)
+
+    def _read(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        from tmpdiff.eval.attributes import read_attributes
+
+        classifier, _ = self.attributes
+        preds, feats = read_attributes(classifier, images * 2 - 1)
+        return preds, feats.double().numpy()
+
+    @torch.no_grad()
+    def __call__(self, schedule: Sequence[str]) -> dict[str, np.ndarray]:
+        key = tuple(schedule)
+        if key not in self.cache:
+            ev = self.evaluator
+            latents = ev.reference_latents if key == (ev.reference,) * ev.steps else ev.latents(key)
+            images = decode_latents(ev.pipe, latents)
+            ssim, psnr = rgb_metrics(images, ev.reference_images)
+            judged = {"latent": latent_errors(latents, ev.reference_latents), "one_minus_ssim": 1.0 - ssim,
+                      "psnr": np.minimum(psnr, PSNR_CAP_DB)}
+            if self.attributes is not None:
+                from tmpdiff.models.colored_digits import attributes
+
+                preds, feats = self._read(images)
+                right = (preds == attributes(self.attributes[1])).all(dim=1)
+                judged |= {"correct": right.double().numpy(), "features": feats}
+            self.cache[key] = judged
+        return self.cache[key]
+
+    def summary(self, schedule: Sequence[str]) -> dict:
+        """Mean [95% interval] of every metric; the FD to the fp32 images with a jackknife interval."""
+        out = summarise(self(schedule), self.reference_features)
+        if "fd_low" in out:
+            out["fd_vs_reference"] = out.pop("fd_low")
+        return out
+
+    def versus(self, a: Sequence[str], b: Sequence[str]) -> dict:
+        """a - b per metric over the same unseen samples (paired), with intervals."""
+        out = compare(self(a), self(b), self.reference_features)
+        if "fd_low" in out:
+            out["fd_vs_reference"] = out.pop("fd_low")
+        return out
+
+
+def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: Path, prompts: Sequence[str],
+                   seeds: Sequence[int], unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
+                   steps_list: Sequence[int], speedups: Sequence[float], *, guidance: float | None = None,
+                   reference: str = "fp32", threads: int | None = None, refine_evaluations: int | None = None,
+                   timing_repeats: int = 3, on_progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Run the comparison at every step count and write bench.json, bench.md and pareto.png under `out`."""
+    if set(seeds) & set(unseen_seeds) and set(prompts) & set(unseen_prompts):
+        raise TmpdiffError("the unseen set shares prompts and seeds with the calibration set: give other --unseen-seeds "
+                           "or --unseen-prompts")
+    if len(prompts) * len(seeds) < 2 or len(unseen_prompts) * len(unseen_seeds) < 2:
+        raise TmpdiffError("a bench needs at least 2 samples in the calibration and in the unseen set (intervals)")
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"kind": "pipeline", "pipeline": str(pipeline_dir), "costs": str(costs_path),
+                    "costs_table": load_costs(costs_path).provenance(), "prompts": len(prompts), "seeds": list(seeds),
+                    "unseen_prompts": len(unseen_prompts), "unseen_seeds": list(unseen_seeds),
+                    "shared_prompts": len(set(prompts) & set(unseen_prompts)), "guidance_scale": guidance, "runs": []}
+    for steps in steps_list:
+        on_progress(f"T={steps}: reference runs")
+        session = open_pipeline_session(build_dir, costs_path, pipeline_dir, prompts, seeds, steps, "latent", reference,
+                                        guidance, threads=threads)
+        try:
+            report["runs"].append(_bench_steps(session, unseen_prompts, unseen_seeds, speedups, refine_evaluations,
+                                               timing_repeats, on_progress))
+        finally:
+            session.evaluator.close()
+        write_json(out / "bench.json", report)  # a long run keeps what it measured
+    write_bytes(out / "bench.md", render_markdown(report).encode())
+    plot_pipeline_pareto(report, out / "pareto.png")
+    return report
+
+
+def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
+                 speedups: Sequence[float], refine_evaluations: int | None, timing_repeats: int,
+                 on_progress: Callable[[str], None]) -> dict:
+    problem = session.problem
+    judge = PipelineJudge(session, unseen_prompts, unseen_seeds)
+    reachable = {f"{s:g}x": s for s in speedups if s <= problem.max_speedup()}
+    searched = {}
+    for metric in ("latent", "ssim"):
+        on_progress(f"T={problem.steps}: searches on {metric}")
+        searched[metric] = search_matched(session, reachable, metric, on_progress, refine_evaluations)
+
+    def row(name: str, schedule: Sequence[str], evaluations: int | None) -> dict:
+        e = session.problem.evaluate(schedule)
+        return {"method": name, "schedule": list(schedule), "speedup": problem.speedup(schedule),
+                "evaluations": evaluations, "calib": {"latent": e.latent_error, "one_minus_ssim": 1 - e.ssim,
+                                                      "psnr": None if e.psnr == float("inf") else e.psnr},
+                "unseen": judge.summary(schedule)}
+
+    on_progress(f"T={problem.steps}: judging on {judge.samples} unseen samples")
+    run: dict = {"steps": problem.steps, "levels": problem.all_levels, "cost": problem.cost,
+                 "max_speedup": problem.max_speedup(), "unseen_samples": judge.samples,
+                 "calib_samples": len(session.evaluator.labels),
+                 "uniform": [row(f"uniform {p}", [p] * problem.steps, 0) for p in problem.all_levels], "targets": [],
+                 "skipped_speedups": [s for s in speedups if s > problem.max_speedup()]}
+    for i, (label, speedup) in enumerate(reachable.items()):
+        rows = []
+        for metric, result in searched.items():
+            for method, found in result["targets"][i]["methods"].items():
+                name = f"{method} ({metric})" if method.startswith(("TMPDiff", "evolutionary")) else method
+                if any(r["method"] == name for r in rows):
+                    continue  # heuristics do not depend on the metric
+                rows.append(row(name.replace("TMPDiff knapsack", "TMPDiff"), found["schedule"], found["evaluations"]))
+        headline = next(r for r in rows if r["method"] == HEADLINE)
+        versus = {r["method"]: judge.versus(headline["schedule"], r["schedule"]) for r in rows if r is not headline}
+        ref = [problem.reference] * problem.steps
+        ref_s, tmp_s = session.evaluator.time_sampling([ref, headline["schedule"]], timing_repeats)
+        run["targets"].append({"label": label, "speedup": speedup, "rows": rows, "headline_versus": versus,
+                               "measured_speedup": ref_s / tmp_s, "timing_repeats": timing_repeats})
+    run["evaluations"] = session.evaluator.runs
+    return run
+
+
+def _ci(summary: dict, key: str, scale: float = 1.0) -> str:
+    if key not in summary:
+        return ""
+    d = summary[key]
+    return f"{d['value'] * scale:.4g} [{d['low'] * scale:.3g}, {d['high'] * scale:.3g}]"
+
+
+def render_markdown(report: dict) -> str:
+    costs = report["costs_table"]
+    lines = ["# tmpdiff bench (text-to-image pipeline)", "",
+             f"Pipeline `{report['pipeline']}`. Costs ({costs['origin']}): {costs['note']}. Speedups in the tables "
+             "are the costs table's; the measured one is timed here on denoiser calls.", "",
+             f"Searches calibrate on {report['prompts']} prompts x seeds {report['seeds']}; the *unseen* columns judge "
+             f"every schedule on {report['unseen_prompts']} prompts x seeds {report['unseen_seeds']} "
+             f"({report['shared_prompts']} prompts shared with calibration), each sample against the fp32 image of the "
+             "same prompt and seed: mean [95% bootstrap interval]; FD with a jackknife interval.", ""]
+    header = ["method", "speedup (costs)", "calib 1-SSIM", "unseen latent err", "unseen 1-SSIM", "unseen PSNR",
+              "unseen adherence %", "unseen FD vs fp32", "evaluations", "schedule"]
+    for run in report["runs"]:
+        lines += [f"## T = {run['steps']}: levels {run['levels']}, max speedup {run['max_speedup']:.3f}, "
+                  f"{run['calib_samples']} calibration / {run['unseen_samples']} unseen samples, "
+                  f"{run['evaluations']} schedules run", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in run["uniform"]:
+            lines.append(_row(row))
+        for target in run["targets"]:
+            lines.append(f"| **target {target['label']}** (measured for {HEADLINE}: "
+                         f"{target['measured_speedup']:.3f}x) |" + " |" * (len(header) - 1))
+            lines += [_row(r) for r in target["rows"]]
+        lines.append("")
+        for target in run["targets"]:
+            lines += [f"### {HEADLINE} minus each method at {target['label']} (unseen, paired; * = interval excludes 0)",
+                      "", "| method | Δ 1-SSIM | Δ PSNR dB | Δ adherence points | Δ FD |", "|---|---|---|---|---|"]
+            for method, diffs in target["headline_versus"].items():
+                cells = [_diff(diffs, k, 100 if k == "correct" else 1)
+                         for k in ("one_minus_ssim", "psnr", "correct", "fd_vs_reference")]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if run["skipped_speedups"]:
+            lines += [f"Targets above the costs table's max speedup, skipped: {run['skipped_speedups']}", ""]
+    lines += ["![pareto](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def _diff(diffs: dict, key: str, scale: float) -> str:
+    if key not in diffs:
+        return ""
+    d = diffs[key]["diff"]
+    mark = "*" if diffs[key]["significant"] else ""
+    return f"{d['value'] * scale:+.3g} [{d['low'] * scale:+.3g}, {d['high'] * scale:+.3g}]{mark}"
+
+
+def _row(row: dict) -> str:
+    u = row["unseen"]
+    short = " ".join(p.replace("fp32", "F").replace("int8", "i8").replace("int4", "i4") for p in row["schedule"])
+    return (f"| {row['method']} | {row['speedup']:.3f} | {row['calib']['one_minus_ssim']:.4g} | {_ci(u, 'latent')} | "
+            f"{_ci(u, 'one_minus_ssim')} | {_ci(u, 'psnr')} | {_ci(u, 'correct', 100)} | {_ci(u, 'fd_vs_reference')} | "
+            f"{'' if row['evaluations'] is None else row['evaluations']} | `{short}` |")
+
+
+def plot_pipeline_pareto(report: dict, path: Path) -> None:
+    """Unseen SSIM and adherence against the costs table's speedup, one column per step count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tmpdiff.calibration.report import save_figure
+
+    runs = report["runs"]
+    panels = [("one_minus_ssim", "unseen SSIM (RGB) vs fp32", lambda v: 1 - v), ("correct", "unseen adherence %",
+                                                                                 lambda v: 100 * v)]
+    fig, axes = plt.subplots(len(panels), len(runs), figsize=(5.5 * len(runs), 7), squeeze=False)
+    for column, run in enumerate(runs):
+        rows = list(run["uniform"]) + [r for t in run["targets"] for r in t["rows"]]
+        for (key, label, transform), ax in zip(panels, axes[:, column], strict=True):
+            for method in sorted({r["method"] for r in rows}):
+                chosen = [r for r in rows if r["method"] == method and key in r["unseen"]]
+                if not chosen:
+                    continue
+                ax.scatter([r["speedup"] for r in chosen], [transform(r["unseen"][key]["value"]) for r in chosen],
+                           label=method, s=22, marker="*" if method.startswith("TMPDiff") else "o")
+            ax.set_title(f"T = {run['steps']}")
+            ax.set_xlabel("speedup (costs table)")
+            ax.set_ylabel(label)
+        axes[0, column].legend(fontsize=6)
+    fig.suptitle(f"costs {report['costs_table']['note']}", fontsize=8)
+    save_figure(fig, path)
