@@ -65,6 +65,11 @@ Wait = Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for 
                                                             "build directory to finish")]
 Force = Annotated[bool, typer.Option("--force", help="replace existing outputs (and write through symbolic links)")]
 JsonOutput = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="schedule evaluations on this many Ray actors (each with "
+                                                            "its own engines; --threads each, default cores // N); "
+                                                            "results as in one process")]
+ClusterOpt = Annotated[str | None, typer.Option("--address", help="with --workers: an existing Ray cluster (default: "
+                                                                  "start a local Ray)")]
 CostsOpt = Annotated[Path, typer.Option(help="costs table (tmpdiff.costs/1): measured by `tmpdiff profile` or stated "
                                                "for a device by `tmpdiff costs`")]
 
@@ -471,6 +476,13 @@ def _print_steps(trace, title: str) -> None:
                f"{len(trace.fallbacks)} NaN/Inf fallbacks")
 
 
+def _check_fanout(workers: int | None, address: str | None, pipeline: Path | None) -> None:
+    if address is not None and workers is None:
+        raise TmpdiffError("--address needs --workers (how many Ray actors evaluate schedules)")
+    if workers is not None and pipeline is not None:
+        raise TmpdiffError("--workers fans out class-conditional calibration; a --pipeline session runs in this process")
+
+
 @app.command()
 def calibrate(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
@@ -497,11 +509,14 @@ def calibrate(
     backend: BackendOpt = BackendName.ort,
     device: DeviceOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    workers: WorkersOpt = None,
+    address: ClusterOpt = None,
     force: Force = False,
 ) -> None:
     """Search a per-step precision schedule (TMPDiff) and write schedule.json."""
     if (pipeline is None) != (prompts is None):
         raise TmpdiffError("--pipeline and --prompts go together (a text-conditioned build calibrates inside its pipeline)")
+    _check_fanout(workers, address, pipeline)
     device, backend = _device(backend, device), backend.value
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -546,13 +561,17 @@ def calibrate(
 
         session = open_session(build_dir, costs, steps, metric, reference, classes, _int_list(calib_seeds, "--calib-seeds"),
                                backend, device, threads, on_evaluation=on_evaluation,
-                               check=lambda problem: check_target(problem, target))
-        result = run_calibration(session, target, method, tolerance, refine_schedule=refine)
-        if report is not None:
-            from tmpdiff.calibration.report import write_calibration_report
+                               check=lambda problem: check_target(problem, target), workers=workers, address=address,
+                               on_notice=console.print)
+        try:
+            result = run_calibration(session, target, method, tolerance, refine_schedule=refine)
+            if report is not None:
+                from tmpdiff.calibration.report import write_calibration_report
 
-            progress.update(task, description="validation report")
-            write_calibration_report(session, result, report)
+                progress.update(task, description="validation report")
+                write_calibration_report(session, result, report)
+        finally:
+            session.evaluator.close()
     save_schedule(result.file, out)
     f = result.file
     typer.echo(f"schedule: {' '.join(f.precisions)}")
@@ -588,11 +607,14 @@ def bench(
                                                                        "refinement per target (default: up to 3*T*L "
                                                                        "in all)")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    workers: WorkersOpt = None,
+    address: ClusterOpt = None,
     force: Force = False,
 ) -> None:
     """TMPDiff vs uniform, heuristic, evolutionary and exhaustive schedules at several speedup targets."""
     if (pipeline is None) != (prompts is None):
         raise TmpdiffError("--pipeline and --prompts go together (a text-conditioned build is benched inside its pipeline)")
+    _check_fanout(workers, address, pipeline)
     if pipeline is None and (unseen_prompts is not None or guidance is not None or refine_evaluations is not None):
         raise TmpdiffError("--unseen-prompts, --guidance and --refine-evaluations need --pipeline")
     from tmpdiff.calibration.bench import bench as run_bench
@@ -627,7 +649,8 @@ def bench(
                        _int_list(calib_seeds, "--calib-seeds"),
                        threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m),
                        reference=reference, exhaustive=exhaustive,
-                       unseen_seeds=None if unseen_seeds is None else _int_list(unseen_seeds, "--unseen-seeds"))
+                       unseen_seeds=None if unseen_seeds is None else _int_list(unseen_seeds, "--unseen-seeds"),
+                       workers=workers, address=address)
     typer.echo(f"costs: {report['costs_table']['note']}")
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
 

@@ -70,6 +70,7 @@ def evolutionary(problem: Problem, budget: float, evaluations: int, seed: int = 
         return scored[schedule]
 
     pop = [tuple(repair([str(rng.choice(levels)) for _ in range(problem.steps)])) for _ in range(population)]
+    problem.prefetch(pop[:evaluations])
     for schedule in pop:
         if spent < evaluations:
             fitness(schedule)

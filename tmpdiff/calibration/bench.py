@@ -67,7 +67,8 @@ def _measured_speedup(session: CalibrationSession, schedule, repeats: int = 3) -
 def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int] = (10, 20),
           speedups: Sequence[float] = (1.1, 1.25, 1.4), seeds: Sequence[int] = (0, 1), threads: int | None = None,
           classifier_dir: Path | None = None, on_progress: Callable[[str], None] = lambda _: None,
-          reference: str = "fp32", unseen_seeds: Sequence[int] | None = None, exhaustive: bool = True) -> dict:
+          reference: str = "fp32", unseen_seeds: Sequence[int] | None = None, exhaustive: bool = True,
+          workers: int | None = None, address: str | None = None) -> dict:
     """Run the whole comparison and write its outputs; returns the bench dict (its costs' origin in `costs_table`).
 
     Unseen seeds default to 100, 101, ... (as many as calibration seeds); `exhaustive` adds the 2^T judge at T <= 12.
@@ -83,7 +84,8 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
     report: dict = {"costs": str(costs_path), "costs_table": load_costs(costs_path).provenance(), "seeds": list(seeds),
                     "unseen_seeds": unseen_seeds, "runs": []}
     for steps in steps_list:
-        session = open_session(build_dir, costs_path, steps, "latent", reference, seeds=seeds, threads=threads)
+        session = open_session(build_dir, costs_path, steps, "latent", reference, seeds=seeds, threads=threads,
+                               workers=workers, address=address, on_notice=on_progress)
         labels = session.evaluator.labels
         judge_unseen = UnseenJudge(session, groups, clf)
 
@@ -99,6 +101,7 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
         per_steps: dict = {"steps": steps, "levels": session.problem.all_levels,
                            f"cost_{session.costs.unit}": session.problem.cost,
                            "max_speedup": session.problem.max_speedup(), "targets": []}
+        session.problem.prefetch([[p] * steps for p in session.problem.all_levels])
         per_steps["uniform"] = [_row(session, session.problem, f"uniform {p}", [p] * steps, 0, quality, unseen)
                                 for p in session.problem.all_levels]
         sens_by_metric: dict[str, Sensitivities] = {}
@@ -131,7 +134,9 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                 target["rows"].append(_row(session, evo_problem, f"evolutionary ({metric})",
                                            evolutionary(evo_problem, budget, spent_refined, seed=steps), spent_refined,
                                            quality, unseen))
-            for kind, schedule in heuristics_at_budget(session.problem, cheap, budget).items():
+            heuristics = heuristics_at_budget(session.problem, cheap, budget)
+            session.problem.prefetch(list(heuristics.values()))
+            for kind, schedule in heuristics.items():
                 target["rows"].append(_row(session, session.problem, kind, schedule, 0, quality, unseen))
             tmp_row = next(r for r in target["rows"] if r["method"] == "TMPDiff (ssim)")
             target["measured_speedup_tmpdiff_ssim"] = _measured_speedup(session, tmp_row["schedule"])
@@ -143,7 +148,7 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
             per_steps["exhaustive_unseen"] = exhaustive_comparison(table, seeds, unseen_seeds, session.problem.cost,
                                                                    reference)
         report["runs"].append(per_steps)
-        session.evaluator.runner.close()
+        session.evaluator.close()
     write_json(out / "bench.json", report)
     write_bytes(out / "bench.md", render_markdown(report).encode())
     plot_pareto(report, out / "pareto.png")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -49,6 +50,8 @@ class Evaluator:
     steps: int
     cache: dict[tuple[str, ...], Evaluation] = field(default_factory=dict)
     runs: int = 0  # schedules actually run (cache misses), reference excluded
+    pool: Any = None  # a `fanout.RaySamplePool`: evaluations run on its actors, the driver only scores them
+    prefetched: set[tuple[str, ...]] = field(default_factory=set)  # run ahead, not yet asked for
 
     def __post_init__(self) -> None:
         if not self.classes or not self.seeds:
@@ -62,7 +65,20 @@ class Evaluator:
         self.cache[ref] = Evaluation(ref, 0.0, 1.0, float("inf"))
 
     def _run(self, schedule: Sequence[str]) -> torch.Tensor:
+        if self.pool is not None:
+            return self.pool.map([tuple(schedule)])[0]
         return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule)).latents
+
+    @property
+    def width(self) -> int:
+        """Evaluations that run side by side (the pool's live actors; 1 in process)."""
+        return 1 if self.pool is None else self.pool.width
+
+    def _score(self, key: tuple[str, ...], latents: torch.Tensor) -> Evaluation:
+        diff = (latents - self.reference_latents).flatten(1).pow(2).sum(1)
+        norm = self.reference_latents.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+        ssim, psnr = image_metrics(to_images(latents), self.reference_images)
+        return Evaluation(key, float((diff / norm).mean()), ssim, psnr)
 
     def evaluate(self, schedule: Sequence[str]) -> Evaluation:
         """E(Z) for a schedule (from the cache when already run)."""
@@ -70,13 +86,28 @@ class Evaluator:
         if len(key) != self.steps:
             raise TmpdiffError(f"schedule of {len(key)} steps for a {self.steps}-step calibration")
         if key not in self.cache:
-            latents = self._run(key)
-            diff = (latents - self.reference_latents).flatten(1).pow(2).sum(1)
-            norm = self.reference_latents.flatten(1).pow(2).sum(1).clamp_min(1e-12)
-            ssim, psnr = image_metrics(to_images(latents), self.reference_images)
-            self.cache[key] = Evaluation(key, float((diff / norm).mean()), ssim, psnr)
+            self.cache[key] = self._score(key, self._run(key))
             self.runs += 1
         return self.cache[key]
+
+    def prefetch(self, schedules: Sequence[Sequence[str]]) -> None:
+        """Run the schedules not yet evaluated side by side on the pool (nothing in process: there it would only
+        run work a search might not ask for)."""
+        if self.pool is None:
+            return
+        todo = list(dict.fromkeys(tuple(s) for s in schedules if len(s) == self.steps and tuple(s) not in self.cache))
+        if len(todo) < 2:
+            return  # one schedule runs when it is asked for
+        for key, latents in zip(todo, self.pool.map(todo), strict=True):
+            self.cache[key] = self._score(key, latents)
+            self.prefetched.add(key)
+            self.runs += 1
+
+    def close(self) -> None:
+        """Close the engines and the pool's actors."""
+        self.runner.close()
+        if self.pool is not None:
+            self.pool.close()
 
     def time_sampling(self, schedules: Sequence[Sequence[str]], repeats: int = 3) -> list[float]:
         """Median wall time (seconds) of sampling the calibration batch with each schedule.

@@ -22,7 +22,9 @@ import torch
 
 from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
+from tmpdiff.eval.bootstrap import jackknife_ci
 from tmpdiff.eval.metrics import PSNR_CAP_DB, latent_errors
+from tmpdiff.eval.quality import frechet_distance
 from tmpdiff.eval.rgb import rgb_metrics
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
@@ -77,18 +79,27 @@ class PipelineJudge:
             self.cache[key] = judged
         return self.cache[key]
 
+    def _fd(self, features: np.ndarray, rows: np.ndarray) -> float:
+        # the fp32 images are of the same prompts and seeds: a resample keeps the same rows of both
+        return frechet_distance(features[rows], self.reference_features[rows])
+
     def summary(self, schedule: Sequence[str]) -> dict:
-        """Mean [95% interval] of every metric; the FD to the fp32 images with a jackknife interval."""
-        out = summarise(self(schedule), self.reference_features)
-        if "fd_low" in out:
-            out["fd_vs_reference"] = out.pop("fd_low")
+        """Mean [95% interval] of every metric; the FD to the fp32 images with a paired jackknife interval."""
+        judged = self(schedule)
+        out = summarise({k: v for k, v in judged.items() if k != "features"}, None)
+        if "features" in judged:
+            out["fd_vs_reference"] = jackknife_ci(lambda rows: self._fd(judged["features"], rows),
+                                                  self.samples).as_dict()
         return out
 
     def versus(self, a: Sequence[str], b: Sequence[str]) -> dict:
         """a - b per metric over the same unseen samples (paired), with intervals."""
-        out = compare(self(a), self(b), self.reference_features)
-        if "fd_low" in out:
-            out["fd_vs_reference"] = out.pop("fd_low")
+        ja, jb = self(a), self(b)
+        out = compare({k: v for k, v in ja.items() if k != "features"}, {k: v for k, v in jb.items() if k != "features"},
+                      None)
+        if "features" in ja:
+            d = jackknife_ci(lambda rows: self._fd(ja["features"], rows) - self._fd(jb["features"], rows), self.samples)
+            out["fd_vs_reference"] = {"diff": d.as_dict(), "significant": d.excludes(0.0), "better": d.value < 0}
         return out
 
 

@@ -80,11 +80,12 @@ def refine(problem: Problem, start: Schedule, budget: float, max_evaluations: in
     improved = True
     while improved and spent < max_evaluations:
         improved = False
-        for _, _, candidate, move in neighbours(problem, current, budget, sens):
-            if candidate in evaluated:
-                continue
+        candidates = [m for m in neighbours(problem, current, budget, sens) if m[2] not in evaluated]
+        for i, (_, _, candidate, move) in enumerate(candidates):
             if spent >= max_evaluations:
                 break
+            if problem.lookahead > 1 and i % problem.lookahead == 0:  # the next candidates it may try, side by side
+                problem.prefetch([m[2] for m in candidates[i : i + min(problem.lookahead, max_evaluations - spent)]])
             evaluated.add(candidate)
             spent += 1
             error = problem.error(candidate)

@@ -13,7 +13,7 @@ import numpy as np
 
 from tmpdiff.calibration.evaluator import Evaluation
 from tmpdiff.calibration.knapsack import solve_mckp
-from tmpdiff.calibration.sensitivity import SensitivityCurve, adaptive_curve
+from tmpdiff.calibration.sensitivity import SensitivityCurve, adaptive_curve, first_points
 from tmpdiff.formats.errors import TmpdiffError
 
 Schedule = tuple[str, ...]
@@ -29,6 +29,10 @@ class Problem:
     cost: dict[str, float]  # per-step cost of each level (ms measured, or a stated ratio: only ratios matter)
     metric: str
     evaluate: Callable[[Sequence[str]], Evaluation]
+    # schedules a search will (or may) ask next, evaluated side by side where evaluations fan out (`fanout`);
+    # `lookahead` is how many run at once. Neither changes what a search returns or counts.
+    prefetch: Callable[[Sequence[Sequence[str]]], None] = field(default=lambda _: None, repr=False)
+    lookahead: int = 1
 
     @classmethod
     def create(cls, steps: int, reference: str, costs: dict[str, float], metric: str,
@@ -76,7 +80,8 @@ class CountingProblem(Problem):
     """A Problem whose evaluate records which distinct schedules a search asked for."""
 
     def __init__(self, base: Problem) -> None:
-        super().__init__(base.steps, base.reference, base.levels, base.cost, base.metric, base.evaluate)
+        super().__init__(base.steps, base.reference, base.levels, base.cost, base.metric, base.evaluate, base.prefetch,
+                         base.lookahead)
         self.asked: set[tuple[str, ...]] = set()
         inner = base.evaluate
 
@@ -111,16 +116,25 @@ def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions:
     T, ref, cheap = problem.steps, problem.reference, problem.cheapest
     sens = Sensitivities()
     all_cheap = [cheap] * T
+
+    def one_step(level: str, t: int, base: str) -> list[str]:
+        return [level if i == t else base for i in range(T)]
+
+    curves = [(level, ref) for level in problem.levels if "down" in directions]
+    curves += [(level, cheap) for level in [ref, *problem.levels[:-1]] if "up" in directions]
+    # every curve's first points, side by side where evaluations fan out
+    problem.prefetch([all_cheap] + [one_step(level, t, base) for level, base in curves for t in first_points(T)])
     sens.cheap_error = problem.error(all_cheap)
     for level in problem.levels:
         if "down" in directions:
             sens.down[level] = adaptive_curve(
-                T, lambda t, level=level: problem.error([level if i == t else ref for i in range(T)]), tolerance)
+                T, lambda t, level=level: problem.error(one_step(level, t, ref)), tolerance,
+                lambda ts, level=level: problem.prefetch([one_step(level, t, ref) for t in ts]))
     if "up" in directions:
         for level in [ref, *problem.levels[:-1]]:
             sens.up[level] = adaptive_curve(
-                T, lambda t, level=level: sens.cheap_error - problem.error(
-                    [level if i == t else cheap for i in range(T)]), tolerance)
+                T, lambda t, level=level: sens.cheap_error - problem.error(one_step(level, t, cheap)), tolerance,
+                lambda ts, level=level: problem.prefetch([one_step(level, t, cheap) for t in ts]))
     return sens
 
 

@@ -22,8 +22,17 @@ class SensitivityCurve:
     sampled: list[int] = field(default_factory=list)
 
 
-def adaptive_curve(steps: int, measure: Callable[[int], float], tolerance: float) -> SensitivityCurve:
-    """Measure `measure(t)` at few t and interpolate the rest (at most `steps` evaluations)."""
+def first_points(steps: int) -> list[int]:
+    """The steps every adaptive curve measures: both ends and, from 3 steps on, the middle."""
+    return sorted({0, steps - 1} | ({(steps - 1) // 2} if steps > 2 else set()))
+
+
+def adaptive_curve(steps: int, measure: Callable[[int], float], tolerance: float,
+                   prefetch: Callable[[list[int]], None] = lambda _: None) -> SensitivityCurve:
+    """Measure `measure(t)` at few t and interpolate the rest (at most `steps` evaluations).
+
+    `prefetch` is told, before each measurement, every step the curve is now certain to measure (the midpoints of
+    all intervals still to split: each is measured when its interval is popped), so they can run side by side."""
     known: dict[int, float] = {}
 
     def get(t: int) -> float:
@@ -40,6 +49,9 @@ def adaptive_curve(steps: int, measure: Callable[[int], float], tolerance: float
         if b - a < 2:
             continue
         m = (a + b) // 2
+        if m not in known:
+            certain = {(x + y) // 2 for x, y in stack if y - x >= 2} | {m}
+            prefetch(sorted(certain - set(known)))
         line = known[a] + (known[b] - known[a]) * (m - a) / (b - a)
         scale = max(abs(v) for v in known.values()) or 1e-12
         if abs(get(m) - line) <= tolerance * scale:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from tmpdiff.calibration.evaluator import METRICS, Evaluation, Evaluator
 from tmpdiff.calibration.search import Problem
@@ -13,7 +15,7 @@ from tmpdiff.formats.costs import CostsTable, load_costs
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import SchedulerRef
-from tmpdiff.runtime.runner import ScheduledRunner
+from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
 @dataclass
@@ -31,8 +33,7 @@ class CalibrationSession:
 
     def with_metric(self, metric: str) -> Problem:
         """The same problem judged on another metric (evaluations stay cached)."""
-        return Problem(self.problem.steps, self.problem.reference, self.problem.levels, self.problem.cost, metric,
-                       self.problem.evaluate)
+        return replace(self.problem, metric=metric)
 
 
 def _usable_costs(costs: CostsTable, manifest: Manifest, costs_path: Path) -> dict[str, float]:
@@ -65,8 +66,12 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
                  classes: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1), backend: str = "ort",
                  device: str = "cpu", threads: int | None = None, levels: Sequence[str] | None = None,
                  on_evaluation: Callable[[Evaluation], None] = lambda _: None,
-                 check: Callable[[Problem], object] = lambda _: None) -> CalibrationSession:
-    """Check every input first (costs vs built engines, metric, calibration set), then load engines and run the reference."""
+                 check: Callable[[Problem], object] = lambda _: None, workers: int | None = None,
+                 address: str | None = None, on_notice: Callable[[str], None] = lambda _: None) -> CalibrationSession:
+    """Check every input first (costs vs built engines, metric, calibration set), then load engines and run the reference.
+
+    With `workers`, evaluations run on that many Ray actors (`fanout`; `threads` is then each actor's, default
+    cores // workers); this process keeps its own engines for timing."""
     if metric not in METRICS:
         raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if steps < 2:
@@ -89,9 +94,24 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     runner = ScheduledRunner(engines, len(classes) * len(seeds), sampling.channels, sampling.image_size,
                              sampling.guidance_scale, sampling.null_class, sampling.num_classes, device=device,
                              nan_guard=True)
-    evaluator = Evaluator(runner, sampling, classes, list(seeds), reference, steps)
+    pool = None
+    if workers is not None:
+        from tmpdiff.calibration.fanout import sampling_pool
 
-    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, reporting(evaluator, on_evaluation))
+        labels = torch.tensor([c for _ in seeds for c in classes], dtype=torch.int64)
+        noise = torch.cat([initial_noise(len(classes), sampling.channels, sampling.image_size, s) for s in seeds])
+        pool = sampling_pool(build_dir, manifest, backend, device, probe.all_levels, threads, labels, noise, workers,
+                             address, on_notice)
+    try:
+        evaluator = Evaluator(runner, sampling, classes, list(seeds), reference, steps, pool=pool)
+    except BaseException:
+        runner.close()
+        if pool is not None:
+            pool.close()
+        raise
+
+    problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, reporting(evaluator, on_evaluation),
+                      evaluator.prefetch, evaluator.width)
     return CalibrationSession(build_dir, manifest, costs, evaluator, problem)
 
 
@@ -101,7 +121,9 @@ def reporting(evaluator, on_evaluation: Callable[[Evaluation], None]) -> Callabl
     def evaluate(schedule: Sequence[str]) -> Evaluation:
         before = evaluator.runs
         result = evaluator.evaluate(schedule)
-        if evaluator.runs != before:
+        prefetched = getattr(evaluator, "prefetched", set())
+        if evaluator.runs != before or result.schedule in prefetched:
+            prefetched.discard(result.schedule)
             on_evaluation(result)
         return result
 

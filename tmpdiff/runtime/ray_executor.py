@@ -31,6 +31,24 @@ def default_threads(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // workers)
 
 
+def connect_ray(cpus_needed: int, address: str | None = None) -> bool:
+    """Join the cluster at `address`, or start a local Ray with at least `cpus_needed` CPUs (this machine's count
+    when larger); a Ray already initialised in this process is used as is. True when this call started it (the
+    caller shuts it down)."""
+    if not ray_available():
+        raise TmpdiffError("this needs Ray: pip install 'tmpdiff[ray]'")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=OBJECT_STORE_BYTES)
+    return True
+
+
 class RayWorker:
     """The actor: builds its worker (engines, buffers) in its own process and answers one call at a time."""
 
@@ -60,15 +78,9 @@ class RayExecutor:
             raise TmpdiffError("--executor ray needs Ray: pip install 'tmpdiff[ray]'")
         import ray
 
-        self.workers, self.started_here, start = workers, False, time.perf_counter()
-        threads = spec.threads or 1
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=False,
-                         log_to_driver=False, object_store_memory=OBJECT_STORE_BYTES)
-            self.started_here = True
+        start = time.perf_counter()
+        self.workers, threads = workers, spec.threads or 1
+        self.started_here = connect_ray(workers * threads, address)
         actor = ray.remote(num_cpus=threads, num_gpus=0 if spec.device == "cpu" else 1)(RayWorker)
         self.actors = [actor.remote(spec) for _ in range(workers)]
         self.pids = self._get([a.ready.remote() for a in self.actors])
