@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Wall time on Ray actors (issue 18): DRiffusion sampling and calibration fan-out against one process.
+
+Part 1, sampling: the sequential sampler in this process (one thread) against N = 2 single-thread Ray actors, each
+mode, the same samples (checked bit for bit against the in-process emulation); median of --repeats runs after one
+warm-up, Ray start-up and engine loading reported apart. The mode's ideal speedup is T / rounds.
+Part 2, calibration: the same `calibrate` (stated costs, a speedup target) in this process (one thread), on one Ray
+actor and on two (one thread each); the search's wall time only (session set-up and Ray start-up apart), and the
+schedule and evaluation count of each (they must agree).
+
+  python scripts/bench_ray.py build/tiny-dit --costs costs.json --out results/cpu-epyc-2core/ray_walltime.json
+
+Run it on an idle machine: every figure is a wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tmpdiff.calibration.calibrate import Target, calibrate
+from tmpdiff.calibration.session import open_session
+from tmpdiff.engines.device import cpu_name
+from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.parallel import ParallelMode, sample_parallel
+from tmpdiff.runtime.ray_executor import RayExecutor
+from tmpdiff.runtime.runner import initial_noise
+from tmpdiff.runtime.workers import InProcessExecutor, WorkerSpec
+
+
+def _median_seconds(run, repeats: int) -> tuple[float, list[float]]:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def bench_sampling(build_dir: Path, samples: int, steps: int, repeats: int, workers: int) -> dict:
+    manifest = load_manifest(build_dir)
+    s = manifest.sampling
+    spec = WorkerSpec(build_dir, "ort", "cpu", ("fp32",), 1, samples, s.channels, s.image_size, s.guidance_scale,
+                      s.null_class, s.num_classes)
+    labels = torch.arange(samples) % s.num_classes
+    noise = initial_noise(samples, s.channels, s.image_size, 0)
+    fp32 = ["fp32"] * steps
+    torch.set_num_threads(1)
+    local = spec.build()
+    sequential_s, sequential_all = _median_seconds(
+        lambda: local.runner.sample(sampling_scheduler(s), labels, noise, fp32), repeats)
+    rows = [{"mode": "sequential", "workers": 1, "rounds": steps, "seconds": sequential_s, "runs": sequential_all}]
+    started = time.perf_counter()
+    executor = RayExecutor(spec, workers)
+    startup = time.perf_counter() - started
+    try:
+        for mode in ParallelMode:
+            emulated = sample_parallel(InProcessExecutor(local, workers), sampling_scheduler(s), labels, noise, fp32, mode)
+            got = {}
+
+            def run(mode=mode, got=got):
+                got["result"] = sample_parallel(executor, sampling_scheduler(s), labels, noise, fp32, mode)
+
+            seconds, runs = _median_seconds(run, repeats)
+            result = got["result"]
+            ideal = steps / result.rounds
+            rows.append({"mode": mode.value, "workers": workers, "rounds": result.rounds, "seconds": seconds,
+                         "runs": runs, "speedup": sequential_s / seconds, "ideal_speedup": ideal,
+                         "fraction_of_ideal": sequential_s / seconds / ideal,
+                         "same_samples_as_emulation": bool(torch.equal(result.latents, emulated.latents))})
+    finally:
+        executor.close()
+        local.close()
+    return {"samples": samples, "steps": steps, "repeats": repeats, "ray_startup_s": startup, "rows": rows}
+
+
+def bench_calibration(build_dir: Path, costs: Path, steps: int, speedup: float, seeds: list[int]) -> dict:
+    rows = []
+    for workers in (None, 1, 2):
+        started = time.perf_counter()
+        session = open_session(build_dir, costs, steps, "ssim", seeds=seeds, threads=1, workers=workers)
+        setup = time.perf_counter() - started
+        try:
+            started = time.perf_counter()
+            result = calibrate(session, Target(speedup=speedup), timing_repeats=1)
+            seconds = time.perf_counter() - started
+            pool = session.evaluator.pool
+            rows.append({"workers": workers or 0, "where": "this process" if workers is None else f"{workers} Ray actors",
+                         "setup_s": setup, "seconds": seconds, "schedule": list(result.schedule),
+                         "evaluations": result.file.evaluations, "schedules_run": session.evaluator.runs,
+                         "side_by_side": None if pool is None else pool.side_by_side})
+        finally:
+            session.evaluator.close()
+        print(f"calibration on {rows[-1]['where']}: {seconds:.1f} s, {rows[-1]['schedules_run']} schedules run")
+    one, two = rows[1]["seconds"], rows[2]["seconds"]
+    return {"steps": steps, "speedup_target": speedup, "seeds": seeds, "rows": rows,
+            "two_vs_one_actor": one / two, "two_actors_vs_process": rows[0]["seconds"] / two,
+            "same_schedule": len({tuple(r["schedule"]) for r in rows}) == 1,
+            "same_evaluations": len({r["evaluations"] for r in rows}) == 1}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("build_dir", type=Path, help="build with fp32 (and the costs table's levels) built for ORT")
+    parser.add_argument("--costs", type=Path, required=True, help="costs table for the calibration part")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=40, help="sampling part: batch per denoiser call")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--calib-speedup", type=float, default=1.6)
+    parser.add_argument("--calib-seeds", default="0,1")
+    parser.add_argument("--parts", default="sampling,calibration")
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    report: dict = {"format": "tmpdiff.bench_ray/1", "machine": cpu_name(), "threads_per_worker": 1}
+    if "sampling" in parts:
+        report["sampling"] = bench_sampling(args.build_dir, args.samples, args.steps, args.repeats, 2)
+        write_json(args.out, report)
+        print("| mode | N | rounds | median s | speedup | ideal | of ideal |")
+        print("|---|---|---|---|---|---|---|")
+        for r in report["sampling"]["rows"]:
+            print(f"| {r['mode']} | {r['workers']} | {r['rounds']} | {r['seconds']:.3f} | {r.get('speedup', 1):.2f}x | "
+                  f"{r.get('ideal_speedup', 1):.2f}x | {r.get('fraction_of_ideal', 1):.0%} |")
+        print(f"Ray start-up and engine loading: {report['sampling']['ray_startup_s']:.1f} s")
+    if "calibration" in parts:
+        seeds = [int(v) for v in args.calib_seeds.split(",")]
+        report["calibration"] = bench_calibration(args.build_dir, args.costs, args.steps, args.calib_speedup, seeds)
+        c = report["calibration"]
+        print(f"calibration: 2 actors vs 1 {c['two_vs_one_actor']:.2f}x, vs this process {c['two_actors_vs_process']:.2f}x;"
+              f" same schedule {c['same_schedule']}, same evaluations {c['same_evaluations']}")
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
