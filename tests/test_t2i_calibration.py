@@ -144,3 +144,52 @@ def test_bench_pipeline_options_go_together(work, tmp_path):
     code, _, err = cli("bench", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
                        "--calib-seeds", "0", "--unseen-seeds", "0", "--out", tmp_path / "b")
     assert code == 2 and "shares prompts and seeds" in err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("mode, workers", [("aggressive", 2), ("conservative", 2), ("conservative", 3)])
+def test_pipeline_drafts_ahead_in_rounds(work, mode, workers):
+    """DRiffusion in the drop-in: each step runs once, on its own precision, in the mode's rounds; without guidance
+    (one branch) the images stay close to sequential sampling's."""
+    import numpy as np
+    from skimage.metrics import structural_similarity
+
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.parallel import expected_rounds
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    _, build, _ = work
+    steps, schedule = 6, ["fp32", "int8", "fp32", "int8", "int8", "fp32"]
+
+    def sample(parallel):
+        pipe = load_pipeline(t2i_dir())
+        denoiser = attach_engines(pipe, build, schedule=schedule, parallel=parallel, mode=mode, guidance_scale=1.0,
+                                  threads=1)
+        kwargs = call_kwargs(pipe, steps=steps, seed=3, guidance_scale=1.0, text_len=denoiser.adapter.text_len,
+                             sample_size=denoiser.config.get("sample_size"))
+        images = pipe(PROMPTS, output_type="np", **kwargs).images
+        return np.asarray(images), denoiser
+
+    sequential, _ = sample(1)
+    drafted, denoiser = sample(workers)
+    events = denoiser.trace.steps
+    assert sorted(e.index for e in events) == list(range(steps))
+    assert [e.precision for e in sorted(events, key=lambda e: e.index)] == schedule
+    assert denoiser.drafts.rounds == expected_rounds(steps, workers, mode) < steps
+    ssim = np.mean([structural_similarity(a, b, channel_axis=-1, data_range=1) for a, b in zip(sequential, drafted, strict=True)])
+    assert 0.97 < ssim < 1.0, ssim  # drafts change the noise estimates a little, never to another image
+
+
+def test_pipeline_drafts_refuse_what_cannot_be_drafted(work):
+    _, build, _ = work
+    from diffusers import EulerDiscreteScheduler
+
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import load_pipeline
+
+    pipe = load_pipeline(t2i_dir())
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(TmpdiffError, match="EulerDiscreteScheduler cannot be drafted"):
+        attach_engines(pipe, build, precision="fp32", parallel=2)
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
+                       "--parallel", 2, "--executor", "ray", "--out", "unused.png")
+    assert code == 2 and "--executor ray runs class-conditional builds only" in err, err

@@ -370,11 +370,13 @@ def run(
     trace: Annotated[Path | None, typer.Option(help="write a Chrome trace (one event per step) here")] = None,
     nan_guard: Annotated[bool, typer.Option(help="re-run a step whose output is not finite at the next higher precision "
                                                  "(on a GPU this reads one flag per step)")] = True,
-    parallel: Annotated[int, typer.Option(min=1, help="DRiffusion draft-and-refine sampling with N workers (1: sequential)")] = 1,
+    parallel: Annotated[int, typer.Option(min=1, help="DRiffusion draft-and-refine sampling with N workers (1: sequential; with "
+                                                               "--pipeline the denoiser drafts ahead and the pipeline's "
+                                                               "own scheduler refines)")] = 1,
     mode: Annotated[SamplingMode, typer.Option(help="conservative: n+1 steps per 2 rounds of calls; aggressive: n per "
                                                     "round")] = SamplingMode.conservative,
     executor: Annotated[ExecutorName, typer.Option(help="local: a round's N calls one after another here (same samples); "
-                                                       "ray: N Ray actors")] = ExecutorName.local,
+                                                       "ray: N Ray actors (class-conditional builds)")] = ExecutorName.local,
     address: Annotated[str | None, typer.Option(help="an existing Ray cluster (with --executor ray; default: start a local "
                                                      "one)")] = None,
     force: Force = False,
@@ -387,8 +389,9 @@ def run(
 
     if (prompt is None) != (pipeline is None):
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
-    if prompt is not None and (parallel > 1 or executor is not ExecutorName.local or address is not None):
-        raise TmpdiffError("--parallel runs class-conditional builds only; the --pipeline drop-in samples sequentially")
+    if prompt is not None and (executor is not ExecutorName.local or address is not None):
+        raise TmpdiffError("--executor ray runs class-conditional builds only; the --pipeline drop-in runs a round's "
+                           "calls in this process")
     targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
     paths = check_outputs(targets, force=force, inputs=[schedule], build_dirs=[build_dir])
     extra: dict = {}
@@ -398,10 +401,13 @@ def run(
         from tmpdiff.commands.run_prompts import PromptRequest, run_prompts
 
         request = PromptRequest(build_dir=build_dir, pipeline_dir=pipeline, prompts=[p for p in prompt for _ in range(batch)],
-                                **options)
+                                parallel=parallel, mode=mode.value, **options)
         images, denoiser, source = run_prompts(request)
         steps_run = denoiser.trace
         title = f"{source}, {len(request.prompts)} prompts"
+        if denoiser.drafts is not None:
+            title += f", {mode.value} drafts for {parallel} workers: {denoiser.drafts.rounds} rounds of denoiser calls"
+            extra = {"parallel": parallel, "mode": mode.value, "executor": "local", "rounds": denoiser.drafts.rounds}
     else:
         from tmpdiff.commands.run import RunRequest
         from tmpdiff.commands.run import run as run_schedule

@@ -24,6 +24,8 @@ class PromptRequest(RunOptions):
     prompts: list[str]
     height: int | None = None
     width: int | None = None
+    parallel: int = 1  # DRiffusion: N calls per round, run one after another (the samples N workers give)
+    mode: str = "conservative"
 
 
 def load_pipeline_without_denoiser(pipeline_dir: Path):
@@ -31,15 +33,11 @@ def load_pipeline_without_denoiser(pipeline_dir: Path):
     return load_pipeline(pipeline_dir)
 
 
-def check_calibrated_call(plan: PrecisionPlan, pipe, guidance_scale: float | None) -> None:
-    """A schedule calibrated inside a pipeline runs with the scheduler class and guidance scale it was calibrated
-    with: either changes every step's error, so the schedule's figures would not hold."""
+def check_calibrated_guidance(plan: PrecisionPlan, pipe, guidance_scale: float | None) -> None:
+    """A schedule calibrated inside a pipeline runs with the guidance scale it was calibrated with: another changes
+    every step's error, so the schedule's figures would not hold (`attach_engines` checks the scheduler class)."""
     if plan.file is None:
         return
-    calibrated = plan.file.scheduler
-    if calibrated is not None and calibrated.class_name != type(pipe.scheduler).__name__:
-        raise TmpdiffError(f"the schedule was calibrated with {calibrated.class_name}, the pipeline samples with "
-                           f"{type(pipe.scheduler).__name__}: recalibrate with this pipeline", plan.source)
     scale = plan.file.target.get("guidance_scale")
     used = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
     if scale is not None and used is not None and abs(float(scale) - used) > 1e-9:
@@ -53,9 +51,10 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
         raise TmpdiffError("every --prompt must be non-empty")
     plan = request.plan(DEFAULT_STEPS)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
-    check_calibrated_call(plan, pipe, request.guidance_scale)
+    check_calibrated_guidance(plan, pipe, request.guidance_scale)
     denoiser = attach_engines(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
-                              threads=request.threads, nan_guard=request.nan_guard)
+                              threads=request.threads, nan_guard=request.nan_guard, parallel=request.parallel,
+                              mode=request.mode, guidance_scale=request.guidance_scale)
     if request.device != "cpu":
         pipe.to("cuda")
     kwargs = call_kwargs(pipe, steps=plan.steps, seed=request.seed, guidance_scale=request.guidance_scale,

@@ -37,6 +37,7 @@ from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.registry import adapter_for_config
 from tmpdiff.models.schedulers import set_custom_timesteps
+from tmpdiff.runtime.dropin_drafts import DropInDrafts
 from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
@@ -85,6 +86,7 @@ class EngineDenoiser(torch.nn.Module):
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
+        self.drafts: DropInDrafts | None = None  # DRiffusion: set by `attach_engines(parallel=...)`
 
     # What diffusers pipelines read from their denoiser besides calling it.
     @property
@@ -131,26 +133,39 @@ class EngineDenoiser(torch.nn.Module):
             raise TmpdiffError(f"{self.adapter.architecture} engines called with unexpected arguments ({exc})") from None
         return_dict = call.pop("return_dict", True)
         feeds = call_feeds(self._input_specs, call, self.adapter.architecture)
-        hidden = feeds[self._input_specs[0].name]
+        hidden_name = self._input_specs[0].name
+        hidden = feeds[hidden_name]
         self._ensure_buffers(int(hidden.shape[0]))
         index, timestep = self._step()
-        precision = self.plan.at(index)
         if index == 0 and self._marks and self._marks[-1][0] != 0:
             self._marks = []  # a new pipeline call (Flux's true CFG calls twice at every step, so 0 can repeat)
-        with on_stream(self.stream):  # ordered after the pipeline's work on its stream, before what it does next
-            for spec in self._input_specs:
-                copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
-            start = self._clock.mark()
-            out = self._outputs[self._output_spec.name]
-            used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
-                                              nan_guard=self.nan_guard, nvtx=self.nvtx)
-            result = out.to(dtype=hidden.dtype, copy=True)
-        self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
+            if self.drafts is not None:
+                self.drafts.reset()
+        result = None if self.drafts is None else self.drafts.take(index)
+        if result is None:
+            result = self._run(feeds, index, timestep, hidden.dtype)
+            if self.drafts is not None:
+                scheduler = self._scheduler_of()
+                self.drafts.after_anchor(index, feeds, hidden_name, result, scheduler,
+                                         lambda f, j: self._run(f, j, scheduler.timesteps[j], hidden.dtype))
         if not return_dict:
             return (result,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=result)
+
+    def _run(self, feeds: dict[str, Any], index: int, timestep, dtype: torch.dtype) -> torch.Tensor:
+        """One engine call of step `index` on `feeds` (the step's precision, NaN guard), recorded in the trace."""
+        with on_stream(self.stream):  # ordered after the pipeline's work on its stream, before what it does next
+            for spec in self._input_specs:
+                copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
+            start = self._clock.mark()
+            out = self._outputs[self._output_spec.name]
+            used, fallback_from = run_guarded(self.engines, self.plan.at(index), out, self.stream, label=f"step {index}",
+                                              nan_guard=self.nan_guard, nvtx=self.nvtx)
+            result = out.to(dtype=dtype, copy=True)
+        self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
+        return result
 
     def _ensure_buffers(self, batch: int) -> None:
         """Buffers for this batch size, bound to every engine (once per batch size, not per step)."""
@@ -312,12 +327,15 @@ def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
 
 def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Schedule | str | Path | list[str] | None = None,
                    precision: str | None = None, backend: str = "ort", device: str = "cpu", threads: int | None = None,
-                   nan_guard: bool = True) -> EngineDenoiser:
+                   nan_guard: bool = True, parallel: int = 1, mode: str = "conservative",
+                   guidance_scale: float | None = None) -> EngineDenoiser:
     """Replace the pipeline's transformer/unet with engines from `build_dir` that follow `schedule`.
 
     Every built engine of the backend is loaded (a NaN step falls back to the next higher precision); the
     schedule's precisions must all be built. The pipeline may have been loaded without its denoiser
-    (`transformer=None`): config and call signature then come from the build directory.
+    (`transformer=None`): config and call signature then come from the build directory. With `parallel` N > 1 the
+    denoiser drafts ahead (DRiffusion, `dropin_drafts`) in `mode`; `guidance_scale` must be the one the pipeline is
+    called with (default: the pipeline's).
     """
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
@@ -339,5 +357,14 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     denoiser = EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
                               lambda: pipe.scheduler, plan, device=device, dtype=dtype,
                               nan_guard=nan_guard)
+    if parallel > 1:
+        from tmpdiff.runtime.parallel import check_parallel_scheduler
+        from tmpdiff.runtime.pipeline_io import default_guidance_of
+
+        check_parallel_scheduler(pipe.scheduler)
+        if "timestep" not in {spec.name for spec in adapter.input_specs()}:
+            raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
+        scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
+        denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale))
     setattr(pipe, component, denoiser)
     return denoiser
