@@ -9,6 +9,12 @@ difference of each against the sequential sampler, and the sequential rounds of 
 and the mode's formula).
 
   OMP_NUM_THREADS=1 python scripts/bench_parallel.py build/tiny-dit --out results/cpu-epyc-2core/parallel.json
+
+With --pipeline DIR (a text-to-image build and its pipeline, e.g. the bundled tmpdiff/assets/tiny-t2i) the same
+comparison runs through the pipeline drop-in (`run --pipeline --parallel`): --samples held-in prompts (drawn with
+--seed), one pipeline call per mode and N, against sequential sampling of the same prompts and noise: SSIM and PSNR
+of the RGB images, prompt adherence (the pipeline's attribute classifier) with intervals, and the Fréchet distance
+to the sequential images in the classifier's features (paired jackknife), at --guidance (default: the pipeline's).
 """
 
 from __future__ import annotations
@@ -33,6 +39,55 @@ from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 from tmpdiff.runtime.workers import DenoiseWorker, InProcessExecutor
 
 
+def bench_pipeline(args) -> list[dict]:
+    """Rows of the text-to-image comparison (see the module docstring)."""
+    import random
+
+    import numpy as np
+
+    from tmpdiff.calibration.pipeline_session import attribute_judge
+    from tmpdiff.eval.attributes import read_attributes
+    from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci
+    from tmpdiff.eval.quality import frechet_distance
+    from tmpdiff.eval.rgb import rgb_metrics
+    from tmpdiff.models.colored_digits import attributes, held_in_combos
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    prompts = [c.prompt for c in random.Random(args.seed).sample(held_in_combos(), args.samples)]
+    classifier, combos = attribute_judge(args.pipeline, prompts)
+    wanted = attributes(combos)
+
+    def sample(workers: int, mode: str):
+        pipe = load_pipeline(args.pipeline)
+        denoiser = attach_engines(pipe, args.build_dir, precision="fp32", parallel=workers, mode=mode, threads=1,
+                                  guidance_scale=args.guidance, min_alpha=args.min_alpha)
+        kwargs = call_kwargs(pipe, steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
+                             text_len=denoiser.adapter.text_len, sample_size=denoiser.config.get("sample_size"))
+        images = pipe(prompts, output_type="pt", **kwargs).images.float().cpu()
+        preds, feats = read_attributes(classifier, images * 2 - 1)
+        rounds = args.steps if denoiser.drafts is None else denoiser.drafts.rounds
+        return images, (preds == wanted).all(dim=1).double().numpy(), feats.double().numpy(), rounds
+
+    ref_images, ref_right, ref_feats, _ = sample(1, "conservative")
+    rows = [{"mode": "sequential", "workers": 1, "rounds": args.steps, "rounds_formula": args.steps,
+             "adherence": mean_ci(ref_right).as_dict()}]
+    for mode in ParallelMode:
+        for workers in [int(w) for w in args.workers.split(",")]:
+            images, right, feats, rounds = sample(workers, mode.value)
+            ssim, psnr = rgb_metrics(images, ref_images)
+            fd = jackknife_ci(lambda i, feats=feats: frechet_distance(feats[i], ref_feats[i]), len(feats))
+            rows.append({"mode": mode.value, "workers": workers, "rounds": rounds,
+                         "rounds_formula": expected_rounds(args.steps, workers, mode),
+                         "ssim": mean_ci(ssim).as_dict(), "psnr": mean_ci(np.minimum(psnr, 100.0)).as_dict(),
+                         "adherence": mean_ci(right).as_dict(),
+                         "adherence_vs_sequential": diff_ci(right, ref_right).as_dict(),
+                         "fd_vs_sequential": fd.as_dict()})
+            print(f"{mode.value} N={workers}: SSIM {rows[-1]['ssim']['value']:.4f}, adherence "
+                  f"{rows[-1]['adherence']['value']:.1%}, {rounds} rounds")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("build_dir", type=Path, help="build directory with a built fp32 ORT engine and sampling info")
@@ -41,7 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", default="2,4,8")
+    parser.add_argument("--pipeline", type=Path, help="text-to-image: the pipeline directory the build's denoiser runs in")
+    parser.add_argument("--guidance", type=float, help="--pipeline: guidance scale (default: the pipeline's)")
+    parser.add_argument("--min-alpha", type=float, default=0.0, help="--pipeline: draft only from anchors with at "
+                                                                     "least this signal scale (0: the paper's)")
     args = parser.parse_args(argv)
+    if args.pipeline is not None:
+        rows = bench_pipeline(args)
+        write_json(args.out, {"format": "tmpdiff.bench_parallel_t2i/1", "machine": cpu_name(), "steps": args.steps,
+                              "samples": args.samples, "seed": args.seed, "precision": "fp32",
+                              "guidance_scale": args.guidance, "min_alpha": args.min_alpha,
+                              "pipeline": str(args.pipeline),
+                              "executor": "pipeline drop-in, a round's calls one after another",
+                              "reference": "sequential fp32 sampling in the same pipeline, same prompts and noise",
+                              "rows": rows})
+        print(f"wrote {args.out}")
+        return 0
 
     manifest = load_manifest(args.build_dir)
     s = manifest.sampling

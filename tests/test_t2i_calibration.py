@@ -193,3 +193,29 @@ def test_pipeline_drafts_refuse_what_cannot_be_drafted(work):
     code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
                        "--parallel", 2, "--executor", "ray", "--out", "unused.png")
     assert code == 2 and "--executor ray runs class-conditional builds only" in err, err
+
+
+def test_pipeline_drafts_keep_low_signal_steps_sequential(work):
+    """--draft-min-alpha 1 drafts nothing: every step is its own round and the images are sequential sampling's,
+    bit for bit; the CLI refuses the option without --parallel."""
+    import numpy as np
+
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    _, build, _ = work
+
+    def sample(parallel, min_alpha=0.0):
+        pipe = load_pipeline(t2i_dir())
+        denoiser = attach_engines(pipe, build, precision="int8", parallel=parallel, mode="aggressive", threads=1,
+                                  min_alpha=min_alpha)
+        kwargs = call_kwargs(pipe, steps=STEPS, seed=1, guidance_scale=None, text_len=denoiser.adapter.text_len,
+                             sample_size=denoiser.config.get("sample_size"))
+        return np.asarray(pipe(PROMPTS, output_type="np", **kwargs).images), denoiser
+
+    sequential, _ = sample(1)
+    kept, denoiser = sample(3, min_alpha=1.0)
+    assert denoiser.drafts.rounds == STEPS and np.array_equal(kept, sequential)
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
+                       "--draft-min-alpha", 0.5, "--out", "unused.png")
+    assert code == 2 and "--draft-min-alpha applies to --pipeline --parallel" in err, err

@@ -375,6 +375,9 @@ def run(
                                                                "own scheduler refines)")] = 1,
     mode: Annotated[SamplingMode, typer.Option(help="conservative: n+1 steps per 2 rounds of calls; aggressive: n per "
                                                     "round")] = SamplingMode.conservative,
+    draft_min_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="--pipeline --parallel: keep steps whose "
+                                                   "signal scale alpha is below this sequential (0: draft from the "
+                                                   "first step, as the paper)")] = 0.0,
     executor: Annotated[ExecutorName, typer.Option(help="local: a round's N calls one after another here (same samples); "
                                                        "ray: N Ray actors (class-conditional builds)")] = ExecutorName.local,
     address: Annotated[str | None, typer.Option(help="an existing Ray cluster (with --executor ray; default: start a local "
@@ -389,6 +392,8 @@ def run(
 
     if (prompt is None) != (pipeline is None):
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
+    if draft_min_alpha and (prompt is None or parallel == 1):
+        raise TmpdiffError("--draft-min-alpha applies to --pipeline --parallel N (N > 1)")
     if prompt is not None and (executor is not ExecutorName.local or address is not None):
         raise TmpdiffError("--executor ray runs class-conditional builds only; the --pipeline drop-in runs a round's "
                            "calls in this process")
@@ -401,7 +406,7 @@ def run(
         from tmpdiff.commands.run_prompts import PromptRequest, run_prompts
 
         request = PromptRequest(build_dir=build_dir, pipeline_dir=pipeline, prompts=[p for p in prompt for _ in range(batch)],
-                                parallel=parallel, mode=mode.value, **options)
+                                parallel=parallel, mode=mode.value, min_alpha=draft_min_alpha, **options)
         images, denoiser, source = run_prompts(request)
         steps_run = denoiser.trace
         title = f"{source}, {len(request.prompts)} prompts"

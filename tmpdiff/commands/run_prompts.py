@@ -26,6 +26,7 @@ class PromptRequest(RunOptions):
     width: int | None = None
     parallel: int = 1  # DRiffusion: N calls per round, run one after another (the samples N workers give)
     mode: str = "conservative"
+    min_alpha: float = 0.0  # drafts only from anchors with at least this signal scale (`dropin_drafts`)
 
 
 def load_pipeline_without_denoiser(pipeline_dir: Path):
@@ -54,7 +55,7 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     check_calibrated_guidance(plan, pipe, request.guidance_scale)
     denoiser = attach_engines(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
                               threads=request.threads, nan_guard=request.nan_guard, parallel=request.parallel,
-                              mode=request.mode, guidance_scale=request.guidance_scale)
+                              mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha)
     if request.device != "cpu":
         pipe.to("cuda")
     kwargs = call_kwargs(pipe, steps=plan.steps, seed=request.seed, guidance_scale=request.guidance_scale,

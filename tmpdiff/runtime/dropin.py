@@ -328,14 +328,14 @@ def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
 def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Schedule | str | Path | list[str] | None = None,
                    precision: str | None = None, backend: str = "ort", device: str = "cpu", threads: int | None = None,
                    nan_guard: bool = True, parallel: int = 1, mode: str = "conservative",
-                   guidance_scale: float | None = None) -> EngineDenoiser:
+                   guidance_scale: float | None = None, min_alpha: float = 0.0) -> EngineDenoiser:
     """Replace the pipeline's transformer/unet with engines from `build_dir` that follow `schedule`.
 
     Every built engine of the backend is loaded (a NaN step falls back to the next higher precision); the
     schedule's precisions must all be built. The pipeline may have been loaded without its denoiser
     (`transformer=None`): config and call signature then come from the build directory. With `parallel` N > 1 the
-    denoiser drafts ahead (DRiffusion, `dropin_drafts`) in `mode`; `guidance_scale` must be the one the pipeline is
-    called with (default: the pipeline's).
+    denoiser drafts ahead (DRiffusion, `dropin_drafts`) in `mode`, from anchors whose signal scale is at least
+    `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's).
     """
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
@@ -365,6 +365,6 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         if "timestep" not in {spec.name for spec in adapter.input_specs()}:
             raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
         scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
-        denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale))
+        denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
     setattr(pipe, component, denoiser)
     return denoiser

@@ -9,6 +9,12 @@ trajectory with the drafts' noise estimates, which is DRiffusion's refinement. T
 `runtime.parallel`'s (conservative 2/(n+1): anchor round, then n drafts from its fresh estimate; aggressive 1/n:
 anchor + n - 1 drafts from the previous round's last estimate), so the rounds per sample are `expected_rounds`.
 
+Ours, beyond the paper as we have it: `min_alpha` keeps the first steps sequential. A DDIM jump from step k to j
+maps an error in the noise estimate through the ratio a_j / a_k of signal scales, and at the first steps of a cosine
+schedule a_k is near 0 (0.0001 at t = 999 for the bundled pipeline); without x0 thresholding (latent pipelines have
+none) and with an extrapolated classifier-free-guidance estimate, those drafts land far from the trajectory. Anchors
+with a_k < `min_alpha` draft nothing (one round, one step). 0 (the default) is the paper's behaviour.
+
 The skip transition needs the *guided* noise estimate: with classifier-free guidance (guidance scale > 1, the
 pipeline's batch is [uncond; cond]) it is formed as the pipeline forms it, uncond + g (cond - uncond), and a
 learned-variance output (twice the latent channels) keeps its first half. The N calls of a round run one after
@@ -24,7 +30,7 @@ from typing import Any
 import torch
 
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.runtime.parallel import ParallelMode, check_parallel_scheduler, skip_transition
+from tmpdiff.runtime.parallel import ParallelMode, check_parallel_scheduler, skip_transition, vp_scales
 
 
 @dataclass
@@ -34,6 +40,7 @@ class DropInDrafts:
     workers: int
     mode: ParallelMode
     guidance_scale: float
+    min_alpha: float = 0.0  # ours: anchors with a smaller signal scale draft nothing (their DDIM jump is ill-posed)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> output computed on its draft
     previous: torch.Tensor | None = None  # aggressive: the guided estimate the current anchor was refined with
     rounds: int = 0
@@ -71,7 +78,9 @@ class DropInDrafts:
         anchor = hidden[: hidden.shape[0] // 2] if self.guidance_scale > 1.0 else hidden
         fresh = self.guided(output, anchor.shape[1])
         self.rounds += 1
-        if self.mode is ParallelMode.aggressive or self.workers == 1:
+        if float(vp_scales(scheduler, index)[0]) < self.min_alpha:
+            drafts, source = 0, None
+        elif self.mode is ParallelMode.aggressive or self.workers == 1:
             drafts = 0 if self.previous is None else min(self.workers - 1, steps - 1 - index)
             source = self.previous
         else:

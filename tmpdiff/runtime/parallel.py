@@ -117,7 +117,7 @@ def check_parallel_scheduler(scheduler) -> None:
                            f"{' and flow sigmas' if config.get('use_flow_sigmas') else ''} is not one")
 
 
-def _alpha_sigma(scheduler, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vp_scales(scheduler, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The VP signal and noise scales of step `index`: from the scheduler's sigmas where it has them."""
     if hasattr(scheduler, "_sigma_to_alpha_sigma_t") and getattr(scheduler, "sigmas", None) is not None:
         return scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[index])
@@ -127,8 +127,8 @@ def _alpha_sigma(scheduler, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def skip_transition(scheduler, latent: torch.Tensor, model_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """The draft of step `end`'s state: a deterministic DDIM jump from `latent` at step `start` with `model_output`."""
-    a_k, s_k = (v.to(latent.dtype) for v in _alpha_sigma(scheduler, start))
-    a_j, s_j = (v.to(latent.dtype) for v in _alpha_sigma(scheduler, end))
+    a_k, s_k = (v.to(latent.dtype) for v in vp_scales(scheduler, start))
+    a_j, s_j = (v.to(latent.dtype) for v in vp_scales(scheduler, end))
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction == "epsilon":
         x0 = (latent - s_k * model_output) / a_k
