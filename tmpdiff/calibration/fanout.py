@@ -27,6 +27,7 @@ import torch
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.ray_executor import connect_ray, default_threads, error_cause, stop_actors
 from tmpdiff.runtime.workers import WorkerSpec
 
 
@@ -65,8 +66,6 @@ class RaySamplePool:
 
     def __init__(self, spec: SamplingSpec, workers: int, address: str | None = None,
                  on_lost: Callable[[str], None] = lambda _: None) -> None:
-        from tmpdiff.runtime.ray_executor import connect_ray
-
         if workers < 1:
             raise TmpdiffError(f"--workers must be >= 1, got {workers}")
         import ray
@@ -82,7 +81,7 @@ class RaySamplePool:
             self.pids = ray.get([a.ready.remote() for a in self.actors])
         except ray.exceptions.RayError as exc:
             self.close()
-            raise TmpdiffError(f"a Ray evaluation worker failed to start: {_cause(exc)}") from None
+            raise TmpdiffError(f"a Ray evaluation worker failed to start: {error_cause(exc)}") from None
         self.startup_seconds = time.perf_counter() - started
 
     @property
@@ -109,7 +108,7 @@ class RaySamplePool:
                 out[index] = ray.get(ref)
                 idle.append(actor)
             except ray.exceptions.RayTaskError as exc:  # the worker raised: its own error
-                raise TmpdiffError(f"a Ray evaluation worker failed: {_cause(exc)}") from None
+                raise TmpdiffError(f"a Ray evaluation worker failed: {error_cause(exc)}") from None
             except ray.exceptions.RayError as exc:  # the actor died: retry its schedule elsewhere
                 self.actors.remove(actor)
                 self.lost += 1
@@ -122,20 +121,8 @@ class RaySamplePool:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-        if self.started_here:
-            ray.shutdown()
-            self.started_here = False
-
-
-def _cause(exc: Exception) -> str:
-    cause = getattr(exc, "cause", None)
-    text = str(cause if isinstance(cause, Exception) else exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+        stop_actors(self.actors, self.started_here)
+        self.actors, self.started_here = [], False
 
 
 def sampling_pool(build_dir, manifest, backend: str, device: str, levels: Sequence[str], threads: int | None,
@@ -143,8 +130,6 @@ def sampling_pool(build_dir, manifest, backend: str, device: str, levels: Sequen
                   on_lost: Callable[[str], None] = lambda _: None) -> RaySamplePool:
     """A pool of `workers` actors for a class-conditional calibration set (threads: each actor's, default
     cores // workers)."""
-    from tmpdiff.runtime.ray_executor import default_threads
-
     sampling = manifest.require_sampling(build_dir)
     spec = WorkerSpec(build_dir, backend, device, tuple(levels), threads or default_threads(workers), len(labels),
                       sampling.channels, sampling.image_size, sampling.guidance_scale, sampling.null_class,

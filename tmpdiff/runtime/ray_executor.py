@@ -49,6 +49,23 @@ def connect_ray(cpus_needed: int, address: str | None = None) -> bool:
     return True
 
 
+def stop_actors(actors: Sequence, started_here: bool) -> None:
+    """Kill the actors; shut Ray down when this process started it (`connect_ray` said so)."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
+    if started_here:
+        ray.shutdown()
+
+
+def error_cause(exc: Exception) -> str:
+    """The last line of what a Ray task raised (its own error, not Ray's wrapper)."""
+    cause = getattr(exc, "cause", None)
+    text = str(cause if isinstance(cause, Exception) else exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 class RayWorker:
     """The actor: builds its worker (engines, buffers) in its own process and answers one call at a time."""
 
@@ -92,8 +109,7 @@ class RayExecutor:
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as exc:  # a worker raised: its own error, one line
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-            raise TmpdiffError(f"a Ray worker failed: {str(cause).strip().splitlines()[-1]}") from None
+            raise TmpdiffError(f"a Ray worker failed: {error_cause(exc)}") from None
         except ray.exceptions.RayError as exc:  # the actor died (killed, out of memory, node lost)
             raise TmpdiffError(f"a Ray worker died mid-run ({type(exc).__name__}); no sample was produced") from None
 
@@ -106,10 +122,5 @@ class RayExecutor:
         return self._get([actor.denoise.remote(call) for actor, call in zip(self.actors, calls, strict=False)])
 
     def close(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-        if self.started_here:
-            ray.shutdown()
+        stop_actors(self.actors, self.started_here)
+        self.actors, self.started_here = [], False
