@@ -16,6 +16,7 @@ Run it on an idle machine: every figure is a wall time.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     report: dict = {"format": "tmpdiff.bench_ray/1", "machine": cpu_name(), "threads_per_worker": 1}
+    if args.out.is_file():  # a part run again keeps the other part's figures
+        report = json.loads(args.out.read_text()) | report
     if "sampling" in parts:
         report["sampling"] = bench_sampling(args.build_dir, args.samples, args.steps, args.repeats, 2)
         write_json(args.out, report)

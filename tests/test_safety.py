@@ -292,3 +292,38 @@ def test_the_check_input_is_what_the_graph_gave(build):
     for name, value in got.items():
         assert np.allclose(value, recorded[f"output.{name}"], rtol=1e-5, atol=1e-6)
         assert np.abs(value).max() > 0  # a real output, not an empty buffer
+
+
+def test_a_probe_of_the_build_lock_is_not_a_writer(tmp_path):
+    """Readers probe the build lock for an instant; two probing at once (Ray actors loading the same engines) must not
+    see each other as a writer, while a real writer holding the lock is reported with its PID."""
+    import os
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    from tmpdiff.formats.atomic import LOCK_NAME, directory_lock, lock_holder
+
+    (tmp_path / LOCK_NAME).touch()
+    probe_held, release = threading.Event(), threading.Event()
+
+    def probe():  # another reader's probe, caught mid-hold
+        with FileLock(str(tmp_path / LOCK_NAME), timeout=5):
+            probe_held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    probe_held.wait(5)
+    threading.Timer(0.2, release.set).start()
+    started = time.perf_counter()
+    assert lock_holder(tmp_path) is None  # waited the probe out
+    assert time.perf_counter() - started < 1.0
+    thread.join()
+    with directory_lock(tmp_path):
+        holder = []
+        reader = threading.Thread(target=lambda: holder.append(lock_holder(tmp_path)))
+        reader.start()
+        reader.join()
+    assert holder == [os.getpid()]

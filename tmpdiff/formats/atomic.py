@@ -124,15 +124,21 @@ LOCK_NAME = ".lock"
 OWNER_NAME = ".lock.owner"  # the holder's PID, written once the lock is held (filelock keeps no owner)
 
 
+PROBE_SECONDS = 1.0  # how long a probe waits out another probe (readers hold the lock for microseconds)
+
+
 def lock_holder(directory: str | Path) -> int | None:
-    """PID of the tmpdiff process writing `directory` now (None if nobody holds its lock)."""
+    """PID of the tmpdiff process writing `directory` now (None if nobody holds its lock).
+
+    The probe takes the lock for an instant, so two readers probing at once (e.g. Ray actors loading the same
+    engines) can see each other; a probe therefore waits up to `PROBE_SECONDS` before calling the lock held."""
     from filelock import FileLock, Timeout
 
     directory = Path(directory)
     if not (directory / LOCK_NAME).exists():
         return None
     try:
-        with FileLock(str(directory / LOCK_NAME), timeout=0):
+        with FileLock(str(directory / LOCK_NAME), timeout=PROBE_SECONDS):
             return None
     except Timeout:
         try:
