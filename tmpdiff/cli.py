@@ -118,6 +118,10 @@ def export(
     = TrtDtype.float16,
     memory_check: Annotated[bool, typer.Option(help="refuse up front an export whose planned peak memory exceeds "
                                                     "what is available")] = True,
+    time_embedding_input: Annotated[bool, typer.Option(
+        "--time-embedding-input", help="graphs take the per-block time embeddings (a slots x dim input) instead of "
+                                       "the timestep, so a schedule can feed learned MTEO rows (distill-embeddings); "
+                                       "plain schedules get the model's own rows")] = False,
     wait: Wait = 3600.0,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
@@ -146,7 +150,8 @@ def export(
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
                                        sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
-                                       wait=wait, trt_dtype=trt_dtype.value, memory_check=memory_check)
+                                       wait=wait, trt_dtype=trt_dtype.value, memory_check=memory_check,
+                                       time_embedding_input=time_embedding_input)
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:
@@ -305,6 +310,25 @@ class DistillLoss(StrEnum):
     both = "both"
     trajectory = "trajectory"
     final = "final"
+
+
+@app.command("plan-embeddings")
+def plan_embeddings(
+    build_dir: Annotated[Path, typer.Argument(help="build directory the plan runs on")],
+    embeddings: Annotated[Path, typer.Argument(help="time-embeddings file (distill-embeddings: MTEO rows or shifts)")],
+    out: Annotated[Path, typer.Option(help="plan to write (tmpdiff.schedule/3, in the embeddings' directory or above)")],
+    schedule: Annotated[Path | None, typer.Option(help="take each step's precision from this schedule (same steps)")] = None,
+    precision: Annotated[str | None, typer.Option(help="run every step at this precision (default: fp32, or what "
+                                                       "quantization-aware embeddings were trained at)")] = None,
+    force: Force = False,
+) -> None:
+    """Write a plan (schedule/3) that samples with the embeddings' solver, feeds each step its learned row or
+    timestep shift, and runs each step at its precision; `tmpdiff run BUILD --schedule PLAN` executes it."""
+    from tmpdiff.commands.plan_embeddings import plan_embeddings as write_plan
+
+    plan = write_plan(build_dir, embeddings, out, schedule=schedule, precision=precision, force=force)
+    typer.echo(f"wrote {out}: {plan.steps} steps of {plan.scheduler.class_name}, {plan.time_embeddings}, "
+               f"precisions {','.join(plan.precisions)}")
 
 
 @app.command("distill-embeddings")

@@ -45,6 +45,14 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
                 load_onnx(root / rel, root)
             except TmpdiffError as exc:
                 problems.append(Problem(str(root / rel), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
+    if manifest.time_embedding_input is not None:
+        from tmpdiff.models.time_embedding_input import load_own_table
+
+        try:
+            load_own_table(build_dir, manifest)
+        except TmpdiffError as exc:
+            problems.append(Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1],
+                                    "re-run `tmpdiff export ... --time-embedding-input`"))
     for key, engine in manifest.engines.items():
         if engine.backend == "ort":
             problem = ort_engine_problem(build_dir, manifest, engine, engine.build_flags.get("device", "cpu"))
@@ -70,6 +78,14 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
             schedule_scheduler(schedule, manifest.sampling)
         except TmpdiffError as exc:
             problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], f"re-run `tmpdiff calibrate {build_dir}`"))
+        try:  # the time-embeddings file a /3 schedule names: readable, its steps, and its slots for these graphs
+            from tmpdiff.runtime.time_conditioning import check_build as check_conditioning
+            from tmpdiff.runtime.time_conditioning import load_conditioning
+
+            check_conditioning(load_conditioning(schedule, schedule_path), manifest, build_dir)
+        except TmpdiffError as exc:
+            problems.append(Problem(str(exc.path or schedule_path), str(exc).split(": ", 1)[-1],
+                                    "re-run `tmpdiff plan-embeddings` (or distill-embeddings) for this build"))
     if spot_check and not problems:
         problems += _spot_check(build_dir, manifest)
     return problems

@@ -12,10 +12,17 @@ from tmpdiff.engines.loading import check_batch, check_threads, load_built_engin
 from tmpdiff.engines.memory import check_fits
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import load_manifest
-from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler, schedule_scheduler
+from tmpdiff.models.schedulers import (
+    check_distinct_timesteps,
+    sampling_scheduler,
+    schedule_scheduler,
+    set_sampling_timesteps,
+)
+from tmpdiff.models.time_embedding_input import load_own_table
 from tmpdiff.runtime.parallel import ParallelMode, ParallelResult, check_parallel_scheduler, sample_parallel
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import RunResult, ScheduledRunner, initial_noise
+from tmpdiff.runtime.time_conditioning import check_build
 from tmpdiff.runtime.workers import InProcessExecutor, WorkerSpec
 
 
@@ -91,6 +98,12 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
     if request.parallel > 1:
         check_parallel_scheduler(scheduler)  # before any engine is loaded
     guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    conditioning = plan.conditioning
+    if conditioning is not None:  # learned rows: for these graphs, this solver's timesteps and this guidance
+        check_build(conditioning, manifest, request.build_dir)
+        set_sampling_timesteps(scheduler, len(plan.precisions), plan.timesteps)
+        conditioning.check_timesteps([int(t) for t in scheduler.timesteps])
+        conditioning.check_guidance(guidance)
     rows = len(request.classes) * (2 if guidance != 1.0 else 1)
     check_batch(manifest, request.build_dir, request.backend, request.device, rows)
     check_fits(manifest, rows, request.backend, request.device)
@@ -100,11 +113,13 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
                                  request.threads, what=f"schedule {plan.source}")
     runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
                              guidance_scale=guidance, null_class=sampling.null_class, num_classes=sampling.num_classes,
-                             device=request.device, nan_guard=request.nan_guard)
+                             device=request.device, nan_guard=request.nan_guard,
+                             own_time_embeddings=load_own_table(request.build_dir, manifest))
     labels = torch.tensor(request.classes, dtype=torch.int64)
     noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
     try:
-        result = runner.sample(scheduler, labels, noise, list(plan.precisions), on_step=on_step, timesteps=plan.timesteps)
+        result = runner.sample(scheduler, labels, noise, list(plan.precisions), on_step=on_step, timesteps=plan.timesteps,
+                               conditioning=conditioning)
     finally:
         runner.close()
     return result, plan, {"source": plan.source, "guidance_scale": guidance}
@@ -131,7 +146,7 @@ def _run_parallel(request: RunRequest, manifest, plan: PrecisionPlan, scheduler,
     noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
     try:
         result = sample_parallel(executor, scheduler, labels, noise, list(plan.precisions), request.mode,
-                                 timesteps=plan.timesteps, on_step=on_step)
+                                 timesteps=plan.timesteps, on_step=on_step, conditioning=plan.conditioning)
     finally:
         executor.close()
     info["rounds"] = result.rounds

@@ -84,7 +84,7 @@ def profile_layers(build_dir: Path, layers: Sequence[str], macs: Mapping[str, in
         raise TmpdiffError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     manifest = load_manifest(build_dir)
     names = list(precisions or manifest.built_precisions("ort", "cpu"))
-    inputs, _ = make_buffers(manifest, batch, "cpu")
+    inputs, _ = make_buffers(manifest, batch, "cpu", build_dir)
     feeds = {k: v.numpy() for k, v in inputs.items()}
     per_layer: dict[str, dict[str, float]] = {layer: {} for layer in layers}
     counts: dict[str, dict[str, int]] = {layer: {} for layer in layers}

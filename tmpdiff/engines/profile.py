@@ -20,11 +20,19 @@ from tmpdiff.formats.costs import CostsTable, PrecisionCost
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import engine_key, load_manifest
 from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.models.time_embedding_input import adapter_for_build
 
 
-def make_buffers(manifest, batch: int, device: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Runtime-style buffers for the model's inputs (random, valid values) and outputs (zeros)."""
-    adapter = adapter_for_config(manifest.denoiser_config)
+def make_buffers(manifest, batch: int, device: str, build_dir: Path | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Runtime-style buffers for the model's inputs (random, valid values) and outputs (zeros); `build_dir` is
+    needed for graphs that take a time-embeddings input (their rows come from the build's table)."""
+    if manifest.time_embedding_input is not None:
+        if build_dir is None:
+            raise TmpdiffError("graphs with a time-embeddings input need their build directory for buffers")
+        adapter = adapter_for_build(build_dir, manifest)
+    else:
+        adapter = adapter_for_config(manifest.denoiser_config)
     dims = adapter.default_dims(batch)
     torch_device = "cuda" if device in ("cuda", "trt-ep", "trt") else "cpu"
     inputs = {k: v.to(torch_device).contiguous() for k, v in adapter.sample_inputs(dims, seed=0).items()}
@@ -64,7 +72,7 @@ def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup
                            build_dir / "manifest.json")
     engines = load_engines(build_dir, manifest, backend, device, names, threads)
     check_fits(manifest, batch, backend, device)
-    inputs, outputs = make_buffers(manifest, batch, device)
+    inputs, outputs = make_buffers(manifest, batch, device, build_dir)
     for engine in engines.values():
         engine.bind(inputs, outputs)
     samples = time_engines(engines, runtime_stream(device), warmup, repeats, on_repeat)

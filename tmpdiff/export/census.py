@@ -21,11 +21,16 @@ class CensusRow:
     weight_quantized: bool
 
 
+WRAPPER_SCOPES = ("embedding_input", "model")  # the export wrappers' attributes, outermost first
+
+
 def _module_of(node_name: str) -> str:
-    # TorchScript export names nodes "/model/<dotted.module.path>/<Op>"; the wrapper adds "model".
+    # TorchScript export names nodes "/model/<dotted.module.path>/<Op>"; the adapter's wrapper adds "model" (and a
+    # --time-embedding-input export "embedding_input" around it).
     parts = [p for p in node_name.split("/") if p][:-1]
-    if parts and parts[0] == "model":
-        parts = parts[1:]
+    for scope in WRAPPER_SCOPES:
+        if parts and parts[0] == scope:
+            parts = parts[1:]
     return ".".join(parts)
 
 

@@ -39,6 +39,7 @@ from tmpdiff.export.quantize import (
     quantizer_census,
     save_quantized_state,
 )
+from tmpdiff.export.time_embedding_export import kept_embedding_input, new_embedding_input
 from tmpdiff.formats.atomic import atomic_path, directory_lock, sha256_file
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import (
@@ -201,6 +202,7 @@ def export_model(
     wait: float = 3600.0,
     trt_dtype: str = "float16",
     memory_check: bool = True,
+    time_embedding_input: bool = False,
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
 
@@ -209,7 +211,8 @@ def export_model(
     throughout, so concurrent exports/builds are serialised (waiting at most `wait` seconds, and saying so).
     `trt_dtype` is the 16-bit type the quantized TensorRT graphs compute in outside their Q/DQ (float16, bfloat16).
     With `memory_check`, an export whose planned peak memory (`export.memory_plan`) exceeds what is available is
-    refused before the model is loaded.
+    refused before the model is loaded. With `time_embedding_input` the graphs take the per-block time embeddings
+    (`models.time_embedding_input`) instead of the timestep, and the build keeps the model's own table of them.
     """
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
     if trt_dtype not in TRT_DTYPES:
@@ -228,7 +231,7 @@ def export_model(
         preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
-                              on_progress, sampling, trt_dtype, base)
+                              on_progress, sampling, trt_dtype, base, time_embedding_input)
 
 
 def _export_locked(
@@ -244,12 +247,24 @@ def _export_locked(
     sampling: SamplingInfo | None,
     trt_dtype: str,
     base: str,
+    time_embedding_input: bool = False,
 ) -> tuple[Path, list[ExportOutcome]]:
     model_hash = model_content_hash(model_dir)
+    state: dict = {}
 
-    manifest = None
-    if (build_dir / "manifest.json").is_file():
-        manifest = load_manifest(build_dir)
+    def model() -> torch.nn.Module:
+        if "model" not in state:
+            if base != "float32":
+                on_progress(f"loading the model in {base}: a float32 copy would not fit in memory")
+            state["model"] = load_diffusers_model(model_dir, dtype=getattr(torch, base))
+        return state["model"]
+
+    manifest = load_manifest(build_dir) if (build_dir / "manifest.json").is_file() else None
+    embedding_entry = None
+    if time_embedding_input:  # the last export's input and table when still valid (no model load), else new ones
+        kept = None if manifest is None else kept_embedding_input(build_dir, manifest, adapter, model_hash)
+        adapter, embedding_entry = kept or new_embedding_input(build_dir, adapter, model(), sampling)
+    if manifest is not None:
         inputs = [TensorSpecModel.of(s) for s in adapter.input_specs()]
         if manifest.model_sha256 != model_hash or manifest.inputs != inputs:
             manifest = None  # another model's (or changed weights' or graph sizes') artifacts: rebuild everything
@@ -261,20 +276,12 @@ def _export_locked(
             denoiser_config=dict(config),
             inputs=[TensorSpecModel.of(s) for s in adapter.input_specs()],
             outputs=[TensorSpecModel.of(s) for s in adapter.output_specs()],
+            time_embedding_input=embedding_entry,
         )
     if sampling is not None and manifest.sampling != sampling:
         manifest.sampling = sampling
         if manifest.precisions:
             save_manifest(build_dir, manifest)
-
-    state: dict = {}
-
-    def model() -> torch.nn.Module:
-        if "model" not in state:
-            if base != "float32":
-                on_progress(f"loading the model in {base}: a float32 copy would not fit in memory")
-            state["model"] = load_diffusers_model(model_dir, dtype=getattr(torch, base))
-        return state["model"]
 
     recipe = calibration or random_recipe()
 
@@ -295,6 +302,8 @@ def _export_locked(
         key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
         if base != "float32":
             key_parts["base"] = base  # checked against a 16-bit torch model, not the fp32 one
+        if embedding_entry is not None:
+            key_parts["time_embedding_input"] = {"slots": embedding_entry.slots, "table": embedding_entry.sha256}
         if spec.modelopt_cfg is not None:
             # by recipe, not by result: the config follows from (model, modelopt config, kept layers), the data from
             # (model, recipe), so checking freshness needs neither the model nor a capture

@@ -19,6 +19,7 @@ MANIFEST_NAME = "manifest.json"
 CHECK_IO_NAME = "check_io.safetensors"
 CHECK_SEED = 99
 FORMAT = "tmpdiff.manifest/2"  # /2 adds PrecisionEntry.artifacts and writes standard JSON; /1 still reads
+FORMAT_V3 = "tmpdiff.manifest/3"  # /3 adds `time_embedding_input`; written only by builds that have it
 
 
 class TensorSpecModel(BaseModel):
@@ -123,9 +124,22 @@ class SamplingInfo(BaseModel):
         return encode_non_finite(config)
 
 
+class TimeEmbeddingInputEntry(BaseModel):
+    """Graphs exported with `--time-embedding-input`: their (slots, dim) input, and the model's own embedding at
+    every integer training timestep (what a plain schedule feeds it), in a build-relative safetensors file."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: str
+    slots: list[str] = Field(min_length=1)
+    dim: int = Field(ge=1)
+    train_timesteps: int = Field(ge=1)
+    own_table: str  # tensor `own`, float32 (train_timesteps, len(slots), dim)
+    sha256: str
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: Literal["tmpdiff.manifest/1", "tmpdiff.manifest/2"] = FORMAT
+    format: Literal["tmpdiff.manifest/1", "tmpdiff.manifest/2", "tmpdiff.manifest/3"] = FORMAT
     model_id: str
     architecture: str
     model_sha256: str
@@ -137,6 +151,7 @@ class Manifest(BaseModel):
     sampling: SamplingInfo | None = None
     # largest intermediate tensor of the fp32 graph per batch row (ONNX shape inference): the memory guard's input
     activation_bytes_per_row: int | None = Field(default=None, ge=0)
+    time_embedding_input: TimeEmbeddingInputEntry | None = None
 
     def require_sampling(self, build_dir: str | Path) -> SamplingInfo:
         """The sampling info class-conditional runs need; text-conditioned builds are told to use their pipeline."""
@@ -168,8 +183,12 @@ def load_manifest(build_dir: str | Path) -> Manifest:
     return read_model_file(path, Manifest, "tmpdiff.manifest/1 manifest")
 
 def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
-    """Write the manifest atomically, in the current format version."""
-    write_json(Path(build_dir) / MANIFEST_NAME, manifest.model_copy(update={"format": FORMAT}).model_dump(mode="json"))
+    """Write the manifest atomically, in the lowest current version that holds it (/3 only with time embeddings)."""
+    version = FORMAT if manifest.time_embedding_input is None else FORMAT_V3
+    data = manifest.model_copy(update={"format": version}).model_dump(mode="json")
+    if manifest.time_embedding_input is None:
+        data.pop("time_embedding_input")
+    write_json(Path(build_dir) / MANIFEST_NAME, data)
 
 
 def artifact_problem(build_dir: Path, rel: str, digest: str) -> tuple[Path, str | None]:

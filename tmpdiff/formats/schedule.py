@@ -7,15 +7,20 @@ because: `precisions` keeps the shape every v1 file, reader and report has; cust
 (a scheduler's `set_timesteps(timesteps=[...])` takes the whole list, so a per-step field that some steps omit
 would be a state with no meaning); and the list is what the diffusers scheduler and pipeline are handed as is.
 
+Version 3 adds `time_embeddings`: the name of a `tmpdiff.time_embeddings/1` file (MTEO rows or per-step timestep
+shifts, `tmpdiff distill-embeddings`), relative to the schedule file's directory and inside it, whose steps and
+timesteps the run checks against its own. MTEO rows need graphs exported with `--time-embedding-input`; shifts
+run on any graph.
+
 v1 files read unchanged. A schedule is written in the lowest version that holds it: `/1` without timesteps (so
-tmpdiff versions that know only `/1` keep reading calibration outputs), `/2` with them; a `/1` file that names
-timesteps is refused.
+tmpdiff versions that know only `/1` keep reading calibration outputs), `/2` with them, `/3` with time embeddings;
+a file that names a field its version does not have is refused.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import (
@@ -36,6 +41,7 @@ from tmpdiff.formats.precisions import PRECISIONS
 
 SCHEDULE_FORMAT_V1 = "tmpdiff.schedule/1"
 SCHEDULE_FORMAT = "tmpdiff.schedule/2"  # /2 adds the optional per-step `timesteps`; /1 still reads
+SCHEDULE_FORMAT_V3 = "tmpdiff.schedule/3"  # /3 adds `time_embeddings` (a file beside the schedule)
 
 
 class SchedulerRef(BaseModel):
@@ -86,11 +92,12 @@ class Schedule(BaseModel):
     calibration predicted and measured for them. Without `timesteps` the scheduler spaces T steps its own way."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal["tmpdiff.schedule/1", "tmpdiff.schedule/2"] = SCHEDULE_FORMAT_V1
+    format: Literal["tmpdiff.schedule/1", "tmpdiff.schedule/2", "tmpdiff.schedule/3"] = SCHEDULE_FORMAT_V1
     steps: int = Field(ge=1, le=10_000, strict=True)
     scheduler: SchedulerRef | None = None
     precisions: list[str]
     timesteps: list[StrictInt] | None = None  # sampling order: strictly decreasing training timesteps, one per step
+    time_embeddings: str | None = None  # /3: a time-embeddings file, relative to the schedule's directory
     reference: str = "fp32"
     target: dict = Field(default_factory=dict)
     predicted: Figures = Field(default_factory=Figures)
@@ -105,11 +112,31 @@ class Schedule(BaseModel):
         unknown = sorted({p for p in [*self.precisions, self.reference] if p not in PRECISIONS})
         if unknown:
             raise ValueError(f"unknown precision {', '.join(unknown)}; known: {', '.join(PRECISIONS)}")
-        if self.timesteps is not None:
-            if "format" in self.model_fields_set and self.format == SCHEDULE_FORMAT_V1:
-                raise ValueError(f"timesteps need format {SCHEDULE_FORMAT}, not {SCHEDULE_FORMAT_V1}")
-            self.format = SCHEDULE_FORMAT
+        given = "format" in self.model_fields_set
+        if self.timesteps is not None and given and self.format == SCHEDULE_FORMAT_V1:
+            raise ValueError(f"timesteps need format {SCHEDULE_FORMAT} or later, not {SCHEDULE_FORMAT_V1}")
+        if self.time_embeddings is not None and given and self.format != SCHEDULE_FORMAT_V3:
+            raise ValueError(f"time_embeddings need format {SCHEDULE_FORMAT_V3}, not {self.format}")
+        self.format = self.lowest_format()
         return self
+
+    def lowest_format(self) -> str:
+        """The lowest format version that holds this schedule."""
+        if self.time_embeddings is not None:
+            return SCHEDULE_FORMAT_V3
+        return SCHEDULE_FORMAT if self.timesteps is not None else SCHEDULE_FORMAT_V1
+
+    @field_validator("time_embeddings")
+    @classmethod
+    def _relative_file(cls, name: str | None) -> str | None:
+        """A relative path that stays inside the schedule's directory (checked again, symlinks resolved, on load)."""
+        if name is None:
+            return None
+        path = PurePosixPath(name.replace("\\", "/"))
+        if not name or path.is_absolute() or ".." in path.parts or name.startswith("~"):
+            raise ValueError(f"time_embeddings must be a path relative to the schedule's directory and inside it, "
+                             f"got {name!r}")
+        return name
 
     @field_validator("timesteps")
     @classmethod
@@ -127,11 +154,12 @@ class Schedule(BaseModel):
 
     @model_serializer(mode="wrap")
     def _lowest_version(self, handler):
-        """Written as /1 without timesteps (the field left out), as /2 with them."""
+        """Written as /1 without timesteps (the field left out), as /2 with them, as /3 with time embeddings."""
         data = handler(self)
-        if data.get("timesteps") is None:
-            data.pop("timesteps", None)
-        data["format"] = SCHEDULE_FORMAT if self.timesteps is not None else SCHEDULE_FORMAT_V1
+        for optional in ("timesteps", "time_embeddings"):
+            if data.get(optional) is None:
+                data.pop(optional, None)
+        data["format"] = self.lowest_format()
         return data
 
     @classmethod

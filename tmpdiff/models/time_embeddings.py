@@ -62,10 +62,13 @@ class EmbeddingOverride:
     `row` is a (slots, dim) tensor (a learnable parameter's slice keeps its gradient); None passes through.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, slots: list[str] | None = None) -> None:
         self.model = model
-        self.slots = embedding_slots(model)
+        self.slots = embedding_slots(model) if slots is None else list(slots)  # known slots: no probing forward pass
         self.row: torch.Tensor | None = None
+        # rows to broadcast to, when known apart from the embedder (an export: sized from the latent, so the
+        # replaced embedder's output is not even needed for its shape and leaves the traced graph)
+        self.rows: int | torch.Tensor | None = None
         self._calls = 0
         self._handles: list = []
 
@@ -90,7 +93,8 @@ class EmbeddingOverride:
             return None
         if index >= len(self.slots) or self.slots[index].split("#")[0] != name:
             raise TmpdiffError(f"time embedding call {index} is {name}, not the slot recorded for it")
-        return self.row[index].to(out.dtype).expand_as(out)
+        vector = self.row[index].to(out.dtype)
+        return vector.expand_as(out) if self.rows is None else vector.expand(self.rows, -1)
 
     @contextlib.contextmanager
     def at(self, row: torch.Tensor | None) -> Iterator[None]:

@@ -52,7 +52,8 @@ def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampli
     batches: list[dict[str, torch.Tensor]] = []
     engine = TorchEngine.for_model(model, adapter, on_inputs=batches.append)
     runner = ScheduledRunner({"fp32": engine}, len(classes), sampling.channels, sampling.image_size,
-                             sampling.guidance_scale, sampling.null_class, sampling.num_classes, nan_guard=False)
+                             sampling.guidance_scale, sampling.null_class, sampling.num_classes, nan_guard=False,
+                             own_time_embeddings=getattr(adapter, "own_table", None))  # --time-embedding-input graphs
     labels = torch.tensor(list(classes), dtype=torch.int64)
     for seed in seeds:
         noise = initial_noise(len(labels), sampling.channels, sampling.image_size, seed)

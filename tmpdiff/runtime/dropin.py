@@ -345,6 +345,10 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         if ours != theirs:
             raise TmpdiffError(f"the schedule was calibrated with {ours}, the pipeline samples with {theirs}: set "
                                f"pipe.scheduler = {ours}.from_config(pipe.scheduler.config) or re-calibrate", plan.source)
+    if plan.conditioning is not None or manifest.time_embedding_input is not None:
+        raise TmpdiffError("learned time embeddings and graphs with a time-embeddings input run class-conditional "
+                           "builds only (`tmpdiff run BUILD --schedule ...`); the pipeline drop-in does not feed them",
+                           plan.source if plan.conditioning is not None else build_dir)
     if plan.timesteps is not None:
         check_takes_timesteps(pipe, plan)
     component = denoiser_component(pipe)

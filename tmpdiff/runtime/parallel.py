@@ -42,6 +42,7 @@ import torch
 
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.schedulers import set_sampling_timesteps
+from tmpdiff.runtime.time_conditioning import TimeConditioning
 from tmpdiff.runtime.trace import RunTrace, StepEvent
 
 
@@ -78,7 +79,7 @@ class Executor(Protocol):
 
     workers: int
 
-    def begin(self, class_labels: torch.Tensor) -> None: ...
+    def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None: ...
 
     def evaluate(self, calls: Sequence[DenoiseCall]) -> list[CallResult]: ...
 
@@ -147,8 +148,10 @@ def skip_transition(scheduler, latent: torch.Tensor, model_output: torch.Tensor,
 
 def sample_parallel(executor: Executor, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
                     mode: ParallelMode | str = ParallelMode.conservative, timesteps: Sequence[int] | None = None,
-                    on_step: Callable[[StepEvent], None] | None = None) -> ParallelResult:
-    """Draft-and-refine sampling of len(precisions) steps from `noise`, executor.workers calls per round."""
+                    on_step: Callable[[StepEvent], None] | None = None,
+                    conditioning: TimeConditioning | None = None) -> ParallelResult:
+    """Draft-and-refine sampling of len(precisions) steps from `noise`, executor.workers calls per round; each
+    call gets its step's learned time conditioning (`conditioning`), as in sequential sampling."""
     mode, workers, steps = ParallelMode(mode), executor.workers, len(precisions)
     if workers < 1:
         raise TmpdiffError(f"--parallel must be at least 1, got {workers}")
@@ -156,8 +159,10 @@ def sample_parallel(executor: Executor, scheduler, class_labels: torch.Tensor, n
     if workers > 1:
         check_parallel_scheduler(scheduler)
     ts = list(scheduler.timesteps)
+    if conditioning is not None:
+        conditioning.check_timesteps([int(t) for t in ts])
     latent = noise * scheduler.init_noise_sigma
-    executor.begin(class_labels)
+    executor.begin(class_labels, conditioning)
     origin, events, rounds = time.perf_counter(), [], 0
     previous: torch.Tensor | None = None  # aggressive: the last noise estimate of the previous round
 

@@ -16,6 +16,7 @@ from tmpdiff.formats.atomic import validation_problems
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
 from tmpdiff.formats.schedule import Schedule, load_schedule
+from tmpdiff.runtime.time_conditioning import TimeConditioning, load_conditioning
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class PrecisionPlan:
     uniform: str | None
     source: str  # where it came from, for messages and reports
     file: Schedule | None = None  # the schedule it was read from (its scheduler is the one to sample with)
+    conditioning: TimeConditioning | None = None  # a /3 schedule's learned time embeddings or timestep shifts
 
     @property
     def steps(self) -> int | None:
@@ -75,4 +77,8 @@ def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, prec
     if steps is not None and steps != schedule.steps:
         raise TmpdiffError(f"schedule has {schedule.steps} steps but --steps {steps} was given",
                            source if source != "schedule" else None)
-    return PrecisionPlan(tuple(schedule.precisions), None, source, schedule)
+    if schedule.time_embeddings is not None and source == "schedule":
+        raise TmpdiffError("a schedule that names a time-embeddings file is read from its file (the name is relative "
+                           "to the schedule's directory)")
+    conditioning = None if source == "schedule" else load_conditioning(schedule, Path(source))
+    return PrecisionPlan(tuple(schedule.precisions), None, source, schedule, conditioning)

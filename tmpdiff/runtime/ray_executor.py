@@ -15,6 +15,7 @@ import torch
 
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.runtime.parallel import CallResult, DenoiseCall
+from tmpdiff.runtime.time_conditioning import TimeConditioning
 from tmpdiff.runtime.workers import WorkerSpec
 
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # a local Ray's shared memory: our objects are a few latents
@@ -76,8 +77,8 @@ class RayWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def begin(self, class_labels: torch.Tensor) -> None:
-        self.worker.begin(class_labels)
+    def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None:
+        self.worker.begin(class_labels, conditioning)
 
     def denoise(self, call: DenoiseCall) -> CallResult:
         result = self.worker.denoise(call)
@@ -113,8 +114,8 @@ class RayExecutor:
         except ray.exceptions.RayError as exc:  # the actor died (killed, out of memory, node lost)
             raise TmpdiffError(f"a Ray worker died mid-run ({type(exc).__name__}); no sample was produced") from None
 
-    def begin(self, class_labels: torch.Tensor) -> None:
-        self._get([a.begin.remote(class_labels) for a in self.actors])
+    def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None:
+        self._get([a.begin.remote(class_labels, conditioning) for a in self.actors])
 
     def evaluate(self, calls: Sequence[DenoiseCall]) -> list[CallResult]:
         if len(calls) > self.workers:

@@ -17,6 +17,8 @@ from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import next_higher
 from tmpdiff.models.schedulers import set_sampling_timesteps
+from tmpdiff.models.time_embedding_input import INPUT_NAME
+from tmpdiff.runtime.time_conditioning import TimeConditioning, own_row, takes_time_embeddings
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
 
 
@@ -63,7 +65,10 @@ class ScheduledRunner:
 
     def __init__(self, engines: Mapping[str, Engine], batch: int, channels: int, size: int, guidance_scale: float,
                  null_class: int, num_classes: int, device: str = "cpu", stream: Stream | None = None,
-                 nan_guard: bool = True, nvtx: bool | None = None) -> None:
+                 nan_guard: bool = True, nvtx: bool | None = None,
+                 own_time_embeddings: torch.Tensor | None = None) -> None:
+        """`own_time_embeddings`: the build's own table (`load_own_table`), needed when the graphs take a
+        `time_embeddings` input (exported with --time-embedding-input) and a step has no learned row."""
         if not engines:
             raise TmpdiffError("no engines to run")
         torch_device = "cpu" if device == "cpu" else "cuda"
@@ -84,6 +89,17 @@ class ScheduledRunner:
             "class_labels": torch.zeros((rows,), dtype=torch.int64, device=torch_device),
         }
         self.outputs = {"noise_pred": torch.zeros((rows, channels, size, size), dtype=torch.float32, device=torch_device)}
+        takes = {name for name, engine in self.engines.items() if takes_time_embeddings(engine)}
+        if takes and takes != set(self.engines):
+            raise TmpdiffError(f"engines {', '.join(sorted(takes))} take a time-embeddings input and "
+                               f"{', '.join(sorted(set(self.engines) - takes))} do not: export every precision alike")
+        self.own_time_embeddings = own_time_embeddings
+        if takes:
+            if own_time_embeddings is None:
+                raise TmpdiffError("the engines take a time-embeddings input (exported with --time-embedding-input): "
+                                   "load the build's own table (models.time_embedding_input.load_own_table)")
+            self.inputs[INPUT_NAME] = torch.zeros(tuple(own_time_embeddings.shape[1:]), dtype=torch.float32,
+                                                  device=torch_device)
         for engine in self.engines.values():
             engine.bind(self.inputs, self.outputs)
 
@@ -96,10 +112,12 @@ class ScheduledRunner:
 
     @torch.no_grad()
     def sample(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
-               on_step: Callable[[StepEvent], None] | None = None, timesteps: Sequence[int] | None = None) -> RunResult:
+               on_step: Callable[[StepEvent], None] | None = None, timesteps: Sequence[int] | None = None,
+               conditioning: TimeConditioning | None = None) -> RunResult:
         """Run len(precisions) steps from `noise`; returns the final latents and what ran at each step.
 
         The scheduler spaces the steps its own way, or samples at exactly `timesteps` (one per precision) when given.
+        `conditioning` (a /3 schedule's file) feeds each step its learned embedding row or timestep shift.
 
         On a GPU nothing here waits for the device between steps (unless the NaN guard is on: reading its
         verdict is one synchronisation per step); step times come from CUDA events read after the run.
@@ -112,8 +130,9 @@ class ScheduledRunner:
             raise TmpdiffError(f"noise of shape {tuple(noise.shape)} for buffers of "
                                f"{tuple(self.inputs['hidden_states'][: self.batch].shape)}")
         set_sampling_timesteps(scheduler, len(precisions), timesteps)  # fresh solver state, checked before any work
+        self._check_conditioning(conditioning, scheduler)
         with on_stream(self.stream):  # the caller's stream and the runtime's are ordered with events, not host waits
-            latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step)
+            latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step, conditioning)
         self.stream.synchronize()
         trace = RunTrace([self._event(marks[0][4], m) for m in marks])
         if on_step is not None and self.clock.torch_stream is not None:
@@ -121,8 +140,27 @@ class ScheduledRunner:
                 on_step(event)
         return RunResult(latents=latent, trace=trace)
 
+    def _check_conditioning(self, conditioning: TimeConditioning | None, scheduler) -> None:
+        if conditioning is None:
+            return
+        if conditioning.embeddings is not None and INPUT_NAME not in self.inputs:
+            raise TmpdiffError("learned time embeddings need engines with a time-embeddings input "
+                               "(export with --time-embedding-input)", conditioning.path)
+        conditioning.check_timesteps([int(t) for t in scheduler.timesteps])
+        conditioning.check_guidance(self.guidance_scale)
+
+    def set_time_inputs(self, index: int, t, conditioning: TimeConditioning | None) -> None:
+        """Write step `index`'s timestep (plus its learned shift) and, for graphs that take them, its embeddings."""
+        shifts = None if conditioning is None else conditioning.shifts
+        self.inputs["timestep"].fill_(float(t) + (0.0 if shifts is None else float(shifts[index])))
+        if INPUT_NAME in self.inputs:
+            learned = None if conditioning is None else conditioning.embeddings
+            row = learned[index] if learned is not None else own_row(self.own_time_embeddings, t, f"step {index}")
+            self.inputs[INPUT_NAME].copy_(row)
+
     def _steps(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
-               on_step: Callable[[StepEvent], None] | None) -> tuple[torch.Tensor, list]:
+               on_step: Callable[[StepEvent], None] | None,
+               conditioning: TimeConditioning | None = None) -> tuple[torch.Tensor, list]:
         """The loop proper, on the runtime stream: write the bound inputs, run the step's engine, update the latent."""
         device = self.inputs["hidden_states"].device
         latent = noise.to(device) * scheduler.init_noise_sigma
@@ -137,7 +175,7 @@ class ScheduledRunner:
             self.inputs["hidden_states"][: self.batch].copy_(scaled)
             if self.use_cfg:
                 self.inputs["hidden_states"][self.batch :].copy_(scaled)
-            self.inputs["timestep"].fill_(float(t))
+            self.set_time_inputs(index, t, conditioning)
             used, fallback_from = run_guarded(self.engines, precision, self.outputs["noise_pred"], self.stream,
                                               label=f"step {index}", nan_guard=self.nan_guard, nvtx=self.nvtx)
             eps = self.outputs["noise_pred"]

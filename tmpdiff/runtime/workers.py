@@ -17,6 +17,7 @@ from tmpdiff.engines.streams import on_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.runtime.parallel import CallResult, DenoiseCall
 from tmpdiff.runtime.runner import ScheduledRunner, guided, run_guarded
+from tmpdiff.runtime.time_conditioning import TimeConditioning
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,14 @@ class WorkerSpec:
         """Load this worker's engines (every built one of the backend, for NaN fallbacks) on its buffers."""
         from tmpdiff.engines.loading import load_built_engines
         from tmpdiff.formats.manifest import load_manifest
+        from tmpdiff.models.time_embedding_input import load_own_table
 
-        engines = load_built_engines(self.build_dir, load_manifest(self.build_dir), self.backend, self.device,
-                                     self.needed, self.threads)
+        manifest = load_manifest(self.build_dir)
+        engines = load_built_engines(self.build_dir, manifest, self.backend, self.device, self.needed, self.threads)
         return DenoiseWorker(ScheduledRunner(engines, self.batch, self.channels, self.size, self.guidance_scale,
                                              self.null_class, self.num_classes, device=self.device,
-                                             nan_guard=self.nan_guard))
+                                             nan_guard=self.nan_guard,
+                                             own_time_embeddings=load_own_table(self.build_dir, manifest)))
 
 
 class DenoiseWorker:
@@ -53,9 +56,12 @@ class DenoiseWorker:
 
     def __init__(self, runner: ScheduledRunner) -> None:
         self.runner = runner
+        self.conditioning: TimeConditioning | None = None
 
-    def begin(self, class_labels: torch.Tensor) -> None:
+    def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None:
+        """A sample's labels (and its schedule's time conditioning) for the calls that follow."""
         r = self.runner
+        self.conditioning = conditioning
         r._check_labels(class_labels)
         labels = class_labels.to(r.inputs["class_labels"].device)
         r.inputs["class_labels"].copy_(torch.cat([labels, torch.full_like(labels, r.null_class)]) if r.use_cfg else labels)
@@ -71,7 +77,7 @@ class DenoiseWorker:
             r.inputs["hidden_states"][: r.batch].copy_(latent)
             if r.use_cfg:
                 r.inputs["hidden_states"][r.batch :].copy_(latent)
-            r.inputs["timestep"].fill_(call.timestep)
+            r.set_time_inputs(call.index, call.timestep, self.conditioning)
             used, fallback_from = run_guarded(r.engines, call.precision, r.outputs["noise_pred"], r.stream,
                                               label=f"step {call.index}", nan_guard=r.nan_guard, nvtx=r.nvtx)
             eps = r.outputs["noise_pred"]
@@ -89,8 +95,8 @@ class InProcessExecutor:
     def __init__(self, worker: DenoiseWorker, workers: int) -> None:
         self.worker, self.workers = worker, workers
 
-    def begin(self, class_labels: torch.Tensor) -> None:
-        self.worker.begin(class_labels)
+    def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None:
+        self.worker.begin(class_labels, conditioning)
 
     def evaluate(self, calls: Sequence[DenoiseCall]) -> list[CallResult]:
         return [self.worker.denoise(call) for call in calls]

@@ -1,0 +1,73 @@
+"""`tmpdiff plan-embeddings`: one plan for MTEO and TMPDiff, a `tmpdiff.schedule/3` that names learned time embeddings.
+
+The plan samples with the solver the embeddings were learned for (its scheduler written into the schedule), runs
+each step at the precision a calibrated schedule of the same step count gives it (or one precision, or the
+precisions quantization-aware embeddings were trained at), and feeds each step its learned row (MTEO, on graphs
+exported with --time-embedding-input) or its timestep shift (any graph).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.formats.outputs import Output, check_outputs
+from tmpdiff.formats.precisions import get_precision
+from tmpdiff.formats.schedule import Schedule, SchedulerRef, load_schedule, save_schedule
+from tmpdiff.models.time_embeddings import load_time_embeddings
+from tmpdiff.runtime.time_conditioning import check_build, load_conditioning
+
+
+def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: Path | None = None,
+                    precision: str | None = None, force: bool = False) -> Schedule:
+    """Write a /3 schedule at `out` naming `embeddings` (which must lie in `out`'s directory or below it)."""
+    from tmpdiff.calibration.few_step import make_scheduler
+
+    out = check_outputs([Output.file("--out", out, ".json")], force=force,
+                        inputs=[embeddings, schedule], build_dirs=[build_dir])["--out"]
+    if schedule is not None and precision is not None:
+        raise TmpdiffError("give at most one of --schedule (per-step precisions) or --precision")
+    _, info = load_time_embeddings(embeddings)
+    manifest = load_manifest(build_dir)
+    sampling = manifest.require_sampling(build_dir)
+    root = out.resolve().parent
+    if not embeddings.resolve().is_relative_to(root):
+        raise TmpdiffError(f"the plan names its embeddings relative to its own directory: put {embeddings.name} in "
+                           f"{root} (or below) or write the plan beside it", embeddings)
+    precisions = _precisions(info.steps, info.precisions, schedule, precision)
+    missing = sorted(set(precisions) - set(manifest.precisions))
+    if missing:
+        raise TmpdiffError(f"the plan runs {', '.join(missing)}, which {build_dir} has not exported")
+    scheduler = make_scheduler(info.solver, sampling.scheduler_config)
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    # no `timesteps` list: the solver's own spacing gives the file's timesteps (checked at run time), and DDIM
+    # takes no custom timesteps
+    plan = Schedule(steps=info.steps, precisions=precisions,
+                    scheduler=SchedulerRef(class_name=type(scheduler).__name__, config=config),
+                    time_embeddings=os.path.relpath(embeddings.resolve(), root).replace(os.sep, "/"),
+                    reference="fp32" if "fp32" in manifest.precisions else precisions[0],
+                    target={"time_embeddings": info.kind, "solver": info.solver,
+                            **({"precisions_from": str(schedule)} if schedule is not None else {})})
+    check_build(load_conditioning(plan, out), manifest, build_dir)  # as `run` will read it, before anything is written
+    save_schedule(plan, out)
+    return plan
+
+
+def _precisions(steps: int, trained_at: list[str] | None, schedule: Path | None, precision: str | None) -> list[str]:
+    """Per-step precisions: a calibrated schedule's (same step count), one precision, else what the embeddings
+    were trained at (quantization-aware), else fp32."""
+    if schedule is not None:
+        given = load_schedule(schedule)
+        if given.steps != steps:
+            raise TmpdiffError(f"{given.steps} steps, the embeddings are for {steps}", schedule)
+        chosen = list(given.precisions)
+    elif precision is not None:
+        chosen = [get_precision(precision).name] * steps
+    else:
+        chosen = list(trained_at) if trained_at is not None else ["fp32"] * steps
+    if trained_at is not None and chosen != list(trained_at):
+        raise TmpdiffError(f"these embeddings were trained for steps at {', '.join(trained_at)} (quantization-aware); "
+                           f"the plan asks {', '.join(chosen)}")
+    return chosen

@@ -1,0 +1,96 @@
+"""What a run feeds the model's time conditioning at each step: a schedule's learned MTEO rows or timestep shifts,
+or (on graphs with a `time_embeddings` input and a plain schedule) the model's own embedding of the step's timestep.
+
+A `tmpdiff.schedule/3` file names a `tmpdiff.time_embeddings/1` file beside it. The rows are checked before any
+engine is loaded: the file's steps against the schedule's, its slots and dimension against the build's graph input;
+its timesteps and guidance scale against the run's once the scheduler has set its timesteps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import Manifest
+from tmpdiff.formats.schedule import Schedule
+from tmpdiff.formats.time_embeddings import TimeEmbeddingsInfo
+from tmpdiff.models.time_embedding_input import INPUT_NAME
+from tmpdiff.models.time_embeddings import load_time_embeddings
+
+
+@dataclass(frozen=True)
+class TimeConditioning:
+    """Per-step time conditioning read from a schedule's time-embeddings file."""
+
+    values: torch.Tensor  # mteo: (steps, slots, dim); timestep-shift: (steps,)
+    info: TimeEmbeddingsInfo
+    path: Path
+
+    @property
+    def embeddings(self) -> torch.Tensor | None:
+        return self.values if self.info.kind == "mteo" else None
+
+    @property
+    def shifts(self) -> torch.Tensor | None:
+        return self.values if self.info.kind == "timestep-shift" else None
+
+    def check_timesteps(self, timesteps: list[int]) -> None:
+        """The run samples at the timesteps the rows were learned for."""
+        if timesteps != list(self.info.timesteps):
+            raise TmpdiffError(f"learned for timesteps {self.info.timesteps}, the run samples at {timesteps} "
+                               f"(another solver, step count or spacing)", self.path)
+
+    def check_guidance(self, guidance_scale: float) -> None:
+        """The run guides as strongly as the sampling the rows were learned from."""
+        if guidance_scale != self.info.guidance_scale:
+            raise TmpdiffError(f"learned at guidance scale {self.info.guidance_scale}, the run uses {guidance_scale}",
+                               self.path)
+
+
+def load_conditioning(schedule: Schedule, schedule_path: Path) -> TimeConditioning | None:
+    """The time-embeddings file a /3 schedule names (None for earlier versions), confined to the schedule's
+    directory with symlinks resolved, and its step count checked against the schedule's."""
+    if schedule.time_embeddings is None:
+        return None
+    root = schedule_path.resolve().parent
+    path = (root / schedule.time_embeddings).resolve()
+    if not path.is_relative_to(root):
+        raise TmpdiffError(f"time_embeddings {schedule.time_embeddings!r} resolves outside the schedule's directory",
+                           schedule_path)
+    values, info = load_time_embeddings(path)
+    if info.steps != schedule.steps:
+        raise TmpdiffError(f"{info.steps} steps of time embeddings for a schedule of {schedule.steps} steps", path)
+    if schedule.timesteps is not None and list(schedule.timesteps) != list(info.timesteps):
+        raise TmpdiffError(f"learned for timesteps {info.timesteps}, the schedule names {schedule.timesteps}", path)
+    return TimeConditioning(values, info, path)
+
+
+def check_build(conditioning: TimeConditioning | None, manifest: Manifest, build_dir: Path) -> None:
+    """MTEO rows need graphs with a `time_embeddings` input of the same slots and dimension; shifts run anywhere."""
+    if conditioning is None or conditioning.embeddings is None:
+        return
+    entry = manifest.time_embedding_input
+    if entry is None:
+        raise TmpdiffError(f"{conditioning.path.name} holds per-block time embeddings, but {build_dir} computes them "
+                           f"from the timestep: export it with --time-embedding-input", conditioning.path)
+    if list(conditioning.info.slots) != list(entry.slots) or conditioning.info.dim != entry.dim:
+        raise TmpdiffError(f"embeddings for {len(conditioning.info.slots)} slots x {conditioning.info.dim}, the build's "
+                           f"graphs take {len(entry.slots)} x {entry.dim} ({', '.join(entry.slots[:2])}, ...)",
+                           conditioning.path)
+
+
+def takes_time_embeddings(engine) -> bool:
+    """Whether an engine's graph takes the `time_embeddings` input."""
+    return any(spec.name == INPUT_NAME for spec in engine.input_specs)
+
+
+def own_row(table: torch.Tensor, timestep: float, label: str) -> torch.Tensor:
+    """The table's row for an integer training timestep (the graphs' own embedding of it)."""
+    t = float(timestep)
+    if not t.is_integer() or not 0 <= t < len(table):
+        raise TmpdiffError(f"{label}: timestep {t:g} has no row in the build's time-embedding table (integer training "
+                           f"timesteps 0..{len(table) - 1}); use a scheduler with integer timesteps")
+    return table[int(t)]
