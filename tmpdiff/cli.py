@@ -886,6 +886,25 @@ def search_plan(
                                  else ""))
 
 
+@app.command("deploy-plan")
+def deploy_plan(
+    build_dir: Annotated[Path, typer.Argument(help="build directory the plan was searched on")],
+    plan: Annotated[Path, typer.Argument(help="TMPQ-DM plan (`tmpdiff search-plan`)")],
+    model: Annotated[str, typer.Option(help="the model directory the build was exported from")] = "bundled",
+    wait: Wait = 3600.0,
+) -> None:
+    """Export a TMPQ-DM plan's mixed-precision layer configurations as ORT engines of the build; then
+    `tmpdiff run BUILD --schedule PLAN` executes the plan."""
+    from tmpdiff.commands.deploy_plan import deploy_plan as deploy
+    from tmpdiff.commands.export import resolve_model_dir
+
+    rows = deploy(build_dir, plan, resolve_model_dir(model, None), wait=wait, on_progress=lambda m: console.print(m))
+    for row in rows:
+        layers = ", ".join(f"{p} {n}" for p, n in row.precisions.items())
+        parity = "" if row.parity_error is None else f", parity {row.parity_error:.1e}"
+        typer.echo(f"{row.name}\t{row.status}\t{layers}{parity}")
+
+
 def _check_speedup(value: float, option: str) -> None:
     """A speedup target is a finite number above 1 (1 is the reference itself)."""
     if not math.isfinite(value) or value <= 1.0:

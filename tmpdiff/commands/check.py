@@ -45,6 +45,13 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
                 load_onnx(root / rel, root)
             except TmpdiffError as exc:
                 problems.append(Problem(str(root / rel), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
+    for name in manifest.mixed:
+        from tmpdiff.formats.manifest import mixed_problem
+
+        problem = mixed_problem(build_dir, manifest, name)
+        if problem is not None:
+            problems.append(Problem(str(build_dir / manifest.mixed[name].onnx), f"layer configuration {name}: {problem}",
+                                    "re-run `tmpdiff deploy-plan` with the plan that names it"))
     if manifest.time_embedding_input is not None:
         from tmpdiff.models.time_embedding_input import load_own_table
 
@@ -64,6 +71,24 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
     for schedule_path in schedules or []:
         from tmpdiff.formats.schedule import load_schedule
         from tmpdiff.models.schedulers import schedule_scheduler
+        from tmpdiff.runtime.plan import is_tmpq_plan, resolve_plan
+
+        if is_tmpq_plan(schedule_path):  # a TMPQ-DM plan: its layer configurations must be deployed here
+            try:
+                plan = resolve_plan(schedule_path)
+                schedule_scheduler(plan.file, manifest.sampling)
+            except TmpdiffError as exc:
+                problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff search-plan`"))
+                continue
+            from tmpdiff.formats.manifest import mixed_problem
+
+            for name in plan.needed:
+                problem = (mixed_problem(build_dir, manifest, name) if name.startswith("mixed-")
+                           else None if name in manifest.precisions else "not exported here")
+                if problem is not None:
+                    problems.append(Problem(str(schedule_path), f"layer configuration {name}: {problem}",
+                                            f"run `tmpdiff deploy-plan {build_dir} {schedule_path}`"))
+            continue
 
         try:
             schedule = load_schedule(schedule_path)

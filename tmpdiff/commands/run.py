@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tmpdiff.engines.loading import check_batch, check_threads, load_built_engines, resolve_device
+from tmpdiff.engines.loading import check_batch, check_threads, load_plan_engines, resolve_device
 from tmpdiff.engines.memory import check_fits
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import load_manifest
@@ -109,8 +109,8 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
     check_fits(manifest, rows, request.backend, request.device)
     if request.parallel > 1:
         return _run_parallel(request, manifest, plan, scheduler, guidance, on_step)
-    engines = load_built_engines(request.build_dir, manifest, request.backend, request.device, plan.needed,
-                                 request.threads, what=f"schedule {plan.source}")
+    engines = load_plan_engines(request.build_dir, manifest, request.backend, request.device, plan.needed,
+                                request.threads, what=f"schedule {plan.source}")
     runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
                              guidance_scale=guidance, null_class=sampling.null_class, num_classes=sampling.num_classes,
                              device=request.device, nan_guard=request.nan_guard,

@@ -9,7 +9,7 @@ from pathlib import Path
 from tmpdiff.engines.base import Engine
 from tmpdiff.formats.atomic import lock_holder
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import Manifest, engine_key, engine_problem
+from tmpdiff.formats.manifest import Manifest, engine_key, engine_problem, mixed_problem
 
 BACKEND_DEVICES = {"ort": ("cpu", "cuda", "trt-ep"), "trt": ("cuda",)}
 
@@ -69,6 +69,31 @@ def load_built_engines(build_dir: Path, manifest: Manifest, backend: str, device
         raise TmpdiffError(f"{what} uses {', '.join(missing)} but only {', '.join(built)} {backend} engines "
                            f"are built for {device}", build_dir)
     return load_engines(build_dir, manifest, backend, device, built, threads)
+
+
+def load_plan_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, needed: Iterable[str],
+                      threads: int | None = None, what: str = "the schedule") -> dict[str, Engine]:
+    """`load_built_engines` for the precisions a plan names, plus the deployed layer configurations (`mixed-...`) of
+    a TMPQ-DM plan: ORT graphs optimised at load, each checked against its manifest record first."""
+    needed = list(needed)
+    mixed = [name for name in needed if name.startswith("mixed-")]
+    for name in mixed:
+        problem = mixed_problem(build_dir, manifest, name)
+        if problem is not None:
+            raise TmpdiffError(f"{what} runs layer configuration {name}: {problem}; run `tmpdiff deploy-plan "
+                               f"{build_dir} PLAN`", build_dir / "manifest.json")
+    if mixed and backend != "ort":
+        raise TmpdiffError(f"{what} runs mixed-precision layer configurations, which are deployed as ONNX Runtime "
+                           f"graphs only (no TensorRT graphs yet): use --backend ort")
+    engines = load_built_engines(build_dir, manifest, backend, device, [n for n in needed if n not in mixed],
+                                 threads, what)
+    from tmpdiff.engines.ort import OrtEngine
+
+    for name in mixed:
+        entry = manifest.mixed[name]
+        engines[name] = OrtEngine(build_dir / entry.onnx, name, device, threads, optimization=entry.ort_optimization,
+                                  runtime=True)
+    return engines
 
 
 def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ MANIFEST_NAME = "manifest.json"
 CHECK_IO_NAME = "check_io.safetensors"
 CHECK_SEED = 99
 FORMAT = "tmpdiff.manifest/2"  # /2 adds PrecisionEntry.artifacts and writes standard JSON; /1 still reads
-FORMAT_V3 = "tmpdiff.manifest/3"  # /3 adds `time_embedding_input`; written only by builds that have it
+FORMAT_V3 = "tmpdiff.manifest/3"  # /3 adds `time_embedding_input` and `mixed`; written only by builds that have them
 
 
 class TensorSpecModel(BaseModel):
@@ -137,6 +138,52 @@ class TimeEmbeddingInputEntry(BaseModel):
     sha256: str
 
 
+class MixedEntry(BaseModel):
+    """One layer configuration of a TMPQ-DM plan as its own ORT graph (`tmpdiff deploy-plan`): a precision per
+    layer, the graph made from the quantized exports' saved quantizer state (`sources`: precision -> export key, so a
+    re-export makes it stale), and its parity against the super-network."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: list[str] = Field(min_length=1)
+    precisions: list[str]
+    onnx: str
+    sha256: str
+    ort_optimization: Literal["disable", "basic", "extended", "all"]
+    parity_error: float = Field(ge=0, allow_inf_nan=False)
+    sources: dict[str, str]
+
+    @field_validator("precisions")
+    @classmethod
+    def _known(cls, precisions: list[str]) -> list[str]:
+        from tmpdiff.formats.precisions import PRECISIONS
+
+        unknown = sorted(set(precisions) - set(PRECISIONS))
+        if unknown:
+            raise ValueError(f"unknown precision {', '.join(unknown)}")
+        return precisions
+
+
+def mixed_name(layers: list[str], precisions: list[str]) -> str:
+    """The engine name of a layer configuration: `mixed-` and 12 hex digits of its content."""
+    digest = hashlib.sha256(json.dumps([layers, precisions]).encode()).hexdigest()
+    return f"mixed-{digest[:12]}"
+
+
+def mixed_problem(build_dir: Path, manifest: Manifest, name: str) -> str | None:
+    """Why a deployed layer configuration cannot run as it is (None when it can)."""
+    entry = manifest.mixed.get(name)
+    if entry is None:
+        return "not deployed"
+    path, problem = artifact_problem(build_dir, entry.onnx, entry.sha256)
+    if problem is not None:
+        return f"{path.name}: {problem}"
+    stale = sorted(p for p, key in entry.sources.items() if p not in manifest.precisions
+                   or manifest.precisions[p].key != key)
+    if stale:
+        return f"made from an older export of {', '.join(stale)}"
+    return None
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["tmpdiff.manifest/1", "tmpdiff.manifest/2", "tmpdiff.manifest/3"] = FORMAT
@@ -152,6 +199,7 @@ class Manifest(BaseModel):
     # largest intermediate tensor of the fp32 graph per batch row (ONNX shape inference): the memory guard's input
     activation_bytes_per_row: int | None = Field(default=None, ge=0)
     time_embedding_input: TimeEmbeddingInputEntry | None = None
+    mixed: dict[str, MixedEntry] = Field(default_factory=dict)  # deployed TMPQ-DM layer configurations, by name
 
     def require_sampling(self, build_dir: str | Path) -> SamplingInfo:
         """The sampling info class-conditional runs need; text-conditioned builds are told to use their pipeline."""
@@ -184,10 +232,12 @@ def load_manifest(build_dir: str | Path) -> Manifest:
 
 def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
     """Write the manifest atomically, in the lowest current version that holds it (/3 only with time embeddings)."""
-    version = FORMAT if manifest.time_embedding_input is None else FORMAT_V3
+    version = FORMAT if manifest.time_embedding_input is None and not manifest.mixed else FORMAT_V3
     data = manifest.model_copy(update={"format": version}).model_dump(mode="json")
     if manifest.time_embedding_input is None:
         data.pop("time_embedding_input")
+    if not manifest.mixed:
+        data.pop("mixed")
     write_json(Path(build_dir) / MANIFEST_NAME, data)
 
 

@@ -340,15 +340,19 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
+    if plan.conditioning is not None or manifest.time_embedding_input is not None:
+        raise TmpdiffError("learned time embeddings and graphs with a time-embeddings input run class-conditional "
+                           "builds only (`tmpdiff run BUILD --schedule ...`); the pipeline drop-in does not feed them",
+                           plan.source if plan.conditioning is not None else build_dir)
+    mixed = [name for name in plan.needed if name.startswith("mixed-")]
+    if mixed:
+        raise TmpdiffError(f"the plan runs mixed-precision layer configurations ({mixed[0]}, ...), which `tmpdiff run` "
+                           f"executes for class-conditional builds only; the pipeline drop-in does not", plan.source)
     if plan.file is not None and plan.file.scheduler is not None:
         ours, theirs = plan.file.scheduler.class_name, type(pipe.scheduler).__name__
         if ours != theirs:
             raise TmpdiffError(f"the schedule was calibrated with {ours}, the pipeline samples with {theirs}: set "
                                f"pipe.scheduler = {ours}.from_config(pipe.scheduler.config) or re-calibrate", plan.source)
-    if plan.conditioning is not None or manifest.time_embedding_input is not None:
-        raise TmpdiffError("learned time embeddings and graphs with a time-embeddings input run class-conditional "
-                           "builds only (`tmpdiff run BUILD --schedule ...`); the pipeline drop-in does not feed them",
-                           plan.source if plan.conditioning is not None else build_dir)
     if plan.timesteps is not None:
         check_takes_timesteps(pipe, plan)
     component = denoiser_component(pipe)

@@ -7,6 +7,7 @@ and the diffusers drop-in; checked before any engine is loaded.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, prec
     source = "schedule"
     if isinstance(schedule, (str, Path)):
         source = str(schedule)
+        if is_tmpq_plan(Path(schedule)):
+            return _tmpq_plan(Path(schedule), steps)
         schedule = load_schedule(schedule)
     elif isinstance(schedule, list):
         try:
@@ -82,3 +85,31 @@ def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, prec
                            "to the schedule's directory)")
     conditioning = None if source == "schedule" else load_conditioning(schedule, Path(source))
     return PrecisionPlan(tuple(schedule.precisions), None, source, schedule, conditioning)
+
+
+def is_tmpq_plan(path: Path) -> bool:
+    """Whether a plan file is a TMPQ-DM plan (`tmpdiff.tmpq-plan/...`) rather than a schedule."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # the schedule reader names the problem
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("tmpdiff.tmpq-plan/")
+
+
+def _tmpq_plan(path: Path, steps: int | None) -> PrecisionPlan:
+    """A TMPQ-DM plan: step i runs its layer configuration's engine (a precision when the configuration is uniform,
+    else the deployed `mixed-...` graph) at the plan's timestep i, with the plan's scheduler."""
+    from collections import Counter
+
+    from tmpdiff.formats.manifest import mixed_name
+    from tmpdiff.formats.tmpq_plan import load_tmpq_plan
+
+    plan = load_tmpq_plan(path)
+    if steps is not None and steps != plan.steps:
+        raise TmpdiffError(f"plan has {plan.steps} steps but --steps {steps} was given", path)
+    configs = plan.step_precisions()
+    engines = tuple(c[0] if len(set(c)) == 1 else mixed_name(plan.layers, list(c)) for c in configs)
+    # the schedule view: the plan's timesteps and scheduler, each step's most common layer precision (for reports)
+    view = Schedule(steps=plan.steps, scheduler=plan.scheduler, timesteps=list(plan.timesteps),
+                    precisions=[Counter(c).most_common(1)[0][0] for c in configs])
+    return PrecisionPlan(engines, None, str(path), view)

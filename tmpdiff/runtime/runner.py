@@ -15,7 +15,7 @@ import torch
 from tmpdiff.engines.base import Engine
 from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.precisions import next_higher
+from tmpdiff.formats.precisions import PRECISION_ORDER, PRECISIONS, next_higher
 from tmpdiff.models.schedulers import set_sampling_timesteps
 from tmpdiff.models.time_embedding_input import INPUT_NAME
 from tmpdiff.runtime.time_conditioning import TimeConditioning, own_row, takes_time_embeddings
@@ -44,7 +44,7 @@ def run_guarded(engines: Mapping[str, Engine], precision: str, output: torch.Ten
     with nvtx_range(f"{label} {precision}", nvtx):
         engines[precision].run(stream)
     while nan_guard and not bool(torch.isfinite(output).all()):
-        higher = next_higher(used, list(engines))
+        higher = fallback_for(used, list(engines))
         if higher is None:
             raise TmpdiffError(f"{label}: {used} output is not finite and no higher precision is loaded")
         fallback_from = fallback_from or precision
@@ -52,6 +52,14 @@ def run_guarded(engines: Mapping[str, Engine], precision: str, output: torch.Ten
         with nvtx_range(f"{label} {used} (fallback)", nvtx):
             engines[used].run(stream)
     return used, fallback_from
+
+
+def fallback_for(engine: str, available: list[str]) -> str | None:
+    """The engine a non-finite output falls back to: the next higher precision, or for a mixed-precision layer
+    configuration (a TMPQ-DM plan's `mixed-...` engine) the highest loaded precision."""
+    if engine in PRECISIONS:
+        return next_higher(engine, available)
+    return next((p for p in PRECISION_ORDER if p in available), None)
 
 
 @dataclass

@@ -39,12 +39,12 @@ class WorkerSpec:
 
     def build(self) -> DenoiseWorker:
         """Load this worker's engines (every built one of the backend, for NaN fallbacks) on its buffers."""
-        from tmpdiff.engines.loading import load_built_engines
+        from tmpdiff.engines.loading import load_plan_engines
         from tmpdiff.formats.manifest import load_manifest
         from tmpdiff.models.time_embedding_input import load_own_table
 
         manifest = load_manifest(self.build_dir)
-        engines = load_built_engines(self.build_dir, manifest, self.backend, self.device, self.needed, self.threads)
+        engines = load_plan_engines(self.build_dir, manifest, self.backend, self.device, self.needed, self.threads)
         return DenoiseWorker(ScheduledRunner(engines, self.batch, self.channels, self.size, self.guidance_scale,
                                              self.null_class, self.num_classes, device=self.device,
                                              nan_guard=self.nan_guard,

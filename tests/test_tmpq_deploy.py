@@ -1,0 +1,141 @@
+"""TMPQ-DM plans executed by `tmpdiff run`: mixed layer configurations deployed as engines of the build, each step
+on its configuration's engine at the plan's timestep, and every way a deployment can be missing or stale."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.cli_helpers import cli
+from tmpdiff.formats.manifest import load_manifest, mixed_name
+from tmpdiff.formats.schedule import SchedulerRef
+from tmpdiff.formats.tmpq_plan import TmpqPlan, save_tmpq_plan
+from tmpdiff.models.bundled import sampling_info
+
+TIMESTEPS = [999, 700, 400, 100]
+
+
+@pytest.fixture(scope="module")
+def deployment(quant_build, bundled, tmp_path_factory):
+    """A copy of the fully exported build, a 4-step plan with one mixed and one uniform configuration, deployed."""
+    from tmpdiff.export.supernet import supernet_from_build
+
+    _, source, _ = quant_build
+    build_dir = tmp_path_factory.mktemp("tmpq-deploy") / "tiny-dit"
+    shutil.copytree(source, build_dir)
+    supernet = supernet_from_build(build_dir, bundled.transformer_dir, ["int8", "int4"])
+    cycle = ["int8", "int4", "fp32"]
+    mixed = [cycle[i % 3] for i in range(len(supernet.layers))]
+    s = sampling_info(bundled)
+    plan = TmpqPlan(model_id="tiny-dit", steps=4, timesteps=TIMESTEPS, layers=list(supernet.layers),
+                    scheduler=SchedulerRef(class_name=s.scheduler_class, config=dict(s.scheduler_config)),
+                    configs=[mixed, ["int8"] * len(mixed)], step_configs=[0, 1, 1, 0])
+    path = build_dir.parent / "plan.json"
+    save_tmpq_plan(plan, path)
+    code, out, err = cli("deploy-plan", build_dir, path)
+    assert code == 0, err
+    return build_dir, path, plan, supernet, out
+
+
+def _run(build_dir, plan_path):
+    from tmpdiff.commands.run import RunRequest, run
+
+    result, resolved, _ = run(RunRequest(build_dir=build_dir, classes=[2, 5], seed=1, schedule_path=plan_path))
+    return result, resolved
+
+
+def test_deploy_records_the_mixed_configuration_and_keeps_it(deployment):
+    build_dir, path, plan, _, out = deployment
+    name = mixed_name(plan.layers, plan.configs[0])
+    manifest = load_manifest(build_dir)
+    assert list(manifest.mixed) == [name] and f"{name}\tdeployed" in out and "int8\tuniform" in out
+    entry = manifest.mixed[name]
+    assert entry.onnx == f"mixed/{name}/model.onnx" and entry.parity_error < 2e-2
+    assert set(entry.sources) == {"int8", "int4"}
+    assert json.loads((build_dir / "manifest.json").read_text())["format"] == "tmpdiff.manifest/3"
+    code, again, _ = cli("deploy-plan", build_dir, path)
+    assert code == 0 and f"{name}\tup to date" in again
+    assert cli("check", build_dir, "--schedule", path)[0] == 0
+
+
+def test_run_executes_each_step_on_its_configurations_engine(deployment, bundled):
+    from tmpdiff.calibration.tmpq_eval import ConfigEngine
+    from tmpdiff.models.registry import adapter_for_config
+    from tmpdiff.models.schedulers import sampling_scheduler
+    from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
+
+    build_dir, path, plan, supernet, _ = deployment
+    result, resolved = _run(build_dir, path)
+    name = mixed_name(plan.layers, plan.configs[0])
+    assert [e.precision for e in result.trace.steps] == [name, "int8", "int8", name]
+    assert [e.timestep for e in result.trace.steps] == TIMESTEPS
+    # the same plan on the super-network in torch (what the search evaluated)
+    s = sampling_info(bundled)
+    adapter = adapter_for_config(load_manifest(build_dir).denoiser_config)
+    engines = {f"c{i}": ConfigEngine(supernet, c, adapter, f"c{i}") for i, c in enumerate(plan.configs)}
+    runner = ScheduledRunner(engines, 2, s.channels, s.image_size, s.guidance_scale, s.null_class, s.num_classes,
+                             nan_guard=False)
+    want = runner.sample(sampling_scheduler(s), torch.tensor([2, 5]), initial_noise(2, s.channels, s.image_size, 1),
+                         ["c0", "c1", "c1", "c0"], timesteps=TIMESTEPS).latents
+    assert (result.latents - want).norm() / want.norm() < 2e-2
+    # the mixed configuration is what runs: uniform int8 at the same timesteps gives other latents
+    uniform = runner.sample(sampling_scheduler(s), torch.tensor([2, 5]), initial_noise(2, s.channels, s.image_size, 1),
+                            ["c1"] * 4, timesteps=TIMESTEPS).latents
+    assert (result.latents - uniform).norm() > 5 * (result.latents - want).norm()
+
+
+def test_missing_or_stale_deployments_are_refused_by_name(deployment, tmp_path):
+    build_dir, path, plan, _, _ = deployment
+    name = mixed_name(plan.layers, plan.configs[0])
+    copy = tmp_path / "tiny-dit"
+    shutil.copytree(build_dir, copy)
+    graph = copy / "mixed" / name / "model.onnx"
+    original = graph.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    code, out, _ = cli("check", copy)
+    assert code != 0 and name in out and "sha256" in out
+    code, _, err = cli("run", copy, "--schedule", path, "--class", "1", "--out", tmp_path / "a.png")
+    assert code == 2 and name in err and "deploy-plan" in err and not (tmp_path / "a.png").exists()
+    # a re-export of a precision it was made from makes it stale
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    graph.write_bytes(original)
+    manifest["mixed"][name]["sources"]["int4"] = "an older export key"
+    manifest_path.write_text(json.dumps(manifest))
+    code, _, err = cli("run", copy, "--schedule", path, "--class", "1", "--out", tmp_path / "b.png")
+    assert code == 2 and "older export of int4" in err
+    # not deployed at all, on TensorRT, inside a pipeline
+    del manifest["mixed"]
+    manifest["format"] = "tmpdiff.manifest/2"
+    manifest_path.write_text(json.dumps(manifest))
+    code, out, _ = cli("check", copy, "--schedule", path)
+    assert code != 0 and "not deployed" in out and "deploy-plan" in out
+    code, _, err = cli("run", build_dir, "--schedule", path, "--class", "1", "--backend", "trt", "--out",
+                       tmp_path / "c.png")
+    assert code == 2 and "ONNX Runtime graphs only" in err
+    from tmpdiff.formats.errors import TmpdiffError
+    from tmpdiff.runtime.dropin import attach_engines
+
+    class Pipe:
+        scheduler = None
+
+    with pytest.raises(TmpdiffError, match="mixed-precision layer configurations"):
+        attach_engines(Pipe(), build_dir, schedule=path)
+
+
+def test_a_plan_for_another_build_is_refused(deployment, tmp_path):
+    build_dir, path, plan, _, _ = deployment
+    other = tmp_path / "plan.json"
+    save_tmpq_plan(plan.model_copy(update={"model_id": "another-model"}), other)
+    code, _, err = cli("deploy-plan", build_dir, other)
+    assert code == 2 and "another-model" in err
+    fewer = tmp_path / "fewer.json"
+    save_tmpq_plan(plan.model_copy(update={"layers": plan.layers[:-1], "configs": [c[:-1] for c in plan.configs]}),
+                   fewer)
+    code, _, err = cli("deploy-plan", build_dir, fewer)
+    assert code == 2 and "layers" in err
