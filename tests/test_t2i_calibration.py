@@ -114,7 +114,7 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
     unseen.write_text("a yellow 1 on a green background\na white 0 on a red background\n")
     code, out, err = cli("bench", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
                          "--unseen-prompts", unseen, "--calib-seeds", "0", "--unseen-seeds", "5,6", "--steps", STEPS,
-                         "--speedups", "1.3,9", "--refine-evaluations", 2, "--out", tmp_path / "bench", "--threads", 1)
+                         "--speedups", "1.3,2,9", "--refine-evaluations", 2, "--out", tmp_path / "bench", "--threads", 1)
     assert code == 0, err
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert (report["prompts"], report["unseen_prompts"], report["unseen_seeds"]) == (2, 2, [5, 6])
@@ -126,7 +126,7 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
     for key in ("latent", "psnr", "correct", "fd_vs_reference"):
         d = int8["unseen"][key]
         assert d["low"] <= d["value"] <= d["high"], (key, d)
-    (target,) = run["targets"]
+    target, matched = run["targets"]
     methods = {r["method"]: r for r in target["rows"]}
     assert {"TMPDiff (ssim)", "TMPDiff refined (latent)", "evolutionary (same evaluations) (ssim)"} <= set(methods)
     for r in methods.values():
@@ -135,6 +135,10 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
     assert target["measured_speedup"] > 0
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert "unseen adherence" in md and "target 1.3x" in md and (tmp_path / "bench" / "pareto.png").is_file()
+    # a target at a uniform level's cost (int8 here, 2x) is compared with that level: the paper's headline
+    same = matched["headline_versus"]["uniform int8 (same cost)"]
+    assert matched["speedup"] == 2.0 and "percent" in same["one_minus_ssim"]
+    assert "At matched cost, TMPDiff refined (ssim) against uniform int8" in md
 
 
 def test_bench_pipeline_options_go_together(work, tmp_path):

@@ -166,6 +166,9 @@ def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen
                 if any(r["method"] == name for r in rows):
                     continue  # heuristics do not depend on the metric
                 rows.append(row(name.replace("TMPDiff knapsack", "TMPDiff"), found["schedule"], found["evaluations"]))
+        for level in problem.all_levels:  # the paper's headline: the uniform level of the same cost, if any
+            if abs(problem.speedup([level] * problem.steps) - speedup) < 1e-3:
+                rows.append(row(f"uniform {level} (same cost)", [level] * problem.steps, 0))
         headline = next(r for r in rows if r["method"] == HEADLINE)
         versus = {r["method"]: judge.versus(headline["schedule"], r["schedule"]) for r in rows if r is not headline}
         ref = [problem.reference] * problem.steps
@@ -214,10 +217,25 @@ def render_markdown(report: dict) -> str:
                          for k in ("one_minus_ssim", "psnr", "correct", "fd_vs_reference")]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
+            for method, diffs in target["headline_versus"].items():
+                if method.endswith("(same cost)"):
+                    changes = [f"{name} {_percent(diffs, key)}" for key, name in
+                               (("latent", "latent error"), ("one_minus_ssim", "1-SSIM"), ("psnr", "PSNR"))
+                               if key in diffs]
+                    lines += [f"At matched cost, {HEADLINE} against {method.removesuffix(' (same cost)')}: "
+                              + ", ".join(changes) + " (% of the uniform level's value, paired interval).", ""]
         if run["skipped_speedups"]:
             lines += [f"Targets above the costs table's max speedup, skipped: {run['skipped_speedups']}", ""]
     lines += ["![pareto](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def _percent(diffs: dict, key: str) -> str:
+    d = diffs[key]
+    if d.get("percent") is None:
+        return "n/a"
+    low, high = d["percent_interval"]
+    return f"{d['percent']:+.1f}% [{low:+.1f}, {high:+.1f}]{'*' if d['significant'] else ''}"
 
 
 def _diff(diffs: dict, key: str, scale: float) -> str:
