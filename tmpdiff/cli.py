@@ -742,6 +742,18 @@ def info(
     for key, row in data["engines"].items():
         view.add_row(key, row["backend_version"], row["device"], row["state"])
     Console().print(view)
+    if data["mixed"]:
+        view = Table(title="deployed layer configurations (TMPQ-DM)")
+        for column in ("engine", "layers", "parity", "state"):
+            view.add_column(column)
+        for name, row in data["mixed"].items():
+            layers = ", ".join(f"{p} {n}" for p, n in row["layers"].items())
+            view.add_row(name, layers, f"{row['parity_error']:.1e}", row["state"])
+        Console().print(view)
+    if data["time_embedding_input"]:
+        e = data["time_embedding_input"]
+        typer.echo(f"graphs take time embeddings: {e['slots']} slots x {e['dim']}, own table of {e['train_timesteps']} "
+                   f"timesteps")
 
 
 @app.command()

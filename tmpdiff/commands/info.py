@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tmpdiff.formats.manifest import engine_problem, load_manifest, precision_problems
+from tmpdiff.formats.manifest import engine_problem, load_manifest, mixed_problem, precision_problems
 
 
 def build_info(build_dir: Path) -> dict[str, Any]:
@@ -21,7 +22,12 @@ def build_info(build_dir: Path) -> dict[str, Any]:
                      "device": e.device, "compute_capability": e.compute_capability,
                      "state": engine_problem(build_dir, manifest, e) or "ok"}
                for key, e in manifest.engines.items()}
+    mixed = {name: {"layers": dict(Counter(e.precisions)), "parity_error": e.parity_error,
+                    "state": mixed_problem(build_dir, manifest, name) or "ok"} for name, e in manifest.mixed.items()}
+    entry = manifest.time_embedding_input
+    embeddings = None if entry is None else {"slots": len(entry.slots), "dim": entry.dim,
+                                             "train_timesteps": entry.train_timesteps}
     return {"build_dir": str(build_dir), "format": manifest.format, "model_id": manifest.model_id,
             "architecture": manifest.architecture, "inputs": [s.model_dump() for s in manifest.inputs],
             "sampling": None if manifest.sampling is None else manifest.sampling.scheduler_class,
-            "precisions": precisions, "engines": engines}
+            "precisions": precisions, "engines": engines, "mixed": mixed, "time_embedding_input": embeddings}
