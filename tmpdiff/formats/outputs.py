@@ -42,7 +42,8 @@ class Output:
 
 
 def managed_paths(build_dir: Path) -> list[Path]:
-    """What a build directory owns: its manifest and lock, each precision's folder, every path its manifest names."""
+    """What a build directory owns: its manifest and lock, each precision's folder, the deployed layer configurations'
+    folder, every path its manifest names."""
     from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 
     root = Path(build_dir).resolve()
@@ -55,6 +56,9 @@ def managed_paths(build_dir: Path) -> list[Path]:
     for entry in manifest.precisions.values():
         owned += [root / rel for rel, _ in entry.files()]
     owned += [root / engine.path for engine in manifest.engines.values()]
+    owned += [root / "mixed"] + [root / entry.onnx for entry in manifest.mixed.values()]
+    if manifest.time_embedding_input is not None:
+        owned.append(root / manifest.time_embedding_input.own_table)
     return owned
 
 
