@@ -150,8 +150,8 @@ def recorded(monkeypatch):
     import tmpdiff.commands.run as run_command
 
     seen: list[tuple[str, list[float]]] = []
-    load = run_command.load_built_engines
-    monkeypatch.setattr(run_command, "load_built_engines",
+    load = run_command.load_plan_engines
+    monkeypatch.setattr(run_command, "load_plan_engines",
                         lambda *a, **k: {p: Recording(e, seen) for p, e in load(*a, **k).items()})
     return seen
 
