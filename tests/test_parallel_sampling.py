@@ -177,7 +177,7 @@ def test_cli_parallel(setup, tmp_path):
     assert report["rounds"] == 4 and report["mode"] == "aggressive" and len(report["steps"]) == 10
     assert cli("run", build_dir, "--precision", "fp32", "--parallel", "2", "--mode", "greedy")[0] == 2
     assert cli("run", build_dir, "--precision", "fp32", "--parallel", "0")[0] == 2
-    code, _, err = cli("run", build_dir, "--prompt", "a cat", "--pipeline", tmp_path, "--precision", "fp32",
-                       "--parallel", "2", "--executor", "ray", "--out", tmp_path / "q.png")
-    assert code != 0 and "--executor ray runs class-conditional builds only" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "q.png").exists()
+    code, _, err = cli("run", build_dir, "--precision", "fp32", "--class", "1", "--address", "127.0.0.1:1",
+                       "--parallel", "2", "--out", tmp_path / "q.png")
+    assert code == 2 and "--address names a Ray cluster: it needs --executor ray" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q.png").exists()

@@ -195,8 +195,11 @@ def test_pipeline_drafts_refuse_what_cannot_be_drafted(work):
     with pytest.raises(TmpdiffError, match="EulerDiscreteScheduler cannot be drafted"):
         attach_engines(pipe, build, precision="fp32", parallel=2)
     code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
-                       "--parallel", 2, "--executor", "ray", "--out", "unused.png")
-    assert code == 2 and "--executor ray runs class-conditional builds only" in err, err
+                       "--executor", "ray", "--out", "unused.png")
+    assert code == 2 and "--executor ray needs --parallel 2 or more" in err, err
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
+                       "--parallel", 2, "--address", "127.0.0.1:1", "--out", "unused.png")
+    assert code == 2 and "--address names a Ray cluster: it needs --executor ray" in err, err
 
 
 def test_pipeline_drafts_keep_low_signal_steps_sequential(work):
@@ -223,3 +226,41 @@ def test_pipeline_drafts_keep_low_signal_steps_sequential(work):
     code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
                        "--draft-min-alpha", 0.5, "--out", "unused.png")
     assert code == 2 and "--draft-min-alpha applies to --pipeline --parallel" in err, err
+
+
+@pytest.mark.parametrize("mode", ["conservative", "aggressive"])
+def test_pipeline_drafts_on_ray_actors_give_the_in_process_images(work, mode):
+    """The drafts on Ray actors (anchor here): the same images as the in-process drop-in, bit for bit; a killed
+    actor fails the next pipeline call in one line."""
+    pytest.importorskip("ray")
+    import numpy as np
+
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    _, build, _ = work
+    schedule = ["fp32", "int8", "int8", "fp32", "int8", "fp32"]
+
+    def sample(executor):
+        pipe = load_pipeline(t2i_dir())
+        denoiser = attach_engines(pipe, build, schedule=schedule, parallel=3, mode=mode, threads=1, executor=executor)
+        kwargs = call_kwargs(pipe, steps=len(schedule), seed=2, guidance_scale=None, text_len=denoiser.adapter.text_len,
+                             sample_size=denoiser.config.get("sample_size"))
+        return pipe, denoiser, kwargs
+
+    pipe, local, kwargs = sample("local")
+    want = np.asarray(pipe(PROMPTS, output_type="np", **kwargs).images)
+    pipe, remote, kwargs = sample("ray")
+    try:
+        assert remote.draft_pool.workers == (3 if mode == "conservative" else 2)
+        got = np.asarray(pipe(PROMPTS, output_type="np", **kwargs).images)
+        assert np.array_equal(got, want) and remote.drafts.rounds == local.drafts.rounds
+        events = sorted(remote.trace.steps, key=lambda e: e.index)
+        assert [e.index for e in events] == list(range(len(schedule))) and [e.precision for e in events] == schedule
+        import ray
+
+        ray.kill(remote.draft_pool.actors[-1])
+        with pytest.raises(TmpdiffError, match="Ray draft worker died mid-run"):
+            pipe(PROMPTS, output_type="np", **kwargs)
+    finally:
+        remote.close()

@@ -403,7 +403,7 @@ def run(
                                                    "signal scale alpha is below this sequential (0: draft from the "
                                                    "first step, as the paper)")] = 0.0,
     executor: Annotated[ExecutorName, typer.Option(help="local: a round's N calls one after another here (same samples); "
-                                                       "ray: N Ray actors (class-conditional builds)")] = ExecutorName.local,
+                                                       "ray: Ray actors (with --pipeline: the drafts)")] = ExecutorName.local,
     address: Annotated[str | None, typer.Option(help="an existing Ray cluster (with --executor ray; default: start a local "
                                                      "one)")] = None,
     force: Force = False,
@@ -418,9 +418,6 @@ def run(
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
     if draft_min_alpha and (prompt is None or parallel == 1):
         raise TmpdiffError("--draft-min-alpha applies to --pipeline --parallel N (N > 1)")
-    if prompt is not None and (executor is not ExecutorName.local or address is not None):
-        raise TmpdiffError("--executor ray runs class-conditional builds only; the --pipeline drop-in runs a round's "
-                           "calls in this process")
     targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
     paths = check_outputs(targets, force=force, inputs=[schedule], build_dirs=[build_dir])
     extra: dict = {}
@@ -430,13 +427,16 @@ def run(
         from tmpdiff.commands.run_prompts import PromptRequest, run_prompts
 
         request = PromptRequest(build_dir=build_dir, pipeline_dir=pipeline, prompts=[p for p in prompt for _ in range(batch)],
-                                parallel=parallel, mode=mode.value, min_alpha=draft_min_alpha, **options)
+                                parallel=parallel, mode=mode.value, min_alpha=draft_min_alpha,
+                                executor=executor.value, address=address, **options)
         images, denoiser, source = run_prompts(request)
         steps_run = denoiser.trace
         title = f"{source}, {len(request.prompts)} prompts"
         if denoiser.drafts is not None:
             title += f", {mode.value} drafts for {parallel} workers: {denoiser.drafts.rounds} rounds of denoiser calls"
-            extra = {"parallel": parallel, "mode": mode.value, "executor": "local", "rounds": denoiser.drafts.rounds}
+            extra = {"parallel": parallel, "mode": mode.value, "executor": executor.value, "rounds": denoiser.drafts.rounds}
+            if denoiser.draft_pool_startup is not None:
+                extra["ray_startup_s"] = denoiser.draft_pool_startup
     else:
         from tmpdiff.commands.run import RunRequest
         from tmpdiff.commands.run import run as run_schedule

@@ -24,9 +24,11 @@ class PromptRequest(RunOptions):
     prompts: list[str]
     height: int | None = None
     width: int | None = None
-    parallel: int = 1  # DRiffusion: N calls per round, run one after another (the samples N workers give)
+    parallel: int = 1  # DRiffusion: N calls per round (here one after another, or on Ray actors: same samples)
     mode: str = "conservative"
     min_alpha: float = 0.0  # drafts only from anchors with at least this signal scale (`dropin_drafts`)
+    executor: str = "local"  # local: a round's calls one after another here; ray: the drafts on Ray actors
+    address: str | None = None  # an existing Ray cluster (else a local Ray is started)
 
 
 def load_pipeline_without_denoiser(pipeline_dir: Path):
@@ -55,7 +57,8 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     check_calibrated_guidance(plan, pipe, request.guidance_scale)
     denoiser = attach_engines(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
                               threads=request.threads, nan_guard=request.nan_guard, parallel=request.parallel,
-                              mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha)
+                              mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha,
+                              executor=request.executor, address=request.address)
     if request.device != "cpu":
         pipe.to("cuda")
     kwargs = call_kwargs(pipe, steps=plan.steps, seed=request.seed, guidance_scale=request.guidance_scale,

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,10 +39,14 @@ from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.registry import adapter_for_config
 from tmpdiff.models.schedulers import set_custom_timesteps
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
+from tmpdiff.runtime.parallel import ParallelMode
 from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
+
+if TYPE_CHECKING:
+    from tmpdiff.runtime.dropin_ray import DraftPool
 
 # Keyword arguments a pipeline passes that carry attention-processor options: honoured only when empty.
 PROCESSOR_OPTIONS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
@@ -87,6 +92,8 @@ class EngineDenoiser(torch.nn.Module):
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self.drafts: DropInDrafts | None = None  # DRiffusion: set by `attach_engines(parallel=...)`
+        self.draft_pool: DraftPool | None = None  # DRiffusion on Ray actors: `attach_engines(executor="ray")`
+        self.draft_pool_startup: float | None = None  # seconds its Ray start-up and engine loading took
 
     # What diffusers pipelines read from their denoiser besides calling it.
     @property
@@ -142,7 +149,9 @@ class EngineDenoiser(torch.nn.Module):
             if self.drafts is not None:
                 self.drafts.reset()
         result = None if self.drafts is None else self.drafts.take(index)
-        if result is None:
+        if result is None and self.draft_pool is not None:
+            result = self._anchor_with_pool(feeds, hidden_name, index, timestep, hidden.dtype)
+        elif result is None:
             result = self._run(feeds, index, timestep, hidden.dtype)
             if self.drafts is not None:
                 scheduler = self._scheduler_of()
@@ -153,6 +162,38 @@ class EngineDenoiser(torch.nn.Module):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=result)
+
+    def _anchor_with_pool(self, feeds: dict[str, Any], hidden_name: str, index: int, timestep,
+                          dtype: torch.dtype) -> torch.Tensor:
+        """A round with its drafts on the Ray actors: aggressive drafts start before the anchor's own call (they
+        need only the previous estimate), conservative ones after it; results in call order."""
+        drafts, pool, scheduler = self.drafts, self.draft_pool, self._scheduler_of()
+        early = drafts.mode is ParallelMode.aggressive
+        calls = drafts.draft_calls(index, feeds, hidden_name, scheduler, None) if early else []
+        start = self._clock.mark()
+        handles = pool.submit(calls, scheduler.timesteps)
+        result = self._run(feeds, index, timestep, dtype)
+        if not early:
+            calls = drafts.draft_calls(index, feeds, hidden_name, scheduler, result)
+            start = self._clock.mark()
+            handles = pool.submit(calls, scheduler.timesteps)
+        outputs = pool.collect(handles)
+        end = self._clock.mark()
+        for (_, step), out in zip(calls, outputs, strict=True):  # the trace: each draft spans its round here
+            self._marks.append((step, scheduler.timesteps[step], out.precision, out.fallback_from, start, end))
+        drafts.accept(calls, [o.output.to(device=self._device, dtype=dtype) for o in outputs], result,
+                      drafts.channels_of(feeds, hidden_name))
+        return result
+
+    def run_call(self, feeds: dict[str, Any], index: int, timestep: float) -> tuple[torch.Tensor, str, str | None, float]:
+        """One call of step `index` on `feeds` (what a draft actor runs): output, engine used, fallback, seconds."""
+        hidden = feeds[self._input_specs[0].name]
+        self._ensure_buffers(int(hidden.shape[0]))
+        started = time.perf_counter()
+        result = self._run(feeds, index, timestep, hidden.dtype)
+        self.stream.synchronize()
+        _, _, used, fallback_from, _, _ = self._marks[-1]
+        return result, used, fallback_from, time.perf_counter() - started
 
     def _run(self, feeds: dict[str, Any], index: int, timestep, dtype: torch.dtype) -> torch.Tensor:
         """One engine call of step `index` on `feeds` (the step's precision, NaN guard), recorded in the trace."""
@@ -215,6 +256,9 @@ class EngineDenoiser(torch.nn.Module):
         self._matched_timesteps = timesteps
 
     def close(self) -> None:
+        if self.draft_pool is not None:
+            self.draft_pool.close()
+            self.draft_pool = None
         for engine in self.engines.values():
             engine.close()
 
@@ -328,14 +372,17 @@ def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
 def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Schedule | str | Path | list[str] | None = None,
                    precision: str | None = None, backend: str = "ort", device: str = "cpu", threads: int | None = None,
                    nan_guard: bool = True, parallel: int = 1, mode: str = "conservative",
-                   guidance_scale: float | None = None, min_alpha: float = 0.0) -> EngineDenoiser:
+                   guidance_scale: float | None = None, min_alpha: float = 0.0, executor: str = "local",
+                   address: str | None = None) -> EngineDenoiser:
     """Replace the pipeline's transformer/unet with engines from `build_dir` that follow `schedule`.
 
     Every built engine of the backend is loaded (a NaN step falls back to the next higher precision); the
     schedule's precisions must all be built. The pipeline may have been loaded without its denoiser
     (`transformer=None`): config and call signature then come from the build directory. With `parallel` N > 1 the
     denoiser drafts ahead (DRiffusion, `dropin_drafts`) in `mode`, from anchors whose signal scale is at least
-    `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's).
+    `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's). With
+    `executor="ray"` the drafts run on Ray actors (`dropin_ray`; a local Ray, or the cluster at `address`); call
+    `close()` on the returned denoiser to stop them.
     """
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
@@ -359,12 +406,16 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     original = getattr(pipe, component, None)
     if original is not None:
         check_same_model(original, manifest, build_dir)
-    adapter = adapter_for_config(manifest.denoiser_config)
-    engines = load_built_engines(build_dir, manifest, backend, device, plan.needed, threads)
     dtype = original.dtype if original is not None else torch.float32
-    denoiser = EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
-                              lambda: pipe.scheduler, plan, device=device, dtype=dtype,
-                              nan_guard=nan_guard)
+    denoiser = denoiser_for_build(build_dir, plan, backend=backend, device=device, threads=threads, nan_guard=nan_guard,
+                                  scheduler_of=lambda: pipe.scheduler, dtype=dtype, manifest=manifest)
+    adapter = denoiser.adapter
+    if executor not in ("local", "ray"):
+        raise TmpdiffError(f"executor must be local or ray, got {executor!r}")
+    if address is not None and executor != "ray":
+        raise TmpdiffError("--address names a Ray cluster: it needs --executor ray")
+    if executor == "ray" and parallel == 1:
+        raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
     if parallel > 1:
         from tmpdiff.runtime.parallel import check_parallel_scheduler
         from tmpdiff.runtime.pipeline_io import default_guidance_of
@@ -374,5 +425,25 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
             raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
         scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
         denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
+        if executor == "ray":  # the anchor runs here; conservative rounds draft N states, aggressive N - 1
+            from tmpdiff.runtime.dropin_ray import DraftPool, DraftWorkerSpec
+            from tmpdiff.runtime.ray_executor import default_threads
+
+            actors = parallel if denoiser.drafts.mode is ParallelMode.conservative else parallel - 1
+            spec = DraftWorkerSpec(build_dir, plan, backend, device, threads or default_threads(actors + 1), nan_guard)
+            denoiser.draft_pool = DraftPool(spec, actors, address)
+            denoiser.draft_pool_startup = denoiser.draft_pool.startup_seconds
     setattr(pipe, component, denoiser)
     return denoiser
+
+
+def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "ort", device: str = "cpu",
+                       threads: int | None = None, nan_guard: bool = True, scheduler_of=lambda: None,
+                       dtype: torch.dtype = torch.float32, manifest: Manifest | None = None) -> EngineDenoiser:
+    """An `EngineDenoiser` of a build's engines for `plan` (the pipeline's, or a draft actor's)."""
+    build_dir = Path(build_dir)
+    manifest = manifest or load_manifest(build_dir)
+    adapter = adapter_for_config(manifest.denoiser_config)
+    engines = load_built_engines(build_dir, manifest, backend, device, plan.needed, threads)
+    return EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
+                          scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard)

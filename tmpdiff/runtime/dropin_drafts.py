@@ -67,16 +67,19 @@ class DropInDrafts:
             output = output[:, :latent_channels]
         return output
 
-    def after_anchor(self, index: int, feeds: dict[str, Any], hidden_name: str, output: torch.Tensor, scheduler,
-                     run: Callable[[dict[str, Any], int], torch.Tensor]) -> None:
-        """Draft and run the rest of the round that step `index` anchors (`run(feeds, step)` runs one call)."""
+    def draft_calls(self, index: int, feeds: dict[str, Any], hidden_name: str, scheduler,
+                    output: torch.Tensor | None) -> list[tuple[dict[str, Any], int]]:
+        """The round's draft calls anchored at step `index` (feeds and step of each), counting the round's rounds.
+
+        Aggressive drafts jump with the previous round's last estimate, so they are known before the anchor's own
+        call runs (`output` None: a pool can evaluate them beside it); conservative drafts need the anchor's fresh
+        estimate (`output`, the anchor call's raw result)."""
         timesteps = scheduler.timesteps
         steps = len(timesteps)
         if index == 0 and self.workers > 1:
             check_parallel_scheduler(scheduler)
         hidden = feeds[hidden_name]
         anchor = hidden[: hidden.shape[0] // 2] if self.guidance_scale > 1.0 else hidden
-        fresh = self.guided(output, anchor.shape[1])
         self.rounds += 1
         if float(vp_scales(scheduler, index)[0]) < self.min_alpha:
             drafts, source = 0, None
@@ -84,14 +87,34 @@ class DropInDrafts:
             drafts = 0 if self.previous is None else min(self.workers - 1, steps - 1 - index)
             source = self.previous
         else:
-            drafts, source = min(self.workers, steps - 1 - index), fresh
+            if output is None:
+                raise TmpdiffError("conservative drafts need the anchor's own estimate first")
+            drafts, source = min(self.workers, steps - 1 - index), self.guided(output, anchor.shape[1])
             self.rounds += 1 if drafts else 0
-        last = fresh
+        calls = []
         for j in range(1, drafts + 1):
             state = skip_transition(scheduler, anchor.float(), source, index, index + j).to(hidden.dtype)
             draft_feeds = dict(feeds)
             draft_feeds[hidden_name] = torch.cat([state, state]) if self.guidance_scale > 1.0 else state
             draft_feeds["timestep"] = torch.full_like(torch.as_tensor(feeds["timestep"]), float(timesteps[index + j]))
-            self.pending[index + j] = run(draft_feeds, index + j)
-            last = self.guided(self.pending[index + j], anchor.shape[1])
+            calls.append((draft_feeds, index + j))
+        return calls
+
+    def accept(self, calls: list[tuple[dict[str, Any], int]], outputs: list[torch.Tensor], output: torch.Tensor,
+               latent_channels: int) -> None:
+        """Keep the drafts' outputs for their steps; the round's last estimate seeds the next aggressive round."""
+        last = self.guided(output, latent_channels)
+        for (_, step), result in zip(calls, outputs, strict=True):
+            self.pending[step] = result
+            last = self.guided(result, latent_channels)
         self.previous = last
+
+    def after_anchor(self, index: int, feeds: dict[str, Any], hidden_name: str, output: torch.Tensor, scheduler,
+                     run: Callable[[dict[str, Any], int], torch.Tensor]) -> None:
+        """Draft and run the rest of the round that step `index` anchors, one call after another (`run(feeds, step)`
+        runs one call)."""
+        calls = self.draft_calls(index, feeds, hidden_name, scheduler, output)
+        self.accept(calls, [run(f, step) for f, step in calls], output, self.channels_of(feeds, hidden_name))
+
+    def channels_of(self, feeds: dict[str, Any], hidden_name: str) -> int:
+        return int(feeds[hidden_name].shape[1])
