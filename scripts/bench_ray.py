@@ -6,6 +6,8 @@ mode, the same samples (checked bit for bit against the in-process emulation); m
 warm-up, Ray start-up and engine loading reported apart. The mode's ideal speedup is T / rounds; what this machine
 allows it (`machine_allowed`) uses the last run's per-call times inside the actors, a call alone against a call
 beside another, so Ray's own overhead is what separates the measured speedup from it.
+Part 3, pipeline (`--parts pipeline --t2i-build BUILD`): the bundled pipeline's call with the drop-in, sequential
+against its drafts on Ray actors (the anchor calls in this process), each mode, with --draft-min-alpha.
 Part 2, calibration: the same `calibrate` (stated costs, a speedup target) in this process (one thread), on one Ray
 actor and on two (one thread each); the search's wall time only (session set-up and Ray start-up apart), and the
 schedule and evaluation count of each (they must agree).
@@ -105,6 +107,58 @@ def bench_sampling(build_dir: Path, samples: int, steps: int, repeats: int, work
     return {"samples": samples, "steps": steps, "repeats": repeats, "ray_startup_s": startup, "rows": rows}
 
 
+def bench_pipeline(build_dir: Path, pipeline_dir: Path, prompts: int, steps: int, repeats: int, workers: int,
+                   min_alpha: float) -> dict:
+    """The drop-in on the bundled pipeline: its sequential call (one thread) against drafts on Ray actors (one
+    thread each, the anchor in this process), each mode, the same images as the in-process drafts."""
+    import numpy as np
+
+    from tmpdiff.models.colored_digits import held_in_combos
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    texts = [c.prompt for c in held_in_combos()[:prompts]]
+    torch.set_num_threads(1)
+
+    def attached(parallel: int, mode: str = "conservative", executor: str = "local"):
+        pipe = load_pipeline(pipeline_dir)
+        denoiser = attach_engines(pipe, build_dir, precision="fp32", parallel=parallel, mode=mode, threads=1,
+                                  executor=executor, min_alpha=min_alpha if parallel > 1 else 0.0)
+
+        def kwargs():  # a fresh generator per call: every call samples the same noise
+            return {**call_kwargs(pipe, steps=steps, seed=0, guidance_scale=None, text_len=denoiser.adapter.text_len,
+                                  sample_size=denoiser.config.get("sample_size")), "output_type": "np"}
+
+        return pipe, denoiser, kwargs
+
+    pipe, denoiser, kwargs = attached(1)
+    sequential_s, runs = _median_seconds(lambda: pipe(texts, **kwargs()), repeats)
+    denoiser.close()
+    rows = [{"mode": "sequential", "workers": 1, "rounds": steps, "seconds": sequential_s, "runs": runs}]
+    for mode in ParallelMode:
+        pipe, local, kwargs = attached(workers, mode.value)
+        want = np.asarray(pipe(texts, **kwargs()).images)
+        local.close()
+        started = time.perf_counter()
+        pipe, remote, kwargs = attached(workers, mode.value, "ray")
+        startup = time.perf_counter() - started
+        try:
+            got = {}
+
+            def run(pipe=pipe, kwargs=kwargs, got=got):
+                got["images"] = np.asarray(pipe(texts, **kwargs()).images)
+
+            seconds, runs = _median_seconds(run, repeats)
+            rounds = remote.drafts.rounds
+            rows.append({"mode": mode.value, "workers": workers, "actors": remote.draft_pool.workers, "rounds": rounds,
+                         "seconds": seconds, "runs": runs, "speedup": sequential_s / seconds,
+                         "ideal_speedup": steps / rounds, "fraction_of_ideal": sequential_s / seconds / (steps / rounds),
+                         "ray_startup_s": startup, "same_images_as_in_process": bool(np.array_equal(got["images"], want))})
+        finally:
+            remote.close()
+    return {"prompts": len(texts), "steps": steps, "repeats": repeats, "min_alpha": min_alpha, "rows": rows}
+
+
 def bench_calibration(build_dir: Path, costs: Path, steps: int, speedup: float, seeds: list[int]) -> dict:
     rows = []
     for workers in (None, 1, 2):
@@ -140,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calib-speedup", type=float, default=1.6)
     parser.add_argument("--calib-seeds", default="0,1")
-    parser.add_argument("--parts", default="sampling,calibration")
+    parser.add_argument("--parts", default="sampling,calibration", help="of sampling, calibration, pipeline")
+    parser.add_argument("--t2i-build", type=Path, help="pipeline part: the bundled pipeline's build (fp32 built)")
+    parser.add_argument("--prompts", type=int, default=8, help="pipeline part: held-in prompts per call")
+    parser.add_argument("--min-alpha", type=float, default=0.6, help="pipeline part: --draft-min-alpha")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     report: dict = {"format": "tmpdiff.bench_ray/1", "machine": cpu_name(), "threads_per_worker": 1}
@@ -157,6 +214,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.get('side_by_side_slowdown', 1):.2f}x slower | {r.get('machine_allowed_speedup', 1):.2f}x | "
                   f"{r.get('fraction_of_machine_allowed', 1):.0%} |")
         print(f"Ray start-up and engine loading: {report['sampling']['ray_startup_s']:.1f} s")
+    if "pipeline" in parts:
+        if args.t2i_build is None:
+            parser.error("the pipeline part needs --t2i-build")
+        from tmpdiff.models.tiny_t2i import t2i_dir
+
+        report["pipeline"] = bench_pipeline(args.t2i_build, t2i_dir(), args.prompts, args.steps, args.repeats, 2,
+                                            args.min_alpha)
+        write_json(args.out, report)
+        print("| pipeline mode | N | actors | rounds | median s | speedup | ideal | of ideal | same images |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in report["pipeline"]["rows"]:
+            print(f"| {r['mode']} | {r['workers']} | {r.get('actors', 0)} | {r['rounds']} | {r['seconds']:.3f} | "
+                  f"{r.get('speedup', 1):.2f}x | {r.get('ideal_speedup', 1):.2f}x | {r.get('fraction_of_ideal', 1):.0%} | "
+                  f"{r.get('same_images_as_in_process', True)} |")
     if "calibration" in parts:
         seeds = [int(v) for v in args.calib_seeds.split(",")]
         report["calibration"] = bench_calibration(args.build_dir, args.costs, args.steps, args.calib_speedup, seeds)
