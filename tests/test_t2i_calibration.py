@@ -242,8 +242,11 @@ def test_pipeline_drafts_on_ray_actors_give_the_in_process_images(work, mode):
     schedule = ["fp32", "int8", "int8", "fp32", "int8", "fp32"]
 
     def sample(executor):
+        from tmpdiff.runtime.dropin_ray import attach_with_ray_drafts
+
         pipe = load_pipeline(t2i_dir())
-        denoiser = attach_engines(pipe, build, schedule=schedule, parallel=3, mode=mode, threads=1, executor=executor)
+        attach = attach_with_ray_drafts if executor == "ray" else attach_engines
+        denoiser = attach(pipe, build, schedule=schedule, parallel=3, mode=mode, threads=1)
         kwargs = call_kwargs(pipe, steps=len(schedule), seed=2, guidance_scale=None, text_len=denoiser.adapter.text_len,
                              sample_size=denoiser.config.get("sample_size"))
         return pipe, denoiser, kwargs

@@ -55,10 +55,14 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     plan = request.plan(DEFAULT_STEPS)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     check_calibrated_guidance(plan, pipe, request.guidance_scale)
-    denoiser = attach_engines(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
-                              threads=request.threads, nan_guard=request.nan_guard, parallel=request.parallel,
-                              mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha,
-                              executor=request.executor, address=request.address)
+    attach = attach_engines
+    if request.executor == "ray" and request.parallel > 1:
+        from tmpdiff.runtime.dropin_ray import attach_with_ray_drafts as attach
+    options = {} if attach is not attach_engines else {"executor": request.executor}
+    denoiser = attach(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
+                      threads=request.threads, nan_guard=request.nan_guard, parallel=request.parallel,
+                      mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha,
+                      address=request.address, **options)
     if request.device != "cpu":
         pipe.to("cuda")
     kwargs = call_kwargs(pipe, steps=plan.steps, seed=request.seed, guidance_scale=request.guidance_scale,

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -44,9 +44,6 @@ from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
-
-if TYPE_CHECKING:
-    from tmpdiff.runtime.dropin_ray import DraftPool
 
 # Keyword arguments a pipeline passes that carry attention-processor options: honoured only when empty.
 PROCESSOR_OPTIONS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
@@ -92,7 +89,7 @@ class EngineDenoiser(torch.nn.Module):
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self.drafts: DropInDrafts | None = None  # DRiffusion: set by `attach_engines(parallel=...)`
-        self.draft_pool: DraftPool | None = None  # DRiffusion on Ray actors: `attach_engines(executor="ray")`
+        self.draft_pool = None  # DRiffusion on Ray actors: a `dropin_ray.DraftPool` (`attach_draft_pool`)
         self.draft_pool_startup: float | None = None  # seconds its Ray start-up and engine loading took
 
     # What diffusers pipelines read from their denoiser besides calling it.
@@ -416,6 +413,8 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         raise TmpdiffError("--address names a Ray cluster: it needs --executor ray")
     if executor == "ray" and parallel == 1:
         raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
+    if executor == "ray" and not getattr(pipe, "_tmpdiff_ray_ok", False):
+        raise TmpdiffError("drafts on Ray actors: use tmpdiff.runtime.dropin_ray.attach_with_ray_drafts")
     if parallel > 1:
         from tmpdiff.runtime.parallel import check_parallel_scheduler
         from tmpdiff.runtime.pipeline_io import default_guidance_of
@@ -425,14 +424,6 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
             raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
         scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
         denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
-        if executor == "ray":  # the anchor runs here; conservative rounds draft N states, aggressive N - 1
-            from tmpdiff.runtime.dropin_ray import DraftPool, DraftWorkerSpec
-            from tmpdiff.runtime.ray_executor import default_threads
-
-            actors = parallel if denoiser.drafts.mode is ParallelMode.conservative else parallel - 1
-            spec = DraftWorkerSpec(build_dir, plan, backend, device, threads or default_threads(actors + 1), nan_guard)
-            denoiser.draft_pool = DraftPool(spec, actors, address)
-            denoiser.draft_pool_startup = denoiser.draft_pool.startup_seconds
     setattr(pipe, component, denoiser)
     return denoiser
 

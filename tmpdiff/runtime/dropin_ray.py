@@ -112,3 +112,26 @@ class DraftPool:
     def close(self) -> None:
         stop_actors(self.actors, self.started_here)
         self.actors, self.started_here = [], False
+
+
+def attach_with_ray_drafts(pipe, build_dir, *, parallel: int, mode: str = "conservative", threads: int | None = None,
+                           address: str | None = None, backend: str = "ort", device: str = "cpu",
+                           nan_guard: bool = True, **options):
+    """`attach_engines` with DRiffusion drafts on Ray actors: the anchor runs here; conservative rounds draft N
+    states on N actors, aggressive N - 1 beside the anchor. Call `close()` on the denoiser to stop them."""
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.parallel import ParallelMode
+    from tmpdiff.runtime.ray_executor import default_threads
+
+    pipe._tmpdiff_ray_ok = True
+    try:
+        denoiser = attach_engines(pipe, build_dir, parallel=parallel, mode=mode, threads=threads, address=address,
+                                  backend=backend, device=device, nan_guard=nan_guard, executor="ray", **options)
+    finally:
+        del pipe._tmpdiff_ray_ok
+    actors = parallel if denoiser.drafts.mode is ParallelMode.conservative else parallel - 1
+    spec = DraftWorkerSpec(Path(build_dir), denoiser.plan, backend, device, threads or default_threads(actors + 1),
+                           nan_guard)
+    denoiser.draft_pool = DraftPool(spec, actors, address)
+    denoiser.draft_pool_startup = denoiser.draft_pool.startup_seconds
+    return denoiser
