@@ -184,6 +184,19 @@ def bench_calibration(build_dir: Path, costs: Path, steps: int, speedup: float, 
             "same_evaluations": len({r["evaluations"] for r in rows}) == 1}
 
 
+def _rates(row: dict) -> list[str]:
+    """Speedup, the mode's ideal one and the fraction of it (1 for the sequential row)."""
+    return [f"{row.get('speedup', 1):.2f}x", f"{row.get('ideal_speedup', 1):.2f}x", f"{row.get('fraction_of_ideal', 1):.0%}"]
+
+
+def print_rows(header: list[str], rows: list[list]) -> None:
+    """A markdown table on stdout."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("build_dir", type=Path, help="build with fp32 (and the costs table's levels) built for ORT")
@@ -206,13 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if "sampling" in parts:
         report["sampling"] = bench_sampling(args.build_dir, args.samples, args.steps, args.repeats, 2)
         write_json(args.out, report)
-        print("| mode | N | rounds | median s | speedup | ideal | of ideal | call beside another | machine allows | of that |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in report["sampling"]["rows"]:
-            print(f"| {r['mode']} | {r['workers']} | {r['rounds']} | {r['seconds']:.3f} | {r.get('speedup', 1):.2f}x | "
-                  f"{r.get('ideal_speedup', 1):.2f}x | {r.get('fraction_of_ideal', 1):.0%} | "
-                  f"{r.get('side_by_side_slowdown', 1):.2f}x slower | {r.get('machine_allowed_speedup', 1):.2f}x | "
-                  f"{r.get('fraction_of_machine_allowed', 1):.0%} |")
+        print_rows(["mode", "N", "rounds", "median s", "speedup", "ideal", "of ideal", "call beside another",
+                    "machine allows", "of that"],
+                   [[r["mode"], r["workers"], r["rounds"], f"{r['seconds']:.3f}", *_rates(r),
+                     f"{r.get('side_by_side_slowdown', 1):.2f}x slower", f"{r.get('machine_allowed_speedup', 1):.2f}x",
+                     f"{r.get('fraction_of_machine_allowed', 1):.0%}"] for r in report["sampling"]["rows"]])
         print(f"Ray start-up and engine loading: {report['sampling']['ray_startup_s']:.1f} s")
     if "pipeline" in parts:
         if args.t2i_build is None:
@@ -222,12 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         report["pipeline"] = bench_pipeline(args.t2i_build, t2i_dir(), args.prompts, args.steps, args.repeats, 2,
                                             args.min_alpha)
         write_json(args.out, report)
-        print("| pipeline mode | N | actors | rounds | median s | speedup | ideal | of ideal | same images |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in report["pipeline"]["rows"]:
-            print(f"| {r['mode']} | {r['workers']} | {r.get('actors', 0)} | {r['rounds']} | {r['seconds']:.3f} | "
-                  f"{r.get('speedup', 1):.2f}x | {r.get('ideal_speedup', 1):.2f}x | {r.get('fraction_of_ideal', 1):.0%} | "
-                  f"{r.get('same_images_as_in_process', True)} |")
+        print_rows(["pipeline mode", "N", "actors", "rounds", "median s", "speedup", "ideal", "of ideal", "same images"],
+                   [[r["mode"], r["workers"], r.get("actors", 0), r["rounds"], f"{r['seconds']:.3f}", *_rates(r),
+                     r.get("same_images_as_in_process", True)] for r in report["pipeline"]["rows"]])
     if "calibration" in parts:
         seeds = [int(v) for v in args.calib_seeds.split(",")]
         report["calibration"] = bench_calibration(args.build_dir, args.costs, args.steps, args.calib_speedup, seeds)

@@ -72,15 +72,20 @@ class RunRequest(RunOptions):
             raise TmpdiffError(f"--parallel must be at least 1, got {self.parallel}")
         if self.mode not in {m.value for m in ParallelMode}:
             raise TmpdiffError(f"--mode must be conservative or aggressive, got {self.mode!r}")
-        if self.executor not in EXECUTORS:
-            raise TmpdiffError(f"--executor must be local or ray, got {self.executor!r}")
-        if self.address is not None and self.executor != "ray":
-            raise TmpdiffError("--address names a Ray cluster: it needs --executor ray")
-        if self.executor == "ray" and self.parallel == 1:
-            raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
+        check_executor(self.parallel, self.executor, self.address)
 
 
 EXECUTORS = ("local", "ray")
+
+
+def check_executor(parallel: int, executor: str, address: str | None) -> None:
+    """Where a run's N calls per round go, refused by name when it cannot work (before anything is loaded)."""
+    if executor not in EXECUTORS:
+        raise TmpdiffError(f"--executor must be local or ray, got {executor!r}")
+    if address is not None and executor != "ray":
+        raise TmpdiffError("--address names a Ray cluster: it needs --executor ray")
+    if executor == "ray" and parallel == 1:
+        raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
 
 
 def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, PrecisionPlan, dict]:

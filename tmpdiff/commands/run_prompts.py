@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmpdiff.commands.run import RunOptions
+from tmpdiff.commands.run import RunOptions, check_executor
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.pipeline_io import call_kwargs, default_guidance_of, load_pipeline
@@ -29,6 +29,10 @@ class PromptRequest(RunOptions):
     min_alpha: float = 0.0  # drafts only from anchors with at least this signal scale (`dropin_drafts`)
     executor: str = "local"  # local: a round's calls one after another here; ray: the drafts on Ray actors
     address: str | None = None  # an existing Ray cluster (else a local Ray is started)
+
+    def check(self) -> None:
+        super().check()
+        check_executor(self.parallel, self.executor, self.address)
 
 
 def load_pipeline_without_denoiser(pipeline_dir: Path):
@@ -55,14 +59,15 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     plan = request.plan(DEFAULT_STEPS)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     check_calibrated_guidance(plan, pipe, request.guidance_scale)
+    options = {}
     attach = attach_engines
-    if request.executor == "ray" and request.parallel > 1:
+    if request.executor == "ray":
         from tmpdiff.runtime.dropin_ray import attach_with_ray_drafts as attach
-    options = {} if attach is not attach_engines else {"executor": request.executor}
+
+        options["address"] = request.address
     denoiser = attach(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
                       threads=request.threads, nan_guard=request.nan_guard, parallel=request.parallel,
-                      mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha,
-                      address=request.address, **options)
+                      mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha, **options)
     if request.device != "cpu":
         pipe.to("cuda")
     kwargs = call_kwargs(pipe, steps=plan.steps, seed=request.seed, guidance_scale=request.guidance_scale,

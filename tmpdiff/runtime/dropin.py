@@ -369,17 +369,15 @@ def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
 def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Schedule | str | Path | list[str] | None = None,
                    precision: str | None = None, backend: str = "ort", device: str = "cpu", threads: int | None = None,
                    nan_guard: bool = True, parallel: int = 1, mode: str = "conservative",
-                   guidance_scale: float | None = None, min_alpha: float = 0.0, executor: str = "local",
-                   address: str | None = None) -> EngineDenoiser:
+                   guidance_scale: float | None = None, min_alpha: float = 0.0) -> EngineDenoiser:
     """Replace the pipeline's transformer/unet with engines from `build_dir` that follow `schedule`.
 
     Every built engine of the backend is loaded (a NaN step falls back to the next higher precision); the
     schedule's precisions must all be built. The pipeline may have been loaded without its denoiser
     (`transformer=None`): config and call signature then come from the build directory. With `parallel` N > 1 the
     denoiser drafts ahead (DRiffusion, `dropin_drafts`) in `mode`, from anchors whose signal scale is at least
-    `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's). With
-    `executor="ray"` the drafts run on Ray actors (`dropin_ray`; a local Ray, or the cluster at `address`); call
-    `close()` on the returned denoiser to stop them.
+    `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's).
+    `dropin_ray.attach_with_ray_drafts` runs the drafts on Ray actors.
     """
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
@@ -407,14 +405,6 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     denoiser = denoiser_for_build(build_dir, plan, backend=backend, device=device, threads=threads, nan_guard=nan_guard,
                                   scheduler_of=lambda: pipe.scheduler, dtype=dtype, manifest=manifest)
     adapter = denoiser.adapter
-    if executor not in ("local", "ray"):
-        raise TmpdiffError(f"executor must be local or ray, got {executor!r}")
-    if address is not None and executor != "ray":
-        raise TmpdiffError("--address names a Ray cluster: it needs --executor ray")
-    if executor == "ray" and parallel == 1:
-        raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
-    if executor == "ray" and not getattr(pipe, "_tmpdiff_ray_ok", False):
-        raise TmpdiffError("drafts on Ray actors: use tmpdiff.runtime.dropin_ray.attach_with_ray_drafts")
     if parallel > 1:
         from tmpdiff.runtime.parallel import check_parallel_scheduler
         from tmpdiff.runtime.pipeline_io import default_guidance_of

@@ -11,7 +11,6 @@ for bit on CPU at the same thread count, tested). An actor that dies or raises f
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.runtime.plan import PrecisionPlan
-from tmpdiff.runtime.ray_executor import connect_ray, error_cause, ray_available, stop_actors
+from tmpdiff.runtime.ray_executor import ActorGroup
 
 Call = tuple[dict[str, Any], int]  # a draft's feeds and the step it stands for
 
@@ -68,50 +67,32 @@ class DraftActor:
 
 
 class DraftPool:
-    """`workers` Ray actors for a pipeline's drafts, each with `spec.threads` CPUs (one GPU each on CUDA)."""
+    """`workers` Ray actors for a pipeline's drafts (`ActorGroup`), call i of a round on actor i."""
 
     def __init__(self, spec: DraftWorkerSpec, workers: int, address: str | None = None) -> None:
-        if not ray_available():
-            raise TmpdiffError("--executor ray needs Ray: pip install 'tmpdiff[ray]'")
-        if workers < 1:
-            raise TmpdiffError(f"a draft pool needs at least one worker, got {workers}")
-        import ray
+        self.group = ActorGroup(DraftActor, spec, workers, address, "draft worker", "no image was produced")
+        self.startup_seconds = self.group.startup_seconds
 
-        start = time.perf_counter()
-        threads = spec.threads or 1
-        self.started_here = connect_ray(workers * threads, address)
-        actor = ray.remote(num_cpus=threads, num_gpus=0 if spec.device == "cpu" else 1)(DraftActor)
-        self.actors = [actor.remote(spec) for _ in range(workers)]
-        self.pids = self._get([a.ready.remote() for a in self.actors])
-        self.startup_seconds = time.perf_counter() - start  # Ray start-up and engine loading, reported apart
+    @property
+    def actors(self) -> list:
+        return self.group.actors
 
     @property
     def workers(self) -> int:
-        return len(self.actors)
+        return len(self.group.actors)
 
     def submit(self, calls: Sequence[Call], timesteps: Sequence) -> list:
         """Start each call on its own actor (call i on actor i); returns what `collect` waits for."""
-        if len(calls) > len(self.actors):
-            raise TmpdiffError(f"{len(calls)} drafts for {len(self.actors)} Ray workers in one round")
+        if len(calls) > self.workers:
+            raise TmpdiffError(f"{len(calls)} drafts for {self.workers} Ray workers in one round")
         return [actor.run.remote(feeds, step, float(timesteps[step]))
                 for actor, (feeds, step) in zip(self.actors, calls, strict=False)]
 
     def collect(self, handles: list) -> list[DraftResult]:
-        return self._get(handles) if handles else []
-
-    def _get(self, refs):
-        import ray
-
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as exc:  # a worker raised: its own error, one line
-            raise TmpdiffError(f"a Ray draft worker failed: {error_cause(exc)}") from None
-        except ray.exceptions.RayError as exc:  # the actor died (killed, out of memory, node lost)
-            raise TmpdiffError(f"a Ray draft worker died mid-run ({type(exc).__name__}); no image was produced") from None
+        return self.group.get(handles) if handles else []
 
     def close(self) -> None:
-        stop_actors(self.actors, self.started_here)
-        self.actors, self.started_here = [], False
+        self.group.close()
 
 
 def attach_with_ray_drafts(pipe, build_dir, *, parallel: int, mode: str = "conservative", threads: int | None = None,
@@ -123,12 +104,10 @@ def attach_with_ray_drafts(pipe, build_dir, *, parallel: int, mode: str = "conse
     from tmpdiff.runtime.parallel import ParallelMode
     from tmpdiff.runtime.ray_executor import default_threads
 
-    pipe._tmpdiff_ray_ok = True
-    try:
-        denoiser = attach_engines(pipe, build_dir, parallel=parallel, mode=mode, threads=threads, address=address,
-                                  backend=backend, device=device, nan_guard=nan_guard, executor="ray", **options)
-    finally:
-        del pipe._tmpdiff_ray_ok
+    if parallel < 2:
+        raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
+    denoiser = attach_engines(pipe, build_dir, parallel=parallel, mode=mode, threads=threads, backend=backend,
+                              device=device, nan_guard=nan_guard, **options)
     actors = parallel if denoiser.drafts.mode is ParallelMode.conservative else parallel - 1
     spec = DraftWorkerSpec(Path(build_dir), denoiser.plan, backend, device, threads or default_threads(actors + 1),
                            nan_guard)

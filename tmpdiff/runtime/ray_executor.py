@@ -88,40 +88,69 @@ class RayWorker:
         self.worker.close()
 
 
-class RayExecutor:
-    """`workers` Ray actors, each with `spec.threads` CPUs (and one GPU each when the engines run on CUDA)."""
+class ActorGroup:
+    """`workers` Ray actors of `actor_class`, each built from `spec` with `spec.threads` CPUs (and one GPU each when
+    the engines run on CUDA); Ray start-up and engine loading are timed apart (`startup_seconds`)."""
 
-    def __init__(self, spec: WorkerSpec, workers: int, address: str | None = None) -> None:
+    def __init__(self, actor_class: type, spec, workers: int, address: str | None, what: str, lost: str) -> None:
         if not ray_available():
             raise TmpdiffError("--executor ray needs Ray: pip install 'tmpdiff[ray]'")
+        if workers < 1:
+            raise TmpdiffError(f"Ray {what}s: at least one is needed, got {workers}")
         import ray
 
         start = time.perf_counter()
-        self.workers, threads = workers, spec.threads or 1
+        threads = spec.threads or 1
+        self.what, self.lost = what, lost  # how errors name a worker, and what a lost one costs
         self.started_here = connect_ray(workers * threads, address)
-        actor = ray.remote(num_cpus=threads, num_gpus=0 if spec.device == "cpu" else 1)(RayWorker)
+        actor = ray.remote(num_cpus=threads, num_gpus=0 if spec.device == "cpu" else 1)(actor_class)
         self.actors = [actor.remote(spec) for _ in range(workers)]
-        self.pids = self._get([a.ready.remote() for a in self.actors])
-        self.startup_seconds = time.perf_counter() - start  # Ray start-up and engine loading, reported apart
+        self.pids = self.get([a.ready.remote() for a in self.actors])
+        self.startup_seconds = time.perf_counter() - start
 
-    def _get(self, refs):
+    def get(self, refs):
+        """The results of `refs`, in order; a worker's failure or death is one line naming it."""
         import ray
 
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as exc:  # a worker raised: its own error, one line
-            raise TmpdiffError(f"a Ray worker failed: {error_cause(exc)}") from None
+            raise TmpdiffError(f"a Ray {self.what} failed: {error_cause(exc)}") from None
         except ray.exceptions.RayError as exc:  # the actor died (killed, out of memory, node lost)
-            raise TmpdiffError(f"a Ray worker died mid-run ({type(exc).__name__}); no sample was produced") from None
-
-    def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None:
-        self._get([a.begin.remote(class_labels, conditioning) for a in self.actors])
-
-    def evaluate(self, calls: Sequence[DenoiseCall]) -> list[CallResult]:
-        if len(calls) > self.workers:
-            raise TmpdiffError(f"{len(calls)} calls for {self.workers} Ray workers in one round")
-        return self._get([actor.denoise.remote(call) for actor, call in zip(self.actors, calls, strict=False)])
+            raise TmpdiffError(f"a Ray {self.what} died mid-run ({type(exc).__name__}); {self.lost}") from None
 
     def close(self) -> None:
         stop_actors(self.actors, self.started_here)
         self.actors, self.started_here = [], False
+
+
+class RayExecutor:
+    """`workers` Ray actors running a round's calls, actor i call i."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, address: str | None = None) -> None:
+        self.workers = workers
+        self.group = ActorGroup(RayWorker, spec, workers, address, "worker", "no sample was produced")
+        self.startup_seconds = self.group.startup_seconds
+
+    @property
+    def actors(self) -> list:
+        return self.group.actors
+
+    @property
+    def pids(self) -> list[int]:
+        return self.group.pids
+
+    @property
+    def started_here(self) -> bool:
+        return self.group.started_here
+
+    def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None:
+        self.group.get([a.begin.remote(class_labels, conditioning) for a in self.actors])
+
+    def evaluate(self, calls: Sequence[DenoiseCall]) -> list[CallResult]:
+        if len(calls) > self.workers:
+            raise TmpdiffError(f"{len(calls)} calls for {self.workers} Ray workers in one round")
+        return self.group.get([actor.denoise.remote(call) for actor, call in zip(self.actors, calls, strict=False)])
+
+    def close(self) -> None:
+        self.group.close()
