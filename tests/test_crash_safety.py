@@ -97,8 +97,15 @@ def start(args: list[str], work: Path, name: str, stop_at: str = "-", nth: int =
     command = [sys.executable, "-c", DRIVER, str(marker), str(release), stop_at, str(nth), *args] if driver \
         else [TMPDIFF, *args]
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=work)
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=work, preexec_fn=_interruptible)
     return Run(proc, marker, release, out, err)
+
+
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C as at a terminal. A suite started in the background of a non-interactive
+    shell (`scripts/test.sh &`) has SIGINT ignored, a disposition children inherit across exec, and Python then
+    never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def pending_temp(run: Run) -> Path:
