@@ -186,6 +186,61 @@ def test_calibrate_bad_targets_fail_before_searching(quant_build, costs_file, tm
     assert not (tmp_path / "s.json").exists()
 
 
+CHOSEN = [999, 870, 640, 455, 260, 95]  # 6 steps, not the scheduler's own 6-step spacing
+
+
+def _tmpq_plan(path, timesteps=CHOSEN, model_id="tiny-dit") -> None:
+    """A TMPQ-DM plan with one uniform configuration: only its timesteps matter to `--timesteps-from`."""
+    from tmpdiff.formats.tmpq_plan import TmpqPlan, save_tmpq_plan
+
+    save_tmpq_plan(TmpqPlan(model_id=model_id, steps=len(timesteps), timesteps=timesteps, layers=["blocks.0"],
+                            configs=[["fp32"]], step_configs=[0] * len(timesteps)), path)
+
+
+def test_calibrate_over_a_plans_timesteps(quant_build, costs_file, session6, tmp_path):
+    """TMPDiff over TMPQ-DM's timesteps: every schedule samples at the plan's timesteps and the written schedule
+    names them; its recorded error is what the same schedule scores at those timesteps, not at the own spacing."""
+    from tmpdiff.calibration.session import open_session
+    from tmpdiff.formats.schedule import SCHEDULE_FORMAT, load_schedule
+
+    _, build_dir, _ = quant_build
+    _tmpq_plan(tmp_path / "plan.json")
+    result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--timesteps-from", str(tmp_path / "plan.json"),
+                        "--out", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    schedule = load_schedule(tmp_path / "s.json")
+    assert schedule.timesteps == CHOSEN and schedule.format == SCHEDULE_FORMAT and f"at timesteps {CHOSEN}" in result.stdout
+    assert "int8" in schedule.precisions and schedule.predicted.speedup >= 1.2 - 1e-6
+    chosen = open_session(build_dir, costs_file, 6, classes=[0, 1, 2, 3], seeds=[0], timesteps=CHOSEN)
+    try:
+        at_chosen = chosen.evaluator.evaluate(schedule.precisions)
+    finally:
+        chosen.evaluator.close()
+    assert schedule.measured.latent_error == pytest.approx(at_chosen.latent_error, rel=1e-5)
+    assert session6.evaluator.evaluate(schedule.precisions).latent_error != pytest.approx(at_chosen.latent_error, rel=1e-3)
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("schedule", "names no timesteps"),
+    ("five", "names 5 timesteps but --steps is 6"),
+    ("other-model", "the plan is for model 'pixart', this build is 'tiny-dit'"),
+])
+def test_calibrate_refuses_timesteps_it_cannot_use(quant_build, costs_file, tmp_path, source, message):
+    from tmpdiff.formats.schedule import Schedule, save_schedule
+
+    _, build_dir, _ = quant_build
+    path = tmp_path / "from.json"
+    if source == "schedule":
+        save_schedule(Schedule(steps=6, precisions=["fp32"] * 6), path)
+    else:
+        _tmpq_plan(path, CHOSEN[:5] if source == "five" else CHOSEN, "pixart" if source == "other-model" else "tiny-dit")
+    result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--timesteps-from", str(path),
+                        "--out", str(tmp_path / "s.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith(f"error: {path}") and message in result.stderr, result.stderr
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_costs_for_precisions_not_built_are_refused(quant_build, costs_file, tmp_path):
     _, build_dir, _ = quant_build
     data = json.loads(costs_file.read_text())

@@ -527,6 +527,9 @@ def calibrate(
     max_error: Annotated[float | None, typer.Option(help="quality floor: largest error on --metric")] = None,
     min_ssim: Annotated[float | None, typer.Option(help="quality floor: smallest mean SSIM vs the reference")] = None,
     steps: Annotated[int | None, typer.Option(min=2, help="denoising steps (default: the model's)")] = None,
+    timesteps_from: Annotated[Path | None, typer.Option(help="sample at the timesteps this TMPQ-DM plan or v2+ schedule "
+                                                             "chose (every schedule tried, the reference too): "
+                                                             "per-step precision over chosen timesteps")] = None,
     metric: Annotated[str, typer.Option(help="error the search minimises: latent (relative MSE) or ssim (1 - SSIM)")] = "latent",
     method: Annotated[str, typer.Option(help="sensitivity (profile + exact knapsack) or bisection (segment bisection)")] = "sensitivity",
     tolerance: Annotated[float, typer.Option(min=0.0, help="adaptive sensitivity sampling: interpolate when within this")] = 0.05,
@@ -571,6 +574,9 @@ def calibrate(
     if pipeline is not None:
         if calib_classes is not None:
             raise TmpdiffError("--calib-classes is for class-conditional builds; a pipeline calibrates on --prompts")
+        if timesteps_from is not None:
+            raise TmpdiffError("--timesteps-from is for class-conditional builds (a pipeline calibrates at its "
+                               "scheduler's spacing)")
         from tmpdiff.commands.calibrate_pipeline import calibrate_pipeline, print_result
 
         result, session, judged = calibrate_pipeline(
@@ -581,6 +587,12 @@ def calibrate(
         print_result(result, session, judged, metric)
         typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.json'}" if report else ""))
         return
+    timesteps = None
+    if timesteps_from is not None:
+        from tmpdiff.commands.timesteps_source import timesteps_from as chosen_timesteps
+
+        timesteps = chosen_timesteps(timesteps_from, load_manifest(build_dir), steps)
+        steps = len(timesteps)
     steps = steps or load_manifest(build_dir).require_sampling(build_dir).default_steps
     classes = None if calib_classes is None else _int_list(calib_classes, "--calib-classes")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -597,7 +609,7 @@ def calibrate(
         session = open_session(build_dir, costs, steps, metric, reference, classes, _int_list(calib_seeds, "--calib-seeds"),
                                backend, device, threads, on_evaluation=on_evaluation,
                                check=lambda problem: check_target(problem, target), workers=workers, address=address,
-                               on_notice=console.print)
+                               on_notice=console.print, timesteps=timesteps)
         try:
             result = run_calibration(session, target, method, tolerance, refine_schedule=refine)
             if report is not None:
@@ -609,7 +621,7 @@ def calibrate(
             session.evaluator.close()
     save_schedule(result.file, out)
     f = result.file
-    typer.echo(f"schedule: {' '.join(f.precisions)}")
+    typer.echo(f"schedule: {' '.join(f.precisions)}" + (f" at timesteps {f.timesteps}" if f.timesteps else ""))
     typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured speedup {f.measured.speedup:.3f}x "
                f"({f.measured.schedule_ms:.1f} vs {f.measured.reference_ms:.1f} ms all-{f.reference}, median of "
                f"{f.measured.repeats}, {f.measured.device})")

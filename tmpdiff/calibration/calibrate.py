@@ -105,6 +105,7 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
         steps=problem.steps,
         scheduler=session.scheduler_ref(),
         precisions=list(schedule),
+        timesteps=None if session.evaluator.timesteps is None else list(session.evaluator.timesteps),
         reference=problem.reference,
         target=target.as_dict() | {"metric": problem.metric, "method": method},
         predicted=Figures(speedup=problem.speedup(schedule), error=sens.score_down(schedule),

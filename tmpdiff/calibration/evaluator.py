@@ -52,6 +52,7 @@ class Evaluator:
     runs: int = 0  # schedules actually run (cache misses), reference excluded
     pool: Any = None  # a `fanout.RaySamplePool`: evaluations run on its actors, the driver only scores them
     prefetched: set[tuple[str, ...]] = field(default_factory=set)  # run ahead, not yet asked for
+    timesteps: tuple[int, ...] | None = None  # every schedule (the reference too) samples at exactly these
 
     def __post_init__(self) -> None:
         if not self.classes or not self.seeds:
@@ -67,7 +68,8 @@ class Evaluator:
     def _run(self, schedule: Sequence[str]) -> torch.Tensor:
         if self.pool is not None:
             return self.pool.map([tuple(schedule)])[0]
-        return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule)).latents
+        return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule),
+                                  timesteps=self.timesteps).latents
 
     @property
     def width(self) -> int:
@@ -125,7 +127,8 @@ class Evaluator:
         order = list(range(len(schedules)))
         for round_ in range(repeats):
             for i in order if round_ % 2 == 0 else order[::-1]:
-                result = self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedules[i]))
+                result = self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedules[i]),
+                                            timesteps=self.timesteps)
                 times[i].append(sum(step.seconds for step in result.trace.steps))
         return [statistics.median(t) for t in times]
 

@@ -39,6 +39,7 @@ class SamplingSpec:
     sampling: SamplingInfo
     labels: torch.Tensor
     noise: torch.Tensor
+    timesteps: tuple[int, ...] | None = None  # sample at exactly these (None: the scheduler's spacing)
 
 
 class SamplingActor:
@@ -54,7 +55,7 @@ class SamplingActor:
 
     def sample(self, schedule: tuple[str, ...]) -> torch.Tensor:
         result = self.runner.sample(sampling_scheduler(self.spec.sampling), self.spec.labels, self.spec.noise,
-                                    list(schedule))
+                                    list(schedule), timesteps=self.spec.timesteps)
         return result.latents.detach().cpu().clone()
 
     def close(self) -> None:
@@ -127,11 +128,13 @@ class RaySamplePool:
 
 def sampling_pool(build_dir, manifest, backend: str, device: str, levels: Sequence[str], threads: int | None,
                   labels: torch.Tensor, noise: torch.Tensor, workers: int, address: str | None = None,
-                  on_lost: Callable[[str], None] = lambda _: None) -> RaySamplePool:
+                  on_lost: Callable[[str], None] = lambda _: None,
+                  timesteps: Sequence[int] | None = None) -> RaySamplePool:
     """A pool of `workers` actors for a class-conditional calibration set (threads: each actor's, default
     cores // workers)."""
     sampling = manifest.require_sampling(build_dir)
     spec = WorkerSpec(build_dir, backend, device, tuple(levels), threads or default_threads(workers), len(labels),
                       sampling.channels, sampling.image_size, sampling.guidance_scale, sampling.null_class,
                       sampling.num_classes)
-    return RaySamplePool(SamplingSpec(spec, sampling, labels, noise), workers, address, on_lost)
+    return RaySamplePool(SamplingSpec(spec, sampling, labels, noise, None if timesteps is None else tuple(timesteps)),
+                         workers, address, on_lost)

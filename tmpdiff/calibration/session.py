@@ -15,6 +15,7 @@ from tmpdiff.formats.costs import CostsTable, load_costs
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import SchedulerRef
+from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
@@ -67,9 +68,12 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
                  device: str = "cpu", threads: int | None = None, levels: Sequence[str] | None = None,
                  on_evaluation: Callable[[Evaluation], None] = lambda _: None,
                  check: Callable[[Problem], object] = lambda _: None, workers: int | None = None,
-                 address: str | None = None, on_notice: Callable[[str], None] = lambda _: None) -> CalibrationSession:
+                 address: str | None = None, on_notice: Callable[[str], None] = lambda _: None,
+                 timesteps: Sequence[int] | None = None) -> CalibrationSession:
     """Check every input first (costs vs built engines, metric, calibration set), then load engines and run the reference.
 
+    With `timesteps` (one per step, e.g. the timesteps a TMPQ-DM plan chose) every schedule, the all-reference one
+    included, samples at exactly those, and the scheduler is checked to take them before any engine loads.
     With `workers`, evaluations run on that many Ray actors (`fanout`; `threads` is then each actor's, default
     cores // workers); this process keeps its own engines for timing."""
     if metric not in METRICS:
@@ -86,6 +90,9 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     bad = [c for c in classes if not 0 <= c < sampling.num_classes]
     if bad:
         raise TmpdiffError(f"calibration classes {bad} out of range 0..{sampling.num_classes - 1}")
+    if timesteps is not None:
+        timesteps = tuple(int(t) for t in timesteps)
+        set_sampling_timesteps(sampling_scheduler(sampling), steps, timesteps)  # refused here, before engines load
 
     # Problem.create refuses a table without any level cheaper than the reference, before engines load.
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
@@ -101,9 +108,9 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
         labels = torch.tensor([c for _ in seeds for c in classes], dtype=torch.int64)
         noise = torch.cat([initial_noise(len(classes), sampling.channels, sampling.image_size, s) for s in seeds])
         pool = sampling_pool(build_dir, manifest, backend, device, probe.all_levels, threads, labels, noise, workers,
-                             address, on_notice)
+                             address, on_notice, timesteps)
     try:
-        evaluator = Evaluator(runner, sampling, classes, list(seeds), reference, steps, pool=pool)
+        evaluator = Evaluator(runner, sampling, classes, list(seeds), reference, steps, pool=pool, timesteps=timesteps)
     except BaseException:
         runner.close()
         if pool is not None:
