@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,8 @@ def train(args, steps: int) -> None:
         "train_seed": args.train_seed,
         "validation_seed": base.validation_seed, "train_samples": args.train_samples,
         "validation_samples": args.validation_samples, "iterations": args.iterations, "batch": args.batch,
-        "reference_steps": args.reference_steps, "threads": torch.get_num_threads(), "methods": rows})
+        "reference_steps": args.reference_steps, "threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2), "methods": rows})
 
 
 def _eval_set(args, num_classes: int, channels: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +193,8 @@ def evaluate(args, steps_list: list[int]) -> None:
         for row in rows:
             row["fd_vs_plain_2N"] = judge.fd_difference(outputs[row["method"]], outputs["plain-2N"])
         _save_samples(args.out / f"samples-N{steps}.safetensors", outputs)
-        write_json(args.out / f"eval-N{steps}.json", {"steps": steps, "rows": rows})
+        write_json(args.out / f"eval-N{steps}.json", {"steps": steps, "rows": rows,
+                                                       "load_average_1min": round(os.getloadavg()[0], 2)})
 
 
 def quantization_aware(args, steps: int) -> None:
@@ -247,6 +250,12 @@ def quantization_aware(args, steps: int) -> None:
         "loss_curve": [round(v, 5) for v in result.losses], "rows": rows})
 
 
+def _loads(results) -> str:
+    """The recorded load averages of train/eval files, as a range (files from before they were recorded: unknown)."""
+    loads = [r["load_average_1min"] for r in results if "load_average_1min" in r]
+    return f"{min(loads):g}-{max(loads):g}" if loads else "not recorded"
+
+
 def report(args) -> None:
     from safetensors import safe_open
 
@@ -273,8 +282,9 @@ def report(args) -> None:
                "reference": ref_row, "training": {stem: t for (_, stem), t in sorted(trains.items())}, "evaluation": evals}
     write_json(args.out / "mteo.json", payload)
     lines = [f"# MTEO on the bundled DiT ({args.solver}, {args.samples} evaluation samples, noise seed {args.eval_seed})",
-             "", f"Machine: {cpu_name()}, 1 thread per process (OMP_NUM_THREADS=1), cores shared with other jobs: the evaluation "
-             "times below ran at load average 1-2, the training times (train s) at 5-15 and are inflated. Time: wall "
+             "", f"Machine: {cpu_name()}, 1 thread per process (OMP_NUM_THREADS=1). 1-minute load average when each "
+             f"phase ended: evaluation {_loads(evals.values())}, training {_loads(trains.values())} (above 1, other "
+             "jobs shared the cores and the times are inflated). Time: wall "
              "seconds to sample the whole evaluation set in one batch (the 20-step reference row: 200 samples). "
              "Accuracy and confidence saturate on "
              "this model; FD and SSIM separate the methods.", "",

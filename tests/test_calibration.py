@@ -189,12 +189,12 @@ def test_calibrate_bad_targets_fail_before_searching(quant_build, costs_file, tm
 CHOSEN = [999, 870, 640, 455, 260, 95]  # 6 steps, not the scheduler's own 6-step spacing
 
 
-def _tmpq_plan(path, timesteps=CHOSEN, model_id="tiny-dit") -> None:
-    """A TMPQ-DM plan with one uniform configuration: only its timesteps matter to `--timesteps-from`."""
+def _tmpq_plan(path, timesteps=CHOSEN, model_id="tiny-dit", scheduler=None) -> None:
+    """A TMPQ-DM plan with one uniform configuration: only its timesteps (model, solver) matter to `--timesteps-from`."""
     from tmpdiff.formats.tmpq_plan import TmpqPlan, save_tmpq_plan
 
-    save_tmpq_plan(TmpqPlan(model_id=model_id, steps=len(timesteps), timesteps=timesteps, layers=["blocks.0"],
-                            configs=[["fp32"]], step_configs=[0] * len(timesteps)), path)
+    save_tmpq_plan(TmpqPlan(model_id=model_id, steps=len(timesteps), timesteps=timesteps, scheduler=scheduler,
+                            layers=["blocks.0"], configs=[["fp32"]], step_configs=[0] * len(timesteps)), path)
 
 
 def test_calibrate_over_a_plans_timesteps(quant_build, costs_file, session6, tmp_path):
@@ -224,14 +224,19 @@ def test_calibrate_over_a_plans_timesteps(quant_build, costs_file, session6, tmp
     ("schedule", "names no timesteps"),
     ("five", "names 5 timesteps but --steps is 6"),
     ("other-model", "the plan is for model 'pixart', this build is 'tiny-dit'"),
+    ("other-solver", "its timesteps were chosen for DDIMScheduler, this build samples with DPMSolverMultistepScheduler"),
 ])
 def test_calibrate_refuses_timesteps_it_cannot_use(quant_build, costs_file, tmp_path, source, message):
-    from tmpdiff.formats.schedule import Schedule, save_schedule
+    from tmpdiff.formats.manifest import load_manifest
+    from tmpdiff.formats.schedule import Schedule, SchedulerRef, save_schedule
 
     _, build_dir, _ = quant_build
     path = tmp_path / "from.json"
     if source == "schedule":
         save_schedule(Schedule(steps=6, precisions=["fp32"] * 6), path)
+    elif source == "other-solver":
+        ddim = SchedulerRef(class_name="DDIMScheduler", config=load_manifest(build_dir).sampling.scheduler_config)
+        _tmpq_plan(path, scheduler=ddim)
     else:
         _tmpq_plan(path, CHOSEN[:5] if source == "five" else CHOSEN, "pixart" if source == "other-model" else "tiny-dit")
     result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--timesteps-from", str(path),
