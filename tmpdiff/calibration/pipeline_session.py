@@ -43,6 +43,7 @@ class PipelineEvaluator:
     reference: str
     cache: dict[tuple[str, ...], Evaluation] = field(default_factory=dict)
     runs: int = 0  # schedules actually run (cache misses), reference excluded
+    timesteps: tuple[int, ...] | None = None  # always None: a pipeline samples at its scheduler's own spacing
 
     def __post_init__(self) -> None:
         if not self.prompts or not self.seeds:

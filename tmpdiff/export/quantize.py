@@ -78,13 +78,15 @@ def build_config(
             cfg = entry.get("cfg") or {}
             if isinstance(cfg, dict) and "block_sizes" in cfg:
                 cfg["block_sizes"] = {**cfg["block_sizes"], -1: block}
-        # W4A16 is a GEMM format: modelopt would block-quantize Conv kernels along their width.
-        entries += [{"parent_class": c, "quantizer_name": "*", "enable": False} for c in _registered(CONV_CLASSES)]
     # modelopt's defaults disable every "*proj_out.*" (an LLM rule); inside transformer blocks proj_out is
     # an ordinary GEMM (Flux single blocks: the largest one), so re-enable it there.
     entries.append({"quantizer_name": "*blocks.*proj_out*weight_quantizer", "enable": True})
     if precision.name != "int4":  # int4 is weight-only: its input quantizers stay off
         entries.append({"quantizer_name": "*blocks.*proj_out*input_quantizer", "enable": True})
+    if precision.name == "int4":
+        # W4A16 is a GEMM format: modelopt would block-quantize Conv kernels along their width. After the proj_out
+        # rule (later entries win): SD1.5's `down_blocks.*.proj_out` is a 1x1 Conv2d (use_linear_projection=False).
+        entries += [{"parent_class": c, "quantizer_name": "*", "enable": False} for c in _registered(CONV_CLASSES)]
     entries += [{"quantizer_name": pattern, "enable": False} for pattern in keep_high_precision]
     # modelopt also wraps normalisation layers; quantizing their inputs adds error and no GEMM to speed up.
     entries += [{"parent_class": cls, "quantizer_name": "*", "enable": False} for cls in _registered(NORM_CLASSES)]
