@@ -92,7 +92,7 @@ def _eval_set(args, num_classes: int, channels: int, size: int) -> tuple[torch.T
 
 def _sample(distiller, solver: str, steps: int, labels, noise, models=None, **conditioning) -> tuple[torch.Tensor, float]:
     sampler = FewStepSampler(distiller.model if models is None else models, steps, distiller.guidance_scale,
-                             distiller.null_class, distiller.channels)
+                             distiller.conditioning, distiller.channels)
     start = time.perf_counter()
     with torch.no_grad():
         out = sampler.sample_states(make_scheduler(solver, distiller.scheduler_config), labels, noise, **conditioning)[-1]
@@ -110,7 +110,7 @@ def reference(args) -> None:
     from safetensors.torch import save_file
 
     distiller, _ = load_distiller("bundled")
-    labels, noise = _eval_set(args, distiller.num_classes, distiller.channels, distiller.image_size)
+    labels, noise = _eval_set(args, distiller.conditioning.count, distiller.channels, distiller.image_size)
     samples, seconds = _sample(distiller, "dpmsolver++", 20, labels, noise)
     with atomic_path(args.out / "reference.safetensors") as tmp:
         save_file({"samples": samples.contiguous()}, str(tmp), metadata={"seconds": f"{seconds:.2f}",
@@ -173,7 +173,7 @@ def evaluate(args, steps_list: list[int]) -> None:
     from tmpdiff.models.loading import load_safetensors
 
     distiller, _ = load_distiller("bundled")
-    labels, noise = _eval_set(args, distiller.num_classes, distiller.channels, distiller.image_size)
+    labels, noise = _eval_set(args, distiller.conditioning.count, distiller.channels, distiller.image_size)
     ref = load_safetensors(args.out / "reference.safetensors")["samples"][: args.samples]
     judge = Judge(args, labels, ref)
     for steps in steps_list:
@@ -211,8 +211,8 @@ def quantization_aware(args, steps: int) -> None:
     models = fake_quant_models(distiller.model, sampling_info(load_model_info()), schedule)
     quant_seconds = time.perf_counter() - start
     per_step = step_models(schedule, models)
-    qa = Distiller(distiller.model, distiller.scheduler_config, distiller.guidance_scale, distiller.null_class,
-                   distiller.num_classes, distiller.channels, distiller.image_size, step_models=per_step)
+    qa = Distiller(distiller.model, distiller.scheduler_config, distiller.guidance_scale, distiller.conditioning,
+                   distiller.channels, distiller.image_size, step_models=per_step)
     fp32_tensor, fp32_info = load_time_embeddings(args.out / "embeddings" / f"mteo-{args.qa_loss}-N{steps}.safetensors")
     cfg = DistillConfig(solver=args.solver, steps=steps, iterations=args.iterations, batch=args.batch,
                         train_samples=args.train_samples, validation_samples=args.validation_samples,
@@ -229,7 +229,7 @@ def quantization_aware(args, steps: int) -> None:
     save_time_embeddings(args.out / "embeddings" / f"qa-mteo-{tag}-N{steps}.safetensors", result.tensor, info)
     print(f"N={steps} QA-MTEO {schedule}: loss {r.initial:.4f} -> {r.final:.4f}, held-out {r.validation_mse:.4f}, "
           f"{r.seconds:.0f} s", flush=True)
-    labels, noise = _eval_set(args, distiller.num_classes, distiller.channels, distiller.image_size)
+    labels, noise = _eval_set(args, distiller.conditioning.count, distiller.channels, distiller.image_size)
     judge = Judge(args, labels, load_safetensors(args.out / "reference.safetensors")["samples"][: args.samples])
     rows, outputs = [], {}
     for method, models_used, conditioning in [
@@ -264,7 +264,7 @@ def report(args) -> None:
     trains = {(int(p.stem.split("-N")[1]), p.stem): json.loads(p.read_text()) for p in sorted(args.out.glob("train*-N*.json"))}
     evals = {int(p.stem.split("-N")[1]): json.loads(p.read_text()) for p in sorted(args.out.glob("eval-N*.json"))}
     distiller, _ = load_distiller("bundled")
-    labels, noise = _eval_set(args, distiller.num_classes, distiller.channels, distiller.image_size)
+    labels, noise = _eval_set(args, distiller.conditioning.count, distiller.channels, distiller.image_size)
     from tmpdiff.models.loading import load_safetensors
 
     ref = load_safetensors(args.out / "reference.safetensors")["samples"][: args.samples]

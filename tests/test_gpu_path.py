@@ -119,3 +119,26 @@ def test_bf16_base_for_tensorrt_graphs_and_an_unknown_type_refused(bundled, tmp_
     assert all(set(per_op) == {"float32"} for per_op in compute_dtypes(onnx.load(str(build_dir / entry.onnx))).values())
     code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "int8", "--trt-dtype", "half")
     assert code == 2 and "'half' is not one of 'float16', 'bfloat16'" in err, err
+
+
+def test_autocast_with_the_linear_cleanup_gives_autocasts_own_graph(fp32_build):
+    """`to_half` swaps AutoCast's quadratic dead-node cleanup for a linear one: the same nodes and initializers as
+    AutoCast's own conversion (the input casts' order, which AutoCast takes from a set, aside)."""
+    import onnx
+    from modelopt.onnx.autocast.convert import convert_to_f16
+
+    from tmpdiff.export.half import _stable_subgraph_nodes, to_half
+
+    source = str(fp32_build / load_manifest(fp32_build).precisions["fp32"].onnx)
+    ours = to_half(onnx.load(source), "test")
+    with _stable_subgraph_nodes():
+        theirs = convert_to_f16(onnx.load(source), low_precision_type="fp16", keep_io_types=True)
+
+    def parts(model):
+        inputs = {i.name for i in model.graph.input}
+        casts = next(i for i, n in enumerate(model.graph.node) if n.op_type != "Cast" or n.input[0] not in inputs)
+        nodes = [n.SerializeToString() for n in model.graph.node]
+        return sorted(nodes[:casts]), nodes[casts:], sorted(i.SerializeToString() for i in model.graph.initializer)
+
+    assert len(ours.graph.node) == len(theirs.graph.node) > 0
+    assert parts(ours) == parts(theirs)

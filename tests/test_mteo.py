@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.cli_helpers import cli
-from tmpdiff.calibration.few_step import FewStepSampler, make_scheduler, solver_timesteps
+from tmpdiff.calibration.few_step import ClassConditioning, FewStepSampler, make_scheduler, solver_timesteps
 from tmpdiff.calibration.mteo import DistillConfig, Distiller
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.time_embeddings import TimeEmbeddingsInfo
@@ -26,8 +26,8 @@ def setting(bundled):
 
     model = load_diffusers_model(bundled.transformer_dir)  # its own copy: the distiller freezes its parameters
     s = sampling_info(bundled)
-    distiller = Distiller(model, dict(s.scheduler_config), s.guidance_scale, s.null_class, s.num_classes, s.channels,
-                          s.image_size)
+    distiller = Distiller(model, dict(s.scheduler_config), s.guidance_scale, ClassConditioning(s.num_classes, s.null_class),
+                          s.channels, s.image_size)
     return distiller, s
 
 
@@ -55,7 +55,7 @@ def test_own_embeddings_reproduce_the_plain_sampler_bit_for_bit(setting, solver)
     labels, noise = torch.tensor([3, 8]), initial_noise(2, s.channels, s.image_size, 5)
     config = dict(s.scheduler_config)
     timesteps = solver_timesteps(make_scheduler(solver, config), 3)
-    sampler = FewStepSampler(distiller.model, 3, s.guidance_scale, s.null_class, s.channels)
+    sampler = FewStepSampler(distiller.model, 3, s.guidance_scale, distiller.conditioning, s.channels)
     with torch.no_grad():
         own = own_embeddings(distiller.model, timesteps, rows=4)  # the sampler's rows: 2 samples x (cond, uncond)
         hooked = sampler.sample_states(make_scheduler(solver, config), labels, noise, embeddings=own)[-1]
@@ -144,11 +144,11 @@ def test_quantization_aware_steps_pass_gradients_and_keep_their_forward(setting)
     assert models["fp32"] is distiller.model and models["int8"] is not distiller.model
     config = dict(s.scheduler_config)
     timesteps = solver_timesteps(make_scheduler("dpmsolver++", config), 2)
-    sampler = FewStepSampler(step_models(["fp32", "int8"], models), 2, s.guidance_scale, s.null_class, s.channels)
+    sampler = FewStepSampler(step_models(["fp32", "int8"], models), 2, s.guidance_scale, distiller.conditioning, s.channels)
     labels, noise = torch.tensor([1]), initial_noise(1, s.channels, s.image_size, 7)
     table = own_embeddings(distiller.model, timesteps).requires_grad_(True)
     with torch.no_grad():
-        fp32 = FewStepSampler(distiller.model, 2, s.guidance_scale, s.null_class, s.channels).sample_states(
+        fp32 = FewStepSampler(distiller.model, 2, s.guidance_scale, distiller.conditioning, s.channels).sample_states(
             make_scheduler("dpmsolver++", config), labels, noise, embeddings=table)[-1]
         plain = sampler.sample_states(make_scheduler("dpmsolver++", config), labels, noise, embeddings=table)[-1]
     with differentiable_attention():

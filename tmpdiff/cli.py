@@ -320,20 +320,25 @@ def plan_embeddings(
     schedule: Annotated[Path | None, typer.Option(help="take each step's precision from this schedule (same steps)")] = None,
     precision: Annotated[str | None, typer.Option(help="run every step at this precision (default: fp32, or what "
                                                        "quantization-aware embeddings were trained at)")] = None,
+    pipeline: Annotated[Path | None, typer.Option(help="text-to-image builds: the pipeline directory whose scheduler "
+                                                       "the plan's solver is configured from")] = None,
     force: Force = False,
 ) -> None:
     """Write a plan (schedule/3) that samples with the embeddings' solver, feeds each step its learned row or
-    timestep shift, and runs each step at its precision; `tmpdiff run BUILD --schedule PLAN` executes it."""
+    timestep shift, and runs each step at its precision; `tmpdiff run BUILD --schedule PLAN` executes it (with
+    --pipeline DIR --prompt ... for a text-to-image build)."""
     from tmpdiff.commands.plan_embeddings import plan_embeddings as write_plan
 
-    plan = write_plan(build_dir, embeddings, out, schedule=schedule, precision=precision, force=force)
+    plan = write_plan(build_dir, embeddings, out, schedule=schedule, precision=precision, pipeline=pipeline,
+                      force=force)
     typer.echo(f"wrote {out}: {plan.steps} steps of {plan.scheduler.class_name}, {plan.time_embeddings}, "
                f"precisions {','.join(plan.precisions)}")
 
 
 @app.command("distill-embeddings")
 def distill_embeddings(
-    model: Annotated[str, typer.Argument(help="class-conditional model directory (tmpdiff_model.json), or 'bundled'")],
+    model: Annotated[str, typer.Argument(help="class-conditional model directory (tmpdiff_model.json) or 'bundled'; or a "
+                                              "text-to-image pipeline directory or 'bundled-t2i'")],
     steps: Annotated[int, typer.Option(min=1, help="N: the few-step schedule's step count")],
     out: Annotated[Path, typer.Option(help="embeddings file to write (.safetensors, tmpdiff.time_embeddings/1)")],
     solver: Annotated[SolverName, typer.Option(help="dpmsolver++ (2M) or ddim (trailing spacing)")] = SolverName.dpmsolver,
@@ -347,6 +352,13 @@ def distill_embeddings(
     reference_steps: Annotated[int, typer.Option(min=2, help="steps of the fp32 DPM-Solver++ reference")] = 50,
     train_seed: Annotated[int, typer.Option(help="noise seed of the training set (keep it apart from evaluation seeds)")] = 1000,
     validation_seed: Annotated[int, typer.Option(help="noise seed of the held-out set that picks the loss")] = 2000,
+    prompts: Annotated[Path | None, typer.Option(help="pipelines: training prompts file (one per line; default for "
+                                                      "'bundled-t2i': its 270 held-in prompts)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance scale the plan will run at (default: the model's or "
+                                                        "the pipeline's)")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(min=1, help="pipelines: text tokens, as the engines were "
+                                                                        "exported (default: 16 for 'bundled-t2i', else "
+                                                                        "the pipeline's)")] = None,
     force: Force = False,
 ) -> None:
     """Distill per-step, per-block time embeddings (MTEO) for an N-step solver; the backbone stays frozen."""
@@ -362,7 +374,8 @@ def distill_embeddings(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         tasks = {name: progress.add_task(f"{name} loss", total=iterations) for name in losses}
-        outcome = run_distill(model, cfg, losses, out, force=force,
+        outcome = run_distill(model, cfg, losses, out, force=force, prompts=prompts, guidance_scale=guidance,
+                              max_sequence_length=max_sequence_length,
                               on_progress=lambda name, i, value: progress.update(
                                   tasks[name], completed=i + 1, description=f"{name} loss {value:.4g}"))
     info = outcome.info

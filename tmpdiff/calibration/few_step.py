@@ -2,7 +2,9 @@
 
 `sample_states` is the runtime's loop (`runtime/runner.py`: scale, one batched cond/uncond call, guidance, the
 diffusers scheduler's `step`) written on plain tensors so gradients reach the per-step embeddings (MTEO) or the
-per-step timestep shifts (Time-tuner-style baseline). `reference_states` runs a many-step fp32 DPM-Solver++ whose
+per-step timestep shifts (Time-tuner-style baseline). What a sample is conditioned on is an index into a
+`Conditioning`: a class label, or a prompt the pipeline's text encoder encoded once (the diffusers text-to-image
+pipelines' loop, with the negative prompt as the unconditional half). `reference_states` runs a many-step fp32 DPM-Solver++ whose
 timesteps include the student's, and records the latents at the student's timesteps and the final sample.
 """
 
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -43,17 +46,57 @@ def solver_timesteps(scheduler, steps: int) -> list[int]:
     return [int(t) for t in scheduler.timesteps]
 
 
+class Conditioning(Protocol):
+    count: int  # how many conditions (classes or prompts) an index may pick
+
+    def kwargs(self, index: torch.Tensor, guided: bool) -> dict[str, Any]:
+        """The denoiser's conditioning arguments for samples `index`: conditional rows, then unconditional if guided."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClassConditioning:
+    """Class labels; the unconditional half asks for the null class."""
+
+    count: int
+    null_class: int
+
+    def kwargs(self, index: torch.Tensor, guided: bool) -> dict[str, Any]:
+        return {"class_labels": torch.cat([index, torch.full_like(index, self.null_class)]) if guided else index}
+
+
+@dataclass(frozen=True)
+class PromptConditioning:
+    """Prompts encoded once: (P, L, D) embeddings and (P, L) masks; the unconditional half is the negative prompt's."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    negative_embeds: torch.Tensor  # (L, D)
+    negative_mask: torch.Tensor  # (L,)
+
+    @property
+    def count(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def kwargs(self, index: torch.Tensor, guided: bool) -> dict[str, Any]:
+        embeds, mask = self.embeds[index], self.mask[index]
+        if guided:
+            embeds = torch.cat([embeds, self.negative_embeds.expand(len(index), -1, -1)])
+            mask = torch.cat([mask, self.negative_mask.expand(len(index), -1)])
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
 class FewStepSampler:
-    """Class-conditional guided sampling with one model (or one per step) and optional per-step conditioning."""
+    """Guided sampling with one model (or one per step) and optional per-step time conditioning."""
 
     def __init__(self, models: torch.nn.Module | Sequence[torch.nn.Module], steps: int, guidance_scale: float,
-                 null_class: int, channels: int) -> None:
+                 conditioning: Conditioning, channels: int) -> None:
         self.models = list(models) if isinstance(models, Sequence) else [models] * steps
         if len(self.models) != steps:
             raise TmpdiffError(f"{len(self.models)} step models for {steps} steps")
         self.steps = steps
         self.guidance_scale = guidance_scale
-        self.null_class = null_class
+        self.conditioning = conditioning
         self.channels = channels
         self._overrides = {id(m): EmbeddingOverride(m) for m in self.models}
 
@@ -61,11 +104,11 @@ class FewStepSampler:
     def slots(self) -> list[str]:
         return self._overrides[id(self.models[0])].slots
 
-    def sample_states(self, scheduler, labels: torch.Tensor, noise: torch.Tensor, *,
+    def sample_states(self, scheduler, index: torch.Tensor, noise: torch.Tensor, *,
                       embeddings: torch.Tensor | None = None, shifts: torch.Tensor | None = None,
                       timesteps: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """The latent after each of the N steps (the last is the sample). Gradients flow to `embeddings`
-        ((steps, slots, dim)) and `shifts` ((steps,)) when they require them."""
+        """The latent after each of the N steps (the last is the sample) for conditions `index` from `noise`. Gradients
+        flow to `embeddings` ((steps, slots, dim)) and `shifts` ((steps,)) when they require them."""
         if timesteps is None:
             scheduler.set_timesteps(self.steps)
         else:
@@ -73,7 +116,7 @@ class FewStepSampler:
         if len(scheduler.timesteps) != self.steps:
             raise TmpdiffError(f"the scheduler runs {len(scheduler.timesteps)} steps, the sampler {self.steps}")
         use_cfg = self.guidance_scale != 1.0
-        cond = torch.cat([labels, torch.full_like(labels, self.null_class)]) if use_cfg else labels
+        cond = self.conditioning.kwargs(index, use_cfg)
         latent = noise * scheduler.init_noise_sigma
         states = []
         with contextlib.ExitStack() as stack:
@@ -87,7 +130,7 @@ class FewStepSampler:
                     timestep = timestep + shifts[index]
                 model = self.models[index]
                 with self._overrides[id(model)].at(None if embeddings is None else embeddings[index]):
-                    eps = model(x, timestep=timestep, class_labels=cond, return_dict=False)[0][:, : self.channels]
+                    eps = model(x, timestep=timestep, **cond, return_dict=False)[0][:, : self.channels]
                 eps = guided(eps.float(), self.guidance_scale) if use_cfg else eps.float()
                 latent = scheduler.step(eps, t, latent).prev_sample
                 states.append(latent)
@@ -96,8 +139,8 @@ class FewStepSampler:
 
 @torch.no_grad()
 def reference_states(model: torch.nn.Module, config: dict[str, Any], student_timesteps: Sequence[int],
-                     labels: torch.Tensor, noise: torch.Tensor, *, guidance_scale: float, null_class: int,
-                     channels: int, reference_steps: int = 50, batch: int = 32) -> torch.Tensor:
+                     index: torch.Tensor, noise: torch.Tensor, *, guidance_scale: float,
+                     conditioning: Conditioning, channels: int, reference_steps: int = 50, batch: int = 32) -> torch.Tensor:
     """(N, B, C, H, W): the many-step fp32 DPM-Solver++ latents at student timesteps 2..N, then the final sample.
 
     Its timesteps are `reference_steps` evenly spaced ones united with the student's, so every student timestep
@@ -109,11 +152,11 @@ def reference_states(model: torch.nn.Module, config: dict[str, Any], student_tim
     grid = {int(t) for t in np.linspace(0, train - 1, reference_steps + 1).round()[1:]}
     timesteps = sorted(grid | {int(t) for t in student_timesteps}, reverse=True)
     wanted = {int(t): i for i, t in enumerate(student_timesteps[1:])}
-    sampler = FewStepSampler(model, len(timesteps), guidance_scale, null_class, channels)
+    sampler = FewStepSampler(model, len(timesteps), guidance_scale, conditioning, channels)
     out = torch.zeros((len(student_timesteps), *noise.shape))
     for start in range(0, noise.shape[0], batch):
         part = slice(start, start + batch)
-        states = sampler.sample_states(make_scheduler(Solver.dpmsolver, config), labels[part], noise[part],
+        states = sampler.sample_states(make_scheduler(Solver.dpmsolver, config), index[part], noise[part],
                                        timesteps=timesteps)
         for k, state in enumerate(states[:-1]):
             if timesteps[k + 1] in wanted:

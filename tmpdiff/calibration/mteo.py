@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 import torch
 
-from tmpdiff.calibration.few_step import FewStepSampler, make_scheduler, reference_states, solver_timesteps
+from tmpdiff.calibration.few_step import (
+    Conditioning,
+    FewStepSampler,
+    make_scheduler,
+    reference_states,
+    solver_timesteps,
+)
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.time_embeddings import Kind, LossRecord
 from tmpdiff.models.time_embeddings import own_embeddings
@@ -65,13 +71,12 @@ class DistillResult:
 
 @dataclass
 class Distiller:
-    """A frozen class-conditional model and its sampling settings."""
+    """A frozen model, what it is conditioned on (classes or encoded prompts) and its sampling settings."""
 
     model: torch.nn.Module
     scheduler_config: dict[str, Any]
     guidance_scale: float
-    null_class: int
-    num_classes: int
+    conditioning: Conditioning
     channels: int
     image_size: int
     step_models: Sequence[torch.nn.Module] | None = None  # per-step models (quantization-aware); default `model`
@@ -88,18 +93,19 @@ class Distiller:
         """The N-step sampler (one per N, its hooks' slots probed once)."""
         if steps not in self._samplers:
             models = list(self.step_models) if self.step_models is not None else self.model
-            self._samplers[steps] = FewStepSampler(models, steps, self.guidance_scale, self.null_class, self.channels)
+            self._samplers[steps] = FewStepSampler(models, steps, self.guidance_scale, self.conditioning, self.channels)
         return self._samplers[steps]
 
     def data(self, cfg: DistillConfig) -> DistillData:
-        """Training and validation noises (one generator seed each), labels cycling over the classes, references."""
+        """Training and validation noises (one generator seed each), conditions cycling over the classes or prompts,
+        references."""
         timesteps = self.timesteps(cfg.solver, cfg.steps)
 
         def one(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            labels = torch.arange(count) % self.num_classes
+            labels = torch.arange(count) % self.conditioning.count
             noise = initial_noise(count, self.channels, self.image_size, seed)
             ref = reference_states(self.model, self.scheduler_config, timesteps, labels, noise,
-                                   guidance_scale=self.guidance_scale, null_class=self.null_class,
+                                   guidance_scale=self.guidance_scale, conditioning=self.conditioning,
                                    channels=self.channels, reference_steps=cfg.reference_steps)
             return labels, noise, ref
 

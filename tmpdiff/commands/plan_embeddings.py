@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tmpdiff.formats.atomic import read_json_object
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.outputs import Output, check_outputs
 from tmpdiff.formats.precisions import get_precision
 from tmpdiff.formats.schedule import Schedule, SchedulerRef, load_schedule, save_schedule
 from tmpdiff.models.time_embeddings import load_time_embeddings
+from tmpdiff.runtime.pipeline_io import pipeline_scheduler_config
 from tmpdiff.runtime.time_conditioning import check_build, load_conditioning
 
 
 def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: Path | None = None,
-                    precision: str | None = None, force: bool = False) -> Schedule:
-    """Write a /3 schedule at `out` naming `embeddings` (which must lie in `out`'s directory or below it)."""
+                    precision: str | None = None, pipeline: Path | None = None, force: bool = False) -> Schedule:
+    """Write a /3 schedule at `out` naming `embeddings` (which must lie in `out`'s directory or below it); the
+    solver is configured from the build's sampling info, or for a text-to-image build from `pipeline`'s scheduler."""
     from tmpdiff.calibration.few_step import make_scheduler
 
     out = check_outputs([Output.file("--out", out, ".json")], force=force,
@@ -31,7 +34,7 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
         raise TmpdiffError("give at most one of --schedule (per-step precisions) or --precision")
     _, info = load_time_embeddings(embeddings)
     manifest = load_manifest(build_dir)
-    sampling = manifest.require_sampling(build_dir)
+    scheduler_config = _scheduler_config(manifest, build_dir, pipeline)
     root = out.resolve().parent
     if not embeddings.resolve().is_relative_to(root):
         raise TmpdiffError(f"the plan names its embeddings relative to its own directory: put {embeddings.name} in "
@@ -40,7 +43,7 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
     missing = sorted(set(precisions) - set(manifest.precisions))
     if missing:
         raise TmpdiffError(f"the plan runs {', '.join(missing)}, which {build_dir} has not exported")
-    scheduler = make_scheduler(info.solver, sampling.scheduler_config)
+    scheduler = make_scheduler(info.solver, scheduler_config)
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     # no `timesteps` list: the solver's own spacing gives the file's timesteps (checked at run time), and DDIM
     # takes no custom timesteps
@@ -53,6 +56,18 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
     check_build(load_conditioning(plan, out), manifest, build_dir)  # as `run` will read it, before anything is written
     save_schedule(plan, out)
     return plan
+
+
+def _scheduler_config(manifest: Manifest, build_dir: Path, pipeline: Path | None) -> dict:
+    """The noise process the solver runs on: the class-conditional build's, or the pipeline's scheduler's."""
+    if pipeline is None:
+        if manifest.sampling is None:
+            raise TmpdiffError("a text-to-image build: pass --pipeline DIR (its scheduler configures the solver)",
+                               build_dir)
+        return dict(manifest.sampling.scheduler_config)
+    if manifest.sampling is not None:
+        raise TmpdiffError("--pipeline is for text-to-image builds; this one samples class-conditionally", build_dir)
+    return read_json_object(pipeline_scheduler_config(pipeline))
 
 
 def _precisions(steps: int, trained_at: list[str] | None, schedule: Path | None, precision: str | None) -> list[str]:

@@ -2,7 +2,7 @@
 
 `tmpdiff export --time-embedding-input` wraps a denoiser's adapter: the graph's `timestep` input is replaced by
 `time_embeddings`, one (slots, dim) float32 tensor (no batch axis: every row of a call is at the same step), whose
-row i is what slot i (a `timestep_embedder` call, `EmbeddingOverride`'s order) returns. The sinusoidal projection
+row i is what slot i (`time_sites`: a block's adaLN or the output layer) receives. The sinusoidal projection
 and the embedder MLPs are then dead code and leave the graph. What the model itself would feed is kept as a table
 of its own embedding at every integer training timestep (`own_table`), so plain schedules still run on these graphs;
 an MTEO schedule feeds its learned rows instead.
@@ -19,6 +19,7 @@ from tmpdiff.formats.manifest import Manifest, artifact_problem
 from tmpdiff.formats.specs import TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.time_embeddings import EmbeddingOverride, embedding_slots
+from tmpdiff.models.time_sites import time_sites
 
 INPUT_NAME = "time_embeddings"
 OWN_TABLE_TENSOR = "own"  # the tensor of the own table's safetensors file
@@ -65,6 +66,10 @@ class EmbeddingInputAdapter(DenoiserAdapter):
         return cls(base, embedding_slots(model), own_time_embedding_table(model, train_timesteps))
 
     @property
+    def text_len(self) -> int:
+        return self.base.text_len
+
+    @property
     def dim(self) -> int:
         return int(self.own_table.shape[2])
 
@@ -100,16 +105,7 @@ def own_time_embedding_table(model: torch.nn.Module, train_timesteps: int) -> to
     """(train_timesteps, slots, dim): what each slot receives from the model at each integer training timestep."""
     if train_timesteps < 1:
         raise TmpdiffError(f"train_timesteps must be at least 1, got {train_timesteps}")
-    modules = dict(model.named_modules())
-    timesteps = torch.arange(train_timesteps, dtype=torch.float32)
-    per_slot = []
-    with torch.no_grad():
-        for slot in embedding_slots(model):
-            name = slot.split("#")[0]
-            parent = modules[name.rsplit(".", 1)[0]] if "." in name else model
-            projected = parent.time_proj(timesteps).to(next(modules[name].parameters()).dtype)
-            per_slot.append(modules[name](projected).float())
-    return torch.stack(per_slot, dim=1).contiguous()
+    return time_sites(model).own(range(train_timesteps))
 
 
 def load_own_table(build_dir: Path, manifest: Manifest) -> torch.Tensor | None:

@@ -1,100 +1,61 @@
-"""Per-step, per-block time embeddings (MTEO): forward hooks that replace what each block's adaLN receives.
+"""Per-step, per-block time embeddings (MTEO): hooks that replace what each slot of a model's time conditioning receives.
 
-In diffusers' `DiTTransformer2DModel` every transformer block's `norm1` (AdaLayerNormZero) owns a
-`CombinedTimestepLabelEmbeddings`: the timestep goes through `time_proj` (sinusoidal) and `timestep_embedder`
-(MLP), and the class embedding is added. The output layer calls block 0's embedder a second time. A *slot* is one
-call of a `timestep_embedder` in a forward pass, in call order (for the bundled DiT: blocks 0-3, then the output
-layer), and an override replaces that call's output with a vector of its own, broadcast over the batch. The class
-embedding, and everything else, stays the model's. No diffusers code is copied or changed.
+Which slots a model has, and what it feeds them itself, is `time_sites`' job (per-block embedders for DiT,
+adaLN-single for PixArt). An override feeds one row of (slots, dim) vectors, each broadcast over the batch; the
+class or text conditioning, and everything else, stays the model's. No diffusers code is copied or changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.time_embeddings import METADATA_KEY, TENSOR_NAME, TimeEmbeddingsInfo
-
-EMBEDDER_SUFFIX = "timestep_embedder"
-
-
-def _embedders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    found = {name: module for name, module in model.named_modules() if name.endswith(EMBEDDER_SUFFIX)}
-    if not found:
-        raise TmpdiffError(f"{type(model).__name__} has no '*.{EMBEDDER_SUFFIX}' modules: no time embedding to replace")
-    return found
+from tmpdiff.models.time_sites import time_sites
 
 
-def _probe_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    config = model.config
-    size, channels = int(config.sample_size), int(config.in_channels)
-    return {"hidden_states": torch.zeros(1, channels, size, size), "timestep": torch.zeros(1),
-            "class_labels": torch.zeros(1, dtype=torch.long)}
-
-
-@torch.no_grad()
 def embedding_slots(model: torch.nn.Module) -> list[str]:
-    """The `timestep_embedder` calls of one forward pass, in order (a module called twice is two slots)."""
-    calls: list[str] = []
-    handles = [module.register_forward_hook(lambda _m, _i, _o, name=name: calls.append(name))
-               for name, module in _embedders(model).items()]
-    try:
-        model(**_probe_inputs(model))
-    finally:
-        for handle in handles:
-            handle.remove()
-    seen: dict[str, int] = {}
-    slots = []
-    for name in calls:
-        seen[name] = seen.get(name, 0) + 1
-        slots.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return slots
+    """The model's time-conditioning slots, in row order."""
+    return time_sites(model).slots()
 
 
 class EmbeddingOverride:
-    """While a row is set, each slot's `timestep_embedder` output is that row's vector (broadcast over the batch).
+    """While a row is set, each slot receives that row's vector (broadcast over the batch) instead of the model's own.
 
     `row` is a (slots, dim) tensor (a learnable parameter's slice keeps its gradient); None passes through.
     """
 
     def __init__(self, model: torch.nn.Module, slots: list[str] | None = None) -> None:
         self.model = model
-        self.slots = embedding_slots(model) if slots is None else list(slots)  # known slots: no probing forward pass
+        self.sites = time_sites(model)
+        self.slots = self.sites.slots() if slots is None else list(slots)
         self.row: torch.Tensor | None = None
-        # rows to broadcast to, when known apart from the embedder (an export: sized from the latent, so the
-        # replaced embedder's output is not even needed for its shape and leaves the traced graph)
+        # rows to broadcast to, when known apart from the hooked call (an export: sized from the latent, so the
+        # replaced embedding's output is not even needed for its shape and leaves the traced graph)
         self.rows: int | torch.Tensor | None = None
-        self._calls = 0
         self._handles: list = []
 
     def __enter__(self) -> EmbeddingOverride:
-        self._handles.append(self.model.register_forward_pre_hook(self._reset))
-        for name, module in _embedders(self.model).items():
-            self._handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: self._replace(name, out)))
+        self._handles = self.sites.install(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles.clear()
+        self._handles = []
 
-    def _reset(self, *_args) -> None:
-        self._calls = 0
-
-    def _replace(self, name: str, out: torch.Tensor) -> torch.Tensor | None:
-        index = self._calls
-        self._calls += 1
+    def vector(self, index: int, rows: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Slot `index`'s vector broadcast to the call's rows (None while no row is set)."""
         if self.row is None:
             return None
-        if index >= len(self.slots) or self.slots[index].split("#")[0] != name:
-            raise TmpdiffError(f"time embedding call {index} is {name}, not the slot recorded for it")
-        vector = self.row[index].to(out.dtype)
-        return vector.expand_as(out) if self.rows is None else vector.expand(self.rows, -1)
+        if index >= len(self.slots):
+            raise TmpdiffError(f"time conditioning call {index} has no slot ({len(self.slots)} recorded)")
+        return self.row[index].to(dtype).expand(self.rows if self.rows is not None else rows, -1)
 
     @contextlib.contextmanager
     def at(self, row: torch.Tensor | None) -> Iterator[None]:
@@ -108,25 +69,13 @@ class EmbeddingOverride:
             self.row = None
 
 
-@torch.no_grad()
-def own_embeddings(model: torch.nn.Module, timesteps: list[float], rows: int = 1) -> torch.Tensor:
+def own_embeddings(model: torch.nn.Module, timesteps: Sequence[float], rows: int = 1) -> torch.Tensor:
     """(steps, slots, dim): what each slot receives from the model itself at each timestep.
 
-    Computed by the slot's own `time_proj` and `timestep_embedder` on `rows` copies of the timestep and taking the
-    first: a GEMM's result can depend on its row count in the last bits, so pass the sampler's row count (batch x 2
-    with guidance) to reproduce its embeddings bit for bit.
+    Pass the sampler's row count (batch x 2 with guidance) to reproduce its embeddings bit for bit: a GEMM's result
+    can depend on its row count in the last bits.
     """
-    modules = dict(model.named_modules())
-    out = []
-    for t in timesteps:
-        per_slot = []
-        for slot in embedding_slots(model):
-            name = slot.split("#")[0]
-            parent = modules[name.rsplit(".", 1)[0]] if "." in name else model
-            proj = parent.time_proj(torch.full((rows,), float(t)))
-            per_slot.append(modules[name](proj.to(torch.float32))[0])
-        out.append(torch.stack(per_slot))
-    return torch.stack(out)
+    return time_sites(model).own(list(timesteps), rows=rows)
 
 
 def save_time_embeddings(path: str | Path, tensor: torch.Tensor, info: TimeEmbeddingsInfo) -> None:

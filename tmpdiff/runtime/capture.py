@@ -27,6 +27,7 @@ from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.dropin import call_feeds, copy_into
 from tmpdiff.runtime.pipeline_io import call_kwargs, default_guidance_of, load_pipeline, pipeline_denoiser_name
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
+from tmpdiff.runtime.time_conditioning import feed_time_conditioning
 
 
 def sampled_recipe(sampling: SamplingInfo, classes: Sequence[int], seeds: Sequence[int],
@@ -126,6 +127,7 @@ def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, captu
     def record(module, args, kwargs) -> None:
         call = dict(signature.bind(*args, **kwargs).arguments)
         call.pop("return_dict", None)
+        feed_time_conditioning(call, None, None, getattr(adapter, "own_table", None), "calibration capture")
         feeds = call_feeds(specs, call, adapter.architecture)
         rows = int(torch.as_tensor(feeds[specs[0].name]).shape[0])
         dims = adapter.default_dims(rows)

@@ -36,13 +36,14 @@ from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import Schedule
 from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
-from tmpdiff.models.registry import adapter_for_config
 from tmpdiff.models.schedulers import set_custom_timesteps
+from tmpdiff.models.time_embedding_input import adapter_for_build
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
 from tmpdiff.runtime.parallel import ParallelMode
 from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
+from tmpdiff.runtime.time_conditioning import check_build, feed_time_conditioning
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
 
 # Keyword arguments a pipeline passes that carry attention-processor options: honoured only when empty.
@@ -81,6 +82,7 @@ class EngineDenoiser(torch.nn.Module):
         self._batch: int | None = None
         self._counted_timesteps: torch.Tensor | None = None
         self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
+        self._conditioned_timesteps: torch.Tensor | None = None  # last found to be the learned conditioning's
         self._calls = 0
         if config.get("addition_embed_type") == "text_time":
             # SDXL pipelines check their time ids against add_embedding's input width before the first step.
@@ -136,11 +138,13 @@ class EngineDenoiser(torch.nn.Module):
         except TypeError as exc:
             raise TmpdiffError(f"{self.adapter.architecture} engines called with unexpected arguments ({exc})") from None
         return_dict = call.pop("return_dict", True)
+        index, timestep = self._step()
+        feed_time_conditioning(call, index, self.plan.conditioning, getattr(self.adapter, "own_table", None),
+                               f"step {index}")
         feeds = call_feeds(self._input_specs, call, self.adapter.architecture)
         hidden_name = self._input_specs[0].name
         hidden = feeds[hidden_name]
         self._ensure_buffers(int(hidden.shape[0]))
-        index, timestep = self._step()
         if index == 0 and self._marks and self._marks[-1][0] != 0:
             self._marks = []  # a new pipeline call (Flux's true CFG calls twice at every step, so 0 can repeat)
             if self.drafts is not None:
@@ -225,6 +229,7 @@ class EngineDenoiser(torch.nn.Module):
         if timesteps is None:
             raise TmpdiffError("the pipeline's scheduler has no timesteps set")
         self._check_custom_timesteps(timesteps)
+        self._check_conditioning_timesteps(timesteps)
         if self.plan.steps is not None and len(timesteps) != self.plan.steps:
             raise TmpdiffError(f"the schedule has {self.plan.steps} steps but the pipeline runs {len(timesteps)}: "
                                f"call it with num_inference_steps={self.plan.steps}")
@@ -251,6 +256,18 @@ class EngineDenoiser(torch.nn.Module):
             raise TmpdiffError(f"the schedule samples at its own {len(wanted)} timesteps but the pipeline runs {len(ran)} "
                                f"at {shown}: call it with timesteps=denoiser.timesteps", self.plan.source)
         self._matched_timesteps = timesteps
+
+    def _check_conditioning_timesteps(self, timesteps: torch.Tensor) -> None:
+        """Learned time embeddings or shifts run at the timesteps they were learned for (read once per pipeline call)."""
+        conditioning = self.plan.conditioning
+        if conditioning is None or timesteps is self._conditioned_timesteps:
+            return
+        ran = [float(t) for t in timesteps.tolist()]
+        if not all(t.is_integer() for t in ran):
+            raise TmpdiffError(f"the pipeline samples at non-integer timesteps ({ran[0]:g}, ...); the learned time "
+                               "conditioning is for integer ones", conditioning.path)
+        conditioning.check_timesteps([int(t) for t in ran])
+        self._conditioned_timesteps = timesteps
 
     def close(self) -> None:
         if self.draft_pool is not None:
@@ -382,10 +399,12 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
-    if plan.conditioning is not None or manifest.time_embedding_input is not None:
-        raise TmpdiffError("learned time embeddings and graphs with a time-embeddings input run class-conditional "
-                           "builds only (`tmpdiff run BUILD --schedule ...`); the pipeline drop-in does not feed them",
-                           plan.source if plan.conditioning is not None else build_dir)
+    if plan.conditioning is not None:  # learned rows: for these graphs and this guidance (timesteps: at the 1st call)
+        from tmpdiff.runtime.pipeline_io import default_guidance_of
+
+        check_build(plan.conditioning, manifest, build_dir)
+        scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
+        plan.conditioning.check_guidance(1.0 if scale is None else float(scale))
     mixed = [name for name in plan.needed if name.startswith("mixed-")]
     if mixed:
         raise TmpdiffError(f"the plan runs mixed-precision layer configurations ({mixed[0]}, ...), which `tmpdiff run` "
@@ -424,7 +443,7 @@ def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "
     """An `EngineDenoiser` of a build's engines for `plan` (the pipeline's, or a draft actor's)."""
     build_dir = Path(build_dir)
     manifest = manifest or load_manifest(build_dir)
-    adapter = adapter_for_config(manifest.denoiser_config)
+    adapter = adapter_for_build(build_dir, manifest)  # wrapped when the graphs take time embeddings
     engines = load_built_engines(build_dir, manifest, backend, device, plan.needed, threads)
     return EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
                           scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard)

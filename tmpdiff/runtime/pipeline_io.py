@@ -17,6 +17,20 @@ from tmpdiff.formats.errors import TmpdiffError
 DENOISER_COMPONENTS = ("transformer", "unet")
 
 
+def is_pipeline_dir(path: Path) -> bool:
+    """A diffusers pipeline directory (it has a model_index.json)."""
+    return (path / "model_index.json").is_file()
+
+
+def pipeline_scheduler_config(pipeline_dir: Path) -> Path:
+    """The pipeline directory's scheduler config file (refused by name when missing)."""
+    path = Path(pipeline_dir) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise TmpdiffError("not a diffusers pipeline directory with a scheduler (no scheduler/scheduler_config.json)",
+                           pipeline_dir)
+    return path
+
+
 def pipeline_denoiser_name(pipeline_dir: Path) -> str:
     """Which component of a pipeline directory holds its denoiser (from model_index.json)."""
     index_path = pipeline_dir / "model_index.json"

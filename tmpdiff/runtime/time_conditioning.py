@@ -94,3 +94,24 @@ def own_row(table: torch.Tensor, timestep: float, label: str) -> torch.Tensor:
         raise TmpdiffError(f"{label}: timestep {t:g} has no row in the build's time-embedding table (integer training "
                            f"timesteps 0..{len(table) - 1}); use a scheduler with integer timesteps")
     return table[int(t)]
+
+
+def feed_time_conditioning(call: dict, index: int | None, conditioning: TimeConditioning | None,
+                           own_table: torch.Tensor | None, label: str) -> None:
+    """A pipeline's denoiser call (bound arguments) made ready for the graphs: step `index`'s learned timestep shift
+    added; on graphs with a `time_embeddings` input (`own_table` given) the timestep replaced by the step's learned
+    row, else by the table's row of the call's timestep (every row of a call is at the same step)."""
+    shifts = None if conditioning is None else conditioning.shifts
+    if shifts is not None and index is not None:
+        call["timestep"] = call["timestep"] + float(shifts[index])
+    if own_table is None:
+        return
+    timestep = call.pop("timestep", None)
+    learned = None if conditioning is None else conditioning.embeddings
+    if learned is not None and index is not None:
+        call[INPUT_NAME] = learned[index]
+        return
+    if timestep is None:
+        raise TmpdiffError(f"{label}: the call passes no timestep to look the time embeddings up by")
+    first = torch.as_tensor(timestep).reshape(-1)[0]  # one host read per call: the table is indexed on the host
+    call[INPUT_NAME] = own_row(own_table, float(first), label)

@@ -1,0 +1,138 @@
+"""MTEO on the bundled text-to-image pipeline (PixArt's adaLN-single): slots, distillation on prompts, graphs with a
+time-embeddings input, and the diffusers drop-in feeding each step's learned row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cli_helpers import cli
+from tmpdiff.calibration.few_step import FewStepSampler, make_scheduler, solver_timesteps
+from tmpdiff.calibration.mteo import DistillConfig
+from tmpdiff.commands.distill import distill_embeddings, load_distiller
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.models.time_embeddings import EmbeddingOverride, embedding_slots, load_time_embeddings, own_embeddings
+from tmpdiff.models.tiny_t2i import t2i_dir
+from tmpdiff.runtime.runner import initial_noise
+
+PROMPTS = ["a red 3 on a blue background", "a green 7 on a black background"]
+STEPS = 3
+TINY = DistillConfig(solver="dpmsolver++", steps=STEPS, iterations=3, batch=2, train_samples=4, validation_samples=2,
+                     reference_steps=8, lr=5e-2)
+
+
+@pytest.fixture(scope="module")
+def distiller():
+    return load_distiller("bundled-t2i")[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """An fp32 export of the bundled transformer with a time-embeddings input, built for ORT; MTEO rows distilled
+    for 3 steps (a few iterations on 4 held-in prompts) and a plan naming them."""
+    root = tmp_path_factory.mktemp("mteo-t2i")
+    code, _, err = cli("export", "bundled-t2i", "--out", root, "--precisions", "fp32", "--time-embedding-input")
+    assert code == 0, err
+    build = root / "tiny-t2i"
+    code, _, err = cli("build", build, "--threads", 1)
+    assert code == 0, err
+    embeddings = root / "plan" / "mteo.safetensors"
+    embeddings.parent.mkdir()
+    outcome = distill_embeddings("bundled-t2i", TINY, ["trajectory"], embeddings)
+    code, _, err = cli("plan-embeddings", build, embeddings, "--out", root / "plan" / "plan.json", "--pipeline", t2i_dir())
+    assert code == 0, err
+    return root, build, outcome
+
+
+def test_slots_are_the_blocks_then_the_output_layer(distiller):
+    assert embedding_slots(distiller.model) == [f"transformer_blocks.{i}" for i in range(6)] + ["adaln_single"]
+
+
+def test_own_rows_reproduce_the_plain_sampler_bit_for_bit_and_each_slot_counts(distiller):
+    index, noise = torch.tensor([0, 5]), initial_noise(2, distiller.channels, distiller.image_size, 3)
+    config = distiller.scheduler_config
+    timesteps = solver_timesteps(make_scheduler("dpmsolver++", config), STEPS)
+    sampler = FewStepSampler(distiller.model, STEPS, distiller.guidance_scale, distiller.conditioning, distiller.channels)
+    with torch.no_grad():
+        plain = sampler.sample_states(make_scheduler("dpmsolver++", config), index, noise)[-1]
+        own = own_embeddings(distiller.model, timesteps, rows=4)  # 2 prompts x (cond, uncond)
+        hooked = sampler.sample_states(make_scheduler("dpmsolver++", config), index, noise, embeddings=own)[-1]
+        moved = {}
+        for slot in (0, 6):  # a block's modulation, and the output layer's shift and scale
+            other = own.clone()
+            other[1, slot] += 0.5
+            moved[slot] = sampler.sample_states(make_scheduler("dpmsolver++", config), index, noise,
+                                                embeddings=other)[-1]
+    assert torch.equal(hooked, plain)
+    assert all((m - plain).abs().max() > 1e-3 for m in moved.values())
+
+
+def test_distillation_on_prompts_lowers_the_loss_and_leaves_the_backbone(work, distiller):
+    _, _, outcome = work
+    record = outcome.info.runs[0]
+    assert record.final < record.initial
+    tensor, info = load_time_embeddings(outcome.path)
+    assert info.model == "tiny-t2i" and info.guidance_scale == 4.5 and info.slots == embedding_slots(distiller.model)
+    assert tensor.shape == (STEPS, 7, 128) and info.parameter_fraction < 0.01
+    own = own_embeddings(distiller.model, info.timesteps)
+    assert not torch.allclose(tensor, own)  # learned, not the initial value
+
+
+def _pipeline_latents(build, plan, torch_rows=None):
+    """Latents of the stock pipeline over PROMPTS: on the engines with `plan`, or (torch_rows given) on the torch
+    transformer fed each step's row by the override."""
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    if torch_rows is None:
+        pipe = load_pipeline(t2i_dir())
+        attach_engines(pipe, build, schedule=plan, threads=1)
+        context = None
+    else:
+        pipe = load_pipeline(t2i_dir(), load_denoiser=True)
+        context = EmbeddingOverride(pipe.transformer)
+        pipe.transformer.register_forward_pre_hook(
+            lambda *_: setattr(context, "row", torch_rows[pipe.scheduler.step_index or 0]))
+    kwargs = call_kwargs(pipe, steps=STEPS, seed=7, guidance_scale=None, text_len=16, sample_size=8)
+    with torch.no_grad():
+        if context is None:
+            return pipe(PROMPTS, output_type="latent", **kwargs).images
+        with context:
+            return pipe(PROMPTS, output_type="latent", **kwargs).images
+
+
+def test_dropin_feeds_learned_rows_as_the_torch_model_takes_them(work):
+    root, build, outcome = work
+    rows, _ = load_time_embeddings(outcome.path)
+    engines = _pipeline_latents(build, root / "plan" / "plan.json")
+    torch_ref = _pipeline_latents(build, None, torch_rows=rows)
+    plain = _pipeline_latents(build, ["fp32"] * STEPS)  # a plain schedule on these graphs: the own table's rows
+    stock = _pipeline_latents(build, None, torch_rows=[None] * STEPS)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(engines, torch_ref) < 1e-4
+    assert rel(plain, stock) < 1e-4
+    assert rel(engines, plain) > 1e-2  # the learned rows change the sample
+
+
+def test_learned_rows_are_refused_where_they_do_not_fit(work, tmp_path):
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    root, build, _ = work
+    plan = root / "plan" / "plan.json"
+    with pytest.raises(TmpdiffError, match="learned at guidance scale 4.5, the run uses 2"):
+        attach_engines(load_pipeline(t2i_dir()), build, schedule=plan, guidance_scale=2.0)
+    code, _, err = cli("plan-embeddings", build, root / "plan" / "mteo.safetensors", "--out", root / "plan" / "p2.json")
+    assert code == 2 and "text-to-image build: pass --pipeline DIR" in err, err
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", plan,
+                       "--steps", STEPS + 1, "--out", tmp_path / "x.png")
+    assert code == 2 and "schedule has 3 steps but --steps 4" in err, err
+    pipe = load_pipeline(t2i_dir())  # same scheduler class, other spacing: other timesteps, refused at the first call
+    pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "timestep_spacing": "leading"})
+    attach_engines(pipe, build, schedule=plan, threads=1)
+    with pytest.raises(TmpdiffError, match="learned for timesteps .* the run samples at"):
+        pipe(PROMPTS[:1], output_type="latent", **call_kwargs(pipe, steps=STEPS, seed=0, guidance_scale=None,
+                                                               text_len=16, sample_size=8))
