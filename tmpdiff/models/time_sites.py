@@ -28,6 +28,8 @@ OUTPUT_SLOT = "adaln_single"  # adaLN-single: the output layer's slot, named by 
 
 
 class RowSource(Protocol):
+    rows: int | torch.Tensor | None  # set while exporting: the call's rows are known apart from the hooked call
+
     def vector(self, index: int, rows: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """Slot `index`'s (rows, dim) input, or None to keep the model's own."""
 
@@ -141,8 +143,10 @@ class AdaLNSingle:
             return e[:, None].expand(-1, count, -1).contiguous()
         return torch.stack([embed(torch.full((rows,), float(t)))[0].expand(count, -1) for t in timesteps])
 
-    def _modulation(self, vector: torch.Tensor) -> torch.Tensor:
-        # broadcast first, then project: the same row count as the model's own call, so equal rows give equal bits
+    def _modulation(self, vector: torch.Tensor, one_row: bool) -> torch.Tensor:
+        if one_row:  # a graph: project the one vector, then broadcast (a 1-row GEMM per block instead of a batch's)
+            return self.adaln.linear(self.adaln.silu(vector[:1])).expand(vector.shape[0], -1)
+        # broadcast first, then project: the model's own row count, so the model's rows give the model's bits
         return self.adaln.linear(self.adaln.silu(vector))
 
     def install(self, source: RowSource) -> list:
@@ -153,7 +157,7 @@ class AdaLNSingle:
             vector = source.vector(index, hidden.shape[0], hidden.dtype)
             if vector is None:
                 return None
-            return args, {**kwargs, "timestep": self._modulation(vector)}
+            return args, {**kwargs, "timestep": self._modulation(vector, one_row=source.rows is not None)}
 
         def output_hook(_module, _inputs, out: tuple[torch.Tensor, torch.Tensor]):
             modulation, embedded = out
