@@ -11,7 +11,7 @@ bundled-t2i --prompts` does), ORT-CPU.
             (adaLN-single graphs with the input project each block's row: 7 small GEMMs instead of the shared one
             and the embedder's 2)
   quality   the 30 held-out prompts x --seeds pipeline calls (seed i draws call i's noise): fp32 at 20 steps
-            (the baseline), plain N = 4 and 8, MTEO N = 4 and 6 (trajectory loss, the committed tables of
+            (the baseline), plain N = 4 and 8, MTEO N = 4, 5, 6 (trajectory loss, the committed tables of
             scripts/bench_mteo_t2i.py) at fp32 and with every step int8; prompt adherence, confidence, FD and
             SSIM to the fp32 20-step images, paired intervals against it, and the end-to-end wall time of the
             whole set (median of --sample-repeats after a warm-up) with the speedup over fp32 at 20 steps
@@ -114,7 +114,7 @@ def quality(builds: dict[str, Path], work: Path, args) -> list[dict]:
             ("int8 x20", builds["plain"], ["int8"] * BASELINE_STEPS, BASELINE_STEPS),
             ("plain fp32 x4", builds["plain"], ["fp32"] * 4, 4),
             ("plain fp32 x8", builds["plain"], ["fp32"] * 8, 8)]
-    for steps in (4, 6):
+    for steps in args.mteo_steps:
         for precision in ("fp32", "int8"):
             runs.append((f"MTEO {precision} x{steps}", builds["embedding-input"],
                          plan_for(builds["embedding-input"], plans, steps, precision), steps))
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=10, help="quality: pipeline calls over the 30 held-out prompts")
     parser.add_argument("--sample-repeats", type=int, default=3)
+    parser.add_argument("--mteo-steps", type=lambda v: [int(n) for n in v.split(",")], default=[4, 5, 6],
+                        help="quality: MTEO step counts (committed tables of scripts/bench_mteo_t2i.py)")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--real-per-combo", type=int, default=20)
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the bootstrap draws and rendered ground truth")

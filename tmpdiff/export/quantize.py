@@ -83,7 +83,7 @@ def build_config(
     entries.append({"quantizer_name": "*blocks.*proj_out*weight_quantizer", "enable": True})
     if precision.name != "int4":  # int4 is weight-only: its input quantizers stay off
         entries.append({"quantizer_name": "*blocks.*proj_out*input_quantizer", "enable": True})
-    if precision.name == "int4":
+    else:
         # W4A16 is a GEMM format: modelopt would block-quantize Conv kernels along their width. After the proj_out
         # rule (later entries win): SD1.5's `down_blocks.*.proj_out` is a 1x1 Conv2d (use_linear_projection=False).
         entries += [{"parent_class": c, "quantizer_name": "*", "enable": False} for c in _registered(CONV_CLASSES)]
