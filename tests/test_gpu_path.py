@@ -123,7 +123,7 @@ def test_bf16_base_for_tensorrt_graphs_and_an_unknown_type_refused(bundled, tmp_
 
 def test_autocast_with_the_linear_cleanup_gives_autocasts_own_graph(fp32_build):
     """`to_half` swaps AutoCast's quadratic dead-node cleanup for a linear one: the same nodes and initializers as
-    AutoCast's own conversion (the input casts' order, which AutoCast takes from a set, aside)."""
+    AutoCast's own conversion (the input casts' order aside, which `to_half` makes the graph's input order)."""
     import onnx
     from modelopt.onnx.autocast.convert import convert_to_f16
 
@@ -142,3 +142,7 @@ def test_autocast_with_the_linear_cleanup_gives_autocasts_own_graph(fp32_build):
 
     assert len(ours.graph.node) == len(theirs.graph.node) > 0
     assert parts(ours) == parts(theirs)
+    # and the input casts come in the graph's input order (AutoCast's own order is a set's: it changed between runs)
+    inputs = [i.name for i in ours.graph.input]
+    cast = [n.input[0] for n in ours.graph.node if n.op_type == "Cast" and n.input[0] in inputs]
+    assert len(cast) >= 2 and [n.input[0] for n in ours.graph.node[: len(cast)]] == [i for i in inputs if i in cast]

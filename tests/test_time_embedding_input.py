@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.cli_helpers import cli
-from tmpdiff.calibration.few_step import FewStepSampler, make_scheduler
+from tmpdiff.calibration.few_step import ClassConditioning, FewStepSampler, make_scheduler
 from tmpdiff.calibration.mteo import DistillConfig, Distiller
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import load_manifest
@@ -60,8 +60,8 @@ def learned(bundled, tmp_path_factory):
 
     model = load_diffusers_model(bundled.transformer_dir)
     s = sampling_info(bundled)
-    distiller = Distiller(model, dict(s.scheduler_config), s.guidance_scale, s.null_class, s.num_classes, s.channels,
-                          s.image_size)
+    distiller = Distiller(model, dict(s.scheduler_config), s.guidance_scale,
+                          ClassConditioning(s.num_classes, s.null_class), s.channels, s.image_size)
     folder = tmp_path_factory.mktemp("plans")
     files = {}
     for kind in ("mteo", "timestep-shift"):
@@ -128,7 +128,7 @@ def test_an_mteo_plan_runs_the_learned_rows_as_the_torch_sampler_does(embedding_
     from tmpdiff.models.time_embeddings import load_time_embeddings
 
     table, _ = load_time_embeddings(files["mteo"])
-    sampler = FewStepSampler(distiller.model, STEPS, s.guidance_scale, s.null_class, s.channels)
+    sampler = FewStepSampler(distiller.model, STEPS, s.guidance_scale, distiller.conditioning, s.channels)
     with torch.no_grad():
         want = sampler.sample_states(make_scheduler("dpmsolver++", dict(s.scheduler_config)), torch.tensor([1, 7]),
                                      initial_noise(2, s.channels, s.image_size, 3), embeddings=table)[-1]
@@ -151,7 +151,7 @@ def test_a_shift_plan_runs_on_plain_graphs_as_the_torch_sampler_does(plain_build
 
     shifts, _ = load_time_embeddings(files["timestep-shift"])
     assert shifts.abs().max() > 0
-    sampler = FewStepSampler(distiller.model, STEPS, s.guidance_scale, s.null_class, s.channels)
+    sampler = FewStepSampler(distiller.model, STEPS, s.guidance_scale, distiller.conditioning, s.channels)
     with torch.no_grad():
         want = sampler.sample_states(make_scheduler("dpmsolver++", dict(s.scheduler_config)), torch.tensor([1, 7]),
                                      initial_noise(2, s.channels, s.image_size, 3), shifts=shifts)[-1]
@@ -241,15 +241,9 @@ def test_a_damaged_own_table_is_refused_by_check_and_run(embedding_build, tmp_pa
     assert code == 2 and "own_time_embeddings.safetensors" in err and not (tmp_path / "x.png").exists()
 
 
-def test_profile_and_the_drop_in_know_the_input(embedding_build, tmp_path):
+def test_profile_knows_the_input(embedding_build, tmp_path):
+    """(The pipeline drop-in feeding rows is tested on the text-to-image model: tests/test_mteo_t2i.py.)"""
     code, _, err = cli("profile", embedding_build, "--backend", "ort", "--batch", "2", "--warmup", "0", "--repeats", "1",
                        "--out", tmp_path / "costs.json")
     assert code == 0, err
     assert set(json.loads((tmp_path / "costs.json").read_text())["precisions"]) == {"fp32", "int8"}
-    from tmpdiff.runtime.dropin import attach_engines
-
-    class Pipe:  # attach_engines refuses before it touches the pipeline
-        scheduler = None
-
-    with pytest.raises(TmpdiffError, match="class-conditional builds only"):
-        attach_engines(Pipe(), embedding_build, precision="fp32")

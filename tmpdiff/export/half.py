@@ -78,6 +78,21 @@ def _linear_cleanup() -> Iterator[None]:
         converter._cleanup_no_consumer_nodes = original
 
 
+def _input_casts_in_input_order(model: onnx.ModelProto) -> onnx.ModelProto:
+    """AutoCast puts the graph inputs' casts first in the order of a set, so the same export wrote different bytes in
+    different processes; put them in the graph's input order (they depend on nothing else)."""
+    order = {i.name: n for n, i in enumerate(model.graph.input)}
+    nodes = model.graph.node
+    lead = 0
+    while lead < len(nodes) and nodes[lead].op_type == "Cast" and nodes[lead].input[0] in order:
+        lead += 1
+    ordered = sorted((onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes[:lead]),
+                     key=lambda n: (order[n.input[0]], n.output[0]))
+    for index, node in enumerate(ordered):
+        nodes[index].CopyFrom(node)
+    return model
+
+
 def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.ModelProto:
     """The graph with `dtype` (float16 / bfloat16) compute and fp32 I/O; a TmpdiffError naming `where` if AutoCast
     refuses it. bf16 raises the graph's opset to 22 (AutoCast's requirement for bf16 Q/DQ scales)."""
@@ -91,10 +106,11 @@ def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.
         logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), _stable_subgraph_nodes(), _linear_cleanup():
-            return convert_to_f16(model, low_precision_type=TRT_DTYPES[dtype], keep_io_types=True)
+            converted = convert_to_f16(model, low_precision_type=TRT_DTYPES[dtype], keep_io_types=True)
     except Exception as exc:  # AutoCast raises its own and onnx's error types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TmpdiffError(f"ModelOpt AutoCast could not convert the TensorRT graph to {dtype} ({first})", where) from None
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
+    return _input_casts_in_input_order(converted)
