@@ -79,8 +79,8 @@ def _linear_cleanup() -> Iterator[None]:
 
 
 def _input_casts_in_input_order(model: onnx.ModelProto) -> onnx.ModelProto:
-    """AutoCast puts the graph inputs' casts first in the order of a set, so the same export wrote different bytes in
-    different processes; put them in the graph's input order (they depend on nothing else)."""
+    """AutoCast puts the graph inputs' casts (and their value_info) first in the order of a set, so the same export
+    wrote different bytes in different processes; put them in the graph's input order (they depend on nothing else)."""
     order = {i.name: n for n, i in enumerate(model.graph.input)}
     nodes = model.graph.node
     lead = 0
@@ -90,6 +90,14 @@ def _input_casts_in_input_order(model: onnx.ModelProto) -> onnx.ModelProto:
                      key=lambda n: (order[n.input[0]], n.output[0]))
     for index, node in enumerate(ordered):
         nodes[index].CopyFrom(node)
+    # their outputs' value_info entries come in the same set order: the same slots, in the casts' order
+    rank = {node.output[0]: n for n, node in enumerate(ordered)}
+    infos = model.graph.value_info
+    slots = [i for i, info in enumerate(infos) if info.name in rank]
+    entries = sorted((onnx.ValueInfoProto.FromString(infos[i].SerializeToString()) for i in slots),
+                     key=lambda info: rank[info.name])
+    for index, info in zip(slots, entries, strict=True):
+        infos[index].CopyFrom(info)
     return model
 
 
