@@ -125,6 +125,14 @@ def test_learned_rows_are_refused_where_they_do_not_fit(work, tmp_path):
     plan = root / "plan" / "plan.json"
     with pytest.raises(TmpdiffError, match="learned at guidance scale 4.5, the run uses 2"):
         attach_engines(load_pipeline(t2i_dir()), build, schedule=plan, guidance_scale=2.0)
+    with pytest.raises(TmpdiffError, match="do not feed learned time conditioning"):
+        attach_engines(load_pipeline(t2i_dir()), build, schedule=plan, parallel=2)
+    # timestep shifts need a timestep input (the own table has rows at integer timesteps only)
+    shifts = root / "plan" / "shift.safetensors"
+    distill_embeddings("bundled-t2i", DistillConfig(**{**TINY.__dict__, "kind": "timestep-shift", "iterations": 1}),
+                       ["trajectory"], shifts)
+    code, _, err = cli("plan-embeddings", build, shifts, "--out", root / "plan" / "p3.json", "--pipeline", t2i_dir())
+    assert code == 2 and "holds timestep shifts" in err and "without --time-embedding-input" in err, err
     code, _, err = cli("plan-embeddings", build, root / "plan" / "mteo.safetensors", "--out", root / "plan" / "p2.json")
     assert code == 2 and "text-to-image build: pass --pipeline DIR" in err, err
     code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", plan,

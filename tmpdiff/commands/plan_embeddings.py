@@ -3,7 +3,7 @@
 The plan samples with the solver the embeddings were learned for (its scheduler written into the schedule), runs
 each step at the precision a calibrated schedule of the same step count gives it (or one precision, or the
 precisions quantization-aware embeddings were trained at), and feeds each step its learned row (MTEO, on graphs
-exported with --time-embedding-input) or its timestep shift (any graph).
+exported with --time-embedding-input) or its timestep shift (graphs that take the timestep).
 """
 
 from __future__ import annotations

@@ -429,6 +429,9 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         from tmpdiff.runtime.pipeline_io import default_guidance_of
 
         check_parallel_scheduler(pipe.scheduler)
+        if plan.conditioning is not None:  # a drafted call would get the anchor's conditioning, not its step's
+            raise TmpdiffError("--parallel drafts in a pipeline do not feed learned time conditioning (the "
+                               "class-conditional runner's workers do): run this plan sequentially", plan.source)
         if "timestep" not in {spec.name for spec in adapter.input_specs()}:
             raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
         scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))

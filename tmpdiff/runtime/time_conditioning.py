@@ -69,10 +69,17 @@ def load_conditioning(schedule: Schedule, schedule_path: Path) -> TimeConditioni
 
 
 def check_build(conditioning: TimeConditioning | None, manifest: Manifest, build_dir: Path) -> None:
-    """MTEO rows need graphs with a `time_embeddings` input of the same slots and dimension; shifts run anywhere."""
-    if conditioning is None or conditioning.embeddings is None:
+    """MTEO rows need graphs with a `time_embeddings` input of the same slots and dimension; timestep shifts need
+    graphs that take the timestep (the own table has rows at integer timesteps only, a shifted one falls between)."""
+    if conditioning is None:
         return
     entry = manifest.time_embedding_input
+    if conditioning.shifts is not None:
+        if entry is not None:
+            raise TmpdiffError(f"{conditioning.path.name} holds timestep shifts, but {build_dir} takes time embeddings "
+                               "instead of the timestep: run it on a build exported without --time-embedding-input",
+                               conditioning.path)
+        return
     if entry is None:
         raise TmpdiffError(f"{conditioning.path.name} holds per-block time embeddings, but {build_dir} computes them "
                            f"from the timestep: export it with --time-embedding-input", conditioning.path)
