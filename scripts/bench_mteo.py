@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tmpdiff.calibration.few_step import FewStepSampler, make_scheduler
-from tmpdiff.calibration.mteo import DistillConfig, model_parameters
+from tmpdiff.calibration.mteo import DistillConfig, embeddings_info
 from tmpdiff.commands.distill import load_distiller
 from tmpdiff.engines.device import cpu_name
 from tmpdiff.eval.classifier import DigitClassifier, classify
@@ -65,14 +65,7 @@ def train(args, steps: int) -> None:
         r = result.record
         print(f"N={steps} {method}: loss {r.initial:.4f} -> {r.final:.4f}, held-out sample MSE {r.validation_mse:.4f}, "
               f"{r.seconds:.0f} s", flush=True)
-        info = TimeEmbeddingsInfo(
-            kind=kind, model=name, model_parameters=model_parameters(distiller.model), solver=args.solver, steps=steps,
-            timesteps=distiller.timesteps(args.solver, steps),
-            slots=distiller.sampler(steps).slots if kind == "mteo" else [],
-            dim=int(result.tensor.shape[-1]) if kind == "mteo" else 0, trained_parameters=result.tensor.numel(),
-            guidance_scale=distiller.guidance_scale, reference_steps=args.reference_steps, train_seed=args.train_seed,
-            train_samples=args.train_samples, validation_seed=base.validation_seed, iterations=args.iterations,
-            loss=loss, runs=[r])  # type: ignore[arg-type]
+        info = embeddings_info(distiller, cfg, name, result.tensor, loss, [r])  # type: ignore[arg-type]
         save_time_embeddings(args.out / "embeddings" / f"{method}{args.tag}-N{steps}.safetensors", result.tensor, info)
         rows[method + args.tag] = {**r.model_dump(), "trained_parameters": info.trained_parameters,
                         "parameter_fraction": info.parameter_fraction, "loss_curve": [round(v, 5) for v in result.losses]}

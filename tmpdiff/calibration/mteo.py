@@ -25,7 +25,7 @@ from tmpdiff.calibration.few_step import (
     solver_timesteps,
 )
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.time_embeddings import Kind, LossRecord
+from tmpdiff.formats.time_embeddings import Kind, LossRecord, TimeEmbeddingsInfo
 from tmpdiff.models.time_embeddings import own_embeddings
 from tmpdiff.runtime.runner import initial_noise
 
@@ -173,6 +173,19 @@ class Distiller:
                             seconds=round(time.perf_counter() - start_time, 2),
                             cpu_seconds=round(time.process_time() - start_cpu, 2))
         return DistillResult(params.detach().clone(), record, losses)
+
+
+def embeddings_info(distiller: Distiller, cfg: DistillConfig, name: str, tensor: torch.Tensor, loss: Loss,
+                    runs: list[LossRecord]) -> TimeEmbeddingsInfo:
+    """The record written beside a distilled table (or shift vector): model, solver, timesteps, slots, training."""
+    mteo = cfg.kind == "mteo"
+    return TimeEmbeddingsInfo(
+        kind=cfg.kind, model=name, model_parameters=model_parameters(distiller.model), solver=cfg.solver,
+        steps=cfg.steps, timesteps=distiller.timesteps(cfg.solver, cfg.steps),
+        slots=distiller.sampler(cfg.steps).slots if mteo else [], dim=int(tensor.shape[-1]) if mteo else 0,
+        trained_parameters=int(tensor.numel()), guidance_scale=distiller.guidance_scale,
+        reference_steps=cfg.reference_steps, train_seed=cfg.train_seed, train_samples=cfg.train_samples,
+        validation_seed=cfg.validation_seed, iterations=cfg.iterations, loss=loss, runs=runs)
 
 
 def model_parameters(model: torch.nn.Module) -> int:

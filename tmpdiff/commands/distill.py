@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tmpdiff.calibration.few_step import ClassConditioning, PromptConditioning
-from tmpdiff.calibration.mteo import DistillConfig, Distiller, DistillResult, model_parameters
+from tmpdiff.calibration.mteo import DistillConfig, Distiller, DistillResult, embeddings_info
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.outputs import Output, check_outputs
 from tmpdiff.formats.time_embeddings import TimeEmbeddingsInfo
@@ -121,14 +121,6 @@ def distill_embeddings(model: str, cfg: DistillConfig, losses: list[str], out: P
                                           None if on_progress is None else lambda i, v, loss=loss: on_progress(loss, i, v))
     kept = min(results, key=lambda k: results[k].record.validation_mse)
     tensor = results[kept].tensor
-    scheduler = distiller.sampler(cfg.steps)
-    info = TimeEmbeddingsInfo(
-        kind=cfg.kind, model=name, model_parameters=model_parameters(distiller.model), solver=cfg.solver,
-        steps=cfg.steps, timesteps=timesteps,
-        slots=scheduler.slots if cfg.kind == "mteo" else [], dim=int(tensor.shape[-1]) if cfg.kind == "mteo" else 0,
-        trained_parameters=int(tensor.numel()), guidance_scale=distiller.guidance_scale,
-        reference_steps=cfg.reference_steps, train_seed=cfg.train_seed, train_samples=cfg.train_samples,
-        validation_seed=cfg.validation_seed, iterations=cfg.iterations, loss=kept,  # type: ignore[arg-type]
-        runs=[r.record for r in results.values()])
+    info = embeddings_info(distiller, cfg, name, tensor, kept, [r.record for r in results.values()])  # type: ignore[arg-type]
     save_time_embeddings(out, tensor, info)
     return DistillOutcome(info, out, results)
