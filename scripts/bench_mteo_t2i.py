@@ -13,6 +13,7 @@ to plain 2N), and SSIM to the 20-step fp32 samples.
 
   OMP_NUM_THREADS=2 python scripts/bench_mteo_t2i.py train --out results/cpu-epyc-2core/mteo-t2i
   OMP_NUM_THREADS=2 python scripts/bench_mteo_t2i.py eval --out results/cpu-epyc-2core/mteo-t2i
+  OMP_NUM_THREADS=2 python scripts/bench_mteo_t2i.py qa --steps 4 --schedule int4 --out results/cpu-epyc-2core/mteo-t2i
   python scripts/bench_mteo_t2i.py report --out results/cpu-epyc-2core/mteo-t2i
 """
 
@@ -112,8 +113,9 @@ class Judge:
         return out
 
 
-def _sample(distiller, steps: int, index, noise, pipe, **conditioning) -> tuple[torch.Tensor, float]:
-    sampler = FewStepSampler(distiller.model, steps, distiller.guidance_scale, distiller.conditioning, distiller.channels)
+def _sample(distiller, steps: int, index, noise, pipe, models=None, **conditioning) -> tuple[torch.Tensor, float]:
+    sampler = FewStepSampler(distiller.model if models is None else models, steps, distiller.guidance_scale,
+                             distiller.conditioning, distiller.channels)
     start = time.perf_counter()
     with torch.no_grad():
         latents = sampler.sample_states(make_scheduler("dpmsolver++", distiller.scheduler_config), index, noise,
@@ -157,6 +159,67 @@ def evaluate(args, steps_list: list[int]) -> None:
             "load_average_1min": round(os.getloadavg()[0], 2)})
 
 
+def quantization_aware(args, steps: int) -> None:
+    """QA-MTEO at N = `steps` with every step at --schedule: distilled through the fake-quant models (calibrated on
+    pipeline captures of 8 held-in prompts, seed 0, 20 steps, as the export does), judged beside MTEO trained in fp32
+    and run quantized, on the held-out prompts."""
+    import random
+
+    from tmpdiff.calibration.mteo import Distiller
+    from tmpdiff.calibration.mteo_quant import differentiable_attention, fake_quant_models, step_models
+    from tmpdiff.models.colored_digits import held_in_combos
+    from tmpdiff.models.registry import adapter_for_config
+    from tmpdiff.models.tiny_t2i import TEXT_LEN
+    from tmpdiff.runtime.capture import PromptCapture, prompted_calibration
+    from tmpdiff.runtime.pipeline_io import load_pipeline
+
+    schedule = [args.schedule] * steps
+    distiller, name = load_distiller("bundled-t2i")
+    adapter = adapter_for_config({**dict(distiller.model.config), "text_len": TEXT_LEN})
+    prompts = random.Random(1).sample([c.prompt for c in held_in_combos()], 8)
+    start = time.perf_counter()
+    calibration = prompted_calibration(distiller.model, adapter, PromptCapture(t2i_dir(), prompts, [0], 20, None))
+    models = fake_quant_models(distiller.model, None, schedule, calibration=(adapter, calibration))
+    quant_seconds = time.perf_counter() - start
+    per_step = step_models(schedule, models)
+    qa = Distiller(distiller.model, distiller.scheduler_config, distiller.guidance_scale, distiller.conditioning,
+                   distiller.channels, distiller.image_size, step_models=per_step)
+    cfg = DistillConfig(solver=args.solver, steps=steps, iterations=args.iterations, batch=args.batch,
+                        train_samples=args.train_samples, reference_steps=args.reference_steps)
+    data = qa.data(cfg)  # the fp32 reference: data() samples with the fp32 model
+    with differentiable_attention():
+        result = qa.distill(cfg, "trajectory", data)
+    r = result.record
+    print(f"N={steps} QA-MTEO {args.schedule}: loss {r.initial:.4f} -> {r.final:.4f}, held-out {r.validation_mse:.4f}, "
+          f"{r.seconds:.0f} s", flush=True)
+    fp32_tensor, _ = load_time_embeddings(args.out / "embeddings" / f"mteo-trajectory-N{steps}.safetensors")
+    combos = [c for c in held_out_combos() for _ in range(args.per_combo)]
+    evaluation, _ = load_distiller("bundled-t2i", prompts=[c.prompt for c in held_out_combos()])
+    evaluation.conditioning = _expanded(evaluation.conditioning, args.per_combo)
+    pipe = load_pipeline(t2i_dir())
+    index = torch.arange(len(combos))
+    noise = initial_noise(len(combos), evaluation.channels, evaluation.image_size, args.eval_seed)
+    reference, _ = _sample(evaluation, 20, index, noise, pipe)
+    judge = Judge(args, combos, reference)
+    quantized = step_models(schedule, fake_quant_models(evaluation.model, None, schedule,
+                                                        calibration=(adapter, calibration)))
+    per, rows = {}, []
+    for method, used, conditioning in [
+            ("MTEO fp32", None, {"embeddings": fp32_tensor}), (f"plain {args.schedule}", quantized, {}),
+            (f"MTEO fp32-trained, run {args.schedule}", quantized, {"embeddings": fp32_tensor}),
+            (f"QA-MTEO {args.schedule}", quantized, {"embeddings": result.tensor})]:
+        images, seconds = _sample(evaluation, steps, index, noise, pipe, used, **conditioning)
+        per[method] = judge.per_sample(images)
+        rows.append({"method": method, "N": steps, "seconds": round(seconds, 2), **judge.summary(per[method])})
+        print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        row["vs_mteo_fp32"] = judge.versus(per[row["method"]], per["MTEO fp32"])
+    write_json(args.out / f"qa-{args.schedule}-N{steps}.json", {
+        "steps": steps, "schedule": schedule, "loss": "trajectory", "quantize_seconds": round(quant_seconds, 1),
+        "calibration_prompts": prompts, "training": r.model_dump(), "samples": len(combos), "rows": rows,
+        "threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2)})
+
+
 def _expanded(conditioning: PromptConditioning, repeats: int) -> PromptConditioning:
     """Each prompt `repeats` times in a row (sample i asks prompt i // repeats)."""
     return PromptConditioning(conditioning.embeds.repeat_interleave(repeats, 0),
@@ -196,7 +259,7 @@ def report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["train", "eval", "report"])
+    parser.add_argument("phase", choices=["train", "eval", "qa", "report"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", default="3,4,6,8")
     parser.add_argument("--solver", default="dpmsolver++", choices=["dpmsolver++"])
@@ -208,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-per-combo", type=int, default=20, help="eval: rendered ground truth per prompt (FD)")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--schedule", default="int8", help="qa: the precision of every step (int8, fp8, int4)")
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             train(args, n)
     elif args.phase == "eval":
         evaluate(args, steps)
+    elif args.phase == "qa":
+        for n in steps:
+            quantization_aware(args, n)
     else:
         report(args)
     return 0

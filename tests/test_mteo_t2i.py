@@ -144,3 +144,31 @@ def test_learned_rows_are_refused_where_they_do_not_fit(work, tmp_path):
     with pytest.raises(TmpdiffError, match="learned for timesteps .* the run samples at"):
         pipe(PROMPTS[:1], output_type="latent", **call_kwargs(pipe, steps=STEPS, seed=0, guidance_scale=None,
                                                                text_len=16, sample_size=8))
+
+
+def test_quantization_aware_rows_train_through_the_pipelines_fake_quant_model(distiller):
+    """Fake-quant models calibrated on the pipeline's captured calls: an int8 step changes the sample, and the loss
+    reaches the rows of every step through it."""
+    from tmpdiff.calibration.mteo_quant import differentiable_attention, fake_quant_models, step_models
+    from tmpdiff.models.registry import adapter_for_config
+    from tmpdiff.runtime.capture import PromptCapture, prompted_calibration
+
+    adapter = adapter_for_config({**dict(distiller.model.config), "text_len": 16})
+    calibration = prompted_calibration(distiller.model, adapter, PromptCapture(t2i_dir(), PROMPTS, [0], 2, None))
+    models = fake_quant_models(distiller.model, None, ["fp32", "int8"], calibration=(adapter, calibration))
+    assert models["fp32"] is distiller.model and models["int8"] is not distiller.model
+    config = distiller.scheduler_config
+    timesteps = solver_timesteps(make_scheduler("dpmsolver++", config), 2)
+    sampler = FewStepSampler(step_models(["int8", "int8"], models), 2, distiller.guidance_scale, distiller.conditioning,
+                             distiller.channels)
+    index, noise = torch.tensor([1]), initial_noise(1, distiller.channels, distiller.image_size, 7)
+    table = own_embeddings(distiller.model, timesteps).requires_grad_(True)
+    with torch.no_grad():
+        fp32 = FewStepSampler(distiller.model, 2, distiller.guidance_scale, distiller.conditioning,
+                              distiller.channels).sample_states(make_scheduler("dpmsolver++", config), index, noise,
+                                                                embeddings=table)[-1]
+    with differentiable_attention():
+        out = sampler.sample_states(make_scheduler("dpmsolver++", config), index, noise, embeddings=table)[-1]
+    assert not torch.allclose(out, fp32, atol=1e-5)
+    out.pow(2).mean().backward()
+    assert table.grad[1].abs().sum() > 0

@@ -17,20 +17,25 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from tmpdiff.export.calibration_data import CalibrationSet
 from tmpdiff.export.quantize import build_config, quantize
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.formats.precisions import get_precision
+from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.dit import DiTAdapter
 from tmpdiff.runtime.capture import sampled_calibration
 
 
-def fake_quant_models(model: torch.nn.Module, sampling: SamplingInfo, precisions: Sequence[str],
-                      seeds: Sequence[int] = (0,), steps: int = 10) -> dict[str, torch.nn.Module]:
-    """One frozen modelopt fake-quant copy of `model` per quantized precision (fp32 is `model` itself)."""
-    adapter = DiTAdapter(dict(model.config))
+def fake_quant_models(model: torch.nn.Module, sampling: SamplingInfo | None, precisions: Sequence[str],
+                      seeds: Sequence[int] = (0,), steps: int = 10,
+                      calibration: tuple[DenoiserAdapter, CalibrationSet] | None = None) -> dict[str, torch.nn.Module]:
+    """One frozen modelopt fake-quant copy of `model` per quantized precision (fp32 is `model` itself), calibrated
+    on the class-conditional model's own trajectories (`sampling`), or on a given adapter and calibration set (a
+    pipeline's captured calls: `runtime.capture.prompted_calibration`)."""
+    adapter = calibration[0] if calibration is not None else DiTAdapter(dict(model.config))
     models: dict[str, torch.nn.Module] = {}
-    calibration = None
+    batches = None if calibration is None else calibration[1]
     for name in dict.fromkeys(precisions):
         if name == "fp32":
             models[name] = model
@@ -39,9 +44,11 @@ def fake_quant_models(model: torch.nn.Module, sampling: SamplingInfo, precisions
         if spec.modelopt_cfg is None:
             raise TmpdiffError(f"{name} is not a fake-quant precision: quantization-aware MTEO takes fp32, int8, fp8, "
                                f"int4")
-        if calibration is None:
-            calibration = sampled_calibration(model, adapter, sampling, range(sampling.num_classes), list(seeds), steps)
-        quantized = quantize(model, build_config(spec, model), calibration.batches,
+        if batches is None:
+            if sampling is None:
+                raise TmpdiffError("fake-quant models need the class-conditional sampling info or a calibration set")
+            batches = sampled_calibration(model, adapter, sampling, range(sampling.num_classes), list(seeds), steps)
+        quantized = quantize(model, build_config(spec, model), batches.batches,
                              lambda m, batch: adapter.export_module(m)(*batch.values()))
         for p in quantized.parameters():
             p.requires_grad_(False)
