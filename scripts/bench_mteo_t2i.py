@@ -113,12 +113,13 @@ class Judge:
         return out
 
 
-def _sample(distiller, steps: int, index, noise, pipe, models=None, **conditioning) -> tuple[torch.Tensor, float]:
+def _sample(distiller, steps: int, index, noise, pipe, models=None, solver: str = "dpmsolver++",
+            **conditioning) -> tuple[torch.Tensor, float]:
     sampler = FewStepSampler(distiller.model if models is None else models, steps, distiller.guidance_scale,
                              distiller.conditioning, distiller.channels)
     start = time.perf_counter()
     with torch.no_grad():
-        latents = sampler.sample_states(make_scheduler("dpmsolver++", distiller.scheduler_config), index, noise,
+        latents = sampler.sample_states(make_scheduler(solver, distiller.scheduler_config), index, noise,
                                         **conditioning)[-1]
         seconds = time.perf_counter() - start
         return decode_latents(pipe, latents), seconds
@@ -145,7 +146,7 @@ def evaluate(args, steps_list: list[int]) -> None:
             runs.append((method, steps, {"embeddings" if kind == "mteo" else "shifts": tensor}))
         per, rows = {}, []
         for method, n, conditioning in runs:
-            images, seconds = _sample(distiller, n, index, noise, pipe, **conditioning)
+            images, seconds = _sample(distiller, n, index, noise, pipe, solver=args.solver, **conditioning)
             per[method] = judge.per_sample(images)
             rows.append({"method": method, "N": steps, "model_calls": n, "seconds": round(seconds, 2),
                          **judge.summary(per[method])})
@@ -208,7 +209,7 @@ def quantization_aware(args, steps: int) -> None:
             ("MTEO fp32", None, {"embeddings": fp32_tensor}), (f"plain {args.schedule}", quantized, {}),
             (f"MTEO fp32-trained, run {args.schedule}", quantized, {"embeddings": fp32_tensor}),
             (f"QA-MTEO {args.schedule}", quantized, {"embeddings": result.tensor})]:
-        images, seconds = _sample(evaluation, steps, index, noise, pipe, used, **conditioning)
+        images, seconds = _sample(evaluation, steps, index, noise, pipe, used, solver=args.solver, **conditioning)
         per[method] = judge.per_sample(images)
         rows.append({"method": method, "N": steps, "seconds": round(seconds, 2), **judge.summary(per[method])})
         print(json.dumps(rows[-1]), flush=True)
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("phase", choices=["train", "eval", "qa", "report"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", default="3,4,6,8")
-    parser.add_argument("--solver", default="dpmsolver++", choices=["dpmsolver++"])
+    parser.add_argument("--solver", default="dpmsolver++", choices=["dpmsolver++", "ddim"],
+                        help="the few-step solver (the 20-step reference is DPM-Solver++ either way)")
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--train-samples", type=int, default=32)

@@ -172,3 +172,22 @@ def test_quantization_aware_rows_train_through_the_pipelines_fake_quant_model(di
     assert not torch.allclose(out, fp32, atol=1e-5)
     out.pow(2).mean().backward()
     assert table.grad[1].abs().sum() > 0
+
+
+def test_a_ddim_plan_runs_in_the_pipeline_with_its_own_scheduler(work, tmp_path):
+    """`run --pipeline` samples an MTEO plan with the solver its rows were learned for (DDIM, 'trailing'), not the
+    pipeline's DPM-Solver++; the trace shows the plan's timesteps."""
+    import json
+
+    root, build, _ = work
+    folder = root / "ddim-plan"
+    folder.mkdir()
+    cfg = DistillConfig(**{**TINY.__dict__, "solver": "ddim", "iterations": 1})
+    outcome = distill_embeddings("bundled-t2i", cfg, ["trajectory"], folder / "rows.safetensors")
+    code, _, err = cli("plan-embeddings", build, folder / "rows.safetensors", "--out", folder / "plan.json",
+                       "--pipeline", t2i_dir())
+    assert code == 0, err
+    code, out, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule",
+                         folder / "plan.json", "--out", tmp_path / "x.png", "--json")
+    assert code == 0, err
+    assert [step["timestep"] for step in json.loads(out)["steps"]] == outcome.info.timesteps

@@ -247,3 +247,24 @@ def test_profile_knows_the_input(embedding_build, tmp_path):
                        "--out", tmp_path / "costs.json")
     assert code == 0, err
     assert set(json.loads((tmp_path / "costs.json").read_text())["precisions"]) == {"fp32", "int8"}
+
+
+def test_rows_learned_for_ddim_run_on_its_own_spacing(embedding_build, learned, tmp_path):
+    """DDIM rows are learned on 'trailing' spacing while the model's scheduler is 'linspace': the plan samples its
+    own grid (the spacing is not part of the noise process; `run` refused such plans before) as the torch sampler."""
+    from tmpdiff.calibration.mteo import embeddings_info
+
+    distiller, s, _ = learned
+    cfg = DistillConfig(solver="ddim", steps=STEPS, iterations=2, batch=4, train_samples=4, validation_samples=2,
+                        reference_steps=8)
+    result = distiller.distill(cfg, "trajectory", distiller.data(cfg))
+    rows = tmp_path / "ddim.safetensors"
+    save_time_embeddings(rows, result.tensor, embeddings_info(distiller, cfg, "tiny-dit", result.tensor, "trajectory",
+                                                              [result.record]))
+    assert cli("plan-embeddings", embedding_build, rows, "--out", tmp_path / "plan.json")[0] == 0
+    got = _latents(embedding_build, tmp_path / "plan.json")
+    sampler = FewStepSampler(distiller.model, STEPS, s.guidance_scale, distiller.conditioning, s.channels)
+    with torch.no_grad():
+        want = sampler.sample_states(make_scheduler("ddim", dict(s.scheduler_config)), torch.tensor([1, 7]),
+                                     initial_noise(2, s.channels, s.image_size, 3), embeddings=result.tensor)[-1]
+    assert (got - want).abs().max() < 1e-3

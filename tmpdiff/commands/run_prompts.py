@@ -59,6 +59,12 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     plan = request.plan(DEFAULT_STEPS)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     check_calibrated_guidance(plan, pipe, request.guidance_scale)
+    if plan.conditioning is not None and plan.file is not None:  # learned rows: the solver they were learned for
+        from tmpdiff.models.schedulers import plan_scheduler_for
+
+        scheduler = plan_scheduler_for(plan.file, pipe.scheduler, plan.source)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
     options = {}
     attach = attach_engines
     if request.executor == "ray":

@@ -46,9 +46,10 @@ def sampling_scheduler(sampling: SamplingInfo):
     return scheduler_from(sampling.scheduler_class, sampling.scheduler_config)
 
 
-# Config keys that define the model's noise process (what it was trained on); a solver may differ, these may not.
+# Config keys that define the model's noise process (what it was trained on); a solver may differ, these may not. Not
+# the sampling grid's spacing (`timestep_spacing`): a plan may sample its own, e.g. DDIM 'trailing' for MTEO rows.
 NOISE_PROCESS_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type",
-                      "timestep_spacing", "rescale_betas_zero_snr")
+                      "rescale_betas_zero_snr")
 
 
 def schedule_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: str | Path | None = None):
@@ -77,6 +78,20 @@ def _named_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: 
             key = differing[0]
             raise TmpdiffError(f"the schedule's scheduler has another noise process than the model's ({key}: "
                                f"{scheduler.config.get(key)!r} vs {model.get(key)!r})", source)
+    return scheduler
+
+
+def plan_scheduler_for(schedule: Schedule, current, source: str | Path | None = None):
+    """The scheduler a plan names, for a pipeline whose own scheduler is `current` (None when the plan names none or
+    the same class); refused when its noise process differs from the pipeline's."""
+    if schedule.scheduler is None or schedule.scheduler.class_name == type(current).__name__:
+        return None
+    scheduler = scheduler_from(schedule.scheduler.class_name, schedule.scheduler.config, source)
+    differing = [k for k in NOISE_PROCESS_KEYS if k in current.config and current.config.get(k) != scheduler.config.get(k)]
+    if differing:
+        key = differing[0]
+        raise TmpdiffError(f"the plan's scheduler has another noise process than the pipeline's ({key}: "
+                           f"{scheduler.config.get(key)!r} vs {current.config.get(key)!r})", source)
     return scheduler
 
 
