@@ -191,3 +191,22 @@ def test_a_ddim_plan_runs_in_the_pipeline_with_its_own_scheduler(work, tmp_path)
                          folder / "plan.json", "--out", tmp_path / "x.png", "--json")
     assert code == 0, err
     assert [step["timestep"] for step in json.loads(out)["steps"]] == outcome.info.timesteps
+
+
+def test_ddim_leaves_a_latent_models_x0_unclipped(distiller):
+    """DDIM's own default clips x0 to [-1, 1]; `make_scheduler` keeps the model's setting (none here), without which
+    plain 8-step DDIM lands far from the 20-step DPM-Solver++ sample."""
+    import diffusers
+
+    config = distiller.scheduler_config
+    index, noise = torch.tensor([0, 3]), initial_noise(2, distiller.channels, distiller.image_size, 11)
+    sampler = FewStepSampler(distiller.model, 8, distiller.guidance_scale, distiller.conditioning, distiller.channels)
+    reference = FewStepSampler(distiller.model, 20, distiller.guidance_scale, distiller.conditioning,
+                               distiller.channels)
+    clipped = diffusers.DDIMScheduler.from_config({**make_scheduler("ddim", config).config, "clip_sample": True})
+    with torch.no_grad():
+        want = reference.sample_states(make_scheduler("dpmsolver++", config), index, noise)[-1]
+        ours = sampler.sample_states(make_scheduler("ddim", config), index, noise)[-1]
+        theirs = sampler.sample_states(clipped, index, noise)[-1]
+    assert not make_scheduler("ddim", config).config.clip_sample
+    assert (ours - want).norm() < 0.5 * (theirs - want).norm()

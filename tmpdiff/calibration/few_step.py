@@ -30,14 +30,17 @@ class Solver(StrEnum):
 
 def make_scheduler(solver: Solver | str, config: dict[str, Any]):
     """The solver on the model's noise process. DPM-Solver++ 2M as the model ships it; DDIM with 'trailing'
-    spacing (its default 'leading'/'linspace' would spend the last step at t = 0)."""
+    spacing (its default 'leading'/'linspace' would spend the last step at t = 0), thresholding as the model's config
+    says and no clipping unless it says so (DDIM's own default clips x0 to [-1, 1]: right for pixels, ruinous for a
+    latent model's x0, whose values go well beyond)."""
     import diffusers
 
     solver = Solver(solver)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     if solver is Solver.dpmsolver:
         return diffusers.DPMSolverMultistepScheduler.from_config({**config, "algorithm_type": "dpmsolver++"})
-    return diffusers.DDIMScheduler.from_config({**config, "timestep_spacing": "trailing"})
+    return diffusers.DDIMScheduler.from_config({**config, "timestep_spacing": "trailing",
+                                                "clip_sample": bool(config.get("clip_sample", False))})
 
 
 def solver_timesteps(scheduler, steps: int) -> list[int]:
