@@ -6,8 +6,10 @@ peak ~= BASE_BYTES + copies x the loaded model's weight bytes. The copies were m
 `scripts/bench_scale.py` (peak RSS of one `tmpdiff export` process per precision, SD1.5-size UNet, 860M parameters,
 3.44 GB of fp32 weights; results/cpu-epyc-2core/scale.json): fp32 15.8 GB -> 4.3 copies (measured before the traced
 weights were streamed, so an upper bound); int8 10.9 GB -> 2.9 copies, since a quantized export frees the torch model
-once it is traced (16.8 GB, 4.6 copies, before). fp16 and the other quantized precisions are not measured separately:
-they take the same coefficients (fp8/int4 fold their weights smaller than int8 does).
+once it is traced (16.8 GB, 4.6 copies, before); int4 (AWQ) 16.3 GB -> 4.5 copies (its search caches activations per
+layer, and SD1.5's convolutions stay fp32 in the int4 graphs; on the PixArt-Sigma transformer int4 took 3.0 copies:
+the UNet's figure is the plan). fp16 and fp8 are not measured separately: they take the plain and quantized
+coefficients.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tmpdiff.formats.precisions import Precision
 GB = 1e9
 BASE_BYTES = 1.0 * GB  # the interpreter with torch, diffusers, modelopt and ONNX Runtime imported
 # Peak RSS in units of the loaded model's weight bytes, per kind of export (see the module docstring).
-COPIES = {"plain": 4.3, "fp16": 4.3, "quantized": 2.9}
+COPIES = {"plain": 4.3, "fp16": 4.3, "quantized": 2.9, "int4": 4.5}
 BYTES_PER_WEIGHT = {"float32": 4, "float16": 2}
 
 
@@ -51,6 +53,8 @@ def _kind(precision: str) -> str:
     from tmpdiff.formats.precisions import get_precision
 
     spec = get_precision(precision)
+    if spec.name == "int4":
+        return "int4"
     if spec.modelopt_cfg is not None:
         return "quantized"
     return "fp16" if spec.name == "fp16" else "plain"
