@@ -202,8 +202,7 @@ def quantization_aware(args, steps: int) -> None:
     noise = initial_noise(len(combos), evaluation.channels, evaluation.image_size, args.eval_seed)
     reference, _ = _sample(evaluation, 20, index, noise, pipe)
     judge = Judge(args, combos, reference)
-    quantized = step_models(schedule, fake_quant_models(evaluation.model, None, schedule,
-                                                        calibration=(adapter, calibration)))
+    quantized = per_step  # the training's fake-quant models: same weights, same calibration (not quantized twice)
     per, rows = {}, []
     for method, used, conditioning in [
             ("MTEO fp32", None, {"embeddings": fp32_tensor}), (f"plain {args.schedule}", quantized, {}),

@@ -72,13 +72,18 @@ def _named_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: 
         return sampling_scheduler(sampling)
     scheduler = scheduler_from(schedule.scheduler.class_name, schedule.scheduler.config, source)
     if sampling is not None:
-        model = sampling_scheduler(sampling).config
-        differing = [k for k in NOISE_PROCESS_KEYS if k in model and model.get(k) != scheduler.config.get(k)]
-        if differing:
-            key = differing[0]
-            raise TmpdiffError(f"the schedule's scheduler has another noise process than the model's ({key}: "
-                               f"{scheduler.config.get(key)!r} vs {model.get(key)!r})", source)
+        _check_noise_process(scheduler, sampling_scheduler(sampling).config, "the schedule's scheduler", "the model's",
+                             source)
     return scheduler
+
+
+def _check_noise_process(scheduler, reference, what: str, whose: str, source: str | Path | None) -> None:
+    """Refuse `scheduler` when a NOISE_PROCESS_KEYS value differs from the `reference` config's."""
+    differing = [k for k in NOISE_PROCESS_KEYS if k in reference and reference.get(k) != scheduler.config.get(k)]
+    if differing:
+        key = differing[0]
+        raise TmpdiffError(f"{what} has another noise process than {whose} ({key}: {scheduler.config.get(key)!r} vs "
+                           f"{reference.get(key)!r})", source)
 
 
 def plan_scheduler_for(schedule: Schedule, current, source: str | Path | None = None):
@@ -87,11 +92,7 @@ def plan_scheduler_for(schedule: Schedule, current, source: str | Path | None = 
     if schedule.scheduler is None or schedule.scheduler.class_name == type(current).__name__:
         return None
     scheduler = scheduler_from(schedule.scheduler.class_name, schedule.scheduler.config, source)
-    differing = [k for k in NOISE_PROCESS_KEYS if k in current.config and current.config.get(k) != scheduler.config.get(k)]
-    if differing:
-        key = differing[0]
-        raise TmpdiffError(f"the plan's scheduler has another noise process than the pipeline's ({key}: "
-                           f"{scheduler.config.get(key)!r} vs {current.config.get(key)!r})", source)
+    _check_noise_process(scheduler, current.config, "the plan's scheduler", "the pipeline's", source)
     return scheduler
 
 
