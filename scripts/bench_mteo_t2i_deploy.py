@@ -93,6 +93,7 @@ def generate(build_dir: Path, plan, steps: int, seeds: int, repeats: int) -> tup
         images = []
         for seed in range(seeds):
             kwargs = call_kwargs(pipe, steps=steps, seed=seed, guidance_scale=None, text_len=TEXT_LEN, sample_size=8)
+            kwargs["timesteps"] = denoiser.timesteps  # a plan's own timesteps (None: the scheduler's spacing)
             images.append(pipe(prompts, output_type="pt", **kwargs).images.float())
         return torch.cat(images)
 

@@ -56,3 +56,28 @@ def quant_build(tmp_path_factory, bundled):
                                        calibration=small_calibration(bundled), sampling=sampling_info(bundled))
     build_engines(build_dir, "ort", "cpu")
     return root, build_dir, {o.precision: o for o in outcomes}
+
+
+T2I_PROMPTS = ["a red 3 on a blue background", "a green 7 on a black background"]
+T2I_STEPS = 4
+
+
+@pytest.fixture(scope="session")
+def t2i_int8_build(tmp_path_factory):
+    """The bundled text-to-image transformer exported at fp32 + int8 (calibrated on 2 prompts x 1 seed x 4 steps
+    through the CLI), its ORT engines and a stated costs table: (root, build_dir, prompts file)."""
+    from tests.cli_helpers import cli
+
+    root = tmp_path_factory.mktemp("t2i")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(["# calibration prompts", *T2I_PROMPTS]) + "\n")
+    code, _, err = cli("export", "bundled-t2i", "--out", root, "--precisions", "fp32,int8", "--prompts", prompts,
+                       "--calib-seeds", "0", "--calib-steps", T2I_STEPS)
+    assert code == 0, err
+    build = root / "tiny-t2i"
+    code, _, err = cli("build", build, "--threads", 1)
+    assert code == 0, err
+    code, _, err = cli("costs", "--device", "test", "--ratio", "fp32=1,int8=0.5", "--source", "test",
+                       "--out", root / "costs.json")
+    assert code == 0, err
+    return root, build, prompts

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.cli_helpers import cli
+from tests.conftest import T2I_PROMPTS as PROMPTS
+from tests.conftest import T2I_STEPS as STEPS
 from tmpdiff.commands.check import calibration_notes
 from tmpdiff.commands.export import calibration_for, resolve_model_dir
 from tmpdiff.formats.errors import TmpdiffError
@@ -18,27 +20,10 @@ from tmpdiff.formats.manifest import load_manifest
 from tmpdiff.formats.schedule import load_schedule
 from tmpdiff.models.tiny_t2i import t2i_dir
 
-PROMPTS = ["a red 3 on a blue background", "a green 7 on a black background"]
-STEPS = 4
-
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """Prompts file, an fp32 + int8 export of the bundled transformer calibrated on 2 prompts x 1 seed x 4 steps
-    (through the CLI), its ORT engines and a stated costs table."""
-    root = tmp_path_factory.mktemp("t2i")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(["# calibration prompts", *PROMPTS]) + "\n")
-    code, _, err = cli("export", "bundled-t2i", "--out", root, "--precisions", "fp32,int8", "--prompts", prompts,
-                       "--calib-seeds", "0", "--calib-steps", STEPS)
-    assert code == 0, err
-    build = root / "tiny-t2i"
-    code, _, err = cli("build", build, "--threads", 1)
-    assert code == 0, err
-    code, _, err = cli("costs", "--device", "test", "--ratio", "fp32=1,int8=0.5", "--source", "test",
-                       "--out", root / "costs.json")
-    assert code == 0, err
-    return root, build, prompts
+def work(t2i_int8_build):
+    return t2i_int8_build
 
 
 def test_export_captures_the_pipelines_denoiser_inputs(work):

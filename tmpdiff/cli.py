@@ -860,7 +860,8 @@ class TmpqMetric(StrEnum):
 def layer_costs(
     build_dir: Annotated[Path, typer.Argument(help="build directory with ORT-CPU engines and quantized exports")],
     out: Annotated[Path, typer.Option(help="per-layer costs table to write (tmpdiff.layer-costs/1)")] = Path("layer_costs.json"),
-    model: Annotated[str, typer.Option(help="the model directory the build was exported from")] = "bundled",
+    model: Annotated[str, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline or "
+                                            "model directory")] = "bundled",
     precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every built precision)")] = None,
     batch: Annotated[int, typer.Option(min=1, help="latents per engine call (with guidance: 2 x samples)")] = 20,
     warmup: Annotated[int, typer.Option(min=0)] = 3,
@@ -884,7 +885,8 @@ def search_plan(
     out: Annotated[Path, typer.Option(help="plan to write (tmpdiff.tmpq-plan/1)")] = Path("plan.json"),
     schedule_out: Annotated[Path | None, typer.Option(help="also write a tmpdiff.schedule/2 file when every layer "
                                                            "configuration is one precision (runs with `tmpdiff run`)")] = None,
-    model: Annotated[str, typer.Option(help="the model directory the build was exported from")] = "bundled",
+    model: Annotated[str, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline or "
+                                            "model directory")] = "bundled",
     steps: Annotated[int, typer.Option(min=2, help="denoising steps (one TMPQ-DM timestep group each)")] = 8,
     speedup: Annotated[float, typer.Option(help="budget: predicted speedup over fp32 at --reference-steps")] = 3.0,
     reference_steps: Annotated[int, typer.Option(min=2, help="step count of the fp32 reference")] = 20,
@@ -899,14 +901,22 @@ def search_plan(
     calib_seeds: Annotated[str, typer.Option(help="noise seeds the search evaluates on")] = "100",
     holdout_seeds: Annotated[str, typer.Option(help="noise seeds the result is judged on (never searched)")] = "1000,1001,1002,1003,1004",
     max_minutes: Annotated[float | None, typer.Option(min=0.1, help="stop after the generation that passes this")] = None,
+    pipeline: Annotated[Path | None, typer.Option(help="text-to-image builds: the diffusers pipeline the candidates "
+                                                       "are sampled in (default for --model bundled-t2i: the bundled one)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts the search evaluates on (one per line; "
+                                                      "bundled-t2i: 10 of its held-in prompts)")] = None,
+    holdout_prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts the result is judged on with the "
+                                                              "held-out seeds (bundled-t2i: its 30 held-out prompts)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     force: Force = False,
 ) -> None:
     """TMPQ-DM: search timesteps and per-layer precision jointly under a speedup budget; write the plan."""
     from tmpdiff.calibration.tmpq import TmpqOptions
     from tmpdiff.calibration.tmpq_search import SearchSettings
-    from tmpdiff.commands.search_plan import print_outcome, search_plan_command
+    from tmpdiff.commands.search_plan import pipeline_sets_for, print_outcome, search_plan_command
 
     _check_speedup(speedup, "--speedup")
+    sets = pipeline_sets_for(model, pipeline, prompts, holdout_prompts, guidance)
     select = min(10, population)
     mutations, crossovers = min(25, population // 2), min(10, population // 5)
     settings = SearchSettings(population=population, select=select, mutations=mutations, crossovers=crossovers,
@@ -917,7 +927,7 @@ def search_plan(
                           holdout_seeds=_int_list(holdout_seeds, "--holdout-seeds"), settings=settings,
                           precisions=None if precisions is None else
                           ["fp32", *(p.strip() for p in precisions.split(",") if p.strip() and p.strip() != "fp32")])
-    outcome = search_plan_command(build_dir, layer_costs, out, schedule_out, model, options, force, console)
+    outcome = search_plan_command(build_dir, layer_costs, out, schedule_out, model, options, force, console, sets)
     print_outcome(outcome, Console())
     typer.echo(f"wrote {out}" + (f", {schedule_out}" if schedule_out is not None and outcome.plan.uniform_schedule()
                                  else ""))
@@ -927,15 +937,16 @@ def search_plan(
 def deploy_plan(
     build_dir: Annotated[Path, typer.Argument(help="build directory the plan was searched on")],
     plan: Annotated[Path, typer.Argument(help="TMPQ-DM plan (`tmpdiff search-plan`)")],
-    model: Annotated[str, typer.Option(help="the model directory the build was exported from")] = "bundled",
+    model: Annotated[str, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline or "
+                                            "model directory")] = "bundled",
     wait: Wait = 3600.0,
 ) -> None:
     """Export a TMPQ-DM plan's mixed-precision layer configurations as ORT engines of the build; then
     `tmpdiff run BUILD --schedule PLAN` executes the plan."""
     from tmpdiff.commands.deploy_plan import deploy_plan as deploy
-    from tmpdiff.commands.export import resolve_model_dir
+    from tmpdiff.commands.search_plan import denoiser_dir
 
-    rows = deploy(build_dir, plan, resolve_model_dir(model, None), wait=wait, on_progress=lambda m: console.print(m))
+    rows = deploy(build_dir, plan, denoiser_dir(model), wait=wait, on_progress=lambda m: console.print(m))
     for row in rows:
         layers = ", ".join(f"{p} {n}" for p, n in row.precisions.items())
         parity = "" if row.parity_error is None else f", parity {row.parity_error:.1e}"

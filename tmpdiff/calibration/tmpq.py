@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tmpdiff.calibration.tmpq_eval import PlanEvaluator, fitness_of
+from tmpdiff.calibration.tmpq_eval import CandidateEvaluator, PlanEvaluator, fitness_of
 from tmpdiff.calibration.tmpq_search import Candidate, SearchResult, SearchSettings, TmpqSearch, tmpq_groups
 from tmpdiff.engines.layer_costs import profile_layers
 from tmpdiff.export.supernet import SuperNet, layer_macs, supernet_from_build
@@ -62,13 +62,45 @@ def _names(supernet: SuperNet, config: Sequence[int]) -> list[str]:
     return [supernet.precisions[i] for i in config]
 
 
-def search_plan(build_dir: Path, model_dir: Path, classifier_dir: Path, table: LayerCostsTable, options: TmpqOptions,
-                on_generation: Callable[[dict], None] = lambda _: None,
-                on_status: Callable[[str], None] = lambda _: None) -> TmpqOutcome:
-    """Run the search on the calibration seeds, then judge the best plan and the baselines on the held-out seeds."""
+@dataclass(frozen=True)
+class EvaluationSets:
+    """Where a search samples its candidates and where the result is judged: evaluator factories over the
+    super-network for the calibration set and the held-out set, the sampler both run, and what the sets are."""
+
+    calibration: Callable[[SuperNet], CandidateEvaluator]
+    holdout: Callable[[SuperNet], CandidateEvaluator]
+    train_timesteps: int
+    scheduler: SchedulerRef
+    calibration_record: dict  # e.g. {"seeds": [...], "classes": [...]} or {"seeds": [...], "prompts": [...]}
+    holdout_record: dict
+
+
+def class_conditional_sets(build_dir: Path, classifier_dir: Path, options: TmpqOptions) -> EvaluationSets:
+    """A class-conditional build: `options.classes` x `options.seeds` (calibration) and x `options.holdout_seeds`,
+    sampled by the runtime's loop with the build's scheduler, judged by the bundled classifier."""
     manifest = load_manifest(build_dir)
     sampling = manifest.require_sampling(build_dir)
     adapter = adapter_for_config(manifest.denoiser_config)
+
+    def evaluator(seeds: Sequence[int]) -> Callable[[SuperNet], PlanEvaluator]:
+        return lambda supernet: PlanEvaluator(supernet, adapter, sampling, classifier_dir, options.classes, seeds,
+                                              options.reference_steps)
+
+    return EvaluationSets(evaluator(options.seeds), evaluator(options.holdout_seeds),
+                          train_timesteps(sampling_scheduler(sampling)),
+                          SchedulerRef(class_name=sampling.scheduler_class, config=sampling.scheduler_config),
+                          {"seeds": list(options.seeds), "classes": list(options.classes)},
+                          {"seeds": list(options.holdout_seeds), "classes": list(options.classes)})
+
+
+def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, options: TmpqOptions, sets: EvaluationSets,
+                on_generation: Callable[[dict], None] = lambda _: None,
+                on_status: Callable[[str], None] = lambda _: None) -> TmpqOutcome:
+    """Run the search on the calibration set, then judge the best plan and the baselines on the held-out set."""
+    manifest = load_manifest(build_dir)
+    if manifest.time_embedding_input is not None:
+        raise TmpdiffError("the build's graphs take time embeddings (--time-embedding-input); search TMPQ-DM plans on "
+                           "a build exported without it", build_dir / "manifest.json")
     on_status("building the super-network from the build's quantizer state")
     choices = list(options.precisions or table.precisions)
     unknown = sorted(set(choices) - set(table.precisions))
@@ -78,10 +110,10 @@ def search_plan(build_dir: Path, model_dir: Path, classifier_dir: Path, table: L
     if supernet.layers != table.names or "fp32" not in table.precisions:
         raise TmpdiffError("the layer costs table is not for this build's layers (or has no fp32): measure it again "
                            "with `tmpdiff layer-costs`")
-    overlap = set(options.seeds) & set(options.holdout_seeds)
-    if overlap:
+    overlap = set(sets.calibration_record["seeds"]) & set(sets.holdout_record["seeds"])
+    if overlap and sets.calibration_record.get("prompts") == sets.holdout_record.get("prompts"):
         raise TmpdiffError(f"seed {min(overlap)} is both a calibration and a held-out seed")
-    groups = tmpq_groups(options.steps, train_timesteps(sampling_scheduler(sampling)))
+    groups = tmpq_groups(options.steps, sets.train_timesteps)
     steps = len(groups)
     reference_ms = table.config_ms(table.uniform("fp32")) * options.reference_steps
     budget = reference_ms / options.speedup
@@ -89,9 +121,8 @@ def search_plan(build_dir: Path, model_dir: Path, classifier_dir: Path, table: L
     def cost(cand: Candidate) -> float:
         return sum(table.config_ms(_names(supernet, c)) for c in cand.configs)
 
-    on_status("sampling the fp32 reference on the calibration seeds")
-    evaluator = PlanEvaluator(supernet, adapter, sampling, classifier_dir, options.classes, options.seeds,
-                              options.reference_steps)
+    on_status("sampling the fp32 reference on the calibration set")
+    evaluator = sets.calibration(supernet)
 
     def fitness(cand: Candidate) -> float:
         latents = evaluator.sample([_names(supernet, c) for c in cand.sampling_configs()], cand.sampling_timesteps())
@@ -103,17 +134,17 @@ def search_plan(build_dir: Path, model_dir: Path, classifier_dir: Path, table: L
     search = TmpqSearch(groups, len(supernet.layers), len(supernet.precisions), fitness, cost, budget, options.settings,
                         init_config=tuple([init] * len(supernet.layers)), on_generation=on_generation)
     result = search.run()
-    plan = _plan(manifest.model_id, supernet, table, result, options, sampling, reference_ms, budget, steps)
-    on_status("judging on the held-out seeds")
-    holdout = judge(plan, supernet, adapter, sampling, classifier_dir, table, options, reference_ms)
-    plan.measured = {"calibration": {"seeds": list(options.seeds), "metric": options.metric, "fitness": result.fitness},
-                     "holdout": {"seeds": list(options.holdout_seeds), "classes": list(options.classes),
-                                 "results": holdout}}
+    plan = _plan(manifest.model_id, supernet, table, result, options, sets.scheduler, reference_ms, budget, steps,
+                 sets.calibration_record)
+    on_status("judging on the held-out set")
+    holdout = judge(plan, supernet, sets.holdout(supernet), table, options, reference_ms)
+    plan.measured = {"calibration": sets.calibration_record | {"metric": options.metric, "fitness": result.fitness},
+                     "holdout": sets.holdout_record | {"results": holdout}}
     return TmpqOutcome(plan, result, holdout)
 
 
 def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: SearchResult, options: TmpqOptions,
-          sampling, reference_ms: float, budget: float, steps: int) -> TmpqPlan:
+          scheduler: SchedulerRef, reference_ms: float, budget: float, steps: int, calibration: dict) -> TmpqPlan:
     best = result.best
     step_configs = [tuple(_names(supernet, c)) for c in best.sampling_configs()]
     distinct = list(dict.fromkeys(step_configs))
@@ -122,8 +153,8 @@ def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: Sea
     s = options.settings
     return TmpqPlan(
         model_id=model_id, steps=steps, timesteps=best.sampling_timesteps(),
-        scheduler=SchedulerRef(class_name=sampling.scheduler_class, config=sampling.scheduler_config),
-        layers=supernet.layers, configs=[list(c) for c in distinct], step_configs=[distinct.index(c) for c in step_configs],
+        scheduler=scheduler, layers=supernet.layers, configs=[list(c) for c in distinct],
+        step_configs=[distinct.index(c) for c in step_configs],
         reference={"precision": "fp32", "steps": options.reference_steps, "ms": reference_ms},
         predicted={"ms": result.cost, "speedup": reference_ms / result.cost, "budget_ms": budget,
                    "target": {"speedup": options.speedup}, "bitops_per_sample": bitops,
@@ -132,19 +163,18 @@ def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: Sea
         search={"method": "tmpq-dm evolutionary", "mode": "consistent" if s.consistent else "per-step",
                 "max_configs": 1 if s.consistent else s.max_configs, "population": s.population, "select": s.select,
                 "mutations": s.mutations, "crossovers": s.crossovers, "m_prob": s.m_prob, "generations": result.generations,
-                "precisions": supernet.precisions, "metric": options.metric, "calibration_seeds": list(options.seeds),
+                "precisions": supernet.precisions, "metric": options.metric, "calibration_seeds": calibration["seeds"],
                 "seed": s.seed, "evaluations": result.evaluations, "rejected": result.rejected,
                 "seconds": round(result.seconds, 1), "history": result.history},
         costs={"table": table.format, "device": table.device, "backend": f"{table.backend} {table.backend_version}",
                "batch": table.batch, "measured_at": table.measured_at})
 
 
-def judge(plan: TmpqPlan, supernet: SuperNet, adapter, sampling, classifier_dir: Path, table: LayerCostsTable,
+def judge(plan: TmpqPlan, supernet: SuperNet, evaluator: CandidateEvaluator, table: LayerCostsTable,
           options: TmpqOptions, reference_ms: float) -> dict[str, dict]:
-    """Quality (classifier accuracy and confidence; SSIM/PSNR/latent error vs fp32 at the reference step count) and
-    predicted speedup of the plan and the single-axis baselines, on the held-out seeds."""
-    evaluator = PlanEvaluator(supernet, adapter, sampling, classifier_dir, options.classes, options.holdout_seeds,
-                              options.reference_steps)
+    """Quality (reference-free: classifier accuracy / prompt adherence and confidence; beside it SSIM/PSNR/latent
+    error vs fp32 at the reference step count) and predicted speedup of the plan and the single-axis baselines, on
+    the held-out set `evaluator` samples."""
     steps = plan.steps
     fp32, int8 = supernet.uniform("fp32"), supernet.uniform("int8") if "int8" in supernet.precisions else None
     entries: dict[str, tuple[list[list[str]], list[int] | None]] = {

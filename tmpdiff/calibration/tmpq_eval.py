@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -26,6 +27,29 @@ from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 METRICS = ("confidence", "accuracy", "ssim", "latent")
+
+
+class CandidateEvaluator(Protocol):
+    """Samples a candidate plan on a fixed sample set and scores the result (class-conditional: `PlanEvaluator`;
+    text-to-image: `tmpq_pipeline.PipelinePlanEvaluator`)."""
+
+    runs: int
+
+    def sample(self, configs: Sequence[Sequence[str]], timesteps: Sequence[int] | None) -> torch.Tensor:
+        """Final latents: `configs[i]` (a precision per layer) runs step i, at `timesteps[i]` if given."""
+        ...
+
+    def quality(self, latents: torch.Tensor) -> dict[str, float]:
+        """At least `confidence`, `accuracy`, `ssim`, `psnr`, `latent_error` (what `fitness_of` reads)."""
+        ...
+
+
+def config_engines(supernet: SuperNet, configs: Sequence[Sequence[str]],
+                   adapter: DenoiserAdapter) -> tuple[dict[str, ConfigEngine], list[str]]:
+    """One engine per distinct layer configuration (`config0`, ...) and the engine each step runs."""
+    distinct = list(dict.fromkeys(tuple(c) for c in configs))
+    engines = {f"config{i}": ConfigEngine(supernet, c, adapter, f"config{i}") for i, c in enumerate(distinct)}
+    return engines, [f"config{distinct.index(tuple(c))}" for c in configs]
 
 
 class ConfigEngine(TorchEngine):
@@ -67,9 +91,7 @@ class PlanEvaluator:
 
     def sample(self, configs: Sequence[Sequence[str]], timesteps: Sequence[int] | None) -> torch.Tensor:
         """Final latents of one plan: `configs[i]` (a layer configuration) runs step i, at `timesteps[i]` if given."""
-        distinct = list(dict.fromkeys(tuple(c) for c in configs))
-        engines = {f"config{i}": ConfigEngine(self.supernet, c, self.adapter, f"config{i}") for i, c in enumerate(distinct)}
-        labels = [f"config{distinct.index(tuple(c))}" for c in configs]
+        engines, labels = config_engines(self.supernet, configs, self.adapter)
         runner = ScheduledRunner(engines, len(self.labels), self.sampling.channels, self.sampling.image_size,
                                  self.sampling.guidance_scale, self.sampling.null_class, self.sampling.num_classes,
                                  nan_guard=False, nvtx=False)

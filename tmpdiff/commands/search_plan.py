@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tmpdiff.calibration.tmpq import TmpqOptions, TmpqOutcome, measure_layer_costs, search_plan
+from tmpdiff.calibration.tmpq import TmpqOptions, TmpqOutcome, class_conditional_sets, measure_layer_costs, search_plan
+from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.layer_costs import LayerCostsTable, load_layer_costs, save_layer_costs
 from tmpdiff.formats.outputs import Output, check_outputs
 from tmpdiff.formats.schedule import save_schedule
@@ -20,9 +22,8 @@ def layer_costs_command(build_dir: Path, out: Path, model: str, precisions: list
                         repeats: int, threads: int | None, force: bool, console: Console) -> LayerCostsTable:
     """Measure and write the per-layer costs table; returns it."""
     out = check_outputs([Output.file("--out", out, ".json")], force=force, build_dirs=[build_dir])["--out"]
-    info = load_model_info(model)
     with console.status("building the super-network and profiling the engines"):
-        table = measure_layer_costs(build_dir, info.transformer_dir, precisions, batch, warmup, repeats, threads,
+        table = measure_layer_costs(build_dir, denoiser_dir(model), precisions, batch, warmup, repeats, threads,
                                     on_start=lambda names: console.print(f"profiling {', '.join(names)} interleaved, "
                                                                          f"{repeats} calls each"))
     save_layer_costs(table, out)
@@ -44,15 +45,90 @@ def print_layer_costs(table: LayerCostsTable, console: Console) -> None:
     console.print(view)
 
 
+@dataclass(frozen=True)
+class PipelineSets:
+    """`search-plan --pipeline`: where a text-to-image build's candidates are sampled and judged."""
+
+    pipeline_dir: Path
+    prompts: list[str]  # calibration prompts
+    holdout_prompts: list[str]  # prompts the result is judged on, with the held-out seeds
+    guidance_scale: float | None = None
+    files: tuple[Path, ...] = ()  # where the prompts were read from (never overwritten)
+
+
+def pipeline_sets_for(model: str, pipeline: Path | None, prompts: Path | None, holdout_prompts: Path | None,
+                      guidance_scale: float | None) -> PipelineSets | None:
+    """`--pipeline DIR --prompts FILE --holdout-prompts FILE` (`--model DIR` of a pipeline implies `--pipeline DIR`);
+    `--model bundled-t2i` defaults to the bundled pipeline, 10 of its held-in prompts for the search and its 30
+    held-out prompts for the judgement."""
+    from tmpdiff.commands.export import BUNDLED_T2I
+    from tmpdiff.runtime.capture import read_prompts
+    from tmpdiff.runtime.pipeline_io import is_pipeline_dir
+
+    bundled = model == BUNDLED_T2I
+    if pipeline is None and not bundled and is_pipeline_dir(Path(model)):
+        pipeline = Path(model)
+    if pipeline is None and not bundled:
+        if prompts is not None or holdout_prompts is not None or guidance_scale is not None:
+            raise TmpdiffError("--prompts, --holdout-prompts and --guidance are for text-to-image builds (--pipeline)")
+        return None
+    if pipeline is None:
+        from tmpdiff.models.tiny_t2i import t2i_dir
+
+        pipeline = t2i_dir()
+    if not bundled and (prompts is None or holdout_prompts is None):
+        raise TmpdiffError("--pipeline needs --prompts (searched on) and --holdout-prompts (judged on)")
+    calib = read_prompts(prompts) if prompts is not None else _bundled_prompts(held_out=False)
+    held = read_prompts(holdout_prompts) if holdout_prompts is not None else _bundled_prompts(held_out=True)
+    return PipelineSets(pipeline, calib, held, guidance_scale, tuple(p for p in (prompts, holdout_prompts) if p))
+
+
+def denoiser_dir(model: str) -> Path:
+    """The denoiser directory `--model` names: `bundled`, `bundled-t2i`, a diffusers pipeline directory (its
+    transformer/unet), a tmpdiff class-conditional model directory (its transformer) or a denoiser directory."""
+    from tmpdiff.commands.export import BUNDLED_T2I, resolve_model_dir
+    from tmpdiff.models.bundled import INFO_NAME
+    from tmpdiff.runtime.pipeline_io import is_pipeline_dir, pipeline_denoiser_name
+
+    if model in ("bundled", BUNDLED_T2I):
+        return resolve_model_dir(model, None)
+    path = Path(model)
+    if is_pipeline_dir(path):
+        return path / pipeline_denoiser_name(path)
+    if (path / INFO_NAME).is_file():
+        return load_model_info(path).transformer_dir
+    return path
+
+
+def _bundled_prompts(held_out: bool) -> list[str]:
+    """The bundled pipeline's 30 held-out prompts, or 10 of its held-in ones (in their seeded order)."""
+    from tmpdiff.commands.distill import bundled_t2i_prompts
+    from tmpdiff.models.colored_digits import held_out_combos
+
+    return [c.prompt for c in held_out_combos()] if held_out else bundled_t2i_prompts()[:10]
+
+
 def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_out: Path | None, model: str,
-                        options: TmpqOptions, force: bool, console: Console) -> TmpqOutcome:
+                        options: TmpqOptions, force: bool, console: Console,
+                        pipeline: PipelineSets | None = None) -> TmpqOutcome:
     """Run the search and write the plan (and, when every configuration is one precision, a v2 schedule)."""
     outputs = [Output.file("--out", out, ".json")]
     if schedule_out is not None:
         outputs.append(Output.file("--schedule-out", schedule_out, ".json"))
-    paths = check_outputs(outputs, force=force, inputs=[layer_costs], build_dirs=[build_dir])
+    inputs = [layer_costs, *([] if pipeline is None else pipeline.files)]
+    paths = check_outputs(outputs, force=force, inputs=inputs, build_dirs=[build_dir])
     table = load_layer_costs(layer_costs)
-    info = load_model_info(model)
+    if pipeline is None:
+        info = load_model_info(model)
+        model_dir = info.transformer_dir
+        sets = class_conditional_sets(build_dir, info.classifier_dir, options)
+    else:
+        from tmpdiff.calibration.tmpq_pipeline import pipeline_sets
+
+        model_dir = denoiser_dir(str(pipeline.pipeline_dir))
+        with console.status("loading the pipeline"):
+            sets = pipeline_sets(build_dir, pipeline.pipeline_dir, pipeline.prompts, pipeline.holdout_prompts, options,
+                                 pipeline.guidance_scale)
     generations = options.settings.generations
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
@@ -63,7 +139,7 @@ def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_
                             description=f"generation {record['generation']}: best {record['best_fitness']:.4f}, "
                                         f"{record['evaluations']} evaluated, {record['rejected']} over budget")
 
-        outcome = search_plan(build_dir, info.transformer_dir, info.classifier_dir, table, options, on_generation,
+        outcome = search_plan(build_dir, model_dir, table, options, sets, on_generation,
                               on_status=lambda message: progress.update(task, description=message))
     save_tmpq_plan(outcome.plan, paths["--out"])
     schedule = outcome.plan.uniform_schedule()

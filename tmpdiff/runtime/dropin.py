@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from tmpdiff.engines.base import TORCH_DTYPES, Engine
-from tmpdiff.engines.loading import load_built_engines
+from tmpdiff.engines.loading import load_plan_engines
 from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
@@ -405,10 +405,6 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         check_build(plan.conditioning, manifest, build_dir)
         scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
         plan.conditioning.check_guidance(1.0 if scale is None else float(scale))
-    mixed = [name for name in plan.needed if name.startswith("mixed-")]
-    if mixed:
-        raise TmpdiffError(f"the plan runs mixed-precision layer configurations ({mixed[0]}, ...), which `tmpdiff run` "
-                           f"executes for class-conditional builds only; the pipeline drop-in does not", plan.source)
     if plan.file is not None and plan.file.scheduler is not None:
         ours, theirs = plan.file.scheduler.class_name, type(pipe.scheduler).__name__
         if ours != theirs:
@@ -447,6 +443,15 @@ def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "
     build_dir = Path(build_dir)
     manifest = manifest or load_manifest(build_dir)
     adapter = adapter_for_build(build_dir, manifest)  # wrapped when the graphs take time embeddings
-    engines = load_built_engines(build_dir, manifest, backend, device, plan.needed, threads)
+    engines = load_plan_engines(build_dir, manifest, backend, device, plan.needed, threads)  # + deployed `mixed-...`
+    return engine_denoiser(engines, manifest, adapter, plan, scheduler_of=scheduler_of, device=device, dtype=dtype,
+                           nan_guard=nan_guard)
+
+
+def engine_denoiser(engines: Mapping[str, Engine], manifest: Manifest, adapter: DenoiserAdapter, plan: PrecisionPlan, *,
+                    scheduler_of=lambda: None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    nan_guard: bool = True) -> EngineDenoiser:
+    """An `EngineDenoiser` over given engines: a build's, or torch engines standing in for them (a search's
+    candidates), keyed by the names `plan` runs."""
     return EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
                           scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard)

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""TMPQ-DM in the bundled text-to-image pipeline (issue 16, item 5 on the t2i model): the joint search run inside the
+stock PixArt-Sigma pipeline, its plan deployed, and every row timed end to end through the diffusers drop-in.
+
+Phases (each writes into --work, the report is rewritten after each):
+  build     the bundled transformer exported at fp32 + int8 (int8 calibrated on pipeline captures of 8 held-in prompts,
+            seed 0, 20 steps: `tmpdiff export bundled-t2i --prompts`), ORT-CPU engines, and the per-layer costs table
+            (`tmpdiff layer-costs`, batch 20 = 10 prompts with guidance, one thread)
+  search    `tmpdiff search-plan --model bundled-t2i`: candidates sampled in the pipeline on --search-prompts held-in
+            prompts x seed 100, fitness --metric, budget --speedup (predicted from the table); judged by the command on
+            the 30 held-out prompts x seeds 1000-1004
+  deploy    `tmpdiff deploy-plan` (mixed layer configurations as ORT graphs)
+  quality   the 30 held-out prompts x --seeds pipeline calls (seed i draws call i's noise), every row through the
+            engines in the stock pipeline (`attach_engines`, one thread): fp32 and int8 at 20 steps, fp32 and int8 at
+            the plan's step count with the scheduler's spacing, fp32 and int8 at the plan's timesteps, the joint plan.
+            Prompt adherence, confidence, FD to rendered ground truth and SSIM to the fp32 20-step images, paired
+            intervals against fp32 at 20 steps and against the joint plan; end-to-end wall time of the whole set
+            (median of --sample-repeats after a warm-up; text encoder and VAE included), speedup over fp32 at 20
+
+  python scripts/bench_tmpq_t2i.py --out results/cpu-epyc-2core/tmpq-t2i/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from bench_mteo_t2i import Judge  # noqa: I001  (scripts/ is the script's own directory on sys.path)
+from bench_mteo_t2i_deploy import generate
+
+from tmpdiff.engines.device import cpu_name
+from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.schedule import Schedule, save_schedule
+from tmpdiff.formats.tmpq_plan import load_tmpq_plan
+from tmpdiff.models.colored_digits import held_in_combos, held_out_combos
+
+BASELINE_STEPS = 20
+
+
+def tmpdiff_cli(*args) -> None:
+    """One tmpdiff command in this process (as a user runs it); a failure stops the bench."""
+    from typer.testing import CliRunner
+
+    from tmpdiff.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    print(result.output[-3000:], flush=True)
+    if result.exit_code != 0:
+        raise SystemExit(f"tmpdiff {' '.join(map(str, args[:2]))} failed ({result.exit_code})")
+
+
+def build(work: Path, args) -> Path:
+    build_dir = work / "tiny-t2i"
+    if (build_dir / "manifest.json").exists() and (work / "layer_costs.json").exists():
+        return build_dir
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = work / "calibration_prompts.txt"
+    prompts.write_text("\n".join(random.Random(1).sample([c.prompt for c in held_in_combos()], 8)) + "\n")
+    tmpdiff_cli("export", "bundled-t2i", "--precisions", "fp32,int8", "--prompts", prompts, "--out", work, "--force")
+    tmpdiff_cli("build", build_dir, "--threads", 1)
+    tmpdiff_cli("layer-costs", build_dir, "--model", "bundled-t2i", "--out", work / "layer_costs.json", "--batch", 20,
+                "--threads", 1, "--force")
+    return build_dir
+
+
+def search(build_dir: Path, work: Path, args) -> Path:
+    plan = work / "plan.json"
+    if plan.exists():
+        return plan
+    held_in = [c.prompt for c in held_in_combos()]
+    prompts = work / "search_prompts.txt"
+    prompts.write_text("\n".join(random.Random(2).sample(held_in, args.search_prompts)) + "\n")
+    held_out = work / "held_out_prompts.txt"
+    held_out.write_text("\n".join(c.prompt for c in held_out_combos()) + "\n")
+    tmpdiff_cli("search-plan", build_dir, "--model", "bundled-t2i", "--layer-costs", work / "layer_costs.json",
+                "--steps", args.steps, "--speedup", args.speedup, "--metric", args.metric, "--prompts", prompts,
+                "--holdout-prompts", held_out, "--generations", args.generations, "--out", plan)
+    return plan
+
+
+def quality(build_dir: Path, plan_path: Path, work: Path, args) -> list[dict]:
+    plan = load_tmpq_plan(plan_path)
+    steps, timesteps = plan.steps, list(plan.timesteps)
+    plans = work / "plans"
+    plans.mkdir(parents=True, exist_ok=True)
+
+    def schedule(name: str, precisions: list[str], at: list[int] | None = None) -> Path:
+        path = plans / f"{name}.json"
+        save_schedule(Schedule(steps=len(precisions), precisions=precisions, timesteps=at), path)
+        return path
+
+    runs = [("fp32 x20", schedule("fp32-x20", ["fp32"] * BASELINE_STEPS), BASELINE_STEPS),
+            ("int8 x20", schedule("int8-x20", ["int8"] * BASELINE_STEPS), BASELINE_STEPS),
+            (f"fp32 x{steps} (scheduler spacing)", schedule(f"fp32-x{steps}", ["fp32"] * steps), steps),
+            (f"int8 x{steps} (scheduler spacing)", schedule(f"int8-x{steps}", ["int8"] * steps), steps),
+            (f"fp32 at the plan's {steps} timesteps", schedule("fp32-at-plan", ["fp32"] * steps, timesteps), steps),
+            (f"int8 at the plan's {steps} timesteps", schedule("int8-at-plan", ["int8"] * steps, timesteps), steps),
+            ("joint plan (timesteps + per-layer precision)", plan_path, steps)]
+    combos = [c for _ in range(args.seeds) for c in held_out_combos()]
+    judge, per, rows, base_seconds = None, {}, [], None
+    for name, path, n in runs:
+        images, seconds = generate(build_dir, path, n, args.seeds, args.sample_repeats)
+        if judge is None:
+            judge = Judge(args, combos, images)  # the first run, fp32 at 20 steps, is the SSIM reference
+            base_seconds = seconds
+        per[name] = judge.per_sample(images)
+        row = {"run": name, "steps": n, "seconds": round(seconds, 3), "speedup_vs_fp32_x20": base_seconds / seconds,
+               **judge.summary(per[name]), "vs_fp32_x20": judge.versus(per[name], per["fp32 x20"])}
+        rows.append(row)
+        print(f"{name:<46} {seconds:7.2f} s  {row['speedup_vs_fp32_x20']:5.2f}x  adherence {row['adherence']:.3f} "
+              f"FD {row['fd']:.0f}  SSIM {row['ssim']:.3f}", flush=True)
+    joint = rows[-1]["run"]
+    for row in rows:
+        row["vs_joint_plan"] = judge.versus(per[row["run"]], per[joint])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tmpdiff-tmpq-t2i"))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--speedup", type=float, default=2.9, help="search budget: predicted speedup over fp32 x20")
+    parser.add_argument("--metric", default="ssim")
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--search-prompts", type=int, default=20, help="held-in prompts the search evaluates on")
+    parser.add_argument("--seeds", type=int, default=10, help="quality: pipeline calls over the 30 held-out prompts")
+    parser.add_argument("--sample-repeats", type=int, default=3)
+    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--real-per-combo", type=int, default=20)
+    parser.add_argument("--eval-seed", type=int, default=0, help="seed of the bootstrap draws and rendered ground truth")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    report = {"format": "tmpdiff.bench_tmpq_t2i/1", "machine": cpu_name(), "threads": 1, "settings": vars(args) | {
+        "out": str(args.out), "work": str(args.work)}}
+    build_dir = build(args.work, args)
+    report["layer_costs"] = json.loads((args.work / "layer_costs.json").read_text())
+    plan_path = search(build_dir, args.work, args)
+    report["plan"] = json.loads(plan_path.read_text())
+    write_json(args.out, report)
+    tmpdiff_cli("deploy-plan", build_dir, plan_path, "--model", "bundled-t2i")
+    report["quality"] = quality(build_dir, plan_path, args.work, args)
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
