@@ -42,15 +42,16 @@ BASELINE_STEPS = 20
 
 
 def tmpdiff_cli(*args) -> None:
-    """One tmpdiff command in this process (as a user runs it); a failure stops the bench."""
-    from typer.testing import CliRunner
+    """One tmpdiff command as a user runs it (its own process, one thread); a failure stops the bench."""
+    import os
+    import subprocess
 
-    from tmpdiff.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    print(result.output[-3000:], flush=True)
-    if result.exit_code != 0:
-        raise SystemExit(f"tmpdiff {' '.join(map(str, args[:2]))} failed ({result.exit_code})")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *map(str, args)], env=env, capture_output=True,
+                            text=True)
+    print(result.stdout[-4000:], flush=True)
+    if result.returncode != 0:
+        raise SystemExit(f"tmpdiff {' '.join(map(str, args[:2]))} failed ({result.returncode}): {result.stderr[-2000:]}")
 
 
 def build(work: Path, args) -> Path:
@@ -60,7 +61,7 @@ def build(work: Path, args) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     prompts = work / "calibration_prompts.txt"
     prompts.write_text("\n".join(random.Random(1).sample([c.prompt for c in held_in_combos()], 8)) + "\n")
-    tmpdiff_cli("export", "bundled-t2i", "--precisions", "fp32,int8", "--prompts", prompts, "--out", work, "--force")
+    tmpdiff_cli("export", "bundled-t2i", "--precisions", "fp32,int8", "--prompts", prompts, "--out", work)
     tmpdiff_cli("build", build_dir, "--threads", 1)
     tmpdiff_cli("layer-costs", build_dir, "--model", "bundled-t2i", "--out", work / "layer_costs.json", "--batch", 20,
                 "--threads", 1, "--force")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import onnx
 import pytest
 import torch
 
@@ -55,6 +56,22 @@ def test_deploy_records_the_mixed_configuration_and_keeps_it(deployment):
     entry = manifest.mixed[name]
     assert entry.onnx == f"mixed/{name}/model.onnx" and entry.parity_error < 2e-2
     assert set(entry.sources) == {"int8", "int4"}
+    # its TensorRT graph: every int8 / int4 layer's weight through a DequantizeLinear, int8 inputs too, fp16 base
+    from tmpdiff.export.census import compute_dtypes
+    from tmpdiff.formats.atomic import sha256_file
+
+    assert entry.trt_onnx == f"mixed/{name}/model.trt.onnx" and entry.trt_base == "float16"
+    assert sha256_file(build_dir / entry.trt_onnx) == entry.trt_sha256
+    counts = {p: entry.precisions.count(p) for p in ("int8", "int4", "fp32")}
+    assert entry.census["weight_quantized"] == counts["int8"] + counts["int4"]
+    assert entry.census["input_quantized"] == counts["int8"]
+    assert entry.trt_parity_error is None  # int4's trt::DequantizeLinear: ONNX Runtime cannot run the graph
+    dtypes = compute_dtypes(onnx.load(str(build_dir / entry.trt_onnx)))
+    assert dtypes["MatMul"].get("float16", 0) > 0 and "float32" not in dtypes["Softmax"]
+    # `build --backend trt --print-command` builds it too (no TensorRT needed to print the commands)
+    code, out, err = cli("build", build_dir, "--backend", "trt", "--print-command")
+    assert code == 0, err
+    assert f"--onnx={build_dir / entry.trt_onnx}" in out and f"--import-plan {name}=" in out
     assert json.loads((build_dir / "manifest.json").read_text())["format"] == "tmpdiff.manifest/3"
     code, again, _ = cli("deploy-plan", build_dir, path)
     assert code == 0 and f"{name}\tup to date" in again
@@ -117,7 +134,7 @@ def test_missing_or_stale_deployments_are_refused_by_name(deployment, tmp_path):
     assert code != 0 and "not deployed" in out and "deploy-plan" in out
     code, _, err = cli("run", build_dir, "--schedule", path, "--class", "1", "--backend", "trt", "--out",
                        tmp_path / "c.png")
-    assert code == 2 and "ONNX Runtime graphs only" in err
+    assert code == 2 and "no trt engine is built for cuda: run `tmpdiff build" in err  # mixed plans build like any
 
 
 def test_a_plan_for_another_build_is_refused(deployment, tmp_path):

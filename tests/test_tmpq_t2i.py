@@ -99,6 +99,10 @@ def test_a_mixed_plan_runs_through_the_drop_in_as_the_super_network_sampled_it(m
     name = mixed_name(plan.layers, plan.configs[0])
     assert f"{name}\tdeployed" in out and "int8\tuniform" in out and name in load_manifest(build).mixed
     assert cli("check", build, "--schedule", path)[0] == 0
+    # fp32 / int8 only: ONNX Runtime runs its fp16 TensorRT graph, parity-checked against the super-network
+    entry = load_manifest(build).mixed[name]
+    assert entry.trt_parity_error is not None and entry.trt_parity_error < 5e-2
+    assert entry.census["weight_quantized"] == entry.census["input_quantized"] == entry.precisions.count("int8")
 
     pipe = load_pipeline(t2i_dir())
 

@@ -1,10 +1,12 @@
 """`tmpdiff deploy-plan`: a TMPQ-DM plan's mixed-precision layer configurations as engines of the build.
 
 Each configuration that is not one precision for every layer is traced from the super-network (the build's saved
-quantizer states, so the graph computes what the search evaluated), rewritten to standard ONNX ops, parity-checked
-(`export.mixed`), written under BUILD/mixed/<name>/ and recorded in the manifest with its hash and the export keys
-it was made from. Uniform configurations run on the precision's own engine. Afterwards `tmpdiff run BUILD --schedule
-PLAN` executes the plan: per step, the plan's timestep on its configuration's engine.
+quantizer states, so the graphs compute what the search evaluated) and written under BUILD/mixed/<name>/ as an ORT
+twin (standard ONNX ops) and a TensorRT graph (Q/DQ on the build's 16-bit base), both parity-checked (`export.mixed`),
+and recorded in the manifest with their hashes and the export keys they were made from. Uniform configurations run
+on the precision's own engine. Afterwards `tmpdiff run BUILD --schedule PLAN` executes the plan: per step, the plan's
+timestep on its configuration's engine (ORT: the twin; TensorRT: the plan `tmpdiff build --backend trt` builds from
+the TensorRT graph).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def deploy_plan(build_dir: Path, plan_path: Path, model_dir: Path, *, wait: floa
                 rows.append(DeployedConfig(config[0], counts, "uniform", None))
                 continue
             name = mixed_name(plan.layers, list(config))
-            if mixed_problem(build_dir, manifest, name) is None:
+            if mixed_problem(build_dir, manifest, name, "trt") is None and mixed_problem(build_dir, manifest, name) is None:
                 rows.append(DeployedConfig(name, counts, "up to date", manifest.mixed[name].parity_error))
                 continue
             if supernet is None:
@@ -74,10 +76,23 @@ def _export(build_dir: Path, manifest, supernet, layers: list[str], config: list
     from tmpdiff.export.mixed import export_mixed, optimization_level
     from tmpdiff.models.registry import adapter_for_config
 
-    rel = f"mixed/{name}/model.onnx"
-    path = build_dir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parity = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), path)
+    directory = build_dir / "mixed" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    trt_base = _trt_base(manifest, config)
+    graphs = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), directory, trt_base)
+    rel = f"mixed/{name}"
     sources = {p: manifest.precisions[p].key for p in sorted(set(config) - {"fp32"})}
-    return MixedEntry(layers=layers, precisions=config, onnx=rel, sha256=sha256_file(path),
-                      ort_optimization=optimization_level(config), parity_error=parity, sources=sources)
+    return MixedEntry(layers=layers, precisions=config, onnx=f"{rel}/model.onnx",
+                      sha256=sha256_file(directory / "model.onnx"), ort_optimization=optimization_level(config),
+                      parity_error=graphs.parity_error, sources=sources, trt_onnx=f"{rel}/model.trt.onnx",
+                      trt_sha256=sha256_file(directory / "model.trt.onnx"), trt_base=trt_base,
+                      trt_parity_error=graphs.trt_parity_error, census=graphs.census)
+
+
+def _trt_base(manifest, config: list[str]) -> str:
+    """The 16-bit type the uniform exports' TensorRT graphs were made on (one for the whole build)."""
+    bases = {(manifest.precisions[p].quantization or {}).get("trt_base", "float16") for p in set(config) - {"fp32"}}
+    if len(bases) != 1:
+        raise TmpdiffError(f"the precisions of this configuration were exported on different 16-bit bases "
+                           f"({', '.join(sorted(bases))}): re-export them with one --trt-dtype")
+    return bases.pop()

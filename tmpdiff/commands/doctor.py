@@ -251,6 +251,41 @@ class GpuCheck:
                 raise TmpdiffError(f"ORT {device} differs from TensorRT fp32 by {errors[device]:.2e}")
         return ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), errors
 
+    def mixed_plan(self) -> tuple[str, dict]:
+        """A TMPQ-DM plan with a mixed layer configuration (int8 / int4 / fp32 layers): deployed, built as a TensorRT
+        plan, run on TensorRT and on ORT-CPU (its twin); same engines per step, latents within 5e-2."""
+        from tmpdiff.commands.deploy_plan import deploy_plan
+        from tmpdiff.commands.export import resolve_model_dir
+        from tmpdiff.commands.run import RunRequest, run
+        from tmpdiff.engines.build import build_engines
+        from tmpdiff.export.supernet import supernet_from_build
+        from tmpdiff.formats.manifest import load_manifest, mixed_name
+        from tmpdiff.formats.schedule import SchedulerRef
+        from tmpdiff.formats.tmpq_plan import TmpqPlan, save_tmpq_plan
+
+        model_dir = resolve_model_dir("bundled", None)
+        manifest = load_manifest(self.build_dir)
+        layers = list(supernet_from_build(self.build_dir, model_dir, ["int8", "int4"]).layers)
+        mixed = [("int8", "int4", "fp32")[i % 3] for i in range(len(layers))]
+        s = manifest.sampling
+        plan = TmpqPlan(model_id=manifest.model_id, steps=4, timesteps=[999, 700, 400, 100], layers=layers,
+                        scheduler=SchedulerRef(class_name=s.scheduler_class, config=dict(s.scheduler_config)),
+                        configs=[mixed, ["int8"] * len(layers)], step_configs=[0, 1, 1, 0])
+        path = self.work / "mixed-plan.json"
+        save_tmpq_plan(plan, path)
+        deploy_plan(self.build_dir, path, model_dir)
+        build_engines(self.build_dir, "trt", "cuda")
+        request = {"build_dir": self.build_dir, "classes": [1, 2], "seed": 0, "schedule_path": path}
+        on_trt = run(RunRequest(**request, backend="trt"))[0]
+        on_ort = run(RunRequest(**request))[0]
+        name, used = mixed_name(layers, mixed), [e.precision for e in on_trt.trace.steps]
+        if used != [name, "int8", "int8", name]:
+            raise TmpdiffError(f"the plan ran {used} on TensorRT, not {name} / int8 / int8 / {name}")
+        error = float((on_trt.latents.cpu() - on_ort.latents).norm() / on_ort.latents.norm())
+        if not error < 5e-2:
+            raise TmpdiffError(f"the mixed plan on TensorRT differs from its ORT twin by {error:.2e} (relative L2)")
+        return f"{name} on TensorRT vs its ORT twin: {error:.1e} over 4 steps", {"error": error, "engines": used}
+
     def run_all(self) -> list[CheckResult]:
         steps = [("build", ["tensorrt"], self.build), ("kernels", ["tensorrt", "build"], self.kernels),
                  ("parity", ["tensorrt", "build"], self.parity), ("costs", ["tensorrt", "build"], self.costs),
@@ -258,7 +293,8 @@ class GpuCheck:
                  ("caller stream", ["tensorrt", "build"], self.caller_stream),
                  ("cuda graphs", ["tensorrt", "build"], self.cuda_graphs),
                  ("ort providers", ["tensorrt", "build", "ort_cuda"], self.ort_providers),
-                 ("schedule speedup", ["tensorrt", "build"], self.schedule_speedup)]
+                 ("schedule speedup", ["tensorrt", "build"], self.schedule_speedup),
+                 ("mixed plan", ["tensorrt", "build"], self.mixed_plan)]
         for name, needs, body in steps:
             if not self._run(name, needs, body):
                 break

@@ -40,9 +40,10 @@ def build_engines(
         if unknown:
             raise TmpdiffError(f"not exported: {', '.join(unknown)}; exported: {', '.join(manifest.precisions)}",
                                build_dir / "manifest.json")
+        if backend == "trt" and precisions is None:  # TMPQ-DM layer configurations deployed with a TensorRT graph
+            names += [name for name, entry in manifest.mixed.items() if entry.trt_onnx is not None]
         outcomes = []
         for name in names:
-            entry = manifest.precisions[name]
             key = engine_key(backend, device, name)
             current = manifest.engines.get(key)
             if backend == "trt":
@@ -59,7 +60,7 @@ def build_engines(
                 outcomes.append(BuildOutcome(name, build_dir / current.path, skipped=True))
                 continue
             on_progress(f"{name}: building")
-            engine = prepare_ort_engine(build_dir, name, entry, device, threads)
+            engine = prepare_ort_engine(build_dir, name, manifest.precisions[name], device, threads)
             manifest.engines[key] = engine
             save_manifest(build_dir, manifest)
             outcomes.append(BuildOutcome(name, build_dir / engine.path, skipped=False))
@@ -67,11 +68,13 @@ def build_engines(
 
 
 def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progress):
-    """Build one TensorRT plan from the precision's TensorRT graph; None if the current plan still fits."""
+    """Build one TensorRT plan from the TensorRT graph of a precision (or of a deployed layer configuration, into
+    its mixed/<name>/ directory); None if the current plan still fits."""
     from tmpdiff.engines.trt_build import TrtBuildOptions, build_trt_engine, load_tensorrt, options_profile
 
     options = options or TrtBuildOptions()
-    entry = manifest.precisions[name]
+    mixed = manifest.mixed.get(name)
+    entry = mixed or manifest.precisions[name]
     if entry.trt_onnx is None:
         raise TmpdiffError(f"{name} has no TensorRT graph; re-run `tmpdiff export`", build_dir / "manifest.json")
     trt = load_tensorrt()
@@ -80,8 +83,10 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
         return None
     on_progress(f"{name}: building TensorRT plan")
     specs = [s.spec() for s in manifest.inputs]
-    return build_trt_engine(build_dir / entry.trt_onnx, build_dir / name, specs, options_profile(specs, options), options,
-                            precision=name)
+    plan_dir = build_dir / Path(entry.trt_onnx).parent
+    return build_trt_engine(build_dir / entry.trt_onnx, plan_dir, specs, options_profile(specs, options), options,
+                            precision=name, build_dir=build_dir,
+                            layer_precisions=None if mixed is None else mixed.precisions)
 
 
 def import_trt_plan(build_dir: Path, precision: str, plan_file: Path, wait: float = 3600.0,
@@ -102,14 +107,14 @@ def import_trt_plan(build_dir: Path, precision: str, plan_file: Path, wait: floa
     trt = load_tensorrt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
         manifest = load_manifest(build_dir)
-        entry = manifest.precisions.get(precision)
+        entry = manifest.precisions.get(precision) or manifest.mixed.get(precision)  # a precision or a `mixed-...`
         if entry is None or entry.trt_onnx is None:
             raise TmpdiffError(f"{precision} has no exported TensorRT graph here", build_dir / "manifest.json")
         engine = TrtEngine(plan_file, precision=precision, input_specs=[s.spec() for s in manifest.inputs],
                            output_specs=[s.spec() for s in manifest.outputs])  # deserializes and checks the I/O
         gpu = engine.gpu
         engine.close()
-        rel = f"{precision}/{plan_file_name(trt.__version__)}"
+        rel = f"{Path(entry.trt_onnx).parent.as_posix()}/{plan_file_name(trt.__version__)}"
         write_bytes(build_dir / rel, plan_file.read_bytes())
         manifest.engines[engine_key("trt", "cuda", precision)] = EngineEntry(
             backend="trt", precision=precision, path=rel, sha256=sha256_file(build_dir / rel),
@@ -128,12 +133,12 @@ def trt_commands(build_dir: Path, precisions: list[str] | None, options) -> list
     specs = [s.spec() for s in manifest.inputs]
     shapes = options_profile(specs, options)
     lines = []
-    for name in precisions or list(manifest.precisions):
-        entry = manifest.precisions[name]
+    for name in precisions or [*manifest.precisions, *manifest.mixed]:
+        entry = manifest.precisions.get(name) or manifest.mixed[name]
         if entry.trt_onnx is None:
             continue
         onnx_path = build_dir / entry.trt_onnx
-        plan = build_dir / name / "external.plan"
+        plan = onnx_path.parent / "external.plan"
         lines += [f"# {name}: build with either command, then register the plan (checked like a plan tmpdiff builds):",
                   trtexec_command(onnx_path, plan, specs, shapes, options),
                   polygraphy_command(onnx_path, plan, specs, shapes, options),

@@ -9,7 +9,7 @@ from pathlib import Path
 from tmpdiff.engines.base import Engine
 from tmpdiff.formats.atomic import lock_holder
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import Manifest, engine_key, engine_problem, mixed_problem
+from tmpdiff.formats.manifest import EngineEntry, Manifest, engine_key, engine_problem, mixed_problem
 
 BACKEND_DEVICES = {"ort": ("cpu", "cuda", "trt-ep"), "trt": ("cuda",)}
 
@@ -74,26 +74,49 @@ def load_built_engines(build_dir: Path, manifest: Manifest, backend: str, device
 def load_plan_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, needed: Iterable[str],
                       threads: int | None = None, what: str = "the schedule") -> dict[str, Engine]:
     """`load_built_engines` for the precisions a plan names, plus the deployed layer configurations (`mixed-...`) of
-    a TMPQ-DM plan: ORT graphs optimised at load, each checked against its manifest record first."""
+    a TMPQ-DM plan, each checked against its manifest record first: on ONNX Runtime its twin (optimised at load), on
+    TensorRT the plan `tmpdiff build --backend trt` built from its TensorRT graph."""
     needed = list(needed)
     mixed = [name for name in needed if name.startswith("mixed-")]
     for name in mixed:
-        problem = mixed_problem(build_dir, manifest, name)
+        problem = mixed_problem(build_dir, manifest, name, backend)
         if problem is not None:
             raise TmpdiffError(f"{what} runs layer configuration {name}: {problem}; run `tmpdiff deploy-plan "
                                f"{build_dir} PLAN`", build_dir / "manifest.json")
-    if mixed and backend != "ort":
-        raise TmpdiffError(f"{what} runs mixed-precision layer configurations, which are deployed as ONNX Runtime "
-                           f"graphs only (no TensorRT graphs yet): use --backend ort")
     engines = load_built_engines(build_dir, manifest, backend, device, [n for n in needed if n not in mixed],
                                  threads, what)
-    from tmpdiff.engines.ort import OrtEngine
-
     for name in mixed:
+        if backend == "trt":
+            engines[name] = _load_trt(build_dir, manifest, _current_engine(build_dir, manifest, backend, device, name))
+            continue
+        from tmpdiff.engines.ort import OrtEngine
+
         entry = manifest.mixed[name]
         engines[name] = OrtEngine(build_dir / entry.onnx, name, device, threads, optimization=entry.ort_optimization,
                                   runtime=True)
     return engines
+
+
+def _current_engine(build_dir: Path, manifest: Manifest, backend: str, device: str, name: str) -> EngineEntry:
+    """The manifest's engine for `name` on this backend and device, refused (naming the fix) when missing or stale."""
+    entry = manifest.engines.get(engine_key(backend, device, name))
+    if entry is None:
+        raise TmpdiffError(f"no {backend} engine for {name} on {device}: run `tmpdiff build {build_dir} --backend {backend}"
+                           f" --device {device}`", build_dir / "manifest.json")
+    problem = engine_problem(build_dir, manifest, entry)
+    if problem is not None:
+        raise TmpdiffError(f"the {backend} engine for {name}: {problem}; rebuild with "
+                           f"`tmpdiff build {build_dir} --backend {backend}`", build_dir / entry.path)
+    return entry
+
+
+def _load_trt(build_dir: Path, manifest: Manifest, entry: EngineEntry, cuda_graphs: bool = True) -> Engine:
+    from tmpdiff.engines.trt import load_trt_engine
+
+    # CUDA graphs by default where the plan's shapes are static (a graph bakes in shapes and addresses)
+    return load_trt_engine(build_dir, entry, input_specs=[s.spec() for s in manifest.inputs],
+                           output_specs=[s.spec() for s in manifest.outputs],
+                           cuda_graph=cuda_graphs and not entry.build_flags.get("dynamic", False))
 
 
 def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],
@@ -116,24 +139,11 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
         if name not in manifest.precisions:
             raise TmpdiffError(f"precision {name!r} was not exported (exported: {', '.join(manifest.precisions)})",
                                build_dir / "manifest.json")
-        entry = manifest.engines.get(engine_key(backend, device, name))
-        if entry is None:
-            raise TmpdiffError(f"no {backend} engine for {name} on {device}: run `tmpdiff build {build_dir} --backend {backend}"
-                               f" --device {device}`", build_dir / "manifest.json")
-        problem = engine_problem(build_dir, manifest, entry)
-        if problem is not None:
-            raise TmpdiffError(f"the {backend} engine for {name}: {problem}; rebuild with "
-                               f"`tmpdiff build {build_dir} --backend {backend}`", build_dir / entry.path)
+        entry = _current_engine(build_dir, manifest, backend, device, name)
         if backend == "ort":
             from tmpdiff.engines.ort_build import load_ort_engine
 
             engines[name] = load_ort_engine(build_dir, manifest, entry, device, threads)
         else:
-            from tmpdiff.engines.trt import load_trt_engine
-
-            # CUDA graphs by default where the plan's shapes are static (a graph bakes in shapes and addresses)
-            engines[name] = load_trt_engine(
-                build_dir, entry, input_specs=[s.spec() for s in manifest.inputs],
-                output_specs=[s.spec() for s in manifest.outputs],
-                cuda_graph=cuda_graphs and not entry.build_flags.get("dynamic", False))
+            engines[name] = _load_trt(build_dir, manifest, entry, cuda_graphs)
     return engines

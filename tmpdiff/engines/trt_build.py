@@ -15,7 +15,7 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -352,19 +352,22 @@ def _timing_cache(trt: Any, config: Any, path: Path | None) -> bool:
 
 def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[TensorSpec], shapes: ProfileShapes,
                      options: TrtBuildOptions, *, precision: str | None = None,
-                     device: int | str | None = None) -> EngineEntry:
-    """Build a strongly typed TensorRT plan from the TensorRT-flavoured ONNX graph of one precision.
+                     device: int | str | None = None, build_dir: Path | None = None,
+                     layer_precisions: Sequence[str] | None = None) -> EngineEntry:
+    """Build a strongly typed TensorRT plan from the TensorRT-flavoured ONNX graph of one precision (or of one
+    deployed layer configuration: `precision` is its `mixed-...` name, `layer_precisions` what its layers run).
 
     `plan_dir` is the precision's directory inside the build dir (build/<model>/<precision>); the plan is
     written there atomically as engine_trt{major}.{minor}.plan. The returned EngineEntry's path is relative
-    to the build dir (plan_dir's parent), like the manifest's ONNX paths; `precision` defaults to
+    to `build_dir` (default: plan_dir's parent), like the manifest's ONNX paths; `precision` defaults to
     plan_dir's name. The timing cache, when given, is loaded if present and saved (atomically) afterwards.
     """
     trt = load_tensorrt()
     gpu = cuda_device(device)
     onnx_path, plan_dir = Path(onnx_path), Path(plan_dir)
     precision = precision or plan_dir.name
-    check_precision_supported(precision, gpu.compute_capability, gpu.name)
+    for level in sorted(set(layer_precisions or [precision])):
+        check_precision_supported(level, gpu.compute_capability, gpu.name)
     if not onnx_path.is_file():
         raise TmpdiffError("ONNX file is missing; re-run `tmpdiff export`", onnx_path)
 
@@ -412,7 +415,7 @@ def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[Te
     return EngineEntry(
         backend="trt",
         precision=precision,
-        path=plan_path.relative_to(plan_dir.parent).as_posix(),
+        path=plan_path.relative_to(build_dir or plan_dir.parent).as_posix(),
         sha256=hashlib.sha256(plan).hexdigest(),
         source_sha256=sha256_file(onnx_path),
         backend_version=trt.__version__,

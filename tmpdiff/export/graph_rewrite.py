@@ -13,6 +13,8 @@ The rewrites work on an onnx-graphsurgeon graph: a replaced chain is detached fr
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -263,16 +265,28 @@ def _set_opset(model: onnx.ModelProto, opset: int, keep_trt_domain: bool) -> Non
     model.opset_import.extend(imports)
 
 
-def ort_twin(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The same quantization in standard ONNX ops ONNX Runtime's CPU provider runs."""
-    graph = _import(model)
+def _kinds(kind: str | Collection[str]) -> set[str]:
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+def _rewrite_weights(graph: gs.Graph, kinds: set[str], int4_domain: str) -> dict[str, int]:
+    """Each present quantization kind's rewrite (a mixed-precision graph carries several, one per layer)."""
     stats: dict[str, int] = {}
-    if kind in ("int8", "fp8"):
-        stats["weights_folded"] = _replace_weight_qdq(graph, kind)
-    if kind == "fp8":
+    for kind in ("int8", "fp8"):
+        if kind in kinds:
+            stats["weights_folded"] = stats.get("weights_folded", 0) + _replace_weight_qdq(graph, kind)
+    if "fp8" in kinds:
         stats["activation_qdq_swapped"] = _replace_trt_fp8_activation_qdq(graph)
-    if kind == "int4":
-        stats["int4_weights"] = _replace_int4_weights(graph, domain="")
+    if "int4" in kinds:
+        stats["int4_weights"] = _replace_int4_weights(graph, domain=int4_domain)
+    return stats
+
+
+def ort_twin(model: onnx.ModelProto, kind: str | Collection[str], opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The same quantization in standard ONNX ops ONNX Runtime's CPU provider runs (`kind`: one quantization kind,
+    or the kinds a mixed-precision graph's layers carry)."""
+    graph = _import(model)
+    stats = _rewrite_weights(graph, _kinds(kind), int4_domain="")
     twin = _export(graph, model)
     del twin.graph.value_info[:]  # exporter-declared types of rewritten ops (uint8 for fp8) no longer hold
     _set_opset(twin, opset, keep_trt_domain=False)
@@ -284,8 +298,8 @@ def ort_twin(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelP
     return twin, stats
 
 
-def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The graph for TensorRT, before its 16-bit conversion (`export.half`).
+def trt_graph(model: onnx.ModelProto, kind: str | Collection[str], opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The graph for TensorRT, before its 16-bit conversion (`export.half`); `kind` as for `ort_twin`.
 
     int8 and fp8 get the ORT twin's weights: int8 / float8e4m3fn initializers into a DequantizeLinear, the
     weight-only-DQ form ModelOpt's own ONNX flow writes for TensorRT (its `qdq_to_dq`), which TensorRT builds exactly
@@ -297,16 +311,11 @@ def trt_graph(model: onnx.ModelProto, kind: str, opset: int) -> tuple[onnx.Model
     patch embedding kept high precision) and adds Q/DQ after Softmax, so the engine would no longer
     compute what the torch fake-quant model and the ORT twin compute.
     """
+    kinds = _kinds(kind)
     graph = _import(model)
-    stats: dict[str, int] = {}
-    if kind in ("int8", "fp8"):
-        stats["weights_folded"] = _replace_weight_qdq(graph, kind)
-    if kind == "fp8":
-        stats["activation_qdq_swapped"] = _replace_trt_fp8_activation_qdq(graph)
-    if kind == "int4":
-        stats["int4_weights"] = _replace_int4_weights(graph, domain=TRT_DOMAIN)
+    stats = _rewrite_weights(graph, kinds, int4_domain=TRT_DOMAIN)
     out = _export(graph, model)
-    if kind == "fp8":
+    if "fp8" in kinds:
         del out.graph.value_info[:]  # exporter-declared types of the swapped ops (uint8) no longer hold
     _set_opset(out, opset, keep_trt_domain=True)
     return out, stats

@@ -1,88 +1,163 @@
-"""One layer configuration of the super-network as an ONNX Runtime graph (the ORT twin of a mixed-precision model).
+"""One layer configuration of the super-network as engine graphs: the ONNX Runtime twin and the TensorRT graph.
 
-The super-network at a configuration is traced as any quantized model is (modelopt's Q/DQ symbolics), then each
-quantization kind present gets the same graph rewrite as its uniform export: int8 and fp8 weights folded to
-int8 / float8e4m3fn initializers, fp8 activation Q/DQ made standard, int4 weights to int4 DequantizeLinear. The graph
-is parity-checked against the super-network on random inputs. Not yet: a manifest entry, a TensorRT graph, `tmpdiff
-run` and `tmpdiff check` for such graphs (issue 16, item 4).
+The super-network at a configuration is traced as any quantized model is (modelopt's Q/DQ symbolics); then, as for a
+uniform export, each quantization kind present gets its rewrite (`graph_rewrite`, which takes the set of kinds):
+- the ORT twin: int8 / fp8 weights folded to int8 / float8e4m3fn initializers, fp8 activation Q/DQ made standard,
+  int4 weights to int4 DequantizeLinear; parity-checked against the super-network on random inputs;
+- the TensorRT graph: the same weights into DequantizeLinear (int4 into trt::DequantizeLinear), on a 16-bit base
+  (`export.half`); its graph census must show every non-fp32 layer quantized, and where ONNX Runtime can run it
+  (fp16 base, no trt:: ops) it is parity-checked like a uniform precision's TensorRT graph.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from tmpdiff.export import graph_rewrite as rewrite
+from tmpdiff.export import census as graph_census
+from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
+from tmpdiff.export.half import to_half
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.supernet import SuperNet
-from tmpdiff.formats.atomic import atomic_path
+from tmpdiff.formats.atomic import TEMP_SUFFIX, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
 from tmpdiff.models.adapter import DenoiserAdapter
 
 TRACE_OPSET = 19  # as the uniform exports trace
+PARITY_SEEDS = 3
+LEVELS = ("disable", "basic", "extended", "all")
 
 
-def mixed_twin(model: onnx.ModelProto, kinds: set[str]) -> onnx.ModelProto:
-    """The standard-op graph of a model whose layers carry several quantization kinds."""
-    graph = rewrite._import(model)
-    if "int8" in kinds:
-        rewrite._replace_weight_qdq(graph, "int8")
-    if "fp8" in kinds:
-        rewrite._replace_weight_qdq(graph, "fp8")
-        rewrite._replace_trt_fp8_activation_qdq(graph)
-    if "int4" in kinds:
-        rewrite._replace_int4_weights(graph, domain="")
-    twin = rewrite._export(graph, model)
-    del twin.graph.value_info[:]
-    rewrite._set_opset(twin, 21 if "int4" in kinds else 19, keep_trt_domain=False)
-    leftover = sorted({f"{n.domain}::{n.op_type}" for n in twin.graph.node if n.domain == rewrite.TRT_DOMAIN})
-    if leftover:
-        raise TmpdiffError(f"the mixed graph still holds TensorRT-only ops: {', '.join(leftover)}")
-    onnx.checker.check_model(twin)
-    return twin
+@dataclass(frozen=True)
+class MixedGraphs:
+    """What `export_mixed` wrote (relative to its directory's parent build: the caller records it)."""
+
+    parity_error: float  # ORT twin vs the super-network
+    trt_parity_error: float | None  # TensorRT graph on ONNX Runtime vs the super-network (None: ORT cannot run it)
+    census: dict[str, int]
 
 
 def optimization_level(config: Sequence[str]) -> str:
     """ORT's level for the graph: the lowest any of its precisions needs (fp8 graphs load only at `basic`)."""
-    levels = ("disable", "basic", "extended", "all")
-    return min((get_precision(p).ort_optimization for p in set(config)), key=levels.index)
+    return min((get_precision(p).ort_optimization for p in set(config)), key=LEVELS.index)
 
 
-def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, path: Path,
-                 tolerance: float = 2e-2) -> float:
-    """Write the ORT graph of `config` to `path` (atomically); returns its parity error vs the super-network."""
+def _kinds(config: Sequence[str]) -> set[str]:
+    return {get_precision(p).rewrite_kind for p in config} - {None}
+
+
+def _opset(config: Sequence[str], which: str) -> int:
+    return max(getattr(get_precision(p), which) for p in set(config))
+
+
+def _session(path: Path, level: str):
     import onnxruntime as ort
 
-    kinds = {get_precision(p).rewrite_kind for p in config} - {None}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, {
+        "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+        "all": "ORT_ENABLE_ALL"}[level])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+
+
+def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
+                 trt_dtype: str = "float16", tolerance: float = 2e-2) -> MixedGraphs:
+    """Write `model.onnx` (ORT twin) and `model.trt.onnx` (TensorRT graph) of `config` into `directory`; refused
+    (TmpdiffError) when either graph does not compute what the super-network does. Both are made and checked in a
+    staging directory beside it and moved in only then: a refused or killed export leaves the earlier graphs."""
+    import shutil
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=TEMP_SUFFIX, dir=directory.parent))
+    try:
+        graphs = _export_checked(supernet, config, adapter, staging, trt_dtype, tolerance)
+        for name in ("model.onnx", "model.trt.onnx"):
+            os.replace(staging / name, directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return graphs
+
+
+def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
+                    trt_dtype: str, tolerance: float) -> MixedGraphs:
+    kinds = _kinds(config)
     saved = supernet.config
     supernet.select(config)
     try:
         module = adapter.export_module(supernet.model)
         with traced(module, adapter, TRACE_OPSET) as (raw, data_dir):
             load_weights(raw, data_dir)
-        twin = mixed_twin(raw, kinds)
-        with atomic_path(path) as tmp:
-            onnx.save(twin, str(tmp))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, {
-            "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-            "all": "ORT_ENABLE_ALL"}[optimization_level(config)])
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        errors = []
-        for seed in range(3):
-            inputs = adapter.sample_inputs(adapter.default_dims(2), seed=seed)
-            with torch.no_grad():
-                want = module(*inputs.values()).numpy()
-            got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-            errors.append(float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)))
+        inputs = [adapter.sample_inputs(adapter.default_dims(2), seed=seed) for seed in range(PARITY_SEEDS)]
+        with torch.no_grad():
+            want = [module(*x.values()).numpy() for x in inputs]
+            supernet.select(supernet.uniform("fp32"))
+            fp32 = [module(*x.values()).numpy() for x in inputs]
     finally:
         supernet.select(saved)
-    parity = float(np.median(errors))
+    feeds = [{k: v.numpy() for k, v in x.items()} for x in inputs]
+
+    twin, _ = ort_twin(raw, kinds, _opset(config, "ort_opset"))
+    twin_path = directory / "model.onnx"
+    onnx.save(twin, str(twin_path))
+    del twin
+    session = _session(twin_path, optimization_level(config))
+    parity = float(np.median([_relative(session.run(None, f)[0], w) for f, w in zip(feeds, want, strict=True)]))
     if not parity <= tolerance:
-        raise TmpdiffError(f"the mixed graph differs from the super-network by {parity:.2e} (> {tolerance})", path)
-    return parity
+        raise TmpdiffError(f"the mixed graph differs from the super-network by {parity:.2e} (> {tolerance})", twin_path)
+
+    trt_proto, _ = trt_graph(raw, kinds, _opset(config, "trt_opset"))
+    del raw
+    trt_path = directory / "model.trt.onnx"
+    trt_proto = to_half(trt_proto, str(trt_path), trt_dtype)
+    rows = graph_census.census(trt_proto)
+    problems = graph_census.missing_quantization(rows, *_expected_quantized(supernet, config))
+    if problems:
+        raise TmpdiffError(f"graph census found unquantized layers: {'; '.join(problems[:5])}", trt_path)
+    onnx.save(trt_proto, str(trt_path))
+    trt_parity = None
+    if trt_dtype == "float16" and not any(n.domain == "trt" for n in trt_proto.graph.node):
+        trt_parity = _trt_parity(trt_path, feeds, want, fp32)
+    return MixedGraphs(parity, trt_parity, graph_census.summarize(rows))
+
+
+def _expected_quantized(supernet: SuperNet, config: Sequence[str]) -> tuple[set[str], set[str]]:
+    """Graph module paths (the traced layer inside its switch) whose weights, and whose inputs, must be quantized."""
+    weights, inputs = set(), set()
+    for name, precision in zip(supernet.layers, config, strict=True):
+        if precision == "fp32":
+            continue
+        layer = supernet.switches[name].alternatives[precision]
+        path = f"{name}.{precision}"  # TorchScript scopes the switch's ModuleDict entry by its key alone
+        for quantizer, names in (("weight_quantizer", weights), ("input_quantizer", inputs)):
+            q = getattr(layer, quantizer, None)
+            if q is not None and q.is_enabled:
+                names.add(path)
+    return weights, inputs
+
+
+def _trt_parity(path: Path, feeds: list[dict], want: list[np.ndarray], fp32: list[np.ndarray]) -> float:
+    """The fp16 TensorRT graph on ONNX Runtime vs the super-network: within the fp16 tolerance, or (where fp16
+    rounding flips quantized activations) at most 1.5x as far from fp32 as the super-network itself is."""
+    session = _session(path, "basic")
+    got = [session.run(None, f)[0].astype(np.float32) for f in feeds]
+    error = float(np.median([_relative(g, w) for g, w in zip(got, want, strict=True)]))
+    vs_fp32 = float(np.median([_relative(g, f) for g, f in zip(got, fp32, strict=True)]))
+    quantization = float(np.median([_relative(w, f) for w, f in zip(want, fp32, strict=True)]))
+    tolerance = get_precision("fp16").parity_tolerance
+    if not (error <= tolerance or vs_fp32 <= 1.5 * quantization):
+        raise TmpdiffError(f"the mixed TensorRT graph differs from the super-network by {error:.2e} on ONNX Runtime "
+                           f"(fp16 tolerance {tolerance:.0e}); it is {vs_fp32:.2e} from fp32, the super-network "
+                           f"{quantization:.2e}", path)
+    return error

@@ -139,9 +139,10 @@ class TimeEmbeddingInputEntry(BaseModel):
 
 
 class MixedEntry(BaseModel):
-    """One layer configuration of a TMPQ-DM plan as its own ORT graph (`tmpdiff deploy-plan`): a precision per
-    layer, the graph made from the quantized exports' saved quantizer state (`sources`: precision -> export key, so a
-    re-export makes it stale), and its parity against the super-network."""
+    """One layer configuration of a TMPQ-DM plan as its own graphs (`tmpdiff deploy-plan`): a precision per layer,
+    the ORT twin and the TensorRT graph made from the quantized exports' saved quantizer state (`sources`: precision
+    -> export key, so a re-export makes it stale), and their parity against the super-network. Deployments made
+    before TensorRT graphs existed have none (`trt_onnx` None: run on ORT, or deploy again)."""
 
     model_config = ConfigDict(extra="forbid")
     layers: list[str] = Field(min_length=1)
@@ -151,6 +152,15 @@ class MixedEntry(BaseModel):
     ort_optimization: Literal["disable", "basic", "extended", "all"]
     parity_error: float = Field(ge=0, allow_inf_nan=False)
     sources: dict[str, str]
+    trt_onnx: str | None = None
+    trt_sha256: str | None = None
+    trt_base: str | None = None  # the 16-bit type the TensorRT graph computes in outside its Q/DQ
+    trt_parity_error: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # None: ORT cannot run it
+    census: dict[str, int] = Field(default_factory=dict)
+
+    def source_sha256(self, backend: str) -> str | None:
+        """Hash of the graph a backend builds from (as `PrecisionEntry.source_sha256`)."""
+        return self.trt_sha256 if backend == "trt" else self.sha256
 
     @field_validator("precisions")
     @classmethod
@@ -169,14 +179,21 @@ def mixed_name(layers: list[str], precisions: list[str]) -> str:
     return f"mixed-{digest[:12]}"
 
 
-def mixed_problem(build_dir: Path, manifest: Manifest, name: str) -> str | None:
-    """Why a deployed layer configuration cannot run as it is (None when it can)."""
+def mixed_problem(build_dir: Path, manifest: Manifest, name: str, backend: str | None = None) -> str | None:
+    """Why a deployed layer configuration cannot run as it is (None when it can): on `backend` (ort: its twin; trt:
+    its TensorRT graph, which older deployments lack), or every graph it records when None (what check asks)."""
     entry = manifest.mixed.get(name)
     if entry is None:
         return "not deployed"
-    path, problem = artifact_problem(build_dir, entry.onnx, entry.sha256)
-    if problem is not None:
-        return f"{path.name}: {problem}"
+    if backend == "trt" and entry.trt_onnx is None:
+        return "deployed without a TensorRT graph (by an older deploy-plan): deploy the plan again"
+    files = [(entry.onnx, entry.sha256)] if backend != "trt" else []
+    if backend != "ort" and entry.trt_onnx is not None:
+        files.append((entry.trt_onnx, entry.trt_sha256))
+    for rel, digest in files:
+        path, problem = artifact_problem(build_dir, rel, digest)
+        if problem is not None:
+            return f"{path.name}: {problem}"
     stale = sorted(p for p, key in entry.sources.items() if p not in manifest.precisions
                    or manifest.precisions[p].key != key)
     if stale:
@@ -266,9 +283,9 @@ def engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry, *, 
     """Why a built engine cannot be used as it is (None when it is current): its file is outside the build dir,
     missing or corrupt; it was built from an older export; or (when given) by another backend version or for
     another device. The one freshness rule for build, load, run and check."""
-    source = manifest.precisions.get(engine.precision)
+    source = manifest.precisions.get(engine.precision) or manifest.mixed.get(engine.precision)
     if source is None:
-        return f"engine for {engine.precision}, which is no longer exported"
+        return f"engine for {engine.precision}, which is no longer exported (or deployed)"
     for rel, digest in [(engine.path, engine.sha256), *engine.artifacts.items()]:
         path, problem = artifact_problem(build_dir, rel, digest)
         if problem is not None:

@@ -56,7 +56,8 @@ def managed_paths(build_dir: Path) -> list[Path]:
     for entry in manifest.precisions.values():
         owned += [root / rel for rel, _ in entry.files()]
     owned += [root / engine.path for engine in manifest.engines.values()]
-    owned += [root / "mixed"] + [root / entry.onnx for entry in manifest.mixed.values()]
+    owned += [root / "mixed"] + [root / rel for entry in manifest.mixed.values()
+                                 for rel in (entry.onnx, entry.trt_onnx) if rel is not None]
     if manifest.time_embedding_input is not None:
         owned.append(root / manifest.time_embedding_input.own_table)
     return owned
