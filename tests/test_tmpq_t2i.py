@@ -47,6 +47,11 @@ def test_search_samples_candidates_inside_the_pipeline_and_judges_on_other_promp
     plan = load_tmpq_plan(plan_path)
     assert plan.model_id == "tiny-t2i" and plan.steps == 4 and plan.scheduler.class_name == "DPMSolverMultistepScheduler"
     assert plan.predicted["ms"] <= plan.predicted["budget_ms"] and plan.search["evaluations"] >= 1
+    # memory: each distinct configuration is one engine; int8 layers hold a quarter of fp32's weight bytes
+    weights = plan.predicted["engine_weight_bytes"]
+    assert len(weights) == len(plan.configs) and "engine weights in memory" in out
+    for i, config in enumerate(plan.configs):
+        assert weights[f"config{i}"] < plan.predicted["fp32_weight_bytes"] or set(config) == {"fp32"}
     measured = plan.measured
     assert measured["calibration"]["prompts"] == [line for line in calib.read_text().splitlines()
                                                   if line and not line.startswith("#")]

@@ -143,6 +143,21 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     return TmpqOutcome(plan, result, holdout)
 
 
+def engine_weight_bytes(supernet: SuperNet, config: Sequence[str]) -> int:
+    """Weight bytes of the engine one layer configuration becomes: each switchable layer's weight at its precision's
+    width (`BITS`; scales and zero points not counted) and its bias at fp32, every other parameter (norms,
+    embeddings, the layers kept high precision) at fp32."""
+    from tmpdiff.formats.layer_costs import BITS
+
+    fixed = sum(p.numel() for n, p in supernet.model.named_parameters() if ".alternatives." not in n) * 4
+    switched = 0.0
+    for name, precision in zip(supernet.layers, config, strict=True):
+        layer = supernet.switches[name].alternatives["fp32"]
+        switched += layer.weight.numel() * BITS[precision][0] / 8
+        switched += 0 if layer.bias is None else layer.bias.numel() * 4
+    return int(fixed + switched)
+
+
 def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: SearchResult, options: TmpqOptions,
           scheduler: SchedulerRef, reference_ms: float, budget: float, steps: int, calibration: dict) -> TmpqPlan:
     best = result.best
@@ -159,7 +174,10 @@ def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: Sea
         predicted={"ms": result.cost, "speedup": reference_ms / result.cost, "budget_ms": budget,
                    "target": {"speedup": options.speedup}, "bitops_per_sample": bitops,
                    "bitops_vs_reference": bitops / reference_bitops,
-                   "engine_ms": {f"config{i}": table.config_ms(list(c)) for i, c in enumerate(distinct)}},
+                   "engine_ms": {f"config{i}": table.config_ms(list(c)) for i, c in enumerate(distinct)},
+                   # every distinct configuration is one engine held in memory for the whole run
+                   "engine_weight_bytes": {f"config{i}": engine_weight_bytes(supernet, c) for i, c in enumerate(distinct)},
+                   "fp32_weight_bytes": engine_weight_bytes(supernet, supernet.uniform("fp32"))},
         search={"method": "tmpq-dm evolutionary", "mode": "consistent" if s.consistent else "per-step",
                 "max_configs": 1 if s.consistent else s.max_configs, "population": s.population, "select": s.select,
                 "mutations": s.mutations, "crossovers": s.crossovers, "m_prob": s.m_prob, "generations": result.generations,

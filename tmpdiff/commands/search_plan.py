@@ -159,6 +159,9 @@ def print_outcome(outcome: TmpqOutcome, console: Console) -> None:
                   f"{dict(sorted(counts.items()))}; predicted {plan.predicted['speedup']:.2f}x over fp32 at "
                   f"{plan.reference['steps']} steps; {outcome.result.evaluations} evaluations, "
                   f"{outcome.result.rejected} over budget, {outcome.result.seconds:.0f} s")
+    weights = plan.predicted["engine_weight_bytes"]
+    console.print(f"engine weights in memory: {sum(weights.values()) / 2**20:.2f} MiB for {len(weights)} configuration(s) "
+                  f"(fp32 engine: {plan.predicted['fp32_weight_bytes'] / 2**20:.2f} MiB)")
     view = Table(title=f"held-out seeds {plan.measured['holdout']['seeds']}")
     for column in ("plan", "accuracy", "confidence", "SSIM vs ref", "PSNR", "pred. speedup", "BitOPs vs ref"):
         view.add_column(column, justify="left" if column == "plan" else "right")
