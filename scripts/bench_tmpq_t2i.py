@@ -10,9 +10,13 @@ Phases (each writes into --work, the report is rewritten after each):
             prompts x seed 100, fitness --metric, budget --speedup (predicted from the table); judged by the command on
             the 30 held-out prompts x seeds 1000-1004
   deploy    `tmpdiff deploy-plan` (mixed layer configurations as ORT graphs)
+  combo     the combination: `tmpdiff profile` (whole engine calls at batch 60 = 30 prompts with guidance, one thread)
+            and `tmpdiff calibrate --pipeline --timesteps-from plan.json` on the search prompts x seed 100, at the
+            speedup over fp32 at the plan's timesteps that the joint plan measured in the previous quality run
+            (--combo-speedup; TMPDiff's per-step precision over TMPQ-DM's timesteps, same cost)
   quality   the 30 held-out prompts x --seeds pipeline calls (seed i draws call i's noise), every row through the
             engines in the stock pipeline (`attach_engines`, one thread): fp32 and int8 at 20 steps, fp32 and int8 at
-            the plan's step count with the scheduler's spacing, fp32 and int8 at the plan's timesteps, the joint plan.
+            the plan's step count with the scheduler's spacing, fp32 and int8 at the plan's timesteps, the joint plan, the combination.
             Prompt adherence, confidence, FD to rendered ground truth and SSIM to the fp32 20-step images, paired
             intervals against fp32 at 20 steps and against the joint plan; end-to-end wall time of the whole set
             (median of --sample-repeats after a warm-up; text encoder and VAE included), speedup over fp32 at 20
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -37,13 +42,13 @@ from tmpdiff.formats.atomic import write_json
 from tmpdiff.formats.schedule import Schedule, save_schedule
 from tmpdiff.formats.tmpq_plan import load_tmpq_plan
 from tmpdiff.models.colored_digits import held_in_combos, held_out_combos
+from tmpdiff.models.tiny_t2i import t2i_dir
 
 BASELINE_STEPS = 20
 
 
 def tmpdiff_cli(*args) -> None:
     """One tmpdiff command as a user runs it (its own process, one thread); a failure stops the bench."""
-    import os
     import subprocess
 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -101,6 +106,8 @@ def quality(build_dir: Path, plan_path: Path, work: Path, args) -> list[dict]:
             (f"fp32 at the plan's {steps} timesteps", schedule("fp32-at-plan", ["fp32"] * steps, timesteps), steps),
             (f"int8 at the plan's {steps} timesteps", schedule("int8-at-plan", ["int8"] * steps, timesteps), steps),
             ("joint plan (timesteps + per-layer precision)", plan_path, steps)]
+    if args.combo is not None:
+        runs.append(("TMPDiff per-step precision at the plan's timesteps", args.combo, steps))
     combos = [c for _ in range(args.seeds) for c in held_out_combos()]
     judge, per, rows, base_seconds = None, {}, [], None
     for name, path, n in runs:
@@ -114,10 +121,22 @@ def quality(build_dir: Path, plan_path: Path, work: Path, args) -> list[dict]:
         rows.append(row)
         print(f"{name:<46} {seconds:7.2f} s  {row['speedup_vs_fp32_x20']:5.2f}x  adherence {row['adherence']:.3f} "
               f"FD {row['fd']:.0f}  SSIM {row['ssim']:.3f}", flush=True)
-    joint = rows[-1]["run"]
+    joint = "joint plan (timesteps + per-layer precision)"
     for row in rows:
         row["vs_joint_plan"] = judge.versus(per[row["run"]], per[joint])
     return rows
+
+
+def combo(build_dir: Path, plan_path: Path, work: Path, args) -> Path:
+    """TMPDiff calibrated in the pipeline over the plan's timesteps with this machine's measured step costs."""
+    out = work / "combo_schedule.json"
+    if out.exists():
+        return out
+    tmpdiff_cli("profile", build_dir, "--out", work / "costs_measured.json", "--batch", 60, "--threads", 1, "--force")
+    tmpdiff_cli("calibrate", build_dir, "--costs", work / "costs_measured.json", "--pipeline", t2i_dir(),
+                "--prompts", work / "search_prompts.txt", "--calib-seeds", 100, "--timesteps-from", plan_path,
+                "--speedup", args.combo_speedup, "--threads", 1, "--out", out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,19 +150,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-prompts", type=int, default=20, help="held-in prompts the search evaluates on")
     parser.add_argument("--seeds", type=int, default=10, help="quality: pipeline calls over the 30 held-out prompts")
     parser.add_argument("--sample-repeats", type=int, default=3)
+    parser.add_argument("--combo-speedup", type=float, default=None,
+                        help="also calibrate and judge the combination at this speedup over fp32 at the plan's "
+                             "timesteps (the joint plan's measured ratio)")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--real-per-combo", type=int, default=20)
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the bootstrap draws and rendered ground truth")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    report = {"format": "tmpdiff.bench_tmpq_t2i/1", "machine": cpu_name(), "threads": 1, "settings": vars(args) | {
-        "out": str(args.out), "work": str(args.work)}}
+    report = {"format": "tmpdiff.bench_tmpq_t2i/1", "machine": cpu_name(), "threads": 1,
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "load_average": list(os.getloadavg())}
     build_dir = build(args.work, args)
     report["layer_costs"] = json.loads((args.work / "layer_costs.json").read_text())
     plan_path = search(build_dir, args.work, args)
     report["plan"] = json.loads(plan_path.read_text())
     write_json(args.out, report)
     tmpdiff_cli("deploy-plan", build_dir, plan_path, "--model", "bundled-t2i")
+    args.combo = None if args.combo_speedup is None else combo(build_dir, plan_path, args.work, args)
+    if args.combo is not None:
+        report["combo_schedule"] = json.loads(args.combo.read_text())
     report["quality"] = quality(build_dir, plan_path, args.work, args)
     write_json(args.out, report)
     print(f"wrote {args.out}")

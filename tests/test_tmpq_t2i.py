@@ -157,3 +157,31 @@ def test_run_pipeline_executes_the_mixed_plan(mixed_deployment, tmp_path):
         assert code == 2 and name in err and "made from an older export of int8" in err
     finally:
         manifest_path.write_bytes(saved)
+
+
+def test_calibrate_inside_the_pipeline_at_the_plans_timesteps(mixed_deployment, t2i_int8_build, tmp_path):
+    """The combination on the t2i model: TMPDiff's per-step precision searched in the pipeline over a TMPQ-DM plan's
+    timesteps; the schedule names them and runs through `run --pipeline` at exactly those."""
+    from tmpdiff.formats.schedule import load_schedule
+
+    build, plan_path, _, _, _ = mixed_deployment
+    root, _, prompts = t2i_int8_build
+    out = tmp_path / "combo.json"
+    code, _, err = cli("calibrate", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                       "--calib-seeds", 0, "--timesteps-from", plan_path, "--speedup", 1.3, "--out", out)
+    assert code == 0, err
+    schedule = load_schedule(out)
+    assert schedule.timesteps == TIMESTEPS and schedule.steps == 4 and "int8" in schedule.precisions
+    assert schedule.scheduler.class_name == "DPMSolverMultistepScheduler"
+    code, text, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPT, "--schedule", out,
+                          "--out", tmp_path / "image.png")
+    assert code == 0, err
+    assert all(f" {t} " in text for t in TIMESTEPS)
+    # timesteps chosen for another solver are refused before anything runs
+    other = tmp_path / "other-plan.json"
+    data = json.loads(plan_path.read_text())
+    data["scheduler"]["class_name"] = "EulerDiscreteScheduler"
+    other.write_text(json.dumps(data))
+    code, _, err = cli("calibrate", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                       "--timesteps-from", other, "--speedup", 1.3, "--out", tmp_path / "never.json")
+    assert code == 2 and "chosen for EulerDiscreteScheduler" in err and not (tmp_path / "never.json").exists()

@@ -582,20 +582,19 @@ def calibrate(
     target = Target(speedup, max_error, min_ssim)
     check_threads(threads)
     targets = [Output.file("--out", out, ".json")] + ([Output.folder("--report", report)] if report else [])
-    paths = check_outputs(targets, force=force, inputs=[costs], build_dirs=[build_dir])
+    inputs = [costs, *(p for p in (prompts, timesteps_from) if p is not None)]
+    paths = check_outputs(targets, force=force, inputs=inputs, build_dirs=[build_dir])
     out, report = paths["--out"], paths.get("--report")
     if pipeline is not None:
         if calib_classes is not None:
             raise TmpdiffError("--calib-classes is for class-conditional builds; a pipeline calibrates on --prompts")
-        if timesteps_from is not None:
-            raise TmpdiffError("--timesteps-from is for class-conditional builds (a pipeline calibrates at its "
-                               "scheduler's spacing)")
         from tmpdiff.commands.calibrate_pipeline import calibrate_pipeline, print_result
 
         result, session, judged = calibrate_pipeline(
             build_dir, costs, pipeline, prompts, _int_list(calib_seeds, "--calib-seeds"), target, steps=steps,
             metric=metric, method=method, tolerance=tolerance, reference=reference, guidance=guidance, backend=backend,
-            device=device, threads=threads, report=report, on_progress=lambda m: console.print(m))
+            device=device, threads=threads, report=report, on_progress=lambda m: console.print(m),
+            timesteps_from=timesteps_from)
         save_schedule(result.file, out)
         print_result(result, session, judged, metric)
         typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.json'}" if report else ""))

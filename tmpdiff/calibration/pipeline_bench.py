@@ -42,7 +42,7 @@ class PipelineJudge:
     def __init__(self, session: PipelineSession, prompts: Sequence[str], seeds: Sequence[int]) -> None:
         ev: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
         self.evaluator = PipelineEvaluator(ev.pipe, ev.denoiser, list(prompts), list(seeds), ev.steps,
-                                           ev.guidance_scale, ev.reference)
+                                           ev.guidance_scale, ev.reference, timesteps=ev.timesteps)
         self.attributes = attribute_judge(session.pipeline_dir, self.evaluator.labels)
         self.reference_features = None
         if self.attributes is not None:

@@ -24,7 +24,8 @@ from tmpdiff.eval.rgb import mean_rgb_metrics
 from tmpdiff.formats.costs import load_costs
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
-from tmpdiff.formats.schedule import SchedulerRef
+from tmpdiff.formats.schedule import Schedule, SchedulerRef
+from tmpdiff.models.schedulers import set_custom_timesteps
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, decode_latents, load_pipeline
 from tmpdiff.runtime.plan import resolve_plan
@@ -43,7 +44,7 @@ class PipelineEvaluator:
     reference: str
     cache: dict[tuple[str, ...], Evaluation] = field(default_factory=dict)
     runs: int = 0  # schedules actually run (cache misses), reference excluded
-    timesteps: tuple[int, ...] | None = None  # always None: a pipeline samples at its scheduler's own spacing
+    timesteps: tuple[int, ...] | None = None  # the training timesteps every schedule samples at (None: the spacing)
 
     def __post_init__(self) -> None:
         if not self.prompts or not self.seeds:
@@ -57,12 +58,15 @@ class PipelineEvaluator:
 
     def _run(self, schedule: Sequence[str]) -> tuple[torch.Tensor, float]:
         """Final latents (samples in seed-major order) and the seconds spent in denoiser calls."""
-        self.denoiser.plan = resolve_plan(list(schedule))
+        at = None if self.timesteps is None else list(self.timesteps)
+        self.denoiser.plan = resolve_plan(Schedule(steps=len(schedule), precisions=list(schedule), timesteps=at))
         latents, seconds = [], 0.0
         for seed in self.seeds:
             kwargs = call_kwargs(self.pipe, steps=self.steps, seed=seed, guidance_scale=self.guidance_scale,
                                  text_len=getattr(self.denoiser.adapter, "text_len", None),
                                  sample_size=self.denoiser.config.get("sample_size"))
+            if at is not None:
+                kwargs["timesteps"] = at  # the drop-in checks the pipeline runs exactly these
             latents.append(self.pipe(list(self.prompts), output_type="latent", **kwargs).images.float().cpu())
             seconds += sum(event.seconds for event in self.denoiser.trace.steps)
         return torch.cat(latents), seconds
@@ -121,9 +125,10 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
                           threads: int | None = None, levels: Sequence[str] | None = None,
                           on_evaluation: Callable[[Evaluation], None] = lambda _: None,
                           check: Callable[[Problem], object] = lambda _: None,
-                          default_steps: int = 20) -> PipelineSession:
+                          default_steps: int = 20, timesteps: Sequence[int] | None = None) -> PipelineSession:
     """Check every input first (pipeline vs build, costs vs built engines, metric), then attach the engines to the
-    pipeline and run the reference schedule."""
+    pipeline and run the reference schedule. With `timesteps` (one per step, e.g. a TMPQ-DM plan's) every schedule,
+    the all-reference one included, samples at exactly those; the pipeline's scheduler must take them."""
     if metric not in METRICS:
         raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     steps = steps or default_steps
@@ -139,13 +144,18 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
     pipe = load_pipeline(pipeline_dir)
+    if timesteps is not None:
+        timesteps = tuple(int(t) for t in timesteps)
+        if len(timesteps) != steps:
+            raise TmpdiffError(f"{len(timesteps)} timesteps for a {steps}-step calibration")
+        set_custom_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), timesteps)  # refused here
     denoiser = attach_engines(pipe, build_dir, precision=reference, backend=backend, device=device, threads=threads)
     missing = [p for p in probe.all_levels if p not in denoiser.engines]
     if missing:
         raise TmpdiffError(f"no {backend} engine loaded for {', '.join(missing)}", build_dir)
     if device != "cpu":
         pipe.to("cuda")
-    evaluator = PipelineEvaluator(pipe, denoiser, prompts, seeds, steps, guidance_scale, reference)
+    evaluator = PipelineEvaluator(pipe, denoiser, prompts, seeds, steps, guidance_scale, reference, timesteps=timesteps)
 
     problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, reporting(evaluator, on_evaluation))
     scheduler = SchedulerRef(class_name=type(pipe.scheduler).__name__, config=dict(pipe.scheduler.config))

@@ -19,14 +19,22 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
                        tolerance: float = 0.05, reference: str = "fp32", guidance: float | None = None,
                        backend: str = "ort", device: str = "cpu", threads: int | None = None,
                        report: Path | None = None, on_evaluation: Callable = lambda _: None,
-                       on_progress: Callable[[str], None] = lambda _: None,
-                       timing_repeats: int = 3) -> tuple[CalibrationResult, PipelineSession, dict | None]:
-    """Search the schedule; then judge the reference, the all-cheapest and the chosen schedule (prompt adherence and
-    FD, when the pipeline ships an attribute classifier) and record that in the schedule's measured figures."""
+                       on_progress: Callable[[str], None] = lambda _: None, timing_repeats: int = 3,
+                       timesteps_from: Path | None = None) -> tuple[CalibrationResult, PipelineSession, dict | None]:
+    """Search the schedule (at the timesteps `timesteps_from` names, when given: a TMPQ-DM plan or a v2+ schedule);
+    then judge the reference, the all-cheapest and the chosen schedule (prompt adherence and FD, when the pipeline
+    ships an attribute classifier) and record that in the schedule's measured figures."""
     prompts = read_prompts(prompts_file)
+    timesteps = None
+    if timesteps_from is not None:
+        from tmpdiff.commands.timesteps_source import timesteps_from as chosen_timesteps
+        from tmpdiff.formats.manifest import load_manifest
+
+        timesteps = chosen_timesteps(timesteps_from, load_manifest(build_dir), steps, _scheduler_class(pipeline_dir))
+        steps = len(timesteps)
     session = open_pipeline_session(build_dir, costs, pipeline_dir, prompts, seeds, steps, metric, reference, guidance,
                                     backend, device, threads, on_evaluation=on_evaluation,
-                                    check=lambda problem: check_target(problem, target))
+                                    check=lambda problem: check_target(problem, target), timesteps=timesteps)
     try:
         result = run_calibration(session, target, method, tolerance, timing_repeats=timing_repeats)
         problem = session.problem
@@ -47,6 +55,16 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
     finally:
         session.evaluator.close()
     return result, session, judged
+
+
+def _scheduler_class(pipeline_dir: Path) -> str | None:
+    """The pipeline's scheduler class, from its scheduler config (None when it has none to read)."""
+    import json
+
+    try:
+        return json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # loading the pipeline names the problem
 
 
 def _write_report(directory: Path, session: PipelineSession, result: CalibrationResult, compared: dict,

@@ -16,9 +16,10 @@ from tmpdiff.formats.tmpq_plan import load_tmpq_plan
 from tmpdiff.runtime.plan import is_tmpq_plan
 
 
-def timesteps_from(path: Path, manifest: Manifest, steps: int | None) -> list[int]:
+def timesteps_from(path: Path, manifest: Manifest, steps: int | None, sampler: str | None = None) -> list[int]:
     """The training timesteps a TMPQ-DM plan or a v2+ schedule names, checked against this build: same model,
-    same solver as the build samples with, and `steps` of them when a step count is given."""
+    same solver as the build samples with (`sampler`: a pipeline's scheduler class), and `steps` of them when a step
+    count is given."""
     scheduler: SchedulerRef | None
     if is_tmpq_plan(path):
         plan = load_tmpq_plan(path)
@@ -31,10 +32,10 @@ def timesteps_from(path: Path, manifest: Manifest, steps: int | None) -> list[in
             raise TmpdiffError("names no timesteps: give a TMPQ-DM plan or a schedule with `timesteps` "
                                "(tmpdiff.schedule/2 or later)", path)
         timesteps, scheduler = list(schedule.timesteps), schedule.scheduler
-    sampling = manifest.sampling
-    if scheduler is not None and sampling is not None and scheduler.class_name != sampling.scheduler_class:
+    sampler = sampler or (manifest.sampling.scheduler_class if manifest.sampling is not None else None)
+    if scheduler is not None and sampler is not None and scheduler.class_name != sampler:
         raise TmpdiffError(f"its timesteps were chosen for {scheduler.class_name}, this build samples with "
-                           f"{sampling.scheduler_class}", path)
+                           f"{sampler}", path)
     if steps is not None and steps != len(timesteps):
         raise TmpdiffError(f"names {len(timesteps)} timesteps but --steps is {steps}", path)
     return timesteps
