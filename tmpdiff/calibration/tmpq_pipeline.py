@@ -99,7 +99,11 @@ def pipeline_sets(build_dir: Path, pipeline_dir: Path, prompts: Sequence[str], h
     manifest = load_manifest(build_dir)
     check_pipeline_denoiser(pipeline_dir, manifest.model_sha256, build_dir / MANIFEST_NAME)
     pipe = load_pipeline(pipeline_dir)
+    # candidates sample at custom timesteps: a scheduler that cannot is refused here, before any sampling
     set_custom_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), [999, 500], pipeline_dir)
+    if options.metric in ("confidence", "accuracy") and attribute_judge(pipeline_dir, list(prompts)) is None:
+        raise TmpdiffError(f"--metric {options.metric} needs the pipeline's attribute classifier and prompts it can "
+                           "read; use ssim or latent", pipeline_dir)
     judges = {}
 
     def evaluator(texts: Sequence[str], seeds: Sequence[int]):
