@@ -26,6 +26,7 @@ from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
+from tmpdiff.export.half_convolutions import fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
 from tmpdiff.export.memory_plan import choose_base
 from tmpdiff.export.onnx_export import load_weights, traced
@@ -287,7 +288,8 @@ def _export_locked(
 
     def reference() -> ParityOutputs:
         if "reference" not in state:  # the loaded model's outputs on the parity inputs: fp32 (or its 16-bit base)
-            state["reference"] = parity_outputs(adapter, adapter.export_module(model(), _dtype_of(model())))
+            with fp32_convolutions():  # a 16-bit model's CPU convolutions (`half_convolutions`)
+                state["reference"] = parity_outputs(adapter, adapter.export_module(model(), _dtype_of(model())))
         return state["reference"]
 
     def calib() -> CalibrationSet:
@@ -347,13 +349,15 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
     # the fp16 graph traces a half copy, unless the model itself was loaded in 16 bits (fp32 would not fit)
     module = adapter.export_module(copy.deepcopy(model) if dtype != _dtype_of(model) else model, dtype)
     rel = f"{spec.name}/model.onnx"
-    with traced(module, adapter, spec.ort_opset) as (proto, data_dir):
+    # fp16 convolutions compute in fp32 on CPU while tracing and checking; the graph keeps fp16 Convs
+    with fp32_convolutions(), traced(module, adapter, spec.ort_opset) as (proto, data_dir):
         remove_dead_nodes(proto)
         written = save_onnx(proto, build_dir / rel, data_dir=data_dir)  # a large model's weights stream, never loaded
     del proto
     release_freed_memory()
     # traced at the loaded model's own dtype, the module computes exactly what the reference outputs are
-    expected = reference if dtype == _dtype_of(model) else parity_outputs(adapter, module, reference)
+    with fp32_convolutions():
+        expected = reference if dtype == _dtype_of(model) else parity_outputs(adapter, module, reference)
     return _checked_entry(spec, build_dir, rel, rel, key, adapter, expected, reference, extra_files=written), []
 
 
