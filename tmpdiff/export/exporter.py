@@ -167,12 +167,18 @@ def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, expected
     if trt_dtype != "float16" or any(n.domain == "trt" for n in trt_proto.graph.node):
         return None
     error, vs_fp32, quantization_error = _parity(path, precision, expected, reference)
+    check_half_parity(error, vs_fp32, quantization_error, f"{precision}: the TensorRT graph", "the fake-quant model", path)
+    return error
+
+
+def check_half_parity(error: float, vs_fp32: float, quantization_error: float, graph: str, model: str,
+                      path: Path) -> None:
+    """The 16-bit TensorRT graph's acceptance rule (on ONNX Runtime): within the fp16 tolerance of the fake-quant
+    `model`, or at most 1.5x as far from fp32 as that model is; else a TmpdiffError naming `graph` and `path`."""
     tolerance = get_precision("fp16").parity_tolerance
     if not (error <= tolerance or vs_fp32 <= 1.5 * quantization_error):
-        raise TmpdiffError(f"{precision}: the TensorRT graph differs from the torch model by {error:.2e} on ONNX Runtime "
-                           f"(fp16 tolerance {tolerance:.0e}); it is {vs_fp32:.2e} from fp32, the fake-quant model "
-                           f"{quantization_error:.2e}", path)
-    return error
+        raise TmpdiffError(f"{graph} differs from {model} by {error:.2e} on ONNX Runtime (fp16 tolerance "
+                           f"{tolerance:.0e}); it is {vs_fp32:.2e} from fp32, {model} {quantization_error:.2e}", path)
 
 
 def _record_check_io(path: Path, precision: str, adapter: DenoiserAdapter, out: Path) -> None:

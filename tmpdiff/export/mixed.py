@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from tmpdiff.export import census as graph_census
+from tmpdiff.export.exporter import check_half_parity
 from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
 from tmpdiff.export.half import to_half
 from tmpdiff.export.onnx_export import load_weights, traced
@@ -148,16 +149,11 @@ def _expected_quantized(supernet: SuperNet, config: Sequence[str]) -> tuple[set[
 
 
 def _trt_parity(path: Path, feeds: list[dict], want: list[np.ndarray], fp32: list[np.ndarray]) -> float:
-    """The fp16 TensorRT graph on ONNX Runtime vs the super-network: within the fp16 tolerance, or (where fp16
-    rounding flips quantized activations) at most 1.5x as far from fp32 as the super-network itself is."""
+    """The fp16 TensorRT graph on ONNX Runtime vs the super-network, by the uniform exports' rule."""
     session = _session(path, "basic")
     got = [session.run(None, f)[0].astype(np.float32) for f in feeds]
     error = float(np.median([_relative(g, w) for g, w in zip(got, want, strict=True)]))
     vs_fp32 = float(np.median([_relative(g, f) for g, f in zip(got, fp32, strict=True)]))
     quantization = float(np.median([_relative(w, f) for w, f in zip(want, fp32, strict=True)]))
-    tolerance = get_precision("fp16").parity_tolerance
-    if not (error <= tolerance or vs_fp32 <= 1.5 * quantization):
-        raise TmpdiffError(f"the mixed TensorRT graph differs from the super-network by {error:.2e} on ONNX Runtime "
-                           f"(fp16 tolerance {tolerance:.0e}); it is {vs_fp32:.2e} from fp32, the super-network "
-                           f"{quantization:.2e}", path)
+    check_half_parity(error, vs_fp32, quantization, "the mixed TensorRT graph", "the super-network", path)
     return error
