@@ -125,6 +125,39 @@ def test_nodes_map_to_the_longest_layer_scope():
     assert layer_of("/model/transformer_blocks.1/attn1/Softmax", layers) is None
 
 
+def test_fused_tensorrt_layers_are_split_between_their_modules_by_macs():
+    from tmpdiff.engines.layer_costs import attribute
+    from tmpdiff.engines.trt_layer_costs import engine_layer_owners
+
+    layers = ["blocks.0.attn1.to_q", "blocks.0.attn1.to_k", "blocks.0.ff.net.2"]
+    info = [{"Name": "/model/blocks.0/attn1/to_q/MatMul + /model/blocks.0/attn1/to_q/Add"},
+            {"Name": "{ForeignNode[/model/blocks.0/attn1/to_k/MatMul.../model/blocks.0/attn1/Softmax]}",
+             "Metadata": "[ONNX Layer: /model/blocks.0/attn1/to_k/MatMul]\x1f[ONNX Layer: /model/blocks.0/attn1/to_q/Mul]"},
+            {"Name": "/model/blocks.0/norm1/LayerNormalization"},
+            {"Name": "/model/blocks.0/ff/net.2/MatMul", "Metadata": "[ONNX Layer: /model/blocks.0/ff/net.2/MatMul]"}]
+    owners = engine_layer_owners(info, layers)
+    assert owners[info[0]["Name"]] == ["blocks.0.attn1.to_q"]
+    assert owners[info[1]["Name"]] == ["blocks.0.attn1.to_k", "blocks.0.attn1.to_q"]
+    assert owners[info[2]["Name"]] == [] and owners[info[3]["Name"]] == ["blocks.0.ff.net.2"]
+    times = {info[0]["Name"]: 1.0, info[1]["Name"]: 4.0, info[2]["Name"]: 0.5, info[3]["Name"]: 2.0}
+    macs = {"blocks.0.attn1.to_q": 100, "blocks.0.attn1.to_k": 300, "blocks.0.ff.net.2": 400}
+    per_layer, counts, rest = attribute(times, lambda name: owners[name], layers, macs)
+    # the fused region's 4 ms: 3 to to_k, 1 to to_q (by MACs)
+    assert per_layer == {"blocks.0.attn1.to_q": 2.0, "blocks.0.attn1.to_k": 3.0, "blocks.0.ff.net.2": 2.0}
+    assert counts == {"blocks.0.attn1.to_q": 2, "blocks.0.attn1.to_k": 1, "blocks.0.ff.net.2": 1} and rest == 0.5
+
+
+def test_tensorrt_layer_costs_need_tensorrt(quant_build, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed: the GPU check profiles it")
+    from tests.cli_helpers import cli
+
+    code, _, err = cli("layer-costs", quant_build[1], "--backend", "trt", "--out", tmp_path / "costs.json")
+    assert code == 2 and "TensorRT" in err and not (tmp_path / "costs.json").exists()
+
+
 def test_profile_events_are_split_into_warmup_and_timed_runs():
     events = [{"cat": "Session", "name": "model_run", "dur": 1000 * (i + 1)} for i in range(3)]
     events += [{"cat": "Node", "name": "a_kernel_time", "dur": d} for d in (900, 100, 300)]
@@ -252,9 +285,14 @@ def test_a_mixed_configuration_exports_as_a_parity_checked_ort_graph(int8_supern
 
     supernet, _, adapter = int8_supernet
     config = ["int8" if i % 3 == 0 else "fp32" for i in range(len(supernet.layers))]
-    parity = export_mixed(supernet, config, adapter, tmp_path / "mixed.onnx")
-    graph = onnx.load(str(tmp_path / "mixed.onnx")).graph
+    graphs = export_mixed(supernet, config, adapter, tmp_path / "mixed")
+    graph = onnx.load(str(tmp_path / "mixed" / "model.onnx")).graph
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
-    assert parity < 2e-2
+    assert graphs.parity_error < 2e-2
     assert len(int8_weights) == config.count("int8")  # only the layers chosen int8 carry int8 weights
+    # its TensorRT graph (fp16 base, int8 + fp32 only): ONNX Runtime runs it, checked like a uniform precision's
+    assert graphs.trt_parity_error is not None and graphs.trt_parity_error < 5e-2
+    assert graphs.census["weight_quantized"] == graphs.census["input_quantized"] == config.count("int8")
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["model.onnx", "model.trt.onnx"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staging directory is gone
     assert supernet.config == supernet.uniform("fp32")  # the export leaves the super-network as it found it

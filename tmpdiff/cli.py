@@ -866,13 +866,17 @@ def layer_costs(
     warmup: Annotated[int, typer.Option(min=0)] = 3,
     repeats: Annotated[int, typer.Option(min=1)] = 30,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
+    backend: Annotated[BackendName, typer.Option(help="ort: the ORT-CPU engines under ONNX Runtime's profiler; trt: "
+                                                      "the TensorRT plans under TensorRT's per-layer profiler (GPU)")] = BackendName.ort,
     force: Force = False,
 ) -> None:
-    """Per-layer costs of every precision's engine (ONNX Runtime's profiler), with BitOPs, for TMPQ-DM's search."""
+    """Per-layer costs of every precision's engine (ONNX Runtime's or TensorRT's profiler), with BitOPs, for TMPQ-DM's
+    search."""
     from tmpdiff.commands.search_plan import layer_costs_command, print_layer_costs
 
     names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
-    table = layer_costs_command(build_dir, out, model, names, batch, warmup, repeats, threads, force, console)
+    table = layer_costs_command(build_dir, out, model, names, batch, warmup, repeats, threads, force, console,
+                                backend.value)
     print_layer_costs(table, Console())
     typer.echo(f"wrote {out}")
 

@@ -27,14 +27,19 @@ from tmpdiff.models.schedulers import sampling_scheduler, train_timesteps
 
 
 def measure_layer_costs(build_dir: Path, model_dir: Path, precisions: Sequence[str] | None = None, batch: int = 20,
-                        warmup: int = 3, repeats: int = 20, threads: int | None = None,
+                        warmup: int = 3, repeats: int = 20, threads: int | None = None, backend: str = "ort",
                         on_start: Callable[[list[str]], None] = lambda _: None) -> LayerCostsTable:
-    """The per-layer costs table of a build: the super-network names the layers and counts their MACs."""
+    """The per-layer costs table of a build on `backend` (ort: ORT-CPU engines; trt: TensorRT plans on the GPU): the
+    super-network names the layers and counts their MACs."""
     supernet = supernet_from_build(build_dir, model_dir, precisions)
     manifest = load_manifest(build_dir)
     adapter = adapter_for_config(manifest.denoiser_config)
     inputs = adapter.sample_inputs(adapter.default_dims(1), seed=0)
     macs = layer_macs(supernet, adapter.export_module(supernet.model), list(inputs.values()))
+    if backend == "trt":
+        from tmpdiff.engines.trt_layer_costs import profile_trt_layers
+
+        return profile_trt_layers(build_dir, supernet.layers, macs, supernet.precisions, batch, warmup, repeats, on_start)
     return profile_layers(build_dir, supernet.layers, macs, supernet.precisions, batch, warmup, repeats, threads, on_start)
 
 

@@ -19,11 +19,12 @@ from tmpdiff.models.bundled import load_model_info
 
 
 def layer_costs_command(build_dir: Path, out: Path, model: str, precisions: list[str] | None, batch: int, warmup: int,
-                        repeats: int, threads: int | None, force: bool, console: Console) -> LayerCostsTable:
+                        repeats: int, threads: int | None, force: bool, console: Console,
+                        backend: str = "ort") -> LayerCostsTable:
     """Measure and write the per-layer costs table; returns it."""
     out = check_outputs([Output.file("--out", out, ".json")], force=force, build_dirs=[build_dir])["--out"]
     with console.status("building the super-network and profiling the engines"):
-        table = measure_layer_costs(build_dir, denoiser_dir(model), precisions, batch, warmup, repeats, threads,
+        table = measure_layer_costs(build_dir, denoiser_dir(model), precisions, batch, warmup, repeats, threads, backend,
                                     on_start=lambda names: console.print(f"profiling {', '.join(names)} interleaved, "
                                                                          f"{repeats} calls each"))
     save_layer_costs(table, out)

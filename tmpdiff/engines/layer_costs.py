@@ -38,6 +38,49 @@ def layer_of(node: str, layers: Sequence[str]) -> str | None:
     return best
 
 
+def scope_owners(layers: Sequence[str]) -> Callable[[str], list[str]]:
+    """An ORT node's owner: the one layer whose scope its name carries (none for shared nodes)."""
+    def owners(node: str) -> list[str]:
+        layer = layer_of(node, layers)
+        return [] if layer is None else [layer]
+    return owners
+
+
+def attribute(times: Mapping[str, float], owners_of: Callable[[str], Sequence[str]], layers: Sequence[str],
+              macs: Mapping[str, int]) -> tuple[dict[str, float], dict[str, int], float]:
+    """Per layer the time of the profiled nodes it owns (ms) and how many it owns; the rest (ms). A node owned by
+    several layers (a TensorRT layer fused from several modules) is split between them by their MACs."""
+    per_layer, counts, rest = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0), 0.0
+    for node, ms in times.items():
+        owners = list(dict.fromkeys(owners_of(node)))
+        if not owners:
+            rest += ms
+            continue
+        weights = [max(int(macs.get(owner, 0)), 0) for owner in owners]
+        total = sum(weights)
+        for owner, weight in zip(owners, weights, strict=True):
+            per_layer[owner] += ms * (weight / total if total else 1 / len(owners))
+            counts[owner] += 1
+    return per_layer, counts, rest
+
+
+def costs_table(build_dir: Path, manifest, layers: Sequence[str], macs: Mapping[str, int], names: Sequence[str],
+                measured: Mapping[str, tuple[dict[str, float], dict[str, int], float, float]], *, backend: str,
+                backend_version: str, device: str, batch: int, repeats: int, load: list[float]) -> LayerCostsTable:
+    """The table from per precision (per-layer ms, node counts, rest ms, whole-call ms); every layer must own some
+    profiled node at some precision (else the node names carry no module scopes)."""
+    empty = [layer for layer in layers if not any(measured[p][1][layer] for p in names)]
+    if empty:
+        raise TmpdiffError(f"no profiled node belongs to layer {empty[0]} (node names do not carry module scopes)",
+                           build_dir / "manifest.json")
+    return LayerCostsTable(
+        model_id=manifest.model_id, backend=backend, backend_version=backend_version, device=device, batch=batch,
+        repeats=repeats, precisions=list(names), base=names[0] if "fp32" not in names else "fp32",
+        layers=[LayerCost(name=layer, macs=int(macs.get(layer, 0)), ms={p: measured[p][0][layer] for p in names},
+                          nodes={p: measured[p][1][layer] for p in names}) for layer in layers],
+        rest_ms={p: measured[p][2] for p in names}, step_ms={p: measured[p][3] for p in names}, load_average=load)
+
+
 def node_times(profile: list[dict], warmup: int) -> tuple[dict[str, list[float]], list[float]]:
     """Per node, its kernel times (ms) in the timed runs; and each timed run's whole duration (ms)."""
     runs = [e for e in profile if e.get("cat") == "Session" and e.get("name") == "model_run"]
@@ -86,9 +129,6 @@ def profile_layers(build_dir: Path, layers: Sequence[str], macs: Mapping[str, in
     names = list(precisions or manifest.built_precisions("ort", "cpu"))
     inputs, _ = make_buffers(manifest, batch, "cpu", build_dir)
     feeds = {k: v.numpy() for k, v in inputs.items()}
-    per_layer: dict[str, dict[str, float]] = {layer: {} for layer in layers}
-    counts: dict[str, dict[str, int]] = {layer: {} for layer in layers}
-    rest, step = {}, {}
     paths = {}
     for precision in names:
         entry = manifest.engines.get(engine_key("ort", "cpu", precision))
@@ -101,24 +141,8 @@ def profile_layers(build_dir: Path, layers: Sequence[str], macs: Mapping[str, in
         paths[precision] = build_dir / entry.path
     on_start(names)
     load = [os.getloadavg()[0]]
-    for precision, (medians, step[precision]) in profile_engines(paths, feeds, warmup, repeats, threads).items():
-        for layer in layers:
-            per_layer[layer][precision], counts[layer][precision] = 0.0, 0
-        rest[precision] = 0.0
-        for node, ms in medians.items():
-            owner = layer_of(node, layers)
-            if owner is None:
-                rest[precision] += ms
-            else:
-                per_layer[owner][precision] += ms
-                counts[owner][precision] += 1
-    empty = [layer for layer in layers if not any(counts[layer].values())]
-    if empty:
-        raise TmpdiffError(f"no profiled node belongs to layer {empty[0]} (node names do not carry module scopes)",
-                           build_dir / "manifest.json")
-    return LayerCostsTable(
-        model_id=manifest.model_id, backend="ort", backend_version=ort_version(), device=device_label("cpu"),
-        batch=batch, repeats=repeats, precisions=names, base=names[0] if "fp32" not in names else "fp32",
-        layers=[LayerCost(name=layer, macs=int(macs.get(layer, 0)), ms=per_layer[layer], nodes=counts[layer])
-                for layer in layers],
-        rest_ms=rest, step_ms=step, load_average=[*load, os.getloadavg()[0]])
+    measured = {}
+    for precision, (medians, step) in profile_engines(paths, feeds, warmup, repeats, threads).items():
+        measured[precision] = (*attribute(medians, scope_owners(layers), layers, macs), step)
+    return costs_table(build_dir, manifest, layers, macs, names, measured, backend="ort", backend_version=ort_version(),
+                       device=device_label("cpu"), batch=batch, repeats=repeats, load=[*load, os.getloadavg()[0]])

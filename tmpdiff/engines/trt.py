@@ -181,8 +181,6 @@ def default_device_memory(device: int | str | None = None) -> SharedDeviceMemory
 def inspect_layers(build_dir: str | Path, precision: str) -> list[dict]:
     """The engine inspector's JSON layer list of a built plan (layer names, types, precisions, tactics; plans are
     built with DETAILED profiling verbosity so these are present)."""
-    import json
-
     from tmpdiff.formats.manifest import engine_key, load_manifest
 
     manifest = load_manifest(build_dir)
@@ -191,12 +189,9 @@ def inspect_layers(build_dir: str | Path, precision: str) -> list[dict]:
         raise TmpdiffError(f"no TensorRT plan for {precision}", Path(build_dir) / "manifest.json")
     engine = load_trt_engine(build_dir, entry)
     try:
-        trt = engine._trt
-        info = engine._engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        return engine.layer_information()
     finally:
         engine.close()
-    layers = json.loads(info).get("Layers", [])
-    return [layer if isinstance(layer, dict) else {"Name": layer} for layer in layers]
 
 
 def load_trt_engine(build_dir: str | Path, entry: EngineEntry, *, memory: SharedDeviceMemory | None = None,
@@ -328,6 +323,23 @@ class TrtEngine:
             if not ctx.set_tensor_address(key, buf.data_ptr()):
                 raise TmpdiffError(f"{name}: TensorRT refused the address of {key}")
         self._bound = bound  # keeps the buffers alive while their addresses are bound
+
+    def layer_information(self) -> list[dict]:
+        """The engine inspector's layer list (JSON records: name, type, precisions, tactic and, from TensorRT's ONNX
+        parser, the ONNX nodes each layer was built from in its metadata)."""
+        import json
+
+        self._require_open()
+        info = self._engine.create_engine_inspector().get_engine_information(self._trt.LayerInformationFormat.JSON)
+        layers = json.loads(info).get("Layers", [])
+        return [layer if isinstance(layer, dict) else {"Name": layer} for layer in layers]
+
+    def set_profiler(self, profiler: Any) -> None:
+        """Attach a `tensorrt.IProfiler` (per-layer times of every later run); CUDA graphs are turned off, since a
+        replayed graph reports no layers."""
+        self._require_open()
+        self.cuda_graph, self._graph = False, None
+        self._context.profiler = profiler
 
     def run(self, stream: Stream) -> None:
         """Enqueue one inference on `stream` (no host synchronization). With `cuda_graph`, the first run

@@ -107,7 +107,9 @@ def supernet_from_build(build_dir: Path, model_dir: Path, precisions: Sequence[s
     manifest = load_manifest(build_dir)
     if manifest.model_sha256 != model_content_hash(model_dir):
         raise TmpdiffError(f"the build was exported from another model than {model_dir}", build_dir / "manifest.json")
-    names = [p for p in (precisions or manifest.precisions) if p != BASE]
+    # default: every quantized export (16-bit exports are whole-model precisions, not per-layer choices)
+    names = [p for p in (precisions or [p for p in manifest.precisions if get_precision(p).modelopt_cfg is not None])
+             if p != BASE]
     missing = [p for p in names if p not in manifest.precisions or get_precision(p).modelopt_cfg is None]
     if missing:
         raise TmpdiffError(f"no quantized export of {', '.join(missing)} in the build", build_dir / "manifest.json")
