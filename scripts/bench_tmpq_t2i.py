@@ -5,7 +5,7 @@ stock PixArt-Sigma pipeline, its plan deployed, and every row timed end to end t
 Phases (each writes into --work, the report is rewritten after each):
   build     the bundled transformer exported at fp32 + int8 (int8 calibrated on pipeline captures of 8 held-in prompts,
             seed 0, 20 steps: `tmpdiff export bundled-t2i --prompts`), ORT-CPU engines, and the per-layer costs table
-            (`tmpdiff layer-costs`, batch 20 = 10 prompts with guidance, one thread)
+            (`tmpdiff layer-costs`, batch --costs-batch: 20 = 10 prompts with guidance by default, one thread)
   search    `tmpdiff search-plan --model bundled-t2i`: candidates sampled in the pipeline on --search-prompts held-in
             prompts x seed 100, fitness --metric, budget --speedup (predicted from the table); judged by the command on
             the 30 held-out prompts x seeds 1000-1004
@@ -68,7 +68,8 @@ def build(work: Path, args) -> Path:
     prompts.write_text("\n".join(random.Random(1).sample([c.prompt for c in held_in_combos()], 8)) + "\n")
     tmpdiff_cli("export", "bundled-t2i", "--precisions", "fp32,int8", "--prompts", prompts, "--out", work)
     tmpdiff_cli("build", build_dir, "--threads", 1)
-    tmpdiff_cli("layer-costs", build_dir, "--model", "bundled-t2i", "--out", work / "layer_costs.json", "--batch", 20,
+    tmpdiff_cli("layer-costs", build_dir, "--model", "bundled-t2i", "--out", work / "layer_costs.json", "--batch",
+                args.costs_batch,
                 "--threads", 1, "--force")
     return build_dir
 
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tmpdiff-tmpq-t2i"))
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--costs-batch", type=int, default=20,
+                        help="rows per call of the per-layer costs table (the quality runs call with 60)")
     parser.add_argument("--speedup", type=float, default=2.9, help="search budget: predicted speedup over fp32 x20")
     parser.add_argument("--metric", default="ssim")
     parser.add_argument("--generations", type=int, default=8)
