@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
@@ -107,11 +108,50 @@ def test_a_16_bit_export_loads_the_model_in_16_bits_when_fp32_would_not_fit(bund
     between = int((fp32_plan + half_plan) / 2)
     assert memory_plan.choose_base(bundled.transformer_dir, fp16, available=int(fp32_plan) + 1) == "float32"
     assert memory_plan.choose_base(bundled.transformer_dir, fp16, available=between) == "float16"
-    with pytest.raises(TmpdiffError, match="fp16 alone fits from the 16-bit model"):
-        memory_plan.choose_base(bundled.transformer_dir, [*fp16, get_precision("int8")], available=between)
+    # quantized precisions are made from the 16-bit load too; fp32 cannot be, and the refusal says what would fit
+    int8 = get_precision("int8")
+    assert memory_plan.choose_base(bundled.transformer_dir, [*fp16, int8], available=between) == "float16"
+    with pytest.raises(TmpdiffError, match="--precisions fp16,int8 fits from the 16-bit model"):
+        memory_plan.choose_base(bundled.transformer_dir, [get_precision("fp32"), *fp16, int8], available=between)
+    with pytest.raises(TmpdiffError, match="fp32 cannot be exported from a model loaded in float16"):
+        memory_plan.choose_base(bundled.transformer_dir, [get_precision("fp32")], requested="float16")
     monkeypatch.setattr(memory_plan.engine_memory, "available_bytes", lambda: between)
     build_dir, outcomes = export_model(bundled.transformer_dir, tmp_path, ["fp16"], model_id="half")
     entry = load_manifest(build_dir).precisions["fp16"]
     # checked against the 16-bit torch model it was traced from: the same figure twice, and no fp32 torch error
     assert entry.parity_error == entry.error_vs_fp32 and entry.torch_error_vs_fp32 == 0.0
     assert entry.parity_error < get_precision("fp16").parity_tolerance
+
+
+def test_quantized_precisions_are_made_from_a_model_loaded_in_16_bits(bundled, tmp_path, quant_build):
+    """`--load-dtype float16` (what a model too large for fp32 gets): modelopt calibrates the 16-bit model, its
+    graphs keep its 16-bit weights, and the int8 engine is as close to the fp32 model as the one made from fp32."""
+    from safetensors.numpy import load_file
+
+    from tmpdiff.formats.manifest import CHECK_IO_NAME
+
+    code, out, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "fp16,int8",
+                         "--load-dtype", "float16", "--model-id", "half", "--calib-classes", "0,1,2,3,4,5,6,7,8,9",
+                         "--calib-seeds", "0")
+    assert code == 0, err
+    assert "vs float16" in out  # the export table names the reference
+    build_dir = tmp_path / "half"
+    manifest = load_manifest(build_dir)
+    assert {e.reference_dtype for e in manifest.precisions.values()} == {"float16"}
+    twin = onnx.load(build_dir / "int8" / "model.onnx")
+    types = {t.data_type for t in twin.graph.initializer}
+    assert {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16} <= types  # int8 GEMM weights, the rest kept in 16 bits
+    assert onnx.load(build_dir / "int8" / "model.trt.onnx").graph.node  # the TensorRT graph is written too
+    code, _, err = cli("build", build_dir)
+    assert code == 0, err
+    code, out, err = cli("check", build_dir)  # each engine vs the fp16 engine, against the recorded error
+    assert code == 0, out + err
+
+    _, fp32_dir, _ = quant_build
+    def check_output(directory, precision):
+        return next(v for k, v in load_file(directory / precision / CHECK_IO_NAME).items() if k.startswith("output."))
+    fp32 = check_output(fp32_dir, "fp32")
+    def error(output):
+        return float(np.linalg.norm(output - fp32) / np.linalg.norm(fp32))
+    from_fp32, from_fp16 = error(check_output(fp32_dir, "int8")), error(check_output(build_dir, "int8"))
+    assert from_fp16 <= 1.5 * from_fp32, (from_fp16, from_fp32)

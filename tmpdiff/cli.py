@@ -33,6 +33,12 @@ class TrtDtype(StrEnum):
     bfloat16 = "bfloat16"
 
 
+class LoadDtype(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+
+
 class DeviceName(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
@@ -118,6 +124,9 @@ def export(
     = TrtDtype.float16,
     memory_check: Annotated[bool, typer.Option(help="refuse up front an export whose planned peak memory exceeds "
                                                     "what is available")] = True,
+    load_dtype: Annotated[LoadDtype, typer.Option(
+        help="dtype the model is loaded, quantized and checked in: auto = float32, or float16 when float32 would not "
+             "fit in memory; float16 also quantizes a 16-bit checkpoint as it ships (not with fp32)")] = LoadDtype.auto,
     time_embedding_input: Annotated[bool, typer.Option(
         "--time-embedding-input", help="graphs take the per-block time embeddings (a slots x dim input) instead of "
                                        "the timestep, so a schedule can feed learned MTEO rows (distill-embeddings); "
@@ -151,7 +160,7 @@ def export(
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
                                        sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
                                        wait=wait, trt_dtype=trt_dtype.value, memory_check=memory_check,
-                                       time_embedding_input=time_embedding_input)
+                                       time_embedding_input=time_embedding_input, load_dtype=load_dtype.value)
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:

@@ -190,14 +190,20 @@ def _spot_check(build_dir: Path, manifest) -> list[Problem]:
                 problems.append(Problem(str(build_dir / name), f"the {name} engine's output on the recorded check input "
                                         f"differs from the exported graph's by {replay.error:.2e} (tolerance {tolerance:.0e})",
                                         f"{rebuild} (or re-export {name})"))
-        reference = replays.get("fp32")
         for name, replay in replays.items():
-            if reference is None or reference.output is None or replay.output is None or name == "fp32":
+            # each precision's recorded error is against the torch model it was made from: fp32, or a 16-bit load
+            # (whose own graph is the fp16 precision exported from that load)
+            entry = manifest.precisions[name]
+            ref_name = {"float32": "fp32", "float16": "fp16"}[entry.reference_dtype]
+            reference = replays.get(ref_name)
+            if (reference is None or reference.output is None or replay.output is None or name == ref_name
+                    or manifest.precisions[ref_name].reference_dtype != entry.reference_dtype):
                 continue
-            error, recorded = _relative(replay.output, reference.output), manifest.precisions[name].error_vs_fp32
+            error, recorded = _relative(replay.output, reference.output), entry.error_vs_fp32
             if not error <= 3 * recorded + 1e-4:
-                problems.append(Problem(str(build_dir / name), f"the {name} engine differs from fp32 by {error:.2e}; the "
-                                        f"manifest recorded {recorded:.2e}", f"re-run `tmpdiff export --precisions {name}`"))
+                problems.append(Problem(str(build_dir / name), f"the {name} engine differs from {ref_name} by "
+                                        f"{error:.2e}; the manifest recorded {recorded:.2e}",
+                                        f"re-run `tmpdiff export --precisions {name}`"))
     return problems
 
 

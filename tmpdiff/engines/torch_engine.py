@@ -37,7 +37,8 @@ class TorchEngine:
     @classmethod
     def for_model(cls, model: torch.nn.Module, adapter, **kwargs) -> TorchEngine:
         """The diffusers model through its adapter's export wrapper (the graphs' inputs and outputs)."""
-        return cls(adapter.export_module(model), adapter.input_specs(), adapter.output_specs(), **kwargs)
+        dtype = next(model.parameters()).dtype  # a model loaded in 16 bits computes in 16 bits
+        return cls(adapter.export_module(model, dtype), adapter.input_specs(), adapter.output_specs(), **kwargs)
 
     @property
     def input_specs(self) -> list[TensorSpec]:

@@ -210,6 +210,7 @@ def export_model(
     trt_dtype: str = "float16",
     memory_check: bool = True,
     time_embedding_input: bool = False,
+    load_dtype: str = "auto",
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
 
@@ -218,8 +219,10 @@ def export_model(
     throughout, so concurrent exports/builds are serialised (waiting at most `wait` seconds, and saying so).
     `trt_dtype` is the 16-bit type the quantized TensorRT graphs compute in outside their Q/DQ (float16, bfloat16).
     With `memory_check`, an export whose planned peak memory (`export.memory_plan`) exceeds what is available is
-    refused before the model is loaded. With `time_embedding_input` the graphs take the per-block time embeddings
-    (`models.time_embedding_input`) instead of the timestep, and the build keeps the model's own table of them.
+    refused before the model is loaded; `load_dtype` (`memory_plan.choose_base`) is the dtype the model is loaded,
+    quantized and checked in: "auto" takes float16 when float32 would not fit. With `time_embedding_input` the
+    graphs take the per-block time embeddings (`models.time_embedding_input`) instead of the timestep, and the build
+    keeps the model's own table of them.
     """
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
     if trt_dtype not in TRT_DTYPES:
@@ -232,7 +235,7 @@ def export_model(
         raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
-    base = choose_base(model_dir, specs) if memory_check else "float32"
+    base = choose_base(model_dir, specs, requested=load_dtype, memory_check=memory_check)
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
         preload_modelopt()
@@ -262,7 +265,7 @@ def _export_locked(
     def model() -> torch.nn.Module:
         if "model" not in state:
             if base != "float32":
-                on_progress(f"loading the model in {base}: a float32 copy would not fit in memory")
+                on_progress(f"loading the model in {base}: every precision is made and checked from it")
             state["model"] = load_diffusers_model(model_dir, dtype=getattr(torch, base))
         return state["model"]
 
@@ -301,7 +304,8 @@ def _export_locked(
     def calib() -> CalibrationSet:
         if "calib" not in state:
             on_progress("capturing calibration inputs")
-            state["calib"] = recipe.capture(model(), adapter)
+            with fp32_convolutions():
+                state["calib"] = recipe.capture(model(), adapter)
         return state["calib"]
 
     versions = _versions()
@@ -336,6 +340,7 @@ def _export_locked(
             entry, rows = _export_quantized(spec, lambda: state.pop("model"), adapter, build_dir, key, quant_config,
                                             calibration_set, trt_dtype, fp32_outputs)
         seconds = time.perf_counter() - started
+        entry.reference_dtype = base
         manifest.precisions[spec.name] = entry
         save_manifest(build_dir, manifest)
         outcomes.append(ExportOutcome(spec.name, build_dir / entry.onnx, False, seconds, entry, rows))
@@ -378,16 +383,20 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     leaves memory once its graph exists, so the graph rewrites never share memory with it (handed over by a callable:
     an argument would stay referenced by the caller's frame for the whole call)."""
     model = take_model()
-    quantize(model, quant_config, calibration.batches, lambda m, batch: adapter.export_module(m)(*batch.values()),
-             in_place=True)
+    dtype = _dtype_of(model)  # float32, or the 16 bits a model too large for fp32 was loaded in
+    with fp32_convolutions():
+        quantize(model, quant_config, calibration.batches,
+                 lambda m, batch: adapter.export_module(m, dtype)(*batch.values()), in_place=True)
     directory = build_dir / spec.name
     save_quantized_state(model, quant_config, directory)
-    expected = parity_outputs(adapter, adapter.export_module(model), reference)
+    with fp32_convolutions():
+        expected = parity_outputs(adapter, adapter.export_module(model, dtype), reference)
     quantizers = quantizer_census(model)
     weight_modules, input_modules = quantized_modules(model)
-    with traced(adapter.export_module(model), adapter, TRACE_OPSET) as (raw, data_dir):  # opsets come from the rewrites
+    module = adapter.export_module(model, dtype)
+    with fp32_convolutions(), traced(module, adapter, TRACE_OPSET) as (raw, data_dir):  # opsets: from the rewrites
         load_weights(raw, data_dir)
-    del model  # the context manager held it until here
+    del model, module  # the context manager held them until here
     release_freed_memory()
     kind = spec.rewrite_kind
     rel, trt_rel = f"{spec.name}/model.onnx", f"{spec.name}/model.trt.onnx"

@@ -107,6 +107,12 @@ def _constant(name: str, array: np.ndarray) -> gs.Constant:
     return gs.Constant(name, array)
 
 
+def _scale_dtype(scale: np.ndarray) -> np.dtype:
+    """The dtype a weight's DequantizeLinear scale keeps: its own 16-bit type in a graph traced from a 16-bit model
+    (the scale's type is the type DequantizeLinear outputs), else float32."""
+    return scale.dtype if scale.dtype in (np.float16, ml_dtypes.bfloat16) else np.dtype(np.float32)
+
+
 def _zero_point(name: str, kind: str, shape: tuple[int, ...] = ()) -> gs.Constant:
     dtype = {"int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn, "int4": ml_dtypes.int4}[kind]
     return _constant(name, np.zeros(shape, dtype=dtype))
@@ -144,7 +150,7 @@ def _replace_weight_qdq(graph: gs.Graph, kind: str) -> int:
             qweight = np.ascontiguousarray(qweight.T)
             axis = None if axis is None else 1 - axis
         base = q.outputs[0].name
-        scale = scale.astype(np.float32).reshape(-1 if axis is not None else ())
+        scale = scale.astype(_scale_dtype(scale)).reshape(-1 if axis is not None else ())
         inputs = [_constant(f"{base}.qweight", qweight), _constant(f"{base}.scale", scale),
                   _zero_point(f"{base}.zero_point", kind, (scale.size,) if axis is not None else ())]
         new_dq = gs.Node("DequantizeLinear", name=f"{base}.dq", attrs={"axis": axis} if axis is not None else {},
@@ -200,7 +206,7 @@ def _replace_int4_weights(graph: gs.Graph, domain: str) -> int:
             raise TmpdiffError(f"int4 weight dequantizer {dq.name} is not reshaped to a constant 2-D weight shape")
         out_features, in_features = (int(v) for v in shape)
         qweight = _quantize_weight(blocks, scale.reshape(-1, 1), "int4").reshape(out_features, in_features)
-        scales = scale.astype(np.float32).reshape(out_features, in_features // block)
+        scales = scale.astype(_scale_dtype(scale)).reshape(out_features, in_features // block)
         transpose = _foldable_transpose(reshape.outputs[0])
         if transpose is not None:
             qweight, scales, axis = np.ascontiguousarray(qweight.T), np.ascontiguousarray(scales.T), 0

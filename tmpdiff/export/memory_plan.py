@@ -87,24 +87,41 @@ def plan_export(model_dir: Path, specs: list[Precision], base: str = "float32") 
     return [ExportMemory(spec.name, params, base, BASE_BYTES + COPIES[_kind(spec.name)] * weights) for spec in specs]
 
 
-def choose_base(model_dir: Path, specs: list[Precision], available: int | None = None) -> str:
-    """The dtype the model is loaded in for this export: float32 (the reference every precision is checked against)
-    when its planned peak fits the memory available, float16 for a 16-bit-only export that fits only that way; else a
-    TmpdiffError with the numbers, before anything is loaded."""
+LOAD_DTYPES = ("auto", "float32", "float16")
+
+
+def choose_base(model_dir: Path, specs: list[Precision], available: int | None = None, requested: str = "auto",
+                memory_check: bool = True) -> str:
+    """The dtype the model is loaded in for this export.
+
+    `requested` "auto": float32 (the reference every precision is checked against) when its planned peak fits the
+    memory available, else float16 when every precision can be made from a 16-bit model (all but fp32) and fits that
+    way; "float32" / "float16" as asked (a 16-bit checkpoint quantized as it ships). Without `memory_check` nothing is
+    planned. A plan that does not fit is a TmpdiffError with the numbers, before anything is loaded."""
+    if requested not in LOAD_DTYPES:
+        raise TmpdiffError(f"unknown --load-dtype {requested!r} (known: {', '.join(LOAD_DTYPES)})")
+    if requested == "float16" and any(spec.name == "fp32" for spec in specs):
+        raise TmpdiffError("fp32 cannot be exported from a model loaded in float16: export it separately with "
+                           "--load-dtype float32 (or auto)", model_dir)
+    if not memory_check:
+        return "float32" if requested == "auto" else requested
     available = engine_memory.available_bytes() if available is None else available
-    plans = plan_export(model_dir, specs)
-    if available is None or all(plan.peak_bytes <= available for plan in plans):
-        return "float32"
-    if all(spec.name == "fp16" for spec in specs):
-        half = plan_export(model_dir, specs, "float16")
-        if all(plan.peak_bytes <= available for plan in half):
-            return "float16"
-    worst = max(plans, key=lambda plan: plan.peak_bytes)
+    candidates = [requested] if requested != "auto" else ["float32"] + (
+        ["float16"] if all(spec.name != "fp32" for spec in specs) else [])
+    for base in candidates:
+        if available is None or all(plan.peak_bytes <= available for plan in plan_export(model_dir, specs, base)):
+            return base
+    base = candidates[-1]
+    worst = max(plan_export(model_dir, specs, base), key=lambda plan: plan.peak_bytes)
     from tmpdiff.formats.precisions import get_precision
 
-    half = plan_export(model_dir, [get_precision("fp16")], "float16")[0]
-    hint = f"--precisions fp16 alone fits from the 16-bit model ({_size(half.peak_bytes)}); " \
-        if half.peak_bytes <= available else ""
+    hint = ""
+    if base == "float32" and requested == "auto":  # fp32 among the precisions kept the 16-bit load out
+        rest = [spec for spec in specs if spec.name != "fp32"] or [get_precision("fp16")]
+        half = max(plan.peak_bytes for plan in plan_export(model_dir, rest, "float16"))
+        if half <= available:
+            names = ",".join(spec.name for spec in rest)
+            hint = f"--precisions {names} fits from the 16-bit model ({_size(half)}); "
     raise TmpdiffError(
         f"not enough memory to export: {worst.describe()}, {_size(available)} is available; {hint}export on a machine "
         f"with at least {_size(worst.peak_bytes)} free, or pass --no-memory-check to try anyway", model_dir)

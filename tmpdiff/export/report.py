@@ -6,14 +6,15 @@ from rich.console import Console
 from rich.table import Table
 
 from tmpdiff.export.exporter import ExportOutcome
+from tmpdiff.formats.manifest import PrecisionEntry
 
 _console = Console(width=160)  # wide enough that status and paths are never cut, also when piped
 
 
 def print_export_table(outcomes: list[ExportOutcome]) -> None:
-    """One row per precision: status, time, parity vs torch, error vs fp32, quantized-node census."""
+    """One row per precision: status, time, parity vs torch, error vs the reference torch model, quantized-node census."""
     table = Table(title="export")
-    for column in ("precision", "status", "seconds", "ORT vs torch", "error vs fp32", "GEMMs", "W quantized",
+    for column in ("precision", "status", "seconds", "ORT vs torch", "error vs reference", "GEMMs", "W quantized",
                    "A quantized", "graph"):
         table.add_column(column, justify="right" if column not in ("precision", "status", "graph") else "left")
     for o in outcomes:
@@ -21,11 +22,16 @@ def print_export_table(outcomes: list[ExportOutcome]) -> None:
         census = e.quantization.get("census", {}) if e else {}
         table.add_row(
             o.precision, "up to date" if o.skipped else "exported", f"{o.seconds:.1f}",
-            f"{e.parity_error:.1e}" if e else "", f"{e.error_vs_fp32:.2e}" if e else "",
+            f"{e.parity_error:.1e}" if e else "", _error(e) if e else "",
             str(census.get("gemm_nodes", "")), str(census.get("weight_quantized", "")),
             str(census.get("input_quantized", "")), str(o.onnx_path),
         )
     _console.print(table)
+
+
+def _error(entry: PrecisionEntry) -> str:
+    """The error against the torch model the precision was made from (fp32 unless it was loaded in 16 bits)."""
+    return f"{entry.error_vs_fp32:.2e}" + ("" if entry.reference_dtype == "float32" else f" vs {entry.reference_dtype}")
 
 
 def print_census(outcome: ExportOutcome) -> None:

@@ -50,6 +50,9 @@ class PrecisionEntry(BaseModel):
     parity_error: float  # ORT graph vs the torch (fake-quant) model, relative L2, median of 3 random batches
     error_vs_fp32: float  # ORT graph vs the fp32 torch model
     torch_error_vs_fp32: float | None = None  # torch fake-quant model vs fp32
+    # the torch model the two errors above are measured against: fp32, or the 16 bits a model was loaded in to be
+    # exported (too large for fp32 in memory, or a 16-bit checkpoint quantized as it ships: `export --load-dtype`)
+    reference_dtype: Literal["float32", "float16"] = "float32"
     ort_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     quantization: dict = Field(default_factory=dict)
     # every other file a run or a rebuild depends on (external weight data, modelopt state and config): path -> sha256

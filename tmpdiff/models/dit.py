@@ -11,7 +11,7 @@ from tmpdiff.models.adapter import DenoiserAdapter
 class _DiTForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, out_channels: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.model = model if dtype == torch.float32 else model.to(dtype)
+        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
         self.out_channels = out_channels
         self.dtype = dtype
 

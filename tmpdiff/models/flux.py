@@ -59,7 +59,7 @@ def traceable_unflatten() -> Iterator[None]:
 class _FluxForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, guidance: bool) -> None:
         super().__init__()
-        self.model = model if dtype == torch.float32 else model.to(dtype)
+        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
         self.dtype = dtype
         self.guidance = guidance
 

@@ -11,7 +11,7 @@ from tmpdiff.models.adapter import DenoiserAdapter
 class _SD3ForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.model = model if dtype == torch.float32 else model.to(dtype)
+        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
         self.dtype = dtype
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
