@@ -139,7 +139,8 @@ def _check_fresh_parity(name: str, precision: str, model: torch.nn.Module, adapt
     by 1e-2..5e-2 - torch alone does the same (fake-quant UNet, input scaled by 1 + 1e-7 or 1e-6: 1.3e-2..5.3e-2
     on 6 of 12 seed/precision pairs). ORT vs torch measured 2.0e-2..3.0e-2 on every seed for int8, 4e-7..6.6e-2
     for fp8. For those the bound is that ORT is closer to the fake-quant model than the fake-quant model is to
-    fp32 (ratio <= 0.77 measured, bound 0.9), and ORT's error vs fp32 is torch's within 20% (<= 11% measured):
+    fp32 (ratio <= 0.77 measured on an AMD EPYC, 0.93 on an Intel Xeon with AMX, whose ORT int8 kernels differ:
+    bound 1), and ORT's error vs fp32 is torch's within 20% (<= 11% measured):
     same quantization, another noise draw. A twin missing its quantizers (error vs fp32 ~0) or with wrong scales
     (error far from torch's) fails either way.
     """
@@ -162,7 +163,7 @@ def _check_fresh_parity(name: str, precision: str, model: torch.nn.Module, adapt
         if parity <= spec.parity_tolerance:
             continue
         assert CASES[name].rounding_ties and spec.modelopt_cfg is not None, where
-        assert parity <= 0.9 * torch_error and abs(ort_error - torch_error) <= 0.2 * torch_error, where
+        assert parity < torch_error and abs(ort_error - torch_error) <= 0.2 * torch_error, where
 
 
 def test_registry_knows_every_family():
