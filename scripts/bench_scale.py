@@ -160,6 +160,19 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
     write_json(out, results)
 
 
+def this_machine() -> dict:
+    """CPU model, cores, memory and Python of this machine: figures from different CPUs never share a file."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated from {', '.join(MODELS)}")
@@ -175,9 +188,12 @@ def main() -> int:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"models": {}}
-    results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                          "python": platform.python_version()}
+    machine = this_machine()
+    recorded = results.get("machine", {}).get("cpu")
+    if recorded not in (None, machine["cpu"]):
+        raise SystemExit(f"{args.out} holds measurements of another machine ({recorded}; this one: {machine['cpu']}): "
+                         "write this machine's to another --out")
+    results["machine"] = machine
     for name in names:
         bench_model(name, [p.strip() for p in args.precisions.split(",")], args.work, results, args.out, args.repeats, args.redo)
     print(json.dumps(results, indent=1))
