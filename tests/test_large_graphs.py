@@ -3,6 +3,7 @@ the threshold: export, build, check and run all see the `.data` files, hash them
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -138,6 +139,7 @@ def test_quantized_precisions_are_made_from_a_model_loaded_in_16_bits(bundled, t
     build_dir = tmp_path / "half"
     manifest = load_manifest(build_dir)
     assert {e.reference_dtype for e in manifest.precisions.values()} == {"float16"}
+    assert json.loads((build_dir / "manifest.json").read_text())["format"] == "tmpdiff.manifest/4"
     twin = onnx.load(build_dir / "int8" / "model.onnx")
     types = {t.data_type for t in twin.graph.initializer}
     assert {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16} <= types  # int8 GEMM weights, the rest kept in 16 bits

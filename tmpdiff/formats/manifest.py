@@ -1,4 +1,4 @@
-"""The build directory's `manifest.json` (format `tmpdiff.manifest/1`), validated with pydantic."""
+"""The build directory's `manifest.json` (format `tmpdiff.manifest/1`-`/4`), validated with pydantic."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ CHECK_IO_NAME = "check_io.safetensors"
 CHECK_SEED = 99
 FORMAT = "tmpdiff.manifest/2"  # /2 adds PrecisionEntry.artifacts and writes standard JSON; /1 still reads
 FORMAT_V3 = "tmpdiff.manifest/3"  # /3 adds `time_embedding_input` and `mixed`; written only by builds that have them
+FORMAT_V4 = "tmpdiff.manifest/4"  # /4 adds PrecisionEntry.reference_dtype; written only when one is not float32
 
 
 class TensorSpecModel(BaseModel):
@@ -206,7 +207,7 @@ def mixed_problem(build_dir: Path, manifest: Manifest, name: str, backend: str |
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: Literal["tmpdiff.manifest/1", "tmpdiff.manifest/2", "tmpdiff.manifest/3"] = FORMAT
+    format: Literal["tmpdiff.manifest/1", "tmpdiff.manifest/2", "tmpdiff.manifest/3", "tmpdiff.manifest/4"] = FORMAT
     model_id: str
     architecture: str
     model_sha256: str
@@ -248,12 +249,19 @@ def load_manifest(build_dir: str | Path) -> Manifest:
     path = Path(build_dir) / MANIFEST_NAME
     if not path.is_file():
         raise TmpdiffError("no manifest.json: not a tmpdiff build directory", Path(build_dir))
-    return read_model_file(path, Manifest, "tmpdiff.manifest/1 manifest")
+    return read_model_file(path, Manifest, "tmpdiff.manifest")
+
 
 def save_manifest(build_dir: str | Path, manifest: Manifest) -> None:
-    """Write the manifest atomically, in the lowest current version that holds it (/3 only with time embeddings)."""
-    version = FORMAT if manifest.time_embedding_input is None and not manifest.mixed else FORMAT_V3
+    """Write the manifest atomically, in the lowest current version that holds it (/3 only with time embeddings or
+    mixed configurations, /4 only with a 16-bit reference model)."""
+    half_reference = any(e.reference_dtype != "float32" for e in manifest.precisions.values())
+    version = FORMAT_V4 if half_reference else FORMAT if manifest.time_embedding_input is None and not manifest.mixed \
+        else FORMAT_V3
     data = manifest.model_copy(update={"format": version}).model_dump(mode="json")
+    if not half_reference:
+        for entry in data["precisions"].values():
+            entry.pop("reference_dtype")
     if manifest.time_embedding_input is None:
         data.pop("time_embedding_input")
     if not manifest.mixed:
