@@ -146,3 +146,36 @@ def test_autocast_with_the_linear_cleanup_gives_autocasts_own_graph(fp32_build):
     inputs = [i.name for i in ours.graph.input]
     cast = [n.input[0] for n in ours.graph.node if n.op_type == "Cast" and n.input[0] in inputs]
     assert len(cast) >= 2 and [n.input[0] for n in ours.graph.node[: len(cast)]] == [i for i in inputs if i in cast]
+
+
+def test_autocast_never_holds_the_quantized_weights_and_converts_the_same(quant_build, monkeypatch, tmp_path):
+    """`to_half` hands AutoCast the graph with its int8 weights as external data in a scratch file (AutoCast keeps
+    several copies of what it is given): the converted graph equals AutoCast's own conversion of the whole graph."""
+    import os
+
+    import onnx
+    from modelopt.onnx.autocast import convert
+
+    from tmpdiff.export.half import _linear_cleanup, _stable_subgraph_nodes, to_half
+    from tmpdiff.export.onnx_io import tensor_bytes
+
+    _, build_dir, _ = quant_build
+    source = str(build_dir / load_manifest(build_dir).precisions["int8"].trt_onnx)
+    graph = onnx.load(source).graph
+    dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    int8_bytes = sum(len(t.raw_data) for t in graph.initializer  # the weights, not the zero points
+                     if t.data_type == onnx.TensorProto.INT8 and t.name in dequantized)
+    seen = []
+    original = convert.convert_to_f16
+    monkeypatch.setattr(convert, "convert_to_f16", lambda model, **kw: seen.append(tensor_bytes(model)) or
+                        original(model, **kw))
+    cwd = os.getcwd()
+    ours = to_half(onnx.load(source), "test")
+    assert os.getcwd() == cwd
+    with _stable_subgraph_nodes(), _linear_cleanup():
+        theirs = original(onnx.load(source), low_precision_type="fp16", keep_io_types=True)
+    whole = tensor_bytes(onnx.load(source))
+    assert int8_bytes > 0 and seen == [whole - int8_bytes]  # AutoCast saw everything but the int8 weights
+    assert sorted(t.SerializeToString() for t in ours.graph.initializer) == \
+        sorted(t.SerializeToString() for t in theirs.graph.initializer)
+    assert sorted(n.SerializeToString() for n in ours.graph.node) == sorted(n.SerializeToString() for n in theirs.graph.node)

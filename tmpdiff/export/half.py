@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import onnx
 
@@ -101,6 +104,60 @@ def _input_casts_in_input_order(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+# Quantized weights (int8 / fp8 / int4 initializers read only by a DequantizeLinear) are what AutoCast never changes;
+# it holds several working copies of the graph, so they sit out the conversion (most of a quantized graph's bytes).
+_QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                    onnx.TensorProto.FLOAT8E4M3FN}
+HELD_NAME = "held_weights.bin"
+
+
+@contextlib.contextmanager
+def _quantized_weights_held(model: onnx.ModelProto) -> Iterator[Path]:
+    """Within the block, `model`'s quantized weights (the dequantized input of a DequantizeLinear; AutoCast reads
+    scales and zero points) are external data in a scratch file, so AutoCast's copies of the graph (and, for a graph
+    over 2 GB, its checker's saved copy) leave them out. Yields the scratch directory `_restore` reads them from."""
+    uses: dict[str, set[tuple[str, int]]] = {}  # name -> (op, input slot) of every reader
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            uses.setdefault(name, set()).add((node.op_type, slot))
+    with tempfile.TemporaryDirectory(prefix="tmpdiff-autocast-") as scratch:
+        offset = 0
+        with open(Path(scratch) / HELD_NAME, "wb") as data:
+            for tensor in model.graph.initializer:
+                if (tensor.data_type in _QUANTIZED_TYPES and tensor.HasField("raw_data")
+                        and uses.get(tensor.name) == {("DequantizeLinear", 0)}):
+                    data.write(tensor.raw_data)
+                    size = len(tensor.raw_data)
+                    tensor.ClearField("raw_data")
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", HELD_NAME), ("offset", str(offset)), ("length", str(size))):
+                        tensor.external_data.add(key=key, value=value)
+                    offset += size
+        # ONNX's checker (AutoCast runs it first) resolves an in-memory graph's external data against the working
+        # directory, and refuses locations outside it: the conversion runs from the scratch directory
+        previous = os.getcwd()
+        os.chdir(scratch)
+        try:
+            yield Path(scratch)
+        finally:
+            os.chdir(previous)
+
+
+def _restore(model: onnx.ModelProto, scratch: Path) -> None:
+    """Read the held weights back into the converted graph's initializers (same names, types and shapes)."""
+    with open(scratch / HELD_NAME, "rb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            fields = {entry.key: entry.value for entry in tensor.external_data}
+            if fields.get("location") != HELD_NAME:
+                continue
+            data.seek(int(fields["offset"]))
+            tensor.raw_data = data.read(int(fields["length"]))
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+
+
 def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.ModelProto:
     """The graph with `dtype` (float16 / bfloat16) compute and fp32 I/O; a TmpdiffError naming `where` if AutoCast
     refuses it. bf16 raises the graph's opset to 22 (AutoCast's requirement for bf16 Q/DQ scales)."""
@@ -113,8 +170,10 @@ def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), _stable_subgraph_nodes(), _linear_cleanup():
+        with (contextlib.redirect_stdout(io.StringIO()), _stable_subgraph_nodes(), _linear_cleanup(),
+              _quantized_weights_held(model) as held):
             converted = convert_to_f16(model, low_precision_type=TRT_DTYPES[dtype], keep_io_types=True)
+            _restore(converted, held)
     except Exception as exc:  # AutoCast raises its own and onnx's error types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TmpdiffError(f"ModelOpt AutoCast could not convert the TensorRT graph to {dtype} ({first})", where) from None
