@@ -100,7 +100,8 @@ def run_stage(args: list[str], log: Path) -> dict:
         proc = subprocess.Popen([sys.executable, "-m", "tmpdiff.cli", *args], stdout=out, stderr=out)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+    # ru_maxrss is in KiB: the peak is recorded in GiB (rows before this name was given were GiB too)
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
             "exit_code": proc.returncode}
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -234,3 +235,26 @@ def test_adapter_specs_follow_config():
                                    "cross_attention_dim": 1024, "num_class_embeds": 1000})
     with pytest.raises(TmpdiffError, match="not supported"):
         upscaler.input_specs()
+
+
+def test_a_unet_loaded_in_16_bits_exports_fp8_and_refuses_int8_and_int4_up_front(tmp_path):
+    """An SDXL-style UNet quantized from its 16-bit weights (what an SDXL-size model gets on a 24 GB machine): fp8
+    convolutions and GEMMs calibrated, traced and parity-checked in fp16 (CPU convolutions computed in fp32); int8 and
+    int4, whose graphs ONNX Runtime would refuse after the whole export, are refused before the model is loaded."""
+    from tmpdiff.formats.manifest import load_manifest
+
+    _save(CASES["unet-sdxl"], tmp_path / "model")
+    for precision in ("int8", "int4"):
+        with pytest.raises(TmpdiffError, match=f"{precision} of a UNet cannot be exported from a model loaded in float16"):
+            export_model(tmp_path / "model", tmp_path / "build", [precision], model_id="half-unet", load_dtype="float16")
+        assert not (tmp_path / "build").exists()
+    build_dir, outcomes = export_model(tmp_path / "model", tmp_path / "build", ["fp8"], model_id="half-unet",
+                                       load_dtype="float16")
+    entry = load_manifest(build_dir).precisions["fp8"]
+    assert entry.reference_dtype == "float16" and outcomes[0].entry.quantization["census"]["weight_quantized"] > 0
+    twin = onnx.load(build_dir / entry.onnx)
+    producers = {out: node for node in twin.graph.node for out in node.output}
+    quantized_convs = [n for n in twin.graph.node if n.op_type == "Conv" and n.input[1] in producers
+                       and producers[n.input[1]].op_type == "DequantizeLinear"]
+    assert quantized_convs  # convolutions are quantized, not only the attention GEMMs
+    assert entry.error_vs_fp32 < 0.2

@@ -236,12 +236,27 @@ def export_model(
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
     base = choose_base(model_dir, specs, requested=load_dtype, memory_check=memory_check)
+    _check_half_quantization(adapter, specs, base, model_dir)
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
         preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
                               on_progress, sampling, trt_dtype, base, time_embedding_input)
+
+
+def _check_half_quantization(adapter: DenoiserAdapter, specs: list[Precision], base: str, model_dir: Path) -> None:
+    """Refuse, before any work, what a 16-bit load cannot export yet: int8 / int4 of a UNet. ModelOpt's int8 and int4
+    exporters write their Q/DQ in fp32 and hand the fp32 result on in an fp16 graph; in a UNet a quantized `proj_in`
+    feeds a LayerNormalization directly, so the graph mixes fp32 and fp16 inputs and ONNX Runtime refuses it (seen on
+    the tiny SDXL-style UNet; the transformers pass their results through the fp16 residual stream first)."""
+    if base == "float32" or adapter.architecture != "UNet2DConditionModel":
+        return
+    refused = [spec.name for spec in specs if spec.rewrite_kind in ("int8", "int4")]
+    if refused:
+        raise TmpdiffError(f"{', '.join(refused)} of a UNet cannot be exported from a model loaded in {base} yet (its "
+                           "graph would mix fp32 and fp16 inputs); fp16 and fp8 can, and every precision can from a "
+                           "float32 load (--load-dtype float32, on a machine where it fits)", model_dir)
 
 
 def _export_locked(

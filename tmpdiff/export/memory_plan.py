@@ -2,14 +2,20 @@
 
 Every export stage holds the loaded model plus some number of copies of its weights (the traced module, the ONNX
 proto, a graph being rewritten, AutoCast's working copies, ONNX Runtime's session in the parity check):
-peak ~= BASE_BYTES + copies x the loaded model's weight bytes. The copies were measured with
-`scripts/bench_scale.py` (peak RSS of one `tmpdiff export` process per precision, SD1.5-size UNet, 860M parameters,
-3.44 GB of fp32 weights; results/cpu-epyc-2core/scale.json): fp32 15.8 GB -> 4.3 copies (measured before the traced
-weights were streamed, so an upper bound); int8 10.9 GB -> 2.9 copies, since a quantized export frees the torch model
-once it is traced (16.8 GB, 4.6 copies, before); int4 (AWQ) 16.3 GB -> 4.5 copies (its search caches activations per
-layer, and SD1.5's convolutions stay fp32 in the int4 graphs; on the PixArt-Sigma transformer int4 took 3.0 copies:
-the UNet's figure is the plan). fp16 from a 16-bit model: SD3-medium-size transformer (2.08B parameters, 4.17 GB of
-fp16 weights) 13.8 GB -> 3.1 copies (the fp32 coefficient, 4.3, planned 18.9 GB). fp8 takes the quantized coefficient.
+peak ~= BASE_BYTES + copies x the loaded model's weight bytes. The copies were measured with `scripts/bench_scale.py`
+(peak RSS of one `tmpdiff export` process per precision; ru_maxrss is in KiB, so the recorded figures are GiB and
+are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
+- fp32 (plain): SD1.5-size UNet (860M parameters, 3.44 GB of fp32 weights) 15.8 GiB -> 4.6 copies (measured before
+  the traced weights were streamed, so an upper bound);
+- quantized from fp32 (int8, fp8): SD1.5 int8 10.9 GiB -> 3.1 copies (a quantized export frees the torch model once
+  it is traced); PixArt-Sigma (611M) int8 / fp8 8.9 / 9.2 GiB -> 3.5 / 3.6: the plan is the larger;
+- int4 (AWQ) from fp32: SD1.5 16.3 GiB -> 4.8 copies (its search caches activations per layer, and SD1.5's
+  convolutions stay fp32 in the int4 graphs; PixArt took 3.3: the UNet's figure is the plan);
+- fp16 from a 16-bit model: SD3-medium-size transformer (2.08B, 4.17 GB of fp16 weights) 13.8 / 14.1 GiB (two
+  machines) and SDXL-size UNet (2.57B) 16.75 GiB -> 3.3-3.4 copies;
+- quantized from a 16-bit model: SD3-medium int8 / fp8 19.5 GiB -> 4.8 copies while AutoCast converted the TensorRT
+  graph with its quantized weights (that conversion was the peak); int4 from a 16-bit model is not measured: planned
+  as those copies plus the fp32 int4 export's extra bytes per parameter (AWQ's caches).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from tmpdiff.formats.precisions import Precision
 
 GB = 1e9
 BASE_BYTES = 1.0 * GB  # the interpreter with torch, diffusers, modelopt and ONNX Runtime imported
-# Peak RSS in units of the loaded model's weight bytes, per kind of export (see the module docstring).
-COPIES = {"plain": 4.3, "fp16": 3.1, "quantized": 2.9, "int4": 4.5}
+# Peak RSS in units of the loaded model's weight bytes, per kind of export and the dtype the model is loaded in
+# (see the module docstring).
+COPIES = {("plain", "float32"): 4.6, ("fp16", "float32"): 3.4, ("fp16", "float16"): 3.4,
+          ("quantized", "float32"): 3.6, ("int4", "float32"): 4.8,
+          ("quantized", "float16"): 4.8, ("int4", "float16"): 4.8 + 2 * (4.8 - 3.1)}
 BYTES_PER_WEIGHT = {"float32": 4, "float16": 2}
 
 
@@ -40,7 +49,7 @@ class ExportMemory:
     peak_bytes: float
 
     def describe(self) -> str:
-        return (f"{self.precision} needs about {_size(self.peak_bytes)} ({COPIES[_kind(self.precision)]} x the "
+        return (f"{self.precision} needs about {_size(self.peak_bytes)} ({_copies(self.precision, self.base):.1f} x the "
                 f"{_size(self.parameters * BYTES_PER_WEIGHT[self.base])} of {self.base} weights of "
                 f"{self.parameters / 1e6:,.1f}M parameters + {_size(BASE_BYTES)})")
 
@@ -58,6 +67,10 @@ def _kind(precision: str) -> str:
     if spec.modelopt_cfg is not None:
         return "quantized"
     return "fp16" if spec.name == "fp16" else "plain"
+
+
+def _copies(precision: str, base: str) -> float:
+    return COPIES[(_kind(precision), base)]
 
 
 def parameter_count(model_dir: Path) -> int:
@@ -84,7 +97,7 @@ def plan_export(model_dir: Path, specs: list[Precision], base: str = "float32") 
     """The planned peak of each precision's export of the model in `model_dir`, loaded in `base` dtype."""
     params = parameter_count(model_dir)
     weights = params * BYTES_PER_WEIGHT[base]
-    return [ExportMemory(spec.name, params, base, BASE_BYTES + COPIES[_kind(spec.name)] * weights) for spec in specs]
+    return [ExportMemory(spec.name, params, base, BASE_BYTES + _copies(spec.name, base) * weights) for spec in specs]
 
 
 LOAD_DTYPES = ("auto", "float32", "float16")
