@@ -15,6 +15,7 @@ from tmpdiff.engines.base import check_buffers
 from tmpdiff.engines.streams import Stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
+from tmpdiff.models.adapter import model_dtype
 
 
 class TorchEngine:
@@ -37,8 +38,8 @@ class TorchEngine:
     @classmethod
     def for_model(cls, model: torch.nn.Module, adapter, **kwargs) -> TorchEngine:
         """The diffusers model through its adapter's export wrapper (the graphs' inputs and outputs)."""
-        dtype = next(model.parameters()).dtype  # a model loaded in 16 bits computes in 16 bits
-        return cls(adapter.export_module(model, dtype), adapter.input_specs(), adapter.output_specs(), **kwargs)
+        # a model loaded in 16 bits computes in 16 bits
+        return cls(adapter.export_module(model, model_dtype(model)), adapter.input_specs(), adapter.output_specs(), **kwargs)
 
     @property
     def input_specs(self) -> list[TensorSpec]:

@@ -56,7 +56,7 @@ from tmpdiff.formats.manifest import (
     save_manifest,
 )
 from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision, get_precision
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, model_dtype
 from tmpdiff.models.loading import load_diffusers_model, read_model_config
 from tmpdiff.models.registry import adapter_for_config
 
@@ -313,7 +313,7 @@ def _export_locked(
     def reference() -> ParityOutputs:
         if "reference" not in state:  # the loaded model's outputs on the parity inputs: fp32 (or its 16-bit base)
             with fp32_convolutions():  # a 16-bit model's CPU convolutions (`half_convolutions`)
-                state["reference"] = parity_outputs(adapter, adapter.export_module(model(), _dtype_of(model())))
+                state["reference"] = parity_outputs(adapter, adapter.export_module(model(), model_dtype(model())))
         return state["reference"]
 
     def calib() -> CalibrationSet:
@@ -362,18 +362,14 @@ def _export_locked(
     return build_dir, outcomes
 
 
-def _dtype_of(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path,
                   key: str, reference: ParityOutputs) -> tuple[PrecisionEntry, list]:
     """fp32 / fp16: one graph serves TensorRT and ONNX Runtime."""
     dtype = torch.float16 if spec.name == "fp16" else torch.float32
-    if dtype != _dtype_of(model) and _dtype_of(model) != torch.float32:
-        raise TmpdiffError(f"{spec.name} cannot be exported from a model loaded in {_dtype_of(model)}")
+    if dtype != model_dtype(model) and model_dtype(model) != torch.float32:
+        raise TmpdiffError(f"{spec.name} cannot be exported from a model loaded in {model_dtype(model)}")
     # the fp16 graph traces a half copy, unless the model itself was loaded in 16 bits (fp32 would not fit)
-    module = adapter.export_module(copy.deepcopy(model) if dtype != _dtype_of(model) else model, dtype)
+    module = adapter.export_module(copy.deepcopy(model) if dtype != model_dtype(model) else model, dtype)
     rel = f"{spec.name}/model.onnx"
     # fp16 convolutions compute in fp32 on CPU while tracing and checking; the graph keeps fp16 Convs
     with fp32_convolutions(), traced(module, adapter, spec.ort_opset) as (proto, data_dir):
@@ -383,7 +379,7 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
     release_freed_memory()
     # traced at the loaded model's own dtype, the module computes exactly what the reference outputs are
     with fp32_convolutions():
-        expected = reference if dtype == _dtype_of(model) else parity_outputs(adapter, module, reference)
+        expected = reference if dtype == model_dtype(model) else parity_outputs(adapter, module, reference)
     return _checked_entry(spec, build_dir, rel, rel, key, adapter, expected, reference, extra_files=written), []
 
 
@@ -398,7 +394,7 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     leaves memory once its graph exists, so the graph rewrites never share memory with it (handed over by a callable:
     an argument would stay referenced by the caller's frame for the whole call)."""
     model = take_model()
-    dtype = _dtype_of(model)  # float32, or the 16 bits a model too large for fp32 was loaded in
+    dtype = model_dtype(model)  # float32, or the 16 bits a model too large for fp32 was loaded in
     with fp32_convolutions():
         quantize(model, quant_config, calibration.batches,
                  lambda m, batch: adapter.export_module(m, dtype)(*batch.values()), in_place=True)

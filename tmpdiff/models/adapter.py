@@ -12,6 +12,17 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a diffusers model was loaded in (float32, or 16 bits when fp32 would not fit)."""
+    return next(model.parameters()).dtype
+
+
+def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` for an export wrapper computing in `dtype`: itself when loaded in that dtype (or when float32 is asked:
+    the wrapper casts its inputs), else converted in place."""
+    return model if dtype in (torch.float32, model_dtype(model)) else model.to(dtype)
+
+
 class DenoiserAdapter(ABC):
     """Describes one diffusers denoiser class for export and running."""
 

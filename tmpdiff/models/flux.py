@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from tmpdiff.formats.specs import TensorSpec
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, computing_in
 
 _RMS_NORM_OPSET = 18  # ReduceMean takes axes as an input from opset 18; the registration covers later opsets
 
@@ -59,7 +59,7 @@ def traceable_unflatten() -> Iterator[None]:
 class _FluxForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, guidance: bool) -> None:
         super().__init__()
-        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
+        self.model = computing_in(model, dtype)
         self.dtype = dtype
         self.guidance = guidance
 

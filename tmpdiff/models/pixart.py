@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, computing_in
 
 
 class _PixArtForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, out_channels: int, tokens: int, dtype: torch.dtype, size_cond: bool) -> None:
         super().__init__()
-        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
+        self.model = computing_in(model, dtype)
         self.out_channels = out_channels
         self.tokens = tokens
         self.dtype = dtype

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, computing_in
 
 
 class _SanaForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, guidance: bool) -> None:
         super().__init__()
-        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
+        self.model = computing_in(model, dtype)
         self.dtype = dtype
         self.guidance = guidance
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from tmpdiff.formats.specs import TensorSpec
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, computing_in
 
 
 class _SD3ForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
+        self.model = computing_in(model, dtype)
         self.dtype = dtype
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,

@@ -6,7 +6,7 @@ import torch
 
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, computing_in
 
 TIME_IDS = 6  # SDXL micro-conditioning: original size (2), crop top-left (2), target size (2)
 
@@ -14,7 +14,7 @@ TIME_IDS = 6  # SDXL micro-conditioning: original size (2), crop top-left (2), t
 class _UNetForExport(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, added_cond: bool) -> None:
         super().__init__()
-        self.model = model if dtype in (torch.float32, next(model.parameters()).dtype) else model.to(dtype)
+        self.model = computing_in(model, dtype)
         self.dtype = dtype
         self.added_cond = added_cond
 
