@@ -99,6 +99,44 @@ def test_export_refuses_up_front_when_the_planned_peak_does_not_fit(bundled, tmp
     assert not any(tmp_path.iterdir())  # refused before anything was created
 
 
+def test_free_space_is_summed_over_what_shares_a_filesystem(tmp_path, monkeypatch):
+    from tmpdiff.formats import disk_space
+
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: 10 * disk_space.GB)
+    disk_space.require_free_space([(tmp_path / "not-made-yet" / "build", 6 * disk_space.GB, "graphs")], "a write")
+    with pytest.raises(TmpdiffError, match=r"graphs \+ scratch need about 12.0 GB on the filesystem of .*10.0 GB is "
+                                           r"free; try elsewhere"):
+        disk_space.require_free_space([(tmp_path / "build", 6 * disk_space.GB, "graphs"),
+                                       (tmp_path / "scratch", 6 * disk_space.GB, "scratch")], "a write", "try elsewhere")
+
+
+def test_export_and_build_refuse_a_full_disk_before_their_work(bundled, tmp_path, monkeypatch):
+    """Planned bytes against free bytes per precision / engine: one line naming what does not fit, nothing written."""
+    from tmpdiff.export import disk_plan
+    from tmpdiff.export.memory_plan import parameter_count
+    from tmpdiff.formats import disk_space
+    from tmpdiff.formats.precisions import get_precision
+
+    params = parameter_count(bundled.transformer_dir)
+    assert disk_plan.written_bytes(get_precision("int8"), params, "float32") < disk_plan.written_bytes(
+        get_precision("fp32"), params, "float32")
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: 1000)
+    code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "fp32")
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1, err
+    assert "not enough disk space for the fp32 export" in lines[0] and "fp32's graphs" in lines[0], err
+    assert "GB is free" in lines[0] and "--no-memory-check" in lines[0]
+    assert not list(tmp_path.rglob("*.onnx*"))
+    code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "fp32", "--model-id",
+                       "tiny-dit", "--no-memory-check")  # the override skips the plan
+    assert code == 0, err
+    build_dir = tmp_path / "tiny-dit"
+    code, _, err = cli("build", build_dir, "--backend", "ort")
+    lines = err.strip().splitlines()
+    assert code != 0 and "not enough disk space for building the fp32 engine" in lines[-1], err
+    assert not (build_dir / "fp32" / "model.ort-cpu.onnx").exists() and not load_manifest(build_dir).engines
+
+
 def test_a_16_bit_export_loads_the_model_in_16_bits_when_fp32_would_not_fit(bundled, tmp_path, monkeypatch):
     from tmpdiff.export import memory_plan
     from tmpdiff.formats.precisions import get_precision

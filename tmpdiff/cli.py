@@ -122,8 +122,8 @@ def export(
     trt_dtype: Annotated[TrtDtype, typer.Option(help="16-bit type the quantized TensorRT graphs compute in outside "
                                                      "their Q/DQ (bfloat16 for models whose activations overflow fp16)")]
     = TrtDtype.float16,
-    memory_check: Annotated[bool, typer.Option(help="refuse up front an export whose planned peak memory exceeds "
-                                                    "what is available")] = True,
+    memory_check: Annotated[bool, typer.Option(help="refuse up front an export whose planned peak memory or disk "
+                                                    "space exceeds what is available")] = True,
     load_dtype: Annotated[LoadDtype, typer.Option(
         help="dtype the model is loaded, quantized and checked in: auto = float32, or float16 when float32 would not "
              "fit in memory; float16 also quantizes a 16-bit checkpoint as it ships (not with fp32)")] = LoadDtype.auto,

@@ -225,7 +225,8 @@ def export_model(
     throughout, so concurrent exports/builds are serialised (waiting at most `wait` seconds, and saying so).
     `trt_dtype` is the 16-bit type the quantized TensorRT graphs compute in outside their Q/DQ (float16, bfloat16).
     With `memory_check`, an export whose planned peak memory (`export.memory_plan`) exceeds what is available is
-    refused before the model is loaded; `load_dtype` (`memory_plan.choose_base`) is the dtype the model is loaded,
+    refused before the model is loaded, and each precision whose planned files (`export.disk_plan`) do not fit the
+    disk before its work; `load_dtype` (`memory_plan.choose_base`) is the dtype the model is loaded,
     quantized and checked in: "auto" takes float16 when float32 would not fit. With `time_embedding_input` the
     graphs take the per-block time embeddings (`models.time_embedding_input`) instead of the timestep, and the build
     keeps the model's own table of them.
@@ -248,7 +249,7 @@ def export_model(
         preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
-                              on_progress, sampling, trt_dtype, base, time_embedding_input)
+                              on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check)
 
 
 def _check_half_quantization(adapter: DenoiserAdapter, specs: list[Precision], base: str, model_dir: Path) -> None:
@@ -279,6 +280,7 @@ def _export_locked(
     trt_dtype: str,
     base: str,
     time_embedding_input: bool = False,
+    space_check: bool = True,
 ) -> tuple[Path, list[ExportOutcome]]:
     model_hash = model_content_hash(model_dir)
     state: dict = {}
@@ -348,6 +350,8 @@ def _export_locked(
             on_progress(f"{spec.name}: up to date, skipped")
             outcomes.append(ExportOutcome(spec.name, build_dir / entry.onnx, skipped=True, entry=entry))
             continue
+        if space_check:
+            require_export_space(spec, parameter_count(model_dir), base, build_dir)
         on_progress(f"{spec.name}: exporting")
         started = time.perf_counter()
         if spec.modelopt_cfg is None:

@@ -61,7 +61,8 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / GB:.1f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1e6:.0f} MB"
 
 
-def _kind(precision: str) -> str:
+def export_kind(precision: str) -> str:
+    """The kind of export a precision takes: plain (fp32), fp16, quantized (int8, fp8) or int4."""
     from tmpdiff.formats.precisions import get_precision
 
     spec = get_precision(precision)
@@ -73,7 +74,7 @@ def _kind(precision: str) -> str:
 
 
 def _copies(precision: str, base: str) -> float:
-    return COPIES[(_kind(precision), base)]
+    return COPIES[(export_kind(precision), base)]
 
 
 def parameter_count(model_dir: Path) -> int:
