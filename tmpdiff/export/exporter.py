@@ -24,12 +24,11 @@ import torch
 from tmpdiff.engines.memory import release_freed_memory
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
-from tmpdiff.export.disk_plan import require_export_space
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.half_convolutions import fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
-from tmpdiff.export.memory_plan import choose_base, parameter_count
+from tmpdiff.export.memory_plan import choose_base
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
@@ -137,10 +136,9 @@ def parity_outputs(adapter: DenoiserAdapter, module: torch.nn.Module,
     return ParityOutputs(inputs, [_torch_outputs(module, batch) for batch in inputs])
 
 
-def _parity(path: Path, precision: str, expected: ParityOutputs, reference: ParityOutputs,
-            optimization: str | None = None) -> tuple[float, float, float]:
+def _parity(path: Path, precision: str, expected: ParityOutputs, reference: ParityOutputs) -> tuple[float, float, float]:
     """Median over the parity batches of ORT vs the torch module's `expected` outputs, ORT vs the `reference` outputs
-    (fp32) and the module vs them; the session at ORT level `optimization` (default: the precision's own).
+    (fp32) and the module vs them.
 
     The median, because one batch can put an int8 activation on a rounding tie deep in a UNet, where
     ORT and torch round it differently and the difference grows through the up-blocks (seen: 3.7e-7,
@@ -148,7 +146,7 @@ def _parity(path: Path, precision: str, expected: ParityOutputs, reference: Pari
     """
     from tmpdiff.engines.ort import OrtEngine
 
-    engine = OrtEngine(path, precision, optimization=optimization or get_precision(precision).ort_optimization)
+    engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
     parity, error, torch_error = [], [], []
     for inputs, want, fp32 in zip(expected.inputs, expected.outputs, reference.outputs, strict=True):
         got = next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
@@ -165,14 +163,10 @@ def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, expected
     CPU kernels for its Q/DQ). The 16-bit graph must stay within
     the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where fp16 rounding flips quantized
     activations (UNets) - be of the same quality: at most 1.5x as far from the fp32 model as the fake-quant model is
-    (a graph with missing or wrong quantizers is an order of magnitude off); else export fails.
-
-    The session runs the graph as written (no ORT optimisation): ORT's CPU kernels are fp32, so it casts the fp16
-    weights, and constant folding would keep an fp32 copy of them (this check was the peak of the SDXL-size UNet's
-    fp8 export, 21.4 GiB); unfolded, each cast lives only while its layer runs."""
+    (a graph with missing or wrong quantizers is an order of magnitude off); else export fails."""
     if trt_dtype != "float16" or any(n.domain == "trt" for n in trt_proto.graph.node):
         return None
-    error, vs_fp32, quantization_error = _parity(path, precision, expected, reference, optimization="disable")
+    error, vs_fp32, quantization_error = _parity(path, precision, expected, reference)
     check_half_parity(error, vs_fp32, quantization_error, f"{precision}: the TensorRT graph", "the fake-quant model", path)
     return error
 
