@@ -61,6 +61,7 @@ from tmpdiff.models.loading import load_diffusers_model, read_model_config
 from tmpdiff.models.registry import adapter_for_config
 
 TRACE_OPSET = 19  # the opset torch's TorchScript exporter traces quantized modules at (modelopt's Q/DQ symbolics)
+FLOAT_QDQ_KINDS = ("int8", "int4")  # modelopt writes these Q/DQ in fp32 in a 16-bit model (`export.upcast`)
 
 
 @dataclass
@@ -237,27 +238,12 @@ def export_model(
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
     base = choose_base(model_dir, specs, requested=load_dtype, memory_check=memory_check)
-    _check_half_quantization(adapter, specs, base, model_dir)
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
         preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
                               on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check)
-
-
-def _check_half_quantization(adapter: DenoiserAdapter, specs: list[Precision], base: str, model_dir: Path) -> None:
-    """Refuse, before any work, what a 16-bit load cannot export yet: int8 / int4 of a UNet. ModelOpt's int8 and int4
-    exporters write their Q/DQ in fp32 and hand the fp32 result on in an fp16 graph; in a UNet a quantized `proj_in`
-    feeds a LayerNormalization directly, so the graph mixes fp32 and fp16 inputs and ONNX Runtime refuses it (seen on
-    the tiny SDXL-style UNet; the transformers pass their results through the fp16 residual stream first)."""
-    if base == "float32" or adapter.architecture != "UNet2DConditionModel":
-        return
-    refused = [spec.name for spec in specs if spec.rewrite_kind in ("int8", "int4")]
-    if refused:
-        raise TmpdiffError(f"{', '.join(refused)} of a UNet cannot be exported from a model loaded in {base} yet (its "
-                           "graph would mix fp32 and fp16 inputs); fp16 and fp8 can, and every precision can from a "
-                           "float32 load (--load-dtype float32, on a machine where it fits)", model_dir)
 
 
 def _export_locked(
@@ -418,7 +404,8 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     # One graph at a time, each saved before the next is made (a large graph's weights leave memory when it is
     # saved): the twin first (its weights are int8/fp8/int4), then the TensorRT graph, converted to 16 bits once the
     # traced graph is gone.
-    twin, twin_stats = ort_twin(raw, kind, spec.ort_opset)
+    # ModelOpt's int8/int4 Q/DQ is fp32 in a 16-bit model and hands fp32 on: that twin computes in fp32 throughout
+    twin, twin_stats = ort_twin(raw, kind, spec.ort_opset, float32=dtype != torch.float32 and kind in FLOAT_QDQ_KINDS)
     written = [*save_onnx(twin, build_dir / rel), directory / "quant_state.safetensors", directory / "quant_config.json"]
     del twin
     release_freed_memory()

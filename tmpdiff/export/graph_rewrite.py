@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from tmpdiff.export.onnx_io import is_large, weightless
+from tmpdiff.export.upcast import upcast_to_float32
 from tmpdiff.formats.errors import TmpdiffError
 
 FP8_MAX = 448.0
@@ -288,13 +289,17 @@ def _rewrite_weights(graph: gs.Graph, kinds: set[str], int4_domain: str) -> dict
     return stats
 
 
-def ort_twin(model: onnx.ModelProto, kind: str | Collection[str], opset: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+def ort_twin(model: onnx.ModelProto, kind: str | Collection[str], opset: int,
+             float32: bool = False) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The same quantization in standard ONNX ops ONNX Runtime's CPU provider runs (`kind`: one quantization kind,
-    or the kinds a mixed-precision graph's layers carry)."""
+    or the kinds a mixed-precision graph's layers carry); with `float32`, a graph traced from a 16-bit model computes
+    in fp32 outside its quantized weights (`export.upcast`)."""
     graph = _import(model)
     stats = _rewrite_weights(graph, _kinds(kind), int4_domain="")
     twin = _export(graph, model)
     del twin.graph.value_info[:]  # exporter-declared types of rewritten ops (uint8 for fp8) no longer hold
+    if float32:
+        stats["upcast_initializers"] = upcast_to_float32(twin)
     _set_opset(twin, opset, keep_trt_domain=False)
     leftover = sorted({f"{n.domain}::{n.op_type}" for n in twin.graph.node if n.domain == TRT_DOMAIN})
     if leftover:
