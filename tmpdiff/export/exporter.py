@@ -24,11 +24,12 @@ import torch
 from tmpdiff.engines.memory import release_freed_memory
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
+from tmpdiff.export.disk_plan import require_export_space
 from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.half_convolutions import fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
-from tmpdiff.export.memory_plan import choose_base
+from tmpdiff.export.memory_plan import choose_base, parameter_count
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
