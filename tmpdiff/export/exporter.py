@@ -35,6 +35,7 @@ from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
     build_config,
     config_digest,
+    export_qdq_in_model_dtype,
     preload_modelopt,
     quantize,
     quantized_modules,
@@ -395,6 +396,8 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
         expected = parity_outputs(adapter, adapter.export_module(model, dtype), reference)
     quantizers = quantizer_census(model)
     weight_modules, input_modules = quantized_modules(model)
+    if dtype == torch.float16 and spec.rewrite_kind == "int8":
+        export_qdq_in_model_dtype(model)
     module = adapter.export_module(model, dtype)
     with fp32_convolutions(), traced(module, adapter, TRACE_OPSET) as (raw, data_dir):  # opsets: from the rewrites
         load_weights(raw, data_dir)
