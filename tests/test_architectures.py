@@ -239,10 +239,10 @@ def test_adapter_specs_follow_config():
 
 def test_a_unet_loaded_in_16_bits_exports_int8_fp8_and_int4(tmp_path):
     """An SDXL-style UNet quantized from its 16-bit weights (what an SDXL-size model gets on a 24 GB machine),
-    calibrated, traced and parity-checked in fp16 (CPU convolutions computed in fp32). ModelOpt's int8/int4 Q/DQ hand
-    fp32 on in the fp16 graph, which left a quantized `proj_in` feeding an fp16 LayerNormalization (ONNX Runtime refused
-    the graph): their twins compute in fp32 outside the quantized weights, and ONNX Runtime still fuses the int8 GEMMs
-    exactly as in the twin made from an fp32 load."""
+    calibrated, traced and parity-checked in fp16 (CPU convolutions computed in fp32). ModelOpt's fp32 int4 Q/DQ hand
+    fp32 on in the fp16 graph (a quantized `proj_in` fed an fp16 LayerNormalization: ONNX Runtime refused the graph),
+    and int8's Half Q/DQ fuse no GEMM in ONNX Runtime: their twins compute in fp32 outside the quantized weights, and
+    ONNX Runtime fuses the int8 GEMMs exactly as in the twin made from an fp32 load."""
     from tmpdiff.engines.build import build_engines
     from tmpdiff.formats.manifest import load_manifest
 

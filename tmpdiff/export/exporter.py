@@ -63,7 +63,7 @@ from tmpdiff.models.loading import load_diffusers_model, read_model_config
 from tmpdiff.models.registry import adapter_for_config
 
 TRACE_OPSET = 19  # the opset torch's TorchScript exporter traces quantized modules at (modelopt's Q/DQ symbolics)
-FLOAT_QDQ_KINDS = ("int8", "int4")  # modelopt writes these Q/DQ in fp32 in a 16-bit model (`export.upcast`)
+FLOAT32_TWIN_KINDS = ("int8", "int4")  # their twins from a 16-bit model compute in fp32 (`export.upcast`)
 
 
 @dataclass
@@ -408,8 +408,8 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     # One graph at a time, each saved before the next is made (a large graph's weights leave memory when it is
     # saved): the twin first (its weights are int8/fp8/int4), then the TensorRT graph, converted to 16 bits once the
     # traced graph is gone.
-    # ModelOpt's int8/int4 Q/DQ is fp32 in a 16-bit model and hands fp32 on: that twin computes in fp32 throughout
-    twin, twin_stats = ort_twin(raw, kind, spec.ort_opset, float32=dtype != torch.float32 and kind in FLOAT_QDQ_KINDS)
+    # a 16-bit model's int8 (Half Q/DQ) / int4 (fp32 Q/DQ handing fp32 on) twin computes in fp32 (`export.upcast`)
+    twin, twin_stats = ort_twin(raw, kind, spec.ort_opset, float32=dtype != torch.float32 and kind in FLOAT32_TWIN_KINDS)
     written = [*save_onnx(twin, build_dir / rel), directory / "quant_state.safetensors", directory / "quant_config.json"]
     del twin
     release_freed_memory()

@@ -1,14 +1,15 @@
 """A graph traced from a 16-bit model, computed in fp32 outside its quantized weights: the ORT twin of int8/int4.
 
-ModelOpt's int8 and int4 ONNX exporters write their Q/DQ in fp32 in a 16-bit model and hand the fp32 result on (the
-cast back to 16 bits is computed and dropped, modelopt 0.39), so the traced graph is fp32 downstream of the first
-quantized layer except where an op takes 16-bit parameters the exporter did not promote (a UNet's LayerNormalization
-after a quantized `proj_in`), which ONNX Runtime refuses. ONNX Runtime's CPU kernels compute in fp32 anyway (it casts
-16-bit weights, and its optimised graph holds them as fp32), so the twin is made fp32 throughout: 16-bit initializers,
-constants and casts become fp32, 16-bit graph inputs and outputs are cast at the boundary. Quantized weights (int8,
-int4) and their fp32 scales are untouched, so ONNX Runtime still fuses the int8 GEMMs.
+ONNX Runtime's CPU provider fuses int8 GEMMs only around fp32 Q/DQ, and computes 16-bit graphs in fp32 anyway (it
+casts 16-bit weights, and its optimised graph holds them as fp32). A 16-bit model's int8 graph carries its Q/DQ in
+16 bits (ModelOpt's "Half" form, `quantize.export_qdq_in_model_dtype`): ONNX Runtime would fuse none of its GEMMs.
+int4's exporter writes fp32 Q/DQ and hands the fp32 result on (the cast back to 16 bits is computed and dropped,
+modelopt 0.39), so that graph is fp32 downstream of the first quantized layer except where an op takes 16-bit
+parameters the exporter did not promote (a UNet's LayerNormalization after a quantized `proj_in`), which ONNX Runtime
+refuses. Either way the twin is made fp32 throughout: 16-bit initializers, constants and casts become fp32, 16-bit graph
+inputs and outputs are cast at the boundary. Quantized weights (int8, int4) are untouched and their scales become fp32,
+so ONNX Runtime fuses the int8 GEMMs as in a twin made from an fp32 model.
 """
-
 from __future__ import annotations
 
 import numpy as np
