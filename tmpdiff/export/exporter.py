@@ -319,6 +319,8 @@ def _export_locked(
         key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
         if base != "float32":
             key_parts["base"] = base  # checked against a 16-bit torch model, not the fp32 one
+            if spec.rewrite_kind in FLOAT32_TWIN_KINDS:  # Half Q/DQ (int8) and the fp32 twin: not what older exports made
+                key_parts["twin"] = "float32"
         if embedding_entry is not None:
             key_parts["time_embedding_input"] = {"slots": embedding_entry.slots, "table": embedding_entry.sha256}
         if spec.modelopt_cfg is not None:
