@@ -149,7 +149,7 @@ def _parity(path: Path, precision: str, expected: ParityOutputs, reference: Pari
     """
     from tmpdiff.engines.ort import OrtEngine
 
-    engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
+    engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization, priority_order=True)
     parity, error, torch_error = [], [], []
     for inputs, want, fp32 in zip(expected.inputs, expected.outputs, reference.outputs, strict=True):
         got = next(iter(engine.infer({k: v.numpy() for k, v in inputs.items()}).values()))
@@ -159,7 +159,7 @@ def _parity(path: Path, precision: str, expected: ParityOutputs, reference: Pari
     return float(np.median(parity)), float(np.median(error)), float(np.median(torch_error))
 
 
-def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, expected: ParityOutputs,
+def _trt_parity(path: Path, has_trt_ops: bool, precision: str, expected: ParityOutputs,
                 reference: ParityOutputs, trt_dtype: str) -> float | None:
     """The saved TensorRT graph run by ONNX Runtime on CPU vs the fake-quant torch model (`_parity`), where ONNX
     Runtime can run it (standard ops in fp16: int8, fp8); None for graphs with trt:: ops (int4) or bf16 compute (no
@@ -167,7 +167,7 @@ def _trt_parity(path: Path, trt_proto: onnx.ModelProto, precision: str, expected
     the fp16 tolerance of the fp32 fake-quant model, or - in deep graphs where fp16 rounding flips quantized
     activations (UNets) - be of the same quality: at most 1.5x as far from the fp32 model as the fake-quant model is
     (a graph with missing or wrong quantizers is an order of magnitude off); else export fails."""
-    if trt_dtype != "float16" or any(n.domain == "trt" for n in trt_proto.graph.node):
+    if trt_dtype != "float16" or has_trt_ops:
         return None
     error, vs_fp32, quantization_error = _parity(path, precision, expected, reference)
     check_half_parity(error, vs_fp32, quantization_error, f"{precision}: the TensorRT graph", "the fake-quant model", path)
@@ -191,7 +191,7 @@ def _record_check_io(path: Path, precision: str, adapter: DenoiserAdapter, out: 
 
     from tmpdiff.engines.ort import OrtEngine
 
-    engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization)
+    engine = OrtEngine(path, precision, optimization=get_precision(precision).ort_optimization, priority_order=True)
     inputs = {k: v.numpy() for k, v in adapter.sample_inputs(adapter.default_dims(2), seed=CHECK_SEED).items()}
     outputs = engine.infer(inputs)
     tensors = {f"input.{k}": v for k, v in inputs.items()} | {f"output.{k}": v for k, v in outputs.items()}
@@ -427,19 +427,22 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
         raise TmpdiffError(f"{spec.name}: graph census found unquantized layers: {'; '.join(problems[:5])}",
                            build_dir / trt_rel)
 
+    compute_dtypes = graph_census.compute_dtypes(trt_proto)
+    has_trt_ops = any(n.domain == "trt" for n in trt_proto.graph.node)
+    del trt_proto  # checked from its file: its weights are not held beside the session running it
+    release_freed_memory()
     quantization = {
         "modelopt_config": spec.modelopt_cfg,
         "config_sha256": config_digest(quant_config),
         "calibration": calibration.description,
         "quantizers": quantizers,
         "census": graph_census.summarize(rows),
-        "trt_compute_dtypes": graph_census.compute_dtypes(trt_proto),
+        "trt_compute_dtypes": compute_dtypes,
         "trt_base": trt_dtype,
-        "trt_parity_error": _trt_parity(build_dir / trt_rel, trt_proto, spec.name, expected, reference, trt_dtype),
+        "trt_parity_error": _trt_parity(build_dir / trt_rel, has_trt_ops, spec.name, expected, reference, trt_dtype),
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
-    del trt_proto
     entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, expected, reference, quantization, written)
     return entry, rows
 
