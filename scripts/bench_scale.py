@@ -118,7 +118,7 @@ def code_version() -> str:
 
 
 def bench_model(name: str, precisions: list[str], work: Path, results: dict, out: Path, repeats: int,
-                redo: bool = False) -> None:
+                redo: bool = False, memory_check: bool = True) -> None:
     model_dir, params, make_seconds = make_model(name, work)
     spec = MODELS[name]
     record = results["models"].setdefault(name, {})
@@ -136,7 +136,9 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
         shutil.rmtree(build_dir / precision, ignore_errors=True)  # this script's scratch build: export it afresh
         row["export"] = run_stage(["export", str(model_dir), "--precisions", precision, "--out", str(build_root),
                                    "--model-id", name, *spec.get("graph", []),
-                                   *(["--random-calibration"] if get_precision(precision).modelopt_cfg else [])], log)
+                                   *(["--random-calibration"] if get_precision(precision).modelopt_cfg else []),
+                                   *([] if memory_check else ["--no-memory-check"])], log)
+        row["memory_check"] = memory_check
         write_json(out, results)
         if row["export"]["exit_code"] != 0:
             continue
@@ -182,6 +184,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (updated after every stage)")
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps per precision (median)")
     parser.add_argument("--redo", action="store_true", help="measure precisions an earlier run already measured again")
+    parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                        help="export what the memory plan would refuse: measures the peak the plan is fitted from")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -196,7 +200,8 @@ def main() -> int:
                          "write this machine's to another --out")
     results["machine"] = machine
     for name in names:
-        bench_model(name, [p.strip() for p in args.precisions.split(",")], args.work, results, args.out, args.repeats, args.redo)
+        bench_model(name, [p.strip() for p in args.precisions.split(",")], args.work, results, args.out, args.repeats, args.redo,
+                    args.memory_check)
     print(json.dumps(results, indent=1))
     return 0
 
