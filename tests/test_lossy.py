@@ -162,7 +162,8 @@ def test_lossy_report_names_the_costs_origin(fake, tmp_path):
     save_costs(CostsTable.stated("Test GPU", {"fp32": 1.0, "int4": 0.45}, "assumed ratios", None), tmp_path / "c.json")
     config = {"costs": str(tmp_path / "c.json"),
               "exhaustive": {"a": {"tables": [str(p) for p in paths], "calib_seeds": [1, 2], "unseen_seeds": [3],
-                                   "curve": {"pool_seeds": [1, 2], "sizes": [3, 6], "draws": 1}}}}
+                                   "curve": {"pool_seeds": [1, 2], "sizes": [3, 6], "draws": 1},
+                                   "floor": {"splits": 4}}}}
     report = write_report(tmp_path, config)
     saved = json.loads((tmp_path / "bench_lossy.json").read_text())
     assert saved["costs_table"]["origin"] == "stated" and saved["costs_table"]["device"] == "Test GPU"
@@ -177,4 +178,13 @@ def test_lossy_report_names_the_costs_origin(fake, tmp_path):
         assert m["TMPDiff refined"]["evaluations"] <= 3 * 4 * 2
         ratio = m["TMPDiff refined"]["unseen"]["ratio_to_optimum"]
         assert ratio["value"] >= 1 - 1e-9
+    floor = report["parts"]["a"]["selection_floor"]
+    assert floor["splits"] == 4 and len(floor["rows"]) == len(rows)
+    for row in floor["rows"]:  # judged on half B against B's own optimum: nothing chosen elsewhere beats it
+        assert len(row["floor"]) == len(row["refined"]) == 4
+        assert min(row["floor"] + row["refined"]) >= 1 - 1e-9
+    for metric, summary in floor["summary"].items():
+        means = [np.mean(r["floor"]) for r in floor["rows"] if r["metric"] == metric]
+        assert summary["floor_mean_worst_budget"] >= max(means) - 1e-12  # worst budget per split, then the mean
+    assert "What any choice made on 1 samples reaches" in (tmp_path / "bench_lossy.md").read_text()
     assert (tmp_path / "lossy.png").stat().st_size > 1000

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tmpdiff.calibration.exhaustive import load_table, merge_tables
-from tmpdiff.calibration.lossy import exhaustive_comparison, size_curve
+from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor, size_curve
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
 
@@ -41,6 +41,10 @@ def build_report(config: dict, on_progress=lambda _: None) -> dict:
             c = spec["curve"]
             result["size_curve"] = size_curve(table, c["pool_seeds"], spec["unseen_seeds"], cost, report["reference"],
                                               c["sizes"], c.get("draws", 5), speedups=spec.get("speedups"))
+        if spec.get("floor"):
+            result["selection_floor"] = selection_floor(table, spec["calib_seeds"], spec["unseen_seeds"], cost,
+                                                        report["reference"], speedups=spec.get("speedups"),
+                                                        splits=spec["floor"].get("splits", 20))
         report["parts"][part] = result
     if config.get("matched"):
         report["parts"]["matched"] = matched_part(Path(config["matched"]), Path(config["matched_samples"]))
@@ -137,6 +141,21 @@ def _render_exhaustive(part: str, r: dict) -> list[str]:
         for p in c["points"]:
             lines.append(f"| {p['samples']} | {p['mean_ratio']:.3f} | {p['mean_max_ratio']:.3f} | "
                          f"{p['worst_max_ratio']:.3f} | {p['knapsack_mean_max_ratio']:.3f} |")
+        lines.append("")
+    if "selection_floor" in r:
+        f = r["selection_floor"]
+        lines += [f"### What any choice made on {f['half_samples']} samples reaches ({f['splits']} random splits of the "
+                  f"unseen samples into halves A and B)", "",
+                  "Per budget, the mean over splits of: the exhaustive optimum of half A judged on half B against B's own "
+                  "optimum (the floor: no search error, only the samples it was chosen on), and refined TMPDiff "
+                  f"(calibrated on seeds {f['calib_seeds']}) judged on the same B.", "",
+                  "| metric | budget | floor: optimum of A / opt (B) | refined TMPDiff / opt (B) |", "|---|---|---|---|"]
+        for row in f["rows"]:
+            lines.append(f"| {row['metric']} | {row['budget_label']} | {np.mean(row['floor']):.3f} | "
+                         f"{np.mean(row['refined']):.3f} |")
+        lines += ["", "| metric | floor: mean over splits of the worst budget | refined: the same |", "|---|---|---|"]
+        for metric, s in f["summary"].items():
+            lines.append(f"| {metric} | {s['floor_mean_worst_budget']:.3f} | {s['refined_mean_worst_budget']:.3f} |")
         lines.append("")
     return lines
 
