@@ -347,7 +347,8 @@ def _export_locked(
             calibration_set, fp32_outputs = calib(), reference()
             # quantized in place (a real-size model is not held twice); the next precision loads a fresh one
             entry, rows = _export_quantized(spec, lambda: state.pop("model"), adapter, build_dir, key, quant_config,
-                                            calibration_set, trt_dtype, fp32_outputs)
+                                            calibration_set, trt_dtype, fp32_outputs,
+                                            lambda stage, name=spec.name: on_progress(f"{name}: {stage}"))
         seconds = time.perf_counter() - started
         entry.reference_dtype = base
         manifest.precisions[spec.name] = entry
@@ -379,7 +380,8 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
 
 def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module], adapter: DenoiserAdapter,
                       build_dir: Path, key: str, quant_config: dict, calibration: CalibrationSet, trt_dtype: str,
-                      reference: ParityOutputs) -> tuple[PrecisionEntry, list]:
+                      reference: ParityOutputs, on_stage: Callable[[str], None] = lambda _: None
+                      ) -> tuple[PrecisionEntry, list]:
     """modelopt fake quant (of the model `take_model` hands over, in place) -> ORT twin (standard ops, fp32) +
     TensorRT graph (Q/DQ, `trt_dtype` compute elsewhere), both parity-checked against the fake-quant model, errors
     against the `reference` outputs.
@@ -389,6 +391,7 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     an argument would stay referenced by the caller's frame for the whole call)."""
     model = take_model()
     dtype = model_dtype(model)  # float32, or the 16 bits a model too large for fp32 was loaded in
+    on_stage("calibrating the quantizers")
     with fp32_convolutions():
         quantize(model, quant_config, calibration.batches,
                  lambda m, batch: adapter.export_module(m, dtype)(*batch.values()), in_place=True)
@@ -401,6 +404,7 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     if dtype == torch.float16 and spec.rewrite_kind == "int8":
         export_qdq_in_model_dtype(model)
     module = adapter.export_module(model, dtype)
+    on_stage("tracing the fake-quant model")
     with fp32_convolutions(), traced(module, adapter, TRACE_OPSET) as (raw, data_dir):  # opsets: from the rewrites
         load_weights(raw, data_dir)
     del model, module  # the context manager held them until here
@@ -411,10 +415,12 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     # saved): the twin first (its weights are int8/fp8/int4), then the TensorRT graph, converted to 16 bits once the
     # traced graph is gone.
     # a 16-bit model's int8 (Half Q/DQ) / int4 (fp32 Q/DQ handing fp32 on) twin computes in fp32 (`export.upcast`)
+    on_stage("writing the ONNX Runtime twin")
     twin, twin_stats = ort_twin(raw, kind, spec.ort_opset, float32=dtype != torch.float32 and kind in FLOAT32_TWIN_KINDS)
     written = [*save_onnx(twin, build_dir / rel), directory / "quant_state.safetensors", directory / "quant_config.json"]
     del twin
     release_freed_memory()
+    on_stage(f"writing the TensorRT graph ({trt_dtype} outside the quantized layers)")
     trt_proto, trt_stats = trt_graph(raw, kind, spec.trt_opset)
     del raw
     release_freed_memory()
@@ -431,6 +437,7 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     has_trt_ops = any(n.domain == "trt" for n in trt_proto.graph.node)
     del trt_proto  # checked from its file: its weights are not held beside the session running it
     release_freed_memory()
+    on_stage("checking the TensorRT graph and the twin on ONNX Runtime")
     quantization = {
         "modelopt_config": spec.modelopt_cfg,
         "config_sha256": config_digest(quant_config),
