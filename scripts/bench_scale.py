@@ -137,7 +137,9 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
         row["export"] = run_stage(["export", str(model_dir), "--precisions", precision, "--out", str(build_root),
                                    "--model-id", name, *spec.get("graph", []),
                                    *(["--random-calibration"] if get_precision(precision).modelopt_cfg else []),
-                                   *([] if memory_check else ["--no-memory-check"])], log)
+                                   # without the plan `auto` loads fp32: a 16-bit checkpoint is then loaded as it ships
+                                   *([] if memory_check else ["--no-memory-check", "--load-dtype",
+                                                              "float32" if precision == "fp32" else spec["dtype"]])], log)
         row["memory_check"] = memory_check
         write_json(out, results)
         if row["export"]["exit_code"] != 0:
