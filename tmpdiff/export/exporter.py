@@ -88,7 +88,6 @@ def parse_precisions(text: str) -> list[str]:
 
 def _versions() -> dict[str, str]:
     import modelopt
-    import onnx
 
     return {"tmpdiff": importlib.metadata.version("tmpdiff"), "torch": torch.__version__, "modelopt": modelopt.__version__,
             "onnx": onnx.__version__}
