@@ -142,34 +142,34 @@ def size_curve(table: SampleTable, pool_seeds: Sequence[int], unseen_seeds: Sequ
             "budgets": [label for label, _ in budgets], "draws": draws, "points": points}
 
 
-def selection_floor(table: SampleTable, calib_seeds: Sequence[int], unseen_seeds: Sequence[int],
-                    cost: dict[str, float], reference: str, metrics: Sequence[str] = ("latent", "ssim"),
-                    speedups: Sequence[float] | None = None, splits: int = 20, seed: int = 0) -> dict:
+def selection_floor(table: SampleTable, comparison: dict, cost: dict[str, float], splits: int = 20,
+                    seed: int = 0) -> dict:
     """How close to the unseen optimum any choice made on finite samples can land: for random splits of the unseen
-    samples into halves A and B, the exhaustive optimum of A judged on B against B's own optimum (the floor: the best
-    schedule of A's samples, chosen with no search error) beside TMPDiff's refined schedule (calibrated on
-    `calib_seeds`) judged on the same B. The optimum of B is picked on B, so both ratios carry the same selection bias;
-    a search that matches the floor generalises as well as an exhaustive search on that many samples can."""
+    samples of `comparison` (an `exhaustive_comparison` result) into halves A and B, the exhaustive optimum of A judged
+    on B against B's own optimum (the floor: the best schedule of A's samples, chosen with no search error) beside the
+    comparison's refined TMPDiff schedule (calibrated on its calibration seeds) judged on the same B. The optimum of B
+    is picked on B, so both ratios carry the same selection bias; a search that matches the floor generalises as well
+    as an exhaustive search on that many samples can."""
     rng = np.random.default_rng(seed)
-    calib, unseen = table.samples_of(calib_seeds), table.samples_of(unseen_seeds)
+    unseen = table.samples_of(comparison["unseen_seeds"], comparison.get("unseen_classes"))
     halves = []
     for _ in range(splits):
         order = rng.permutation(unseen)
         halves.append((np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])))
-    out: dict = {"calib_seeds": list(calib_seeds), "unseen_seeds": list(unseen_seeds), "splits": splits,
-                 "half_samples": int(len(unseen) // 2), "rows": []}
-    for metric in metrics:
-        name = TABLE_METRIC[metric]
-        for label, budget in budgets_for(table, cost, reference, speedups):
-            refined = search_on_table(table, calib, cost, reference, metric, budget)["refined"]
-            floor, ours = [], []
-            for a, b in halves:
-                best_b = optimum(table, name, b, cost, budget)[1]
-                floor.append(float(table.values(name, optimum(table, name, a, cost, budget)[0], b).mean()) / best_b)
-                ours.append(float(table.values(name, refined, b).mean()) / best_b)
-            out["rows"].append({"metric": metric, "budget_label": label, "floor": floor, "refined": ours})
+    out: dict = {"calib_seeds": comparison["calib_seeds"], "unseen_seeds": comparison["unseen_seeds"],
+                 "splits": splits, "half_samples": int(len(unseen) // 2), "rows": []}
+    for row in comparison["rows"]:
+        name, budget = TABLE_METRIC[row["metric"]], row["budget"]
+        refined = row["methods"]["TMPDiff refined"]["schedule"]
+        floor, ours = [], []
+        for a, b in halves:
+            best_b = optimum(table, name, b, cost, budget)[1]
+            floor.append(float(table.values(name, optimum(table, name, a, cost, budget)[0], b).mean()) / best_b)
+            ours.append(float(table.values(name, refined, b).mean()) / best_b)
+        out["rows"].append({"metric": row["metric"], "budget_label": row["budget_label"], "floor": floor,
+                            "refined": ours})
     out["summary"] = {}
-    for metric in metrics:
+    for metric in dict.fromkeys(r["metric"] for r in out["rows"]):
         rows = [r for r in out["rows"] if r["metric"] == metric]
         floor, ours = np.array([r["floor"] for r in rows]), np.array([r["refined"] for r in rows])  # budgets x splits
         out["summary"][metric] = {"floor_mean_worst_budget": float(floor.max(axis=0).mean()),

@@ -42,9 +42,7 @@ def build_report(config: dict, on_progress=lambda _: None) -> dict:
             result["size_curve"] = size_curve(table, c["pool_seeds"], spec["unseen_seeds"], cost, report["reference"],
                                               c["sizes"], c.get("draws", 5), speedups=spec.get("speedups"))
         if spec.get("floor"):
-            result["selection_floor"] = selection_floor(table, spec["calib_seeds"], spec["unseen_seeds"], cost,
-                                                        report["reference"], speedups=spec.get("speedups"),
-                                                        splits=spec["floor"].get("splits", 20))
+            result["selection_floor"] = selection_floor(table, result, cost, splits=spec["floor"].get("splits", 20))
         report["parts"][part] = result
     if config.get("matched"):
         report["parts"]["matched"] = matched_part(Path(config["matched"]), Path(config["matched_samples"]))

@@ -25,7 +25,7 @@ from tmpdiff.engines.memory import release_freed_memory
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.disk_plan import require_export_space
-from tmpdiff.export.graph_rewrite import ort_twin, remove_dead_nodes, trt_graph
+from tmpdiff.export.graph_rewrite import TRT_DOMAIN, ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.half_convolutions import fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
@@ -433,7 +433,7 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
                            build_dir / trt_rel)
 
     compute_dtypes = graph_census.compute_dtypes(trt_proto)
-    has_trt_ops = any(n.domain == "trt" for n in trt_proto.graph.node)
+    has_trt_ops = any(n.domain == TRT_DOMAIN for n in trt_proto.graph.node)
     del trt_proto  # checked from its file: its weights are not held beside the session running it
     release_freed_memory()
     on_stage("checking the TensorRT graph and the twin on ONNX Runtime")
