@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,22 +75,30 @@ MODELS: dict[str, dict] = {
 }
 
 
-def make_model(name: str, work: Path) -> tuple[Path, int, float]:
-    """The model directory (made once, seed 0), its parameter count and the seconds making it took."""
+def save_model(name: str, directory: Path) -> None:
+    """Make `name` from its config with random weights (seed 0) and save it to `directory` (safetensors)."""
     import diffusers
     import torch
 
     spec = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(diffusers, spec["class"]).from_config(spec["config"])
+    model = model.to(getattr(torch, spec["dtype"]))
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="100GB")
+
+
+def make_model(name: str, work: Path) -> tuple[Path, int, float]:
+    """The model directory (made once), its parameter count and the seconds making it took.
+
+    The model is made in a child process: memory the allocator keeps after a multi-GB model is freed would otherwise
+    stay in this process for the whole run, beside every stage it measures.
+    """
     directory = work / "models" / name
     started = time.perf_counter()
     if not (directory / "config.json").is_file():
-        torch.manual_seed(0)
-        model = getattr(diffusers, spec["class"]).from_config(spec["config"])
-        model = model.to(getattr(torch, spec["dtype"]))
-        model.save_pretrained(directory, safe_serialization=True, max_shard_size="100GB")
-        del model
-    params = parameter_count(directory)
-    return directory, params, time.perf_counter() - started
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(save_model, name, directory).result()
+    return directory, parameter_count(directory), time.perf_counter() - started
 
 
 def run_stage(args: list[str], log: Path) -> dict:
@@ -110,6 +120,13 @@ def files_of(build_dir: Path, precision: str, pattern: str) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted((build_dir / precision).glob(pattern)) if p.is_file()}
 
 
+def engines_present(build_dir: Path, precision: str, row: dict) -> bool:
+    """Whether the engine files an earlier run recorded for `precision` are still in `build_dir` (the work dir may
+    have been emptied since: the profile needs them)."""
+    recorded = row.get("engine_files") or {}
+    return bool(recorded) and all((build_dir / precision / name).is_file() for name in recorded)
+
+
 def code_version() -> str:
     """The commit the stages ran (`-dirty` with uncommitted changes), recorded beside each measured stage."""
     done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
@@ -129,8 +146,8 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
     build_dir = build_root / name
     for precision in tqdm(precisions, desc=name):
         row = record["precisions"].setdefault(precision, {})
-        if row.get("build", {}).get("exit_code") == 0 and not redo:
-            continue  # measured by an earlier run of this script
+        if row.get("build", {}).get("exit_code") == 0 and engines_present(build_dir, precision, row) and not redo:
+            continue  # measured by an earlier run of this script, and its engine is still there to profile
         row.clear()
         row["code"] = code_version()
         shutil.rmtree(build_dir / precision, ignore_errors=True)  # this script's scratch build: export it afresh
