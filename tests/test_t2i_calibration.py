@@ -13,12 +13,14 @@ from safetensors.torch import load_file, save_file
 from tests.cli_helpers import cli
 from tests.conftest import T2I_PROMPTS as PROMPTS
 from tests.conftest import T2I_STEPS as STEPS
+from tmpdiff.calibration.exhaustive import tree_steps
 from tmpdiff.commands.check import calibration_notes
 from tmpdiff.commands.export import calibration_for, resolve_model_dir
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import load_manifest
 from tmpdiff.formats.schedule import load_schedule
 from tmpdiff.models.tiny_t2i import t2i_dir
+from tmpdiff.runtime.call_memo import CallMemo
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,60 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
     same = matched["headline_versus"]["uniform int8 (same cost)"]
     assert matched["speedup"] == 2.0 and "percent" in same["one_minus_ssim"]
     assert "At matched cost, TMPDiff refined (ssim) against uniform int8" in md
+    # T <= 12: every two-level schedule through the pipeline, the optimum TMPDiff is judged against
+    ex = run["exhaustive_unseen"]
+    assert (ex["schedules"], ex["calib_samples"], ex["unseen_samples"]) == (2**STEPS, 2, 4)
+    assert ex["step_evaluations"] == 3 * tree_steps(2, STEPS)  # 3 pipeline calls, each tree node run once
+    assert {(r["metric"], r["budget_label"]) for r in ex["rows"]} == {(m, f"K={k}") for m in ("latent", "ssim")
+                                                                       for k in range(1, STEPS)}
+    for r in ex["rows"]:
+        for method in r["methods"].values():  # nothing beats the optimum of the samples it is the optimum of
+            assert method["calib_ratio"] >= 1 - 1e-12 and method["unseen"]["ratio_to_optimum"]["value"] >= 1 - 1e-12
+    assert f"(exhaustive) T = {STEPS}" in md and "x 2 prompts" in md
+
+
+def test_exhaustive_walk_through_the_pipeline_is_exact(work):
+    """The table of the prefix-reusing walk equals judging every schedule by its own plain pipeline calls."""
+    import itertools
+
+    import numpy as np
+
+    from tmpdiff.calibration.pipeline_bench import PipelineJudge
+    from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
+    from tmpdiff.calibration.pipeline_session import open_pipeline_session
+
+    root, build, _ = work
+    session = open_pipeline_session(build, root / "costs.json", t2i_dir(), PROMPTS, [0], STEPS, threads=1)
+    try:
+        table = build_pipeline_table(session, [(PROMPTS, [0, 3])], ["fp32", "int8"], progress=False)
+        assert table.step_evaluations == 2 * tree_steps(2, STEPS) < 2 * STEPS * 2**STEPS
+        assert session.evaluator.denoiser.call_memo is None  # the walk leaves the denoiser as it found it
+        plain = PipelineJudge(session, PROMPTS, [0, 3])  # no memo: every schedule's own calls
+        samples = np.arange(4)
+        for schedule in itertools.product(["fp32", "int8"], repeat=STEPS):
+            judged = plain(schedule)
+            for metric in ("latent", "one_minus_ssim", "psnr"):
+                assert np.array_equal(table.values(metric, schedule, samples), judged[metric]), (schedule, metric)
+        assert table.values("latent", ("int8",) * STEPS, samples).min() > 0  # the walk did run int8
+    finally:
+        session.evaluator.close()
+
+
+def test_call_memo_reuses_only_identical_calls():
+    memo = CallMemo()
+    feeds = {"hidden_states": torch.ones(2, 3), "timestep": torch.tensor([5.0])}
+    assert memo.lookup(0, "int8", feeds) is None
+    memo.store(0, "int8", feeds, torch.full((2, 3), 7.0), "int8", None)
+    feeds["hidden_states"] += 1  # the caller's buffer changes after the call: the kept copy does not
+    assert memo.lookup(0, "int8", feeds) is None
+    feeds["hidden_states"] -= 1
+    output, used, fallback = memo.lookup(0, "int8", feeds)
+    assert torch.equal(output, torch.full((2, 3), 7.0)) and used == "int8" and fallback is None
+    output += 1  # a reused output is the caller's own copy
+    assert torch.equal(memo.lookup(0, "int8", feeds)[0], torch.full((2, 3), 7.0))
+    assert memo.lookup(0, "fp32", feeds) is None and memo.lookup(1, "int8", feeds) is None  # precision, step
+    assert memo.lookup(0, "int8", {**feeds, "timestep": torch.tensor([5.0], dtype=torch.float64)}) is None  # dtype
+    assert (memo.hits, memo.misses) == (2, 5)
 
 
 def test_bench_pipeline_options_go_together(work, tmp_path):

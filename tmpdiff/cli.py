@@ -662,8 +662,9 @@ def bench(
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
     unseen_seeds: Annotated[str | None, typer.Option(help="seeds every schedule is judged on, never calibrated on (a "
                                                           "multiple of the calibration seeds' count; default 100, 101, ...)")] = None,
-    exhaustive: Annotated[bool, typer.Option(help="class-conditional builds at T <= 12: the two-level exhaustive "
-                                                  "optimum (prefix-cached)")] = True,
+    exhaustive: Annotated[bool, typer.Option(help="at T <= 12: every two-level schedule judged, the optimum to "
+                                                  "compare with (prefix-cached; with --pipeline, through the "
+                                                  "pipeline)")] = True,
     reference: Annotated[str, typer.Option(help="reference precision (must be in the costs table)")] = "fp32",
     pipeline: Annotated[Path | None, typer.Option(help="text-conditioned builds: the diffusers pipeline directory the "
                                                        "engines run in (its scheduler and guidance)")] = None,
@@ -709,7 +710,8 @@ def bench(
                        [100 + i for i in range(len(seeds))] if unseen_seeds is None
                        else _int_list(unseen_seeds, "--unseen-seeds"),
                        _int_list(steps or "20", "--steps"), targets, guidance=guidance, reference=reference,
-                       threads=threads, refine_evaluations=refine_evaluations, on_progress=lambda m: console.print(m))
+                       threads=threads, refine_evaluations=refine_evaluations, on_progress=lambda m: console.print(m),
+                       exhaustive=exhaustive)
         typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
         return
     classifier = bundled_dir() / "classifier"

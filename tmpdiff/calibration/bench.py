@@ -21,7 +21,7 @@ from tmpdiff.calibration.baselines import (
     two_level,
 )
 from tmpdiff.calibration.evaluator import METRICS
-from tmpdiff.calibration.exhaustive import SampleTable, build_table
+from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_STEPS, SampleTable, build_table
 from tmpdiff.calibration.lossy import exhaustive_comparison, table_problem
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
@@ -141,7 +141,7 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
             tmp_row = next(r for r in target["rows"] if r["method"] == "TMPDiff (ssim)")
             target["measured_speedup_tmpdiff_ssim"] = _measured_speedup(session, tmp_row["schedule"])
             per_steps["targets"].append(target)
-        if exhaustive and steps <= 12:
+        if exhaustive and steps <= EXHAUSTIVE_MAX_STEPS:
             on_progress(f"T={steps}: exhaustive two-level optimum ({2 ** steps} schedules, prefix-cached)")
             table = _two_level_table(session, [list(seeds), *groups], clf)
             per_steps["exhaustive"] = _exhaustive_table(table, session.problem, sens_by_metric, cheap, seeds)

@@ -24,6 +24,7 @@ from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps
 from tmpdiff.runtime.runner import ScheduledRunner, guided, initial_noise, run_guarded
 
 Schedule = tuple[str, ...]
+EXHAUSTIVE_MAX_STEPS = 12  # benches walk 2^T schedules up to here (4,096 leaves a batch); beyond, hours not minutes
 
 
 def _snapshot(scheduler) -> dict:

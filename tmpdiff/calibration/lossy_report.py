@@ -94,13 +94,23 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _subset(r: dict, which: str) -> str:
+    """The classes (or, for a pipeline's table, the prompts) a comparison's sample set is restricted to."""
+    chosen = r.get(f"{which}_classes")
+    if not chosen:
+        return ""
+    if r.get("sample_unit") == "prompts":  # indices of prompts across the table's groups
+        return f" x {len(chosen)} prompts"
+    return f" classes {chosen}"
+
+
 def _render_exhaustive(part: str, r: dict) -> list[str]:
     lines = [f"## ({part}) T = {r['steps']}, levels {', '.join(r['levels'])}: all {r['schedules']:,} schedules", "",
-             f"Calibration: seeds {r['calib_seeds']}" + (f" classes {r['calib_classes']}" if r.get("calib_classes") else "")
-             + f" ({r['calib_samples']} samples); unseen: seeds {r['unseen_seeds']}"
-             + (f" classes {r['unseen_classes']}" if r.get("unseen_classes") else "") + f" ({r['unseen_samples']} samples)."
-             f" Prefix-cached tree walks: {r['step_evaluations']:,} step evaluations (batches of 10 classes x each "
-             f"walk's seeds)" + (f", {r['wall_seconds'] / 60:.1f} min wall" if r.get("wall_seconds") else "") + ".",
+             f"Calibration: seeds {r['calib_seeds']}{_subset(r, 'calib')} ({r['calib_samples']} samples); unseen: "
+             f"seeds {r['unseen_seeds']}{_subset(r, 'unseen')} ({r['unseen_samples']} samples)."
+             f" Prefix-cached tree walks: {r['step_evaluations']:,} step evaluations ("
+             + r.get("walk_note", "batches of 10 classes x each walk's seeds") + ")"
+             + (f", {r['wall_seconds'] / 60:.1f} min wall" if r.get("wall_seconds") else "") + ".",
              "", "| metric | budget | speedup | knapsack / opt (calib) | refined / opt (calib) | evaluations | "
              "refined / opt (unseen) [95% CI] | calib-optimum / opt (unseen) | evolutionary / opt (calib, unseen) | "
              "best heuristic / opt (calib) | refined schedule |", "|" + "---|" * 11]

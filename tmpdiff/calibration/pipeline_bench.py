@@ -14,13 +14,18 @@ measured against the all-reference schedule's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_STEPS
+from tmpdiff.calibration.lossy import exhaustive_comparison
+from tmpdiff.calibration.lossy_report import _render_exhaustive
 from tmpdiff.calibration.matched import compare, search_matched, summarise
+from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
 from tmpdiff.eval.bootstrap import jackknife_ci
 from tmpdiff.eval.metrics import PSNR_CAP_DB, latent_errors
@@ -107,8 +112,10 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                    seeds: Sequence[int], unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
                    steps_list: Sequence[int], speedups: Sequence[float], *, guidance: float | None = None,
                    reference: str = "fp32", threads: int | None = None, refine_evaluations: int | None = None,
-                   timing_repeats: int = 3, on_progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Run the comparison at every step count and write bench.json, bench.md and pareto.png under `out`."""
+                   timing_repeats: int = 3, on_progress: Callable[[str], None] = lambda _: None,
+                   exhaustive: bool = True) -> dict:
+    """Run the comparison at every step count and write bench.json, bench.md and pareto.png under `out`; with
+    `exhaustive`, at T <= 12 also every two-level schedule (`pipeline_exhaustive`) as the optimum to judge against."""
     if set(seeds) & set(unseen_seeds) and set(prompts) & set(unseen_prompts):
         raise TmpdiffError("the unseen set shares prompts and seeds with the calibration set: give other --unseen-seeds "
                            "or --unseen-prompts")
@@ -125,7 +132,7 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                                         guidance, threads=threads)
         try:
             report["runs"].append(_bench_steps(session, unseen_prompts, unseen_seeds, speedups, refine_evaluations,
-                                               timing_repeats, on_progress))
+                                               timing_repeats, on_progress, exhaustive))
         finally:
             session.evaluator.close()
         write_json(out / "bench.json", report)  # a long run keeps what it measured
@@ -136,7 +143,7 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
 
 def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
                  speedups: Sequence[float], refine_evaluations: int | None, timing_repeats: int,
-                 on_progress: Callable[[str], None]) -> dict:
+                 on_progress: Callable[[str], None], exhaustive: bool) -> dict:
     problem = session.problem
     judge = PipelineJudge(session, unseen_prompts, unseen_seeds)
     reachable = {f"{s:g}x": s for s in speedups if s <= problem.max_speedup()}
@@ -176,7 +183,29 @@ def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen
         run["targets"].append({"label": label, "speedup": speedup, "rows": rows, "headline_versus": versus,
                                "measured_speedup": ref_s / tmp_s, "timing_repeats": timing_repeats})
     run["evaluations"] = session.evaluator.runs
+    if exhaustive and problem.steps <= EXHAUSTIVE_MAX_STEPS:
+        run["exhaustive_unseen"] = _exhaustive(session, unseen_prompts, unseen_seeds, on_progress)
     return run
+
+
+def _exhaustive(session: PipelineSession, unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
+                on_progress: Callable[[str], None]) -> dict:
+    """All two-level schedules (reference, cheapest) through the pipeline on the calibration and the unseen samples:
+    TMPDiff's searches on the table's calibration samples against the optimum there and on the unseen ones."""
+    ev: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
+    problem = session.problem
+    calls = len(ev.seeds) + len(unseen_seeds)
+    on_progress(f"T={problem.steps}: exhaustive two-level optimum ({2 ** problem.steps} schedules x {calls} pipeline "
+                "calls, shared prefixes' engine calls reused)")
+    started = time.perf_counter()
+    table = build_pipeline_table(session, [(ev.prompts, ev.seeds), (unseen_prompts, unseen_seeds)],
+                                 [problem.reference, problem.cheapest])
+    wall = time.perf_counter() - started
+    n = len(ev.prompts)
+    result = exhaustive_comparison(table, ev.seeds, unseen_seeds, problem.cost, problem.reference,
+                                   calib_classes=list(range(n)), unseen_classes=list(range(n, n + len(unseen_prompts))))
+    return result | {"wall_seconds": round(wall, 1), "sample_unit": "prompts",
+                     "walk_note": "a pipeline call per seed over its prompts; shared prefixes' engine calls reused"}
 
 
 def _ci(summary: dict, key: str, scale: float = 1.0) -> str:
@@ -224,6 +253,8 @@ def render_markdown(report: dict) -> str:
                                if key in diffs]
                     lines += [f"At matched cost, {HEADLINE} against {method.removesuffix(' (same cost)')}: "
                               + ", ".join(changes) + " (% of the uniform level's value, paired interval).", ""]
+        if "exhaustive_unseen" in run:
+            lines += _render_exhaustive("exhaustive", run["exhaustive_unseen"])
         if run["skipped_speedups"]:
             lines += [f"Targets above the costs table's max speedup, skipped: {run['skipped_speedups']}", ""]
     lines += ["![pareto](pareto.png)", ""]

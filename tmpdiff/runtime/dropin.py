@@ -38,6 +38,7 @@ from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.schedulers import set_custom_timesteps
 from tmpdiff.models.time_embedding_input import adapter_for_build
+from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
 from tmpdiff.runtime.parallel import ParallelMode
 from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
@@ -93,6 +94,7 @@ class EngineDenoiser(torch.nn.Module):
         self.drafts: DropInDrafts | None = None  # DRiffusion: set by `attach_engines(parallel=...)`
         self.draft_pool = None  # DRiffusion on Ray actors: a `dropin_ray.DraftPool` (`attach_draft_pool`)
         self.draft_pool_startup: float | None = None  # seconds its Ray start-up and engine loading took
+        self.call_memo: CallMemo | None = None  # exhaustive walks: identical engine calls reused (`call_memo`)
 
     # What diffusers pipelines read from their denoiser besides calling it.
     @property
@@ -197,16 +199,27 @@ class EngineDenoiser(torch.nn.Module):
         return result, used, fallback_from, time.perf_counter() - started
 
     def _run(self, feeds: dict[str, Any], index: int, timestep, dtype: torch.dtype) -> torch.Tensor:
-        """One engine call of step `index` on `feeds` (the step's precision, NaN guard), recorded in the trace."""
+        """One engine call of step `index` on `feeds` (the step's precision, NaN guard), recorded in the trace; with a
+        `call_memo`, an identical earlier call's output instead (recorded with no engine time)."""
+        precision = self.plan.at(index)
+        if self.call_memo is not None:
+            kept = self.call_memo.lookup(index, precision, feeds)
+            if kept is not None:
+                output, used, fallback_from = kept
+                mark = self._clock.mark()
+                self._marks.append((index, timestep, used, fallback_from, mark, mark))
+                return output.to(dtype=dtype)
         with on_stream(self.stream):  # ordered after the pipeline's work on its stream, before what it does next
             for spec in self._input_specs:
                 copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
             start = self._clock.mark()
             out = self._outputs[self._output_spec.name]
-            used, fallback_from = run_guarded(self.engines, self.plan.at(index), out, self.stream, label=f"step {index}",
+            used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
                                               nan_guard=self.nan_guard, nvtx=self.nvtx)
             result = out.to(dtype=dtype, copy=True)
         self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
+        if self.call_memo is not None:
+            self.call_memo.store(index, precision, feeds, result, used, fallback_from)
         return result
 
     def _ensure_buffers(self, batch: int) -> None:
