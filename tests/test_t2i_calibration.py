@@ -136,6 +136,9 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
         for method in r["methods"].values():  # nothing beats the optimum of the samples it is the optimum of
             assert method["calib_ratio"] >= 1 - 1e-12 and method["unseen"]["ratio_to_optimum"]["value"] >= 1 - 1e-12
     assert f"(exhaustive) T = {STEPS}" in md and "x 2 prompts" in md
+    assert (tmp_path / "bench" / ex["table"]).is_file()
+    floor = ex["selection_floor"]["summary"]["latent"]  # an optimum of half the samples, judged on the other half
+    assert floor["floor_mean_worst_budget"] >= 1 - 1e-12 and floor["refined_mean_worst_budget"] >= 1 - 1e-12
 
 
 def test_exhaustive_walk_through_the_pipeline_is_exact(work):

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_STEPS
-from tmpdiff.calibration.lossy import exhaustive_comparison
+from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_STEPS, save_table
+from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor
 from tmpdiff.calibration.lossy_report import _render_exhaustive
 from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
@@ -115,7 +115,8 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                    timing_repeats: int = 3, on_progress: Callable[[str], None] = lambda _: None,
                    exhaustive: bool = True) -> dict:
     """Run the comparison at every step count and write bench.json, bench.md and pareto.png under `out`; with
-    `exhaustive`, at T <= 12 also every two-level schedule (`pipeline_exhaustive`) as the optimum to judge against."""
+    `exhaustive`, at T <= 12 also every two-level schedule (`pipeline_exhaustive`, its table saved beside them as
+    exhaustive_T<steps>.npz) as the optimum to judge against."""
     if set(seeds) & set(unseen_seeds) and set(prompts) & set(unseen_prompts):
         raise TmpdiffError("the unseen set shares prompts and seeds with the calibration set: give other --unseen-seeds "
                            "or --unseen-prompts")
@@ -132,7 +133,8 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                                         guidance, threads=threads)
         try:
             report["runs"].append(_bench_steps(session, unseen_prompts, unseen_seeds, speedups, refine_evaluations,
-                                               timing_repeats, on_progress, exhaustive))
+                                               timing_repeats, on_progress,
+                                               out / f"exhaustive_T{steps}.npz" if exhaustive else None))
         finally:
             session.evaluator.close()
         write_json(out / "bench.json", report)  # a long run keeps what it measured
@@ -143,7 +145,7 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
 
 def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
                  speedups: Sequence[float], refine_evaluations: int | None, timing_repeats: int,
-                 on_progress: Callable[[str], None], exhaustive: bool) -> dict:
+                 on_progress: Callable[[str], None], table_path: Path | None) -> dict:
     problem = session.problem
     judge = PipelineJudge(session, unseen_prompts, unseen_seeds)
     reachable = {f"{s:g}x": s for s in speedups if s <= problem.max_speedup()}
@@ -183,15 +185,16 @@ def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen
         run["targets"].append({"label": label, "speedup": speedup, "rows": rows, "headline_versus": versus,
                                "measured_speedup": ref_s / tmp_s, "timing_repeats": timing_repeats})
     run["evaluations"] = session.evaluator.runs
-    if exhaustive and problem.steps <= EXHAUSTIVE_MAX_STEPS:
-        run["exhaustive_unseen"] = _exhaustive(session, unseen_prompts, unseen_seeds, on_progress)
+    if table_path is not None and problem.steps <= EXHAUSTIVE_MAX_STEPS:
+        run["exhaustive_unseen"] = _exhaustive(session, unseen_prompts, unseen_seeds, on_progress, table_path)
     return run
 
 
 def _exhaustive(session: PipelineSession, unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
-                on_progress: Callable[[str], None]) -> dict:
-    """All two-level schedules (reference, cheapest) through the pipeline on the calibration and the unseen samples:
-    TMPDiff's searches on the table's calibration samples against the optimum there and on the unseen ones."""
+                on_progress: Callable[[str], None], table_path: Path) -> dict:
+    """All two-level schedules (reference, cheapest) through the pipeline on the calibration and the unseen samples
+    (the table saved to `table_path`): TMPDiff's searches on the table's calibration samples against the optimum there
+    and on the unseen ones, and the selection floor of the unseen samples (`lossy.selection_floor`)."""
     ev: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
     problem = session.problem
     calls = len(ev.seeds) + len(unseen_seeds)
@@ -201,11 +204,13 @@ def _exhaustive(session: PipelineSession, unseen_prompts: Sequence[str], unseen_
     table = build_pipeline_table(session, [(ev.prompts, ev.seeds), (unseen_prompts, unseen_seeds)],
                                  [problem.reference, problem.cheapest])
     wall = time.perf_counter() - started
+    save_table(table, table_path)
     n = len(ev.prompts)
     result = exhaustive_comparison(table, ev.seeds, unseen_seeds, problem.cost, problem.reference,
                                    calib_classes=list(range(n)), unseen_classes=list(range(n, n + len(unseen_prompts))))
-    return result | {"wall_seconds": round(wall, 1), "sample_unit": "prompts",
-                     "walk_note": "a pipeline call per seed over its prompts; shared prefixes' engine calls reused"}
+    result |= {"wall_seconds": round(wall, 1), "sample_unit": "prompts", "table": table_path.name,
+               "walk_note": "a pipeline call per seed over its prompts; shared prefixes' engine calls reused"}
+    return result | {"selection_floor": selection_floor(table, result, problem.cost)}
 
 
 def _ci(summary: dict, key: str, scale: float = 1.0) -> str:
