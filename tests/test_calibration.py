@@ -413,6 +413,34 @@ def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_walks_three_levels_when_asked(quant_build, tmp_path):
+    from tests.cli_helpers import cli
+
+    _, build_dir, _ = quant_build
+    costs = tmp_path / "gpu.json"
+    code, _, err = cli("costs", "--device", "test GPU", "--ratio", "fp32=1,int8=0.6,int4=0.45", "--source", "test",
+                       "--out", costs)
+    assert code == 0, err
+    args = ["bench", build_dir, "--costs", costs, "--steps", "3", "--speedups", "1.2,1.6,9", "--calib-seeds", "0"]
+    code, _, err = cli(*args, "--exhaustive-levels", "int8,int4", "--out", tmp_path / "refused")
+    assert code == 2 and "must hold the reference fp32" in err, err
+    code, _, err = cli(*args, "--exhaustive-levels", "fp32,fp8", "--out", tmp_path / "refused2")
+    assert code == 2 and "fp8 not among the compared levels" in err, err
+    code, _, err = cli(*args, "--exhaustive-levels", "int4,fp32,int8", "--out", tmp_path / "bench")
+    assert code == 0, err
+    (run,) = json.loads((tmp_path / "bench" / "bench.json").read_text())["runs"]
+    ex = run["exhaustive_unseen"]
+    assert ex["levels"] == ["fp32", "int8", "int4"] and ex["schedules"] == 27
+    assert ex["step_evaluations"] == 2 * (3 + 9 + 27)  # two seed groups (calibration, unseen), each tree node once
+    # budgets at the reachable speedups (int4 everywhere is 2.22x); no K-based table for three levels
+    assert {r["budget_label"] for r in ex["rows"]} == {"1.2x", "1.6x"} and "exhaustive" not in run
+    for r in ex["rows"]:
+        refined = r["methods"]["TMPDiff refined"]
+        assert refined["calib_ratio"] >= 1 - 1e-12 and refined["unseen"]["ratio_to_optimum"]["value"] >= 1 - 1e-12
+    assert set(ex["selection_floor"]["summary"]) == {"latent", "ssim"}
+    assert "## (exhaustive) T = 3, levels fp32, int8, int4: all 27 schedules" in (tmp_path / "bench" / "bench.md").read_text()
+
+
 def test_schedule_figures_are_declared_and_old_files_load(tmp_path):
     from pydantic import ValidationError
 

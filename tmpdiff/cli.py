@@ -662,9 +662,12 @@ def bench(
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
     unseen_seeds: Annotated[str | None, typer.Option(help="seeds every schedule is judged on, never calibrated on (a "
                                                           "multiple of the calibration seeds' count; default 100, 101, ...)")] = None,
-    exhaustive: Annotated[bool, typer.Option(help="at T <= 12: every two-level schedule judged, the optimum to "
-                                                  "compare with (prefix-cached; with --pipeline, through the "
-                                                  "pipeline)")] = True,
+    exhaustive: Annotated[bool, typer.Option(help="every schedule judged, the optimum to compare with, where L^T "
+                                                  "<= 6,561 (two levels: T <= 12; prefix-cached; with --pipeline, "
+                                                  "through the pipeline)")] = True,
+    exhaustive_levels: Annotated[str | None, typer.Option(help="levels of the exhaustive walk, the reference among "
+                                                               "them (default: the reference and the cheapest; with "
+                                                               "three, budgets at --speedups)")] = None,
     reference: Annotated[str, typer.Option(help="reference precision (must be in the costs table)")] = "fp32",
     pipeline: Annotated[Path | None, typer.Option(help="text-conditioned builds: the diffusers pipeline directory the "
                                                        "engines run in (its scheduler and guidance)")] = None,
@@ -698,6 +701,7 @@ def bench(
     for target in targets:
         _check_speedup(target, "--speedups")
     check_threads(threads)
+    walk_levels = None if exhaustive_levels is None else [p.strip() for p in exhaustive_levels.split(",") if p.strip()]
     out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs], build_dirs=[build_dir])["--out"]
     if pipeline is not None:
         from tmpdiff.calibration.pipeline_bench import pipeline_bench
@@ -711,7 +715,7 @@ def bench(
                        else _int_list(unseen_seeds, "--unseen-seeds"),
                        _int_list(steps or "20", "--steps"), targets, guidance=guidance, reference=reference,
                        threads=threads, refine_evaluations=refine_evaluations, on_progress=lambda m: console.print(m),
-                       exhaustive=exhaustive)
+                       exhaustive=exhaustive, exhaustive_at=walk_levels)
         typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
         return
     classifier = bundled_dir() / "classifier"
@@ -720,7 +724,7 @@ def bench(
                        threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m),
                        reference=reference, exhaustive=exhaustive,
                        unseen_seeds=None if unseen_seeds is None else _int_list(unseen_seeds, "--unseen-seeds"),
-                       workers=workers, address=address)
+                       workers=workers, address=address, exhaustive_at=walk_levels)
     typer.echo(f"costs: {report['costs_table']['note']}")
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
 

@@ -1,10 +1,10 @@
 """`tmpdiff bench`: TMPDiff against every baseline at several speedup targets, on two metrics, judged on all.
 
 Writes bench.json, bench.md and pareto.png. Searches run on the calibration seeds; every row is also judged
-on unseen seeds (`unseen_seeds`, default 100, 101, ...) with bootstrap intervals. For T <= 12 with two levels the
-exhaustive optimum is the judge (all 2^T schedules by a prefix-cached tree walk, `calibration.exhaustive`): per
-number K of cheap steps, optimum vs TMPDiff vs each heuristic on the calibration seeds, and TMPDiff (knapsack and
-refined) against the optimum of the unseen seeds.
+on unseen seeds (`unseen_seeds`, default 100, 101, ...) with bootstrap intervals. Where the levels' L^T schedules
+are few enough (two levels: T <= 12) the exhaustive optimum is the judge (every schedule by a prefix-cached tree walk,
+`calibration.exhaustive`): per budget, optimum vs TMPDiff vs each heuristic on the calibration seeds, TMPDiff
+(knapsack and refined) against the optimum of the unseen seeds, and the selection floor of those samples.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from tmpdiff.calibration.baselines import (
     two_level,
 )
 from tmpdiff.calibration.evaluator import METRICS
-from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_STEPS, SampleTable, build_table
-from tmpdiff.calibration.lossy import exhaustive_comparison, table_problem
+from tmpdiff.calibration.exhaustive import SampleTable, build_table, exhaustive_levels
+from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor, table_problem
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
     CountingProblem,
@@ -68,10 +68,12 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
           speedups: Sequence[float] = (1.1, 1.25, 1.4), seeds: Sequence[int] = (0, 1), threads: int | None = None,
           classifier_dir: Path | None = None, on_progress: Callable[[str], None] = lambda _: None,
           reference: str = "fp32", unseen_seeds: Sequence[int] | None = None, exhaustive: bool = True,
-          workers: int | None = None, address: str | None = None) -> dict:
+          workers: int | None = None, address: str | None = None, exhaustive_at: Sequence[str] | None = None) -> dict:
     """Run the whole comparison and write its outputs; returns the bench dict (its costs' origin in `costs_table`).
 
-    Unseen seeds default to 100, 101, ... (as many as calibration seeds); `exhaustive` adds the 2^T judge at T <= 12.
+    Unseen seeds default to 100, 101, ... (as many as calibration seeds); `exhaustive` adds the judge over every
+    schedule of `exhaustive_at` levels (default: the reference and the cheapest) where there are at most 6,561 (two
+    levels: budgets of K cheap steps; three or more: `speedups`), with the selection floor of the unseen samples.
     """
     from tmpdiff.calibration.matched import UnseenJudge, summarise, unseen_groups
     from tmpdiff.eval.quality import real_low_features, sample_quality
@@ -87,6 +89,8 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
         session = open_session(build_dir, costs_path, steps, "latent", reference, seeds=seeds, threads=threads,
                                workers=workers, address=address, on_notice=on_progress)
         labels = session.evaluator.labels
+        # checked before any search runs: a wrong level is refused in seconds, not after the comparison
+        levels = exhaustive_levels(session.problem.all_levels, reference, exhaustive_at, steps) if exhaustive else None
         judge_unseen = UnseenJudge(session, groups, clf)
 
         def quality(schedule, session=session, labels=labels):
@@ -141,12 +145,18 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
             tmp_row = next(r for r in target["rows"] if r["method"] == "TMPDiff (ssim)")
             target["measured_speedup_tmpdiff_ssim"] = _measured_speedup(session, tmp_row["schedule"])
             per_steps["targets"].append(target)
-        if exhaustive and steps <= EXHAUSTIVE_MAX_STEPS:
-            on_progress(f"T={steps}: exhaustive two-level optimum ({2 ** steps} schedules, prefix-cached)")
-            table = _two_level_table(session, [list(seeds), *groups], clf)
-            per_steps["exhaustive"] = _exhaustive_table(table, session.problem, sens_by_metric, cheap, seeds)
-            per_steps["exhaustive_unseen"] = exhaustive_comparison(table, seeds, unseen_seeds, session.problem.cost,
-                                                                   reference)
+        if levels is not None:
+            on_progress(f"T={steps}: exhaustive optimum over {', '.join(levels)} ({len(levels) ** steps} schedules, "
+                        "prefix-cached)")
+            ev = session.evaluator
+            table = build_table(ev.runner, ev.sampling, list(ev.classes), [list(seeds), *groups], levels, reference,
+                                steps, clf)
+            if len(levels) == 2:
+                per_steps["exhaustive"] = _exhaustive_table(table, session.problem, sens_by_metric, levels[1], seeds)
+            compared = exhaustive_comparison(table, seeds, unseen_seeds, session.problem.cost, reference,
+                                             speedups=reachable(levels, session.problem.cost, speedups))
+            per_steps["exhaustive_unseen"] = compared | {"selection_floor": selection_floor(table, compared,
+                                                                                            session.problem.cost)}
         report["runs"].append(per_steps)
         session.evaluator.close()
     write_json(out / "bench.json", report)
@@ -155,10 +165,12 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
     return report
 
 
-def _two_level_table(session: CalibrationSession, groups: list[list[int]], classifier_dir: str | None) -> SampleTable:
-    ev, problem = session.evaluator, session.problem
-    return build_table(ev.runner, ev.sampling, list(ev.classes), groups, [problem.reference, problem.cheapest],
-                       problem.reference, problem.steps, classifier_dir)
+def reachable(levels: Sequence[str], cost: dict[str, float], speedups: Sequence[float]) -> list[float] | None:
+    """Budgets of an exhaustive comparison: None for two levels (every count of cheap steps), else the speedup
+    targets the levels can reach."""
+    if len(levels) == 2:
+        return None
+    return [s for s in speedups if s <= cost[levels[0]] / min(cost[p] for p in levels) + 1e-9]
 
 
 def _exhaustive_table(table: SampleTable, base: Problem, sens_by_metric: dict[str, Sensitivities], cheap: str,

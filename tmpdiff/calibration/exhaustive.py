@@ -24,7 +24,8 @@ from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps
 from tmpdiff.runtime.runner import ScheduledRunner, guided, initial_noise, run_guarded
 
 Schedule = tuple[str, ...]
-EXHAUSTIVE_MAX_STEPS = 12  # benches walk 2^T schedules up to here (4,096 leaves a batch); beyond, hours not minutes
+# Benches walk L^T schedules up to this many (2 levels: T <= 12; 3 levels: T <= 8); beyond, hours not minutes.
+EXHAUSTIVE_MAX_SCHEDULES = 6561
 
 
 def _snapshot(scheduler) -> dict:
@@ -83,6 +84,23 @@ def walk_schedules(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noi
 
     visit(0, noise.to(device) * scheduler.init_noise_sigma, _snapshot(scheduler), ())
     return count
+
+
+def exhaustive_levels(problem_levels: Sequence[str], reference: str, asked: Sequence[str] | None, steps: int
+                      ) -> list[str] | None:
+    """The levels an exhaustive walk covers, the reference first: `asked`, or the reference and the cheapest level;
+    None when their L^T schedules are more than a bench walks (`EXHAUSTIVE_MAX_SCHEDULES`). Levels outside the costs
+    table, or a set without the reference, are refused."""
+    levels = [reference, problem_levels[-1]] if not asked else list(dict.fromkeys(asked))
+    unknown = [p for p in levels if p not in problem_levels]
+    if unknown:
+        raise TmpdiffError(f"--exhaustive-levels {', '.join(unknown)} not among the compared levels "
+                           f"({', '.join(problem_levels)})")
+    if reference not in levels or len(levels) < 2:
+        raise TmpdiffError(f"--exhaustive-levels must hold the reference {reference} and at least one cheaper level, "
+                           f"got {', '.join(levels)}")
+    levels = [reference, *sorted((p for p in levels if p != reference), key=list(problem_levels).index)]
+    return levels if len(levels) ** steps <= EXHAUSTIVE_MAX_SCHEDULES else None
 
 
 def tree_steps(levels: int, steps: int) -> int:

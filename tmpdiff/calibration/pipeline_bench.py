@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_STEPS, save_table
+from tmpdiff.calibration.bench import reachable
+from tmpdiff.calibration.exhaustive import exhaustive_levels, save_table
 from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor
 from tmpdiff.calibration.lossy_report import _render_exhaustive
 from tmpdiff.calibration.matched import compare, search_matched, summarise
@@ -113,10 +114,11 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                    steps_list: Sequence[int], speedups: Sequence[float], *, guidance: float | None = None,
                    reference: str = "fp32", threads: int | None = None, refine_evaluations: int | None = None,
                    timing_repeats: int = 3, on_progress: Callable[[str], None] = lambda _: None,
-                   exhaustive: bool = True) -> dict:
+                   exhaustive: bool = True, exhaustive_at: Sequence[str] | None = None) -> dict:
     """Run the comparison at every step count and write bench.json, bench.md and pareto.png under `out`; with
-    `exhaustive`, at T <= 12 also every two-level schedule (`pipeline_exhaustive`, its table saved beside them as
-    exhaustive_T<steps>.npz) as the optimum to judge against."""
+    `exhaustive`, also every schedule over `exhaustive_at` levels (default: the reference and the cheapest) where
+    they are few enough (`pipeline_exhaustive`; its table saved beside them as exhaustive_T<steps>.npz) as the
+    optimum to judge against."""
     if set(seeds) & set(unseen_seeds) and set(prompts) & set(unseen_prompts):
         raise TmpdiffError("the unseen set shares prompts and seeds with the calibration set: give other --unseen-seeds "
                            "or --unseen-prompts")
@@ -134,7 +136,8 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
         try:
             report["runs"].append(_bench_steps(session, unseen_prompts, unseen_seeds, speedups, refine_evaluations,
                                                timing_repeats, on_progress,
-                                               out / f"exhaustive_T{steps}.npz" if exhaustive else None))
+                                               out / f"exhaustive_T{steps}.npz" if exhaustive else None,
+                                               exhaustive_at))
         finally:
             session.evaluator.close()
         write_json(out / "bench.json", report)  # a long run keeps what it measured
@@ -145,8 +148,12 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
 
 def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
                  speedups: Sequence[float], refine_evaluations: int | None, timing_repeats: int,
-                 on_progress: Callable[[str], None], table_path: Path | None) -> dict:
+                 on_progress: Callable[[str], None], table_path: Path | None,
+                 exhaustive_at: Sequence[str] | None) -> dict:
     problem = session.problem
+    # checked before any search runs: a wrong level is refused in seconds, not after the comparison
+    levels = None if table_path is None else exhaustive_levels(problem.all_levels, problem.reference, exhaustive_at,
+                                                                problem.steps)
     judge = PipelineJudge(session, unseen_prompts, unseen_seeds)
     reachable = {f"{s:g}x": s for s in speedups if s <= problem.max_speedup()}
     searched = {}
@@ -185,29 +192,30 @@ def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen
         run["targets"].append({"label": label, "speedup": speedup, "rows": rows, "headline_versus": versus,
                                "measured_speedup": ref_s / tmp_s, "timing_repeats": timing_repeats})
     run["evaluations"] = session.evaluator.runs
-    if table_path is not None and problem.steps <= EXHAUSTIVE_MAX_STEPS:
-        run["exhaustive_unseen"] = _exhaustive(session, unseen_prompts, unseen_seeds, on_progress, table_path)
+    if levels is not None:
+        run["exhaustive_unseen"] = _exhaustive(session, levels, unseen_prompts, unseen_seeds, speedups, on_progress,
+                                               table_path)
     return run
 
 
-def _exhaustive(session: PipelineSession, unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
-                on_progress: Callable[[str], None], table_path: Path) -> dict:
-    """All two-level schedules (reference, cheapest) through the pipeline on the calibration and the unseen samples
-    (the table saved to `table_path`): TMPDiff's searches on the table's calibration samples against the optimum there
-    and on the unseen ones, and the selection floor of the unseen samples (`lossy.selection_floor`)."""
+def _exhaustive(session: PipelineSession, levels: list[str], unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
+                speedups: Sequence[float], on_progress: Callable[[str], None], table_path: Path) -> dict:
+    """Every schedule over `levels` through the pipeline on the calibration and the unseen samples (the table saved
+    to `table_path`): TMPDiff's searches on the table's calibration samples against the optimum there and on the
+    unseen ones, and the selection floor of the unseen samples (`lossy.selection_floor`)."""
     ev: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
     problem = session.problem
     calls = len(ev.seeds) + len(unseen_seeds)
-    on_progress(f"T={problem.steps}: exhaustive two-level optimum ({2 ** problem.steps} schedules x {calls} pipeline "
-                "calls, shared prefixes' engine calls reused)")
+    on_progress(f"T={problem.steps}: exhaustive optimum over {', '.join(levels)} ({len(levels) ** problem.steps} "
+                f"schedules x {calls} pipeline calls, shared prefixes' engine calls reused)")
     started = time.perf_counter()
-    table = build_pipeline_table(session, [(ev.prompts, ev.seeds), (unseen_prompts, unseen_seeds)],
-                                 [problem.reference, problem.cheapest])
+    table = build_pipeline_table(session, [(ev.prompts, ev.seeds), (unseen_prompts, unseen_seeds)], levels)
     wall = time.perf_counter() - started
     save_table(table, table_path)
     n = len(ev.prompts)
     result = exhaustive_comparison(table, ev.seeds, unseen_seeds, problem.cost, problem.reference,
-                                   calib_classes=list(range(n)), unseen_classes=list(range(n, n + len(unseen_prompts))))
+                                   speedups=reachable(levels, problem.cost, speedups), calib_classes=list(range(n)),
+                                   unseen_classes=list(range(n, n + len(unseen_prompts))))
     result |= {"wall_seconds": round(wall, 1), "sample_unit": "prompts", "table": table_path.name,
                "walk_note": "a pipeline call per seed over its prompts; shared prefixes' engine calls reused"}
     return result | {"selection_floor": selection_floor(table, result, problem.cost)}
