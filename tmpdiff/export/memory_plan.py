@@ -17,7 +17,9 @@ are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
   graph with its quantized weights (that conversion was the peak); with them held out (`export.half`) int8 peaked at
   15.2 GiB -> 3.7 copies; the SDXL-size UNet (2.57B) fp8 at 21.4 GiB -> 4.3 while ONNX Runtime ran the 16-bit graphs
   in the parity checks with every weight dequantized at once, and at 17.6 GiB -> 3.5 once those checks ran in
-  priority order (`engines.ort.session_options`; its peak moved to the graph rewrites): the plan is the larger, 3.7.
+  priority order (`engines.ort.session_options`; its peak moved to the graph rewrites); its int8 at 21.6 GiB with the
+  priority order alone (ONNX Runtime's CPU arena kept each parity run's dequantized weights) and at 17.7 GiB -> 3.5
+  with the arena off for those checks: the plan is the larger, 3.7.
   int4 from a 16-bit model is not measured: planned as those copies plus the fp32 int4 export's extra bytes per
   parameter (AWQ's caches).
 """
