@@ -22,7 +22,7 @@ from tmpdiff.calibration.baselines import (
 )
 from tmpdiff.calibration.evaluator import METRICS
 from tmpdiff.calibration.exhaustive import SampleTable, build_table, exhaustive_levels
-from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor, table_problem
+from tmpdiff.calibration.lossy import exhaustive_comparison, reachable, selection_floor, table_problem
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
     CountingProblem,
@@ -163,14 +163,6 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
     write_bytes(out / "bench.md", render_markdown(report).encode())
     plot_pareto(report, out / "pareto.png")
     return report
-
-
-def reachable(levels: Sequence[str], cost: dict[str, float], speedups: Sequence[float]) -> list[float] | None:
-    """Budgets of an exhaustive comparison: None for two levels (every count of cheap steps), else the speedup
-    targets the levels can reach."""
-    if len(levels) == 2:
-        return None
-    return [s for s in speedups if s <= cost[levels[0]] / min(cost[p] for p in levels) + 1e-9]
 
 
 def _exhaustive_table(table: SampleTable, base: Problem, sens_by_metric: dict[str, Sensitivities], cheap: str,

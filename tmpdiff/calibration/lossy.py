@@ -39,6 +39,14 @@ def budgets_for(table: SampleTable, cost: dict[str, float], reference: str, spee
     return [(f"{s:g}x", T * cost[reference] / s) for s in speedups or ()]
 
 
+def reachable(levels: Sequence[str], cost: dict[str, float], speedups: Sequence[float]) -> list[float] | None:
+    """The speedups an exhaustive comparison over `levels` (the reference first) is judged at: None for two levels
+    (every count of cheap steps, `budgets_for`), else the targets the levels can reach."""
+    if len(levels) == 2:
+        return None
+    return [s for s in speedups if s <= cost[levels[0]] / min(cost[p] for p in levels) + 1e-9]
+
+
 def search_on_table(table: SampleTable, calib: np.ndarray, cost: dict[str, float], reference: str, metric: str,
                     budget: float, cap: int | None = None) -> dict:
     """Knapsack and knapsack + refinement on the calibration samples; schedules and evaluations of each."""

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpdiff.calibration.bench import reachable
 from tmpdiff.calibration.exhaustive import exhaustive_levels, save_table
-from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor
+from tmpdiff.calibration.lossy import exhaustive_comparison, reachable, selection_floor
 from tmpdiff.calibration.lossy_report import _render_exhaustive
 from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table

@@ -1,5 +1,5 @@
-"""Every two-level schedule run through a text-to-image pipeline and judged per sample: the exhaustive optimum that
-`tmpdiff bench --pipeline` compares TMPDiff with at T <= 12.
+"""Every schedule over a few levels run through a text-to-image pipeline and judged per sample: the exhaustive
+optimum that `tmpdiff bench --pipeline` compares TMPDiff with (where L^T is at most 6,561).
 
 Each schedule is a real call of the stock pipeline with the engines attached, so the scheduler, guidance and VAE are
 the pipeline's own. Schedules run in product order with a `CallMemo` on the denoiser: a call that repeats the previous
@@ -40,7 +40,7 @@ def build_pipeline_table(session: PipelineSession, groups: Sequence[PromptGroup]
     calls = sum(len(seeds) for _, seeds in groups)
     table = SampleTable(ev.steps, levels, [], [])
     columns: dict[str, list[np.ndarray]] = {"latent": [], "one_minus_ssim": [], "psnr": []}
-    memo, ev.denoiser.call_memo = CallMemo(), None
+    memo = CallMemo()
     bar = tqdm(total=len(schedules) * calls, desc=f"exhaustive T={ev.steps}", unit="schedule", mininterval=5,
                disable=not progress)
     offset = 0
