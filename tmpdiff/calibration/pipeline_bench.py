@@ -28,13 +28,10 @@ from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
 from tmpdiff.eval.bootstrap import jackknife_ci
-from tmpdiff.eval.metrics import PSNR_CAP_DB, latent_errors
 from tmpdiff.eval.quality import frechet_distance
-from tmpdiff.eval.rgb import rgb_metrics
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.runtime.pipeline_io import decode_latents
 
 METRIC_NAMES = {"latent": "latent err", "one_minus_ssim": "1-SSIM (RGB)", "psnr": "PSNR dB", "correct": "adherence",
                 "fd_vs_reference": "FD vs fp32"}
@@ -71,10 +68,7 @@ class PipelineJudge:
         if key not in self.cache:
             ev = self.evaluator
             latents = ev.reference_latents if key == (ev.reference,) * ev.steps else ev.latents(key)
-            images = decode_latents(ev.pipe, latents)
-            ssim, psnr = rgb_metrics(images, ev.reference_images)
-            judged = {"latent": latent_errors(latents, ev.reference_latents), "one_minus_ssim": 1.0 - ssim,
-                      "psnr": np.minimum(psnr, PSNR_CAP_DB)}
+            judged, images = ev.sample_errors(latents)
             if self.attributes is not None:
                 from tmpdiff.models.colored_digits import attributes
 

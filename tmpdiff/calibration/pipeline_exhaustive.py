@@ -19,11 +19,8 @@ from tqdm import tqdm
 
 from tmpdiff.calibration.exhaustive import SampleTable, tree_steps
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession
-from tmpdiff.eval.metrics import PSNR_CAP_DB, latent_errors
-from tmpdiff.eval.rgb import rgb_metrics
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.runtime.call_memo import CallMemo
-from tmpdiff.runtime.pipeline_io import decode_latents
 
 PromptGroup = tuple[Sequence[str], Sequence[int]]  # prompts, seeds (one pipeline call per seed)
 
@@ -52,11 +49,9 @@ def build_pipeline_table(session: PipelineSession, groups: Sequence[PromptGroup]
                                          ev.reference, timesteps=ev.timesteps)
                 cols = {name: np.empty((len(schedules), len(prompts))) for name in columns}
                 for row, schedule in enumerate(schedules):
-                    latents = call.latents(schedule)
-                    ssim, psnr = rgb_metrics(decode_latents(ev.pipe, latents), call.reference_images)
-                    cols["latent"][row] = latent_errors(latents, call.reference_latents)
-                    cols["one_minus_ssim"][row] = 1.0 - ssim
-                    cols["psnr"][row] = np.minimum(psnr, PSNR_CAP_DB)
+                    judged, _ = call.sample_errors(call.latents(schedule))
+                    for name, values in judged.items():
+                        cols[name][row] = values
                     bar.update()
                 for name, values in cols.items():
                     columns[name].append(values)

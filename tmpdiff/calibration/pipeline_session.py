@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from tmpdiff.calibration.evaluator import METRICS, Evaluation
 from tmpdiff.calibration.search import Problem
 from tmpdiff.calibration.session import CalibrationSession, level_costs, reporting
-from tmpdiff.eval.rgb import mean_rgb_metrics
+from tmpdiff.eval.metrics import PSNR_CAP_DB, latent_errors
+from tmpdiff.eval.rgb import mean_rgb_metrics, rgb_metrics
 from tmpdiff.formats.costs import load_costs
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
@@ -99,6 +101,14 @@ class PipelineEvaluator:
 
     def latents(self, schedule: Sequence[str]) -> torch.Tensor:
         return self._run(schedule)[0]
+
+    def sample_errors(self, latents: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        """Per sample of `latents` against the reference's: latent error, 1 - SSIM and PSNR (RGB, capped); and the
+        decoded images."""
+        images = decode_latents(self.pipe, latents)
+        ssim, psnr = rgb_metrics(images, self.reference_images)
+        return {"latent": latent_errors(latents, self.reference_latents), "one_minus_ssim": 1.0 - ssim,
+                "psnr": np.minimum(psnr, PSNR_CAP_DB)}, images
 
     def images(self, schedule: Sequence[str]) -> torch.Tensor:
         """Decoded images (N, 3, H, W) in [0, 1] of a schedule."""
