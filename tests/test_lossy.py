@@ -148,6 +148,24 @@ def test_refinement_never_worse_and_within_its_cap():
     assert refine(problem, tuple(["fp32"] * 5 + ["int4"] * 3), budget, 100).error == pytest.approx(problem.error(best))
 
 
+def test_refinement_lowers_a_step_alone_where_cheap_steps_cancel():
+    """At one cheap step's budget the optimum has two adjacent cheap steps whose errors cancel (as measured on the
+    text-to-image model); only a move that lowers a step alone reaches it from a one-cheap-step start."""
+    T = 8
+
+    def evaluate(schedule):
+        cheap = np.array([p == "int4" for p in schedule], dtype=float)
+        err = float(np.full(T, 3.0) @ cheap - cheap[4] - cheap[5] - 3.5 * cheap[4] * cheap[5])
+        return Evaluation(tuple(schedule), err, 1.0 - err / 100, 30.0)
+
+    problem = Problem.create(T, "fp32", {"fp32": 1.0, "int4": 0.45}, "latent", evaluate)
+    budget = (T - 1) * 1.0 + 0.45
+    start = tuple("int4" if t == 4 else "fp32" for t in range(T))
+    result = refine(problem, start, budget, evaluation_cap(problem))
+    assert result.schedule == tuple("int4" if t in (4, 5) else "fp32" for t in range(T))
+    assert result.error == pytest.approx(0.5) and (5, -1, "int4", "") in result.moves
+
+
 def test_lossy_report_names_the_costs_origin(fake, tmp_path):
     from tmpdiff.calibration.exhaustive import save_table
     from tmpdiff.calibration.lossy_report import write_report

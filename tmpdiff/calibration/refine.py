@@ -2,7 +2,8 @@
 
 The additive scores ignore how steps interact, so the knapsack answer can sit off the measured optimum.
 Starting from it, moves that keep the schedule within the budget are tried: swap the levels of two steps
-(cost unchanged), raise one step (when the budget has room) or raise one step and lower another. Candidates
+(cost unchanged), raise one step (when the budget has room), raise one step and lower another, or lower one step
+alone (cheaper; it helps where the errors of adjacent cheap steps partly cancel, which no additive score sees). Candidates
 are tried in the order the additive down-score predicts best (ties: nearer steps first); the first move whose
 *measured* error is lower is taken and the neighbourhood rebuilt. It stops when no move helps or after
 `max_evaluations` new evaluations, so it never returns a schedule worse than its start on the metric it measures.
@@ -32,7 +33,7 @@ def _down(sens: Sensitivities | None, level: str, t: int) -> float:
 
 def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensitivities | None
                ) -> list[tuple[float, int, Schedule, tuple[int, int, str, str]]]:
-    """Every in-budget move (swap, raise, raise-and-lower), with its predicted score change, best first."""
+    """Every in-budget move (swap, raise, raise-and-lower, lower), with its predicted score change, best first."""
     rank = {p: i for i, p in enumerate(problem.all_levels)}  # 0 = reference (dearest)
     limit = budget * (1 + 1e-9)
     out = []
@@ -65,6 +66,8 @@ def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensit
                         for lower in problem.all_levels:
                             if rank[lower] > rank[schedule[u]]:
                                 add(t, u, level, lower)  # raise t, lower u
+            elif rank[level] > rank[schedule[t]]:
+                add(t, -1, level, "")  # lower t alone
     out.sort(key=lambda m: (m[0], m[1]))
     return out
 
