@@ -99,6 +99,14 @@ class Sensitivities:
     down: dict[str, SensitivityCurve] = field(default_factory=dict)
     up: dict[str, SensitivityCurve] = field(default_factory=dict)
     cheap_error: float = 0.0
+    # every schedule measured on the way (one-step probes, all-cheapest, adjacent pairs) -> its error
+    probes: dict[Schedule, float] = field(default_factory=dict)
+
+    def best_probe(self, problem: Problem, budget: float) -> Schedule | None:
+        """The measured probe of least error that fits the budget (None if none does)."""
+        limit = budget * (1 + 1e-9)
+        fits = [s for s in self.probes if problem.schedule_cost(s) <= limit]
+        return min(fits, key=self.probes.__getitem__) if fits else None
 
     def score_down(self, schedule: Sequence[str]) -> float:
         """S-down: sum of single-step downcast errors."""
@@ -110,9 +118,12 @@ class Sensitivities:
                                             if p != cheapest and p in self.up))
 
 
-def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions: tuple[str, ...] = ("down", "up")
-                          ) -> Sensitivities:
-    """Adaptive-sampled d_t(p) and u_t(p) for every cheaper level: at most T evaluations per level and direction."""
+def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions: tuple[str, ...] = ("down", "up"),
+                          pairs: bool = True) -> Sensitivities:
+    """Adaptive-sampled d_t(p) and u_t(p) for every cheaper level: at most T evaluations per level and direction;
+    with `pairs`, also every two adjacent steps at the cheapest level from the reference (T - 1 more). Adjacent
+    cheap steps' errors can partly cancel, so a pair may beat every single cheap step; `tmpdiff_search` weighs the
+    best probe that fits a budget against the knapsack's answers."""
     T, ref, cheap = problem.steps, problem.reference, problem.cheapest
     sens = Sensitivities()
     all_cheap = [cheap] * T
@@ -120,21 +131,30 @@ def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions:
     def one_step(level: str, t: int, base: str) -> list[str]:
         return [level if i == t else base for i in range(T)]
 
+    def measured(schedule: Sequence[str]) -> float:
+        error = sens.probes[tuple(schedule)] = problem.error(schedule)
+        return error
+
     curves = [(level, ref) for level in problem.levels if "down" in directions]
     curves += [(level, cheap) for level in [ref, *problem.levels[:-1]] if "up" in directions]
     # every curve's first points, side by side where evaluations fan out
     problem.prefetch([all_cheap] + [one_step(level, t, base) for level, base in curves for t in first_points(T)])
-    sens.cheap_error = problem.error(all_cheap)
+    sens.cheap_error = measured(all_cheap)
     for level in problem.levels:
         if "down" in directions:
             sens.down[level] = adaptive_curve(
-                T, lambda t, level=level: problem.error(one_step(level, t, ref)), tolerance,
+                T, lambda t, level=level: measured(one_step(level, t, ref)), tolerance,
                 lambda ts, level=level: problem.prefetch([one_step(level, t, ref) for t in ts]))
     if "up" in directions:
         for level in [ref, *problem.levels[:-1]]:
             sens.up[level] = adaptive_curve(
-                T, lambda t, level=level: sens.cheap_error - problem.error(one_step(level, t, cheap)), tolerance,
+                T, lambda t, level=level: sens.cheap_error - measured(one_step(level, t, cheap)), tolerance,
                 lambda ts, level=level: problem.prefetch([one_step(level, t, cheap) for t in ts]))
+    if pairs and T > 1:
+        adjacent = [[cheap if i in (t, t + 1) else ref for i in range(T)] for t in range(T - 1)]
+        problem.prefetch(adjacent)
+        for schedule in adjacent:
+            measured(schedule)
     return sens
 
 
@@ -160,9 +180,14 @@ def assign_up(problem: Problem, sens: Sensitivities, budget: float) -> Schedule:
 
 
 def tmpdiff_search(problem: Problem, budget: float, sens: Sensitivities) -> tuple[Schedule, list[Schedule]]:
-    """Method B: both additive scores give a knapsack-optimal candidate; the better *measured* one wins."""
+    """Method B: both additive scores give a knapsack-optimal candidate; the better *measured* one wins, unless a
+    probe measured with the sensitivities that fits the budget is better still (already paid for)."""
     candidates = list(dict.fromkeys([assign_down(problem, sens, budget), assign_up(problem, sens, budget)]))
     best = min(candidates, key=problem.error)
+    probe = sens.best_probe(problem, budget)
+    if probe is not None and probe not in candidates and problem.error(probe) < problem.error(best):
+        best = probe
+        candidates.append(probe)
     return best, candidates
 
 
