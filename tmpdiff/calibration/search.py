@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tmpdiff.calibration.evaluator import Evaluation
-from tmpdiff.calibration.knapsack import solve_mckp
+from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE, solve_mckp
 from tmpdiff.calibration.sensitivity import SensitivityCurve, adaptive_curve, first_points
 from tmpdiff.formats.errors import TmpdiffError
 
@@ -104,7 +104,7 @@ class Sensitivities:
 
     def best_probe(self, problem: Problem, budget: float) -> Schedule | None:
         """The measured probe of least error that fits the budget (None if none does)."""
-        limit = budget * (1 + 1e-9)
+        limit = budget * (1 + BUDGET_TOLERANCE)
         fits = [s for s in self.probes if problem.schedule_cost(s) <= limit]
         return min(fits, key=self.probes.__getitem__) if fits else None
 
@@ -132,8 +132,8 @@ def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions:
         return [level if i == t else base for i in range(T)]
 
     def measured(schedule: Sequence[str]) -> float:
-        error = sens.probes[tuple(schedule)] = problem.error(schedule)
-        return error
+        sens.probes[tuple(schedule)] = problem.error(schedule)
+        return sens.probes[tuple(schedule)]
 
     curves = [(level, ref) for level in problem.levels if "down" in directions]
     curves += [(level, cheap) for level in [ref, *problem.levels[:-1]] if "up" in directions]
