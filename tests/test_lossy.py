@@ -11,8 +11,8 @@ import torch
 
 from tmpdiff.calibration.evaluator import Evaluation
 from tmpdiff.calibration.exhaustive import build_table, merge_tables, optimum, tree_steps, walk_schedules
-from tmpdiff.calibration.refine import evaluation_cap, refine
-from tmpdiff.calibration.search import Problem
+from tmpdiff.calibration.refine import evaluation_cap, neighbours, refine
+from tmpdiff.calibration.search import Problem, measure_sensitivities
 from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, ratio_ci
 from tmpdiff.eval.metrics import latent_errors
 from tmpdiff.models.schedulers import sampling_scheduler
@@ -163,7 +163,31 @@ def test_refinement_lowers_a_step_alone_where_cheap_steps_cancel():
     start = tuple("int4" if t == 4 else "fp32" for t in range(T))
     result = refine(problem, start, budget, evaluation_cap(problem))
     assert result.schedule == tuple("int4" if t in (4, 5) else "fp32" for t in range(T))
-    assert result.error == pytest.approx(0.5) and (5, -1, "int4", "") in result.moves
+    assert result.error == pytest.approx(0.5) and ((5, "int4"),) in result.moves
+
+
+def test_refinement_moves_an_adjacent_pair_and_ranks_it_by_the_measured_pair():
+    """Two adjacent cheap steps at the start are a local optimum for every single-step move; the optimum puts the
+    pair where its errors cancel (steps 4 and 5). The pair swap reaches it, and the measured adjacent-pair probe
+    ranks that move first, where the additive scores alone rank it last."""
+    T = 8
+    weight = np.array([1.0, 1.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
+
+    def evaluate(schedule):
+        cheap = np.array([p == "int4" for p in schedule], dtype=float)
+        err = float(weight @ cheap - 5.0 * cheap[4] * cheap[5])
+        return Evaluation(tuple(schedule), err, 1.0 - err / 100, 30.0)
+
+    problem = Problem.create(T, "fp32", {"fp32": 1.0, "int4": 0.45}, "latent", evaluate)
+    budget = (T - 2) * 1.0 + 2 * 0.45
+    start = tuple("int4" if t in (0, 1) else "fp32" for t in range(T))
+    target = tuple("int4" if t in (4, 5) else "fp32" for t in range(T))
+    result = refine(problem, start, budget, evaluation_cap(problem))
+    assert result.schedule == target and result.error == pytest.approx(1.0)
+    sens = measure_sensitivities(problem)
+    assert sens.adjacent[4] == pytest.approx(-5.0) and sens.adjacent[0] == pytest.approx(0.0)
+    assert neighbours(problem, start, budget, sens)[0][2] == target
+    assert refine(problem, start, budget, 1, sens).schedule == target  # its first evaluation
 
 
 def test_lossy_report_names_the_costs_origin(fake, tmp_path):

@@ -2,9 +2,11 @@
 
 The additive scores ignore how steps interact, so the knapsack answer can sit off the measured optimum.
 Starting from it, moves that keep the schedule within the budget are tried: swap the levels of two steps
-(cost unchanged), raise one step (when the budget has room), raise one step and lower another, or lower one step
-alone (cheaper; it helps where the errors of adjacent cheap steps partly cancel, which no additive score sees). Candidates
-are tried in the order the additive down-score predicts best (ties: nearer steps first); the first move whose
+(cost unchanged), swap two adjacent steps of one level with two adjacent steps of another, raise one step (when the
+budget has room), raise one step and lower another, or lower one step alone (cheaper). The pair swap and the
+lone lowering are there because the errors of adjacent cheap steps can partly cancel, which no additive score
+sees. Candidates are tried in the order the down-score predicts best, with the measured interaction of every two
+adjacent cheapest steps added (`Sensitivities.score_paired`; ties: nearer steps first); the first move whose
 *measured* error is lower is taken and the neighbourhood rebuilt. It stops when no move helps or after
 `max_evaluations` new evaluations, so it never returns a schedule worse than its start on the metric it measures.
 """
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 
 from tmpdiff.calibration.search import Problem, Schedule, Sensitivities, tmpdiff_search
 
+Move = tuple[tuple[int, str], ...]  # (step, its new level) for every step the move changes
+
 
 @dataclass
 class Refined:
@@ -22,52 +26,53 @@ class Refined:
     error: float
     start_error: float
     evaluations: int  # new schedules evaluated by the refinement
-    moves: list[tuple[int, int, str, str]] = field(default_factory=list)  # (t, u, level at t, level at u) taken
-
-
-def _down(sens: Sensitivities | None, level: str, t: int) -> float:
-    if sens is None or level not in sens.down:
-        return 0.0
-    return float(sens.down[level].values[t])
+    moves: list[Move] = field(default_factory=list)  # the moves taken, in order
 
 
 def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensitivities | None
-               ) -> list[tuple[float, int, Schedule, tuple[int, int, str, str]]]:
-    """Every in-budget move (swap, raise, raise-and-lower, lower), with its predicted score change, best first."""
+               ) -> list[tuple[float, int, Schedule, Move]]:
+    """Every in-budget move (swap, pair swap, raise, raise-and-lower, lower), with its predicted score change, best
+    first (ties: the move spanning fewer steps first)."""
     rank = {p: i for i, p in enumerate(problem.all_levels)}  # 0 = reference (dearest)
     limit = budget * (1 + 1e-9)
     out = []
     seen: set[Schedule] = set()
     T = problem.steps
+    current_score = sens.score_paired(schedule) if sens is not None else 0.0
 
-    def add(t: int, u: int, pt: str, pu: str) -> None:
+    def add(*changes: tuple[int, str]) -> None:
         candidate = list(schedule)
-        candidate[t] = pt
-        if u >= 0:
-            candidate[u] = pu
+        for t, level in changes:
+            candidate[t] = level
         key = tuple(candidate)
         if key == schedule or key in seen or problem.schedule_cost(key) > limit:
             return
         seen.add(key)
-        delta = _down(sens, pt, t) - _down(sens, schedule[t], t)
-        if u >= 0:
-            delta += _down(sens, pu, u) - _down(sens, schedule[u], u)
-        out.append((delta, abs(t - u) if u >= 0 else 0, key, (t, u, pt, pu)))
+        delta = sens.score_paired(key) - current_score if sens is not None else 0.0
+        span = max(t for t, _ in changes) - min(t for t, _ in changes)
+        out.append((delta, span, key, changes))
 
     for t in range(T):
-        for u in range(T):
-            if u != t and schedule[t] != schedule[u] and t < u:
-                add(t, u, schedule[u], schedule[t])  # swap
+        for u in range(t + 1, T):
+            if schedule[t] != schedule[u]:
+                add((t, schedule[u]), (u, schedule[t]))  # swap
         for level in problem.all_levels:
             if rank[level] < rank[schedule[t]]:
-                add(t, -1, level, "")  # raise t alone
+                add((t, level))  # raise t alone
                 for u in range(T):
                     if u != t:
                         for lower in problem.all_levels:
                             if rank[lower] > rank[schedule[u]]:
-                                add(t, u, level, lower)  # raise t, lower u
+                                add((t, level), (u, lower))  # raise t, lower u
             elif rank[level] > rank[schedule[t]]:
-                add(t, -1, level, "")  # lower t alone
+                add((t, level))  # lower t alone
+    # Move two adjacent steps of one level to two adjacent steps of another: adjacent cheap steps interact (their
+    # errors can partly cancel), so the best place for a pair is often not where either step is best alone.
+    for t in range(T - 1):
+        for u in range(t + 2, T - 1):
+            a, b = schedule[t], schedule[u]
+            if a != b and schedule[t + 1] == a and schedule[u + 1] == b:
+                add((t, b), (t + 1, b), (u, a), (u + 1, a))
     out.sort(key=lambda m: (m[0], m[1]))
     return out
 
@@ -78,7 +83,7 @@ def refine(problem: Problem, start: Schedule, budget: float, max_evaluations: in
     current = tuple(start)
     best = start_error = problem.error(current)
     evaluated: set[Schedule] = {current}
-    moves: list[tuple[int, int, str, str]] = []
+    moves: list[Move] = []
     spent = 0
     improved = True
     while improved and spent < max_evaluations:

@@ -101,6 +101,9 @@ class Sensitivities:
     cheap_error: float = 0.0
     # every schedule measured on the way (one-step probes, all-cheapest, adjacent pairs) -> its error
     probes: dict[Schedule, float] = field(default_factory=dict)
+    # t -> measured error of steps t, t+1 at the cheapest level minus the sum of their one-step errors
+    adjacent: dict[int, float] = field(default_factory=dict)
+    cheapest: str = ""
 
     def best_probe(self, problem: Problem, budget: float) -> Schedule | None:
         """The measured probe of least error that fits the budget (None if none does)."""
@@ -111,6 +114,12 @@ class Sensitivities:
     def score_down(self, schedule: Sequence[str]) -> float:
         """S-down: sum of single-step downcast errors."""
         return float(sum(self.down[p].values[t] for t, p in enumerate(schedule) if p in self.down))
+
+    def score_paired(self, schedule: Sequence[str]) -> float:
+        """S-down plus the measured interaction of every two adjacent steps both at the cheapest level."""
+        pairs = sum(self.adjacent.get(t, 0.0) for t in range(len(schedule) - 1)
+                    if schedule[t] == schedule[t + 1] == self.cheapest)
+        return self.score_down(schedule) + pairs
 
     def score_up(self, schedule: Sequence[str], cheapest: str) -> float:
         """S-up: E(all cheapest) minus the gains of every step raised above the cheapest level."""
@@ -153,8 +162,10 @@ def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions:
     if pairs and T > 1:
         adjacent = [[cheap if i in (t, t + 1) else ref for i in range(T)] for t in range(T - 1)]
         problem.prefetch(adjacent)
-        for schedule in adjacent:
-            measured(schedule)
+        sens.cheapest = cheap
+        for t, schedule in enumerate(adjacent):
+            single = sens.down[cheap].values[t] + sens.down[cheap].values[t + 1] if cheap in sens.down else 0.0
+            sens.adjacent[t] = measured(schedule) - float(single)
     return sens
 
 
