@@ -208,7 +208,7 @@ def render_markdown(report: dict) -> str:
     for run in report["runs"]:
         lines += [f"## T = {run['steps']}, levels {run['levels']}, per-step {costs['unit']} "
                   f"{run['cost_' + costs['unit']]}, max speedup {run['max_speedup']:.3f}", ""]
-        header = ["method", "speedup (costs)", "latent err", "1-SSIM", "PSNR", "accuracy", "FD", "evaluations",
+        header = ["method", "speedup (costs)", "latent err", "1-SSIM", "PSNR", "accuracy", "FD (8-d)", "evaluations",
                   "unseen latent err", "unseen 1-SSIM", "unseen log p(class)", "unseen FD (8-d)", "schedule"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in run["uniform"]:
@@ -246,7 +246,7 @@ def _ci_cell(unseen: dict | None, key: str) -> str:
 def _table_row(row: dict) -> str:
     unseen = row.get("unseen")
     return (f"| {row['method']} | {row['speedup']:.3f} | {_fmt(row['latent_error'])} | {_fmt(row['one_minus_ssim'])} | "
-            f"{_fmt(row['psnr'])} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('fd'))} | {_fmt(row['evaluations'])} | "
+            f"{_fmt(row['psnr'])} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('fd_low'))} | {_fmt(row['evaluations'])} | "
             f"{_ci_cell(unseen, 'latent')} | {_ci_cell(unseen, 'one_minus_ssim')} | {_ci_cell(unseen, 'log_prob')} | "
             f"{_ci_cell(unseen, 'fd_low')} | "
             f"`{' '.join(p.replace('fp32', 'F').replace('int8', 'i8').replace('int4', 'i4') for p in row['schedule'])}` |")
