@@ -415,6 +415,7 @@ def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp
 
 def test_bench_walks_three_levels_when_asked(quant_build, tmp_path):
     from tests.cli_helpers import cli
+    from tmpdiff.calibration.lossy import halving_sizes
 
     _, build_dir, _ = quant_build
     costs = tmp_path / "gpu.json"
@@ -438,7 +439,15 @@ def test_bench_walks_three_levels_when_asked(quant_build, tmp_path):
         refined = r["methods"]["TMPDiff refined"]
         assert refined["calib_ratio"] >= 1 - 1e-12 and refined["unseen"]["ratio_to_optimum"]["value"] >= 1 - 1e-12
     assert set(ex["selection_floor"]["summary"]) == {"latent", "ssim"}
-    assert "## (exhaustive) T = 3, levels fp32, int8, int4: all 27 schedules" in (tmp_path / "bench" / "bench.md").read_text()
+    # the calibration-size curve: halvings of the calibration set, each searched and judged on the unseen samples
+    curve = ex["size_curve"]
+    assert [p["samples"] for p in curve["points"]] == halving_sizes(ex["calib_samples"])
+    assert (curve["pool_samples"], curve["unseen_samples"]) == (ex["calib_samples"], ex["unseen_samples"])
+    assert len(curve["points"][-1]["runs"]) == 1  # the whole set is one draw
+    assert all(min(run["ratios"]) >= 1 - 1e-12 for p in curve["points"] for run in p["runs"])
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "## (exhaustive) T = 3, levels fp32, int8, int4: all 27 schedules" in md
+    assert "Calibration set size vs unseen ratio" in md
 
 
 def test_schedule_figures_are_declared_and_old_files_load(tmp_path):

@@ -190,6 +190,12 @@ def test_refinement_moves_an_adjacent_pair_and_ranks_it_by_the_measured_pair():
     assert refine(problem, start, budget, 1, sens).schedule == target  # its first evaluation
 
 
+def test_size_curve_sizes_halve_the_calibration_set():
+    from tmpdiff.calibration.lossy import halving_sizes
+
+    assert halving_sizes(20) == [5, 10, 20] and halving_sizes(16) == [4, 8, 16] and halving_sizes(3) == [3]
+
+
 def test_lossy_report_names_the_costs_origin(fake, tmp_path):
     from tmpdiff.calibration.exhaustive import save_table
     from tmpdiff.calibration.lossy_report import write_report

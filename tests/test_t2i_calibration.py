@@ -139,6 +139,8 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
     assert (tmp_path / "bench" / ex["table"]).is_file()
     floor = ex["selection_floor"]["summary"]["latent"]  # an optimum of half the samples, judged on the other half
     assert floor["floor_mean_worst_budget"] >= 1 - 1e-12 and floor["refined_mean_worst_budget"] >= 1 - 1e-12
+    curve = ex["size_curve"]  # drawn from the calibration prompts only, judged on the unseen prompts only
+    assert (curve["pool_samples"], curve["unseen_samples"]) == (2, 4)
 
 
 def test_exhaustive_walk_through_the_pipeline_is_exact(work):

@@ -22,7 +22,7 @@ from tmpdiff.calibration.baselines import (
 )
 from tmpdiff.calibration.evaluator import METRICS
 from tmpdiff.calibration.exhaustive import SampleTable, build_table, exhaustive_levels
-from tmpdiff.calibration.lossy import exhaustive_comparison, reachable, selection_floor, table_problem
+from tmpdiff.calibration.lossy import bench_size_curve, exhaustive_comparison, reachable, selection_floor, table_problem
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
     CountingProblem,
@@ -153,10 +153,12 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                                 steps, clf)
             if len(levels) == 2:
                 per_steps["exhaustive"] = _exhaustive_table(table, session.problem, sens_by_metric, levels[1], seeds)
+            judged_at = reachable(levels, session.problem.cost, speedups)
             compared = exhaustive_comparison(table, seeds, unseen_seeds, session.problem.cost, reference,
-                                             speedups=reachable(levels, session.problem.cost, speedups))
-            per_steps["exhaustive_unseen"] = compared | {"selection_floor": selection_floor(table, compared,
-                                                                                            session.problem.cost)}
+                                             speedups=judged_at)
+            per_steps["exhaustive_unseen"] = compared | {
+                "selection_floor": selection_floor(table, compared, session.problem.cost),
+                "size_curve": bench_size_curve(table, compared, session.problem.cost, reference, judged_at)}
         report["runs"].append(per_steps)
         session.evaluator.close()
     write_json(out / "bench.json", report)

@@ -119,12 +119,14 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
 
 def size_curve(table: SampleTable, pool_seeds: Sequence[int], unseen_seeds: Sequence[int], cost: dict[str, float],
                reference: str, sizes: Sequence[int], draws: int = 5, metric: str = "latent",
-               speedups: Sequence[float] | None = None, seed: int = 0) -> dict:
+               speedups: Sequence[float] | None = None, seed: int = 0, pool_classes: Sequence[int] | None = None,
+               unseen_classes: Sequence[int] | None = None) -> dict:
     """Calibration set size (samples) vs the refined schedule's unseen ratio to the unseen optimum: per size,
-    `draws` random subsets of the pool seeds' samples; mean and max over budgets, averaged over draws."""
+    `draws` random subsets of the pool's samples (its seeds, and with `pool_classes` only those classes); mean and
+    max over budgets, averaged over draws."""
     rng = np.random.default_rng(seed)
     name = TABLE_METRIC[metric]
-    pool, unseen = table.samples_of(pool_seeds), table.samples_of(unseen_seeds)
+    pool, unseen = table.samples_of(pool_seeds, pool_classes), table.samples_of(unseen_seeds, unseen_classes)
     budgets = budgets_for(table, cost, reference, speedups)
     optima = {label: optimum(table, name, unseen, cost, b) for label, b in budgets}
     points = []
@@ -147,7 +149,25 @@ def size_curve(table: SampleTable, pool_seeds: Sequence[int], unseen_seeds: Sequ
                        "worst_max_ratio": float(np.max([np.max(r["ratios"]) for r in runs])),
                        "knapsack_mean_max_ratio": float(np.mean([np.max(r["knapsack_ratios"]) for r in runs]))})
     return {"metric": metric, "pool_seeds": list(pool_seeds), "unseen_seeds": list(unseen_seeds),
+            "pool_samples": int(len(pool)), "unseen_samples": int(len(unseen)),
             "budgets": [label for label, _ in budgets], "draws": draws, "points": points}
+
+
+def halving_sizes(samples: int, smallest: int = 4) -> list[int]:
+    """Calibration set sizes for a curve over a pool of `samples`: the pool, its half, its quarter, ... (>= smallest)."""
+    sizes = [samples]
+    while sizes[-1] // 2 >= smallest:
+        sizes.append(sizes[-1] // 2)
+    return sorted(sizes)
+
+
+def bench_size_curve(table: SampleTable, comparison: dict, cost: dict[str, float], reference: str,
+                     speedups: Sequence[float] | None, draws: int = 6) -> dict:
+    """The size curve `tmpdiff bench` reports beside an exhaustive comparison: subsets of its calibration samples
+    (halvings of the set), each searched and judged on its unseen samples. Table lookups only: no engine runs."""
+    return size_curve(table, comparison["calib_seeds"], comparison["unseen_seeds"], cost, reference,
+                      halving_sizes(comparison["calib_samples"]), draws, speedups=speedups,
+                      pool_classes=comparison.get("calib_classes"), unseen_classes=comparison.get("unseen_classes"))
 
 
 def selection_floor(table: SampleTable, comparison: dict, cost: dict[str, float], splits: int = 20,

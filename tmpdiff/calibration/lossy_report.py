@@ -141,8 +141,11 @@ def _render_exhaustive(part: str, r: dict) -> list[str]:
     lines.append("")
     if "size_curve" in r:
         c = r["size_curve"]
+        pool = f" ({c['pool_samples']} samples)" if "pool_samples" in c else ""
+        unseen = f" ({c['unseen_samples']} samples)" if "unseen_samples" in c else ""
         lines += [f"### Calibration set size vs unseen ratio ({c['metric']}, refined TMPDiff; {c['draws']} random "
-                  f"subsets per size of the samples of pool seeds {c['pool_seeds']}; unseen seeds {c['unseen_seeds']})",
+                  f"subsets per size of the samples of pool seeds {c['pool_seeds']}{pool}; unseen seeds "
+                  f"{c['unseen_seeds']}{unseen})",
                   "",
                   "| calibration samples | mean ratio over budgets | mean of worst budget | worst draw's worst budget | "
                   "knapsack only: mean of worst budget |", "|---|---|---|---|---|"]

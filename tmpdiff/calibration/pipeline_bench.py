@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tmpdiff.calibration.exhaustive import exhaustive_levels, save_table
-from tmpdiff.calibration.lossy import exhaustive_comparison, reachable, selection_floor
+from tmpdiff.calibration.lossy import bench_size_curve, exhaustive_comparison, reachable, selection_floor
 from tmpdiff.calibration.lossy_report import _render_exhaustive
 from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
@@ -206,12 +206,14 @@ def _exhaustive(session: PipelineSession, levels: list[str], unseen_prompts: Seq
     wall = time.perf_counter() - started
     save_table(table, table_path)
     n = len(ev.prompts)
+    judged_at = reachable(levels, problem.cost, speedups)
     result = exhaustive_comparison(table, ev.seeds, unseen_seeds, problem.cost, problem.reference,
-                                   speedups=reachable(levels, problem.cost, speedups), calib_classes=list(range(n)),
+                                   speedups=judged_at, calib_classes=list(range(n)),
                                    unseen_classes=list(range(n, n + len(unseen_prompts))))
     result |= {"wall_seconds": round(wall, 1), "sample_unit": "prompts", "table": table_path.name,
                "walk_note": "a pipeline call per seed over its prompts; shared prefixes' engine calls reused"}
-    return result | {"selection_floor": selection_floor(table, result, problem.cost)}
+    return result | {"selection_floor": selection_floor(table, result, problem.cost),
+                     "size_curve": bench_size_curve(table, result, problem.cost, problem.reference, judged_at)}
 
 
 def _ci(summary: dict, key: str, scale: float = 1.0) -> str:
