@@ -264,6 +264,27 @@ def test_evaluator_rejects_wrong_length(quant_build, costs_file):
         session.evaluator.evaluate(["fp32"] * 3)
 
 
+def test_evaluations_reuse_shared_prefixes_exactly(quant_build, costs_file):
+    from tmpdiff.calibration.session import open_session
+
+    _, build_dir, _ = quant_build
+    session = open_session(build_dir, costs_file, 6, classes=[0, 1], seeds=[0])
+    ev = session.evaluator
+    try:
+        hits, misses = ev.memo.hits, ev.memo.misses  # the reference's 6 calls
+        ev.evaluate(["fp32", "fp32", "int8", "int8", "fp32", "int8"])
+        later = ["fp32", "fp32", "int8", "fp32", "int8", "int8"]
+        judged = ev.evaluate(later)
+        # the first shares the reference's first 2 calls, the second the first's first 3
+        assert (ev.memo.hits - hits, ev.memo.misses - misses) == (2 + 3, 4 + 3)
+        assert ev.runner.call_memo is None  # attached only while an evaluation runs
+        ev.memo = None
+        ev.cache.clear()
+        assert ev.evaluate(later) == judged  # exactly what the engines give run from scratch
+    finally:
+        ev.close()
+
+
 def test_calibrate_bisection_meets_the_target(quant_build, costs_file, session6, tmp_path):
     from tmpdiff.formats.schedule import load_schedule
 

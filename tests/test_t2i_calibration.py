@@ -159,7 +159,8 @@ def test_exhaustive_walk_through_the_pipeline_is_exact(work):
         table = build_pipeline_table(session, [(PROMPTS, [0, 3])], ["fp32", "int8"], progress=False)
         assert table.step_evaluations == 2 * tree_steps(2, STEPS) < 2 * STEPS * 2**STEPS
         assert session.evaluator.denoiser.call_memo is None  # the walk leaves the denoiser as it found it
-        plain = PipelineJudge(session, PROMPTS, [0, 3])  # no memo: every schedule's own calls
+        plain = PipelineJudge(session, PROMPTS, [0, 3])
+        plain.evaluator.memo = None  # every schedule's own calls
         samples = np.arange(4)
         for schedule in itertools.product(["fp32", "int8"], repeat=STEPS):
             judged = plain(schedule)
@@ -185,6 +186,18 @@ def test_call_memo_reuses_only_identical_calls():
     assert memo.lookup(0, "fp32", feeds) is None and memo.lookup(1, "int8", feeds) is None  # precision, step
     assert memo.lookup(0, "int8", {**feeds, "timestep": torch.tensor([5.0], dtype=torch.float64)}) is None  # dtype
     assert (memo.hits, memo.misses) == (2, 5)
+
+
+def test_call_memo_keeps_every_recent_call_within_its_bytes():
+    memo = CallMemo(max_bytes=3 * 4 * 4)  # three outputs of four float32
+    feeds = [{"hidden_states": torch.full((4,), float(i))} for i in range(4)]
+    for i in range(3):
+        memo.store(0, "int8", feeds[i], torch.full((4,), 10.0 + i), "int8", None)
+    assert torch.equal(memo.lookup(0, "int8", feeds[0])[0], torch.full((4,), 10.0))  # not only the latest
+    memo.store(0, "int8", feeds[3], torch.full((4,), 13.0), "int8", None)  # drops the least recently used: 1
+    assert memo.lookup(0, "int8", feeds[1]) is None
+    assert all(memo.lookup(0, "int8", feeds[i]) is not None for i in (0, 2, 3))
+    assert len(memo) == 3 and memo.kept_bytes == 48
 
 
 def test_bench_pipeline_options_go_together(work, tmp_path):

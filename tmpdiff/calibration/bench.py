@@ -159,6 +159,9 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
             per_steps["exhaustive_unseen"] = compared | {
                 "selection_floor": selection_floor(table, compared, session.problem.cost),
                 "size_curve": bench_size_curve(table, compared, session.problem.cost, reference, judged_at)}
+        if session.evaluator.memo is not None:
+            per_steps["calibration_engine_calls"] = calls = session.evaluator.memo.counts()
+            on_progress(f"T={steps}: calibration engine calls {calls['run']} run, {calls['reused']} reused")
         report["runs"].append(per_steps)
         session.evaluator.close()
     write_json(out / "bench.json", report)

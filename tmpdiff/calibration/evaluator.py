@@ -1,7 +1,8 @@
 """E(Z): how far a schedule's final samples land from the reference schedule's, over a calibration set.
 
 Every evaluation runs the real engines through the runtime (what is calibrated is what is deployed),
-from fixed initial noise, and is cached by schedule. Latent error is the mean relative squared
+from fixed initial noise, and is cached by schedule; engine calls that repeat an earlier evaluation's exactly (a
+shared prefix) are reused through a `CallMemo`, never while timing. Latent error is the mean relative squared
 distance; SSIM and PSNR of the decoded images come from `tmpdiff.eval.metrics` (scikit-image).
 `time_sampling` times whole sampling runs of schedules on the same engines and calibration batch.
 """
@@ -19,6 +20,7 @@ from tmpdiff.eval.metrics import image_metrics, to_images
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 METRICS = ("latent", "ssim")
@@ -53,6 +55,7 @@ class Evaluator:
     pool: Any = None  # a `fanout.RaySamplePool`: evaluations run on its actors, the driver only scores them
     prefetched: set[tuple[str, ...]] = field(default_factory=set)  # run ahead, not yet asked for
     timesteps: tuple[int, ...] | None = None  # every schedule (the reference too) samples at exactly these
+    memo: CallMemo | None = field(default_factory=CallMemo)  # shared prefixes' engine calls, in process only
 
     def __post_init__(self) -> None:
         if not self.classes or not self.seeds:
@@ -68,8 +71,12 @@ class Evaluator:
     def _run(self, schedule: Sequence[str]) -> torch.Tensor:
         if self.pool is not None:
             return self.pool.map([tuple(schedule)])[0]
-        return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule),
-                                  timesteps=self.timesteps).latents
+        self.runner.call_memo = self.memo
+        try:
+            return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule),
+                                      timesteps=self.timesteps).latents
+        finally:
+            self.runner.call_memo = None
 
     @property
     def width(self) -> int:

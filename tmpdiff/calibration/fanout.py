@@ -27,6 +27,7 @@ import torch
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.ray_executor import connect_ray, default_threads, error_cause, stop_actors
 from tmpdiff.runtime.workers import WorkerSpec
 
@@ -49,6 +50,7 @@ class SamplingActor:
         torch.set_num_threads(spec.worker.threads or 1)
         self.spec = spec
         self.runner = spec.worker.build().runner
+        self.runner.call_memo = CallMemo()  # this actor only evaluates: shared prefixes of its schedules are reused
 
     def ready(self) -> int:
         return os.getpid()

@@ -19,6 +19,7 @@ from tmpdiff.calibration.session import CalibrationSession
 from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci
 from tmpdiff.eval.judge import LOWER_IS_BETTER, judge
 from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.runner import initial_noise
 
 
@@ -120,6 +121,7 @@ class UnseenJudge:
         self.classifier_dir = classifier_dir
         self.cache: dict[Schedule, dict[str, np.ndarray]] = {}
         self._refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.memo = CallMemo()  # schedules judged here share prefixes with each other
 
     @torch.no_grad()
     def __call__(self, schedule: Sequence[str]) -> dict[str, np.ndarray]:
@@ -136,7 +138,11 @@ class UnseenJudge:
                 self._refs.append((labels, noise, ref.latents.clone()))
         parts: dict[str, list] = {}
         for labels, noise, ref in self._refs:
-            latents = ev.runner.sample(sampling_scheduler(ev.sampling), labels, noise, list(key)).latents
+            ev.runner.call_memo = self.memo
+            try:
+                latents = ev.runner.sample(sampling_scheduler(ev.sampling), labels, noise, list(key)).latents
+            finally:
+                ev.runner.call_memo = None
             for name, values in judge(latents, ref, labels, self.classifier_dir).items():
                 parts.setdefault(name, []).append(values)
         self.cache[key] = {k: np.concatenate(v) for k, v in parts.items()}

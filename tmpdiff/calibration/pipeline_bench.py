@@ -131,6 +131,10 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                                                timing_repeats, on_progress,
                                                out / f"exhaustive_T{steps}.npz" if exhaustive else None,
                                                exhaustive_at))
+            memo = session.evaluator.memo  # type: ignore[attr-defined]
+            if memo is not None:
+                report["runs"][-1]["calibration_engine_calls"] = calls = memo.counts()
+                on_progress(f"T={steps}: calibration engine calls {calls['run']} run, {calls['reused']} reused")
         finally:
             session.evaluator.close()
         write_json(out / "bench.json", report)  # a long run keeps what it measured

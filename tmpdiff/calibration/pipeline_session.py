@@ -28,6 +28,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.formats.schedule import Schedule, SchedulerRef
 from tmpdiff.models.schedulers import set_custom_timesteps
+from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, decode_latents, load_pipeline
 from tmpdiff.runtime.plan import resolve_plan
@@ -47,6 +48,7 @@ class PipelineEvaluator:
     cache: dict[tuple[str, ...], Evaluation] = field(default_factory=dict)
     runs: int = 0  # schedules actually run (cache misses), reference excluded
     timesteps: tuple[int, ...] | None = None  # the training timesteps every schedule samples at (None: the spacing)
+    memo: CallMemo | None = field(default_factory=CallMemo)  # shared prefixes' engine calls (untimed runs)
 
     def __post_init__(self) -> None:
         if not self.prompts or not self.seeds:
@@ -58,8 +60,19 @@ class PipelineEvaluator:
         self.reference_images = decode_latents(self.pipe, self.reference_latents)
         self.cache[ref] = Evaluation(ref, 0.0, 1.0, float("inf"))
 
-    def _run(self, schedule: Sequence[str]) -> tuple[torch.Tensor, float]:
-        """Final latents (samples in seed-major order) and the seconds spent in denoiser calls."""
+    def _run(self, schedule: Sequence[str], timed: bool = False) -> tuple[torch.Tensor, float]:
+        """Final latents (samples in seed-major order) and the seconds spent in denoiser calls. Untimed runs reuse
+        identical engine calls through `memo`, unless the caller attached its own memo to the denoiser."""
+        attach = not timed and self.memo is not None and self.denoiser.call_memo is None
+        if attach:
+            self.denoiser.call_memo = self.memo
+        try:
+            return self._run_calls(schedule)
+        finally:
+            if attach:
+                self.denoiser.call_memo = None
+
+    def _run_calls(self, schedule: Sequence[str]) -> tuple[torch.Tensor, float]:
         at = None if self.timesteps is None else list(self.timesteps)
         self.denoiser.plan = resolve_plan(Schedule(steps=len(schedule), precisions=list(schedule), timesteps=at))
         latents, seconds = [], 0.0
@@ -96,7 +109,7 @@ class PipelineEvaluator:
         order = list(range(len(schedules)))
         for round_ in range(repeats):
             for i in order if round_ % 2 == 0 else order[::-1]:
-                times[i].append(self._run(schedules[i])[1])
+                times[i].append(self._run(schedules[i], timed=True)[1])
         return [statistics.median(t) for t in times]
 
     def latents(self, schedule: Sequence[str]) -> torch.Tensor:

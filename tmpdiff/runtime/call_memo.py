@@ -1,63 +1,97 @@
-"""Engine calls reused when a pipeline repeats one exactly: what makes an exhaustive walk through a pipeline cheap.
+"""Engine calls reused when a run repeats one exactly: what makes exhaustive walks and searches cheap.
 
-Schedules that share their first d steps give the denoiser the same inputs at those steps (same prompts, seed and
-precisions so far), so running every schedule in product order through the pipeline repeats each shared prefix's
-engine calls. `CallMemo` keeps, per step index, the latest call's precision, inputs and output; a call whose step,
-precision and every input tensor are equal to the kept ones returns the kept output instead of running the engine.
-The check is on the inputs themselves, not on a key the caller vouches for, so a reused output is the one the engine
-gave for those exact inputs (engines are deterministic for fixed inputs). The pipeline's own code (scheduler,
-guidance, VAE) still runs at every step; only engine time is saved.
+Schedules that share their first d steps give the denoiser the same inputs at those steps (same prompts or classes,
+seeds and precisions so far), so running a schedule that shares a prefix with one already run repeats that prefix's
+engine calls: the exhaustive walk in product order, a refinement move that changes step i of the current schedule,
+a sensitivity probe that lowers one step of the uniform reference, an evolutionary child of an evaluated parent.
+`CallMemo` keeps recent calls' outputs keyed by step index, precision and a 128-bit BLAKE2b digest of every input
+tensor's name, dtype, shape and bytes; a call whose key matches returns the kept output instead of running the
+engine. The key is computed from the inputs themselves, not from a schedule prefix the caller vouches for, so a
+reused output is the one the engine gave for those exact inputs (engines are deterministic for fixed inputs; a
+digest collision is as likely as guessing a 128-bit key). The caller's own code (scheduler, guidance, VAE) still
+runs at every step; only engine time is saved. Outputs are kept in host memory (a GPU's is left to the engines), the
+least recently used dropped beyond `max_bytes`. Hashing reads the inputs on the host: a memo is for calibration
+runs, never for timed or deployed ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(a, b))
-    return a == b
+DEFAULT_MAX_BYTES = 512 * 2**20
 
 
-def _kept(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+def _digest(index: int, precision: str, feeds: Mapping[str, Any]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{index}\0{precision}".encode())
+    for name in sorted(feeds):
+        value = feeds[name]
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().contiguous()
+            h.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).cpu().numpy())
+        else:
+            h.update(f"\0{name}\0{value!r}".encode())
+    return h.digest()
 
 
 @dataclass
 class _Call:
-    precision: str
-    feeds: dict[str, Any]
     output: torch.Tensor
     used: str
     fallback_from: str | None
+    device: torch.device  # where the output was made; kept in host memory, not the device's
 
 
 @dataclass
 class CallMemo:
-    """The latest engine call at each step index, reused by an identical call (see the module docstring)."""
+    """Recent engine calls by (step, precision, inputs' digest), reused by an identical call (see the module docstring)."""
 
+    max_bytes: int = DEFAULT_MAX_BYTES
     hits: int = 0
     misses: int = 0
-    _latest: dict[int, _Call] = field(default_factory=dict)
+    kept_bytes: int = 0
+    _calls: OrderedDict[bytes, _Call] = field(default_factory=OrderedDict)
 
     def lookup(self, index: int, precision: str, feeds: Mapping[str, Any]) -> tuple[torch.Tensor, str, str | None] | None:
         """(output, engine used, fallback) of an identical earlier call at `index`, or None (counted as a miss)."""
-        kept = self._latest.get(index)
-        if (kept is not None and kept.precision == precision and kept.feeds.keys() == feeds.keys()
-                and all(_same(kept.feeds[name], value) for name, value in feeds.items())):
-            self.hits += 1
-            return kept.output.clone(), kept.used, kept.fallback_from
-        self.misses += 1
-        return None
+        key = _digest(index, precision, feeds)
+        kept = self._calls.get(key)
+        if kept is None:
+            self.misses += 1
+            return None
+        self._calls.move_to_end(key)
+        self.hits += 1
+        return kept.output.to(kept.device, copy=True), kept.used, kept.fallback_from
 
     def store(self, index: int, precision: str, feeds: Mapping[str, Any], output: torch.Tensor, used: str,
               fallback_from: str | None) -> None:
-        """Keep this call as the latest at `index` (copies: the caller's buffers are overwritten next step)."""
-        self._latest[index] = _Call(precision, {k: _kept(v) for k, v in feeds.items()}, output.detach().clone(), used,
-                                    fallback_from)
+        """Keep this call's output (a copy: the caller's buffers are overwritten next step), dropping the least
+        recently used calls beyond `max_bytes`."""
+        key = _digest(index, precision, feeds)
+        old = self._calls.pop(key, None)
+        if old is not None:
+            self.kept_bytes -= _size(old.output)
+        kept = _Call(output.detach().to("cpu", copy=True), used, fallback_from, output.device)
+        self._calls[key] = kept
+        self.kept_bytes += _size(kept.output)
+        while self.kept_bytes > self.max_bytes and len(self._calls) > 1:
+            _, dropped = self._calls.popitem(last=False)
+            self.kept_bytes -= _size(dropped.output)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def counts(self) -> dict[str, int]:
+        """Engine calls run and reused so far (for reports)."""
+        return {"run": self.misses, "reused": self.hits}
+
+
+def _size(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
