@@ -171,6 +171,26 @@ def test_exhaustive_walk_through_the_pipeline_is_exact(work):
         session.evaluator.close()
 
 
+def test_prompt_encodings_are_made_once_and_change_no_sample(work):
+    from tmpdiff.calibration.pipeline_session import open_pipeline_session
+
+    root, build, _ = work
+    session = open_pipeline_session(build, root / "costs.json", t2i_dir(), PROMPTS, [0, 3], STEPS, threads=1)
+    ev = session.evaluator
+    try:
+        encoder = ev.encoder_memos["text_encoder"]
+        made = encoder.misses  # the reference run's: one pipeline call per seed, the same prompts
+        assert made > 0 and encoder.hits == made
+        assert "forward" not in vars(ev.pipe.text_encoder)  # the pipeline is left as it was
+        ev.memo = None  # engines run every call: only the encodings are reused
+        schedule = ["int8", "fp32"] * (STEPS // 2)
+        reused = ev.latents(schedule)
+        assert encoder.misses == made and encoder.hits == 3 * made
+        assert torch.equal(reused, ev._run_calls(schedule)[0])  # the same samples as encoding every call
+    finally:
+        ev.close()
+
+
 def test_call_memo_reuses_only_identical_calls():
     memo = CallMemo()
     feeds = {"hidden_states": torch.ones(2, 3), "timestep": torch.tensor([5.0])}

@@ -30,6 +30,7 @@ from tmpdiff.formats.schedule import Schedule, SchedulerRef
 from tmpdiff.models.schedulers import set_custom_timesteps
 from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
+from tmpdiff.runtime.encoder_memo import EncoderMemo, memoized_encoders
 from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, decode_latents, load_pipeline
 from tmpdiff.runtime.plan import resolve_plan
 
@@ -49,6 +50,7 @@ class PipelineEvaluator:
     runs: int = 0  # schedules actually run (cache misses), reference excluded
     timesteps: tuple[int, ...] | None = None  # the training timesteps every schedule samples at (None: the spacing)
     memo: CallMemo | None = field(default_factory=CallMemo)  # shared prefixes' engine calls (untimed runs)
+    encoder_memos: dict[str, EncoderMemo] = field(default_factory=dict)  # the prompts' encodings, made once
 
     def __post_init__(self) -> None:
         if not self.prompts or not self.seeds:
@@ -67,7 +69,8 @@ class PipelineEvaluator:
         if attach:
             self.denoiser.call_memo = self.memo
         try:
-            return self._run_calls(schedule)
+            with memoized_encoders(self.pipe, self.encoder_memos):  # timed runs time denoiser calls only
+                return self._run_calls(schedule)
         finally:
             if attach:
                 self.denoiser.call_memo = None
