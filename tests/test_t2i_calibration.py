@@ -194,17 +194,17 @@ def test_prompt_encodings_are_made_once_and_change_no_sample(work):
 def test_call_memo_reuses_only_identical_calls():
     memo = CallMemo()
     feeds = {"hidden_states": torch.ones(2, 3), "timestep": torch.tensor([5.0])}
-    assert memo.lookup(0, "int8", feeds) is None
-    memo.store(0, "int8", feeds, torch.full((2, 3), 7.0), "int8", None)
+    assert memo.lookup(memo.key(0, "int8", feeds)) is None
+    memo.store(memo.key(0, "int8", feeds), torch.full((2, 3), 7.0), "int8", None)
     feeds["hidden_states"] += 1  # the caller's buffer changes after the call: the kept copy does not
-    assert memo.lookup(0, "int8", feeds) is None
+    assert memo.lookup(memo.key(0, "int8", feeds)) is None
     feeds["hidden_states"] -= 1
-    output, used, fallback = memo.lookup(0, "int8", feeds)
+    output, used, fallback = memo.lookup(memo.key(0, "int8", feeds))
     assert torch.equal(output, torch.full((2, 3), 7.0)) and used == "int8" and fallback is None
     output += 1  # a reused output is the caller's own copy
-    assert torch.equal(memo.lookup(0, "int8", feeds)[0], torch.full((2, 3), 7.0))
-    assert memo.lookup(0, "fp32", feeds) is None and memo.lookup(1, "int8", feeds) is None  # precision, step
-    assert memo.lookup(0, "int8", {**feeds, "timestep": torch.tensor([5.0], dtype=torch.float64)}) is None  # dtype
+    assert torch.equal(memo.lookup(memo.key(0, "int8", feeds))[0], torch.full((2, 3), 7.0))
+    assert memo.lookup(memo.key(0, "fp32", feeds)) is None and memo.lookup(memo.key(1, "int8", feeds)) is None  # precision, step
+    assert memo.lookup(memo.key(0, "int8", {**feeds, "timestep": torch.tensor([5.0], dtype=torch.float64)})) is None  # dtype
     assert (memo.hits, memo.misses) == (2, 5)
 
 
@@ -212,11 +212,11 @@ def test_call_memo_keeps_every_recent_call_within_its_bytes():
     memo = CallMemo(max_bytes=3 * 4 * 4)  # three outputs of four float32
     feeds = [{"hidden_states": torch.full((4,), float(i))} for i in range(4)]
     for i in range(3):
-        memo.store(0, "int8", feeds[i], torch.full((4,), 10.0 + i), "int8", None)
-    assert torch.equal(memo.lookup(0, "int8", feeds[0])[0], torch.full((4,), 10.0))  # not only the latest
-    memo.store(0, "int8", feeds[3], torch.full((4,), 13.0), "int8", None)  # drops the least recently used: 1
-    assert memo.lookup(0, "int8", feeds[1]) is None
-    assert all(memo.lookup(0, "int8", feeds[i]) is not None for i in (0, 2, 3))
+        memo.store(memo.key(0, "int8", feeds[i]), torch.full((4,), 10.0 + i), "int8", None)
+    assert torch.equal(memo.lookup(memo.key(0, "int8", feeds[0]))[0], torch.full((4,), 10.0))  # not only the latest
+    memo.store(memo.key(0, "int8", feeds[3]), torch.full((4,), 13.0), "int8", None)  # drops the least recently used: 1
+    assert memo.lookup(memo.key(0, "int8", feeds[1])) is None
+    assert all(memo.lookup(memo.key(0, "int8", feeds[i])) is not None for i in (0, 2, 3))
     assert len(memo) == 3 and memo.kept_bytes == 48
 
 

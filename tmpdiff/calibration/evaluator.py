@@ -20,7 +20,7 @@ from tmpdiff.eval.metrics import image_metrics, to_images
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.schedulers import sampling_scheduler
-from tmpdiff.runtime.call_memo import CallMemo
+from tmpdiff.runtime.call_memo import CallMemo, attached
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 METRICS = ("latent", "ssim")
@@ -71,12 +71,9 @@ class Evaluator:
     def _run(self, schedule: Sequence[str]) -> torch.Tensor:
         if self.pool is not None:
             return self.pool.map([tuple(schedule)])[0]
-        self.runner.call_memo = self.memo
-        try:
+        with attached(self.runner, self.memo):
             return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule),
                                       timesteps=self.timesteps).latents
-        finally:
-            self.runner.call_memo = None
 
     @property
     def width(self) -> int:

@@ -19,7 +19,7 @@ from tmpdiff.calibration.session import CalibrationSession
 from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci
 from tmpdiff.eval.judge import LOWER_IS_BETTER, judge
 from tmpdiff.models.schedulers import sampling_scheduler
-from tmpdiff.runtime.call_memo import CallMemo
+from tmpdiff.runtime.call_memo import CallMemo, attached
 from tmpdiff.runtime.runner import initial_noise
 
 
@@ -138,11 +138,8 @@ class UnseenJudge:
                 self._refs.append((labels, noise, ref.latents.clone()))
         parts: dict[str, list] = {}
         for labels, noise, ref in self._refs:
-            ev.runner.call_memo = self.memo
-            try:
+            with attached(ev.runner, self.memo):
                 latents = ev.runner.sample(sampling_scheduler(ev.sampling), labels, noise, list(key)).latents
-            finally:
-                ev.runner.call_memo = None
             for name, values in judge(latents, ref, labels, self.classifier_dir).items():
                 parts.setdefault(name, []).append(values)
         self.cache[key] = {k: np.concatenate(v) for k, v in parts.items()}

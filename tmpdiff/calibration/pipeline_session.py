@@ -28,7 +28,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.formats.schedule import Schedule, SchedulerRef
 from tmpdiff.models.schedulers import set_custom_timesteps
-from tmpdiff.runtime.call_memo import CallMemo
+from tmpdiff.runtime.call_memo import CallMemo, attached
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.encoder_memo import EncoderMemo, memoized_encoders
 from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, decode_latents, load_pipeline
@@ -65,15 +65,9 @@ class PipelineEvaluator:
     def _run(self, schedule: Sequence[str], timed: bool = False) -> tuple[torch.Tensor, float]:
         """Final latents (samples in seed-major order) and the seconds spent in denoiser calls. Untimed runs reuse
         identical engine calls through `memo`, unless the caller attached its own memo to the denoiser."""
-        attach = not timed and self.memo is not None and self.denoiser.call_memo is None
-        if attach:
-            self.denoiser.call_memo = self.memo
-        try:
-            with memoized_encoders(self.pipe, self.encoder_memos):  # timed runs time denoiser calls only
-                return self._run_calls(schedule)
-        finally:
-            if attach:
-                self.denoiser.call_memo = None
+        # timed runs time denoiser calls only: the prompts' encodings may still be reused
+        with attached(self.denoiser, None if timed else self.memo), memoized_encoders(self.pipe, self.encoder_memos):
+            return self._run_calls(schedule)
 
     def _run_calls(self, schedule: Sequence[str]) -> tuple[torch.Tensor, float]:
         at = None if self.timesteps is None else list(self.timesteps)

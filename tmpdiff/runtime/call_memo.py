@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,8 @@ import torch
 DEFAULT_MAX_BYTES = 512 * 2**20
 
 
-def _digest(index: int, precision: str, feeds: Mapping[str, Any]) -> bytes:
+def digest(index: int, precision: str, feeds: Mapping[str, Any]) -> bytes:
+    """128-bit BLAKE2b of a call: step, precision, every input's name and (tensors) dtype, shape and bytes or repr."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{index}\0{precision}".encode())
     for name in sorted(feeds):
@@ -59,9 +61,13 @@ class CallMemo:
     kept_bytes: int = 0
     _calls: OrderedDict[bytes, _Call] = field(default_factory=OrderedDict)
 
-    def lookup(self, index: int, precision: str, feeds: Mapping[str, Any]) -> tuple[torch.Tensor, str, str | None] | None:
-        """(output, engine used, fallback) of an identical earlier call at `index`, or None (counted as a miss)."""
-        key = _digest(index, precision, feeds)
+    @staticmethod
+    def key(index: int, precision: str, feeds: Mapping[str, Any]) -> bytes:
+        """The key of a call at step `index` (computed once per call, for `lookup` and then `store`)."""
+        return digest(index, precision, feeds)
+
+    def lookup(self, key: bytes) -> tuple[torch.Tensor, str, str | None] | None:
+        """(output, engine used, fallback) of an identical earlier call, or None (counted as a miss)."""
         kept = self._calls.get(key)
         if kept is None:
             self.misses += 1
@@ -70,11 +76,9 @@ class CallMemo:
         self.hits += 1
         return kept.output.to(kept.device, copy=True), kept.used, kept.fallback_from
 
-    def store(self, index: int, precision: str, feeds: Mapping[str, Any], output: torch.Tensor, used: str,
-              fallback_from: str | None) -> None:
+    def store(self, key: bytes, output: torch.Tensor, used: str, fallback_from: str | None) -> None:
         """Keep this call's output (a copy: the caller's buffers are overwritten next step), dropping the least
         recently used calls beyond `max_bytes`."""
-        key = _digest(index, precision, feeds)
         old = self._calls.pop(key, None)
         if old is not None:
             self.kept_bytes -= _size(old.output)
@@ -95,3 +99,17 @@ class CallMemo:
 
 def _size(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+@contextmanager
+def attached(holder: Any, memo: CallMemo | None) -> Iterator[None]:
+    """`holder.call_memo = memo` for the block, then None again; nothing when `memo` is None or the holder already
+    has one (an enclosing walk's, which then keeps counting)."""
+    if memo is None or holder.call_memo is not None:
+        yield
+        return
+    holder.call_memo = memo
+    try:
+        yield
+    finally:
+        holder.call_memo = None

@@ -202,8 +202,10 @@ class EngineDenoiser(torch.nn.Module):
         """One engine call of step `index` on `feeds` (the step's precision, NaN guard), recorded in the trace; with a
         `call_memo`, an identical earlier call's output instead (recorded with no engine time)."""
         precision = self.plan.at(index)
-        if self.call_memo is not None:
-            kept = self.call_memo.lookup(index, precision, feeds)
+        memo = self.call_memo
+        key = None if memo is None else memo.key(index, precision, feeds)
+        if key is not None:
+            kept = memo.lookup(key)
             if kept is not None:
                 output, used, fallback_from = kept
                 mark = self._clock.mark()
@@ -218,8 +220,8 @@ class EngineDenoiser(torch.nn.Module):
                                               nan_guard=self.nan_guard, nvtx=self.nvtx)
             result = out.to(dtype=dtype, copy=True)
         self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
-        if self.call_memo is not None:
-            self.call_memo.store(index, precision, feeds, result, used, fallback_from)
+        if key is not None:
+            memo.store(key, result, used, fallback_from)
         return result
 
     def _ensure_buffers(self, batch: int) -> None:

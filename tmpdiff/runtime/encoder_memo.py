@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tmpdiff.runtime.call_memo import _digest
+from tmpdiff.runtime.call_memo import digest
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -47,7 +47,7 @@ class EncoderMemo:
         self._kept: OrderedDict[bytes, Any] = OrderedDict()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = _digest(0, "", {f"arg{i}": a for i, a in enumerate(args)} | kwargs)
+        key = digest(0, "", {f"arg{i}": a for i, a in enumerate(args)} | kwargs)
         if key in self._kept:
             self._kept.move_to_end(key)
             self.hits += 1

@@ -199,15 +199,17 @@ class ScheduledRunner:
     def _call(self, index: int, precision: str) -> tuple[str, str | None]:
         """Step `index`'s engine call on the bound buffers; with a `call_memo`, an identical earlier call's output."""
         output = self.outputs["noise_pred"]
-        if self.call_memo is not None:
-            kept = self.call_memo.lookup(index, precision, self.inputs)
+        memo = self.call_memo
+        key = None if memo is None else memo.key(index, precision, self.inputs)
+        if key is not None:
+            kept = memo.lookup(key)
             if kept is not None:
                 output.copy_(kept[0])
                 return kept[1], kept[2]
         used, fallback_from = run_guarded(self.engines, precision, output, self.stream, label=f"step {index}",
                                           nan_guard=self.nan_guard, nvtx=self.nvtx)
-        if self.call_memo is not None:
-            self.call_memo.store(index, precision, self.inputs, output, used, fallback_from)
+        if key is not None:
+            memo.store(key, output, used, fallback_from)
         return used, fallback_from
 
     def _event(self, origin, mark) -> StepEvent:
