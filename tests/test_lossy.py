@@ -112,6 +112,12 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks():
     j_small, j_large = (jackknife_ci(lambda i, v=v: float(np.var(v[i])), len(v)) for v in (small, large))
     assert j_small.low < j_small.value < j_small.high and j_large.low < j_large.value < j_large.high
     assert (j_large.high - j_large.low) < 0.3 * (j_small.high - j_small.low)
+    # a distance near 0 with a wide spread: the symmetric interval reaches below 0, the log-scale one does not
+    near_zero = np.abs(rng.normal(0, 1, 12)) ** 4
+    symmetric = jackknife_ci(lambda i: float(near_zero[i].mean()), len(near_zero))
+    positive = jackknife_ci(lambda i: float(near_zero[i].mean()), len(near_zero), positive=True)
+    assert symmetric.low < 0 < positive.low < positive.value < positive.high
+    assert positive.value / positive.low == pytest.approx(positive.high / positive.value)
 
 
 def _interacting_problem(steps: int = 8) -> Problem:

@@ -81,7 +81,8 @@ def summarise(judged: dict[str, np.ndarray], real_features: np.ndarray | None, s
     out = {k: mean_ci(v, seed=seed).as_dict() for k, v in judged.items() if k != "features"}
     if "features" in judged and real_features is not None:
         feats = judged["features"]
-        out["fd_low"] = jackknife_ci(lambda i: frechet_distance(feats[i], real_features), len(feats)).as_dict()
+        out["fd_low"] = jackknife_ci(lambda i: frechet_distance(feats[i], real_features), len(feats),
+                                     positive=True).as_dict()
     return out
 
 

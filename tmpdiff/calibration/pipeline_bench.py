@@ -88,7 +88,7 @@ class PipelineJudge:
         out = summarise({k: v for k, v in judged.items() if k != "features"}, None)
         if "features" in judged:
             out["fd_vs_reference"] = jackknife_ci(lambda rows: self._fd(judged["features"], rows),
-                                                  self.samples).as_dict()
+                                                  self.samples, positive=True).as_dict()
         return out
 
     def versus(self, a: Sequence[str], b: Sequence[str]) -> dict:

@@ -84,15 +84,22 @@ def statistic_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: in
     return _interval(statistic(np.arange(n)), np.array([statistic(i) for i in idx]), level)
 
 
-def jackknife_ci(statistic: Callable[[np.ndarray], float], n: int, z: float = 1.96) -> Interval:
+def jackknife_ci(statistic: Callable[[np.ndarray], float], n: int, z: float = 1.96, positive: bool = False) -> Interval:
     """Statistic of all n samples with a normal interval from the jackknife standard error.
 
     For biased plug-in statistics such as a Fréchet distance of a few tens of samples, the percentile bootstrap
     is shifted (resampling with duplicates shrinks covariances) and can exclude the estimate itself.
+    `positive`: the statistic cannot be negative (a distance, not a difference of two), so the normal interval is
+    taken on its logarithm (delta method: se / value) and mapped back; it stays above 0 and is wider above the value
+    than below, where a symmetric one would reach below 0 for a distance near 0.
     """
     if n < 3:
         raise TmpdiffError(f"a jackknife interval needs at least 3 samples, got {n}")
-    value = statistic(np.arange(n))
+    value = float(statistic(np.arange(n)))
     leave_one_out = np.array([statistic(np.delete(np.arange(n), i)) for i in range(n)])
     se = float(np.sqrt((n - 1) / n * ((leave_one_out - leave_one_out.mean()) ** 2).sum()))
-    return Interval(float(value), float(value - z * se), float(value + z * se))
+    if positive and value > 0:
+        with np.errstate(over="ignore"):  # a value ~0 with a spread: the interval is [0, inf)
+            spread = float(np.exp(z * se / value))
+        return Interval(value, value / spread, value * spread)
+    return Interval(value, value - z * se, value + z * se)
