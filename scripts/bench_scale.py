@@ -135,7 +135,7 @@ def code_version() -> str:
 
 
 def bench_model(name: str, precisions: list[str], work: Path, results: dict, out: Path, repeats: int,
-                redo: bool = False, memory_check: bool = True) -> None:
+                redo: bool = False, memory_check: bool = True, random_batches: int | None = None) -> None:
     model_dir, params, make_seconds = make_model(name, work)
     spec = MODELS[name]
     record = results["models"].setdefault(name, {})
@@ -153,11 +153,15 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
         shutil.rmtree(build_dir / precision, ignore_errors=True)  # this script's scratch build: export it afresh
         row["export"] = run_stage(["export", str(model_dir), "--precisions", precision, "--out", str(build_root),
                                    "--model-id", name, *spec.get("graph", []),
-                                   *(["--random-calibration"] if get_precision(precision).modelopt_cfg else []),
+                                   *(["--random-calibration", *([] if random_batches is None else
+                                                                ["--random-batches", str(random_batches)])]
+                                     if get_precision(precision).modelopt_cfg else []),
                                    # without the plan `auto` loads fp32: a 16-bit checkpoint is then loaded as it ships
                                    *([] if memory_check else ["--no-memory-check", "--load-dtype",
                                                               "float32" if precision == "fp32" else spec["dtype"]])], log)
         row["memory_check"] = memory_check
+        if random_batches is not None and get_precision(precision).modelopt_cfg:
+            row["calibration_batches"] = random_batches
         write_json(out, results)
         if row["export"]["exit_code"] != 0:
             continue
@@ -205,6 +209,10 @@ def main() -> int:
     parser.add_argument("--redo", action="store_true", help="measure precisions an earlier run already measured again")
     parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                         help="export what the memory plan would refuse: measures the peak the plan is fitted from")
+    parser.add_argument("--random-batches", type=int, default=None,
+                        help="batches of random calibration inputs (tmpdiff's default 8): fewer for an int4 export "
+                             "of a 16-bit model, whose AWQ search runs 12 forwards per batch in fp16 (slow on CPUs "
+                             "without fp16 arithmetic); recorded in the row")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -220,7 +228,7 @@ def main() -> int:
     results["machine"] = machine
     for name in names:
         bench_model(name, [p.strip() for p in args.precisions.split(",")], args.work, results, args.out, args.repeats, args.redo,
-                    args.memory_check)
+                    args.memory_check, args.random_batches)
     print(json.dumps(results, indent=1))
     return 0
 

@@ -46,6 +46,11 @@ def test_random_calibration_only_when_asked():
         calibration_for(model_dir, [0], None)
     recipe, sampling = calibration_for(model_dir, [0], None, random=True)
     assert recipe.description["source"] == "random inputs" and sampling is None
+    assert recipe.description["batches"] == 8
+    fewer, _ = calibration_for(model_dir, [0], None, random=True, random_batches=2)
+    assert fewer.description["batches"] == 2 and fewer.description != recipe.description  # a different export key
+    with pytest.raises(TmpdiffError, match="--random-batches"):
+        calibration_for(model_dir, [0], None, random_batches=2)
     assert calibration_for(model_dir, [0], None, needed=False) == (None, None)  # fp32 alone needs no data
     code, _, err = cli("export", "bundled-t2i", "--precisions", "int8", "--out", "unused")
     assert code == 2 and "--random-calibration" in err and "transformer" in err, err

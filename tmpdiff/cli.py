@@ -112,6 +112,9 @@ def export(
                                                               "the pipeline's)")] = None,
     random_calibration: Annotated[bool, typer.Option("--random-calibration", help="calibrate quantization on random "
                                                      "N(0, 1) inputs (recorded in the manifest)")] = False,
+    random_batches: Annotated[int | None, typer.Option(min=1, help="--random-calibration: batches of 2 random inputs "
+                                                                   "(default 8; AWQ's search runs 12 forwards per batch)")]
+    = None,
     keep_high_precision: Annotated[str | None, typer.Option(
         help="comma-separated modelopt wildcards of layers left unquantized (default: embeddings, in/out projections, final norm)")] = None,
     census: Annotated[bool, typer.Option(help="print every MatMul/Gemm/Conv with its quantized operands")] = False,
@@ -154,7 +157,7 @@ def export(
     calibration, sampling = calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
                                              None if calib_classes is None else _int_list(calib_classes, "--calib-classes"),
                                              prompts=prompts, steps=calib_steps, guidance=calib_guidance,
-                                             random=random_calibration,
+                                             random=random_calibration, random_batches=random_batches,
                                              needed=any(get_precision(n).modelopt_cfg is not None for n in names))
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),

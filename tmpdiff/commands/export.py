@@ -30,15 +30,23 @@ def pipeline_of(model_dir: Path) -> Path | None:
     return root if (root / "model_index.json").is_file() else None
 
 
+def _random_recipe(batches: int | None):
+    from tmpdiff.export.calibration_data import random_recipe
+
+    return random_recipe() if batches is None else random_recipe(batches=batches)
+
+
 def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None, *, prompts: Path | None = None,
                     steps: int | None = None, guidance: float | None = None, random: bool = False,
-                    needed: bool = True):
+                    needed: bool = True, random_batches: int | None = None):
     """The calibration recipe (and sampling info) for a quantized export:
     - a tmpdiff class-conditional model dir: sampled trajectories of `classes` x `seeds`;
     - a pipeline's denoiser with `prompts`: its inputs captured from the stock pipeline over the prompts x `seeds`;
-    - `random`: random N(0, 1) inputs, only when asked for.
+    - `random`: random N(0, 1) inputs, only when asked for (`random_batches` batches of 2; default 8).
     Without any of them (and `needed`: some precision is quantized) a clear error says what to pass."""
     pipeline = pipeline_of(model_dir)
+    if random_batches is not None and not random:
+        raise TmpdiffError("--random-batches sets how many batches --random-calibration makes: give both, or neither")
     if prompts is not None and random:
         raise TmpdiffError("give --prompts or --random-calibration, not both")
     if prompts is not None and pipeline is None:
@@ -51,9 +59,7 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
         info = load_model_info(model_dir.parent)
         sampling = sampling_info(info)
         if random:
-            from tmpdiff.export.calibration_data import random_recipe
-
-            return random_recipe(), sampling
+            return _random_recipe(random_batches), sampling
         from tmpdiff.runtime.capture import sampled_recipe
 
         chosen = list(range(info.num_classes)) if classes is None else classes
@@ -62,9 +68,7 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
             raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
         return sampled_recipe(sampling, chosen, seeds), sampling
     if random:
-        from tmpdiff.export.calibration_data import random_recipe
-
-        return random_recipe(), None
+        return _random_recipe(random_batches), None
     if prompts is not None:
         from tmpdiff.runtime.capture import PromptCapture, prompted_recipe, read_prompts
 
