@@ -197,3 +197,31 @@ def test_quantized_precisions_are_made_from_a_model_loaded_in_16_bits(bundled, t
         return float(np.linalg.norm(output - fp32) / np.linalg.norm(fp32))
     from_fp32, from_fp16 = error(check_output(fp32_dir, "int8")), error(check_output(build_dir, "int8"))
     assert from_fp16 <= 1.5 * from_fp32, (from_fp16, from_fp32)
+
+
+def test_the_int4_plan_follows_the_share_of_convolution_kernels(tmp_path):
+    """int4 is W4A16 (GEMMs only): convolutions keep the loaded dtype, so its planned extra over a quantized export
+    grows with the weights' convolution share, read from the safetensors headers; a 3-d positional table is no kernel."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tmpdiff.export import memory_plan
+    from tmpdiff.formats.precisions import get_precision
+
+    linear_only, with_convs = tmp_path / "transformer", tmp_path / "unet"
+    for directory in (linear_only, with_convs):
+        directory.mkdir()
+    save_file({"blocks.0.attn.to_q.weight": torch.zeros(64, 64), "pos_embed.pos_embed": torch.zeros(1, 32, 64)},
+              str(linear_only / "diffusion_pytorch_model.safetensors"))
+    save_file({"blocks.0.attn.to_q.weight": torch.zeros(64, 64), "conv_in.weight": torch.zeros(64, 16, 2, 2),
+               "conv_in.bias": torch.zeros(64)}, str(with_convs / "diffusion_pytorch_model.safetensors"))
+    assert memory_plan.conv_fraction(linear_only) == 0.0
+    assert memory_plan.conv_fraction(with_convs) == pytest.approx(4096 / (4096 + 4096 + 64))
+    specs = [get_precision("int8"), get_precision("int4")]
+    for base in ("float32", "float16"):
+        int8, int4 = memory_plan.plan_export(linear_only, specs, base)
+        assert int4.peak_bytes == int8.peak_bytes  # no kernels: planned like the int8 export
+        int8, int4 = memory_plan.plan_export(with_convs, specs, base)
+        share = memory_plan.conv_fraction(with_convs)
+        assert int4.copies == pytest.approx(int8.copies + memory_plan.INT4_CONV_EXTRA[base] * share)
+        assert int4.copies > int8.copies and f"{int4.copies:.1f} x the" in int4.describe()

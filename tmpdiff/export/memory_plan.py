@@ -9,8 +9,11 @@ are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
   the traced weights were streamed, so an upper bound);
 - quantized from fp32 (int8, fp8): SD1.5 int8 10.9 GiB -> 3.1 copies (a quantized export frees the torch model once
   it is traced); PixArt-Sigma (611M) int8 / fp8 8.9 / 9.2 GiB -> 3.5 / 3.6: the plan is the larger;
-- int4 (AWQ) from fp32: SD1.5 16.3 GiB -> 4.8 copies (its search caches activations per layer, and SD1.5's
-  convolutions stay fp32 in the int4 graphs; PixArt took 3.3: the UNet's figure is the plan);
+- int4 (AWQ) from fp32: SD1.5 16.3 GiB -> 4.8 copies, PixArt 3.3. int4 is W4A16, a GEMM format: convolutions
+  keep the loaded dtype in the int4 graphs (SD1.5's twin is 2.5 GB where its int8 twin is 0.87), and AWQ-lite keeps
+  no activations (per-channel means and a loss per alpha), so the extra over a quantized export follows the share of
+  the weights that are convolution kernels (`conv_fraction`; SD1.5 0.685, PixArt 0.000, SD3-medium 0.000, SDXL
+  0.130): the quantized copies + INT4_CONV_EXTRA x that share, with (4.8 - 3.1) / 0.685 = 2.5 from SD1.5;
 - fp16 from a 16-bit model: SD3-medium-size transformer (2.08B, 4.17 GB of fp16 weights) 13.8 / 14.1 GiB (two
   machines) and SDXL-size UNet (2.57B) 16.75 GiB -> 3.3-3.4 copies;
 - quantized from a 16-bit model: SD3-medium int8 / fp8 19.5 GiB -> 4.8 copies while AutoCast converted the TensorRT
@@ -20,8 +23,9 @@ are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
   priority order (`engines.ort.session_options`; its peak moved to the graph rewrites); its int8 at 21.6 GiB with the
   priority order alone (ONNX Runtime's CPU arena kept each parity run's dequantized weights) and at 17.7 GiB -> 3.5
   with the arena off for those checks: the plan is the larger, 3.7.
-  int4 from a 16-bit model is not measured: planned as those copies plus the fp32 int4 export's extra bytes per
-  parameter (AWQ's caches).
+  int4 from a 16-bit model: the quantized copies plus twice the fp32 extra per convolution share (the twin made from
+  a 16-bit load computes in fp32 outside its quantized weights, `export.upcast`, so its kernels take twice their
+  loaded bytes); a model without convolutions (SD3-medium) is planned like its int8 export.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ BASE_BYTES = 1.0 * GB  # the interpreter with torch, diffusers, modelopt and ONN
 # Peak RSS in units of the loaded model's weight bytes, per kind of export and the dtype the model is loaded in
 # (see the module docstring).
 COPIES = {("plain", "float32"): 4.6, ("fp16", "float32"): 3.4, ("fp16", "float16"): 3.4,
-          ("quantized", "float32"): 3.6, ("int4", "float32"): 4.8,
-          ("quantized", "float16"): 3.7, ("int4", "float16"): 3.7 + 2 * (4.8 - 3.1)}
+          ("quantized", "float32"): 3.6, ("quantized", "float16"): 3.7}
+# int4: the quantized copies + this many per unit of the convolution share of the weights (see the module docstring)
+INT4_CONV_EXTRA = {"float32": (4.8 - 3.1) / 0.685, "float16": 2 * (4.8 - 3.1) / 0.685}
 BYTES_PER_WEIGHT = {"float32": 4, "float16": 2}
 
 
@@ -52,10 +57,11 @@ class ExportMemory:
     precision: str
     parameters: int
     base: str
+    copies: float
     peak_bytes: float
 
     def describe(self) -> str:
-        return (f"{self.precision} needs about {_size(self.peak_bytes)} ({_copies(self.precision, self.base):.1f} x the "
+        return (f"{self.precision} needs about {_size(self.peak_bytes)} ({self.copies:.1f} x the "
                 f"{_size(self.parameters * BYTES_PER_WEIGHT[self.base])} of {self.base} weights of "
                 f"{self.parameters / 1e6:,.1f}M parameters + {_size(BASE_BYTES)})")
 
@@ -76,13 +82,17 @@ def export_kind(precision: str) -> str:
     return "fp16" if spec.name == "fp16" else "plain"
 
 
-def _copies(precision: str, base: str) -> float:
-    return COPIES[(export_kind(precision), base)]
+def copies(precision: str, base: str, conv_share: float) -> float:
+    """Planned peak in units of the loaded weights' bytes, for a model whose weights are `conv_share` conv kernels."""
+    kind = export_kind(precision)
+    if kind == "int4":
+        return COPIES[("quantized", base)] + INT4_CONV_EXTRA[base] * conv_share
+    return COPIES[(kind, base)]
 
 
-def parameter_count(model_dir: Path) -> int:
-    """Parameters in a diffusers model directory, from its safetensors headers (no weights read)."""
-    total = 0
+def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """The shape of every tensor in a diffusers model directory's safetensors files, by name, from their headers."""
+    shapes = {}
     for file in sorted(model_dir.glob("*.safetensors")):
         try:
             with file.open("rb") as handle:
@@ -90,21 +100,42 @@ def parameter_count(model_dir: Path) -> int:
                 header = json.loads(handle.read(size))
         except (struct.error, ValueError, OSError) as exc:
             raise TmpdiffError(f"not a readable safetensors header ({exc})", file) from None
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            count = 1
-            for dim in entry.get("shape", []):
-                count *= int(dim)
-            total += count
-    return total
+        shapes |= {key: [int(dim) for dim in entry.get("shape", [])] for key, entry in header.items()
+                   if key != "__metadata__"}
+    return shapes
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters in a diffusers model directory, from its safetensors headers (no weights read)."""
+    return sum(_numel(shape) for shape in _tensor_shapes(model_dir).values())
+
+
+def conv_fraction(model_dir: Path) -> float:
+    """The share of the parameters that are convolution kernels (`*.weight` tensors of 3 or more dimensions; a
+    positional table such as SD3's `pos_embed.pos_embed`, 1 x 36864 x 1536, is not one), from the headers."""
+    shapes = _tensor_shapes(model_dir)
+    total = sum(_numel(shape) for shape in shapes.values())
+    kernels = sum(_numel(shape) for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 3)
+    return kernels / total if total else 0.0
 
 
 def plan_export(model_dir: Path, specs: list[Precision], base: str = "float32") -> list[ExportMemory]:
     """The planned peak of each precision's export of the model in `model_dir`, loaded in `base` dtype."""
     params = parameter_count(model_dir)
+    share = conv_fraction(model_dir) if any(export_kind(spec.name) == "int4" for spec in specs) else 0.0
     weights = params * BYTES_PER_WEIGHT[base]
-    return [ExportMemory(spec.name, params, base, BASE_BYTES + _copies(spec.name, base) * weights) for spec in specs]
+    plans = []
+    for spec in specs:
+        factor = copies(spec.name, base, share)
+        plans.append(ExportMemory(spec.name, params, base, factor, BASE_BYTES + factor * weights))
+    return plans
 
 
 LOAD_DTYPES = ("auto", "float32", "float16")
