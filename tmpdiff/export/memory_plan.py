@@ -9,11 +9,16 @@ are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
   the traced weights were streamed, so an upper bound);
 - quantized from fp32 (int8, fp8): SD1.5 int8 10.9 GiB -> 3.1 copies (a quantized export frees the torch model once
   it is traced); PixArt-Sigma (611M) int8 / fp8 8.9 / 9.2 GiB -> 3.5 / 3.6: the plan is the larger;
-- int4 (AWQ) from fp32: SD1.5 16.3 GiB -> 4.8 copies, PixArt 3.3. int4 is W4A16, a GEMM format: convolutions
-  keep the loaded dtype in the int4 graphs (SD1.5's twin is 2.5 GB where its int8 twin is 0.87), and AWQ-lite keeps
-  no activations (per-channel means and a loss per alpha), so the extra over a quantized export follows the share of
-  the weights that are convolution kernels (`conv_fraction`; SD1.5 0.685, PixArt 0.000, SD3-medium 0.000, SDXL
-  0.130): the quantized copies + INT4_CONV_EXTRA x that share, with (4.8 - 3.1) / 0.685 = 2.5 from SD1.5;
+- int4 (AWQ) from fp32: SD1.5 16.3 GiB -> 4.8 copies, PixArt 3.3. AWQ-lite keeps no activations (per-channel means
+  and a loss per alpha); what differs from an int8 export is the bytes of the graphs the later stages hold. int4 is
+  W4A16, a GEMM format: its graphs carry GEMM weights at half a byte, where int8 carries one, and convolution kernels
+  at the twin's float (4 bytes: the twin computes in fp32 outside its quantized weights, `export.upcast`), where int8
+  carries one. Per parameter that is 3 c - 0.5 (1 - c) bytes more than int8, for a kernel share c
+  (`conv_fraction`, from the headers: SD1.5 0.685, SDXL 0.130, PixArt and SD3-medium 0.000). SD1.5's int4 peak is
+  (4.8 - 3.1) / (1.90 / 4) = 3.6 bytes of peak per byte of that difference (INT4_GRAPH_COPIES); PixArt's int4 peaked
+  below its int8 (3.3 vs 3.5 copies), as its negative difference says, but a negative difference is not planned
+  below the quantized copies. So int4 from 16 bits: SD3-medium 3.7 copies (its int8 plan), SDXL 3.7 (3 x 0.130 <
+  0.5 x 0.870), SD1.5 from fp32 5.3.
 - fp16 from a 16-bit model: SD3-medium-size transformer (2.08B, 4.17 GB of fp16 weights) 13.8 / 14.1 GiB (two
   machines) and SDXL-size UNet (2.57B) 16.75 GiB -> 3.3-3.4 copies;
 - quantized from a 16-bit model: SD3-medium int8 / fp8 19.5 GiB -> 4.8 copies while AutoCast converted the TensorRT
@@ -23,9 +28,6 @@ are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
   priority order (`engines.ort.session_options`; its peak moved to the graph rewrites); its int8 at 21.6 GiB with the
   priority order alone (ONNX Runtime's CPU arena kept each parity run's dequantized weights) and at 17.7 GiB -> 3.5
   with the arena off for those checks: the plan is the larger, 3.7.
-  int4 from a 16-bit model: the quantized copies plus twice the fp32 extra per convolution share (the twin made from
-  a 16-bit load computes in fp32 outside its quantized weights, `export.upcast`, so its kernels take twice their
-  loaded bytes); a model without convolutions (SD3-medium) is planned like its int8 export.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ BASE_BYTES = 1.0 * GB  # the interpreter with torch, diffusers, modelopt and ONN
 # (see the module docstring).
 COPIES = {("plain", "float32"): 4.6, ("fp16", "float32"): 3.4, ("fp16", "float16"): 3.4,
           ("quantized", "float32"): 3.6, ("quantized", "float16"): 3.7}
-# int4: the quantized copies + this many per unit of the convolution share of the weights (see the module docstring)
-INT4_CONV_EXTRA = {"float32": (4.8 - 3.1) / 0.685, "float16": 2 * (4.8 - 3.1) / 0.685}
+# int4: peak bytes per byte its graphs hold beyond an int8 export's (SD1.5; see the module docstring)
+INT4_GRAPH_COPIES = (4.8 - 3.1) / ((3 * 0.685 - 0.5 * (1 - 0.685)) / 4)
 BYTES_PER_WEIGHT = {"float32": 4, "float16": 2}
 
 
@@ -82,11 +84,18 @@ def export_kind(precision: str) -> str:
     return "fp16" if spec.name == "fp16" else "plain"
 
 
+def int4_graph_bytes_over_int8(conv_share: float) -> float:
+    """Bytes per parameter the int4 graphs hold beyond the int8 ones: GEMM weights 0.5 instead of 1 byte, convolution
+    kernels at the twin's fp32 instead of 1 byte."""
+    return 3 * conv_share - 0.5 * (1 - conv_share)
+
+
 def copies(precision: str, base: str, conv_share: float) -> float:
     """Planned peak in units of the loaded weights' bytes, for a model whose weights are `conv_share` conv kernels."""
     kind = export_kind(precision)
     if kind == "int4":
-        return COPIES[("quantized", base)] + INT4_CONV_EXTRA[base] * conv_share
+        extra = max(0.0, int4_graph_bytes_over_int8(conv_share)) / BYTES_PER_WEIGHT[base]
+        return COPIES[("quantized", base)] + INT4_GRAPH_COPIES * extra
     return COPIES[(kind, base)]
 
 
