@@ -72,3 +72,32 @@ def test_a_16_bit_unet_exports_and_checks_against_its_torch_model(tmp_path):
     convs = [n for n in graph.graph.node if n.op_type == "Conv"]
     weights = {t.name: t.data_type for t in graph.graph.initializer}
     assert convs and all(weights.get(n.input[1]) == onnx.TensorProto.FLOAT16 for n in convs)
+
+
+@torch.no_grad()
+def test_fp16_linears_accumulate_in_fp32_inside_fp32_compute_and_fake_quant_weights_are_used():
+    """Calibration forwards of a 16-bit model: fp16 Linear on CPU computes in fp32, rounds to fp16; a modelopt
+    fake-quant Linear still multiplies by its quantized weight; fp32 layers and everything after the block unchanged."""
+    import modelopt.torch.quantization as mtq
+
+    from tmpdiff.export.half_convolutions import fp32_compute
+
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(64, 32).half(), torch.randn(4, 64).half()
+    want = F.linear(x.float(), linear.weight.float(), linear.bias.float()).half()
+    original, conv_forward = torch.nn.Linear.forward, torch.nn.Conv2d._conv_forward
+    with fp32_compute():
+        got = linear(x)
+        fp32_linear = torch.nn.Linear(64, 32)
+        assert torch.equal(fp32_linear(x.float()), F.linear(x.float(), fp32_linear.weight, fp32_linear.bias))
+        assert torch.nn.Conv2d._conv_forward is not conv_forward  # the convolutions' fp32 path is on too
+    assert torch.equal(got, want) and torch.nn.Linear.forward is original and torch.nn.Conv2d._conv_forward is conv_forward
+    config = {"quant_cfg": [{"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 4, "axis": 0}},
+                            {"quantizer_name": "*input_quantizer", "enable": False}], "algorithm": "max"}
+    quantized = mtq.quantize(torch.nn.Sequential(torch.nn.Linear(64, 32)).half(), config, lambda m: m(x))
+    layer = quantized[0]
+    fake_weight = layer.weight_quantizer(layer.weight)
+    assert not torch.equal(fake_weight, layer.weight)  # 4 bits moved the weights
+    with fp32_compute():
+        got = quantized(x)
+    assert torch.equal(got, F.linear(x.float(), fake_weight.float(), layer.bias.float()).half())

@@ -27,7 +27,7 @@ from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, r
 from tmpdiff.export.disk_plan import require_export_space
 from tmpdiff.export.graph_rewrite import TRT_DOMAIN, ort_twin, remove_dead_nodes, trt_graph
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
-from tmpdiff.export.half_convolutions import fp32_convolutions
+from tmpdiff.export.half_convolutions import fp32_compute, fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
 from tmpdiff.export.memory_plan import choose_base, parameter_count
 from tmpdiff.export.onnx_export import load_weights, traced
@@ -301,14 +301,14 @@ def _export_locked(
 
     def reference() -> ParityOutputs:
         if "reference" not in state:  # the loaded model's outputs on the parity inputs: fp32 (or its 16-bit base)
-            with fp32_convolutions():  # a 16-bit model's CPU convolutions (`half_convolutions`)
+            with fp32_compute():  # a 16-bit model's CPU convolutions and GEMMs (`half_convolutions`)
                 state["reference"] = parity_outputs(adapter, adapter.export_module(model(), model_dtype(model())))
         return state["reference"]
 
     def calib() -> CalibrationSet:
         if "calib" not in state:
             on_progress("capturing calibration inputs")
-            with fp32_convolutions():
+            with fp32_compute():
                 state["calib"] = recipe.capture(model(), adapter)
         return state["calib"]
 
@@ -372,7 +372,7 @@ def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdap
     del proto
     release_freed_memory()
     # traced at the loaded model's own dtype, the module computes exactly what the reference outputs are
-    with fp32_convolutions():
+    with fp32_compute():
         expected = reference if dtype == model_dtype(model) else parity_outputs(adapter, module, reference)
     return _checked_entry(spec, build_dir, rel, rel, key, adapter, expected, reference, extra_files=written), []
 
@@ -391,12 +391,12 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
     model = take_model()
     dtype = model_dtype(model)  # float32, or the 16 bits a model too large for fp32 was loaded in
     on_stage("calibrating the quantizers")
-    with fp32_convolutions():
+    with fp32_compute():
         quantize(model, quant_config, calibration.batches,
                  lambda m, batch: adapter.export_module(m, dtype)(*batch.values()), in_place=True)
     directory = build_dir / spec.name
     save_quantized_state(model, quant_config, directory)
-    with fp32_convolutions():
+    with fp32_compute():
         expected = parity_outputs(adapter, adapter.export_module(model, dtype), reference)
     quantizers = quantizer_census(model)
     weight_modules, input_modules = quantized_modules(model)
