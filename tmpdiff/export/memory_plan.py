@@ -33,6 +33,7 @@ are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,24 +115,17 @@ def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def parameter_count(model_dir: Path) -> int:
     """Parameters in a diffusers model directory, from its safetensors headers (no weights read)."""
-    return sum(_numel(shape) for shape in _tensor_shapes(model_dir).values())
+    return sum(math.prod(shape) for shape in _tensor_shapes(model_dir).values())
 
 
 def conv_fraction(model_dir: Path) -> float:
     """The share of the parameters that are convolution kernels (`*.weight` tensors of 3 or more dimensions; a
     positional table such as SD3's `pos_embed.pos_embed`, 1 x 36864 x 1536, is not one), from the headers."""
     shapes = _tensor_shapes(model_dir)
-    total = sum(_numel(shape) for shape in shapes.values())
-    kernels = sum(_numel(shape) for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 3)
+    total = sum(math.prod(shape) for shape in shapes.values())
+    kernels = sum(math.prod(shape) for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 3)
     return kernels / total if total else 0.0
 
 
