@@ -202,7 +202,8 @@ def test_quantized_precisions_are_made_from_a_model_loaded_in_16_bits(bundled, t
 def test_the_int4_plan_follows_the_share_of_convolution_kernels(tmp_path):
     """int4 is W4A16 (GEMMs only): its graphs hold convolution kernels at the twin's fp32 and GEMM weights at half a
     byte, so its planned extra over a quantized export follows the weights' convolution share, read from the
-    safetensors headers (a 3-d positional table is no kernel); a model of GEMMs alone is planned like its int8."""
+    safetensors headers (a 3-d positional table is no kernel); a model of GEMMs alone is planned like its int8, plus
+    the least extra measured."""
     import torch
     from safetensors.torch import save_file
 
@@ -221,9 +222,10 @@ def test_the_int4_plan_follows_the_share_of_convolution_kernels(tmp_path):
     specs = [get_precision("int8"), get_precision("int4")]
     for base in ("float32", "float16"):
         int8, int4 = memory_plan.plan_export(linear_only, specs, base)
-        assert int4.peak_bytes == int8.peak_bytes  # no kernels: planned like the int8 export
+        # no kernels: planned like the int8 export, plus the least extra the SDXL-size UNet showed from 16 bits
+        assert int4.copies == pytest.approx(int8.copies + memory_plan.INT4_MIN_EXTRA[base])
         int8, int4 = memory_plan.plan_export(with_convs, specs, base)
         share = memory_plan.conv_fraction(with_convs)
         extra = memory_plan.INT4_GRAPH_COPIES * (3 * share - 0.5 * (1 - share)) / memory_plan.BYTES_PER_WEIGHT[base]
-        assert int4.copies == pytest.approx(int8.copies + extra)
+        assert int4.copies == pytest.approx(int8.copies + max(memory_plan.INT4_MIN_EXTRA[base], extra))
         assert int4.copies > int8.copies and f"{int4.copies:.1f} x the" in int4.describe()
