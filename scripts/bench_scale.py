@@ -151,16 +151,17 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
         row.clear()
         row["code"] = code_version()
         shutil.rmtree(build_dir / precision, ignore_errors=True)  # this script's scratch build: export it afresh
+        calibrated = get_precision(precision).modelopt_cfg is not None
         row["export"] = run_stage(["export", str(model_dir), "--precisions", precision, "--out", str(build_root),
                                    "--model-id", name, *spec.get("graph", []),
                                    *(["--random-calibration", *([] if random_batches is None else
                                                                 ["--random-batches", str(random_batches)])]
-                                     if get_precision(precision).modelopt_cfg else []),
+                                     if calibrated else []),
                                    # without the plan `auto` loads fp32: a 16-bit checkpoint is then loaded as it ships
                                    *([] if memory_check else ["--no-memory-check", "--load-dtype",
                                                               "float32" if precision == "fp32" else spec["dtype"]])], log)
         row["memory_check"] = memory_check
-        if random_batches is not None and get_precision(precision).modelopt_cfg:
+        if random_batches is not None and calibrated:
             row["calibration_batches"] = random_batches
         write_json(out, results)
         if row["export"]["exit_code"] != 0:

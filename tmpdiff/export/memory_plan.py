@@ -99,8 +99,8 @@ def copies(precision: str, base: str, conv_share: float) -> float:
     """Planned peak in units of the loaded weights' bytes, for a model whose weights are `conv_share` conv kernels."""
     kind = export_kind(precision)
     if kind == "int4":
-        extra = max(0.0, int4_graph_bytes_over_int8(conv_share)) / BYTES_PER_WEIGHT[base]
-        return COPIES[("quantized", base)] + max(INT4_MIN_EXTRA[base], INT4_GRAPH_COPIES * extra)
+        extra = INT4_GRAPH_COPIES * int4_graph_bytes_over_int8(conv_share) / BYTES_PER_WEIGHT[base]
+        return COPIES[("quantized", base)] + max(INT4_MIN_EXTRA[base], extra)
     return COPIES[(kind, base)]
 
 
@@ -119,6 +119,12 @@ def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def _kernel_share(shapes: dict[str, list[int]]) -> float:
+    total = sum(math.prod(shape) for shape in shapes.values())
+    kernels = sum(math.prod(shape) for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 3)
+    return kernels / total if total else 0.0
+
+
 def parameter_count(model_dir: Path) -> int:
     """Parameters in a diffusers model directory, from its safetensors headers (no weights read)."""
     return sum(math.prod(shape) for shape in _tensor_shapes(model_dir).values())
@@ -127,16 +133,13 @@ def parameter_count(model_dir: Path) -> int:
 def conv_fraction(model_dir: Path) -> float:
     """The share of the parameters that are convolution kernels (`*.weight` tensors of 3 or more dimensions; a
     positional table such as SD3's `pos_embed.pos_embed`, 1 x 36864 x 1536, is not one), from the headers."""
-    shapes = _tensor_shapes(model_dir)
-    total = sum(math.prod(shape) for shape in shapes.values())
-    kernels = sum(math.prod(shape) for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 3)
-    return kernels / total if total else 0.0
+    return _kernel_share(_tensor_shapes(model_dir))
 
 
 def plan_export(model_dir: Path, specs: list[Precision], base: str = "float32") -> list[ExportMemory]:
     """The planned peak of each precision's export of the model in `model_dir`, loaded in `base` dtype."""
-    params = parameter_count(model_dir)
-    share = conv_fraction(model_dir) if any(export_kind(spec.name) == "int4" for spec in specs) else 0.0
+    shapes = _tensor_shapes(model_dir)  # the headers, read once for both figures
+    params, share = sum(math.prod(shape) for shape in shapes.values()), _kernel_share(shapes)
     weights = params * BYTES_PER_WEIGHT[base]
     plans = []
     for spec in specs:
