@@ -87,17 +87,19 @@ def save_model(name: str, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="100GB")
 
 
-def make_model(name: str, work: Path) -> tuple[Path, int, float]:
-    """The model directory (made once), its parameter count and the seconds making it took.
+def make_model(name: str, work: Path) -> tuple[Path, int, float | None]:
+    """The model directory (made once), its parameter count and the seconds making it took (None: made by an earlier
+    run, whose figure stands).
 
     The model is made in a child process: memory the allocator keeps after a multi-GB model is freed would otherwise
     stay in this process for the whole run, beside every stage it measures.
     """
     directory = work / "models" / name
+    if (directory / "config.json").is_file():
+        return directory, parameter_count(directory), None
     started = time.perf_counter()
-    if not (directory / "config.json").is_file():
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pool.submit(save_model, name, directory).result()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(save_model, name, directory).result()
     return directory, parameter_count(directory), time.perf_counter() - started
 
 
@@ -140,8 +142,9 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
     spec = MODELS[name]
     record = results["models"].setdefault(name, {})
     record.update({"source": spec["source"], "class": spec["class"], "weights_dtype": spec["dtype"],
-                   "parameters": params, "make_seconds": round(make_seconds, 1), "graph_args": spec.get("graph", []),
-                   "precisions": record.get("precisions", {})})
+                   "parameters": params, "graph_args": spec.get("graph", []), "precisions": record.get("precisions", {})})
+    if make_seconds is not None:
+        record["make_seconds"] = round(make_seconds, 1)
     build_root, log = work / "build", work / f"{name}.log"
     build_dir = build_root / name
     for precision in tqdm(precisions, desc=name):
@@ -177,13 +180,16 @@ def bench_model(name: str, precisions: list[str], work: Path, results: dict, out
     if not built:
         return
     costs = work / f"{name}-costs.json"
-    record["profile"] = run_stage(["profile", str(build_dir), "--backend", "ort", "--precisions", ",".join(built),
-                                   "--batch", "1", "--warmup", "1", "--repeats", str(repeats), "--out", str(costs),
-                                   "--force"], log)
-    if record["profile"]["exit_code"] == 0:
-        measured = json.loads(costs.read_text())["precisions"]
-        for precision in built:
-            record["precisions"][precision]["step_ms_batch1"] = measured[precision]["median_ms"]
+    profile = run_stage(["profile", str(build_dir), "--backend", "ort", "--precisions", ",".join(built),
+                         "--batch", "1", "--warmup", "1", "--repeats", str(repeats), "--out", str(costs), "--force"], log)
+    # each profiled row keeps its own run (and who shared it): a later run over other precisions leaves it standing
+    measured = json.loads(costs.read_text())["precisions"] if profile["exit_code"] == 0 else {}
+    for precision in built:
+        row = record["precisions"][precision]
+        row["profile"] = profile | {"same_run": built}
+        row.pop("step_ms_batch1", None)
+        if precision in measured:
+            row["step_ms_batch1"] = measured[precision]["median_ms"]
     write_json(out, results)
 
 
