@@ -41,25 +41,40 @@ def stage_matched(args) -> None:
     from tmpdiff.formats.costs import load_costs
     from tmpdiff.models.bundled import bundled_dir
 
+    calib_seeds, unseen_groups = _groups(args.matched_calib)[0], _groups(args.matched_unseen)
+    odd = [g for g in unseen_groups if len(g) != len(calib_seeds)]
+    if odd:  # the runner's batch is the calibration set's: refuse before an hour of search, not after it
+        raise SystemExit(f"--matched-unseen groups {odd} differ in size from --matched-calib ({len(calib_seeds)} "
+                         "seeds): give groups of as many seeds, separated by '/'")
     session = open_session(args.build, args.costs, args.matched_steps, args.metric, args.reference,
-                           seeds=_groups(args.matched_calib)[0], threads=1)
+                           seeds=calib_seeds, threads=1)
     cost = session.problem.cost
     targets = {f"uniform {p} cost": cost[args.reference] / cost[p] for p in session.problem.levels[:-1]}
     targets |= {f"{s:g}x": s for s in args.matched_speedups}
-    found = search_matched(session, targets, args.metric, on_progress=lambda m: print(m, flush=True),
-                           refine_evaluations=args.refine_evaluations)
+    # the search is the long part: kept on its own, and re-used by a re-run with the same settings
+    searched = args.out / "matched_search.json"
+    settings = {"calib_seeds": calib_seeds, "steps": args.matched_steps, "metric": args.metric,
+                "targets": targets, "refine_evaluations": args.refine_evaluations,
+                "costs_table": load_costs(args.costs).provenance(), "build": str(args.build)}
+    kept = json.loads(searched.read_text()) if searched.is_file() else {}
+    if kept.get("settings") == settings:
+        found = kept["found"]
+        print(f"search re-used from {searched}", flush=True)
+    else:
+        found = search_matched(session, targets, args.metric, on_progress=lambda m: print(m, flush=True),
+                               refine_evaluations=args.refine_evaluations)
+        found["calibration_evaluations"] = session.evaluator.runs
+        write_json(searched, {"settings": settings, "found": found})
     schedules = {tuple([p] * args.matched_steps) for p in session.problem.all_levels}
     schedules |= {tuple(m["schedule"]) for t in found["targets"] for m in t["methods"].values()}
-    judged = judge_unseen(session, sorted(schedules), _groups(args.matched_unseen), str(bundled_dir() / "classifier"))
+    judged = judge_unseen(session, sorted(schedules), unseen_groups, str(bundled_dir() / "classifier"))
     import numpy as np
 
     np.savez_compressed(args.out / "matched_samples.npz",
                         **{f"{' '.join(s)}|{k}": v for s, m in judged.items() for k, v in m.items()})
-    write_json(args.out / "matched.json", found | {"costs_table": load_costs(args.costs).provenance(),
-                                                   "calib_seeds": _groups(args.matched_calib)[0],
-                                                   "unseen_seeds": [s for g in _groups(args.matched_unseen) for s in g],
-                                                   "steps": args.matched_steps, "per_step_cost": cost,
-                                                   "calibration_evaluations": session.evaluator.runs})
+    write_json(args.out / "matched.json", found | {"costs_table": settings["costs_table"], "calib_seeds": calib_seeds,
+                                                   "unseen_seeds": [s for g in unseen_groups for s in g],
+                                                   "steps": args.matched_steps, "per_step_cost": cost})
 
 
 def main() -> None:
