@@ -13,7 +13,7 @@ from tmpdiff.calibration.evaluator import Evaluation
 from tmpdiff.calibration.exhaustive import build_table, merge_tables, optimum, tree_steps, walk_schedules
 from tmpdiff.calibration.refine import evaluation_cap, neighbours, refine
 from tmpdiff.calibration.search import Problem, measure_sensitivities
-from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, ratio_ci
+from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, ratio_ci, relative_diff_ci
 from tmpdiff.eval.metrics import latent_errors
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
@@ -118,6 +118,19 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks():
     positive = jackknife_ci(lambda i: float(near_zero[i].mean()), len(near_zero), positive=True)
     assert symmetric.low < 0 < positive.low < positive.value < positive.high
     assert positive.value / positive.low == pytest.approx(positive.high / positive.value)
+
+
+def test_relative_difference_of_errors_stays_above_minus_100_percent():
+    # heavy-tailed per-sample errors, a schedule that removes most of them: the difference's interval divided by the
+    # full-sample mean reaches below -100% (an error below 0); each resample's own relative change cannot
+    rng = np.random.default_rng(1)
+    base = rng.lognormal(0.0, 1.5, 40)
+    better = 0.2 * base * rng.uniform(0.5, 1.5, 40)
+    d, r = diff_ci(better, base), relative_diff_ci(better, base)
+    assert d.low / base.mean() < -1.0
+    assert -1.0 < r.low < r.value < r.high < 0.0
+    assert r.value == pytest.approx(better.mean() / base.mean() - 1.0)
+    assert relative_diff_ci(base, np.zeros_like(base)) is None
 
 
 def _interacting_problem(steps: int = 8) -> Problem:

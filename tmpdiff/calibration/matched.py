@@ -16,7 +16,7 @@ from tmpdiff.calibration.baselines import evolutionary, heuristics_at_budget
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import CountingProblem, Schedule, measure_sensitivities, tmpdiff_search
 from tmpdiff.calibration.session import CalibrationSession
-from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci
+from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, relative_diff_ci
 from tmpdiff.eval.judge import LOWER_IS_BETTER, judge
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.call_memo import CallMemo, attached
@@ -93,9 +93,9 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: n
     out = {}
     for name in [k for k in a if k != "features"]:
         d = diff_ci(a[name], b[name], seed=seed)
-        base = float(np.mean(b[name]))
-        out[name] = {"diff": d.as_dict(), "percent": 100 * d.value / abs(base) if base else None,
-                     "percent_interval": [100 * d.low / abs(base), 100 * d.high / abs(base)] if base else None,
+        r = relative_diff_ci(a[name], b[name], seed=seed)
+        out[name] = {"diff": d.as_dict(), "percent": None if r is None else 100 * r.value,
+                     "percent_interval": None if r is None else [100 * r.low, 100 * r.high],
                      "significant": d.excludes(0.0),
                      "better": (d.value < 0) == LOWER_IS_BETTER[name] if d.value != 0 else None}
     if "features" in a and real_features is not None:
@@ -104,10 +104,12 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: n
         def fd_diff(i):
             return frechet_distance(fa[i], real_features) - frechet_distance(fb[i], real_features)
 
+        def fd_relative(i):
+            return fd_diff(i) / frechet_distance(fb[i], real_features)
+
         d = jackknife_ci(fd_diff, len(fa))
-        base = frechet_distance(fb, real_features)
-        out["fd_low"] = {"diff": d.as_dict(), "percent": 100 * d.value / base,
-                         "percent_interval": [100 * d.low / base, 100 * d.high / base],
+        r = jackknife_ci(fd_relative, len(fa))
+        out["fd_low"] = {"diff": d.as_dict(), "percent": 100 * r.value, "percent_interval": [100 * r.low, 100 * r.high],
                          "significant": d.excludes(0.0), "better": d.value < 0}
     return out
 

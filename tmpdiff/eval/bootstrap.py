@@ -1,4 +1,5 @@
-"""Bootstrap confidence intervals over samples: a mean, a paired difference of means, a ratio of means.
+"""Bootstrap confidence intervals over samples: a mean, a paired difference of means (absolute or relative to
+the second mean), a ratio of means.
 
 Samples are resampled with replacement (percentile intervals, a fixed seed so reports are reproducible).
 A paired statistic resamples the same sample indices for both arrays: two schedules are judged on the
@@ -60,6 +61,23 @@ def diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 
         raise TmpdiffError(f"paired samples of different shapes {x.shape} and {y.shape}")
     idx = _indices(len(x), resamples, seed)
     return _interval(x.mean() - y.mean(), x[idx].mean(axis=1) - y[idx].mean(axis=1), level)
+
+
+def relative_diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval | None:
+    """(mean(a) - mean(b)) / |mean(b)| over paired samples, with its interval (None where mean(b) is 0).
+
+    Each resample divides by its own mean(b): dividing the difference's interval by the full-sample mean instead
+    ignores the denominator's spread, and for an error (never below 0) can reach below -100%."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise TmpdiffError(f"paired samples of different shapes {x.shape} and {y.shape}")
+    if y.mean() == 0:
+        return None
+    idx = _indices(len(x), resamples, seed)
+    xm, ym = x[idx].mean(axis=1), y[idx].mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        draws = (xm - ym) / np.abs(ym)
+    return _interval((x.mean() - y.mean()) / abs(y.mean()), draws[np.isfinite(draws)], level)
 
 
 def ratio_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
