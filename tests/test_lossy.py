@@ -209,6 +209,30 @@ def test_refinement_moves_an_adjacent_pair_and_ranks_it_by_the_measured_pair():
     assert refine(problem, start, budget, 1, sens).schedule == target  # its first evaluation
 
 
+def test_refinement_pays_for_a_raise_with_several_lowerings():
+    """With close cheap costs (fp8 0.55, int4 0.45) raising a step to fp32 takes five fp8 -> int4 lowerings to pay
+    for: no move of one or two steps reaches the optimum from uniform fp8, the raise paid by several lowerings does."""
+    T = 8
+    first = {"fp32": 0.0, "fp8": 10.0, "int4": 12.0}  # the first step is the one that matters
+    later = {"fp32": 0.0, "fp8": 0.1, "int4": 0.5}
+
+    def evaluate(schedule):
+        err = first[schedule[0]] + sum(later[p] for p in schedule[1:])
+        return Evaluation(tuple(schedule), err, 1.0 - err / 100, 30.0)
+
+    problem = Problem.create(T, "fp32", {"fp32": 1.0, "fp8": 0.55, "int4": 0.45}, "latent", evaluate)
+    budget = T * 0.55
+    start = tuple(["fp8"] * T)
+    best = min((s for s in itertools.product(problem.all_levels, repeat=T)
+                if problem.schedule_cost(s) <= budget * (1 + 1e-9)), key=problem.error)
+    assert best[0] == "fp32" and problem.error(best) == pytest.approx(2.7)
+    assert refine(problem, start, budget, evaluation_cap(problem)).schedule == start  # no sensitivities: stuck
+    sens = measure_sensitivities(problem)
+    result = refine(problem, start, budget, evaluation_cap(problem), sens)
+    assert result.error == pytest.approx(problem.error(best))
+    assert len(result.moves[0]) == 6  # one raise, five lowerings, in one move
+
+
 def test_size_curve_sizes_halve_the_calibration_set():
     from tmpdiff.calibration.lossy import halving_sizes
 

@@ -3,12 +3,15 @@
 The additive scores ignore how steps interact, so the knapsack answer can sit off the measured optimum.
 Starting from it, moves that keep the schedule within the budget are tried: swap the levels of two steps
 (cost unchanged), swap two adjacent steps of one level with two adjacent steps of another, raise one step (when the
-budget has room), raise one step and lower another, or lower one step alone (cheaper). The pair swap and the
-lone lowering are there because the errors of adjacent cheap steps can partly cancel, which no additive score
-sees. Candidates are tried in the order the down-score predicts best, with the measured interaction of every two
-adjacent cheapest steps added (`Sensitivities.score_paired`; ties: nearer steps first); the first move whose
-*measured* error is lower is taken and the neighbourhood rebuilt. It stops when no move helps or after
-`max_evaluations` new evaluations, so it never returns a schedule worse than its start on the metric it measures.
+budget has room), raise one step and lower another, raise one step and pay for it with as many lowerings as it takes,
+or lower one step alone (cheaper). The pair swap and the lone lowering are there because the errors of adjacent cheap
+steps can partly cancel, which no additive score sees. The raise paid by several lowerings is there because with
+close level costs (fp8 0.55 and int4 0.45 of fp32, say) one lowering never pays for raising a step to the reference,
+so no move of one or two steps reaches a schedule with a reference step from one without. Candidates are tried in
+the order the down-score predicts best, with the measured interaction of every two adjacent cheapest steps added
+(`Sensitivities.score_paired`; ties: nearer steps first); the first move whose *measured* error is lower is taken
+and the neighbourhood rebuilt. It stops when no move helps or after `max_evaluations` new evaluations, so it never
+returns a schedule worse than its start on the metric it measures.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ class Refined:
 
 def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensitivities | None
                ) -> list[tuple[float, int, Schedule, Move]]:
-    """Every in-budget move (swap, pair swap, raise, raise-and-lower, lower), with its predicted score change, best
-    first (ties: the move spanning fewer steps first)."""
+    """Every in-budget move (swap, pair swap, raise, raise-and-lower, raise paid by several lowerings, lower), with its
+    predicted score change, best first (ties: the move spanning fewer steps first)."""
     rank = {p: i for i, p in enumerate(problem.all_levels)}  # 0 = reference (dearest)
     limit = budget * (1 + 1e-9)
     out = []
@@ -66,6 +69,11 @@ def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensit
                                 add((t, level), (u, lower))  # raise t, lower u
             elif rank[level] > rank[schedule[t]]:
                 add((t, level))  # lower t alone
+        if sens is not None:
+            for level in problem.all_levels[: rank[schedule[t]]]:
+                paid = raise_and_pay(problem, schedule, t, level, limit, sens)
+                if paid is not None:
+                    add(*paid)  # raise t, lower as many others as it takes
     # Move two adjacent steps of one level to two adjacent steps of another: adjacent cheap steps interact (their
     # errors can partly cancel), so the best place for a pair is often not where either step is best alone.
     for t in range(T - 1):
@@ -75,6 +83,35 @@ def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensit
                 add((t, b), (t + 1, b), (u, a), (u + 1, a))
     out.sort(key=lambda m: (m[0], m[1]))
     return out
+
+
+def raise_and_pay(problem: Problem, schedule: Schedule, t: int, level: str, limit: float, sens: Sensitivities
+                  ) -> Move | None:
+    """Step `t` raised to `level`, then other steps lowered one level at a time, each time the lowering the scores
+    predict costs least per unit of cost saved, until the schedule fits `limit`; None if it cannot fit."""
+    levels = problem.all_levels
+    rank = {p: i for i, p in enumerate(levels)}
+    candidate = list(schedule)
+    candidate[t] = level
+    changes = {t: level}
+    while problem.schedule_cost(candidate) > limit:
+        base = sens.score_paired(candidate)
+        best: tuple[float, int, str] | None = None
+        for u, current in enumerate(candidate):
+            if u == t or rank[current] == len(levels) - 1:
+                continue
+            lower = levels[rank[current] + 1]
+            trial = candidate.copy()
+            trial[u] = lower
+            per_cost = (sens.score_paired(trial) - base) / (problem.cost[current] - problem.cost[lower])
+            if best is None or per_cost < best[0]:
+                best = (per_cost, u, lower)
+        if best is None:
+            return None
+        _, u, lower = best
+        candidate[u] = lower
+        changes[u] = lower
+    return tuple(sorted(changes.items()))
 
 
 def refine(problem: Problem, start: Schedule, budget: float, max_evaluations: int,
