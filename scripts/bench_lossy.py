@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,13 +19,6 @@ from tmpdiff.formats.atomic import write_json
 
 def _groups(text: str) -> list[list[int]]:
     return [[int(s) for s in g.split(",")] for g in text.split("/") if g]
-
-
-def _code_version() -> str:
-    """The commit searched with (`-dirty` with uncommitted changes): a search kept from other code is not re-used."""
-    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
-    return done.stdout.strip() or "unknown"
 
 
 def stage_table(args, steps: int, levels: list[str], group: list[int], path: Path) -> None:
@@ -44,6 +36,8 @@ def stage_table(args, steps: int, levels: list[str], group: list[int], path: Pat
 
 
 def stage_matched(args) -> None:
+    from bench_scale import code_version  # a search kept from other code is not re-used
+
     from tmpdiff.calibration.matched import judge_unseen, search_matched
     from tmpdiff.calibration.session import open_session
     from tmpdiff.formats.costs import load_costs
@@ -63,7 +57,7 @@ def stage_matched(args) -> None:
     searched = args.out / "matched_search.json"
     settings = {"calib_seeds": calib_seeds, "steps": args.matched_steps, "metric": args.metric,
                 "targets": targets, "refine_evaluations": args.refine_evaluations,
-                "costs_table": load_costs(args.costs).provenance(), "build": str(args.build), "code": _code_version()}
+                "costs_table": load_costs(args.costs).provenance(), "build": str(args.build), "code": code_version()}
     kept = json.loads(searched.read_text()) if searched.is_file() else {}
     if kept.get("settings") == settings:
         found = kept["found"]
