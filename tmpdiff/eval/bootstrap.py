@@ -54,13 +54,24 @@ def mean_ci(values, resamples: int = RESAMPLES, level: float = LEVEL, seed: int 
     return _interval(v.mean(), v[idx].mean(axis=1), level)
 
 
-def diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
-    """mean(a) - mean(b) over paired samples, with its interval."""
+def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape:
         raise TmpdiffError(f"paired samples of different shapes {x.shape} and {y.shape}")
+    return x, y
+
+
+def _resampled_means(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays' means over the same resampled indices (paired)."""
     idx = _indices(len(x), resamples, seed)
-    return _interval(x.mean() - y.mean(), x[idx].mean(axis=1) - y[idx].mean(axis=1), level)
+    return x[idx].mean(axis=1), y[idx].mean(axis=1)
+
+
+def diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
+    """mean(a) - mean(b) over paired samples, with its interval."""
+    x, y = _paired(a, b)
+    xm, ym = _resampled_means(x, y, resamples, seed)
+    return _interval(x.mean() - y.mean(), xm - ym, level)
 
 
 def relative_diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval | None:
@@ -68,13 +79,10 @@ def relative_diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, see
 
     Each resample divides by its own mean(b): dividing the difference's interval by the full-sample mean instead
     ignores the denominator's spread, and for an error (never below 0) can reach below -100%."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if x.shape != y.shape:
-        raise TmpdiffError(f"paired samples of different shapes {x.shape} and {y.shape}")
+    x, y = _paired(a, b)
     if y.mean() == 0:
         return None
-    idx = _indices(len(x), resamples, seed)
-    xm, ym = x[idx].mean(axis=1), y[idx].mean(axis=1)
+    xm, ym = _resampled_means(x, y, resamples, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         draws = (xm - ym) / np.abs(ym)
     return _interval((x.mean() - y.mean()) / abs(y.mean()), draws[np.isfinite(draws)], level)
@@ -82,12 +90,10 @@ def relative_diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, see
 
 def ratio_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
     """mean(a) / mean(b) over paired samples, with its interval (NaN where mean(b) is 0)."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if x.shape != y.shape:
-        raise TmpdiffError(f"paired samples of different shapes {x.shape} and {y.shape}")
-    idx = _indices(len(x), resamples, seed)
+    x, y = _paired(a, b)
+    xm, ym = _resampled_means(x, y, resamples, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
-        draws = x[idx].mean(axis=1) / y[idx].mean(axis=1)
+        draws = xm / ym
         value = x.mean() / y.mean() if y.mean() != 0 else float("nan")
     draws = draws[np.isfinite(draws)]
     if not draws.size:

@@ -119,15 +119,19 @@ def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def _parameters(shapes: dict[str, list[int]]) -> int:
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
 def _kernel_share(shapes: dict[str, list[int]]) -> float:
-    total = sum(math.prod(shape) for shape in shapes.values())
+    total = _parameters(shapes)
     kernels = sum(math.prod(shape) for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 3)
     return kernels / total if total else 0.0
 
 
 def parameter_count(model_dir: Path) -> int:
     """Parameters in a diffusers model directory, from its safetensors headers (no weights read)."""
-    return sum(math.prod(shape) for shape in _tensor_shapes(model_dir).values())
+    return _parameters(_tensor_shapes(model_dir))
 
 
 def conv_fraction(model_dir: Path) -> float:
@@ -139,7 +143,7 @@ def conv_fraction(model_dir: Path) -> float:
 def plan_export(model_dir: Path, specs: list[Precision], base: str = "float32") -> list[ExportMemory]:
     """The planned peak of each precision's export of the model in `model_dir`, loaded in `base` dtype."""
     shapes = _tensor_shapes(model_dir)  # the headers, read once for both figures
-    params, share = sum(math.prod(shape) for shape in shapes.values()), _kernel_share(shapes)
+    params, share = _parameters(shapes), _kernel_share(shapes)
     weights = params * BYTES_PER_WEIGHT[base]
     plans = []
     for spec in specs:
