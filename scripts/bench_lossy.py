@@ -1,9 +1,11 @@
 """The lossy-regime benchmark (issue 15) on the bundled DiT with a stated GPU-like costs table.
 
 Stages (each writes into --out, results are re-used when present):
-  tables   exhaustive per-sample tables by prefix-cached tree walks (T=10 fp32/int4, T=8 fp32/int8/int4)
-  matched  T=20, all levels, real evaluations: TMPDiff vs uniform/heuristics/evolutionary, judged on unseen seeds
-  report   bench_lossy.json, bench_lossy.md and plots from the tables and matched.json
+  table           exhaustive per-sample tables by prefix-cached tree walks (T=10 fp32/int4, T=8 fp32/int8/int4)
+  pipeline-table  the same through a text-to-image pipeline, for one seed and a range of a prompts file: a long walk
+                  split into pieces that fit a session and run side by side (one core each), merged by `report`
+  matched         T=20, all levels, real evaluations: TMPDiff vs uniform/heuristics/evolutionary, judged on unseen seeds
+  report          bench_lossy.json, bench_lossy.md and plots from the tables and matched.json
 """
 
 from __future__ import annotations
@@ -33,6 +35,28 @@ def stage_table(args, steps: int, levels: list[str], group: list[int], path: Pat
                         str(bundled_dir() / "classifier"), bar.update)
     save_table(table, path)
     session.evaluator.runner.close()
+
+
+def stage_pipeline_table(args, path: Path) -> None:
+    """Walk every schedule through the pipeline for prompts [first, first + count) of --prompts and one seed. A
+    sample's label is its prompt's class: --label-offset (the file's first class) plus its line in the file."""
+    from tmpdiff.calibration.exhaustive import save_table
+    from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
+    from tmpdiff.calibration.pipeline_session import open_pipeline_session
+    from tmpdiff.runtime.capture import read_prompts
+
+    prompts = read_prompts(args.prompts)
+    chunk = prompts[args.first:args.first + args.count] if args.count else prompts[args.first:]
+    if not chunk:
+        raise SystemExit(f"{args.prompts}: no prompts from line {args.first + 1} ({len(prompts)} in the file)")
+    session = open_pipeline_session(args.build, args.costs, args.pipeline, chunk, [args.seed], args.steps,
+                                    reference=args.reference, threads=1)
+    try:
+        table = build_pipeline_table(session, [(chunk, [args.seed])], args.levels.split(","))
+    finally:
+        session.evaluator.close()
+    table.labels = [args.label_offset + args.first + i for i in table.labels]
+    save_table(table, path)
 
 
 def stage_matched(args) -> None:
@@ -81,7 +105,7 @@ def stage_matched(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["table", "matched", "report"])
+    parser.add_argument("stage", choices=["table", "pipeline-table", "matched", "report"])
     parser.add_argument("--build", type=Path, required=True)
     parser.add_argument("--costs", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -90,6 +114,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--levels", default="fp32,int4")
     parser.add_argument("--group", default="0,1", help="seeds of one table walk")
+    parser.add_argument("--pipeline", type=Path, help="pipeline-table: the diffusers pipeline the build belongs to")
+    parser.add_argument("--prompts", type=Path, help="pipeline-table: prompts file, one per line")
+    parser.add_argument("--first", type=int, default=0, help="pipeline-table: first prompt (0-based line)")
+    parser.add_argument("--count", type=int, default=0, help="pipeline-table: prompts walked (0: to the end)")
+    parser.add_argument("--label-offset", type=int, default=0,
+                        help="pipeline-table: class of the file's first prompt (0 for calibration prompts, their count "
+                             "for unseen ones)")
+    parser.add_argument("--seed", type=int, default=0, help="pipeline-table: the noise seed of the walk")
     parser.add_argument("--matched-steps", type=int, default=20)
     parser.add_argument("--matched-calib", default="0")
     parser.add_argument("--matched-unseen", default="100/101/102/103")
@@ -101,6 +133,13 @@ def main() -> None:
     if args.stage == "table":
         name = f"table_T{args.steps}_{args.levels.replace(',', '-')}_s{args.group.replace(',', '-')}.npz"
         stage_table(args, args.steps, args.levels.split(","), [int(s) for s in args.group.split(",")], args.out / name)
+    elif args.stage == "pipeline-table":
+        if args.pipeline is None or args.prompts is None:
+            parser.error("pipeline-table needs --pipeline and --prompts")
+        end = "end" if not args.count else args.first + args.count
+        name = (f"table_T{args.steps}_{args.levels.replace(',', '-')}_{args.prompts.stem}_p{args.first}-{end}"
+                f"_s{args.seed}.npz")
+        stage_pipeline_table(args, args.out / name)
     elif args.stage == "matched":
         stage_matched(args)
     else:
