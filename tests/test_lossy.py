@@ -254,8 +254,14 @@ def test_lossy_report_names_the_costs_origin(fake, tmp_path):
     config = {"costs": str(tmp_path / "c.json"),
               "exhaustive": {"a": {"tables": [str(p) for p in paths], "calib_seeds": [1, 2], "unseen_seeds": [3],
                                    "curve": {"pool_seeds": [1, 2], "sizes": [3, 6], "draws": 1},
-                                   "floor": {"splits": 4}}}}
+                                   "floor": {"splits": 4}},
+                           # the same tables read as a pipeline's walk: samples are prompts x seeds
+                           "p": {"tables": [str(p) for p in paths], "calib_seeds": [1, 2], "unseen_seeds": [3],
+                                 "calib_classes": list(classes), "unseen_classes": list(classes),
+                                 "sample_unit": "prompts", "walk_note": "one pipeline call per seed"}}}
     report = write_report(tmp_path, config)
+    rendered = (tmp_path / "bench_lossy.md").read_text()
+    assert f"seeds [1, 2] x {len(classes)} prompts" in rendered and "(one pipeline call per seed)" in rendered
     saved = json.loads((tmp_path / "bench_lossy.json").read_text())
     assert saved["costs_table"]["origin"] == "stated" and saved["costs_table"]["device"] == "Test GPU"
     assert "not measured here" in (tmp_path / "bench_lossy.md").read_text()

@@ -37,6 +37,8 @@ def build_report(config: dict, on_progress=lambda _: None) -> dict:
                                        speedups=spec.get("speedups"), on_progress=on_progress,
                                        calib_classes=spec.get("calib_classes"), unseen_classes=spec.get("unseen_classes"))
         result["wall_seconds"] = spec.get("wall_seconds")
+        # a pipeline's table: samples are prompts x seeds, walked a pipeline call at a time
+        result |= {key: spec[key] for key in ("sample_unit", "walk_note") if key in spec}
         if spec.get("curve"):
             c = spec["curve"]
             result["size_curve"] = size_curve(table, c["pool_seeds"], spec["unseen_seeds"], cost, report["reference"],
