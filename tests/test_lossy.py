@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tmpdiff.calibration.evaluator import Evaluation
-from tmpdiff.calibration.exhaustive import build_table, merge_tables, optimum, tree_steps, walk_schedules
+from tmpdiff.calibration.exhaustive import build_table, load_table, merge_tables, optimum, tree_steps, walk_schedules
 from tmpdiff.calibration.refine import evaluation_cap, neighbours, refine
 from tmpdiff.calibration.search import Problem, measure_sensitivities
 from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, ratio_ci, relative_diff_ci
@@ -257,11 +257,16 @@ def test_lossy_report_names_the_costs_origin(fake, tmp_path):
                                    "floor": {"splits": 4}},
                            # the same tables read as a pipeline's walk: samples are prompts x seeds
                            "p": {"tables": [str(p) for p in paths], "calib_seeds": [1, 2], "unseen_seeds": [3],
-                                 "calib_classes": list(classes), "unseen_classes": list(classes),
+                                 "calib_classes": classes[:2], "unseen_classes": list(classes),
+                                 "curve": {"pool_seeds": [1, 2], "sizes": [2, 4], "draws": 2},
                                  "sample_unit": "prompts", "walk_note": "one pipeline call per seed"}}}
     report = write_report(tmp_path, config)
     rendered = (tmp_path / "bench_lossy.md").read_text()
-    assert f"seeds [1, 2] x {len(classes)} prompts" in rendered and "(one pipeline call per seed)" in rendered
+    assert "seeds [1, 2] x 2 prompts" in rendered and "(one pipeline call per seed)" in rendered
+    merged = merge_tables([load_table(p) for p in paths])
+    pool = set(merged.samples_of([1, 2], classes[:2]).tolist())  # the curve draws from the calibration prompts only
+    drawn = [set(run["samples"]) for point in report["parts"]["p"]["size_curve"]["points"] for run in point["runs"]]
+    assert len(pool) == 4 and all(d <= pool for d in drawn) and pool in drawn
     saved = json.loads((tmp_path / "bench_lossy.json").read_text())
     assert saved["costs_table"]["origin"] == "stated" and saved["costs_table"]["device"] == "Test GPU"
     assert "not measured here" in (tmp_path / "bench_lossy.md").read_text()

@@ -42,7 +42,9 @@ def build_report(config: dict, on_progress=lambda _: None) -> dict:
         if spec.get("curve"):
             c = spec["curve"]
             result["size_curve"] = size_curve(table, c["pool_seeds"], spec["unseen_seeds"], cost, report["reference"],
-                                              c["sizes"], c.get("draws", 5), speedups=spec.get("speedups"))
+                                              c["sizes"], c.get("draws", 5), speedups=spec.get("speedups"),
+                                              pool_classes=spec.get("calib_classes"),
+                                              unseen_classes=spec.get("unseen_classes"))
         if spec.get("floor"):
             result["selection_floor"] = selection_floor(table, result, cost, splits=spec["floor"].get("splits", 20))
         report["parts"][part] = result
