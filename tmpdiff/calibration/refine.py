@@ -8,16 +8,19 @@ or lower one step alone (cheaper). The pair swap and the lone lowering are there
 steps can partly cancel, which no additive score sees. The raise paid by several lowerings is there because with
 close level costs (fp8 0.55 and int4 0.45 of fp32, say) one lowering never pays for raising a step to the reference,
 so no move of one or two steps reaches a schedule with a reference step from one without. Candidates are tried in
-the order the down-score predicts best, with the measured interaction of every two adjacent cheapest steps added
-(`Sensitivities.score_paired`; ties: nearer steps first); the first move whose *measured* error is lower is taken
-and the neighbourhood rebuilt. It stops when no move helps or after `max_evaluations` new evaluations, so it never
-returns a schedule worse than its start on the metric it measures.
+the order an `InteractionModel` predicts best (ties: nearer steps first): the down-scores with the measured interaction
+of every two adjacent cheapest steps (`Sensitivities.score_paired`), corrected after every evaluation by a fit to
+every schedule measured so far, since the error of several cheap steps together is far from the sum of their
+one-step errors. The first move whose *measured* error is lower is taken and the neighbourhood rebuilt. It stops when
+no move helps or after `max_evaluations` new evaluations, so it never returns a schedule worse than its start on the
+metric it measures.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tmpdiff.calibration.interactions import InteractionModel
 from tmpdiff.calibration.search import Problem, Schedule, Sensitivities, tmpdiff_search
 
 Move = tuple[tuple[int, str], ...]  # (step, its new level) for every step the move changes
@@ -116,24 +119,41 @@ def raise_and_pay(problem: Problem, schedule: Schedule, t: int, level: str, limi
 
 def refine(problem: Problem, start: Schedule, budget: float, max_evaluations: int,
            sens: Sensitivities | None = None) -> Refined:
-    """First-improvement local search from `start` on measured errors, at most `max_evaluations` new evaluations."""
+    """First-improvement local search from `start` on measured errors, at most `max_evaluations` new evaluations.
+    With `sens`, candidates are ordered by an `InteractionModel` refitted after each evaluation, and the schedules
+    the sensitivities measured are not measured again."""
     current = tuple(start)
     best = start_error = problem.error(current)
-    evaluated: set[Schedule] = {current}
+    measured: dict[Schedule, float] = dict(sens.probes) if sens is not None else {}
+    measured[current] = best
+    model = InteractionModel(problem, sens) if sens is not None else None
+    prefetched: set[Schedule] = set()
     moves: list[Move] = []
     spent = 0
     improved = True
     while improved and spent < max_evaluations:
         improved = False
-        candidates = [m for m in neighbours(problem, current, budget, sens) if m[2] not in evaluated]
-        for i, (_, _, candidate, move) in enumerate(candidates):
-            if spent >= max_evaluations:
-                break
-            if problem.lookahead > 1 and i % problem.lookahead == 0:  # the next candidates it may try, side by side
-                problem.prefetch([m[2] for m in candidates[i : i + min(problem.lookahead, max_evaluations - spent)]])
-            evaluated.add(candidate)
+        around = neighbours(problem, current, budget, sens)
+        known_better = [m for m in around if m[2] in measured and measured[m[2]] < best]
+        if known_better:  # a schedule measured before (a sensitivity probe) is better: take it for free
+            _, _, current, move = min(known_better, key=lambda m: measured[m[2]])
+            best, improved = measured[current], True
+            moves.append(move)
+            continue
+        candidates = [m for m in around if m[2] not in measured]
+        while candidates and spent < max_evaluations:
+            if model is not None:
+                model.fit(measured)
+                predicted = model.predict([m[2] for m in candidates])
+                order = sorted(range(len(candidates)), key=lambda i: (predicted[i], candidates[i][1]))
+                candidates = [candidates[i] for i in order]
+            _, _, candidate, move = candidates.pop(0)
+            if problem.lookahead > 1 and candidate not in prefetched:  # the next candidates it may try, side by side
+                batch = [candidate] + [m[2] for m in candidates[: min(problem.lookahead, max_evaluations - spent) - 1]]
+                prefetched.update(batch)
+                problem.prefetch(batch)
             spent += 1
-            error = problem.error(candidate)
+            error = measured[candidate] = problem.error(candidate)
             if error < best:
                 current, best = candidate, error
                 moves.append(move)
