@@ -6,6 +6,7 @@ Stages (each writes into --out, results are re-used when present):
                   split into pieces that fit a session and run side by side (one core each), merged by `report`
   matched         T=20, all levels, real evaluations: TMPDiff vs uniform/heuristics/evolutionary, judged on unseen seeds
   report          bench_lossy.json, bench_lossy.md and plots from the tables and matched.json
+  compact         --tables merged into one table with float32 metrics and no features (--out/--name), to commit
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def stage_pipeline_table(args, path: Path) -> None:
     save_table(table, path)
 
 
+def stage_compact(tables: list[Path], path: Path) -> None:
+    import numpy as np
+
+    from tmpdiff.calibration.exhaustive import load_table, merge_tables, save_table
+
+    if path.exists():
+        raise SystemExit(f"{path} exists: choose another --name or remove it")
+    merged = merge_tables([load_table(t) for t in tables])
+    merged.features = None  # classifier features (for a Frechet distance): the report does not read a table's
+    save_table(merged, path, metrics_dtype=np.float32)
+
+
 def stage_matched(args) -> None:
     from bench_scale import code_version  # a search kept from other code is not re-used
 
@@ -105,10 +118,12 @@ def stage_matched(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["table", "pipeline-table", "matched", "report"])
-    parser.add_argument("--build", type=Path, required=True)
-    parser.add_argument("--costs", type=Path, required=True)
+    parser.add_argument("stage", choices=["table", "pipeline-table", "matched", "report", "compact"])
+    parser.add_argument("--build", type=Path, help="table, pipeline-table, matched: the build directory")
+    parser.add_argument("--costs", type=Path, help="table, pipeline-table, matched: the costs table")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tables", type=Path, nargs="*", default=[], help="compact: the tables to merge")
+    parser.add_argument("--name", help="compact: file name of the merged table in --out")
     parser.add_argument("--reference", default="fp32")
     parser.add_argument("--metric", default="latent")
     parser.add_argument("--steps", type=int, default=10)
@@ -129,6 +144,10 @@ def main() -> None:
     parser.add_argument("--refine-evaluations", type=int, default=None,
                         help="matched stage: at most this many refinement evaluations per target (default: up to 3*T*L)")
     args = parser.parse_args()
+    if args.stage in ("table", "pipeline-table", "matched") and (args.build is None or args.costs is None):
+        parser.error(f"{args.stage} needs --build and --costs")
+    if args.stage == "compact" and (not args.tables or not args.name):
+        parser.error("compact needs --tables and --name")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "table":
         name = f"table_T{args.steps}_{args.levels.replace(',', '-')}_s{args.group.replace(',', '-')}.npz"
@@ -142,6 +161,8 @@ def main() -> None:
         stage_pipeline_table(args, args.out / name)
     elif args.stage == "matched":
         stage_matched(args)
+    elif args.stage == "compact":
+        stage_compact(args.tables, args.out / args.name)
     else:
         from tmpdiff.calibration.lossy_report import write_report
 

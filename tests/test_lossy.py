@@ -290,3 +290,35 @@ def test_lossy_report_names_the_costs_origin(fake, tmp_path):
         assert summary["floor_mean_worst_budget"] >= max(means) - 1e-12  # worst budget per split, then the mean
     assert "What any choice made on 1 samples reaches" in (tmp_path / "bench_lossy.md").read_text()
     assert (tmp_path / "lossy.png").stat().st_size > 1000
+
+
+def test_compact_merges_tables_as_float32_and_never_overwrites(fake, tmp_path):
+    """`bench_lossy.py compact` (tables kept in the repository): one table, float32 metrics equal to the walks' to
+    float32 rounding, the same optimum; an existing file is refused and left as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tmpdiff.calibration.exhaustive import save_table
+
+    runner, sampling, classes, _, _ = fake
+    paths = []
+    for group in ([1], [2]):
+        paths.append(tmp_path / f"t{group[0]}.npz")
+        save_table(build_table(runner, sampling, classes, [group], ["fp32", "int4"], "fp32", 4, None), paths[-1])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_lossy.py"
+    args = [sys.executable, str(script), "compact", "--out", str(tmp_path / "kept"), "--name", "m.npz", "--tables",
+            *map(str, paths)]
+    subprocess.run(args, check=True, capture_output=True)
+    merged, compact = merge_tables([load_table(p) for p in paths]), load_table(tmp_path / "kept" / "m.npz")
+    assert compact.seeds == merged.seeds and compact.features is None
+    for name, values in merged.metrics.items():
+        assert compact.metrics[name].dtype == np.float32
+        assert np.allclose(compact.metrics[name], values, rtol=1e-6, atol=0)
+    samples = compact.samples_of([1, 2])
+    cost = {"fp32": 1.0, "int4": 0.45}
+    assert optimum(compact, "latent", samples, cost, 3.45)[0] == optimum(merged, "latent", samples, cost, 3.45)[0]
+    before = (tmp_path / "kept" / "m.npz").read_bytes()
+    again = subprocess.run(args[:-1], capture_output=True, text=True)  # other tables, the same name
+    assert again.returncode != 0 and "exists" in again.stderr
+    assert (tmp_path / "kept" / "m.npz").read_bytes() == before

@@ -218,14 +218,15 @@ def optimum(table: SampleTable, metric: str, samples: np.ndarray, cost: dict[str
     return schedules[best], float(means[best])
 
 
-def save_table(table: SampleTable, path) -> None:
-    """The table as .npz (atomic), for re-reporting without re-running the walk."""
+def save_table(table: SampleTable, path, metrics_dtype: type | None = None) -> None:
+    """The table as .npz (atomic), for re-reporting without re-running the walk; `metrics_dtype` (e.g. np.float32)
+    halves a table kept in the repository."""
     import io
 
     from tmpdiff.formats.atomic import write_bytes
 
     buffer = io.BytesIO()
-    arrays = {f"metric_{k}": v for k, v in table.metrics.items()}
+    arrays = {f"metric_{k}": v if metrics_dtype is None else v.astype(metrics_dtype) for k, v in table.metrics.items()}
     if table.features is not None:
         arrays["features"] = table.features
     np.savez_compressed(buffer, steps=table.steps, levels=np.array(table.levels), seeds=np.array(table.seeds),
