@@ -67,6 +67,9 @@ def stage_compact(tables: list[Path], path: Path) -> None:
 
     if path.exists():
         raise SystemExit(f"{path} exists: choose another --name or remove it")
+    missing = [str(t) for t in tables if not t.is_file()]
+    if missing:
+        raise SystemExit(f"no such table: {', '.join(missing)}")
     merged = merge_tables([load_table(t) for t in tables])
     merged.features = None  # classifier features (for a Frechet distance): the report does not read a table's
     save_table(merged, path, metrics_dtype=np.float32)
