@@ -172,7 +172,8 @@ def bench_calibration(build_dir: Path, costs: Path, steps: int, speedup: float, 
             pool = session.evaluator.pool
             rows.append({"workers": workers or 0, "where": "this process" if workers is None else f"{workers} Ray actors",
                          "setup_s": setup, "seconds": seconds, "schedule": list(result.schedule),
-                         "evaluations": result.file.evaluations, "schedules_run": session.evaluator.runs,
+                         "evaluations": result.file.evaluations,
+                         "schedules_run": session.evaluator.runs + len(session.evaluator.prefetched),
                          "side_by_side": None if pool is None else pool.side_by_side})
         finally:
             session.evaluator.close()

@@ -51,7 +51,9 @@ class Evaluator:
     reference: str
     steps: int
     cache: dict[tuple[str, ...], Evaluation] = field(default_factory=dict)
-    runs: int = 0  # schedules actually run (cache misses), reference excluded
+    # schedules a search asked for that had to be run (here, or ahead on the pool), reference excluded: the same
+    # count with any number of workers, since a schedule run ahead counts only once it is asked for
+    runs: int = 0
     pool: Any = None  # a `fanout.RaySamplePool`: evaluations run on its actors, the driver only scores them
     prefetched: set[tuple[str, ...]] = field(default_factory=set)  # run ahead, not yet asked for
     timesteps: tuple[int, ...] | None = None  # every schedule (the reference too) samples at exactly these
@@ -94,6 +96,9 @@ class Evaluator:
         if key not in self.cache:
             self.cache[key] = self._score(key, self._run(key))
             self.runs += 1
+        elif key in self.prefetched:  # run ahead on the pool, asked for now
+            self.prefetched.discard(key)
+            self.runs += 1
         return self.cache[key]
 
     def prefetch(self, schedules: Sequence[Sequence[str]]) -> None:
@@ -107,7 +112,6 @@ class Evaluator:
         for key, latents in zip(todo, self.pool.map(todo), strict=True):
             self.cache[key] = self._score(key, latents)
             self.prefetched.add(key)
-            self.runs += 1
 
     def close(self) -> None:
         """Close the engines and the pool's actors."""

@@ -8,7 +8,8 @@ running at the actors' thread count (bit-identical on CPU, tested).
 The searches keep their sequential logic. They *prefetch* schedules they will ask next (`Problem.prefetch`: the
 sensitivity curves' pending midpoints, which are always measured; refinement's next candidates, which may not be)
 and the pool evaluates those side by side, so a search returns the same schedule and counts the same evaluations
-with any number of workers; only wall time changes.
+with any number of workers (a schedule run ahead counts once it is asked for; one never asked for is extra work on the
+pool, left in `Evaluator.prefetched`, not an evaluation); only wall time changes.
 
 An actor that dies loses the schedule it was running; the schedule is retried on another actor (sampling is
 deterministic, so the retry gives the same latents) and the loss is reported. With every actor gone the run fails

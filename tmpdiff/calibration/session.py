@@ -128,9 +128,7 @@ def reporting(evaluator, on_evaluation: Callable[[Evaluation], None]) -> Callabl
     def evaluate(schedule: Sequence[str]) -> Evaluation:
         before = evaluator.runs
         result = evaluator.evaluate(schedule)
-        prefetched = getattr(evaluator, "prefetched", set())
-        if evaluator.runs != before or result.schedule in prefetched:
-            prefetched.discard(result.schedule)
+        if evaluator.runs != before:  # run now, or run ahead and asked for the first time
             on_evaluation(result)
         return result
 
