@@ -254,7 +254,7 @@ def test_lossy_report_names_the_costs_origin(fake, tmp_path):
     config = {"costs": str(tmp_path / "c.json"),
               "exhaustive": {"a": {"tables": [str(p) for p in paths], "calib_seeds": [1, 2], "unseen_seeds": [3],
                                    "curve": {"pool_seeds": [1, 2], "sizes": [3, 6], "draws": 1},
-                                   "floor": {"splits": 4}},
+                                   "floor": {"splits": 4}, "split_curve": {"sizes": [2, 4], "splits": 2}},
                            # the same tables read as a pipeline's walk: samples are prompts x seeds
                            "p": {"tables": [str(p) for p in paths], "calib_seeds": [1, 2], "unseen_seeds": [3],
                                  "calib_classes": classes[:2], "unseen_classes": list(classes),
@@ -289,6 +289,9 @@ def test_lossy_report_names_the_costs_origin(fake, tmp_path):
         means = [np.mean(r["floor"]) for r in floor["rows"] if r["metric"] == metric]
         assert summary["floor_mean_worst_budget"] >= max(means) - 1e-12  # worst budget per split, then the mean
     assert "What any choice made on 1 samples reaches" in (tmp_path / "bench_lossy.md").read_text()
+    split = report["parts"]["a"]["split_curve"]  # seeds 1-3 x 3 classes, halved: 4 unseen samples per halving
+    assert split["samples"] == 9 and split["unseen_samples"] == 4 and split["sizes"] == [2, 4]
+    assert "over 2 random halvings of all 9 samples" in (tmp_path / "bench_lossy.md").read_text()
     assert (tmp_path / "lossy.png").stat().st_size > 1000
 
 

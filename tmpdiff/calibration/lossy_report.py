@@ -1,4 +1,4 @@
-"""bench_lossy.json, bench_lossy.md and lossy.png from the exhaustive tables, the size curve and the T = 20 run."""
+"""bench_lossy.json, bench_lossy.md and lossy.png from the exhaustive tables, the size curves and the T = 20 run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 
 from tmpdiff.calibration.exhaustive import load_table, merge_tables
 from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor, size_curve
+from tmpdiff.calibration.split_curve import plot_split_curve, render_split_curve, split_size_curve, table_samples
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
 
@@ -45,6 +46,10 @@ def build_report(config: dict, on_progress=lambda _: None) -> dict:
                                               c["sizes"], c.get("draws", 5), speedups=spec.get("speedups"),
                                               pool_classes=spec.get("calib_classes"),
                                               unseen_classes=spec.get("unseen_classes"))
+        if spec.get("split_curve"):
+            c = spec["split_curve"]
+            result["split_curve"] = split_size_curve(table, table_samples(table, spec), cost, report["reference"],
+                                                     c["sizes"], c.get("splits", 10), speedups=spec.get("speedups"))
         if spec.get("floor"):
             result["selection_floor"] = selection_floor(table, result, cost, splits=spec["floor"].get("splits", 20))
         report["parts"][part] = result
@@ -172,6 +177,8 @@ def _render_exhaustive(part: str, r: dict) -> list[str]:
         for metric, s in f["summary"].items():
             lines.append(f"| {metric} | {s['floor_mean_worst_budget']:.3f} | {s['refined_mean_worst_budget']:.3f} |")
         lines.append("")
+    if "split_curve" in r:
+        lines += render_split_curve(r["split_curve"])
     return lines
 
 
@@ -227,7 +234,9 @@ def plot(report: dict, path: Path) -> None:
 
     parts = [(k, v) for k, v in report["parts"].items() if k != "matched"]
     curves = [(k, v["size_curve"]) for k, v in parts if "size_curve" in v]
-    fig, axes = plt.subplots(1, len(parts) + len(curves), figsize=(5.2 * (len(parts) + len(curves)), 4), squeeze=False)
+    splits = [(k, v["split_curve"]) for k, v in parts if "split_curve" in v]
+    panels = len(parts) + len(curves) + len(splits)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False)
     for ax, (part, r) in zip(axes[0], parts, strict=False):
         rows = [row for row in r["rows"] if row["metric"] == "latent"]
         x = [row["speedup"] for row in rows]
@@ -252,6 +261,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(f"({part}) calibration set size vs unseen ratio to optimum", fontsize=8)
         ax.set_xlabel("calibration samples")
         ax.legend(fontsize=6)
+    for ax, (part, c) in zip(axes[0][len(parts) + len(curves):], splits, strict=False):
+        plot_split_curve(ax, c, f"({part}) calibration set size over {c['splits']} halvings of {c['samples']} samples")
     fig.suptitle(f"costs {report['costs_table']['note']}", fontsize=7)
     save_figure(fig, path)
 

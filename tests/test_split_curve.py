@@ -1,0 +1,82 @@
+"""The calibration-size curve over random halvings of a table's samples (`calibration/split_curve.py`)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import tmpdiff.calibration.split_curve as split_curve
+from tmpdiff.calibration.exhaustive import SampleTable
+from tmpdiff.formats.errors import TmpdiffError
+
+COST = {"fp32": 1.0, "int4": 0.45}
+
+
+def _table(noise: float, samples: int = 12, steps: int = 4, seed: int = 0) -> SampleTable:
+    """fp32/int4 schedules whose error grows with the int4 steps (early steps dearer) plus per-sample noise."""
+    rng = np.random.default_rng(seed)
+    schedules = list(itertools.product(["fp32", "int4"], repeat=steps))
+    weight = np.linspace(2.0, 1.0, steps)
+    base = np.array([sum(w for w, p in zip(weight, s, strict=True) if p == "int4") for s in schedules])
+    values = base[:, None] * (1 + noise * rng.standard_normal((len(schedules), samples))) ** 2 + 1e-3
+    metrics = {"latent": values, "one_minus_ssim": values * 0.1, "psnr": 40.0 - 10.0 * np.log10(values)}
+    return SampleTable(steps, ["fp32", "int4"], seeds=[i // 3 for i in range(samples)],
+                       labels=[i % 3 for i in range(samples)], metrics=metrics)
+
+
+def test_without_sample_noise_the_calibration_optimum_is_the_unseen_one():
+    table = _table(noise=0.0)
+    curve = split_curve.split_size_curve(table, np.arange(12), COST, "fp32", [2, 6], splits=3)
+    for d in curve["metrics"].values():
+        assert np.allclose(d["calib_optimum"], 1.0)
+        assert np.min(d["refined"]) >= 1 - 1e-9
+        assert all(p["calib_optimum_splits_within_goal"] == 1.0 for p in d["points"])
+
+
+def test_ratios_are_to_the_unseen_halfs_own_optimum():
+    table = _table(noise=0.5)
+    curve = split_curve.split_size_curve(table, np.arange(12), COST, "fp32", [1, 3, 6], splits=5, seed=1)
+    for d in curve["metrics"].values():
+        ratios = np.array(d["refined"] + d["calib_optimum"])
+        assert ratios.min() >= 1 - 1e-9  # nothing chosen on other samples beats the unseen optimum there
+        assert ratios.max() > 1.0  # with sample noise some choice must miss it
+        worst = np.array(d["calib_optimum"]).max(axis=2).mean(axis=1)  # sizes x splits x budgets
+        assert [p["calib_optimum_mean_worst_budget"] for p in d["points"]] == pytest.approx(worst.tolist())
+
+
+def test_calibration_sets_are_nested_prefixes_of_one_half_and_never_unseen(monkeypatch):
+    table = _table(noise=0.3, samples=10)
+    searched: list[np.ndarray] = []
+    judged: list[np.ndarray] = []
+    real_search, real_optimum = split_curve.search_on_table, split_curve.optimum
+
+    def search(table_, calib, *args, **kwargs):
+        searched.append(np.asarray(calib).copy())
+        return real_search(table_, calib, *args, **kwargs)
+
+    def best(table_, name, samples, *args, **kwargs):
+        judged.append(np.asarray(samples).copy())
+        return real_optimum(table_, name, samples, *args, **kwargs)
+
+    monkeypatch.setattr(split_curve, "search_on_table", search)
+    monkeypatch.setattr(split_curve, "optimum", best)
+    split_curve.split_size_curve(table, np.arange(10), COST, "fp32", [2, 5], splits=2, metrics=("latent",))
+    unseen_sets = {tuple(s) for s in judged if len(s) == 5 and not any(np.array_equal(s, c) for c in searched)}
+    assert len(unseen_sets) == 2  # one unseen half per halving
+    for calib in searched:
+        assert len(calib) in (2, 5)
+        own = [u for u in unseen_sets if not set(calib) & set(u)]
+        assert own, f"calibration samples {calib} overlap every unseen half"
+        if len(calib) == 5:  # the largest set is the whole other half
+            assert any(set(calib) | set(u) == set(range(10)) for u in own)
+    fives = [set(c) for c in searched if len(c) == 5]
+    twos = [set(c) for c in searched if len(c) == 2]
+    assert all(any(t <= f for f in fives) for t in twos)  # the small set is drawn from the same half as the large
+    assert len({frozenset(t) for t in twos}) == 2  # one set per halving and size, the same at every budget
+
+
+def test_sizes_beyond_half_the_samples_are_refused():
+    with pytest.raises(TmpdiffError, match="half of 12 samples"):
+        split_curve.split_size_curve(_table(noise=0.1), np.arange(12), COST, "fp32", [4, 7])
