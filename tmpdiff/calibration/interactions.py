@@ -39,7 +39,6 @@ class InteractionModel:
             for t, interaction in sens.adjacent.items():
                 self.prior_pair[t, c, c] = interaction
         self.step, self.pair = self.prior_step.copy(), self.prior_pair.copy()
-        self.ridge: float | None = None  # the weight chosen by the last fit
 
     def encode(self, schedules: Sequence[Schedule]) -> np.ndarray:
         """Schedules as an (n, T) array of level indices (0 = reference)."""
@@ -73,16 +72,15 @@ class InteractionModel:
         X = self._features(codes)
         U, sv, Vt = np.linalg.svd(X, full_matrices=False)
         Uy = U.T @ residual
-        best: tuple[float, float] | None = None
-        for ridge in RIDGE_GRID:
+
+        def loo_error(ridge: float) -> float:  # exact leave-one-out mean squared error of the ridge fit
             shrink = sv**2 / (sv**2 + ridge)
             leverage = (U**2) @ shrink
             loo = (residual - U @ (shrink * Uy)) / np.maximum(1.0 - leverage, 1e-9)
-            score = float(np.mean(loo**2))
-            if best is None or score < best[0]:
-                best = (score, ridge)
-        self.ridge = best[1] if best else RIDGE_GRID[-1]
-        weights = Vt.T @ (sv / (sv**2 + self.ridge) * Uy)
+            return float(np.mean(loo**2))
+
+        ridge = min(RIDGE_GRID, key=loo_error)
+        weights = Vt.T @ (sv / (sv**2 + ridge) * Uy)
         T, L = self.prior_step.shape
         n_step = T * (L - 1)
         self.step = self.prior_step.copy()
