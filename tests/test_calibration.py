@@ -466,9 +466,17 @@ def test_bench_walks_three_levels_when_asked(quant_build, tmp_path):
     assert (curve["pool_samples"], curve["unseen_samples"]) == (ex["calib_samples"], ex["unseen_samples"])
     assert len(curve["points"][-1]["runs"]) == 1  # the whole set is one draw
     assert all(min(run["ratios"]) >= 1 - 1e-12 for p in curve["points"] for run in p["runs"])
+    # ... and over random halvings of every calibration and unseen sample, beside the calibration set's optimum
+    split = ex["split_curve"]
+    total = ex["calib_samples"] + ex["unseen_samples"]
+    assert (split["samples"], split["unseen_samples"]) == (total, total // 2)
+    assert split["sizes"] == halving_sizes(total // 2, smallest=min(4, total // 2))
+    assert all(min(min(r) for r in sizes) >= 1 - 1e-12 for m in split["metrics"].values()
+               for sizes in m["refined"] + m["calib_optimum"])
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert "## (exhaustive) T = 3, levels fp32, int8, int4: all 27 schedules" in md
     assert "Calibration set size vs unseen ratio" in md
+    assert f"random halvings of all {total} samples" in md
 
 
 def test_schedule_figures_are_declared_and_old_files_load(tmp_path):

@@ -146,6 +146,8 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
     assert floor["floor_mean_worst_budget"] >= 1 - 1e-12 and floor["refined_mean_worst_budget"] >= 1 - 1e-12
     curve = ex["size_curve"]  # drawn from the calibration prompts only, judged on the unseen prompts only
     assert (curve["pool_samples"], curve["unseen_samples"]) == (2, 4)
+    assert (ex["split_curve"]["samples"], ex["split_curve"]["sizes"]) == (6, [3])  # 2 + 4 prompts x seeds, halved
+    assert "random halvings of all 6 samples" in md
 
 
 def test_exhaustive_walk_through_the_pipeline_is_exact(work):

@@ -4,7 +4,8 @@ Writes bench.json, bench.md and pareto.png. Searches run on the calibration seed
 on unseen seeds (`unseen_seeds`, default 100, 101, ...) with bootstrap intervals. Where the levels' L^T schedules
 are few enough (two levels: T <= 12) the exhaustive optimum is the judge (every schedule by a prefix-cached tree walk,
 `calibration.exhaustive`): per budget, optimum vs TMPDiff vs each heuristic on the calibration seeds, TMPDiff
-(knapsack and refined) against the optimum of the unseen seeds, and the selection floor of those samples.
+(knapsack and refined) against the optimum of the unseen seeds, the selection floor of those samples, and the
+calibration-size curves (`lossy.bench_size_curve`, `split_curve.bench_split_curve`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tmpdiff.calibration.search import (
     tmpdiff_search,
 )
 from tmpdiff.calibration.session import CalibrationSession, open_session
+from tmpdiff.calibration.split_curve import bench_split_curve
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
 from tmpdiff.models.schedulers import sampling_scheduler
@@ -158,7 +160,8 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                                              speedups=judged_at)
             per_steps["exhaustive_unseen"] = compared | {
                 "selection_floor": selection_floor(table, compared, session.problem.cost),
-                "size_curve": bench_size_curve(table, compared, session.problem.cost, reference, judged_at)}
+                "size_curve": bench_size_curve(table, compared, session.problem.cost, reference, judged_at),
+                "split_curve": bench_split_curve(table, compared, session.problem.cost, reference, judged_at)}
         if session.evaluator.memo is not None:
             per_steps["calibration_engine_calls"] = calls = session.evaluator.memo.counts()
             on_progress(f"T={steps}: calibration engine calls {calls['run']} run, {calls['reused']} reused")

@@ -177,7 +177,7 @@ def _render_exhaustive(part: str, r: dict) -> list[str]:
         for metric, s in f["summary"].items():
             lines.append(f"| {metric} | {s['floor_mean_worst_budget']:.3f} | {s['refined_mean_worst_budget']:.3f} |")
         lines.append("")
-    if "split_curve" in r:
+    if r.get("split_curve"):
         lines += render_split_curve(r["split_curve"])
     return lines
 
@@ -234,7 +234,7 @@ def plot(report: dict, path: Path) -> None:
 
     parts = [(k, v) for k, v in report["parts"].items() if k != "matched"]
     curves = [(k, v["size_curve"]) for k, v in parts if "size_curve" in v]
-    splits = [(k, v["split_curve"]) for k, v in parts if "split_curve" in v]
+    splits = [(k, v["split_curve"]) for k, v in parts if v.get("split_curve")]
     panels = len(parts) + len(curves) + len(splits)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False)
     for ax, (part, r) in zip(axes[0], parts, strict=False):

@@ -27,6 +27,7 @@ from tmpdiff.calibration.lossy_report import _render_exhaustive
 from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
+from tmpdiff.calibration.split_curve import bench_split_curve
 from tmpdiff.eval.bootstrap import jackknife_ci
 from tmpdiff.eval.quality import frechet_distance
 from tmpdiff.formats.atomic import write_bytes, write_json
@@ -217,7 +218,8 @@ def _exhaustive(session: PipelineSession, levels: list[str], unseen_prompts: Seq
     result |= {"wall_seconds": round(wall, 1), "sample_unit": "prompts", "table": table_path.name,
                "walk_note": "a pipeline call per seed over its prompts; shared prefixes' engine calls reused"}
     return result | {"selection_floor": selection_floor(table, result, problem.cost),
-                     "size_curve": bench_size_curve(table, result, problem.cost, problem.reference, judged_at)}
+                     "size_curve": bench_size_curve(table, result, problem.cost, problem.reference, judged_at),
+                     "split_curve": bench_split_curve(table, result, problem.cost, problem.reference, judged_at)}
 
 
 def _ci(summary: dict, key: str, scale: float = 1.0) -> str:

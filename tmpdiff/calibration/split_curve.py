@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tmpdiff.calibration.exhaustive import SampleTable, optimum
-from tmpdiff.calibration.lossy import TABLE_METRIC, budgets_for, search_on_table
+from tmpdiff.calibration.lossy import TABLE_METRIC, budgets_for, halving_sizes, search_on_table
 from tmpdiff.formats.errors import TmpdiffError
 
 GOAL = 1.15  # issue 15: within 15% of the unseen optimum at every budget
@@ -75,6 +75,21 @@ def table_samples(table: SampleTable, spec: dict) -> np.ndarray:
     if spec.get("curve"):
         parts.append(table.samples_of(spec["curve"]["pool_seeds"], spec.get("calib_classes")))
     return np.unique(np.concatenate(parts))
+
+
+def bench_split_curve(table: SampleTable, comparison: dict, cost: dict[str, float], reference: str,
+                      speedups: Sequence[float] | None, splits: int = 20) -> dict | None:
+    """The curve `tmpdiff bench` reports beside an exhaustive comparison: every calibration and unseen sample of
+    `comparison` (an `lossy.exhaustive_comparison` result) halved `splits` times, calibration sets of halvings of a
+    half. None when there are fewer than two samples."""
+    samples = np.unique(np.concatenate([
+        table.samples_of(comparison["calib_seeds"], comparison.get("calib_classes")),
+        table.samples_of(comparison["unseen_seeds"], comparison.get("unseen_classes"))]))
+    half = len(samples) // 2
+    if half < 1:
+        return None
+    return split_size_curve(table, samples, cost, reference, halving_sizes(half, smallest=min(4, half)), splits,
+                            speedups=speedups)
 
 
 def render_split_curve(c: dict) -> list[str]:
