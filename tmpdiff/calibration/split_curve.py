@@ -69,7 +69,8 @@ def _summary(prefix: str, ratios: np.ndarray) -> dict:
 
 
 def table_samples(table: SampleTable, spec: dict) -> np.ndarray:
-    """Every sample a report part's config names: its calibration, unseen and size-curve pool samples."""
+    """Every sample a report part's config (or an `lossy.exhaustive_comparison` result) names: its calibration, unseen
+    and size-curve pool samples."""
     parts = [table.samples_of(spec["calib_seeds"], spec.get("calib_classes")),
              table.samples_of(spec["unseen_seeds"], spec.get("unseen_classes"))]
     if spec.get("curve"):
@@ -82,9 +83,7 @@ def bench_split_curve(table: SampleTable, comparison: dict, cost: dict[str, floa
     """The curve `tmpdiff bench` reports beside an exhaustive comparison: every calibration and unseen sample of
     `comparison` (an `lossy.exhaustive_comparison` result) halved `splits` times, calibration sets of halvings of a
     half. None when there are fewer than two samples."""
-    samples = np.unique(np.concatenate([
-        table.samples_of(comparison["calib_seeds"], comparison.get("calib_classes")),
-        table.samples_of(comparison["unseen_seeds"], comparison.get("unseen_classes"))]))
+    samples = table_samples(table, comparison)
     half = len(samples) // 2
     if half < 1:
         return None
