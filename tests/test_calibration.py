@@ -277,6 +277,9 @@ def test_evaluations_reuse_shared_prefixes_exactly(quant_build, costs_file):
         judged = ev.evaluate(later)
         # the first shares the reference's first 2 calls, the second the first's first 3
         assert (ev.memo.hits - hits, ev.memo.misses - misses) == (2 + 3, 4 + 3)
+        # counted by the engine that ran: the reference's 6, then steps 2-5 (i8 i8 F i8), then steps 3-5 (F i8 i8)
+        assert ev.memo.counts()["run_by_engine"] == {"fp32": 6 + 1 + 1, "int8": 3 + 2}
+        assert ev.memo.summary() == f"{ev.memo.misses} run (8 fp32, 5 int8), {ev.memo.hits} reused"
         assert ev.runner.call_memo is None  # attached only while an evaluation runs
         ev.memo = None
         ev.cache.clear()

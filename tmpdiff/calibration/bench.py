@@ -163,8 +163,8 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                 "size_curve": bench_size_curve(table, compared, session.problem.cost, reference, judged_at),
                 "split_curve": bench_split_curve(table, compared, session.problem.cost, reference, judged_at)}
         if session.evaluator.memo is not None:
-            per_steps["calibration_engine_calls"] = calls = session.evaluator.memo.counts()
-            on_progress(f"T={steps}: calibration engine calls {calls['run']} run, {calls['reused']} reused")
+            per_steps["calibration_engine_calls"] = session.evaluator.memo.counts()
+            on_progress(f"T={steps}: calibration engine calls {session.evaluator.memo.summary()}")
         report["runs"].append(per_steps)
         session.evaluator.close()
     write_json(out / "bench.json", report)

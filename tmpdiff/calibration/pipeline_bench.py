@@ -134,8 +134,8 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                                                exhaustive_at))
             memo = session.evaluator.memo  # type: ignore[attr-defined]
             if memo is not None:
-                report["runs"][-1]["calibration_engine_calls"] = calls = memo.counts()
-                on_progress(f"T={steps}: calibration engine calls {calls['run']} run, {calls['reused']} reused")
+                report["runs"][-1]["calibration_engine_calls"] = memo.counts()
+                on_progress(f"T={steps}: calibration engine calls {memo.summary()}")
         finally:
             session.evaluator.close()
         write_json(out / "bench.json", report)  # a long run keeps what it measured

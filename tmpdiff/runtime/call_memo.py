@@ -17,7 +17,7 @@ runs, never for timed or deployed ones.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,6 +59,7 @@ class CallMemo:
     hits: int = 0
     misses: int = 0
     kept_bytes: int = 0
+    run_by_engine: Counter[str] = field(default_factory=Counter)  # calls run (stored after a miss), by engine used
     _calls: OrderedDict[bytes, _Call] = field(default_factory=OrderedDict)
 
     @staticmethod
@@ -78,7 +79,8 @@ class CallMemo:
 
     def store(self, key: bytes, output: torch.Tensor, used: str, fallback_from: str | None) -> None:
         """Keep this call's output (a copy: the caller's buffers are overwritten next step), dropping the least
-        recently used calls beyond `max_bytes`."""
+        recently used calls beyond `max_bytes`. Every call stored was run, so it is counted by the engine that ran it."""
+        self.run_by_engine[used] += 1
         old = self._calls.pop(key, None)
         if old is not None:
             self.kept_bytes -= _size(old.output)
@@ -92,9 +94,15 @@ class CallMemo:
     def __len__(self) -> int:
         return len(self._calls)
 
-    def counts(self) -> dict[str, int]:
-        """Engine calls run and reused so far (for reports)."""
-        return {"run": self.misses, "reused": self.hits}
+    def counts(self) -> dict:
+        """Engine calls run and reused so far, and the calls run by engine (for reports: engine time goes to the calls
+        run, and a level's call can cost several times another's)."""
+        return {"run": self.misses, "reused": self.hits, "run_by_engine": dict(sorted(self.run_by_engine.items()))}
+
+    def summary(self) -> str:
+        """One line for progress output: calls run (by engine) and reused."""
+        by_engine = ", ".join(f"{n} {engine}" for engine, n in sorted(self.run_by_engine.items()))
+        return f"{self.misses} run ({by_engine}), {self.hits} reused"
 
 
 def _size(tensor: torch.Tensor) -> int:
