@@ -107,3 +107,24 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 def test_debug_shows_traceback(tmp_path):
     result = run_cli("--debug", "export", str(tmp_path / "missing"))
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_in_process_calls_leave_sigterm_to_the_host(monkeypatch):
+    """A test run (or any host) calling `main(own_process=False)` keeps its SIGTERM handler: a `kill` of the host
+    must not become one command's exit code while the host goes on."""
+    import signal
+
+    from tests.cli_helpers import cli
+
+    installed = []
+    real = signal.signal
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append(sig) or real(sig, handler))
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip()
+    assert signal.SIGTERM not in installed
+    from tmpdiff.engines import ort_process
+
+    monkeypatch.setattr(ort_process, "process_state", {})  # the process-wide ORT pool is not declared for pytest
+    before = signal.getsignal(signal.SIGTERM)
+    main(["--version"])  # as the `tmpdiff` command: it installs its handler, and restores the one before it
+    assert installed.count(signal.SIGTERM) == 2 and signal.getsignal(signal.SIGTERM) == before

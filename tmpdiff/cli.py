@@ -706,6 +706,7 @@ def bench(
     check_threads(threads)
     walk_levels = None if exhaustive_levels is None else [p.strip() for p in exhaustive_levels.split(",") if p.strip()]
     out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs], build_dirs=[build_dir])["--out"]
+    progress = _elapsed_progress()
     if pipeline is not None:
         from tmpdiff.calibration.pipeline_bench import pipeline_bench
         from tmpdiff.runtime.capture import read_prompts
@@ -717,14 +718,14 @@ def bench(
                        [100 + i for i in range(len(seeds))] if unseen_seeds is None
                        else _int_list(unseen_seeds, "--unseen-seeds"),
                        _int_list(steps or "20", "--steps"), targets, guidance=guidance, reference=reference,
-                       threads=threads, refine_evaluations=refine_evaluations, on_progress=lambda m: console.print(m),
+                       threads=threads, refine_evaluations=refine_evaluations, on_progress=progress,
                        exhaustive=exhaustive, exhaustive_at=walk_levels)
         typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
         return
     classifier = bundled_dir() / "classifier"
     report = run_bench(build_dir, costs, out, _int_list(steps or "10,20", "--steps"), targets,
                        _int_list(calib_seeds, "--calib-seeds"),
-                       threads, classifier if classifier.is_dir() else None, on_progress=lambda m: console.print(m),
+                       threads, classifier if classifier.is_dir() else None, on_progress=progress,
                        reference=reference, exhaustive=exhaustive,
                        unseen_seeds=None if unseen_seeds is None else _int_list(unseen_seeds, "--unseen-seeds"),
                        workers=workers, address=address, exhaustive_at=walk_levels)
@@ -974,6 +975,20 @@ def deploy_plan(
         typer.echo(f"{row.name}\t{row.status}\t{layers}{parity}")
 
 
+def _elapsed_progress():
+    """A progress callback printing each message after the time elapsed since it was made (where a long run's time
+    goes, phase by phase)."""
+    import time
+
+    start = time.monotonic()
+
+    def report(message: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - start), 60)
+        console.print(escape(f"[{minutes:3d}:{seconds:02d}] {message}"), highlight=False, soft_wrap=True)
+
+    return report
+
+
 def _check_speedup(value: float, option: str) -> None:
     """A speedup target is a finite number above 1 (1 is the reference itself)."""
     if not math.isfinite(value) or value <= 1.0:
@@ -1000,14 +1015,15 @@ def _terminated(signum: int, frame) -> None:
 def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
     """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug).
 
-    `own_process=False` (tests calling it in a process they share) keeps ORT's process-wide thread pool off."""
+    `own_process=False` (tests calling it in a process they share) keeps ORT's process-wide thread pool off and leaves
+    SIGTERM to the host process (a handler here would turn a `kill` of the host into one command's exit code)."""
     from tmpdiff.engines import ort_process
 
     args = sys.argv[1:] if argv is None else argv
     _quiet_third_party()
     if own_process:
         ort_process.own_process()  # runtime ORT sessions may share one global thread pool
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated) if own_process else None
     try:
         code = app(args, standalone_mode=False)  # click returns a typer.Exit's code here
     except TmpdiffError as exc:
@@ -1026,7 +1042,8 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
         console.print(f"[red]error:[/red] {escape(exc.format_message())}{escape(where)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if own_process:
+            signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) else 0
 
 
