@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -433,6 +434,12 @@ def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp
                for r in rows.values())
     assert {r["budget_label"] for r in run["exhaustive_unseen"]["rows"]} == {"K=1", "K=2", "K=3"}
     assert run["targets"][0]["measured_speedup_tmpdiff_ssim"] > 0
+    calls = run["calibration_engine_calls"]
+    assert sum(calls["run_by_engine"].values()) == calls["run"] and set(calls["run_by_engine"]) <= {"fp32", "int8"}
+    # progress lines carry the time elapsed since the bench began, the engine calls line its per-engine counts
+    progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert progress and all(re.match(r"\[ +\d+:[0-5]\d\] T=4: ", line) for line in progress), result.stderr
+    assert any(f"calibration engine calls {calls['run']} run (" in line for line in progress), result.stderr
     assert "| TMPDiff (latent) |" in (out / "bench.md").read_text()
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
