@@ -7,6 +7,7 @@ import json
 import math
 import signal
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -975,7 +976,7 @@ def deploy_plan(
         typer.echo(f"{row.name}\t{row.status}\t{layers}{parity}")
 
 
-def _elapsed_progress():
+def _elapsed_progress() -> Callable[[str], None]:
     """A progress callback printing each message after the time elapsed since it was made (where a long run's time
     goes, phase by phase)."""
     import time
