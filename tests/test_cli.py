@@ -109,12 +109,15 @@ def test_debug_shows_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_in_process_calls_leave_sigterm_to_the_host(monkeypatch):
-    """A test run (or any host) calling `main(own_process=False)` keeps its SIGTERM handler: a `kill` of the host
-    must not become one command's exit code while the host goes on."""
+def test_in_process_calls_leave_sigterm_and_ctrl_c_to_the_host(monkeypatch):
+    """A test run (or any host) calling `main(own_process=False)` keeps its SIGTERM handler and gets Ctrl-C back: a
+    `kill` or Ctrl-C of the host must not become one command's exit code while the host goes on."""
     import signal
 
+    import typer
+
     from tests.cli_helpers import cli
+    from tmpdiff import cli as cli_module
 
     installed = []
     real = signal.signal
@@ -128,3 +131,19 @@ def test_in_process_calls_leave_sigterm_to_the_host(monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     main(["--version"])  # as the `tmpdiff` command: it installs its handler, and restores the one before it
     assert installed.count(signal.SIGTERM) == 2 and signal.getsignal(signal.SIGTERM) == before
+
+    def ctrl_c(*_, **__):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # what click does with Ctrl-C
+            raise typer.Abort() from exc
+
+    def aborted(*_, **__):
+        raise typer.Abort()  # e.g. a declined prompt: not Ctrl-C
+
+    monkeypatch.setattr(cli_module, "app", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        main(["info", "x"], own_process=False)
+    assert main(["info", "x"]) == 130  # as the command: unwinds and exits 130
+    monkeypatch.setattr(cli_module, "app", aborted)
+    assert main(["info", "x"], own_process=False) == 130

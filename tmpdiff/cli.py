@@ -1017,7 +1017,7 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
     """Entry point: expected errors become one line on stderr and exit code 2 (tracebacks with --debug).
 
     `own_process=False` (tests calling it in a process they share) keeps ORT's process-wide thread pool off and leaves
-    SIGTERM to the host process (a handler here would turn a `kill` of the host into one command's exit code)."""
+    SIGTERM and Ctrl-C to the host process (turning them into one command's exit code would let the host go on)."""
     from tmpdiff.engines import ort_process
 
     args = sys.argv[1:] if argv is None else argv
@@ -1032,7 +1032,9 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
             raise
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
-    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
+    except (KeyboardInterrupt, typer.Abort) as exc:  # click turns Ctrl-C into Abort
+        if not own_process and KeyboardInterrupt in (type(exc), type(exc.__cause__)):
+            raise KeyboardInterrupt from None  # Ctrl-C is the host's: a test run stops rather than failing one test
         console.print("interrupted")
         return 130
     except typer.TyperException as exc:  # typer's own click: usage errors, bad option values
