@@ -4,4 +4,4 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"
 ruff check tmpdiff scripts tests
-exec python -m pytest "$@"
+exec python -m pytest --durations=15 "$@"  # the slowest tests listed: the suite must stay under 20 minutes
