@@ -200,6 +200,7 @@ def test_prompt_encodings_are_made_once_and_change_no_sample(work):
 
 def test_call_memo_reuses_only_identical_calls():
     memo = CallMemo()
+    assert memo.summary() == "0 run, 0 reused"  # nothing run here (a fanned-out search's driver)
     feeds = {"hidden_states": torch.ones(2, 3), "timestep": torch.tensor([5.0])}
     assert memo.lookup(memo.key(0, "int8", feeds)) is None
     memo.store(memo.key(0, "int8", feeds), torch.full((2, 3), 7.0), "int8", None)

@@ -102,7 +102,7 @@ class CallMemo:
     def summary(self) -> str:
         """One line for progress output: calls run (by engine) and reused."""
         by_engine = ", ".join(f"{n} {engine}" for engine, n in sorted(self.run_by_engine.items()))
-        return f"{self.misses} run ({by_engine}), {self.hits} reused"
+        return f"{self.misses} run{f' ({by_engine})' if by_engine else ''}, {self.hits} reused"
 
 
 def _size(tensor: torch.Tensor) -> int:
