@@ -118,6 +118,7 @@ def test_in_process_calls_leave_sigterm_and_ctrl_c_to_the_host(monkeypatch):
 
     from tests.cli_helpers import cli
     from tmpdiff import cli as cli_module
+    from tmpdiff.engines import ort_process
 
     installed = []
     real = signal.signal
@@ -125,8 +126,6 @@ def test_in_process_calls_leave_sigterm_and_ctrl_c_to_the_host(monkeypatch):
     code, out, _ = cli("--version")
     assert code == 0 and out.strip()
     assert signal.SIGTERM not in installed
-    from tmpdiff.engines import ort_process
-
     monkeypatch.setattr(ort_process, "process_state", {})  # the process-wide ORT pool is not declared for pytest
     before = signal.getsignal(signal.SIGTERM)
     main(["--version"])  # as the `tmpdiff` command: it installs its handler, and restores the one before it

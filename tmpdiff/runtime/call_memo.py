@@ -101,7 +101,7 @@ class CallMemo:
 
     def summary(self) -> str:
         """One line for progress output: calls run (by engine) and reused."""
-        by_engine = ", ".join(f"{n} {engine}" for engine, n in sorted(self.run_by_engine.items()))
+        by_engine = ", ".join(f"{n} {engine}" for engine, n in self.counts()["run_by_engine"].items())
         return f"{self.misses} run{f' ({by_engine})' if by_engine else ''}, {self.hits} reused"
 
 
