@@ -13,7 +13,7 @@ from tmpdiff.calibration.evaluator import Evaluation
 from tmpdiff.calibration.exhaustive import build_table, load_table, merge_tables, optimum, tree_steps, walk_schedules
 from tmpdiff.calibration.refine import evaluation_cap, neighbours, refine
 from tmpdiff.calibration.search import Problem, measure_sensitivities
-from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, ratio_ci, relative_diff_ci
+from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, jackknife_interval, jackknife_values, mean_ci, ratio_ci, relative_diff_ci
 from tmpdiff.eval.metrics import latent_errors
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
@@ -118,6 +118,24 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks():
     positive = jackknife_ci(lambda i: float(near_zero[i].mean()), len(near_zero), positive=True)
     assert symmetric.low < 0 < positive.low < positive.value < positive.high
     assert positive.value / positive.low == pytest.approx(positive.high / positive.value)
+
+
+def test_jackknife_of_derived_statistics_equals_recomputing_them():
+    # compare() and the pipeline judge build the FD difference and its ratio from each schedule's leave-one-out FDs,
+    # computed once; the intervals must be those of the composed statistic recomputed per leave-one-out set
+    from tmpdiff.eval.quality import frechet_distance
+
+    rng = np.random.default_rng(3)
+    real, fa, fb = rng.normal(0, 1, (200, 4)), rng.normal(0.3, 1, (15, 4)), rng.normal(0.1, 1.2, (15, 4))
+    fd_a, fd_b = (jackknife_values(lambda i, f=f: frechet_distance(f[i], real), len(f)) for f in (fa, fb))
+    assert len(fd_a) == 16 and fd_a[0] == frechet_distance(fa, real)
+    recomputed = jackknife_ci(lambda i: frechet_distance(fa[i], real) - frechet_distance(fb[i], real), 15)
+    assert jackknife_interval(fd_a - fd_b) == recomputed
+    ratio = jackknife_ci(lambda i: (frechet_distance(fa[i], real) - frechet_distance(fb[i], real))
+                         / frechet_distance(fb[i], real), 15)
+    assert jackknife_interval((fd_a - fd_b) / fd_b) == ratio
+    assert jackknife_interval(fd_a, positive=True) == jackknife_ci(lambda i: frechet_distance(fa[i], real), 15,
+                                                                     positive=True)
 
 
 def test_relative_difference_of_errors_stays_above_minus_100_percent():

@@ -16,7 +16,7 @@ from tmpdiff.calibration.baselines import evolutionary, heuristics_at_budget
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import CountingProblem, Schedule, measure_sensitivities, tmpdiff_search
 from tmpdiff.calibration.session import CalibrationSession
-from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, mean_ci, relative_diff_ci
+from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, jackknife_interval, jackknife_values, mean_ci, relative_diff_ci
 from tmpdiff.eval.judge import LOWER_IS_BETTER, judge
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.call_memo import CallMemo, attached
@@ -100,15 +100,9 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: n
                      "better": (d.value < 0) == LOWER_IS_BETTER[name] if d.value != 0 else None}
     if "features" in a and real_features is not None:
         fa, fb = a["features"], b["features"]
-
-        def fd_diff(i):
-            return frechet_distance(fa[i], real_features) - frechet_distance(fb[i], real_features)
-
-        def fd_relative(i):
-            return fd_diff(i) / frechet_distance(fb[i], real_features)
-
-        d = jackknife_ci(fd_diff, len(fa))
-        r = jackknife_ci(fd_relative, len(fa))
+        fd_a, fd_b = (jackknife_values(lambda i, f=f: frechet_distance(f[i], real_features), len(f)) for f in (fa, fb))
+        d = jackknife_interval(fd_a - fd_b)
+        r = jackknife_interval((fd_a - fd_b) / fd_b)
         out["fd_low"] = {"diff": d.as_dict(), "percent": 100 * r.value, "percent_interval": [100 * r.low, 100 * r.high],
                          "significant": d.excludes(0.0), "better": d.value < 0}
     return out

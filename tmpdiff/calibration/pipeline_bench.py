@@ -28,7 +28,7 @@ from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
 from tmpdiff.calibration.split_curve import bench_split_curve
-from tmpdiff.eval.bootstrap import jackknife_ci
+from tmpdiff.eval.bootstrap import jackknife_interval, jackknife_values
 from tmpdiff.eval.quality import frechet_distance
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
@@ -51,6 +51,7 @@ class PipelineJudge:
         if self.attributes is not None:
             self.reference_features = self._read(self.evaluator.reference_images)[1]
         self.cache: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+        self.fd_cache: dict[tuple[str, ...], np.ndarray] = {}
 
     @property
     def samples(self) -> int:
@@ -83,13 +84,20 @@ class PipelineJudge:
         # the fp32 images are of the same prompts and seeds: a resample keeps the same rows of both
         return frechet_distance(features[rows], self.reference_features[rows])
 
+    def _fd_values(self, schedule: Sequence[str]) -> np.ndarray:
+        """The FD to the fp32 images over all samples, then leaving each one out (computed once per schedule)."""
+        key = tuple(schedule)
+        if key not in self.fd_cache:
+            features = self(schedule)["features"]
+            self.fd_cache[key] = jackknife_values(lambda rows: self._fd(features, rows), self.samples)
+        return self.fd_cache[key]
+
     def summary(self, schedule: Sequence[str]) -> dict:
         """Mean [95% interval] of every metric; the FD to the fp32 images with a paired jackknife interval."""
         judged = self(schedule)
         out = summarise({k: v for k, v in judged.items() if k != "features"}, None)
         if "features" in judged:
-            out["fd_vs_reference"] = jackknife_ci(lambda rows: self._fd(judged["features"], rows),
-                                                  self.samples, positive=True).as_dict()
+            out["fd_vs_reference"] = jackknife_interval(self._fd_values(schedule), positive=True).as_dict()
         return out
 
     def versus(self, a: Sequence[str], b: Sequence[str]) -> dict:
@@ -98,7 +106,7 @@ class PipelineJudge:
         out = compare({k: v for k, v in ja.items() if k != "features"}, {k: v for k, v in jb.items() if k != "features"},
                       None)
         if "features" in ja:
-            d = jackknife_ci(lambda rows: self._fd(ja["features"], rows) - self._fd(jb["features"], rows), self.samples)
+            d = jackknife_interval(self._fd_values(a) - self._fd_values(b))
             out["fd_vs_reference"] = {"diff": d.as_dict(), "significant": d.excludes(0.0), "better": d.value < 0}
         return out
 

@@ -108,8 +108,19 @@ def statistic_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: in
     return _interval(statistic(np.arange(n)), np.array([statistic(i) for i in idx]), level)
 
 
-def jackknife_ci(statistic: Callable[[np.ndarray], float], n: int, z: float = 1.96, positive: bool = False) -> Interval:
-    """Statistic of all n samples with a normal interval from the jackknife standard error.
+def jackknife_values(statistic: Callable[[np.ndarray], float], n: int) -> np.ndarray:
+    """The statistic of all n samples, then of each leave-one-out set: n + 1 values.
+
+    Kept apart from the interval so that statistics built from others (a difference of two distances, its ratio to
+    one of them) are computed from the same values instead of recomputing each distance per leave-one-out set."""
+    if n < 3:
+        raise TmpdiffError(f"a jackknife interval needs at least 3 samples, got {n}")
+    rows = np.arange(n)
+    return np.array([statistic(rows)] + [statistic(np.delete(rows, i)) for i in range(n)], dtype=np.float64)
+
+
+def jackknife_interval(values: np.ndarray, z: float = 1.96, positive: bool = False) -> Interval:
+    """A normal interval from the jackknife standard error of `values` (as `jackknife_values` returns them).
 
     For biased plug-in statistics such as a Fréchet distance of a few tens of samples, the percentile bootstrap
     is shifted (resampling with duplicates shrinks covariances) and can exclude the estimate itself.
@@ -117,13 +128,16 @@ def jackknife_ci(statistic: Callable[[np.ndarray], float], n: int, z: float = 1.
     taken on its logarithm (delta method: se / value) and mapped back; it stays above 0 and is wider above the value
     than below, where a symmetric one would reach below 0 for a distance near 0.
     """
-    if n < 3:
-        raise TmpdiffError(f"a jackknife interval needs at least 3 samples, got {n}")
-    value = float(statistic(np.arange(n)))
-    leave_one_out = np.array([statistic(np.delete(np.arange(n), i)) for i in range(n)])
+    value, leave_one_out = float(values[0]), np.asarray(values[1:], dtype=np.float64)
+    n = len(leave_one_out)
     se = float(np.sqrt((n - 1) / n * ((leave_one_out - leave_one_out.mean()) ** 2).sum()))
     if positive and value > 0:
         with np.errstate(over="ignore"):  # a value ~0 with a spread: the interval is [0, inf)
             spread = float(np.exp(z * se / value))
         return Interval(value, value / spread, value * spread)
     return Interval(value, value - z * se, value + z * se)
+
+
+def jackknife_ci(statistic: Callable[[np.ndarray], float], n: int, z: float = 1.96, positive: bool = False) -> Interval:
+    """Statistic of all n samples with a normal interval from the jackknife standard error (`jackknife_interval`)."""
+    return jackknife_interval(jackknife_values(statistic, n), z, positive)
