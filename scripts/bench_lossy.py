@@ -76,7 +76,7 @@ def stage_compact(tables: list[Path], path: Path) -> None:
 
 
 def stage_matched(args) -> None:
-    from bench_scale import code_version  # a search kept from other code is not re-used
+    from _code_version import code_version  # a search kept from other code is not re-used
 
     from tmpdiff.calibration.matched import judge_unseen, search_matched
     from tmpdiff.calibration.session import open_session

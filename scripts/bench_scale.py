@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from _code_version import code_version
 from tqdm import tqdm
 
 from tmpdiff.export.memory_plan import parameter_count
@@ -127,13 +128,6 @@ def engines_present(build_dir: Path, precision: str, row: dict) -> bool:
     have been emptied since: the profile needs them)."""
     recorded = row.get("engine_files") or {}
     return bool(recorded) and all((build_dir / precision / name).is_file() for name in recorded)
-
-
-def code_version() -> str:
-    """The commit the stages ran (`-dirty` with uncommitted changes), recorded beside each measured stage."""
-    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
-    return done.stdout.strip() or "unknown"
 
 
 def bench_model(name: str, precisions: list[str], work: Path, results: dict, out: Path, repeats: int,
