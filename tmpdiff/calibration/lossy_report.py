@@ -8,7 +8,7 @@ import numpy as np
 
 from tmpdiff.calibration.exhaustive import load_table, merge_tables
 from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor, size_curve
-from tmpdiff.calibration.split_curve import plot_split_curve, render_split_curve, split_size_curve, table_samples
+from tmpdiff.calibration.split_curve import GOAL, plot_split_curve, render_split_curve, split_size_curve, table_samples
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
 
@@ -247,7 +247,7 @@ def plot(report: dict, path: Path) -> None:
         lo = [row["methods"]["TMPDiff refined"]["unseen"]["ratio_to_optimum"]["low"] for row in rows]
         hi = [row["methods"]["TMPDiff refined"]["unseen"]["ratio_to_optimum"]["high"] for row in rows]
         ax.fill_between(x, lo, hi, alpha=0.2, label="refined 95% CI")
-        ax.axhline(1.15, color="grey", lw=0.8, ls="--")
+        ax.axhline(GOAL, color="grey", lw=0.8, ls="--")
         ax.set_yscale("log")
         ax.set_title(f"({part}) T={r['steps']} {'/'.join(r['levels'])}: unseen latent error / unseen optimum", fontsize=8)
         ax.set_xlabel("speedup (stated costs)")
@@ -257,7 +257,7 @@ def plot(report: dict, path: Path) -> None:
         ax.plot(xs, [p["mean_ratio"] for p in c["points"]], "o-", label="mean over budgets")
         ax.plot(xs, [p["mean_max_ratio"] for p in c["points"]], "s-", label="worst budget (mean of draws)")
         ax.plot(xs, [p["knapsack_mean_max_ratio"] for p in c["points"]], "x--", label="knapsack only, worst budget")
-        ax.axhline(1.15, color="grey", lw=0.8, ls="--")
+        ax.axhline(GOAL, color="grey", lw=0.8, ls="--")
         ax.set_title(f"({part}) calibration set size vs unseen ratio to optimum", fontsize=8)
         ax.set_xlabel("calibration samples")
         ax.legend(fontsize=6)
