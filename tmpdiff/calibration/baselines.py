@@ -49,8 +49,7 @@ def evolutionary(problem: Problem, budget: float, evaluations: int, seed: int = 
     Fitness is the measured error (cached evaluations still count against the budget).
     """
     rng = np.random.default_rng(seed)
-    levels = problem.all_levels
-    rank = {p: i for i, p in enumerate(levels)}
+    levels, rank = problem.all_levels, problem.rank
 
     def repair(schedule: list[str]) -> list[str]:
         while problem.schedule_cost(schedule) > budget:

@@ -27,7 +27,7 @@ class InteractionModel:
 
     def __init__(self, problem: Problem, sens: Sensitivities) -> None:
         self.levels = problem.all_levels
-        self.level_index = {p: i for i, p in enumerate(self.levels)}
+        self.level_index = problem.rank
         T, L = problem.steps, len(self.levels)
         self.prior_step = np.zeros((T, L))
         for i, p in enumerate(self.levels):

@@ -39,7 +39,7 @@ def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensit
                ) -> list[tuple[float, int, Schedule, Move]]:
     """Every in-budget move (swap, pair swap, raise, raise-and-lower, raise paid by several lowerings, lower), with its
     predicted score change, best first (ties: the move spanning fewer steps first)."""
-    rank = {p: i for i, p in enumerate(problem.all_levels)}  # 0 = reference (dearest)
+    rank = problem.rank  # 0 = reference (dearest)
     limit = budget * (1 + 1e-9)
     out = []
     seen: set[Schedule] = set()
@@ -92,8 +92,7 @@ def raise_and_pay(problem: Problem, schedule: Schedule, t: int, level: str, limi
                   ) -> Move | None:
     """Step `t` raised to `level`, then other steps lowered one level at a time, each time the lowering the scores
     predict costs least per unit of cost saved, until the schedule fits `limit`; None if it cannot fit."""
-    levels = problem.all_levels
-    rank = {p: i for i, p in enumerate(levels)}
+    levels, rank = problem.all_levels, problem.rank
     candidate = list(schedule)
     candidate[t] = level
     changes = {t: level}

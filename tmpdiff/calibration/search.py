@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -50,6 +51,11 @@ class Problem:
     @property
     def all_levels(self) -> list[str]:
         return [self.reference, *self.levels]
+
+    @cached_property
+    def rank(self) -> dict[str, int]:
+        """Each level's place in `all_levels`: 0 for the reference (dearest), then cheaper by one each."""
+        return {p: i for i, p in enumerate(self.all_levels)}
 
     @property
     def cheapest(self) -> str:
@@ -213,7 +219,7 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
     # Start below the all-cheapest schedule's average rate: at exactly that rate the whole range
     # [1, T] is always accepted and the search overshoots any budget to the cheapest schedule.
     lam = 0.25 * max(problem.error([problem.cheapest] * T), 1e-12) / max(full_saving, 1e-12)
-    rank = {p: i for i, p in enumerate(problem.all_levels)}
+    rank = problem.rank
 
     def down_score(a: int, b: int, level: str) -> float:
         if sens is None or level not in sens.down:
