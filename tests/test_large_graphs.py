@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -118,8 +119,8 @@ def test_export_and_build_refuse_a_full_disk_before_their_work(bundled, tmp_path
     from tmpdiff.formats.precisions import get_precision
 
     params = parameter_count(bundled.transformer_dir)
-    assert disk_plan.written_bytes(get_precision("int8"), params, "float32") < disk_plan.written_bytes(
-        get_precision("fp32"), params, "float32")
+    assert disk_plan.written_bytes(get_precision("int8"), params, "float32", 0.0) < disk_plan.written_bytes(
+        get_precision("fp32"), params, "float32", 0.0)
     monkeypatch.setattr(disk_space, "free_bytes", lambda path: 1000)
     code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "fp32")
     lines = err.strip().splitlines()
@@ -229,3 +230,36 @@ def test_the_int4_plan_follows_the_share_of_convolution_kernels(tmp_path):
         extra = memory_plan.INT4_GRAPH_COPIES * (3 * share - 0.5 * (1 - share)) / memory_plan.BYTES_PER_WEIGHT[base]
         assert int4.copies == pytest.approx(int8.copies + max(memory_plan.INT4_MIN_EXTRA[base], extra))
         assert int4.copies > int8.copies and f"{int4.copies:.1f} x the" in int4.describe()
+    # the disk an int4 export writes follows the same share: kernels at fp32 (twin) + 16 bits (TensorRT graph)
+    from tmpdiff.export import disk_plan
+
+    n, int4 = memory_plan.parameter_count(with_convs), get_precision("int4")
+    for base in ("float32", "float16"):
+        assert disk_plan.written_bytes(int4, n, base, 0.0) == pytest.approx(disk_plan.INT4_OTHER_BYTES * n)
+        assert disk_plan.written_bytes(int4, n, base, share) == pytest.approx(
+            (disk_plan.INT4_KERNEL_BYTES * share + disk_plan.INT4_OTHER_BYTES * (1 - share)) * n)
+
+
+# each real model's share of convolution kernels, `memory_plan.conv_fraction` of its safetensors headers
+REAL_CONV_SHARES = {"sd15-unet": 0.685, "sdxl-unet": 0.130, "pixart-sigma": 0.0, "sd3-medium": 0.0}
+
+
+def test_the_disk_plan_covers_every_export_bench_scale_measured():
+    """Every graph-file total `scripts/bench_scale.py` recorded (results/cpu-*-2core/scale.json) is at most what the
+    plan says that export writes (1% for the graph protos beside the weights)."""
+    from tmpdiff.export import disk_plan
+    from tmpdiff.formats.precisions import get_precision
+
+    checked = 0
+    for path in sorted(Path(__file__).parents[1].glob("results/cpu-*-2core/scale.json")):
+        for name, model in json.loads(path.read_text())["models"].items():
+            for precision, row in model["precisions"].items():
+                written = sum(row.get("graph_files", {}).values())
+                if not written:
+                    continue
+                planned = disk_plan.written_bytes(get_precision(precision), model["parameters"],
+                                                  model["weights_dtype"] if precision != "fp32" else "float32",
+                                                  REAL_CONV_SHARES[name])
+                assert written <= 1.01 * planned, (path, name, precision, written / model["parameters"])
+                checked += 1
+    assert checked >= 15  # both machines' records: fp32, fp16, int8, fp8 and int4 exports
