@@ -138,6 +138,29 @@ def test_jackknife_of_derived_statistics_equals_recomputing_them():
                                                                      positive=True)
 
 
+def test_a_log_probability_changes_by_its_geometric_mean_probability():
+    # a saturated classifier: log p(class) within 1e-6 of 0 for both schedules; the relative change of the means is a
+    # ratio of near-zero numbers (it read -239% [-974, +62] in a report), the geometric-mean probability's is ~0%
+    from tmpdiff.calibration.matched import compare
+
+    rng = np.random.default_rng(5)
+    b = -np.abs(rng.normal(0, 1e-6, 40))
+    a = b - np.abs(rng.normal(0, 1e-6, 40))
+    plain = relative_diff_ci(a, b)
+    assert abs(plain.value) > 0.5  # the relative change of the means: over 50%
+    c = compare({"log_prob": a, "latent": np.abs(a)}, {"log_prob": b, "latent": np.abs(b)}, None)["log_prob"]
+    assert c["percent_of"] == "geometric-mean p(class)"
+    assert c["percent"] == pytest.approx(100 * np.expm1(a.mean() - b.mean())) and abs(c["percent"]) < 1e-3
+    low, high = c["percent_interval"]
+    assert low <= c["percent"] <= high and high - low < 1e-3
+    assert c["diff"]["value"] == pytest.approx(a.mean() - b.mean()) and c["better"] is False
+    # a real loss of confidence: mean log p down by 0.1 nats is the geometric-mean p down by 9.5%
+    c = compare({"log_prob": b - 0.1}, {"log_prob": b}, None)["log_prob"]
+    assert c["percent"] == pytest.approx(-9.516, abs=1e-3) and c["significant"]
+    # other metrics keep the relative change of their means
+    assert compare({"latent": np.abs(a)}, {"latent": np.abs(b)}, None)["latent"]["percent_of"] == "mean"
+
+
 def test_relative_difference_of_errors_stays_above_minus_100_percent():
     # heavy-tailed per-sample errors, a schedule that removes most of them: the difference's interval divided by the
     # full-sample mean reaches below -100% (an error below 0); each resample's own relative change cannot

@@ -218,7 +218,8 @@ def _render_matched(r: dict) -> list[str]:
         for name, c in t["headline"]["metrics"].items():
             pct = "" if c["percent"] is None else (f"{c['percent']:+.1f}% [{c['percent_interval'][0]:+.1f}, "
                                                    f"{c['percent_interval'][1]:+.1f}]")
-            lines.append(f"| {t['label']} | {t['headline']['versus']} | {METRIC_NAMES.get(name, name)} | "
+            of = "" if c.get("percent_of", "mean") == "mean" else f" (% of {c['percent_of']})"
+            lines.append(f"| {t['label']} | {t['headline']['versus']} | {METRIC_NAMES.get(name, name)}{of} | "
                          f"{_ci(c['diff'], '.3g')} | {pct} | {c['significant']} | {c['better']} |")
     lines.append("")
     return lines

@@ -7,6 +7,7 @@ against the uniform level of the same cost, as a % change in each metric with a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -16,11 +17,14 @@ from tmpdiff.calibration.baselines import evolutionary, heuristics_at_budget
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import CountingProblem, Schedule, measure_sensitivities, tmpdiff_search
 from tmpdiff.calibration.session import CalibrationSession
-from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, jackknife_interval, jackknife_values, mean_ci, relative_diff_ci
+from tmpdiff.eval.bootstrap import Interval, diff_ci, jackknife_ci, jackknife_interval, jackknife_values, mean_ci, relative_diff_ci
 from tmpdiff.eval.judge import LOWER_IS_BETTER, judge
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.call_memo import CallMemo, attached
 from tmpdiff.runtime.runner import initial_noise
+
+# per-sample log-probabilities, and what their % change is of (see `compare`)
+LOG_PROBABILITIES = {"log_prob": "geometric-mean p(class)"}
 
 
 def search_matched(session: CalibrationSession, speedups: dict[str, float], metric: str,
@@ -87,15 +91,23 @@ def summarise(judged: dict[str, np.ndarray], real_features: np.ndarray | None, s
 
 
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: np.ndarray | None, seed: int = 0) -> dict:
-    """a vs b per metric: difference, % change of b's mean, interval, whether it excludes 0 and which is better."""
+    """a vs b per metric: difference, % change of b's mean (of its geometric-mean probability for a log-probability:
+    `percent_of`), interval, whether it excludes 0 and which is better."""
     from tmpdiff.eval.quality import frechet_distance
 
     out = {}
     for name in [k for k in a if k != "features"]:
         d = diff_ci(a[name], b[name], seed=seed)
-        r = relative_diff_ci(a[name], b[name], seed=seed)
+        if name in LOG_PROBABILITIES:
+            # a mean log-probability near 0 (a saturated classifier) makes its relative change a ratio of two
+            # near-zero numbers (-239% [-974, +62] once); exp(difference) - 1 is the % change of the geometric-mean
+            # probability, and its interval the difference's, mapped (monotone)
+            r = Interval(math.expm1(d.value), math.expm1(d.low), math.expm1(d.high))
+        else:
+            r = relative_diff_ci(a[name], b[name], seed=seed)
         out[name] = {"diff": d.as_dict(), "percent": None if r is None else 100 * r.value,
                      "percent_interval": None if r is None else [100 * r.low, 100 * r.high],
+                     "percent_of": LOG_PROBABILITIES.get(name, "mean"),
                      "significant": d.excludes(0.0),
                      "better": (d.value < 0) == LOWER_IS_BETTER[name] if d.value != 0 else None}
     if "features" in a and real_features is not None:
@@ -104,7 +116,7 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: n
         d = jackknife_interval(fd_a - fd_b)
         r = jackknife_interval((fd_a - fd_b) / fd_b)
         out["fd_low"] = {"diff": d.as_dict(), "percent": 100 * r.value, "percent_interval": [100 * r.low, 100 * r.high],
-                         "significant": d.excludes(0.0), "better": d.value < 0}
+                         "percent_of": "mean", "significant": d.excludes(0.0), "better": d.value < 0}
     return out
 
 
