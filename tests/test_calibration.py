@@ -265,6 +265,41 @@ def test_evaluator_rejects_wrong_length(quant_build, costs_file):
         session.evaluator.evaluate(["fp32"] * 3)
 
 
+def test_a_schedule_run_ahead_counts_once_a_search_asks_for_it():
+    """The fan-out promise: with any number of workers a search counts the same evaluations, so a schedule the pool ran
+    ahead (prefetched) is counted when it is first asked for, and one never asked for is not counted at all."""
+    import torch
+
+    from tmpdiff.calibration.evaluator import Evaluator
+    from tmpdiff.formats.manifest import SamplingInfo
+
+    class Pool:  # what the evaluator needs of a `fanout.RaySamplePool`: deterministic latents per schedule
+        width = 2
+
+        def __init__(self):
+            self.ran: list[tuple[str, ...]] = []
+
+        def map(self, schedules):
+            self.ran += [tuple(s) for s in schedules]
+            return [torch.full((1, 1, 8, 8), 1.0 + 0.1 * s.count("int8")) for s in schedules]
+
+    sampling = SamplingInfo(scheduler_class="DDIMScheduler", scheduler_config={}, num_classes=1, null_class=1,
+                            image_size=8, channels=1, default_steps=2, guidance_scale=1.0)
+    pool = Pool()
+    ev = Evaluator(runner=None, sampling=sampling, classes=[0], seeds=[0], reference="fp32", steps=2, pool=pool,
+                   memo=None)
+    ahead = [("fp32", "int8"), ("int8", "fp32"), ("int8", "int8")]
+    ev.prefetch(ahead)
+    assert pool.ran[1:] == ahead and ev.runs == 0 and ev.prefetched == set(ahead)
+    assert ev.evaluate(("int8", "fp32")).latent_error == pytest.approx(0.01)
+    assert ev.runs == 1 and ev.prefetched == {("fp32", "int8"), ("int8", "int8")}
+    ev.evaluate(("int8", "fp32"))  # asked again: the cache's, counted once
+    ev.evaluate(("fp32", "fp32"))  # the reference is never counted
+    assert ev.runs == 1 and len(pool.ran) == 4
+    ev.evaluate(("int8", "int8"))
+    assert ev.runs == 2 and ev.prefetched == {("fp32", "int8")}  # ran on the pool, never asked for: not counted
+
+
 def test_evaluations_reuse_shared_prefixes_exactly(quant_build, costs_file):
     from tmpdiff.calibration.session import open_session
 
