@@ -104,7 +104,9 @@ def sd15():
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                                 cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
     return StableDiffusionPipeline(vae=tiny_vae(4), text_encoder=clip_text_encoder(32, 32, False),
-                                   tokenizer=word_tokenizer(TEXT_LEN, bos=True), unet=unet, scheduler=DDIMScheduler(),
+                                   tokenizer=word_tokenizer(TEXT_LEN, bos=True), unet=unet,
+                                   # what the pipeline would rewrite a default DDIM config to (with a FutureWarning)
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
