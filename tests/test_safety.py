@@ -117,6 +117,74 @@ def test_inputs_and_build_files_are_never_outputs(build, work):
             roots=(build, work))
 
 
+def test_a_build_directory_is_protected_from_commands_that_do_not_name_it(build, work):
+    """An output that lands in any build directory's managed files is refused, even from a command that takes no
+    build directory (costs) and with --force; so is one under a precision folder reached through a symlink."""
+    ratio = ["costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s"]
+    refused([*ratio, "--out", build / "manifest.json", "--force"], "manages", roots=(build, work))
+    refused([*ratio, "--out", build / "fp32" / "c.json"], "manages", roots=(build, work))
+    (work / "int8-link").symlink_to(build / "int8")
+    refused([*ratio, "--out", work / "int8-link" / "c.json"], "manages", roots=(build, work))
+    code, _, err = cli(*ratio, "--out", build.parent / "costs-beside.json")  # beside the build: fine
+    assert code == 0, err
+    (build.parent / "costs-beside.json").unlink()
+
+
+def test_outputs_under_a_file_or_a_symlink_loop_are_refused_before_any_work(build, work):
+    costs = work / "c.json"
+    costs.write_text("{}")
+    refused(run_args(build, "--out", work / "p.png", "--trace", costs / "sub" / "t.json"), "not a directory",
+            roots=(build, work))
+    assert not (work / "p.png").exists()  # refused before sampling, not after it
+    (work / "loop.json").symlink_to(work / "loop.json")
+    refused(["costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s", "--out", work / "loop.json",
+             "--force"], "--out", roots=(build, work))
+
+
+def test_a_report_folder_never_writes_over_an_input_or_another_output(build, work):
+    costs = work / "c.json"
+    code, _, err = cli("costs", "--device", "d", "--ratio", "fp32=1,int8=0.6,int4=0.45", "--source", "s", "--out", costs)
+    assert code == 0, err
+    calibrate = ["calibrate", build, "--speedup", "1.2", "--steps", "4", "--calib-seeds", "0"]
+    (work / "rep").mkdir()
+    refused([*calibrate, "--costs", costs, "--out", work / "rep" / "validation.json", "--report", work / "rep"],
+            "validation.json", roots=(build, work))
+    shutil.copy(costs, work / "rep" / "validation.json")
+    refused([*calibrate, "--costs", work / "rep" / "validation.json", "--out", work / "s.json", "--report", work / "rep",
+             "--force"], "input", roots=(build, work))
+
+
+def test_writes_keep_inputs_and_files_that_appear_while_a_command_works(work):
+    """The check and the write are apart (a calibration takes minutes): the write itself keeps an input, and a file
+    that appeared at an output the check found free, unless --force said to replace it."""
+    from tmpdiff.formats.atomic import clear_write_guard, write_json
+    from tmpdiff.formats.errors import TmpdiffError
+    from tmpdiff.formats.outputs import Output, check_outputs
+
+    source, late, forced = work / "in.json", work / "late.json", work / "forced.json"
+    source.write_text("mine")
+    try:
+        check_outputs([Output.file("--out", late, ".json"), Output.folder("--report", work / "rep")], inputs=[source])
+        late.write_text("appeared meanwhile")
+        with pytest.raises(TmpdiffError, match="appeared while the command ran"):
+            write_json(late, {"result": 1})
+        with pytest.raises(TmpdiffError, match="input of this command"):
+            write_json(source, {"result": 1})  # e.g. a report file named like an input in the report folder
+        assert late.read_text() == "appeared meanwhile" and source.read_text() == "mine"
+        assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]  # no temp left behind
+        check_outputs([Output.file("--out", forced, ".json")], force=True)
+        forced.write_text("appeared meanwhile")
+        write_json(forced, {"result": 2})  # --force: replaced
+        assert json.loads(forced.read_text()) == {"result": 2}
+        late.unlink()
+        check_outputs([Output.file("--out", late, ".json")])
+        write_json(late, {"result": 3})
+        write_json(late, {"result": 4})  # written by this command already: a second write replaces its own file
+        assert json.loads(late.read_text()) == {"result": 4}
+    finally:
+        clear_write_guard()
+
+
 def test_extension_must_match_the_format_written(build, work):
     refused(run_args(build, "--out", work / "x.jpg"), ".png", roots=(build, work))
     refused(run_args(build, "--out", work / "x.png", "--trace", work / "t.txt"), ".json", roots=(build, work))
@@ -142,6 +210,21 @@ def _problems(build_dir: Path) -> list[str]:
     code, out, err = cli("check", build_dir)
     assert code in (0, 1) and "Traceback" not in err, err
     return [line for line in out.splitlines() if " -> " in line]
+
+
+def test_a_precision_name_cannot_lead_a_build_outside_its_directory(tampered, tmp_path):
+    outside = tmp_path / "evil"
+    outside.mkdir()
+    (outside / "model.ort-cpu.onnx").write_text("precious")
+    data = json.loads((tampered / "manifest.json").read_text())
+    data["precisions"]["../evil"] = data["precisions"].pop("int4")
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    for command in (["build", tampered, "--backend", "ort"], ["info", tampered],
+                    ["run", tampered, "--precision", "fp32", "--steps", "2", "--out", tmp_path / "o.png"]):
+        refused(command, "manifest.json", "'../evil'", "not a known precision", roots=(tampered, tmp_path))
+    code, out, err = cli("check", tampered)  # check lists it as the build's problem
+    assert code == 1 and "'../evil': not a known precision" in out, (code, out, err)
+    assert (outside / "model.ort-cpu.onnx").read_text() == "precious"
 
 
 @pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])

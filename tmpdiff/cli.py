@@ -594,7 +594,10 @@ def calibrate(
 
     target = Target(speedup, max_error, min_ssim)
     check_threads(threads)
-    targets = [Output.file("--out", out, ".json")] + ([Output.folder("--report", report)] if report else [])
+    # what `calibration.report.write_report` and the pipeline's report (`commands.calibrate_pipeline`) write there
+    report_files = ("calibration_report.md", "validation.json", "sensitivities.png", "score_fit.png", "images.png",
+                    "calibration_report.json", "grid.png")
+    targets = [Output.file("--out", out, ".json")] + ([Output.folder("--report", report, report_files)] if report else [])
     inputs = [costs, *(p for p in (prompts, timesteps_from) if p is not None)]
     paths = check_outputs(targets, force=force, inputs=inputs, build_dirs=[build_dir])
     out, report = paths["--out"], paths.get("--report")
@@ -1019,6 +1022,7 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
     `own_process=False` (tests calling it in a process they share) keeps ORT's process-wide thread pool off and leaves
     SIGTERM and Ctrl-C to the host process (turning them into one command's exit code would let the host go on)."""
     from tmpdiff.engines import ort_process
+    from tmpdiff.formats.atomic import clear_write_guard
 
     args = sys.argv[1:] if argv is None else argv
     _quiet_third_party()
@@ -1045,6 +1049,7 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
         console.print(f"[red]error:[/red] {escape(exc.format_message())}{escape(where)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     finally:
+        clear_write_guard()  # the command's inputs and new outputs (`formats.atomic.WriteGuard`) end with it
         if own_process:
             signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) else 0

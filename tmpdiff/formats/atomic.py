@@ -15,8 +15,11 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tmpdiff.formats.errors import TmpdiffError
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -27,9 +30,63 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
+@dataclass
+class WriteGuard:
+    """What the running command's writes must leave alone, set when its outputs are checked (`formats.outputs`):
+    its inputs (never replaced, whatever folder output they sit in) and the outputs that did not exist then and were
+    not forced (a file that appears there while the command works is kept: the check and the write are minutes
+    apart)."""
+
+    inputs: set[Path] = field(default_factory=set)
+    new: set[Path] = field(default_factory=set)
+
+
+_guard = WriteGuard()
+
+
+def guard_writes(inputs: set[Path], new: set[Path]) -> None:
+    """The running command's `WriteGuard` (resolved paths); replaces the previous command's."""
+    global _guard
+    _guard = WriteGuard(set(inputs), set(new))
+
+
+def clear_write_guard() -> None:
+    """Forget the guard when a command ends (a process may run several: tests, notebooks)."""
+    guard_writes(set(), set())
+
+
+def _real(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: nothing a guard holds
+        return path.absolute()
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the finished temp over `final`, as the write guard allows."""
+    real = _real(final)
+    if real in _guard.inputs:
+        raise TmpdiffError("refusing to replace an input of this command with one of its outputs", final)
+    if real not in _guard.new:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)  # no-clobber: fails if a file appeared at `final` since the outputs were checked
+    except FileExistsError:
+        raise TmpdiffError("this file appeared while the command ran and is kept; pass --force to replace it "
+                           "(the command's result was not written)", final) from None
+    except OSError:  # a filesystem without hard links: the check is as close to the write as it can be
+        if os.path.lexists(final):
+            raise TmpdiffError("this file appeared while the command ran and is kept; pass --force to replace it",
+                               final) from None
+        os.replace(tmp, final)
+    _guard.new.discard(real)  # written by this command: a later write of it replaces it
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds."""
+    """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds (and the running
+    command's `WriteGuard` allows)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final.name), suffix=TEMP_SUFFIX, dir=final.parent)
@@ -40,7 +97,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; artifacts get the usual permissions
-        os.replace(tmp, final)
+        _put_in_place(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
 

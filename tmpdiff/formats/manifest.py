@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from tmpdiff.formats.atomic import read_model_file, sha256_file, write_json
 from tmpdiff.formats.config_values import decode_non_finite, encode_non_finite
@@ -177,6 +178,9 @@ class MixedEntry(BaseModel):
         return precisions
 
 
+MIXED_NAME = re.compile(r"mixed-[0-9a-f]{12}")
+
+
 def mixed_name(layers: list[str], precisions: list[str]) -> str:
     """The engine name of a layer configuration: `mixed-` and 12 hex digits of its content."""
     digest = hashlib.sha256(json.dumps([layers, precisions]).encode()).hexdigest()
@@ -221,6 +225,22 @@ class Manifest(BaseModel):
     activation_bytes_per_row: int | None = Field(default=None, ge=0)
     time_embedding_input: TimeEmbeddingInputEntry | None = None
     mixed: dict[str, MixedEntry] = Field(default_factory=dict)  # deployed TMPQ-DM layer configurations, by name
+
+    @model_validator(mode="after")
+    def _names_are_plain(self) -> Manifest:
+        # a precision's name is the folder its engines are built into, so a name such as "../x" would put a build's
+        # writes outside the build directory
+        from tmpdiff.formats.precisions import PRECISIONS
+
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"precisions holds {', '.join(map(repr, unknown))}: not a known precision "
+                             f"({', '.join(PRECISIONS)})")
+        odd = [n for n in self.mixed if not MIXED_NAME.fullmatch(n)]
+        if odd:
+            raise ValueError(f"mixed holds {', '.join(map(repr, odd))}: not the name of a layer configuration "
+                             "(mixed- and 12 hex digits)")
+        return self
 
     def require_sampling(self, build_dir: str | Path) -> SamplingInfo:
         """The sampling info class-conditional runs need; text-conditioned builds are told to use their pipeline."""

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmpdiff.formats.atomic import LOCK_NAME, OWNER_NAME
+from tmpdiff.formats.atomic import LOCK_NAME, OWNER_NAME, guard_writes
 from tmpdiff.formats.errors import TmpdiffError
 
 
@@ -31,14 +31,15 @@ class Output:
     path: Path
     suffixes: tuple[str, ...] = ()  # allowed extensions of a file output, lower case with the dot
     directory: bool = False  # a folder the command writes several files into
+    writes: tuple[str, ...] = ()  # a folder's files known before the work (checked like file outputs)
 
     @classmethod
     def file(cls, option: str, path: str | Path, *suffixes: str) -> Output:
         return cls(option, Path(path), tuple(s.lower() for s in suffixes))
 
     @classmethod
-    def folder(cls, option: str, path: str | Path) -> Output:
-        return cls(option, Path(path), directory=True)
+    def folder(cls, option: str, path: str | Path, writes: tuple[str, ...] = ()) -> Output:
+        return cls(option, Path(path), directory=True, writes=writes)
 
 
 def managed_paths(build_dir: Path) -> list[Path]:
@@ -60,7 +61,37 @@ def managed_paths(build_dir: Path) -> list[Path]:
                                  for rel in (entry.onnx, entry.trt_onnx) if rel is not None]
     if manifest.time_embedding_input is not None:
         owned.append(root / manifest.time_embedding_input.own_table)
-    return owned
+    return owned + [real for real in map(_resolved_or_none, owned) if real is not None and real not in owned]
+
+
+def _resolved_or_none(path: Path) -> Path | None:
+    """`path` with symlinks followed (a precision folder linked elsewhere is still the build's), None on a loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def build_dirs_holding(path: Path) -> list[Path]:
+    """The build directories (a folder with a readable tmpdiff manifest) among `path`'s parents."""
+    from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
+
+    found = []
+    for folder in path.parents:
+        if (folder / MANIFEST_NAME).is_file():
+            try:
+                load_manifest(folder)
+            except TmpdiffError:
+                continue
+            found.append(folder)
+    return found
+
+
+def _resolve(output: Output) -> Path:
+    try:
+        return output.path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise TmpdiffError(f"{output.option}: cannot follow the path ({exc})", output.path) from None
 
 
 def _kind(mode: int) -> str | None:
@@ -83,8 +114,9 @@ def _check_one(output: Output, force: bool) -> Path:
                                f"({os.readlink(path)})", path)
         path = path.resolve()
     if not os.path.lexists(path):
-        if not output.directory and path.parent.exists() and not path.parent.is_dir():
-            raise TmpdiffError(f"{output.option}: {path.parent} is not a directory", path)
+        nearest = next(p for p in path.absolute().parents if os.path.lexists(p))  # "/" always exists
+        if not nearest.is_dir():
+            raise TmpdiffError(f"{output.option}: {nearest} is not a directory", path)
         return path
     mode = os.stat(path).st_mode
     kind = _kind(mode)
@@ -108,19 +140,28 @@ def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Ite
     """Check every output of a command before it does any work; returns option -> path to write."""
     outputs = [o for o in outputs if o.path is not None]
     resolved_inputs = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
-    owned = [path for build_dir in build_dirs for path in managed_paths(Path(build_dir))]
+    build_dirs = [Path(b) for b in build_dirs]
     chosen: dict[str, Path] = {}
     seen: dict[Path, str] = {}
+    new: set[Path] = set()
     for output in outputs:
-        real = output.path.resolve()  # what would be written, symlinks followed: judged before existence or --force
-        if real in resolved_inputs:
-            raise TmpdiffError(f"{output.option} is also an input of this command ({resolved_inputs[real]})", output.path)
-        if real in seen:
-            raise TmpdiffError(f"{output.option} is the same path as {seen[real]}", output.path)
-        for managed in owned:
-            if real == managed or real.is_relative_to(managed):
-                raise TmpdiffError(f"{output.option} would write over files the build directory manages ({managed})",
+        real = _resolve(output)  # what would be written, symlinks followed: judged before existence or --force
+        # the named build directories, and any build directory the output would land in
+        owned = [path for build_dir in [*build_dirs, *build_dirs_holding(real)] for path in managed_paths(build_dir)]
+        files = [(output.option, real)] + [(f"{output.option} ({name})", real / name) for name in output.writes]
+        for option, target in files:
+            if target in resolved_inputs:
+                raise TmpdiffError(f"{option} is also an input of this command ({resolved_inputs[target]})",
                                    output.path)
-        seen[real] = output.option
+            if target in seen:
+                raise TmpdiffError(f"{option} is the same path as {seen[target]}", output.path)
+            for managed in owned:
+                if target == managed or target.is_relative_to(managed):
+                    raise TmpdiffError(f"{option} would write over files the build directory manages ({managed})",
+                                       output.path)
+            seen[target] = option
         chosen[output.option] = _check_one(output, force)
+        if not output.directory and not force and not os.path.lexists(chosen[output.option]):
+            new.add(real)
+    guard_writes(set(resolved_inputs), new)
     return chosen
