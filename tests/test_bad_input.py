@@ -66,12 +66,47 @@ def test_fuzzed_costs(tmp_path, document):
         assert table.precisions and all(math.isfinite(c.median_ms) and c.median_ms > 0 for c in table.precisions.values())
 
 
-@pytest.mark.parametrize("payload", [b"", b"\xff\xfe", b"{", b"[]", b"null"])
+@pytest.mark.parametrize("payload", [b"", b"\xff\xfe", b"{", b"[]", b"null", b"[" * 100_000])
 def test_garbage_files(tmp_path, payload):
     for loader, name in ((load_schedule, "schedule.json"), (load_costs, "costs.json")):
         (tmp_path / name).write_bytes(payload)
-        with pytest.raises(TmpdiffError, match=name):
+        with pytest.raises(TmpdiffError, match=name):  # deep nesting too: a RecursionError inside json before
             loader(tmp_path / name)
+
+
+def test_files_that_parse_but_cannot_work_are_refused_by_name(tmp_path):
+    """Each of these once passed validation and failed later with a traceback (a review's findings)."""
+    from tmpdiff.formats.layer_costs import load_layer_costs
+    from tmpdiff.formats.time_embeddings import TimeEmbeddingsInfo
+    from tmpdiff.runtime.plan import resolve_plan
+
+    def refused(name: str, document: dict, loader, *phrases: str) -> None:
+        path = tmp_path / name
+        path.write_text(json.dumps(document, allow_nan=True))
+        with pytest.raises(TmpdiffError) as info:
+            loader(path)
+        assert name in str(info.value) and all(p in str(info.value) for p in phrases), str(info.value)
+
+    stated = {"format": "tmpdiff.costs/1", "origin": "stated", "device": "d", "source": "s",
+              "precisions": {"fp32": {"ratio": 1e308}, "int8": {"ratio": 1e-308}}}
+    refused("costs.json", stated, load_costs, "over 1e+06 times")  # each finite, no speedup from them is
+    schedule = {"format": "tmpdiff.schedule/2", "steps": 2, "precisions": ["fp32", "int8"],
+                "scheduler": {"class_name": "DPMSolverMultistepScheduler", "config": {"solver_order": 0}}}
+    refused("schedule.json", schedule, load_schedule, "solver_order must be an integer >= 1")
+    schedule["scheduler"]["config"] = {"num_train_timesteps": "abc"}
+    refused("schedule.json", schedule, load_schedule, "num_train_timesteps")
+    layer = {"name": "a", "macs": 1, "ms": {"fp32": 1.0, "int8": float("nan")}}
+    layer_costs = {"format": "tmpdiff.layer-costs/1", "model_id": "m", "backend": "ort", "backend_version": "1",
+                   "device": "cpu", "batch": 2, "repeats": 1, "precisions": ["fp32", "int8"], "layers": [layer],
+                   "rest_ms": {"fp32": 1.0, "int8": 1.0}, "step_ms": {"fp32": 2.0, "int8": 1.5}}
+    refused("layer_costs.json", layer_costs, load_layer_costs, "finite")
+    layer["ms"]["int8"] = 0.5
+    layer_costs["rest_ms"] = {"int8": 1.0}  # nothing for the base precision every configuration pays
+    refused("layer_costs.json", layer_costs, load_layer_costs, "rest_ms", "fp32")
+    with pytest.raises(ValueError, match="solver"):
+        TimeEmbeddingsInfo.model_validate({"kind": "mteo", "solver": "bogus"})
+    with pytest.raises(TmpdiffError, match="1..100000"):
+        resolve_plan(precision="fp32", steps=10**30)  # refused before a per-step list of that length is built
 
 
 def test_check_names_every_problem(quant_build, tmp_path):

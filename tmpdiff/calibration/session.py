@@ -15,7 +15,7 @@ from tmpdiff.formats.costs import CostsTable, load_costs
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import SchedulerRef
-from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps
+from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler, set_sampling_timesteps
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
@@ -90,9 +90,14 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     bad = [c for c in classes if not 0 <= c < sampling.num_classes]
     if bad:
         raise TmpdiffError(f"calibration classes {bad} out of range 0..{sampling.num_classes - 1}")
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise TmpdiffError(f"calibration seeds must be in 0..2^63-1, got {bad}")
     if timesteps is not None:
         timesteps = tuple(int(t) for t in timesteps)
         set_sampling_timesteps(sampling_scheduler(sampling), steps, timesteps)  # refused here, before engines load
+    else:
+        check_distinct_timesteps(sampling_scheduler(sampling), steps)  # e.g. more steps than training timesteps
 
     # Problem.create refuses a table without any level cheaper than the reference, before engines load.
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]

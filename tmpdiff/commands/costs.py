@@ -55,9 +55,16 @@ def _text(value: str, option: str, what: str) -> str:
 def write_stated_costs(device: str, ratios: Iterable[str], source: str, out: Path, *, model_id: str | None = None,
                        force: bool = False) -> tuple[CostsTable, Path]:
     """Check the inputs and the output, then write the stated table atomically; returns it and the path written."""
-    table = CostsTable.stated(_text(device, "--device", "the device the ratios are for"), parse_ratios(ratios),
-                              _text(source, "--source", "where the ratios come from"),
-                              None if model_id is None else _text(model_id, "--model-id", "the model they are for"))
+    from pydantic import ValidationError
+
+    from tmpdiff.formats.atomic import validation_problems
+
+    try:
+        table = CostsTable.stated(_text(device, "--device", "the device the ratios are for"), parse_ratios(ratios),
+                                  _text(source, "--source", "where the ratios come from"),
+                                  None if model_id is None else _text(model_id, "--model-id", "the model they are for"))
+    except ValidationError as exc:  # e.g. ratios 1e308 and 1e-308: each finite, together unusable
+        raise TmpdiffError(f"--ratio: {validation_problems(exc)}") from None
     path = check_outputs([Output.file("--out", out, ".json")], force=force)["--out"]
     save_costs(table, path)
     return table, path

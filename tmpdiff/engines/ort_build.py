@@ -91,8 +91,13 @@ def planned_engine_bytes(source: Path) -> int:
     float weight, which ORT's CPU kernels hold as fp32 (SD3-medium's fp16 graph: 4.17 GB -> 8.23 GB, measured), and
     5% for the optimised graph's own changes (the bundled DiT's fp32 / fp16 / int8 engines: within 1% of the plan)."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    graph = onnx.load(str(source), load_external_data=False)
+    try:
+        graph = onnx.load(str(source), load_external_data=False)
+    except (DecodeError, OSError) as exc:  # e.g. a truncated graph whose manifest hash was rewritten to match
+        raise TmpdiffError(f"not a readable ONNX graph ({exc or type(exc).__name__}); re-run `tmpdiff export`",
+                           source) from None
     half = sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.graph.initializer
                if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
     data = source.with_name(f"{source.name}.data")

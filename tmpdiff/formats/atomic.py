@@ -247,6 +247,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
+    except RecursionError:
+        raise TmpdiffError("not a valid JSON document: nested too deeply", path) from None
     if not isinstance(data, dict):
         raise TmpdiffError(f"expected a JSON object, found {type(data).__name__}", path)
     return data
@@ -260,7 +262,7 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
     from tmpdiff.formats.errors import TmpdiffError
 
     if missing is not None and not path.is_file():
-        raise TmpdiffError(f"{missing} does not exist", path)
+        raise TmpdiffError(f"{missing} {'is not a regular file' if path.exists() else 'does not exist'}", path)
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "format" in model_cls.model_fields and "format" not in data:
@@ -268,6 +270,8 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
         return model_cls.model_validate(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
+    except RecursionError:
+        raise TmpdiffError("not a valid JSON document: nested too deeply", path) from None
     except ValidationError as exc:
         raise TmpdiffError(f"not a valid {what} ({validation_problems(exc)})", path) from None
 

@@ -55,6 +55,9 @@ class PrecisionCost(BaseModel):
         return self.ratio if self.ratio is not None else self.median_ms  # type: ignore[return-value]
 
 
+MAX_COST_SPREAD = 1e6  # dearest / cheapest step cost: far beyond any two precisions of one device
+
+
 class CostsTable(BaseModel):
     """Where the step costs come from (measured here, or stated for a device with a source) and what they are."""
 
@@ -82,6 +85,11 @@ class CostsTable(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> CostsTable:
+        values = [p.value for p in self.precisions.values()]
+        if max(values) > MAX_COST_SPREAD * min(values):
+            # e.g. 1e308 and 1e-308: every figure finite, yet a speedup computed from them is not
+            raise ValueError(f"the dearest precision ({max(values):g}) costs over {MAX_COST_SPREAD:g} times the "
+                             f"cheapest ({min(values):g})")
         kinds = {p.ratio is not None for p in self.precisions.values()}
         if self.origin == "measured":
             missing = [name for name in _MEASURED_FIELDS if getattr(self, name) is None]

@@ -9,6 +9,7 @@ beside, as TMPQ-DM's constraint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +68,11 @@ class LayerCostsTable(BaseModel):
             raise ValueError(f"unknown precision {', '.join(unknown)}")
         if self.base not in self.precisions:
             raise ValueError(f"base precision {self.base} is not among {self.precisions}")
+        if self.base not in self.rest_ms:
+            raise ValueError(f"rest_ms has no figure for the base precision {self.base}")
+        figures = [*self.rest_ms.values(), *self.step_ms.values(), *(v for layer in self.layers for v in layer.ms.values())]
+        if not all(math.isfinite(v) and v >= 0 for v in figures):
+            raise ValueError("every millisecond figure must be a finite number >= 0")
         for layer in self.layers:
             missing = [p for p in self.precisions if p not in layer.ms]
             if missing:

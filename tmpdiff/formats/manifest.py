@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from tmpdiff.formats.atomic import read_model_file, sha256_file, write_json
-from tmpdiff.formats.config_values import decode_non_finite, encode_non_finite
+from tmpdiff.formats.config_values import check_scheduler_counts, decode_non_finite, encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
 
@@ -123,7 +123,7 @@ class SamplingInfo(BaseModel):
     @field_validator("scheduler_config", mode="before")
     @classmethod
     def _read_non_finite(cls, config: dict) -> dict:
-        return decode_non_finite(config)
+        return check_scheduler_counts(decode_non_finite(config))
 
     @field_serializer("scheduler_config")
     def _write_non_finite(self, config: dict) -> dict:

@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from tmpdiff.formats.atomic import read_model_file, write_json
-from tmpdiff.formats.config_values import decode_non_finite, encode_non_finite
+from tmpdiff.formats.config_values import check_scheduler_counts, decode_non_finite, encode_non_finite
 from tmpdiff.formats.precisions import PRECISIONS
 
 SCHEDULE_FORMAT_V1 = "tmpdiff.schedule/1"
@@ -54,7 +54,7 @@ class SchedulerRef(BaseModel):
     @field_validator("config", mode="before")
     @classmethod
     def _read_non_finite(cls, config: dict) -> dict:
-        return decode_non_finite(config) if isinstance(config, dict) else config
+        return check_scheduler_counts(decode_non_finite(config)) if isinstance(config, dict) else config
 
     @field_serializer("config")
     def _write_non_finite(self, config: dict) -> dict:

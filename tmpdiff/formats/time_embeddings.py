@@ -39,8 +39,9 @@ class TimeEmbeddingsInfo(BaseModel):
     kind: Kind
     model: str
     model_parameters: int = Field(ge=1)
-    solver: str  # dpmsolver++ (2M, the model's config) or ddim (trailing spacing), on the model's noise process
-    steps: int = Field(ge=1)
+    # dpmsolver++ (2M, the model's config) or ddim (trailing spacing), on the model's noise process
+    solver: Literal["dpmsolver++", "ddim"]
+    steps: int = Field(ge=1, le=10_000)  # a schedule's bound (`formats.schedule`)
     timesteps: list[int]
     slots: list[str]  # which module receives each row (empty for timestep-shift)
     dim: int = Field(ge=0)

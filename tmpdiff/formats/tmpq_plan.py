@@ -29,7 +29,7 @@ class TmpqPlan(BaseModel):
     steps: int = Field(ge=1)
     timesteps: list[int]
     scheduler: SchedulerRef | None = None
-    layers: list[str]
+    layers: list[str] = Field(min_length=1)
     configs: list[list[str]]
     step_configs: list[int]
     reference: dict = Field(default_factory=dict)  # what the plan is compared with (fp32, its step count)

@@ -29,7 +29,11 @@ def scheduler_from(class_name: str, config: dict[str, Any], source: str | Path |
     if cls is None or not hasattr(cls, "set_timesteps"):
         raise TmpdiffError(f"unknown diffusers scheduler {class_name!r}", source)
     # a null value (schedule files written before non-finite numbers were kept) takes the class's default
-    return cls.from_config({k: v for k, v in config.items() if v is not None})
+    try:
+        return cls.from_config({k: v for k, v in config.items() if v is not None})
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        raise TmpdiffError(f"the {class_name} config cannot make a scheduler ({type(exc).__name__}: {exc})",
+                           source) from None
 
 
 def load_scheduler(scheduler_dir: str | Path):

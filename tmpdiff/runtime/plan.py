@@ -19,6 +19,8 @@ from tmpdiff.formats.precisions import get_precision
 from tmpdiff.formats.schedule import Schedule, load_schedule
 from tmpdiff.runtime.time_conditioning import TimeConditioning, load_conditioning
 
+MAX_STEPS = 100_000  # a bound before any per-step list is built; the scheduler refuses more than its timesteps
+
 
 @dataclass(frozen=True)
 class PrecisionPlan:
@@ -64,6 +66,8 @@ def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, prec
     if precision is not None:
         get_precision(precision)  # unknown names list the known ones
         count = steps or default_steps
+        if count is not None and not 1 <= count <= MAX_STEPS:
+            raise TmpdiffError(f"{count} steps: a run takes 1..{MAX_STEPS} (no scheduler has more training timesteps)")
         per_step = None if count is None else (precision,) * count
         return PrecisionPlan(per_step, precision, f"uniform {precision}")
     source = "schedule"
@@ -91,7 +95,7 @@ def is_tmpq_plan(path: Path) -> bool:
     """Whether a plan file is a TMPQ-DM plan (`tmpdiff.tmpq-plan/...`) rather than a schedule."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False  # the schedule reader names the problem
     return isinstance(data, dict) and str(data.get("format", "")).startswith("tmpdiff.tmpq-plan/")
 
@@ -110,6 +114,9 @@ def _tmpq_plan(path: Path, steps: int | None) -> PrecisionPlan:
     configs = plan.step_precisions()
     engines = tuple(c[0] if len(set(c)) == 1 else mixed_name(plan.layers, list(c)) for c in configs)
     # the schedule view: the plan's timesteps and scheduler, each step's most common layer precision (for reports)
-    view = Schedule(steps=plan.steps, scheduler=plan.scheduler, timesteps=list(plan.timesteps),
-                    precisions=[Counter(c).most_common(1)[0][0] for c in configs])
+    try:
+        view = Schedule(steps=plan.steps, scheduler=plan.scheduler, timesteps=list(plan.timesteps),
+                        precisions=[Counter(c).most_common(1)[0][0] for c in configs])
+    except ValidationError as exc:
+        raise TmpdiffError(f"not a runnable TMPQ-DM plan ({validation_problems(exc)})", path) from None
     return PrecisionPlan(engines, None, str(path), view)
