@@ -246,6 +246,22 @@ def test_engine_paths_are_confined(tampered, where, tmp_path):
     refused(["run", tampered, "--precision", "int8", "--steps", "2", "--out", tmp_path / "o.png"], "escapes")
 
 
+def test_an_engine_whose_source_graph_escapes_is_not_current(tampered, tmp_path):
+    """`check` refused a precision graph recorded outside the build dir while `run` used its engine and `build` said
+    "up to date"; the freshness rule they share now refuses it too."""
+    manifest = load_manifest(tampered)
+    entry = manifest.precisions["int8"]
+    shutil.copy(tampered / entry.onnx, tmp_path / "outside.onnx")
+    entry.onnx = "../outside.onnx"
+    save_manifest(tampered, manifest)
+    refused(["run", tampered, "--precision", "int8", "--steps", "2", "--out", tmp_path / "o.png"], "escapes",
+            roots=(tampered, tmp_path))
+    before = tree_digest(tampered, tmp_path)
+    code, _, err = cli("build", tampered, "--backend", "ort", "--precisions", "int8")
+    assert code == 2 and "path escapes the build directory" in err.strip().splitlines()[-1], err  # not "up to date"
+    assert tree_digest(tampered, tmp_path) == before
+
+
 def _identity_graph(path: Path, like: Path) -> None:
     """A graph with the engine's inputs and outputs whose output is just its latent input."""
     original = onnx.load(str(like), load_external_data=False)

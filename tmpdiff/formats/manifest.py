@@ -295,6 +295,8 @@ def artifact_problem(build_dir: Path, rel: str, digest: str) -> tuple[Path, str 
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
         return path, "path escapes the build directory"
+    if path.is_dir():
+        return path, "is a directory, not a file"
     if not path.is_file():
         return path, "file is missing (interrupted export?)"
     if sha256_file(path) != digest:
@@ -317,6 +319,13 @@ def engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry, *, 
     source = manifest.precisions.get(engine.precision) or manifest.mixed.get(engine.precision)
     if source is None:
         return f"engine for {engine.precision}, which is no longer exported (or deployed)"
+    # the source graphs are not hashed here (check does that), but one outside the build dir is never current
+    root = build_dir.resolve()
+    sources = [rel for rel, _ in source.files()] if isinstance(source, PrecisionEntry) else [
+        rel for rel in (source.onnx, source.trt_onnx) if rel is not None]
+    outside = [rel for rel in sources if not (root / rel).resolve().is_relative_to(root)]
+    if outside:
+        return f"its source {outside[0]}: path escapes the build directory"
     for rel, digest in [(engine.path, engine.sha256), *engine.artifacts.items()]:
         path, problem = artifact_problem(build_dir, rel, digest)
         if problem is not None:
