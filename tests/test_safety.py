@@ -154,6 +154,23 @@ def test_a_report_folder_never_writes_over_an_input_or_another_output(build, wor
              "--force"], "input", roots=(build, work))
 
 
+def test_seed_lists_and_unrunnable_plans_are_refused_before_any_work(build, work):
+    costs = work / "c.json"
+    code, _, err = cli("costs", "--device", "d", "--ratio", "fp32=1,int8=0.6", "--source", "s", "--out", costs)
+    assert code == 0, err
+    refused(["calibrate", build, "--costs", costs, "--out", work / "s.json", "--speedup", "1.2", "--calib-seeds", "-1"],
+            "--calib-seeds", "0..2^63-1", roots=(build, work))
+    manifest = json.loads((build / "manifest.json").read_text())
+    plan = {"format": "tmpdiff.tmpq-plan/1", "model_id": manifest["model_id"], "steps": 3, "timesteps": [1500, 600, 300],
+            "scheduler": {"class_name": manifest["sampling"]["scheduler_class"],
+                          "config": manifest["sampling"]["scheduler_config"]},
+            "layers": ["a", "b"], "configs": [["fp32", "int8"], ["int8", "int8"]], "step_configs": [0, 1, 1]}
+    (work / "plan.json").write_text(json.dumps(plan))
+    for command in (["deploy-plan", build, work / "plan.json"],  # it exported the plan's configurations before
+                    ["run", build, "--schedule", work / "plan.json", "--out", work / "o.png"]):
+        refused(command, "plan.json", "timestep 1500", roots=(build, work))
+
+
 def test_writes_keep_inputs_and_files_that_appear_while_a_command_works(work):
     """The check and the write are apart (a calibration takes minutes): the write itself keeps an input, and a file
     that appeared at an output the check found free, unless --force said to replace it."""

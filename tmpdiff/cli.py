@@ -155,7 +155,7 @@ def export(
         else HIGH_PRECISION_PATTERNS
     from tmpdiff.formats.precisions import get_precision
 
-    calibration, sampling = calibration_for(model_dir, _int_list(calib_seeds, "--calib-seeds"),
+    calibration, sampling = calibration_for(model_dir, _seed_list(calib_seeds, "--calib-seeds"),
                                              None if calib_classes is None else _int_list(calib_classes, "--calib-classes"),
                                              prompts=prompts, steps=calib_steps, guidance=calib_guidance,
                                              random=random_calibration, random_batches=random_batches,
@@ -177,6 +177,15 @@ def _int_list(text: str, option: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise TmpdiffError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+def _seed_list(text: str, option: str) -> list[int]:
+    """Noise seeds: what torch's generator takes (0..2^63-1), as `run --seed` is checked."""
+    seeds = _int_list(text, option)
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise TmpdiffError(f"{option} must be in 0..2^63-1, got {', '.join(map(str, bad))}")
+    return seeds
 
 
 @app.command()
@@ -607,7 +616,7 @@ def calibrate(
         from tmpdiff.commands.calibrate_pipeline import calibrate_pipeline, print_result
 
         result, session, judged = calibrate_pipeline(
-            build_dir, costs, pipeline, prompts, _int_list(calib_seeds, "--calib-seeds"), target, steps=steps,
+            build_dir, costs, pipeline, prompts, _seed_list(calib_seeds, "--calib-seeds"), target, steps=steps,
             metric=metric, method=method, tolerance=tolerance, reference=reference, guidance=guidance, backend=backend,
             device=device, threads=threads, report=report, on_progress=lambda m: console.print(m),
             timesteps_from=timesteps_from)
@@ -634,7 +643,7 @@ def calibrate(
 
         from tmpdiff.calibration.calibrate import check_target
 
-        session = open_session(build_dir, costs, steps, metric, reference, classes, _int_list(calib_seeds, "--calib-seeds"),
+        session = open_session(build_dir, costs, steps, metric, reference, classes, _seed_list(calib_seeds, "--calib-seeds"),
                                backend, device, threads, on_evaluation=on_evaluation,
                                check=lambda problem: check_target(problem, target), workers=workers, address=address,
                                on_notice=console.print, timesteps=timesteps)
@@ -715,12 +724,12 @@ def bench(
         from tmpdiff.calibration.pipeline_bench import pipeline_bench
         from tmpdiff.runtime.capture import read_prompts
 
-        seeds = _int_list(calib_seeds, "--calib-seeds")
+        seeds = _seed_list(calib_seeds, "--calib-seeds")
         calib = read_prompts(prompts)
         pipeline_bench(build_dir, costs, out, pipeline, calib, seeds,
                        calib if unseen_prompts is None else read_prompts(unseen_prompts),
                        [100 + i for i in range(len(seeds))] if unseen_seeds is None
-                       else _int_list(unseen_seeds, "--unseen-seeds"),
+                       else _seed_list(unseen_seeds, "--unseen-seeds"),
                        _int_list(steps or "20", "--steps"), targets, guidance=guidance, reference=reference,
                        threads=threads, refine_evaluations=refine_evaluations, on_progress=progress,
                        exhaustive=exhaustive, exhaustive_at=walk_levels)
@@ -728,10 +737,10 @@ def bench(
         return
     classifier = bundled_dir() / "classifier"
     report = run_bench(build_dir, costs, out, _int_list(steps or "10,20", "--steps"), targets,
-                       _int_list(calib_seeds, "--calib-seeds"),
+                       _seed_list(calib_seeds, "--calib-seeds"),
                        threads, classifier if classifier.is_dir() else None, on_progress=progress,
                        reference=reference, exhaustive=exhaustive,
-                       unseen_seeds=None if unseen_seeds is None else _int_list(unseen_seeds, "--unseen-seeds"),
+                       unseen_seeds=None if unseen_seeds is None else _seed_list(unseen_seeds, "--unseen-seeds"),
                        workers=workers, address=address, exhaustive_at=walk_levels)
     typer.echo(f"costs: {report['costs_table']['note']}")
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
@@ -949,8 +958,8 @@ def search_plan(
                               generations=generations, consistent=not per_step, max_configs=max_configs, seed=seed,
                               max_seconds=None if max_minutes is None else max_minutes * 60)
     options = TmpqOptions(steps=steps, speedup=speedup, metric=metric.value, reference_steps=reference_steps,
-                          seeds=_int_list(calib_seeds, "--calib-seeds"),
-                          holdout_seeds=_int_list(holdout_seeds, "--holdout-seeds"), settings=settings,
+                          seeds=_seed_list(calib_seeds, "--calib-seeds"),
+                          holdout_seeds=_seed_list(holdout_seeds, "--holdout-seeds"), settings=settings,
                           precisions=None if precisions is None else
                           ["fp32", *(p.strip() for p in precisions.split(",") if p.strip() and p.strip() != "fp32")])
     outcome = search_plan_command(build_dir, layer_costs, out, schedule_out, model, options, force, console, sets)
