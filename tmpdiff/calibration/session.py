@@ -90,9 +90,6 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     bad = [c for c in classes if not 0 <= c < sampling.num_classes]
     if bad:
         raise TmpdiffError(f"calibration classes {bad} out of range 0..{sampling.num_classes - 1}")
-    bad = [s for s in seeds if not 0 <= s < 2**63]
-    if bad:
-        raise TmpdiffError(f"calibration seeds must be in 0..2^63-1, got {bad}")
     if timesteps is not None:
         timesteps = tuple(int(t) for t in timesteps)
         set_sampling_timesteps(sampling_scheduler(sampling), steps, timesteps)  # refused here, before engines load

@@ -29,7 +29,7 @@ from tmpdiff.export.graph_rewrite import TRT_DOMAIN, ort_twin, remove_dead_nodes
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.half_convolutions import fp32_compute, fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
-from tmpdiff.export.memory_plan import choose_base, conv_fraction, parameter_count
+from tmpdiff.export.memory_plan import choose_base, weight_census
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
@@ -314,6 +314,7 @@ def _export_locked(
 
     versions = _versions()
     outcomes = []
+    parameters, conv_share = weight_census(model_dir) if space_check else (0, 0.0)  # the headers, read once
     for spec in specs:
         key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
         if base != "float32":
@@ -334,7 +335,7 @@ def _export_locked(
             outcomes.append(ExportOutcome(spec.name, build_dir / entry.onnx, skipped=True, entry=entry))
             continue
         if space_check:
-            require_export_space(spec, parameter_count(model_dir), base, conv_fraction(model_dir), build_dir)
+            require_export_space(spec, parameters, base, conv_share, build_dir)
         on_progress(f"{spec.name}: exporting")
         started = time.perf_counter()
         if spec.modelopt_cfg is None:

@@ -140,10 +140,15 @@ def conv_fraction(model_dir: Path) -> float:
     return _kernel_share(_tensor_shapes(model_dir))
 
 
+def weight_census(model_dir: Path) -> tuple[int, float]:
+    """Parameters and their share of convolution kernels (`conv_fraction`), from one read of the headers."""
+    shapes = _tensor_shapes(model_dir)
+    return _parameters(shapes), _kernel_share(shapes)
+
+
 def plan_export(model_dir: Path, specs: list[Precision], base: str = "float32") -> list[ExportMemory]:
     """The planned peak of each precision's export of the model in `model_dir`, loaded in `base` dtype."""
-    shapes = _tensor_shapes(model_dir)  # the headers, read once for both figures
-    params, share = _parameters(shapes), _kernel_share(shapes)
+    params, share = weight_census(model_dir)
     weights = params * BYTES_PER_WEIGHT[base]
     plans = []
     for spec in specs:

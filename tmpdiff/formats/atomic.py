@@ -214,8 +214,6 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0,
     """
     from filelock import FileLock, Timeout
 
-    from tmpdiff.formats.errors import TmpdiffError
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(directory / LOCK_NAME), timeout=timeout)
@@ -241,8 +239,6 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0,
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object; anything else is a TmpdiffError naming the file."""
-    from tmpdiff.formats.errors import TmpdiffError
-
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -258,8 +254,6 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
     """Validate a JSON file against a pydantic model; a bad file is a TmpdiffError naming it and its first problems,
     an absent one too when `missing` says what to call it ("costs file")."""
     from pydantic import ValidationError
-
-    from tmpdiff.formats.errors import TmpdiffError
 
     if missing is not None and not path.is_file():
         raise TmpdiffError(f"{missing} {'is not a regular file' if path.exists() else 'does not exist'}", path)

@@ -167,6 +167,10 @@ class MixedEntry(BaseModel):
         """Hash of the graph a backend builds from (as `PrecisionEntry.source_sha256`)."""
         return self.trt_sha256 if backend == "trt" else self.sha256
 
+    def files(self) -> list[tuple[str, str | None]]:
+        """(relative path, sha256) of its graphs (as `PrecisionEntry.files`)."""
+        return [(self.onnx, self.sha256)] + ([(self.trt_onnx, self.trt_sha256)] if self.trt_onnx is not None else [])
+
     @field_validator("precisions")
     @classmethod
     def _known(cls, precisions: list[str]) -> list[str]:
@@ -321,9 +325,7 @@ def engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry, *, 
         return f"engine for {engine.precision}, which is no longer exported (or deployed)"
     # the source graphs are not hashed here (check does that), but one outside the build dir is never current
     root = build_dir.resolve()
-    sources = [rel for rel, _ in source.files()] if isinstance(source, PrecisionEntry) else [
-        rel for rel in (source.onnx, source.trt_onnx) if rel is not None]
-    outside = [rel for rel in sources if not (root / rel).resolve().is_relative_to(root)]
+    outside = [rel for rel, _ in source.files() if not (root / rel).resolve().is_relative_to(root)]
     if outside:
         return f"its source {outside[0]}: path escapes the build directory"
     for rel, digest in [(engine.path, engine.sha256), *engine.artifacts.items()]:

@@ -57,8 +57,7 @@ def managed_paths(build_dir: Path) -> list[Path]:
     for entry in manifest.precisions.values():
         owned += [root / rel for rel, _ in entry.files()]
     owned += [root / engine.path for engine in manifest.engines.values()]
-    owned += [root / "mixed"] + [root / rel for entry in manifest.mixed.values()
-                                 for rel in (entry.onnx, entry.trt_onnx) if rel is not None]
+    owned += [root / "mixed"] + [root / rel for entry in manifest.mixed.values() for rel, _ in entry.files()]
     if manifest.time_embedding_input is not None:
         owned.append(root / manifest.time_embedding_input.own_table)
     return owned + [real for real in map(_resolved_or_none, owned) if real is not None and real not in owned]
@@ -140,14 +139,16 @@ def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Ite
     """Check every output of a command before it does any work; returns option -> path to write."""
     outputs = [o for o in outputs if o.path is not None]
     resolved_inputs = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
-    build_dirs = [Path(b) for b in build_dirs]
+    named = [Path(b).resolve() for b in build_dirs]
+    owned_by_named = [path for build_dir in named for path in managed_paths(build_dir)]
     chosen: dict[str, Path] = {}
     seen: dict[Path, str] = {}
     new: set[Path] = set()
     for output in outputs:
         real = _resolve(output)  # what would be written, symlinks followed: judged before existence or --force
-        # the named build directories, and any build directory the output would land in
-        owned = [path for build_dir in [*build_dirs, *build_dirs_holding(real)] for path in managed_paths(build_dir)]
+        # the named build directories, and any other build directory the output would land in
+        owned = owned_by_named + [path for build_dir in build_dirs_holding(real) if build_dir not in named
+                                  for path in managed_paths(build_dir)]
         files = [(output.option, real)] + [(f"{output.option} ({name})", real / name) for name in output.writes]
         for option, target in files:
             if target in resolved_inputs:

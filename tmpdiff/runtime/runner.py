@@ -22,6 +22,8 @@ from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.time_conditioning import TimeConditioning, own_row, takes_time_embeddings
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
 
+SEEDS = range(2**63)  # what torch's CPU generator takes
+
 
 def initial_noise(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
     """Deterministic starting latent for a seed (CPU generator, so it is identical on every machine)."""
