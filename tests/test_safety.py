@@ -277,6 +277,10 @@ def test_an_engine_whose_source_graph_escapes_is_not_current(tampered, tmp_path)
     code, _, err = cli("build", tampered, "--backend", "ort", "--precisions", "int8")
     assert code == 2 and "path escapes the build directory" in err.strip().splitlines()[-1], err  # not "up to date"
     assert tree_digest(tampered, tmp_path) == before
+    code, out, err = cli("info", tampered, "--json")  # the escaping graph is a problem, not part of the build's size
+    row = json.loads(out)["precisions"]["int8"]
+    held = sum((tampered / rel).stat().st_size for rel, _ in entry.files() if rel != entry.onnx)
+    assert code == 0 and "escapes the build directory" in row["state"] and row["bytes"] == held, (out, err)
 
 
 def _identity_graph(path: Path, like: Path) -> None:

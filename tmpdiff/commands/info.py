@@ -13,9 +13,13 @@ def build_info(build_dir: Path) -> dict[str, Any]:
     """The manifest's content as a user reads it, with each artifact's state checked on disk (hashes included)."""
     manifest = load_manifest(build_dir)
     precisions = {}
+    root = build_dir.resolve()
     for name, entry in manifest.precisions.items():
         problems = precision_problems(build_dir, entry)
-        size = sum((build_dir / rel).stat().st_size for rel, _ in entry.files() if (build_dir / rel).is_file())
+        # a file outside the build dir is a problem (shown in state), not part of the build's size
+        held = [path for path in ((root / rel).resolve() for rel, _ in entry.files())
+                if path.is_relative_to(root) and path.is_file()]
+        size = sum(path.stat().st_size for path in held)
         precisions[name] = {"files": len(entry.files()), "bytes": size, "error_vs_fp32": entry.error_vs_fp32,
                             "state": "; ".join(p for _, p in problems) or "ok"}
     engines = {key: {"backend": e.backend, "precision": e.precision, "backend_version": e.backend_version,
