@@ -226,6 +226,7 @@ def test_calibrate_over_a_plans_timesteps(quant_build, costs_file, session6, tmp
     ("five", "names 5 timesteps but --steps is 6"),
     ("other-model", "the plan is for model 'pixart', this build is 'tiny-dit'"),
     ("other-solver", "its timesteps were chosen for DDIMScheduler, this build samples with DPMSolverMultistepScheduler"),
+    ("outside", "timestep 1500 is outside DPMSolverMultistepScheduler's training timesteps 0..999"),
 ])
 def test_calibrate_refuses_timesteps_it_cannot_use(quant_build, costs_file, tmp_path, source, message):
     from tmpdiff.formats.manifest import load_manifest
@@ -238,6 +239,8 @@ def test_calibrate_refuses_timesteps_it_cannot_use(quant_build, costs_file, tmp_
     elif source == "other-solver":
         ddim = SchedulerRef(class_name="DDIMScheduler", config=load_manifest(build_dir).sampling.scheduler_config)
         _tmpq_plan(path, scheduler=ddim)
+    elif source == "outside":
+        _tmpq_plan(path, [1500, *CHOSEN[1:]])
     else:
         _tmpq_plan(path, CHOSEN[:5] if source == "five" else CHOSEN, "pixart" if source == "other-model" else "tiny-dit")
     result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--timesteps-from", str(path),

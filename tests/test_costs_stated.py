@@ -145,11 +145,12 @@ def test_session_checks_stated_tables(small_build, tmp_path):
 
     for name, model_id, ratios, problem in (
             ("other.json", "other-model", {"fp32": 1.0, "fp16": 0.5}, "costs were stated for model 'other-model'"),
-            ("no-ref.json", None, {"fp16": 1.0, "fp8": 0.5}, "reference precision fp32 (it has fp16; --reference")):
+            ("no-ref.json", None, {"fp16": 1.0, "fp8": 0.5}, "no cost for the reference precision fp32 (the table has "
+                                                             "fp16, fp8; this build exported fp32, fp16; --reference")):
         save_costs(CostsTable.stated("Test GPU", ratios, "s", model_id), tmp_path / name)
         with pytest.raises(TmpdiffError) as exc:
             open_session(small_build, tmp_path / name, 4, seeds=[0], classes=[0])
-        assert problem in str(exc.value)
+        assert problem in str(exc.value) and exc.value.path == tmp_path / name
 
 
 def test_calibrate_with_a_stated_table_names_its_origin(small_build, tmp_path):

@@ -72,6 +72,10 @@ def test_pipeline_options_go_together(t2i_tmpq):
     assert code == 2 and "--pipeline needs --prompts (searched on) and --holdout-prompts" in err
     code, _, err = cli("search-plan", build, "--layer-costs", costs, "--prompts", calib, "--out", root / "unused.json")
     assert code == 2 and "are for text-to-image builds (--pipeline)" in err
+    other = root / "other_layer_costs.json"
+    other.write_text(json.dumps(json.loads(costs.read_text()) | {"model_id": "tiny-dit"}))
+    code, _, err = cli("search-plan", build, "--model", "bundled-t2i", "--layer-costs", other, "--out", root / "unused.json")
+    assert code == 2 and f"{other}: the layer costs were measured for model 'tiny-dit', this build is 'tiny-t2i'" in err
     assert not (root / "unused.json").exists()
 
 

@@ -55,6 +55,10 @@ def level_costs(build_dir: Path, manifest: Manifest, costs: CostsTable, costs_pa
     """Step costs of the levels a search may use: the table's precisions this build exported, narrowed to `levels`
     (the reference always kept); a TmpdiffError naming the costs file if one of them has no built engine."""
     usable = _usable_costs(costs, manifest, costs_path)
+    if reference not in usable:
+        raise TmpdiffError(f"no cost for the reference precision {reference} (the table has "
+                           f"{', '.join(costs.precisions)}; this build exported {', '.join(manifest.precisions)}; "
+                           f"--reference chooses another)", costs_path)
     built = manifest.built_precisions(backend, device)
     wanted = [p for p in usable if levels is None or p in levels or p == reference]
     unbuilt = [p for p in wanted if p not in built]

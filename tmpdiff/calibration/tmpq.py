@@ -100,9 +100,13 @@ def class_conditional_sets(build_dir: Path, classifier_dir: Path, options: TmpqO
 
 def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, options: TmpqOptions, sets: EvaluationSets,
                 on_generation: Callable[[dict], None] = lambda _: None,
-                on_status: Callable[[str], None] = lambda _: None) -> TmpqOutcome:
-    """Run the search on the calibration set, then judge the best plan and the baselines on the held-out set."""
+                on_status: Callable[[str], None] = lambda _: None, table_file: Path | None = None) -> TmpqOutcome:
+    """Run the search on the calibration set, then judge the best plan and the baselines on the held-out set
+    (`table_file`: where `table` was read, named in errors about it)."""
     manifest = load_manifest(build_dir)
+    if table.model_id != manifest.model_id:
+        raise TmpdiffError(f"the layer costs were measured for model {table.model_id!r}, this build is "
+                           f"{manifest.model_id!r}", table_file)
     if manifest.time_embedding_input is not None:
         raise TmpdiffError("the build's graphs take time embeddings (--time-embedding-input); search TMPQ-DM plans on "
                            "a build exported without it", build_dir / "manifest.json")
@@ -110,11 +114,12 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     choices = list(options.precisions or table.precisions)
     unknown = sorted(set(choices) - set(table.precisions))
     if unknown:
-        raise TmpdiffError(f"the layer costs table has no {', '.join(unknown)} (it has {', '.join(table.precisions)})")
+        raise TmpdiffError(f"the layer costs table has no {', '.join(unknown)} (it has {', '.join(table.precisions)})",
+                           table_file)
     supernet = supernet_from_build(build_dir, model_dir, [p for p in choices if p != "fp32"])
     if supernet.layers != table.names or "fp32" not in table.precisions:
         raise TmpdiffError("the layer costs table is not for this build's layers (or has no fp32): measure it again "
-                           "with `tmpdiff layer-costs`")
+                           "with `tmpdiff layer-costs`", table_file)
     overlap = set(sets.calibration_record["seeds"]) & set(sets.holdout_record["seeds"])
     if overlap and sets.calibration_record.get("prompts") == sets.holdout_record.get("prompts"):
         raise TmpdiffError(f"seed {min(overlap)} is both a calibration and a held-out seed")

@@ -9,6 +9,7 @@ from tmpdiff.calibration.calibrate import CalibrationResult, Target, check_targe
 from tmpdiff.calibration.calibrate import calibrate as run_calibration
 from tmpdiff.calibration.pipeline_session import PipelineSession, judge_schedules, open_pipeline_session
 from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.schedule import Figures
 from tmpdiff.runtime.capture import read_prompts
 from tmpdiff.runtime.pipeline_io import default_guidance_of
@@ -30,7 +31,7 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
         from tmpdiff.commands.timesteps_source import timesteps_from as chosen_timesteps
         from tmpdiff.formats.manifest import load_manifest
 
-        timesteps = chosen_timesteps(timesteps_from, load_manifest(build_dir), steps, _scheduler_class(pipeline_dir))
+        timesteps = chosen_timesteps(timesteps_from, load_manifest(build_dir), steps, _pipeline_scheduler(pipeline_dir))
         steps = len(timesteps)
     session = open_pipeline_session(build_dir, costs, pipeline_dir, prompts, seeds, steps, metric, reference, guidance,
                                     backend, device, threads, on_evaluation=on_evaluation,
@@ -57,13 +58,13 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
     return result, session, judged
 
 
-def _scheduler_class(pipeline_dir: Path) -> str | None:
-    """The pipeline's scheduler class, from its scheduler config (None when it has none to read)."""
-    import json
+def _pipeline_scheduler(pipeline_dir: Path):
+    """A fresh scheduler of the pipeline's, from its scheduler config (None when it has none that makes one)."""
+    from tmpdiff.models.schedulers import load_scheduler
 
     try:
-        return json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return load_scheduler(pipeline_dir / "scheduler")
+    except TmpdiffError:
         return None  # loading the pipeline names the problem
 
 

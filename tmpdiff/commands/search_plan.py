@@ -141,7 +141,8 @@ def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_
                                         f"{record['evaluations']} evaluated, {record['rejected']} over budget")
 
         outcome = search_plan(build_dir, model_dir, table, options, sets, on_generation,
-                              on_status=lambda message: progress.update(task, description=message))
+                              on_status=lambda message: progress.update(task, description=message),
+                              table_file=layer_costs)
     save_tmpq_plan(outcome.plan, paths["--out"])
     schedule = outcome.plan.uniform_schedule()
     if schedule_out is not None:

@@ -13,13 +13,14 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest
 from tmpdiff.formats.schedule import SchedulerRef, load_schedule
 from tmpdiff.formats.tmpq_plan import load_tmpq_plan
+from tmpdiff.models.schedulers import sampling_scheduler, set_custom_timesteps
 from tmpdiff.runtime.plan import is_tmpq_plan
 
 
-def timesteps_from(path: Path, manifest: Manifest, steps: int | None, sampler: str | None = None) -> list[int]:
+def timesteps_from(path: Path, manifest: Manifest, steps: int | None, sampler=None) -> list[int]:
     """The training timesteps a TMPQ-DM plan or a v2+ schedule names, checked against this build: same model,
-    same solver as the build samples with (`sampler`: a pipeline's scheduler class), and `steps` of them when a step
-    count is given."""
+    same solver as the build samples with (`sampler`: a fresh scheduler of a pipeline's; default the build's
+    recorded one), `steps` of them when a step count is given, and timesteps that solver can sample at."""
     scheduler: SchedulerRef | None
     if is_tmpq_plan(path):
         plan = load_tmpq_plan(path)
@@ -32,10 +33,13 @@ def timesteps_from(path: Path, manifest: Manifest, steps: int | None, sampler: s
             raise TmpdiffError("names no timesteps: give a TMPQ-DM plan or a schedule with `timesteps` "
                                "(tmpdiff.schedule/2 or later)", path)
         timesteps, scheduler = list(schedule.timesteps), schedule.scheduler
-    sampler = sampler or (manifest.sampling.scheduler_class if manifest.sampling is not None else None)
-    if scheduler is not None and sampler is not None and scheduler.class_name != sampler:
+    if sampler is None and manifest.sampling is not None:
+        sampler = sampling_scheduler(manifest.sampling)
+    if scheduler is not None and sampler is not None and scheduler.class_name != type(sampler).__name__:
         raise TmpdiffError(f"its timesteps were chosen for {scheduler.class_name}, this build samples with "
-                           f"{sampler}", path)
+                           f"{type(sampler).__name__}", path)
     if steps is not None and steps != len(timesteps):
         raise TmpdiffError(f"names {len(timesteps)} timesteps but --steps is {steps}", path)
+    if sampler is not None:
+        set_custom_timesteps(sampler, timesteps, path)  # e.g. a timestep past the solver's training timesteps
     return timesteps
