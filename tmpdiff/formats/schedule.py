@@ -39,6 +39,10 @@ from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.config_values import check_scheduler_counts, decode_non_finite, encode_non_finite
 from tmpdiff.formats.precisions import PRECISIONS
 
+# Steps a schedule, a plan or a run may have: ten times diffusers' 1,000 training timesteps, so never the limit a
+# scheduler sets, but a bound checked before any per-step list is built.
+MAX_STEPS = 10_000
+
 SCHEDULE_FORMAT_V1 = "tmpdiff.schedule/1"
 SCHEDULE_FORMAT = "tmpdiff.schedule/2"  # /2 adds the optional per-step `timesteps`; /1 still reads
 SCHEDULE_FORMAT_V3 = "tmpdiff.schedule/3"  # /3 adds `time_embeddings` (a file beside the schedule)
@@ -93,7 +97,7 @@ class Schedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format: Literal["tmpdiff.schedule/1", "tmpdiff.schedule/2", "tmpdiff.schedule/3"] = SCHEDULE_FORMAT_V1
-    steps: int = Field(ge=1, le=10_000, strict=True)
+    steps: int = Field(ge=1, le=MAX_STEPS, strict=True)
     scheduler: SchedulerRef | None = None
     precisions: list[str]
     timesteps: list[StrictInt] | None = None  # sampling order: strictly decreasing training timesteps, one per step

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tmpdiff.formats.schedule import MAX_STEPS
+
 FORMAT = "tmpdiff.time_embeddings/1"
 METADATA_KEY = "tmpdiff"
 Kind = Literal["mteo", "timestep-shift"]
@@ -41,7 +43,7 @@ class TimeEmbeddingsInfo(BaseModel):
     model_parameters: int = Field(ge=1)
     # dpmsolver++ (2M, the model's config) or ddim (trailing spacing), on the model's noise process
     solver: Literal["dpmsolver++", "ddim"]
-    steps: int = Field(ge=1, le=10_000)  # a schedule's bound (`formats.schedule`)
+    steps: int = Field(ge=1, le=MAX_STEPS)
     timesteps: list[int]
     slots: list[str]  # which module receives each row (empty for timestep-shift)
     dim: int = Field(ge=0)

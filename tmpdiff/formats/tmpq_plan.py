@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.precisions import PRECISIONS
-from tmpdiff.formats.schedule import Schedule, SchedulerRef, timestep_problem
+from tmpdiff.formats.schedule import MAX_STEPS, Schedule, SchedulerRef, timestep_problem
 
 TMPQ_PLAN_FORMAT = "tmpdiff.tmpq-plan/1"
 
@@ -26,7 +26,7 @@ class TmpqPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["tmpdiff.tmpq-plan/1"] = TMPQ_PLAN_FORMAT
     model_id: str
-    steps: int = Field(ge=1)
+    steps: int = Field(ge=1, le=MAX_STEPS)
     timesteps: list[int]
     scheduler: SchedulerRef | None = None
     layers: list[str] = Field(min_length=1)

@@ -16,10 +16,8 @@ from pydantic import ValidationError
 from tmpdiff.formats.atomic import validation_problems
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
-from tmpdiff.formats.schedule import Schedule, load_schedule
+from tmpdiff.formats.schedule import MAX_STEPS, Schedule, load_schedule
 from tmpdiff.runtime.time_conditioning import TimeConditioning, load_conditioning
-
-MAX_STEPS = 100_000  # a bound before any per-step list is built; the scheduler refuses more than its timesteps
 
 
 @dataclass(frozen=True)
