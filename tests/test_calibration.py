@@ -179,6 +179,8 @@ def test_calibration_with_a_fixed_seed_is_deterministic(quant_build, costs_file,
     (["--speedup", "1.1", "--min-ssim", "0.9"], "exactly one target"),
     (["--max-error", "0.1", "--metric", "lpips"], "unknown metric"),
     (["--speedup", "1.1", "--calib-seeds", ""], "calibration set is empty"),
+    (["--min-ssim", "0.99", "--method", "bisection"], "--method bisection searches a speedup target"),
+    (["--speedup", "1.1", "--method", "greedy"], "unknown method 'greedy'"),
 ])
 def test_calibrate_bad_targets_fail_before_searching(quant_build, costs_file, tmp_path, extra, message):
     _, build_dir, _ = quant_build

@@ -568,7 +568,8 @@ def calibrate(
                                                              "chose (every schedule tried, the reference too): "
                                                              "per-step precision over chosen timesteps")] = None,
     metric: Annotated[str, typer.Option(help="error the search minimises: latent (relative MSE) or ssim (1 - SSIM)")] = "latent",
-    method: Annotated[str, typer.Option(help="sensitivity (profile + exact knapsack) or bisection (segment bisection)")] = "sensitivity",
+    method: Annotated[str, typer.Option(help="sensitivity (profile + exact knapsack) or bisection (segment bisection, "
+                                             "speedup targets only)")] = "sensitivity",
     tolerance: Annotated[float, typer.Option(min=0.0, help="adaptive sensitivity sampling: interpolate when within this")] = 0.05,
     refine: Annotated[bool, typer.Option(help="refine the knapsack schedule with real evaluations (level swaps while "
                                               "they help), within 3*T*L evaluations in all")] = True,
@@ -595,7 +596,7 @@ def calibrate(
     device, backend = _device(backend, device), backend.value
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tmpdiff.calibration.calibrate import Target
+    from tmpdiff.calibration.calibrate import Target, check_method
     from tmpdiff.calibration.calibrate import calibrate as run_calibration
     from tmpdiff.calibration.session import open_session
     from tmpdiff.engines.loading import check_threads
@@ -604,6 +605,7 @@ def calibrate(
     from tmpdiff.formats.schedule import save_schedule
 
     target = Target(speedup, max_error, min_ssim)
+    check_method(method, target)
     check_threads(threads)
     # what `calibration.report.write_report` and the pipeline's report (`commands.calibrate_pipeline`) write there
     report_files = ("calibration_report.md", "validation.json", "sensitivities.png", "score_fit.png", "images.png",

@@ -69,6 +69,16 @@ def check_target(problem: Problem, target: Target) -> float | None:
     return None
 
 
+def check_method(method: str, target: Target) -> None:
+    """A known method, and one that serves the target: segment bisection searches a cost budget, so a quality floor
+    (met by bisecting the budget of the sensitivity knapsack with real evaluations) takes the sensitivity method."""
+    if method not in METHODS:
+        raise TmpdiffError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "bisection" and target.speedup is None:
+        raise TmpdiffError("--method bisection searches a speedup target (--speedup); --max-error and --min-ssim are "
+                           "met by the sensitivity method")
+
+
 def calibrate(session: CalibrationSession, target: Target, method: str = "sensitivity",
               tolerance: float = 0.05, timing_repeats: int = 3, refine_schedule: bool = True) -> CalibrationResult:
     """Run the search and verify the chosen schedule: its quality from a real evaluation, its speedup by timing
@@ -76,8 +86,7 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
 
     With `refine_schedule` the knapsack answer for a speedup target is refined with real evaluations (level swaps
     while they help, `calibration.refine`) within 3*T*L evaluations in all."""
-    if method not in METHODS:
-        raise TmpdiffError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_method(method, target)
     problem = session.problem
     budget = check_target(problem, target)
     sens = measure_sensitivities(problem, tolerance)

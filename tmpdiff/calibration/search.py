@@ -211,7 +211,8 @@ def tmpdiff_search(problem: Problem, budget: float, sens: Sensitivities) -> tupl
 def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | None = None,
                       max_rounds: int = 6) -> Schedule:
     """Method A: lower whole segments to each cheaper level in turn; split a segment whose error per unit of
-    cost saved exceeds lambda. Lambda starts at the budget's average allowance and doubles until the budget holds.
+    cost saved exceeds lambda. Lambda starts at a quarter of the all-cheapest schedule's error per unit of cost saved
+    and doubles, for at most `max_rounds` rounds, until the budget holds; then the knapsack answer (or all-cheapest).
     """
     T, ref = problem.steps, problem.reference
     current: list[str] = [ref] * T
