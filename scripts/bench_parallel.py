@@ -8,7 +8,7 @@ bootstrap interval, the Fréchet distance to real digits in the classifier's fea
 difference of each against the sequential sampler, and the sequential rounds of denoiser calls per sample (measured
 and the mode's formula).
 
-  OMP_NUM_THREADS=1 python scripts/bench_parallel.py build/tiny-dit --out results/cpu-epyc-2core/parallel.json
+  OMP_NUM_THREADS=1 python scripts/bench_parallel.py build/tiny-dit --out results/cpu-xeon-2core/parallel.json
 
 With --pipeline DIR (a text-to-image build and its pipeline, e.g. the bundled tmpdiff/assets/tiny-t2i) the same
 comparison runs through the pipeline drop-in (`run --pipeline --parallel`): --samples held-in prompts (drawn with
