@@ -393,6 +393,32 @@ def test_manifest_freshness_uses_the_tensorrt_graph_hash(tmp_path):
     assert "sha256" in engine_problem(tmp_path, manifest, entry)
 
 
+def test_build_rebuilds_a_plan_made_for_another_gpu(bare_trt, monkeypatch, tmp_path):
+    """A current plan built on an L4 is what loading refuses on an H100 (with "rebuild it"): `build` rebuilds it
+    there instead of calling it up to date, and keeps it on the L4."""
+    from tmpdiff.engines.build import build_engines
+    from tmpdiff.formats.manifest import engine_key, save_manifest
+
+    plan = tmp_path / "fp8" / "engine_trt10.8.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"plan bytes")
+    precision = PrecisionEntry(onnx="fp8/model.onnx", sha256="a" * 64, trt_onnx="fp8/model.trt.onnx", trt_sha256="1" * 64,
+                               opset=19, key="k", parity_error=0.0, error_vs_fp32=0.01)
+    entry = _entry(sha256=hashlib.sha256(b"plan bytes").hexdigest())
+    save_manifest(tmp_path, Manifest(model_id="m", architecture="dit", model_sha256="c" * 64, denoiser_config={}, inputs=[],
+                                     outputs=[], precisions={"fp8": precision},
+                                     engines={engine_key("trt", "cuda", "fp8"): entry}))
+    progress: list[str] = []
+    _gpu(monkeypatch, L4)
+    assert build_engines(tmp_path, "trt", "cuda", ["fp8"], on_progress=progress.append)[0].skipped
+    assert progress[-1] == "fp8: up to date"
+    _gpu(monkeypatch, CudaDevice(0, "NVIDIA H100 80GB HBM3", "9.0"))
+    with pytest.raises(TmpdiffError, match="ONNX file is missing"):  # it went on to build (there is no graph here)
+        build_engines(tmp_path, "trt", "cuda", ["fp8"], on_progress=progress.append)
+    assert ("fp8: rebuilding (plan built for NVIDIA L4 (compute capability 8.9), this GPU is NVIDIA H100 80GB HBM3 "
+            "(compute capability 9.0))") in progress
+
+
 # --- GPU: real builds and runs ---------------------------------------------------------------------
 
 
