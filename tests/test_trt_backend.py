@@ -191,7 +191,7 @@ def test_trtexec_command_builds_the_same_engine(tmp_path):
     assert "--minShapes=hidden_states:1x4x8x8,timestep:1,class_labels:1" in argv
     assert "--optShapes=hidden_states:2x4x8x8,timestep:2,class_labels:2" in argv
     assert "--maxShapes=hidden_states:8x4x8x8,timestep:8,class_labels:8" in argv
-    assert "--builderOptimizationLevel=4" in argv
+    assert "--builderOptimizationLevel=4" in argv and "--profilingVerbosity=detailed" in argv  # as build sets it
     assert f"--memPoolSize=workspace:{1 << 30}B" in argv
     assert f"--timingCacheFile={tmp_path / 'timing.cache'}" in argv
 
@@ -228,7 +228,7 @@ def test_polygraphy_command_parses_to_the_same_profile(tmp_path):
     expected = {n: tuple(list(d) for d in shapes[n]) for n in ("hidden_states", "timestep", "class_labels")}
     assert config.profile_dicts == [expected]
     assert args.strongly_typed is True and args.convert_to == "trt" and args.output == "e.plan"
-    assert config.builder_optimization_level == 5
+    assert config.builder_optimization_level == 5 and "DETAILED" in str(config.profiling_verbosity)
     assert list(config.memory_pool_limits.values()) == [1 << 28]
     assert args.load_timing_cache == str(cache) and args.save_timing_cache == str(cache)
 

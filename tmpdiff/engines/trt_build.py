@@ -168,7 +168,8 @@ def _trtexec_name(name: str) -> str:
 
 def trtexec_command(onnx_path: str | Path, plan_path: str | Path, specs: Iterable[TensorSpec], shapes: ProfileShapes,
                     options: TrtBuildOptions, executable: str = "trtexec") -> str:
-    """A `trtexec` command line that builds the same plan (strongly typed, same profile, level, workspace)."""
+    """A `trtexec` command line that builds the same plan (strongly typed, same profile, level, workspace, and
+    detailed layer information, which `layer-costs --backend trt` and the GPU check's kernel census read)."""
     specs = list(specs)
     args = [executable, f"--onnx={onnx_path}", f"--saveEngine={plan_path}", "--stronglyTyped"]
     names = _dynamic_inputs(specs, shapes)
@@ -176,6 +177,7 @@ def trtexec_command(onnx_path: str | Path, plan_path: str | Path, specs: Iterabl
         for flag, pick in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
             args.append(f"{flag}=" + ",".join(f"{_trtexec_name(n)}:{_trtexec_dims(shapes[n][pick])}" for n in names))
     args.append(f"--builderOptimizationLevel={options.optimization_level}")
+    args.append("--profilingVerbosity=detailed")
     if options.workspace_bytes is not None:
         args.append(f"--memPoolSize=workspace:{options.workspace_bytes}B")
     if options.timing_cache is not None:
@@ -194,7 +196,7 @@ def polygraphy_command(onnx_path: str | Path, plan_path: str | Path, specs: Iter
         for flag, pick in (("--trt-min-shapes", 0), ("--trt-opt-shapes", 1), ("--trt-max-shapes", 2)):
             args.append(flag)
             args.extend(f"{n}:[{','.join(str(d) for d in shapes[n][pick])}]" for n in names)
-    args += ["--builder-optimization-level", str(options.optimization_level)]
+    args += ["--builder-optimization-level", str(options.optimization_level), "--profiling-verbosity", "detailed"]
     if options.workspace_bytes is not None:
         args += ["--pool-limit", f"workspace:{options.workspace_bytes}"]
     if options.timing_cache is not None:
