@@ -9,5 +9,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"
 if [ "${TMPDIFF_GPU_INSTALL:-0}" = "1" ]; then
     "$VENV/bin/python" -m pip install --quiet -e "$REPO[gpu]"
+    # onnxruntime-gpu provides the same module as the CPU package: one replaces the other, never both installed
+    "$VENV/bin/python" -m pip uninstall --quiet --yes onnxruntime
+    "$VENV/bin/python" -m pip install --quiet "onnxruntime-gpu==1.31.1"
 fi
 exec tmpdiff doctor --gpu --work "${TMPDIFF_GPU_WORK:-$REPO/gpu-check}" --results "$REPO/results" "$@"

@@ -73,6 +73,37 @@ def test_gpu_check_stops_with_one_line_without_a_gpu():
     assert "tensorrt" in done.stdout and "missing: TensorRT is not installed" in done.stdout
 
 
+def test_the_gpu_check_builds_for_tensorrt_only_what_the_gpu_runs(monkeypatch, tmp_path):
+    """On a GPU before Ada (an A10, 8.6) the check exports all five precisions but asks TensorRT for fp8 nowhere (its
+    build refused fp8 and stopped the whole check at its first step); the kernel check names fp8 as not on this GPU."""
+    from tmpdiff.commands import doctor
+    from tmpdiff.commands import export as export_command
+    from tmpdiff.engines import build as build_module
+    from tmpdiff.engines import trt as trt_module
+    from tmpdiff.engines import trt_build
+    from tmpdiff.export import exporter
+
+    calls: list[tuple] = []
+
+    def build_engines(build_dir, backend, device, precisions=None, **_):
+        calls.append((backend, precisions))
+        return [build_module.BuildOutcome(p, build_dir / p, skipped=False) for p in precisions or []]
+
+    monkeypatch.setattr(export_command, "calibration_for", lambda *_: (None, None))
+    monkeypatch.setattr(export_command, "resolve_model_dir", lambda *_: tmp_path)
+    monkeypatch.setattr(exporter, "export_model", lambda _dir, _out, precisions, **__: calls.append(("export", precisions)))
+    monkeypatch.setattr(build_module, "build_engines", build_engines)
+    monkeypatch.setattr(trt_build, "cuda_device", lambda device=None: trt_build.CudaDevice(0, "NVIDIA A10", "8.6"))
+    monkeypatch.setattr(trt_module, "inspect_layers", lambda _dir, precision: [{"Name": f"gemm {precision}"}])
+    inventory = doctor.Inventory("GPU 0: NVIDIA A10", "12.8", "NVIDIA A10 (compute capability 8.6)", "10.8.0.43")
+    check = doctor.GpuCheck(tmp_path, inventory, lambda _: None)
+    detail, data = check.build()
+    assert calls == [("export", ["fp32", "fp16", "int8", "fp8", "int4"]), ("ort", None),
+                     ("trt", ["fp32", "fp16", "int8", "int4"])]
+    assert detail == "4 TensorRT plans; not on this GPU: fp8" and "8.9 or newer" in data["not_on_this_gpu"]["fp8"]
+    assert check.kernels()[1] == {"int8": 1, "fp8": "not on this GPU", "int4": 1}
+
+
 def test_census_records_the_compute_dtype_of_gemms_softmax_and_norms(quant_build):
     """The census reads dtypes off the graph: the fp16 graph computes every GEMM, softmax and norm in float16, the
     fp32 graph in float32 (same node counts), and each quantized TensorRT graph's census is recorded in the manifest."""

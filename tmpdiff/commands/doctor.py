@@ -42,7 +42,8 @@ class Inventory:
         if self.tensorrt is None:
             lines.append("TensorRT is not installed: pip install 'tensorrt>=10.8,<11' (or pip install '.[gpu]')")
         if "CUDAExecutionProvider" not in self.ort_providers:
-            lines.append("onnxruntime has no CUDA provider: pip install onnxruntime-gpu==1.31.1 (replaces onnxruntime)")
+            lines.append("onnxruntime has no CUDA provider: pip uninstall -y onnxruntime && pip install "
+                         "onnxruntime-gpu==1.31.1 (the same module: never both installed)")
         return lines
 
 
@@ -88,6 +89,7 @@ class GpuCheck:
         self.say = on_line
         self.results: list[CheckResult] = []
         self.build_dir = work / "build" / "tiny-dit"
+        self.not_on_this_gpu: dict[str, str] = {}  # exported precisions this GPU cannot run, with the reason
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _run(self, name: str, needs: list[str], body: Callable[[], tuple[str, dict]]) -> bool:
@@ -122,30 +124,45 @@ class GpuCheck:
 
     # ---- the checks -----------------------------------------------------------------------------------------
     def build(self) -> tuple[str, dict]:
+        """Export all five precisions; build for TensorRT those this GPU runs (fp8 needs Ada, int4 Ampere)."""
         from tmpdiff.commands.export import calibration_for, resolve_model_dir
         from tmpdiff.engines.build import build_engines
+        from tmpdiff.engines.trt_build import check_precision_supported, cuda_device
         from tmpdiff.export.exporter import export_model
 
+        exported = ["fp32", "fp16", "int8", "fp8", "int4"]
         model_dir = resolve_model_dir("bundled", None)
         calibration, sampling = calibration_for(model_dir, [0, 1], None)
-        export_model(model_dir, self.work / "build", ["fp32", "fp16", "int8", "fp8", "int4"], model_id="tiny-dit",
-                     calibration=calibration, sampling=sampling)
+        export_model(model_dir, self.work / "build", exported, model_id="tiny-dit", calibration=calibration,
+                     sampling=sampling)
         build_engines(self.build_dir, "ort", "cpu")
-        built = build_engines(self.build_dir, "trt", "cuda")
-        return f"{len(built)} TensorRT plans", {"plans": [str(o.path) for o in built]}
+        gpu = cuda_device()
+        for precision in exported:
+            try:
+                check_precision_supported(precision, gpu.compute_capability, gpu.name)
+            except TmpdiffError as exc:
+                self.not_on_this_gpu[precision] = str(exc)
+        built = build_engines(self.build_dir, "trt", "cuda", [p for p in exported if p not in self.not_on_this_gpu])
+        skipped = f"; not on this GPU: {', '.join(self.not_on_this_gpu)}" if self.not_on_this_gpu else ""
+        return f"{len(built)} TensorRT plans{skipped}", {"plans": [str(o.path) for o in built],
+                                                         "not_on_this_gpu": dict(self.not_on_this_gpu)}
 
     def kernels(self) -> tuple[str, dict]:
-        """Engine inspector: INT8 and FP8 GEMM kernels, and int4 weight-only dequantisation, are in the plans."""
+        """Engine inspector: INT8 and FP8 GEMM kernels, and int4 weight-only dequantisation, are in the plans (of the
+        precisions this GPU runs)."""
         from tmpdiff.engines.trt import inspect_layers
 
-        found = {}
+        found: dict[str, int | str] = {}
         for precision, pattern in (("int8", r"int8|i8"), ("fp8", r"fp8|e4m3"), ("int4", r"int4|weightonly|dequant")):
+            if precision in self.not_on_this_gpu:
+                found[precision] = "not on this GPU"
+                continue
             layers = inspect_layers(self.build_dir, precision)
             hits = [layer for layer in layers if re.search(pattern, json.dumps(layer), re.IGNORECASE)]
             if not hits:
                 raise TmpdiffError(f"the {precision} plan's layers show no {precision} kernels ({len(layers)} layers)")
             found[precision] = len(hits)
-        return ", ".join(f"{k}: {v} layers" for k, v in found.items()), found
+        return ", ".join(f"{k}: {v}" + (" layers" if isinstance(v, int) else "") for k, v in found.items()), found
 
     def parity(self) -> tuple[str, dict]:
         from tmpdiff.commands.check import replay_check_inputs
@@ -170,18 +187,62 @@ class GpuCheck:
         return ", ".join(f"{k} {v:.2f}x fp16" for k, v in rel.items()), table.model_dump(mode="json")
 
     def no_host_sync(self) -> tuple[str, dict]:
+        """With the NaN guard off the step loop does not wait for the GPU: the synchronising operations torch reports
+        (`torch.cuda.set_sync_debug_mode("warn")`) do not grow with the step count, while with the guard on they
+        grow by one a step (which shows the detector sees them). And with ~1 s of GPU work queued on the caller's
+        stream, `run` returns only after it: its latents are ordered after the caller's work."""
+        import warnings
+
         import torch
 
         from tmpdiff.commands.run import RunRequest, run
+        from tmpdiff.engines.loading import load_engines
+        from tmpdiff.formats.manifest import load_manifest
+        from tmpdiff.models.schedulers import sampling_scheduler
+        from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
+        sampling = load_manifest(self.build_dir).sampling
+        engines = load_engines(self.build_dir, load_manifest(self.build_dir), "trt", "cuda", ["fp16"])
+        labels, noise = torch.tensor([1, 2]), initial_noise(2, sampling.channels, sampling.image_size, 0)
+
+        def synchronisations(steps: int, nan_guard: bool) -> int:
+            runner = ScheduledRunner(engines, 2, sampling.channels, sampling.image_size, sampling.guidance_scale,
+                                     sampling.null_class, sampling.num_classes, device="cuda", nan_guard=nan_guard)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        runner.sample(sampling_scheduler(sampling), labels, noise, ["fp16"] * steps)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+            finally:
+                runner.close()
+            return sum("synchronizing" in str(w.message) for w in caught)
+
+        counts = {f"{steps} steps, guard {'on' if guard else 'off'}": synchronisations(steps, guard)
+                  for guard in (False, True) for steps in (4, 8)}
+        off, on = list(counts.values())[:2], list(counts.values())[2:]
+        if on[1] - on[0] < 4:
+            raise TmpdiffError(f"torch's sync detector did not see the NaN guard's read at every step ({counts}); "
+                               "it cannot judge the step loop here")
+        if off[1] - off[0] >= 4:
+            raise TmpdiffError(f"the step loop synchronises at every step with the NaN guard off ({counts})")
         torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e9))  # ~1 s of GPU time queued on the caller's stream
         started = time.perf_counter()
-        request = RunRequest(build_dir=self.build_dir, classes=[1, 2], steps=4, precision="fp16", backend="trt",
-                             nan_guard=False)
-        run(request)  # ends with one synchronisation: the host returns after the sleep only because of it
+        torch.cuda._sleep(int(2e9))
+        torch.cuda.synchronize()
+        queued = time.perf_counter() - started
+        torch.cuda._sleep(int(2e9))  # the same GPU work queued on the caller's stream
+        started = time.perf_counter()
+        run(RunRequest(build_dir=self.build_dir, classes=[1, 2], steps=4, precision="fp16", backend="trt",
+                       nan_guard=False))
         waited = time.perf_counter() - started
-        return f"run returned after {waited:.2f} s with 1 s of queued GPU work", {"seconds": waited}
+        if waited < 0.9 * queued:
+            raise TmpdiffError(f"run returned after {waited:.2f} s, before the {queued:.2f} s of GPU work queued ahead "
+                               "of it on the caller's stream: its latents are not ordered after the caller's work")
+        return (f"synchronisations {counts}; run returned after {waited:.2f} s with {queued:.2f} s queued ahead",
+                {"synchronisations": counts, "queued_seconds": queued, "run_seconds": waited})
 
     def caller_stream(self) -> tuple[str, dict]:
         import torch
@@ -252,8 +313,9 @@ class GpuCheck:
         return ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), errors
 
     def mixed_plan(self) -> tuple[str, dict]:
-        """A TMPQ-DM plan with a mixed layer configuration (int8 / int4 / fp32 layers): deployed, built as a TensorRT
-        plan, run on TensorRT and on ORT-CPU (its twin); same engines per step, latents within 5e-2."""
+        """A TMPQ-DM plan with a mixed layer configuration (int8 / int4 / fp32 layers; no int4 on a GPU before Ampere):
+        deployed, built as a TensorRT plan, run on TensorRT and on ORT-CPU (its twin); same engines per step, latents
+        within 5e-2."""
         from tmpdiff.commands.deploy_plan import deploy_plan
         from tmpdiff.commands.export import resolve_model_dir
         from tmpdiff.commands.run import RunRequest, run
@@ -265,8 +327,10 @@ class GpuCheck:
 
         model_dir = resolve_model_dir("bundled", None)
         manifest = load_manifest(self.build_dir)
-        layers = list(supernet_from_build(self.build_dir, model_dir, ["int8", "int4"]).layers)
-        mixed = [("int8", "int4", "fp32")[i % 3] for i in range(len(layers))]
+        quantized = [p for p in ("int8", "int4") if p not in self.not_on_this_gpu]
+        layers = list(supernet_from_build(self.build_dir, model_dir, quantized).layers)
+        levels = (*quantized, "fp32")
+        mixed = [levels[i % len(levels)] for i in range(len(layers))]
         s = manifest.sampling
         plan = TmpqPlan(model_id=manifest.model_id, steps=4, timesteps=[999, 700, 400, 100], layers=layers,
                         scheduler=SchedulerRef(class_name=s.scheduler_class, config=dict(s.scheduler_config)),
@@ -274,7 +338,7 @@ class GpuCheck:
         path = self.work / "mixed-plan.json"
         save_tmpq_plan(plan, path)
         deploy_plan(self.build_dir, path, model_dir)
-        build_engines(self.build_dir, "trt", "cuda")
+        build_engines(self.build_dir, "trt", "cuda", [mixed_name(layers, mixed), "int8"])
         request = {"build_dir": self.build_dir, "classes": [1, 2], "seed": 0, "schedule_path": path}
         on_trt = run(RunRequest(**request, backend="trt"))[0]
         on_ort = run(RunRequest(**request))[0]

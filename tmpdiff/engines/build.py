@@ -35,8 +35,10 @@ def build_engines(
     load_manifest(build_dir)  # a wrong path fails here, before the lock file is created
     with directory_lock(build_dir, wait, on_wait=on_progress):
         manifest = load_manifest(build_dir)
-        names = precisions or list(manifest.precisions)
-        unknown = [p for p in names if p not in manifest.precisions]
+        names = list(precisions or manifest.precisions)
+        # TensorRT also builds deployed layer configurations (`mixed-...`) by name; ORT runs their twins as deployed
+        known = {*manifest.precisions, *(manifest.mixed if backend == "trt" else ())}
+        unknown = [p for p in names if p not in known]
         if unknown:
             raise TmpdiffError(f"not exported: {', '.join(unknown)}; exported: {', '.join(manifest.precisions)}",
                                build_dir / "manifest.json")

@@ -118,8 +118,8 @@ def providers_for(device: str, trt_ep: dict[str, str] | None = None) -> list:
     wanted = PROVIDERS[device]
     if wanted not in ort.get_available_providers():
         raise TmpdiffError(
-            f"onnxruntime {ort.__version__} here has no {wanted}; for --device {device} install onnxruntime-gpu "
-            "(pip install 'tmpdiff[gpu]') on a machine with an NVIDIA GPU"
+            f"onnxruntime {ort.__version__} here has no {wanted}; for --device {device}, on a machine with an NVIDIA "
+            "GPU: pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1"
         )
     if device == "cpu":
         return ["CPUExecutionProvider"]
