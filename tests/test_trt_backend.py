@@ -350,6 +350,12 @@ def test_build_refuses_a_precision_the_gpu_cannot_run(bare_trt, monkeypatch, tmp
         build_trt_engine(tmp_path / "int8" / "model.trt.onnx", tmp_path / "int8", TINY_SPECS, profile_shapes(TINY_SPECS, 2),
                          TrtBuildOptions(batch=2))
     assert not list(tmp_path.rglob("*.plan"))
+    _gpu(monkeypatch, CudaDevice(0, "Tesla T4", "7.5"))  # int8 runs there, its bfloat16 base does not
+    int8 = _tiny_onnx(tmp_path / "int8" / "model.trt.onnx")
+    with pytest.raises(TmpdiffError, match="computes in bfloat16, which needs compute capability 8.0 .* Tesla T4 has 7.5"):
+        build_trt_engine(int8, tmp_path / "int8", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2),
+                         base="bfloat16")
+    assert not list(tmp_path.rglob("*.plan"))
 
 
 def test_plan_is_checked_against_its_manifest_entry_before_loading(bare_trt, monkeypatch, tmp_path):

@@ -96,7 +96,8 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
     plan_dir = build_dir / Path(entry.trt_onnx).parent
     return build_trt_engine(build_dir / entry.trt_onnx, plan_dir, specs, options_profile(specs, options), options,
                             precision=name, build_dir=build_dir,
-                            layer_precisions=None if mixed is None else mixed.precisions)
+                            layer_precisions=None if mixed is None else mixed.precisions,
+                            base=mixed.trt_base if mixed is not None else (entry.quantization or {}).get("trt_base"))
 
 
 def import_trt_plan(build_dir: Path, precision: str, plan_file: Path, wait: float = 3600.0,

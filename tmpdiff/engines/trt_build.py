@@ -33,6 +33,7 @@ REBUILD_HINT = "rebuild it with `tmpdiff build --backend trt`"
 NOT_INSTALLED = "TensorRT is not installed: pip install 'tmpdiff[gpu]' on a machine with an NVIDIA GPU"
 
 _ARCHITECTURES = {(7, 5): "Turing", (8, 0): "Ampere", (8, 9): "Ada", (10, 0): "Blackwell"}
+BFLOAT16_CAPABILITY = (8, 0)  # bfloat16 kernels: Ampere and later
 
 
 class ProfileShape(NamedTuple):
@@ -355,7 +356,7 @@ def _timing_cache(trt: Any, config: Any, path: Path | None) -> bool:
 def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[TensorSpec], shapes: ProfileShapes,
                      options: TrtBuildOptions, *, precision: str | None = None,
                      device: int | str | None = None, build_dir: Path | None = None,
-                     layer_precisions: Sequence[str] | None = None) -> EngineEntry:
+                     layer_precisions: Sequence[str] | None = None, base: str | None = None) -> EngineEntry:
     """Build a strongly typed TensorRT plan from the TensorRT-flavoured ONNX graph of one precision (or of one
     deployed layer configuration: `precision` is its `mixed-...` name, `layer_precisions` what its layers run).
 
@@ -363,6 +364,7 @@ def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[Te
     written there atomically as engine_trt{major}.{minor}.plan. The returned EngineEntry's path is relative
     to `build_dir` (default: plan_dir's parent), like the manifest's ONNX paths; `precision` defaults to
     plan_dir's name. The timing cache, when given, is loaded if present and saved (atomically) afterwards.
+    `base` is the 16-bit type the graph computes in outside its Q/DQ (the export's --trt-dtype); bfloat16 needs Ampere.
     """
     trt = load_tensorrt()
     gpu = cuda_device(device)
@@ -370,6 +372,10 @@ def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[Te
     precision = precision or plan_dir.name
     for level in sorted(set(layer_precisions or [precision])):
         check_precision_supported(level, gpu.compute_capability, gpu.name)
+    if base == "bfloat16" and parse_compute_capability(gpu.compute_capability) < BFLOAT16_CAPABILITY:
+        raise TmpdiffError(f"the {precision} TensorRT graph computes in bfloat16, which needs compute capability 8.0 or "
+                           f"newer (Ampere or later); {gpu.name} has {gpu.compute_capability}: re-export with "
+                           "--trt-dtype float16", onnx_path)
     if not onnx_path.is_file():
         raise TmpdiffError("ONNX file is missing; re-run `tmpdiff export`", onnx_path)
 
