@@ -73,6 +73,21 @@ def test_gpu_check_stops_with_one_line_without_a_gpu():
     assert "tensorrt" in done.stdout and "missing: TensorRT is not installed" in done.stdout
 
 
+def test_a_gpu_batch_is_checked_against_the_gpus_free_memory(quant_build, monkeypatch):
+    """TensorRT's and ORT-CUDA's rows live on the GPU: a batch is refused by the GPU's free memory, not the host's."""
+    from tmpdiff.engines.memory import bytes_per_row, check_fits
+
+    _, build_dir, _ = quant_build
+    manifest = load_manifest(build_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 16 * 2**30))  # 1 MiB free
+    rows = 2**20 // bytes_per_row(manifest, "trt", "cuda")[0] + 1
+    for backend, device in (("trt", "cuda"), ("ort", "cuda")):
+        with pytest.raises(TmpdiffError, match=f"{rows} batch rows need .* 0.00 GiB is free on the GPU"):
+            check_fits(manifest, rows, backend, device)
+    check_fits(manifest, rows, "ort", "cpu")  # the host has room for them
+
+
 def test_the_gpu_check_builds_for_tensorrt_only_what_the_gpu_runs(monkeypatch, tmp_path):
     """On a GPU before Ada (an A10, 8.6) the check exports all five precisions but asks TensorRT for fp8 nowhere (its
     build refused fp8 and stopped the whole check at its first step); the kernel check names fp8 as not on this GPU."""

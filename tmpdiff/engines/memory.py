@@ -91,14 +91,27 @@ def bytes_per_row(manifest: Manifest, backend: str = "ort", device: str = "cpu")
     return io + 2 * (manifest.activation_bytes_per_row or 0), "lower bound from the graph"
 
 
+def free_gpu_bytes() -> int | None:
+    """Free memory of the current CUDA device (None without one)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
+
+
 def check_fits(manifest: Manifest, rows: int, backend: str = "ort", device: str = "cpu", what: str = "--batch") -> None:
-    """Raise before allocation when `rows` batch rows need more than the memory available now."""
+    """Raise before allocation when `rows` batch rows need more than the memory available now: host memory for
+    ORT-CPU, the GPU's free memory for TensorRT and ORT's CUDA / TensorRT providers (their rows live there)."""
     per_row, source = bytes_per_row(manifest, backend, device)
-    available = available_bytes()
+    on_gpu = backend == "trt" or device != "cpu"
+    available = free_gpu_bytes() if on_gpu else available_bytes()
     need = rows * per_row
     if available is not None and need > available:
+        where = "free on the GPU" if on_gpu else "available"
         raise TmpdiffError(f"{rows} batch rows need about {need / 2**30:.1f} GiB ({per_row / 2**20:.2f} MiB per row, "
-                           f"{source}), {available / 2**30:.1f} GiB is available: use a smaller {what}")
+                           f"{source}), {available / 2**30:.2f} GiB is {where}: use a smaller {what}")
 
 
 def release_freed_memory() -> None:
