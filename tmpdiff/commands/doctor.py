@@ -122,6 +122,19 @@ class GpuCheck:
     def _has_build(self) -> bool:
         return any(r.name == "build" and r.status == "passed" for r in self.results)
 
+    def _fp16_sampling(self):
+        """The fp16 TensorRT engine, the build's sampling info, and classes 1, 2 with their seed-0 noise."""
+        import torch
+
+        from tmpdiff.engines.loading import load_engines
+        from tmpdiff.formats.manifest import load_manifest
+        from tmpdiff.runtime.runner import initial_noise
+
+        manifest = load_manifest(self.build_dir)
+        sampling = manifest.sampling
+        engines = load_engines(self.build_dir, manifest, "trt", "cuda", ["fp16"])
+        return engines, sampling, torch.tensor([1, 2]), initial_noise(2, sampling.channels, sampling.image_size, 0)
+
     # ---- the checks -----------------------------------------------------------------------------------------
     def build(self) -> tuple[str, dict]:
         """Export all five precisions; build for TensorRT those this GPU runs (fp8 needs Ada, int4 Ampere)."""
@@ -199,18 +212,12 @@ class GpuCheck:
         import torch
 
         from tmpdiff.commands.run import RunRequest, run
-        from tmpdiff.engines.loading import load_engines
-        from tmpdiff.formats.manifest import load_manifest
         from tmpdiff.models.schedulers import sampling_scheduler
-        from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
-        sampling = load_manifest(self.build_dir).sampling
-        engines = load_engines(self.build_dir, load_manifest(self.build_dir), "trt", "cuda", ["fp16"])
-        labels, noise = torch.tensor([1, 2]), initial_noise(2, sampling.channels, sampling.image_size, 0)
+        engines, sampling, labels, noise = self._fp16_sampling()
 
         def synchronisations(steps: int, nan_guard: bool) -> int:
-            runner = ScheduledRunner(engines, 2, sampling.channels, sampling.image_size, sampling.guidance_scale,
-                                     sampling.null_class, sampling.num_classes, device="cuda", nan_guard=nan_guard)
+            runner = _two_sample_runner(engines, sampling, nan_guard)
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -261,19 +268,10 @@ class GpuCheck:
         return "bit-identical latents from a caller stream", {}
 
     def cuda_graphs(self) -> tuple[str, dict]:
-        import torch
-
-        from tmpdiff.engines.loading import load_engines
-        from tmpdiff.formats.manifest import load_manifest
         from tmpdiff.models.schedulers import sampling_scheduler
-        from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
-        manifest = load_manifest(self.build_dir)
-        sampling = manifest.sampling
-        engines = load_engines(self.build_dir, manifest, "trt", "cuda", ["fp16"])
-        runner = ScheduledRunner(engines, 2, sampling.channels, sampling.image_size, sampling.guidance_scale,
-                                 sampling.null_class, sampling.num_classes, device="cuda", nan_guard=False)
-        labels, noise = torch.tensor([1, 2]), initial_noise(2, sampling.channels, sampling.image_size, 0)
+        engines, sampling, labels, noise = self._fp16_sampling()
+        runner = _two_sample_runner(engines, sampling, nan_guard=False)
         runs = [runner.sample(sampling_scheduler(sampling), labels, noise, ["fp16"] * 4) for _ in range(2)]
         active = engines["fp16"].graph_active
         runner.close()
@@ -366,6 +364,14 @@ class GpuCheck:
             if not self._run(name, needs, body):
                 break
         return self.results
+
+
+def _two_sample_runner(engines, sampling, nan_guard: bool):
+    """A runner of the two-sample batch `GpuCheck._fp16_sampling` gives, on the GPU."""
+    from tmpdiff.runtime.runner import ScheduledRunner
+
+    return ScheduledRunner(engines, 2, sampling.channels, sampling.image_size, sampling.guidance_scale,
+                           sampling.null_class, sampling.num_classes, device="cuda", nan_guard=nan_guard)
 
 
 def gpu_check(work: Path, results_root: Path, inv: Inventory, on_line: Callable[[str], None]) -> Path:

@@ -72,7 +72,7 @@ def build_engines(
 def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progress):
     """Build one TensorRT plan from the TensorRT graph of a precision (or of a deployed layer configuration, into
     its mixed/<name>/ directory); None if the current plan still fits."""
-    from tmpdiff.engines.trt import check_engine_compatible
+    from tmpdiff.engines.trt import gpu_mismatch
     from tmpdiff.engines.trt_build import TrtBuildOptions, build_trt_engine, cuda_device, load_tensorrt, options_profile
 
     options = options or TrtBuildOptions()
@@ -82,15 +82,11 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
         raise TmpdiffError(f"{name} has no TensorRT graph; re-run `tmpdiff export`", build_dir / "manifest.json")
     trt = load_tensorrt()
     if current is not None and engine_problem(build_dir, manifest, current, backend_version=trt.__version__) is None:
-        gpu = cuda_device()
-        try:  # a plan for another GPU is what loading refuses and tells the user to rebuild: never "up to date"
-            check_engine_compatible(current, build_dir / current.path, trt.__version__, gpu)
-        except TmpdiffError as exc:
-            reason = str(exc).removeprefix(f"{exc.path}: ").split(";")[0]
-            on_progress(f"{name}: rebuilding ({reason})")
-        else:
+        mismatch = gpu_mismatch(current, cuda_device())  # what loading refuses, saying to rebuild: never "up to date"
+        if mismatch is None:
             on_progress(f"{name}: up to date")
             return None
+        on_progress(f"{name}: rebuilding ({mismatch})")
     on_progress(f"{name}: building TensorRT plan")
     specs = [s.spec() for s in manifest.inputs]
     plan_dir = build_dir / Path(entry.trt_onnx).parent

@@ -49,7 +49,7 @@ from tmpdiff.formats.specs import TensorSpec
 
 __all__ = [
     "NOT_INSTALLED", "CudaDevice", "ProfileShape", "ProfileShapes",
-    "SharedDeviceMemory", "TrtBuildOptions", "TrtEngine", "build_trt_engine", "check_engine_compatible",
+    "SharedDeviceMemory", "TrtBuildOptions", "TrtEngine", "build_trt_engine", "check_engine_compatible", "gpu_mismatch",
     "check_precision_supported", "cuda_device", "default_device_memory", "load_tensorrt", "load_trt_engine",
     "options_profile", "parse_compute_capability",
     "parse_version", "plan_file_name", "polygraphy_command", "profile_shapes", "trtexec_command",
@@ -63,13 +63,25 @@ _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT3
 _ALIGNMENT = 256  # IExecutionContext.set_device_memory wants 256-byte aligned memory
 
 
+def gpu_mismatch(entry: EngineEntry, gpu: CudaDevice, strict_gpu_model: bool = True) -> str | None:
+    """Why a plan built for `entry`'s GPU cannot run on `gpu` (None if it can): another architecture, or with
+    `strict_gpu_model` another GPU model (the built model is `build_flags["gpu_name"]`)."""
+    built_gpu = entry.build_flags.get("gpu_name")
+    built_cc = entry.compute_capability
+    if built_cc is None or parse_compute_capability(built_cc) != parse_compute_capability(gpu.compute_capability) or (
+            strict_gpu_model and built_gpu is not None and built_gpu != gpu.name):
+        built = f"{built_gpu or 'unknown GPU'} (compute capability {built_cc or '?'})"
+        return f"plan built for {built}, this GPU is {gpu.name} (compute capability {gpu.compute_capability})"
+    return None
+
+
 def check_engine_compatible(entry: EngineEntry, plan_path: str | Path, trt_version: str, gpu: CudaDevice,
                             strict_gpu_model: bool = True) -> None:
     """Refuse a manifest engine built by another TensorRT version or for another GPU.
 
     A plan loads only in the TensorRT version that built it and only on the GPU architecture it was built
     for; TensorRT also advises against using a plan on another GPU model of the same architecture, which
-    `strict_gpu_model` refuses too (the built model is `build_flags["gpu_name"]`).
+    `strict_gpu_model` refuses too.
     """
     plan_path = Path(plan_path)
     if entry.backend != "trt":
@@ -77,14 +89,9 @@ def check_engine_compatible(entry: EngineEntry, plan_path: str | Path, trt_versi
     if entry.backend_version != trt_version:
         raise TmpdiffError(
             f"plan built by TensorRT {entry.backend_version}, this is TensorRT {trt_version}; {REBUILD_HINT}", plan_path)
-    built_gpu = entry.build_flags.get("gpu_name")
-    built_cc = entry.compute_capability
-    if built_cc is None or parse_compute_capability(built_cc) != parse_compute_capability(gpu.compute_capability) or (
-            strict_gpu_model and built_gpu is not None and built_gpu != gpu.name):
-        built = f"{built_gpu or 'unknown GPU'} (compute capability {built_cc or '?'})"
-        raise TmpdiffError(
-            f"plan built for {built}, this GPU is {gpu.name} (compute capability {gpu.compute_capability}); {REBUILD_HINT}",
-            plan_path)
+    mismatch = gpu_mismatch(entry, gpu, strict_gpu_model)
+    if mismatch is not None:
+        raise TmpdiffError(f"{mismatch}; {REBUILD_HINT}", plan_path)
 
 
 class SharedDeviceMemory:
