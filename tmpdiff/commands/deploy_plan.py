@@ -19,7 +19,7 @@ from tmpdiff.formats.atomic import directory_lock, sha256_file
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MixedEntry, load_manifest, mixed_name, mixed_problem, save_manifest
 from tmpdiff.formats.tmpq_plan import load_tmpq_plan
-from tmpdiff.runtime.plan import resolve_plan
+from tmpdiff.runtime.plan import tmpq_precision_plan
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def deploy_plan(build_dir: Path, plan_path: Path, model_dir: Path, *, wait: floa
     from collections import Counter
 
     plan = load_tmpq_plan(plan_path)
-    resolve_plan(plan_path)  # what `run` refuses (e.g. timesteps a schedule cannot take) is not deployed either
+    tmpq_precision_plan(plan, plan_path)  # what `run` refuses (e.g. timesteps a schedule cannot take) is not deployed either
     manifest = load_manifest(build_dir)
     if plan.model_id != manifest.model_id:
         raise TmpdiffError(f"the plan was searched on {plan.model_id!r}, the build holds {manifest.model_id!r}", plan_path)

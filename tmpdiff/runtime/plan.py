@@ -17,6 +17,7 @@ from tmpdiff.formats.atomic import validation_problems
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
 from tmpdiff.formats.schedule import MAX_STEPS, Schedule, load_schedule
+from tmpdiff.formats.tmpq_plan import TmpqPlan, load_tmpq_plan
 from tmpdiff.runtime.time_conditioning import TimeConditioning, load_conditioning
 
 
@@ -99,14 +100,17 @@ def is_tmpq_plan(path: Path) -> bool:
 
 
 def _tmpq_plan(path: Path, steps: int | None) -> PrecisionPlan:
-    """A TMPQ-DM plan: step i runs its layer configuration's engine (a precision when the configuration is uniform,
-    else the deployed `mixed-...` graph) at the plan's timestep i, with the plan's scheduler."""
+    return tmpq_precision_plan(load_tmpq_plan(path), path, steps)
+
+
+def tmpq_precision_plan(plan: TmpqPlan, path: Path, steps: int | None = None) -> PrecisionPlan:
+    """A loaded TMPQ-DM plan (read from `path`) as the runner's plan: step i runs its layer configuration's engine (a
+    precision when the configuration is uniform, else the deployed `mixed-...` graph) at the plan's timestep i, with
+    the plan's scheduler."""
     from collections import Counter
 
     from tmpdiff.formats.manifest import mixed_name
-    from tmpdiff.formats.tmpq_plan import load_tmpq_plan
 
-    plan = load_tmpq_plan(path)
     if steps is not None and steps != plan.steps:
         raise TmpdiffError(f"plan has {plan.steps} steps but --steps {steps} was given", path)
     configs = plan.step_precisions()
