@@ -130,7 +130,8 @@ def test_mismatches_are_caught_before_the_first_step(exported):
     name, build_dir = exported
     pipe = tiny_pipelines.build(name)
     denoiser = attach_engines(pipe, build_dir, schedule=["fp32"] * STEPS)
-    with pytest.raises(TmpdiffError, match=f"schedule has {STEPS} steps but the pipeline runs 3"):
+    calls = rf"schedule has {STEPS} steps \(one per denoiser call\) but the pipeline makes 3 calls"
+    with pytest.raises(TmpdiffError, match=rf"{calls}: call it with num_inference_steps={STEPS}"):
         _call(pipe, name, steps=3)
     assert denoiser.trace.steps == []
     with pytest.raises(TmpdiffError, match="text tokens"):
@@ -172,3 +173,68 @@ def test_attach_refuses_what_does_not_fit(exported):
     getattr(other, denoiser_component(other)).register_to_config(in_channels=3)
     with pytest.raises(TmpdiffError, match="in_channels"):
         attach_engines(other, build_dir, precision="fp32")
+
+
+@pytest.mark.parametrize("exported", ["sd15"], indirect=True)
+def test_pndm_runs_a_schedule_of_one_precision_per_call(exported, tmp_path):
+    """SD1.x's stock PNDM calls the denoiser twice at its first timestep (N inference steps, N + 1 calls): the drop-in
+    names the step count that fits the schedule, the fp32 engines reproduce the torch pipeline, and the CLI's
+    `--steps` counts calls."""
+    from diffusers import PNDMScheduler
+
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    want = _call(pipe, name, steps=STEPS - 1, output_type="latent")
+    schedule = ["fp32", "int8", "fp32", "int8"]
+    denoiser = attach_engines(pipe, build_dir, schedule=["fp32"] * STEPS)
+    assert denoiser.num_inference_steps == STEPS - 1
+    assert _relative(_call(pipe, name, steps=denoiser.num_inference_steps, output_type="latent"), want) < 1e-4
+    with pytest.raises(TmpdiffError, match=rf"makes {STEPS + 1} calls: call it with num_inference_steps={STEPS - 1}"):
+        _call(pipe, name, steps=STEPS)
+
+    saved = tiny_pipelines.build(name)
+    saved.scheduler = pipe.scheduler
+    saved.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    from tmpdiff.formats.schedule import Schedule, save_schedule
+
+    save_schedule(Schedule(steps=STEPS, precisions=schedule), tmp_path / "schedule.json")
+    args = ["run", str(build_dir), "--pipeline", str(tmp_path / "pipe"), "--prompt", "a red house",
+            "--schedule", str(tmp_path / "schedule.json"), "--out", str(tmp_path / "image.png"), "--trace", str(tmp_path / "trace.json")]
+    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert [e["name"] for e in events if e["ph"] == "X"] == [f"step {i} {p}" for i, p in enumerate(schedule)]
+
+
+def test_the_calls_a_step_count_makes():
+    from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler
+
+    from tmpdiff.models.schedulers import check_distinct_timesteps, inference_steps_for, set_sampling_timesteps
+
+    pndm = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    assert [inference_steps_for(pndm, calls) for calls in (1, 3, 21)] == [1, 2, 20]
+    assert inference_steps_for(DDIMScheduler(), 20) == 20
+    with pytest.raises(TmpdiffError, match="PNDMScheduler makes no step count of exactly 2 denoiser calls"):
+        inference_steps_for(pndm, 2)
+    with pytest.raises(TmpdiffError, match="HeunDiscreteScheduler makes no step count of exactly 4"):
+        inference_steps_for(HeunDiscreteScheduler(), 4)
+    set_sampling_timesteps(pndm, 9)
+    assert len(pndm.timesteps) == 9 and pndm.num_inference_steps == 8
+    check_distinct_timesteps(pndm, 9)  # PNDM's own repeat at its first timestep is not refused
+
+
+@pytest.mark.parametrize("exported", ["pixart"], indirect=True)
+def test_a_schedule_from_another_noise_process_is_refused(exported):
+    from tmpdiff.formats.schedule import Schedule, SchedulerRef
+
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    own = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}  # not _use_default_values
+    config = own | {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    other = Schedule(steps=STEPS, precisions=["fp32"] * STEPS,
+                     scheduler=SchedulerRef(class_name=type(pipe.scheduler).__name__, config=config))
+    with pytest.raises(TmpdiffError, match="another noise process than the pipeline's"):
+        attach_engines(pipe, build_dir, schedule=other)
+    same = other.model_copy(update={"scheduler": SchedulerRef(class_name=type(pipe.scheduler).__name__, config=own)})
+    attach_engines(pipe, build_dir, schedule=same)

@@ -98,6 +98,37 @@ def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):
                        "--steps", STEPS, "--speedup", 1.3, "--out", tmp_path / "s.json")
     assert code == 2 and "differs from the model the build was exported from" in err, err
     assert str(other / "transformer") in err and not (tmp_path / "s.json").exists()
+    # `run` refuses it too (it never loads the pipeline's denoiser, so the files are compared) ...
+    code, _, err = cli("run", build, "--pipeline", other, "--prompt", "a red cat", "--precision", "fp32", "--steps", STEPS,
+                       "--out", tmp_path / "run.png")
+    assert code == 2 and "differs from the model the build was exported from" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run.png").exists()
+    # ... and exporting it into the build's directory would drop that build: refused without --force, naming the manifest
+    before = (build / "manifest.json").read_bytes()
+    code, _, err = cli("export", other, "--subfolder", "transformer", "--out", build.parent, "--model-id", build.name,
+                       "--precisions", "fp32", "--random-calibration")
+    assert code == 2 and "holds the build of another model" in err and "--force" in err, err
+    assert str(build / "manifest.json") in err and (build / "manifest.json").read_bytes() == before
+
+
+def test_a_resaved_pipeline_is_the_same_model(work, tmp_path):
+    """diffusers records where and with which version a config was saved (`_name_or_path`, `_diffusers_version`): a
+    pipeline re-saved with the same weights and keys is the build's model."""
+    root, build, prompts = work
+    resaved = tmp_path / "resaved"
+    shutil.copytree(t2i_dir(), resaved)
+    config_path = resaved / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config |= {"_name_or_path": str(tmp_path / "somewhere"), "_diffusers_version": "0.0.1"}
+    config_path.write_text(json.dumps(config, indent=4))
+    code, _, err = cli("run", build, "--pipeline", resaved, "--prompt", "a red cat", "--precision", "fp32",
+                       "--steps", STEPS, "--out", tmp_path / "run.png", "--threads", 1)
+    assert code == 0, err
+    config["patch_size"] = config["patch_size"] + 1  # a key that is the model's: another model
+    config_path.write_text(json.dumps(config, indent=4))
+    code, _, err = cli("run", build, "--pipeline", resaved, "--prompt", "a red cat", "--precision", "fp32",
+                       "--steps", STEPS, "--out", tmp_path / "run2.png")
+    assert code == 2 and "differs from the model the build was exported from" in err, err
 
 
 def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path):

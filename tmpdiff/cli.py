@@ -136,10 +136,11 @@ def export(
                                        "the timestep, so a schedule can feed learned MTEO rows (distill-embeddings); "
                                        "plain schedules get the model's own rows")] = False,
     wait: Wait = 3600.0,
+    force: Annotated[bool, typer.Option("--force", help="replace a build of another model in OUT/<model-id>")] = False,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
     from tmpdiff.commands.export import calibration_for, resolve_model_dir
-    from tmpdiff.export.exporter import export_model, parse_precisions
+    from tmpdiff.export.exporter import check_build_model, export_build_dir, export_model, parse_precisions
     from tmpdiff.export.report import print_census, print_export_table
     from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS
 
@@ -155,6 +156,7 @@ def export(
         else HIGH_PRECISION_PATTERNS
     from tmpdiff.formats.precisions import get_precision
 
+    check_build_model(export_build_dir(model_dir, out, model_id), model_dir, force)  # before any capture runs
     calibration, sampling = calibration_for(model_dir, _seed_list(calib_seeds, "--calib-seeds"),
                                              None if calib_classes is None else _int_list(calib_classes, "--calib-classes"),
                                              prompts=prompts, steps=calib_steps, guidance=calib_guidance,
@@ -164,7 +166,8 @@ def export(
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
                                        sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
                                        wait=wait, trt_dtype=trt_dtype.value, memory_check=memory_check,
-                                       time_embedding_input=time_embedding_input, load_dtype=load_dtype.value)
+                                       time_embedding_input=time_embedding_input, load_dtype=load_dtype.value,
+                                       replace=force)
     print_export_table(outcomes)
     if census:
         for outcome in outcomes:
@@ -475,10 +478,11 @@ def run(
             if denoiser.draft_pool_startup is not None:
                 extra["ray_startup_s"] = denoiser.draft_pool_startup
     else:
-        from tmpdiff.commands.run import RunRequest
+        from tmpdiff.commands.run import RunRequest, check_pixel_space
         from tmpdiff.commands.run import run as run_schedule
         from tmpdiff.models.digits import to_uint8
 
+        check_pixel_space(build_dir)
         classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
         request = RunRequest(build_dir=build_dir, classes=classes, parallel=parallel, mode=mode.value,
                              executor=executor.value, address=address, **options)
@@ -664,7 +668,7 @@ def calibrate(
     f = result.file
     typer.echo(f"schedule: {' '.join(f.precisions)}" + (f" at timesteps {f.timesteps}" if f.timesteps else ""))
     typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured speedup {f.measured.speedup:.3f}x "
-               f"({f.measured.schedule_ms:.1f} vs {f.measured.reference_ms:.1f} ms all-{f.reference}, median of "
+               f"(schedule {f.measured.schedule_ms:.1f} ms, all-{f.reference} {f.measured.reference_ms:.1f} ms, median of "
                f"{f.measured.repeats}, {f.measured.device})")
     typer.echo(f"measured error {f.measured.error:.4g} ({metric}), SSIM {f.measured.ssim:.4f}, {f.evaluations} evaluations")
     typer.echo(f"costs: {session.costs.note()}")

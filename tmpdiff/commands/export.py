@@ -21,6 +21,11 @@ def resolve_model_dir(model: str, subfolder: str | None) -> Path:
     root = bundled_dir() if model == "bundled" else Path(model)
     if model == "bundled" and subfolder is None:
         subfolder = "transformer"
+    if subfolder is None and (root / "model_index.json").is_file() and not (root / "config.json").is_file():
+        from tmpdiff.runtime.pipeline_io import pipeline_denoiser_name
+
+        raise TmpdiffError(f"a pipeline directory: pass --subfolder {pipeline_denoiser_name(root)} to export its "
+                           "denoiser", root)
     return root / subfolder if subfolder else root
 
 
@@ -80,6 +85,23 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
     from tmpdiff.models.loading import read_model_config
 
     read_model_config(model_dir)  # not a model directory at all: that error first
+    if pipeline is not None and _takes_no_prompt(pipeline):
+        raise TmpdiffError(f"quantizing needs calibration data, and {pipeline} is a pipeline without prompts (class "
+                           "labels): pass --random-calibration for random inputs (tmpdiff samples its own calibration "
+                           f"trajectories only for a class-conditional model directory with a {INFO_NAME})", model_dir)
     where = f"the pipeline {pipeline}" if pipeline is not None else "its pipeline (MODEL_DIR --subfolder transformer)"
     raise TmpdiffError(f"quantizing needs calibration data: pass --prompts FILE to capture the denoiser's inputs from "
                        f"{where}, or --random-calibration for random inputs", model_dir)
+
+
+def _takes_no_prompt(pipeline_dir: Path) -> bool:
+    """Whether the pipeline's call takes no prompt (DiTPipeline takes class labels)."""
+    import inspect
+
+    import diffusers
+
+    from tmpdiff.formats.atomic import read_json_object
+
+    name = read_json_object(pipeline_dir / "model_index.json").get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    return cls is not None and "prompt" not in inspect.signature(cls.__call__).parameters

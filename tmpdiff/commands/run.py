@@ -11,7 +11,7 @@ import torch
 from tmpdiff.engines.loading import check_batch, check_threads, load_plan_engines, resolve_device
 from tmpdiff.engines.memory import check_fits
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.models.schedulers import (
     check_distinct_timesteps,
     sampling_scheduler,
@@ -86,6 +86,16 @@ def check_executor(parallel: int, executor: str, address: str | None) -> None:
         raise TmpdiffError("--address names a Ray cluster: it needs --executor ray")
     if executor == "ray" and parallel == 1:
         raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
+
+
+def check_pixel_space(build_dir: Path) -> None:
+    """`run --class` writes its samples as an image: only a model that samples gray or RGB pixels can be written
+    (no VAE decodes a class-conditional build's latents)."""
+    sampling = load_manifest(build_dir).require_sampling(build_dir)
+    if sampling.channels not in (1, 3):
+        raise TmpdiffError(f"the model samples {sampling.channels}-channel latents, which `run --class` cannot write as "
+                           "an image (it decodes no latents with a VAE; class-conditional models run here in pixel "
+                           "space, 1 or 3 channels)", build_dir / MANIFEST_NAME)
 
 
 def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, PrecisionPlan, dict]:

@@ -9,8 +9,9 @@ import numpy as np
 
 from tmpdiff.commands.run import RunOptions, check_executor
 from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
-from tmpdiff.runtime.pipeline_io import call_kwargs, default_guidance_of, load_pipeline
+from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, default_guidance_of, load_pipeline
 from tmpdiff.runtime.plan import PrecisionPlan
 
 DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
@@ -57,6 +58,8 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise TmpdiffError("every --prompt must be non-empty")
     plan = request.plan(DEFAULT_STEPS)
+    manifest = load_manifest(request.build_dir)
+    check_pipeline_denoiser(request.pipeline_dir, manifest.model_sha256, request.build_dir / MANIFEST_NAME)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     check_calibrated_guidance(plan, pipe, request.guidance_scale)
     if plan.conditioning is not None and plan.file is not None:  # learned rows: the solver they were learned for

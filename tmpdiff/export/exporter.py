@@ -53,8 +53,8 @@ from tmpdiff.formats.manifest import (
     SamplingInfo,
     TensorSpecModel,
     load_manifest,
-    model_content_hash,
     precision_problems,
+    recorded_model_hash,
     save_manifest,
 )
 from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision, get_precision
@@ -213,8 +213,11 @@ def export_model(
     memory_check: bool = True,
     time_embedding_input: bool = False,
     load_dtype: str = "auto",
+    replace: bool = False,
 ) -> tuple[Path, list[ExportOutcome]]:
     """Export each precision of a diffusers denoiser directory; artifacts with an unchanged key are kept.
+
+    A build directory holding another model's build (`check_build_model`) is refused unless `replace`.
 
     `graph_sizes` ({"text_len": N, "sample_size": N}, None entries ignored) overrides the fixed sizes the
     graph takes, as the same keys in the model's config.json would. Holds the build directory's lock
@@ -232,19 +235,39 @@ def export_model(
         raise TmpdiffError(f"unknown --trt-dtype {trt_dtype!r} (known: {', '.join(TRT_DTYPES)})")
     config = read_model_config(model_dir) | {k: v for k, v in (graph_sizes or {}).items() if v is not None}
     adapter = adapter_for_config(config)
-    model_id = model_id or model_dir.resolve().name
-    build_dir = out_root / model_id
+    build_dir = export_build_dir(model_dir, out_root, model_id)
+    model_id = build_dir.name
     if out_root.exists() and not out_root.is_dir():
         raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
+    check_build_model(build_dir, model_dir, replace)
     base = choose_base(model_dir, specs, requested=load_dtype, memory_check=memory_check)
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
         preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
+        check_build_model(build_dir, model_dir, replace)  # as it is now that we hold the lock
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
                               on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check)
+
+
+def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> Path:
+    """Where an export of `model_dir` goes: OUT/<model-id> (default: the model directory's name)."""
+    return out_root / (model_id or model_dir.resolve().name)
+
+
+def check_build_model(build_dir: Path, model_dir: Path, replace: bool) -> None:
+    """Refuse to export into a build directory whose manifest records another model (other weights or config): its
+    engines and schedules would be dropped by surprise. `replace` (`--force`) lets the export start a new build."""
+    manifest_path = build_dir / "manifest.json"
+    if replace or not manifest_path.is_file():
+        return
+    manifest = load_manifest(build_dir)
+    if recorded_model_hash(model_dir, manifest.model_sha256) != manifest.model_sha256:
+        raise TmpdiffError(f"holds the build of another model ({manifest.model_id!r}, {manifest.architecture}, exported "
+                           f"from other weights or config than {model_dir}): pass --force to replace that build, or "
+                           "--out / --model-id for a new one", manifest_path)
 
 
 def _export_locked(
@@ -263,7 +286,8 @@ def _export_locked(
     time_embedding_input: bool = False,
     space_check: bool = True,
 ) -> tuple[Path, list[ExportOutcome]]:
-    model_hash = model_content_hash(model_dir)
+    manifest = load_manifest(build_dir) if (build_dir / "manifest.json").is_file() else None
+    model_hash = recorded_model_hash(model_dir, None if manifest is None else manifest.model_sha256)
     state: dict = {}
 
     def model() -> torch.nn.Module:
@@ -273,7 +297,6 @@ def _export_locked(
             state["model"] = load_diffusers_model(model_dir, dtype=getattr(torch, base))
         return state["model"]
 
-    manifest = load_manifest(build_dir) if (build_dir / "manifest.json").is_file() else None
     embedding_entry = None
     if time_embedding_input:  # the last export's input and table when still valid (no model load), else new ones
         kept = None if manifest is None else kept_embedding_input(build_dir, manifest, adapter, model_hash)

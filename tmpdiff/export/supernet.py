@@ -18,7 +18,7 @@ import torch
 
 from tmpdiff.export.quantize import build_config, quantize, quantized_modules, restore_quantized
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import load_manifest, model_content_hash
+from tmpdiff.formats.manifest import load_manifest, recorded_model_hash
 from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, get_precision
 
 BASE = "fp32"
@@ -105,7 +105,7 @@ def supernet_from_build(build_dir: Path, model_dir: Path, precisions: Sequence[s
     from tmpdiff.models.loading import load_diffusers_model
 
     manifest = load_manifest(build_dir)
-    if manifest.model_sha256 != model_content_hash(model_dir):
+    if manifest.model_sha256 != recorded_model_hash(model_dir, manifest.model_sha256):
         raise TmpdiffError(f"the build was exported from another model than {model_dir}", build_dir / "manifest.json")
     # default: every quantized export (16-bit exports are whole-model precisions, not per-layer choices)
     names = [p for p in (precisions or [p for p in manifest.precisions if get_precision(p).modelopt_cfg is not None])

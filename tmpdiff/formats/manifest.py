@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
-from tmpdiff.formats.atomic import read_model_file, sha256_file, write_json
+from tmpdiff.formats.atomic import read_json_object, read_model_file, sha256_file, write_json
 from tmpdiff.formats.config_values import check_scheduler_counts, decode_non_finite, encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
@@ -259,20 +259,46 @@ class Manifest(BaseModel):
         return [p for p in self.precisions if engine_key(backend, device, p) in self.engines]
 
 
+# Keys diffusers writes into a config.json about where and with which version it was saved: a re-saved model whose
+# weights and other keys are the same is the same model.
+SAVE_RECORD_KEYS = ("_name_or_path", "_diffusers_version", "_use_default_values")
+
+
 def model_content_hash(model_dir: Path) -> str:
-    """sha256 over a diffusers model directory's config and weight files (names and contents)."""
+    """sha256 over a diffusers model directory's config (its keys and values, without SAVE_RECORD_KEYS) and weight
+    files (names and contents)."""
+    config = read_json_object(model_dir / "config.json")
+    kept = json.dumps({k: v for k, v in config.items() if k not in SAVE_RECORD_KEYS}, sort_keys=True)
+    return _content_hash(model_dir, hashlib.sha256(kept.encode()).hexdigest())
+
+
+def _content_hash(model_dir: Path, config_sha256: str) -> str:
     digest = hashlib.sha256()
     for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors")]):
         digest.update(path.name.encode())
-        digest.update(sha256_file(path).encode())
+        digest.update((config_sha256 if path.name == "config.json" else sha256_file(path)).encode())
     return digest.hexdigest()
+
+
+def recorded_model_hash(model_dir: Path, recorded: str | None) -> str:
+    """The model's content hash as a build records it: `recorded` when it is this model's (also when written before
+    SAVE_RECORD_KEYS were left out, over config.json's bytes), else `model_content_hash`."""
+    current = model_content_hash(model_dir)
+    if recorded is not None and recorded != current \
+            and recorded == _content_hash(model_dir, sha256_file(model_dir / "config.json")):
+        return recorded
+    return current
 
 
 def load_manifest(build_dir: str | Path) -> Manifest:
     """Read and validate `build_dir/manifest.json`; errors name the file and the problem."""
     path = Path(build_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise TmpdiffError("no manifest.json: not a tmpdiff build directory", Path(build_dir))
+        if not Path(build_dir).exists():
+            raise TmpdiffError("no such build directory", Path(build_dir))
+        inside = sorted(str(p.parent) for p in Path(build_dir).glob(f"*/{MANIFEST_NAME}")) if Path(build_dir).is_dir() else []
+        hint = f" (a build root? its builds: {', '.join(inside[:4])})" if inside else ""
+        raise TmpdiffError(f"no manifest.json: not a tmpdiff build directory{hint}", Path(build_dir))
     return read_model_file(path, Manifest, "tmpdiff.manifest")
 
 

@@ -93,11 +93,11 @@ def _check_noise_process(scheduler, reference, what: str, whose: str, source: st
 def plan_scheduler_for(schedule: Schedule, current, source: str | Path | None = None):
     """The scheduler a plan names, for a pipeline whose own scheduler is `current` (None when the plan names none or
     the same class); refused when its noise process differs from the pipeline's."""
-    if schedule.scheduler is None or schedule.scheduler.class_name == type(current).__name__:
+    if schedule.scheduler is None:
         return None
     scheduler = scheduler_from(schedule.scheduler.class_name, schedule.scheduler.config, source)
     _check_noise_process(scheduler, current.config, "the plan's scheduler", "the pipeline's", source)
-    return scheduler
+    return None if schedule.scheduler.class_name == type(current).__name__ else scheduler
 
 
 def train_timesteps(scheduler) -> int:
@@ -136,10 +136,35 @@ def set_custom_timesteps(scheduler, timesteps: Sequence[int], source: str | Path
                            f"steps at {shown})", source)
 
 
+def inference_steps_for(scheduler, calls: int) -> int:
+    """The `num_inference_steps` at which `scheduler` makes `calls` denoiser calls (one per timestep): `calls` for most
+    solvers, `calls - 1` for PNDM with `skip_prk_steps` (its first PLMS step calls the model twice at one timestep).
+    Refused, naming the class, when no step count makes exactly that many calls (e.g. an even count for Heun)."""
+    probe = type(scheduler).from_config(scheduler.config)  # a copy: the caller's scheduler keeps its state
+    made = []
+    for steps in range(calls, 0, -1):  # calls never fall below the step count, and grow with it
+        try:
+            probe.set_timesteps(steps)
+        except (ValueError, TypeError, IndexError):
+            continue
+        count = len(probe.timesteps)
+        if count == calls:
+            return steps
+        made.append(f"{steps} -> {count}")
+        if count < calls:
+            break
+    raise TmpdiffError(f"{type(scheduler).__name__} makes no step count of exactly {calls} denoiser calls "
+                       f"(num_inference_steps -> calls: {', '.join(made[:3]) or 'none'}); a schedule has one precision "
+                       "per call: use another step count")
+
+
 def set_sampling_timesteps(scheduler, steps: int, timesteps: Sequence[int] | None = None) -> None:
-    """Start a run of `steps` steps: the scheduler's own spacing, or exactly `timesteps` when given."""
+    """Start a run of `steps` denoiser calls: the scheduler's own spacing (at the `inference_steps_for` them), or
+    exactly `timesteps` when given."""
     if timesteps is None:
         scheduler.set_timesteps(steps)
+        if len(scheduler.timesteps) != steps:
+            scheduler.set_timesteps(inference_steps_for(scheduler, steps))
         return
     if len(timesteps) != steps:
         raise TmpdiffError(f"{len(timesteps)} timesteps for {steps} steps")
@@ -152,8 +177,19 @@ def check_distinct_timesteps(scheduler, steps: int) -> None:
     train = train_timesteps(scheduler)
     if steps > train:
         raise TmpdiffError(f"{steps} steps, but the scheduler has {train} training timesteps: use at most {train}")
-    scheduler.set_timesteps(steps)
+    set_sampling_timesteps(scheduler, steps)
     distinct = len({float(t) for t in scheduler.timesteps})
-    if distinct < len(scheduler.timesteps):
+    if distinct < len(scheduler.timesteps) - _designed_repeats(scheduler):
         raise TmpdiffError(f"{type(scheduler).__name__} repeats timesteps at {steps} steps ({distinct} distinct of "
                            f"{len(scheduler.timesteps)}): use fewer steps")
+
+
+def _designed_repeats(scheduler) -> int:
+    """Timesteps a solver repeats by design at any step count (PNDM's second call at its first timestep), counted at
+    2 steps, where no spacing can run out of training timesteps."""
+    probe = type(scheduler).from_config(scheduler.config)
+    try:
+        probe.set_timesteps(2)
+    except (ValueError, TypeError, IndexError):
+        return 0
+    return len(probe.timesteps) - len({float(t) for t in probe.timesteps})

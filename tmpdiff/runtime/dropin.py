@@ -2,7 +2,7 @@
 
     pipe = PixArtSigmaPipeline.from_pretrained(path, transformer=None)   # the torch denoiser is never loaded
     denoiser = attach_engines(pipe, "build/pixart", schedule="schedule.json")
-    image = pipe(prompt, num_inference_steps=denoiser.steps).images[0]
+    image = pipe(prompt, num_inference_steps=denoiser.num_inference_steps).images[0]
     denoiser.trace  # what ran at each step
 
 A schedule with custom timesteps (`tmpdiff.schedule/2`) is passed through, not refused: call the pipeline with
@@ -36,7 +36,7 @@ from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import Schedule
 from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
-from tmpdiff.models.schedulers import set_custom_timesteps
+from tmpdiff.models.schedulers import inference_steps_for, plan_scheduler_for, set_custom_timesteps
 from tmpdiff.models.time_embedding_input import adapter_for_build
 from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
@@ -122,6 +122,15 @@ class EngineDenoiser(torch.nn.Module):
     def steps(self) -> int | None:
         """The step count the schedule was made for (None for a uniform precision)."""
         return self.plan.steps
+
+    @property
+    def num_inference_steps(self) -> int | None:
+        """The pipeline call's `num_inference_steps` for this schedule (None for a uniform precision): `steps` for most
+        schedulers, one fewer for PNDM, which calls the denoiser twice at its first timestep."""
+        scheduler = self._scheduler_of()
+        if self.plan.steps is None or scheduler is None:
+            return self.plan.steps
+        return inference_steps_for(scheduler, self.plan.steps)
 
     @property
     def timesteps(self) -> list[int] | None:
@@ -246,8 +255,9 @@ class EngineDenoiser(torch.nn.Module):
         self._check_custom_timesteps(timesteps)
         self._check_conditioning_timesteps(timesteps)
         if self.plan.steps is not None and len(timesteps) != self.plan.steps:
-            raise TmpdiffError(f"the schedule has {self.plan.steps} steps but the pipeline runs {len(timesteps)}: "
-                               f"call it with num_inference_steps={self.plan.steps}")
+            raise TmpdiffError(f"the schedule has {self.plan.steps} steps (one per denoiser call) but the pipeline makes "
+                               f"{len(timesteps)} calls: call it with num_inference_steps="
+                               f"{inference_steps_for(scheduler, self.plan.steps)}")
         if hasattr(scheduler, "step_index"):
             index = scheduler.step_index
             if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
@@ -425,6 +435,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         if ours != theirs:
             raise TmpdiffError(f"the schedule was calibrated with {ours}, the pipeline samples with {theirs}: set "
                                f"pipe.scheduler = {ours}.from_config(pipe.scheduler.config) or re-calibrate", plan.source)
+        plan_scheduler_for(plan.file, pipe.scheduler, plan.source)  # refuses another model's noise process
     if plan.timesteps is not None:
         check_takes_timesteps(pipe, plan)
     component = denoiser_component(pipe)
@@ -448,6 +459,9 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
         denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
     setattr(pipe, component, denoiser)
+    if hasattr(pipe, "_is_unet_config_sample_size_int"):  # StableDiffusionPipeline decides this from the UNet it was
+        # loaded with (None here), then indexes an int sample_size when no height and width are passed
+        pipe._is_unet_config_sample_size_int = isinstance(denoiser.config.sample_size, int)
     return denoiser
 
 

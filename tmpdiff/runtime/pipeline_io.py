@@ -13,6 +13,7 @@ import torch
 
 from tmpdiff.formats.atomic import read_json_object
 from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.models.schedulers import inference_steps_for
 
 DENOISER_COMPONENTS = ("transformer", "unet")
 
@@ -61,12 +62,12 @@ def load_pipeline(pipeline_dir: Path, denoiser: torch.nn.Module | None = None, *
 
 def check_pipeline_denoiser(pipeline_dir: Path, model_sha256: str, manifest_path: Path) -> None:
     """The pipeline directory's denoiser must be the model the build was exported from (same config and weights)."""
-    from tmpdiff.formats.manifest import model_content_hash
+    from tmpdiff.formats.manifest import recorded_model_hash
 
     denoiser_dir = pipeline_dir / pipeline_denoiser_name(pipeline_dir)
     if not (denoiser_dir / "config.json").is_file():
         raise TmpdiffError("the pipeline's denoiser has no config.json", denoiser_dir)
-    if model_content_hash(denoiser_dir) != model_sha256:
+    if recorded_model_hash(denoiser_dir, model_sha256) != model_sha256:
         raise TmpdiffError(f"the pipeline's denoiser differs from the model the build was exported from (config or "
                            f"weights; the build's manifest is {manifest_path}): re-export from this pipeline or pass "
                            f"the pipeline it was exported from", denoiser_dir)
@@ -92,11 +93,12 @@ def t5_length(pipe, text_len: int) -> int:
 
 def call_kwargs(pipe, *, steps: int | None, seed: int, guidance_scale: float | None, text_len: int | None,
                 sample_size: int | None, height: int | None = None, width: int | None = None) -> dict:
-    """Keyword arguments of one pipeline call at the graphs' sizes (`sample_size` latents, `text_len` tokens)."""
+    """Keyword arguments of one pipeline call of `steps` denoiser calls at the graphs' sizes (`sample_size` latents,
+    `text_len` tokens)."""
     parameters = call_parameters(pipe)
     kwargs: dict = {"generator": torch.Generator().manual_seed(seed)}
-    if steps is not None:
-        kwargs["num_inference_steps"] = steps
+    if steps is not None:  # `steps` denoiser calls (a schedule's length); PNDM makes one more than it is asked
+        kwargs["num_inference_steps"] = inference_steps_for(pipe.scheduler, steps)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     scale = getattr(pipe, "vae_scale_factor", None)
