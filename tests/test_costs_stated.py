@@ -143,14 +143,18 @@ def test_profile_records_a_measured_table(small_build):
 def test_session_checks_stated_tables(small_build, tmp_path):
     from tmpdiff.calibration.session import open_session
 
-    for name, model_id, ratios, problem in (
-            ("other.json", "other-model", {"fp32": 1.0, "fp16": 0.5}, "costs were stated for model 'other-model'"),
-            ("no-ref.json", None, {"fp16": 1.0, "fp8": 0.5}, "no cost for the reference precision fp32 (the table has "
-                                                             "fp16, fp8; this build exported fp32, fp16; --reference")):
+    manifest = small_build / "manifest.json"
+    for name, model_id, ratios, reference, problem, path in (
+            ("other.json", "other-model", {"fp32": 1.0, "fp16": 0.5}, "fp32", "costs were stated for model 'other-model'",
+             tmp_path / "other.json"),
+            ("no-ref.json", None, {"fp16": 1.0, "fp8": 0.5}, "fp32", "no cost for the reference precision fp32 (the "
+             "table has fp16, fp8; this build exported fp32, fp16; --reference", tmp_path / "no-ref.json"),
+            ("fp8-ref.json", None, {"fp16": 1.0, "fp8": 0.5}, "fp8", "the reference precision fp8 was not exported for "
+             "this build (exported: fp32, fp16)", manifest)):
         save_costs(CostsTable.stated("Test GPU", ratios, "s", model_id), tmp_path / name)
         with pytest.raises(TmpdiffError) as exc:
-            open_session(small_build, tmp_path / name, 4, seeds=[0], classes=[0])
-        assert problem in str(exc.value) and exc.value.path == tmp_path / name
+            open_session(small_build, tmp_path / name, 4, seeds=[0], classes=[0], reference=reference)
+        assert problem in str(exc.value) and exc.value.path == path
 
 
 def test_calibrate_with_a_stated_table_names_its_origin(small_build, tmp_path):

@@ -13,7 +13,7 @@ from tmpdiff.calibration.search import Problem
 from tmpdiff.engines.loading import load_engines
 from tmpdiff.formats.costs import CostsTable, load_costs
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import Manifest, load_manifest
+from tmpdiff.formats.manifest import MANIFEST_NAME, Manifest, load_manifest
 from tmpdiff.formats.schedule import SchedulerRef
 from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler, set_sampling_timesteps
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
@@ -55,6 +55,10 @@ def level_costs(build_dir: Path, manifest: Manifest, costs: CostsTable, costs_pa
     """Step costs of the levels a search may use: the table's precisions this build exported, narrowed to `levels`
     (the reference always kept); a TmpdiffError naming the costs file if one of them has no built engine."""
     usable = _usable_costs(costs, manifest, costs_path)
+    if reference in costs.precisions and reference not in manifest.precisions:
+        raise TmpdiffError(f"the reference precision {reference} was not exported for this build (exported: "
+                           f"{', '.join(manifest.precisions)}): export it or choose another --reference",
+                           build_dir / MANIFEST_NAME)
     if reference not in usable:
         raise TmpdiffError(f"no cost for the reference precision {reference} (the table has "
                            f"{', '.join(costs.precisions)}; this build exported {', '.join(manifest.precisions)}; "
@@ -63,7 +67,8 @@ def level_costs(build_dir: Path, manifest: Manifest, costs: CostsTable, costs_pa
     wanted = [p for p in usable if levels is None or p in levels or p == reference]
     unbuilt = [p for p in wanted if p not in built]
     if unbuilt:
-        raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`", costs_path)
+        raise TmpdiffError(f"no {backend} engine built for {', '.join(unbuilt)}: run `tmpdiff build {build_dir}`"
+                           f"{'' if backend == 'ort' else f' --backend {backend}'}", build_dir)
     return {p: usable[p] for p in wanted}
 
 

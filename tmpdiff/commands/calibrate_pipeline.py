@@ -99,7 +99,7 @@ def print_result(result: CalibrationResult, session: PipelineSession, judged: di
     f = result.file
     typer.echo(f"schedule: {' '.join(f.precisions)}")
     typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured speedup {f.measured.speedup:.3f}x "
-               f"({f.measured.schedule_ms:.1f} vs {f.measured.reference_ms:.1f} ms of denoiser calls all-{f.reference}, "
+               f"(denoiser calls {f.measured.schedule_ms:.1f} ms, all-{f.reference} {f.measured.reference_ms:.1f} ms, "
                f"median of {f.measured.repeats}, {f.measured.device})")
     psnr = "inf" if f.measured.psnr is None else f"{f.measured.psnr:.2f} dB"
     typer.echo(f"measured error {f.measured.error:.4g} ({metric}), latent error {f.measured.latent_error:.4g}, "

@@ -63,8 +63,8 @@ def load_built_engines(build_dir: Path, manifest: Manifest, backend: str, device
     built = manifest.built_precisions(backend, device)
     missing = sorted(set(needed) - set(built))
     if missing and not built:
-        raise TmpdiffError(f"no {backend} engine is built for {device}: run `tmpdiff build {build_dir} --backend {backend}`"
-                           + ("" if backend == "trt" else f" --device {device}"), build_dir)
+        raise TmpdiffError(f"no {backend} engine is built for {device}: run `tmpdiff build {build_dir} --backend {backend}"
+                           + ("" if backend == "trt" else f" --device {device}") + "`", build_dir)
     if missing:
         raise TmpdiffError(f"{what} uses {', '.join(missing)} but only {', '.join(built)} {backend} engines "
                            f"are built for {device}", build_dir)
