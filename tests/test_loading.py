@@ -67,3 +67,28 @@ def test_pickle_checkpoint_refused_not_unpickled(tmp_path, bundled):
     with pytest.raises(TmpdiffError, match="pickle checkpoints"):
         load_diffusers_model(tmp_path)
     assert not marker.exists()
+
+
+def test_model_identity_leaves_out_where_a_config_was_saved(tmp_path, bundled):
+    """A model is its weights and config keys: `_name_or_path` / `_diffusers_version` do not change its hash, another
+    key does; a build that recorded the hash of config.json's bytes (before that rule) still matches its model."""
+    import hashlib
+
+    from tmpdiff.formats.atomic import sha256_file
+    from tmpdiff.formats.manifest import model_content_hash, recorded_model_hash
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled.transformer_dir, model)
+    before = model_content_hash(model)
+    legacy = hashlib.sha256()
+    for path in sorted([model / "config.json", *model.glob("*.safetensors")]):
+        legacy.update(path.name.encode())
+        legacy.update(sha256_file(path).encode())
+    assert recorded_model_hash(model, legacy.hexdigest()) == legacy.hexdigest() != before
+    assert recorded_model_hash(model, None) == before and recorded_model_hash(model, "0" * 64) == before
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"_name_or_path": "/else", "_diffusers_version": "0.1"}))
+    assert model_content_hash(model) == before
+    assert recorded_model_hash(model, legacy.hexdigest()) == before  # the bytes changed: no longer the old record
+    (model / "config.json").write_text(json.dumps(config | {"num_layers": config["num_layers"] + 1}))
+    assert model_content_hash(model) != before

@@ -342,7 +342,11 @@ def copy_into(spec: TensorSpec, buffer: torch.Tensor, value: Any, adapter: Denoi
         return
     if tuple(tensor.shape) != tuple(buffer.shape):
         hint = ""
-        if spec.name == "encoder_hidden_states":
+        if spec.name == "encoder_hidden_states" and adapter.architecture == "UNet2DConditionModel":
+            hint = (f" (the graph was exported for {adapter.text_len} text tokens, the pipeline passes {tensor.shape[1]}: "
+                    f"Stable Diffusion pipelines pad to their CLIP tokenizer's length, so re-export with --text-len "
+                    f"{tensor.shape[1]})")
+        elif spec.name == "encoder_hidden_states":
             hint = (f" (the graph was exported for {adapter.text_len} text tokens: call the pipeline with "
                     f"max_sequence_length to match, or re-export with --text-len)")
         elif spec.name in ("hidden_states", "sample"):
