@@ -131,18 +131,24 @@ def test_in_process_calls_leave_sigterm_and_ctrl_c_to_the_host(monkeypatch):
     main(["--version"])  # as the `tmpdiff` command: it installs its handler, and restores the one before it
     assert installed.count(signal.SIGTERM) == 2 and signal.getsignal(signal.SIGTERM) == before
 
+    from tmpdiff.commands import info as info_module
+
     def ctrl_c(*_, **__):
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as exc:  # what click does with Ctrl-C
-            raise typer.Abort() from exc
+        raise KeyboardInterrupt  # Ctrl-C inside a command (typer turns it into exit code 130)
+
+    monkeypatch.setattr(info_module, "build_info", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        main(["info", "x"], own_process=False)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["info", "x"])  # as the command: unwinds, says so and exits 130
+    assert code == 130 and err.getvalue().strip() == "interrupted", err.getvalue()
 
     def aborted(*_, **__):
         raise typer.Abort()  # e.g. a declined prompt: not Ctrl-C
 
-    monkeypatch.setattr(cli_module, "app", ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        main(["info", "x"], own_process=False)
-    assert main(["info", "x"]) == 130  # as the command: unwinds and exits 130
     monkeypatch.setattr(cli_module, "app", aborted)
     assert main(["info", "x"], own_process=False) == 130

@@ -459,7 +459,7 @@ def run(
     if draft_min_alpha and (prompt is None or parallel == 1):
         raise TmpdiffError("--draft-min-alpha applies to --pipeline --parallel N (N > 1)")
     targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
-    paths = check_outputs(targets, force=force, inputs=[schedule], build_dirs=[build_dir])
+    paths = check_outputs(targets, force=force, inputs=[schedule, pipeline], build_dirs=[build_dir])
     extra: dict = {}
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
                "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}
@@ -615,7 +615,7 @@ def calibrate(
     report_files = ("calibration_report.md", "validation.json", "sensitivities.png", "score_fit.png", "images.png",
                     "calibration_report.json", "grid.png")
     targets = [Output.file("--out", out, ".json")] + ([Output.folder("--report", report, report_files)] if report else [])
-    inputs = [costs, *(p for p in (prompts, timesteps_from) if p is not None)]
+    inputs = [costs, *(p for p in (prompts, timesteps_from, pipeline) if p is not None)]
     paths = check_outputs(targets, force=force, inputs=inputs, build_dirs=[build_dir])
     out, report = paths["--out"], paths.get("--report")
     if pipeline is not None:
@@ -657,6 +657,7 @@ def calibrate(
                                on_notice=console.print, timesteps=timesteps)
         try:
             result = run_calibration(session, target, method, tolerance, refine_schedule=refine)
+            save_schedule(result.file, out)  # before the report: the search's result is kept whatever happens after
             if report is not None:
                 from tmpdiff.calibration.report import write_calibration_report
 
@@ -664,7 +665,6 @@ def calibrate(
                 write_calibration_report(session, result, report)
         finally:
             session.evaluator.close()
-    save_schedule(result.file, out)
     f = result.file
     typer.echo(f"schedule: {' '.join(f.precisions)}" + (f" at timesteps {f.timesteps}" if f.timesteps else ""))
     typer.echo(f"predicted speedup {f.predicted.speedup:.3f}x, measured speedup {f.measured.speedup:.3f}x "
@@ -726,7 +726,8 @@ def bench(
         _check_speedup(target, "--speedups")
     check_threads(threads)
     walk_levels = None if exhaustive_levels is None else [p.strip() for p in exhaustive_levels.split(",") if p.strip()]
-    out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs], build_dirs=[build_dir])["--out"]
+    out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs, pipeline, prompts, unseen_prompts],
+                        build_dirs=[build_dir])["--out"]
     progress = _elapsed_progress()
     if pipeline is not None:
         from tmpdiff.calibration.pipeline_bench import pipeline_bench
@@ -1027,6 +1028,9 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
 
 
+INTERRUPTED = 130  # 128 + SIGINT: the exit code of a command stopped by Ctrl-C
+
+
 def _terminated(signum: int, frame) -> None:
     """SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C: in-flight temp files are removed on the way out."""
     console.print("terminated")
@@ -1048,6 +1052,8 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if own_process else None
     try:
         code = app(args, standalone_mode=False)  # click returns a typer.Exit's code here
+        if code == INTERRUPTED:  # typer turns a Ctrl-C (KeyboardInterrupt) that unwound the command into this code
+            raise KeyboardInterrupt
     except TmpdiffError as exc:
         if _state["debug"] or "--debug" in args:
             raise
@@ -1057,7 +1063,7 @@ def main(argv: list[str] | None = None, *, own_process: bool = True) -> int:
         if not own_process and KeyboardInterrupt in (type(exc), type(exc.__cause__)):
             raise KeyboardInterrupt from None  # Ctrl-C is the host's: a test run stops rather than failing one test
         console.print("interrupted")
-        return 130
+        return INTERRUPTED
     except typer.TyperException as exc:  # typer's own click: usage errors, bad option values
         if not hasattr(exc, "format_message"):
             raise
