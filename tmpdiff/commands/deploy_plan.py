@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmpdiff.formats.atomic import directory_lock, sha256_file
+from tmpdiff.formats.atomic import check_confined, directory_lock, sha256_file
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MixedEntry, load_manifest, mixed_name, mixed_problem, save_manifest
 from tmpdiff.formats.tmpq_plan import load_tmpq_plan
@@ -79,6 +79,7 @@ def _export(build_dir: Path, manifest, supernet, layers: list[str], config: list
     from tmpdiff.models.registry import adapter_for_config
 
     directory = build_dir / "mixed" / name
+    check_confined(directory)
     directory.mkdir(parents=True, exist_ok=True)
     trt_base = _trt_base(manifest, config)
     graphs = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), directory, trt_base)

@@ -99,8 +99,10 @@ def distill_embeddings(model: str, cfg: DistillConfig, losses: list[str], out: P
                        prompts: Path | None = None, guidance_scale: float | None = None,
                        max_sequence_length: int | None = None) -> DistillOutcome:
     """Check the output, distill once per loss, keep the one with the lower held-out final-sample error, write it."""
+    from tmpdiff.commands.export import model_root
+
     out = check_outputs([Output.file("--out", out, ".safetensors")], force=force,
-                        inputs=[prompts])["--out"]
+                        inputs=[prompts, model_root(model)])["--out"]
     if cfg.steps < 1:
         raise TmpdiffError(f"--steps must be at least 1, got {cfg.steps}")
     torch.manual_seed(seed)

@@ -29,6 +29,16 @@ def resolve_model_dir(model: str, subfolder: str | None) -> Path:
     return root / subfolder if subfolder else root
 
 
+def model_root(model: str) -> Path:
+    """The directory a MODEL argument names (`bundled`, `bundled-t2i`: the packaged ones): a command's input, which no
+    output may land inside."""
+    if model == BUNDLED_T2I:
+        from tmpdiff.models.tiny_t2i import t2i_dir
+
+        return t2i_dir()
+    return bundled_dir() if model == "bundled" else Path(model)
+
+
 def pipeline_of(model_dir: Path) -> Path | None:
     """The pipeline directory a denoiser directory is a component of (MODEL --subfolder transformer), if any."""
     root = model_dir.parent

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tmpdiff.calibration.tmpq import TmpqOptions, TmpqOutcome, class_conditional_sets, measure_layer_costs, search_plan
+from tmpdiff.commands.export import model_root
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.layer_costs import LayerCostsTable, load_layer_costs, save_layer_costs
 from tmpdiff.formats.outputs import Output, check_outputs
@@ -22,7 +23,8 @@ def layer_costs_command(build_dir: Path, out: Path, model: str, precisions: list
                         repeats: int, threads: int | None, force: bool, console: Console,
                         backend: str = "ort") -> LayerCostsTable:
     """Measure and write the per-layer costs table; returns it."""
-    out = check_outputs([Output.file("--out", out, ".json")], force=force, build_dirs=[build_dir])["--out"]
+    out = check_outputs([Output.file("--out", out, ".json")], force=force, inputs=[model_root(model)],
+                        build_dirs=[build_dir])["--out"]
     with console.status("building the super-network and profiling the engines"):
         table = measure_layer_costs(build_dir, denoiser_dir(model), precisions, batch, warmup, repeats, threads, backend,
                                     on_start=lambda names: console.print(f"profiling {', '.join(names)} interleaved, "
@@ -116,7 +118,7 @@ def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_
     outputs = [Output.file("--out", out, ".json")]
     if schedule_out is not None:
         outputs.append(Output.file("--schedule-out", schedule_out, ".json"))
-    inputs = [layer_costs, *([] if pipeline is None else pipeline.files)]
+    inputs = [layer_costs, model_root(model), *([] if pipeline is None else pipeline.files)]
     paths = check_outputs(outputs, force=force, inputs=inputs, build_dirs=[build_dir])
     table = load_layer_costs(layer_costs)
     if pipeline is None:

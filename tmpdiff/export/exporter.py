@@ -253,8 +253,12 @@ def export_model(
 
 
 def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> Path:
-    """Where an export of `model_dir` goes: OUT/<model-id> (default: the model directory's name)."""
-    return out_root / (model_id or model_dir.resolve().name)
+    """Where an export of `model_dir` goes: OUT/<model-id> (default: the model directory's name); a model id is one
+    folder name, never a path."""
+    name = model_id or model_dir.resolve().name
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise TmpdiffError(f"--model-id {name!r} must be one folder name (it names OUT/<model-id>), not a path")
+    return out_root / name
 
 
 def check_build_model(build_dir: Path, model_dir: Path, replace: bool) -> None:

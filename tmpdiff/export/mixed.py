@@ -26,7 +26,7 @@ from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
 from tmpdiff.export.half import to_half
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.supernet import SuperNet
-from tmpdiff.formats.atomic import TEMP_SUFFIX, temp_prefix
+from tmpdiff.formats.atomic import TEMP_SUFFIX, check_confined, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
 from tmpdiff.models.adapter import DenoiserAdapter
@@ -80,6 +80,7 @@ def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAda
     import shutil
     import tempfile
 
+    check_confined(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=TEMP_SUFFIX, dir=directory.parent))
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from tmpdiff.formats.atomic import TEMP_SUFFIX, temp_prefix
+from tmpdiff.formats.atomic import TEMP_SUFFIX, check_confined, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
 
 # Graphs whose tensors exceed this go to one external `.data` file. Well under protobuf's 2 GB so the graph itself
@@ -79,6 +79,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, force_external: bool = F
     twice. Use the saved file (or `weightless`) afterwards, not the proto's weights.
     """
     path = Path(path)
+    check_confined(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     referenced = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model))
     if referenced and data_dir is None:

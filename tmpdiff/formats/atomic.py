@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,17 @@ class WriteGuard:
 
 
 _guard = WriteGuard()
+_locked_dirs: list[Path] = []  # build directories whose lock this process holds: every write under one stays in it
+
+
+def check_confined(path: str | Path) -> None:
+    """Refuse a write to `path` under a locked build directory (`directory_lock`) that a symbolic link would lead out
+    of it: a build's files are written only inside the build directory, never through a link into a user's folder."""
+    lexical = Path(os.path.abspath(path))
+    for root in _locked_dirs:
+        if lexical.is_relative_to(root) and not _real(lexical).is_relative_to(_real(root)):
+            raise TmpdiffError(f"a symbolic link leads this path out of the build directory {root}; tmpdiff writes a "
+                               "build only inside it: remove the link", path)
 
 
 def guard_writes(inputs: set[Path], new: set[Path]) -> None:
@@ -88,6 +100,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds (and the running
     command's `WriteGuard` allows)."""
     final = Path(final)
+    check_confined(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final.name), suffix=TEMP_SUFFIX, dir=final.parent)
     os.close(fd)
@@ -106,6 +119,7 @@ def replace_directory(staging: str | Path, final: str | Path) -> None:
     """Put a finished `staging` directory at `final`, replacing what was there: the old one is moved aside first and
     removed after, so `final` is always either the old or the new directory, never a mix."""
     staging, final = Path(staging), Path(final)
+    check_confined(final)
     backup = final.with_name(f".{final.name}.old")
     shutil.rmtree(backup, ignore_errors=True)
     if final.exists():
@@ -202,6 +216,12 @@ def lock_holder(directory: str | Path) -> int | None:
             return int((directory / OWNER_NAME).read_text().strip())
         except (OSError, ValueError):
             return -1  # held, but the holder has not written its PID yet
+    except OSError:  # a read-only build (a deployment's mount) or another user's lock file: ask the owner file
+        try:
+            owner = int((directory / OWNER_NAME).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return owner if _process_alive(owner) else None
 
 
 @contextlib.contextmanager
@@ -215,11 +235,11 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0,
     from filelock import FileLock, Timeout
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(directory / LOCK_NAME), timeout=timeout)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(directory / LOCK_NAME), timeout=timeout)
         lock.acquire(timeout=0)
-    except Timeout:
+    except Timeout:  # (a TimeoutError, so an OSError: caught first)
         holder = lock_holder(directory)
         on_wait(f"waiting for PID {holder if holder and holder > 0 else '?'}, which is writing {directory} "
                 f"(at most {timeout:.0f} s; --wait sets the limit)")
@@ -228,19 +248,47 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0,
         except Timeout:
             raise TmpdiffError(f"another tmpdiff process (PID {holder}) still holds the lock after {timeout:.0f} s",
                                directory / LOCK_NAME) from None
+    except OSError as exc:  # a read-only or foreign folder
+        raise TmpdiffError(f"cannot write the build directory ({exc.strerror or exc})", directory) from None
+    _locked_dirs.append(Path(os.path.abspath(directory)))
     try:
         (directory / OWNER_NAME).write_text(f"{os.getpid()}\n")
         remove_interrupted_writes(directory)
         yield
     finally:
+        _locked_dirs.pop()
         (directory / OWNER_NAME).unlink(missing_ok=True)
         lock.release()
+
+
+MAX_TEXT_BYTES = 256 * 2**20  # JSON and prompt files tmpdiff reads are kilobytes to megabytes
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A regular file's text: a FIFO, device or directory (which would block or never end) and anything past
+    MAX_TEXT_BYTES are refused naming the path; unreadable or non-UTF-8 bytes too."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise TmpdiffError(f"cannot read the {what} ({exc.strerror or exc})", path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise TmpdiffError(f"the {what} is not a regular file", path)
+    if info.st_size > MAX_TEXT_BYTES:
+        raise TmpdiffError(f"the {what} is {info.st_size / 2**20:.0f} MiB, more than any tmpdiff {what} "
+                           f"({MAX_TEXT_BYTES // 2**20} MiB)", path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TmpdiffError(f"cannot read the {what} ({exc.strerror or exc})", path) from None
+    except UnicodeDecodeError as exc:
+        raise TmpdiffError(f"not valid UTF-8 text ({exc})", path) from None
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object; anything else is a TmpdiffError naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_text_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
     except RecursionError:
@@ -258,7 +306,7 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
     if missing is not None and not path.is_file():
         raise TmpdiffError(f"{missing} {'is not a regular file' if path.exists() else 'does not exist'}", path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text_file(path, what))
         if isinstance(data, dict) and "format" in model_cls.model_fields and "format" not in data:
             raise TmpdiffError(f"not a valid {what} (no 'format' field)", path)
         return model_cls.model_validate(data)

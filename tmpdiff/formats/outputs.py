@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmpdiff.formats.atomic import LOCK_NAME, OWNER_NAME, guard_writes
+from tmpdiff.formats.atomic import LOCK_NAME, OWNER_NAME, guard_writes, read_json_object
 from tmpdiff.formats.errors import TmpdiffError
 
 
@@ -46,18 +46,20 @@ def managed_paths(build_dir: Path) -> list[Path]:
     """What a build directory owns: its manifest and lock, each precision's folder, the deployed layer configurations'
     folder, every path its manifest names."""
     from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
+    from tmpdiff.formats.precisions import PRECISIONS
 
     root = Path(build_dir).resolve()
-    owned = [root / MANIFEST_NAME, root / LOCK_NAME, root / OWNER_NAME]
+    # every precision's folder, recorded or not (an unfinished export's), and the layer configurations' folder
+    owned = [root / MANIFEST_NAME, root / LOCK_NAME, root / OWNER_NAME, root / "mixed", *(root / n for n in PRECISIONS)]
     try:
         manifest = load_manifest(build_dir)
-    except TmpdiffError:
+    except TmpdiffError:  # a manifest this tmpdiff cannot read (a newer one's): the folders above are still its
         return owned
     owned += [root / name for name in manifest.precisions]
     for entry in manifest.precisions.values():
         owned += [root / rel for rel, _ in entry.files()]
     owned += [root / engine.path for engine in manifest.engines.values()]
-    owned += [root / "mixed"] + [root / rel for entry in manifest.mixed.values() for rel, _ in entry.files()]
+    owned += [root / rel for entry in manifest.mixed.values() for rel, _ in entry.files()]
     if manifest.time_embedding_input is not None:
         owned.append(root / manifest.time_embedding_input.own_table)
     return owned + [real for real in map(_resolved_or_none, owned) if real is not None and real not in owned]
@@ -72,17 +74,19 @@ def _resolved_or_none(path: Path) -> Path | None:
 
 
 def build_dirs_holding(path: Path) -> list[Path]:
-    """The build directories (a folder with a readable tmpdiff manifest) among `path`'s parents."""
-    from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
+    """The build directories (a folder whose manifest.json says it is a tmpdiff manifest, of any version, valid or
+    not) among `path`'s parents."""
+    from tmpdiff.formats.manifest import MANIFEST_NAME
 
     found = []
     for folder in path.parents:
         if (folder / MANIFEST_NAME).is_file():
             try:
-                load_manifest(folder)
+                data = read_json_object(folder / MANIFEST_NAME)
             except TmpdiffError:
                 continue
-            found.append(folder)
+            if str(data.get("format", "")).startswith("tmpdiff.manifest"):
+                found.append(folder)
     return found
 
 
@@ -116,6 +120,7 @@ def _check_one(output: Output, force: bool) -> Path:
         nearest = next(p for p in path.absolute().parents if os.path.lexists(p))  # "/" always exists
         if not nearest.is_dir():
             raise TmpdiffError(f"{output.option}: {nearest} is not a directory", path)
+        _check_writable(output.option, nearest, path)
         return path
     mode = os.stat(path).st_mode
     kind = _kind(mode)
@@ -126,19 +131,36 @@ def _check_one(output: Output, force: bool) -> Path:
             raise TmpdiffError(f"{output.option} must be a directory, found a file", path)
         if any(path.iterdir()) and not force:
             raise TmpdiffError(f"{output.option} is a directory that is not empty; pass --force to write into it", path)
+        _check_writable(output.option, path, path)  # files are made in it
         return path
     if stat.S_ISDIR(mode):
         raise TmpdiffError(f"{output.option} is a directory; name a file", path)
     if not force:
         raise TmpdiffError(f"{output.option} exists; pass --force to replace it", path)
+    _check_writable(output.option, path.parent, path)  # the file is replaced by a rename in its folder
     return path
+
+
+def _check_writable(option: str, folder: Path, path: Path) -> None:
+    """Refuse before any work an output whose folder this process cannot write (a read-only mount, /proc, /sys):
+    a file is made there and removed, as the write will (permission bits say nothing for root or special mounts)."""
+    import tempfile
+
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".tmpdiff-probe.", dir=folder)
+    except OSError as exc:
+        raise TmpdiffError(f"{option}: cannot write in {folder} ({exc.strerror or exc})", path) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Iterable[str | Path | None] = (),
                   build_dirs: Iterable[str | Path] = ()) -> dict[str, Path]:
-    """Check every output of a command before it does any work; returns option -> path to write."""
+    """Check every output of a command before it does any work; returns option -> path to write. An input that is a
+    directory (a model, a pipeline) takes no output anywhere inside it."""
     outputs = [o for o in outputs if o.path is not None]
     resolved_inputs = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+    input_dirs = {real: given for real, given in resolved_inputs.items() if real.is_dir()}  # a model, a pipeline
     named = [Path(b).resolve() for b in build_dirs]
     owned_by_named = [path for build_dir in named for path in managed_paths(build_dir)]
     chosen: dict[str, Path] = {}
@@ -154,6 +176,9 @@ def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Ite
             if target in resolved_inputs:
                 raise TmpdiffError(f"{option} is also an input of this command ({resolved_inputs[target]})",
                                    output.path)
+            inside = next((given for real_dir, given in input_dirs.items() if target.is_relative_to(real_dir)), None)
+            if inside is not None:
+                raise TmpdiffError(f"{option} is inside {inside}, an input of this command", output.path)
             if target in seen:
                 raise TmpdiffError(f"{option} is the same path as {seen[target]}", output.path)
             for managed in owned:
