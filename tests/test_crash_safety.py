@@ -320,8 +320,10 @@ def test_export_killed_at_timed_points_then_rerun(exported, tmp_path):
                f"({sig.name}): manifest {state}; leftovers {[str(p.relative_to(build_dir)) for p in temps(build_dir)]}; "
                f"check exit {code}: {lines or 'ok'}")
         assert run.proc.returncode == (CLEAN_EXITS.get(sig, -sig) if killed else 0), run.stderr()
-        if code == 1 and state is not None:
-            assert temps(build_dir), "with an intact manifest and no leftovers, check must pass"
+        if code == 1 and state is not None:  # leftovers: temps, or a precision's files not recorded yet
+            unrecorded = [line for line in lines if "files the manifest does not record" in line]
+            assert temps(build_dir) or unrecorded, "with an intact manifest and no leftovers, check must pass"
+            assert not any(line.split(":", 1)[0].endswith(tuple(state[0])) for line in unrecorded), (state, lines)
 
     final = subprocess.run([TMPDIFF, *args], capture_output=True, text=True, timeout=TIMEOUT)
     assert final.returncode == 0 and "Traceback" not in final.stderr, final.stderr

@@ -447,3 +447,110 @@ def test_a_probe_of_the_build_lock_is_not_a_writer(tmp_path):
         reader.start()
         reader.join()
     assert holder == [os.getpid()]
+
+
+# --- review findings: inputs that are folders, links out of a build, read-only places, special files ----------------
+
+def test_no_output_lands_inside_a_model_or_pipeline_the_command_reads(build, work):
+    from tmpdiff.models.bundled import bundled_dir
+
+    model = work / "model"
+    shutil.copytree(bundled_dir(), model)
+    refused(["layer-costs", build, "--model", model, "--out", model / "transformer" / "config.json", "--force"],
+            "inside", str(model), roots=(model, build))
+    refused(["distill-embeddings", model, "--steps", "4", "--out", model / "transformer" / "e.safetensors",
+             "--iterations", "1", "--force"], "inside", roots=(model,))
+    refused(["run", build, "--pipeline", model, "--prompt", "a cat", "--precision", "fp32", "--out", work / "x.png",
+             "--trace", model / "model_index.json", "--force"], "inside", roots=(model, build))
+
+
+def test_build_writes_never_follow_a_link_out_of_the_build(work):
+    from tmpdiff.formats.atomic import directory_lock, write_json
+
+    outside = work / "outside"
+    outside.mkdir()
+    (outside / "model.onnx").write_text("mine")
+    build_dir = work / "out" / "tiny-dit"
+    build_dir.mkdir(parents=True)
+    (build_dir / "fp32").symlink_to(outside)
+    code, _, err = cli("export", "bundled", "--out", work / "out", "--precisions", "fp32")
+    assert code == 2 and "a symbolic link leads this path out of the build directory" in err and "Traceback" not in err
+    with directory_lock(build_dir), pytest.raises(Exception, match="symbolic link leads this path out"):
+        write_json(build_dir / "fp32" / "x.json", {})
+    write_json(work / "elsewhere.json", {})  # outside the locked build: not confined
+    assert sorted(p.name for p in outside.iterdir()) == ["model.onnx"] and (outside / "model.onnx").read_text() == "mine"
+    refused(["export", "bundled", "--out", work / "out", "--model-id", "../escaped", "--precisions", "fp32"],
+            "one folder name", roots=(work,))
+
+
+def test_a_manifest_this_version_cannot_read_still_protects_its_build(tampered, work):
+    data = json.loads((tampered / "manifest.json").read_text())
+    data["format"] = "tmpdiff.manifest/99"
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    ratio = ["costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s"]
+    refused([*ratio, "--out", tampered / "manifest.json", "--force"], "manages", roots=(tampered,))
+    refused([*ratio, "--out", tampered / "int8" / "quant_config.json", "--force"], "manages", roots=(tampered,))
+
+
+def test_special_files_and_read_only_places(build, work, monkeypatch):
+    fifo = work / "schedule.json"
+    os.mkfifo(fifo)
+    refused(["run", build, "--schedule", fifo, "--out", work / "x.png"], "not a regular file", roots=(build,))
+    code, out, err = cli("check", build, "--schedule", fifo)
+    assert code == 1 and "not a regular file" in out and "Traceback" not in err, (out, err)
+    if Path("/proc").is_dir():  # a folder nobody can write into: refused before any work
+        refused(["costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s", "--out", "/proc/c.json"],
+                "cannot write in /proc")
+    # a read-only build (a deployment's mount): its lock cannot be probed by opening it, and nobody is writing it
+    import filelock
+
+    from tmpdiff.formats.atomic import lock_holder
+
+    def read_only(*_, **__):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+    (build / ".lock").touch()
+    assert lock_holder(build) is None
+    code, _, err = cli(*run_args(build, "--out", work / "ro.png"))
+    assert code == 0, err
+
+
+def test_scheduler_configs_diffusers_refuses_are_named(tampered, work):
+    schedule = work / "s.json"
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    config = dict(manifest["sampling"]["scheduler_config"]) | {"timestep_spacing": "bogus"}
+    schedule.write_text(json.dumps({"format": "tmpdiff.schedule/1", "steps": 2, "precisions": ["fp32", "fp32"],
+                                    "scheduler": {"class_name": manifest["sampling"]["scheduler_class"], "config": config}}))
+    refused(["run", tampered, "--schedule", schedule, "--out", work / "x.png"], str(schedule), "bogus is not supported",
+            roots=(tampered,))
+    manifest["sampling"]["scheduler_config"]["beta_schedule"] = "nope"
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    problems = _problems(tampered)
+    assert any("sampling:" in line and "nope" in line for line in problems), problems
+    manifest["sampling"] |= {"num_classes": 1000, "null_class": 1000}  # not the exported DiT's (10 classes + null)
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    problems = _problems(tampered)
+    assert any("label table has 10 classes" in line for line in problems), problems
+    refused(run_args(tampered, "--out", work / "y.png"), "label table has 10 classes", roots=(tampered,))
+
+
+def test_check_names_a_check_input_that_cannot_be_read(tampered):
+    from tmpdiff.formats.atomic import sha256_file
+
+    path = tampered / "int8" / "check_io.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    manifest = load_manifest(tampered)
+    manifest.precisions["int8"].artifacts["int8/check_io.safetensors"] = sha256_file(path)
+    save_manifest(tampered, manifest)
+    problems = _problems(tampered)
+    assert any("check input" in line and "cannot be read" in line for line in problems), problems
+
+
+def test_calibrate_on_one_sample_writes_its_report_and_schedule_first(build, work):
+    code, _, err = cli("costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s", "--out", work / "c.json")
+    assert code == 0, err
+    code, _, err = cli("calibrate", build, "--costs", work / "c.json", "--speedup", "1.05", "--steps", "3",
+                       "--calib-classes", "0", "--calib-seeds", "0", "--out", work / "s.json", "--report", work / "rep")
+    assert code == 0, err
+    assert (work / "s.json").is_file() and (work / "rep" / "images.png").is_file()

@@ -143,6 +143,10 @@ def test_a_plan_for_another_build_is_refused(deployment, tmp_path):
     save_tmpq_plan(plan.model_copy(update={"model_id": "another-model"}), other)
     code, _, err = cli("deploy-plan", build_dir, other)
     assert code == 2 and "another-model" in err
+    code, _, err = cli("run", build_dir, "--schedule", other, "--class", "1", "--out", tmp_path / "o.png")  # run too
+    assert code == 2 and "the plan was searched on 'another-model'" in err and str(other) in err, err
+    code, out, _ = cli("check", build_dir, "--schedule", other)
+    assert code == 1 and "another-model" in out, out
     fewer = tmp_path / "fewer.json"
     save_tmpq_plan(plan.model_copy(update={"layers": plan.layers[:-1], "configs": [c[:-1] for c in plan.configs]}),
                    fewer)

@@ -54,7 +54,7 @@ def plot_fits(validation: dict, path: Path) -> None:
 
 def image_strip(rows: dict[str, np.ndarray], path: Path, count: int = 10) -> None:
     """One row of samples per schedule name."""
-    fig, axes = plt.subplots(len(rows), count, figsize=(count * 0.8, len(rows) * 0.95))
+    fig, axes = plt.subplots(len(rows), count, figsize=(count * 0.8, len(rows) * 0.95), squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
         for c in range(count):
             ax = axes[r][c]

@@ -36,6 +36,16 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
     except TmpdiffError as exc:
         return [*problems, Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`")]
     root = build_dir.resolve()
+    problems += _unrecorded_precisions(build_dir, manifest)
+    if manifest.sampling is not None:  # what `run` and `calibrate` sample with
+        from tmpdiff.models.schedulers import sampling_scheduler
+
+        try:
+            manifest.require_sampling(build_dir)
+            sampling_scheduler(manifest.sampling)
+        except TmpdiffError as exc:
+            problems.append(Problem(str(build_dir / "manifest.json"), f"sampling: {str(exc).split(': ', 1)[-1]}",
+                                    "re-export from a model directory whose scheduler config diffusers accepts"))
     for name, entry in manifest.precisions.items():
         broken = precision_problems(build_dir, entry)
         for path, problem in broken:
@@ -76,6 +86,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
         if is_tmpq_plan(schedule_path):  # a TMPQ-DM plan: its layer configurations must be deployed here
             try:
                 plan = resolve_plan(schedule_path)
+                plan.check_model(manifest.model_id)
                 schedule_scheduler(plan.file, manifest.sampling)
             except TmpdiffError as exc:
                 problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff search-plan`"))
@@ -129,6 +140,7 @@ class Replay:
 def replay_check_inputs(build_dir: Path, manifest, backend: str, device: str) -> dict[str, Replay]:
     """Load the engines `run` would load for this backend and device and run each on the input recorded at export."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from tmpdiff.engines.loading import load_engines
@@ -144,7 +156,14 @@ def replay_check_inputs(build_dir: Path, manifest, backend: str, device: str) ->
         if f"{name}/{CHECK_IO_NAME}" not in manifest.precisions[name].artifacts:
             replays[name] = Replay(name, None, float("inf"), "no recorded check input (exported by an older tmpdiff)")
             continue
-        recorded = load_file(str(io_path))
+        try:
+            recorded = load_file(str(io_path))
+        except (OSError, SafetensorError) as exc:  # a file whose recorded hash was rewritten with it
+            replays[name] = Replay(name, None, float("inf"), f"its recorded check input {io_path} cannot be read ({exc})")
+            continue
+        if not any(k.startswith("output.") for k in recorded):
+            replays[name] = Replay(name, None, float("inf"), f"its recorded check input {io_path} holds no output")
+            continue
         inputs = {k.removeprefix("input."): torch.from_numpy(v).to(on) for k, v in recorded.items() if k.startswith("input.")}
         want = {k.removeprefix("output."): v for k, v in recorded.items() if k.startswith("output.")}
         got = {k: torch.zeros(v.shape, dtype=torch.from_numpy(v).dtype, device=on) for k, v in want.items()}
@@ -237,3 +256,18 @@ def calibration_notes(build_dir: Path) -> list[str]:
         else:
             notes.append(f"{name}: calibrated on {source}, {calibration.get('batches')} batches")
     return notes
+
+
+def _unrecorded_precisions(build_dir: Path, manifest) -> list[Problem]:
+    """A precision's folder the manifest does not record: an export stopped between writing its files and recording
+    them, or an earlier build's (another model's, replaced with --force). `run` never reads it."""
+    from tmpdiff.formats.precisions import PRECISIONS
+
+    found = []
+    for name in sorted(set(PRECISIONS) - set(manifest.precisions)):
+        folder = build_dir / name
+        if folder.is_dir() and not folder.is_symlink() and any(folder.iterdir()):
+            found.append(Problem(str(folder), f"{name} files the manifest does not record (an export that did not "
+                                 "finish, or an earlier build's)", f"re-run `tmpdiff export --precisions {name}`, or "
+                                 "delete the folder"))
+    return found

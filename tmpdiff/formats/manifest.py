@@ -252,6 +252,11 @@ class Manifest(BaseModel):
             raise TmpdiffError("the build directory has no sampling info (exported from a model without tmpdiff_model.json); "
                                "run a text-conditioned model inside its pipeline: --pipeline DIR --prompt TEXT",
                                Path(build_dir) / MANIFEST_NAME)
+        labels = self.denoiser_config.get("num_embeds_ada_norm")  # a DiT's label table: the classes, then the null one
+        if isinstance(labels, int) and max(self.sampling.num_classes, self.sampling.null_class) > labels:
+            raise TmpdiffError(f"sampling names {self.sampling.num_classes} classes and null class "
+                               f"{self.sampling.null_class}, the exported model's label table has {labels} classes and "
+                               "the null one: not this model's sampling info", Path(build_dir) / MANIFEST_NAME)
         return self.sampling
 
     def built_precisions(self, backend: str, device: str) -> list[str]:

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tmpdiff.formats.atomic import read_text_file
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.digits import IMAGE_SIZE, NUM_CLASSES
@@ -78,7 +79,7 @@ def load_model_info(root: str | Path | None = None) -> ModelInfo:
     if not info_path.is_file():
         raise TmpdiffError(f"no {INFO_NAME}: not a tmpdiff class-conditional model directory", root)
     try:
-        info = json.loads(info_path.read_text())
+        info = json.loads(read_text_file(info_path, INFO_NAME))
         return ModelInfo(
             root=root,
             num_classes=int(info["num_classes"]),

@@ -29,11 +29,17 @@ def scheduler_from(class_name: str, config: dict[str, Any], source: str | Path |
     if cls is None or not hasattr(cls, "set_timesteps"):
         raise TmpdiffError(f"unknown diffusers scheduler {class_name!r}", source)
     # a null value (schedule files written before non-finite numbers were kept) takes the class's default
+    config = {k: v for k, v in config.items() if v is not None}
     try:
-        return cls.from_config({k: v for k, v in config.items() if v is not None})
-    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        scheduler = cls.from_config(config)
+        # diffusers checks some values (timestep_spacing, final_sigmas_type, ...) only when the steps are set: a probe
+        # (not for dynamic shifting, whose steps need the pipeline's `mu`)
+        if not scheduler.config.get("use_dynamic_shifting"):
+            cls.from_config(config).set_timesteps(min(4, train_timesteps(scheduler)))
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, NotImplementedError) as exc:
         raise TmpdiffError(f"the {class_name} config cannot make a scheduler ({type(exc).__name__}: {exc})",
                            source) from None
+    return scheduler
 
 
 def load_scheduler(scheduler_dir: str | Path):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tmpdiff.engines.torch_engine import TorchEngine
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet
-from tmpdiff.formats.atomic import read_json_object
+from tmpdiff.formats.atomic import read_json_object, read_text_file
 from tmpdiff.formats.config_values import encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
@@ -65,10 +65,7 @@ def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampli
 
 def read_prompts(path: Path) -> list[str]:
     """A prompts file: one prompt per line; blank lines and lines starting with '#' are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"cannot read the prompts file ({type(exc).__name__})", path) from None
+    lines = read_text_file(path, "prompts file").splitlines()
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise TmpdiffError("the prompts file has no prompts (one per line)", path)

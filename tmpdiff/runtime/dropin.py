@@ -428,6 +428,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
+    plan.check_model(manifest.model_id)
     if plan.conditioning is not None:  # learned rows: for these graphs and this guidance (timesteps: at the 1st call)
         from tmpdiff.runtime.pipeline_io import default_guidance_of
 

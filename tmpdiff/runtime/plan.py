@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tmpdiff.formats.atomic import validation_problems
+from tmpdiff.formats.atomic import read_text_file, validation_problems
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
 from tmpdiff.formats.schedule import MAX_STEPS, Schedule, load_schedule
@@ -30,6 +30,13 @@ class PrecisionPlan:
     source: str  # where it came from, for messages and reports
     file: Schedule | None = None  # the schedule it was read from (its scheduler is the one to sample with)
     conditioning: TimeConditioning | None = None  # a /3 schedule's learned time embeddings or timestep shifts
+    model_id: str | None = None  # the build a TMPQ-DM plan was searched on (a schedule names none)
+
+    def check_model(self, manifest_model_id: str) -> None:
+        """A TMPQ-DM plan runs only on the build it was searched on (its layer configurations are that model's)."""
+        if self.model_id is not None and self.model_id != manifest_model_id:
+            raise TmpdiffError(f"the plan was searched on {self.model_id!r}, the build holds {manifest_model_id!r}",
+                               self.source)
 
     @property
     def steps(self) -> int | None:
@@ -93,8 +100,8 @@ def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, prec
 def is_tmpq_plan(path: Path) -> bool:
     """Whether a plan file is a TMPQ-DM plan (`tmpdiff.tmpq-plan/...`) rather than a schedule."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        data = json.loads(read_text_file(path, "schedule"))
+    except (TmpdiffError, ValueError, RecursionError):
         return False  # the schedule reader names the problem
     return isinstance(data, dict) and str(data.get("format", "")).startswith("tmpdiff.tmpq-plan/")
 
@@ -121,4 +128,4 @@ def tmpq_precision_plan(plan: TmpqPlan, path: Path, steps: int | None = None) ->
                         precisions=[Counter(c).most_common(1)[0][0] for c in configs])
     except ValidationError as exc:
         raise TmpdiffError(f"not a runnable TMPQ-DM plan ({validation_problems(exc)})", path) from None
-    return PrecisionPlan(engines, None, str(path), view)
+    return PrecisionPlan(engines, None, str(path), view, model_id=plan.model_id)
