@@ -554,3 +554,20 @@ def test_calibrate_on_one_sample_writes_its_report_and_schedule_first(build, wor
                        "--calib-classes", "0", "--calib-seeds", "0", "--out", work / "s.json", "--report", work / "rep")
     assert code == 0, err
     assert (work / "s.json").is_file() and (work / "rep" / "images.png").is_file()
+
+
+def test_build_never_writes_an_engine_through_a_linked_precision_folder(tampered, tmp_path):
+    """The manifest's fp32 graph pointed at fp16's (so its hash checks out) and `fp32/` a link to a user's folder:
+    the build refuses to write the engine there."""
+    outside = tmp_path / "users"
+    shutil.move(str(tampered / "fp32"), str(outside))
+    (tampered / "fp32").symlink_to(outside)
+    before = tree_digest(outside)
+    manifest = load_manifest(tampered)
+    fp16 = manifest.precisions["fp16"]
+    manifest.precisions["fp32"] = manifest.precisions["fp32"].model_copy(update={"onnx": fp16.onnx, "sha256": fp16.sha256})
+    manifest.engines = {k: v for k, v in manifest.engines.items() if v.precision != "fp32"}
+    save_manifest(tampered, manifest)
+    code, _, err = cli("build", tampered, "--precisions", "fp32")
+    assert code == 2 and "symbolic link leads this path out of the build directory" in err and "Traceback" not in err, err
+    assert tree_digest(outside) == before

@@ -14,7 +14,7 @@ import numpy as np
 
 from tmpdiff.engines.device import device_label
 from tmpdiff.engines.ort import OrtEngine
-from tmpdiff.formats.atomic import TEMP_SUFFIX, sha256_file, temp_prefix
+from tmpdiff.formats.atomic import TEMP_SUFFIX, check_confined, sha256_file, temp_prefix
 from tmpdiff.formats.disk_space import require_free_space
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import EngineEntry, Manifest, PrecisionEntry, engine_problem, verify_artifact
@@ -62,6 +62,7 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
                            artifacts={k: v for k, v in entry.artifacts.items() if k == f"{entry.onnx}.data"})
     rel = f"{precision}/{prepared_name(device)}"
     final = build_dir / rel
+    check_confined(final)  # a precision folder linked out of the build is never written through
     data = final.with_name(f"{final.name}.data")
     external = source.with_name(f"{source.name}.data").is_file()  # a large export makes a large engine
     require_free_space([(final.parent, planned_engine_bytes(source), f"the {precision} engine")],
