@@ -571,3 +571,13 @@ def test_build_never_writes_an_engine_through_a_linked_precision_folder(tampered
     code, _, err = cli("build", tampered, "--precisions", "fp32")
     assert code == 2 and "symbolic link leads this path out of the build directory" in err and "Traceback" not in err, err
     assert tree_digest(outside) == before
+
+
+def test_bench_names_what_it_writes_before_any_work(build, work):
+    folder = work / "bo"
+    folder.mkdir()
+    costs = folder / "bench.json"
+    code, _, err = cli("costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s", "--out", costs)
+    assert code == 0, err
+    refused(["bench", build, "--costs", costs, "--out", folder, "--force", "--steps", "4", "--speedups", "1.2",
+             "--no-exhaustive"], "--out (bench.json) is also an input", roots=(folder, build))

@@ -726,8 +726,11 @@ def bench(
         _check_speedup(target, "--speedups")
     check_threads(threads)
     walk_levels = None if exhaustive_levels is None else [p.strip() for p in exhaustive_levels.split(",") if p.strip()]
-    out = check_outputs([Output.folder("--out", out)], force=force, inputs=[costs, pipeline, prompts, unseen_prompts],
-                        build_dirs=[build_dir])["--out"]
+    # what `calibration.bench` / `pipeline_bench` write there (the exhaustive table only through a pipeline)
+    written = ("bench.json", "bench.md", "pareto.png",
+               *(f"exhaustive_T{n}.npz" for n in (_int_list(steps or "20", "--steps") if pipeline else [])))
+    out = check_outputs([Output.folder("--out", out, written)], force=force,
+                        inputs=[costs, pipeline, prompts, unseen_prompts], build_dirs=[build_dir])["--out"]
     progress = _elapsed_progress()
     if pipeline is not None:
         from tmpdiff.calibration.pipeline_bench import pipeline_bench
