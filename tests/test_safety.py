@@ -338,6 +338,20 @@ def test_schedule_files_are_strict(build, work):
         refused(["run", build, "--schedule", path, "--out", work / f"{word}.png"], str(path), word)
 
 
+def test_numbers_in_quotes_are_refused_in_manifests_and_costs(tampered, work):
+    original = (tampered / "manifest.json").read_text()
+    data = json.loads(original)
+    data["sampling"]["num_classes"] = "10"
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    refused(run_args(tampered, "--out", work / "x.png"), "manifest.json", "num_classes")
+    (tampered / "manifest.json").write_text(original)
+    costs = work / "c.json"
+    costs.write_text(json.dumps({"format": "tmpdiff.costs/1", "device": "d", "batch": 2,
+                                 "precisions": {"fp32": {"median_ms": "5"}, "int8": {"median_ms": 2.5}}}))
+    refused(["calibrate", tampered, "--costs", costs, "--speedup", "1.1", "--out", work / "s.json"], str(costs),
+            "median_ms")
+
+
 def test_a_schedule_runs_with_its_own_scheduler_and_refuses_another_noise_process(build, work):
     from tmpdiff.formats.schedule import Schedule, SchedulerRef
     from tmpdiff.models.schedulers import schedule_scheduler

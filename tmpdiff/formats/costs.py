@@ -30,11 +30,11 @@ class PrecisionCost(BaseModel):
     """Measured: median_ms, p10_ms, p90_ms and repeats. Stated: ratio only (relative to the other precisions)."""
 
     model_config = ConfigDict(extra="forbid")
-    median_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    p10_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    p90_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    repeats: int | None = Field(default=None, ge=1)
-    ratio: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    median_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)  # "5" is refused
+    p10_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
+    p90_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
+    repeats: int | None = Field(default=None, ge=1, strict=True)
+    ratio: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
 
     @model_validator(mode="after")
     def _one_kind(self) -> PrecisionCost:

@@ -13,9 +13,9 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.errors import TmpdiffError
@@ -27,15 +27,17 @@ LAYER_COSTS_FORMAT = "tmpdiff.layer-costs/1"
 BITS: dict[str, tuple[int, int]] = {"fp32": (32, 32), "fp16": (16, 16), "int8": (8, 8), "int8-sq": (8, 8),
                                     "fp8": (8, 8), "int4": (4, 16), "nvfp4": (4, 4)}
 
+StrictNumber = Annotated[float, Field(strict=True)]  # an int or float, never a string
+
 
 class LayerCost(BaseModel):
     """One quantizable layer (a Linear/Conv module name): its MACs per sample and its cost at each precision."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    macs: int = Field(ge=0)  # multiply-accumulates per sample (one latent row)
-    ms: dict[str, float]  # per precision: median ms of this layer's nodes in one engine call
-    nodes: dict[str, int] = Field(default_factory=dict)  # per precision: how many profiled nodes it owns
+    macs: int = Field(ge=0, strict=True)  # multiply-accumulates per sample (one latent row)
+    ms: dict[str, StrictNumber]  # per precision: median ms of this layer's nodes in one engine call ("5" refused)
+    nodes: dict[str, StrictInt] = Field(default_factory=dict)  # per precision: how many profiled nodes it owns
 
     def bitops(self, precision: str) -> float:
         weight_bits, act_bits = BITS[precision]
@@ -51,8 +53,8 @@ class LayerCostsTable(BaseModel):
     backend: str
     backend_version: str
     device: str
-    batch: int = Field(ge=1)  # rows per engine call (classifier-free guidance doubles the samples)
-    repeats: int = Field(ge=1)
+    batch: int = Field(ge=1, strict=True)  # rows per engine call (classifier-free guidance doubles the samples)
+    repeats: int = Field(ge=1, strict=True)
     precisions: list[str]
     base: str = "fp32"  # precision whose unattributed nodes (`rest_ms`) every configuration pays
     layers: list[LayerCost]

@@ -113,12 +113,12 @@ class SamplingInfo(BaseModel):
     # scheduler configs hold -inf (lambda_min_clipped): standard JSON has no -Infinity, so non-finite numbers
     # are written as the strings "-inf", "inf", "nan" and read back as floats
     scheduler_config: dict
-    num_classes: int = Field(ge=1)
-    null_class: int
-    image_size: int = Field(ge=1)
-    channels: int = Field(ge=1)
-    default_steps: int = Field(ge=1)
-    guidance_scale: float = Field(allow_inf_nan=False)
+    num_classes: int = Field(ge=1, strict=True)  # strict: "10" is refused, as in schedules
+    null_class: int = Field(strict=True)
+    image_size: int = Field(ge=1, strict=True)
+    channels: int = Field(ge=1, strict=True)
+    default_steps: int = Field(ge=1, strict=True)
+    guidance_scale: float = Field(allow_inf_nan=False, strict=True)
 
     @field_validator("scheduler_config", mode="before")
     @classmethod
