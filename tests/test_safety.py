@@ -595,3 +595,11 @@ def test_bench_names_what_it_writes_before_any_work(build, work):
     assert code == 0, err
     refused(["bench", build, "--costs", costs, "--out", folder, "--force", "--steps", "4", "--speedups", "1.2",
              "--no-exhaustive"], "--out (bench.json) is also an input", roots=(folder, build))
+
+
+def test_an_unknown_scheduler_in_the_manifest_names_it(tampered, work):
+    data = json.loads((tampered / "manifest.json").read_text())
+    data["sampling"]["scheduler_class"] = "FooScheduler"
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    refused(run_args(tampered, "--out", work / "x.png"), str(tampered / "manifest.json"), "FooScheduler",
+            roots=(tampered,))

@@ -101,9 +101,10 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
         raise TmpdiffError(f"calibration classes {bad} out of range 0..{sampling.num_classes - 1}")
     if timesteps is not None:
         timesteps = tuple(int(t) for t in timesteps)
-        set_sampling_timesteps(sampling_scheduler(sampling), steps, timesteps)  # refused here, before engines load
-    else:
-        check_distinct_timesteps(sampling_scheduler(sampling), steps)  # e.g. more steps than training timesteps
+        # refused here, before engines load
+        set_sampling_timesteps(sampling_scheduler(sampling, build_dir / MANIFEST_NAME), steps, timesteps)
+    else:  # e.g. more steps than training timesteps
+        check_distinct_timesteps(sampling_scheduler(sampling, build_dir / MANIFEST_NAME), steps)
 
     # Problem.create refuses a table without any level cheaper than the reference, before engines load.
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
 
         try:
             manifest.require_sampling(build_dir)
-            sampling_scheduler(manifest.sampling)
+            sampling_scheduler(manifest.sampling, build_dir / "manifest.json")
         except TmpdiffError as exc:
             problems.append(Problem(str(build_dir / "manifest.json"), f"sampling: {str(exc).split(': ', 1)[-1]}",
                                     "re-export from a model directory whose scheduler config diffusers accepts"))

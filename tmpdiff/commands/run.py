@@ -107,7 +107,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
     bad = [c for c in request.classes if not 0 <= c < sampling.num_classes]
     if not request.classes or bad:
         raise TmpdiffError(f"class ids must be in 0..{sampling.num_classes - 1}, got {request.classes}")
-    scheduler = (sampling_scheduler(sampling) if plan.file is None
+    scheduler = (sampling_scheduler(sampling, request.build_dir / MANIFEST_NAME) if plan.file is None
                  else schedule_scheduler(plan.file, sampling, plan.source))  # custom timesteps are checked here
     if plan.timesteps is None:
         check_distinct_timesteps(scheduler, len(plan.precisions))

@@ -11,6 +11,7 @@ step); SCM and Piflow raise. Which applies is decided by trying it on the config
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,19 @@ def scheduler_from(class_name: str, config: dict[str, Any], source: str | Path |
     config = {k: v for k, v in config.items() if v is not None}
     try:
         scheduler = cls.from_config(config)
-        # diffusers checks some values (timestep_spacing, final_sigmas_type, ...) only when the steps are set: a probe
-        # (not for dynamic shifting, whose steps need the pipeline's `mu`)
-        if not scheduler.config.get("use_dynamic_shifting"):
+        # diffusers checks some values (timestep_spacing, final_sigmas_type, ...) only when the steps are set: a probe,
+        # once per config (not for dynamic shifting, whose steps need the pipeline's `mu`)
+        key = json.dumps([class_name, config], sort_keys=True, default=str)
+        if not scheduler.config.get("use_dynamic_shifting") and key not in _PROBED:
             cls.from_config(config).set_timesteps(min(4, train_timesteps(scheduler)))
+            _PROBED.add(key)
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, NotImplementedError) as exc:
         raise TmpdiffError(f"the {class_name} config cannot make a scheduler ({type(exc).__name__}: {exc})",
                            source) from None
     return scheduler
+
+
+_PROBED: set[str] = set()  # scheduler configs whose steps were set once without an error
 
 
 def load_scheduler(scheduler_dir: str | Path):
@@ -51,9 +57,10 @@ def load_scheduler(scheduler_dir: str | Path):
     return scheduler_from(config.get("_class_name"), config, config_path)
 
 
-def sampling_scheduler(sampling: SamplingInfo):
-    """A fresh scheduler of the class and config a build directory recorded for sampling."""
-    return scheduler_from(sampling.scheduler_class, sampling.scheduler_config)
+def sampling_scheduler(sampling: SamplingInfo, source: str | Path | None = None):
+    """A fresh scheduler of the class and config a build directory recorded for sampling (`source`: its manifest, for
+    errors)."""
+    return scheduler_from(sampling.scheduler_class, sampling.scheduler_config, source)
 
 
 # Config keys that define the model's noise process (what it was trained on); a solver may differ, these may not. Not
