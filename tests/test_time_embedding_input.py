@@ -268,3 +268,26 @@ def test_rows_learned_for_ddim_run_on_its_own_spacing(embedding_build, learned, 
         want = sampler.sample_states(make_scheduler("ddim", dict(s.scheduler_config)), torch.tensor([1, 7]),
                                      initial_noise(2, s.channels, s.image_size, 3), embeddings=result.tensor)[-1]
     assert (got - want).abs().max() < 1e-3
+
+
+def test_plan_embeddings_refuses_what_run_would(embedding_build, learned, tmp_path):
+    """Timesteps the solver does not sample at (5000 past 1000 training timesteps) are refused when the plan is
+    written, as `run` would refuse them, and nothing is written; a NaN guidance scale cannot be read at all."""
+    from safetensors.torch import load_file, save_file
+
+    from tmpdiff.models.time_embeddings import load_time_embeddings
+
+    _, _, files = learned
+    _, info = load_time_embeddings(files["mteo"])
+    tensors = load_file(str(files["mteo"]))
+    moved = tmp_path / "moved.safetensors"
+    save_file(tensors, str(moved), metadata={"tmpdiff": info.model_copy(
+        update={"timesteps": [5000, *info.timesteps[1:]]}).model_dump_json()})
+    code, _, err = cli("plan-embeddings", embedding_build, moved, "--out", tmp_path / "plan.json")
+    assert code == 2 and "learned for timesteps [5000" in err and str(moved) in err, err
+    assert not (tmp_path / "plan.json").exists()
+    nan = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan), metadata={"tmpdiff": info.model_dump_json().replace(
+        f'"guidance_scale":{info.guidance_scale}', '"guidance_scale":NaN')})
+    code, _, err = cli("plan-embeddings", embedding_build, nan, "--out", tmp_path / "plan2.json")
+    assert code == 2 and "guidance_scale" in err and not (tmp_path / "plan2.json").exists(), err

@@ -17,6 +17,7 @@ from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.outputs import Output, check_outputs
 from tmpdiff.formats.precisions import get_precision
 from tmpdiff.formats.schedule import Schedule, SchedulerRef, load_schedule, save_schedule
+from tmpdiff.models.schedulers import set_sampling_timesteps
 from tmpdiff.models.time_embeddings import load_time_embeddings
 from tmpdiff.runtime.pipeline_io import pipeline_scheduler_config
 from tmpdiff.runtime.time_conditioning import check_build, load_conditioning
@@ -53,7 +54,10 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
                     reference="fp32" if "fp32" in manifest.precisions else precisions[0],
                     target={"time_embeddings": info.kind, "solver": info.solver,
                             **({"precisions_from": str(schedule)} if schedule is not None else {})})
-    check_build(load_conditioning(plan, out), manifest, build_dir)  # as `run` will read it, before anything is written
+    conditioning = load_conditioning(plan, out)  # as `run` will read and check it, before anything is written
+    check_build(conditioning, manifest, build_dir)
+    set_sampling_timesteps(scheduler, plan.steps)
+    conditioning.check_timesteps([int(t) for t in scheduler.timesteps])
     save_schedule(plan, out)
     return plan
 

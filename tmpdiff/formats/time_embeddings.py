@@ -48,7 +48,7 @@ class TimeEmbeddingsInfo(BaseModel):
     slots: list[str]  # which module receives each row (empty for timestep-shift)
     dim: int = Field(ge=0)
     trained_parameters: int = Field(ge=1)
-    guidance_scale: float
+    guidance_scale: float = Field(allow_inf_nan=False)
     reference_steps: int = Field(ge=1)
     train_seed: int
     train_samples: int = Field(ge=1)
