@@ -245,3 +245,28 @@ def test_int8_smoothquant_exports_and_runs(quant_build, bundled, torch_dit, tmp_
         print(f"{name}: parity {parity:.2e}, error vs fp32 {errors[name]:.2e}")
     assert errors["int8-sq"] > 1e-5, errors  # SmoothQuant really quantized
     assert errors["int8"] / 10 < errors["int8-sq"] < 10 * errors["int8"], errors
+
+
+def test_the_export_table_marks_parity_accepted_above_tolerance(monkeypatch):
+    """A quantized graph accepted by the same-quality rule (above its parity tolerance) is marked and explained."""
+    import io
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from tmpdiff.export import report
+    from tmpdiff.export.exporter import ExportOutcome
+    from tmpdiff.formats.precisions import get_precision
+
+    out = io.StringIO()
+    monkeypatch.setattr(report, "_console", Console(file=out, width=200))
+    tolerance = get_precision("int8").parity_tolerance
+
+    def entry(parity: float):
+        return SimpleNamespace(parity_error=parity, error_vs_fp32=0.05, reference_dtype="float32", quantization={})
+
+    report.print_export_table([ExportOutcome("int8", Path("int8/model.onnx"), False, 1.0, entry(tolerance / 2))])
+    assert " *" not in out.getvalue() and "above the precision's parity tolerance" not in out.getvalue()
+    report.print_export_table([ExportOutcome("int8", Path("int8/model.onnx"), False, 1.0, entry(3 * tolerance))])
+    assert f"{3 * tolerance:.1e} *" in out.getvalue() and "above the precision's parity tolerance" in out.getvalue()
