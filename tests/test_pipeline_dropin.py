@@ -239,3 +239,33 @@ def test_a_schedule_from_another_noise_process_is_refused(exported):
         attach_engines(pipe, build_dir, schedule=other)
     same = other.model_copy(update={"scheduler": SchedulerRef(class_name=type(pipe.scheduler).__name__, config=own)})
     attach_engines(pipe, build_dir, schedule=same)
+
+
+def test_a_class_label_pipeline_runs_on_the_engines(tmp_path):
+    """DiTPipeline (class labels, latent space, learned sigma): the fp32 engines reproduce the torch pipeline's images,
+    and `tmpdiff run --pipeline DIR --class ...` runs the schedule through it."""
+    pipe = tiny_pipelines.dit_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    build_dir, _ = export_model(tmp_path / "pipe" / "transformer", tmp_path / "build", ["fp32", "int8"])
+    build_engines(build_dir, "ort", "cpu")
+    want = pipe(class_labels=[1, 7], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
+                output_type="np").images
+    denoiser = attach_engines(pipe, build_dir, schedule=["fp32"] * STEPS)
+    got = pipe(class_labels=[1, 7], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
+               output_type="np").images
+    print(f"DiTPipeline: fp32 engines vs torch, images {np.abs(got - want).max():.2e} max abs")
+    assert np.abs(got - want).max() < 1e-3 and np.abs(want).max() > 0
+    assert [e.precision for e in denoiser.trace.steps] == ["fp32"] * STEPS  # the engines ran every step
+
+    from tmpdiff.formats.schedule import Schedule, save_schedule
+
+    schedule = ["fp32", "int8", "int8", "fp32"]
+    save_schedule(Schedule(steps=STEPS, precisions=schedule), tmp_path / "schedule.json")
+    args = ["run", str(build_dir), "--pipeline", str(tmp_path / "pipe"), "--class", "1,7", "--schedule",
+            str(tmp_path / "schedule.json"), "--out", str(tmp_path / "image.png"), "--json"]
+    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert [s["precision"] for s in json.loads(done.stdout)["steps"]] == schedule
+    prompted = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args[:4], "--prompt", "a cat", "--precision", "fp32",
+                               "--out", str(tmp_path / "p.png")], capture_output=True, text=True, timeout=600)
+    assert prompted.returncode == 2 and "takes class labels, not prompts: pass --class" in prompted.stderr

@@ -176,3 +176,14 @@ def save_denoiser(pipe, directory: Path) -> Path:
     """The pipeline's denoiser saved as a diffusers model directory (safetensors)."""
     (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def dit_pipeline():
+    """A class-conditional latent DiT pipeline (no prompts): DiTPipeline hard-codes ImageNet's null class 1000, so the
+    label table has 1000 classes; a learned-sigma output (8 channels for 4 latent ones), as DiT-XL/2 has."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=SIZE // 2, patch_size=2, num_embeds_ada_norm=1000)
+    return DiTPipeline(transformer=transformer.eval(), vae=tiny_vae(4), scheduler=DDIMScheduler())

@@ -423,7 +423,8 @@ def run(
     class_: Annotated[str, typer.Option("--class", help="comma-separated class ids, one sample each")] = "0",
     prompt: Annotated[list[str] | None, typer.Option(help="text prompt (repeatable); needs --pipeline")] = None,
     pipeline: Annotated[Path | None, typer.Option(help="local diffusers pipeline directory whose text encoders, VAE and "
-                                                       "scheduler run around the engines (text-conditioned models)")] = None,
+                                                       "scheduler run around the engines (with --prompt; with --class "
+                                                       "for a pipeline that takes class labels, e.g. DiTPipeline)")] = None,
     batch: Annotated[int, typer.Option(min=1, help="samples per class or prompt")] = 1,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="must equal the schedule's length")] = None,
@@ -454,24 +455,26 @@ def run(
     from tmpdiff.eval.images import grid_image, save_png
     from tmpdiff.formats.outputs import Output, check_outputs
 
-    if (prompt is None) != (pipeline is None):
+    if prompt is not None and pipeline is None:
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
-    if draft_min_alpha and (prompt is None or parallel == 1):
+    if draft_min_alpha and (pipeline is None or parallel == 1):
         raise TmpdiffError("--draft-min-alpha applies to --pipeline --parallel N (N > 1)")
     targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
     paths = check_outputs(targets, force=force, inputs=[schedule, pipeline], build_dirs=[build_dir])
     extra: dict = {}
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
                "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}
-    if prompt is not None:
+    if pipeline is not None:  # prompts, or the class labels of a pipeline that takes them (DiTPipeline)
         from tmpdiff.commands.run_prompts import PromptRequest, run_prompts
 
-        request = PromptRequest(build_dir=build_dir, pipeline_dir=pipeline, prompts=[p for p in prompt for _ in range(batch)],
+        labels = None if prompt is not None else [c for c in _int_list(class_, "--class") for _ in range(batch)]
+        request = PromptRequest(build_dir=build_dir, pipeline_dir=pipeline,
+                                prompts=[p for p in prompt or [] for _ in range(batch)], class_labels=labels,
                                 parallel=parallel, mode=mode.value, min_alpha=draft_min_alpha,
                                 executor=executor.value, address=address, **options)
         images, denoiser, source = run_prompts(request)
         steps_run = denoiser.trace
-        title = f"{source}, {len(request.prompts)} prompts"
+        title = f"{source}, {len(request.prompts)} prompts" if labels is None else f"{source}, classes {labels}"
         if denoiser.drafts is not None:
             title += f", {mode.value} drafts for {parallel} workers: {denoiser.drafts.rounds} rounds of denoiser calls"
             extra = {"parallel": parallel, "mode": mode.value, "executor": executor.value, "rounds": denoiser.drafts.rounds}

@@ -11,7 +11,13 @@ from tmpdiff.commands.run import RunOptions, check_executor
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
-from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, default_guidance_of, load_pipeline
+from tmpdiff.runtime.pipeline_io import (
+    call_kwargs,
+    call_parameters,
+    check_pipeline_denoiser,
+    default_guidance_of,
+    load_pipeline,
+)
 from tmpdiff.runtime.plan import PrecisionPlan
 
 DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
@@ -23,6 +29,7 @@ class PromptRequest(RunOptions):
 
     pipeline_dir: Path
     prompts: list[str]
+    class_labels: list[int] | None = None  # a pipeline that takes class labels (DiTPipeline) instead of prompts
     height: int | None = None
     width: int | None = None
     parallel: int = 1  # DRiffusion: N calls per round (here one after another, or on Ray actors: same samples)
@@ -54,13 +61,15 @@ def check_calibrated_guidance(plan: PrecisionPlan, pipe, guidance_scale: float |
 
 
 def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str]:
-    """Images (N, H, W, 3) uint8 for the prompts, the attached denoiser (its trace says what ran), and the schedule's source."""
-    if not request.prompts or any(not p.strip() for p in request.prompts):
+    """Images (N, H, W, 3) uint8 for the prompts (or class labels), the attached denoiser (its trace says what ran),
+    and the schedule's source."""
+    if request.class_labels is None and (not request.prompts or any(not p.strip() for p in request.prompts)):
         raise TmpdiffError("every --prompt must be non-empty")
     plan = request.plan(DEFAULT_STEPS)
     manifest = load_manifest(request.build_dir)
     check_pipeline_denoiser(request.pipeline_dir, manifest.model_sha256, request.build_dir / MANIFEST_NAME)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
+    inputs = _call_inputs(pipe, request)
     check_calibrated_guidance(plan, pipe, request.guidance_scale)
     if plan.conditioning is not None and plan.file is not None:  # learned rows: the solver they were learned for
         from tmpdiff.models.schedulers import plan_scheduler_for
@@ -86,9 +95,21 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     if plan.timesteps is not None:  # attach_engines checked that the pipeline and its scheduler take them
         kwargs["timesteps"] = plan.timesteps
     try:
-        images = pipe(request.prompts, **kwargs).images
+        images = pipe(**inputs, **kwargs).images
     except ValueError as exc:  # diffusers pipelines check their arguments with ValueError
         raise TmpdiffError(f"{type(pipe).__name__} refused the call ({exc})", request.pipeline_dir) from None
     finally:
         denoiser.close()
     return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, plan.source
+
+
+def _call_inputs(pipe, request: PromptRequest) -> dict:
+    """The pipeline call's conditioning: its prompts, or the class labels of a pipeline that takes them."""
+    takes_prompt = "prompt" in call_parameters(pipe)
+    if request.class_labels is None:
+        if not takes_prompt:
+            raise TmpdiffError(f"{type(pipe).__name__} takes class labels, not prompts: pass --class", request.pipeline_dir)
+        return {"prompt": request.prompts}
+    if takes_prompt or "class_labels" not in call_parameters(pipe):
+        raise TmpdiffError(f"{type(pipe).__name__} takes prompts, not class labels: pass --prompt", request.pipeline_dir)
+    return {"class_labels": list(request.class_labels)}

@@ -102,7 +102,7 @@ def call_kwargs(pipe, *, steps: int | None, seed: int, guidance_scale: float | N
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     scale = getattr(pipe, "vae_scale_factor", None)
-    if sample_size and scale:  # the graphs' latent size is fixed: default to the image size it implies
+    if sample_size and scale and "height" in parameters:  # the graphs' latent size is fixed: the image size it implies
         kwargs["height"] = height or int(sample_size) * scale
         kwargs["width"] = width or int(sample_size) * scale
     if "use_resolution_binning" in parameters:
