@@ -94,8 +94,8 @@ def check_pixel_space(build_dir: Path) -> None:
     sampling = load_manifest(build_dir).require_sampling(build_dir)
     if sampling.channels not in (1, 3):
         raise TmpdiffError(f"the model samples {sampling.channels}-channel latents, which `run --class` cannot write as "
-                           "an image (it decodes no latents with a VAE; class-conditional models run here in pixel "
-                           "space, 1 or 3 channels)", build_dir / MANIFEST_NAME)
+                           "an image (it decodes no latents; class-conditional models run here in pixel space, 1 or 3 "
+                           "channels): run it inside its pipeline, --pipeline DIR --class ...", build_dir / MANIFEST_NAME)
 
 
 def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, PrecisionPlan, dict]:
