@@ -105,11 +105,11 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
 
 def _call_inputs(pipe, request: PromptRequest) -> dict:
     """The pipeline call's conditioning: its prompts, or the class labels of a pipeline that takes them."""
-    takes_prompt = "prompt" in call_parameters(pipe)
+    parameters = call_parameters(pipe)
     if request.class_labels is None:
-        if not takes_prompt:
+        if "prompt" not in parameters:
             raise TmpdiffError(f"{type(pipe).__name__} takes class labels, not prompts: pass --class", request.pipeline_dir)
         return {"prompt": request.prompts}
-    if takes_prompt or "class_labels" not in call_parameters(pipe):
+    if "prompt" in parameters or "class_labels" not in parameters:
         raise TmpdiffError(f"{type(pipe).__name__} takes prompts, not class labels: pass --prompt", request.pipeline_dir)
     return {"class_labels": list(request.class_labels)}

@@ -241,15 +241,13 @@ def export_model(
         raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
-    check_build_model(build_dir, model_dir, replace)
     base = choose_base(model_dir, specs, requested=load_dtype, memory_check=memory_check)
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
         preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress):
-        check_build_model(build_dir, model_dir, replace)  # as it is now that we hold the lock
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
-                              on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check)
+                              on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check, replace)
 
 
 def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> Path:
@@ -261,17 +259,21 @@ def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> P
     return out_root / name
 
 
-def check_build_model(build_dir: Path, model_dir: Path, replace: bool) -> None:
+def check_build_model(build_dir: Path, model_dir: Path, replace: bool, manifest: Manifest | None = None,
+                      model_hash: str | None = None) -> None:
     """Refuse to export into a build directory whose manifest records another model (other weights or config): its
-    engines and schedules would be dropped by surprise. `replace` (`--force`) lets the export start a new build."""
-    manifest_path = build_dir / "manifest.json"
-    if replace or not manifest_path.is_file():
+    engines and schedules would be dropped by surprise. `replace` (`--force`) lets the export start a new build.
+    `manifest` and `model_hash` when the caller has them (hashing a real-size model's weights takes seconds)."""
+    if replace:
         return
-    manifest = load_manifest(build_dir)
-    if recorded_model_hash(model_dir, manifest.model_sha256) != manifest.model_sha256:
+    if manifest is None:
+        if not (build_dir / "manifest.json").is_file():
+            return
+        manifest = load_manifest(build_dir)
+    if (model_hash or recorded_model_hash(model_dir, manifest.model_sha256)) != manifest.model_sha256:
         raise TmpdiffError(f"holds the build of another model ({manifest.model_id!r}, {manifest.architecture}, exported "
                            f"from other weights or config than {model_dir}): pass --force to replace that build, or "
-                           "--out / --model-id for a new one", manifest_path)
+                           "--out / --model-id for a new one", build_dir / "manifest.json")
 
 
 def _export_locked(
@@ -289,9 +291,12 @@ def _export_locked(
     base: str,
     time_embedding_input: bool = False,
     space_check: bool = True,
+    replace: bool = False,
 ) -> tuple[Path, list[ExportOutcome]]:
     manifest = load_manifest(build_dir) if (build_dir / "manifest.json").is_file() else None
     model_hash = recorded_model_hash(model_dir, None if manifest is None else manifest.model_sha256)
+    if manifest is not None:  # as the build directory is now that we hold its lock
+        check_build_model(build_dir, model_dir, replace, manifest, model_hash)
     state: dict = {}
 
     def model() -> torch.nn.Module:

@@ -273,25 +273,35 @@ SAVE_RECORD_KEYS = ("_name_or_path", "_diffusers_version", "_use_default_values"
 def model_content_hash(model_dir: Path) -> str:
     """sha256 over a diffusers model directory's config (its keys and values, without SAVE_RECORD_KEYS) and weight
     files (names and contents)."""
+    return _content_hash(_config_sha256(model_dir), _weights_sha256(model_dir))
+
+
+def _config_sha256(model_dir: Path) -> str:
     config = read_json_object(model_dir / "config.json")
     kept = json.dumps({k: v for k, v in config.items() if k not in SAVE_RECORD_KEYS}, sort_keys=True)
-    return _content_hash(model_dir, hashlib.sha256(kept.encode()).hexdigest())
+    return hashlib.sha256(kept.encode()).hexdigest()
 
 
-def _content_hash(model_dir: Path, config_sha256: str) -> str:
+def _weights_sha256(model_dir: Path) -> dict[str, str]:
+    """File name -> sha256 of each weight file (the expensive part: read once per hash asked for)."""
+    return {path.name: sha256_file(path) for path in model_dir.glob("*.safetensors")}
+
+
+def _content_hash(config_sha256: str, weights: dict[str, str]) -> str:
     digest = hashlib.sha256()
-    for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors")]):
-        digest.update(path.name.encode())
-        digest.update((config_sha256 if path.name == "config.json" else sha256_file(path)).encode())
+    for name, sha in sorted({"config.json": config_sha256, **weights}.items()):
+        digest.update(name.encode())
+        digest.update(sha.encode())
     return digest.hexdigest()
 
 
 def recorded_model_hash(model_dir: Path, recorded: str | None) -> str:
     """The model's content hash as a build records it: `recorded` when it is this model's (also when written before
     SAVE_RECORD_KEYS were left out, over config.json's bytes), else `model_content_hash`."""
-    current = model_content_hash(model_dir)
+    weights = _weights_sha256(model_dir)
+    current = _content_hash(_config_sha256(model_dir), weights)
     if recorded is not None and recorded != current \
-            and recorded == _content_hash(model_dir, sha256_file(model_dir / "config.json")):
+            and recorded == _content_hash(sha256_file(model_dir / "config.json"), weights):
         return recorded
     return current
 

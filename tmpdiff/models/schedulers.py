@@ -39,7 +39,8 @@ def scheduler_from(class_name: str, config: dict[str, Any], source: str | Path |
         if not scheduler.config.get("use_dynamic_shifting") and key not in _PROBED:
             cls.from_config(config).set_timesteps(min(4, train_timesteps(scheduler)))
             _PROBED.add(key)
-    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, NotImplementedError) as exc:
+    # RuntimeError: diffusers raises its "not implemented" subclass for an unknown beta_schedule or algorithm_type
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
         raise TmpdiffError(f"the {class_name} config cannot make a scheduler ({type(exc).__name__}: {exc})",
                            source) from None
     return scheduler
