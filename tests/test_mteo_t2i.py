@@ -151,10 +151,10 @@ def test_quantization_aware_rows_train_through_the_pipelines_fake_quant_model(di
     reaches the rows of every step through it."""
     from tmpdiff.calibration.mteo_quant import differentiable_attention, fake_quant_models, step_models
     from tmpdiff.models.registry import adapter_for_config
-    from tmpdiff.runtime.capture import PromptCapture, prompted_calibration
+    from tmpdiff.runtime.capture import PipelineCapture, prompted_calibration
 
     adapter = adapter_for_config({**dict(distiller.model.config), "text_len": 16})
-    calibration = prompted_calibration(distiller.model, adapter, PromptCapture(t2i_dir(), PROMPTS, [0], 2, None))
+    calibration = prompted_calibration(distiller.model, adapter, PipelineCapture(t2i_dir(), PROMPTS, [0], 2, None))
     models = fake_quant_models(distiller.model, None, ["fp32", "int8"], calibration=(adapter, calibration))
     assert models["fp32"] is distiller.model and models["int8"] is not distiller.model
     config = distiller.scheduler_config

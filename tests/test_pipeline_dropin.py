@@ -4,6 +4,7 @@ pipelines with their denoiser replaced by ORT engines."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -241,13 +242,51 @@ def test_a_schedule_from_another_noise_process_is_refused(exported):
     attach_engines(pipe, build_dir, schedule=same)
 
 
-def test_a_class_label_pipeline_runs_on_the_engines(tmp_path):
+@pytest.fixture(scope="module")
+def dit_build(tmp_path_factory):
+    """(pipeline dir, build dir with fp32 + int8 ORT engines) of a tiny DiTPipeline, int8 calibrated on the denoiser's
+    inputs captured from the pipeline over class labels 1 and 7 (`export --calib-classes`)."""
+    from tests.cli_helpers import cli
+
+    root = tmp_path_factory.mktemp("dit")
+    tiny_pipelines.dit_pipeline().save_pretrained(root / "pipe", safe_serialization=True)
+    code, _, err = cli("export", root / "pipe", "--subfolder", "transformer", "--precisions", "fp32,int8", "--out",
+                       root / "build", "--calib-classes", "1,7", "--calib-seeds", "0,1", "--calib-steps", str(STEPS))
+    assert code == 0, err
+    build_dir = root / "build" / "transformer"
+    build_engines(build_dir, "ort", "cpu")
+    return root / "pipe", build_dir
+
+
+def test_a_class_label_pipeline_calibrates_quantization_on_its_labels(dit_build):
+    """The export captured the denoiser's inputs from DiTPipeline's own calls: 2 seeds x STEPS calls, each with the
+    labels' rows and the null class's (guidance)."""
+    from tmpdiff.formats.manifest import load_manifest
+
+    recorded = load_manifest(dit_build[1]).precisions["int8"].quantization["calibration"]
+    assert recorded["source"] == "pipeline class labels, fp32 torch" and recorded["class_labels"] == [1, 7]
+    assert recorded["calls"] == 2 * STEPS and recorded["rows"] == 2 * STEPS * 4
+    assert recorded["pipeline"] == "DiTPipeline" and "prompts_file" not in recorded
+
+
+def test_final_latents_of_a_pipeline_that_always_decodes():
+    """DiTPipeline decodes whatever output it is asked for: `final_latents` takes the latents it hands its VAE, and
+    decoding them gives the pipeline's own images."""
+    from tmpdiff.runtime.pipeline_io import decode_latents, final_latents
+
+    pipe = tiny_pipelines.dit_pipeline()
+    kwargs = {"class_labels": [1, 7], "num_inference_steps": STEPS}
+    latents = final_latents(pipe, generator=torch.Generator().manual_seed(3), **kwargs)
+    want = pipe(generator=torch.Generator().manual_seed(3), output_type="pt", **kwargs).images
+    assert latents.shape == (2, 4, 8, 8) and "decode" not in vars(pipe.vae)  # the stand-in decode is gone
+    assert torch.allclose(decode_latents(pipe, latents), want, atol=1e-5)
+
+
+def test_a_class_label_pipeline_runs_on_the_engines(dit_build, tmp_path):
     """DiTPipeline (class labels, latent space, learned sigma): the fp32 engines reproduce the torch pipeline's images,
     and `tmpdiff run --pipeline DIR --class ...` runs the schedule through it."""
+    pipe_dir, build_dir = dit_build
     pipe = tiny_pipelines.dit_pipeline()
-    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
-    build_dir, _ = export_model(tmp_path / "pipe" / "transformer", tmp_path / "build", ["fp32", "int8"])
-    build_engines(build_dir, "ort", "cpu")
     want = pipe(class_labels=[1, 7], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
                 output_type="np").images
     denoiser = attach_engines(pipe, build_dir, schedule=["fp32"] * STEPS)
@@ -261,7 +300,7 @@ def test_a_class_label_pipeline_runs_on_the_engines(tmp_path):
 
     schedule = ["fp32", "int8", "int8", "fp32"]
     save_schedule(Schedule(steps=STEPS, precisions=schedule), tmp_path / "schedule.json")
-    args = ["run", str(build_dir), "--pipeline", str(tmp_path / "pipe"), "--class", "1,7", "--schedule",
+    args = ["run", str(build_dir), "--pipeline", str(pipe_dir), "--class", "1,7", "--schedule",
             str(tmp_path / "schedule.json"), "--out", str(tmp_path / "image.png"), "--json"]
     done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -269,3 +308,68 @@ def test_a_class_label_pipeline_runs_on_the_engines(tmp_path):
     prompted = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args[:4], "--prompt", "a cat", "--precision", "fp32",
                                "--out", str(tmp_path / "p.png")], capture_output=True, text=True, timeout=600)
     assert prompted.returncode == 2 and "takes class labels, not prompts: pass --class" in prompted.stderr
+
+
+def test_a_class_label_pipeline_is_calibrated_on_class_labels(dit_build, tmp_path):
+    """`calibrate --pipeline DIR --calib-classes`: the search runs in DiTPipeline, the schedule records its labels and
+    runs there; prompts, chosen timesteps and labels for a prompt pipeline are refused by name."""
+    from tests.cli_helpers import cli
+
+    pipe_dir, build_dir = dit_build
+    code, _, err = cli("costs", "--device", "a test device", "--ratio", "fp32=1,int8=0.5", "--source", "stated for a test",
+                       "--out", tmp_path / "costs.json")
+    assert code == 0, err
+    common = ["calibrate", build_dir, "--costs", tmp_path / "costs.json", "--pipeline", pipe_dir, "--steps", STEPS,
+              "--calib-seeds", "0,1"]
+    code, out, err = cli(*common, "--calib-classes", "1,7", "--speedup", "1.3", "--out", tmp_path / "s.json",
+                         "--report", tmp_path / "report")
+    assert code == 0, err
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["target"]["class_labels"] == [1, 7] and written["target"]["guidance_scale"] == 4.0
+    assert sum(p == "int8" for p in written["precisions"]) >= 2  # 1.3x at int8 = 0.5 of fp32 needs two cheap steps
+    report = json.loads((tmp_path / "report" / "calibration_report.json").read_text())
+    assert report["compared"]["all-fp32"]["ssim"] == 1.0 and report["compared"]["all-int8"]["latent_error"] > 0
+    assert "class labels x seeds" in report["grid"]
+    code, out, err = cli("run", build_dir, "--pipeline", pipe_dir, "--class", "1,7", "--schedule", tmp_path / "s.json",
+                         "--out", tmp_path / "i.png", "--json")
+    assert code == 0, err
+    assert [s["precision"] for s in json.loads(out)["steps"]] == written["precisions"]
+
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    code, _, err = cli(*common, "--prompts", tmp_path / "prompts.txt", "--speedup", "1.3", "--out", tmp_path / "p.json")
+    assert code == 2 and "takes class labels, not prompts: pass --calib-classes" in err, err
+    code, _, err = cli(*common, "--speedup", "1.3", "--out", tmp_path / "p.json")
+    assert code == 2 and "--pipeline needs its samples" in err, err
+    from diffusers import DPMSolverMultistepScheduler
+
+    from tmpdiff.formats.schedule import Schedule, save_schedule
+
+    shutil.copytree(pipe_dir, tmp_path / "dpm")  # a scheduler that takes timesteps: the pipeline's call does not
+    DPMSolverMultistepScheduler().save_pretrained(tmp_path / "dpm" / "scheduler")
+    save_schedule(Schedule(steps=STEPS, precisions=["fp32"] * STEPS, timesteps=[900, 600, 300, 50]), tmp_path / "t.json")
+    code, _, err = cli(*common[:5], tmp_path / "dpm", *common[6:], "--calib-classes", "1", "--speedup", "1.3",
+                       "--timesteps-from", tmp_path / "t.json", "--out", tmp_path / "p.json")
+    assert code == 2 and "DiTPipeline takes no timesteps=" in err, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_class_labels_go_to_a_pipeline_that_takes_them(dit_build, tmp_path):
+    """`export --calib-classes` of a prompt pipeline's denoiser, or with --random-calibration, and `bench --pipeline` of a
+    class-label pipeline are refused by name."""
+    from tests.cli_helpers import cli
+
+    root = tmp_path / "sd"
+    tiny_pipelines.build("sd15").save_pretrained(root, safe_serialization=True)
+    code, _, err = cli("export", root, "--subfolder", "unet", "--precisions", "fp32,int8", "--out", tmp_path / "b",
+                       "--calib-classes", "1,7", "--text-len", tiny_pipelines.TEXT_LEN)
+    assert code == 2 and "StableDiffusionPipeline is calibrated on prompts (--prompts)" in err, err
+    code, _, err = cli("export", dit_build[0], "--subfolder", "transformer", "--precisions", "fp32,int8", "--out",
+                       tmp_path / "b", "--calib-classes", "1", "--random-calibration")
+    assert code == 2 and "give --calib-classes or --random-calibration, not both" in err, err
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    code, _, err = cli("costs", "--device", "a test device", "--ratio", "fp32=1,int8=0.5", "--source", "stated for a test",
+                       "--out", tmp_path / "costs.json")
+    code, _, err = cli("bench", dit_build[1], "--costs", tmp_path / "costs.json", "--pipeline", dit_build[0], "--prompts",
+                       tmp_path / "prompts.txt", "--out", tmp_path / "bench")
+    assert code == 2 and "a pipeline that takes class labels is not benched" in err, err

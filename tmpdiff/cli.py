@@ -105,12 +105,15 @@ def export(
     subfolder: Annotated[str | None, typer.Option(help="model subfolder of a pipeline directory (transformer, unet)")] = None,
     model_id: Annotated[str | None, typer.Option(help="name of the build directory (default: the model dir's name)")] = None,
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration trajectories")] = "0,1",
-    calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration trajectories (default: all)")] = None,
+    calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration trajectories (default: all); for "
+                                                         "a pipeline that takes class labels (DiTPipeline): the labels "
+                                                         "its capture runs sample")] = None,
     prompts: Annotated[Path | None, typer.Option(help="pipeline denoisers: prompts file (one per line); the stock pipeline "
                                                       "runs over them and the denoiser's inputs calibrate quantization")] = None,
-    calib_steps: Annotated[int | None, typer.Option(min=1, help="--prompts: denoising steps of the capture runs (default 20)")] = None,
-    calib_guidance: Annotated[float | None, typer.Option(help="--prompts: guidance scale of the capture runs (default: "
-                                                              "the pipeline's)")] = None,
+    calib_steps: Annotated[int | None, typer.Option(min=1, help="--prompts (or a pipeline's --calib-classes): denoising "
+                                                                      "steps of the capture runs (default 20)")] = None,
+    calib_guidance: Annotated[float | None, typer.Option(help="--prompts (or a pipeline's --calib-classes): guidance "
+                                                              "scale of the capture runs (default: the pipeline's)")] = None,
     random_calibration: Annotated[bool, typer.Option("--random-calibration", help="calibrate quantization on random "
                                                      "N(0, 1) inputs (recorded in the manifest)")] = False,
     random_batches: Annotated[int | None, typer.Option(min=1, help="--random-calibration: batches of 2 random inputs "
@@ -582,7 +585,9 @@ def calibrate(
                                               "they help), within 3*T*L evaluations in all")] = True,
     reference: Annotated[str, typer.Option(help="reference precision")] = "fp32",
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
-    calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration set (default: all)")] = None,
+    calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration set (default: all; with --pipeline: "
+                                                         "the class labels of a pipeline that takes them, DiTPipeline)")]
+    = None,
     report: Annotated[Path | None, typer.Option(help="also write calibration_report.md + plots to this directory")] = None,
     pipeline: Annotated[Path | None, typer.Option(help="text-conditioned builds: the diffusers pipeline directory the "
                                                        "engines run in (its scheduler, steps and guidance)")] = None,
@@ -597,8 +602,11 @@ def calibrate(
     force: Force = False,
 ) -> None:
     """Search a per-step precision schedule (TMPDiff) and write schedule.json."""
-    if (pipeline is None) != (prompts is None):
+    if prompts is not None and pipeline is None:
         raise TmpdiffError("--pipeline and --prompts go together (a text-conditioned build calibrates inside its pipeline)")
+    if pipeline is not None and prompts is None and calib_classes is None:
+        raise TmpdiffError("--pipeline needs its samples: --prompts FILE, or --calib-classes for a pipeline that takes "
+                           "class labels (DiTPipeline)")
     _check_fanout(workers, address, pipeline)
     device, backend = _device(backend, device), backend.value
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -622,12 +630,12 @@ def calibrate(
     paths = check_outputs(targets, force=force, inputs=inputs, build_dirs=[build_dir])
     out, report = paths["--out"], paths.get("--report")
     if pipeline is not None:
-        if calib_classes is not None:
-            raise TmpdiffError("--calib-classes is for class-conditional builds; a pipeline calibrates on --prompts")
         from tmpdiff.commands.calibrate_pipeline import calibrate_pipeline, print_result
 
+        labels = None if calib_classes is None else _int_list(calib_classes, "--calib-classes")
         result, session, judged = calibrate_pipeline(
-            build_dir, costs, pipeline, prompts, _seed_list(calib_seeds, "--calib-seeds"), target, steps=steps,
+            build_dir, costs, pipeline, prompts, _seed_list(calib_seeds, "--calib-seeds"), target, class_labels=labels,
+            steps=steps,
             metric=metric, method=method, tolerance=tolerance, reference=reference, guidance=guidance, backend=backend,
             device=device, threads=threads, report=report, on_progress=lambda m: console.print(m),
             timesteps_from=timesteps_from)
@@ -740,6 +748,11 @@ def bench(
         from tmpdiff.runtime.capture import read_prompts
 
         seeds = _seed_list(calib_seeds, "--calib-seeds")
+        from tmpdiff.runtime.pipeline_io import is_pipeline_dir, pipeline_takes_class_labels
+
+        if is_pipeline_dir(pipeline) and pipeline_takes_class_labels(pipeline):
+            raise TmpdiffError("bench --pipeline samples prompts: a pipeline that takes class labels is not benched "
+                               "(calibrate --pipeline DIR --calib-classes searches its schedule)", pipeline)
         calib = read_prompts(prompts)
         pipeline_bench(build_dir, costs, out, pipeline, calib, seeds,
                        calib if unseen_prompts is None else read_prompts(unseen_prompts),

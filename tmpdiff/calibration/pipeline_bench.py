@@ -215,10 +215,10 @@ def _exhaustive(session: PipelineSession, levels: list[str], unseen_prompts: Seq
     on_progress(f"T={problem.steps}: exhaustive optimum over {', '.join(levels)} ({len(levels) ** problem.steps} "
                 f"schedules x {calls} pipeline calls, shared prefixes' engine calls reused)")
     started = time.perf_counter()
-    table = build_pipeline_table(session, [(ev.prompts, ev.seeds), (unseen_prompts, unseen_seeds)], levels)
+    table = build_pipeline_table(session, [(ev.conditions, ev.seeds), (unseen_prompts, unseen_seeds)], levels)
     wall = time.perf_counter() - started
     save_table(table, table_path)
-    n = len(ev.prompts)
+    n = len(ev.conditions)
     judged_at = reachable(levels, problem.cost, speedups)
     result = exhaustive_comparison(table, ev.seeds, unseen_seeds, problem.cost, problem.reference,
                                    speedups=judged_at, calib_classes=list(range(n)),

@@ -1,8 +1,9 @@
-"""Calibration inside a text-to-image pipeline: E(Z) from the stock diffusers pipeline run with the engines.
+"""Calibration inside a diffusers pipeline: E(Z) from the stock pipeline run with the engines.
 
 The pipeline (its text encoder, VAE, scheduler, step count and classifier-free guidance) samples from fixed seeds
 with the build's engines attached as its denoiser (`attach_engines`); each schedule is the plan the attached
-denoiser follows for one set of calls. Errors are measured on the final latents (relative MSE) and on the decoded
+denoiser follows for one set of calls. A text-to-image pipeline samples prompts; a class-conditional one
+(DiTPipeline) samples class labels. Errors are measured on the final latents (relative MSE) and on the decoded
 RGB images (SSIM over all channels, PSNR). The same `Problem` and searches as the class-conditional model run on it.
 """
 
@@ -31,17 +32,26 @@ from tmpdiff.models.schedulers import set_custom_timesteps
 from tmpdiff.runtime.call_memo import CallMemo, attached
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.encoder_memo import EncoderMemo, memoized_encoders
-from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, decode_latents, load_pipeline
+from tmpdiff.runtime.pipeline_io import (
+    call_kwargs,
+    call_parameters,
+    check_pipeline_denoiser,
+    conditioning_kwargs,
+    decode_latents,
+    final_latents,
+    load_pipeline,
+)
 from tmpdiff.runtime.plan import resolve_plan
 
 
 @dataclass
 class PipelineEvaluator:
-    """Runs schedules through the pipeline over `prompts` x `seeds` (one pipeline call per seed) and caches E(Z)."""
+    """Runs schedules through the pipeline over `conditions` x `seeds` (one pipeline call per seed) and caches E(Z).
+    `conditions` are prompts (strs), or class labels (ints) for a pipeline that takes them."""
 
     pipe: object
     denoiser: EngineDenoiser
-    prompts: list[str]
+    conditions: list[str] | list[int]
     seeds: list[int]
     steps: int
     guidance_scale: float | None
@@ -53,10 +63,11 @@ class PipelineEvaluator:
     encoder_memos: dict[str, EncoderMemo] = field(default_factory=dict)  # the prompts' encodings, made once
 
     def __post_init__(self) -> None:
-        if not self.prompts or not self.seeds:
-            raise TmpdiffError("calibration set is empty: give at least one prompt and one seed")
+        if not self.conditions or not self.seeds:
+            raise TmpdiffError("calibration set is empty: give at least one prompt (or class label) and one seed")
+        self.inputs = conditioning_kwargs(self.pipe, self.conditions, None)
         self.runner = SimpleNamespace(engines=self.denoiser.engines)  # what calibrate's timing report reads
-        self.labels = [p for _ in self.seeds for p in self.prompts]  # one entry per sample
+        self.labels = [c for _ in self.seeds for c in self.conditions]  # one entry per sample
         ref = tuple([self.reference] * self.steps)
         self.reference_latents, _ = self._run(ref)
         self.reference_images = decode_latents(self.pipe, self.reference_latents)
@@ -79,7 +90,7 @@ class PipelineEvaluator:
                                  sample_size=self.denoiser.config.get("sample_size"))
             if at is not None:
                 kwargs["timesteps"] = at  # the drop-in checks the pipeline runs exactly these
-            latents.append(self.pipe(list(self.prompts), output_type="latent", **kwargs).images.float().cpu())
+            latents.append(final_latents(self.pipe, **self.inputs, **kwargs))
             seconds += sum(event.seconds for event in self.denoiser.trace.steps)
         return torch.cat(latents), seconds
 
@@ -139,7 +150,7 @@ class PipelineSession(CalibrationSession):
         return self.scheduler
 
 
-def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path, prompts: Sequence[str],
+def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path, conditions: Sequence[str] | Sequence[int],
                           seeds: Sequence[int], steps: int | None = None, metric: str = "latent", reference: str = "fp32",
                           guidance_scale: float | None = None, backend: str = "ort", device: str = "cpu",
                           threads: int | None = None, levels: Sequence[str] | None = None,
@@ -148,15 +159,16 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
                           default_steps: int = 20, timesteps: Sequence[int] | None = None) -> PipelineSession:
     """Check every input first (pipeline vs build, costs vs built engines, metric), then attach the engines to the
     pipeline and run the reference schedule. With `timesteps` (one per step, e.g. a TMPQ-DM plan's) every schedule,
-    the all-reference one included, samples at exactly those; the pipeline's scheduler must take them."""
+    the all-reference one included, samples at exactly those; the pipeline's scheduler must take them. `conditions`:
+    prompts, or class labels for a pipeline that takes them (DiTPipeline)."""
     if metric not in METRICS:
         raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     steps = steps or default_steps
     if steps < 2:
         raise TmpdiffError(f"a schedule needs at least 2 steps, got {steps}")
-    prompts, seeds = list(prompts), list(seeds)
-    if not prompts or not seeds:
-        raise TmpdiffError("calibration set is empty: give at least one prompt and one seed")
+    conditions, seeds = list(conditions), list(seeds)
+    if not conditions or not seeds:
+        raise TmpdiffError("calibration set is empty: give at least one prompt (or class label) and one seed")
     manifest = load_manifest(build_dir)
     check_pipeline_denoiser(pipeline_dir, manifest.model_sha256, build_dir / MANIFEST_NAME)
     costs = load_costs(costs_path)
@@ -164,10 +176,14 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
     pipe = load_pipeline(pipeline_dir)
+    conditioning_kwargs(pipe, conditions, pipeline_dir, ("--calib-classes", "--prompts"))  # the kind it takes
     if timesteps is not None:
         timesteps = tuple(int(t) for t in timesteps)
         if len(timesteps) != steps:
             raise TmpdiffError(f"{len(timesteps)} timesteps for a {steps}-step calibration")
+        if "timesteps" not in call_parameters(pipe):
+            raise TmpdiffError(f"{type(pipe).__name__} takes no timesteps=: it cannot sample at chosen timesteps",
+                               pipeline_dir)
         set_custom_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), timesteps)  # refused here
     denoiser = attach_engines(pipe, build_dir, precision=reference, backend=backend, device=device, threads=threads)
     missing = [p for p in probe.all_levels if p not in denoiser.engines]
@@ -175,7 +191,7 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
         raise TmpdiffError(f"no {backend} engine loaded for {', '.join(missing)}", build_dir)
     if device != "cpu":
         pipe.to("cuda")
-    evaluator = PipelineEvaluator(pipe, denoiser, prompts, seeds, steps, guidance_scale, reference, timesteps=timesteps)
+    evaluator = PipelineEvaluator(pipe, denoiser, conditions, seeds, steps, guidance_scale, reference, timesteps=timesteps)
 
     problem = Problem(probe.steps, probe.reference, probe.levels, probe.cost, metric, reporting(evaluator, on_evaluation))
     scheduler = SchedulerRef(class_name=type(pipe.scheduler).__name__, config=dict(pipe.scheduler.config))
@@ -190,8 +206,8 @@ def attribute_judge(pipeline_dir: Path, prompts: Sequence[str]) -> tuple[object,
     from tmpdiff.models.tiny_t2i import CLASSIFIER_SUBFOLDER
 
     classifier_dir = pipeline_dir / CLASSIFIER_SUBFOLDER
-    if not (classifier_dir / "config.json").is_file():
-        return None
+    if not (classifier_dir / "config.json").is_file() or not all(isinstance(p, str) for p in prompts):
+        return None  # no classifier, or class labels: nothing parses them
     try:
         combos = [parse_prompt(p) for p in prompts]
     except TmpdiffError:

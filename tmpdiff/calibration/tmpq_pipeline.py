@@ -26,7 +26,13 @@ from tmpdiff.formats.schedule import Schedule, SchedulerRef
 from tmpdiff.models.registry import adapter_for_config
 from tmpdiff.models.schedulers import set_custom_timesteps, train_timesteps
 from tmpdiff.runtime.dropin import denoiser_component, engine_denoiser
-from tmpdiff.runtime.pipeline_io import call_kwargs, check_pipeline_denoiser, decode_latents, load_pipeline
+from tmpdiff.runtime.pipeline_io import (
+    call_kwargs,
+    call_parameters,
+    check_pipeline_denoiser,
+    decode_latents,
+    load_pipeline,
+)
 from tmpdiff.runtime.plan import PrecisionPlan
 
 
@@ -99,6 +105,9 @@ def pipeline_sets(build_dir: Path, pipeline_dir: Path, prompts: Sequence[str], h
     manifest = load_manifest(build_dir)
     check_pipeline_denoiser(pipeline_dir, manifest.model_sha256, build_dir / MANIFEST_NAME)
     pipe = load_pipeline(pipeline_dir)
+    if "timesteps" not in call_parameters(pipe):
+        raise TmpdiffError(f"{type(pipe).__name__} takes no timesteps=: a TMPQ-DM plan's chosen timesteps cannot be "
+                           "sampled in it", pipeline_dir)
     # candidates sample at custom timesteps: a scheduler that cannot is refused here, before any sampling
     set_custom_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), [999, 500], pipeline_dir)
     if options.metric in ("confidence", "accuracy") and attribute_judge(pipeline_dir, list(prompts)) is None:

@@ -1,4 +1,5 @@
-"""`tmpdiff calibrate BUILD --pipeline DIR --prompts FILE`: a schedule searched inside a text-to-image pipeline."""
+"""`tmpdiff calibrate BUILD --pipeline DIR --prompts FILE` (or `--calib-classes` for a class-label pipeline such as
+DiTPipeline): a schedule searched inside a diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from tmpdiff.runtime.capture import read_prompts
 from tmpdiff.runtime.pipeline_io import default_guidance_of
 
 
-def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts_file: Path, seeds: list[int],
-                       target: Target, *, steps: int | None = None, metric: str = "latent", method: str = "sensitivity",
+def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts_file: Path | None, seeds: list[int],
+                       target: Target, *, class_labels: list[int] | None = None, steps: int | None = None,
+                       metric: str = "latent", method: str = "sensitivity",
                        tolerance: float = 0.05, reference: str = "fp32", guidance: float | None = None,
                        backend: str = "ort", device: str = "cpu", threads: int | None = None,
                        report: Path | None = None, on_evaluation: Callable = lambda _: None,
@@ -24,8 +26,12 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
                        timesteps_from: Path | None = None) -> tuple[CalibrationResult, PipelineSession, dict | None]:
     """Search the schedule (at the timesteps `timesteps_from` names, when given: a TMPQ-DM plan or a v2+ schedule);
     then judge the reference, the all-cheapest and the chosen schedule (prompt adherence and FD, when the pipeline
-    ships an attribute classifier) and record that in the schedule's measured figures."""
-    prompts = read_prompts(prompts_file)
+    ships an attribute classifier) and record that in the schedule's measured figures. The samples are the prompts
+    of `prompts_file`, or `class_labels` for a pipeline that takes them (one of the two), x `seeds`."""
+    if (prompts_file is None) == (class_labels is None):
+        raise TmpdiffError("a pipeline calibrates on --prompts FILE or, when it takes class labels (DiTPipeline), on "
+                           "--calib-classes: give one of them")
+    conditions = read_prompts(prompts_file) if prompts_file is not None else list(class_labels)
     timesteps = None
     if timesteps_from is not None:
         from tmpdiff.commands.timesteps_source import timesteps_from as chosen_timesteps
@@ -33,7 +39,7 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
 
         timesteps = chosen_timesteps(timesteps_from, load_manifest(build_dir), steps, _pipeline_scheduler(pipeline_dir))
         steps = len(timesteps)
-    session = open_pipeline_session(build_dir, costs, pipeline_dir, prompts, seeds, steps, metric, reference, guidance,
+    session = open_pipeline_session(build_dir, costs, pipeline_dir, conditions, seeds, steps, metric, reference, guidance,
                                     backend, device, threads, on_evaluation=on_evaluation,
                                     check=lambda problem: check_target(problem, target), timesteps=timesteps)
     try:
@@ -49,8 +55,9 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
                      "fd_vs_reference": judged["schedule"]["fd_vs_reference"], "samples": judged["schedule"]["n"]}
             result.file.measured = Figures(**result.file.measured.model_dump(mode="json"), **extra)
         used = guidance if guidance is not None else default_guidance_of(type(session.evaluator.pipe))
-        result.file.target = result.file.target | {"pipeline": str(pipeline_dir), "prompts": len(prompts),
-                                                   "seeds": list(seeds), "guidance_scale": used}
+        samples = {"prompts": len(conditions)} if class_labels is None else {"class_labels": list(class_labels)}
+        result.file.target = result.file.target | {"pipeline": str(pipeline_dir), **samples, "seeds": list(seeds),
+                                                   "guidance_scale": used}
         if report is not None:
             _write_report(report, session, result, compared, judged)
     finally:
@@ -89,7 +96,11 @@ def _write_report(directory: Path, session: PipelineSession, result: Calibration
     save_png(grid_image(np.concatenate(rows), rows=len(rows)), directory / "grid.png")
     write_json(directory / "calibration_report.json",
                {"schedule": result.file.model_dump(mode="json"), "compared": figures,
-                "grid": f"rows: {', '.join(compared)}; columns: prompts x seeds"})
+                "grid": f"rows: {', '.join(compared)}; columns: {_sample_unit(evaluator)} x seeds"})
+
+
+def _sample_unit(evaluator) -> str:
+    return "class labels" if isinstance(evaluator.conditions[0], int) else "prompts"
 
 
 def print_result(result: CalibrationResult, session: PipelineSession, judged: dict | None, metric: str) -> None:

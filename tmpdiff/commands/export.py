@@ -56,7 +56,8 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
                     needed: bool = True, random_batches: int | None = None):
     """The calibration recipe (and sampling info) for a quantized export:
     - a tmpdiff class-conditional model dir: sampled trajectories of `classes` x `seeds`;
-    - a pipeline's denoiser with `prompts`: its inputs captured from the stock pipeline over the prompts x `seeds`;
+    - a pipeline's denoiser with `prompts`: its inputs captured from the stock pipeline over the prompts x `seeds`
+      (with `classes` instead, for a pipeline that takes class labels such as DiTPipeline: over those labels);
     - `random`: random N(0, 1) inputs, only when asked for (`random_batches` batches of 2; default 8).
     Without any of them (and `needed`: some precision is quantized) a clear error says what to pass."""
     pipeline = pipeline_of(model_dir)
@@ -64,6 +65,8 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
         raise TmpdiffError("--random-batches sets how many batches --random-calibration makes: give both, or neither")
     if prompts is not None and random:
         raise TmpdiffError("give --prompts or --random-calibration, not both")
+    if classes is not None and (random or prompts is not None):
+        raise TmpdiffError(f"give --calib-classes or {'--random-calibration' if random else '--prompts'}, not both")
     if prompts is not None and pipeline is None:
         raise TmpdiffError("--prompts captures inputs from a pipeline: give the pipeline directory with "
                            "--subfolder transformer (or unet)", model_dir)
@@ -84,34 +87,29 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
         return sampled_recipe(sampling, chosen, seeds), sampling
     if random:
         return _random_recipe(random_batches), None
-    if prompts is not None:
-        from tmpdiff.runtime.capture import PromptCapture, prompted_recipe, read_prompts
+    if classes is not None and pipeline is None:
+        raise TmpdiffError("--calib-classes names the class labels of a class-conditional model (a tmpdiff model "
+                           f"directory with a {INFO_NAME}, or a pipeline that takes class labels: MODEL --subfolder "
+                           "transformer)", model_dir)
+    if prompts is not None or classes is not None:
+        from tmpdiff.runtime.capture import PipelineCapture, prompted_recipe, read_prompts
 
-        capture = PromptCapture(pipeline, read_prompts(prompts), list(seeds), steps or PIPELINE_DEFAULT_STEPS, guidance,
-                                prompts_file=str(prompts))
+        conditions = read_prompts(prompts) if prompts is not None else list(classes)
+        capture = PipelineCapture(pipeline, conditions, list(seeds), steps or PIPELINE_DEFAULT_STEPS, guidance,
+                                  prompts_file=None if prompts is None else str(prompts))
         return prompted_recipe(capture), None
     if not needed:
         return None, None
     from tmpdiff.models.loading import read_model_config
 
     read_model_config(model_dir)  # not a model directory at all: that error first
-    if pipeline is not None and _takes_no_prompt(pipeline):
-        raise TmpdiffError(f"quantizing needs calibration data, and {pipeline} is a pipeline without prompts (class "
-                           "labels): pass --random-calibration for random inputs (tmpdiff samples its own calibration "
-                           f"trajectories only for a class-conditional model directory with a {INFO_NAME})", model_dir)
+    from tmpdiff.runtime.pipeline_io import pipeline_takes_class_labels
+
+    if pipeline is not None and pipeline_takes_class_labels(pipeline):
+        raise TmpdiffError(f"quantizing needs calibration data, and {pipeline} takes class labels, not prompts: pass "
+                           "--calib-classes (e.g. 0,1,2,3) to capture the denoiser's inputs from the pipeline over those "
+                           "labels, or --random-calibration for random inputs", model_dir)
     where = f"the pipeline {pipeline}" if pipeline is not None else "its pipeline (MODEL_DIR --subfolder transformer)"
     raise TmpdiffError(f"quantizing needs calibration data: pass --prompts FILE to capture the denoiser's inputs from "
                        f"{where}, or --random-calibration for random inputs", model_dir)
 
-
-def _takes_no_prompt(pipeline_dir: Path) -> bool:
-    """Whether the pipeline's call takes no prompt (DiTPipeline takes class labels)."""
-    import inspect
-
-    import diffusers
-
-    from tmpdiff.formats.atomic import read_json_object
-
-    name = read_json_object(pipeline_dir / "model_index.json").get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    return cls is not None and "prompt" not in inspect.signature(cls.__call__).parameters

@@ -13,8 +13,8 @@ from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.pipeline_io import (
     call_kwargs,
-    call_parameters,
     check_pipeline_denoiser,
+    conditioning_kwargs,
     default_guidance_of,
     load_pipeline,
 )
@@ -105,11 +105,5 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
 
 def _call_inputs(pipe, request: PromptRequest) -> dict:
     """The pipeline call's conditioning: its prompts, or the class labels of a pipeline that takes them."""
-    parameters = call_parameters(pipe)
-    if request.class_labels is None:
-        if "prompt" not in parameters:
-            raise TmpdiffError(f"{type(pipe).__name__} takes class labels, not prompts: pass --class", request.pipeline_dir)
-        return {"prompt": request.prompts}
-    if "prompt" in parameters or "class_labels" not in parameters:
-        raise TmpdiffError(f"{type(pipe).__name__} takes prompts, not class labels: pass --prompt", request.pipeline_dir)
-    return {"class_labels": list(request.class_labels)}
+    conditions = request.prompts if request.class_labels is None else request.class_labels
+    return conditioning_kwargs(pipe, conditions, request.pipeline_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tmpdiff.engines.base import TORCH_DTYPES
 from tmpdiff.engines.torch_engine import TorchEngine
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet
 from tmpdiff.formats.atomic import read_json_object, read_text_file
@@ -25,7 +26,15 @@ from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.dropin import call_feeds, copy_into
-from tmpdiff.runtime.pipeline_io import call_kwargs, default_guidance_of, load_pipeline, pipeline_denoiser_name
+from tmpdiff.runtime.pipeline_io import (
+    call_kwargs,
+    conditioning_kwargs,
+    default_guidance_of,
+    final_latents,
+    load_pipeline,
+    pipeline_denoiser_name,
+    takes_class_labels,
+)
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 from tmpdiff.runtime.time_conditioning import feed_time_conditioning
 
@@ -73,28 +82,35 @@ def read_prompts(path: Path) -> list[str]:
 
 
 @dataclass(frozen=True)
-class PromptCapture:
-    """Pipeline runs whose denoiser inputs become the calibration set: `prompts` x `seeds`, `steps` steps each."""
+class PipelineCapture:
+    """Pipeline runs whose denoiser inputs become the calibration set: `conditions` x `seeds`, `steps` steps each.
+    `conditions` are prompts, or class labels (ints) for a pipeline that takes them (DiTPipeline)."""
 
     pipeline_dir: Path
-    prompts: list[str]
+    conditions: list[str] | list[int]
     seeds: list[int]
     steps: int
     guidance_scale: float | None  # None: the pipeline's default
     prompts_file: str | None = None
 
+    @property
+    def labelled(self) -> bool:
+        return bool(self.conditions) and not isinstance(self.conditions[0], str)
+
     def description(self, pipeline_class: str, scheduler: dict) -> dict:
-        digest = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
-        return {"source": "pipeline prompts, fp32 torch", "pipeline": pipeline_class, "prompts": len(self.prompts),
-                "prompts_sha256": digest, "seeds": self.seeds, "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "scheduler": scheduler}
+        common = {"pipeline": pipeline_class, "seeds": self.seeds, "steps": self.steps,
+                  "guidance_scale": self.guidance_scale, "scheduler": scheduler}
+        if self.labelled:
+            return {"source": "pipeline class labels, fp32 torch", "class_labels": list(self.conditions)} | common
+        digest = hashlib.sha256("\n".join(self.conditions).encode()).hexdigest()
+        return {"source": "pipeline prompts, fp32 torch", "prompts": len(self.conditions), "prompts_sha256": digest} | common
 
 
-def prompted_recipe(capture: PromptCapture) -> CalibrationRecipe:
-    """The recipe of `prompted_calibration`; its description (prompts digest, seeds, steps, guidance, the pipeline's
-    scheduler) is read from the pipeline directory without loading any model."""
-    if not capture.prompts or not capture.seeds:
-        raise TmpdiffError("calibration set is empty: give at least one prompt and one seed")
+def prompted_recipe(capture: PipelineCapture) -> CalibrationRecipe:
+    """The recipe of `prompted_calibration`; its description (prompts digest or class labels, seeds, steps, guidance,
+    the pipeline's scheduler) is read from the pipeline directory without loading any model."""
+    if not capture.conditions or not capture.seeds:
+        raise TmpdiffError("calibration set is empty: give at least one prompt (or class label) and one seed")
     if capture.steps < 1:
         raise TmpdiffError(f"--calib-steps must be at least 1, got {capture.steps}")
     pipeline_denoiser_name(capture.pipeline_dir)  # a pipeline directory with a denoiser, or a clear error now
@@ -102,21 +118,26 @@ def prompted_recipe(capture: PromptCapture) -> CalibrationRecipe:
     scheduler_path = capture.pipeline_dir / "scheduler" / "scheduler_config.json"
     scheduler = encode_non_finite(read_json_object(scheduler_path)) if scheduler_path.is_file() else {}
     pipeline_class = str(index.get("_class_name"))
-    if capture.guidance_scale is None:  # the pipeline's own default, read from its class (no model loaded)
-        import diffusers
+    import diffusers
 
-        cls = getattr(diffusers, pipeline_class, None)
+    cls = getattr(diffusers, pipeline_class, None)
+    if cls is not None and takes_class_labels(cls) != capture.labelled:  # the kind of conditioning it takes
+        wanted = "class labels (--calib-classes)" if takes_class_labels(cls) else "prompts (--prompts)"
+        raise TmpdiffError(f"{pipeline_class} is calibrated on {wanted}", capture.pipeline_dir / "model_index.json")
+    if capture.guidance_scale is None:  # the pipeline's own default, read from its class (no model loaded)
         default = default_guidance_of(cls) if cls is not None else None
         capture = dataclasses.replace(capture, guidance_scale=default)
     description = capture.description(pipeline_class, scheduler)
     return CalibrationRecipe(description, lambda model, adapter: prompted_calibration(model, adapter, capture, description))
 
 
-def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, capture: PromptCapture,
+def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, capture: PipelineCapture,
                          description: dict | None = None) -> CalibrationSet:
-    """The denoiser's inputs at every step of the stock pipeline run over the prompts (one call per seed, all prompts
-    batched, cond and uncond rows as the pipeline makes them), with `model` (fp32 torch) as its denoiser."""
+    """The denoiser's inputs at every step of the stock pipeline run over the prompts or class labels (one call per
+    seed, all of them batched, cond and uncond rows as the pipeline makes them), with `model` (fp32 torch) as its
+    denoiser."""
     pipe = load_pipeline(capture.pipeline_dir, model)
+    conditioning = conditioning_kwargs(pipe, capture.conditions, capture.pipeline_dir, ("--calib-classes", "--prompts"))
     batches: list[dict[str, torch.Tensor]] = []
     signature = inspect.signature(model.forward)
     specs = adapter.input_specs()
@@ -130,7 +151,7 @@ def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, captu
         dims = adapter.default_dims(rows)
         batch = {}
         for spec in specs:
-            buffer = torch.zeros(spec.concrete(dims), dtype=torch.float32)
+            buffer = torch.zeros(spec.concrete(dims), dtype=TORCH_DTYPES[spec.dtype])  # class labels: int64
             copy_into(spec, buffer, feeds[spec.name], adapter)
             batch[spec.name] = buffer
         batches.append(batch)
@@ -142,7 +163,7 @@ def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, captu
             kwargs = call_kwargs(pipe, steps=capture.steps, seed=seed, guidance_scale=guidance,
                                  text_len=getattr(adapter, "text_len", None), sample_size=adapter.sample_size)
             try:
-                pipe(list(capture.prompts), output_type="latent", **kwargs)
+                final_latents(pipe, **conditioning, **kwargs)  # the decode (DiTPipeline's too) is not needed
             except ValueError as exc:
                 raise TmpdiffError(f"{type(pipe).__name__} refused the call ({exc})", capture.pipeline_dir) from None
     finally:
@@ -151,5 +172,7 @@ def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, captu
         raise TmpdiffError("the pipeline never called its denoiser", capture.pipeline_dir)
     recorded = dict(description or {})
     rows = sum(int(next(iter(b.values())).shape[0]) for b in batches)
-    recorded |= {"prompts_file": capture.prompts_file, "calls": len(batches), "rows": rows}
+    if not capture.labelled:
+        recorded["prompts_file"] = capture.prompts_file
+    recorded |= {"calls": len(batches), "rows": rows}
     return CalibrationSet(batches, recorded)

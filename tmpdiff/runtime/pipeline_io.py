@@ -7,6 +7,7 @@ the graphs' fixed latent size and text length, no aspect-ratio bins, prompts pas
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -77,6 +78,64 @@ def call_parameters(pipe) -> set[str]:
     return set(inspect.signature(type(pipe).__call__).parameters)
 
 
+def takes_class_labels(pipeline_class) -> bool:
+    """Whether a pipeline class is conditioned on class labels (DiTPipeline) instead of prompts."""
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    return "class_labels" in parameters and "prompt" not in parameters
+
+
+def pipeline_takes_class_labels(pipeline_dir: Path) -> bool:
+    """Whether the pipeline directory's class (model_index.json) is conditioned on class labels; read without
+    loading any model."""
+    import diffusers
+
+    name = read_json_object(Path(pipeline_dir) / "model_index.json").get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    return cls is not None and takes_class_labels(cls)
+
+
+def conditioning_kwargs(pipe, conditions: Sequence[str] | Sequence[int], where: Path,
+                        options: tuple[str, str] = ("--class", "--prompt")) -> dict:
+    """The call's conditioning argument: `prompt` for prompts (strs), `class_labels` for class labels (ints); refused
+    by name when the pipeline takes the other kind (`options`: the command's options giving labels and prompts)."""
+    labelled = takes_class_labels(type(pipe))
+    if all(isinstance(c, str) for c in conditions):
+        if labelled:
+            raise TmpdiffError(f"{type(pipe).__name__} takes class labels, not prompts: pass {options[0]}", where)
+        return {"prompt": list(conditions)}
+    if not labelled:
+        raise TmpdiffError(f"{type(pipe).__name__} takes prompts, not class labels: pass {options[1]}", where)
+    return {"class_labels": [int(c) for c in conditions]}
+
+
+class _DecodeReached(Exception):
+    """Raised by the stand-in VAE decode of `final_latents`: it carries the latents the pipeline was decoding."""
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        super().__init__("the pipeline reached its VAE decode")
+        self.latents = latents
+
+
+def final_latents(pipe, **call) -> torch.Tensor:
+    """The final latents (float32, CPU) of one pipeline call: its `output_type="latent"` output, or, for a pipeline
+    that decodes whatever output it is asked for (DiTPipeline), the latents it hands its VAE with the VAE's scaling
+    undone, the decode itself skipped."""
+    vae = pipe.vae
+
+    def stop(latents: torch.Tensor, *args, **kwargs):
+        raise _DecodeReached(latents)
+
+    vae.decode = stop  # the instance attribute shadows the method; removed below
+    try:
+        output = pipe(output_type="latent", **call)
+    except _DecodeReached as reached:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((reached.latents.float() - shift) * vae.config.scaling_factor).cpu()
+    finally:
+        del vae.decode
+    return output.images.float().cpu()
+
+
 def default_guidance_of(pipeline_class) -> float | None:
     """The guidance scale a pipeline class's call defaults to (None if it takes none)."""
     parameter = inspect.signature(pipeline_class.__call__).parameters.get("guidance_scale")
@@ -123,4 +182,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     if shift:
         scaled = scaled + shift
     images = vae.decode(scaled, return_dict=False)[0]
-    return pipe.image_processor.postprocess(images, output_type="pt").float().cpu()
+    processor = getattr(pipe, "image_processor", None)
+    if processor is None:  # DiTPipeline denormalises by hand, as the image processor does
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+    return processor.postprocess(images, output_type="pt").float().cpu()
