@@ -282,6 +282,28 @@ def test_export_killed_at_each_write_then_rerun(tmp_path):
     assert check(build_dir) == (0, [])
 
 
+def test_export_refuses_a_folder_it_did_not_make(tmp_path):
+    """A folder holding a precision's folder but neither a manifest nor tmpdiff's lock was made by someone else (a
+    killed export's folder has the lock: the re-runs above go on): refused without --force, before the lock is taken."""
+    from tests.cli_helpers import cli
+    from tmpdiff.export.exporter import export_model
+    from tmpdiff.formats.errors import TmpdiffError
+    from tmpdiff.models.bundled import bundled_dir
+
+    mine = tmp_path / "out" / "mine"
+    (mine / "fp32").mkdir(parents=True)
+    (mine / "fp32" / "model.onnx").write_bytes(b"the user's graph")
+    args = ["export", "bundled", "--precisions", "fp32", "--out", tmp_path / "out", "--model-id", "mine"]
+    code, _, err = cli(*args)
+    assert code == 2 and "holds fp32/ but no manifest.json: not a tmpdiff build" in err and "--force" in err, err
+    with pytest.raises(TmpdiffError, match="not a tmpdiff build"):  # the Python API too
+        export_model(bundled_dir() / "transformer", tmp_path / "out", ["fp32"], model_id="mine")
+    assert (mine / "fp32" / "model.onnx").read_bytes() == b"the user's graph" and sorted(mine.iterdir()) == [mine / "fp32"]
+    code, _, err = cli(*args, "--force")
+    assert code == 0, err
+    assert (mine / "manifest.json").is_file() and (mine / "fp32" / "model.onnx").read_bytes() != b"the user's graph"
+
+
 # Real `tmpdiff export`, killed a seeded random delay (up to 15% of a full export's wall time) after each of these
 # progress lines, in this order, each run starting from the last one's state: inside the fp32 export, after fp32 is in
 # the manifest (int8 calibration), inside the int8 export.

@@ -139,7 +139,8 @@ def export(
                                        "the timestep, so a schedule can feed learned MTEO rows (distill-embeddings); "
                                        "plain schedules get the model's own rows")] = False,
     wait: Wait = 3600.0,
-    force: Annotated[bool, typer.Option("--force", help="replace a build of another model in OUT/<model-id>")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace a build of another model in OUT/<model-id>, or write "
+                                                        "into a folder there that is not a tmpdiff build")] = False,
 ) -> None:
     """Export a denoiser to ONNX, one graph per precision (plus a TensorRT graph per quantized precision)."""
     from tmpdiff.commands.export import calibration_for, resolve_model_dir

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,6 +242,7 @@ def export_model(
         raise TmpdiffError("--out must be a directory (the build root), found a file", out_root)
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
+    check_no_foreign_build(build_dir, replace)  # before the lock: taking it marks the folder as a build
     base = choose_base(model_dir, specs, requested=load_dtype, memory_check=memory_check)
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
@@ -268,12 +270,29 @@ def check_build_model(build_dir: Path, model_dir: Path, replace: bool, manifest:
         return
     if manifest is None:
         if not (build_dir / "manifest.json").is_file():
+            check_no_foreign_build(build_dir, replace)
             return
         manifest = load_manifest(build_dir)
     if (model_hash or recorded_model_hash(model_dir, manifest.model_sha256)) != manifest.model_sha256:
         raise TmpdiffError(f"holds the build of another model ({manifest.model_id!r}, {manifest.architecture}, exported "
                            f"from other weights or config than {model_dir}): pass --force to replace that build, or "
                            "--out / --model-id for a new one", build_dir / "manifest.json")
+
+
+def check_no_foreign_build(build_dir: Path, replace: bool) -> None:
+    """Refuse to export into a folder that holds files at a build's names (a precision's folder, mixed/) but neither a
+    manifest nor tmpdiff's lock: someone else made them (an export, even a killed one, takes the lock before it
+    writes anything), and the export would replace them. `replace` (`--force`) allows it."""
+    from tmpdiff.formats.atomic import LOCK_NAME
+    from tmpdiff.formats.precisions import PRECISIONS
+
+    if replace or not build_dir.is_dir() or (build_dir / "manifest.json").exists() or (build_dir / LOCK_NAME).exists():
+        return
+    found = sorted(f"{name}/" for name in (*PRECISIONS, "mixed") if os.path.lexists(build_dir / name))
+    if found:
+        raise TmpdiffError(f"holds {', '.join(found)} but no manifest.json: not a tmpdiff build, and the export would "
+                           "write into those folders; pass --force to write there anyway, or --out / --model-id for a "
+                           "new build", build_dir)
 
 
 def _export_locked(
