@@ -117,6 +117,28 @@ def test_dropin_feeds_learned_rows_as_the_torch_model_takes_them(work):
     assert rel(engines, plain) > 1e-2  # the learned rows change the sample
 
 
+def test_rows_record_their_model_and_another_models_build_refuses_them(work, tmp_path):
+    """The file records the model's content hash as the build's manifest does; rows marked as another model's are
+    refused by plan-embeddings, and by run when a plan's file is swapped for them."""
+    import shutil
+
+    from tmpdiff.formats.manifest import load_manifest
+    from tmpdiff.models.time_embeddings import save_time_embeddings
+
+    root, build, outcome = work
+    assert outcome.info.model_sha256 == load_manifest(build).model_sha256
+    tensor, info = load_time_embeddings(outcome.path)
+    other = tmp_path / "other.safetensors"
+    save_time_embeddings(other, tensor, info.model_copy(update={"model_sha256": "0" * 64}))
+    code, _, err = cli("plan-embeddings", build, other, "--out", tmp_path / "plan.json", "--pipeline", t2i_dir())
+    assert code == 2 and f"{other}: learned on another model (tiny-t2i" in err and not (tmp_path / "plan.json").exists()
+    shutil.copy(root / "plan" / "plan.json", tmp_path / "plan.json")
+    shutil.copy(other, tmp_path / "mteo.safetensors")  # the name the plan gives its rows
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", tmp_path / "plan.json",
+                       "--out", tmp_path / "x.png")
+    assert code == 2 and "learned on another model" in err and not (tmp_path / "x.png").exists(), err
+
+
 def test_learned_rows_are_refused_where_they_do_not_fit(work, tmp_path):
     from tmpdiff.runtime.dropin import attach_engines
     from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline

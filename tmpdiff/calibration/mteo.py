@@ -176,11 +176,12 @@ class Distiller:
 
 
 def embeddings_info(distiller: Distiller, cfg: DistillConfig, name: str, tensor: torch.Tensor, loss: Loss,
-                    runs: list[LossRecord]) -> TimeEmbeddingsInfo:
-    """The record written beside a distilled table (or shift vector): model, solver, timesteps, slots, training."""
+                    runs: list[LossRecord], model_sha256: str | None = None) -> TimeEmbeddingsInfo:
+    """The record written beside a distilled table (or shift vector): model (name and content hash, as a build's
+    manifest records it), solver, timesteps, slots, training."""
     mteo = cfg.kind == "mteo"
     return TimeEmbeddingsInfo(
-        kind=cfg.kind, model=name, model_parameters=model_parameters(distiller.model), solver=cfg.solver,
+        kind=cfg.kind, model=name, model_sha256=model_sha256, model_parameters=model_parameters(distiller.model), solver=cfg.solver,
         steps=cfg.steps, timesteps=distiller.timesteps(cfg.solver, cfg.steps),
         slots=distiller.sampler(cfg.steps).slots if mteo else [], dim=int(tensor.shape[-1]) if mteo else 0,
         trained_parameters=int(tensor.numel()), guidance_scale=distiller.guidance_scale,

@@ -11,6 +11,7 @@ import torch
 from tmpdiff.calibration.few_step import ClassConditioning, PromptConditioning
 from tmpdiff.calibration.mteo import DistillConfig, Distiller, DistillResult, embeddings_info
 from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import model_content_hash
 from tmpdiff.formats.outputs import Output, check_outputs
 from tmpdiff.formats.time_embeddings import TimeEmbeddingsInfo
 from tmpdiff.models.time_embeddings import save_time_embeddings
@@ -24,10 +25,10 @@ class DistillOutcome:
 
 
 def load_distiller(model: str, *, prompts: list[str] | None = None, guidance_scale: float | None = None,
-                   max_sequence_length: int | None = None) -> tuple[Distiller, str]:
+                   max_sequence_length: int | None = None) -> tuple[Distiller, Path]:
     """The frozen denoiser and its conditioning: a bundled-style class-conditional model directory ('bundled': the
     bundled DiT), or a diffusers text-to-image pipeline directory ('bundled-t2i': the bundled one) with its prompts
-    encoded once by its own text encoder."""
+    encoded once by its own text encoder; and the denoiser's directory (its transformer)."""
     from tmpdiff.runtime.pipeline_io import is_pipeline_dir
 
     if model == "bundled-t2i" or (model != "bundled" and is_pipeline_dir(Path(model))):
@@ -45,7 +46,7 @@ def load_distiller(model: str, *, prompts: list[str] | None = None, guidance_sca
     distiller = Distiller(net, dict(sampling.scheduler_config), scale,
                           ClassConditioning(sampling.num_classes, sampling.null_class), sampling.channels,
                           sampling.image_size)
-    return distiller, info.root.name
+    return distiller, info.root / "transformer"
 
 
 def bundled_t2i_prompts(seed: int = 0) -> list[str]:
@@ -59,7 +60,7 @@ def bundled_t2i_prompts(seed: int = 0) -> list[str]:
 
 @torch.no_grad()
 def load_pipeline_distiller(model: str, prompts: list[str] | None, guidance_scale: float | None,
-                            max_sequence_length: int | None) -> tuple[Distiller, str]:
+                            max_sequence_length: int | None) -> tuple[Distiller, Path]:
     """A text-to-image pipeline's frozen denoiser, with `prompts` (and the empty negative prompt) encoded once."""
     from tmpdiff.runtime.pipeline_io import call_parameters, default_guidance_of, load_pipeline
 
@@ -91,7 +92,7 @@ def load_pipeline_distiller(model: str, prompts: list[str] | None, guidance_scal
     channels = int(net.config.in_channels)
     size = int(net.config.sample_size)
     distiller = Distiller(net, dict(pipe.scheduler.config), float(scale), conditioning, channels, size)
-    return distiller, root.name
+    return distiller, root / "transformer"
 
 
 def distill_embeddings(model: str, cfg: DistillConfig, losses: list[str], out: Path, *, force: bool = False,
@@ -111,8 +112,8 @@ def distill_embeddings(model: str, cfg: DistillConfig, losses: list[str], out: P
         from tmpdiff.runtime.capture import read_prompts
 
         texts = read_prompts(prompts)
-    distiller, name = load_distiller(model, prompts=texts, guidance_scale=guidance_scale,
-                                     max_sequence_length=max_sequence_length)
+    distiller, denoiser_dir = load_distiller(model, prompts=texts, guidance_scale=guidance_scale,
+                                             max_sequence_length=max_sequence_length)
     timesteps = distiller.timesteps(cfg.solver, cfg.steps)
     if len(set(timesteps)) != len(timesteps):
         raise TmpdiffError(f"{cfg.solver} repeats timesteps at {cfg.steps} steps: use fewer steps")
@@ -123,6 +124,7 @@ def distill_embeddings(model: str, cfg: DistillConfig, losses: list[str], out: P
                                           None if on_progress is None else lambda i, v, loss=loss: on_progress(loss, i, v))
     kept = min(results, key=lambda k: results[k].record.validation_mse)
     tensor = results[kept].tensor
-    info = embeddings_info(distiller, cfg, name, tensor, kept, [r.record for r in results.values()])  # type: ignore[arg-type]
+    info = embeddings_info(distiller, cfg, denoiser_dir.parent.name, tensor, kept,  # type: ignore[arg-type]
+                           [r.record for r in results.values()], model_content_hash(denoiser_dir))
     save_time_embeddings(out, tensor, info)
     return DistillOutcome(info, out, results)

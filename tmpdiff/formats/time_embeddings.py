@@ -39,7 +39,9 @@ class TimeEmbeddingsInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["tmpdiff.time_embeddings/1"] = FORMAT
     kind: Kind
-    model: str
+    model: str  # the model directory's name
+    # the model's content hash as a build's manifest records it (`model_content_hash`); None in files written before
+    model_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
     model_parameters: int = Field(ge=1)
     # dpmsolver++ (2M, the model's config) or ddim (trailing spacing), on the model's noise process
     solver: Literal["dpmsolver++", "ddim"]

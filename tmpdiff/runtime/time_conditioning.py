@@ -73,6 +73,10 @@ def check_build(conditioning: TimeConditioning | None, manifest: Manifest, build
     graphs that take the timestep (the own table has rows at integer timesteps only, a shifted one falls between)."""
     if conditioning is None:
         return
+    learned_on = conditioning.info.model_sha256
+    if learned_on is not None and learned_on != manifest.model_sha256:
+        raise TmpdiffError(f"learned on another model ({conditioning.info.model}, other weights or config) than the one "
+                           f"{build_dir} was exported from: distill them on that model", conditioning.path)
     entry = manifest.time_embedding_input
     if conditioning.shifts is not None:
         if entry is not None:
