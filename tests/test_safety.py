@@ -324,8 +324,8 @@ def test_manifest_is_standard_json_and_refuses_non_finite_figures(tampered):
     data = json.loads(text)
     data["precisions"]["int8"]["error_vs_fp32"] = float("nan")
     (tampered / "manifest.json").write_text(json.dumps(data))
-    line = refused(["info", tampered], "manifest.json", "error_vs_fp32")
-    assert "finite" in line
+    line = refused(["info", tampered], "manifest.json", "precisions.int8.error_vs_fp32")
+    assert "NaN or Infinity" in line
 
 
 # --- schedules ------------------------------------------------------------------------------------------------------
@@ -336,6 +336,11 @@ def test_schedule_files_are_strict(build, work):
         path = work / f"bad-{word}.json"
         path.write_text(json.dumps(bad))
         refused(["run", build, "--schedule", path, "--out", work / f"{word}.png"], str(path), word)
+    # NaN where the format keeps free-form figures (target, a plan's predicted/measured): not standard JSON
+    path = work / "bad-nan.json"
+    path.write_text('{"format": "tmpdiff.schedule/1", "steps": 2, "precisions": ["fp32", "fp32"], '
+                    '"target": {"speedup": NaN}}')
+    refused(["run", build, "--schedule", path, "--out", work / "nan.png"], str(path), "target.speedup: NaN or Infinity")
 
 
 def test_numbers_in_quotes_are_refused_in_manifests_and_costs(tampered, work):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -309,6 +310,10 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
         data = json.loads(read_text_file(path, what))
         if isinstance(data, dict) and "format" in model_cls.model_fields and "format" not in data:
             raise TmpdiffError(f"not a valid {what} (no 'format' field)", path)
+        where = _non_finite_at(data)  # tmpdiff writes standard JSON: NaN / Infinity are hand edits or other tools'
+        if where is not None:
+            raise TmpdiffError(f"not a valid {what} ({where or 'document'}: NaN or Infinity, which standard JSON does "
+                               "not allow)", path)
         return model_cls.model_validate(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TmpdiffError(f"not valid JSON ({exc})", path) from None
@@ -316,6 +321,18 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
         raise TmpdiffError("not a valid JSON document: nested too deeply", path) from None
     except ValidationError as exc:
         raise TmpdiffError(f"not a valid {what} ({validation_problems(exc)})", path) from None
+
+
+def _non_finite_at(data: Any, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in parsed JSON ("" for the document itself), else None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _non_finite_at(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def validation_problems(exc) -> str:
