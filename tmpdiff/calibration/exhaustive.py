@@ -63,6 +63,7 @@ def walk_schedules(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noi
     if missing:
         raise TmpdiffError(f"no engine loaded for {', '.join(missing)}")
     set_sampling_timesteps(scheduler, steps, None)
+    runner.claim()
     device = runner.inputs["hidden_states"].device
     labels = labels.to(device)
     runner.inputs["class_labels"].copy_(torch.cat([labels, torch.full_like(labels, runner.null_class)])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +41,7 @@ from tmpdiff.models.schedulers import inference_steps_for, plan_scheduler_for, s
 from tmpdiff.models.time_embedding_input import adapter_for_build
 from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
+from tmpdiff.runtime.engine_use import ensure_bound, exclusive, release
 from tmpdiff.runtime.parallel import ParallelMode
 from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
@@ -84,6 +86,9 @@ class EngineDenoiser(torch.nn.Module):
         self._counted_timesteps: torch.Tensor | None = None
         self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
         self._conditioned_timesteps: torch.Tensor | None = None  # last found to be the learned conditioning's
+        self._call_timesteps: torch.Tensor | None = None  # the scheduler's timesteps of the current pipeline call
+        self._call_thread: int | None = None  # the thread making the current pipeline call
+        self._closed = False
         self._calls = 0
         if config.get("addition_embed_type") == "text_time":
             # SDXL pipelines check their time ids against add_embedding's input width before the first step.
@@ -149,6 +154,8 @@ class EngineDenoiser(torch.nn.Module):
         except TypeError as exc:
             raise TmpdiffError(f"{self.adapter.architecture} engines called with unexpected arguments ({exc})") from None
         return_dict = call.pop("return_dict", True)
+        if self._closed:
+            raise TmpdiffError("the attached engines were closed (denoiser.close()): attach the build again")
         index, timestep = self._step()
         feed_time_conditioning(call, index, self.plan.conditioning, getattr(self.adapter, "own_table", None),
                                f"step {index}")
@@ -156,10 +163,6 @@ class EngineDenoiser(torch.nn.Module):
         hidden_name = self._input_specs[0].name
         hidden = feeds[hidden_name]
         self._ensure_buffers(int(hidden.shape[0]))
-        if index == 0 and self._marks and self._marks[-1][0] != 0:
-            self._marks = []  # a new pipeline call (Flux's true CFG calls twice at every step, so 0 can repeat)
-            if self.drafts is not None:
-                self.drafts.reset()
         result = None if self.drafts is None else self.drafts.take(index)
         if result is None and self.draft_pool is not None:
             result = self._anchor_with_pool(feeds, hidden_name, index, timestep, hidden.dtype)
@@ -225,8 +228,10 @@ class EngineDenoiser(torch.nn.Module):
                 copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
             start = self._clock.mark()
             out = self._outputs[self._output_spec.name]
-            used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
-                                              nan_guard=self.nan_guard, nvtx=self.nvtx)
+            with exclusive(self.engines.values(), f"step {index}"):
+                ensure_bound(self, self.engines.values(), self._inputs, self._outputs)
+                used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
+                                                  nan_guard=self.nan_guard, nvtx=self.nvtx, inputs=self._inputs)
             result = out.to(dtype=dtype, copy=True)
         self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
         if key is not None:
@@ -234,7 +239,8 @@ class EngineDenoiser(torch.nn.Module):
         return result
 
     def _ensure_buffers(self, batch: int) -> None:
-        """Buffers for this batch size, bound to every engine (once per batch size, not per step)."""
+        """Buffers for this batch size, bound to every engine (once per batch size, not per step; engines shared with
+        another denoiser or runner are bound again before each call, `_run`)."""
         if batch == self._batch:
             return
         dims = self.adapter.default_dims(batch)
@@ -242,8 +248,7 @@ class EngineDenoiser(torch.nn.Module):
                         for s in self._input_specs}
         self._outputs = {s.name: torch.zeros(s.concrete(dims), dtype=TORCH_DTYPES[s.dtype], device=self._device)
                          for s in self.adapter.output_specs()}
-        for engine in self.engines.values():
-            engine.bind(self._inputs, self._outputs)
+        ensure_bound(self, self.engines.values(), self._inputs, self._outputs, force=True)
         self._batch = batch
 
     def _step(self) -> tuple[int, torch.Tensor]:
@@ -252,6 +257,7 @@ class EngineDenoiser(torch.nn.Module):
         timesteps = scheduler.timesteps
         if timesteps is None:
             raise TmpdiffError("the pipeline's scheduler has no timesteps set")
+        self._follow_call(timesteps)
         self._check_custom_timesteps(timesteps)
         self._check_conditioning_timesteps(timesteps)
         if self.plan.steps is not None and len(timesteps) != self.plan.steps:
@@ -269,6 +275,18 @@ class EngineDenoiser(torch.nn.Module):
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
         return index, timesteps[index]  # a 0-d tensor, read as a number only when the trace is asked for
+
+    def _follow_call(self, timesteps: torch.Tensor) -> None:
+        """A pipeline call sets new timesteps: the trace (and DRiffusion's drafts) start again, and the call belongs to
+        the calling thread; a step from another thread meanwhile is refused (its pipeline shares this call's state)."""
+        thread = threading.get_ident()
+        if timesteps is not self._call_timesteps:
+            self._call_timesteps, self._call_thread, self._marks = timesteps, thread, []
+            if self.drafts is not None:
+                self.drafts.reset()
+        elif thread != self._call_thread:
+            raise TmpdiffError("the attached pipeline is in a call from another thread: a pipeline runs one call at a "
+                               "time (diffusers pipelines keep their scheduler's state); attach one pipeline per thread")
 
     def _check_custom_timesteps(self, timesteps: torch.Tensor) -> None:
         """With a schedule's custom timesteps, the pipeline must sample at exactly those (read once per pipeline call)."""
@@ -295,11 +313,12 @@ class EngineDenoiser(torch.nn.Module):
         self._conditioned_timesteps = timesteps
 
     def close(self) -> None:
+        """Release the engines' bindings (and DRiffusion's Ray actors); later calls are refused."""
+        self._closed = True
         if self.draft_pool is not None:
             self.draft_pool.close()
             self.draft_pool = None
-        for engine in self.engines.values():
-            engine.close()
+        release(self.engines.values())
 
 
 def call_feeds(input_specs: list[TensorSpec], call: dict[str, Any], architecture: str) -> dict[str, Any]:
@@ -445,9 +464,9 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         check_takes_timesteps(pipe, plan)
     component = denoiser_component(pipe)
     original = getattr(pipe, component, None)
-    if original is not None:
-        check_same_model(original, manifest, build_dir)
     dtype = original.dtype if original is not None else torch.float32
+    if original is not None and not isinstance(original, EngineDenoiser):  # attached before: replaced (closed) below
+        check_same_model(original, manifest, build_dir)
     denoiser = denoiser_for_build(build_dir, plan, backend=backend, device=device, threads=threads, nan_guard=nan_guard,
                                   scheduler_of=lambda: pipe.scheduler, dtype=dtype, manifest=manifest)
     adapter = denoiser.adapter
@@ -464,6 +483,8 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
         denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
     setattr(pipe, component, denoiser)
+    if isinstance(original, EngineDenoiser):
+        original.close()
     if hasattr(pipe, "_is_unet_config_sample_size_int"):  # StableDiffusionPipeline decides this from the UNet it was
         # loaded with (None here), then indexes an int sample_size when no height and width are passed
         pipe._is_unet_config_sample_size_int = isinstance(denoiser.config.sample_size, int)

@@ -7,6 +7,7 @@ and hands its output to the diffusers scheduler. Switching engines therefore mov
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from tmpdiff.formats.precisions import PRECISION_ORDER, PRECISIONS, next_higher
 from tmpdiff.models.schedulers import set_sampling_timesteps
 from tmpdiff.models.time_embedding_input import INPUT_NAME
 from tmpdiff.runtime.call_memo import CallMemo
+from tmpdiff.runtime.engine_use import ensure_bound, exclusive, release
 from tmpdiff.runtime.time_conditioning import TimeConditioning, own_row, takes_time_embeddings
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
 
@@ -38,15 +40,24 @@ def guided(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
 
 
 def run_guarded(engines: Mapping[str, Engine], precision: str, output: torch.Tensor, stream: Stream, *, label: str,
-                nan_guard: bool = True, nvtx: bool = False) -> tuple[str, str | None]:
-    """Run engines[precision]; while `output` is not finite, re-run at the next higher loaded precision.
+                nan_guard: bool = True, nvtx: bool = False,
+                inputs: Mapping[str, torch.Tensor] | None = None) -> tuple[str, str | None]:
+    """Run engines[precision]; while `output` is not finite, re-run at the next higher loaded precision (unless the
+    non-finite values came in with `inputs`, the bound input buffers: then no engine is to blame).
 
     Returns the precision that produced the output and the one it fell back from (None if no fallback).
     """
+    if precision not in engines:
+        raise TmpdiffError(f"{label}: the plan runs {precision}, which is not loaded (loaded: {', '.join(engines)})")
     used, fallback_from = precision, None
     with nvtx_range(f"{label} {precision}", nvtx):
         engines[precision].run(stream)
     while nan_guard and not bool(torch.isfinite(output).all()):
+        bad = next((name for name, buffer in (inputs or {}).items()
+                    if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all())), None)
+        if bad is not None:
+            raise TmpdiffError(f"{label}: the call's {bad} is not finite (NaN or Inf came in with the request, e.g. "
+                               "from its guidance scale or latents; no engine produced it)")
         higher = fallback_for(used, list(engines))
         if higher is None:
             raise TmpdiffError(f"{label}: {used} output is not finite and no higher precision is loaded")
@@ -82,6 +93,8 @@ class ScheduledRunner:
         `time_embeddings` input (exported with --time-embedding-input) and a step has no learned row."""
         if not engines:
             raise TmpdiffError("no engines to run")
+        if not math.isfinite(guidance_scale):
+            raise TmpdiffError(f"the guidance scale must be a finite number, got {guidance_scale}")
         torch_device = "cpu" if device == "cpu" else "cuda"
         self.engines = dict(engines)
         self.batch = batch
@@ -112,8 +125,11 @@ class ScheduledRunner:
                                    "load the build's own table (models.time_embedding_input.load_own_table)")
             self.inputs[INPUT_NAME] = torch.zeros(tuple(own_time_embeddings.shape[1:]), dtype=torch.float32,
                                                   device=torch_device)
-        for engine in self.engines.values():
-            engine.bind(self.inputs, self.outputs)
+        ensure_bound(self, self.engines.values(), self.inputs, self.outputs, force=True)
+
+    def claim(self) -> None:
+        """Bind the engines to this runner's buffers again if another runner (or denoiser) sharing them bound them."""
+        ensure_bound(self, self.engines.values(), self.inputs, self.outputs)
 
     def _check_labels(self, class_labels: torch.Tensor) -> None:
         if class_labels.shape != (self.batch,):
@@ -143,9 +159,11 @@ class ScheduledRunner:
                                f"{tuple(self.inputs['hidden_states'][: self.batch].shape)}")
         set_sampling_timesteps(scheduler, len(precisions), timesteps)  # fresh solver state, checked before any work
         self._check_conditioning(conditioning, scheduler)
-        with on_stream(self.stream):  # the caller's stream and the runtime's are ordered with events, not host waits
-            latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step, conditioning)
-        self.stream.synchronize()
+        with exclusive(self.engines.values(), "ScheduledRunner.sample"):
+            self.claim()
+            with on_stream(self.stream):  # the caller's stream and the runtime's are ordered with events, not host waits
+                latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step, conditioning)
+            self.stream.synchronize()
         trace = RunTrace([self._event(marks[0][4], m) for m in marks])
         if on_step is not None and self.clock.torch_stream is not None:
             for event in trace.steps:
@@ -209,7 +227,7 @@ class ScheduledRunner:
                 output.copy_(kept[0])
                 return kept[1], kept[2]
         used, fallback_from = run_guarded(self.engines, precision, output, self.stream, label=f"step {index}",
-                                          nan_guard=self.nan_guard, nvtx=self.nvtx)
+                                          nan_guard=self.nan_guard, nvtx=self.nvtx, inputs=self.inputs)
         if key is not None:
             memo.store(key, output, used, fallback_from)
         return used, fallback_from
@@ -219,5 +237,5 @@ class ScheduledRunner:
         return StepEvent(index, t, used, self.clock.seconds(origin, start), self.clock.seconds(start, end), fallback_from)
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
+        """Release the engines' bindings (a runner sharing them binds them again before its next call)."""
+        release(self.engines.values())

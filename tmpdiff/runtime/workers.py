@@ -63,6 +63,7 @@ class DenoiseWorker:
         r = self.runner
         self.conditioning = conditioning
         r._check_labels(class_labels)
+        r.claim()  # engines shared with another runner: bound to this one's buffers again
         labels = class_labels.to(r.inputs["class_labels"].device)
         r.inputs["class_labels"].copy_(torch.cat([labels, torch.full_like(labels, r.null_class)]) if r.use_cfg else labels)
 
@@ -79,7 +80,8 @@ class DenoiseWorker:
                 r.inputs["hidden_states"][r.batch :].copy_(latent)
             r.set_time_inputs(call.index, call.timestep, self.conditioning)
             used, fallback_from = run_guarded(r.engines, call.precision, r.outputs["noise_pred"], r.stream,
-                                              label=f"step {call.index}", nan_guard=r.nan_guard, nvtx=r.nvtx)
+                                              label=f"step {call.index}", nan_guard=r.nan_guard, nvtx=r.nvtx,
+                                              inputs=r.inputs)
             eps = r.outputs["noise_pred"]
             eps = guided(eps, r.guidance_scale) if r.use_cfg else eps.clone()
         r.stream.synchronize()
