@@ -4,6 +4,7 @@ name learned rows or timestep shifts, and every way such a plan or build can be 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -291,3 +292,24 @@ def test_plan_embeddings_refuses_what_run_would(embedding_build, learned, tmp_pa
         f'"guidance_scale":{info.guidance_scale}', '"guidance_scale":NaN')})
     code, _, err = cli("plan-embeddings", embedding_build, nan, "--out", tmp_path / "plan2.json")
     assert code == 2 and "guidance_scale" in err and not (tmp_path / "plan2.json").exists(), err
+
+
+def test_an_export_with_other_graph_inputs_does_not_drop_a_build_by_surprise(embedding_build, plain_build, bundled,
+                                                                               tmp_path):
+    """Exporting plain graphs into a --time-embedding-input build (or the reverse) starts the build over: refused when
+    that drops an exported precision, built engines or deployed configurations, naming them; --force starts over."""
+    from tmpdiff.export.exporter import export_model
+
+    for source, embedding_input, dropped in [(embedding_build, False, "int8 (exported), 2 built engines"),
+                                             (plain_build, True, "1 built engine")]:
+        root = tmp_path / source.parent.name
+        shutil.copytree(source.parent, root)
+        before = (root / "tiny-dit" / "manifest.json").read_bytes()
+        with pytest.raises(TmpdiffError, match=f"other inputs than the build's .* drop {re.escape(dropped)}: .* --force"):
+            export_model(bundled.transformer_dir, root, ["fp32"], model_id="tiny-dit", sampling=sampling_info(bundled),
+                         time_embedding_input=embedding_input)
+        assert (root / "tiny-dit" / "manifest.json").read_bytes() == before
+    build_dir, _ = export_model(bundled.transformer_dir, root, ["fp32"], model_id="tiny-dit",
+                                sampling=sampling_info(bundled), time_embedding_input=True, replace=True)
+    manifest = load_manifest(build_dir)
+    assert manifest.time_embedding_input is not None and list(manifest.precisions) == ["fp32"] and not manifest.engines

@@ -295,6 +295,22 @@ def check_no_foreign_build(build_dir: Path, replace: bool) -> None:
                            "new build", build_dir)
 
 
+def check_restart_drops(build_dir: Path, manifest: Manifest, specs: list[Precision]) -> None:
+    """An export whose graphs take other inputs than the build's (--time-embedding-input, --text-len, --sample-size)
+    starts the build over: refused when that would drop what this export does not make again (other precisions,
+    built engines, deployed layer configurations); `--force` starts it over anyway."""
+    remade = {spec.name for spec in specs}
+    dropped = [f"{name} (exported)" for name in manifest.precisions if name not in remade]
+    dropped += [f"{len(manifest.engines)} built engine{'s' * (len(manifest.engines) != 1)}"] if manifest.engines else []
+    dropped += [f"{len(manifest.mixed)} deployed layer configuration{'s' * (len(manifest.mixed) != 1)}"] \
+        if manifest.mixed else []
+    if dropped:
+        raise TmpdiffError(f"this export's graphs take other inputs than the build's (--time-embedding-input, "
+                           f"--text-len or --sample-size differ), so it would start the build over and drop "
+                           f"{', '.join(dropped)}: export into another --out / --model-id, or pass --force to start "
+                           "over", build_dir / "manifest.json")
+
+
 def _export_locked(
     model_dir: Path,
     build_dir: Path,
@@ -325,6 +341,11 @@ def _export_locked(
             state["model"] = load_diffusers_model(model_dir, dtype=getattr(torch, base))
         return state["model"]
 
+    if manifest is not None and manifest.model_sha256 == model_hash and not replace:
+        kind_changes = (manifest.time_embedding_input is not None) != time_embedding_input
+        base_inputs = [TensorSpecModel.of(s) for s in adapter.input_specs()]
+        if kind_changes or (not time_embedding_input and manifest.inputs != base_inputs):
+            check_restart_drops(build_dir, manifest, specs)  # before the time-embedding table is written
     embedding_entry = None
     if time_embedding_input:  # the last export's input and table when still valid (no model load), else new ones
         kept = None if manifest is None else kept_embedding_input(build_dir, manifest, adapter, model_hash)
@@ -332,6 +353,8 @@ def _export_locked(
     if manifest is not None:
         inputs = [TensorSpecModel.of(s) for s in adapter.input_specs()]
         if manifest.model_sha256 != model_hash or manifest.inputs != inputs:
+            if not replace:
+                check_restart_drops(build_dir, manifest, specs)
             manifest = None  # another model's (or changed weights' or graph sizes') artifacts: rebuild everything
     if manifest is None:
         manifest = Manifest(
