@@ -152,3 +152,24 @@ def test_a_plan_for_another_build_is_refused(deployment, tmp_path):
                    fewer)
     code, _, err = cli("deploy-plan", build_dir, fewer)
     assert code == 2 and "layers" in err
+
+
+def test_mixed_configurations_need_a_build_that_takes_the_timestep(deployment, tmp_path):
+    """A build exported with --time-embedding-input runs no mixed layer configuration (their graphs take the
+    timestep): deploy-plan refuses the plan, check names a configuration deployed there, run does not start."""
+    from tmpdiff.formats.manifest import TimeEmbeddingInputEntry, load_manifest, save_manifest
+
+    build_dir, path, _, _, _ = deployment
+    copy = tmp_path / "tiny-dit"
+    shutil.copytree(build_dir, copy)
+    manifest = load_manifest(copy)
+    manifest.time_embedding_input = TimeEmbeddingInputEntry(input="time_embeddings", slots=["a"], dim=4,
+                                                            train_timesteps=1000, own_table="own.safetensors",
+                                                            sha256="0" * 64)
+    save_manifest(copy, manifest)
+    code, _, err = cli("deploy-plan", copy, path)
+    assert code == 2 and "take time embeddings (--time-embedding-input)" in err and "manifest.json" in err, err
+    code, out, _ = cli("check", copy, "--schedule", path)
+    assert code == 1 and "deployed on a build whose graphs take time embeddings" in out, out
+    code, _, err = cli("run", copy, "--schedule", path, "--class", "1", "--out", tmp_path / "o.png")
+    assert code == 2 and "TMPQ-DM plans run on a build exported without --time-embedding-input" in err, err

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from tmpdiff.formats.atomic import check_confined, directory_lock, sha256_file
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import MixedEntry, load_manifest, mixed_name, mixed_problem, save_manifest
+from tmpdiff.formats.manifest import (
+    TMPQ_ON_PLAIN,
+    MixedEntry,
+    load_manifest,
+    mixed_name,
+    mixed_problem,
+    save_manifest,
+)
 from tmpdiff.formats.tmpq_plan import load_tmpq_plan
 from tmpdiff.runtime.plan import tmpq_precision_plan
 
@@ -40,6 +47,9 @@ def deploy_plan(build_dir: Path, plan_path: Path, model_dir: Path, *, wait: floa
     manifest = load_manifest(build_dir)
     if plan.model_id != manifest.model_id:
         raise TmpdiffError(f"the plan was searched on {plan.model_id!r}, the build holds {manifest.model_id!r}", plan_path)
+    if manifest.time_embedding_input is not None and any(len(set(c)) > 1 for c in plan.configs):
+        raise TmpdiffError(f"the build's graphs take time embeddings (--time-embedding-input), its mixed layer "
+                           f"configurations' graphs the timestep: {TMPQ_ON_PLAIN}", build_dir / "manifest.json")
     with directory_lock(build_dir, wait, on_wait=on_progress):
         manifest = load_manifest(build_dir)  # as it is now that we hold the lock
         rows, supernet = [], None

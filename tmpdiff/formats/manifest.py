@@ -191,12 +191,17 @@ def mixed_name(layers: list[str], precisions: list[str]) -> str:
     return f"mixed-{digest[:12]}"
 
 
+TMPQ_ON_PLAIN = "TMPQ-DM plans run on a build exported without --time-embedding-input"
+
+
 def mixed_problem(build_dir: Path, manifest: Manifest, name: str, backend: str | None = None) -> str | None:
     """Why a deployed layer configuration cannot run as it is (None when it can): on `backend` (ort: its twin; trt:
     its TensorRT graph, which older deployments lack), or every graph it records when None (what check asks)."""
     entry = manifest.mixed.get(name)
     if entry is None:
         return "not deployed"
+    if manifest.time_embedding_input is not None:
+        return f"deployed on a build whose graphs take time embeddings, not the timestep its graph takes: {TMPQ_ON_PLAIN}"
     if backend == "trt" and entry.trt_onnx is None:
         return "deployed without a TensorRT graph (by an older deploy-plan): deploy the plan again"
     files = [(entry.onnx, entry.sha256)] if backend != "trt" else []
