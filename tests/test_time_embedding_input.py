@@ -292,6 +292,15 @@ def test_plan_embeddings_refuses_what_run_would(embedding_build, learned, tmp_pa
         f'"guidance_scale":{info.guidance_scale}', '"guidance_scale":NaN')})
     code, _, err = cli("plan-embeddings", embedding_build, nan, "--out", tmp_path / "plan2.json")
     assert code == 2 and "guidance_scale" in err and not (tmp_path / "plan2.json").exists(), err
+    # a schedule whose precisions were calibrated at other timesteps than the rows' (a --timesteps-from schedule)
+    elsewhere = tmp_path / "elsewhere.json"
+    other = [t - 1 for t in info.timesteps]
+    elsewhere.write_text(Schedule(steps=info.steps, precisions=["fp32"] * info.steps, timesteps=other).model_dump_json())
+    rows = tmp_path / "rows.safetensors"
+    shutil.copy(files["mteo"], rows)
+    code, _, err = cli("plan-embeddings", embedding_build, rows, "--schedule", elsewhere, "--out", tmp_path / "plan3.json")
+    assert code == 2 and f"calibrated at timesteps {other}" in err and str(elsewhere) in err, err
+    assert not (tmp_path / "plan3.json").exists()
 
 
 def test_an_export_with_other_graph_inputs_does_not_drop_a_build_by_surprise(embedding_build, plain_build, bundled,

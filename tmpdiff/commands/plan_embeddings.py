@@ -40,7 +40,7 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
     if not embeddings.resolve().is_relative_to(root):
         raise TmpdiffError(f"the plan names its embeddings relative to its own directory: put {embeddings.name} in "
                            f"{root} (or below) or write the plan beside it", embeddings)
-    precisions = _precisions(info.steps, info.precisions, schedule, precision)
+    precisions = _precisions(info.steps, info.precisions, schedule, precision, list(info.timesteps))
     missing = sorted(set(precisions) - set(manifest.precisions))
     if missing:
         raise TmpdiffError(f"the plan runs {', '.join(missing)}, which {build_dir} has not exported")
@@ -74,13 +74,18 @@ def _scheduler_config(manifest: Manifest, build_dir: Path, pipeline: Path | None
     return read_json_object(pipeline_scheduler_config(pipeline))
 
 
-def _precisions(steps: int, trained_at: list[str] | None, schedule: Path | None, precision: str | None) -> list[str]:
-    """Per-step precisions: a calibrated schedule's (same step count), one precision, else what the embeddings
-    were trained at (quantization-aware), else fp32."""
+def _precisions(steps: int, trained_at: list[str] | None, schedule: Path | None, precision: str | None,
+                timesteps: list[int] | None = None) -> list[str]:
+    """Per-step precisions: a calibrated schedule's (same step count and, when it names them, the embeddings'
+    `timesteps`), one precision, else what the embeddings were trained at (quantization-aware), else fp32."""
     if schedule is not None:
         given = load_schedule(schedule)
         if given.steps != steps:
             raise TmpdiffError(f"{given.steps} steps, the embeddings are for {steps}", schedule)
+        if given.timesteps is not None and timesteps is not None and list(given.timesteps) != list(timesteps):
+            raise TmpdiffError(f"its precisions were calibrated at timesteps {given.timesteps}, the embeddings sample at "
+                               f"{timesteps}: calibrate the schedule at those (calibrate --steps {steps} without "
+                               "--timesteps-from) or give --precision", schedule)
         chosen = list(given.precisions)
     elif precision is not None:
         chosen = [get_precision(precision).name] * steps

@@ -255,8 +255,9 @@ class Manifest(BaseModel):
         """The sampling info class-conditional runs need; text-conditioned builds are told to use their pipeline."""
         if self.sampling is None:
             raise TmpdiffError("the build directory has no sampling info (exported from a model without tmpdiff_model.json); "
-                               "run the model inside its pipeline: --pipeline DIR --prompt TEXT (--class IDS for a class-label "
-                               "pipeline such as DiTPipeline)",
+                               "run the model inside its pipeline: --pipeline DIR, with --prompt TEXT for run, --prompts "
+                               "FILE for calibrate and bench (a class-label pipeline such as DiTPipeline: --class IDS, "
+                               "--calib-classes IDS)",
                                Path(build_dir) / MANIFEST_NAME)
         labels = self.denoiser_config.get("num_embeds_ada_norm")  # a DiT's label table: the classes, then the null one
         if isinstance(labels, int) and max(self.sampling.num_classes, self.sampling.null_class) > labels:
