@@ -509,6 +509,12 @@ def test_a_manifest_this_version_cannot_read_still_protects_its_build(tampered, 
     ratio = ["costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s"]
     refused([*ratio, "--out", tampered / "manifest.json", "--force"], "manages", roots=(tampered,))
     refused([*ratio, "--out", tampered / "int8" / "quant_config.json", "--force"], "manages", roots=(tampered,))
+    refused(["info", tampered], "manifest.json", "format tmpdiff.manifest/99 is not one this tmpdiff reads",
+            "written by a newer tmpdiff?", roots=(tampered,))
+    schedule = work / "a-schedule.json"  # one tmpdiff file kind given for another: named as such
+    schedule.write_text(json.dumps({"format": "tmpdiff.schedule/2", "steps": 2, "precisions": ["fp32", "fp32"]}))
+    refused(["deploy-plan", tampered, schedule], str(schedule), "a tmpdiff.schedule/2 file, not a TMPQ-DM plan",
+            roots=(tampered,))
 
 
 def test_special_files_and_read_only_places(build, work, monkeypatch):

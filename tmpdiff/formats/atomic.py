@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import tempfile
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,7 +321,18 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
     except RecursionError:
         raise TmpdiffError("not a valid JSON document: nested too deeply", path) from None
     except ValidationError as exc:
+        given = data.get("format") if isinstance(data, dict) else None
+        if isinstance(given, str) and given.startswith("tmpdiff.") and any(e["loc"] == ("format",) for e in exc.errors()):
+            raise TmpdiffError(_format_mismatch(given, model_cls, what), path) from None
         raise TmpdiffError(f"not a valid {what} ({validation_problems(exc)})", path) from None
+
+
+def _format_mismatch(given: str, model_cls, what: str) -> str:
+    """Another tmpdiff file kind given where `what` is read (a schedule as a plan), or a version this one cannot read."""
+    accepted = [str(a) for a in typing.get_args(model_cls.model_fields["format"].annotation)]
+    if given.split("/")[0] in {a.split("/")[0] for a in accepted}:
+        return f"format {given} is not one this tmpdiff reads ({', '.join(accepted)}): written by a newer tmpdiff?"
+    return f"a {given} file, not a {what}"
 
 
 def _non_finite_at(data: Any, where: str = "") -> str | None:
