@@ -106,7 +106,9 @@ def supernet_from_build(build_dir: Path, model_dir: Path, precisions: Sequence[s
 
     manifest = load_manifest(build_dir)
     if manifest.model_sha256 != recorded_model_hash(model_dir, manifest.model_sha256):
-        raise TmpdiffError(f"the build was exported from another model than {model_dir}", build_dir / "manifest.json")
+        raise TmpdiffError(f"the build was exported from another model than {model_dir}: pass --model with the one it was "
+                           f"exported from (bundled, bundled-t2i, or its pipeline or model directory; the build's model "
+                           f"id is {manifest.model_id!r})", build_dir / "manifest.json")
     # default: every quantized export (16-bit exports are whole-model precisions, not per-layer choices)
     names = [p for p in (precisions or [p for p in manifest.precisions if get_precision(p).modelopt_cfg is not None])
              if p != BASE]
