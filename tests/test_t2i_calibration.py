@@ -385,3 +385,11 @@ def test_pipeline_drafts_on_ray_actors_give_the_in_process_images(work, mode):
             pipe(PROMPTS, output_type="np", **kwargs)
     finally:
         remote.close()
+
+
+def test_the_bundled_pipeline_is_named_by_its_short_name(work, tmp_path):
+    """`--pipeline bundled-t2i` is the bundled text-to-image pipeline, as MODEL arguments take it."""
+    _, build, _ = work
+    code, _, err = cli("run", build, "--pipeline", "bundled-t2i", "--prompt", "a red 3 on a blue background",
+                       "--precision", "fp32", "--steps", 2, "--out", tmp_path / "x.png", "--threads", 1)
+    assert code == 0 and (tmp_path / "x.png").is_file(), err

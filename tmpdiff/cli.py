@@ -96,6 +96,15 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks
     _state["debug"] = debug
 
 
+def _pipeline_path(value: Path | None) -> Path | None:
+    """`--pipeline bundled-t2i`: the bundled text-to-image pipeline's directory (a folder of that name here wins)."""
+    if value is not None and str(value) == "bundled-t2i" and not value.exists():
+        from tmpdiff.models.tiny_t2i import t2i_dir
+
+        return t2i_dir()
+    return value
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="diffusers model directory, pipeline directory (with --subfolder), 'bundled' "
@@ -351,7 +360,9 @@ def plan_embeddings(
     schedule: Annotated[Path | None, typer.Option(help="take each step's precision from this schedule (same steps)")] = None,
     precision: Annotated[str | None, typer.Option(help="run every step at this precision (default: fp32, or what "
                                                        "quantization-aware embeddings were trained at)")] = None,
-    pipeline: Annotated[Path | None, typer.Option(help="text-to-image builds: the pipeline directory whose scheduler "
+    pipeline: Annotated[Path | None, typer.Option(
+        callback=_pipeline_path,  # bundled-t2i: the bundled pipeline
+        help="text-to-image builds: the pipeline directory whose scheduler "
                                                        "the plan's solver is configured from")] = None,
     force: Force = False,
 ) -> None:
@@ -426,7 +437,9 @@ def run(
     precision: Annotated[str | None, typer.Option(help="run every step at this precision instead of a schedule")] = None,
     class_: Annotated[str, typer.Option("--class", help="comma-separated class ids, one sample each")] = "0",
     prompt: Annotated[list[str] | None, typer.Option(help="text prompt (repeatable); needs --pipeline")] = None,
-    pipeline: Annotated[Path | None, typer.Option(help="local diffusers pipeline directory whose text encoders, VAE and "
+    pipeline: Annotated[Path | None, typer.Option(
+        callback=_pipeline_path,  # bundled-t2i: the bundled pipeline
+        help="local diffusers pipeline directory whose text encoders, VAE and "
                                                        "scheduler run around the engines (with --prompt; with --class "
                                                        "for a pipeline that takes class labels, e.g. DiTPipeline)")] = None,
     batch: Annotated[int, typer.Option(min=1, help="samples per class or prompt")] = 1,
@@ -590,7 +603,9 @@ def calibrate(
                                                          "the class labels of a pipeline that takes them, DiTPipeline)")]
     = None,
     report: Annotated[Path | None, typer.Option(help="also write calibration_report.md + plots to this directory")] = None,
-    pipeline: Annotated[Path | None, typer.Option(help="text-conditioned builds: the diffusers pipeline directory the "
+    pipeline: Annotated[Path | None, typer.Option(
+        callback=_pipeline_path,  # bundled-t2i: the bundled pipeline
+        help="text-conditioned builds: the diffusers pipeline directory the "
                                                        "engines run in (its scheduler, steps and guidance)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts file (one per line), each sampled from "
                                                       "every --calib-seeds seed")] = None,
@@ -705,7 +720,9 @@ def bench(
                                                                "them (default: the reference and the cheapest; with "
                                                                "three, budgets at --speedups)")] = None,
     reference: Annotated[str, typer.Option(help="reference precision (must be in the costs table)")] = "fp32",
-    pipeline: Annotated[Path | None, typer.Option(help="text-conditioned builds: the diffusers pipeline directory the "
+    pipeline: Annotated[Path | None, typer.Option(
+        callback=_pipeline_path,  # bundled-t2i: the bundled pipeline
+        help="text-conditioned builds: the diffusers pipeline directory the "
                                                        "engines run in (its scheduler and guidance)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="--pipeline: calibration prompts file (one per line)")] = None,
     unseen_prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts every schedule is judged on with the "
@@ -965,7 +982,9 @@ def search_plan(
     calib_seeds: Annotated[str, typer.Option(help="noise seeds the search evaluates on")] = "100",
     holdout_seeds: Annotated[str, typer.Option(help="noise seeds the result is judged on (never searched)")] = "1000,1001,1002,1003,1004",
     max_minutes: Annotated[float | None, typer.Option(min=0.1, help="stop after the generation that passes this")] = None,
-    pipeline: Annotated[Path | None, typer.Option(help="text-to-image builds: the diffusers pipeline the candidates "
+    pipeline: Annotated[Path | None, typer.Option(
+        callback=_pipeline_path,  # bundled-t2i: the bundled pipeline
+        help="text-to-image builds: the diffusers pipeline the candidates "
                                                        "are sampled in (default for --model bundled-t2i: the bundled one)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts the search evaluates on (one per line; "
                                                       "bundled-t2i: 10 of its held-in prompts)")] = None,
