@@ -146,5 +146,7 @@ def test_a_pipeline_runs_one_call_at_a_time_and_reattaches(t2i_int8_build):
     old.close()
     with pytest.raises(TmpdiffError, match="were closed"):
         _call(pipe, 4)
+    with pytest.raises(TmpdiffError, match="threads must be in 1"):  # as the CLI's --threads
+        attach_engines(pipe, build, schedule=SCHEDULE, threads=0)
     new = attach_engines(pipe, build, schedule=SCHEDULE, threads=1)  # replaces the closed one
     assert pipe.transformer is new and torch.equal(_call(pipe, 4, seed=1), alone)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tmpdiff.engines.base import TORCH_DTYPES, Engine
-from tmpdiff.engines.loading import load_plan_engines
+from tmpdiff.engines.loading import check_threads, load_plan_engines
 from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
@@ -445,6 +445,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     `dropin_ray.attach_with_ray_drafts` runs the drafts on Ray actors.
     """
     build_dir = Path(build_dir)
+    check_threads(threads)
     manifest = load_manifest(build_dir)
     plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
     plan.check_model(manifest.model_id)
