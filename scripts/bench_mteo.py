@@ -36,6 +36,7 @@ from tmpdiff.eval.classifier import DigitClassifier, classify
 from tmpdiff.eval.metrics import image_metrics, to_images
 from tmpdiff.eval.quality import frechet_distance
 from tmpdiff.formats.atomic import atomic_path, write_json
+from tmpdiff.formats.manifest import model_content_hash
 from tmpdiff.formats.time_embeddings import TimeEmbeddingsInfo
 from tmpdiff.models.bundled import load_model_info
 from tmpdiff.models.time_embeddings import load_time_embeddings, save_time_embeddings
@@ -48,7 +49,7 @@ TRAINED = {"mteo-trajectory": ("mteo", "trajectory"), "mteo-final": ("mteo", "fi
 
 
 def train(args, steps: int) -> None:
-    distiller, name = load_distiller("bundled")
+    distiller, denoiser_dir = load_distiller("bundled")
     base = DistillConfig(solver=args.solver, steps=steps, iterations=args.iterations, batch=args.batch,
                          train_samples=args.train_samples, validation_samples=args.validation_samples,
                          reference_steps=args.reference_steps, train_seed=args.train_seed)
@@ -65,7 +66,8 @@ def train(args, steps: int) -> None:
         r = result.record
         print(f"N={steps} {method}: loss {r.initial:.4f} -> {r.final:.4f}, held-out sample MSE {r.validation_mse:.4f}, "
               f"{r.seconds:.0f} s", flush=True)
-        info = embeddings_info(distiller, cfg, name, result.tensor, loss, [r])  # type: ignore[arg-type]
+        info = embeddings_info(distiller, cfg, denoiser_dir.parent.name, result.tensor, loss,  # type: ignore[arg-type]
+                               [r], model_content_hash(denoiser_dir))
         save_time_embeddings(args.out / "embeddings" / f"{method}{args.tag}-N{steps}.safetensors", result.tensor, info)
         rows[method + args.tag] = {**r.model_dump(), "trained_parameters": info.trained_parameters,
                         "parameter_fraction": info.parameter_fraction, "loss_curve": [round(v, 5) for v in result.losses]}
@@ -199,7 +201,7 @@ def quantization_aware(args, steps: int) -> None:
 
     schedule = [p.strip() for p in args.schedule.split(",")]
     schedule = schedule * steps if len(schedule) == 1 else schedule
-    distiller, name = load_distiller("bundled")
+    distiller, _ = load_distiller("bundled")
     start = time.perf_counter()
     models = fake_quant_models(distiller.model, sampling_info(load_model_info()), schedule)
     quant_seconds = time.perf_counter() - start

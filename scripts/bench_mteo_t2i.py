@@ -35,6 +35,7 @@ from tmpdiff.eval.attributes import AttributeClassifier
 from tmpdiff.eval.quality import frechet_distance
 from tmpdiff.eval.rgb import rgb_metrics
 from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.manifest import model_content_hash
 from tmpdiff.models.colored_digits import attributes, held_out_combos, render_combos
 from tmpdiff.models.time_embeddings import load_time_embeddings, save_time_embeddings
 from tmpdiff.models.tiny_t2i import t2i_dir
@@ -46,7 +47,7 @@ TRAINED = {"mteo-trajectory": ("mteo", "trajectory"), "mteo-final": ("mteo", "fi
 
 
 def train(args, steps: int) -> None:
-    distiller, name = load_distiller("bundled-t2i")
+    distiller, denoiser_dir = load_distiller("bundled-t2i")
     base = DistillConfig(solver=args.solver, steps=steps, iterations=args.iterations, batch=args.batch,
                          train_samples=args.train_samples, reference_steps=args.reference_steps)
     start = time.perf_counter()
@@ -59,7 +60,8 @@ def train(args, steps: int) -> None:
         r = result.record
         print(f"N={steps} {method}: loss {r.initial:.4f} -> {r.final:.4f}, held-out MSE {r.validation_mse:.4f}, "
               f"{r.seconds:.0f} s", flush=True)
-        info = embeddings_info(distiller, cfg, name, result.tensor, loss, [r])  # type: ignore[arg-type]
+        info = embeddings_info(distiller, cfg, denoiser_dir.parent.name, result.tensor, loss,  # type: ignore[arg-type]
+                               [r], model_content_hash(denoiser_dir))
         save_time_embeddings(args.out / "embeddings" / f"{method}-N{steps}.safetensors", result.tensor, info)
         rows[method] = {**r.model_dump(), "trained_parameters": info.trained_parameters,
                         "parameter_fraction": info.parameter_fraction}
@@ -171,15 +173,15 @@ def quantization_aware(args, steps: int) -> None:
     from tmpdiff.models.colored_digits import held_in_combos
     from tmpdiff.models.registry import adapter_for_config
     from tmpdiff.models.tiny_t2i import TEXT_LEN
-    from tmpdiff.runtime.capture import PromptCapture, prompted_calibration
+    from tmpdiff.runtime.capture import PipelineCapture, prompted_calibration
     from tmpdiff.runtime.pipeline_io import load_pipeline
 
     schedule = [args.schedule] * steps
-    distiller, name = load_distiller("bundled-t2i")
+    distiller, _ = load_distiller("bundled-t2i")
     adapter = adapter_for_config({**dict(distiller.model.config), "text_len": TEXT_LEN})
     prompts = random.Random(1).sample([c.prompt for c in held_in_combos()], 8)
     start = time.perf_counter()
-    calibration = prompted_calibration(distiller.model, adapter, PromptCapture(t2i_dir(), prompts, [0], 20, None))
+    calibration = prompted_calibration(distiller.model, adapter, PipelineCapture(t2i_dir(), prompts, [0], 20, None))
     models = fake_quant_models(distiller.model, None, schedule, calibration=(adapter, calibration))
     quant_seconds = time.perf_counter() - start
     per_step = step_models(schedule, models)
