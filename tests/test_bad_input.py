@@ -99,7 +99,7 @@ def test_files_that_parse_but_cannot_work_are_refused_by_name(tmp_path):
     layer_costs = {"format": "tmpdiff.layer-costs/1", "model_id": "m", "backend": "ort", "backend_version": "1",
                    "device": "cpu", "batch": 2, "repeats": 1, "precisions": ["fp32", "int8"], "layers": [layer],
                    "rest_ms": {"fp32": 1.0, "int8": 1.0}, "step_ms": {"fp32": 2.0, "int8": 1.5}}
-    refused("layer_costs.json", layer_costs, load_layer_costs, "finite")
+    refused("layer_costs.json", layer_costs, load_layer_costs, "layers.0.ms.int8: NaN or Infinity")
     layer["ms"]["int8"] = 0.5
     layer_costs["rest_ms"] = {"int8": 1.0}  # nothing for the base precision every configuration pays
     refused("layer_costs.json", layer_costs, load_layer_costs, "rest_ms", "fp32")

@@ -493,6 +493,9 @@ def test_build_writes_never_follow_a_link_out_of_the_build(work):
     build_dir.mkdir(parents=True)
     (build_dir / "fp32").symlink_to(outside)
     code, _, err = cli("export", "bundled", "--out", work / "out", "--precisions", "fp32")
+    assert code == 2 and "holds fp32/ but no manifest.json: not a tmpdiff build" in err  # no lock: someone else's
+    (build_dir / ".lock").touch()  # as an export killed before its first manifest leaves it: the link is what stops it
+    code, _, err = cli("export", "bundled", "--out", work / "out", "--precisions", "fp32")
     assert code == 2 and "a symbolic link leads this path out of the build directory" in err and "Traceback" not in err
     with directory_lock(build_dir), pytest.raises(Exception, match="symbolic link leads this path out"):
         write_json(build_dir / "fp32" / "x.json", {})
