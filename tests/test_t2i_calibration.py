@@ -83,6 +83,11 @@ def test_calibrate_in_the_pipeline_and_run_the_schedule_unchanged(work, tmp_path
                        "--guidance", 7.0, "--out", tmp_path / "other.png", "--threads", 1)
     assert code == 2 and "calibrated at guidance scale 4.5, this run would use 7" in err, err
     assert str(schedule_path) in err and not (tmp_path / "other.png").exists()
+    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.pipeline_io import load_pipeline
+
+    with pytest.raises(TmpdiffError, match="calibrated at guidance scale 4.5, this run would use 7"):  # Python too
+        attach_engines(load_pipeline(t2i_dir()), build, schedule=schedule_path, guidance_scale=7.0)
 
 
 def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):

@@ -15,10 +15,8 @@ from tmpdiff.runtime.pipeline_io import (
     call_kwargs,
     check_pipeline_denoiser,
     conditioning_kwargs,
-    default_guidance_of,
     load_pipeline,
 )
-from tmpdiff.runtime.plan import PrecisionPlan
 
 DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
 
@@ -48,18 +46,6 @@ def load_pipeline_without_denoiser(pipeline_dir: Path):
     return load_pipeline(pipeline_dir)
 
 
-def check_calibrated_guidance(plan: PrecisionPlan, pipe, guidance_scale: float | None) -> None:
-    """A schedule calibrated inside a pipeline runs with the guidance scale it was calibrated with: another changes
-    every step's error, so the schedule's figures would not hold (`attach_engines` checks the scheduler class)."""
-    if plan.file is None:
-        return
-    scale = plan.file.target.get("guidance_scale")
-    used = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
-    if scale is not None and used is not None and abs(float(scale) - used) > 1e-9:
-        raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this run would use {used:g}: "
-                           f"pass --guidance {scale:g} or recalibrate with --guidance {used:g}", plan.source)
-
-
 def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str]:
     """Images (N, H, W, 3) uint8 for the prompts (or class labels), the attached denoiser (its trace says what ran),
     and the schedule's source."""
@@ -70,7 +56,6 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     check_pipeline_denoiser(request.pipeline_dir, manifest.model_sha256, request.build_dir / MANIFEST_NAME)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     inputs = _call_inputs(pipe, request)
-    check_calibrated_guidance(plan, pipe, request.guidance_scale)
     if plan.conditioning is not None and plan.file is not None:  # learned rows: the solver they were learned for
         from tmpdiff.models.schedulers import plan_scheduler_for
 

@@ -423,6 +423,21 @@ def _denoiser_config(manifest: Manifest, adapter: DenoiserAdapter) -> dict[str, 
     return config
 
 
+def check_calibrated_guidance(plan: PrecisionPlan, pipe, guidance_scale: float | None) -> None:
+    """A schedule calibrated inside a pipeline runs with the guidance scale it was calibrated with: another changes
+    every step's error, so the schedule's figures would not hold."""
+    if plan.file is None:
+        return
+    scale = plan.file.target.get("guidance_scale")
+    from tmpdiff.runtime.pipeline_io import default_guidance_of
+
+    used = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
+    if scale is not None and used is not None and abs(float(scale) - used) > 1e-9:
+        raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this run would use {used:g}: "
+                           f"run at {scale:g} (--guidance; in Python guidance_scale= to attach_engines and the pipeline "
+                           f"call) or recalibrate at {used:g}", plan.source)
+
+
 def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
     """A schedule's custom timesteps need a pipeline call with `timesteps=` and a scheduler that samples at them."""
     if "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
@@ -463,6 +478,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         plan_scheduler_for(plan.file, pipe.scheduler, plan.source)  # refuses another model's noise process
     if plan.timesteps is not None:
         check_takes_timesteps(pipe, plan)
+    check_calibrated_guidance(plan, pipe, guidance_scale)
     component = denoiser_component(pipe)
     original = getattr(pipe, component, None)
     dtype = original.dtype if original is not None else torch.float32
