@@ -30,15 +30,17 @@ def test_classifier_recognises_held_out_digits(bundled):
 
 @pytest.mark.slow
 def test_generated_samples_meet_quality_bar(fp32_build, bundled):
-    """500 samples (50 per class), fp32 on ORT through the shipped runner, default steps: the classifier recognises >= 90%."""
+    """200 samples (20 per class), fp32 on ORT through the shipped runner, default steps: the classifier recognises >= 90%
+    (a binomial standard error of about 2 points at the bundled model's accuracy)."""
     runner = ScheduledRunner({"fp32": OrtEngine(fp32_build / "fp32/model.onnx")}, 100, 1, bundled.image_size,
                              bundled.guidance_scale, bundled.num_classes, bundled.num_classes)
     classifier = DigitClassifier.load(bundled.classifier_dir)
     correct = 0
-    labels_all = torch.arange(bundled.num_classes).repeat_interleave(50)
-    for start in range(0, 500, 100):
+    labels_all = torch.arange(bundled.num_classes).repeat_interleave(20)
+    for start in range(0, 200, 100):
         labels = labels_all[start : start + 100]
         noise = initial_noise(len(labels), 1, bundled.image_size, seed=10_000 + start)
         out = runner.sample(load_scheduler(bundled.scheduler_dir), labels, noise, ["fp32"] * bundled.default_steps)
         correct += int((classify(classifier, out.latents)[0] == labels).sum())
-    assert correct / 500 >= 0.90, f"accuracy {correct / 500:.3f}"
+    print(f"bundled model, fp32 on ORT: {correct} of 200 samples recognised")
+    assert correct / 200 >= 0.90, f"accuracy {correct / 200:.3f}"

@@ -300,14 +300,15 @@ def test_a_class_label_pipeline_runs_on_the_engines(dit_build, tmp_path):
 
     schedule = ["fp32", "int8", "int8", "fp32"]
     save_schedule(Schedule(steps=STEPS, precisions=schedule), tmp_path / "schedule.json")
-    args = ["run", str(build_dir), "--pipeline", str(pipe_dir), "--class", "1,7", "--schedule",
-            str(tmp_path / "schedule.json"), "--out", str(tmp_path / "image.png"), "--json"]
-    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert [s["precision"] for s in json.loads(done.stdout)["steps"]] == schedule
-    prompted = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args[:4], "--prompt", "a cat", "--precision", "fp32",
-                               "--out", str(tmp_path / "p.png")], capture_output=True, text=True, timeout=600)
-    assert prompted.returncode == 2 and "takes class labels, not prompts: pass --class" in prompted.stderr
+    from tests.cli_helpers import cli
+
+    args = ["run", build_dir, "--pipeline", pipe_dir, "--class", "1,7", "--schedule", tmp_path / "schedule.json",
+            "--out", tmp_path / "image.png", "--json"]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert [s["precision"] for s in json.loads(out)["steps"]] == schedule
+    code, _, err = cli(*args[:4], "--prompt", "a cat", "--precision", "fp32", "--out", tmp_path / "p.png")
+    assert code == 2 and "takes class labels, not prompts: pass --class" in err
 
 
 def test_a_class_label_pipeline_is_calibrated_on_class_labels(dit_build, tmp_path):
