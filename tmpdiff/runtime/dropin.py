@@ -43,7 +43,7 @@ from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
 from tmpdiff.runtime.engine_use import ensure_bound, exclusive, release
 from tmpdiff.runtime.parallel import ParallelMode
-from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS
+from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS, default_guidance_of
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
 from tmpdiff.runtime.runner import run_guarded
 from tmpdiff.runtime.time_conditioning import check_build, feed_time_conditioning
@@ -83,13 +83,12 @@ class EngineDenoiser(torch.nn.Module):
         self._input_specs: list[TensorSpec] = adapter.input_specs()
         self._output_spec: TensorSpec = adapter.output_specs()[0]
         self._batch: int | None = None
-        self._counted_timesteps: torch.Tensor | None = None
         self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
         self._conditioned_timesteps: torch.Tensor | None = None  # last found to be the learned conditioning's
         self._call_timesteps: torch.Tensor | None = None  # the scheduler's timesteps of the current pipeline call
         self._call_thread: int | None = None  # the thread making the current pipeline call
         self._closed = False
-        self._calls = 0
+        self._calls = 0  # denoiser calls of the current pipeline call (schedulers that keep no step index)
         if config.get("addition_embed_type") == "text_time":
             # SDXL pipelines check their time ids against add_embedding's input width before the first step.
             width = int(config["projection_class_embeddings_input_dim"])
@@ -269,8 +268,6 @@ class EngineDenoiser(torch.nn.Module):
             if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
                 index = scheduler.begin_index or 0
         else:  # DDIM, DDPM, PNDM keep no step index: count the calls since set_timesteps made new timesteps
-            if timesteps is not self._counted_timesteps:
-                self._counted_timesteps, self._calls = timesteps, 0
             index, self._calls = self._calls, self._calls + 1
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
@@ -281,7 +278,7 @@ class EngineDenoiser(torch.nn.Module):
         the calling thread; a step from another thread meanwhile is refused (its pipeline shares this call's state)."""
         thread = threading.get_ident()
         if timesteps is not self._call_timesteps:
-            self._call_timesteps, self._call_thread, self._marks = timesteps, thread, []
+            self._call_timesteps, self._call_thread, self._marks, self._calls = timesteps, thread, [], 0
             if self.drafts is not None:
                 self.drafts.reset()
         elif thread != self._call_thread:
@@ -423,15 +420,12 @@ def _denoiser_config(manifest: Manifest, adapter: DenoiserAdapter) -> dict[str, 
     return config
 
 
-def check_calibrated_guidance(plan: PrecisionPlan, pipe, guidance_scale: float | None) -> None:
-    """A schedule calibrated inside a pipeline runs with the guidance scale it was calibrated with: another changes
-    every step's error, so the schedule's figures would not hold."""
+def check_calibrated_guidance(plan: PrecisionPlan, used: float | None) -> None:
+    """A schedule calibrated inside a pipeline runs with the guidance scale it was calibrated with (`used`: the run's,
+    None when the pipeline takes none): another changes every step's error, so the schedule's figures would not hold."""
     if plan.file is None:
         return
     scale = plan.file.target.get("guidance_scale")
-    from tmpdiff.runtime.pipeline_io import default_guidance_of
-
-    used = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
     if scale is not None and used is not None and abs(float(scale) - used) > 1e-9:
         raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this run would use {used:g}: "
                            f"run at {scale:g} (--guidance; in Python guidance_scale= to attach_engines and the pipeline "
@@ -464,11 +458,9 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     manifest = load_manifest(build_dir)
     plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
     plan.check_model(manifest.model_id)
+    scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))  # what the calls use
     if plan.conditioning is not None:  # learned rows: for these graphs and this guidance (timesteps: at the 1st call)
-        from tmpdiff.runtime.pipeline_io import default_guidance_of
-
         check_build(plan.conditioning, manifest, build_dir)
-        scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
         plan.conditioning.check_guidance(1.0 if scale is None else float(scale))
     if plan.file is not None and plan.file.scheduler is not None:
         ours, theirs = plan.file.scheduler.class_name, type(pipe.scheduler).__name__
@@ -478,7 +470,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         plan_scheduler_for(plan.file, pipe.scheduler, plan.source)  # refuses another model's noise process
     if plan.timesteps is not None:
         check_takes_timesteps(pipe, plan)
-    check_calibrated_guidance(plan, pipe, guidance_scale)
+    check_calibrated_guidance(plan, scale)
     component = denoiser_component(pipe)
     original = getattr(pipe, component, None)
     dtype = original.dtype if original is not None else torch.float32
@@ -489,7 +481,6 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     adapter = denoiser.adapter
     if parallel > 1:
         from tmpdiff.runtime.parallel import check_parallel_scheduler
-        from tmpdiff.runtime.pipeline_io import default_guidance_of
 
         check_parallel_scheduler(pipe.scheduler)
         if plan.conditioning is not None:  # a drafted call would get the anchor's conditioning, not its step's
@@ -497,7 +488,6 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
                                "class-conditional runner's workers do): run this plan sequentially", plan.source)
         if "timestep" not in {spec.name for spec in adapter.input_specs()}:
             raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
-        scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
         denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
     setattr(pipe, component, denoiser)
     if isinstance(original, EngineDenoiser):
