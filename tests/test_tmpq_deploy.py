@@ -154,6 +154,24 @@ def test_a_plan_for_another_build_is_refused(deployment, tmp_path):
     assert code == 2 and "layers" in err
 
 
+def test_a_build_of_another_model_needs_model_named(deployment, tmp_path):
+    """Without --model, deploy-plan and layer-costs take the bundled model the build's manifest records by hash; a
+    build of any other model is told to name it (the manifest holds its hash, not its place)."""
+    from tmpdiff.commands.search_plan import build_model
+    from tmpdiff.formats.manifest import load_manifest, save_manifest
+
+    build_dir, path, _, _, _ = deployment
+    assert build_model(build_dir, None) == "bundled" and build_model(build_dir, "elsewhere") == "elsewhere"
+    other = tmp_path / "other"
+    other.mkdir()
+    save_manifest(other, load_manifest(build_dir).model_copy(update={"model_sha256": "0" * 64}))
+    for command in (["deploy-plan", other, path], ["layer-costs", other, "--out", tmp_path / "costs.json"]):
+        code, _, err = cli(*command)
+        assert code == 2 and "not exported from a bundled model (its model id is 'tiny-dit')" in err, err
+        assert "pass --model" in err and str(other / "manifest.json") in err
+    assert not (tmp_path / "costs.json").exists()
+
+
 def test_mixed_configurations_need_a_build_that_takes_the_timestep(deployment, tmp_path):
     """A build exported with --time-embedding-input runs no mixed layer configuration (their graphs take the
     timestep): deploy-plan refuses the plan, check names a configuration deployed there, run does not start."""

@@ -70,7 +70,8 @@ def test_pipeline_options_go_together(t2i_tmpq):
     code, _, err = cli("search-plan", build, "--model", str(t2i_dir()), "--layer-costs", costs, "--prompts", calib,
                        "--out", root / "unused.json")
     assert code == 2 and "--pipeline needs --prompts (searched on) and --holdout-prompts" in err
-    code, _, err = cli("search-plan", build, "--layer-costs", costs, "--prompts", calib, "--out", root / "unused.json")
+    code, _, err = cli("search-plan", build, "--model", "bundled", "--layer-costs", costs, "--prompts", calib,
+                       "--out", root / "unused.json")
     assert code == 2 and "are for text-to-image builds (--pipeline)" in err
     other = root / "other_layer_costs.json"
     other.write_text(json.dumps(json.loads(costs.read_text()) | {"model_id": "tiny-dit"}))
@@ -94,7 +95,7 @@ def mixed_deployment(t2i_tmpq):
                     configs=[mixed, ["int8"] * len(mixed)], step_configs=[0, 1, 1, 0])
     path = root / "mixed-plan.json"
     save_tmpq_plan(plan, path)
-    code, out, err = cli("deploy-plan", build, path, "--model", "bundled-t2i")
+    code, out, err = cli("deploy-plan", build, path)  # without --model: the bundled pipeline, known by its hash
     assert code == 0, err
     return build, path, plan, supernet, out
 

@@ -937,8 +937,9 @@ class TmpqMetric(StrEnum):
 def layer_costs(
     build_dir: Annotated[Path, typer.Argument(help="build directory with ORT-CPU engines and quantized exports")],
     out: Annotated[Path, typer.Option(help="per-layer costs table to write (tmpdiff.layer-costs/1)")] = Path("layer_costs.json"),
-    model: Annotated[str, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline or "
-                                            "model directory")] = "bundled",
+    model: Annotated[str | None, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline "
+                                                   "or model directory (default: the bundled model it was exported "
+                                                   "from)")] = None,
     precisions: Annotated[str | None, typer.Option(help="comma-separated (default: every built precision)")] = None,
     batch: Annotated[int, typer.Option(min=1, help="latents per engine call (with guidance: 2 x samples)")] = 20,
     warmup: Annotated[int, typer.Option(min=0)] = 3,
@@ -950,8 +951,9 @@ def layer_costs(
 ) -> None:
     """Per-layer costs of every precision's engine (ONNX Runtime's or TensorRT's profiler), with BitOPs, for TMPQ-DM's
     search."""
-    from tmpdiff.commands.search_plan import layer_costs_command, print_layer_costs
+    from tmpdiff.commands.search_plan import build_model, layer_costs_command, print_layer_costs
 
+    model = build_model(build_dir, model)
     names = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
     table = layer_costs_command(build_dir, out, model, names, batch, warmup, repeats, threads, force, console,
                                 backend.value)
@@ -966,8 +968,9 @@ def search_plan(
     out: Annotated[Path, typer.Option(help="plan to write (tmpdiff.tmpq-plan/1)")] = Path("plan.json"),
     schedule_out: Annotated[Path | None, typer.Option(help="also write a tmpdiff.schedule/2 file when every layer "
                                                            "configuration is one precision (runs with `tmpdiff run`)")] = None,
-    model: Annotated[str, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline or "
-                                            "model directory")] = "bundled",
+    model: Annotated[str | None, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline "
+                                                   "or model directory (default: the bundled model it was exported "
+                                                   "from)")] = None,
     steps: Annotated[int, typer.Option(min=2, help="denoising steps (one TMPQ-DM timestep group each)")] = 8,
     speedup: Annotated[float, typer.Option(help="budget: predicted speedup over fp32 at --reference-steps")] = 3.0,
     reference_steps: Annotated[int, typer.Option(min=2, help="step count of the fp32 reference")] = 20,
@@ -996,9 +999,10 @@ def search_plan(
     """TMPQ-DM: search timesteps and per-layer precision jointly under a speedup budget; write the plan."""
     from tmpdiff.calibration.tmpq import TmpqOptions
     from tmpdiff.calibration.tmpq_search import SearchSettings
-    from tmpdiff.commands.search_plan import pipeline_sets_for, print_outcome, search_plan_command
+    from tmpdiff.commands.search_plan import build_model, pipeline_sets_for, print_outcome, search_plan_command
 
     _check_speedup(speedup, "--speedup")
+    model = build_model(build_dir, model)
     sets = pipeline_sets_for(model, pipeline, prompts, holdout_prompts, guidance)
     select = min(10, population)
     mutations, crossovers = min(25, population // 2), min(10, population // 5)
@@ -1020,16 +1024,17 @@ def search_plan(
 def deploy_plan(
     build_dir: Annotated[Path, typer.Argument(help="build directory the plan was searched on")],
     plan: Annotated[Path, typer.Argument(help="TMPQ-DM plan (`tmpdiff search-plan`)")],
-    model: Annotated[str, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline or "
-                                            "model directory")] = "bundled",
+    model: Annotated[str | None, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline "
+                                                   "or model directory (default: the bundled model it was exported "
+                                                   "from)")] = None,
     wait: Wait = 3600.0,
 ) -> None:
     """Export a TMPQ-DM plan's mixed-precision layer configurations as ORT engines of the build; then
     `tmpdiff run BUILD --schedule PLAN` executes the plan."""
     from tmpdiff.commands.deploy_plan import deploy_plan as deploy
-    from tmpdiff.commands.search_plan import denoiser_dir
+    from tmpdiff.commands.search_plan import build_model, denoiser_dir
 
-    rows = deploy(build_dir, plan, denoiser_dir(model), wait=wait, on_progress=lambda m: console.print(m))
+    rows = deploy(build_dir, plan, denoiser_dir(build_model(build_dir, model)), wait=wait, on_progress=lambda m: console.print(m))
     for row in rows:
         layers = ", ".join(f"{p} {n}" for p, n in row.precisions.items())
         parity = "" if row.parity_error is None else f", parity {row.parity_error:.1e}"

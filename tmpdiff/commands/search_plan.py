@@ -86,6 +86,22 @@ def pipeline_sets_for(model: str, pipeline: Path | None, prompts: Path | None, h
     return PipelineSets(pipeline, calib, held, guidance_scale, tuple(p for p in (prompts, holdout_prompts) if p))
 
 
+def build_model(build_dir: Path, model: str | None) -> str:
+    """`--model` as given; without it, the bundled model (`bundled` or `bundled-t2i`) whose content hash the build's
+    manifest records. Any other model must be named: the manifest holds its hash, not where it lives."""
+    from tmpdiff.commands.export import BUNDLED_T2I
+    from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest, recorded_model_hash
+
+    if model is not None:
+        return model
+    manifest = load_manifest(build_dir)
+    for name in ("bundled", BUNDLED_T2I):
+        if recorded_model_hash(denoiser_dir(name), manifest.model_sha256) == manifest.model_sha256:
+            return name
+    raise TmpdiffError(f"the build was not exported from a bundled model (its model id is {manifest.model_id!r}): pass "
+                       "--model with the pipeline or model directory it was exported from", build_dir / MANIFEST_NAME)
+
+
 def denoiser_dir(model: str) -> Path:
     """The denoiser directory `--model` names: `bundled`, `bundled-t2i`, a diffusers pipeline directory (its
     transformer/unet), a tmpdiff class-conditional model directory (its transformer) or a denoiser directory."""
