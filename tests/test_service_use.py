@@ -110,6 +110,24 @@ def test_the_trace_is_each_calls_own(t2i_int8_build):
     assert [e.index for e in denoiser.trace.steps] == [0, 1, 2]
 
 
+def test_a_request_larger_than_memory_is_refused_before_it_is_bound(t2i_int8_build, monkeypatch):
+    """The drop-in checks a batch larger than any it holds against the memory available for the rows beyond them
+    (the engines' arenas keep their peak), as `run` checks --batch: a service gets an error, not the OOM killer."""
+    from tmpdiff.engines import memory
+
+    _, build, _ = t2i_int8_build
+    pipe = load_pipeline(t2i_dir())
+    denoiser = attach_engines(pipe, build, precision="int8", threads=1)
+    held = _call(pipe, 1)  # 2 prompts x 2 (guidance): 4 rows held
+    per_row, _ = memory.bytes_per_row(load_manifest(build), "ort", "cpu")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 3 * per_row)
+    with pytest.raises(TmpdiffError, match=r"8 batch rows need .* more than the 4 rows already held .* smaller request"):
+        _call(pipe, 1, num_images_per_prompt=2)
+    assert torch.equal(_call(pipe, 1), held)  # the rows it holds still run
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * per_row)
+    assert _call(pipe, 1, num_images_per_prompt=2).shape[0] == 4 and denoiser.trace.steps[-1].index == 0
+
+
 def test_a_pipeline_runs_one_call_at_a_time_and_reattaches(t2i_int8_build):
     """A second thread's call on a pipeline in a call is kept apart: the call it interrupted is refused at its next
     step, its own runs as if alone. A closed denoiser refuses calls; attaching again replaces it."""

@@ -101,17 +101,20 @@ def free_gpu_bytes() -> int | None:
     return int(free)
 
 
-def check_fits(manifest: Manifest, rows: int, backend: str = "ort", device: str = "cpu", what: str = "--batch") -> None:
+def check_fits(manifest: Manifest, rows: int, backend: str = "ort", device: str = "cpu", what: str = "--batch",
+               held_rows: int = 0) -> None:
     """Raise before allocation when `rows` batch rows need more than the memory available now: host memory for
-    ORT-CPU, the GPU's free memory for TensorRT and ORT's CUDA / TensorRT providers (their rows live there)."""
+    ORT-CPU, the GPU's free memory for TensorRT and ORT's CUDA / TensorRT providers (their rows live there). A process
+    already holding `held_rows` (its engines' arenas keep their peak) needs memory for the rows beyond them only."""
     per_row, source = bytes_per_row(manifest, backend, device)
     on_gpu = backend == "trt" or device != "cpu"
     available = free_gpu_bytes() if on_gpu else available_bytes()
-    need = rows * per_row
+    need = (rows - held_rows) * per_row
     if available is not None and need > available:
         where = "free on the GPU" if on_gpu else "available"
-        raise TmpdiffError(f"{rows} batch rows need about {need / 2**30:.1f} GiB ({per_row / 2**20:.2f} MiB per row, "
-                           f"{source}), {available / 2**30:.2f} GiB is {where}: use a smaller {what}")
+        more = f" more than the {held_rows} rows already held" if held_rows else ""
+        raise TmpdiffError(f"{rows} batch rows need about {need / 2**30:.1f} GiB{more} ({per_row / 2**20:.2f} MiB per "
+                           f"row, {source}), {available / 2**30:.2f} GiB is {where}: use a smaller {what}")
 
 
 def release_freed_memory() -> None:

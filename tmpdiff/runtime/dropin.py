@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 
 from tmpdiff.engines.base import TORCH_DTYPES, Engine
 from tmpdiff.engines.loading import check_threads, load_plan_engines
+from tmpdiff.engines.memory import check_fits
 from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
@@ -65,7 +66,7 @@ class EngineDenoiser(torch.nn.Module):
     def __init__(self, engines: Mapping[str, Engine], adapter: DenoiserAdapter, config: Mapping[str, Any],
                  forward_signature: inspect.Signature, scheduler_of, plan: PrecisionPlan, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, stream: Stream | None = None, nan_guard: bool = True,
-                 nvtx: bool | None = None) -> None:
+                 nvtx: bool | None = None, memory_check: Callable[[int, int], None] | None = None) -> None:
         super().__init__()
         self.engines = dict(engines)
         self.adapter = adapter
@@ -83,6 +84,8 @@ class EngineDenoiser(torch.nn.Module):
         self._input_specs: list[TensorSpec] = adapter.input_specs()
         self._output_spec: TensorSpec = adapter.output_specs()[0]
         self._batch: int | None = None
+        self._memory_check = memory_check  # (rows, rows held): raises before a batch the memory cannot hold is bound
+        self._held_rows = 0  # the largest batch bound so far (the engines' arenas keep its peak)
         self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
         self._conditioned_timesteps: torch.Tensor | None = None  # last found to be the learned conditioning's
         self._call_timesteps: torch.Tensor | None = None  # the scheduler's timesteps of the current pipeline call
@@ -242,6 +245,8 @@ class EngineDenoiser(torch.nn.Module):
         another denoiser or runner are bound again before each call, `_run`)."""
         if batch == self._batch:
             return
+        if self._memory_check is not None and batch > self._held_rows:
+            self._memory_check(batch, self._held_rows)
         dims = self.adapter.default_dims(batch)
         self._inputs = {s.name: torch.zeros(s.concrete(dims), dtype=TORCH_DTYPES[s.dtype], device=self._device)
                         for s in self._input_specs}
@@ -249,6 +254,7 @@ class EngineDenoiser(torch.nn.Module):
                          for s in self.adapter.output_specs()}
         ensure_bound(self, self.engines.values(), self._inputs, self._outputs, force=True)
         self._batch = batch
+        self._held_rows = max(self._held_rows, batch)
 
     def _step(self) -> tuple[int, torch.Tensor]:
         """The scheduler's current step index (checked against the schedule) and its timestep."""
@@ -506,14 +512,16 @@ def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "
     manifest = manifest or load_manifest(build_dir)
     adapter = adapter_for_build(build_dir, manifest)  # wrapped when the graphs take time embeddings
     engines = load_plan_engines(build_dir, manifest, backend, device, plan.needed, threads)  # + deployed `mixed-...`
+    what = "request (prompts x images per prompt, x2 with guidance)"
     return engine_denoiser(engines, manifest, adapter, plan, scheduler_of=scheduler_of, device=device, dtype=dtype,
-                           nan_guard=nan_guard)
+                           nan_guard=nan_guard,
+                           memory_check=lambda rows, held: check_fits(manifest, rows, backend, device, what, held))
 
 
 def engine_denoiser(engines: Mapping[str, Engine], manifest: Manifest, adapter: DenoiserAdapter, plan: PrecisionPlan, *,
                     scheduler_of=lambda: None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                    nan_guard: bool = True) -> EngineDenoiser:
+                    nan_guard: bool = True, memory_check: Callable[[int, int], None] | None = None) -> EngineDenoiser:
     """An `EngineDenoiser` over given engines: a build's, or torch engines standing in for them (a search's
-    candidates), keyed by the names `plan` runs."""
+    candidates), keyed by the names `plan` runs; `memory_check(rows, rows held)` refuses a batch too large."""
     return EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
-                          scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard)
+                          scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard, memory_check=memory_check)
