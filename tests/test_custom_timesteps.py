@@ -45,6 +45,9 @@ class Recording:
         self.seen.append((self.precision, self._timestep.tolist()))
         self.engine.run(stream)
 
+    def unbind(self) -> None:
+        self.engine.unbind()
+
     def close(self) -> None:
         self.engine.close()
 

@@ -40,6 +40,9 @@ class FakeEngine:
         self.outputs["noise_pred"].copy_(torch.tanh(gain * x + 1e-3 * t[:, None, None, None] * gain
                                                     + 0.05 * c[:, None, None, None].float()))
 
+    def unbind(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

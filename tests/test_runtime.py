@@ -105,6 +105,9 @@ class _NaNAfter:
         self.engine.run(stream)
         self.outputs["noise_pred"][0, 0, 0, 0] = float("nan")
 
+    def unbind(self):
+        self.engine.unbind()
+
     def close(self):
         self.engine.close()
 

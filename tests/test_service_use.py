@@ -47,6 +47,70 @@ def test_runners_sharing_engines_each_get_their_own_results(quant_build):
     assert torch.equal(_sample(small, s, [0, 1]), first)
 
 
+def test_closing_a_runner_unbinds_shared_engines_and_leaves_them_loaded():
+    """`release` (a runner's or denoiser's close) unbinds; it never closes: a TensorRT engine closed there would be
+    freed under the other runners sharing it."""
+    from tmpdiff.runtime.engine_use import ensure_bound, release
+
+    class Recorder:
+        precision, device = "fp32", "cpu"
+        input_specs = output_specs = []
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def bind(self, inputs, outputs) -> None:
+            self.calls.append("bind")
+
+        def unbind(self) -> None:
+            self.calls.append("unbind")
+
+        def close(self) -> None:
+            self.calls.append("close")
+
+    engine, owner = Recorder(), Recorder()  # any object that takes a weak reference
+    ensure_bound(owner, [engine], {}, {})
+    release([engine])
+    ensure_bound(owner, [engine], {}, {})  # bound again by whoever runs it next
+    assert engine.calls == ["bind", "unbind", "bind"]
+
+
+def test_gpu_engines_of_a_process_run_one_call_at_a_time():
+    """GPU engines share the process's CUDA stream and TensorRT activation memory: while one thread's call runs GPU
+    engines, another thread's call on other GPU engines (loaded apart) is refused too; CPU engine sets run apart."""
+    from tmpdiff.runtime.engine_use import exclusive
+
+    class On:
+        def __init__(self, device: str) -> None:
+            self.device = device
+
+    gpu_a, gpu_b, cpu_a, cpu_b = [On("cuda:0")], [On("cuda:0")], [On("cpu")], [On("cpu")]
+    for mine, theirs, refused in ((gpu_a, gpu_b, True), (cpu_a, cpu_b, False)):
+        inside, release = threading.Event(), threading.Event()
+
+        def hold(engines=mine, inside=inside, release=release) -> None:
+            with exclusive(engines, "first"):
+                inside.set()
+                release.wait(60)
+
+        worker = threading.Thread(target=hold)
+        worker.start()
+        assert inside.wait(60)
+        try:
+            if refused:
+                with pytest.raises(TmpdiffError, match="GPU engines of this process are running another call"):
+                    with exclusive(theirs, "second"):
+                        pass
+            else:
+                with exclusive(theirs, "second"):
+                    pass
+        finally:
+            release.set()
+            worker.join(60)
+    with exclusive(gpu_b, "after"):  # released with the first call
+        pass
+
+
 def test_a_second_thread_on_engines_in_use_is_refused(quant_build):
     """While one call runs the engines, another thread's call on them is refused (never interleaved), and the first
     call's result is unaffected."""

@@ -112,7 +112,7 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     engines = load_engines(build_dir, manifest, backend, device, probe.all_levels, threads)
     runner = ScheduledRunner(engines, len(classes) * len(seeds), sampling.channels, sampling.image_size,
                              sampling.guidance_scale, sampling.null_class, sampling.num_classes, device=device,
-                             nan_guard=True)
+                             nan_guard=True, owns_engines=True)
     pool = None
     if workers is not None:
         from tmpdiff.calibration.fanout import sampling_pool

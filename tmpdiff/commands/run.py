@@ -130,7 +130,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
     runner = ScheduledRunner(engines, batch=len(request.classes), channels=sampling.channels, size=sampling.image_size,
                              guidance_scale=guidance, null_class=sampling.null_class, num_classes=sampling.num_classes,
                              device=request.device, nan_guard=request.nan_guard,
-                             own_time_embeddings=load_own_table(request.build_dir, manifest))
+                             own_time_embeddings=load_own_table(request.build_dir, manifest), owns_engines=True)
     labels = torch.tensor(request.classes, dtype=torch.int64)
     noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
     try:

@@ -38,7 +38,11 @@ class Engine(Protocol):
     def run(self, stream: Stream) -> None:
         """Launch one inference reading the bound inputs and writing the bound outputs."""
 
-    def close(self) -> None: ...
+    def unbind(self) -> None:
+        """Forget the bound buffers; the engine stays loaded and runs again after the next `bind`."""
+
+    def close(self) -> None:
+        """Unbind and free what the engine holds (a TensorRT plan's context and engine); it cannot run again."""
 
 
 def check_buffers(engine_name: str, specs: list[TensorSpec], buffers: Mapping[str, torch.Tensor]) -> None:

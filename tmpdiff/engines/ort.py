@@ -123,21 +123,30 @@ def providers_for(device: str, trt_ep: dict[str, str] | None = None) -> list:
         )
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    options: dict[str, str] = {}
+    stream: dict[str, str] = {}
     if torch.cuda.is_available():
         # Launch on the runtime's dedicated stream, where the sampling loop's torch work runs too: ordered without
         # host synchronisation (run() also tells ORT not to synchronise after each run).
         from tmpdiff.engines.streams import runtime_stream
 
-        options = {"user_compute_stream": str(runtime_stream(device).handle)}
-        if device == "cuda":
-            options["has_user_compute_stream"] = "1"
-    if device == "trt-ep":
-        options = {**options, **(trt_ep or {})}
-    chain = [(wanted, options)]
-    if device == "trt-ep":
-        chain.append(("CUDAExecutionProvider", {}))
-    return [*chain, "CPUExecutionProvider"]
+        stream = {"user_compute_stream": str(runtime_stream(device).handle)}
+    # the CUDA EP lets fp32 GEMMs and convolutions use TF32 unless told not to: a precision computes what it says
+    cuda = {**stream, **({"has_user_compute_stream": "1"} if stream else {}), "use_tf32": "0"}
+    if device == "cuda":
+        return [(wanted, cuda), "CPUExecutionProvider"]
+    # the TensorRT EP's nodes, and the CUDA EP's fallback nodes, both on the runtime stream
+    return [(wanted, {**stream, **(trt_ep or {})}), ("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+def check_provider(session, device: str, path: Path) -> None:
+    """A GPU provider that fails to initialise (CUDA or cuDNN libraries not found, another CUDA major) only logs a
+    warning and leaves the session on the CPU: refused here, before a 'cuda' engine runs on the host."""
+    wanted = PROVIDERS[device]
+    active = session.get_providers()
+    if active and active[0] != wanted:
+        raise TmpdiffError(f"ONNX Runtime did not start {wanted} for --device {device} (the session runs on "
+                           f"{', '.join(active)}; see onnxruntime's warning above: usually CUDA, cuDNN or TensorRT "
+                           "libraries it cannot load)", path)
 
 
 class OrtEngine:
@@ -174,6 +183,7 @@ class OrtEngine:
         except Exception as exc:  # ORT raises its own pybind exception types for bad graphs
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TmpdiffError(f"ONNX Runtime cannot load this model ({first})", self.path) from None
+        check_provider(self.session, device, self.path)
         self._binding = None
         self._run_options = ort.RunOptions()
         if device != "cpu":  # the runtime orders work on its stream; ORT's per-run device synchronisation is not needed
@@ -220,5 +230,8 @@ class OrtEngine:
             raise TmpdiffError(f"{self.precision} engine: run() before bind()")
         self.session.run_with_iobinding(self._binding, self._run_options)
 
-    def close(self) -> None:
+    def unbind(self) -> None:
         self._binding = None
+
+    def close(self) -> None:
+        self.unbind()  # the session is freed with the engine object

@@ -64,5 +64,8 @@ class TorchEngine:
             self._on_inputs({s.name: a.clone() for s, a in zip(self._input_specs, args, strict=True)})
         self._output.copy_(self.module(*args))
 
-    def close(self) -> None:
+    def unbind(self) -> None:
         self._inputs = self._output = None
+
+    def close(self) -> None:
+        self.unbind()

@@ -365,6 +365,14 @@ class TrtEngine:
             if self.cuda_graph:
                 self._capture(torch_stream)
 
+    def unbind(self) -> None:
+        """Forget the bound buffers and the graph captured on them (after queued launches finish: a replay may
+        still read them); the plan stays loaded, and the next `bind` and run capture a new graph."""
+        if self._engine is not None and (self._graph is not None or self._bound is not None):
+            torch.cuda.synchronize(self._device_index)
+        self._graph = None
+        self._bound = None
+
     def close(self) -> None:
         """Wait for queued launches, then release the graph, context, engine and runtime (in that order)
         and detach from the shared memory (freed with it when this engine was its only user)."""

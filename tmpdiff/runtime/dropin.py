@@ -42,7 +42,7 @@ from tmpdiff.models.schedulers import inference_steps_for, plan_scheduler_for, s
 from tmpdiff.models.time_embedding_input import adapter_for_build
 from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
-from tmpdiff.runtime.engine_use import ensure_bound, exclusive, release
+from tmpdiff.runtime.engine_use import close_engines, ensure_bound, exclusive, release
 from tmpdiff.runtime.parallel import ParallelMode
 from tmpdiff.runtime.pipeline_io import DENOISER_COMPONENTS, default_guidance_of
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
@@ -66,9 +66,11 @@ class EngineDenoiser(torch.nn.Module):
     def __init__(self, engines: Mapping[str, Engine], adapter: DenoiserAdapter, config: Mapping[str, Any],
                  forward_signature: inspect.Signature, scheduler_of, plan: PrecisionPlan, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, stream: Stream | None = None, nan_guard: bool = True,
-                 nvtx: bool | None = None, memory_check: Callable[[int, int], None] | None = None) -> None:
+                 nvtx: bool | None = None, memory_check: Callable[[int, int], None] | None = None,
+                 owns_engines: bool = False) -> None:
         super().__init__()
         self.engines = dict(engines)
+        self.owns_engines = owns_engines  # loaded for this denoiser (`denoiser_for_build`): `close` frees them
         self.adapter = adapter
         self.plan = plan
         self.nan_guard = nan_guard
@@ -316,12 +318,13 @@ class EngineDenoiser(torch.nn.Module):
         self._conditioned_timesteps = timesteps
 
     def close(self) -> None:
-        """Release the engines' bindings (and DRiffusion's Ray actors); later calls are refused."""
+        """Release the engines' bindings, freeing engines loaded for this denoiser (and DRiffusion's Ray actors); later
+        calls are refused."""
         self._closed = True
         if self.draft_pool is not None:
             self.draft_pool.close()
             self.draft_pool = None
-        release(self.engines.values())
+        (close_engines if self.owns_engines else release)(self.engines.values())
 
 
 def call_feeds(input_specs: list[TensorSpec], call: dict[str, Any], architecture: str) -> dict[str, Any]:
@@ -514,14 +517,17 @@ def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "
     engines = load_plan_engines(build_dir, manifest, backend, device, plan.needed, threads)  # + deployed `mixed-...`
     what = "request (prompts x images per prompt, x2 with guidance)"
     return engine_denoiser(engines, manifest, adapter, plan, scheduler_of=scheduler_of, device=device, dtype=dtype,
-                           nan_guard=nan_guard,
+                           nan_guard=nan_guard, owns_engines=True,
                            memory_check=lambda rows, held: check_fits(manifest, rows, backend, device, what, held))
 
 
 def engine_denoiser(engines: Mapping[str, Engine], manifest: Manifest, adapter: DenoiserAdapter, plan: PrecisionPlan, *,
                     scheduler_of=lambda: None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                    nan_guard: bool = True, memory_check: Callable[[int, int], None] | None = None) -> EngineDenoiser:
+                    nan_guard: bool = True, memory_check: Callable[[int, int], None] | None = None,
+                    owns_engines: bool = False) -> EngineDenoiser:
     """An `EngineDenoiser` over given engines: a build's, or torch engines standing in for them (a search's
-    candidates), keyed by the names `plan` runs; `memory_check(rows, rows held)` refuses a batch too large."""
+    candidates), keyed by the names `plan` runs; `memory_check(rows, rows held)` refuses a batch too large;
+    `owns_engines`: `close` frees them."""
     return EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
-                          scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard, memory_check=memory_check)
+                          scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard, memory_check=memory_check,
+                          owns_engines=owns_engines)

@@ -21,6 +21,9 @@ from tmpdiff.formats.errors import TmpdiffError
 _bound_to: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> weakref of the owner of its buffers
 _in_use: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> lock held while a call runs it
 _registry_lock = threading.Lock()
+# GPU engines of a process launch on one CUDA stream (`runtime_stream`) and TensorRT's share one activation memory
+# (`default_device_memory`): two calls at once would interleave on both, or one CUDA graph capture the other's work
+_gpu_lock = threading.Lock()
 
 
 def ensure_bound(owner: object, engines: Iterable[Engine], inputs: Mapping[str, torch.Tensor],
@@ -34,10 +37,19 @@ def ensure_bound(owner: object, engines: Iterable[Engine], inputs: Mapping[str, 
 
 
 def release(engines: Iterable[Engine]) -> None:
-    """Close the engines' bindings; whoever runs them next binds them to its buffers again."""
+    """Drop the engines' bindings (they stay loaded: other runners share them); whoever runs them next binds them to
+    its buffers again."""
+    for engine in engines:
+        engine.unbind()
+        _bound_to.pop(engine, None)
+
+
+def close_engines(engines: Iterable[Engine]) -> None:
+    """Unbind and free engines their loader is done with (a TensorRT plan's context, engine and activation memory)."""
+    engines = list(engines)
+    release(engines)
     for engine in engines:
         engine.close()
-        _bound_to.pop(engine, None)
 
 
 def _lock_of(engine: Engine) -> threading.Lock:
@@ -52,7 +64,14 @@ def _lock_of(engine: Engine) -> threading.Lock:
 def exclusive(engines: Iterable[Engine], who: str) -> Iterator[None]:
     """Hold every engine for one call; engines already running another call (another thread's) are refused."""
     held: list[threading.Lock] = []
+    engines = list(engines)
     try:
+        if any(getattr(engine, "device", "cpu") != "cpu" for engine in engines):
+            if not _gpu_lock.acquire(blocking=False):
+                raise TmpdiffError(f"{who}: GPU engines of this process are running another call (another thread): "
+                                   "they share one CUDA stream and one activation memory, so one call runs at a time; "
+                                   "queue the requests, or serve from one process per concurrent call")
+            held.append(_gpu_lock)
         for engine in engines:
             lock = _lock_of(engine)
             if not lock.acquire(blocking=False):

@@ -20,7 +20,7 @@ from tmpdiff.formats.precisions import PRECISION_ORDER, PRECISIONS, next_higher
 from tmpdiff.models.schedulers import set_sampling_timesteps
 from tmpdiff.models.time_embedding_input import INPUT_NAME
 from tmpdiff.runtime.call_memo import CallMemo
-from tmpdiff.runtime.engine_use import ensure_bound, exclusive, release
+from tmpdiff.runtime.engine_use import close_engines, ensure_bound, exclusive, release
 from tmpdiff.runtime.time_conditioning import TimeConditioning, own_row, takes_time_embeddings
 from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nvtx_wanted
 
@@ -88,15 +88,17 @@ class ScheduledRunner:
     def __init__(self, engines: Mapping[str, Engine], batch: int, channels: int, size: int, guidance_scale: float,
                  null_class: int, num_classes: int, device: str = "cpu", stream: Stream | None = None,
                  nan_guard: bool = True, nvtx: bool | None = None,
-                 own_time_embeddings: torch.Tensor | None = None) -> None:
+                 own_time_embeddings: torch.Tensor | None = None, owns_engines: bool = False) -> None:
         """`own_time_embeddings`: the build's own table (`load_own_table`), needed when the graphs take a
-        `time_embeddings` input (exported with --time-embedding-input) and a step has no learned row."""
+        `time_embeddings` input (exported with --time-embedding-input) and a step has no learned row.
+        `owns_engines`: loaded for this runner alone, so `close` frees them (shared engines are only unbound)."""
         if not engines:
             raise TmpdiffError("no engines to run")
         if not math.isfinite(guidance_scale):
             raise TmpdiffError(f"the guidance scale must be a finite number, got {guidance_scale}")
         torch_device = "cpu" if device == "cpu" else "cuda"
         self.engines = dict(engines)
+        self.owns_engines = owns_engines
         self.batch = batch
         self.guidance_scale = guidance_scale
         self.use_cfg = guidance_scale != 1.0
@@ -237,5 +239,6 @@ class ScheduledRunner:
         return StepEvent(index, t, used, self.clock.seconds(origin, start), self.clock.seconds(start, end), fallback_from)
 
     def close(self) -> None:
-        """Release the engines' bindings (a runner sharing them binds them again before its next call)."""
-        release(self.engines.values())
+        """Release the engines' bindings (a runner sharing them binds them again before its next call); engines the
+        runner owns are freed."""
+        (close_engines if self.owns_engines else release)(self.engines.values())

@@ -48,7 +48,8 @@ class WorkerSpec:
         return DenoiseWorker(ScheduledRunner(engines, self.batch, self.channels, self.size, self.guidance_scale,
                                              self.null_class, self.num_classes, device=self.device,
                                              nan_guard=self.nan_guard,
-                                             own_time_embeddings=load_own_table(self.build_dir, manifest)))
+                                             own_time_embeddings=load_own_table(self.build_dir, manifest),
+                                             owns_engines=True))
 
 
 class DenoiseWorker:
