@@ -9,8 +9,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"
 if [ "${TMPDIFF_GPU_INSTALL:-0}" = "1" ]; then
     "$VENV/bin/python" -m pip install --quiet -e "$REPO[gpu]"
-    # onnxruntime-gpu provides the same module as the CPU package: one replaces the other, never both installed
+    # onnxruntime-gpu provides the same module as the CPU package: one replaces the other, never both installed. On a
+    # re-run the install above has put the CPU package's files back over the GPU package's, and uninstalling it
+    # deletes the shared module: the GPU package is reinstalled in full, not found "already satisfied".
     "$VENV/bin/python" -m pip uninstall --quiet --yes onnxruntime
-    "$VENV/bin/python" -m pip install --quiet "onnxruntime-gpu==1.31.1"
+    "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "onnxruntime-gpu==1.31.1"
 fi
 exec tmpdiff doctor --gpu --work "${TMPDIFF_GPU_WORK:-$REPO/gpu-check}" --results "$REPO/results" "$@"

@@ -60,6 +60,7 @@ def test_trt_ep_keeps_its_caches_in_the_build_dir_with_profile_shapes(quant_buil
     assert options["trt_profile_min_shapes"].startswith("hidden_states:2x1x16x16")
     assert "timestep:16" in options["trt_profile_max_shapes"] and options["trt_int8_enable"] == "True"
     assert "trt_int8_enable" not in trt_ep_options(build_dir, "fp8", manifest)
+    assert options["trt_fp16_enable"] == "True" and "trt_fp16_enable" not in trt_ep_options(build_dir, "fp32", manifest)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU exit")
@@ -99,9 +100,11 @@ def test_the_gpu_check_builds_for_tensorrt_only_what_the_gpu_runs(monkeypatch, t
     from tmpdiff.export import exporter
 
     calls: list[tuple] = []
+    options: list = []
 
-    def build_engines(build_dir, backend, device, precisions=None, **_):
+    def build_engines(build_dir, backend, device, precisions=None, trt_options=None, **_):
         calls.append((backend, precisions))
+        options.append(trt_options)
         return [build_module.BuildOutcome(p, build_dir / p, skipped=False) for p in precisions or []]
 
     monkeypatch.setattr(export_command, "calibration_for", lambda *_: (None, None))
@@ -117,6 +120,23 @@ def test_the_gpu_check_builds_for_tensorrt_only_what_the_gpu_runs(monkeypatch, t
                      ("trt", ["fp32", "fp16", "int8", "int4"])]
     assert detail == "4 TensorRT plans; not on this GPU: fp8" and "8.9 or newer" in data["not_on_this_gpu"]["fp8"]
     assert check.kernels()[1] == {"int8": 1, "fp8": "not on this GPU", "int4": 1}
+    # the plans take every batch the later checks run: the recorded check input (2 rows), the runs (2 and 4 with
+    # guidance), the costs table and the calibration (20); the default static batch-1 plan took none of them
+    plans = options[-1]
+    assert plans.dynamic and plans.min_batch <= 2 and plans.max_batch >= 20
+
+
+def test_tensorrt_parity_allows_the_16_bit_base_of_quantized_plans(quant_build):
+    """A quantized TensorRT graph computes in fp16 outside its Q/DQ (int4: W4A16), its recorded output came from the
+    fp32-based ORT twin: the fp16 tolerance, not int4's 1e-4; fp32 plans (no TF32) keep 1e-4."""
+    from tmpdiff.commands.doctor import trt_parity_tolerance
+
+    _, build_dir, _ = quant_build
+    manifest = load_manifest(build_dir)
+    assert trt_parity_tolerance(manifest, "fp32") == 1e-4
+    for name in ("int8", "int4"):
+        assert manifest.precisions[name].quantization["trt_base"] == "float16"
+        assert trt_parity_tolerance(manifest, name) == 2e-2
 
 
 def test_census_records_the_compute_dtype_of_gemms_softmax_and_norms(quant_build):
@@ -225,3 +245,28 @@ def test_autocast_never_holds_the_quantized_weights_and_converts_the_same(quant_
     assert sorted(t.SerializeToString() for t in ours.graph.initializer) == \
         sorted(t.SerializeToString() for t in theirs.graph.initializer)
     assert sorted(n.SerializeToString() for n in ours.graph.node) == sorted(n.SerializeToString() for n in theirs.graph.node)
+
+
+def test_ort_gpu_providers_compute_fp32_in_fp32_and_a_cpu_fallback_is_refused(monkeypatch, tmp_path):
+    """The CUDA EP (alone, or as the TensorRT EP's fallback) is told not to use TF32; a session whose GPU provider did
+    not start (ORT only warns and runs on the CPU) is refused, naming the graph."""
+    from types import SimpleNamespace
+
+    import onnxruntime
+
+    from tmpdiff.engines.ort import check_provider, providers_for
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert providers_for("cuda") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    chain = providers_for("trt-ep", {"trt_int8_enable": "True"})
+    assert chain == [("TensorrtExecutionProvider", {"trt_int8_enable": "True"}),
+                     ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    fell_back = SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
+    with pytest.raises(TmpdiffError, match="did not start CUDAExecutionProvider for --device cuda") as info:
+        check_provider(fell_back, "cuda", tmp_path / "model.onnx")
+    assert info.value.path == tmp_path / "model.onnx"
+    check_provider(fell_back, "cpu", tmp_path / "model.onnx")
+    check_provider(SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]), "cuda",
+                   tmp_path / "model.onnx")

@@ -186,7 +186,7 @@ def test_trtexec_command_builds_the_same_engine(tmp_path):
     argv = shlex.split(trtexec_command("b/fp8/model.trt.onnx", "b/fp8/engine_trt10.8.plan", SPECS, shapes, options))
     assert argv[0] == "trtexec"
     assert "--onnx=b/fp8/model.trt.onnx" in argv and "--saveEngine=b/fp8/engine_trt10.8.plan" in argv
-    assert "--stronglyTyped" in argv and "--skipInference" in argv
+    assert "--stronglyTyped" in argv and "--skipInference" in argv and "--noTF32" in argv  # build clears TF32 too
     # img_ids is static: trtexec refuses explicit shapes for it.
     assert "--minShapes=hidden_states:1x4x8x8,timestep:1,class_labels:1" in argv
     assert "--optShapes=hidden_states:2x4x8x8,timestep:2,class_labels:2" in argv
@@ -425,6 +425,44 @@ def test_build_rebuilds_a_plan_made_for_another_gpu(bare_trt, monkeypatch, tmp_p
             "(compute capability 9.0))") in progress
 
 
+def test_build_rebuilds_a_plan_made_with_other_options(bare_trt, monkeypatch, tmp_path):
+    """`build` with another batch profile or optimization level rebuilds (it said "up to date" and kept the plan, so
+    the rebuild a run's batch error asks for never happened); the same options keep it; an imported plan is kept."""
+    from tmpdiff.engines.build import build_engines
+    from tmpdiff.engines.trt_build import TrtBuildOptions, options_profile
+    from tmpdiff.formats.manifest import TensorSpecModel, engine_key, save_manifest
+
+    plan = tmp_path / "fp16" / "engine_trt10.8.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"plan bytes")
+    inputs = [TensorSpecModel(name="x", dtype="float32", shape=["batch", 4])]
+    built = TrtBuildOptions(batch=20)
+    profile = {n: [list(s.min), list(s.opt), list(s.max)]
+               for n, s in options_profile([i.spec() for i in inputs], built).items()}
+    precision = PrecisionEntry(onnx="fp16/model.onnx", sha256="a" * 64, trt_onnx="fp16/model.trt.onnx",
+                               trt_sha256="1" * 64, opset=19, key="k", parity_error=0.0, error_vs_fp32=0.01)
+
+    def save(flags: dict) -> None:
+        entry = _entry(precision="fp16", path="fp16/engine_trt10.8.plan", sha256=hashlib.sha256(b"plan bytes").hexdigest(),
+                       build_flags={"gpu_name": L4.name, **flags})
+        save_manifest(tmp_path, Manifest(model_id="m", architecture="dit", model_sha256="c" * 64, denoiser_config={},
+                                         inputs=inputs, outputs=[], precisions={"fp16": precision},
+                                         engines={engine_key("trt", "cuda", "fp16"): entry}))
+
+    save({"profile": profile, "builder_optimization_level": 3, "dynamic": False})
+    _gpu(monkeypatch, L4)
+    progress: list[str] = []
+    assert build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=built, on_progress=progress.append)[0].skipped
+    for other, why in ((TrtBuildOptions(batch=2), "built for shapes batch 20, asked for batch 2"),
+                       (TrtBuildOptions(batch=20, dynamic=True, max_batch=40), "asked for batch 1..20..40"),
+                       (TrtBuildOptions(batch=20, optimization_level=5), "built at optimization level 3, asked for 5")):
+        with pytest.raises(TmpdiffError, match="ONNX file is missing"):  # it went on to build
+            build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=other, on_progress=progress.append)
+        assert any(line.startswith("fp16: rebuilding (") and why in line for line in progress), (why, progress)
+    save({"imported_from": "/elsewhere/fp16.plan"})
+    assert build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=TrtBuildOptions(batch=2))[0].skipped
+
+
 # --- GPU: real builds and runs ---------------------------------------------------------------------
 
 
@@ -466,7 +504,7 @@ def test_build_writes_versioned_plan_and_entry(tmp_path):
     major, minor = torch.cuda.get_device_capability()
     assert entry.compute_capability == f"{major}.{minor}"
     assert entry.build_flags["gpu_name"] == torch.cuda.get_device_name()
-    assert entry.build_flags["strongly_typed"] is True
+    assert entry.build_flags["strongly_typed"] is True and entry.build_flags["tf32"] is False
     assert (tmp_path / "timing.cache").stat().st_size > 0
     assert not list((tmp_path / "fp32").glob(".*.tmp"))
 
@@ -527,6 +565,31 @@ def test_cuda_graph_replay_equals_plain_run(tmp_path):
     plain.close()
     graphed.close()
     memory.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_dynamic_plan_captures_a_graph_per_binding_and_unbind_keeps_it_loaded(tmp_path):
+    """A graph bakes in shapes and addresses: each bind drops it and the next runs capture one at the new batch.
+    `unbind` (what closing one of several runners sharing the engine does) leaves the plan loaded for the others."""
+    plan, entry = _build(tmp_path, batch=2, dynamic=True, max_batch=4)
+    stream = CudaStream()
+    with TrtEngine(plan, entry, cuda_graph=True) as engine:
+        for batch in (2, 4, 2):
+            inputs, outputs = _buffers(batch)
+            engine.bind(inputs, outputs)
+            for _ in range(2):
+                engine.run(stream)
+            stream.synchronize()
+            assert engine.graph_active
+            torch.testing.assert_close(outputs["y"], 2 * inputs["x"])
+            engine.unbind()
+            assert not engine.graph_active
+        inputs, outputs = _buffers(3)
+        engine.bind(inputs, outputs)
+        engine.run(stream)
+        stream.synchronize()
+        torch.testing.assert_close(outputs["y"], 2 * inputs["x"])
 
 
 @pytest.mark.gpu

@@ -144,40 +144,47 @@ def replay_check_inputs(build_dir: Path, manifest, backend: str, device: str) ->
     from safetensors.numpy import load_file
 
     from tmpdiff.engines.loading import load_engines
-    from tmpdiff.engines.streams import runtime_stream
+    from tmpdiff.engines.streams import on_stream, runtime_stream
     from tmpdiff.formats.manifest import CHECK_IO_NAME
+    from tmpdiff.runtime.engine_use import close_engines
 
     names = manifest.built_precisions(backend, device)
     engines = load_engines(build_dir, manifest, backend, device, names)
     on = "cpu" if device == "cpu" else "cuda"
     replays = {}
-    for name, engine in engines.items():
-        io_path = build_dir / name / CHECK_IO_NAME
-        if f"{name}/{CHECK_IO_NAME}" not in manifest.precisions[name].artifacts:
-            replays[name] = Replay(name, None, float("inf"), "no recorded check input (exported by an older tmpdiff)")
-            continue
-        try:
-            recorded = load_file(str(io_path))
-        except (OSError, SafetensorError) as exc:  # a file whose recorded hash was rewritten with it
-            replays[name] = Replay(name, None, float("inf"), f"its recorded check input {io_path} cannot be read ({exc})")
-            continue
-        if not any(k.startswith("output.") for k in recorded):
-            replays[name] = Replay(name, None, float("inf"), f"its recorded check input {io_path} holds no output")
-            continue
-        inputs = {k.removeprefix("input."): torch.from_numpy(v).to(on) for k, v in recorded.items() if k.startswith("input.")}
-        want = {k.removeprefix("output."): v for k, v in recorded.items() if k.startswith("output.")}
-        got = {k: torch.zeros(v.shape, dtype=torch.from_numpy(v).dtype, device=on) for k, v in want.items()}
-        try:
-            engine.bind(inputs, got)
-            engine.run(runtime_stream(device))
-            runtime_stream(device).synchronize()
-        except Exception as exc:  # the backends' own error types for a graph that loads but cannot run
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            replays[name] = Replay(name, None, float("inf"), f"fails on the recorded check input ({first})")
-            continue
-        out_name = next(iter(want))
-        output = got[out_name].cpu().numpy()
-        replays[name] = Replay(name, output, _relative(output, want[out_name]))
+    try:
+        for name, engine in engines.items():
+            io_path = build_dir / name / CHECK_IO_NAME
+            if f"{name}/{CHECK_IO_NAME}" not in manifest.precisions[name].artifacts:
+                replays[name] = Replay(name, None, float("inf"), "no recorded check input (exported by an older tmpdiff)")
+                continue
+            try:
+                recorded = load_file(str(io_path))
+            except (OSError, SafetensorError) as exc:  # a file whose recorded hash was rewritten with it
+                replays[name] = Replay(name, None, float("inf"), f"its recorded check input {io_path} cannot be read ({exc})")
+                continue
+            if not any(k.startswith("output.") for k in recorded):
+                replays[name] = Replay(name, None, float("inf"), f"its recorded check input {io_path} holds no output")
+                continue
+            want = {k.removeprefix("output."): v for k, v in recorded.items() if k.startswith("output.")}
+            stream = runtime_stream(device)
+            try:
+                with on_stream(stream):  # the copies and zero-fill are ordered before the engine's launch on its stream
+                    inputs = {k.removeprefix("input."): torch.from_numpy(v).to(on) for k, v in recorded.items()
+                              if k.startswith("input.")}
+                    got = {k: torch.zeros(v.shape, dtype=torch.from_numpy(v).dtype, device=on) for k, v in want.items()}
+                    engine.bind(inputs, got)
+                    engine.run(stream)
+                stream.synchronize()
+            except Exception as exc:  # the backends' own error types for a graph that loads but cannot run
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                replays[name] = Replay(name, None, float("inf"), f"fails on the recorded check input ({first})")
+                continue
+            out_name = next(iter(want))
+            output = got[out_name].cpu().numpy()
+            replays[name] = Replay(name, output, _relative(output, want[out_name]))
+    finally:
+        close_engines(engines.values())  # a TensorRT plan's context, engine and activation memory
     return replays
 
 

@@ -81,19 +81,44 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
     if entry.trt_onnx is None:
         raise TmpdiffError(f"{name} has no TensorRT graph; re-run `tmpdiff export`", build_dir / "manifest.json")
     trt = load_tensorrt()
+    specs = [s.spec() for s in manifest.inputs]
+    shapes = options_profile(specs, options)
     if current is not None and engine_problem(build_dir, manifest, current, backend_version=trt.__version__) is None:
-        mismatch = gpu_mismatch(current, cuda_device())  # what loading refuses, saying to rebuild: never "up to date"
+        # what loading refuses (another GPU), or a plan built with other options than these: never "up to date"
+        mismatch = gpu_mismatch(current, cuda_device()) or _options_mismatch(current, shapes, options)
         if mismatch is None:
             on_progress(f"{name}: up to date")
             return None
         on_progress(f"{name}: rebuilding ({mismatch})")
     on_progress(f"{name}: building TensorRT plan")
-    specs = [s.spec() for s in manifest.inputs]
     plan_dir = build_dir / Path(entry.trt_onnx).parent
-    return build_trt_engine(build_dir / entry.trt_onnx, plan_dir, specs, options_profile(specs, options), options,
+    return build_trt_engine(build_dir / entry.trt_onnx, plan_dir, specs, shapes, options,
                             precision=name, build_dir=build_dir,
                             layer_precisions=None if mixed is None else mixed.precisions,
                             base=mixed.trt_base if mixed is not None else (entry.quantization or {}).get("trt_base"))
+
+
+def _options_mismatch(current, shapes, options) -> str | None:
+    """How a plan tmpdiff built differs from what these build options ask for (profile, level); None when it does
+    not, or for an imported plan (built elsewhere: kept until the user imports or forces another)."""
+    flags = current.build_flags
+    if "profile" not in flags:
+        return None
+    wanted = {name: [list(s.min), list(s.opt), list(s.max)] for name, s in shapes.items()}
+    if flags["profile"] != wanted:
+        return f"built for shapes {_batches(flags['profile'])}, asked for {_batches(wanted)}"
+    if flags.get("builder_optimization_level") != options.optimization_level:
+        return (f"built at optimization level {flags.get('builder_optimization_level')}, asked for "
+                f"{options.optimization_level}")
+    return None
+
+
+def _batches(profile: dict) -> str:
+    """A profile's batch range, as min..opt..max of the first input's first axis (static: one number)."""
+    if not profile:
+        return "static"
+    low, opt, high = (shape[0] if shape else 1 for shape in next(iter(profile.values())))
+    return f"batch {opt}" if low == opt == high else f"batch {low}..{opt}..{high}"
 
 
 def import_trt_plan(build_dir: Path, precision: str, plan_file: Path, wait: float = 3600.0,

@@ -113,10 +113,10 @@ def _current_engine(build_dir: Path, manifest: Manifest, backend: str, device: s
 def _load_trt(build_dir: Path, manifest: Manifest, entry: EngineEntry, cuda_graphs: bool = True) -> Engine:
     from tmpdiff.engines.trt import load_trt_engine
 
-    # CUDA graphs by default where the plan's shapes are static (a graph bakes in shapes and addresses)
+    # CUDA graphs by default: a graph bakes in shapes and addresses, so each bind (a new batch size or buffers) drops
+    # it and the first run after it captures a new one (dynamic plans included, as TensorRT's diffusion demo does)
     return load_trt_engine(build_dir, entry, input_specs=[s.spec() for s in manifest.inputs],
-                           output_specs=[s.spec() for s in manifest.outputs],
-                           cuda_graph=cuda_graphs and not entry.build_flags.get("dynamic", False))
+                           output_specs=[s.spec() for s in manifest.outputs], cuda_graph=cuda_graphs)
 
 
 def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str, precisions: list[str],

@@ -43,7 +43,9 @@ def trt_ep_options(build_dir: Path, precision: str, manifest: Manifest, batch: t
         shapes.append(",".join(f"{name}:{'x'.join(map(str, dim))}" for name, dim in dims.items()))
     options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": "True",
                "trt_timing_cache_path": str(cache), "trt_profile_min_shapes": shapes[0], "trt_profile_opt_shapes": shapes[1],
-               "trt_profile_max_shapes": shapes[2], "trt_fp16_enable": "True"}
+               "trt_profile_max_shapes": shapes[2]}
+    if precision != "fp32":  # fp16 kernels outside the Q/DQ, as the TensorRT plans' 16-bit base; fp32 stays fp32
+        options["trt_fp16_enable"] = "True"
     if get_precision(precision).rewrite_kind == "int8":
         options["trt_int8_enable"] = "True"
     return options

@@ -169,7 +169,7 @@ def _trtexec_name(name: str) -> str:
 
 def trtexec_command(onnx_path: str | Path, plan_path: str | Path, specs: Iterable[TensorSpec], shapes: ProfileShapes,
                     options: TrtBuildOptions, executable: str = "trtexec") -> str:
-    """A `trtexec` command line that builds the same plan (strongly typed, same profile, level, workspace, and
+    """A `trtexec` command line that builds the same plan (strongly typed, no TF32, same profile, level, workspace, and
     detailed layer information, which `layer-costs --backend trt` and the GPU check's kernel census read)."""
     specs = list(specs)
     args = [executable, f"--onnx={onnx_path}", f"--saveEngine={plan_path}", "--stronglyTyped"]
@@ -178,6 +178,7 @@ def trtexec_command(onnx_path: str | Path, plan_path: str | Path, specs: Iterabl
         for flag, pick in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
             args.append(f"{flag}=" + ",".join(f"{_trtexec_name(n)}:{_trtexec_dims(shapes[n][pick])}" for n in names))
     args.append(f"--builderOptimizationLevel={options.optimization_level}")
+    args.append("--noTF32")  # fp32 tensors compute in fp32, as `build_trt_engine` builds them
     args.append("--profilingVerbosity=detailed")
     if options.workspace_bytes is not None:
         args.append(f"--memPoolSize=workspace:{options.workspace_bytes}B")
@@ -189,7 +190,7 @@ def trtexec_command(onnx_path: str | Path, plan_path: str | Path, specs: Iterabl
 
 def polygraphy_command(onnx_path: str | Path, plan_path: str | Path, specs: Iterable[TensorSpec], shapes: ProfileShapes,
                        options: TrtBuildOptions, executable: str = "polygraphy") -> str:
-    """A `polygraphy convert` command line that builds the same plan."""
+    """A `polygraphy convert` command line that builds the same plan (Polygraphy leaves TF32 off unless --tf32)."""
     specs = list(specs)
     args = [executable, "convert", str(onnx_path), "--convert-to", "trt", "--strongly-typed"]
     names = _dynamic_inputs(specs, shapes)
@@ -388,6 +389,9 @@ def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[Te
         builder, network, _parser = _parse_onnx(trt, logger, onnx_path)
         config = builder.create_builder_config()
         config.builder_optimization_level = options.optimization_level
+        # TF32 is on by default: fp32 GEMMs and convolutions would round their inputs to 10-bit mantissas, and an fp32
+        # plan would not compute what its precision (and its parity with the fp32 ORT twin) says
+        config.clear_flag(trt.BuilderFlag.TF32)
         # layer names and parameters (precisions, tactics) in the plan, for the engine inspector (`inspect_layers`)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if options.workspace_bytes is not None:
@@ -410,6 +414,7 @@ def build_trt_engine(onnx_path: str | Path, plan_dir: str | Path, specs: list[Te
     seconds = time.perf_counter() - started
     flags = {
         "strongly_typed": True,
+        "tf32": False,
         "builder_optimization_level": options.optimization_level,
         "workspace_bytes": options.workspace_bytes,
         "dynamic": options.dynamic,
