@@ -4,6 +4,7 @@ trace of every call, closing and re-attaching, and non-finite requests."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,6 +74,11 @@ def test_closing_a_runner_unbinds_shared_engines_and_leaves_them_loaded():
     release([engine])
     ensure_bound(owner, [engine], {}, {})  # bound again by whoever runs it next
     assert engine.calls == ["bind", "unbind", "bind"]
+    # a runner frees only engines loaded for it (`owns_engines`: run, calibrate, a worker, an attached pipeline)
+    shared, own = Recorder(), Recorder()
+    ScheduledRunner.close(SimpleNamespace(engines={"fp32": shared}, owns_engines=False))
+    ScheduledRunner.close(SimpleNamespace(engines={"fp32": own}, owns_engines=True))
+    assert shared.calls == ["unbind"] and own.calls == ["unbind", "close"]
 
 
 def test_gpu_engines_of_a_process_run_one_call_at_a_time():
@@ -108,7 +114,8 @@ def test_gpu_engines_of_a_process_run_one_call_at_a_time():
             release.set()
             worker.join(60)
     with exclusive(gpu_b, "after"):  # released with the first call
-        pass
+        with exclusive(gpu_a, "nested"):  # a call inside a call in one thread is ordered, not concurrent
+            pass
 
 
 def test_a_second_thread_on_engines_in_use_is_refused(quant_build):
@@ -187,6 +194,7 @@ def test_a_request_larger_than_memory_is_refused_before_it_is_bound(t2i_int8_bui
     monkeypatch.setattr(memory, "available_bytes", lambda: 3 * per_row)
     with pytest.raises(TmpdiffError, match=r"8 batch rows need .* more than the 4 rows already held .* smaller request"):
         _call(pipe, 1, num_images_per_prompt=2)
+    assert denoiser._batch == 4  # refused before its buffers were made
     assert torch.equal(_call(pipe, 1), held)  # the rows it holds still run
     monkeypatch.setattr(memory, "available_bytes", lambda: 4 * per_row)
     assert _call(pipe, 1, num_images_per_prompt=2).shape[0] == 4 and denoiser.trace.steps[-1].index == 0

@@ -449,7 +449,7 @@ def test_build_rebuilds_a_plan_made_with_other_options(bare_trt, monkeypatch, tm
                                          inputs=inputs, outputs=[], precisions={"fp16": precision},
                                          engines={engine_key("trt", "cuda", "fp16"): entry}))
 
-    save({"profile": profile, "builder_optimization_level": 3, "dynamic": False})
+    save({"profile": profile, "builder_optimization_level": 3, "dynamic": False, "tf32": False})
     _gpu(monkeypatch, L4)
     progress: list[str] = []
     assert build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=built, on_progress=progress.append)[0].skipped
@@ -459,6 +459,10 @@ def test_build_rebuilds_a_plan_made_with_other_options(bare_trt, monkeypatch, tm
         with pytest.raises(TmpdiffError, match="ONNX file is missing"):  # it went on to build
             build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=other, on_progress=progress.append)
         assert any(line.startswith("fp16: rebuilding (") and why in line for line in progress), (why, progress)
+    save({"profile": profile, "builder_optimization_level": 3, "dynamic": False})  # built before TF32 was cleared
+    with pytest.raises(TmpdiffError, match="ONNX file is missing"):
+        build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=built, on_progress=progress.append)
+    assert progress[-2] == "fp16: rebuilding (built with TF32 on)"
     save({"imported_from": "/elsewhere/fp16.plan"})
     assert build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=TrtBuildOptions(batch=2))[0].skipped
 

@@ -1002,7 +1002,7 @@ def search_plan(
     from tmpdiff.commands.search_plan import build_model, pipeline_sets_for, print_outcome, search_plan_command
 
     _check_speedup(speedup, "--speedup")
-    model = build_model(build_dir, model)
+    model = build_model(build_dir, model if model is not None or pipeline is None else str(pipeline))
     sets = pipeline_sets_for(model, pipeline, prompts, holdout_prompts, guidance)
     select = min(10, population)
     mutations, crossovers = min(25, population // 2), min(10, population // 5)

@@ -21,6 +21,7 @@ import torch
 from tmpdiff.calibration.evaluator import Evaluation
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps
+from tmpdiff.runtime.engine_use import exclusive
 from tmpdiff.runtime.runner import ScheduledRunner, guided, initial_noise, run_guarded
 
 Schedule = tuple[str, ...]
@@ -63,6 +64,12 @@ def walk_schedules(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noi
     if missing:
         raise TmpdiffError(f"no engine loaded for {', '.join(missing)}")
     set_sampling_timesteps(scheduler, steps, None)
+    with exclusive(runner.engines.values(), "walk_schedules"):
+        return _walk(runner, scheduler, labels, noise, levels, steps, on_leaf, on_step)
+
+
+def _walk(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noise: torch.Tensor, levels: Sequence[str],
+          steps: int, on_leaf: Callable[[Schedule, torch.Tensor], None], on_step: Callable[[], None]) -> int:
     runner.claim()
     device = runner.inputs["hidden_states"].device
     labels = labels.to(device)

@@ -87,7 +87,7 @@ def trt_parity_tolerance(manifest, name: str) -> float:
 
 def _check_plans():
     """The checks' plans: batch 1..40 (the recorded check input has 2 rows, the runs 2 or 4 with guidance, the costs
-    table 20 x 2), optimised for 20."""
+    table and the calibration 20), optimised for 20."""
     from tmpdiff.engines.trt_build import TrtBuildOptions
 
     return TrtBuildOptions(batch=20, dynamic=True, min_batch=1, max_batch=40)
@@ -236,6 +236,7 @@ class GpuCheck:
 
         from tmpdiff.commands.run import RunRequest, run
         from tmpdiff.models.schedulers import sampling_scheduler
+        from tmpdiff.runtime.engine_use import close_engines
 
         engines, sampling, labels, noise = self._fp16_sampling()
 
@@ -253,8 +254,11 @@ class GpuCheck:
                 runner.close()
             return sum("synchronizing" in str(w.message) for w in caught)
 
-        counts = {f"{steps} steps, guard {'on' if guard else 'off'}": synchronisations(steps, guard)
-                  for guard in (False, True) for steps in (4, 8)}
+        try:
+            counts = {f"{steps} steps, guard {'on' if guard else 'off'}": synchronisations(steps, guard)
+                      for guard in (False, True) for steps in (4, 8)}
+        finally:
+            close_engines(engines.values())
         off, on = list(counts.values())[:2], list(counts.values())[2:]
         if on[1] - on[0] < 4:
             raise TmpdiffError(f"torch's sync detector did not see the NaN guard's read at every step ({counts}); "
@@ -292,12 +296,16 @@ class GpuCheck:
 
     def cuda_graphs(self) -> tuple[str, dict]:
         from tmpdiff.models.schedulers import sampling_scheduler
+        from tmpdiff.runtime.engine_use import close_engines
 
         engines, sampling, labels, noise = self._fp16_sampling()
         runner = _two_sample_runner(engines, sampling, nan_guard=False)
-        runs = [runner.sample(sampling_scheduler(sampling), labels, noise, ["fp16"] * 4) for _ in range(2)]
-        active = engines["fp16"].graph_active
-        runner.close()
+        try:
+            runs = [runner.sample(sampling_scheduler(sampling), labels, noise, ["fp16"] * 4) for _ in range(2)]
+            active = engines["fp16"].graph_active
+        finally:
+            runner.close()
+            close_engines(engines.values())
         if not active:
             raise TmpdiffError("no CUDA graph was captured after the warm-up run (see the TensorRT log)")
         ms = [run.trace.steps[-1].seconds * 1e3 for run in runs]

@@ -110,14 +110,18 @@ def _options_mismatch(current, shapes, options) -> str | None:
     if flags.get("builder_optimization_level") != options.optimization_level:
         return (f"built at optimization level {flags.get('builder_optimization_level')}, asked for "
                 f"{options.optimization_level}")
+    if flags.get("tf32") is not False:  # plans built before TF32 was cleared: their fp32 GEMMs round to 10 bits
+        return "built with TF32 on"
     return None
 
 
 def _batches(profile: dict) -> str:
-    """A profile's batch range, as min..opt..max of the first input's first axis (static: one number)."""
-    if not profile:
+    """A profile's batch range, min..opt..max of the first input whose range is open (else of the first input with
+    a first axis); one number when static."""
+    ranges = [tuple(shape[0] for shape in shapes) for shapes in profile.values() if all(shapes)]
+    if not ranges:
         return "static"
-    low, opt, high = (shape[0] if shape else 1 for shape in next(iter(profile.values())))
+    low, opt, high = next((r for r in ranges if r[0] != r[2]), ranges[0])
     return f"batch {opt}" if low == opt == high else f"batch {low}..{opt}..{high}"
 
 

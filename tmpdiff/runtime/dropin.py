@@ -86,6 +86,7 @@ class EngineDenoiser(torch.nn.Module):
         self._input_specs: list[TensorSpec] = adapter.input_specs()
         self._output_spec: TensorSpec = adapter.output_specs()[0]
         self._batch: int | None = None
+        self._fresh_buffers = False  # new buffers the engines are not bound to yet
         self._memory_check = memory_check  # (rows, rows held): raises before a batch the memory cannot hold is bound
         self._held_rows = 0  # the largest batch bound so far (the engines' arenas keep its peak)
         self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
@@ -227,15 +228,18 @@ class EngineDenoiser(torch.nn.Module):
                 mark = self._clock.mark()
                 self._marks.append((index, timestep, used, fallback_from, mark, mark))
                 return output.to(dtype=dtype)
-        with on_stream(self.stream):  # ordered after the pipeline's work on its stream, before what it does next
+        # the lock before any work on the runtime stream: another thread's copies must not land in this call (or in a
+        # CUDA graph an engine captures during it)
+        with exclusive(self.engines.values(), f"step {index}"), on_stream(self.stream):
+            # ordered after the pipeline's work on its stream, before what it does next
             for spec in self._input_specs:
                 copy_into(spec, self._inputs[spec.name], feeds[spec.name], self.adapter)
             start = self._clock.mark()
             out = self._outputs[self._output_spec.name]
-            with exclusive(self.engines.values(), f"step {index}"):
-                ensure_bound(self, self.engines.values(), self._inputs, self._outputs)
-                used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
-                                                  nan_guard=self.nan_guard, nvtx=self.nvtx, inputs=self._inputs)
+            ensure_bound(self, self.engines.values(), self._inputs, self._outputs, force=self._fresh_buffers)
+            self._fresh_buffers = False
+            used, fallback_from = run_guarded(self.engines, precision, out, self.stream, label=f"step {index}",
+                                              nan_guard=self.nan_guard, nvtx=self.nvtx, inputs=self._inputs)
             result = out.to(dtype=dtype, copy=True)
         self._marks.append((index, timestep, used, fallback_from, start, self._clock.mark()))
         if key is not None:
@@ -243,8 +247,8 @@ class EngineDenoiser(torch.nn.Module):
         return result
 
     def _ensure_buffers(self, batch: int) -> None:
-        """Buffers for this batch size, bound to every engine (once per batch size, not per step; engines shared with
-        another denoiser or runner are bound again before each call, `_run`)."""
+        """Buffers for this batch size, bound to every engine at the next call (`_run`, under the engines' lock: once per
+        batch size, not per step; engines shared with another denoiser or runner are bound again before each call)."""
         if batch == self._batch:
             return
         if self._memory_check is not None and batch > self._held_rows:
@@ -254,7 +258,7 @@ class EngineDenoiser(torch.nn.Module):
                         for s in self._input_specs}
         self._outputs = {s.name: torch.zeros(s.concrete(dims), dtype=TORCH_DTYPES[s.dtype], device=self._device)
                          for s in self.adapter.output_specs()}
-        ensure_bound(self, self.engines.values(), self._inputs, self._outputs, force=True)
+        self._fresh_buffers = True
         self._batch = batch
         self._held_rows = max(self._held_rows, batch)
 
@@ -320,11 +324,12 @@ class EngineDenoiser(torch.nn.Module):
     def close(self) -> None:
         """Release the engines' bindings, freeing engines loaded for this denoiser (and DRiffusion's Ray actors); later
         calls are refused."""
-        self._closed = True
-        if self.draft_pool is not None:
-            self.draft_pool.close()
-            self.draft_pool = None
-        (close_engines if self.owns_engines else release)(self.engines.values())
+        with exclusive(self.engines.values(), "close"):  # never under another thread's call
+            self._closed = True
+            if self.draft_pool is not None:
+                self.draft_pool.close()
+                self.draft_pool = None
+            (close_engines if self.owns_engines else release)(self.engines.values())
 
 
 def call_feeds(input_specs: list[TensorSpec], call: dict[str, Any], architecture: str) -> dict[str, Any]:
@@ -487,17 +492,12 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         check_same_model(original, manifest, build_dir)
     denoiser = denoiser_for_build(build_dir, plan, backend=backend, device=device, threads=threads, nan_guard=nan_guard,
                                   scheduler_of=lambda: pipe.scheduler, dtype=dtype, manifest=manifest)
-    adapter = denoiser.adapter
     if parallel > 1:
-        from tmpdiff.runtime.parallel import check_parallel_scheduler
-
-        check_parallel_scheduler(pipe.scheduler)
-        if plan.conditioning is not None:  # a drafted call would get the anchor's conditioning, not its step's
-            raise TmpdiffError("--parallel drafts in a pipeline do not feed learned time conditioning (the "
-                               "class-conditional runner's workers do): run this plan sequentially", plan.source)
-        if "timestep" not in {spec.name for spec in adapter.input_specs()}:
-            raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
-        denoiser.drafts = DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
+        try:
+            denoiser.drafts = _drop_in_drafts(pipe, plan, manifest, denoiser.adapter, parallel, mode, scale, min_alpha)
+        except BaseException:
+            denoiser.close()  # its engines were loaded for it
+            raise
     setattr(pipe, component, denoiser)
     if isinstance(original, EngineDenoiser):
         original.close()
@@ -505,6 +505,20 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         # loaded with (None here), then indexes an int sample_size when no height and width are passed
         pipe._is_unet_config_sample_size_int = isinstance(denoiser.config.sample_size, int)
     return denoiser
+
+
+def _drop_in_drafts(pipe, plan: PrecisionPlan, manifest: Manifest, adapter: DenoiserAdapter, parallel: int, mode: str,
+                    scale: float | None, min_alpha: float) -> DropInDrafts:
+    """DRiffusion's drafts for an attached pipeline, refused where they cannot run."""
+    from tmpdiff.runtime.parallel import check_parallel_scheduler
+
+    check_parallel_scheduler(pipe.scheduler)
+    if plan.conditioning is not None:  # a drafted call would get the anchor's conditioning, not its step's
+        raise TmpdiffError("--parallel drafts in a pipeline do not feed learned time conditioning (the "
+                           "class-conditional runner's workers do): run this plan sequentially", plan.source)
+    if "timestep" not in {spec.name for spec in adapter.input_specs()}:
+        raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
+    return DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
 
 
 def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "ort", device: str = "cpu",
@@ -515,7 +529,7 @@ def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "
     manifest = manifest or load_manifest(build_dir)
     adapter = adapter_for_build(build_dir, manifest)  # wrapped when the graphs take time embeddings
     engines = load_plan_engines(build_dir, manifest, backend, device, plan.needed, threads)  # + deployed `mixed-...`
-    what = "request (prompts x images per prompt, x2 with guidance)"
+    what = "request (fewer prompts or images per prompt)"
     return engine_denoiser(engines, manifest, adapter, plan, scheduler_of=scheduler_of, device=device, dtype=dtype,
                            nan_guard=nan_guard, owns_engines=True,
                            memory_check=lambda rows, held: check_fits(manifest, rows, backend, device, what, held))

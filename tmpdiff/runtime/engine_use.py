@@ -22,8 +22,9 @@ _bound_to: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> 
 _in_use: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> lock held while a call runs it
 _registry_lock = threading.Lock()
 # GPU engines of a process launch on one CUDA stream (`runtime_stream`) and TensorRT's share one activation memory
-# (`default_device_memory`): two calls at once would interleave on both, or one CUDA graph capture the other's work
-_gpu_lock = threading.Lock()
+# (`default_device_memory`): two calls at once would interleave on both, or one CUDA graph capture the other's work.
+# Re-entrant: a call inside a call on other GPU engines in the same thread is ordered on the stream, not concurrent.
+_gpu_lock = threading.RLock()
 
 
 def ensure_bound(owner: object, engines: Iterable[Engine], inputs: Mapping[str, torch.Tensor],
@@ -63,7 +64,7 @@ def _lock_of(engine: Engine) -> threading.Lock:
 @contextlib.contextmanager
 def exclusive(engines: Iterable[Engine], who: str) -> Iterator[None]:
     """Hold every engine for one call; engines already running another call (another thread's) are refused."""
-    held: list[threading.Lock] = []
+    held: list = []  # the locks taken, released in reverse order
     engines = list(engines)
     try:
         if any(getattr(engine, "device", "cpu") != "cpu" for engine in engines):

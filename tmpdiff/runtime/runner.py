@@ -241,4 +241,5 @@ class ScheduledRunner:
     def close(self) -> None:
         """Release the engines' bindings (a runner sharing them binds them again before its next call); engines the
         runner owns are freed."""
-        (close_engines if self.owns_engines else release)(self.engines.values())
+        with exclusive(self.engines.values(), "close"):  # never under another thread's call
+            (close_engines if self.owns_engines else release)(self.engines.values())

@@ -15,6 +15,7 @@ import torch
 
 from tmpdiff.engines.streams import on_stream
 from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.runtime.engine_use import exclusive
 from tmpdiff.runtime.parallel import CallResult, DenoiseCall
 from tmpdiff.runtime.runner import ScheduledRunner, guided, run_guarded
 from tmpdiff.runtime.time_conditioning import TimeConditioning
@@ -74,7 +75,8 @@ class DenoiseWorker:
         r, start = self.runner, time.perf_counter()
         if call.precision not in r.engines:
             raise TmpdiffError(f"schedule uses {call.precision} but only {', '.join(r.engines)} engines are loaded")
-        with on_stream(r.stream):
+        with exclusive(r.engines.values(), f"step {call.index}"), on_stream(r.stream):
+            r.claim()
             latent = call.latent.to(r.inputs["hidden_states"].device)
             r.inputs["hidden_states"][: r.batch].copy_(latent)
             if r.use_cfg:
