@@ -433,7 +433,9 @@ def distill_embeddings(
 def run(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
     out: Annotated[Path, typer.Option(help="image to write (PNG grid, one sample per class or prompt)")] = Path("sample.png"),
-    schedule: Annotated[Path | None, typer.Option(help="schedule.json (format tmpdiff.schedule/1, or /2 with its own timesteps)")] = None,
+    schedule: Annotated[Path | None, typer.Option(help="schedule or plan: tmpdiff.schedule/1 to /3 (/2: its own timesteps, "
+                                                             "/3: MTEO's learned embeddings), or a TMPQ-DM plan "
+                                                             "(tmpdiff.tmpq-plan/1)")] = None,
     precision: Annotated[str | None, typer.Option(help="run every step at this precision instead of a schedule")] = None,
     class_: Annotated[str, typer.Option("--class", help="comma-separated class ids, one sample each")] = "0",
     prompt: Annotated[list[str] | None, typer.Option(help="text prompt (repeatable); needs --pipeline")] = None,
@@ -445,7 +447,8 @@ def run(
     batch: Annotated[int, typer.Option(min=1, help="samples per class or prompt")] = 1,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="must equal the schedule's length")] = None,
-    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the model's)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the model's, or the "
+                                                        "pipeline's with --pipeline)")] = None,
     backend: BackendOpt = BackendName.ort,
     device: DeviceOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
@@ -583,7 +586,7 @@ def _check_fanout(workers: int | None, address: str | None, pipeline: Path | Non
 def calibrate(
     build_dir: Annotated[Path, typer.Argument(help="build directory with built engines")],
     costs: CostsOpt,
-    out: Annotated[Path, typer.Option(help="schedule to write (tmpdiff.schedule/1)")] = Path("schedule.json"),
+    out: Annotated[Path, typer.Option(help="schedule to write (tmpdiff.schedule/1; /2 with --timesteps-from)")] = Path("schedule.json"),
     speedup: Annotated[float | None, typer.Option(help="target speedup over the all-reference schedule")] = None,
     max_error: Annotated[float | None, typer.Option(help="quality floor: largest error on --metric")] = None,
     min_ssim: Annotated[float | None, typer.Option(help="quality floor: smallest mean SSIM vs the reference")] = None,
@@ -884,12 +887,14 @@ def doctor(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
-    per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class)")] = 4,
+    per_class: Annotated[int, typer.Option(min=1, help="samples per class (one grid row per class; the DiT part)")] = 4,
     steps: Annotated[int | None, typer.Option(min=2, help="denoising steps (default: the model's)")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads (default: all cores)")] = None,
-    precisions: Annotated[str, typer.Option(help="precisions to export and consider")] = "fp32,fp16,int8,fp8,int4",
-    speedup: Annotated[float | None, typer.Option(help="speedup target (default: 60% of the way to the maximum)")] = None,
+    precisions: Annotated[str, typer.Option(help="precisions to export and consider (the DiT part; --t2i "
+                                                        "uses fp32,int8,fp8,int4)")] = "fp32,fp16,int8,fp8,int4",
+    speedup: Annotated[float | None, typer.Option(help="speedup target (default: 60% of the way to the maximum; the "
+                                                            "DiT part)")] = None,
     t2i: Annotated[bool, typer.Option(help="also the bundled text-to-image pipeline (OUT/t2i: export with prompt "
                                            "capture, calibration inside the pipeline, grid, report)")] = False,
     force: Force = False,
@@ -949,8 +954,7 @@ def layer_costs(
                                                       "the TensorRT plans under TensorRT's per-layer profiler (GPU)")] = BackendName.ort,
     force: Force = False,
 ) -> None:
-    """Per-layer costs of every precision's engine (ONNX Runtime's or TensorRT's profiler), with BitOPs, for TMPQ-DM's
-    search."""
+    """Per-layer costs of every precision's engine (ONNX Runtime's or TensorRT's profiler), with BitOPs, for TMPQ-DM's search."""
     from tmpdiff.commands.search_plan import build_model, layer_costs_command, print_layer_costs
 
     model = build_model(build_dir, model)
