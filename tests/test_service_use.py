@@ -240,3 +240,15 @@ def test_a_pipeline_runs_one_call_at_a_time_and_reattaches(t2i_int8_build):
         attach_engines(pipe, build, schedule=SCHEDULE, threads=0)
     new = attach_engines(pipe, build, schedule=SCHEDULE, threads=1)  # replaces the closed one
     assert pipe.transformer is new and torch.equal(_call(pipe, 4, seed=1), alone)
+    # a pipeline made with diffusers' from_pipe shares the attached module; attaching the build to it (as the README
+    # says) leaves the first pipeline's engines open: it still calls them
+    sibling = type(pipe).from_pipe(pipe)
+    assert sibling.transformer is new
+    own = attach_engines(sibling, build, schedule=SCHEDULE, threads=1)
+    assert sibling.transformer is own and pipe.transformer is new
+    assert torch.equal(_call(pipe, 4, seed=1), alone) and torch.equal(_call(sibling, 4, seed=1), alone)
+    again = attach_engines(pipe, build, schedule=SCHEDULE, threads=1)  # nobody else calls `new`: it is closed
+    assert pipe.transformer is again and torch.equal(_call(pipe, 4, seed=1), alone)
+    sibling.transformer = new
+    with pytest.raises(TmpdiffError, match="were closed"):
+        _call(sibling, 4)

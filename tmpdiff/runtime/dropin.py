@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,6 +106,7 @@ class EngineDenoiser(torch.nn.Module):
         self.draft_pool = None  # DRiffusion on Ray actors: a `dropin_ray.DraftPool` (`attach_draft_pool`)
         self.draft_pool_startup: float | None = None  # seconds its Ray start-up and engine loading took
         self.call_memo: CallMemo | None = None  # exhaustive walks: identical engine calls reused (`call_memo`)
+        self.pipelines: weakref.WeakSet = weakref.WeakSet()  # the pipelines `attach_engines` attached it to
 
     # What diffusers pipelines read from their denoiser besides calling it.
     @property
@@ -499,8 +501,12 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
             denoiser.close()  # its engines were loaded for it
             raise
     setattr(pipe, component, denoiser)
+    denoiser.pipelines.add(pipe)
     if isinstance(original, EngineDenoiser):
-        original.close()
+        # closed unless a pipeline it was attached to still calls it (this one shared through diffusers' `from_pipe`)
+        original.pipelines.discard(pipe)
+        if not any(getattr(other, component, None) is original for other in original.pipelines):
+            original.close()
     if hasattr(pipe, "_is_unet_config_sample_size_int"):  # StableDiffusionPipeline decides this from the UNet it was
         # loaded with (None here), then indexes an int sample_size when no height and width are passed
         pipe._is_unet_config_sample_size_int = isinstance(denoiser.config.sample_size, int)
