@@ -99,3 +99,20 @@ def test_zero_byte_engines_get_a_valid_block_and_growth_repoints_every_engine():
     assert memory.size == 0  # the last detach released it
     with pytest.raises(TmpdiffError, match="not allocated"):
         _ = memory.address
+
+
+def test_growth_that_cannot_be_had_leaves_the_engines_on_the_old_block(monkeypatch):
+    """The new block is allocated before the old one is let go: out of memory, attached engines still point at a
+    valid block (they pointed at a freed one), and the error says how much was asked for."""
+    memory = SharedDeviceMemory(torch.device("cpu"), release_when_unused=True)
+    engine = _Engine()
+    memory.attach(engine, 4096)
+    address, size = memory.address, memory.size
+
+    def no_memory(*_, **__):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    with pytest.raises(TmpdiffError, match="not enough free memory on cpu for 1 MiB"):
+        memory.reserve(1 << 20)
+    assert (memory.address, memory.size) == (address, size) and engine.pointed == [(address, size)]

@@ -131,17 +131,18 @@ class SharedDeviceMemory:
         no activation memory still gets a valid (1-byte) allocation to point at."""
         if self._buffer is not None and nbytes <= self.size:
             return
-        if self._buffer is not None:
-            self._wait_for_launches()  # the old block may still be read by queued launches
-        self._buffer, self._size = None, 0
         size = max(nbytes, _ALIGNMENT)  # TensorRT may take a null pointer for 0 bytes, but `address` must stay valid
         try:
-            # room to align the start: torch's CUDA allocator hands out 512-byte aligned blocks, host memory may not
-            self._buffer = torch.empty(size + _ALIGNMENT - 1, dtype=torch.uint8, device=self.torch_device)
+            # the new block before the old one is let go: when it cannot be had, the attached engines keep pointing at
+            # a valid block. Room to align the start: torch's CUDA allocator hands out 512-byte aligned blocks, host
+            # memory may not.
+            grown = torch.empty(size + _ALIGNMENT - 1, dtype=torch.uint8, device=self.torch_device)
         except torch.OutOfMemoryError:
             raise TmpdiffError(f"not enough free memory on {self.torch_device} for {nbytes / 2**20:.0f} MiB of "
                                f"TensorRT activation memory") from None
-        self._size = size
+        if self._buffer is not None:
+            self._wait_for_launches()  # the old block may still be read by queued launches
+        self._buffer, self._size = grown, size
         for engine in list(self._users):
             engine._use_device_memory(self)
 
@@ -314,7 +315,7 @@ class TrtEngine:
         for spec in self._inputs:
             shape = tuple(inputs[spec.name].shape)
             if not ctx.set_input_shape(spec.name, shape):
-                low, _, high = (tuple(d) for d in self._engine.get_tensor_profile_shape(spec.name, 0))
+                low, high = self._shape_range(spec.name)
                 raise TmpdiffError(f"{name}: {spec.name} shape {shape} is outside the engine's profile {low}..{high}; "
                                    f"rebuild with a matching batch (or --dynamic)")
         unresolved = ctx.infer_shapes()
@@ -330,6 +331,16 @@ class TrtEngine:
             if not ctx.set_tensor_address(key, buf.data_ptr()):
                 raise TmpdiffError(f"{name}: TensorRT refused the address of {key}")
         self._bound = bound  # keeps the buffers alive while their addresses are bound
+
+    def _shape_range(self, name: str) -> tuple[tuple, tuple]:
+        """The smallest and largest shape an input takes: its optimization profile's, or its fixed shape in a plan
+        built without one."""
+        try:
+            low, _, high = (tuple(d) for d in self._engine.get_tensor_profile_shape(name, 0))
+            return low, high
+        except (RuntimeError, TypeError, ValueError):  # no profile for a static input
+            fixed = tuple(self._engine.get_tensor_shape(name))
+            return fixed, fixed
 
     def layer_information(self) -> list[dict]:
         """The engine inspector's layer list (JSON records: name, type, precisions, tactic and, from TensorRT's ONNX
