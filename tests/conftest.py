@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from tmpdiff.formats.weights_hash import CACHE_ENV
 from tmpdiff.models.bundled import load_model_info
 
 torch.set_num_threads(2)
+# the tests, and the CLI processes they start, keep tmpdiff's user cache out of the user's home
+os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="tmpdiff-test-cache-")
 
 QUANTIZED = ["int8", "fp8", "int4"]
 ALL_PRECISIONS = ["fp32", "fp16", *QUANTIZED]

@@ -289,8 +289,11 @@ def _config_sha256(model_dir: Path) -> str:
 
 
 def _weights_sha256(model_dir: Path) -> dict[str, str]:
-    """File name -> sha256 of each weight file (the expensive part: read once per hash asked for)."""
-    return {path.name: sha256_file(path) for path in model_dir.glob("*.safetensors")}
+    """File name -> sha256 of each weight file (the expensive part: large files are read once per file identity,
+    `weights_hash`)."""
+    from tmpdiff.formats.weights_hash import weights_sha256
+
+    return {path.name: weights_sha256(path) for path in model_dir.glob("*.safetensors")}
 
 
 def _content_hash(config_sha256: str, weights: dict[str, str]) -> str:
