@@ -101,18 +101,26 @@ def test_zero_byte_engines_get_a_valid_block_and_growth_repoints_every_engine():
         _ = memory.address
 
 
-def test_growth_that_cannot_be_had_leaves_the_engines_on_the_old_block(monkeypatch):
-    """The new block is allocated before the old one is let go: out of memory, attached engines still point at a
-    valid block (they pointed at a freed one), and the error says how much was asked for."""
+def test_growth_lets_the_old_block_go_only_when_both_do_not_fit_and_never_leaves_engines_on_freed_memory(monkeypatch):
+    """Growing allocates the new block while the old is held; when both do not fit, the old one is let go first;
+    when the new one does not fit alone either, the engines get a block of the old size back before the error."""
     memory = SharedDeviceMemory(torch.device("cpu"), release_when_unused=True)
     engine = _Engine()
     memory.attach(engine, 4096)
-    address, size = memory.address, memory.size
+    empty = torch.empty
+    free = {"bytes": 0}  # what the fake device has beyond the blocks held
 
-    def no_memory(*_, **__):
-        raise torch.OutOfMemoryError("out of memory")
+    def device_empty(size, **kwargs):
+        held = memory._buffer.numel() if memory._buffer is not None else 0
+        if size > free["bytes"] - held:
+            raise torch.OutOfMemoryError("out of memory")
+        return empty(size, **kwargs)
 
-    monkeypatch.setattr(torch, "empty", no_memory)
-    with pytest.raises(TmpdiffError, match="not enough free memory on cpu for 1 MiB"):
-        memory.reserve(1 << 20)
-    assert (memory.address, memory.size) == (address, size) and engine.pointed == [(address, size)]
+    monkeypatch.setattr(torch, "empty", device_empty)
+    free["bytes"] = (1 << 20) + 2000  # the new 1 MiB block fits once the old 4 KiB one is gone, not beside it
+    memory.reserve(1 << 20)
+    assert memory.size == 1 << 20 and engine.pointed[-1] == (memory.address, 1 << 20)
+    free["bytes"] = 2 << 20  # 4 MiB fits neither way: the engine is pointed at a new block of the old size
+    with pytest.raises(TmpdiffError, match=r"not enough free memory on cpu for 4 MiB .*keep a 1 MiB block"):
+        memory.reserve(4 << 20)
+    assert memory.size == 1 << 20 and engine.pointed[-1] == (memory.address, 1 << 20)

@@ -132,19 +132,38 @@ class SharedDeviceMemory:
         if self._buffer is not None and nbytes <= self.size:
             return
         size = max(nbytes, _ALIGNMENT)  # TensorRT may take a null pointer for 0 bytes, but `address` must stay valid
-        try:
-            # the new block before the old one is let go: when it cannot be had, the attached engines keep pointing at
-            # a valid block. Room to align the start: torch's CUDA allocator hands out 512-byte aligned blocks, host
-            # memory may not.
-            grown = torch.empty(size + _ALIGNMENT - 1, dtype=torch.uint8, device=self.torch_device)
-        except torch.OutOfMemoryError:
-            raise TmpdiffError(f"not enough free memory on {self.torch_device} for {nbytes / 2**20:.0f} MiB of "
-                               f"TensorRT activation memory") from None
-        if self._buffer is not None:
+        # the new block while the old one is held, if both fit; else the old one is let go first. Either way the
+        # attached engines never point at freed memory: out of memory, they get the old size back before the error.
+        grown = self._allocate(size)
+        if grown is None and self._buffer is not None:
+            held = self._size
             self._wait_for_launches()  # the old block may still be read by queued launches
+            self._buffer, self._size = None, 0
+            grown = self._allocate(size)
+            if grown is None:
+                restored = self._allocate(held)
+                self._buffer, self._size = restored, held if restored is not None else 0
+                if restored is not None:
+                    for engine in list(self._users):
+                        engine._use_device_memory(self)
+        if grown is None:
+            held = (f"the engines keep a {self._size / 2**20:.0f} MiB block" if self._buffer is not None else
+                    "the engines sharing it have none left: close them")
+            raise TmpdiffError(f"not enough free memory on {self.torch_device} for {nbytes / 2**20:.0f} MiB of "
+                               f"TensorRT activation memory ({held})")
+        if self._buffer is not None:
+            self._wait_for_launches()
         self._buffer, self._size = grown, size
         for engine in list(self._users):
             engine._use_device_memory(self)
+
+    def _allocate(self, size: int) -> torch.Tensor | None:
+        """`size` usable bytes (room to align the start: torch's CUDA allocator hands out 512-byte aligned blocks,
+        host memory may not), or None when the device has not that much free."""
+        try:
+            return torch.empty(size + _ALIGNMENT - 1, dtype=torch.uint8, device=self.torch_device)
+        except torch.OutOfMemoryError:
+            return None
 
     def attach(self, engine: TrtEngine, nbytes: int) -> None:
         """Reserve `nbytes` for `engine` and point its context at the shared allocation."""
