@@ -22,8 +22,8 @@ def model_dir(bundled, tmp_path, monkeypatch):
     monkeypatch.setattr(weights_hash, "MIN_CACHED_BYTES", 0)
     monkeypatch.setattr(weights_hash, "RACY_NS", 0)
     hashed: list = []
-    digest = weights_hash._digest
-    monkeypatch.setattr(weights_hash, "_digest", lambda fh: hashed.append(fh.name) or digest(fh))
+    digest = weights_hash.sha256_of
+    monkeypatch.setattr(weights_hash, "sha256_of", lambda fh: hashed.append(fh.name) or digest(fh))
     model = shutil.copytree(bundled.transformer_dir, tmp_path / "model")
     return model, hashed
 

@@ -404,13 +404,10 @@ class TrtEngine:
         self._bound = None
 
     def close(self) -> None:
-        """Wait for queued launches, then release the graph, context, engine and runtime (in that order)
-        and detach from the shared memory (freed with it when this engine was its only user)."""
-        if self._engine is not None:
-            # Queued launches may still use the activation memory and the graph; torch must not reuse them yet.
-            torch.cuda.synchronize(self._device_index)
-        self._graph = None
-        self._bound = None
+        """Unbind (waiting for queued launches: they may still use the activation memory and the graph), then
+        release the context, engine and runtime and detach from the shared memory (freed with it when this engine was
+        its only user)."""
+        self.unbind()
         if self._memory is not None:
             self._memory.detach(self)
             self._memory = None

@@ -14,7 +14,6 @@ recorded hashes in full.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 from stat import S_ISREG
 
-from tmpdiff.formats.atomic import write_json
+from tmpdiff.formats.atomic import sha256_of, write_json
 
 CACHE_ENV = "TMPDIFF_CACHE_DIR"  # where the cache lives (default: $XDG_CACHE_HOME/tmpdiff, else ~/.cache/tmpdiff)
 SWITCH_ENV = "TMPDIFF_HASH_CACHE"  # "0": never read or write the cache
@@ -49,13 +48,13 @@ def weights_sha256(path: Path) -> str:
     with open(path, "rb") as fh:
         before = os.fstat(fh.fileno())
         if before.st_size < MIN_CACHED_BYTES or os.environ.get(SWITCH_ENV, "1") == "0":
-            return _digest(fh)
+            return sha256_of(fh)
         key, identity = str(path.resolve()), _identity(before)
         entries = _read()
         known = entries.get(key)
         if isinstance(known, dict) and known.get("identity") == identity:
             return known["sha256"]
-        digest = _digest(fh)
+        digest = sha256_of(fh)
         after = os.fstat(fh.fileno())
     # remembered only for a file that did not change while it was read and whose change time is old enough that a
     # write within the filesystem's timestamp granularity would have moved it (git's "racy" rule)
@@ -68,13 +67,6 @@ def weights_sha256(path: Path) -> str:
 
 def _identity(stat: os.stat_result) -> list[int]:
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-
-
-def _digest(fh) -> str:
-    digest = hashlib.sha256()
-    while block := fh.read(1 << 20):
-        digest.update(block)
-    return digest.hexdigest()
 
 
 def _read() -> dict:

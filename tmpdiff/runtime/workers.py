@@ -65,7 +65,6 @@ class DenoiseWorker:
         r = self.runner
         self.conditioning = conditioning
         r._check_labels(class_labels)
-        r.claim()  # engines shared with another runner: bound to this one's buffers again
         labels = class_labels.to(r.inputs["class_labels"].device)
         r.inputs["class_labels"].copy_(torch.cat([labels, torch.full_like(labels, r.null_class)]) if r.use_cfg else labels)
 
