@@ -263,3 +263,29 @@ def test_the_disk_plan_covers_every_export_bench_scale_measured():
                 assert written <= 1.01 * planned, (path, name, precision, written / model["parameters"])
                 checked += 1
     assert checked >= 15  # both machines' records: fp32, fp16, int8, fp8 and int4 exports
+
+
+def test_collections_during_an_export_skip_what_existed_before_it():
+    """An export's six collections walk only what it made (a model, a graph): objects from before are frozen until the
+    outermost use ends, and garbage made inside is still collected."""
+    import gc
+    import weakref
+
+    from tmpdiff.engines.memory import collecting_new_objects_only
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with collecting_new_objects_only():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with collecting_new_objects_only():
+            cycle = Node()
+            cycle.self = cycle
+            alive = weakref.ref(cycle)
+            del cycle
+            gc.collect()
+            assert alive() is None
+        assert gc.get_freeze_count() == frozen  # the inner use left the outer one's freeze alone
+    assert gc.get_freeze_count() == 0

@@ -9,9 +9,13 @@ from ONNX shape inference at export (I/O plus twice the largest activation per r
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tmpdiff.formats.errors import TmpdiffError
@@ -126,7 +130,6 @@ def release_freed_memory() -> None:
     same physical memory (measured on an export's stages: see `export.memory_plan`)."""
     import ctypes
     import ctypes.util
-    import gc
 
     gc.collect()  # a quantized torch module is held in reference cycles (its quantizers' hooks), not by refcounts alone
     name = ctypes.util.find_library("c")
@@ -137,3 +140,28 @@ def release_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return
     trim(0)
+
+
+_frozen_lock = threading.Lock()
+_frozen_depth = 0
+
+
+@contextmanager
+def collecting_new_objects_only() -> Iterator[None]:
+    """Leave the objects that exist on entry out of every garbage collection until exit (`gc.freeze`), so each
+    `release_freed_memory` scans only what was made since: with torch, diffusers and modelopt imported a full
+    collection walks ~570k objects (0.3 s each time, measured on an AMD EPYC), six times per quantized export, while
+    what a stage frees (a model, a graph) was always made inside. Objects made before entry that become garbage inside
+    are collected after exit. Nested or concurrent uses unfreeze once, when the last one leaves."""
+    global _frozen_depth
+    with _frozen_lock:
+        if _frozen_depth == 0:
+            gc.freeze()
+        _frozen_depth += 1
+    try:
+        yield
+    finally:
+        with _frozen_lock:
+            _frozen_depth -= 1
+            if _frozen_depth == 0:
+                gc.unfreeze()

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from tmpdiff.engines.memory import release_freed_memory
+from tmpdiff.engines.memory import collecting_new_objects_only, release_freed_memory
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.disk_plan import require_export_space
@@ -247,7 +247,7 @@ def export_model(
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
         preload_modelopt()
-    with directory_lock(build_dir, wait, on_wait=on_progress):
+    with directory_lock(build_dir, wait, on_wait=on_progress), collecting_new_objects_only():
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
                               on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check, replace)
 
