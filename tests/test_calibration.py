@@ -89,10 +89,17 @@ def test_adaptive_curve_interpolates_linear_stretches():
     assert np.allclose(curve.values[5:], 1.0 + 0.1 * np.arange(5, 20), atol=0.3)
 
 
-def _calibrate(build_dir, costs, *extra, seeds="0"):
-    return subprocess.run([sys.executable, "-m", "tmpdiff.cli", "calibrate", str(build_dir), "--costs", str(costs),
-                           "--steps", "6", "--calib-seeds", seeds, "--calib-classes", "0,1,2,3", *extra],
-                          capture_output=True, text=True, timeout=600)
+def _calibrate(build_dir, costs, *extra, seeds="0", own_process=False) -> subprocess.CompletedProcess:
+    """`tmpdiff calibrate` on 6 steps and 4 classes: in this process (a fresh one spends ~3.5 s importing), or in its
+    own with `own_process`."""
+    from tests.cli_helpers import cli
+
+    args = ["calibrate", str(build_dir), "--costs", str(costs), "--steps", "6", "--calib-seeds", seeds,
+            "--calib-classes", "0,1,2,3", *extra]
+    if own_process:
+        return subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
+    code, out, err = cli(*args)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +171,8 @@ def test_calibration_with_a_fixed_seed_is_deterministic(quant_build, costs_file,
     _, build_dir, _ = quant_build
     runs = {name: tmp_path / f"{name}.json" for name in ("seed0", "seed0-again", "seed1")}
     for name, path in runs.items():
-        result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--out", str(path), seeds=name[4])
+        result = _calibrate(build_dir, costs_file, "--speedup", "1.2", "--out", str(path), seeds=name[4],
+                            own_process=True)
         assert result.returncode == 0, result.stderr
     (first, first_timing), (again, again_timing) = _without_timings(runs["seed0"]), _without_timings(runs["seed0-again"])
     assert first == again
@@ -444,14 +452,14 @@ def test_exhaustive_and_evolutionary_on_the_bundled_engines(session6):
 
 
 def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp_path):
+    from tests.cli_helpers import cli
     from tmpdiff.calibration.baselines import HEURISTICS
 
     _, build_dir, _ = quant_build
     out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "bench", str(build_dir), "--costs", str(costs_file),
-                             "--out", str(out), "--steps", "4", "--speedups", "1.1", "--calib-seeds", "0"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    code, _, err = cli("bench", build_dir, "--costs", costs_file, "--out", out, "--steps", "4", "--speedups", "1.1",
+                       "--calib-seeds", "0")
+    assert code == 0, err
     (run,) = json.loads((out / "bench.json").read_text())["runs"]
     assert run["steps"] == 4 and [t["speedup"] for t in run["targets"]] == [1.1]
     rows = {r["method"]: r for r in run["targets"][0]["rows"]}
@@ -477,9 +485,9 @@ def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp
     calls = run["calibration_engine_calls"]
     assert sum(calls["run_by_engine"].values()) == calls["run"] and set(calls["run_by_engine"]) <= {"fp32", "int8"}
     # progress lines carry the time elapsed since the bench began, the engine calls line its per-engine counts
-    progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
-    assert progress and all(re.match(r"\[ +\d+:[0-5]\d\] T=4: ", line) for line in progress), result.stderr
-    assert any(f"calibration engine calls {calls['run']} run (" in line for line in progress), result.stderr
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert progress and all(re.match(r"\[ +\d+:[0-5]\d\] T=4: ", line) for line in progress), err
+    assert any(f"calibration engine calls {calls['run']} run (" in line for line in progress), err
     assert "| TMPDiff (latent) |" in (out / "bench.md").read_text()
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
