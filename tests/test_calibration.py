@@ -92,14 +92,13 @@ def test_adaptive_curve_interpolates_linear_stretches():
 def _calibrate(build_dir, costs, *extra, seeds="0", own_process=False) -> subprocess.CompletedProcess:
     """`tmpdiff calibrate` on 6 steps and 4 classes: in this process (a fresh one spends ~3.5 s importing), or in its
     own with `own_process`."""
-    from tests.cli_helpers import cli
+    from tests.cli_helpers import cli_run
 
     args = ["calibrate", str(build_dir), "--costs", str(costs), "--steps", "6", "--calib-seeds", seeds,
             "--calib-classes", "0,1,2,3", *extra]
     if own_process:
         return subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
-    code, out, err = cli(*args)
-    return subprocess.CompletedProcess(args, code, out, err)
+    return cli_run(*args)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ CLI and the diffusers drop-in sample at exactly those (recorded where the engine
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from tests import tiny_pipelines
+from tests.cli_helpers import cli_run
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.schedule import Schedule, SchedulerRef, load_schedule, save_schedule
 
@@ -216,9 +215,7 @@ def test_runner_refuses_timesteps_that_do_not_fit_the_precisions(build, bundled)
 
 def test_cli_run_reports_the_schedules_timesteps(build, tmp_path):
     _v2(tmp_path / "s.json")
-    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "run", str(build), "--schedule", str(tmp_path / "s.json"),
-                           "--class", "3", "--out", str(tmp_path / "img.png"), "--json"], capture_output=True, text=True,
-                          timeout=300)
+    done = cli_run("run", build, "--schedule", tmp_path / "s.json", "--class", "3", "--out", tmp_path / "img.png", "--json")
     assert done.returncode == 0, done.stderr
     steps = json.loads(done.stdout)["steps"]
     assert [(s["timestep"], s["precision"]) for s in steps] == list(zip(TIMESTEPS, PRECISIONS, strict=True))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from tests import tiny_pipelines
+from tests.cli_helpers import cli_run
 from tmpdiff.engines.build import build_engines
 from tmpdiff.export.exporter import export_model
 from tmpdiff.formats.errors import TmpdiffError
@@ -112,18 +111,16 @@ def test_cli_runs_prompts_through_a_pipeline_directory(exported, tmp_path):
     save_schedule(Schedule(steps=STEPS, precisions=["fp32", "int8", "fp32", "int8"]), tmp_path / "schedule.json")
     args = ["run", str(build_dir), "--pipeline", str(tmp_path / "pipe"), "--prompt", "a red house", "--prompt", "a blue tree",
             "--schedule", str(tmp_path / "schedule.json"), "--out", str(tmp_path / "image.png"), "--trace", str(tmp_path / "trace.json")]
-    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
+    done = cli_run(*args)
     assert done.returncode == 0, done.stderr
     assert "total" in done.stdout and "3 engine switches" in done.stdout
     assert Image.open(tmp_path / "image.png").mode == "RGB"
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert [e["name"] for e in events if e["ph"] == "X"] == [f"step {i} {p}" for i, p in enumerate(["fp32", "int8", "fp32", "int8"])]
 
-    wrong = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args, "--steps", "3", "--force"], capture_output=True,
-                           text=True, timeout=600)
+    wrong = cli_run(*args, "--steps", "3", "--force")
     assert wrong.returncode == 2 and "4 steps but --steps 3" in wrong.stderr and "Traceback" not in wrong.stderr
-    empty = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args[:4], "--prompt", " ", "--precision", "fp32"],
-                           capture_output=True, text=True, timeout=600)
+    empty = cli_run(*args[:4], "--prompt", " ", "--precision", "fp32")
     assert empty.returncode == 2 and "non-empty" in empty.stderr
 
 
@@ -203,7 +200,7 @@ def test_pndm_runs_a_schedule_of_one_precision_per_call(exported, tmp_path):
     save_schedule(Schedule(steps=STEPS, precisions=schedule), tmp_path / "schedule.json")
     args = ["run", str(build_dir), "--pipeline", str(tmp_path / "pipe"), "--prompt", "a red house",
             "--schedule", str(tmp_path / "schedule.json"), "--out", str(tmp_path / "image.png"), "--trace", str(tmp_path / "trace.json")]
-    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", *args], capture_output=True, text=True, timeout=600)
+    done = cli_run(*args)
     assert done.returncode == 0, done.stderr
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert [e["name"] for e in events if e["ph"] == "X"] == [f"step {i} {p}" for i, p in enumerate(schedule)]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.cli_helpers import cli_run
 from tmpdiff.commands.run import RunRequest, run
 from tmpdiff.engines.loading import load_engines
 from tmpdiff.formats.errors import TmpdiffError
@@ -176,14 +177,12 @@ def test_cli_run_mixed_schedule(quant_build, tmp_path):
     _, build_dir, _ = quant_build
     schedule = Schedule(steps=6, precisions=["fp32", "int8", "int8", "int4", "fp32", "fp32"])
     save_schedule(schedule, tmp_path / "schedule.json")
-    result = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "run", str(build_dir), "--schedule",
-                             str(tmp_path / "schedule.json"), "--class", "3,8", "--out", str(tmp_path / "img.png"),
-                             "--trace", str(tmp_path / "trace.json")], capture_output=True, text=True, timeout=300)
+    result = cli_run("run", build_dir, "--schedule", tmp_path / "schedule.json", "--class", "3,8", "--out",
+                     tmp_path / "img.png", "--trace", tmp_path / "trace.json")
     assert result.returncode == 0, result.stderr
     assert "int4" in result.stdout and "engine switches" in result.stdout
     assert (tmp_path / "img.png").stat().st_size > 0 and (tmp_path / "trace.json").is_file()
-    bad = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "run", str(build_dir), "--schedule",
-                          str(tmp_path / "schedule.json"), "--steps", "20"], capture_output=True, text=True, timeout=300)
+    bad = cli_run("run", build_dir, "--schedule", tmp_path / "schedule.json", "--steps", "20")
     assert bad.returncode == 2 and "schedule has 6 steps" in bad.stderr and "Traceback" not in bad.stderr
 
 
