@@ -556,3 +556,46 @@ def test_schedule_figures_are_declared_and_old_files_load(tmp_path):
                        ("speedup", 0.0), ("schedule_ms", float("inf")), ("repeats", 0)):
         with pytest.raises(ValidationError, match=field):
             Schedule.model_validate({**old, "measured": {**old["measured"], field: bad}})
+
+
+def _weighted_problem(steps: int, costs: dict[str, float]):
+    """Error: each cheap step costs its weight (earlier steps more), deeper levels twice as much per level."""
+    from tmpdiff.calibration.evaluator import Evaluation
+    from tmpdiff.calibration.search import Problem
+
+    def evaluate(schedule):
+        order = list(costs)
+        error = float(sum((steps - t) * order.index(p) for t, p in enumerate(schedule)))
+        return Evaluation(tuple(schedule), error, 1.0 - error / 1e3, float("inf"))
+
+    return Problem.create(steps, "fp32", costs, "latent", evaluate)
+
+
+def test_a_schedule_costing_exactly_the_budget_fits_every_search():
+    """Sums of 0.45 miss K cheap steps' budget by one float rounding (K=8 of 10: 5.6000000000000005 > 5.6): the
+    searches compare with the knapsack's tolerance, so they neither lower a step more nor fail at the top speedup."""
+    from tmpdiff.calibration.baselines import evolutionary
+    from tmpdiff.calibration.search import segment_bisection
+
+    problem = _weighted_problem(10, {"fp32": 1.0, "int4": 0.45})
+    eight = ("fp32", "fp32", *["int4"] * 8)
+    assert problem.schedule_cost(eight) > 2 + 8 * 0.45 and problem.fits(eight, 2 + 8 * 0.45)
+    assert segment_bisection(problem, 5 + 5 * 0.45) == ("fp32",) * 5 + ("int4",) * 5  # was: all ten int4
+    top = _weighted_problem(20, {"fp32": 1.0, "fp8": 0.55})
+    budget = top.budget_for_speedup(top.max_speedup())
+    assert not top.schedule_cost(("fp8",) * 20) <= budget  # the float sum is over, as at the bench's top target
+    assert evolutionary(top, budget, 10) == ("fp8",) * 20  # was: ValueError from an empty choice
+
+
+def test_refinement_with_two_levels_of_one_cost():
+    """A stated table may give two cheaper levels the same cost: lowering one to the other saves nothing, so paying
+    for a raised step skips it (was: ZeroDivisionError)."""
+    from tmpdiff.calibration.refine import refine
+    from tmpdiff.calibration.search import measure_sensitivities
+
+    problem = _weighted_problem(4, {"fp32": 1.0, "int8": 0.5, "fp8": 0.5})
+    budget = problem.budget_for_speedup(1.5)
+    sens = measure_sensitivities(problem)
+    start = ("int8", "int8", "int8", "fp32")
+    refined = refine(problem, start, budget, 50, sens)
+    assert problem.fits(refined.schedule, budget) and problem.error(refined.schedule) <= problem.error(start)

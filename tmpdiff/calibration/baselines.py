@@ -52,7 +52,7 @@ def evolutionary(problem: Problem, budget: float, evaluations: int, seed: int = 
     levels, rank = problem.all_levels, problem.rank
 
     def repair(schedule: list[str]) -> list[str]:
-        while problem.schedule_cost(schedule) > budget:
+        while not problem.fits(schedule, budget):
             candidates = [t for t, p in enumerate(schedule) if rank[p] < len(levels) - 1]
             t = int(rng.choice(candidates))
             schedule[t] = levels[rank[schedule[t]] + 1]

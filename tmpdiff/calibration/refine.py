@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tmpdiff.calibration.interactions import InteractionModel
+from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
 from tmpdiff.calibration.search import Problem, Schedule, Sensitivities, tmpdiff_search
 
 Move = tuple[tuple[int, str], ...]  # (step, its new level) for every step the move changes
@@ -40,7 +41,7 @@ def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensit
     """Every in-budget move (swap, pair swap, raise, raise-and-lower, raise paid by several lowerings, lower), with its
     predicted score change, best first (ties: the move spanning fewer steps first)."""
     rank = problem.rank  # 0 = reference (dearest)
-    limit = budget * (1 + 1e-9)
+    limit = budget * (1 + BUDGET_TOLERANCE)
     out = []
     seen: set[Schedule] = set()
     T = problem.steps
@@ -100,9 +101,10 @@ def raise_and_pay(problem: Problem, schedule: Schedule, t: int, level: str, limi
         base = sens.score_paired(candidate)
         best: tuple[float, int, str] | None = None
         for u, current in enumerate(candidate):
-            if u == t or rank[current] == len(levels) - 1:
+            # the next level down that saves something (a stated table may give two levels one cost)
+            lower = next((p for p in levels[rank[current] + 1:] if problem.cost[p] < problem.cost[current]), None)
+            if u == t or lower is None:
                 continue
-            lower = levels[rank[current] + 1]
             trial = candidate.copy()
             trial[u] = lower
             per_cost = (sens.score_paired(trial) - base) / (problem.cost[current] - problem.cost[lower])

@@ -64,6 +64,12 @@ class Problem:
     def schedule_cost(self, schedule: Sequence[str]) -> float:
         return float(sum(self.cost[p] for p in schedule))
 
+    def fits(self, schedule: Sequence[str], budget: float) -> bool:
+        """Whether the schedule's cost is within the budget, with the knapsack's relative tolerance: a schedule costing
+        exactly the budget (K cheap steps at the budget of K cheap steps, all-cheapest at the top speedup) sums to a
+        float one rounding step over it."""
+        return self.schedule_cost(schedule) <= budget * (1 + BUDGET_TOLERANCE)
+
     def speedup(self, schedule: Sequence[str]) -> float:
         return self.steps * self.cost[self.reference] / self.schedule_cost(schedule)
 
@@ -113,8 +119,7 @@ class Sensitivities:
 
     def best_probe(self, problem: Problem, budget: float) -> Schedule | None:
         """The measured probe of least error that fits the budget (None if none does)."""
-        limit = budget * (1 + BUDGET_TOLERANCE)
-        fits = [s for s in self.probes if problem.schedule_cost(s) <= limit]
+        fits = [s for s in self.probes if problem.fits(s, budget)]
         return min(fits, key=self.probes.__getitem__) if fits else None
 
     def score_down(self, schedule: Sequence[str]) -> float:
@@ -230,7 +235,7 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
     for _ in range(max_rounds):
         for level in problem.levels:
             stack = [(0, T - 1)]
-            while stack and problem.schedule_cost(current) > budget:
+            while stack and not problem.fits(current, budget):
                 a, b = stack.pop()
                 candidate = [level if a <= i <= b and rank[p] < rank[level] else p for i, p in enumerate(current)]
                 if candidate == current:
@@ -243,10 +248,10 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
                     m = (a + b) // 2
                     halves = sorted([(a, m), (m + 1, b)], key=lambda h: -down_score(*h, level))
                     stack.extend(halves)  # the half with the lower (better) score ends on top
-        if problem.schedule_cost(current) <= budget:
+        if problem.fits(current, budget):
             break
         lam *= 2.0
-    if problem.schedule_cost(current) > budget:
+    if not problem.fits(current, budget):
         current = list(assign_down(problem, sens, budget)) if sens else [problem.cheapest] * T
     return tuple(current)
 
