@@ -49,9 +49,10 @@ def search_matched(session: CalibrationSession, speedups: dict[str, float], metr
         refined = refine(counting, knap, budget, left if refine_evaluations is None else min(left, refine_evaluations),
                          sens)
         refined_evals = len(counting.asked)
-        evo = evolutionary(base, budget, refined_evals, seed=session.problem.steps)
+        evo_problem = CountingProblem(base)  # it may stop short of its allowance
+        evo = evolutionary(evo_problem, budget, refined_evals, seed=session.problem.steps)
         methods = {"TMPDiff knapsack": (knap, knap_evals), "TMPDiff refined": (refined.schedule, refined_evals),
-                   "evolutionary (same evaluations)": (evo, refined_evals)}
+                   "evolutionary (same evaluations)": (evo, len(evo_problem.asked))}
         for kind, schedule in heuristics_at_budget(base, base.cheapest, budget).items():
             methods[kind] = (schedule, 0)
         out["targets"].append({"label": label, "speedup": speedup, "budget": budget,

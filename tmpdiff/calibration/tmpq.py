@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
 from tmpdiff.calibration.tmpq_eval import CandidateEvaluator, PlanEvaluator, fitness_of
 from tmpdiff.calibration.tmpq_search import Candidate, SearchResult, SearchSettings, TmpqSearch, tmpq_groups
 from tmpdiff.engines.layer_costs import profile_layers
@@ -139,7 +140,7 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
         return fitness_of(evaluator.quality(latents), options.metric)
 
     uniform_costs = {i: table.config_ms(table.uniform(p)) * steps for i, p in enumerate(supernet.precisions)}
-    fitting = [i for i, c in uniform_costs.items() if c <= budget]
+    fitting = [i for i, c in uniform_costs.items() if c <= budget * (1 + BUDGET_TOLERANCE)]
     init = max(fitting, key=uniform_costs.get) if fitting else min(uniform_costs, key=uniform_costs.get)
     search = TmpqSearch(groups, len(supernet.layers), len(supernet.precisions), fitness, cost, budget, options.settings,
                         init_config=tuple([init] * len(supernet.layers)), on_generation=on_generation)
