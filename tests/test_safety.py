@@ -154,6 +154,24 @@ def test_a_report_folder_never_writes_over_an_input_or_another_output(build, wor
              "--force"], "input", roots=(build, work))
 
 
+def test_a_report_folders_files_are_checked_like_file_outputs(build, work):
+    """With --force a non-empty report folder is written into, but a FIFO or a folder at one of its file names is
+    refused before the work (was: the FIFO replaced silently; a folder failed after the whole search)."""
+    costs = work / "c.json"
+    code, _, err = cli("costs", "--device", "d", "--ratio", "fp32=1,int8=0.6,int4=0.45", "--source", "s", "--out", costs)
+    assert code == 0, err
+    calibrate = ["calibrate", build, "--costs", costs, "--speedup", "1.2", "--steps", "4", "--calib-seeds", "0", "--out",
+                 work / "s.json", "--force"]
+    (work / "rep").mkdir()
+    os.mkfifo(work / "rep" / "images.png")
+    refused([*calibrate, "--report", work / "rep"], "--report (images.png)", "FIFO", roots=(build, work))
+    (work / "rep2" / "validation.json").mkdir(parents=True)
+    refused([*calibrate, "--report", work / "rep2"], "--report (validation.json)", "directory", roots=(build, work))
+    (work / "bench" / "bench.md").mkdir(parents=True)
+    refused(["bench", build, "--costs", costs, "--steps", "2", "--speedups", "1.1", "--calib-seeds", "0",
+             "--no-exhaustive", "--out", work / "bench", "--force"], "bench.md", "directory", roots=(build, work))
+
+
 def test_seed_lists_and_unrunnable_plans_are_refused_before_any_work(build, work):
     costs = work / "c.json"
     code, _, err = cli("costs", "--device", "d", "--ratio", "fp32=1,int8=0.6", "--source", "s", "--out", costs)

@@ -187,6 +187,10 @@ def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Ite
                                        output.path)
             seen[target] = option
         chosen[output.option] = _check_one(output, force)
+        if output.directory:  # its files already there: only a non-empty folder gets here, and only with --force
+            for name in output.writes:
+                if os.path.lexists(chosen[output.option] / name):
+                    _check_one(Output.file(f"{output.option} ({name})", chosen[output.option] / name), force=True)
         if not output.directory and not force and not os.path.lexists(chosen[output.option]):
             new.add(real)
     guard_writes(set(resolved_inputs), new)
