@@ -193,6 +193,13 @@ def test_plans_that_cannot_run_are_refused_by_name(embedding_build, learned, tmp
     plan = folder / "plan.json"
     assert cli("plan-embeddings", embedding_build, folder / "rows.safetensors", "--out", plan)[0] == 0
     data = json.loads(plan.read_text())
+    # an output onto the embeddings the plan reads (named .json, so --trace may name it): refused even with --force
+    shutil.copy(files["mteo"], folder / "rows.json")
+    (folder / "json-rows.json").write_text(json.dumps({**data, "time_embeddings": "rows.json"}))
+    code, _, err = _run(embedding_build, "--schedule", folder / "json-rows.json", "--out", tmp_path / "t.png",
+                        "--trace", folder / "rows.json", "--force")
+    assert code == 2 and "input of this command" in err and "rows.json" in err, err
+    assert (folder / "rows.json").read_bytes() == files["mteo"].read_bytes() and not (tmp_path / "t.png").exists()
     # a name that leaves the plan's directory
     (folder / "escape.json").write_text(json.dumps({**data, "time_embeddings": "../rows.safetensors"}))
     code, _, err = _run(embedding_build, "--schedule", folder / "escape.json", "--out", tmp_path / "a.png")

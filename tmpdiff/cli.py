@@ -480,7 +480,9 @@ def run(
     if draft_min_alpha and (pipeline is None or parallel == 1):
         raise TmpdiffError("--draft-min-alpha applies to --pipeline --parallel N (N > 1)")
     targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
-    paths = check_outputs(targets, force=force, inputs=[schedule, pipeline], build_dirs=[build_dir])
+    from tmpdiff.formats.schedule import files_read
+
+    paths = check_outputs(targets, force=force, inputs=[*files_read(schedule), pipeline], build_dirs=[build_dir])
     extra: dict = {}
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
                "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}

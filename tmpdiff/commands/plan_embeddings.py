@@ -16,7 +16,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.outputs import Output, check_outputs
 from tmpdiff.formats.precisions import get_precision
-from tmpdiff.formats.schedule import Schedule, SchedulerRef, load_schedule, save_schedule
+from tmpdiff.formats.schedule import Schedule, SchedulerRef, files_read, load_schedule, save_schedule
 from tmpdiff.models.schedulers import set_sampling_timesteps
 from tmpdiff.models.time_embeddings import load_time_embeddings
 from tmpdiff.runtime.pipeline_io import pipeline_scheduler_config
@@ -30,7 +30,7 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
     from tmpdiff.calibration.few_step import make_scheduler
 
     out = check_outputs([Output.file("--out", out, ".json")], force=force,
-                        inputs=[embeddings, schedule], build_dirs=[build_dir])["--out"]
+                        inputs=[embeddings, *files_read(schedule)], build_dirs=[build_dir])["--out"]
     if schedule is not None and precision is not None:
         raise TmpdiffError("give at most one of --schedule (per-step precisions) or --precision")
     _, info = load_time_embeddings(embeddings)

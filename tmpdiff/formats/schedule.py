@@ -37,6 +37,7 @@ from pydantic import (
 
 from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.config_values import check_scheduler_counts, decode_non_finite, encode_non_finite
+from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import PRECISIONS
 
 # Steps a schedule, a plan or a run may have: ten times diffusers' 1,000 training timesteps, so never the limit a
@@ -198,6 +199,18 @@ def timestep_problem(timesteps: list[int], train: int | None = None) -> str | No
 def load_schedule(path: str | Path) -> Schedule:
     """Read and validate a schedule file; errors name the file and the first problems."""
     return read_model_file(Path(path), Schedule, "schedule", missing="schedule file")
+
+
+def files_read(path: str | Path | None) -> list[Path]:
+    """The files a command reading the schedule or plan at `path` reads: the file, and a /3 schedule's time-embeddings
+    file (outputs are checked against both). A file that does not read as a schedule is reported when it is used."""
+    if path is None:
+        return []
+    try:
+        schedule = load_schedule(path)
+    except TmpdiffError:  # a TMPQ-DM plan, or bad input that its command names when it reads it
+        return [Path(path)]
+    return [Path(path)] + ([Path(path).parent / schedule.time_embeddings] if schedule.time_embeddings else [])
 
 
 def save_schedule(schedule: Schedule, path: str | Path) -> None:
