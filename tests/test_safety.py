@@ -486,6 +486,35 @@ def test_a_probe_of_the_build_lock_is_not_a_writer(tmp_path):
     assert holder == [os.getpid()]
 
 
+def test_the_lock_owner_file_is_never_written_through(tmp_path):
+    """A symlink at the lock's owner file is replaced, not written through (its target outside the build kept); a
+    FIFO there is replaced too (writing it blocked the command), and a reader never blocks on one."""
+    import os
+    import threading
+
+    from tmpdiff.formats.atomic import OWNER_NAME, directory_lock, lock_holder
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / OWNER_NAME).symlink_to(victim)
+    with directory_lock(build):
+        assert not (build / OWNER_NAME).is_symlink() and (build / OWNER_NAME).read_text() == f"{os.getpid()}\n"
+    assert victim.read_text() == "mine"
+    os.mkfifo(build / OWNER_NAME)
+    from filelock import FileLock
+
+    with FileLock(str(build / ".lock")):  # another writer, whose owner file is a FIFO: not read (it would block)
+        reader = threading.Thread(target=lambda: held.append(lock_holder(build)), daemon=True)
+        held: list = []
+        reader.start()
+        reader.join(10)
+        assert held == [-1]
+    with directory_lock(build):
+        assert (build / OWNER_NAME).is_file()
+
+
 # --- review findings: inputs that are folders, links out of a build, read-only places, special files ----------------
 
 def test_no_output_lands_inside_a_model_or_pipeline_the_command_reads(build, work):

@@ -219,16 +219,36 @@ def lock_holder(directory: str | Path) -> int | None:
         with FileLock(str(directory / LOCK_NAME), timeout=PROBE_SECONDS):
             return None
     except Timeout:
-        try:
-            return int((directory / OWNER_NAME).read_text().strip())
-        except (OSError, ValueError):
-            return -1  # held, but the holder has not written its PID yet
+        owner = _owner_pid(directory)
+        return -1 if owner is None else owner  # -1: held, but the holder has not written its PID yet
     except OSError:  # a read-only build (a deployment's mount) or another user's lock file: ask the owner file
-        try:
-            owner = int((directory / OWNER_NAME).read_text().strip())
-        except (OSError, ValueError):
+        owner = _owner_pid(directory)
+        return owner if owner is not None and _process_alive(owner) else None
+
+
+def _owner_pid(directory: Path) -> int | None:
+    """The PID in the lock's owner file; None without one (or with anything but a regular file there: a FIFO would
+    block the read)."""
+    path = directory / OWNER_NAME
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
             return None
-        return owner if _process_alive(owner) else None
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_owner(directory: Path) -> None:
+    """Record this process as the lock's holder. The owner file is the build's own: a symlink, FIFO or device put at
+    its name is replaced, never written through (or blocked on)."""
+    path = directory / OWNER_NAME
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise TmpdiffError("the lock's owner file is a directory: remove it", path)
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
 
 
 @contextlib.contextmanager
@@ -259,7 +279,7 @@ def directory_lock(directory: str | Path, timeout: float = 3600.0,
         raise TmpdiffError(f"cannot write the build directory ({exc.strerror or exc})", directory) from None
     _locked_dirs.append(Path(os.path.abspath(directory)))
     try:
-        (directory / OWNER_NAME).write_text(f"{os.getpid()}\n")
+        _write_owner(directory)
         remove_interrupted_writes(directory)
         yield
     finally:
