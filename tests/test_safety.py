@@ -522,6 +522,10 @@ def test_no_output_lands_inside_a_model_or_pipeline_the_command_reads(build, wor
 
     model = work / "model"
     shutil.copytree(bundled_dir(), model)
+    # an export's build directory inside the model folder it reads, or inside that model's pipeline folder
+    refused(["export", model / "transformer", "--precisions", "fp32", "--out", model], "inside", roots=(model,))
+    refused(["export", model / "transformer", "--precisions", "fp32", "--out", model / "transformer"], "inside",
+            roots=(model,))
     refused(["layer-costs", build, "--model", model, "--out", model / "transformer" / "config.json", "--force"],
             "inside", str(model), roots=(model, build))
     refused(["distill-embeddings", model, "--steps", "4", "--out", model / "transformer" / "e.safetensors",

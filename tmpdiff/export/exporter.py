@@ -258,7 +258,14 @@ def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> P
     name = model_id or model_dir.resolve().name
     if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise TmpdiffError(f"--model-id {name!r} must be one folder name (it names OUT/<model-id>), not a path")
-    return out_root / name
+    build_dir = out_root / name
+    model = model_dir.resolve()
+    # the model's folder, and the pipeline folder holding it (its other components are read at run time)
+    for read in (model, *([model.parent] if (model.parent / "model_index.json").is_file() else [])):
+        if build_dir.resolve().is_relative_to(read):
+            raise TmpdiffError(f"the build directory would be inside {read}, which this export reads: choose an --out "
+                               "outside it", build_dir)
+    return build_dir
 
 
 def check_build_model(build_dir: Path, model_dir: Path, replace: bool, manifest: Manifest | None = None,
