@@ -387,6 +387,16 @@ def test_a_schedule_runs_with_its_own_scheduler_and_refuses_another_noise_proces
     path = work / "other.json"
     path.write_text(Schedule(steps=2, precisions=["fp32", "int8"], scheduler=other).model_dump_json())
     refused(["run", build, "--schedule", path, "--out", work / "o.png"], "noise process", "beta_schedule")
+    # a spacing offset past the training timesteps: DDIM indexed past its noise table in the first step (a
+    # traceback), DPM-Solver blamed the request's guidance for the NaN it made; `check` passed it
+    for name in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
+        offset = SchedulerRef(class_name=name, config=sampling.scheduler_config | {"timestep_spacing": "leading",
+                                                                                 "steps_offset": 5000})
+        path = work / f"offset-{name}.json"
+        path.write_text(Schedule(steps=2, precisions=["fp32", "int8"], scheduler=offset).model_dump_json())
+        refused(["run", build, "--schedule", path, "--out", work / "o.png"], path.name, "outside its 1000 training")
+        code, out, _ = cli("check", build, "--schedule", path)
+        assert code == 1 and path.name in out and "outside its 1000 training" in out, out
 
 
 # --- one line and exit 2 for every bad number ----------------------------------------------------------------------

@@ -37,13 +37,26 @@ def scheduler_from(class_name: str, config: dict[str, Any], source: str | Path |
         # once per config (not for dynamic shifting, whose steps need the pipeline's `mu`)
         key = json.dumps([class_name, config], sort_keys=True, default=str)
         if not scheduler.config.get("use_dynamic_shifting") and key not in _PROBED:
-            cls.from_config(config).set_timesteps(min(4, train_timesteps(scheduler)))
+            probe = cls.from_config(config)
+            probe.set_timesteps(min(4, train_timesteps(scheduler)))
+            check_timestep_range(probe, source)
             _PROBED.add(key)
     # RuntimeError: diffusers raises its "not implemented" subclass for an unknown beta_schedule or algorithm_type
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
         raise TmpdiffError(f"the {class_name} config cannot make a scheduler ({type(exc).__name__}: {exc})",
                            source) from None
     return scheduler
+
+
+def check_timestep_range(scheduler, source: str | Path | None = None) -> None:
+    """Refuse set timesteps outside the training range 0..num_train_timesteps (flow-matching solvers start at the top
+    value itself): a `steps_offset` past it made DDIM index past its noise table mid-run."""
+    train = train_timesteps(scheduler)
+    outside = [float(t) for t in scheduler.timesteps if not 0 <= float(t) <= train]
+    if outside:
+        raise TmpdiffError(f"the {type(scheduler).__name__} config samples at timestep {outside[0]:g}, outside its "
+                           f"{train} training timesteps (steps_offset {scheduler.config.get('steps_offset', 0)}, "
+                           f"timestep_spacing {scheduler.config.get('timestep_spacing')!r})", source)
 
 
 _PROBED: set[str] = set()  # scheduler configs whose steps were set once without an error
@@ -192,6 +205,7 @@ def check_distinct_timesteps(scheduler, steps: int) -> None:
     if steps > train:
         raise TmpdiffError(f"{steps} steps, but the scheduler has {train} training timesteps: use at most {train}")
     set_sampling_timesteps(scheduler, steps)
+    check_timestep_range(scheduler)
     distinct = len({float(t) for t in scheduler.timesteps})
     if distinct < len(scheduler.timesteps) - _designed_repeats(scheduler):
         raise TmpdiffError(f"{type(scheduler).__name__} repeats timesteps at {steps} steps ({distinct} distinct of "
