@@ -467,6 +467,40 @@ def test_build_rebuilds_a_plan_made_with_other_options(bare_trt, monkeypatch, tm
     assert build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=TrtBuildOptions(batch=2))[0].skipped
 
 
+def test_a_plan_is_never_written_outside_the_build(bare_trt, monkeypatch, tmp_path):
+    """A manifest whose TensorRT graph path leaves the build directory: build and import refuse before writing (the
+    plan went into the graph's folder, outside the build)."""
+    from tmpdiff.engines.build import build_engines, import_trt_plan
+    from tmpdiff.formats.manifest import TensorSpecModel, save_manifest
+
+    build = tmp_path / "build"
+    precision = PrecisionEntry(onnx="fp16/model.onnx", sha256="a" * 64, trt_onnx="../escape/model.trt.onnx",
+                               trt_sha256="1" * 64, opset=19, key="k", parity_error=0.0, error_vs_fp32=0.01)
+    save_manifest(build, Manifest(model_id="m", architecture="dit", model_sha256="c" * 64, denoiser_config={},
+                                  inputs=[TensorSpecModel(name="x", dtype="float32", shape=["batch", 4])], outputs=[],
+                                  precisions={"fp16": precision}))
+    _tiny_onnx(tmp_path / "escape" / "model.trt.onnx")
+    _gpu(monkeypatch, L4)
+    with pytest.raises(TmpdiffError, match="outside the build directory"):
+        build_engines(build, "trt", "cuda", ["fp16"])
+    plan = tmp_path / "given.plan"
+    plan.write_bytes(b"plan bytes")
+    monkeypatch.setattr("tmpdiff.engines.trt.TrtEngine", _FakeLoadedPlan)
+    with pytest.raises(TmpdiffError, match="outside the build directory"):
+        import_trt_plan(build, "fp16", plan)
+    assert sorted(p.name for p in (tmp_path / "escape").iterdir()) == ["model.trt.onnx"]
+
+
+class _FakeLoadedPlan:
+    """A deserialised plan as import_trt_plan sees it (no TensorRT here)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.gpu = L4
+
+    def close(self) -> None:
+        pass
+
+
 # --- GPU: real builds and runs ---------------------------------------------------------------------
 
 

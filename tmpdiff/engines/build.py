@@ -69,6 +69,16 @@ def build_engines(
         return outcomes
 
 
+def _trt_plan_dir(build_dir: Path, name: str, trt_onnx: str) -> Path:
+    """The folder a precision's plan is written into: its TensorRT graph's, which must lie inside the build directory
+    (a manifest naming `../x/model.trt.onnx` would have the plan written outside it)."""
+    graph = build_dir / trt_onnx
+    if not graph.resolve().is_relative_to(build_dir.resolve()):
+        raise TmpdiffError(f"{name}: its TensorRT graph {trt_onnx} is outside the build directory (a tampered "
+                           "manifest?); re-run `tmpdiff export`", build_dir / "manifest.json")
+    return graph.parent
+
+
 def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progress):
     """Build one TensorRT plan from the TensorRT graph of a precision (or of a deployed layer configuration, into
     its mixed/<name>/ directory); None if the current plan still fits."""
@@ -91,7 +101,7 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
             return None
         on_progress(f"{name}: rebuilding ({mismatch})")
     on_progress(f"{name}: building TensorRT plan")
-    plan_dir = build_dir / Path(entry.trt_onnx).parent
+    plan_dir = _trt_plan_dir(build_dir, name, entry.trt_onnx)
     return build_trt_engine(build_dir / entry.trt_onnx, plan_dir, specs, shapes, options,
                             precision=name, build_dir=build_dir,
                             layer_precisions=None if mixed is None else mixed.precisions,
@@ -150,7 +160,8 @@ def import_trt_plan(build_dir: Path, precision: str, plan_file: Path, wait: floa
                            output_specs=[s.spec() for s in manifest.outputs])  # deserializes and checks the I/O
         gpu = engine.gpu
         engine.close()
-        rel = f"{Path(entry.trt_onnx).parent.as_posix()}/{plan_file_name(trt.__version__)}"
+        rel = f"{_trt_plan_dir(build_dir, precision, entry.trt_onnx).relative_to(build_dir).as_posix()}/" \
+              f"{plan_file_name(trt.__version__)}"
         write_bytes(build_dir / rel, plan_file.read_bytes())
         manifest.engines[engine_key("trt", "cuda", precision)] = EngineEntry(
             backend="trt", precision=precision, path=rel, sha256=sha256_file(build_dir / rel),
