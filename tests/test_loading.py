@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import struct
 
 import pytest
 
@@ -53,6 +54,34 @@ def test_corrupt_safetensors(tmp_path, bundled, damage):
     with pytest.raises(TmpdiffError, match="corrupt safetensors") as err:
         load_diffusers_model(tmp_path / "m")
     assert "diffusion_pytorch_model.safetensors" in str(err.value)
+
+
+def _damaged_header(data: bytes, damage: str) -> bytes:
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    if damage == "length":
+        return struct.pack("<Q", 2**62) + data[8:]
+    if damage == "list":
+        return data[:8] + json.dumps([1]).encode().ljust(size) + data[8 + size:]
+    name = next(key for key in header if key != "__metadata__")
+    header[name]["shape"] = ["x"] if damage == "shape" else [-1]
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data[8 + size:]
+
+
+@pytest.mark.parametrize("damage", ["length", "list", "shape", "negative"])
+def test_corrupt_safetensors_header_refused_by_export(tmp_path, bundled, damage):
+    """Export plans its memory from the headers before loading: a header claiming 2**62 bytes, a JSON list, or a
+    shape of strings was a MemoryError / AttributeError / ValueError traceback there."""
+    from tests.cli_helpers import cli
+
+    shutil.copytree(bundled.transformer_dir, tmp_path / "m")
+    weights = tmp_path / "m/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(_damaged_header(weights.read_bytes(), damage))
+    code, _, err = cli("export", tmp_path / "m", "--out", tmp_path / "out", "--precisions", "fp32")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "diffusion_pytorch_model.safetensors: not a readable safetensors header" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_pickle_checkpoint_refused_not_unpickled(tmp_path, bundled):

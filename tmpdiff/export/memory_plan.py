@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,14 +109,40 @@ def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
     """The shape of every tensor in a diffusers model directory's safetensors files, by name, from their headers."""
     shapes = {}
     for file in sorted(model_dir.glob("*.safetensors")):
-        try:
-            with file.open("rb") as handle:
-                size = struct.unpack("<Q", handle.read(8))[0]
-                header = json.loads(handle.read(size))
-        except (struct.error, ValueError, OSError) as exc:
-            raise TmpdiffError(f"not a readable safetensors header ({exc})", file) from None
-        shapes |= {key: [int(dim) for dim in entry.get("shape", [])] for key, entry in header.items()
-                   if key != "__metadata__"}
+        shapes |= _header_shapes(file, _read_header(file))
+    return shapes
+
+
+def _read_header(file: Path) -> dict:
+    """A safetensors file's JSON header: its length (the first 8 bytes) bounded by the file's size, a JSON object."""
+    try:
+        with file.open("rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            available = os.fstat(handle.fileno()).st_size - 8
+            if size > available:
+                raise TmpdiffError(f"not a readable safetensors header (it claims {size} bytes, the file holds "
+                                   f"{available} after its length)", file)
+            header = json.loads(handle.read(size))
+    except (struct.error, ValueError, OSError) as exc:  # (json's and UTF-8's errors are ValueErrors)
+        raise TmpdiffError(f"not a readable safetensors header ({exc})", file) from None
+    except RecursionError:
+        raise TmpdiffError("not a readable safetensors header (JSON nested too deeply)", file) from None
+    if not isinstance(header, dict):
+        raise TmpdiffError(f"not a readable safetensors header (a JSON {type(header).__name__}, not an object)", file)
+    return header
+
+
+def _header_shapes(file: Path, header: dict) -> dict[str, list[int]]:
+    """Tensor name -> shape from a header; an entry without a list of non-negative integers as its shape is refused."""
+    shapes = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
+            raise TmpdiffError(f"not a readable safetensors header (tensor {key!r}: shape {shape!r} is not a list of "
+                               "non-negative integers)", file)
+        shapes[key] = shape
     return shapes
 
 
