@@ -126,3 +126,33 @@ def test_check_names_every_problem(quant_build, tmp_path):
     assert any("fp16: sha256 does not match" in p for p in problems)
     assert any("uses int8-sq, not exported here" in p for p in problems)
     assert all("->" in p for p in problems)
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xfe", b"[1,2]", b"{}"])
+def test_quantizer_state_is_checked_before_the_supernet_reads_it(quant_build, tmp_path, payload):
+    """layer-costs, search-plan and deploy-plan restore the quantizers from a precision's quant_config.json: an edited
+    one is refused by its manifest hash (`{}` once measured another network); with the hash updated to match, a file
+    that cannot be read is still one TmpdiffError naming it (it was a UnicodeDecodeError / AttributeError)."""
+    import shutil
+
+    from tests.cli_helpers import cli
+    from tmpdiff.export.supernet import supernet_from_build
+    from tmpdiff.formats.atomic import sha256_file
+    from tmpdiff.formats.manifest import load_manifest, save_manifest
+    from tmpdiff.models.bundled import bundled_dir
+
+    copy = tmp_path / "b"
+    shutil.copytree(quant_build[1], copy)
+    config = copy / "int8" / "quant_config.json"
+    config.write_bytes(payload)
+    code, _, err = cli("layer-costs", copy, "--precisions", "int8", "--out", tmp_path / "costs.json")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "quant_config.json: int8: sha256 does not match the manifest" in err
+    assert not (tmp_path / "costs.json").exists()
+    if payload == b"{}":
+        return
+    manifest = load_manifest(copy)
+    manifest.precisions["int8"].artifacts["int8/quant_config.json"] = sha256_file(config)
+    save_manifest(copy, manifest)
+    with pytest.raises(TmpdiffError, match="quant_config.json: (not valid UTF-8|expected a JSON object)"):
+        supernet_from_build(copy, bundled_dir() / "transformer", ["int8"])

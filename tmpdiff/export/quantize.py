@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from tmpdiff.formats.atomic import atomic_path, write_json
+from tmpdiff.formats.atomic import atomic_path, read_json_object, write_json
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision
 
 CalibrationBatch = dict[str, torch.Tensor]
+STATE_NAME, CONFIG_NAME = "quant_state.safetensors", "quant_config.json"  # a quantized export's saved quantizers
 
 
 def _linear_in_features(model: torch.nn.Module, skip: Sequence[str]) -> list[int]:
@@ -193,9 +194,9 @@ def save_quantized_state(model: torch.nn.Module, config: dict[str, Any], directo
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / "quant_state.safetensors") as tmp:
+    with atomic_path(directory / STATE_NAME) as tmp:
         save_file(state, str(tmp))
-    write_json(directory / "quant_config.json", config)
+    write_json(directory / CONFIG_NAME, config)
 
 
 def restore_quantized(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
@@ -204,11 +205,7 @@ def restore_quantized(model: torch.nn.Module, directory: Path) -> torch.nn.Modul
 
     from tmpdiff.models.loading import load_safetensors
 
-    config_path = directory / "quant_config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TmpdiffError(f"cannot read quantization config ({exc})", config_path) from None
+    config = read_json_object(directory / CONFIG_NAME)
     _int_keys(config)
     method = config.get("algorithm")
     method = method.get("method") if isinstance(method, dict) else method
@@ -216,7 +213,7 @@ def restore_quantized(model: torch.nn.Module, directory: Path) -> torch.nn.Modul
         # these need calibration data; here every calibrated value (amax, pre-quant scales, smoothed weights) comes
         # from the saved state, so quantizers are only inserted (weight-only max stats, then overwritten)
         config = {**config, "algorithm": "max"}
-    state = load_safetensors(directory / "quant_state.safetensors")
+    state = load_safetensors(directory / STATE_NAME)
     quantized = copy.deepcopy(model).eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
@@ -226,7 +223,7 @@ def restore_quantized(model: torch.nn.Module, directory: Path) -> torch.nn.Modul
     if unexpected or [m for m in missing if "quantizer" not in m]:
         raise TmpdiffError(
             f"quantized state does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
-            directory / "quant_state.safetensors",
+            directory / STATE_NAME,
         )
     return quantized
 

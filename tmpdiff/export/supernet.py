@@ -16,9 +16,16 @@ from pathlib import Path
 
 import torch
 
-from tmpdiff.export.quantize import build_config, quantize, quantized_modules, restore_quantized
+from tmpdiff.export.quantize import (
+    CONFIG_NAME,
+    STATE_NAME,
+    build_config,
+    quantize,
+    quantized_modules,
+    restore_quantized,
+)
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import load_manifest, recorded_model_hash
+from tmpdiff.formats.manifest import load_manifest, recorded_model_hash, verify_files
 from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, get_precision
 
 BASE = "fp32"
@@ -115,6 +122,8 @@ def supernet_from_build(build_dir: Path, model_dir: Path, precisions: Sequence[s
     missing = [p for p in names if p not in manifest.precisions or get_precision(p).modelopt_cfg is None]
     if missing:
         raise TmpdiffError(f"no quantized export of {', '.join(missing)} in the build", build_dir / "manifest.json")
+    for name in names:  # the quantizers restored are those the engines were exported from, or nothing runs
+        verify_files(build_dir, name, manifest.precisions[name], [f"{name}/{file}" for file in (STATE_NAME, CONFIG_NAME)])
     model = load_diffusers_model(model_dir).eval()
     quantized = {p: restore_quantized(model, build_dir / p) for p in names}
     return assemble(model, quantized)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -394,7 +395,20 @@ def engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry, *, 
 
 def verify_artifact(build_dir: Path, precision: str, entry: PrecisionEntry) -> Path:
     """Path of a precision's ONNX graph after checking it exists inside the build dir and matches its hash."""
-    path, problem = artifact_problem(build_dir, entry.onnx, entry.sha256)
-    if problem is not None:
-        raise TmpdiffError(f"{precision}: {problem}; re-run `tmpdiff export --precisions {precision}`", path)
-    return path
+    return verify_files(build_dir, precision, entry, [entry.onnx])[0]
+
+
+def verify_files(build_dir: Path, precision: str, entry: PrecisionEntry, rels: Sequence[str]) -> list[Path]:
+    """Paths of files of an exported precision (relative to the build dir) after checking each against the hash the
+    manifest records for it: one missing, corrupt, outside the build dir or not recorded is a TmpdiffError."""
+    recorded = dict(entry.files())
+    paths = []
+    for rel in rels:
+        if rel not in recorded:  # (a /1 manifest records no artifacts)
+            path, problem = build_dir / rel, "no sha256 for it in the manifest (an older export?)"
+        else:
+            path, problem = artifact_problem(build_dir, rel, recorded[rel])
+        if problem is not None:
+            raise TmpdiffError(f"{precision}: {problem}; re-run `tmpdiff export --precisions {precision}`", path)
+        paths.append(path)
+    return paths
