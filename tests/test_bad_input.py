@@ -103,6 +103,9 @@ def test_files_that_parse_but_cannot_work_are_refused_by_name(tmp_path):
     layer["ms"]["int8"] = 0.5
     layer_costs["rest_ms"] = {"int8": 1.0}  # nothing for the base precision every configuration pays
     refused("layer_costs.json", layer_costs, load_layer_costs, "rest_ms", "fp32")
+    layer["ms"]["fp32"] = 0.0  # fp32 all zeros: the search divided by the reference's (and a plan's) cost at its end
+    layer_costs["rest_ms"] = {"fp32": 0.0, "int8": 1.0}
+    refused("layer_costs.json", layer_costs, load_layer_costs, "would cost 0 ms")
     with pytest.raises(ValueError, match="solver"):
         TimeEmbeddingsInfo.model_validate({"kind": "mteo", "solver": "bogus"})
     with pytest.raises(TmpdiffError, match="1..10000"):

@@ -81,6 +81,11 @@ class LayerCostsTable(BaseModel):
                 raise ValueError(f"layer {layer.name} has no cost for {', '.join(missing)}")
         if len({layer.name for layer in self.layers}) != len(self.layers):
             raise ValueError("a layer is listed twice")
+        # every prediction is a divisor (speedups over the fp32 reference, the reference over a plan's cost)
+        cheapest = self.rest_ms[self.base] + sum(min(layer.ms[p] for p in self.precisions) for layer in self.layers)
+        if cheapest <= 0:
+            raise ValueError(f"a layer configuration would cost 0 ms (rest_ms of {self.base} and each layer's cheapest "
+                             "figure are all 0): no speedup can be measured against such a table")
         return self
 
     @property
