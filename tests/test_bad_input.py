@@ -74,6 +74,18 @@ def test_garbage_files(tmp_path, payload):
             loader(tmp_path / name)
 
 
+def test_deeply_nested_model_info_is_refused_by_name(tmp_path, bundled):
+    """A class-conditional model directory's tmpdiff_model.json nested 100000 deep was a RecursionError."""
+    import shutil
+
+    from tmpdiff.models.bundled import load_model_info
+
+    shutil.copytree(bundled.root, tmp_path / "m")
+    (tmp_path / "m" / "tmpdiff_model.json").write_text("[" * 100_000)
+    with pytest.raises(TmpdiffError, match="tmpdiff_model.json: not a valid JSON document: nested too deeply"):
+        load_model_info(tmp_path / "m")
+
+
 def test_files_that_parse_but_cannot_work_are_refused_by_name(tmp_path):
     """Each of these once passed validation and failed later with a traceback (a review's findings)."""
     from tmpdiff.formats.layer_costs import load_layer_costs

@@ -116,8 +116,10 @@ def test_the_file_round_trips_and_bad_files_are_named(tmp_path):
     nan = tmp_path / "nan.safetensors"
     save_file({"embeddings": torch.full_like(tensor, float("nan"))}, str(nan),
               metadata={"tmpdiff": json.dumps(_info(tensor).model_dump())})
+    deep = tmp_path / "deep.safetensors"  # a RecursionError inside json before
+    save_file({"embeddings": tensor.contiguous()}, str(deep), metadata={"tmpdiff": "[" * 100_000 + "]" * 100_000})
     for bad, words in [(garbage, "safetensors"), (bare, "metadata"), (wrong, "expected"), (nan, "NaN"),
-                       (tmp_path / "missing.safetensors", "missing")]:
+                       (deep, "nested too deeply"), (tmp_path / "missing.safetensors", "missing")]:
         with pytest.raises(TmpdiffError, match=words) as err:
             load_time_embeddings(bad)
         assert str(bad) in str(err.value) and "\n" not in str(err.value)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tmpdiff.formats.atomic import read_text_file
+from tmpdiff.formats.atomic import read_json_object
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.digits import IMAGE_SIZE, NUM_CLASSES
@@ -78,8 +77,8 @@ def load_model_info(root: str | Path | None = None) -> ModelInfo:
         raise TmpdiffError("model directory does not exist", root)
     if not info_path.is_file():
         raise TmpdiffError(f"no {INFO_NAME}: not a tmpdiff class-conditional model directory", root)
+    info = read_json_object(info_path)
     try:
-        info = json.loads(read_text_file(info_path, INFO_NAME))
         return ModelInfo(
             root=root,
             num_classes=int(info["num_classes"]),
@@ -88,7 +87,7 @@ def load_model_info(root: str | Path | None = None) -> ModelInfo:
             guidance_scale=float(info["guidance_scale"]),
             extra=info,
         )
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise TmpdiffError(f"malformed model info ({exc!r})", info_path) from None
 
 

@@ -114,6 +114,8 @@ def load_time_embeddings(path: str | Path) -> tuple[torch.Tensor, TimeEmbeddings
         info = TimeEmbeddingsInfo.model_validate(json.loads(metadata[METADATA_KEY]))
     except json.JSONDecodeError as exc:
         raise TmpdiffError(f"metadata is not valid JSON ({exc})", path) from None
+    except RecursionError:
+        raise TmpdiffError("metadata is not a valid JSON document: nested too deeply", path) from None
     except ValidationError as exc:
         raise TmpdiffError(f"not a valid time-embeddings record ({validation_problems(exc)})", path) from None
     name = TENSOR_NAME[info.kind]
