@@ -491,6 +491,19 @@ def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_refuses_bad_arguments_before_making_its_folder(quant_build, costs_file, tmp_path):
+    """--out was created before the arguments were checked: a refused bench left an empty folder behind; a step
+    count refused only after the earlier ones' whole comparison."""
+    from tests.cli_helpers import cli
+
+    _, build_dir, _ = quant_build
+    for i, extra in enumerate([("--steps", "0"), ("--steps", "10,1"), ("--steps", "4", "--reference", "fp16")]):
+        out = tmp_path / f"bench{i}"
+        code, _, err = cli("bench", build_dir, "--costs", costs_file, "--out", out, *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert not out.exists(), extra
+
+
 def test_bench_walks_three_levels_when_asked(quant_build, tmp_path):
     from tests.cli_helpers import cli
     from tmpdiff.calibration.lossy import halving_sizes

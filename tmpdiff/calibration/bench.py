@@ -33,7 +33,7 @@ from tmpdiff.calibration.search import (
     segment_bisection,
     tmpdiff_search,
 )
-from tmpdiff.calibration.session import CalibrationSession, open_session
+from tmpdiff.calibration.session import CalibrationSession, check_steps, open_session
 from tmpdiff.calibration.split_curve import bench_split_curve
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
@@ -80,11 +80,12 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
     from tmpdiff.calibration.matched import UnseenJudge, summarise, unseen_groups
     from tmpdiff.eval.quality import real_low_features, sample_quality
 
+    for steps in steps_list:  # every step count before the first one's work (`out` appears with the first write)
+        check_steps(steps)
     unseen_seeds = list(unseen_seeds) if unseen_seeds is not None else [100 + i for i in range(len(seeds))]
     groups = unseen_groups(list(seeds), unseen_seeds)
     clf = None if classifier_dir is None else str(classifier_dir)
     real = None if clf is None else real_low_features(clf)
-    out.mkdir(parents=True, exist_ok=True)
     report: dict = {"costs": str(costs_path), "costs_table": load_costs(costs_path).provenance(), "seeds": list(seeds),
                     "unseen_seeds": unseen_seeds, "runs": []}
     for steps in steps_list:

@@ -27,6 +27,7 @@ from tmpdiff.calibration.lossy_report import _render_exhaustive
 from tmpdiff.calibration.matched import compare, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
+from tmpdiff.calibration.session import check_steps
 from tmpdiff.calibration.split_curve import bench_split_curve
 from tmpdiff.eval.bootstrap import jackknife_interval, jackknife_values
 from tmpdiff.eval.quality import frechet_distance
@@ -126,7 +127,8 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
                            "or --unseen-prompts")
     if len(prompts) * len(seeds) < 2 or len(unseen_prompts) * len(unseen_seeds) < 2:
         raise TmpdiffError("a bench needs at least 2 samples in the calibration and in the unseen set (intervals)")
-    out.mkdir(parents=True, exist_ok=True)
+    for steps in steps_list:  # every step count before the first one's work (`out` appears with the first write)
+        check_steps(steps)
     report: dict = {"kind": "pipeline", "pipeline": str(pipeline_dir), "costs": str(costs_path),
                     "costs_table": load_costs(costs_path).provenance(), "prompts": len(prompts), "seeds": list(seeds),
                     "unseen_prompts": len(unseen_prompts), "unseen_seeds": list(unseen_seeds),

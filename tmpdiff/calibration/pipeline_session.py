@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tmpdiff.calibration.evaluator import METRICS, Evaluation
 from tmpdiff.calibration.search import Problem
-from tmpdiff.calibration.session import CalibrationSession, level_costs, reporting
+from tmpdiff.calibration.session import CalibrationSession, check_steps, level_costs, reporting
 from tmpdiff.eval.metrics import PSNR_CAP_DB, latent_errors
 from tmpdiff.eval.rgb import mean_rgb_metrics, rgb_metrics
 from tmpdiff.formats.costs import load_costs
@@ -164,8 +164,7 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
     if metric not in METRICS:
         raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     steps = steps or default_steps
-    if steps < 2:
-        raise TmpdiffError(f"a schedule needs at least 2 steps, got {steps}")
+    check_steps(steps)
     conditions, seeds = list(conditions), list(seeds)
     if not conditions or not seeds:
         raise TmpdiffError("calibration set is empty: give at least one prompt (or class label) and one seed")

@@ -72,6 +72,12 @@ def level_costs(build_dir: Path, manifest: Manifest, costs: CostsTable, costs_pa
     return {p: usable[p] for p in wanted}
 
 
+def check_steps(steps: int) -> None:
+    """A calibrated schedule's step count: at least 2."""
+    if steps < 2:
+        raise TmpdiffError(f"a schedule needs at least 2 steps, got {steps}")
+
+
 def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "latent", reference: str = "fp32",
                  classes: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1), backend: str = "ort",
                  device: str = "cpu", threads: int | None = None, levels: Sequence[str] | None = None,
@@ -87,8 +93,7 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     cores // workers); this process keeps its own engines for timing."""
     if metric not in METRICS:
         raise TmpdiffError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    if steps < 2:
-        raise TmpdiffError(f"a schedule needs at least 2 steps, got {steps}")
+    check_steps(steps)
     manifest = load_manifest(build_dir)
     sampling = manifest.require_sampling(build_dir)
     costs = load_costs(costs_path)
