@@ -171,3 +171,27 @@ def test_quantizer_state_is_checked_before_the_supernet_reads_it(quant_build, tm
     save_manifest(copy, manifest)
     with pytest.raises(TmpdiffError, match="quant_config.json: (not valid UTF-8|expected a JSON object)"):
         supernet_from_build(copy, bundled_dir() / "transformer", ["int8"])
+
+
+def test_layer_costs_names_an_engine_onnx_runtime_cannot_load(quant_build, tmp_path):
+    """A truncated engine whose manifest hash was rewritten to match: run, profile and calibrate named it, layer-costs
+    gave ONNX Runtime's InvalidProtobuf traceback."""
+    import shutil
+
+    from tests.cli_helpers import cli
+    from tmpdiff.formats.atomic import sha256_file
+    from tmpdiff.formats.manifest import engine_key, load_manifest, save_manifest
+
+    copy = tmp_path / "b"
+    shutil.copytree(quant_build[1], copy)
+    manifest = load_manifest(copy)
+    engine = manifest.engines[engine_key("ort", "cpu", "int8")]
+    path = copy / engine.path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    engine.sha256 = sha256_file(path)
+    save_manifest(copy, manifest)
+    code, _, err = cli("layer-costs", copy, "--precisions", "int8", "--batch", "1", "--warmup", "0", "--repeats", "1",
+                       "--out", tmp_path / "costs.json")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: "), err
+    assert f"{engine.path}: ONNX Runtime cannot load this model" in err and "Traceback" not in err
+    assert not (tmp_path / "costs.json").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tmpdiff.engines.device import device_label
-from tmpdiff.engines.ort import session_options
+from tmpdiff.engines.ort import load_errors, session_options
 from tmpdiff.engines.ort_build import ort_engine_problem, ort_version
 from tmpdiff.engines.profile import make_buffers
 from tmpdiff.formats.errors import TmpdiffError
@@ -106,7 +106,9 @@ def profile_engines(paths: Mapping[str, Path], feeds: Mapping[str, np.ndarray], 
             opts = session_options(threads, optimization="disable")  # the prepared engine is already optimised
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(tmp) / f"profile-{name}")
-            sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            opts.log_severity_level = 4  # a session that failed to load logs that it has no profile to write
+            with load_errors(path):
+                sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         for _ in range(warmup + repeats):
             for session in sessions.values():
                 session.run(None, dict(feeds))

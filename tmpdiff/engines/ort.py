@@ -6,9 +6,10 @@ one step to the next never passes through a Python-side copy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,19 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt-ep": "TensorrtExecutionProvider"}
 LEVELS = ("disable", "basic", "extended", "all")
+
+
+@contextlib.contextmanager
+def load_errors(path: Path) -> Iterator[None]:
+    """Whatever ONNX Runtime raises while opening a session of `path` (a truncated or invalid graph) as a TmpdiffError
+    naming it."""
+    try:
+        yield
+    except TmpdiffError:
+        raise
+    except Exception as exc:  # ORT raises its own pybind exception types for bad graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TmpdiffError(f"ONNX Runtime cannot load this model ({first})", path) from None
 
 
 def share_runtime_resources(threads: int | None = None) -> None:
@@ -172,17 +186,12 @@ class OrtEngine:
         self.device = device
         if not self.path.is_file():
             raise TmpdiffError("ONNX file is missing", self.path)
-        try:
+        with load_errors(self.path):
             self.session = ort.InferenceSession(
                 str(self.path), sess_options=session_options(threads, optimization, optimized_path, runtime,
                                                                 optimized_data, priority_order),
                 providers=providers_for(device, trt_ep),
             )
-        except TmpdiffError:
-            raise
-        except Exception as exc:  # ORT raises its own pybind exception types for bad graphs
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TmpdiffError(f"ONNX Runtime cannot load this model ({first})", self.path) from None
         check_provider(self.session, device, self.path)
         self._binding = None
         self._run_options = ort.RunOptions()
