@@ -15,4 +15,5 @@ if [ "${TMPDIFF_GPU_INSTALL:-0}" = "1" ]; then
     "$VENV/bin/python" -m pip uninstall --quiet --yes onnxruntime
     "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "onnxruntime-gpu==1.31.1"
 fi
-exec tmpdiff doctor --gpu --work "${TMPDIFF_GPU_WORK:-$REPO/gpu-check}" --results "$REPO/results" "$@"
+# --force: a re-run replaces this script's own scratch folder files and its results/<gpu-name>/gpu_check.json
+exec tmpdiff doctor --gpu --work "${TMPDIFF_GPU_WORK:-$REPO/gpu-check}" --results "$REPO/results" --force "$@"

@@ -3,6 +3,7 @@ GPU check stopping cleanly on a machine without a GPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -270,3 +271,28 @@ def test_ort_gpu_providers_compute_fp32_in_fp32_and_a_cpu_fallback_is_refused(mo
     check_provider(fell_back, "cpu", tmp_path / "model.onnx")
     check_provider(SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]), "cuda",
                    tmp_path / "model.onnx")
+
+
+def test_the_gpu_check_never_replaces_its_outputs_by_surprise(tmp_path, monkeypatch):
+    """`doctor --gpu` checks its results file and scratch folder before any check runs (it replaced both): an
+    existing results file needs --force, a FIFO there is refused even with it."""
+    import os
+
+    from tmpdiff.commands import doctor
+
+    ran: list[str] = []
+    monkeypatch.setattr(doctor.GpuCheck, "run_all", lambda self: ran.append("checks") or [])
+    inventory = doctor.Inventory("GPU 0: NVIDIA A10", "12.8", "NVIDIA A10 (compute capability 8.6)", "10.8.0.43")
+    results = tmp_path / "results"
+    (results / "nvidia-a10").mkdir(parents=True)
+    (results / "nvidia-a10" / "gpu_check.json").write_text("last run's")
+    with pytest.raises(TmpdiffError, match="exists; pass --force"):
+        doctor.gpu_check(tmp_path / "work", results, inventory, lambda _: None)
+    assert ran == [] and (results / "nvidia-a10" / "gpu_check.json").read_text() == "last run's"
+    out = doctor.gpu_check(tmp_path / "work", results, inventory, lambda _: None, force=True)
+    assert ran == ["checks"] and json.loads(out.read_text())["format"] == "tmpdiff.gpu_check/1"
+    (tmp_path / "work").mkdir(exist_ok=True)
+    os.mkfifo(tmp_path / "work" / "costs.json")
+    with pytest.raises(TmpdiffError, match="FIFO"):
+        doctor.gpu_check(tmp_path / "work", results, inventory, lambda _: None, force=True)
+    assert ran == ["checks"]

@@ -868,6 +868,7 @@ def doctor(
     gpu: Annotated[bool, typer.Option("--gpu", help="run the GPU checks (build, kernels, parity, costs, streams, graphs)")] = False,
     work: Annotated[Path, typer.Option(help="--gpu: scratch directory for the bundled model's build")] = Path("gpu-check"),
     results: Annotated[Path, typer.Option(help="--gpu: results root; writes RESULTS/<gpu-name>/gpu_check.json")] = Path("results"),
+    force: Force = False,
 ) -> None:
     """What this machine has for the GPU path (CUDA torch, TensorRT, onnxruntime-gpu); with --gpu, the GPU checks."""
     from tmpdiff.commands.doctor import gpu_check, inventory
@@ -879,7 +880,7 @@ def doctor(
         typer.echo(f"missing: {line}")
     if not gpu:
         return
-    out = gpu_check(work, results, inv, on_line=typer.echo)
+    out = gpu_check(work, results, inv, on_line=typer.echo, force=force)
     typer.echo(f"wrote {out}")
     data = json.loads(out.read_text())
     if any(r["status"] == "failed" for r in data["results"]):

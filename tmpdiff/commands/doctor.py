@@ -405,16 +405,25 @@ def _two_sample_runner(engines, sampling, nan_guard: bool):
                            sampling.null_class, sampling.num_classes, device="cuda", nan_guard=nan_guard)
 
 
-def gpu_check(work: Path, results_root: Path, inv: Inventory, on_line: Callable[[str], None]) -> Path:
-    """Run the GPU checks; TmpdiffError (one line) when there is no GPU; returns the JSON written."""
+WORK_FILES = ("costs.json", "mixed-plan.json")  # what the checks write in --work besides its build/
+
+
+def gpu_check(work: Path, results_root: Path, inv: Inventory, on_line: Callable[[str], None],
+              force: bool = False) -> Path:
+    """Run the GPU checks; TmpdiffError (one line) when there is no GPU; returns the JSON written. Its outputs (the
+    scratch folder's files, the results file) are checked first: an existing results file or a non-empty scratch folder
+    is replaced only with `force` (what `scripts/gpu_check.sh` passes: a re-run refreshes its own results)."""
     from tmpdiff.formats.atomic import write_json
+    from tmpdiff.formats.outputs import Output, check_outputs
 
     if inv.gpu is None:
         raise TmpdiffError("no NVIDIA GPU visible to torch (torch.cuda.is_available() is False): the GPU checks need one"
                            + (f"; nvidia-smi sees {inv.nvidia_smi}" if inv.nvidia_smi else ""))
-    results = GpuCheck(work, inv, on_line).run_all()
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", inv.gpu.split(" (")[0]).strip("-").lower()
-    out = results_root / name / "gpu_check.json"
+    paths = check_outputs([Output.folder("--work", work, WORK_FILES),
+                           Output.file("--results", results_root / name / "gpu_check.json", ".json")], force=force)
+    work, out = paths["--work"], paths["--results"]
+    results = GpuCheck(work, inv, on_line).run_all()
     write_json(out, {"format": "tmpdiff.gpu_check/1", "inventory": asdict(inv),
                      "results": [asdict(r) for r in results]})
     return out
