@@ -679,3 +679,15 @@ def test_an_unknown_scheduler_in_the_manifest_names_it(tampered, work):
     (tampered / "manifest.json").write_text(json.dumps(data))
     refused(run_args(tampered, "--out", work / "x.png"), str(tampered / "manifest.json"), "FooScheduler",
             roots=(tampered,))
+
+
+def test_a_timing_cache_is_updated_but_never_a_build_file_or_a_fifo(build, work):
+    """`build --backend trt --timing-cache F` reads F and writes it back: a cache file there is updated without --force,
+    but F at a build's file or on a FIFO is refused before TensorRT is touched (it was written unchecked)."""
+    trt = ["build", build, "--backend", "trt", "--timing-cache"]
+    refused([*trt, build / "manifest.json"], "--timing-cache", "manages", roots=(build,))
+    os.mkfifo(work / "cache.fifo")
+    refused([*trt, work / "cache.fifo"], "FIFO", roots=(build, work))
+    (work / "timing.cache").write_bytes(b"an earlier cache")
+    code, _, err = cli(*trt, work / "timing.cache")  # accepted: the next refusal is this machine's missing TensorRT
+    assert code == 2 and "--timing-cache" not in err and "TensorRT" in err, err

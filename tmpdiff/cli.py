@@ -235,6 +235,12 @@ def build(
     if backend == "trt":
         from tmpdiff.engines.trt_build import TrtBuildOptions
 
+        if timing_cache is not None:  # a regular file there is the cache to update; anything else as for an output
+            from tmpdiff.formats.outputs import Output, check_outputs
+
+            updating = timing_cache.is_file() and not timing_cache.is_symlink()
+            timing_cache = check_outputs([Output.file("--timing-cache", timing_cache)], force=updating,
+                                         build_dirs=[build_dir])["--timing-cache"]
         trt_options = TrtBuildOptions(batch=batch, dynamic=dynamic, max_batch=max_batch, optimization_level=opt_level,
                                       timing_cache=timing_cache)
         if import_plan:
