@@ -209,9 +209,10 @@ class ScheduledRunner:
                 self.inputs["hidden_states"][self.batch :].copy_(scaled)
             self.set_time_inputs(index, t, conditioning)
             used, fallback_from = self._call(index, precision)
-            eps = self.outputs["noise_pred"]
-            if self.use_cfg:
-                eps = guided(eps, self.guidance_scale)
+            # the scheduler may keep the model output (PNDM's history, multistep DPM-Solver): never the bound buffer
+            # the next engine call overwrites in place (guided() makes a new tensor)
+            eps = guided(self.outputs["noise_pred"], self.guidance_scale) if self.use_cfg \
+                else self.outputs["noise_pred"].clone()
             latent = scheduler.step(eps, t, latent).prev_sample
             marks.append((index, int(t), used, fallback_from, start, self.clock.mark()))
             if on_step is not None and self.clock.torch_stream is None:
