@@ -175,6 +175,27 @@ def test_attach_refuses_what_does_not_fit(exported):
 
 
 @pytest.mark.parametrize("exported", ["sd15"], indirect=True)
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_a_pipeline_starting_partway_runs_its_steps_precisions(exported, scheduler):
+    """img2img at strength 0.5 runs the last 2 of 4 timesteps: steps 2 and 3 of the schedule, also with a scheduler
+    that keeps no step index (DDIM ran steps 0 and 1's precisions, and traced their timesteps)."""
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    schedule = ["fp32", "int8", "int8", "fp32"]
+    denoiser = attach_engines(img2img, build_dir, schedule=schedule)
+    img2img(PROMPTS[0], image=torch.rand(1, 3, tiny_pipelines.SIZE, tiny_pipelines.SIZE), strength=0.5,
+            num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent")
+    timesteps = [int(t) for t in img2img.scheduler.timesteps]
+    assert [(e.index, e.timestep, e.precision) for e in denoiser.trace.steps] == \
+        [(2, timesteps[2], "int8"), (3, timesteps[3], "fp32")]
+
+
+@pytest.mark.parametrize("exported", ["sd15"], indirect=True)
 def test_pndm_runs_a_schedule_of_one_precision_per_call(exported, tmp_path):
     """SD1.x's stock PNDM calls the denoiser twice at its first timestep (N inference steps, N + 1 calls): the drop-in
     names the step count that fits the schedule, the fp32 engines reproduce the torch pipeline, and the CLI's

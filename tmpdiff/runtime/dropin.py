@@ -96,6 +96,7 @@ class EngineDenoiser(torch.nn.Module):
         self._call_thread: int | None = None  # the thread making the current pipeline call
         self._closed = False
         self._calls = 0  # denoiser calls of the current pipeline call (schedulers that keep no step index)
+        self._first = 0  # and the step its first call made (img2img, inpainting, a refiner start partway)
         if config.get("addition_embed_type") == "text_time":
             # SDXL pipelines check their time ids against add_embedding's input width before the first step.
             width = int(config["projection_class_embeddings_input_dim"])
@@ -163,7 +164,7 @@ class EngineDenoiser(torch.nn.Module):
         return_dict = call.pop("return_dict", True)
         if self._closed:
             raise TmpdiffError("the attached engines were closed (denoiser.close()): attach the build again")
-        index, timestep = self._step()
+        index, timestep = self._step(call.get("timestep"))
         feed_time_conditioning(call, index, self.plan.conditioning, getattr(self.adapter, "own_table", None),
                                f"step {index}")
         feeds = call_feeds(self._input_specs, call, self.adapter.architecture)
@@ -264,8 +265,9 @@ class EngineDenoiser(torch.nn.Module):
         self._batch = batch
         self._held_rows = max(self._held_rows, batch)
 
-    def _step(self) -> tuple[int, torch.Tensor]:
-        """The scheduler's current step index (checked against the schedule) and its timestep."""
+    def _step(self, called_at: Any = None) -> tuple[int, torch.Tensor]:
+        """The scheduler's current step index (checked against the schedule) and its timestep; `called_at` is the
+        timestep argument of the call."""
         scheduler = self._scheduler_of()
         timesteps = scheduler.timesteps
         if timesteps is None:
@@ -281,8 +283,11 @@ class EngineDenoiser(torch.nn.Module):
             index = scheduler.step_index
             if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
                 index = scheduler.begin_index or 0
-        else:  # DDIM, DDPM, PNDM keep no step index: count the calls since set_timesteps made new timesteps
-            index, self._calls = self._calls, self._calls + 1
+        else:  # DDIM, DDPM, PNDM keep no step index: count the calls since set_timesteps made new timesteps, from the
+            # step the first call's timestep stands at (a pipeline that starts partway runs timesteps[t_start:])
+            if self._calls == 0:
+                self._first = _position(timesteps, called_at)
+            index, self._calls = self._first + self._calls, self._calls + 1
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
         return index, timesteps[index]  # a 0-d tensor, read as a number only when the trace is asked for
@@ -551,3 +556,15 @@ def engine_denoiser(engines: Mapping[str, Engine], manifest: Manifest, adapter: 
     return EngineDenoiser(engines, adapter, _denoiser_config(manifest, adapter), _forward_signature(manifest.architecture),
                           scheduler_of, plan, device=device, dtype=dtype, nan_guard=nan_guard, memory_check=memory_check,
                           owns_engines=owns_engines)
+
+
+def _position(timesteps: torch.Tensor, called_at: Any) -> int:
+    """Where a call's timestep argument (a number, a 0-d tensor or one per batch row) first stands in the scheduler's
+    timesteps; 0 when it is not given or not found there."""
+    if called_at is None:
+        return 0
+    value = float(torch.as_tensor(called_at).flatten()[0]) if torch.as_tensor(called_at).numel() else None
+    if value is None:
+        return 0
+    found = torch.nonzero(torch.isclose(timesteps.float().cpu(), torch.tensor(value), rtol=0, atol=1e-3)).flatten()
+    return int(found[0]) if len(found) else 0
