@@ -300,6 +300,32 @@ def test_final_latents_of_a_pipeline_that_always_decodes():
     assert torch.allclose(decode_latents(pipe, latents), want, atol=1e-5)
 
 
+def test_drafts_guide_as_dit_pipeline_does(dit_build):
+    """DiTPipeline's guided batch is [cond; uncond]: a draft jumps with the estimate the pipeline itself steps with
+    (the drafts combined the halves the other way round, 6.5 max abs off)."""
+    _, build_dir = dit_build
+    pipe = tiny_pipelines.dit_pipeline()
+    denoiser = attach_engines(pipe, build_dir, precision="fp32", parallel=2)
+    raw, stepped = [], []
+    forward, step = denoiser.forward, pipe.scheduler.step
+
+    def recorded_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        raw.append((out[0] if isinstance(out, tuple) else out.sample).clone())
+        return out
+
+    def recorded_step(model_output, *args, **kwargs):
+        stepped.append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    denoiser.forward, pipe.scheduler.step = recorded_forward, recorded_step
+    pipe(class_labels=[1, 7], num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
+         output_type="np")
+    assert len(raw) == len(stepped) == STEPS
+    for output, want in zip(raw, stepped, strict=True):
+        assert torch.allclose(denoiser.drafts.guided(output, 4), want[:2, :4], atol=1e-6)
+
+
 def test_a_class_label_pipeline_runs_on_the_engines(dit_build, tmp_path):
     """DiTPipeline (class labels, latent space, learned sigma): the fp32 engines reproduce the torch pipeline's images,
     and `tmpdiff run --pipeline DIR --class ...` runs the schedule through it."""

@@ -518,6 +518,10 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     return denoiser
 
 
+# pipelines whose classifier-free-guidance batch puts the conditional half first (diffusers' others: unconditional first)
+COND_FIRST_PIPELINES = frozenset({"DiTPipeline"})
+
+
 def _drop_in_drafts(pipe, plan: PrecisionPlan, manifest: Manifest, adapter: DenoiserAdapter, parallel: int, mode: str,
                     scale: float | None, min_alpha: float) -> DropInDrafts:
     """DRiffusion's drafts for an attached pipeline, refused where they cannot run."""
@@ -529,7 +533,8 @@ def _drop_in_drafts(pipe, plan: PrecisionPlan, manifest: Manifest, adapter: Deno
                            "class-conditional runner's workers do): run this plan sequentially", plan.source)
     if "timestep" not in {spec.name for spec in adapter.input_specs()}:
         raise TmpdiffError(f"--parallel drafts need a timestep input; {manifest.architecture} graphs have none")
-    return DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha)
+    return DropInDrafts(parallel, mode, 1.0 if scale is None else float(scale), min_alpha,
+                        cond_first=type(pipe).__name__ in COND_FIRST_PIPELINES)
 
 
 def denoiser_for_build(build_dir: Path, plan: PrecisionPlan, *, backend: str = "ort", device: str = "cpu",

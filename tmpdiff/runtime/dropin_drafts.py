@@ -41,6 +41,7 @@ class DropInDrafts:
     mode: ParallelMode
     guidance_scale: float
     min_alpha: float = 0.0  # ours: anchors with a smaller signal scale draft nothing (their DDIM jump is ill-posed)
+    cond_first: bool = False  # the guided batch is [cond; uncond] (DiTPipeline), not diffusers' usual [uncond; cond]
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> output computed on its draft
     previous: torch.Tensor | None = None  # aggressive: the guided estimate the current anchor was refined with
     rounds: int = 0
@@ -62,6 +63,8 @@ class DropInDrafts:
         """The noise estimate the pipeline steps with, from the denoiser's raw output."""
         if self.guidance_scale > 1.0:
             uncond, cond = output.float().chunk(2)
+            if self.cond_first:
+                uncond, cond = cond, uncond
             output = uncond + self.guidance_scale * (cond - uncond)
         if output.shape[1] == 2 * latent_channels:  # learned variance: the pipeline keeps the first half
             output = output[:, :latent_channels]
