@@ -295,3 +295,20 @@ def test_run_pipeline_passes_the_timesteps(pixart):
                                                     schedule_path=root / "s.json"))
     assert images.shape[0] == 1
     assert [e.timestep for e in denoiser.trace.steps] == PIPE_TIMESTEPS
+
+
+def test_a_plans_solver_replaces_a_pipelines_own_of_the_same_class_configured_otherwise():
+    """Rows learned on DDIM 'trailing' run on a DDIM 'linspace' pipeline with the plan's spacing (the pipeline's own
+    scheduler was kept because the class matched, and the run refused the rows' timesteps); the same configuration
+    keeps the pipeline's."""
+    from diffusers import DDIMScheduler
+
+    from tmpdiff.models.schedulers import plan_scheduler_for
+
+    own = DDIMScheduler(timestep_spacing="linspace")
+    trailing = {k: v for k, v in own.config.items() if not k.startswith("_")} | {"timestep_spacing": "trailing"}
+    plan = Schedule(steps=3, precisions=["fp32"] * 3, scheduler=SchedulerRef(class_name="DDIMScheduler", config=trailing))
+    chosen = plan_scheduler_for(plan, own)
+    assert chosen is not None and chosen.config.timestep_spacing == "trailing"
+    same = plan.model_copy(update={"scheduler": SchedulerRef(class_name="DDIMScheduler", config=trailing)})
+    assert plan_scheduler_for(same, DDIMScheduler.from_config(trailing)) is None

@@ -118,13 +118,16 @@ def _check_noise_process(scheduler, reference, what: str, whose: str, source: st
 
 
 def plan_scheduler_for(schedule: Schedule, current, source: str | Path | None = None):
-    """The scheduler a plan names, for a pipeline whose own scheduler is `current` (None when the plan names none or
-    the same class); refused when its noise process differs from the pipeline's."""
+    """The scheduler a plan names, for a pipeline whose own scheduler is `current` (None when the plan names none, or
+    the same class configured the same); refused when its noise process differs from the pipeline's. The same class
+    with another spacing (DDIM 'trailing' rows on a 'linspace' DDIM pipeline) is the plan's."""
     if schedule.scheduler is None:
         return None
     scheduler = scheduler_from(schedule.scheduler.class_name, schedule.scheduler.config, source)
     _check_noise_process(scheduler, current.config, "the plan's scheduler", "the pipeline's", source)
-    return None if schedule.scheduler.class_name == type(current).__name__ else scheduler
+    same = type(scheduler) is type(current) and all(
+        current.config.get(key) == value for key, value in scheduler.config.items() if not key.startswith("_"))
+    return None if same else scheduler
 
 
 def train_timesteps(scheduler) -> int:
