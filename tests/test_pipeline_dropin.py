@@ -300,6 +300,19 @@ def test_final_latents_of_a_pipeline_that_always_decodes():
     assert torch.allclose(decode_latents(pipe, latents), want, atol=1e-5)
 
 
+def test_a_class_outside_the_models_labels_is_refused_by_name(dit_build, tmp_path):
+    """`run --pipeline` with a label past the label table failed inside ONNX Runtime's Gather (a traceback); the null
+    class itself (1000 here) is the pipeline's to add, not a class to ask for."""
+    from tests.cli_helpers import cli
+
+    pipe_dir, build_dir = dit_build
+    for label in ("5000", "1000"):
+        code, _, err = cli("run", build_dir, "--pipeline", pipe_dir, "--class", label, "--precision", "int8", "--steps",
+                           str(STEPS), "--out", tmp_path / "x.png")
+        assert code == 2 and f"--class {label} is outside the model's 1000 classes" in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_drafts_guide_as_dit_pipeline_does(dit_build):
     """DiTPipeline's guided batch is [cond; uncond]: a draft jumps with the estimate the pipeline itself steps with
     (the drafts combined the halves the other way round, 6.5 max abs off)."""

@@ -175,7 +175,8 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
     pipe = load_pipeline(pipeline_dir)
-    conditioning_kwargs(pipe, conditions, pipeline_dir, ("--calib-classes", "--prompts"))  # the kind it takes
+    conditioning_kwargs(pipe, conditions, pipeline_dir, ("--calib-classes", "--prompts"),  # the kind it takes
+                        num_classes=manifest.denoiser_config.get("num_embeds_ada_norm"))
     if timesteps is not None:
         timesteps = tuple(int(t) for t in timesteps)
         if len(timesteps) != steps:

@@ -55,7 +55,7 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     manifest = load_manifest(request.build_dir)
     check_pipeline_denoiser(request.pipeline_dir, manifest.model_sha256, request.build_dir / MANIFEST_NAME)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
-    inputs = _call_inputs(pipe, request)
+    inputs = _call_inputs(pipe, request, manifest.denoiser_config.get("num_embeds_ada_norm"))
     if plan.conditioning is not None and plan.file is not None:  # learned rows: the solver they were learned for
         from tmpdiff.models.schedulers import plan_scheduler_for
 
@@ -88,7 +88,7 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, plan.source
 
 
-def _call_inputs(pipe, request: PromptRequest) -> dict:
+def _call_inputs(pipe, request: PromptRequest, num_classes: int | None) -> dict:
     """The pipeline call's conditioning: its prompts, or the class labels of a pipeline that takes them."""
     conditions = request.prompts if request.class_labels is None else request.class_labels
-    return conditioning_kwargs(pipe, conditions, request.pipeline_dir)
+    return conditioning_kwargs(pipe, conditions, request.pipeline_dir, num_classes=num_classes)

@@ -137,7 +137,8 @@ def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, captu
     seed, all of them batched, cond and uncond rows as the pipeline makes them), with `model` (fp32 torch) as its
     denoiser."""
     pipe = load_pipeline(capture.pipeline_dir, model)
-    conditioning = conditioning_kwargs(pipe, capture.conditions, capture.pipeline_dir, ("--calib-classes", "--prompts"))
+    conditioning = conditioning_kwargs(pipe, capture.conditions, capture.pipeline_dir, ("--calib-classes", "--prompts"),
+                                       num_classes=getattr(model.config, "num_embeds_ada_norm", None))
     batches: list[dict[str, torch.Tensor]] = []
     signature = inspect.signature(model.forward)
     specs = adapter.input_specs()

@@ -95,9 +95,10 @@ def pipeline_takes_class_labels(pipeline_dir: Path) -> bool:
 
 
 def conditioning_kwargs(pipe, conditions: Sequence[str] | Sequence[int], where: Path,
-                        options: tuple[str, str] = ("--class", "--prompt")) -> dict:
+                        options: tuple[str, str] = ("--class", "--prompt"), num_classes: int | None = None) -> dict:
     """The call's conditioning argument: `prompt` for prompts (strs), `class_labels` for class labels (ints); refused
-    by name when the pipeline takes the other kind (`options`: the command's options giving labels and prompts)."""
+    by name when the pipeline takes the other kind (`options`: the command's options giving labels and prompts), or
+    a label outside the denoiser's `num_classes` (its label table's null row included: the pipeline's to use)."""
     labelled = takes_class_labels(type(pipe))
     if all(isinstance(c, str) for c in conditions):
         if labelled:
@@ -105,7 +106,12 @@ def conditioning_kwargs(pipe, conditions: Sequence[str] | Sequence[int], where: 
         return {"prompt": list(conditions)}
     if not labelled:
         raise TmpdiffError(f"{type(pipe).__name__} takes prompts, not class labels: pass {options[1]}", where)
-    return {"class_labels": [int(c) for c in conditions]}
+    labels = [int(c) for c in conditions]
+    outside = [label for label in labels if num_classes is not None and not 0 <= label < num_classes]
+    if outside:
+        raise TmpdiffError(f"{options[0]} {outside[0]} is outside the model's {num_classes} classes "
+                           f"(0..{num_classes - 1})", where)
+    return {"class_labels": labels}
 
 
 class _DecodeReached(Exception):
