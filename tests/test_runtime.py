@@ -228,3 +228,11 @@ def test_without_guidance_the_scheduler_never_keeps_the_engines_output_buffer(qu
     step = PNDMScheduler.step
     monkeypatch.setattr(PNDMScheduler, "step", lambda self, output, *a, **k: step(self, output.clone(), *a, **k))
     assert torch.equal(shipped, latents())
+
+
+def test_zero_steps_is_refused_not_taken_for_the_default():
+    from tmpdiff.runtime.plan import resolve_plan
+
+    assert resolve_plan(None, "int8", steps=None, default_steps=20).steps == 20
+    with pytest.raises(TmpdiffError, match="0 steps: a run takes 1.."):
+        resolve_plan(None, "int8", steps=0, default_steps=20)

@@ -71,7 +71,7 @@ def resolve_plan(schedule: Schedule | str | Path | list[str] | None = None, prec
         raise TmpdiffError("give exactly one of a schedule (--schedule FILE) or a uniform precision (--precision P)")
     if precision is not None:
         get_precision(precision)  # unknown names list the known ones
-        count = steps or default_steps
+        count = steps if steps is not None else default_steps  # 0 is refused below, not taken for the default
         if count is not None and not 1 <= count <= MAX_STEPS:
             raise TmpdiffError(f"{count} steps: a run takes 1..{MAX_STEPS} (no scheduler has more training timesteps)")
         per_step = None if count is None else (precision,) * count
