@@ -236,3 +236,36 @@ def test_zero_steps_is_refused_not_taken_for_the_default():
     assert resolve_plan(None, "int8", steps=None, default_steps=20).steps == 20
     with pytest.raises(TmpdiffError, match="0 steps: a run takes 1.."):
         resolve_plan(None, "int8", steps=0, default_steps=20)
+
+
+def test_a_closed_runner_refuses_to_sample_and_a_failed_load_frees_what_it_loaded(quant_build, monkeypatch):
+    """An ORT engine still ran after its runner's close (nothing said the runner was done); engines loaded before a
+    later precision failed to load were left open."""
+    from tmpdiff.engines import loading
+
+    _, build_dir, _ = quant_build
+    manifest = load_manifest(build_dir)
+    sampling = manifest.sampling
+    engines = load_engines(build_dir, manifest, "ort", "cpu", ["fp32"])
+    runner = ScheduledRunner(engines, batch=1, channels=sampling.channels, size=sampling.image_size, guidance_scale=1.0,
+                             null_class=sampling.null_class, num_classes=sampling.num_classes, owns_engines=True)
+    runner.close()
+    with pytest.raises(TmpdiffError, match="the runner was closed"):
+        runner.sample(sampling_scheduler(sampling), torch.tensor([1]),
+                      initial_noise(1, sampling.channels, sampling.image_size, 0), ["fp32", "fp32"])
+    closed: list[str] = []
+    real = loading.load_engines.__globals__["_current_engine"]
+
+    def current(build, man, backend, device, name):
+        if name == "int8":
+            raise TmpdiffError("int8 refused for the test")
+        return real(build, man, backend, device, name)
+
+    monkeypatch.setattr(loading, "_current_engine", current)
+    from tmpdiff.engines.ort import OrtEngine
+
+    close = OrtEngine.close
+    monkeypatch.setattr(OrtEngine, "close", lambda self: closed.append(self.path.parent.name) or close(self))
+    with pytest.raises(TmpdiffError, match="int8 refused"):
+        load_engines(build_dir, manifest, "ort", "cpu", ["fp32", "int8"])
+    assert closed == ["fp32"]

@@ -135,15 +135,20 @@ def load_engines(build_dir: Path, manifest: Manifest, backend: str, device: str,
         from tmpdiff.engines.ort import share_runtime_resources
 
         share_runtime_resources(threads)
-    for name in precisions:
-        if name not in manifest.precisions:
-            raise TmpdiffError(f"precision {name!r} was not exported (exported: {', '.join(manifest.precisions)})",
-                               build_dir / "manifest.json")
-        entry = _current_engine(build_dir, manifest, backend, device, name)
-        if backend == "ort":
-            from tmpdiff.engines.ort_build import load_ort_engine
+    try:
+        for name in precisions:
+            if name not in manifest.precisions:
+                raise TmpdiffError(f"precision {name!r} was not exported (exported: {', '.join(manifest.precisions)})",
+                                   build_dir / "manifest.json")
+            entry = _current_engine(build_dir, manifest, backend, device, name)
+            if backend == "ort":
+                from tmpdiff.engines.ort_build import load_ort_engine
 
-            engines[name] = load_ort_engine(build_dir, manifest, entry, device, threads)
-        else:
-            engines[name] = _load_trt(build_dir, manifest, entry, cuda_graphs)
+                engines[name] = load_ort_engine(build_dir, manifest, entry, device, threads)
+            else:
+                engines[name] = _load_trt(build_dir, manifest, entry, cuda_graphs)
+    except BaseException:  # those loaded before the one that failed are nobody's: freed (a TensorRT plan's memory)
+        for engine in engines.values():
+            engine.close()
+        raise
     return engines

@@ -210,6 +210,8 @@ class EngineDenoiser(torch.nn.Module):
 
     def run_call(self, feeds: dict[str, Any], index: int, timestep: float) -> tuple[torch.Tensor, str, str | None, float]:
         """One call of step `index` on `feeds` (what a draft actor runs): output, engine used, fallback, seconds."""
+        if self._closed:
+            raise TmpdiffError("the attached engines were closed (denoiser.close()): attach the build again")
         hidden = feeds[self._input_specs[0].name]
         self._ensure_buffers(int(hidden.shape[0]))
         started = time.perf_counter()

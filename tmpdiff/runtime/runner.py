@@ -99,6 +99,7 @@ class ScheduledRunner:
         torch_device = "cpu" if device == "cpu" else "cuda"
         self.engines = dict(engines)
         self.owns_engines = owns_engines
+        self.closed = False
         self.batch = batch
         self.guidance_scale = guidance_scale
         self.use_cfg = guidance_scale != 1.0
@@ -152,6 +153,8 @@ class ScheduledRunner:
         On a GPU nothing here waits for the device between steps (unless the NaN guard is on: reading its
         verdict is one synchronisation per step); step times come from CUDA events read after the run.
         """
+        if self.closed:  # (an ORT engine would still run after its close: the runner's state says it is done)
+            raise TmpdiffError("the runner was closed: make a new one")
         self._check_labels(class_labels)
         missing = sorted(set(precisions) - set(self.engines))
         if missing:
@@ -244,3 +247,4 @@ class ScheduledRunner:
         runner owns are freed."""
         with exclusive(self.engines.values(), "close"):  # never under another thread's call
             (close_engines if self.owns_engines else release)(self.engines.values())
+        self.closed = True
