@@ -34,7 +34,6 @@ are converted to GB, 1e9 bytes, here; results/cpu-*-2core/scale.json):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmpdiff.engines import memory as engine_memory
+from tmpdiff.formats.atomic import parse_json_object
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import Precision
 
@@ -122,14 +122,10 @@ def _read_header(file: Path) -> dict:
             if size > available:
                 raise TmpdiffError(f"not a readable safetensors header (it claims {size} bytes, the file holds "
                                    f"{available} after its length)", file)
-            header = json.loads(handle.read(size))
-    except (struct.error, ValueError, OSError) as exc:  # (json's and UTF-8's errors are ValueErrors)
+            data = handle.read(size)
+    except (struct.error, OSError) as exc:
         raise TmpdiffError(f"not a readable safetensors header ({exc})", file) from None
-    except RecursionError:
-        raise TmpdiffError("not a readable safetensors header (JSON nested too deeply)", file) from None
-    if not isinstance(header, dict):
-        raise TmpdiffError(f"not a readable safetensors header (a JSON {type(header).__name__}, not an object)", file)
-    return header
+    return parse_json_object(data, file, "not a readable safetensors header: ")
 
 
 def _header_shapes(file: Path, header: dict) -> dict[str, list[int]]:

@@ -314,15 +314,21 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object; anything else is a TmpdiffError naming the file."""
+    return parse_json_object(read_text_file(path), path)
+
+
+def parse_json_object(data: str | bytes, path: Path, what: str = "") -> dict[str, Any]:
+    """`data` (text, or UTF-8 bytes) parsed as a JSON object; anything else is a TmpdiffError naming `path` (`what`:
+    which part of the file it is, e.g. "safetensors header: ")."""
     try:
-        data = json.loads(read_text_file(path))
+        parsed = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
+        raise TmpdiffError(f"{what}not valid JSON ({exc})", path) from None
     except RecursionError:
-        raise TmpdiffError("not a valid JSON document: nested too deeply", path) from None
-    if not isinstance(data, dict):
-        raise TmpdiffError(f"expected a JSON object, found {type(data).__name__}", path)
-    return data
+        raise TmpdiffError(f"{what}not a valid JSON document: nested too deeply", path) from None
+    if not isinstance(parsed, dict):
+        raise TmpdiffError(f"{what}expected a JSON object, found {type(parsed).__name__}", path)
+    return parsed
 
 
 def read_model_file(path: Path, model_cls, what: str, missing: str | None = None):
