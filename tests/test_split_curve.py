@@ -80,3 +80,14 @@ def test_calibration_sets_are_nested_prefixes_of_one_half_and_never_unseen(monke
 def test_sizes_beyond_half_the_samples_are_refused():
     with pytest.raises(TmpdiffError, match="half of 12 samples"):
         split_curve.split_size_curve(_table(noise=0.1), np.arange(12), COST, "fp32", [4, 7])
+
+
+def test_the_size_curve_refuses_a_pool_that_overlaps_its_unseen_samples():
+    """Its ratios are judged on unseen samples: a pool sharing one of them would judge a schedule on what it was
+    calibrated on (the exhaustive comparison refused that; the size curve did not check)."""
+    from tmpdiff.calibration.lossy import size_curve
+
+    table = _table(noise=0.1)  # seeds 0..3, three samples each
+    assert size_curve(table, [0, 1], [3], COST, "fp32", [3], draws=1)["points"]
+    with pytest.raises(TmpdiffError, match="calibration and unseen samples overlap"):
+        size_curve(table, [0, 1], [1, 3], COST, "fp32", [3], draws=1)

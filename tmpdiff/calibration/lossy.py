@@ -78,10 +78,7 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
     evolutionary at TMPDiff's evaluations, heuristics; ratios on calibration samples and on unseen ones.
     Unseen samples are other seeds, or (with `*_classes`) other classes of the same seeds."""
     calib, unseen = table.samples_of(calib_seeds, calib_classes), table.samples_of(unseen_seeds, unseen_classes)
-    if set(calib.tolist()) & set(unseen.tolist()):
-        from tmpdiff.formats.errors import TmpdiffError
-
-        raise TmpdiffError("calibration and unseen samples overlap")
+    _check_apart(calib, unseen)
     out: dict = {"steps": table.steps, "levels": table.levels, "schedules": len(table.schedules),
                  "step_evaluations": table.step_evaluations, "calib_seeds": list(calib_seeds),
                  "unseen_seeds": list(unseen_seeds), "calib_classes": calib_classes, "unseen_classes": unseen_classes,
@@ -117,6 +114,14 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
     return out
 
 
+def _check_apart(calib: np.ndarray, unseen: np.ndarray) -> None:
+    """Judging on unseen samples means none of them was calibrated on."""
+    if set(calib.tolist()) & set(unseen.tolist()):
+        from tmpdiff.formats.errors import TmpdiffError
+
+        raise TmpdiffError("calibration and unseen samples overlap")
+
+
 def size_curve(table: SampleTable, pool_seeds: Sequence[int], unseen_seeds: Sequence[int], cost: dict[str, float],
                reference: str, sizes: Sequence[int], draws: int = 5, metric: str = "latent",
                speedups: Sequence[float] | None = None, seed: int = 0, pool_classes: Sequence[int] | None = None,
@@ -127,6 +132,7 @@ def size_curve(table: SampleTable, pool_seeds: Sequence[int], unseen_seeds: Sequ
     rng = np.random.default_rng(seed)
     name = TABLE_METRIC[metric]
     pool, unseen = table.samples_of(pool_seeds, pool_classes), table.samples_of(unseen_seeds, unseen_classes)
+    _check_apart(pool, unseen)
     budgets = budgets_for(table, cost, reference, speedups)
     optima = {label: optimum(table, name, unseen, cost, b) for label, b in budgets}
     points = []
