@@ -691,3 +691,12 @@ def test_a_timing_cache_is_updated_but_never_a_build_file_or_a_fifo(build, work)
     (work / "timing.cache").write_bytes(b"an earlier cache")
     code, _, err = cli(*trt, work / "timing.cache")  # accepted: the next refusal is this machine's missing TensorRT
     assert code == 2 and "--timing-cache" not in err and "TensorRT" in err, err
+
+
+def test_check_compares_the_manifests_inputs_with_the_graphs(tampered):
+    """Engines are bound, and TensorRT profiles built, by the manifest's inputs: an edited input rank passed `check`."""
+    data = json.loads((tampered / "manifest.json").read_text())
+    data["inputs"][0]["shape"] = data["inputs"][0]["shape"][:-1]
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    code, out, _ = cli("check", tampered)
+    assert code == 1 and "fp32/model.onnx: fp32: its inputs" in out and "are not the manifest's" in out, out

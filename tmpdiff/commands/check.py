@@ -52,9 +52,14 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
             problems.append(Problem(str(path), f"{name}: {problem}", f"re-run `tmpdiff export --precisions {name}`"))
         for rel, _ in [] if broken else entry.graphs():
             try:
-                load_onnx(root / rel, root)
+                graph = load_onnx(root / rel, root)
             except TmpdiffError as exc:
                 problems.append(Problem(str(root / rel), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`"))
+                continue
+            mismatch = _io_mismatch(graph, manifest)
+            if mismatch is not None:
+                problems.append(Problem(str(root / rel), f"{name}: {mismatch}", "re-run `tmpdiff export` (the manifest's "
+                                        "inputs/outputs are what engines are bound and TensorRT profiles built by)"))
     for name in manifest.mixed:
         from tmpdiff.formats.manifest import mixed_problem
 
@@ -135,6 +140,17 @@ class Replay:
     output: np.ndarray | None  # None when the engine failed to run
     error: float  # relative L2 vs the exported graph's recorded output (inf when it failed)
     failure: str | None = None
+
+
+def _io_mismatch(graph, manifest) -> str | None:
+    """How a graph's inputs and outputs (names and ranks) differ from those the manifest records, or None."""
+    for kind, recorded, actual in (("inputs", manifest.inputs, graph.graph.input),
+                                   ("outputs", manifest.outputs, graph.graph.output)):
+        want = [(spec.name, len(spec.shape)) for spec in recorded]
+        got = [(value.name, len(value.type.tensor_type.shape.dim)) for value in actual]
+        if sorted(want) != sorted(got):
+            return f"its {kind} {got} are not the manifest's {want}"
+    return None
 
 
 def replay_check_inputs(build_dir: Path, manifest, backend: str, device: str) -> dict[str, Replay]:
