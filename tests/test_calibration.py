@@ -235,6 +235,7 @@ def test_calibrate_over_a_plans_timesteps(quant_build, costs_file, session6, tmp
     ("five", "names 5 timesteps but --steps is 6"),
     ("other-model", "the plan is for model 'pixart', this build is 'tiny-dit'"),
     ("other-solver", "its timesteps were chosen for DDIMScheduler, this build samples with DPMSolverMultistepScheduler"),
+    ("other-noise", "has another noise process than this build's (beta_schedule: 'linear'"),
     ("outside", "timestep 1500 is outside DPMSolverMultistepScheduler's training timesteps 0..999"),
 ])
 def test_calibrate_refuses_timesteps_it_cannot_use(quant_build, costs_file, tmp_path, source, message):
@@ -248,6 +249,10 @@ def test_calibrate_refuses_timesteps_it_cannot_use(quant_build, costs_file, tmp_
     elif source == "other-solver":
         ddim = SchedulerRef(class_name="DDIMScheduler", config=load_manifest(build_dir).sampling.scheduler_config)
         _tmpq_plan(path, scheduler=ddim)
+    elif source == "other-noise":  # the build's solver class, another noise process: other timesteps
+        sampling = load_manifest(build_dir).sampling
+        _tmpq_plan(path, scheduler=SchedulerRef(class_name=sampling.scheduler_class,
+                                                config=sampling.scheduler_config | {"beta_schedule": "linear"}))
     elif source == "outside":
         _tmpq_plan(path, [1500, *CHOSEN[1:]])
     else:

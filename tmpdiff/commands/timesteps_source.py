@@ -13,7 +13,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import Manifest
 from tmpdiff.formats.schedule import SchedulerRef, load_schedule
 from tmpdiff.formats.tmpq_plan import load_tmpq_plan
-from tmpdiff.models.schedulers import sampling_scheduler, set_custom_timesteps
+from tmpdiff.models.schedulers import check_noise_process, sampling_scheduler, scheduler_from, set_custom_timesteps
 from tmpdiff.runtime.plan import is_tmpq_plan
 
 
@@ -38,6 +38,9 @@ def timesteps_from(path: Path, manifest: Manifest, steps: int | None, sampler=No
     if scheduler is not None and sampler is not None and scheduler.class_name != type(sampler).__name__:
         raise TmpdiffError(f"its timesteps were chosen for {scheduler.class_name}, this build samples with "
                            f"{type(sampler).__name__}", path)
+    if scheduler is not None and sampler is not None:  # the same class on another noise process: other timesteps
+        check_noise_process(scheduler_from(scheduler.class_name, scheduler.config, path), sampler.config,
+                            "the scheduler its timesteps were chosen for", "this build's", path)
     if steps is not None and steps != len(timesteps):
         raise TmpdiffError(f"names {len(timesteps)} timesteps but --steps is {steps}", path)
     if sampler is not None:

@@ -103,12 +103,12 @@ def _named_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: 
         return sampling_scheduler(sampling)
     scheduler = scheduler_from(schedule.scheduler.class_name, schedule.scheduler.config, source)
     if sampling is not None:
-        _check_noise_process(scheduler, sampling_scheduler(sampling).config, "the schedule's scheduler", "the model's",
+        check_noise_process(scheduler, sampling_scheduler(sampling).config, "the schedule's scheduler", "the model's",
                              source)
     return scheduler
 
 
-def _check_noise_process(scheduler, reference, what: str, whose: str, source: str | Path | None) -> None:
+def check_noise_process(scheduler, reference, what: str, whose: str, source: str | Path | None) -> None:
     """Refuse `scheduler` when a NOISE_PROCESS_KEYS value differs from the `reference` config's."""
     differing = [k for k in NOISE_PROCESS_KEYS if k in reference and reference.get(k) != scheduler.config.get(k)]
     if differing:
@@ -124,7 +124,7 @@ def plan_scheduler_for(schedule: Schedule, current, source: str | Path | None = 
     if schedule.scheduler is None:
         return None
     scheduler = scheduler_from(schedule.scheduler.class_name, schedule.scheduler.config, source)
-    _check_noise_process(scheduler, current.config, "the plan's scheduler", "the pipeline's", source)
+    check_noise_process(scheduler, current.config, "the plan's scheduler", "the pipeline's", source)
     same = type(scheduler) is type(current) and all(
         current.config.get(key) == value for key, value in scheduler.config.items() if not key.startswith("_"))
     return None if same else scheduler
