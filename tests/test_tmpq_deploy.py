@@ -147,6 +147,22 @@ def test_a_plan_for_another_build_is_refused(deployment, tmp_path):
     assert code == 2 and "the plan was searched on 'another-model'" in err and str(other) in err, err
     code, out, _ = cli("check", build_dir, "--schedule", other)
     assert code == 1 and "another-model" in out, out
+    # the same model id, other weights (or a precision it uses exported again): only a /2 plan's record can tell
+    manifest = load_manifest(build_dir)
+    keys = {p: manifest.precisions[p].key for p in ("int8", "int4")}
+    ours = plan.model_copy(update={"model_sha256": manifest.model_sha256, "export_keys": keys})
+    assert ours.build_problem(manifest) is None
+    for update, message in (({"model_sha256": "0" * 64}, "searched on another 'tiny-dit'"),
+                            ({"export_keys": keys | {"int4": "an earlier export"}}, "int4 was exported again")):
+        elsewhere = tmp_path / "elsewhere.json"
+        save_tmpq_plan(ours.model_copy(update=update), elsewhere)
+        assert json.loads(elsewhere.read_text())["format"] == "tmpdiff.tmpq-plan/2"
+        for command in (["deploy-plan", build_dir, elsewhere],
+                        ["run", build_dir, "--schedule", elsewhere, "--class", "1", "--out", tmp_path / "o.png"]):
+            code, _, err = cli(*command)
+            assert code == 2 and message in err, err
+        code, out, _ = cli("check", build_dir, "--schedule", elsewhere)
+        assert code == 1 and message in out, out
     fewer = tmp_path / "fewer.json"
     save_tmpq_plan(plan.model_copy(update={"layers": plan.layers[:-1], "configs": [c[:-1] for c in plan.configs]}),
                    fewer)

@@ -46,6 +46,11 @@ def test_search_samples_candidates_inside_the_pipeline_and_judges_on_other_promp
     assert code == 0, err
     plan = load_tmpq_plan(plan_path)
     assert plan.model_id == "tiny-t2i" and plan.steps == 4 and plan.scheduler.class_name == "DPMSolverMultistepScheduler"
+    from tmpdiff.formats.manifest import load_manifest
+
+    manifest = load_manifest(build)  # the build it was searched on: its model and the quantizers of what it searched
+    assert plan.format == "tmpdiff.tmpq-plan/2" and plan.model_sha256 == manifest.model_sha256
+    assert plan.export_keys and all(manifest.precisions[p].key == key for p, key in plan.export_keys.items())
     assert plan.predicted["ms"] <= plan.predicted["budget_ms"] and plan.search["evaluations"] >= 1
     # memory: each distinct configuration is one engine; int8 layers hold a quarter of fp32's weight bytes
     weights = plan.predicted["engine_weight_bytes"]

@@ -441,7 +441,7 @@ def run(
     out: Annotated[Path, typer.Option(help="image to write (PNG grid, one sample per class or prompt)")] = Path("sample.png"),
     schedule: Annotated[Path | None, typer.Option(help="schedule or plan: tmpdiff.schedule/1 to /3 (/2: its own timesteps, "
                                                              "/3: MTEO's learned embeddings), or a TMPQ-DM plan "
-                                                             "(tmpdiff.tmpq-plan/1)")] = None,
+                                                             "(tmpdiff.tmpq-plan/1 or /2)")] = None,
     precision: Annotated[str | None, typer.Option(help="run every step at this precision instead of a schedule")] = None,
     class_: Annotated[str, typer.Option("--class", help="comma-separated class ids, one sample each")] = "0",
     prompt: Annotated[list[str] | None, typer.Option(help="text prompt (repeatable); needs --pipeline")] = None,
@@ -978,7 +978,7 @@ def layer_costs(
 def search_plan(
     build_dir: Annotated[Path, typer.Argument(help="build directory with quantized exports")],
     layer_costs: Annotated[Path, typer.Option(help="per-layer costs table (`tmpdiff layer-costs`)")],
-    out: Annotated[Path, typer.Option(help="plan to write (tmpdiff.tmpq-plan/1)")] = Path("plan.json"),
+    out: Annotated[Path, typer.Option(help="plan to write (tmpdiff.tmpq-plan/2)")] = Path("plan.json"),
     schedule_out: Annotated[Path | None, typer.Option(help="also write a tmpdiff.schedule/2 file when every layer "
                                                            "configuration is one precision (runs with `tmpdiff run`)")] = None,
     model: Annotated[str | None, typer.Option(help="what the build was exported from: bundled, bundled-t2i, a pipeline "

@@ -147,6 +147,9 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     result = search.run()
     plan = _plan(manifest.model_id, supernet, table, result, options, sets.scheduler, reference_ms, budget, steps,
                  sets.calibration_record)
+    # the build searched on: a plan runs and deploys only where the same model and quantizers are
+    plan.model_sha256 = manifest.model_sha256
+    plan.export_keys = {p: manifest.precisions[p].key for p in supernet.precisions if p in manifest.precisions}
     on_status("judging on the held-out set")
     holdout = judge(plan, supernet, sets.holdout(supernet), table, options, reference_ms)
     plan.measured = {"calibration": sets.calibration_record | {"metric": options.metric, "fitness": result.fitness},

@@ -91,7 +91,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
         if is_tmpq_plan(schedule_path):  # a TMPQ-DM plan: its layer configurations must be deployed here
             try:
                 plan = resolve_plan(schedule_path)
-                plan.check_model(manifest.model_id)
+                plan.check_model(manifest)
                 schedule_scheduler(plan.file, manifest.sampling)
             except TmpdiffError as exc:
                 problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff search-plan`"))

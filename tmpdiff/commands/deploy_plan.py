@@ -45,8 +45,9 @@ def deploy_plan(build_dir: Path, plan_path: Path, model_dir: Path, *, wait: floa
     plan = load_tmpq_plan(plan_path)
     tmpq_precision_plan(plan, plan_path)  # what `run` refuses (e.g. timesteps a schedule cannot take) is not deployed either
     manifest = load_manifest(build_dir)
-    if plan.model_id != manifest.model_id:
-        raise TmpdiffError(f"the plan was searched on {plan.model_id!r}, the build holds {manifest.model_id!r}", plan_path)
+    problem = plan.build_problem(manifest)
+    if problem is not None:
+        raise TmpdiffError(problem, plan_path)
     if manifest.time_embedding_input is not None and any(len(set(c)) > 1 for c in plan.configs):
         raise TmpdiffError(f"the build's graphs take time embeddings (--time-embedding-input), its mixed layer "
                            f"configurations' graphs the timestep: {TMPQ_ON_PLAIN}", build_dir / "manifest.json")

@@ -103,7 +103,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
     manifest = load_manifest(request.build_dir)
     sampling = manifest.require_sampling(request.build_dir)
     plan = request.plan(sampling.default_steps)
-    plan.check_model(manifest.model_id)
+    plan.check_model(manifest)
     bad = [c for c in request.classes if not 0 <= c < sampling.num_classes]
     if not request.classes or bad:
         raise TmpdiffError(f"class ids must be in 0..{sampling.num_classes - 1}, got {request.classes}")

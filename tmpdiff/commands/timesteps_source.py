@@ -26,6 +26,9 @@ def timesteps_from(path: Path, manifest: Manifest, steps: int | None, sampler=No
         plan = load_tmpq_plan(path)
         if plan.model_id != manifest.model_id:
             raise TmpdiffError(f"the plan is for model {plan.model_id!r}, this build is {manifest.model_id!r}", path)
+        if plan.model_sha256 is not None and plan.model_sha256 != manifest.model_sha256:  # (its quantizers do not
+            # matter here: only its timesteps are taken)
+            raise TmpdiffError(f"the plan was searched on another {plan.model_id!r} (other weights or config)", path)
         timesteps, scheduler = list(plan.timesteps), plan.scheduler
     else:
         schedule = load_schedule(path)

@@ -1,4 +1,6 @@
-"""A TMPQ-DM plan (format `tmpdiff.tmpq-plan/1`): which training timesteps run, and each step's per-layer precisions.
+"""A TMPQ-DM plan (format `tmpdiff.tmpq-plan/2`; `/1` is still read): which training timesteps run, and each step's
+per-layer precisions. `/2` adds the build it was searched on: the model's hash and each precision's export key (the
+quantizers its layer configurations are made from), so a plan never runs or deploys on another build of the same id.
 
 `configs` lists the distinct layer configurations (one precision per layer of `layers`); step i runs `configs[
 step_configs[i]]` at `timesteps[i]` (sampling order, strictly decreasing). A configuration whose layers all share one
@@ -17,15 +19,18 @@ from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.precisions import PRECISIONS
 from tmpdiff.formats.schedule import MAX_STEPS, Schedule, SchedulerRef, timestep_problem
 
-TMPQ_PLAN_FORMAT = "tmpdiff.tmpq-plan/1"
+TMPQ_PLAN_FORMAT_V1 = "tmpdiff.tmpq-plan/1"
+TMPQ_PLAN_FORMAT = "tmpdiff.tmpq-plan/2"
 
 
 class TmpqPlan(BaseModel):
     """Timesteps and per-step layer configurations, with what the search predicted and measured for them."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal["tmpdiff.tmpq-plan/1"] = TMPQ_PLAN_FORMAT
+    format: Literal["tmpdiff.tmpq-plan/1", "tmpdiff.tmpq-plan/2"] = TMPQ_PLAN_FORMAT
     model_id: str
+    model_sha256: str | None = None  # /2: the model the search ran on (its weights and config)
+    export_keys: dict[str, str] = Field(default_factory=dict)  # /2: precision -> export key of its quantizers
     steps: int = Field(ge=1, le=MAX_STEPS)
     timesteps: list[int]
     scheduler: SchedulerRef | None = None
@@ -40,6 +45,8 @@ class TmpqPlan(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TmpqPlan:
+        if self.format == TMPQ_PLAN_FORMAT_V1 and (self.model_sha256 is not None or self.export_keys):
+            raise ValueError(f"model_sha256 and export_keys need format {TMPQ_PLAN_FORMAT}")
         if len(self.timesteps) != self.steps or len(self.step_configs) != self.steps:
             raise ValueError(f"{len(self.timesteps)} timesteps and {len(self.step_configs)} step configurations for "
                              f"{self.steps} steps")
@@ -55,6 +62,22 @@ class TmpqPlan(BaseModel):
         if any(not 0 <= i < len(self.configs) for i in self.step_configs):
             raise ValueError(f"a step names configuration outside 0..{len(self.configs) - 1}")
         return self
+
+    def build_problem(self, manifest) -> str | None:
+        """Why this plan cannot run or deploy on the build of `manifest` (None if it can): another model id, other
+        weights, or a precision exported again since the search (its configurations would use other quantizers)."""
+        if self.model_id != manifest.model_id:
+            return f"the plan was searched on {self.model_id!r}, the build holds {manifest.model_id!r}"
+        if self.model_sha256 is not None and self.model_sha256 != manifest.model_sha256:
+            return (f"the plan was searched on another {self.model_id!r} (other weights or config than this build's): "
+                    "search again on this build")
+        used = {p for config in self.configs for p in config}
+        changed = sorted(p for p, key in self.export_keys.items()
+                         if p in used and p in manifest.precisions and manifest.precisions[p].key != key)
+        if changed:
+            return (f"{', '.join(changed)} {'was' if len(changed) == 1 else 'were'} exported again since the search "
+                    "(other quantizers than the plan was measured with): search again on this build")
+        return None
 
     def step_precisions(self) -> list[list[str]]:
         return [self.configs[i] for i in self.step_configs]

@@ -480,7 +480,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     check_threads(threads)
     manifest = load_manifest(build_dir)
     plan = schedule if isinstance(schedule, PrecisionPlan) else resolve_plan(schedule, precision)
-    plan.check_model(manifest.model_id)
+    plan.check_model(manifest)
     scale = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))  # what the calls use
     if plan.conditioning is not None:  # learned rows: for these graphs and this guidance (timesteps: at the 1st call)
         check_build(plan.conditioning, manifest, build_dir)

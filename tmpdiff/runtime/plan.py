@@ -30,13 +30,13 @@ class PrecisionPlan:
     source: str  # where it came from, for messages and reports
     file: Schedule | None = None  # the schedule it was read from (its scheduler is the one to sample with)
     conditioning: TimeConditioning | None = None  # a /3 schedule's learned time embeddings or timestep shifts
-    model_id: str | None = None  # the build a TMPQ-DM plan was searched on (a schedule names none)
+    tmpq: TmpqPlan | None = None  # the TMPQ-DM plan it was read from (a schedule is none)
 
-    def check_model(self, manifest_model_id: str) -> None:
+    def check_model(self, manifest) -> None:
         """A TMPQ-DM plan runs only on the build it was searched on (its layer configurations are that model's)."""
-        if self.model_id is not None and self.model_id != manifest_model_id:
-            raise TmpdiffError(f"the plan was searched on {self.model_id!r}, the build holds {manifest_model_id!r}",
-                               self.source)
+        problem = None if self.tmpq is None else self.tmpq.build_problem(manifest)
+        if problem is not None:
+            raise TmpdiffError(problem, self.source)
 
     @property
     def steps(self) -> int | None:
@@ -128,4 +128,4 @@ def tmpq_precision_plan(plan: TmpqPlan, path: Path, steps: int | None = None) ->
                         precisions=[Counter(c).most_common(1)[0][0] for c in configs])
     except ValidationError as exc:
         raise TmpdiffError(f"not a runnable TMPQ-DM plan ({validation_problems(exc)})", path) from None
-    return PrecisionPlan(engines, None, str(path), view, model_id=plan.model_id)
+    return PrecisionPlan(engines, None, str(path), view, tmpq=plan)
