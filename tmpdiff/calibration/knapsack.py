@@ -42,6 +42,12 @@ import numpy as np
 from tmpdiff.formats.errors import TmpdiffError
 
 BUDGET_TOLERANCE = 1e-9  # relative: a schedule costing exactly the budget stays feasible
+
+
+def within_budget(cost: float, budget: float) -> bool:
+    """Whether `cost` fits `budget` with the relative tolerance: a sum of per-step costs meant to equal the budget (K
+    cheap steps at the budget of K, all-cheapest at the top speedup) can land one float rounding step over it."""
+    return cost <= budget * (1 + BUDGET_TOLERANCE)
 _SCORE_SPAN = 1e6  # largest per-step score spread after scaling (HiGHS's absolute gap is 1e-6)
 
 

@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from tmpdiff.calibration.evaluator import Evaluation
-from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE, solve_mckp
+from tmpdiff.calibration.knapsack import solve_mckp, within_budget
 from tmpdiff.calibration.sensitivity import SensitivityCurve, adaptive_curve, first_points
 from tmpdiff.formats.errors import TmpdiffError
 
@@ -65,10 +65,8 @@ class Problem:
         return float(sum(self.cost[p] for p in schedule))
 
     def fits(self, schedule: Sequence[str], budget: float) -> bool:
-        """Whether the schedule's cost is within the budget, with the knapsack's relative tolerance: a schedule costing
-        exactly the budget (K cheap steps at the budget of K cheap steps, all-cheapest at the top speedup) sums to a
-        float one rounding step over it."""
-        return self.schedule_cost(schedule) <= budget * (1 + BUDGET_TOLERANCE)
+        """Whether the schedule's cost is within the budget (`knapsack.within_budget`)."""
+        return within_budget(self.schedule_cost(schedule), budget)
 
     def speedup(self, schedule: Sequence[str]) -> float:
         return self.steps * self.cost[self.reference] / self.schedule_cost(schedule)

@@ -13,14 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
+from tmpdiff.calibration.knapsack import within_budget
 from tmpdiff.calibration.tmpq_eval import CandidateEvaluator, PlanEvaluator, fitness_of
 from tmpdiff.calibration.tmpq_search import Candidate, SearchResult, SearchSettings, TmpqSearch, tmpq_groups
 from tmpdiff.engines.layer_costs import profile_layers
 from tmpdiff.export.supernet import SuperNet, layer_macs, supernet_from_build
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.layer_costs import LayerCostsTable
-from tmpdiff.formats.manifest import load_manifest
+from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import SchedulerRef
 from tmpdiff.formats.tmpq_plan import TmpqPlan
 from tmpdiff.models.registry import adapter_for_config
@@ -140,16 +140,13 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
         return fitness_of(evaluator.quality(latents), options.metric)
 
     uniform_costs = {i: table.config_ms(table.uniform(p)) * steps for i, p in enumerate(supernet.precisions)}
-    fitting = [i for i, c in uniform_costs.items() if c <= budget * (1 + BUDGET_TOLERANCE)]
+    fitting = [i for i, c in uniform_costs.items() if within_budget(c, budget)]
     init = max(fitting, key=uniform_costs.get) if fitting else min(uniform_costs, key=uniform_costs.get)
     search = TmpqSearch(groups, len(supernet.layers), len(supernet.precisions), fitness, cost, budget, options.settings,
                         init_config=tuple([init] * len(supernet.layers)), on_generation=on_generation)
     result = search.run()
-    plan = _plan(manifest.model_id, supernet, table, result, options, sets.scheduler, reference_ms, budget, steps,
+    plan = _plan(manifest, supernet, table, result, options, sets.scheduler, reference_ms, budget, steps,
                  sets.calibration_record)
-    # the build searched on: a plan runs and deploys only where the same model and quantizers are
-    plan.model_sha256 = manifest.model_sha256
-    plan.export_keys = {p: manifest.precisions[p].key for p in supernet.precisions if p in manifest.precisions}
     on_status("judging on the held-out set")
     holdout = judge(plan, supernet, sets.holdout(supernet), table, options, reference_ms)
     plan.measured = {"calibration": sets.calibration_record | {"metric": options.metric, "fitness": result.fitness},
@@ -172,7 +169,7 @@ def engine_weight_bytes(supernet: SuperNet, config: Sequence[str]) -> int:
     return int(fixed + switched)
 
 
-def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: SearchResult, options: TmpqOptions,
+def _plan(manifest: Manifest, supernet: SuperNet, table: LayerCostsTable, result: SearchResult, options: TmpqOptions,
           scheduler: SchedulerRef, reference_ms: float, budget: float, steps: int, calibration: dict) -> TmpqPlan:
     best = result.best
     step_configs = [tuple(_names(supernet, c)) for c in best.sampling_configs()]
@@ -181,7 +178,10 @@ def _plan(model_id: str, supernet: SuperNet, table: LayerCostsTable, result: Sea
     reference_bitops = table.config_bitops(table.uniform("fp32")) * options.reference_steps
     s = options.settings
     return TmpqPlan(
-        model_id=model_id, steps=steps, timesteps=best.sampling_timesteps(),
+        # the build searched on: a plan runs and deploys only where the same model and quantizers are
+        model_id=manifest.model_id, model_sha256=manifest.model_sha256,
+        export_keys={p: manifest.precisions[p].key for p in supernet.precisions if p in manifest.precisions},
+        steps=steps, timesteps=best.sampling_timesteps(),
         scheduler=scheduler, layers=supernet.layers, configs=[list(c) for c in distinct],
         step_configs=[distinct.index(c) for c in step_configs],
         reference={"precision": "fp32", "steps": options.reference_steps, "ms": reference_ms},

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
+from tmpdiff.calibration.knapsack import within_budget
 from tmpdiff.formats.errors import TmpdiffError
 
 Config = tuple[int, ...]  # one precision index per layer
@@ -125,7 +125,7 @@ class TmpqSearch:
             return False
         info = self.seen[cand] = {"cost": self.cost_fn(cand)}
         over_cap = not self.s.consistent and len(cand.distinct_configs) > self.s.max_configs
-        if info["cost"] > self.budget * (1 + BUDGET_TOLERANCE) or over_cap:  # at the budget: a float step over
+        if not within_budget(info["cost"], self.budget) or over_cap:
             info["fitness"] = math.inf
             self.rejected += 1
             return False

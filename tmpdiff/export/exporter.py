@@ -259,10 +259,10 @@ def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> P
     if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise TmpdiffError(f"--model-id {name!r} must be one folder name (it names OUT/<model-id>), not a path")
     build_dir = out_root / name
-    model = model_dir.resolve()
+    model, target = model_dir.resolve(), build_dir.resolve()
     # the model's folder, and the pipeline folder holding it (its other components are read at run time)
     for read in (model, *([model.parent] if (model.parent / "model_index.json").is_file() else [])):
-        if build_dir.resolve().is_relative_to(read):
+        if target.is_relative_to(read):
             raise TmpdiffError(f"the build directory would be inside {read}, which this export reads: choose an --out "
                                "outside it", build_dir)
     return build_dir

@@ -162,8 +162,7 @@ class EngineDenoiser(torch.nn.Module):
         except TypeError as exc:
             raise TmpdiffError(f"{self.adapter.architecture} engines called with unexpected arguments ({exc})") from None
         return_dict = call.pop("return_dict", True)
-        if self._closed:
-            raise TmpdiffError("the attached engines were closed (denoiser.close()): attach the build again")
+        self._require_open()
         index, timestep = self._step(call.get("timestep"))
         feed_time_conditioning(call, index, self.plan.conditioning, getattr(self.adapter, "own_table", None),
                                f"step {index}")
@@ -208,10 +207,13 @@ class EngineDenoiser(torch.nn.Module):
                       drafts.channels_of(feeds, hidden_name))
         return result
 
-    def run_call(self, feeds: dict[str, Any], index: int, timestep: float) -> tuple[torch.Tensor, str, str | None, float]:
-        """One call of step `index` on `feeds` (what a draft actor runs): output, engine used, fallback, seconds."""
+    def _require_open(self) -> None:
         if self._closed:
             raise TmpdiffError("the attached engines were closed (denoiser.close()): attach the build again")
+
+    def run_call(self, feeds: dict[str, Any], index: int, timestep: float) -> tuple[torch.Tensor, str, str | None, float]:
+        """One call of step `index` on `feeds` (what a draft actor runs): output, engine used, fallback, seconds."""
+        self._require_open()
         hidden = feeds[self._input_specs[0].name]
         self._ensure_buffers(int(hidden.shape[0]))
         started = time.perf_counter()
@@ -568,10 +570,8 @@ def engine_denoiser(engines: Mapping[str, Engine], manifest: Manifest, adapter: 
 def _position(timesteps: torch.Tensor, called_at: Any) -> int:
     """Where a call's timestep argument (a number, a 0-d tensor or one per batch row) first stands in the scheduler's
     timesteps; 0 when it is not given or not found there."""
-    if called_at is None:
+    values = torch.as_tensor(called_at if called_at is not None else []).flatten()
+    if values.numel() == 0:
         return 0
-    value = float(torch.as_tensor(called_at).flatten()[0]) if torch.as_tensor(called_at).numel() else None
-    if value is None:
-        return 0
-    found = torch.nonzero(torch.isclose(timesteps.float().cpu(), torch.tensor(value), rtol=0, atol=1e-3)).flatten()
+    found = torch.nonzero(torch.isclose(timesteps.float().cpu(), values[0].float().cpu(), rtol=0, atol=1e-3)).flatten()
     return int(found[0]) if len(found) else 0
