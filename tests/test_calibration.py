@@ -617,3 +617,32 @@ def test_refinement_with_two_levels_of_one_cost():
     start = ("int8", "int8", "int8", "fp32")
     refined = refine(problem, start, budget, 50, sens)
     assert problem.fits(refined.schedule, budget) and problem.error(refined.schedule) <= problem.error(start)
+
+
+def test_quality_floor_returns_the_cheapest_accepted_schedule(monkeypatch):
+    """The budget bisection can accept, at a larger budget, a schedule cheaper than the one it accepts later at a
+    smaller budget (`tmpdiff_search` picks the better *measured* of its knapsack answers, so its answer's cost is not
+    monotone in the budget): the answer is the cheapest accepted one."""
+    from tmpdiff.calibration import search
+    from tmpdiff.calibration.evaluator import Evaluation
+
+    def evaluate(schedule):
+        e = 0.1 * sum(p != "fp32" for p in schedule)
+        return Evaluation(tuple(schedule), e, 1.0 - e, float("inf"))
+
+    problem = search.Problem.create(4, "fp32", {"fp32": 1.0, "int8": 0.6, "int4": 0.45}, "latent", evaluate)
+    cheaper = ("int4", "int4", "int8", "int8")  # cost 2.1, answered at budget 2.9
+    dearer = ("int8", "int8", "int8", "int4")  # cost 2.25, answered at budget 2.35
+    all_int4, refused = ("int4",) * 4, ("int4", "int4", "int4", "int8")  # both refused: at 1.8 and 2.075
+    answers = {1.8: all_int4, 2.9: cheaper, 2.35: dearer}
+
+    def scripted(problem, budget, sens):
+        answer = next((s for b, s in answers.items() if abs(b - budget) < 1e-6), refused)
+        assert problem.fits(answer, budget)
+        return answer, [answer]
+
+    monkeypatch.setattr(search, "tmpdiff_search", scripted)
+    schedule, tried = search.meet_quality_floor(problem, None, lambda e: e.schedule not in (all_int4, refused),
+                                                iterations=3)
+    assert tried == [all_int4, cheaper, dearer, refused]
+    assert schedule == cheaper  # the last accepted (dearer) was returned before

@@ -256,10 +256,12 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
 
 def meet_quality_floor(problem: Problem, sens: Sensitivities, accept: Callable[[Evaluation], bool],
                        iterations: int = 10) -> tuple[Schedule, list[Schedule]]:
-    """Cheapest knapsack schedule whose *measured* quality passes `accept`: bisect the budget with real evaluations."""
+    """Cheapest knapsack schedule whose *measured* quality passes `accept`: bisect the budget with real evaluations.
+    The answer is the cheapest accepted schedule of all those tried (lower error breaks a tie), not the last one
+    accepted: a knapsack answer at a larger budget can cost less than one at a smaller budget."""
     T = problem.steps
     low, high = T * problem.cost[problem.cheapest], T * problem.cost[problem.reference]
-    best: Schedule = tuple([problem.reference] * T)
+    accepted: list[tuple[float, float, Schedule]] = []  # (cost, error, schedule)
     tried = []
     cheapest_candidate, _ = tmpdiff_search(problem, low * (1 + 1e-9), sens)
     tried.append(cheapest_candidate)
@@ -269,11 +271,15 @@ def meet_quality_floor(problem: Problem, sens: Sensitivities, accept: Callable[[
         mid = (low + high) / 2
         candidate, _ = tmpdiff_search(problem, mid, sens)
         tried.append(candidate)
-        if accept(problem.evaluate(candidate)):
-            best, high = candidate, mid
+        evaluation = problem.evaluate(candidate)
+        if accept(evaluation):
+            accepted.append((problem.schedule_cost(candidate), evaluation.error(problem.metric), candidate))
+            high = mid
         else:
             low = mid
-    return best, tried
+    if not accepted:
+        return tuple([problem.reference] * T), tried
+    return min(accepted)[2], tried
 
 
 def random_schedules(problem: Problem, count: int, rng: np.random.Generator) -> list[Schedule]:
