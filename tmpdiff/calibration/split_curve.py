@@ -29,10 +29,7 @@ def split_size_curve(table: SampleTable, samples: np.ndarray, cost: dict[str, fl
     calibration optimum's unseen ratio per split and budget, with the evaluations the search spent."""
     samples = np.unique(np.asarray(samples))
     half = len(samples) // 2
-    if not sizes or min(sizes) < 1 or max(sizes) > half:
-        raise TmpdiffError(f"calibration set sizes must lie in 1..{half} (half of {len(samples)} samples), got {sizes}")
-    rng = np.random.default_rng(seed)
-    halvings = [rng.permutation(samples) for _ in range(splits)]
+    halvings = random_halvings(samples, sizes, splits, seed)
     budgets = budgets_for(table, cost, reference, speedups)
     out: dict = {"samples": int(len(samples)), "unseen_samples": half, "splits": splits, "sizes": sorted(sizes),
                  "budgets": [label for label, _ in budgets], "goal": GOAL, "metrics": {}}
@@ -57,6 +54,16 @@ def split_size_curve(table: SampleTable, samples: np.ndarray, cost: dict[str, fl
                         "max_evaluations": int(evaluations[i].max())} for i, size in enumerate(out["sizes"])],
             "refined": refined.tolist(), "calib_optimum": best.tolist()}  # sizes x splits x budgets
     return out
+
+
+def random_halvings(samples: np.ndarray, sizes: Sequence[int], splits: int, seed: int) -> list[np.ndarray]:
+    """`splits` random orders of the (unique) samples: the first half's prefixes are calibration sets of each size,
+    the second half is unseen."""
+    half = len(samples) // 2
+    if not sizes or min(sizes) < 1 or max(sizes) > half:
+        raise TmpdiffError(f"calibration set sizes must lie in 1..{half} (half of {len(samples)} samples), got {sizes}")
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(samples) for _ in range(splits)]
 
 
 def _summary(prefix: str, ratios: np.ndarray) -> dict:
