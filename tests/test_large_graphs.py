@@ -163,6 +163,27 @@ def test_a_16_bit_export_loads_the_model_in_16_bits_when_fp32_would_not_fit(bund
     assert entry.parity_error < get_precision("fp16").parity_tolerance
 
 
+
+def test_an_up_to_date_export_does_not_depend_on_the_memory_free(bundled, tmp_path, monkeypatch):
+    """`--load-dtype auto` keeps the dtype the build's entries were made from: with less memory free later, the same
+    export is up to date (not redone from a 16-bit load, not refused); a new precision is planned on that dtype."""
+    from tmpdiff.export import memory_plan
+    from tmpdiff.formats.precisions import get_precision
+
+    fp16 = [get_precision("fp16")]
+    fp32_plan = memory_plan.plan_export(bundled.transformer_dir, fp16)[0].peak_bytes
+    half_plan = memory_plan.plan_export(bundled.transformer_dir, fp16, "float16")[0].peak_bytes
+    build_dir, _ = export_model(bundled.transformer_dir, tmp_path, ["fp16"], model_id="m")
+    assert load_manifest(build_dir).precisions["fp16"].reference_dtype == "float32"
+    for free in (int((fp32_plan + half_plan) / 2), 1):  # float16 would fit, nothing fits
+        monkeypatch.setattr(memory_plan.engine_memory, "available_bytes", lambda free=free: free)
+        _, outcomes = export_model(bundled.transformer_dir, tmp_path, ["fp16"], model_id="m")
+        assert [o.skipped for o in outcomes] == [True]
+        assert load_manifest(build_dir).precisions["fp16"].reference_dtype == "float32"
+    with pytest.raises(TmpdiffError, match="not enough memory to export: fp32 needs about"):
+        export_model(bundled.transformer_dir, tmp_path, ["fp16", "fp32"], model_id="m")
+    assert set(load_manifest(build_dir).precisions) == {"fp16"}
+
 def test_quantized_precisions_are_made_from_a_model_loaded_in_16_bits(bundled, tmp_path, quant_build):
     """`--load-dtype float16` (what a model too large for fp32 gets): modelopt calibrates the 16-bit model, its
     graphs keep its 16-bit weights, and the int8 engine is as close to the fp32 model as the one made from fp32."""

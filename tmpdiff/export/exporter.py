@@ -53,6 +53,7 @@ from tmpdiff.formats.manifest import (
     PrecisionEntry,
     SamplingInfo,
     TensorSpecModel,
+    TimeEmbeddingInputEntry,
     load_manifest,
     precision_problems,
     recorded_model_hash,
@@ -243,13 +244,34 @@ def export_model(
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
     check_no_foreign_build(build_dir, replace)  # before the lock: taking it marks the folder as a build
-    base = choose_base(model_dir, specs, requested=load_dtype, memory_check=memory_check)
+    kept_base = recorded_base(build_dir, specs) if load_dtype == "auto" and not replace else None
+    # with a kept base the memory is planned when the model is loaded, for what is exported then: an up-to-date
+    # build needs no memory, and whether it is up to date never depends on the memory free at the time
+    base = choose_base(model_dir, specs, requested=kept_base or load_dtype,
+                       memory_check=memory_check and kept_base is None)
     if any(spec.rewrite_kind is not None for spec in specs):
         preload_autocast()  # a native extension: imported before any work, never while a signal may interrupt it
         preload_modelopt()
     with directory_lock(build_dir, wait, on_wait=on_progress), collecting_new_objects_only():
         return _export_locked(model_dir, build_dir, model_id, specs, config, adapter, calibration, keep_high_precision,
-                              on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check, replace)
+                              on_progress, sampling, trt_dtype, base, time_embedding_input, memory_check, replace,
+                              plan_at_load=memory_check and kept_base is not None)
+
+
+def recorded_base(build_dir: Path, specs: list[Precision]) -> str | None:
+    """The dtype the build's entries of these precisions were made from, when they agree: what `--load-dtype auto`
+    keeps. None for a new build, an unreadable manifest, entries made from different dtypes, or a 16-bit base when
+    fp32 is asked for (it cannot be made from one)."""
+    if not (build_dir / "manifest.json").is_file():
+        return None
+    try:
+        manifest = load_manifest(build_dir)
+    except TmpdiffError:
+        return None
+    dtypes = {manifest.precisions[spec.name].reference_dtype for spec in specs if spec.name in manifest.precisions}
+    if len(dtypes) != 1 or (dtypes == {"float16"} and any(spec.name == "fp32" for spec in specs)):
+        return None
+    return dtypes.pop()
 
 
 def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> Path:
@@ -334,7 +356,10 @@ def _export_locked(
     time_embedding_input: bool = False,
     space_check: bool = True,
     replace: bool = False,
+    plan_at_load: bool = False,
 ) -> tuple[Path, list[ExportOutcome]]:
+    """`plan_at_load`: check `base`'s memory plan when the model is first loaded, for the precisions not up to date
+    (all of them while those are not known yet)."""
     manifest = load_manifest(build_dir) if (build_dir / "manifest.json").is_file() else None
     model_hash = recorded_model_hash(model_dir, None if manifest is None else manifest.model_sha256)
     if manifest is not None:  # as the build directory is now that we hold its lock
@@ -343,6 +368,9 @@ def _export_locked(
 
     def model() -> torch.nn.Module:
         if "model" not in state:
+            if plan_at_load and not state.get("planned"):
+                choose_base(model_dir, state.get("stale", specs), requested=base)  # refuses with the numbers
+                state["planned"] = True
             if base != "float32":
                 on_progress(f"loading the model in {base}: every precision is made and checked from it")
             state["model"] = load_diffusers_model(model_dir, dtype=getattr(torch, base))
@@ -396,20 +424,12 @@ def _export_locked(
     versions = _versions()
     outcomes = []
     parameters, conv_share = weight_census(model_dir) if space_check else (0, 0.0)  # the headers, read once
+    keys = {spec.name: _precision_key(spec, model_hash, versions, base, embedding_entry, keep_high_precision,
+                                      recipe.description, trt_dtype) for spec in specs}
+    state["stale"] = [spec for spec in specs
+                      if not _up_to_date(build_dir, manifest.precisions.get(spec.name), keys[spec.name])]
     for spec in specs:
-        key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
-        if base != "float32":
-            key_parts["base"] = base  # checked against a 16-bit torch model, not the fp32 one
-            if spec.rewrite_kind in FLOAT32_TWIN_KINDS:  # Half Q/DQ (int8) and the fp32 twin: not what older exports made
-                key_parts["twin"] = "float32"
-        if embedding_entry is not None:
-            key_parts["time_embedding_input"] = {"slots": embedding_entry.slots, "table": embedding_entry.sha256}
-        if spec.modelopt_cfg is not None:
-            # by recipe, not by result: the config follows from (model, modelopt config, kept layers), the data from
-            # (model, recipe), so checking freshness needs neither the model nor a capture
-            key_parts |= {"config": {"modelopt": spec.modelopt_cfg, "keep": list(keep_high_precision)},
-                          "calibration": recipe.description, "trt_dtype": trt_dtype}
-        key = _artifact_key(key_parts)
+        key = keys[spec.name]
         entry = manifest.precisions.get(spec.name)
         if _up_to_date(build_dir, entry, key):
             on_progress(f"{spec.name}: up to date, skipped")
@@ -436,6 +456,25 @@ def _export_locked(
         save_manifest(build_dir, manifest)
         outcomes.append(ExportOutcome(spec.name, build_dir / entry.onnx, False, seconds, entry, rows))
     return build_dir, outcomes
+
+
+def _precision_key(spec: Precision, model_hash: str, versions: dict, base: str,
+                   embedding_entry: TimeEmbeddingInputEntry | None, keep_high_precision: tuple[str, ...],
+                   recipe_description: dict, trt_dtype: str) -> str:
+    """What one precision's artifacts are made from: an unchanged key means the recorded artifacts are current."""
+    key_parts = {"model": model_hash, "precision": spec.name, "versions": versions, "opset": spec.ort_opset}
+    if base != "float32":
+        key_parts["base"] = base  # checked against a 16-bit torch model, not the fp32 one
+        if spec.rewrite_kind in FLOAT32_TWIN_KINDS:  # Half Q/DQ (int8) and the fp32 twin: not what older exports made
+            key_parts["twin"] = "float32"
+    if embedding_entry is not None:
+        key_parts["time_embedding_input"] = {"slots": embedding_entry.slots, "table": embedding_entry.sha256}
+    if spec.modelopt_cfg is not None:
+        # by recipe, not by result: the config follows from (model, modelopt config, kept layers), the data from
+        # (model, recipe), so checking freshness needs neither the model nor a capture
+        key_parts |= {"config": {"modelopt": spec.modelopt_cfg, "keep": list(keep_high_precision)},
+                      "calibration": recipe_description, "trt_dtype": trt_dtype}
+    return _artifact_key(key_parts)
 
 
 def _export_plain(spec: Precision, model: torch.nn.Module, adapter: DenoiserAdapter, build_dir: Path,
