@@ -582,6 +582,18 @@ def test_a_manifest_this_version_cannot_read_still_protects_its_build(tampered, 
             "a tmpdiff.schedule/2 file, not a TMPQ-DM plan", roots=(tampered,))
 
 
+
+def test_a_corrupt_manifest_is_started_over_with_force(tampered):
+    """`check` says how to recover a build whose manifest cannot be read, and that recovery works: without --force
+    export refuses and names it, with --force it starts the build over."""
+    (tampered / "manifest.json").write_text('{"format": "tmpdiff.manifest/2", ')
+    assert any("not valid JSON" in line and "tmpdiff export ... --force" in line for line in _problems(tampered))
+    export = ["export", "bundled", "--out", tampered.parent, "--model-id", tampered.name, "--precisions", "fp32"]
+    refused(export, "not valid JSON", "pass --force to start this build over", roots=(tampered,))
+    code, _, err = cli(*export, "--force")
+    assert code == 0, err
+    assert set(load_manifest(tampered).precisions) == {"fp32"}
+
 def test_special_files_and_read_only_places(build, work, monkeypatch):
     fifo = work / "schedule.json"
     os.mkfifo(fifo)

@@ -34,7 +34,9 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
     try:
         manifest = load_manifest(build_dir)
     except TmpdiffError as exc:
-        return [*problems, Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], "re-run `tmpdiff export`")]
+        fix = "re-run `tmpdiff export ... --force` (it starts the build over)" if (build_dir / "manifest.json").is_file() \
+            else "re-run `tmpdiff export`"
+        return [*problems, Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1], fix)]
     root = build_dir.resolve()
     problems += _unrecorded_precisions(build_dir, manifest)
     if manifest.sampling is not None:  # what `run` and `calibrate` sample with

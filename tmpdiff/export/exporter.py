@@ -298,10 +298,10 @@ def check_build_model(build_dir: Path, model_dir: Path, replace: bool, manifest:
     if replace:
         return
     if manifest is None:
-        if not (build_dir / "manifest.json").is_file():
+        manifest = _existing_manifest(build_dir, replace)
+        if manifest is None:
             check_no_foreign_build(build_dir, replace)
             return
-        manifest = load_manifest(build_dir)
     if (model_hash or recorded_model_hash(model_dir, manifest.model_sha256)) != manifest.model_sha256:
         raise TmpdiffError(f"holds the build of another model ({manifest.model_id!r}, {manifest.architecture}, exported "
                            f"from other weights or config than {model_dir}): pass --force to replace that build, or "
@@ -360,7 +360,7 @@ def _export_locked(
 ) -> tuple[Path, list[ExportOutcome]]:
     """`plan_at_load`: check `base`'s memory plan when the model is first loaded, for the precisions not up to date
     (all of them while those are not known yet)."""
-    manifest = load_manifest(build_dir) if (build_dir / "manifest.json").is_file() else None
+    manifest = _existing_manifest(build_dir, replace)
     model_hash = recorded_model_hash(model_dir, None if manifest is None else manifest.model_sha256)
     if manifest is not None:  # as the build directory is now that we hold its lock
         check_build_model(build_dir, model_dir, replace, manifest, model_hash)
@@ -456,6 +456,20 @@ def _export_locked(
         save_manifest(build_dir, manifest)
         outcomes.append(ExportOutcome(spec.name, build_dir / entry.onnx, False, seconds, entry, rows))
     return build_dir, outcomes
+
+
+def _existing_manifest(build_dir: Path, replace: bool) -> Manifest | None:
+    """The build's manifest; None for a new build, or with `replace` (`--force`) for one that cannot be read, since
+    the export starts that build over (without it, the error says so)."""
+    if not (build_dir / "manifest.json").is_file():
+        return None
+    try:
+        return load_manifest(build_dir)
+    except TmpdiffError as exc:
+        if replace:
+            return None
+        reason = str(exc).removeprefix(f"{exc.path}: ") if exc.path is not None else str(exc)
+        raise TmpdiffError(f"{reason}; pass --force to start this build over", exc.path) from None
 
 
 def _precision_key(spec: Precision, model_hash: str, versions: dict, base: str,
