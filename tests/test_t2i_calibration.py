@@ -398,3 +398,20 @@ def test_the_bundled_pipeline_is_named_by_its_short_name(work, tmp_path):
     code, _, err = cli("run", build, "--pipeline", "bundled-t2i", "--prompt", "a red 3 on a blue background",
                        "--precision", "fp32", "--steps", 2, "--out", tmp_path / "x.png", "--threads", 1)
     assert code == 0 and (tmp_path / "x.png").is_file(), err
+
+
+def test_a_resaved_pipeline_keeps_its_calibration_recipe(tmp_path):
+    """diffusers' version stamp in the scheduler config is not part of the calibration: a re-saved pipeline's
+    quantized exports stay up to date; a real scheduler change is still seen."""
+    from tmpdiff.runtime.capture import PipelineCapture, prompted_recipe
+
+    pipeline = tmp_path / "pipe"
+    shutil.copytree(t2i_dir(), pipeline)
+    capture = PipelineCapture(pipeline, ["a red circle"], [0], 2, None)
+    before = prompted_recipe(capture).description
+    config_path = pipeline / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text(), parse_constant=float)
+    config_path.write_text(json.dumps(config | {"_diffusers_version": "9.9.9"}))
+    assert prompted_recipe(capture).description == before
+    config_path.write_text(json.dumps(config | {"solver_order": 3}))
+    assert prompted_recipe(capture).description != before

@@ -22,7 +22,7 @@ from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet
 from tmpdiff.formats.atomic import read_json_object, read_text_file
 from tmpdiff.formats.config_values import encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import SamplingInfo
+from tmpdiff.formats.manifest import SAVE_RECORD_KEYS, SamplingInfo
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.dropin import call_feeds, copy_into
@@ -116,7 +116,10 @@ def prompted_recipe(capture: PipelineCapture) -> CalibrationRecipe:
     pipeline_denoiser_name(capture.pipeline_dir)  # a pipeline directory with a denoiser, or a clear error now
     index = read_json_object(capture.pipeline_dir / "model_index.json")
     scheduler_path = capture.pipeline_dir / "scheduler" / "scheduler_config.json"
-    scheduler = encode_non_finite(read_json_object(scheduler_path)) if scheduler_path.is_file() else {}
+    # what a re-save changes (diffusers' version stamp) is not the scheduler: the same calibration either way
+    scheduler = {k: v for k, v in read_json_object(scheduler_path).items() if k not in SAVE_RECORD_KEYS} \
+        if scheduler_path.is_file() else {}
+    scheduler = encode_non_finite(scheduler)
     pipeline_class = str(index.get("_class_name"))
     import diffusers
 
