@@ -329,3 +329,24 @@ def test_an_export_with_other_graph_inputs_does_not_drop_a_build_by_surprise(emb
                                 sampling=sampling_info(bundled), time_embedding_input=True, replace=True)
     manifest = load_manifest(build_dir)
     assert manifest.time_embedding_input is not None and list(manifest.precisions) == ["fp32"] and not manifest.engines
+
+
+def test_fp16_graphs_take_embeddings_and_a_new_table_is_recorded(bundled, tmp_path):
+    """--time-embedding-input with fp16 (a 16-bit copy is probed with 16-bit inputs), and a table written again for
+    other training timesteps (or after damage) is what the manifest records, so `check` passes."""
+    from tmpdiff.export.exporter import export_model
+
+    sampling = sampling_info(bundled)
+    build_dir, outcomes = export_model(bundled.transformer_dir, tmp_path, ["fp32", "fp16"], model_id="m",
+                                       sampling=sampling, time_embedding_input=True)
+    assert [o.precision for o in outcomes] == ["fp32", "fp16"]
+    fp16 = onnx.load(build_dir / "fp16" / "model.onnx", load_external_data=False)
+    assert INPUT_NAME in [i.name for i in fp16.graph.input]
+    other = sampling.model_copy(update={"scheduler_config": sampling.scheduler_config | {"num_train_timesteps": 500}})
+    table = build_dir / load_manifest(build_dir).time_embedding_input.own_table
+    table.write_bytes(table.read_bytes() + b"\0")  # damaged too: the table is written again either way
+    export_model(bundled.transformer_dir, tmp_path, ["fp32"], model_id="m", sampling=other, time_embedding_input=True)
+    entry = load_manifest(build_dir).time_embedding_input
+    assert entry.train_timesteps == 500 and load_own_table(build_dir, load_manifest(build_dir)).shape[0] == 500
+    code, out, _ = cli("check", build_dir)
+    assert "own_time_embeddings" not in out, out

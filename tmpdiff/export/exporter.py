@@ -383,7 +383,7 @@ def _export_locked(
             check_restart_drops(build_dir, manifest, specs)  # before the time-embedding table is written
     embedding_entry = None
     if time_embedding_input:  # the last export's input and table when still valid (no model load), else new ones
-        kept = None if manifest is None else kept_embedding_input(build_dir, manifest, adapter, model_hash)
+        kept = None if manifest is None else kept_embedding_input(build_dir, manifest, adapter, model_hash, sampling)
         adapter, embedding_entry = kept or new_embedding_input(build_dir, adapter, model(), sampling)
     if manifest is not None:
         inputs = [TensorSpecModel.of(s) for s in adapter.input_specs()]
@@ -401,6 +401,8 @@ def _export_locked(
             outputs=[TensorSpecModel.of(s) for s in adapter.output_specs()],
             time_embedding_input=embedding_entry,
         )
+    if embedding_entry is not None and manifest.time_embedding_input != embedding_entry:
+        manifest.time_embedding_input = embedding_entry  # a table written again: every precision's key follows it
     if sampling is not None and manifest.sampling != sampling:
         manifest.sampling = sampling
         if manifest.precisions:

@@ -21,9 +21,7 @@ def new_embedding_input(build_dir: Path, base: DenoiserAdapter, model: torch.nn.
     """Probe the model's slots, tabulate its own embeddings at every training timestep, write the table."""
     from safetensors.torch import save_file
 
-    train = DEFAULT_TRAIN_TIMESTEPS
-    if sampling is not None:
-        train = int(sampling.scheduler_config.get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS))
+    train = train_timesteps(sampling)
     adapter = EmbeddingInputAdapter.for_model(base, model, train)
     path = build_dir / OWN_TABLE_NAME
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -34,11 +32,19 @@ def new_embedding_input(build_dir: Path, base: DenoiserAdapter, model: torch.nn.
     return adapter, entry
 
 
-def kept_embedding_input(build_dir: Path, manifest: Manifest, base: DenoiserAdapter,
-                         model_hash: str) -> tuple[EmbeddingInputAdapter, TimeEmbeddingInputEntry] | None:
-    """The previous export's adapter and entry when they are this model's and the table is intact, else None."""
+def train_timesteps(sampling: SamplingInfo | None) -> int:
+    """The training timesteps the table covers: the sampling scheduler's, else diffusers' default."""
+    if sampling is None:
+        return DEFAULT_TRAIN_TIMESTEPS
+    return int(sampling.scheduler_config.get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS))
+
+
+def kept_embedding_input(build_dir: Path, manifest: Manifest, base: DenoiserAdapter, model_hash: str,
+                         sampling: SamplingInfo | None) -> tuple[EmbeddingInputAdapter, TimeEmbeddingInputEntry] | None:
+    """The previous export's adapter and entry when they are this model's, cover the same training timesteps and
+    the table is intact, else None."""
     entry = manifest.time_embedding_input
-    if entry is None or manifest.model_sha256 != model_hash:
+    if entry is None or manifest.model_sha256 != model_hash or entry.train_timesteps != train_timesteps(sampling):
         return None
     if artifact_problem(build_dir, entry.own_table, entry.sha256)[1] is not None:
         return None

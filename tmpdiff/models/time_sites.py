@@ -71,7 +71,8 @@ class EmbedderCalls:
         try:
             config = self.model.config
             size, channels = int(config.sample_size), int(config.in_channels)
-            self.model(hidden_states=torch.zeros(1, channels, size, size), timestep=torch.zeros(1),
+            dtype = next(self.model.parameters()).dtype  # a 16-bit copy (fp16 graphs) takes 16-bit inputs
+            self.model(hidden_states=torch.zeros(1, channels, size, size, dtype=dtype), timestep=torch.zeros(1),
                        class_labels=torch.zeros(1, dtype=torch.long))
         finally:
             for handle in handles:
