@@ -10,6 +10,7 @@ Two kinds of kill point:
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -225,6 +226,30 @@ def test_only_temps_of_dead_writers_are_leftovers(tmp_path):
     assert all(path.exists() for path in kept)
     assert interrupted_writes(tmp_path) == []
 
+
+
+def test_scratch_of_dead_processes_is_removed_from_the_temp_dir(tmp_path, monkeypatch):
+    """Scratch directories in the system temp dir (a traced graph, AutoCast's held weights) carry their process's PID:
+    a killed export's are removed by the next scratch use; a live process's, unnamed ones and files are kept."""
+    import tempfile
+
+    from tmpdiff.formats.atomic import scratch_directory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dead = tmp_path / f"tmpdiff-autocast-{gone}-x1y2z3"
+    dead.mkdir()
+    (dead / "held_weights.bin").write_bytes(b"gigabytes")
+    kept = [tmp_path / f"tmpdiff-export-{os.getpid()}-live", tmp_path / "tmpdiff-export-abc123",
+            tmp_path / f"other-{gone}-dir"]
+    for path in kept:
+        path.mkdir()
+    (tmp_path / f"tmpdiff-export-{gone}-file").write_text("not a directory")
+    with scratch_directory("export") as scratch:
+        assert scratch.parent == tmp_path and scratch.name.startswith(f"tmpdiff-export-{os.getpid()}-")
+        assert not dead.exists() and all(path.is_dir() for path in kept)
+    assert not scratch.exists() and (tmp_path / f"tmpdiff-export-{gone}-file").is_file()
 
 def copy_build(exported: tuple[Path, float], tmp_path: Path) -> Path:
     target = tmp_path.resolve() / "out" / "tiny-dit"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from tmpdiff.engines.device import device_label
 from tmpdiff.engines.ort import load_errors, session_options
 from tmpdiff.engines.ort_build import ort_engine_problem, ort_version
 from tmpdiff.engines.profile import make_buffers
+from tmpdiff.formats.atomic import scratch_directory
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.layer_costs import LayerCost, LayerCostsTable
 from tmpdiff.formats.manifest import engine_key, load_manifest
@@ -100,7 +100,7 @@ def profile_engines(paths: Mapping[str, Path], feeds: Mapping[str, np.ndarray], 
     """
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="tmpdiff-ortprof-") as tmp:
+    with scratch_directory("ortprof") as tmp:
         sessions = {}
         for name, path in paths.items():
             opts = session_options(threads, optimization="disable")  # the prepared engine is already optimised

@@ -10,12 +10,12 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 
+from tmpdiff.formats.atomic import scratch_directory
 from tmpdiff.formats.errors import TmpdiffError
 
 # The 16-bit types a TensorRT graph can be based on -> AutoCast's name. fp16 by default, as ModelOpt's diffusers example
@@ -120,7 +120,7 @@ def _quantized_weights_held(model: onnx.ModelProto) -> Iterator[Path]:
     for node in model.graph.node:
         for slot, name in enumerate(node.input):
             uses.setdefault(name, set()).add((node.op_type, slot))
-    with tempfile.TemporaryDirectory(prefix="tmpdiff-autocast-") as scratch:
+    with scratch_directory("autocast") as scratch:
         offset = 0
         with open(Path(scratch) / HELD_NAME, "wb") as data:
             for tensor in model.graph.initializer:

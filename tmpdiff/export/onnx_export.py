@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from tmpdiff.formats.atomic import scratch_directory
 from tmpdiff.models.adapter import DenoiserAdapter
 
 
@@ -26,7 +26,7 @@ def traced(module: torch.nn.Module, adapter: DenoiserAdapter, opset: int, batch:
     reads them in).
     """
     inputs = adapter.sample_inputs(adapter.default_dims(batch))
-    with tempfile.TemporaryDirectory(prefix="tmpdiff-export-") as tmp_dir, warnings.catch_warnings():
+    with scratch_directory("export") as tmp_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp_dir) / "model.onnx"
         with torch.no_grad():

@@ -198,6 +198,39 @@ def remove_interrupted_writes(directory: str | Path) -> list[Path]:
     return removed
 
 
+_SCRATCH_NAME = re.compile(r"^tmpdiff-[a-z]+-(?P<pid>\d+)-[^/]+$")
+
+
+@contextlib.contextmanager
+def scratch_directory(kind: str) -> Iterator[Path]:
+    """A directory in the system temp dir for the block's scratch files (a traced graph, AutoCast's held weights),
+    removed at its end. Its name holds this process's PID, and scratch directories of processes that are gone (a
+    killed export: at real size gigabytes each) are removed first, if they are this user's."""
+    remove_abandoned_scratch()
+    path = Path(tempfile.mkdtemp(prefix=f"tmpdiff-{kind}-{os.getpid()}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_abandoned_scratch(root: str | Path | None = None) -> list[Path]:
+    """Remove `scratch_directory`'s directories in `root` (the system temp dir) whose process is gone; return them."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            match = _SCRATCH_NAME.match(entry.name)
+            if match is None or _process_alive(int(match["pid"])):
+                continue
+            with contextlib.suppress(OSError):
+                info = entry.lstat()
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+    return removed
+
+
 LOCK_NAME = ".lock"
 OWNER_NAME = ".lock.owner"  # the holder's PID, written once the lock is held (filelock keeps no owner)
 
