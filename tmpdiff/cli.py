@@ -119,10 +119,16 @@ def export(
                                                          "its capture runs sample")] = None,
     prompts: Annotated[Path | None, typer.Option(help="pipeline denoisers: prompts file (one per line); the stock pipeline "
                                                       "runs over them and the denoiser's inputs calibrate quantization")] = None,
-    calib_steps: Annotated[int | None, typer.Option(min=1, help="--prompts (or a pipeline's --calib-classes): denoising "
-                                                                      "steps of the capture runs (default 20)")] = None,
-    calib_guidance: Annotated[float | None, typer.Option(help="--prompts (or a pipeline's --calib-classes): guidance "
-                                                              "scale of the capture runs (default: the pipeline's)")] = None,
+    calib_steps: Annotated[int | None, typer.Option(min=1, help="denoising steps of the calibration runs: a class-"
+                                                                "conditional model's sampled trajectories (default: its "
+                                                                "sampling steps) or a pipeline's --prompts / "
+                                                                "--calib-classes runs (default 20); up to the scheduler's "
+                                                                "training timesteps; not with --random-calibration")]
+    = None,
+    calib_guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale of the calibration runs "
+                                                              "(a finite number; default: the class-conditional model's "
+                                                              "or the pipeline's); not with --random-calibration")]
+    = None,
     random_calibration: Annotated[bool, typer.Option("--random-calibration", help="calibrate quantization on random "
                                                      "N(0, 1) inputs (recorded in the manifest)")] = False,
     random_batches: Annotated[int | None, typer.Option(min=1, help="--random-calibration: batches of 2 random inputs "

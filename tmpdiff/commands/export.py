@@ -59,8 +59,17 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
     - a pipeline's denoiser with `prompts`: its inputs captured from the stock pipeline over the prompts x `seeds`
       (with `classes` instead, for a pipeline that takes class labels such as DiTPipeline: over those labels);
     - `random`: random N(0, 1) inputs, only when asked for (`random_batches` batches of 2; default 8).
+    `steps` and `guidance` set the sampled or captured runs (default: the model's sampling info, or 20 steps and the
+    pipeline's guidance); with `random` there are none, and they are refused.
     Without any of them (and `needed`: some precision is quantized) a clear error says what to pass."""
     pipeline = pipeline_of(model_dir)
+    if guidance is not None:
+        from tmpdiff.runtime.capture import check_calibration_guidance
+
+        check_calibration_guidance(guidance)
+    run_options = " and ".join(n for n, v in (("--calib-steps", steps), ("--calib-guidance", guidance)) if v is not None)
+    if random and run_options:
+        raise TmpdiffError(f"--random-calibration samples no runs for {run_options} to set: give one or the other")
     if random_batches is not None and not random:
         raise TmpdiffError("--random-batches sets how many batches --random-calibration makes: give both, or neither")
     if prompts is not None and random:
@@ -84,7 +93,7 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
         bad = [c for c in chosen if not 0 <= c < info.num_classes]
         if bad:
             raise TmpdiffError(f"--calib-classes {bad} out of range 0..{info.num_classes - 1}")
-        return sampled_recipe(sampling, chosen, seeds), sampling
+        return sampled_recipe(sampling, chosen, seeds, steps, guidance), sampling
     if random:
         return _random_recipe(random_batches), None
     if classes is not None and pipeline is None:
@@ -99,6 +108,9 @@ def calibration_for(model_dir: Path, seeds: list[int], classes: list[int] | None
                                   prompts_file=None if prompts is None else str(prompts))
         return prompted_recipe(capture), None
     if not needed:
+        if run_options:
+            raise TmpdiffError(f"{run_options} set the runs calibration inputs are captured from (--prompts, or a "
+                               "pipeline's --calib-classes): this export captures none")
         return None, None
     from tmpdiff.models.loading import read_model_config
 

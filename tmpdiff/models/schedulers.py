@@ -19,7 +19,7 @@ from typing import Any
 from tmpdiff.formats.atomic import read_json_object
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
-from tmpdiff.formats.schedule import Schedule
+from tmpdiff.formats.schedule import MAX_STEPS, Schedule
 
 
 def scheduler_from(class_name: str, config: dict[str, Any], source: str | Path | None = None):
@@ -201,12 +201,19 @@ def set_sampling_timesteps(scheduler, steps: int, timesteps: Sequence[int] | Non
     set_custom_timesteps(scheduler, timesteps)
 
 
-def check_distinct_timesteps(scheduler, steps: int) -> None:
-    """Refuse a step count the scheduler cannot give distinct timesteps for (it would repeat one, and a model
-    step at a repeated timestep divides by zero in multistep solvers)."""
+def check_step_count(scheduler, steps: int) -> None:
+    """Refuse more steps than a schedule may have (MAX_STEPS) or than the scheduler has training timesteps."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise TmpdiffError(f"{steps} steps: a run takes 1..{MAX_STEPS} (no scheduler has more training timesteps)")
     train = train_timesteps(scheduler)
     if steps > train:
         raise TmpdiffError(f"{steps} steps, but the scheduler has {train} training timesteps: use at most {train}")
+
+
+def check_distinct_timesteps(scheduler, steps: int) -> None:
+    """Refuse a step count the scheduler cannot give distinct timesteps for (it would repeat one, and a model
+    step at a repeated timestep divides by zero in multistep solvers)."""
+    check_step_count(scheduler, steps)
     set_sampling_timesteps(scheduler, steps)
     check_timestep_range(scheduler)
     distinct = len({float(t) for t in scheduler.timesteps})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,12 @@ from tmpdiff.formats.config_values import encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SAVE_RECORD_KEYS, SamplingInfo
 from tmpdiff.models.adapter import DenoiserAdapter
-from tmpdiff.models.schedulers import sampling_scheduler
+from tmpdiff.models.schedulers import (
+    check_distinct_timesteps,
+    check_step_count,
+    load_scheduler,
+    sampling_scheduler,
+)
 from tmpdiff.runtime.dropin import call_feeds, copy_into
 from tmpdiff.runtime.pipeline_io import (
     call_kwargs,
@@ -40,17 +46,37 @@ from tmpdiff.runtime.time_conditioning import feed_time_conditioning
 
 
 def sampled_recipe(sampling: SamplingInfo, classes: Sequence[int], seeds: Sequence[int],
-                   steps: int | None = None) -> CalibrationRecipe:
-    """The recipe of `sampled_calibration` (checked now, captured only when an export needs the data)."""
+                   steps: int | None = None, guidance_scale: float | None = None) -> CalibrationRecipe:
+    """The recipe of `sampled_calibration` (checked now, captured only when an export needs the data); `steps` and
+    `guidance_scale` default to the model's sampling info."""
     classes, seeds = list(classes), list(seeds)
     if not classes or not seeds:
         raise TmpdiffError("calibration set is empty: give at least one class and one seed")
     steps = steps or sampling.default_steps
+    check_calibration_steps(sampling_scheduler(sampling), steps, distinct=True)
+    if guidance_scale is not None:
+        check_calibration_guidance(guidance_scale)
+        sampling = sampling.model_copy(update={"guidance_scale": float(guidance_scale)})
     description = {"source": "sampled trajectories, fp32 torch", "classes": classes, "seeds": seeds, "steps": steps,
                    "guidance_scale": sampling.guidance_scale, "scheduler": sampling.scheduler_class,
                    "scheduler_config": encode_non_finite(sampling.scheduler_config)}
     return CalibrationRecipe(description, lambda model, adapter: sampled_calibration(model, adapter, sampling, classes,
                                                                                       seeds, steps))
+
+
+def check_calibration_steps(scheduler, steps: int, distinct: bool = False) -> None:
+    """`--calib-steps`: what `calibrate` checks its steps with (`check_distinct_timesteps` where the step count is the
+    denoiser calls; else the step cap and the scheduler's training timesteps), refused by the option's name."""
+    try:
+        (check_distinct_timesteps if distinct else check_step_count)(scheduler, steps)
+    except TmpdiffError as exc:
+        raise TmpdiffError(f"--calib-steps {steps}: {exc}") from None
+
+
+def check_calibration_guidance(guidance_scale: float) -> None:
+    """`--calib-guidance`: a finite number, as `run --guidance` is checked."""
+    if not math.isfinite(guidance_scale):
+        raise TmpdiffError(f"--calib-guidance must be a finite number, got {guidance_scale}")
 
 
 def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampling: SamplingInfo, classes: Sequence[int],
@@ -113,6 +139,8 @@ def prompted_recipe(capture: PipelineCapture) -> CalibrationRecipe:
         raise TmpdiffError("calibration set is empty: give at least one prompt (or class label) and one seed")
     if capture.steps < 1:
         raise TmpdiffError(f"--calib-steps must be at least 1, got {capture.steps}")
+    if capture.guidance_scale is not None:
+        check_calibration_guidance(capture.guidance_scale)
     pipeline_denoiser_name(capture.pipeline_dir)  # a pipeline directory with a denoiser, or a clear error now
     index = read_json_object(capture.pipeline_dir / "model_index.json")
     scheduler_path = capture.pipeline_dir / "scheduler" / "scheduler_config.json"
@@ -120,6 +148,8 @@ def prompted_recipe(capture: PipelineCapture) -> CalibrationRecipe:
     scheduler = {k: v for k, v in read_json_object(scheduler_path).items() if k not in SAVE_RECORD_KEYS} \
         if scheduler_path.is_file() else {}
     scheduler = encode_non_finite(scheduler)
+    if scheduler_path.is_file():  # the pipeline's steps are its num_inference_steps, not always its denoiser calls
+        check_calibration_steps(load_scheduler(scheduler_path.parent), capture.steps)
     pipeline_class = str(index.get("_class_name"))
     import diffusers
 

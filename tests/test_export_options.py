@@ -1,0 +1,73 @@
+"""`tmpdiff export`'s calibration and graph-size options: a value that cannot work, or an option that cannot apply,
+is refused by name before any model loads and with nothing written (a review's findings); what applies is used."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.test_safety import refused
+from tmpdiff.commands.export import calibration_for, resolve_model_dir
+from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.models.loading import read_model_config
+from tmpdiff.models.registry import adapter_for_config
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red 3 on a blue background\n")
+    return path
+
+
+@pytest.fixture
+def t2i_transformer():
+    return resolve_model_dir("bundled-t2i", None)
+
+
+def test_calib_guidance_must_be_finite(tmp_path, bundled, prompts, t2i_transformer):
+    """inf failed late inside modelopt; nan silently turned classifier-free guidance off (recorded as null)."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(TmpdiffError, match=f"--calib-guidance must be a finite number, got {value}"):
+            calibration_for(t2i_transformer, [0], None, prompts=prompts, guidance=value)
+        with pytest.raises(TmpdiffError, match="--calib-guidance must be a finite number"):
+            calibration_for(bundled.transformer_dir, [0], None, guidance=value)
+    out = tmp_path / "out"
+    for value in ("nan", "inf"):
+        refused(("export", "bundled-t2i", "--prompts", prompts, "--calib-guidance", value, "--precisions", "int8",
+                 "--out", out), "--calib-guidance", value)
+    assert not out.exists()
+
+
+def test_calib_steps_beyond_the_schedulers_training_timesteps(tmp_path, bundled, prompts, t2i_transformer):
+    """5000 steps of a 1000-timestep scheduler crashed inside diffusers after the pipeline had loaded."""
+    with pytest.raises(TmpdiffError, match="--calib-steps 5000: 5000 steps, but the scheduler has 1000 training"):
+        calibration_for(t2i_transformer, [0], None, prompts=prompts, steps=5000)
+    with pytest.raises(TmpdiffError, match="--calib-steps 5000: .* 1000 training timesteps"):
+        calibration_for(bundled.transformer_dir, [0], None, steps=5000)
+    with pytest.raises(TmpdiffError, match=r"--calib-steps 1000000: .*1\.\.10000"):
+        calibration_for(t2i_transformer, [0], None, prompts=prompts, steps=10**6)
+    out = tmp_path / "out"
+    refused(("export", "bundled-t2i", "--prompts", prompts, "--calib-steps", 5000, "--precisions", "int8", "--out", out),
+            "--calib-steps 5000", "1000 training timesteps")
+    assert not out.exists()
+
+
+def test_calib_steps_and_guidance_reach_class_conditional_sampling(bundled, torch_dit, prompts, t2i_transformer):
+    """They were ignored for a class-conditional model (and with --random-calibration, which samples nothing)."""
+    recipe, _ = calibration_for(bundled.transformer_dir, [0], [3], steps=3, guidance=1.0)
+    assert (recipe.description["steps"], recipe.description["guidance_scale"]) == (3, 1.0)
+    default, _ = calibration_for(bundled.transformer_dir, [0], [3])
+    assert (default.description["steps"], default.description["guidance_scale"]) == (20, 2.0)  # another export key
+    captured = recipe.capture(torch_dit, adapter_for_config(read_model_config(bundled.transformer_dir)))
+    # 3 steps, one row each: guidance 1 makes no unconditional rows
+    assert [tuple(b["hidden_states"].shape) for b in captured.batches] == [(1, 1, 16, 16)] * 3
+    for model_dir in (bundled.transformer_dir, t2i_transformer):
+        for given in ({"steps": 4}, {"guidance": 3.0}):
+            with pytest.raises(TmpdiffError, match="--random-calibration samples no runs for --calib-"):
+                calibration_for(model_dir, [0], None, random=True, **given)
+    with pytest.raises(TmpdiffError, match="--calib-steps set the runs .* this export captures none"):
+        calibration_for(t2i_transformer, [0], None, steps=4, needed=False)  # fp32 alone: nothing is captured
+    refused(("export", "bundled", "--random-calibration", "--calib-guidance", 3, "--precisions", "int8", "--out",
+             "unused"), "--random-calibration", "--calib-guidance")
