@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from tests.test_safety import refused
 from tmpdiff.commands.export import calibration_for, resolve_model_dir
 from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.models.bundled import sampling_info
 from tmpdiff.models.loading import read_model_config
 from tmpdiff.models.registry import adapter_for_config
 
@@ -71,3 +73,20 @@ def test_calib_steps_and_guidance_reach_class_conditional_sampling(bundled, torc
         calibration_for(t2i_transformer, [0], None, steps=4, needed=False)  # fp32 alone: nothing is captured
     refused(("export", "bundled", "--random-calibration", "--calib-guidance", 3, "--precisions", "int8", "--out",
              "unused"), "--random-calibration", "--calib-guidance")
+
+
+def test_a_16_bit_load_is_recorded_as_the_calibrations_model(bundled):
+    """`--load-dtype float16` exports were recorded as calibrated on "sampled trajectories, fp32 torch"."""
+    from tmpdiff.export.half_convolutions import fp32_compute
+    from tmpdiff.models.loading import load_diffusers_model
+    from tmpdiff.runtime.capture import PipelineCapture, sampled_recipe
+
+    model = load_diffusers_model(bundled.transformer_dir, dtype=torch.float16)
+    recipe = sampled_recipe(sampling_info(bundled), [1], [0], steps=2)
+    with fp32_compute():
+        captured = recipe.capture(model, adapter_for_config(read_model_config(bundled.transformer_dir)))
+    assert captured.description["source"] == "sampled trajectories, fp16 torch"
+    from tmpdiff.runtime.capture import torch_label
+
+    capture = PipelineCapture(resolve_model_dir("bundled-t2i", None).parent, ["a"], [0], 2, None)
+    assert capture.source(torch_label(model)) == "pipeline prompts, fp16 torch"

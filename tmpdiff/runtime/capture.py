@@ -24,7 +24,7 @@ from tmpdiff.formats.atomic import read_json_object, read_text_file
 from tmpdiff.formats.config_values import encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SAVE_RECORD_KEYS, SamplingInfo
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, model_dtype
 from tmpdiff.models.schedulers import (
     check_distinct_timesteps,
     check_step_count,
@@ -79,9 +79,18 @@ def check_calibration_guidance(guidance_scale: float) -> None:
         raise TmpdiffError(f"--calib-guidance must be a finite number, got {guidance_scale}")
 
 
+def torch_label(model: torch.nn.Module) -> str:
+    """How a calibration source names the torch model it ran: its loaded dtype ("fp32 torch", "fp16 torch")."""
+    dtype = model_dtype(model)
+    return f"{TORCH_DTYPE_NAMES.get(dtype, str(dtype).removeprefix('torch.'))} torch"
+
+
+TORCH_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampling: SamplingInfo, classes: Sequence[int],
                         seeds: Sequence[int], steps: int | None = None) -> CalibrationSet:
-    """Inputs of every step of the trajectories of `classes` x `seeds`, sampled by the fp32 torch model."""
+    """Inputs of every step of the trajectories of `classes` x `seeds`, sampled by the torch model (as loaded)."""
     if not classes or not seeds:
         raise TmpdiffError("calibration set is empty: give at least one class and one seed")
     steps = steps or sampling.default_steps
@@ -94,7 +103,7 @@ def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampli
     for seed in seeds:
         noise = initial_noise(len(labels), sampling.channels, sampling.image_size, seed)
         runner.sample(sampling_scheduler(sampling), labels, noise, ["fp32"] * steps)
-    return CalibrationSet(batches, {"source": "sampled trajectories, fp32 torch", "classes": list(classes),
+    return CalibrationSet(batches, {"source": f"sampled trajectories, {torch_label(model)}", "classes": list(classes),
                                     "seeds": list(seeds), "steps": steps, "guidance_scale": sampling.guidance_scale})
 
 
@@ -123,13 +132,17 @@ class PipelineCapture:
     def labelled(self) -> bool:
         return bool(self.conditions) and not isinstance(self.conditions[0], str)
 
+    def source(self, label: str = "fp32 torch") -> str:
+        """What the calibration ran: the pipeline over prompts or class labels, with the `label`ed torch model."""
+        return f"pipeline {'class labels' if self.labelled else 'prompts'}, {label}"
+
     def description(self, pipeline_class: str, scheduler: dict) -> dict:
         common = {"pipeline": pipeline_class, "seeds": self.seeds, "steps": self.steps,
                   "guidance_scale": self.guidance_scale, "scheduler": scheduler}
         if self.labelled:
-            return {"source": "pipeline class labels, fp32 torch", "class_labels": list(self.conditions)} | common
+            return {"source": self.source(), "class_labels": list(self.conditions)} | common
         digest = hashlib.sha256("\n".join(self.conditions).encode()).hexdigest()
-        return {"source": "pipeline prompts, fp32 torch", "prompts": len(self.conditions), "prompts_sha256": digest} | common
+        return {"source": self.source(), "prompts": len(self.conditions), "prompts_sha256": digest} | common
 
 
 def prompted_recipe(capture: PipelineCapture) -> CalibrationRecipe:
@@ -167,8 +180,8 @@ def prompted_recipe(capture: PipelineCapture) -> CalibrationRecipe:
 def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, capture: PipelineCapture,
                          description: dict | None = None) -> CalibrationSet:
     """The denoiser's inputs at every step of the stock pipeline run over the prompts or class labels (one call per
-    seed, all of them batched, cond and uncond rows as the pipeline makes them), with `model` (fp32 torch) as its
-    denoiser."""
+    seed, all of them batched, cond and uncond rows as the pipeline makes them), with `model` (torch, as loaded) as
+    its denoiser."""
     pipe = load_pipeline(capture.pipeline_dir, model)
     conditioning = conditioning_kwargs(pipe, capture.conditions, capture.pipeline_dir, ("--calib-classes", "--prompts"),
                                        num_classes=getattr(model.config, "num_embeds_ada_norm", None))
@@ -204,7 +217,7 @@ def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, captu
         handle.remove()
     if not batches:
         raise TmpdiffError("the pipeline never called its denoiser", capture.pipeline_dir)
-    recorded = dict(description or {})
+    recorded = dict(description or {}) | {"source": capture.source(torch_label(model))}  # the dtype it was loaded in
     rows = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     if not capture.labelled:
         recorded["prompts_file"] = capture.prompts_file
