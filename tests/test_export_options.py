@@ -3,14 +3,18 @@ is refused by name before any model loads and with nothing written (a review's f
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from tests.test_safety import refused
+from tmpdiff.commands.check import check_build
 from tmpdiff.commands.export import calibration_for, resolve_model_dir
 from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.formats.manifest import load_manifest, save_manifest
 from tmpdiff.models.bundled import sampling_info
 from tmpdiff.models.loading import read_model_config
 from tmpdiff.models.registry import adapter_for_config
@@ -73,6 +77,60 @@ def test_calib_steps_and_guidance_reach_class_conditional_sampling(bundled, torc
         calibration_for(t2i_transformer, [0], None, steps=4, needed=False)  # fp32 alone: nothing is captured
     refused(("export", "bundled", "--random-calibration", "--calib-guidance", 3, "--precisions", "int8", "--out",
              "unused"), "--random-calibration", "--calib-guidance")
+
+
+def test_a_sample_size_other_than_the_models_sampling_size(tmp_path, bundled, fp32_build):
+    """--sample-size 8 of the 16x16 class-conditional model passed export and check, then failed in run."""
+    out = tmp_path / "out"
+    refused(("export", bundled.transformer_dir, "--out", out, "--precisions", "fp32", "--sample-size", 8),
+            "--sample-size 8", "image_size 16")
+    assert not out.exists()
+    copy = tmp_path / "b"  # a build whose graphs take 16x16 latents, recorded as sampling 8x8 ones
+    shutil.copytree(fp32_build, copy)
+    manifest = load_manifest(copy)
+    manifest.sampling = sampling_info(bundled).model_copy(update={"image_size": 8})
+    save_manifest(copy, manifest)
+    problems = [str(p) for p in check_build(copy, spot_check=False)]
+    assert any("manifest's inputs take hidden_states of ('batch', 1, 16, 16)" in p and "image_size 8" in p
+               for p in problems), problems
+    assert any("fp32: the graph takes hidden_states of ('batch', 1, 16, 16)" in p for p in problems), problems
+    assert check_build(fp32_build, spot_check=False) == []
+
+
+MISSING = object()
+
+
+@pytest.mark.parametrize("value", [-4, 0, 1.5, None, True, "16", MISSING])
+def test_a_config_sample_size_no_graph_can_take(tmp_path, bundled, value):
+    """-4: a negative dimension; 0 and 1.5: a division by zero; null: a TypeError - tracebacks, now refusals."""
+    model = tmp_path / "model"
+    shutil.copytree(bundled.transformer_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    if value is MISSING:
+        del config["sample_size"]
+    else:
+        config["sample_size"] = value
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    refused(("export", model, "--out", out, "--precisions", "fp32"), str(model / "config.json"),
+            "sample_size must be a positive integer")
+    assert not out.exists()
+
+
+def test_graph_sizes_the_patch_size_or_text_length_cannot_take(tmp_path, bundled):
+    out = tmp_path / "out"
+    refused(("export", bundled.transformer_dir, "--out", out, "--precisions", "fp32", "--sample-size", 1),
+            "--sample-size 1", "not a multiple of the patch size 2")
+    pipeline = tmp_path / "t2i"
+    shutil.copytree(resolve_model_dir("bundled-t2i", None).parent, pipeline)
+    config_path = pipeline / "transformer" / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"sample_size": 9}))
+    refused(("export", pipeline, "--subfolder", "transformer", "--out", out, "--precisions", "fp32"),
+            str(config_path), "sample_size 9 is not a multiple of the patch size 2")
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"sample_size": 8, "text_len": 0}))
+    refused(("export", pipeline, "--subfolder", "transformer", "--out", out, "--precisions", "fp32"),
+            str(config_path), "text_len must be a positive integer")
+    assert not out.exists()
 
 
 def test_a_16_bit_load_is_recorded_as_the_calibrations_model(bundled):

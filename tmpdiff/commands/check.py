@@ -48,6 +48,11 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
         except TmpdiffError as exc:
             problems.append(Problem(str(build_dir / "manifest.json"), f"sampling: {str(exc).split(': ', 1)[-1]}",
                                     "re-export from a model directory whose scheduler config diffusers accepts"))
+        mismatch = _sampling_mismatch(manifest.sampling, {spec.name: spec.shape for spec in manifest.inputs},
+                                      "the manifest's inputs take")
+        if mismatch is not None:
+            problems.append(Problem(str(build_dir / "manifest.json"), mismatch, "re-export without --sample-size (a "
+                                    "class-conditional model's graphs take the size it samples at)"))
     for name, entry in manifest.precisions.items():
         broken = precision_problems(build_dir, entry)
         for path, problem in broken:
@@ -62,6 +67,9 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
             if mismatch is not None:
                 problems.append(Problem(str(root / rel), f"{name}: {mismatch}", "re-run `tmpdiff export` (the manifest's "
                                         "inputs/outputs are what engines are bound and TensorRT profiles built by)"))
+            mismatch = _sampling_mismatch(manifest.sampling, _graph_inputs(graph), "the graph takes")
+            if mismatch is not None:
+                problems.append(Problem(str(root / rel), f"{name}: {mismatch}", "re-export without --sample-size"))
     for name in manifest.mixed:
         from tmpdiff.formats.manifest import mixed_problem
 
@@ -153,6 +161,25 @@ def _io_mismatch(graph, manifest) -> str | None:
         if sorted(want) != sorted(got):
             return f"its {kind} {got} are not the manifest's {want}"
     return None
+
+
+def _sampling_mismatch(sampling, inputs: dict[str, list], what: str) -> str | None:
+    """How the latent input (`inputs`: name -> shape) differs from the latents `run` samples (the sampling info's
+    channels x image_size x image_size), or None."""
+    shape = inputs.get("hidden_states")
+    if sampling is None or shape is None or len(shape) != 4:
+        return None
+    want = [sampling.channels, sampling.image_size, sampling.image_size]
+    if list(shape[1:]) != want:
+        return (f"{what} hidden_states of {tuple(shape)}, but the manifest's sampling makes latents of "
+                f"{tuple(['batch', *want])} (image_size {sampling.image_size}): `run` would fail")
+    return None
+
+
+def _graph_inputs(graph) -> dict[str, list]:
+    """A graph's input shapes: fixed sizes as ints, named ones as their names."""
+    return {value.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
+                         for d in value.type.tensor_type.shape.dim] for value in graph.graph.input}
 
 
 def replay_check_inputs(build_dir: Path, manifest, backend: str, device: str) -> dict[str, Replay]:

@@ -235,8 +235,10 @@ def export_model(
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
     if trt_dtype not in TRT_DTYPES:
         raise TmpdiffError(f"unknown --trt-dtype {trt_dtype!r} (known: {', '.join(TRT_DTYPES)})")
-    config = read_model_config(model_dir) | {k: v for k, v in (graph_sizes or {}).items() if v is not None}
-    adapter = adapter_for_config(config)
+    options = {k: v for k, v in (graph_sizes or {}).items() if v is not None}
+    config = read_model_config(model_dir) | options
+    adapter = adapter_for_config(config, model_dir / "config.json", options)
+    check_sampling_size(adapter, sampling, "sample_size" in options, model_dir)
     build_dir = export_build_dir(model_dir, out_root, model_id)
     model_id = build_dir.name
     if out_root.exists() and not out_root.is_dir():
@@ -272,6 +274,19 @@ def recorded_base(build_dir: Path, specs: list[Precision]) -> str | None:
     if len(dtypes) != 1 or (dtypes == {"float16"} and any(spec.name == "fp32" for spec in specs)):
         return None
     return dtypes.pop()
+
+
+def check_sampling_size(adapter: DenoiserAdapter, sampling: SamplingInfo | None, option: bool, model_dir: Path) -> None:
+    """A class-conditional model samples at its sampling info's image_size (tmpdiff_model.json): graphs of another
+    size would export and pass `check`, then fail in `run` (and quantized ones calibrate on the other size)."""
+    sides = [int(side) for side in adapter.latent_sides()]
+    if sampling is None or all(side == sampling.image_size for side in sides):
+        return
+    size = sides[0] if len(set(sides)) == 1 else sides
+    given = f"--sample-size {size}" if option else f"sample_size {size} in {model_dir / 'config.json'}"
+    raise TmpdiffError(f"{given} differs from the image_size {sampling.image_size} the model samples at (its "
+                       f"tmpdiff_model.json): a class-conditional model's graphs take its own size" +
+                       ("; leave --sample-size out" if option else ""))
 
 
 def export_build_dir(model_dir: Path, out_root: Path, model_id: str | None) -> Path:

@@ -49,6 +49,29 @@ class DenoiserAdapter(ABC):
         """Fixed text sequence length of the exported graph (config key `text_len` overrides the default)."""
         return int(self.config.get("text_len", self.default_text_len))
 
+    def latent_sides(self) -> list:
+        """The latent side(s) the graph takes, as configured (`size_problem` checks them)."""
+        return [self.config.get("sample_size")]
+
+    def side_multiple(self) -> int:
+        """What a latent side must be a multiple of: the patch size of a patch-embedding transformer (1: anything)."""
+        patch = self.config.get("patch_size")
+        return patch if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0 else 1
+
+    def size_problem(self) -> tuple[str, str] | None:
+        """(config key, what is wrong) for the first graph size (`sample_size`, `text_len`) no graph can take, or None:
+        each must be a positive integer, a latent side a multiple of the patch size."""
+        for side in self.latent_sides():
+            if not _positive_int(side):
+                return "sample_size", f"must be a positive integer, got {side!r}"
+            multiple = self.side_multiple()
+            if int(side) % multiple:
+                return "sample_size", (f"{int(side)} is not a multiple of the patch size {multiple} "
+                                       f"({self.architecture})")
+        if "text_len" in self.config and not _positive_int(self.config["text_len"]):
+            return "text_len", f"must be a positive integer, got {self.config['text_len']!r}"
+        return None
+
     @abstractmethod
     def input_specs(self) -> list[TensorSpec]: ...
 
@@ -105,3 +128,10 @@ class DenoiserAdapter(ABC):
     def float_range(self, name: str) -> tuple[float, float] | None:
         """Uniform range for a float input's sample values, or None for N(0, 1)."""
         return None
+
+
+def _positive_int(value: object) -> bool:
+    """A size a graph can take: an integer (a JSON 64.0 too) above 0; a boolean is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value > 0 and float(value).is_integer()

@@ -85,6 +85,12 @@ class FluxAdapter(DenoiserAdapter):
     default_text_len = 512
     architecture = "FluxTransformer2DModel"
 
+    def latent_sides(self) -> list:
+        return [self.config.get("sample_size", 128)]
+
+    def side_multiple(self) -> int:
+        return 2  # packed into 2x2 patches (the config's patch_size is the packed tokens', 1)
+
     @property
     def grid(self) -> int:
         """Side of the token grid: the latent is packed into 2x2 patches."""

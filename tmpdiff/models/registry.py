@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from pathlib import Path
+
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.adapter import DenoiserAdapter
 from tmpdiff.models.dit import DiTAdapter
@@ -16,9 +19,18 @@ ADAPTERS: dict[str, type[DenoiserAdapter]] = {
 }
 
 
-def adapter_for_config(config: dict) -> DenoiserAdapter:
-    """The adapter for a diffusers model config (its `_class_name`); unknown classes name what is supported."""
+def adapter_for_config(config: dict, source: str | Path | None = None, options: Collection[str] = ()) -> DenoiserAdapter:
+    """The adapter for a diffusers model config (its `_class_name`); unknown classes name what is supported, and a graph
+    size no graph can take is refused naming where it came from: the option (`options`: the config keys an option
+    such as --sample-size set) or the config file `source`."""
     name = config.get("_class_name")
     if name not in ADAPTERS:
         raise TmpdiffError(f"unsupported architecture {name!r}; supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[name](dict(config))
+    adapter = ADAPTERS[name](dict(config))
+    problem = adapter.size_problem()
+    if problem is not None:
+        key, what = problem
+        if key in options:
+            raise TmpdiffError(f"--{key.replace('_', '-')} {config[key]}: {what}")
+        raise TmpdiffError(f"{key} {what}", source)
+    return adapter

@@ -39,6 +39,10 @@ class UNetAdapter(DenoiserAdapter):
     default_text_len = 77
     architecture = "UNet2DConditionModel"
 
+    def latent_sides(self) -> list:
+        size = self.config.get("sample_size")
+        return list(size) if isinstance(size, list | tuple) and len(size) == 2 else [size]
+
     @property
     def latent_hw(self) -> tuple[int, int]:
         size = self.config["sample_size"]
