@@ -133,6 +133,22 @@ def test_graph_sizes_the_patch_size_or_text_length_cannot_take(tmp_path, bundled
     assert not out.exists()
 
 
+def test_keeping_every_layer_in_high_precision_is_refused_before_any_export(tmp_path, bundled):
+    """modelopt failed with a RuntimeError after calibration (and after the fp32 graph was written)."""
+    from tmpdiff.export.quantize import build_config, quantize
+    from tmpdiff.formats.precisions import get_precision
+
+    out = tmp_path / "out"
+    refused(("export", bundled.transformer_dir, "--out", out, "--precisions", "fp32,int8", "--keep-high-precision", "*",
+             "--calib-classes", "0", "--calib-seeds", "0"), "--keep-high-precision", "every quantizable layer")
+    assert not out.exists()
+    # patterns the headers cannot tell apart from the modules (an embedding table left over): modelopt's refusal
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    config = build_config(get_precision("int8"), model, ("0*",))
+    with pytest.raises(TmpdiffError, match="--keep-high-precision"):
+        quantize(model, config, [{"x": torch.randn(2, 16)}], lambda m, batch: m(batch["x"]))
+
+
 def test_a_16_bit_load_is_recorded_as_the_calibrations_model(bundled):
     """`--load-dtype float16` exports were recorded as calibrated on "sampled trajectories, fp32 torch"."""
     from tmpdiff.export.half_convolutions import fp32_compute

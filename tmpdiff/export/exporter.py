@@ -30,11 +30,12 @@ from tmpdiff.export.graph_rewrite import TRT_DOMAIN, ort_twin, remove_dead_nodes
 from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.half_convolutions import fp32_compute, fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
-from tmpdiff.export.memory_plan import choose_base, weight_census
+from tmpdiff.export.memory_plan import choose_base, tensor_shapes, weight_census
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import save_onnx
 from tmpdiff.export.quantize import (
     build_config,
+    check_kept_layers,
     config_digest,
     export_qdq_in_model_dtype,
     preload_modelopt,
@@ -246,6 +247,8 @@ def export_model(
     if build_dir.exists() and not build_dir.is_dir():
         raise TmpdiffError("the build directory's path holds a file", build_dir)
     check_no_foreign_build(build_dir, replace)  # before the lock: taking it marks the folder as a build
+    if any(spec.modelopt_cfg is not None for spec in specs):
+        check_kept_layers(tensor_shapes(model_dir), keep_high_precision)  # before any precision is written
     kept_base = recorded_base(build_dir, specs) if load_dtype == "auto" and not replace else None
     # with a kept base the memory is planned when the model is loaded, for what is exported then: an up-to-date
     # build needs no memory, and whether it is up to date never depends on the memory free at the time

@@ -105,7 +105,7 @@ def copies(precision: str, base: str, conv_share: float) -> float:
     return COPIES[(kind, base)]
 
 
-def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
+def tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
     """The shape of every tensor in a diffusers model directory's safetensors files, by name, from their headers."""
     shapes = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -154,18 +154,18 @@ def _kernel_share(shapes: dict[str, list[int]]) -> float:
 
 def parameter_count(model_dir: Path) -> int:
     """Parameters in a diffusers model directory, from its safetensors headers (no weights read)."""
-    return _parameters(_tensor_shapes(model_dir))
+    return _parameters(tensor_shapes(model_dir))
 
 
 def conv_fraction(model_dir: Path) -> float:
     """The share of the parameters that are convolution kernels (`*.weight` tensors of 3 or more dimensions; a
     positional table such as SD3's `pos_embed.pos_embed`, 1 x 36864 x 1536, is not one), from the headers."""
-    return _kernel_share(_tensor_shapes(model_dir))
+    return _kernel_share(tensor_shapes(model_dir))
 
 
 def weight_census(model_dir: Path) -> tuple[int, float]:
     """Parameters and their share of convolution kernels (`conv_fraction`), from one read of the headers."""
-    shapes = _tensor_shapes(model_dir)
+    shapes = tensor_shapes(model_dir)
     return _parameters(shapes), _kernel_share(shapes)
 
 

@@ -50,6 +50,18 @@ def int4_block_size(model: torch.nn.Module, skip: Sequence[str], preferred: int 
     raise TmpdiffError(f"no int4 block size divides every Linear input width ({sorted(set(sizes))})")
 
 
+def check_kept_layers(weights: dict[str, list[int]], keep: Sequence[str]) -> None:
+    """Refuse `--keep-high-precision` patterns that match every layer with a weight matrix or kernel (`weights`: tensor
+    name -> shape, from the checkpoint's headers): nothing would be quantized, and modelopt fails mid-export."""
+    from fnmatch import fnmatch
+
+    layers = [name.removesuffix(".weight") for name, shape in weights.items()
+              if name.endswith(".weight") and len(shape) >= 2]
+    if layers and all(any(fnmatch(f"{layer}.weight_quantizer", p) for p in keep) for layer in layers):
+        raise TmpdiffError(f"--keep-high-precision {','.join(keep)!r} matches every quantizable layer ({len(layers)} "
+                           "of them), so nothing would be quantized: name only the layers to keep, or export fp32/fp16")
+
+
 def preload_modelopt() -> None:
     """Import modelopt's quantization package before any model is loaded. Something its first import creates keeps
     the importing frames alive (seen with gc: an importlib frame chain back to the function that imported it), and a
@@ -161,7 +173,13 @@ def quantize(
     # modelopt prints progress ("Inserted N quantizers") to stdout; keep stdout for the command's own output
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
-        return mtq.quantize(quantized, config, forward_loop)
+        try:
+            return mtq.quantize(quantized, config, forward_loop)
+        except RuntimeError as exc:
+            if "no weight quantizer is enabled" not in str(exc):
+                raise
+            raise TmpdiffError("the quantization config leaves no layer's weights quantized (every one is kept in high "
+                               "precision or disabled): name fewer layers in --keep-high-precision") from None
 
 
 def export_qdq_in_model_dtype(model: torch.nn.Module) -> None:
