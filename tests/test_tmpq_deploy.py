@@ -207,3 +207,18 @@ def test_mixed_configurations_need_a_build_that_takes_the_timestep(deployment, t
     assert code == 1 and "deployed on a build whose graphs take time embeddings" in out, out
     code, _, err = cli("run", copy, "--schedule", path, "--class", "1", "--out", tmp_path / "o.png")
     assert code == 2 and "TMPQ-DM plans run on a build exported without --time-embedding-input" in err, err
+
+
+def test_a_configuration_too_large_for_inline_graphs_is_refused(deployment, monkeypatch):
+    """A layer configuration records two graph files and their hashes: graphs that would need external data are
+    refused by name (onnx.save failed on them past 2 GB with a protobuf traceback), and the manifest is unchanged."""
+    build_dir, _, plan, _, _ = deployment
+    other = plan.model_copy(update={"configs": [list(reversed(plan.configs[0])), plan.configs[1]]})
+    path = build_dir.parent / "plan-large.json"
+    save_tmpq_plan(other, path)
+    before = (build_dir / "manifest.json").read_bytes()
+    monkeypatch.setenv("TMPDIFF_EXTERNAL_DATA_BYTES", "4096")
+    code, _, err = cli("deploy-plan", build_dir, path)
+    assert code == 2 and "not supported yet" in err and "GB of weights" in err, err
+    assert (build_dir / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in (build_dir / "mixed").iterdir()) == list(load_manifest(build_dir).mixed)

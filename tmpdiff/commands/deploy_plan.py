@@ -91,9 +91,14 @@ def _export(build_dir: Path, manifest, supernet, layers: list[str], config: list
 
     directory = build_dir / "mixed" / name
     check_confined(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     trt_base = _trt_base(manifest, config)
-    graphs = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), directory, trt_base)
+    new = not directory.exists()
+    try:
+        graphs = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), directory, trt_base)
+    except BaseException:
+        if new and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()  # a refused configuration leaves no empty folder behind
+        raise
     rel = f"mixed/{name}"
     sources = {p: manifest.precisions[p].key for p in sorted(set(config) - {"fp32"})}
     return MixedEntry(layers=layers, precisions=config, onnx=f"{rel}/model.onnx",

@@ -25,6 +25,7 @@ from tmpdiff.export.exporter import check_half_parity
 from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
 from tmpdiff.export.half import to_half
 from tmpdiff.export.onnx_export import load_weights, traced
+from tmpdiff.export.onnx_io import is_large, tensor_bytes
 from tmpdiff.export.supernet import SuperNet
 from tmpdiff.formats.atomic import TEMP_SUFFIX, check_confined, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
@@ -112,6 +113,11 @@ def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: Denoiser
 
     twin, _ = ort_twin(raw, kinds, _opset(config, "ort_opset"))
     twin_path = directory / "model.onnx"
+    if is_large(twin):  # a deployment records its two graph files and their hashes, no external data beside them
+        raise TmpdiffError(f"the graphs of this layer configuration hold {tensor_bytes(twin) / 1e9:.2f} GB of weights, "
+                           "past what a graph is written with inline (TMPDIFF_EXTERNAL_DATA_BYTES); deploying layer "
+                           "configurations of models this large is not supported yet: run the plan's uniform "
+                           "configurations, or deploy on a smaller model", twin_path)
     onnx.save(twin, str(twin_path))
     del twin
     session = _session(twin_path, optimization_level(config))
