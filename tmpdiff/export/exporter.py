@@ -42,6 +42,7 @@ from tmpdiff.export.quantize import (
     quantize,
     quantized_modules,
     quantizer_census,
+    require_exportable,
     save_quantized_state,
 )
 from tmpdiff.export.time_embedding_export import kept_embedding_input, new_embedding_input
@@ -234,6 +235,8 @@ def export_model(
     keeps the model's own table of them.
     """
     specs = [get_precision(p) for p in precisions]  # unknown names fail before anything is created
+    for spec in specs:
+        require_exportable(spec)
     if trt_dtype not in TRT_DTYPES:
         raise TmpdiffError(f"unknown --trt-dtype {trt_dtype!r} (known: {', '.join(TRT_DTYPES)})")
     options = {k: v for k, v in (graph_sizes or {}).items() if v is not None}

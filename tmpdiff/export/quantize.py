@@ -50,6 +50,15 @@ def int4_block_size(model: torch.nn.Module, skip: Sequence[str], preferred: int 
     raise TmpdiffError(f"no int4 block size divides every Linear input width ({sorted(set(sizes))})")
 
 
+def require_exportable(precision: Precision) -> None:
+    """Refuse a precision this exporter cannot make: NVFP4 (modelopt calibrates it on CUDA tensors, and the export
+    calibrates on the CPU; its TensorRT graph needs FP4 Q/DQ rewrites that are not written). With a GPU or without."""
+    if precision.needs_cuda:
+        raise TmpdiffError(
+            f"{precision.name} quantization needs CUDA (modelopt's {precision.modelopt_cfg} calibrates on the GPU), "
+            "and this exporter calibrates on the CPU: not supported yet, on any machine; export fp8 or int4 instead")
+
+
 def check_kept_layers(weights: dict[str, list[int]], keep: Sequence[str]) -> None:
     """Refuse `--keep-high-precision` patterns that match every layer with a weight matrix or kernel (`weights`: tensor
     name -> shape, from the checkpoint's headers): nothing would be quantized, and modelopt fails mid-export."""
@@ -78,11 +87,7 @@ def build_config(
 
     if precision.modelopt_cfg is None:
         raise TmpdiffError(f"{precision.name} is not a modelopt quantization")
-    if precision.needs_cuda and not torch.cuda.is_available():
-        raise TmpdiffError(
-            f"{precision.name} quantization needs CUDA (modelopt's {precision.modelopt_cfg} calibrates on the GPU); "
-            "run the export on a machine with an NVIDIA GPU"
-        )
+    require_exportable(precision)
     config = copy.deepcopy(getattr(mtq, precision.modelopt_cfg))
     entries = list(config["quant_cfg"])
     if precision.name == "int4":
