@@ -92,6 +92,20 @@ def test_export_is_cached(tmp_path):
     assert (tmp_path / "tiny-dit/manifest.json").read_bytes() == manifest
 
 
+def test_another_diffusers_makes_the_export_again(tmp_path, monkeypatch):
+    """diffusers writes the model's forward pass (the traced graph): a build made with another version is stale."""
+    import importlib.metadata
+
+    from tests.cli_helpers import cli
+
+    args = ("export", "bundled", "--out", tmp_path, "--precisions", "fp32")
+    assert cli(*args)[0] == 0
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "diffusers" else real(name))
+    code, out, err = cli(*args)
+    assert code == 0 and "exported" in out and "up to date" not in out, err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

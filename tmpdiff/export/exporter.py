@@ -91,10 +91,13 @@ def parse_precisions(text: str) -> list[str]:
 
 
 def _versions() -> dict[str, str]:
+    """The libraries a graph is made by: diffusers writes the model's forward pass and the calibration schedulers,
+    onnx-graphsurgeon the graph rewrites."""
     import modelopt
 
     return {"tmpdiff": importlib.metadata.version("tmpdiff"), "torch": torch.__version__, "modelopt": modelopt.__version__,
-            "onnx": onnx.__version__}
+            "onnx": onnx.__version__, "diffusers": importlib.metadata.version("diffusers"),
+            "onnx_graphsurgeon": importlib.metadata.version("onnx_graphsurgeon")}
 
 
 def _artifact_key(parts: dict) -> str:
