@@ -413,5 +413,20 @@ def test_a_resaved_pipeline_keeps_its_calibration_recipe(tmp_path):
     config = json.loads(config_path.read_text(), parse_constant=float)
     config_path.write_text(json.dumps(config | {"_diffusers_version": "9.9.9"}))
     assert prompted_recipe(capture).description == before
+    encoder_config = pipeline / "text_encoder" / "config.json"
+    encoder = json.loads(encoder_config.read_text())
+    encoder_config.write_text(json.dumps(encoder | {"transformers_version": "9.9.9", "_name_or_path": "elsewhere"}))
+    assert prompted_recipe(capture).description == before
     config_path.write_text(json.dumps(config | {"solver_order": 3}))
     assert prompted_recipe(capture).description != before
+    config_path.write_text(json.dumps(config))
+    # the text encoder and tokenizer make the denoiser's inputs: other weights or vocabulary, other calibration data
+    weights = pipeline / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    save_file(tensors | {name: tensors[name] * 1.01}, weights)
+    changed = prompted_recipe(capture).description
+    assert changed != before and changed["conditioning"]["tokenizer"] == before["conditioning"]["tokenizer"]
+    tokenizer = pipeline / "tokenizer" / "tokenizer_config.json"
+    tokenizer.write_text(tokenizer.read_text() + " ")
+    assert prompted_recipe(capture).description["conditioning"]["tokenizer"] != before["conditioning"]["tokenizer"]

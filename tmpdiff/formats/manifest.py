@@ -274,13 +274,21 @@ class Manifest(BaseModel):
 
 # Keys diffusers writes into a config.json about where and with which version it was saved: a re-saved model whose
 # weights and other keys are the same is the same model.
-SAVE_RECORD_KEYS = ("_name_or_path", "_diffusers_version", "_use_default_values")
+SAVE_RECORD_KEYS = ("_name_or_path", "_diffusers_version", "_use_default_values", "transformers_version")
 
 
 def model_content_hash(model_dir: Path) -> str:
     """sha256 over a diffusers model directory's config (its keys and values, without SAVE_RECORD_KEYS) and weight
     files (names and contents)."""
     return _content_hash(_config_sha256(model_dir), _weights_sha256(model_dir))
+
+
+def folder_content_hash(folder: Path) -> str:
+    """sha256 of a pipeline component folder: `model_content_hash` for a model (a config.json and weights), else
+    over its files' names and contents (a tokenizer's few small files)."""
+    if (folder / "config.json").is_file():
+        return model_content_hash(folder)
+    return _content_hash("", {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()})
 
 
 def _config_sha256(model_dir: Path) -> str:

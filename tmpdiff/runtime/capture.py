@@ -23,7 +23,7 @@ from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet
 from tmpdiff.formats.atomic import read_json_object, read_text_file
 from tmpdiff.formats.config_values import encode_non_finite
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import SAVE_RECORD_KEYS, SamplingInfo
+from tmpdiff.formats.manifest import SAVE_RECORD_KEYS, SamplingInfo, folder_content_hash
 from tmpdiff.models.adapter import DenoiserAdapter, model_dtype
 from tmpdiff.models.schedulers import (
     check_distinct_timesteps,
@@ -136,9 +136,11 @@ class PipelineCapture:
         """What the calibration ran: the pipeline over prompts or class labels, with the `label`ed torch model."""
         return f"pipeline {'class labels' if self.labelled else 'prompts'}, {label}"
 
-    def description(self, pipeline_class: str, scheduler: dict) -> dict:
+    def description(self, pipeline_class: str, scheduler: dict, conditioning: dict[str, str] | None = None) -> dict:
         common = {"pipeline": pipeline_class, "seeds": self.seeds, "steps": self.steps,
                   "guidance_scale": self.guidance_scale, "scheduler": scheduler}
+        if conditioning:  # what turns the prompts into the denoiser's inputs: other weights, other calibration data
+            common["conditioning"] = conditioning
         if self.labelled:
             return {"source": self.source(), "class_labels": list(self.conditions)} | common
         digest = hashlib.sha256("\n".join(self.conditions).encode()).hexdigest()
@@ -173,8 +175,15 @@ def prompted_recipe(capture: PipelineCapture) -> CalibrationRecipe:
     if capture.guidance_scale is None:  # the pipeline's own default, read from its class (no model loaded)
         default = default_guidance_of(cls) if cls is not None else None
         capture = dataclasses.replace(capture, guidance_scale=default)
-    description = capture.description(pipeline_class, scheduler)
+    description = capture.description(pipeline_class, scheduler, conditioning_hashes(capture.pipeline_dir))
     return CalibrationRecipe(description, lambda model, adapter: prompted_calibration(model, adapter, capture, description))
+
+
+def conditioning_hashes(pipeline_dir: Path) -> dict[str, str]:
+    """Content hash of each text encoder and tokenizer folder of a pipeline (`folder_content_hash`; weights are hashed
+    once per file identity)."""
+    return {folder.name: folder_content_hash(folder) for folder in sorted(pipeline_dir.iterdir())
+            if folder.is_dir() and folder.name.startswith(("text_encoder", "tokenizer"))}
 
 
 def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, capture: PipelineCapture,
