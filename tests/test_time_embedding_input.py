@@ -350,3 +350,17 @@ def test_fp16_graphs_take_embeddings_and_a_new_table_is_recorded(bundled, tmp_pa
     assert entry.train_timesteps == 500 and load_own_table(build_dir, load_manifest(build_dir)).shape[0] == 500
     code, out, _ = cli("check", build_dir)
     assert "own_time_embeddings" not in out, out
+
+
+def test_calibrate_runs_on_graphs_that_take_time_embeddings(embedding_build, tmp_path):
+    """calibrate samples with the build's own table, as run does (it refused such builds, asking for the table), and
+    the schedule it writes runs."""
+    costs = tmp_path / "costs.json"
+    assert cli("costs", "--device", "d", "--ratio", "fp32=1,int8=0.6", "--source", "test", "--out", costs)[0] == 0
+    schedule = tmp_path / "schedule.json"
+    code, _, err = cli("calibrate", embedding_build, "--costs", costs, "--speedup", "1.2", "--steps", str(STEPS),
+                       "--calib-seeds", "0", "--out", schedule)
+    assert code == 0, err
+    file = load_schedule(schedule)
+    assert file.steps == STEPS and "int8" in file.precisions
+    assert torch.isfinite(_latents(embedding_build, schedule)).all()

@@ -16,6 +16,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, Manifest, load_manifest
 from tmpdiff.formats.schedule import SchedulerRef
 from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler, set_sampling_timesteps
+from tmpdiff.models.time_embedding_input import load_own_table
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
 
@@ -114,19 +115,20 @@ def open_session(build_dir: Path, costs_path: Path, steps: int, metric: str = "l
     # Problem.create refuses a table without any level cheaper than the reference, before engines load.
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
+    own_table = load_own_table(build_dir, manifest)  # graphs taking time embeddings (--time-embedding-input)
     engines = load_engines(build_dir, manifest, backend, device, probe.all_levels, threads)
     runner = ScheduledRunner(engines, len(classes) * len(seeds), sampling.channels, sampling.image_size,
                              sampling.guidance_scale, sampling.null_class, sampling.num_classes, device=device,
-                             nan_guard=True, owns_engines=True)
+                             nan_guard=True, owns_engines=True, own_time_embeddings=own_table)
     pool = None
-    if workers is not None:
-        from tmpdiff.calibration.fanout import sampling_pool
-
-        labels = torch.tensor([c for _ in seeds for c in classes], dtype=torch.int64)
-        noise = torch.cat([initial_noise(len(classes), sampling.channels, sampling.image_size, s) for s in seeds])
-        pool = sampling_pool(build_dir, manifest, backend, device, probe.all_levels, threads, labels, noise, workers,
-                             address, on_notice, timesteps)
     try:
+        if workers is not None:
+            from tmpdiff.calibration.fanout import sampling_pool
+
+            labels = torch.tensor([c for _ in seeds for c in classes], dtype=torch.int64)
+            noise = torch.cat([initial_noise(len(classes), sampling.channels, sampling.image_size, s) for s in seeds])
+            pool = sampling_pool(build_dir, manifest, backend, device, probe.all_levels, threads, labels, noise,
+                                 workers, address, on_notice, timesteps)
         evaluator = Evaluator(runner, sampling, classes, list(seeds), reference, steps, pool=pool, timesteps=timesteps)
     except BaseException:
         runner.close()
