@@ -90,6 +90,16 @@ def test_calibrate_in_the_pipeline_and_run_the_schedule_unchanged(work, tmp_path
         attach_engines(load_pipeline(t2i_dir()), build, schedule=schedule_path, guidance_scale=7.0)
 
 
+
+def test_calibrate_refuses_more_calls_than_training_timesteps(work, tmp_path):
+    """--steps past the pipeline scheduler's training timesteps is refused by name before any engine runs (the
+    pipeline ran and the first repeated timestep was blamed on the request as a NaN)."""
+    root, build, prompts = work
+    code, _, err = cli("calibrate", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                       "--steps", 5000, "--speedup", 1.3, "--out", tmp_path / "s.json")
+    assert code == 2 and "5000 steps, but the scheduler has 1000 training timesteps" in err, err
+    assert not (tmp_path / "s.json").exists()
+
 def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):
     root, build, prompts = work
     other = tmp_path / "other"
