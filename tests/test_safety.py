@@ -447,6 +447,22 @@ def test_version_help_info_and_json(build):
     assert code == 0 and json.loads(out)["ok"] is True, out + err
 
 
+
+def test_info_says_what_run_would_refuse(tampered):
+    """`info`'s engine state is the freshness rule `run`, `profile` and `check` apply: an ORT engine built with
+    another ORT version or for another CPU is not "ok" (it was: the version and device were not compared)."""
+    data = json.loads((tampered / "manifest.json").read_text())
+    fp32, int8 = "ort:cpu:fp32", "ort:cpu:int8"
+    data["engines"][fp32]["backend_version"] = "1.0.0"
+    data["engines"][int8]["device"] = "cpu: another CPU"
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    code, out, err = cli("info", tampered, "--json")
+    engines = json.loads(out)["engines"]
+    assert code == 0 and "built with ort 1.0.0" in engines[fp32]["state"], out + err
+    assert "another CPU" in engines[int8]["state"] and engines[int8]["version_and_device_checked"]
+    problems = _problems(tampered)  # check says the same
+    assert all(any(key in line for line in problems) for key in (fp32, int8)), problems
+
 def test_the_check_input_is_what_the_graph_gave(build):
     """The recorded check output is reproduced by the fp32 engine to float precision (the replay is meaningful)."""
     from safetensors.numpy import load_file

@@ -22,10 +22,10 @@ class Problem:
 
 def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check: bool = True) -> list[Problem]:
     """Every check that can fail, collected (not stopping at the first)."""
-    from tmpdiff.engines.ort_build import ort_engine_problem
+    from tmpdiff.engines.ort_build import engine_state
     from tmpdiff.export.onnx_io import load_onnx
     from tmpdiff.formats.atomic import interrupted_writes
-    from tmpdiff.formats.manifest import engine_problem, load_manifest, precision_problems
+    from tmpdiff.formats.manifest import load_manifest, precision_problems
 
     # a killed export/build leaves its in-flight temp; the next run of it (under the build lock) removes it
     problems = [Problem(str(path), "incomplete write left by an interrupted tmpdiff process",
@@ -86,10 +86,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
             problems.append(Problem(str(exc.path or build_dir), str(exc).split(": ", 1)[-1],
                                     "re-run `tmpdiff export ... --time-embedding-input`"))
     for key, engine in manifest.engines.items():
-        if engine.backend == "ort":
-            problem = ort_engine_problem(build_dir, manifest, engine, engine.build_flags.get("device", "cpu"))
-        else:  # the TensorRT version and GPU are checked where TensorRT runs (`tmpdiff run --backend trt`)
-            problem = engine_problem(build_dir, manifest, engine)
+        problem = engine_state(build_dir, manifest, engine)
         if problem is not None:
             problems.append(Problem(str(build_dir / engine.path), f"engine {key}: {problem}",
                                     f"run `tmpdiff build {build_dir} --backend {engine.backend}` on the target machine"))

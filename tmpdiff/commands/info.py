@@ -6,7 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tmpdiff.formats.manifest import engine_problem, load_manifest, mixed_problem, precision_problems
+from tmpdiff.engines.ort_build import engine_state
+from tmpdiff.formats.manifest import load_manifest, mixed_problem, precision_problems
 
 
 def build_info(build_dir: Path) -> dict[str, Any]:
@@ -24,7 +25,8 @@ def build_info(build_dir: Path) -> dict[str, Any]:
                             "state": "; ".join(p for _, p in problems) or "ok"}
     engines = {key: {"backend": e.backend, "precision": e.precision, "backend_version": e.backend_version,
                      "device": e.device, "compute_capability": e.compute_capability,
-                     "state": engine_problem(build_dir, manifest, e) or "ok"}
+                     "state": engine_state(build_dir, manifest, e) or "ok",
+                     "version_and_device_checked": e.backend == "ort"}  # TensorRT's: where TensorRT runs
                for key, e in manifest.engines.items()}
     mixed = {name: {"layers": dict(Counter(e.precisions)), "parity_error": e.parity_error,
                     "state": mixed_problem(build_dir, manifest, name) or "ok"} for name, e in manifest.mixed.items()}

@@ -112,6 +112,15 @@ def ort_engine_problem(build_dir: Path, manifest: Manifest, engine: EngineEntry,
     return engine_problem(build_dir, manifest, engine, backend_version=ort_version(), device=device_label(device))
 
 
+def engine_state(build_dir: Path, manifest: Manifest, engine: EngineEntry) -> str | None:
+    """Why a recorded engine cannot be used on this machine (None if it can): for ONNX Runtime engines, the one
+    freshness rule with this ORT version and the device it was built for; for TensorRT plans without their TensorRT
+    version and GPU, which are checked where TensorRT runs (`tmpdiff run --backend trt`)."""
+    if engine.backend == "ort":
+        return ort_engine_problem(build_dir, manifest, engine, engine.build_flags.get("device", "cpu"))
+    return engine_problem(build_dir, manifest, engine)
+
+
 def load_ort_engine(build_dir: Path, manifest: Manifest, engine: EngineEntry, device: str,
                     threads: int | None = None) -> OrtEngine:
     """Open a prepared engine after checking it is current for this export, ORT version and device."""
