@@ -195,3 +195,26 @@ def test_layer_costs_names_an_engine_onnx_runtime_cannot_load(quant_build, tmp_p
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: "), err
     assert f"{engine.path}: ONNX Runtime cannot load this model" in err and "Traceback" not in err
     assert not (tmp_path / "costs.json").exists()
+
+
+def test_layer_costs_checks_threads_and_memory_and_records_its_threads(quant_build, tmp_path, monkeypatch):
+    """layer-costs refused neither --threads past the usable cores nor a --batch past the memory (it ran until ONNX
+    Runtime's allocation failed, with a traceback); its table records the threads it measured with."""
+    import os
+
+    from tests.cli_helpers import cli
+    from tmpdiff.engines import memory
+    from tmpdiff.formats.layer_costs import load_layer_costs
+
+    args = ["layer-costs", quant_build[1], "--precisions", "int8", "--warmup", "0", "--repeats", "1"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one usable core, whatever the machine has
+    code, _, err = cli(*args, "--threads", "2", "--out", tmp_path / "a.json")
+    assert code == 2 and "--threads must be in 1..1 (the cores this process may use), got 2" in err, err
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    code, _, err = cli(*args, "--batch", "1000", "--out", tmp_path / "b.json")
+    assert code == 2 and "--batch" in err and "is available" in err and "Traceback" not in err, err
+    monkeypatch.undo()
+    code, _, err = cli(*args, "--batch", "1", "--threads", "1", "--out", tmp_path / "c.json")
+    assert code == 0, err
+    assert load_layer_costs(tmp_path / "c.json").threads == 1
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from tmpdiff.engines.device import device_label
+from tmpdiff.engines.loading import check_threads
+from tmpdiff.engines.memory import check_fits
 from tmpdiff.engines.ort import load_errors, session_options
 from tmpdiff.engines.ort_build import ort_engine_problem, ort_version
 from tmpdiff.engines.profile import make_buffers
@@ -66,7 +68,8 @@ def attribute(times: Mapping[str, float], owners_of: Callable[[str], Sequence[st
 
 def costs_table(build_dir: Path, manifest, layers: Sequence[str], macs: Mapping[str, int], names: Sequence[str],
                 measured: Mapping[str, tuple[dict[str, float], dict[str, int], float, float]], *, backend: str,
-                backend_version: str, device: str, batch: int, repeats: int, load: list[float]) -> LayerCostsTable:
+                backend_version: str, device: str, batch: int, repeats: int, load: list[float],
+                threads: int | None = None) -> LayerCostsTable:
     """The table from per precision (per-layer ms, node counts, rest ms, whole-call ms); every layer must own some
     profiled node at some precision (else the node names carry no module scopes)."""
     empty = [layer for layer in layers if not any(measured[p][1][layer] for p in names)]
@@ -75,7 +78,7 @@ def costs_table(build_dir: Path, manifest, layers: Sequence[str], macs: Mapping[
                            build_dir / "manifest.json")
     return LayerCostsTable(
         model_id=manifest.model_id, backend=backend, backend_version=backend_version, device=device, batch=batch,
-        repeats=repeats, precisions=list(names), base=names[0] if "fp32" not in names else "fp32",
+        repeats=repeats, threads=threads, precisions=list(names), base=names[0] if "fp32" not in names else "fp32",
         layers=[LayerCost(name=layer, macs=int(macs.get(layer, 0)), ms={p: measured[p][0][layer] for p in names},
                           nodes={p: measured[p][1][layer] for p in names}) for layer in layers],
         rest_ms={p: measured[p][2] for p in names}, step_ms={p: measured[p][3] for p in names}, load_average=load)
@@ -110,8 +113,12 @@ def profile_engines(paths: Mapping[str, Path], feeds: Mapping[str, np.ndarray], 
             with load_errors(path):
                 sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         for _ in range(warmup + repeats):
-            for session in sessions.values():
-                session.run(None, dict(feeds))
+            for name, session in sessions.items():
+                try:
+                    session.run(None, dict(feeds))
+                except Exception as exc:  # onnxruntime's own exception types (out of memory, a kernel's failure)
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise TmpdiffError(f"{name} engine failed to run ({first})", paths[name]) from None
         results = {}
         for name, session in sessions.items():
             nodes, runs = node_times(json.loads(Path(session.end_profiling()).read_text()), warmup)
@@ -127,8 +134,10 @@ def profile_layers(build_dir: Path, layers: Sequence[str], macs: Mapping[str, in
     """The per-layer costs table of `layers` on each precision's ORT-CPU engine of `build_dir` (`batch` rows a call)."""
     if repeats < 1 or warmup < 0:
         raise TmpdiffError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    check_threads(threads)
     manifest = load_manifest(build_dir)
     names = list(precisions or manifest.built_precisions("ort", "cpu"))
+    check_fits(manifest, batch, "ort", "cpu")  # before the rows are made
     inputs, _ = make_buffers(manifest, batch, "cpu", build_dir)
     feeds = {k: v.numpy() for k, v in inputs.items()}
     paths = {}
@@ -147,4 +156,5 @@ def profile_layers(build_dir: Path, layers: Sequence[str], macs: Mapping[str, in
     for precision, (medians, step) in profile_engines(paths, feeds, warmup, repeats, threads).items():
         measured[precision] = (*attribute(medians, scope_owners(layers), layers, macs), step)
     return costs_table(build_dir, manifest, layers, macs, names, measured, backend="ort", backend_version=ort_version(),
-                       device=device_label("cpu"), batch=batch, repeats=repeats, load=[*load, os.getloadavg()[0]])
+                       device=device_label("cpu"), batch=batch, repeats=repeats, load=[*load, os.getloadavg()[0]],
+                       threads=threads)

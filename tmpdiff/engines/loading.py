@@ -32,11 +32,19 @@ def resolve_device(backend: str, device: str | None) -> str:
     return device
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or `taskset`'s share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
 def check_threads(threads: int | None) -> None:
-    """At most one intra-op thread per core: more only time-slice the same cores."""
-    cores = os.cpu_count() or 1
+    """At most one intra-op thread per usable core: more only time-slice the same cores."""
+    cores = usable_cores()
     if threads is not None and not 1 <= threads <= cores:
-        raise TmpdiffError(f"--threads must be in 1..{cores} (this machine's cores), got {threads}")
+        raise TmpdiffError(f"--threads must be in 1..{cores} (the cores this process may use), got {threads}")
 
 
 def check_batch(manifest: Manifest, build_dir: Path, backend: str, device: str, rows: int) -> None:

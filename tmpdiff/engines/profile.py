@@ -68,8 +68,9 @@ def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup
     manifest = load_manifest(build_dir)
     names = precisions or manifest.built_precisions(backend, device)
     if not names:
-        raise TmpdiffError(f"no {backend} engines built for {device}: run `tmpdiff build {build_dir} --backend {backend}`",
-                           build_dir / "manifest.json")
+        where = f" --device {device}" if backend == "ort" and device != "cpu" else ""
+        raise TmpdiffError(f"no {backend} engines built for {device}: run `tmpdiff build {build_dir} --backend {backend}"
+                           f"{where}`", build_dir / "manifest.json")
     engines = load_engines(build_dir, manifest, backend, device, names, threads)
     check_fits(manifest, batch, backend, device)
     inputs, outputs = make_buffers(manifest, batch, device, build_dir)
@@ -85,5 +86,15 @@ def profile_build(build_dir: Path, backend: str, device: str, batch: int, warmup
                                     p90_ms=float(np.percentile(ms, 90)), repeats=repeats)
     version = manifest.engines[engine_key(backend, device, names[0])].backend_version
     return CostsTable(model_id=manifest.model_id, backend=backend, backend_version=version, device=device_label(device),
-                      batch=batch, threads=threads, warmup=warmup,
+                      batch=batch, threads=threads or _shared_pool_threads(backend), warmup=warmup,
                       measured_at=datetime.now(UTC).isoformat(timespec="seconds"), precisions=costs)
+
+
+def _shared_pool_threads(backend: str) -> int | None:
+    """The size of ONNX Runtime's process-wide thread pool the engines ran on, when one was set up (a CLI process:
+    every core this process may use), else None (each session's own default)."""
+    if backend != "ort":
+        return None
+    from tmpdiff.engines.ort import process_state
+
+    return process_state.get("threads")

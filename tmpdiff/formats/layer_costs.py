@@ -55,6 +55,7 @@ class LayerCostsTable(BaseModel):
     device: str
     batch: int = Field(ge=1, strict=True)  # rows per engine call (classifier-free guidance doubles the samples)
     repeats: int = Field(ge=1, strict=True)
+    threads: int | None = Field(default=None, ge=1, strict=True)  # intra-op threads per session (None: the backend's)
     precisions: list[str]
     base: str = "fp32"  # precision whose unattributed nodes (`rest_ms`) every configuration pays
     layers: list[LayerCost]
