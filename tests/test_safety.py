@@ -455,11 +455,16 @@ def test_info_says_what_run_would_refuse(tampered):
     fp32, int8 = "ort:cpu:fp32", "ort:cpu:int8"
     data["engines"][fp32]["backend_version"] = "1.0.0"
     data["engines"][int8]["device"] = "cpu: another CPU"
+    from tmpdiff.engines.device import cpu_features, cpu_name
+
+    same_name = next(key for key in data["engines"] if key not in (fp32, int8))
+    data["engines"][same_name]["device"] = f"cpu: {cpu_name()}"  # the model name alone: instruction sets unknown
     (tampered / "manifest.json").write_text(json.dumps(data))
     code, out, err = cli("info", tampered, "--json")
     engines = json.loads(out)["engines"]
     assert code == 0 and "built with ort 1.0.0" in engines[fp32]["state"], out + err
     assert "another CPU" in engines[int8]["state"] and engines[int8]["version_and_device_checked"]
+    assert (engines[same_name]["state"] != "ok") == bool(cpu_features()), engines[same_name]
     problems = _problems(tampered)  # check says the same
     assert all(any(key in line for line in problems) for key in (fp32, int8)), problems
 
