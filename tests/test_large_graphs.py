@@ -310,3 +310,24 @@ def test_collections_during_an_export_skip_what_existed_before_it():
             assert alive() is None
         assert gc.get_freeze_count() == frozen  # the inner use left the outer one's freeze alone
     assert gc.get_freeze_count() == 0
+
+
+def test_an_engine_is_stale_when_only_its_graphs_external_data_changed(external_build, tmp_path):
+    """A re-export can change the weights in `model.onnx.data` and leave the graph file byte for byte the same (the
+    same tensors, at the same offsets): the engine built from the old weights is then not current."""
+    from tmpdiff.engines.ort_build import engine_state
+    from tmpdiff.formats.atomic import sha256_file
+    from tmpdiff.formats.manifest import engine_key, save_manifest
+
+    build = tmp_path / "tiny-dit"
+    shutil.copytree(external_build, build)
+    manifest = load_manifest(build)
+    engine = manifest.engines[engine_key("ort", "cpu", "fp32")]
+    assert engine_state(build, manifest, engine) is None
+    data = build / "fp32" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # other weights, as a re-export would write them; the graph file untouched
+    data.write_bytes(bytes(raw))
+    manifest.precisions["fp32"].artifacts["fp32/model.onnx.data"] = sha256_file(data)
+    save_manifest(build, manifest)
+    assert engine_state(build, load_manifest(build), engine) == "built from an older export"

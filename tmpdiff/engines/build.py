@@ -9,7 +9,7 @@ from pathlib import Path
 from tmpdiff.engines.ort_build import ort_engine_problem, prepare_ort_engine
 from tmpdiff.formats.atomic import directory_lock
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.formats.manifest import engine_key, engine_problem, load_manifest, save_manifest
+from tmpdiff.formats.manifest import artifact_problem, engine_key, engine_problem, load_manifest, save_manifest
 
 
 @dataclass
@@ -100,12 +100,19 @@ def _build_trt(build_dir: Path, manifest, name: str, current, options, on_progre
             on_progress(f"{name}: up to date")
             return None
         on_progress(f"{name}: rebuilding ({mismatch})")
+    for rel, digest in [(entry.trt_onnx, entry.trt_sha256),  # what is built is what the export recorded
+                        *[(r, d) for r, d in getattr(entry, "artifacts", {}).items() if r == f"{entry.trt_onnx}.data"]]:
+        path, problem = artifact_problem(build_dir, rel, digest)
+        if problem is not None:
+            raise TmpdiffError(f"{name}'s TensorRT graph: {problem}; re-run `tmpdiff export`", path)
     on_progress(f"{name}: building TensorRT plan")
     plan_dir = _trt_plan_dir(build_dir, name, entry.trt_onnx)
-    return build_trt_engine(build_dir / entry.trt_onnx, plan_dir, specs, shapes, options,
-                            precision=name, build_dir=build_dir,
-                            layer_precisions=None if mixed is None else mixed.precisions,
-                            base=mixed.trt_base if mixed is not None else (entry.quantization or {}).get("trt_base"))
+    built = build_trt_engine(build_dir / entry.trt_onnx, plan_dir, specs, shapes, options,
+                             precision=name, build_dir=build_dir,
+                             layer_precisions=None if mixed is None else mixed.precisions,
+                             base=mixed.trt_base if mixed is not None else (entry.quantization or {}).get("trt_base"))
+    built.source_sha256 = entry.source_sha256("trt") or built.source_sha256  # the graph and its data, as recorded
+    return built
 
 
 def _options_mismatch(current, shapes, options) -> str | None:
@@ -165,7 +172,7 @@ def import_trt_plan(build_dir: Path, precision: str, plan_file: Path, wait: floa
         write_bytes(build_dir / rel, plan_file.read_bytes())
         manifest.engines[engine_key("trt", "cuda", precision)] = EngineEntry(
             backend="trt", precision=precision, path=rel, sha256=sha256_file(build_dir / rel),
-            source_sha256=entry.trt_sha256 or "", backend_version=trt.__version__, device="cuda",
+            source_sha256=entry.source_sha256("trt") or "", backend_version=trt.__version__, device="cuda",
             compute_capability=gpu.compute_capability, build_flags={"imported_from": str(plan_file), "gpu_name": gpu.name})
         save_manifest(build_dir, manifest)
     return BuildOutcome(precision, build_dir / rel, skipped=False)

@@ -59,7 +59,7 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
     source = verify_artifact(build_dir, precision, entry)
     if device == "trt-ep":
         return EngineEntry(backend="ort", precision=precision, path=entry.onnx, sha256=entry.sha256,
-                           source_sha256=entry.sha256, backend_version=ort_version(), device=device_label(device),
+                           source_sha256=entry.source_sha256("ort"), backend_version=ort_version(), device=device_label(device),
                            build_flags={"optimization": entry.ort_optimization, "device": device, "trt_ep_cache": True},
                            artifacts={k: v for k, v in entry.artifacts.items() if k == f"{entry.onnx}.data"})
     rel = f"{precision}/{prepared_name(device)}"
@@ -83,7 +83,7 @@ def prepare_ort_engine(build_dir: Path, precision: str, entry: PrecisionEntry, d
 
         flags["bytes_per_row"] = measure_bytes_per_row(final, OrtEngine(final, precision, optimization="disable").input_specs)
     return EngineEntry(
-        backend="ort", precision=precision, path=rel, sha256=sha256_file(final), source_sha256=entry.sha256,
+        backend="ort", precision=precision, path=rel, sha256=sha256_file(final), source_sha256=entry.source_sha256("ort"),
         backend_version=ort_version(), device=device_label(device), build_flags=flags,
         artifacts={data.relative_to(build_dir).as_posix(): sha256_file(data)} if external else {},
     )

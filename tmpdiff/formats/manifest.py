@@ -80,8 +80,13 @@ class PrecisionEntry(BaseModel):
         return pairs
 
     def source_sha256(self, backend: str) -> str | None:
-        """Hash of the graph a backend builds from (TensorRT: the trt:: graph; ORT: the standard-op twin)."""
-        return self.trt_sha256 if backend == "trt" else self.sha256
+        """Hash of what a backend builds from (TensorRT: the trt:: graph; ORT: the standard-op twin): the graph file's,
+        and with external data, of the graph and its `.data` together (a re-export can change the weights alone)."""
+        graph, digest = (self.trt_onnx, self.trt_sha256) if backend == "trt" else (self.onnx, self.sha256)
+        data = self.artifacts.get(f"{graph}.data")
+        if digest is None or data is None:
+            return digest
+        return hashlib.sha256(f"{digest}:{data}".encode()).hexdigest()
 
 
 class EngineEntry(BaseModel):
