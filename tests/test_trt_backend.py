@@ -419,7 +419,7 @@ def test_build_rebuilds_a_plan_made_for_another_gpu(bare_trt, monkeypatch, tmp_p
     assert build_engines(tmp_path, "trt", "cuda", ["fp8"], on_progress=progress.append)[0].skipped
     assert progress[-1] == "fp8: up to date"
     _gpu(monkeypatch, CudaDevice(0, "NVIDIA H100 80GB HBM3", "9.0"))
-    with pytest.raises(TmpdiffError, match="ONNX file is missing"):  # it went on to build (there is no graph here)
+    with pytest.raises(TmpdiffError, match="TensorRT graph: file is missing"):  # it went on to build (there is no graph here)
         build_engines(tmp_path, "trt", "cuda", ["fp8"], on_progress=progress.append)
     assert ("fp8: rebuilding (plan built for NVIDIA L4 (compute capability 8.9), this GPU is NVIDIA H100 80GB HBM3 "
             "(compute capability 9.0))") in progress
@@ -456,11 +456,11 @@ def test_build_rebuilds_a_plan_made_with_other_options(bare_trt, monkeypatch, tm
     for other, why in ((TrtBuildOptions(batch=2), "built for shapes batch 20, asked for batch 2"),
                        (TrtBuildOptions(batch=20, dynamic=True, max_batch=40), "asked for batch 1..20..40"),
                        (TrtBuildOptions(batch=20, optimization_level=5), "built at optimization level 3, asked for 5")):
-        with pytest.raises(TmpdiffError, match="ONNX file is missing"):  # it went on to build
+        with pytest.raises(TmpdiffError, match="TensorRT graph: file is missing"):  # it went on to build
             build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=other, on_progress=progress.append)
         assert any(line.startswith("fp16: rebuilding (") and why in line for line in progress), (why, progress)
     save({"profile": profile, "builder_optimization_level": 3, "dynamic": False})  # built before TF32 was cleared
-    with pytest.raises(TmpdiffError, match="ONNX file is missing"):
+    with pytest.raises(TmpdiffError, match="TensorRT graph: file is missing"):
         build_engines(tmp_path, "trt", "cuda", ["fp16"], trt_options=built, on_progress=progress.append)
     assert progress[-2] == "fp16: rebuilding (built with TF32 on)"
     save({"imported_from": "/elsewhere/fp16.plan"})
@@ -481,7 +481,7 @@ def test_a_plan_is_never_written_outside_the_build(bare_trt, monkeypatch, tmp_pa
                                   precisions={"fp16": precision}))
     _tiny_onnx(tmp_path / "escape" / "model.trt.onnx")
     _gpu(monkeypatch, L4)
-    with pytest.raises(TmpdiffError, match="outside the build directory"):
+    with pytest.raises(TmpdiffError, match="TensorRT graph: path escapes the build directory"):
         build_engines(build, "trt", "cuda", ["fp16"])
     plan = tmp_path / "given.plan"
     plan.write_bytes(b"plan bytes")
