@@ -218,3 +218,22 @@ def test_layer_costs_checks_threads_and_memory_and_records_its_threads(quant_bui
     assert code == 0, err
     assert load_layer_costs(tmp_path / "c.json").threads == 1
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_duplicate_keys_and_overlong_integers_are_refused_by_name(tmp_path, bundled):
+    """A key given twice (Python kept the last one silently; other parsers keep the first) and an integer past
+    Python's digit limit (a ValueError traceback) in a schedule, a model config or a manifest."""
+    from tmpdiff.formats.atomic import read_json_object
+
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text('{"format": "tmpdiff.schedule/1", "steps": 2, "precisions": ["fp32", "fp32"], '
+                        '"precisions": ["int8", "int8"]}')
+    with pytest.raises(TmpdiffError, match="schedule.json: not valid JSON .key 'precisions' appears twice"):
+        load_schedule(schedule)
+    schedule.write_text('{"format": "tmpdiff.schedule/1", "steps": ' + "9" * 5000 + ', "precisions": ["fp32"]}')
+    with pytest.raises(TmpdiffError, match="schedule.json: not valid JSON .*digits"):
+        load_schedule(schedule)
+    config = tmp_path / "config.json"
+    config.write_text('{"sample_size": 16, "nested": {"a": 1, "a": 2}}')
+    with pytest.raises(TmpdiffError, match="config.json: not valid JSON .key 'a' appears twice"):
+        read_json_object(config)

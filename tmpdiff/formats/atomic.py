@@ -350,12 +350,27 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return parse_json_object(read_text_file(path), path)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:  # parsers disagree on which one counts (Python's: the last), so neither does
+            raise ValueError(f"key {key!r} appears twice in one object")
+        obj[key] = value
+    return obj
+
+
+def loads_strict(data: str | bytes) -> Any:
+    """`json.loads`, refusing an object with a key twice. Raises ValueError for anything it cannot read (JSON syntax,
+    bad UTF-8, an integer past Python's digit limit)."""
+    return json.loads(data, object_pairs_hook=_no_duplicate_keys)
+
+
 def parse_json_object(data: str | bytes, path: Path, what: str = "") -> dict[str, Any]:
     """`data` (text, or UTF-8 bytes) parsed as a JSON object; anything else is a TmpdiffError naming `path` (`what`:
     which part of the file it is, e.g. "safetensors header: ")."""
     try:
-        parsed = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        parsed = loads_strict(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a duplicate key, too many digits
         raise TmpdiffError(f"{what}not valid JSON ({exc})", path) from None
     except RecursionError:
         raise TmpdiffError(f"{what}not a valid JSON document: nested too deeply", path) from None
@@ -372,7 +387,7 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
     if missing is not None and not path.is_file():
         raise TmpdiffError(f"{missing} {'is not a regular file' if path.exists() else 'does not exist'}", path)
     try:
-        data = json.loads(read_text_file(path, what))
+        data = loads_strict(read_text_file(path, what))
         if isinstance(data, dict) and "format" in model_cls.model_fields and "format" not in data:
             raise TmpdiffError(f"not a valid {what} (no 'format' field)", path)
         where = _non_finite_at(data)  # tmpdiff writes standard JSON: NaN / Infinity are hand edits or other tools'
@@ -380,15 +395,15 @@ def read_model_file(path: Path, model_cls, what: str, missing: str | None = None
             raise TmpdiffError(f"not a valid {what} ({where or 'document'}: NaN or Infinity, which standard JSON does "
                                "not allow)", path)
         return model_cls.model_validate(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
-    except RecursionError:
-        raise TmpdiffError("not a valid JSON document: nested too deeply", path) from None
     except ValidationError as exc:
         given = data.get("format") if isinstance(data, dict) else None
         if isinstance(given, str) and given.startswith("tmpdiff.") and any(e["loc"] == ("format",) for e in exc.errors()):
             raise TmpdiffError(_format_mismatch(given, model_cls, what), path) from None
         raise TmpdiffError(f"not a valid {what} ({validation_problems(exc)})", path) from None
+    except ValueError as exc:  # JSON syntax, bad UTF-8, a duplicate key, too many digits (ValidationError is one too)
+        raise TmpdiffError(f"not valid JSON ({exc})", path) from None
+    except RecursionError:
+        raise TmpdiffError("not a valid JSON document: nested too deeply", path) from None
 
 
 def _format_mismatch(given: str, model_cls, what: str) -> str:
