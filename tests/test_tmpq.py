@@ -196,6 +196,22 @@ def test_a_uniform_plan_is_a_v2_schedule_and_a_mixed_one_is_not():
         TmpqPlan.model_validate(plan.model_dump() | {"timesteps": [10, 400, 900]})
 
 
+def test_plan_numbers_are_strict(tmp_path):
+    """As in schedules: "3", true and 0.0 are not step counts, timesteps or configuration indices (they ran as 3,
+    1 and 0)."""
+    import json
+
+    from tmpdiff.formats.tmpq_plan import load_tmpq_plan
+
+    plan = TmpqPlan(model_id="m", steps=3, timesteps=[900, 400, 10], layers=["a"], configs=[["int8"], ["fp32"]],
+                    step_configs=[1, 0, 0]).model_dump(mode="json")
+    for key, value in (("steps", "3"), ("timesteps", [900, True, 0.0]), ("step_configs", [0, True, False])):
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps(plan | {key: value}))
+        with pytest.raises(TmpdiffError, match=f"plan.json: not a valid TMPQ-DM plan .*{key}"):
+            load_tmpq_plan(path)
+
+
 def test_every_dit_layer_owns_profiled_nodes_of_its_engine(fp32_build):
     from tmpdiff.engines.layer_costs import profile_engines
     from tmpdiff.engines.profile import make_buffers

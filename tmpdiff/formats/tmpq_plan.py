@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from tmpdiff.formats.atomic import read_model_file, write_json
 from tmpdiff.formats.precisions import PRECISIONS
@@ -31,12 +31,12 @@ class TmpqPlan(BaseModel):
     model_id: str
     model_sha256: str | None = None  # /2: the model the search ran on (its weights and config)
     export_keys: dict[str, str] = Field(default_factory=dict)  # /2: precision -> export key of its quantizers
-    steps: int = Field(ge=1, le=MAX_STEPS)
-    timesteps: list[int]
+    steps: int = Field(ge=1, le=MAX_STEPS, strict=True)
+    timesteps: list[StrictInt]
     scheduler: SchedulerRef | None = None
     layers: list[str] = Field(min_length=1)
     configs: list[list[str]]
-    step_configs: list[int]
+    step_configs: list[StrictInt]
     reference: dict = Field(default_factory=dict)  # what the plan is compared with (fp32, its step count)
     predicted: dict = Field(default_factory=dict)  # from the per-layer costs table: ms, speedup, BitOPs
     measured: dict = Field(default_factory=dict)  # quality on the search's seeds and on held-out seeds
