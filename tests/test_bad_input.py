@@ -237,3 +237,17 @@ def test_duplicate_keys_and_overlong_integers_are_refused_by_name(tmp_path, bund
     config.write_text('{"sample_size": 16, "nested": {"a": 1, "a": 2}}')
     with pytest.raises(TmpdiffError, match="config.json: not valid JSON .key 'a' appears twice"):
         read_json_object(config)
+
+
+def test_a_schedules_guidance_scale_must_be_a_number(tmp_path):
+    """run --pipeline held a run to the schedule's target.guidance_scale: "abc" was a ValueError traceback there,
+    true ran as 1.0."""
+    for scale in ("abc", True, None, 4.5):
+        path = tmp_path / "schedule.json"
+        path.write_text(json.dumps({"format": "tmpdiff.schedule/1", "steps": 1, "precisions": ["fp32"],
+                                    "target": {"guidance_scale": scale}}))
+        if scale in ("abc", True):
+            with pytest.raises(TmpdiffError, match="target.guidance_scale must be a finite number"):
+                load_schedule(path)
+        else:
+            assert load_schedule(path).target["guidance_scale"] == scale

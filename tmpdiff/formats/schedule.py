@@ -19,6 +19,7 @@ a file that names a field its version does not have is refused.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -130,6 +131,16 @@ class Schedule(BaseModel):
         if self.time_embeddings is not None:
             return SCHEDULE_FORMAT_V3
         return SCHEDULE_FORMAT if self.timesteps is not None else SCHEDULE_FORMAT_V1
+
+    @field_validator("target")
+    @classmethod
+    def _guidance_is_a_number(cls, target: dict) -> dict:
+        """The guidance scale a schedule was calibrated at is what a pipeline run is held to: a finite number."""
+        scale = target.get("guidance_scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"target.guidance_scale must be a finite number, got {scale!r}")
+        return target
 
     @field_validator("time_embeddings")
     @classmethod
