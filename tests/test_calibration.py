@@ -646,3 +646,18 @@ def test_quality_floor_returns_the_cheapest_accepted_schedule(monkeypatch):
                                                 iterations=3)
     assert tried == [all_int4, cheaper, dearer, refused]
     assert schedule == cheaper  # the last accepted (dearer) was returned before
+
+
+def test_a_two_step_report_has_no_fit_and_is_written_whole(quant_build, costs_file, tmp_path):
+    """At 2 steps too few held-out schedules differ to fit the scores: the fits are null ("n/a" in the report), where
+    NaN made validation.json unwritable after the schedule and the plots were written."""
+    from tests.cli_helpers import cli
+
+    _, build_dir, _ = quant_build
+    report = tmp_path / "report"
+    code, _, err = cli("calibrate", build_dir, "--costs", costs_file, "--speedup", "1.1", "--steps", "2",
+                       "--calib-seeds", "0", "--calib-classes", "0,1", "--out", tmp_path / "s.json", "--report", report)
+    assert code == 0, err
+    fits = json.loads((report / "validation.json").read_text())["fits"]
+    assert any(fit["r2"] is None for by_score in fits.values() for fit in by_score.values())
+    assert "| n/a |" in (report / "calibration_report.md").read_text()

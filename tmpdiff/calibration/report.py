@@ -45,7 +45,8 @@ def plot_fits(validation: dict, path: Path) -> None:
             chosen = [r for r in rows if r["group"] == group]
             ax.scatter([r[score] for r in chosen], [r["measured"] for r in chosen], marker=marker, s=18, label=group)
         fit = validation["fits"]["all"][score]
-        ax.set_title(f"{score}: R2 {fit['r2']:.3f}, Spearman {fit['spearman']:.3f}", fontsize=9)
+        ax.set_title(f"{score}: R2 {_fit_cell(fit['r2'], '.3f')}, Spearman {_fit_cell(fit['spearman'], '.3f')}",
+                     fontsize=9)
         ax.set_xlabel(f"predicted ({score})")
         ax.set_ylabel("measured error")
         ax.legend(fontsize=8)
@@ -93,9 +94,14 @@ def write_calibration_report(session, result, out: Path) -> dict:
     ]
     for group, by_score in fits.items():
         for score, fit in by_score.items():
-            lines.append(f"| {group} | {score} | {fit['r2']:.3f} | {fit['spearman']:.3f} | {fit['slope']:.3g} | "
-                         f"{fit['intercept']:.3g} |")
+            lines.append(f"| {group} | {score} | {_fit_cell(fit['r2'], '.3f')} | {_fit_cell(fit['spearman'], '.3f')} | "
+                         f"{_fit_cell(fit['slope'], '.3g')} | {_fit_cell(fit['intercept'], '.3g')} |")
     lines += ["", "![score fit](score_fit.png)", "", "## Sensitivities (dots: evaluated steps)", "",
               "![sensitivities](sensitivities.png)", "", "## Samples", "", "![images](images.png)", ""]
     write_bytes(out / "calibration_report.md", "\n".join(lines).encode())
     return validation
+
+
+def _fit_cell(value: float | None, spec: str) -> str:
+    """A fit figure, or "n/a" where there was nothing to fit (too few held-out schedules, e.g. at 2 steps)."""
+    return "n/a" if value is None else format(value, spec)

@@ -13,17 +13,18 @@ from tmpdiff.calibration.search import Problem, Schedule, Sensitivities, random_
 
 @dataclass
 class Fit:
-    """Linear fit E ~ a*S + b with its R^2, and the rank correlation that matters for choosing schedules."""
+    """Linear fit E ~ a*S + b with its R^2, and the rank correlation that matters for choosing schedules; None for
+    each when there is nothing to fit (fewer than 3 schedules, or one score or error for all)."""
 
-    slope: float
-    intercept: float
-    r2: float
-    spearman: float
+    slope: float | None
+    intercept: float | None
+    r2: float | None
+    spearman: float | None
 
     @classmethod
     def of(cls, scores: np.ndarray, measured: np.ndarray) -> Fit:
         if len(scores) < 3 or np.ptp(scores) == 0 or np.ptp(measured) == 0:
-            return cls(float("nan"), float("nan"), float("nan"), float("nan"))
+            return cls(None, None, None, None)
         fit = stats.linregress(scores, measured)
         return cls(float(fit.slope), float(fit.intercept), float(fit.rvalue**2),
                    float(stats.spearmanr(scores, measured).statistic))
