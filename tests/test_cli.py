@@ -170,3 +170,15 @@ def test_in_process_calls_leave_sigterm_and_ctrl_c_to_the_host(monkeypatch):
 
     monkeypatch.setattr(cli_module, "app", aborted)
     assert main(["info", "x"], own_process=False) == 130
+
+
+def test_demo_refuses_a_seed_or_step_count_sampling_would_refuse_before_its_work(tmp_path):
+    """--seed -1 failed after the export, build, profile and calibration (minutes), leaving them in --out."""
+    from tests.cli_helpers import cli
+
+    for args, phrase in ((["--seed", "-1"], "--seed must be in 0..2^63-1"),
+                         (["--steps", "5000"], "--steps 5000: 5000 steps, but the scheduler has")):
+        out = tmp_path / f"demo{len(phrase)}"
+        code, _, err = cli("demo", "--out", out, *args)
+        assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

@@ -915,11 +915,12 @@ def demo(
     force: Force = False,
 ) -> None:
     """The whole pipeline on the bundled model: export, build, profile, calibrate, sample, report."""
-    from tmpdiff.commands.demo import run_demo
+    from tmpdiff.commands.demo import check_demo_request, run_demo
     from tmpdiff.engines.loading import check_threads
     from tmpdiff.export.exporter import parse_precisions
     from tmpdiff.formats.outputs import Output, check_outputs
 
+    check_demo_request(steps, seed)
     names = tuple(parse_precisions(precisions))
     if "fp32" not in names:
         raise TmpdiffError("the demo needs fp32 (the reference) among --precisions")

@@ -24,6 +24,7 @@ from tmpdiff.eval.images import grid_image, save_png
 from tmpdiff.export.exporter import export_model
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import save_costs
+from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.schedule import save_schedule
 from tmpdiff.models.bundled import load_model_info, sampling_info
 from tmpdiff.models.digits import to_uint8
@@ -40,6 +41,22 @@ def _sample_grid(build_dir: Path, classes: list[int], seed: int, steps: int, thr
     return result.latents, result.trace.steps
 
 
+def check_demo_request(steps: int | None, seed: int) -> None:
+    """What sampling would refuse after the export, build and calibration (`steps` None: the model's default):
+    checked first, minutes earlier."""
+    from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler
+    from tmpdiff.runtime.runner import SEEDS
+
+    if seed not in SEEDS:
+        raise TmpdiffError(f"--seed must be in 0..2^63-1, got {seed}")
+    info = load_model_info()
+    steps = steps or info.default_steps
+    try:
+        check_distinct_timesteps(sampling_scheduler(sampling_info(info)), steps)
+    except TmpdiffError as exc:
+        raise TmpdiffError(f"--steps {steps}: {exc}") from None
+
+
 def run_demo(out: Path, per_class: int = 4, steps: int | None = None, seed: int = 0, threads: int | None = None,
              precisions: tuple[str, ...] = DEFAULT_PRECISIONS, speedup: float | None = None,
              console: Console | None = None) -> dict:
@@ -47,6 +64,7 @@ def run_demo(out: Path, per_class: int = 4, steps: int | None = None, seed: int 
     console = console or Console(stderr=True)
     info = load_model_info()
     steps = steps or info.default_steps
+    check_demo_request(steps, seed)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
