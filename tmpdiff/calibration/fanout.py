@@ -19,7 +19,6 @@ in one line; a worker that raises fails it with the worker's own error.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.call_memo import CallMemo
-from tmpdiff.runtime.ray_executor import connect_ray, default_threads, error_cause, stop_actors
+from tmpdiff.runtime.ray_executor import ActorGroup, default_threads, error_cause
 from tmpdiff.runtime.workers import WorkerSpec
 
 
@@ -42,6 +41,14 @@ class SamplingSpec:
     labels: torch.Tensor
     noise: torch.Tensor
     timesteps: tuple[int, ...] | None = None  # sample at exactly these (None: the scheduler's spacing)
+
+    @property
+    def threads(self) -> int | None:
+        return self.worker.threads
+
+    @property
+    def device(self) -> str:
+        return self.worker.device
 
 
 class SamplingActor:
@@ -72,21 +79,23 @@ class RaySamplePool:
                  on_lost: Callable[[str], None] = lambda _: None) -> None:
         if workers < 1:
             raise TmpdiffError(f"--workers must be >= 1, got {workers}")
-        import ray
-
-        started = time.perf_counter()
-        threads = spec.worker.threads or 1
-        self.started_here = connect_ray(workers * threads, address)
         self.on_lost, self.lost = on_lost, 0
         self.side_by_side = 0  # schedules run in maps of two or more (fanned out)
-        actor = ray.remote(num_cpus=threads, num_gpus=0 if spec.worker.device == "cpu" else 1)(SamplingActor)
-        self.actors = [actor.remote(spec) for _ in range(workers)]
-        try:
-            self.pids = ray.get([a.ready.remote() for a in self.actors])
-        except ray.exceptions.RayError as exc:
-            self.close()
-            raise TmpdiffError(f"a Ray evaluation worker failed to start: {error_cause(exc)}") from None
-        self.startup_seconds = time.perf_counter() - started
+        self.group = ActorGroup(SamplingActor, spec, workers, address, "evaluation worker", "its schedule is lost",
+                                options="--workers or --threads")
+        self.startup_seconds = self.group.startup_seconds
+
+    @property
+    def actors(self) -> list:
+        return self.group.actors
+
+    @property
+    def pids(self) -> list[int]:
+        return self.group.pids
+
+    @property
+    def started_here(self) -> bool:
+        return self.group.started_here
 
     @property
     def width(self) -> int:
@@ -125,8 +134,7 @@ class RaySamplePool:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        stop_actors(self.actors, self.started_here)
-        self.actors, self.started_here = [], False
+        self.group.close()
 
 
 def sampling_pool(build_dir, manifest, backend: str, device: str, levels: Sequence[str], threads: int | None,
