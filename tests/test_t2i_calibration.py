@@ -402,6 +402,55 @@ def test_pipeline_drafts_on_ray_actors_give_the_in_process_images(work, mode):
         remote.close()
 
 
+def _closed_denoisers(monkeypatch) -> list:
+    """Record every `EngineDenoiser` closed from here on."""
+    from tmpdiff.runtime.dropin import EngineDenoiser
+
+    closed, close = [], EngineDenoiser.close
+
+    def recording(self):
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(EngineDenoiser, "close", recording)
+    return closed
+
+
+def test_ray_drafts_that_fail_to_start_leave_the_pipeline_as_it_was(work, monkeypatch):
+    """The draft actors failing to start: the engines loaded for the new denoiser are freed and the pipeline keeps
+    its own denoiser."""
+    from tmpdiff.runtime import dropin_ray
+    from tmpdiff.runtime.pipeline_io import load_pipeline
+
+    def no_pool(*_, **__):
+        raise TmpdiffError("a Ray draft worker failed to start: no engine")
+
+    _, build, _ = work
+    pipe = load_pipeline(t2i_dir())
+    before = pipe.transformer
+    closed = _closed_denoisers(monkeypatch)
+    monkeypatch.setattr(dropin_ray, "DraftPool", no_pool)
+    with pytest.raises(TmpdiffError, match="failed to start: no engine"):
+        dropin_ray.attach_with_ray_drafts(pipe, build, precision="fp32", parallel=2, threads=1)
+    assert pipe.transformer is before and len(closed) == 1 and closed[0]._closed
+
+
+def test_run_prompts_closes_the_denoiser_when_the_call_cannot_start(work, monkeypatch):
+    """Whatever fails after the engines are attached, the denoiser (and any Ray actors of its drafts) is closed."""
+    from tmpdiff.commands import run_prompts as module
+
+    def broken(*_, **__):
+        raise TmpdiffError("no call")
+
+    _, build, _ = work
+    closed = _closed_denoisers(monkeypatch)
+    monkeypatch.setattr(module, "call_kwargs", broken)
+    with pytest.raises(TmpdiffError, match="no call"):
+        module.run_prompts(module.PromptRequest(build_dir=build, pipeline_dir=t2i_dir(), prompts=PROMPTS[:1],
+                                                precision="fp32", steps=2, threads=1))
+    assert len(closed) == 1
+
+
 def test_the_bundled_pipeline_is_named_by_its_short_name(work, tmp_path):
     """`--pipeline bundled-t2i` is the bundled text-to-image pipeline, as MODEL arguments take it."""
     _, build, _ = work

@@ -71,19 +71,21 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     denoiser = attach(pipe, request.build_dir, schedule=plan, backend=request.backend, device=request.device,
                       threads=request.threads, nan_guard=request.nan_guard, parallel=request.parallel,
                       mode=request.mode, guidance_scale=request.guidance_scale, min_alpha=request.min_alpha, **options)
-    if request.device != "cpu":
-        pipe.to("cuda")
-    kwargs = call_kwargs(pipe, steps=plan.steps, seed=request.seed, guidance_scale=request.guidance_scale,
-                         text_len=getattr(denoiser.adapter, "text_len", None),
-                         sample_size=denoiser.config.get("sample_size"), height=request.height, width=request.width)
-    kwargs["output_type"] = "np"
-    if plan.timesteps is not None:  # attach_engines checked that the pipeline and its scheduler take them
-        kwargs["timesteps"] = plan.timesteps
     try:
-        images = pipe(**inputs, **kwargs).images
-    except ValueError as exc:  # diffusers pipelines check their arguments with ValueError
-        raise TmpdiffError(f"{type(pipe).__name__} refused the call ({exc})", request.pipeline_dir) from None
-    finally:
+        if request.device != "cpu":
+            pipe.to("cuda")
+        kwargs = call_kwargs(pipe, steps=plan.steps, seed=request.seed, guidance_scale=request.guidance_scale,
+                             text_len=getattr(denoiser.adapter, "text_len", None),
+                             sample_size=denoiser.config.get("sample_size"), height=request.height,
+                             width=request.width)
+        kwargs["output_type"] = "np"
+        if plan.timesteps is not None:  # attach_engines checked that the pipeline and its scheduler take them
+            kwargs["timesteps"] = plan.timesteps
+        try:
+            images = pipe(**inputs, **kwargs).images
+        except ValueError as exc:  # diffusers pipelines check their arguments with ValueError
+            raise TmpdiffError(f"{type(pipe).__name__} refused the call ({exc})", request.pipeline_dir) from None
+    finally:  # attach cleans up after itself when it fails; from here on the denoiser (and its Ray actors) is ours
         denoiser.close()
     return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, plan.source
 

@@ -478,6 +478,20 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's).
     `dropin_ray.attach_with_ray_drafts` runs the drafts on Ray actors.
     """
+    denoiser, original = prepare_engines(pipe, build_dir, schedule=schedule, precision=precision, backend=backend,
+                                         device=device, threads=threads, nan_guard=nan_guard, parallel=parallel,
+                                         mode=mode, guidance_scale=guidance_scale, min_alpha=min_alpha)
+    swap_in(pipe, denoiser, original)
+    return denoiser
+
+
+def prepare_engines(pipe, build_dir: str | Path, *,
+                    schedule: PrecisionPlan | Schedule | str | Path | list[str] | None = None,
+                    precision: str | None = None, backend: str = "ort", device: str = "cpu",
+                    threads: int | None = None, nan_guard: bool = True, parallel: int = 1, mode: str = "conservative",
+                    guidance_scale: float | None = None, min_alpha: float = 0.0) -> tuple[EngineDenoiser, Any]:
+    """`attach_engines`' checks and denoiser, the pipeline left untouched: the denoiser and the pipeline's current one
+    (for `swap_in`; close the denoiser instead when it is not swapped in)."""
     build_dir = Path(build_dir)
     check_threads(threads)
     manifest = load_manifest(build_dir)
@@ -499,7 +513,7 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     component = denoiser_component(pipe)
     original = getattr(pipe, component, None)
     dtype = original.dtype if original is not None else torch.float32
-    if original is not None and not isinstance(original, EngineDenoiser):  # attached before: replaced (closed) below
+    if original is not None and not isinstance(original, EngineDenoiser):  # attached before: replaced (closed) in swap_in
         check_same_model(original, manifest, build_dir)
     denoiser = denoiser_for_build(build_dir, plan, backend=backend, device=device, threads=threads, nan_guard=nan_guard,
                                   scheduler_of=lambda: pipe.scheduler, dtype=dtype, manifest=manifest)
@@ -509,6 +523,13 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
         except BaseException:
             denoiser.close()  # its engines were loaded for it
             raise
+    return denoiser, original
+
+
+def swap_in(pipe, denoiser: EngineDenoiser, original: Any) -> None:
+    """Put `denoiser` (from `prepare_engines`) in the pipeline in place of `original`, closing an `EngineDenoiser`
+    no other pipeline calls."""
+    component = denoiser_component(pipe)
     setattr(pipe, component, denoiser)
     denoiser.pipelines.add(pipe)
     if isinstance(original, EngineDenoiser):
@@ -519,7 +540,6 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     if hasattr(pipe, "_is_unet_config_sample_size_int"):  # StableDiffusionPipeline decides this from the UNet it was
         # loaded with (None here), then indexes an int sample_size when no height and width are passed
         pipe._is_unet_config_sample_size_int = isinstance(denoiser.config.sample_size, int)
-    return denoiser
 
 
 # pipelines whose classifier-free-guidance batch puts the conditional half first (diffusers' others: unconditional first)

@@ -100,17 +100,22 @@ def attach_with_ray_drafts(pipe, build_dir, *, parallel: int, mode: str = "conse
                            nan_guard: bool = True, **options):
     """`attach_engines` with DRiffusion drafts on Ray actors: the anchor runs here; conservative rounds draft N
     states on N actors, aggressive N - 1 beside the anchor. Call `close()` on the denoiser to stop them."""
-    from tmpdiff.runtime.dropin import attach_engines
+    from tmpdiff.runtime.dropin import prepare_engines, swap_in
     from tmpdiff.runtime.parallel import ParallelMode
     from tmpdiff.runtime.ray_executor import default_threads
 
     if parallel < 2:
         raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
-    denoiser = attach_engines(pipe, build_dir, parallel=parallel, mode=mode, threads=threads, backend=backend,
-                              device=device, nan_guard=nan_guard, **options)
-    actors = parallel if denoiser.drafts.mode is ParallelMode.conservative else parallel - 1
-    spec = DraftWorkerSpec(Path(build_dir), denoiser.plan, backend, device, threads or default_threads(actors + 1),
-                           nan_guard)
-    denoiser.draft_pool = DraftPool(spec, actors, address)
+    denoiser, original = prepare_engines(pipe, build_dir, parallel=parallel, mode=mode, threads=threads,
+                                         backend=backend, device=device, nan_guard=nan_guard, **options)
+    try:
+        actors = parallel if denoiser.drafts.mode is ParallelMode.conservative else parallel - 1
+        spec = DraftWorkerSpec(Path(build_dir), denoiser.plan, backend, device, threads or default_threads(actors + 1),
+                               nan_guard)
+        denoiser.draft_pool = DraftPool(spec, actors, address)
+    except BaseException:  # the pipeline keeps its denoiser; the engines loaded for this one are freed
+        denoiser.close()
+        raise
     denoiser.draft_pool_startup = denoiser.draft_pool.startup_seconds
+    swap_in(pipe, denoiser, original)
     return denoiser
