@@ -161,6 +161,7 @@ def test_schedulers_the_skip_transition_cannot_express_are_refused(name, config,
     ({"parallel": 2, "executor": "dask"}, "--executor must be"),
     ({"parallel": 2, "address": "10.0.0.1:6379"}, "needs --executor ray"),
     ({"executor": "ray"}, "needs --parallel 2"),
+    ({"parallel": 4, "executor": "ray", "steps": 4}, "more Ray workers than the 3 calls a round of 4 steps can have"),
 ])
 def test_bad_parallel_options_are_refused(setup, options, message):
     build_dir, _, _ = setup

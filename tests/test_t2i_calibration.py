@@ -449,6 +449,9 @@ def test_run_prompts_closes_the_denoiser_when_the_call_cannot_start(work, monkey
         module.run_prompts(module.PromptRequest(build_dir=build, pipeline_dir=t2i_dir(), prompts=PROMPTS[:1],
                                                 precision="fp32", steps=2, threads=1))
     assert len(closed) == 1
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
+                       "--steps", 3, "--parallel", 3, "--executor", "ray", "--out", "unused.png")
+    assert code == 2 and "--parallel 3 starts more Ray workers than the 2 calls a round of 3 steps" in err, err
 
 
 def test_the_bundled_pipeline_is_named_by_its_short_name(work, tmp_path):

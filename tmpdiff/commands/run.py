@@ -88,6 +88,13 @@ def check_executor(parallel: int, executor: str, address: str | None) -> None:
         raise TmpdiffError("--executor ray needs --parallel 2 or more (one worker samples sequentially here)")
 
 
+def check_ray_width(parallel: int, executor: str, steps: int | None) -> None:
+    """Refuse Ray workers a round cannot use: it has at most steps - 1 calls, so more actors only hold engines idle."""
+    if executor == "ray" and steps is not None and parallel > steps - 1:
+        raise TmpdiffError(f"--parallel {parallel} starts more Ray workers than the {steps - 1} calls a round of "
+                           f"{steps} steps can have: lower --parallel or raise --steps")
+
+
 def check_pixel_space(build_dir: Path) -> None:
     """`run --class` writes its samples as an image: only a model that samples gray or RGB pixels can be written
     (no VAE decodes a class-conditional build's latents)."""
@@ -113,6 +120,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
         check_distinct_timesteps(scheduler, len(plan.precisions))
     if request.parallel > 1:
         check_parallel_scheduler(scheduler)  # before any engine is loaded
+        check_ray_width(request.parallel, request.executor, len(plan.precisions))
     guidance = sampling.guidance_scale if request.guidance_scale is None else request.guidance_scale
     conditioning = plan.conditioning
     if conditioning is not None:  # learned rows: for these graphs, this solver's timesteps and this guidance

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmpdiff.commands.run import RunOptions, check_executor
+from tmpdiff.commands.run import RunOptions, check_executor, check_ray_width
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
@@ -52,6 +52,7 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     if request.class_labels is None and (not request.prompts or any(not p.strip() for p in request.prompts)):
         raise TmpdiffError("every --prompt must be non-empty")
     plan = request.plan(DEFAULT_STEPS)
+    check_ray_width(request.parallel, request.executor, plan.steps)
     manifest = load_manifest(request.build_dir)
     check_pipeline_denoiser(request.pipeline_dir, manifest.model_sha256, request.build_dir / MANIFEST_NAME)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
