@@ -251,3 +251,25 @@ def test_a_schedules_guidance_scale_must_be_a_number(tmp_path):
                 load_schedule(path)
         else:
             assert load_schedule(path).target["guidance_scale"] == scale
+
+
+def test_measured_costs_tables_are_checked_like_stated_ones(tmp_path):
+    """Unknown precision names, numbers in quotes and percentiles out of order were read from a measured table."""
+    def measured(**changes):
+        table = {"format": "tmpdiff.costs/1", "origin": "measured", "device": "cpu: x", "backend": "ort", "model_id": "m",
+                 "backend_version": "1", "batch": 8, "warmup": 1, "measured_at": "now",
+                 "precisions": {"fp32": {"median_ms": 2.0, "p10_ms": 1.9, "p90_ms": 2.2, "repeats": 3},
+                                "int8": {"median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.1, "repeats": 3}}}
+        return table | changes
+
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(measured()))
+    assert load_costs(path).precisions["int8"].median_ms == 1.0
+    bad_int8 = {"median_ms": 1.0, "p10_ms": 1.2, "p90_ms": 1.1, "repeats": 3}
+    for changes, phrase in (({"precisions": measured()["precisions"] | {"fp7": bad_int8 | {"p10_ms": 0.9}}},
+                             "unknown precision fp7"),
+                            ({"batch": "8"}, "batch"), ({"warmup": 1.0}, "warmup"),
+                            ({"precisions": measured()["precisions"] | {"int8": bad_int8}}, "does not hold")):
+        path.write_text(json.dumps(measured(**changes)))
+        with pytest.raises(TmpdiffError, match=f"costs.json: .*{phrase}"):
+            load_costs(path)

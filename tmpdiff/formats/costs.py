@@ -43,6 +43,9 @@ class PrecisionCost(BaseModel):
             raise ValueError("give median_ms, p10_ms, p90_ms and repeats (measured) or a ratio (stated)")
         if self.ratio is not None and any(v is not None for v in timed):
             raise ValueError("a stated ratio comes without measured millisecond figures")
+        if self.ratio is None and not self.p10_ms <= self.median_ms <= self.p90_ms:  # type: ignore[operator]
+            raise ValueError(f"p10_ms {self.p10_ms:g} <= median_ms {self.median_ms:g} <= p90_ms {self.p90_ms:g} "
+                             "does not hold")
         return self
 
     @model_serializer(mode="wrap")
@@ -69,9 +72,9 @@ class CostsTable(BaseModel):
     model_id: str | None = None  # stated: None = any model
     backend: str | None = None
     backend_version: str | None = None
-    batch: int | None = Field(default=None, ge=1)
-    threads: int | None = None
-    warmup: int | None = Field(default=None, ge=0)
+    batch: int | None = Field(default=None, ge=1, strict=True)
+    threads: int | None = Field(default=None, ge=1, strict=True)
+    warmup: int | None = Field(default=None, ge=0, strict=True)
     measured_at: str | None = None
     stated_at: str | None = None
     precisions: dict[str, PrecisionCost]
@@ -91,14 +94,16 @@ class CostsTable(BaseModel):
             raise ValueError(f"the dearest precision ({max(values):g}) costs over {MAX_COST_SPREAD:g} times the "
                              f"cheapest ({min(values):g})")
         kinds = {p.ratio is not None for p in self.precisions.values()}
+        unknown = sorted(set(self.precisions) - set(PRECISIONS))
         if self.origin == "measured":
+            if unknown:
+                raise ValueError(f"unknown precision {', '.join(unknown)}; known: {', '.join(PRECISIONS)}")
             missing = [name for name in _MEASURED_FIELDS if getattr(self, name) is None]
             if missing or kinds != {False}:
                 raise ValueError(f"a measured table needs {', '.join(missing) or 'millisecond figures, not ratios'}")
             return self
         if not (self.source or "").strip() or not self.device.strip():
             raise ValueError("a stated table needs a device and a source")
-        unknown = sorted(set(self.precisions) - set(PRECISIONS))
         if unknown or kinds != {True}:
             raise ValueError(f"unknown precision {', '.join(unknown)}; known: {', '.join(PRECISIONS)}" if unknown
                              else "a stated table gives ratios, not millisecond figures")
