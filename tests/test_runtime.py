@@ -269,3 +269,20 @@ def test_a_closed_runner_refuses_to_sample_and_a_failed_load_frees_what_it_loade
     with pytest.raises(TmpdiffError, match="int8 refused"):
         load_engines(build_dir, manifest, "ort", "cpu", ["fp32", "int8"])
     assert closed == ["fp32"]
+
+
+def test_a_scheduler_without_zero_snr_rescaling_runs_the_unrescaled_process():
+    """Heun has no rescale_betas_zero_snr key: that is the process of a scheduler configured False (it was refused as
+    'None vs False'), not that of one configured True."""
+    from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler
+
+    from tmpdiff.models.schedulers import check_noise_process
+
+    process = {"prediction_type": "v_prediction", "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear"}
+    heun = HeunDiscreteScheduler(**process)
+    assert "rescale_betas_zero_snr" not in heun.config
+    check_noise_process(heun, DPMSolverMultistepScheduler(**process).config, "Heun", "DPM", None)
+    with pytest.raises(TmpdiffError, match="rescale_betas_zero_snr: False vs True"):
+        check_noise_process(heun, DPMSolverMultistepScheduler(**process, rescale_betas_zero_snr=True).config, "Heun",
+                            "DPM", None)

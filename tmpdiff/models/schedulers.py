@@ -81,6 +81,9 @@ def sampling_scheduler(sampling: SamplingInfo, source: str | Path | None = None)
 # the sampling grid's spacing (`timestep_spacing`): a plan may sample its own, e.g. DDIM 'trailing' for MTEO rows.
 NOISE_PROCESS_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type",
                       "rescale_betas_zero_snr")
+# what a scheduler without the key does: one that cannot rescale to zero terminal SNR (Heun, Euler ancestral, ...)
+# runs the process unrescaled, as one configured False does
+ABSENT_NOISE_PROCESS_KEYS = {"rescale_betas_zero_snr": False}
 
 
 def schedule_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: str | Path | None = None):
@@ -110,11 +113,14 @@ def _named_scheduler(schedule: Schedule, sampling: SamplingInfo | None, source: 
 
 def check_noise_process(scheduler, reference, what: str, whose: str, source: str | Path | None) -> None:
     """Refuse `scheduler` when a NOISE_PROCESS_KEYS value differs from the `reference` config's."""
-    differing = [k for k in NOISE_PROCESS_KEYS if k in reference and reference.get(k) != scheduler.config.get(k)]
+    def value(config, key: str):
+        return config.get(key, ABSENT_NOISE_PROCESS_KEYS.get(key))
+
+    differing = [k for k in NOISE_PROCESS_KEYS if k in reference and value(reference, k) != value(scheduler.config, k)]
     if differing:
         key = differing[0]
-        raise TmpdiffError(f"{what} has another noise process than {whose} ({key}: {scheduler.config.get(key)!r} vs "
-                           f"{reference.get(key)!r})", source)
+        raise TmpdiffError(f"{what} has another noise process than {whose} ({key}: {value(scheduler.config, key)!r} "
+                           f"vs {value(reference, key)!r})", source)
 
 
 def plan_scheduler_for(schedule: Schedule, current, source: str | Path | None = None):
