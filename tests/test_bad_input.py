@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -273,3 +274,30 @@ def test_measured_costs_tables_are_checked_like_stated_ones(tmp_path):
         path.write_text(json.dumps(measured(**changes)))
         with pytest.raises(TmpdiffError, match=f"costs.json: .*{phrase}"):
             load_costs(path)
+
+
+def test_a_set_and_itself_are_at_distance_0_and_identical_images_count_as_the_cap():
+    """FD(X, X) was +-3e-8 of rounding (reported with an interval reaching below 0); the mean PSNR of a batch with one
+    image identical to its reference was inf (the documented cap of 100 dB was applied only per sample elsewhere)."""
+    import torch
+
+    from tmpdiff.eval.bootstrap import jackknife_ci
+    from tmpdiff.eval.metrics import PSNR_CAP_DB, image_metrics
+    from tmpdiff.eval.quality import frechet_distance
+    from tmpdiff.eval.rgb import mean_rgb_metrics
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 32))
+    assert frechet_distance(x, x) == 0.0 and frechet_distance(x, x + 1e-3) >= 0.0
+    interval = jackknife_ci(lambda keep: frechet_distance(x[keep], x[keep]), 20, positive=True)
+    assert (interval.value, interval.low, interval.high) == (0.0, 0.0, 0.0)
+    images = rng.uniform(size=(2, 8, 8))
+    other = images.copy()
+    other[1] = np.clip(other[1] + 0.01, 0, 1)
+    ssim, psnr = image_metrics(other, images)
+    assert np.isfinite(psnr) and psnr > 30 and (psnr - PSNR_CAP_DB) < 0
+    assert image_metrics(images, images)[1] == float("inf")  # every image identical: inf, as documented
+    t = torch.rand(2, 3, 16, 16)
+    r = t.clone()
+    r[1] = (r[1] + 0.01).clamp(0, 1)
+    assert np.isfinite(mean_rgb_metrics(t, r)[1])

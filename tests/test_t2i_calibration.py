@@ -281,6 +281,11 @@ def test_bench_pipeline_options_go_together(work, tmp_path):
     code, _, err = cli("bench", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
                        "--calib-seeds", "0", "--unseen-seeds", "0", "--out", tmp_path / "b")
     assert code == 2 and "shares prompts and seeds" in err and not (tmp_path / "b").exists()
+    one = tmp_path / "one.txt"
+    one.write_text("a yellow 1 on a green background\n")
+    code, _, err = cli("bench", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                       "--unseen-prompts", one, "--calib-seeds", "0", "--unseen-seeds", "100,101", "--out", tmp_path / "b")
+    assert code == 2 and "3 in the unseen set" in err and not (tmp_path / "b").exists()  # it failed after the searches
 
 
 @pytest.mark.parametrize("mode, workers", [("aggressive", 2), ("conservative", 2), ("conservative", 3)])

@@ -125,8 +125,9 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
     if set(seeds) & set(unseen_seeds) and set(prompts) & set(unseen_prompts):
         raise TmpdiffError("the unseen set shares prompts and seeds with the calibration set: give other --unseen-seeds "
                            "or --unseen-prompts")
-    if len(prompts) * len(seeds) < 2 or len(unseen_prompts) * len(unseen_seeds) < 2:
-        raise TmpdiffError("a bench needs at least 2 samples in the calibration and in the unseen set (intervals)")
+    if len(prompts) * len(seeds) < 2 or len(unseen_prompts) * len(unseen_seeds) < 3:
+        raise TmpdiffError("a bench needs at least 2 samples in the calibration set and 3 in the unseen set (intervals; "
+                           "a Fréchet distance's jackknife leaves one out)")
     for steps in steps_list:  # every step count before the first one's work (`out` appears with the first write)
         check_steps(steps)
     report: dict = {"kind": "pipeline", "pipeline": str(pipeline_dir), "costs": str(costs_path),

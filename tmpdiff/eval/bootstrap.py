@@ -135,6 +135,8 @@ def jackknife_interval(values: np.ndarray, z: float = 1.96, positive: bool = Fal
         with np.errstate(over="ignore"):  # a value ~0 with a spread: the interval is [0, inf)
             spread = float(np.exp(z * se / value))
         return Interval(value, value / spread, value * spread)
+    if positive:  # a distance of 0 (a set to itself): nothing below it
+        return Interval(0.0, 0.0, z * se)
     return Interval(value, value - z * se, value + z * se)
 
 

@@ -24,10 +24,18 @@ def per_sample_metrics(images: np.ndarray, reference: np.ndarray) -> tuple[np.nd
     return np.asarray(ssims, dtype=np.float64), np.asarray(psnrs, dtype=np.float64)
 
 
+def mean_psnr(psnrs: np.ndarray) -> float:
+    """Mean PSNR with each image identical to its reference counted as PSNR_CAP_DB; inf only when every one is."""
+    psnrs = np.asarray(psnrs, dtype=np.float64)
+    if np.isinf(psnrs).all():
+        return float("inf")
+    return float(np.minimum(psnrs, PSNR_CAP_DB).mean())
+
+
 def image_metrics(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """Mean SSIM and PSNR of images against reference images, both in [0, 1]."""
+    """Mean SSIM and PSNR (`mean_psnr`) of images against reference images, both in [0, 1]."""
     ssims, psnrs = per_sample_metrics(images, reference)
-    return float(np.mean(ssims)), float(np.mean(psnrs))
+    return float(np.mean(ssims)), mean_psnr(psnrs)
 
 
 def latent_errors(latents: torch.Tensor, reference: torch.Tensor) -> np.ndarray:

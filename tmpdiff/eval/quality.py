@@ -20,11 +20,14 @@ LOW_DIM = 8
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."""
+    """Fréchet distance between Gaussians fitted to two feature sets (rows = samples); 0 for a set and itself (the
+    matrix square root's rounding gave +-3e-8 there), and never below 0."""
+    if a.shape == b.shape and np.array_equal(a, b):
+        return 0.0
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     covmean = linalg.sqrtm(cov_a @ cov_b).real  # (`disp=False`, for its error estimate, goes in SciPy 1.18)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean)))
 
 
 @cache

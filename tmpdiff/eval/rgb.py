@@ -21,6 +21,8 @@ def rgb_metrics(images: torch.Tensor, reference: torch.Tensor) -> tuple[np.ndarr
 
 
 def mean_rgb_metrics(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """Mean SSIM (RGB) and mean PSNR (inf only if every image is identical to its reference)."""
+    """Mean SSIM (RGB) and mean PSNR (`metrics.mean_psnr`: inf only if every image is identical to its reference)."""
+    from tmpdiff.eval.metrics import mean_psnr
+
     ssims, psnrs = rgb_metrics(images, reference)
-    return float(ssims.mean()), float(psnrs.mean())
+    return float(ssims.mean()), mean_psnr(psnrs)
