@@ -125,6 +125,22 @@ def test_files_that_parse_but_cannot_work_are_refused_by_name(tmp_path):
         resolve_plan(precision="fp32", steps=10**30)  # refused before a per-step list of that length is built
 
 
+def test_a_huge_num_train_timesteps_is_refused_before_a_scheduler_is_made(tmp_path):
+    """10**10 training timesteps: diffusers' beta loop ran for minutes in `check --schedule` and `run`, then a
+    MemoryError; refused when the schedule is read, and for a config from anywhere else (a pipeline directory's)."""
+    from tmpdiff.models.schedulers import scheduler_from
+
+    config = {"num_train_timesteps": 10**10, "beta_schedule": "squaredcos_cap_v2"}
+    path = tmp_path / "bigtrain.json"
+    path.write_text(json.dumps({"format": "tmpdiff.schedule/1", "steps": 2, "precisions": ["fp32", "fp32"],
+                                "scheduler": {"class_name": "DPMSolverMultistepScheduler", "config": config}}))
+    with pytest.raises(TmpdiffError, match="num_train_timesteps must be at most 100,000, got 10,000,000,000"):
+        load_schedule(path)
+    with pytest.raises(TmpdiffError, match="num_train_timesteps must be at most 100,000"):
+        scheduler_from("DPMSolverMultistepScheduler", config | {"num_train_timesteps": 10**6})
+    scheduler_from("DPMSolverMultistepScheduler", config | {"num_train_timesteps": 4000})  # a real model's count
+
+
 def test_check_names_every_problem(quant_build, tmp_path):
     import shutil
 

@@ -17,14 +17,22 @@ def decode_non_finite(config: dict[str, Any]) -> dict[str, Any]:
     return {k: float(v) if isinstance(v, str) and v in NON_FINITE else v for k, v in config.items()}
 
 
-# scheduler config counts a diffusers scheduler takes on trust (a bad one fails deep inside numpy or at a step)
-_SCHEDULER_COUNTS = {"num_train_timesteps": 1, "solver_order": 1}
+# scheduler config counts a diffusers scheduler takes on trust (a bad one fails deep inside numpy or at a step):
+# their least and greatest values (None: no cap). num_train_timesteps is capped because diffusers builds its beta
+# table in a Python loop of that length when the scheduler is made: 10**10 took minutes and ended in a MemoryError;
+# models train on 1000 (a few on up to 4000), so 100,000 leaves room and makes a scheduler in well under a second.
+MAX_TRAIN_TIMESTEPS = 100_000
+_SCHEDULER_COUNTS = {"num_train_timesteps": (1, MAX_TRAIN_TIMESTEPS), "solver_order": (1, None)}
 
 
 def check_scheduler_counts(config: dict) -> dict:
-    """`config` unchanged when its counts are integers of at least their least value; else a ValueError naming them."""
-    for key, least in _SCHEDULER_COUNTS.items():
+    """`config` unchanged when its counts are integers within their range; else a ValueError naming them."""
+    for key, (least, most) in _SCHEDULER_COUNTS.items():
         value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"scheduler config {key} must be an integer >= {least}, got {value!r}")
+        if most is not None and value > most:
+            raise ValueError(f"scheduler config {key} must be at most {most:,}, got {value:,}")
     return config

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tmpdiff.formats.atomic import read_json_object
+from tmpdiff.formats.config_values import check_scheduler_counts
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.formats.schedule import MAX_STEPS, Schedule
@@ -32,6 +33,7 @@ def scheduler_from(class_name: str, config: dict[str, Any], source: str | Path |
     # a null value (schedule files written before non-finite numbers were kept) takes the class's default
     config = {k: v for k, v in config.items() if v is not None}
     try:
+        check_scheduler_counts(config)  # also a pipeline directory's config, which no schedule validator read
         scheduler = cls.from_config(config)
         # diffusers checks some values (timestep_spacing, final_sigmas_type, ...) only when the steps are set: a probe,
         # once per config (not for dynamic shifting, whose steps need the pipeline's `mu`)
