@@ -242,6 +242,13 @@ def test_the_calls_a_step_count_makes():
     set_sampling_timesteps(pndm, 9)
     assert len(pndm.timesteps) == 9 and pndm.num_inference_steps == 8
     check_distinct_timesteps(pndm, 9)  # PNDM's own repeat at its first timestep is not refused
+    check_distinct_timesteps(HeunDiscreteScheduler(), 5)  # nor Heun's two calls per timestep (3 inference steps)
+    check_distinct_timesteps(PNDMScheduler(), 13)  # nor PNDM's Runge-Kutta warm-up (4 inference steps)
+    from diffusers import DPMSolverMultistepScheduler
+
+    check_distinct_timesteps(DPMSolverMultistepScheduler(), 999)
+    with pytest.raises(TmpdiffError, match=r"repeats timesteps at 1000 steps \(999 distinct for 1000 inference steps"):
+        check_distinct_timesteps(DPMSolverMultistepScheduler(), 1000)
 
 
 @pytest.mark.parametrize("exported", ["pixart"], indirect=True)

@@ -219,23 +219,18 @@ def check_step_count(scheduler, steps: int) -> None:
 
 
 def check_distinct_timesteps(scheduler, steps: int) -> None:
-    """Refuse a step count the scheduler cannot give distinct timesteps for (it would repeat one, and a model
-    step at a repeated timestep divides by zero in multistep solvers)."""
+    """Refuse a step count (denoiser calls) the scheduler cannot give distinct timesteps for: fewer distinct timesteps
+    than its inference steps means its spacing ran out of training timesteps and repeats one, and a model step at a
+    repeated timestep divides by zero in multistep solvers. Repeats by design are not refused (PNDM's second call at
+    its first timestep, Heun's two calls per timestep). With dynamic shifting the timesteps depend on the pipeline's
+    `mu`: only the count is checked."""
     check_step_count(scheduler, steps)
+    if scheduler.config.get("use_dynamic_shifting"):
+        return
     set_sampling_timesteps(scheduler, steps)
     check_timestep_range(scheduler)
     distinct = len({float(t) for t in scheduler.timesteps})
-    if distinct < len(scheduler.timesteps) - _designed_repeats(scheduler):
-        raise TmpdiffError(f"{type(scheduler).__name__} repeats timesteps at {steps} steps ({distinct} distinct of "
-                           f"{len(scheduler.timesteps)}): use fewer steps")
-
-
-def _designed_repeats(scheduler) -> int:
-    """Timesteps a solver repeats by design at any step count (PNDM's second call at its first timestep), counted at
-    2 steps, where no spacing can run out of training timesteps."""
-    probe = type(scheduler).from_config(scheduler.config)
-    try:
-        probe.set_timesteps(2)
-    except (ValueError, TypeError, IndexError):
-        return 0
-    return len(probe.timesteps) - len({float(t) for t in probe.timesteps})
+    inference = inference_steps_for(scheduler, steps)
+    if distinct < inference:
+        raise TmpdiffError(f"{type(scheduler).__name__} repeats timesteps at {steps} steps ({distinct} distinct for "
+                           f"{inference} inference steps): use fewer steps")
