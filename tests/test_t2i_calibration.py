@@ -100,6 +100,64 @@ def test_calibrate_refuses_more_calls_than_training_timesteps(work, tmp_path):
     assert code == 2 and "5000 steps, but the scheduler has 1000 training timesteps" in err, err
     assert not (tmp_path / "s.json").exists()
 
+def test_run_in_the_pipeline_refuses_steps_its_scheduler_repeats_before_loading_engines(work, tmp_path, monkeypatch):
+    """1000 DPM-Solver steps repeat a timestep (1001 are past its training timesteps): run --pipeline sampled 252 steps
+    and blamed the request for a NaN. Refused before any engine loads, as class-conditional runs are; a Heun pipeline
+    (two calls per timestep by design) is not refused."""
+    from diffusers import HeunDiscreteScheduler
+
+    from tmpdiff.runtime import dropin
+    from tmpdiff.runtime.pipeline_io import load_pipeline
+
+    _, build, _ = work
+
+    def no_engines(*args, **kwargs):
+        raise AssertionError("engines were loaded")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dropin, "load_plan_engines", no_engines)
+        for steps, message in ((1000, "DPMSolverMultistepScheduler repeats timesteps at 1000 steps"),
+                               (1001, "1001 steps, but the scheduler has 1000 training timesteps")):
+            code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
+                               "--steps", steps, "--out", tmp_path / "x.png")
+            assert code == 2 and message in err and "Traceback" not in err, err
+            assert not (tmp_path / "x.png").exists()
+    heun = tmp_path / "heun"
+    shutil.copytree(t2i_dir(), heun)
+    HeunDiscreteScheduler.from_config(load_pipeline(t2i_dir()).scheduler.config).save_pretrained(heun / "scheduler")
+    index = json.loads((heun / "model_index.json").read_text())
+    (heun / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "HeunDiscreteScheduler"]}))
+    code, out, err = cli("run", build, "--pipeline", heun, "--prompt", PROMPTS[0], "--precision", "fp32", "--steps", 5,
+                         "--out", tmp_path / "heun.png", "--json", "--threads", 1)
+    assert code == 0, err
+    assert len({step["timestep"] for step in json.loads(out)["steps"]}) == 3  # 3 inference steps, 5 calls
+
+
+def test_run_in_the_pipeline_samples_with_the_schedules_scheduler(work, tmp_path):
+    """A schedule runs with the scheduler it names (class and config), as `check --schedule` validates it: 'leading'
+    spacing with steps_offset 1 samples at 751, 501, 251 (the pipeline's 'linspace' at 999, 666, 333)."""
+    from tmpdiff.formats.schedule import Schedule, SchedulerRef, save_schedule
+    from tmpdiff.models.schedulers import load_scheduler
+
+    _, build, _ = work
+    own = load_scheduler(t2i_dir() / "scheduler")
+    config = {k: v for k, v in own.config.items() if not k.startswith("_")}
+    leading = SchedulerRef(class_name=type(own).__name__, config=config | {"timestep_spacing": "leading", "steps_offset": 1})
+    path = tmp_path / "leading.json"
+    save_schedule(Schedule(steps=3, precisions=["fp32", "int8", "fp32"], scheduler=leading), path)
+    code, out, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", path,
+                         "--out", tmp_path / "x.png", "--json", "--threads", 1)
+    assert code == 0, err
+    assert [(s["timestep"], s["precision"]) for s in json.loads(out)["steps"]] == \
+        [(751, "fp32"), (501, "int8"), (251, "fp32")]
+    # another noise process is still refused, before the schedule's scheduler is used
+    other = leading.model_copy(update={"config": leading.config | {"prediction_type": "epsilon"}})
+    save_schedule(Schedule(steps=3, precisions=["fp32", "int8", "fp32"], scheduler=other), path)
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", path,
+                       "--out", tmp_path / "y.png")
+    assert code == 2 and "another noise process than the pipeline's (prediction_type" in err, err
+
+
 def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):
     root, build, prompts = work
     other = tmp_path / "other"

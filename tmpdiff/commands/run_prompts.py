@@ -10,6 +10,7 @@ import numpy as np
 from tmpdiff.commands.run import RunOptions, check_executor, check_ray_width
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
+from tmpdiff.models.schedulers import check_distinct_timesteps, plan_scheduler_for
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.pipeline_io import (
     call_kwargs,
@@ -17,6 +18,7 @@ from tmpdiff.runtime.pipeline_io import (
     conditioning_kwargs,
     load_pipeline,
 )
+from tmpdiff.runtime.plan import PrecisionPlan
 
 DEFAULT_STEPS = 20  # for a uniform precision without --steps (the pipelines' own defaults range from 4 to 50)
 
@@ -57,12 +59,10 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     check_pipeline_denoiser(request.pipeline_dir, manifest.model_sha256, request.build_dir / MANIFEST_NAME)
     pipe = load_pipeline_without_denoiser(request.pipeline_dir)
     inputs = _call_inputs(pipe, request, manifest.denoiser_config.get("num_embeds_ada_norm"))
-    if plan.conditioning is not None and plan.file is not None:  # learned rows: the solver they were learned for
-        from tmpdiff.models.schedulers import plan_scheduler_for
-
-        scheduler = plan_scheduler_for(plan.file, pipe.scheduler, plan.source)
-        if scheduler is not None:
-            pipe.scheduler = scheduler
+    use_schedule_scheduler(pipe, plan)
+    if plan.steps is not None and plan.timesteps is None:  # (custom timesteps: attach_engines checks them)
+        # before any engine loads: 1000 DPM-Solver steps repeat a timestep and end in a NaN hundreds of steps in
+        check_distinct_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), plan.steps)
     options = {}
     attach = attach_engines
     if request.executor == "ray":
@@ -89,6 +89,17 @@ def run_prompts(request: PromptRequest) -> tuple[np.ndarray, EngineDenoiser, str
     finally:  # attach cleans up after itself when it fails; from here on the denoiser (and its Ray actors) is ours
         denoiser.close()
     return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), denoiser, plan.source
+
+
+def use_schedule_scheduler(pipe, plan: PrecisionPlan) -> None:
+    """Sample with the scheduler the schedule was calibrated with (its class and config: spacing, solver settings,
+    a /3 plan's learned rows' solver) when it names one, refused when its noise process is not the pipeline's; a
+    schedule naming none keeps the pipeline's."""
+    if plan.file is None:
+        return
+    scheduler = plan_scheduler_for(plan.file, pipe.scheduler, plan.source)
+    if scheduler is not None:
+        pipe.scheduler = scheduler
 
 
 def _call_inputs(pipe, request: PromptRequest, num_classes: int | None) -> dict:
