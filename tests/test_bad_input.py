@@ -141,6 +141,21 @@ def test_a_huge_num_train_timesteps_is_refused_before_a_scheduler_is_made(tmp_pa
     scheduler_from("DPMSolverMultistepScheduler", config | {"num_train_timesteps": 4000})  # a real model's count
 
 
+def test_check_refuses_a_step_count_run_refuses(quant_build, tmp_path):
+    """1000 DPM-Solver steps repeat a timestep: `run` refused the schedule, `check --schedule` passed it."""
+    from tests.cli_helpers import cli
+    from tmpdiff.formats.schedule import save_schedule
+
+    _, build_dir, _ = quant_build
+    path = tmp_path / "many.json"
+    save_schedule(Schedule(steps=1000, precisions=["fp32"] * 1000), path)
+    message = "DPMSolverMultistepScheduler repeats timesteps at 1000 steps"
+    problems = [str(p) for p in check_build(build_dir, [path], spot_check=False)]
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: {message}"), problems
+    code, _, err = cli("run", build_dir, "--schedule", path, "--out", tmp_path / "x.png")
+    assert code == 2 and message in err, err
+
+
 def test_check_names_every_problem(quant_build, tmp_path):
     import shutil
 

@@ -158,6 +158,40 @@ def test_run_in_the_pipeline_samples_with_the_schedules_scheduler(work, tmp_path
     assert code == 2 and "another noise process than the pipeline's (prediction_type" in err, err
 
 
+def test_check_holds_schedules_to_what_run_in_the_pipeline_does(work, tmp_path):
+    """A build without sampling info runs inside a pipeline: a schedule naming no scheduler samples with the
+    pipeline's (check refused it, run ran it), one naming a scheduler of another noise process than the pipeline the
+    int8 export was calibrated in is refused (check passed it, run refused it)."""
+    from tmpdiff.formats.schedule import Schedule, SchedulerRef, save_schedule
+    from tmpdiff.models.schedulers import load_scheduler
+
+    _, build, _ = work
+    plain = tmp_path / "plain.json"
+    save_schedule(Schedule(steps=3, precisions=["fp32", "int8", "fp32"]), plain)
+    code, out, err = cli("check", build, "--schedule", plain, "--no-spot-check")
+    assert code == 0 and f"{build}: ok" in out, out + err
+    assert "names no scheduler and the build has no sampling info: the pipeline's scheduler decides" in err, err
+    code, out, _ = cli("check", build, "--schedule", plain, "--no-spot-check", "--json")
+    assert code == 0 and "the pipeline's scheduler decides" in json.loads(out)["notes"][0], out
+
+    own = load_scheduler(t2i_dir() / "scheduler")
+    config = {k: v for k, v in own.config.items() if not k.startswith("_")}
+    eps = tmp_path / "eps.json"
+    other = SchedulerRef(class_name=type(own).__name__, config=config | {"prediction_type": "epsilon"})
+    save_schedule(Schedule(steps=3, precisions=["fp32", "int8", "fp32"], scheduler=other), eps)
+    code, out, _ = cli("check", build, "--schedule", eps, "--no-spot-check")
+    assert code == 1 and f"{eps}: the schedule's scheduler has another noise process than the pipeline's" in out, out
+    assert "prediction_type: 'epsilon' vs 'v_prediction'" in out, out
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--schedule", eps,
+                       "--out", tmp_path / "x.png")
+    assert code == 2 and "another noise process" in err, err
+    same = tmp_path / "same.json"
+    save_schedule(Schedule(steps=3, precisions=["fp32", "int8", "fp32"],
+                           scheduler=SchedulerRef(class_name=type(own).__name__, config=config)), same)
+    code, out, err = cli("check", build, "--schedule", same, "--no-spot-check")
+    assert code == 0, out + err
+
+
 def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):
     root, build, prompts = work
     other = tmp_path / "other"

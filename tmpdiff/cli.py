@@ -819,13 +819,14 @@ def check(
     """Validate a build directory: manifest, hashes, ONNX graphs, engines, schedules, a numerical spot check."""
     from tmpdiff.commands.check import calibration_notes, check_build
 
-    problems = check_build(build_dir, schedule, spot_check)
+    unchecked: list[str] = []
+    problems = check_build(build_dir, schedule, spot_check, unchecked)
     notes = calibration_notes(build_dir)
     if json_output:
         _print_json({"build_dir": str(build_dir), "ok": not problems, "problems": [vars(p) for p in problems],
-                     "calibration": notes})
+                     "calibration": notes, "notes": unchecked})
         raise typer.Exit(code=1 if problems else 0)
-    for note in notes:  # what each quantized precision was calibrated on (random inputs said plainly), on stderr
+    for note in [*notes, *unchecked]:  # what each quantized precision was calibrated on (random inputs said plainly), on stderr
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     for problem in problems:
         typer.echo(str(problem))

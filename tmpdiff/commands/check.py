@@ -20,8 +20,10 @@ class Problem:
         return f"{self.path}: {self.message} -> {self.fix}"
 
 
-def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check: bool = True) -> list[Problem]:
-    """Every check that can fail, collected (not stopping at the first)."""
+def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check: bool = True,
+                notes: list[str] | None = None) -> list[Problem]:
+    """Every check that can fail, collected (not stopping at the first); what could not be checked is added to
+    `notes`."""
     from tmpdiff.engines.ort_build import engine_state
     from tmpdiff.export.onnx_io import load_onnx
     from tmpdiff.formats.atomic import interrupted_writes
@@ -92,14 +94,13 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
                                     f"run `tmpdiff build {build_dir} --backend {engine.backend}` on the target machine"))
     for schedule_path in schedules or []:
         from tmpdiff.formats.schedule import load_schedule
-        from tmpdiff.models.schedulers import schedule_scheduler
         from tmpdiff.runtime.plan import is_tmpq_plan, resolve_plan
 
         if is_tmpq_plan(schedule_path):  # a TMPQ-DM plan: its layer configurations must be deployed here
             try:
                 plan = resolve_plan(schedule_path)
                 plan.check_model(manifest)
-                schedule_scheduler(plan.file, manifest.sampling)
+                _check_schedule_scheduler(plan.file, manifest, schedule_path, notes)
             except TmpdiffError as exc:
                 problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], "re-run `tmpdiff search-plan`"))
                 continue
@@ -123,7 +124,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
             problems.append(Problem(str(schedule_path), f"uses {', '.join(missing)}, not exported here",
                                     f"export them or re-run `tmpdiff calibrate {build_dir}`"))
         try:
-            schedule_scheduler(schedule, manifest.sampling)
+            _check_schedule_scheduler(schedule, manifest, schedule_path, notes)
         except TmpdiffError as exc:
             problems.append(Problem(str(schedule_path), str(exc).split(": ", 1)[-1], f"re-run `tmpdiff calibrate {build_dir}`"))
         try:  # the time-embeddings file a /3 schedule names: readable, its steps, and its slots for these graphs
@@ -137,6 +138,45 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
     if spot_check and not problems:
         problems += _spot_check(build_dir, manifest)
     return problems
+
+
+def _check_schedule_scheduler(schedule, manifest, path: Path, notes: list[str] | None) -> None:
+    """What `run` checks of a schedule's scheduler before it loads engines: the scheduler it names (or the build's
+    sampling scheduler) has the model's noise process, samples at its timesteps, and gives its steps distinct
+    timesteps. A build without sampling info runs inside a pipeline: a schedule naming no scheduler samples with the
+    pipeline's (not known here), and one naming a scheduler is held to the pipeline scheduler an export calibrated
+    in, when the manifest records one."""
+    from tmpdiff.models.schedulers import check_distinct_timesteps, check_noise_process, schedule_scheduler
+
+    if schedule.scheduler is None and manifest.sampling is None:
+        if notes is not None:
+            notes.append(f"{path}: names no scheduler and the build has no sampling info: the pipeline's scheduler "
+                         "decides its timesteps (`run --pipeline` checks its steps with it)")
+        return
+    scheduler = schedule_scheduler(schedule, manifest.sampling, path)
+    recorded = _calibration_pipeline_scheduler(manifest) if manifest.sampling is None else None
+    if recorded is not None:
+        name, reference = recorded
+        check_noise_process(scheduler, reference.config, "the schedule's scheduler",
+                            f"the pipeline's ({name} was calibrated in it)", path)
+    if schedule.timesteps is None:
+        try:
+            check_distinct_timesteps(scheduler, schedule.steps)
+        except TmpdiffError as exc:
+            raise TmpdiffError(str(exc), path) from None
+
+
+def _calibration_pipeline_scheduler(manifest):
+    """(precision, scheduler) of the pipeline a quantized precision was calibrated in (its recipe records the
+    pipeline's scheduler config), or None when no precision records one."""
+    from tmpdiff.formats.config_values import decode_non_finite
+    from tmpdiff.models.schedulers import scheduler_from
+
+    for name, entry in manifest.precisions.items():
+        config = ((entry.quantization or {}).get("calibration") or {}).get("scheduler")
+        if isinstance(config, dict) and config.get("_class_name"):
+            return name, scheduler_from(config["_class_name"], decode_non_finite(config))
+    return None
 
 
 @dataclass(frozen=True)
