@@ -414,6 +414,23 @@ def test_bad_run_options_are_one_line(build, work, extra, names):
     refused(["run", build, "--class", "1", "--out", work / "x.png", *extra], *names, roots=(build, work))
 
 
+def test_a_huge_batch_is_refused_before_its_samples_are_listed(build, work):
+    """--batch 10**9: a class per sample was listed before the memory check, a MemoryError traceback where the
+    address space is smaller than the list (here 6 GiB, in a process of its own)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    done = subprocess.run([sys.executable, "-m", "tmpdiff.cli", "run", str(build), "--precision", "fp32", "--steps",
+                           "2", "--batch", str(10**9), "--out", str(work / "x.png")], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=600)
+    assert done.returncode == 2 and "2000000000 batch rows" in done.stderr, done.stderr
+    assert "use a smaller --batch" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_bad_targets_are_refused_before_any_work(build, work):
     costs = work / "c.json"
     costs.write_text("{}")

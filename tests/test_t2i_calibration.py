@@ -133,6 +133,28 @@ def test_run_in_the_pipeline_refuses_steps_its_scheduler_repeats_before_loading_
     assert len({step["timestep"] for step in json.loads(out)["steps"]}) == 3  # 3 inference steps, 5 calls
 
 
+def test_run_in_the_pipeline_checks_the_batch_before_anything_loads(work, tmp_path, monkeypatch):
+    """--batch is checked against the memory before its list of prompts is built (10**9 of them: a MemoryError) and
+    before the pipeline and engines load (the denoiser's own check comes at the first call)."""
+    from tmpdiff.commands import run_prompts
+    from tmpdiff.engines import memory
+
+    _, build, _ = work
+
+    def nothing_loads(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(run_prompts, "load_pipeline", nothing_loads)
+    with monkeypatch.context() as patched:  # a batch of 4 (x2 with --guidance) is over 1 MiB
+        patched.setattr(memory, "available_bytes", lambda: 2**20)
+        code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
+                           "--steps", 2, "--batch", 4, "--guidance", 4.5, "--out", tmp_path / "x.png")
+    assert code == 2 and "8 batch rows" in err and "use a smaller --batch" in err, err
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPTS[0], "--precision", "fp32",
+                       "--steps", 2, "--batch", 10**9, "--out", tmp_path / "x.png")
+    assert code == 2 and "1000000000 batch rows" in err and "--batch" in err and "Traceback" not in err, err
+
+
 def test_run_in_the_pipeline_samples_with_the_schedules_scheduler(work, tmp_path):
     """A schedule runs with the scheduler it names (class and config), as `check --schedule` validates it: 'leading'
     spacing with steps_offset 1 samples at 751, 501, 251 (the pipeline's 'linspace' at 999, 666, 333)."""

@@ -498,6 +498,14 @@ def run(
     extra: dict = {}
     options = {"seed": seed, "steps": steps, "schedule_path": schedule, "precision": precision, "backend": backend,
                "device": device, "threads": threads, "guidance_scale": guidance, "nan_guard": nan_guard}
+    from tmpdiff.commands.run import check_sample_rows
+
+    if pipeline is None:
+        from tmpdiff.commands.run import check_pixel_space
+
+        check_pixel_space(build_dir)
+    conditions = len(prompt) if prompt is not None else len(_int_list(class_, "--class"))
+    check_sample_rows(build_dir, conditions * batch, backend, device, guidance, pipeline is not None)
     if pipeline is not None:  # prompts, or the class labels of a pipeline that takes them (DiTPipeline)
         from tmpdiff.commands.run_prompts import PromptRequest, run_prompts
 
@@ -515,11 +523,10 @@ def run(
             if denoiser.draft_pool_startup is not None:
                 extra["ray_startup_s"] = denoiser.draft_pool_startup
     else:
-        from tmpdiff.commands.run import RunRequest, check_pixel_space
+        from tmpdiff.commands.run import RunRequest
         from tmpdiff.commands.run import run as run_schedule
         from tmpdiff.models.digits import to_uint8
 
-        check_pixel_space(build_dir)
         classes = [c for c in _int_list(class_, "--class") for _ in range(batch)]
         request = RunRequest(build_dir=build_dir, classes=classes, parallel=parallel, mode=mode.value,
                              executor=executor.value, address=address, **options)

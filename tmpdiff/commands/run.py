@@ -105,6 +105,21 @@ def check_pixel_space(build_dir: Path) -> None:
                            "channels): run it inside its pipeline, --pipeline DIR --class ...", build_dir / MANIFEST_NAME)
 
 
+def check_sample_rows(build_dir: Path, samples: int, backend: str, device: str, guidance_scale: float | None,
+                      in_pipeline: bool) -> None:
+    """`--batch`: refuse `samples` (conditions x --batch) whose batch rows cannot fit, before a per-sample list is
+    built (10**9 of them ended in a MemoryError). Rows are counted as the runs count them: x2 with classifier-free
+    guidance (the model's default scale, or --guidance; inside a pipeline a scale above 1, its own default being
+    unknown until it loads, so rows are a lower bound there)."""
+    manifest = load_manifest(build_dir)
+    if in_pipeline:
+        guided = guidance_scale is not None and guidance_scale > 1
+    else:
+        guidance = manifest.require_sampling(build_dir).guidance_scale if guidance_scale is None else guidance_scale
+        guided = guidance != 1.0
+    check_fits(manifest, samples * (2 if guided else 1), backend, device)
+
+
 def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, PrecisionPlan, dict]:
     """Validate everything, load the engines the schedule needs, and sample."""
     manifest = load_manifest(request.build_dir)
