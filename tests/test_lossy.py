@@ -15,6 +15,7 @@ from tmpdiff.calibration.refine import evaluation_cap, neighbours, refine
 from tmpdiff.calibration.search import Problem, measure_sensitivities
 from tmpdiff.eval.bootstrap import diff_ci, jackknife_ci, jackknife_interval, jackknife_values, mean_ci, ratio_ci, relative_diff_ci
 from tmpdiff.eval.metrics import latent_errors
+from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
@@ -369,3 +370,100 @@ def test_compact_merges_tables_as_float32_and_never_overwrites(fake, tmp_path):
     again = subprocess.run(args[:-1], capture_output=True, text=True)  # other tables, the same name
     assert again.returncode != 0 and "exists" in again.stderr
     assert (tmp_path / "kept" / "m.npz").read_bytes() == before
+
+
+def _prompt_table(steps: int = 3, calib_prompts: int = 4, unseen_prompts: int = 8, noise: float = 0.6,
+                  twin_seeds: bool = True, seed: int = 0):
+    """fp32/int4 schedules on prompts x seeds (labels are prompts): calibration prompts under seed 0, unseen ones under
+    seeds 100 and 101; with `twin_seeds` a prompt's two unseen samples are equal (fully correlated)."""
+    from tmpdiff.calibration.exhaustive import SampleTable
+
+    rng = np.random.default_rng(seed)
+    schedules = list(itertools.product(["fp32", "int4"], repeat=steps))
+    base = np.array([sum(w for w, p in zip(np.linspace(2.0, 1.0, steps), s, strict=True) if p == "int4")
+                     for s in schedules])
+
+    def block(n):
+        return base[:, None] * (1 + noise * rng.standard_normal((len(schedules), n))) ** 2 + 1e-3
+
+    calib, u100 = block(calib_prompts), block(unseen_prompts)
+    values = np.concatenate([calib, u100, u100 if twin_seeds else block(unseen_prompts)], axis=1)
+    prompts = list(range(calib_prompts, calib_prompts + unseen_prompts))
+    table = SampleTable(steps, ["fp32", "int4"], seeds=[0] * calib_prompts + [100] * unseen_prompts + [101] * unseen_prompts,
+                        labels=list(range(calib_prompts)) + prompts + prompts,
+                        metrics={"latent": values, "one_minus_ssim": values * 0.1, "psnr": 40 - 10 * np.log10(values)})
+    return table, list(range(calib_prompts)), prompts
+
+
+def test_clustered_bootstrap_resamples_clusters_whole_and_paired():
+    """Samples of one cluster (a prompt under two seeds) resampled together: two identical copies of each value give
+    the interval of the values once, not a narrower one; singletons are the unclustered bootstrap."""
+    rng = np.random.default_rng(3)
+    x, y = rng.exponential(size=15), rng.exponential(size=15)
+    twice = np.concatenate([x, x])
+    clusters = np.concatenate([np.arange(15), np.arange(15)])
+    for got, want in ((mean_ci(twice, clusters=clusters), mean_ci(x)),
+                      (diff_ci(twice, np.concatenate([y, y]), clusters=clusters), diff_ci(x, y)),
+                      (ratio_ci(twice, np.concatenate([y, y]), clusters=clusters), ratio_ci(x, y)),
+                      (relative_diff_ci(twice, np.concatenate([y, y]), clusters=clusters), relative_diff_ci(x, y))):
+        assert got.as_dict() == pytest.approx(want.as_dict(), rel=1e-9)
+    iid = mean_ci(twice)
+    assert iid.high - iid.low < 0.85 * (mean_ci(x).high - mean_ci(x).low)  # what treating copies as independent does
+    assert mean_ci(x, clusters=np.arange(15)).as_dict() == pytest.approx(mean_ci(x).as_dict(), rel=1e-9)
+    with pytest.raises(TmpdiffError, match="at least 2 clusters"):
+        mean_ci(x, clusters=np.zeros(15))
+
+
+def test_pipeline_tables_are_judged_by_prompt():
+    """On a table of prompts x seeds (`sample_unit` "prompts"), the unseen intervals resample prompts: with a prompt's
+    two seeds identical they are those of one seed's samples; a class-conditional table keeps resampling samples."""
+    from tmpdiff.calibration.lossy import exhaustive_comparison
+
+    table, calib_prompts, unseen_prompts = _prompt_table()
+    cost = {"fp32": 1.0, "int4": 0.45}
+    kwargs = {"metrics": ("latent",), "calib_classes": calib_prompts, "unseen_classes": unseen_prompts}
+    both = exhaustive_comparison(table, [0], [100, 101], cost, "fp32", sample_unit="prompts", **kwargs)
+    one = exhaustive_comparison(table, [0], [100], cost, "fp32", sample_unit="prompts", **kwargs)
+    iid = exhaustive_comparison(table, [0], [100, 101], cost, "fp32", **kwargs)
+    assert both["sample_unit"] == "prompts" and "sample_unit" not in iid
+    for b, o, i in zip(both["rows"], one["rows"], iid["rows"], strict=True):
+        for method in b["methods"]:
+            ub, uo, ui = (r["methods"][method]["unseen"] for r in (b, o, i))
+            for key in ("mean", "ratio_to_optimum"):
+                assert ub[key] == pytest.approx(uo[key], rel=1e-9)
+            width = ub["mean"]["high"] - ub["mean"]["low"]
+            assert ui["mean"]["high"] - ui["mean"]["low"] <= width + 1e-12
+
+
+def test_ratio_interval_reselects_the_optimum_per_resample():
+    """The ratio to the unseen optimum: the value is to the optimum of the unseen samples, and every resample picks
+    its own optimum among the budget's schedules, so no interval of a schedule within budget reaches below 1 (held
+    fixed, the optimum loses to other schedules on some resamples)."""
+    from tmpdiff.calibration.exhaustive import feasible_rows
+    from tmpdiff.calibration.lossy import exhaustive_comparison
+    from tmpdiff.eval.bootstrap import bootstrap_weights, ratio_to_best_ci
+
+    table, calib_prompts, unseen_prompts = _prompt_table(steps=4, calib_prompts=3, unseen_prompts=10, noise=1.0,
+                                                         twin_seeds=False, seed=5)
+    cost = {"fp32": 1.0, "int4": 0.45}
+    result = exhaustive_comparison(table, [0], [100], cost, "fp32", metrics=("latent",), calib_classes=calib_prompts,
+                                   unseen_classes=unseen_prompts)
+    unseen = table.samples_of([100], unseen_prompts)
+    lows = []
+    for seed, row in enumerate(result["rows"]):
+        for method in row["methods"].values():
+            ratio = method["unseen"]["ratio_to_optimum"]
+            values = table.values("latent", method["schedule"], unseen)
+            assert ratio["value"] == pytest.approx(values.mean() / row["optimum_unseen"]["value"], rel=1e-6)
+            assert ratio["low"] >= 1 - 1e-9
+            lows.append(ratio["low"])
+        # the same draws by brute force: per resample, the optimum's mean among the budget's schedules
+        rows = feasible_rows(table, cost, row["budget"])
+        candidates = table.metrics["latent"][rows][:, unseen]
+        weights = bootstrap_weights(len(unseen), 200, seed)
+        schedule = row["methods"]["TMPDiff refined"]["schedule"]
+        x = table.values("latent", schedule, unseen)
+        draws = [(w @ x / w.sum()) / min(w @ c / w.sum() for c in candidates) for w in weights]
+        got = ratio_to_best_ci(x, candidates, resamples=200, seed=seed)
+        assert [got.low, got.high] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])), rel=1e-9)
+    assert min(lows) < 1.05  # some interval reaches near 1: the check above is not vacuous

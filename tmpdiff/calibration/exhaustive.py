@@ -219,11 +219,16 @@ def optimum(table: SampleTable, metric: str, samples: np.ndarray, cost: dict[str
             ) -> tuple[Schedule, float]:
     """The schedule of least mean `metric` over `samples` among those costing at most `budget`."""
     schedules = table.schedules
-    costs = np.array([sum(cost[p] for p in s) for s in schedules])
     means = table.means(metric, samples)
-    feasible = np.flatnonzero(costs <= budget * (1 + 1e-9))
+    feasible = feasible_rows(table, cost, budget)
     best = int(feasible[np.argmin(means[feasible])])
     return schedules[best], float(means[best])
+
+
+def feasible_rows(table: SampleTable, cost: dict[str, float], budget: float) -> np.ndarray:
+    """The table's rows (schedules) costing at most `budget` (the knapsack's relative tolerance)."""
+    costs = np.array([sum(cost[p] for p in s) for s in table.schedules])
+    return np.flatnonzero(costs <= budget * (1 + 1e-9))
 
 
 def save_table(table: SampleTable, path, metrics_dtype: type | None = None) -> None:

@@ -4,6 +4,12 @@ Every search runs on the calibration samples of a `SampleTable` (a lookup: the t
 per-sample scores), so its evaluations are counted as the distinct schedules it asked for, exactly as a real
 calibration would spend them. Each chosen schedule is then judged on the table's unseen samples against the
 optimum *on those samples* at the same budget, with paired bootstrap intervals.
+
+Where samples are prompts x seeds (a text-to-image pipeline's table, `sample_unit` "prompts": a sample's label is
+its prompt), the samples of one prompt are not independent (their errors under two seeds correlate): the intervals
+resample prompts, all of a prompt's seeds together, and halvings (`selection_floor`, `split_curve`) split prompts,
+so no prompt is on both sides. A class-conditional table's samples stay the unit: its classes are a fixed stratum
+(the same 10 in every set, not a draw from a population of classes) and each sample's noise is its own seed's.
 """
 
 from __future__ import annotations
@@ -13,13 +19,34 @@ from collections.abc import Sequence
 import numpy as np
 
 from tmpdiff.calibration.baselines import evolutionary, heuristics_at_budget
-from tmpdiff.calibration.exhaustive import SampleTable, TableEvaluator, optimum
+from tmpdiff.calibration.exhaustive import SampleTable, TableEvaluator, feasible_rows, optimum
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import Problem, measure_sensitivities, tmpdiff_search
-from tmpdiff.eval.bootstrap import mean_ci, ratio_ci
+from tmpdiff.eval.bootstrap import RESAMPLES, bootstrap_weights, mean_ci, min_mean_draws, ratio_to_best_ci
+from tmpdiff.formats.errors import TmpdiffError
 
 # search metric (Problem/Evaluation name) -> per-sample table metric
 TABLE_METRIC = {"latent": "latent", "ssim": "one_minus_ssim"}
+
+
+def sample_clusters(table: SampleTable, samples: np.ndarray, sample_unit: str | None) -> np.ndarray | None:
+    """Per sample of `samples`, its cluster for intervals and halvings: its prompt (label) where samples are prompts x
+    seeds (`sample_unit` "prompts"), else None (samples independent). A single prompt leaves only its seeds to
+    resample or split: None too."""
+    labels = np.asarray(table.labels)[np.asarray(samples)]
+    return labels if sample_unit == "prompts" and len(np.unique(labels)) >= 2 else None
+
+
+def cluster_order(rng: np.random.Generator, samples: np.ndarray, clusters: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A random order of `samples` and the cumulative sizes of its units: without clusters a permutation of the
+    samples (units of one); with them, the clusters in random order, each cluster's samples together."""
+    samples = np.asarray(samples)
+    if clusters is None:
+        return rng.permutation(samples), np.arange(1, len(samples) + 1)
+    ids, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    groups = [samples[inverse.reshape(-1) == i] for i in rng.permutation(len(ids))]
+    return np.concatenate(groups), np.cumsum([len(g) for g in groups])
 
 
 def table_problem(table: SampleTable, samples: np.ndarray, cost: dict[str, float], reference: str, metric: str
@@ -61,29 +88,47 @@ def search_on_table(table: SampleTable, calib: np.ndarray, cost: dict[str, float
             "refined": refined.schedule, "refined_evaluations": len(evaluator.asked), "problem": problem}
 
 
-def _judge(table: SampleTable, metric: str, schedule, best, samples: np.ndarray, seed: int) -> dict:
-    """Mean on samples with its interval, and the paired ratio to `best` (the optimum there) with its interval."""
+def _judge(table: SampleTable, metric: str, schedule, candidates: np.ndarray, samples: np.ndarray, seed: int,
+           clusters: np.ndarray | None, best_draws: np.ndarray) -> dict:
+    """Mean on samples with its interval, and the paired ratio to the optimum there with its interval.
+
+    The value is the ratio to the optimum of these samples (least mean over `candidates`, the rows of the budget's
+    schedules); the interval re-selects that optimum on every resample (`best_draws`: `_optimum_draws`), so it carries
+    the selection's variability and never reaches below 1 for a schedule within the budget."""
     name = TABLE_METRIC[metric]
     values = table.values(name, schedule, samples)
-    ratio = ratio_ci(values, table.values(name, best, samples), seed=seed)
-    return {"mean": mean_ci(values, seed=seed).as_dict(), "ratio_to_optimum": ratio.as_dict()}
+    ratio = ratio_to_best_ci(values, candidates, seed=seed, clusters=clusters, best_draws=best_draws)
+    return {"mean": mean_ci(values, seed=seed, clusters=clusters).as_dict(), "ratio_to_optimum": ratio.as_dict()}
+
+
+def _optimum_draws(table: SampleTable, metric: str, cost: dict[str, float], budget: float, samples: np.ndarray,
+                   seed: int, clusters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The budget's schedules' values on `samples` (feasible rows x samples) and their least mean per resample (the
+    optimum re-selected on each, `bootstrap.min_mean_draws`), for `_judge` of every method at that budget."""
+    candidates = table.metrics[TABLE_METRIC[metric]][feasible_rows(table, cost, budget)][:, samples].astype(np.float64)
+    weights = bootstrap_weights(len(samples), RESAMPLES, seed, clusters)
+    return candidates, min_mean_draws(candidates, weights)
 
 
 def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen_seeds: Sequence[int],
                           cost: dict[str, float], reference: str, metrics: Sequence[str] = ("latent", "ssim"),
                           speedups: Sequence[float] | None = None, on_progress=lambda _: None,
-                          calib_classes: Sequence[int] | None = None, unseen_classes: Sequence[int] | None = None
-                          ) -> dict:
+                          calib_classes: Sequence[int] | None = None, unseen_classes: Sequence[int] | None = None,
+                          sample_unit: str | None = None) -> dict:
     """Per calibration metric and budget: optimum (calibration and unseen), TMPDiff knapsack and refined,
     evolutionary at TMPDiff's evaluations, heuristics; ratios on calibration samples and on unseen ones.
-    Unseen samples are other seeds, or (with `*_classes`) other classes of the same seeds."""
+    Unseen samples are other seeds, or (with `*_classes`) other classes of the same seeds. `sample_unit` "prompts":
+    the labels are prompts and the unseen intervals resample prompts (module docstring)."""
     calib, unseen = table.samples_of(calib_seeds, calib_classes), table.samples_of(unseen_seeds, unseen_classes)
     _check_apart(calib, unseen)
+    clusters = sample_clusters(table, unseen, sample_unit)
     out: dict = {"steps": table.steps, "levels": table.levels, "schedules": len(table.schedules),
                  "step_evaluations": table.step_evaluations, "calib_seeds": list(calib_seeds),
                  "unseen_seeds": list(unseen_seeds), "calib_classes": calib_classes, "unseen_classes": unseen_classes,
                  "calib_samples": int(len(calib)),
                  "unseen_samples": int(len(unseen)), "rows": []}
+    if sample_unit is not None:
+        out["sample_unit"] = sample_unit
     for metric in metrics:
         name = TABLE_METRIC[metric]
         for label, budget in budgets_for(table, cost, reference, speedups):
@@ -92,6 +137,7 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
             problem = found["problem"]
             opt_c, opt_c_value = optimum(table, name, calib, cost, budget)
             opt_u, opt_u_value = optimum(table, name, unseen, cost, budget)
+            candidates, best_draws = _optimum_draws(table, metric, cost, budget, unseen, len(out["rows"]), clusters)
             methods = {"TMPDiff knapsack": (found["knapsack"], found["knapsack_evaluations"]),
                        "TMPDiff refined": (found["refined"], found["refined_evaluations"]),
                        "calibration optimum": (opt_c, len(table.schedules))}
@@ -109,7 +155,8 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
                 row["methods"][method] = {
                     "schedule": list(schedule), "evaluations": evals, "calib": calib_value,
                     "calib_ratio": calib_value / opt_c_value if opt_c_value > 0 else float("nan"),
-                    "unseen": _judge(table, metric, schedule, opt_u, unseen, seed=len(out["rows"]))}
+                    "unseen": _judge(table, metric, schedule, candidates, unseen, len(out["rows"]), clusters,
+                                     best_draws)}
             out["rows"].append(row)
     return out
 
@@ -117,8 +164,6 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
 def _check_apart(calib: np.ndarray, unseen: np.ndarray) -> None:
     """Judging on unseen samples means none of them was calibrated on."""
     if set(calib.tolist()) & set(unseen.tolist()):
-        from tmpdiff.formats.errors import TmpdiffError
-
         raise TmpdiffError("calibration and unseen samples overlap")
 
 
@@ -183,15 +228,21 @@ def selection_floor(table: SampleTable, comparison: dict, cost: dict[str, float]
     on B against B's own optimum (the floor: the best schedule of A's samples, chosen with no search error) beside the
     comparison's refined TMPDiff schedule (calibrated on its calibration seeds) judged on the same B. The optimum of B
     is picked on B, so both ratios carry the same selection bias; a search that matches the floor generalises as well
-    as an exhaustive search on that many samples can."""
+    as an exhaustive search on that many samples can. Where samples are prompts x seeds (the comparison's
+    `sample_unit` "prompts") the halves split prompts, all seeds of a prompt in one half (A: half the prompts,
+    rounded down), as the calibration and unseen sets of a search do; splitting samples would put a prompt in both
+    halves under its two seeds and make the floor optimistic."""
     rng = np.random.default_rng(seed)
     unseen = table.samples_of(comparison["unseen_seeds"], comparison.get("unseen_classes"))
+    clusters = sample_clusters(table, unseen, comparison.get("sample_unit"))
     halves = []
     for _ in range(splits):
-        order = rng.permutation(unseen)
-        halves.append((np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])))
+        order, bounds = cluster_order(rng, unseen, clusters)
+        cut = int(bounds[len(bounds) // 2 - 1]) if len(bounds) > 1 else len(order) // 2
+        halves.append((np.sort(order[:cut]), np.sort(order[cut:])))
     out: dict = {"calib_seeds": comparison["calib_seeds"], "unseen_seeds": comparison["unseen_seeds"],
-                 "splits": splits, "half_samples": int(len(unseen) // 2), "rows": []}
+                 "splits": splits, "half_samples": int(len(halves[0][0]) if halves else len(unseen) // 2),
+                 "split_unit": "prompts" if clusters is not None else "samples", "rows": []}
     for row in comparison["rows"]:
         name, budget = TABLE_METRIC[row["metric"]], row["budget"]
         refined = row["methods"]["TMPDiff refined"]["schedule"]

@@ -36,7 +36,8 @@ def build_report(config: dict, on_progress=lambda _: None) -> dict:
         table = merge_tables([load_table(p) for p in spec["tables"]])
         result = exhaustive_comparison(table, spec["calib_seeds"], spec["unseen_seeds"], cost, report["reference"],
                                        speedups=spec.get("speedups"), on_progress=on_progress,
-                                       calib_classes=spec.get("calib_classes"), unseen_classes=spec.get("unseen_classes"))
+                                       calib_classes=spec.get("calib_classes"), unseen_classes=spec.get("unseen_classes"),
+                                       sample_unit=spec.get("sample_unit"))
         result["wall_seconds"] = spec.get("wall_seconds")
         # a pipeline's table: samples are prompts x seeds, walked a pipeline call at a time
         result |= {key: spec[key] for key in ("sample_unit", "walk_note") if key in spec}
@@ -49,7 +50,8 @@ def build_report(config: dict, on_progress=lambda _: None) -> dict:
         if spec.get("split_curve"):
             c = spec["split_curve"]
             result["split_curve"] = split_size_curve(table, table_samples(table, spec), cost, report["reference"],
-                                                     c["sizes"], c.get("splits", 10), speedups=spec.get("speedups"))
+                                                     c["sizes"], c.get("splits", 10), speedups=spec.get("speedups"),
+                                                     sample_unit=spec.get("sample_unit"))
         if spec.get("floor"):
             result["selection_floor"] = selection_floor(table, result, cost, splits=spec["floor"].get("splits", 20))
         report["parts"][part] = result
@@ -138,7 +140,10 @@ def _render_exhaustive(part: str, r: dict) -> list[str]:
         s = summary.setdefault(row["metric"], [])
         s.append((m["TMPDiff knapsack"]["calib_ratio"], ref["calib_ratio"], ref["unseen"]["ratio_to_optimum"]["value"],
                   ref["evaluations"], heur, m["calibration optimum"]["unseen"]["ratio_to_optimum"]["value"]))
-    lines += ["", "Schedules: F fp32, 8 int8, f fp8, 4 int4, first step (noisiest) first. Evaluations: distinct "
+    resampled = ("prompts (all seeds of a prompt together)" if r.get("sample_unit") == "prompts" else "samples")
+    lines += ["", f"Unseen intervals: 95% bootstrap over {resampled}, the unseen optimum re-selected on each resample "
+              "(the value is the ratio to the optimum of the unseen samples).",
+              "", "Schedules: F fp32, 8 int8, f fp8, 4 int4, first step (noisiest) first. Evaluations: distinct "
               "schedules the search evaluated on the calibration set (sensitivities included); the cap is 3·T·L = "
               f"{3 * r['steps'] * len(r['levels'])}.", "", "| metric | worst knapsack / opt (calib) | worst refined / opt "
               "(calib) | worst refined / opt (unseen) | worst calib-optimum / opt (unseen) | most evaluations | "
@@ -164,8 +169,10 @@ def _render_exhaustive(part: str, r: dict) -> list[str]:
         lines.append("")
     if "selection_floor" in r:
         f = r["selection_floor"]
+        unit = ("prompts into halves A and B, all seeds of a prompt in one half" if f.get("split_unit") == "prompts"
+                else "samples into halves A and B")
         lines += [f"### What any choice made on {f['half_samples']} samples reaches ({f['splits']} random splits of the "
-                  f"unseen samples into halves A and B)", "",
+                  f"unseen {unit})", "",
                   "Per budget, the mean over splits of: the exhaustive optimum of half A judged on half B against B's own "
                   "optimum (the floor: no search error, only the samples it was chosen on), and refined TMPDiff "
                   f"(calibrated on seeds {f['calib_seeds']}) judged on the same B.", "",
