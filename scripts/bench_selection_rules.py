@@ -3,7 +3,9 @@
 For every exhaustive part of the given report configs (`scripts/bench_lossy.py report` configs: their tables, costs
 and samples), `tmpdiff.calibration.selection_rules` halves all the part's samples at random, picks the best
 in-budget schedule on a calibration set of the part's own calibration size and on the whole half by each rule, and
-judges the pick's mean error on the other half against that half's optimum. Table lookups only (seconds).
+judges the pick's mean error on the other half against that half's optimum. Table lookups only (seconds). A part
+whose config says "sample_unit": "prompts" (a pipeline's table, samples prompts x seeds) is halved by prompt, all
+seeds of a prompt in one half.
 
     python scripts/bench_selection_rules.py results/cpu-epyc-2core/lossy-unseen120/config.json \\
         results/cpu-epyc-2core/lossy-b-unseen80/config.json \\
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 from tmpdiff.calibration.exhaustive import load_table, merge_tables
 from tmpdiff.calibration.selection_rules import render_selection_rules, selection_rules_curve
@@ -45,9 +49,12 @@ def main() -> None:
             table = merge_tables([load_table(p) for p in spec["tables"]])
             samples = table_samples(table, spec)
             calib_size = len(table.samples_of(spec["calib_seeds"], spec.get("calib_classes")))
-            sizes = sorted({calib_size, len(samples) // 2})
+            unit = 1  # a pipeline's table (samples prompts x seeds) is halved by prompt: sizes in whole prompts
+            if spec.get("sample_unit") == "prompts":
+                unit = int(np.unique(np.asarray(table.labels)[samples], return_counts=True)[1].max())
+            sizes = sorted({calib_size, len(samples) // unit // 2 * unit})
             curve = selection_rules_curve(table, samples, cost, reference, sizes, args.splits,
-                                          speedups=spec.get("speedups"))
+                                          speedups=spec.get("speedups"), sample_unit=spec.get("sample_unit"))
             results["parts"][name] = curve
             lines += render_selection_rules(name, curve)
             print(f"{name}: done", flush=True)

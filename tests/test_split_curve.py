@@ -91,3 +91,74 @@ def test_the_size_curve_refuses_a_pool_that_overlaps_its_unseen_samples():
     assert size_curve(table, [0, 1], [3], COST, "fp32", [3], draws=1)["points"]
     with pytest.raises(TmpdiffError, match="calibration and unseen samples overlap"):
         size_curve(table, [0, 1], [1, 3], COST, "fp32", [3], draws=1)
+
+
+def _prompts_table(prompts: int = 8, seeds: int = 2, steps: int = 3) -> SampleTable:
+    """`_table`'s schedules on prompts x seeds: a sample's label is its prompt (seed-major order, as a walk per seed)."""
+    table = _table(noise=0.3, samples=prompts * seeds, steps=steps)
+    table.seeds = [s for s in range(seeds) for _ in range(prompts)]
+    table.labels = [p for _ in range(seeds) for p in range(prompts)]
+    return table
+
+
+def _recording(monkeypatch, module) -> tuple[list, list]:
+    """Record the calibration sets searched and the sample sets optima are taken on."""
+    from tmpdiff.calibration.exhaustive import optimum as real_optimum
+    from tmpdiff.calibration.lossy import search_on_table as real_search
+
+    searched, judged = [], []
+
+    def search(table_, calib, *args, **kwargs):
+        searched.append(np.asarray(calib).copy())
+        return real_search(table_, calib, *args, **kwargs)
+
+    def best(table_, name, samples, *args, **kwargs):
+        judged.append(np.asarray(samples).copy())
+        return real_optimum(table_, name, samples, *args, **kwargs)
+
+    if hasattr(module, "search_on_table"):
+        monkeypatch.setattr(module, "search_on_table", search)
+    monkeypatch.setattr(module, "optimum", best)
+    return searched, judged
+
+
+def test_halvings_of_prompts_x_seeds_split_prompts(monkeypatch):
+    """Samples of prompts x seeds: every seed of a prompt lands in one half, calibration sets are whole prompts."""
+    table = _prompts_table()
+    labels = np.asarray(table.labels)
+    searched, judged = _recording(monkeypatch, split_curve)
+    curve = split_curve.split_size_curve(table, np.arange(16), COST, "fp32", [4, 8], splits=3, metrics=("latent",),
+                                         sample_unit="prompts")
+    assert curve["split_unit"] == "prompts" and curve["unseen_samples"] == 8
+    unseen_sets = [s for s in judged if not any(np.array_equal(s, c) for c in searched)]
+    assert unseen_sets and searched
+    for calib in searched:
+        assert len(calib) in (4, 8)
+        assert all((labels[calib] == p).sum() == 2 for p in set(labels[calib]))  # whole prompts, both seeds
+        assert any(not set(labels[calib]) & set(labels[u]) for u in unseen_sets)  # prompts apart from its unseen half
+    for unseen in unseen_sets:
+        assert all((labels[unseen] == p).sum() == 2 for p in set(labels[unseen]))
+    with pytest.raises(TmpdiffError, match="whole prompts"):
+        split_curve.split_size_curve(table, np.arange(16), COST, "fp32", [3], splits=1, sample_unit="prompts")
+
+
+def test_selection_floor_halves_split_prompts(monkeypatch):
+    """The floor's halves A and B of a pipeline's unseen samples share no prompt (under its other seed)."""
+    import tmpdiff.calibration.lossy as lossy
+
+    table = _prompts_table(prompts=12)
+    table.seeds = [100 if s else 0 for s in table.seeds]
+    cost = COST
+    comparison = lossy.exhaustive_comparison(table, [0], [100], cost, "fp32", metrics=("latent",),
+                                             calib_classes=list(range(4)), unseen_classes=list(range(4, 12)))
+    unseen = table.samples_of([0, 100], list(range(4, 12)))
+    comparison |= {"unseen_seeds": [0, 100], "calib_seeds": [0, 100], "calib_classes": list(range(4)),
+                   "sample_unit": "prompts"}  # unseen: prompts 4-11 under both seeds
+    _, judged = _recording(monkeypatch, lossy)
+    floor = lossy.selection_floor(table, comparison, cost, splits=6)
+    assert floor["split_unit"] == "prompts" and floor["half_samples"] == 8
+    labels = np.asarray(table.labels)
+    halves = [set(labels[s].tolist()) for s in judged]
+    assert len(judged) >= 12 and all(len(s) == 8 for s in judged) and set(np.concatenate(judged)) == set(unseen)
+    for i in range(0, len(judged), 2):  # per split and budget: optimum of B, then of A
+        assert not halves[i] & halves[i + 1]

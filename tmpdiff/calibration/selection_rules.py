@@ -18,7 +18,7 @@ import numpy as np
 
 from tmpdiff.calibration.exhaustive import SampleTable
 from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
-from tmpdiff.calibration.lossy import TABLE_METRIC, budgets_for
+from tmpdiff.calibration.lossy import TABLE_METRIC, budgets_for, sample_clusters
 from tmpdiff.calibration.split_curve import GOAL, random_halvings
 
 _TINY = 1e-12  # keeps a zero error (the reference's own schedule) finite under a logarithm
@@ -48,22 +48,25 @@ RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 def selection_rules_curve(table: SampleTable, samples: np.ndarray, cost: dict[str, float], reference: str,
                           sizes: Sequence[int], splits: int = 20, metrics: Sequence[str] = ("latent", "ssim"),
-                          speedups: Sequence[float] | None = None, seed: int = 0) -> dict:
+                          speedups: Sequence[float] | None = None, seed: int = 0, sample_unit: str | None = None
+                          ) -> dict:
     """Per metric, rule and calibration set size: the unseen ratio of each rule's pick per halving and budget, and
-    its summary (mean, mean of the worst budget, halvings within `GOAL` at every budget)."""
+    its summary (mean, mean of the worst budget, halvings within `GOAL` at every budget). `sample_unit` "prompts":
+    halvings split prompts and sizes are samples in whole prompts, as in `split_curve`."""
     samples = np.unique(np.asarray(samples))
-    half = len(samples) // 2
-    halvings = random_halvings(samples, sizes, splits, seed)
+    halvings = random_halvings(samples, sizes, splits, seed, sample_clusters(table, samples, sample_unit))
     budgets = budgets_for(table, cost, reference, speedups)
     costs = np.array([sum(cost[p] for p in s) for s in table.schedules])
     feasible = [np.flatnonzero(costs <= budget * (1 + BUDGET_TOLERANCE)) for _, budget in budgets]
-    out: dict = {"samples": int(len(samples)), "unseen_samples": half, "splits": splits, "sizes": sorted(sizes),
+    out: dict = {"samples": int(len(samples)), "unseen_samples": int(len(halvings[0][1])) if halvings else 0,
+                 "split_unit": "prompts" if sample_unit == "prompts" else "samples", "splits": splits,
+                 "sizes": sorted(sizes),
                  "budgets": [label for label, _ in budgets], "goal": GOAL, "rules": list(RULES), "metrics": {}}
     for metric in metrics:
         errors = table.metrics[TABLE_METRIC[metric]].astype(np.float64)
         ratios = np.zeros((len(RULES), len(out["sizes"]), splits, len(budgets)))  # rules x sizes x splits x budgets
-        for j, order in enumerate(halvings):
-            unseen_means = errors[:, np.sort(order[half: 2 * half])].mean(axis=1)
+        for j, (order, unseen) in enumerate(halvings):
+            unseen_means = errors[:, unseen].mean(axis=1)
             for i, size in enumerate(out["sizes"]):
                 calib = errors[:, np.sort(order[:size])]
                 for r, rule in enumerate(RULES.values()):
@@ -87,7 +90,8 @@ def _summary(ratios: np.ndarray) -> dict:
 
 def render_selection_rules(name: str, c: dict) -> list[str]:
     """Markdown table of one table's curve: a row per metric, size and rule."""
-    lines = [f"### {name}: {c['samples']} samples, {c['splits']} random halvings, {c['unseen_samples']} unseen, "
+    by = " by prompt (all seeds of a prompt in one half)" if c.get("split_unit") == "prompts" else ""
+    lines = [f"### {name}: {c['samples']} samples, {c['splits']} random halvings{by}, {c['unseen_samples']} unseen, "
              f"budgets {', '.join(c['budgets'])}", "",
              "| metric | calibration samples | rule | mean ratio | mean of worst budget | (halving, budget) within "
              f"{c['goal']:.2f} | halvings within {c['goal']:.2f} at every budget |", "|" + "---|" * 7]

@@ -7,6 +7,11 @@ prefixes of one half, the other half is the unseen set, and the figure is the ra
 mean to the unseen half's own exhaustive optimum. Beside refined TMPDiff it reports the calibration set's exhaustive
 optimum (no search error, only the samples it was chosen on), so the two columns split a miss of the unseen goal into
 the search's share and the samples' share. Table lookups only: no engine runs.
+
+Where samples are prompts x seeds (`sample_unit` "prompts"), the halvings split prompts: all seeds of a prompt go to
+one half, as the calibration and unseen prompts of a search are disjoint (splitting samples would calibrate on a
+prompt under one seed and judge it under the other). Sizes are still counted in samples, in whole prompts: a
+calibration set of n samples is the first n / seeds prompts of its half, with all their seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tmpdiff.calibration.exhaustive import SampleTable, optimum
-from tmpdiff.calibration.lossy import TABLE_METRIC, budgets_for, halving_sizes, search_on_table
+from tmpdiff.calibration.lossy import TABLE_METRIC, budgets_for, cluster_order, halving_sizes, sample_clusters, search_on_table
 from tmpdiff.formats.errors import TmpdiffError
 
 GOAL = 1.15  # issue 15: within 15% of the unseen optimum at every budget
@@ -24,22 +29,22 @@ GOAL = 1.15  # issue 15: within 15% of the unseen optimum at every budget
 
 def split_size_curve(table: SampleTable, samples: np.ndarray, cost: dict[str, float], reference: str,
                      sizes: Sequence[int], splits: int = 10, metrics: Sequence[str] = ("latent", "ssim"),
-                     speedups: Sequence[float] | None = None, seed: int = 0) -> dict:
+                     speedups: Sequence[float] | None = None, seed: int = 0, sample_unit: str | None = None) -> dict:
     """Per metric and calibration set size, over `splits` random halvings of `samples`: refined TMPDiff's and the
-    calibration optimum's unseen ratio per split and budget, with the evaluations the search spent."""
+    calibration optimum's unseen ratio per split and budget, with the evaluations the search spent. `sample_unit`
+    "prompts": halvings split prompts (module docstring)."""
     samples = np.unique(np.asarray(samples))
-    half = len(samples) // 2
-    halvings = random_halvings(samples, sizes, splits, seed)
+    halvings = random_halvings(samples, sizes, splits, seed, sample_clusters(table, samples, sample_unit))
     budgets = budgets_for(table, cost, reference, speedups)
-    out: dict = {"samples": int(len(samples)), "unseen_samples": half, "splits": splits, "sizes": sorted(sizes),
-                 "budgets": [label for label, _ in budgets], "goal": GOAL, "metrics": {}}
+    out: dict = {"samples": int(len(samples)), "unseen_samples": int(len(halvings[0][1])) if halvings else 0,
+                 "splits": splits, "sizes": sorted(sizes), "budgets": [label for label, _ in budgets], "goal": GOAL,
+                 "split_unit": "prompts" if sample_unit == "prompts" else "samples", "metrics": {}}
     for metric in metrics:
         name = TABLE_METRIC[metric]
         refined = np.zeros((len(out["sizes"]), splits, len(budgets)))
         best = np.zeros_like(refined)
         evaluations = np.zeros_like(refined)
-        for j, order in enumerate(halvings):
-            unseen = np.sort(order[half: 2 * half])
+        for j, (order, unseen) in enumerate(halvings):
             for b, (_, budget) in enumerate(budgets):
                 unseen_best = optimum(table, name, unseen, cost, budget)[1]
                 for i, size in enumerate(out["sizes"]):
@@ -56,14 +61,31 @@ def split_size_curve(table: SampleTable, samples: np.ndarray, cost: dict[str, fl
     return out
 
 
-def random_halvings(samples: np.ndarray, sizes: Sequence[int], splits: int, seed: int) -> list[np.ndarray]:
-    """`splits` random orders of the (unique) samples: the first half's prefixes are calibration sets of each size,
-    the second half is unseen."""
-    half = len(samples) // 2
+def random_halvings(samples: np.ndarray, sizes: Sequence[int], splits: int, seed: int,
+                    clusters: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`splits` random halvings of the (unique) samples: (one half in random order, whose prefixes are calibration
+    sets of each size; the other half, unseen, sorted). With `clusters` (one id per sample: its prompt) whole
+    clusters go to a half, in random order, the same number of clusters to each (one left out when their count is
+    odd); they must be of one size (prompts x the same seeds), and calibration sizes whole clusters of samples."""
+    samples = np.asarray(samples)
+    unit = 1
+    if clusters is not None:
+        sizes_of = np.unique(np.unique(np.asarray(clusters), return_counts=True)[1])
+        if len(sizes_of) != 1:
+            raise TmpdiffError(f"halvings by prompt need every prompt with as many samples (seeds), got {sizes_of}")
+        unit = int(sizes_of[0])
+    half = len(samples) // unit // 2 * unit
     if not sizes or min(sizes) < 1 or max(sizes) > half:
         raise TmpdiffError(f"calibration set sizes must lie in 1..{half} (half of {len(samples)} samples), got {sizes}")
+    if any(size % unit for size in sizes):
+        raise TmpdiffError(f"calibration set sizes are samples in whole prompts ({unit} seeds each) when halvings "
+                           f"split prompts, got {sizes}")
     rng = np.random.default_rng(seed)
-    return [rng.permutation(samples) for _ in range(splits)]
+    halvings = []
+    for _ in range(splits):
+        order = cluster_order(rng, samples, clusters)[0]
+        halvings.append((order[:half], np.sort(order[half: 2 * half])))
+    return halvings
 
 
 def _summary(prefix: str, ratios: np.ndarray) -> dict:
@@ -91,17 +113,25 @@ def bench_split_curve(table: SampleTable, comparison: dict, cost: dict[str, floa
     `comparison` (an `lossy.exhaustive_comparison` result) halved `splits` times, calibration sets of halvings of a
     half. None when there are fewer than two samples."""
     samples = table_samples(table, comparison)
-    half = len(samples) // 2
+    unit = 1
+    if comparison.get("sample_unit") == "prompts":  # halvings split prompts: sizes in whole prompts
+        unit = int(np.unique(np.asarray(table.labels)[samples], return_counts=True)[1].max())
+    half = len(samples) // unit // 2  # in units (prompts, or samples)
     if half < 1:
         return None
-    return split_size_curve(table, samples, cost, reference, halving_sizes(half, smallest=min(4, half)), splits,
-                            speedups=speedups)
+    sizes = [unit * n for n in halving_sizes(half, smallest=min(-(-4 // unit), half))]
+    return split_size_curve(table, samples, cost, reference, sizes, splits, speedups=speedups,
+                            sample_unit=comparison.get("sample_unit"))
 
 
 def render_split_curve(c: dict) -> list[str]:
     """Markdown section: per metric and calibration set size, refined TMPDiff beside the calibration optimum."""
-    lines = [f"### Calibration set size vs unseen ratio over {c['splits']} random halvings of all {c['samples']} samples",
-             "", f"Each halving: calibration sets of every size are nested prefixes of one half, the other half "
+    by_prompt = c.get("split_unit") == "prompts"
+    lines = [f"### Calibration set size vs unseen ratio over {c['splits']} random halvings of all {c['samples']} samples"
+             + (" (halved by prompt)" if by_prompt else ""),
+             "", ("Halvings split prompts: all seeds of a prompt in one half; calibration sizes are samples, in whole "
+                  "prompts. " if by_prompt else "")
+             + "Each halving: calibration sets of every size are nested prefixes of one half, the other half "
              f"({c['unseen_samples']} samples) is unseen and its own exhaustive optimum is the reference. *calib-opt*: "
              "the calibration set's exhaustive optimum (no search error). Within goal: ratio <= "
              f"{c['goal']:.2f}, per (halving, budget) and at every budget of a halving ({len(c['budgets'])} budgets).",
