@@ -79,11 +79,12 @@ def judge_unseen(session: CalibrationSession, schedules: Sequence[Schedule], see
     return {s: {k: np.concatenate(v) for k, v in m.items()} for s, m in out.items()}
 
 
-def summarise(judged: dict[str, np.ndarray], real_features: np.ndarray | None, seed: int = 0) -> dict:
-    """Mean and bootstrap interval of every per-sample metric; the low-dimensional FD with a jackknife interval."""
+def summarise(judged: dict[str, np.ndarray], real_features: np.ndarray | None, seed: int = 0, clusters=None) -> dict:
+    """Mean and bootstrap interval of every per-sample metric; the low-dimensional FD with a jackknife interval.
+    `clusters`: one id per sample (a pipeline's prompt), resampled whole (`bootstrap`)."""
     from tmpdiff.eval.quality import frechet_distance
 
-    out = {k: mean_ci(v, seed=seed).as_dict() for k, v in judged.items() if k != "features"}
+    out = {k: mean_ci(v, seed=seed, clusters=clusters).as_dict() for k, v in judged.items() if k != "features"}
     if "features" in judged and real_features is not None:
         feats = judged["features"]
         out["fd_low"] = jackknife_ci(lambda i: frechet_distance(feats[i], real_features), len(feats),
@@ -91,21 +92,23 @@ def summarise(judged: dict[str, np.ndarray], real_features: np.ndarray | None, s
     return out
 
 
-def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: np.ndarray | None, seed: int = 0) -> dict:
+def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: np.ndarray | None, seed: int = 0,
+            clusters=None) -> dict:
     """a vs b per metric: difference, % change of b's mean (of its geometric-mean probability for a log-probability:
-    `percent_of`), interval, whether it excludes 0 and which is better."""
+    `percent_of`), interval, whether it excludes 0 and which is better. `clusters`: one id per sample (a pipeline's
+    prompt), resampled whole and paired (`bootstrap`)."""
     from tmpdiff.eval.quality import frechet_distance
 
     out = {}
     for name in [k for k in a if k != "features"]:
-        d = diff_ci(a[name], b[name], seed=seed)
+        d = diff_ci(a[name], b[name], seed=seed, clusters=clusters)
         if name in LOG_PROBABILITIES:
             # a mean log-probability near 0 (a saturated classifier) makes its relative change a ratio of two
             # near-zero numbers (-239% [-974, +62] once); exp(difference) - 1 is the % change of the geometric-mean
             # probability, and its interval the difference's, mapped (monotone)
             r = Interval(math.expm1(d.value), math.expm1(d.low), math.expm1(d.high))
         else:
-            r = relative_diff_ci(a[name], b[name], seed=seed)
+            r = relative_diff_ci(a[name], b[name], seed=seed, clusters=clusters)
         out[name] = {"diff": d.as_dict(), "percent": None if r is None else 100 * r.value,
                      "percent_interval": None if r is None else [100 * r.low, 100 * r.high],
                      "percent_of": LOG_PROBABILITIES.get(name, "mean"),

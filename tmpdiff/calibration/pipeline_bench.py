@@ -7,9 +7,10 @@ TMPDiff schedules, the evolutionary search given the refined search's evaluation
 budget (`search_matched`). Every schedule is judged on the calibration set (what the search saw) and on the unseen
 set, per sample against the fp32 images of the same prompt and seed: latent error, 1 - SSIM and PSNR of the decoded
 RGB images, prompt adherence (all attributes right, when the pipeline ships an attribute classifier) with 95%
-bootstrap intervals, and the Fréchet distance to the fp32 images in the classifier's features (jackknife interval).
-Refined TMPDiff is compared with every other row of its target by paired differences, and its denoiser time is
-measured against the all-reference schedule's.
+bootstrap intervals (resampling prompts, all seeds of one together: a prompt's errors under its seeds correlate),
+and the Fréchet distance to the fp32 images in the classifier's features (jackknife interval, over samples).
+Refined TMPDiff is compared with every other row of its target by paired differences (prompts resampled, paired),
+and its denoiser time is measured against the all-reference schedule's.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class PipelineJudge:
         self.evaluator = PipelineEvaluator(ev.pipe, ev.denoiser, list(prompts), list(seeds), ev.steps,
                                            ev.guidance_scale, ev.reference, timesteps=ev.timesteps)
         self.attributes = attribute_judge(session.pipeline_dir, self.evaluator.labels)
+        # samples are prompts x seeds: a prompt's samples under its seeds correlate, so intervals resample prompts
+        # (all its seeds together); with a single prompt there is nothing but its seeds to resample
+        labels = list(self.evaluator.labels)
+        self.clusters = np.unique(np.asarray(labels), return_inverse=True)[1] if len(set(labels)) >= 2 else None
         self.reference_features = None
         if self.attributes is not None:
             self.reference_features = self._read(self.evaluator.reference_images)[1]
@@ -96,7 +101,7 @@ class PipelineJudge:
     def summary(self, schedule: Sequence[str]) -> dict:
         """Mean [95% interval] of every metric; the FD to the fp32 images with a paired jackknife interval."""
         judged = self(schedule)
-        out = summarise({k: v for k, v in judged.items() if k != "features"}, None)
+        out = summarise({k: v for k, v in judged.items() if k != "features"}, None, clusters=self.clusters)
         if "features" in judged:
             out["fd_vs_reference"] = jackknife_interval(self._fd_values(schedule), positive=True).as_dict()
         return out
@@ -105,7 +110,7 @@ class PipelineJudge:
         """a - b per metric over the same unseen samples (paired), with intervals."""
         ja, jb = self(a), self(b)
         out = compare({k: v for k, v in ja.items() if k != "features"}, {k: v for k, v in jb.items() if k != "features"},
-                      None)
+                      None, clusters=self.clusters)
         if "features" in ja:
             d = jackknife_interval(self._fd_values(a) - self._fd_values(b))
             out["fd_vs_reference"] = {"diff": d.as_dict(), "significant": d.excludes(0.0), "better": d.value < 0}
@@ -225,8 +230,8 @@ def _exhaustive(session: PipelineSession, levels: list[str], unseen_prompts: Seq
     judged_at = reachable(levels, problem.cost, speedups)
     result = exhaustive_comparison(table, ev.seeds, unseen_seeds, problem.cost, problem.reference,
                                    speedups=judged_at, calib_classes=list(range(n)),
-                                   unseen_classes=list(range(n, n + len(unseen_prompts))))
-    result |= {"wall_seconds": round(wall, 1), "sample_unit": "prompts", "table": table_path.name,
+                                   unseen_classes=list(range(n, n + len(unseen_prompts))), sample_unit="prompts")
+    result |= {"wall_seconds": round(wall, 1), "table": table_path.name,
                "walk_note": "a pipeline call per seed over its prompts; shared prefixes' engine calls reused"}
     return result | {"selection_floor": selection_floor(table, result, problem.cost),
                      "size_curve": bench_size_curve(table, result, problem.cost, problem.reference, judged_at),
