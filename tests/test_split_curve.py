@@ -162,3 +162,14 @@ def test_selection_floor_halves_split_prompts(monkeypatch):
     assert len(judged) >= 12 and all(len(s) == 8 for s in judged) and set(np.concatenate(judged)) == set(unseen)
     for i in range(0, len(judged), 2):  # per split and budget: optimum of B, then of A
         assert not halves[i] & halves[i + 1]
+
+
+def test_the_bench_curve_halves_prompts_only_when_every_prompt_has_as_many_seeds():
+    table = _prompts_table(prompts=8)  # prompts 0-7 under seeds 0 and 1
+    spec = {"calib_seeds": [0, 1], "unseen_seeds": [0, 1], "calib_classes": [0, 1], "unseen_classes": list(range(2, 8)),
+            "sample_unit": "prompts"}
+    curve = split_curve.bench_split_curve(table, spec, COST, "fp32", None, splits=2)
+    assert curve["split_unit"] == "prompts" and curve["sizes"] == [4, 8] and curve["unseen_samples"] == 8
+    uneven = spec | {"calib_seeds": [0]}  # calibration prompts under one seed, unseen ones under two
+    curve = split_curve.bench_split_curve(table, uneven, COST, "fp32", None, splits=2)
+    assert curve["split_unit"] == "samples" and curve["samples"] == 14

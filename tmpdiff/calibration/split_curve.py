@@ -111,17 +111,22 @@ def bench_split_curve(table: SampleTable, comparison: dict, cost: dict[str, floa
                       speedups: Sequence[float] | None, splits: int = 20) -> dict | None:
     """The curve `tmpdiff bench` reports beside an exhaustive comparison: every calibration and unseen sample of
     `comparison` (an `lossy.exhaustive_comparison` result) halved `splits` times, calibration sets of halvings of a
-    half. None when there are fewer than two samples."""
+    half. None when there are fewer than two samples. A pipeline's samples (`sample_unit` "prompts") are halved by
+    prompt when every prompt has as many seeds; where calibration and unseen prompts have different numbers of seeds
+    no halving by prompt gives equal halves, and the samples are halved (the result's `split_unit` says which)."""
     samples = table_samples(table, comparison)
-    unit = 1
-    if comparison.get("sample_unit") == "prompts":  # halvings split prompts: sizes in whole prompts
-        unit = int(np.unique(np.asarray(table.labels)[samples], return_counts=True)[1].max())
+    unit, sample_unit = 1, comparison.get("sample_unit")
+    if sample_unit == "prompts":  # halvings split prompts: sizes in whole prompts
+        counts = np.unique(np.unique(np.asarray(table.labels)[samples], return_counts=True)[1])
+        if len(counts) == 1 and len(np.unique(np.asarray(table.labels)[samples])) >= 2:
+            unit = int(counts[0])
+        else:  # prompts under different numbers of seeds (calibration and unseen seeds unlike): halve samples
+            sample_unit = None
     half = len(samples) // unit // 2  # in units (prompts, or samples)
     if half < 1:
         return None
     sizes = [unit * n for n in halving_sizes(half, smallest=min(-(-4 // unit), half))]
-    return split_size_curve(table, samples, cost, reference, sizes, splits, speedups=speedups,
-                            sample_unit=comparison.get("sample_unit"))
+    return split_size_curve(table, samples, cost, reference, sizes, splits, speedups=speedups, sample_unit=sample_unit)
 
 
 def render_split_curve(c: dict) -> list[str]:
