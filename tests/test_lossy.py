@@ -113,6 +113,8 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks():
     assert diff_ci(x + 0.5, x).excludes(0.0)  # paired: the shift is exact
     assert not diff_ci(x, rng.permutation(x)).excludes(0.0)
     assert ratio_ci(2 * np.abs(x) + 1, np.abs(x) + 0.5).value == pytest.approx(2.0)
+    unformed = ratio_ci(np.ones(5), np.zeros(5))  # every draw divides by 0: no interval, so nothing is significant
+    assert np.isnan(unformed.low) and not unformed.excludes(1.0)
     j_small, j_large = (jackknife_ci(lambda i, v=v: float(np.var(v[i])), len(v)) for v in (small, large))
     assert j_small.low < j_small.value < j_small.high and j_large.low < j_large.value < j_large.high
     assert (j_large.high - j_large.low) < 0.3 * (j_small.high - j_small.low)

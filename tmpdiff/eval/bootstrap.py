@@ -15,6 +15,7 @@ stratum present in every set and whose samples of one class have independent noi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,10 @@ class Interval:
     high: float
 
     def excludes(self, x: float) -> bool:
-        """True when x lies outside the interval (e.g. 0 for a difference, 1 for a ratio)."""
+        """True when x lies outside the interval (e.g. 0 for a difference, 1 for a ratio); an interval that could not
+        be formed (NaN ends) excludes nothing."""
+        if math.isnan(self.low) or math.isnan(self.high):
+            return False
         return not self.low <= x <= self.high
 
     def as_dict(self) -> dict[str, float]:
