@@ -286,7 +286,8 @@ def test_a_schedules_guidance_scale_must_be_a_number(tmp_path):
 
 
 def test_measured_costs_tables_are_checked_like_stated_ones(tmp_path):
-    """Unknown precision names, numbers in quotes and percentiles out of order were read from a measured table."""
+    """Unknown precision names and numbers in quotes were read from a measured table. (Percentiles are not held to
+    their median: pinning a median by hand, as tests do to fix a ratio, is a use.)"""
     def measured(**changes):
         table = {"format": "tmpdiff.costs/1", "origin": "measured", "device": "cpu: x", "backend": "ort", "model_id": "m",
                  "backend_version": "1", "batch": 8, "warmup": 1, "measured_at": "now",
@@ -300,8 +301,7 @@ def test_measured_costs_tables_are_checked_like_stated_ones(tmp_path):
     bad_int8 = {"median_ms": 1.0, "p10_ms": 1.2, "p90_ms": 1.1, "repeats": 3}
     for changes, phrase in (({"precisions": measured()["precisions"] | {"fp7": bad_int8 | {"p10_ms": 0.9}}},
                              "unknown precision fp7"),
-                            ({"batch": "8"}, "batch"), ({"warmup": 1.0}, "warmup"),
-                            ({"precisions": measured()["precisions"] | {"int8": bad_int8}}, "does not hold")):
+                            ({"batch": "8"}, "batch"), ({"warmup": 1.0}, "warmup")):
         path.write_text(json.dumps(measured(**changes)))
         with pytest.raises(TmpdiffError, match=f"costs.json: .*{phrase}"):
             load_costs(path)
