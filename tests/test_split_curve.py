@@ -48,20 +48,7 @@ def test_ratios_are_to_the_unseen_halfs_own_optimum():
 
 def test_calibration_sets_are_nested_prefixes_of_one_half_and_never_unseen(monkeypatch):
     table = _table(noise=0.3, samples=10)
-    searched: list[np.ndarray] = []
-    judged: list[np.ndarray] = []
-    real_search, real_optimum = split_curve.search_on_table, split_curve.optimum
-
-    def search(table_, calib, *args, **kwargs):
-        searched.append(np.asarray(calib).copy())
-        return real_search(table_, calib, *args, **kwargs)
-
-    def best(table_, name, samples, *args, **kwargs):
-        judged.append(np.asarray(samples).copy())
-        return real_optimum(table_, name, samples, *args, **kwargs)
-
-    monkeypatch.setattr(split_curve, "search_on_table", search)
-    monkeypatch.setattr(split_curve, "optimum", best)
+    searched, judged = _recording(monkeypatch, split_curve)
     split_curve.split_size_curve(table, np.arange(10), COST, "fp32", [2, 5], splits=2, metrics=("latent",))
     unseen_sets = {tuple(s) for s in judged if len(s) == 5 and not any(np.array_equal(s, c) for c in searched)}
     assert len(unseen_sets) == 2  # one unseen half per halving

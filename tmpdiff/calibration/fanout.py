@@ -28,7 +28,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.call_memo import CallMemo
-from tmpdiff.runtime.ray_executor import ActorGroup, default_threads, error_cause
+from tmpdiff.runtime.ray_executor import ActorGroup, GroupBacked, default_threads, error_cause
 from tmpdiff.runtime.workers import WorkerSpec
 
 
@@ -72,7 +72,7 @@ class SamplingActor:
         self.runner.close()
 
 
-class RaySamplePool:
+class RaySamplePool(GroupBacked):
     """`workers` evaluation actors (`spec.worker.threads` CPUs each); `map` runs schedules on whichever is idle."""
 
     def __init__(self, spec: SamplingSpec, workers: int, address: str | None = None,
@@ -84,18 +84,6 @@ class RaySamplePool:
         self.group = ActorGroup(SamplingActor, spec, workers, address, "evaluation worker", "its schedule is lost",
                                 options="--workers or --threads")
         self.startup_seconds = self.group.startup_seconds
-
-    @property
-    def actors(self) -> list:
-        return self.group.actors
-
-    @property
-    def pids(self) -> list[int]:
-        return self.group.pids
-
-    @property
-    def started_here(self) -> bool:
-        return self.group.started_here
 
     @property
     def width(self) -> int:

@@ -188,13 +188,10 @@ class ActorGroup:
         self.actors, self.started_here = [], False
 
 
-class RayExecutor:
-    """`workers` Ray actors running a round's calls, actor i call i."""
+class GroupBacked:
+    """What a user of an `ActorGroup` (`self.group`) shows of it: its actors, their PIDs, whether it holds Ray."""
 
-    def __init__(self, spec: WorkerSpec, workers: int, address: str | None = None) -> None:
-        self.workers = workers
-        self.group = ActorGroup(RayWorker, spec, workers, address, "worker", "no sample was produced")
-        self.startup_seconds = self.group.startup_seconds
+    group: ActorGroup
 
     @property
     def actors(self) -> list:
@@ -207,6 +204,15 @@ class RayExecutor:
     @property
     def started_here(self) -> bool:
         return self.group.started_here
+
+
+class RayExecutor(GroupBacked):
+    """`workers` Ray actors running a round's calls, actor i call i."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, address: str | None = None) -> None:
+        self.workers = workers
+        self.group = ActorGroup(RayWorker, spec, workers, address, "worker", "no sample was produced")
+        self.startup_seconds = self.group.startup_seconds
 
     def begin(self, class_labels: torch.Tensor, conditioning: TimeConditioning | None = None) -> None:
         self.group.get([a.begin.remote(class_labels, conditioning) for a in self.actors])
