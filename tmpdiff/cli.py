@@ -203,12 +203,10 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def _seed_list(text: str, option: str) -> list[int]:
     """Noise seeds: what torch's generator takes (0..2^63-1), as `run --seed` is checked."""
-    from tmpdiff.runtime.runner import SEEDS
+    from tmpdiff.runtime.runner import check_seeds
 
     seeds = _int_list(text, option)
-    bad = [s for s in seeds if s not in SEEDS]
-    if bad:
-        raise TmpdiffError(f"{option} must be in 0..2^63-1, got {', '.join(map(str, bad))}")
+    check_seeds(seeds, option)
     return seeds
 
 

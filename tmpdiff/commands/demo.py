@@ -45,10 +45,9 @@ def check_demo_request(steps: int | None, seed: int) -> None:
     """What sampling would refuse after the export, build and calibration (`steps` None: the model's default):
     checked first, minutes earlier."""
     from tmpdiff.models.schedulers import check_distinct_timesteps, sampling_scheduler
-    from tmpdiff.runtime.runner import SEEDS
+    from tmpdiff.runtime.runner import check_seeds
 
-    if seed not in SEEDS:
-        raise TmpdiffError(f"--seed must be in 0..2^63-1, got {seed}")
+    check_seeds([seed])
     info = load_model_info()
     steps = steps or info.default_steps
     try:

@@ -21,7 +21,7 @@ from tmpdiff.models.schedulers import (
 from tmpdiff.models.time_embedding_input import load_own_table
 from tmpdiff.runtime.parallel import ParallelMode, ParallelResult, check_parallel_scheduler, sample_parallel
 from tmpdiff.runtime.plan import PrecisionPlan, resolve_plan
-from tmpdiff.runtime.runner import SEEDS, RunResult, ScheduledRunner, initial_noise
+from tmpdiff.runtime.runner import RunResult, ScheduledRunner, check_seeds, initial_noise
 from tmpdiff.runtime.time_conditioning import check_build
 from tmpdiff.runtime.workers import InProcessExecutor, WorkerSpec
 
@@ -48,8 +48,7 @@ class RunOptions:
 
     def check(self) -> None:
         """Options that cannot work are refused by name: seed range, thread count, guidance, backend and device."""
-        if self.seed not in SEEDS:
-            raise TmpdiffError(f"--seed must be in 0..2^63-1, got {self.seed}")
+        check_seeds([self.seed])
         check_threads(self.threads)
         if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
             raise TmpdiffError(f"--guidance must be a finite number, got {self.guidance_scale}")

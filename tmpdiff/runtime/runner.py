@@ -27,6 +27,13 @@ from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_range, nv
 SEEDS = range(2**63)  # what torch's CPU generator takes
 
 
+def check_seeds(seeds, option: str = "--seed") -> None:
+    """Refuse seeds torch's generator does not take, naming the option."""
+    bad = [s for s in seeds if s not in SEEDS]
+    if bad:
+        raise TmpdiffError(f"{option} must be in 0..2^63-1, got {', '.join(map(str, bad))}")
+
+
 def initial_noise(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
     """Deterministic starting latent for a seed (CPU generator, so it is identical on every machine)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
