@@ -100,6 +100,23 @@ def test_calibrate_refuses_more_calls_than_training_timesteps(work, tmp_path):
     assert code == 2 and "5000 steps, but the scheduler has 1000 training timesteps" in err, err
     assert not (tmp_path / "s.json").exists()
 
+
+def test_calibrate_refuses_steps_its_scheduler_repeats_before_any_engine_runs(work, tmp_path, monkeypatch):
+    """1000 DPM-Solver steps repeat a timestep: calibrate --pipeline checked only the count against the training
+    timesteps, as run --pipeline refuses the repeat. Refused before the pipeline's engines are attached."""
+    from tmpdiff.calibration import pipeline_session
+
+    root, build, prompts = work
+
+    def no_engines(*args, **kwargs):
+        raise AssertionError("engines were attached")
+
+    monkeypatch.setattr(pipeline_session, "attach_engines", no_engines)
+    code, _, err = cli("calibrate", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts,
+                       "--steps", 1000, "--speedup", 1.1, "--out", tmp_path / "s.json")
+    assert code == 2 and "DPMSolverMultistepScheduler repeats timesteps at 1000 steps" in err and "Traceback" not in err, err
+    assert not (tmp_path / "s.json").exists()
+
 def test_run_in_the_pipeline_refuses_steps_its_scheduler_repeats_before_loading_engines(work, tmp_path, monkeypatch):
     """1000 DPM-Solver steps repeat a timestep (1001 are past its training timesteps): run --pipeline sampled 252 steps
     and blamed the request for a NaN. Refused before any engine loads, as class-conditional runs are; a Heun pipeline

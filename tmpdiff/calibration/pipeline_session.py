@@ -28,7 +28,7 @@ from tmpdiff.formats.costs import load_costs
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import MANIFEST_NAME, load_manifest
 from tmpdiff.formats.schedule import Schedule, SchedulerRef
-from tmpdiff.models.schedulers import check_step_count, set_custom_timesteps
+from tmpdiff.models.schedulers import check_distinct_timesteps, check_step_count, set_custom_timesteps
 from tmpdiff.runtime.call_memo import CallMemo, attached
 from tmpdiff.runtime.dropin import EngineDenoiser, attach_engines
 from tmpdiff.runtime.encoder_memo import EncoderMemo, memoized_encoders
@@ -175,7 +175,10 @@ def open_pipeline_session(build_dir: Path, costs_path: Path, pipeline_dir: Path,
     probe = Problem.create(steps, reference, cost, metric, evaluate=lambda z: None)  # type: ignore[arg-type]
     check(probe)  # e.g. an unreachable speedup target: refused before any engine runs
     pipe = load_pipeline(pipeline_dir)
-    check_step_count(pipe.scheduler, steps)  # (its calls: not always distinct timesteps, PNDM's first is twice)
+    if timesteps is None:  # the scheduler's own spacing must not run out of timesteps (designed repeats pass)
+        check_distinct_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), steps)
+    else:
+        check_step_count(pipe.scheduler, steps)
     conditioning_kwargs(pipe, conditions, pipeline_dir, ("--calib-classes", "--prompts"),  # the kind it takes
                         num_classes=manifest.denoiser_config.get("num_embeds_ada_norm"))
     if timesteps is not None:
