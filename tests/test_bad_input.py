@@ -141,6 +141,26 @@ def test_a_huge_num_train_timesteps_is_refused_before_a_scheduler_is_made(tmp_pa
     scheduler_from("DPMSolverMultistepScheduler", config | {"num_train_timesteps": 4000})  # a real model's count
 
 
+def test_a_huge_solver_order_is_refused_before_a_scheduler_is_made(tmp_path):
+    """solver_order 10**9: a multistep solver allocates a history list of that length when it is made (8 GB);
+    refused when the schedule is read and for a pipeline directory's config. An order up to the most steps a run
+    takes is kept: UniPC takes any order."""
+    from tmpdiff.formats.config_values import MAX_SOLVER_ORDER
+    from tmpdiff.formats.schedule import MAX_STEPS
+    from tmpdiff.models.schedulers import scheduler_from
+
+    assert MAX_SOLVER_ORDER == MAX_STEPS
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps({"format": "tmpdiff.schedule/1", "steps": 2, "precisions": ["fp32", "fp32"],
+                                "scheduler": {"class_name": "UniPCMultistepScheduler",
+                                              "config": {"solver_order": 10**9}}}))
+    with pytest.raises(TmpdiffError, match="solver_order must be at most 10,000, got 1,000,000,000"):
+        load_schedule(path)
+    with pytest.raises(TmpdiffError, match="solver_order must be at most 10,000"):
+        scheduler_from("UniPCMultistepScheduler", {"solver_order": 10**5})
+    assert scheduler_from("UniPCMultistepScheduler", {"solver_order": 4}).config.solver_order == 4
+
+
 def test_check_refuses_a_step_count_run_refuses(quant_build, tmp_path):
     """1000 DPM-Solver steps repeat a timestep: `run` refused the schedule, `check --schedule` passed it."""
     from tests.cli_helpers import cli

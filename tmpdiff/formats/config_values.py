@@ -21,8 +21,11 @@ def decode_non_finite(config: dict[str, Any]) -> dict[str, Any]:
 # their least and greatest values (None: no cap). num_train_timesteps is capped because diffusers builds its beta
 # table in a Python loop of that length when the scheduler is made: 10**10 took minutes and ended in a MemoryError;
 # models train on 1000 (a few on up to 4000), so 100,000 leaves room and makes a scheduler in well under a second.
+# solver_order sizes the multistep solvers' history list when the scheduler is made (10**9 is 8 GB of it); an order
+# above the step count is never used, so the cap is a run's most steps (schedule.MAX_STEPS).
 MAX_TRAIN_TIMESTEPS = 100_000
-_SCHEDULER_COUNTS = {"num_train_timesteps": (1, MAX_TRAIN_TIMESTEPS), "solver_order": (1, None)}
+MAX_SOLVER_ORDER = 10_000
+_SCHEDULER_COUNTS = {"num_train_timesteps": (1, MAX_TRAIN_TIMESTEPS), "solver_order": (1, MAX_SOLVER_ORDER)}
 
 
 def check_scheduler_counts(config: dict) -> dict:
