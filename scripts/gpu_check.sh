@@ -3,7 +3,8 @@
 # onnxruntime-gpu) and what is missing, then runs every GPU check whose prerequisites are present, in order,
 # stopping at the first failure with its cause; writes results/<gpu-name>/gpu_check.json.
 # It installs nothing by itself (a GPU box may have no registry access); TMPDIFF_GPU_INSTALL=1 installs '.[gpu]'.
-# Without a GPU it stops with one line and exit code 2.
+# Exit codes: 0 every check passed, 1 a check failed, 3 none failed but some were skipped (their prerequisites are
+# missing: the run is incomplete), 2 no GPU (one line).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"

@@ -296,3 +296,20 @@ def test_the_gpu_check_never_replaces_its_outputs_by_surprise(tmp_path, monkeypa
     with pytest.raises(TmpdiffError, match="FIFO"):
         doctor.gpu_check(tmp_path / "work", results, inventory, lambda _: None, force=True)
     assert ran == ["checks"]
+
+
+@pytest.mark.parametrize("statuses, code", [(["passed", "passed"], 0), (["passed", "skipped"], 3),
+                                            (["skipped", "failed"], 1)])
+def test_doctor_gpu_exits_nonzero_unless_every_check_passed(tmp_path, monkeypatch, statuses, code):
+    """A GPU machine without TensorRT skips every check: `doctor --gpu` (and scripts/gpu_check.sh) exited 0 as if the
+    GPU path had passed. Skipped checks make the run incomplete (exit 3); a failure is 1; all passed is 0."""
+    from tests.cli_helpers import cli
+    from tmpdiff.commands import doctor
+
+    inventory = doctor.Inventory("GPU 0: NVIDIA A10", "12.8", "NVIDIA A10 (compute capability 8.6)", None)
+    monkeypatch.setattr(doctor, "inventory", lambda: inventory)
+    monkeypatch.setattr(doctor.GpuCheck, "run_all",
+                        lambda self: [doctor.CheckResult(f"check {i}", s, "") for i, s in enumerate(statuses)])
+    got, out, err = cli("doctor", "--gpu", "--work", tmp_path / "work", "--results", tmp_path / "results")
+    assert got == code, (out, err)
+    assert ("incomplete: 1 of 2 checks skipped" in err) == (code == 3), err

@@ -1,7 +1,8 @@
 """`tmpdiff doctor [--gpu]`: what this machine has for tmpdiff's GPU path, and (with --gpu) the GPU checks.
 
 The checks run in order and stop at the first failure with its cause; a check whose prerequisites are missing is
-named as skipped, never silently passed. Without an NVIDIA GPU the command says so in one line (exit 2). Nothing is
+named as skipped, never silently passed: exit 1 when a check failed, 3 when none failed but some were skipped (the
+run is incomplete), 0 when every check passed. Without an NVIDIA GPU the command says so in one line (exit 2). Nothing is
 installed here: a GPU machine may have no registry access, so missing packages are listed with the command to run.
 Results go to `results/<gpu-name>/gpu_check.json`.
 
