@@ -4,6 +4,7 @@ this process started (the last to close shuts it down), and a cluster too small 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class EchoSpec:
     threads: int | None = 1
     device: str = "cpu"
     fail: str | None = None  # the constructor raises this
+    sleep: float = 0.0  # the constructor takes this long
 
 
 class Echo:
@@ -29,6 +31,7 @@ class Echo:
     def __init__(self, spec: EchoSpec) -> None:
         if spec.fail:
             raise TmpdiffError(spec.fail)
+        time.sleep(spec.sleep)
 
     def ready(self) -> int:
         return os.getpid()
@@ -62,6 +65,17 @@ def test_an_actor_that_fails_to_start_names_its_cause_and_stops_ray(ray):
         _group(EchoSpec(fail="/b/fp32: model.ort-cpu.onnx is missing"), workers=2)
     assert str(caught.value) == "a Ray worker failed to start: /b/fp32: model.ort-cpu.onnx is missing"
     assert not ray.is_initialized()  # the local Ray it started is shut down again
+
+
+def test_actors_that_do_not_start_in_time_fail_the_group_and_stop_ray(ray, monkeypatch):
+    """ray.get on the actors' ready calls had no timeout: an actor Ray could not place, or whose engines never
+    loaded, left the command waiting forever."""
+    monkeypatch.setattr(ray_executor, "START_TIMEOUT_SECONDS", 1.0)
+    started = time.monotonic()
+    with pytest.raises(TmpdiffError, match=r"^1 of 1 Ray workers did not start within 1 s: Ray could not place them"):
+        _group(EchoSpec(sleep=60.0))
+    assert time.monotonic() - started < 30
+    assert not ray.is_initialized()
 
 
 def test_closing_one_group_keeps_ray_for_the_others(ray):

@@ -38,6 +38,9 @@ def default_threads(workers: int, cores: int | None = None) -> int:
 _RAY_LOCK = threading.Lock()
 _ray_holders = 0
 RESOURCES_SETTLE_SECONDS = 2.0  # how long a shortfall may be actors just killed whose CPUs Ray has not freed yet
+# how long a group's actors may take to start (Ray placing them, each loading its engines: a real-size model's take
+# a minute or two) before the start is given up rather than waited on forever
+START_TIMEOUT_SECONDS = 900.0
 
 
 def connect_ray(cpus_needed: int, address: str | None = None) -> bool:
@@ -144,8 +147,8 @@ class RayWorker:
 class ActorGroup:
     """`workers` Ray actors of `actor_class`, each built from `spec` with `spec.threads` CPUs (and one GPU each when
     the engines run on CUDA); Ray start-up and engine loading are timed apart (`startup_seconds`). `options` names
-    what the user lowers when the cluster cannot hold them. An actor that fails to start fails the group in one line
-    with its cause, and nothing is left running."""
+    what the user lowers when the cluster cannot hold them. An actor that fails to start, or is not ready within
+    START_TIMEOUT_SECONDS, fails the group in one line with its cause, and nothing is left running."""
 
     def __init__(self, actor_class: type, spec, workers: int, address: str | None, what: str, lost: str,
                  options: str = "--parallel or --threads") -> None:
@@ -163,7 +166,13 @@ class ActorGroup:
             check_resources(workers, threads, gpus, what, options)
             actor = ray.remote(num_cpus=threads, num_gpus=gpus)(actor_class)
             self.actors = [actor.remote(spec) for _ in range(workers)]
-            self.pids = ray.get([a.ready.remote() for a in self.actors])
+            refs = [a.ready.remote() for a in self.actors]
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_SECONDS)
+            if waiting:  # (an actor that failed to start is not waiting: its error is raised by the get below)
+                raise TmpdiffError(f"{len(waiting)} of {workers} Ray {what}s did not start within "
+                                   f"{START_TIMEOUT_SECONDS:g} s: Ray could not place them (a cluster still adding "
+                                   "nodes?) or their engines did not load")
+            self.pids = ray.get(refs)
         except ray.exceptions.RayError as exc:
             self.close()
             raise TmpdiffError(f"a Ray {what} failed to start: {error_cause(exc)}") from None
