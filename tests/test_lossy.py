@@ -126,6 +126,34 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks():
     assert positive.value / positive.low == pytest.approx(positive.high / positive.value)
 
 
+def test_clustered_jackknife_leaves_out_whole_clusters():
+    """Text-to-image samples are prompts x seeds; the FD's jackknife left out one sample at a time while its bootstrap
+    intervals resample prompts. With clusters each leave-out set drops a whole cluster; clusters of one sample are the
+    plain jackknife."""
+    rows_seen: list[tuple[int, ...]] = []
+
+    def statistic(rows):
+        rows_seen.append(tuple(int(r) for r in rows))
+        return float(len(rows))
+
+    clusters = [7, 7, 3, 3, 9, 9]
+    values = jackknife_values(statistic, 6, clusters)
+    assert values.tolist() == [6.0, 4.0, 4.0, 4.0]
+    assert rows_seen[1:] == [(0, 1, 4, 5), (2, 3, 4, 5), (0, 1, 2, 3)]  # clusters 3, 7, 9 left out in turn
+    single = [float(x) for x in np.arange(5) ** 2]
+    assert np.array_equal(jackknife_values(lambda r: sum(single[i] for i in r), 5, list(range(5))),
+                          jackknife_values(lambda r: sum(single[i] for i in r), 5))
+    # correlated pairs: the grouped standard error is wider than the one that takes the pair's samples as independent
+    rng = np.random.default_rng(0)
+    per_prompt = rng.normal(0, 1, 30)
+    x = np.repeat(per_prompt, 2) + rng.normal(0, 0.2, 60)
+    grouped = jackknife_interval(jackknife_values(lambda r: x[r].mean(), 60, np.repeat(np.arange(30), 2)))
+    plain = jackknife_interval(jackknife_values(lambda r: x[r].mean(), 60))
+    assert grouped.high - grouped.low > 1.2 * (plain.high - plain.low)
+    with pytest.raises(TmpdiffError, match="at least 3 clusters, got 2"):
+        jackknife_values(statistic, 4, [0, 0, 1, 1])
+
+
 def test_jackknife_of_derived_statistics_equals_recomputing_them():
     # compare() and the pipeline judge build the FD difference and its ratio from each schedule's leave-one-out FDs,
     # computed once; the intervals must be those of the composed statistic recomputed per leave-one-out set

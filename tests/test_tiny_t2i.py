@@ -109,6 +109,20 @@ def test_attribute_fd_separates_real_from_wrong(classifier):
     assert near < far / 5, (near, far)
 
 
+def test_low_attribute_fd_separates_real_from_wrong_on_tens_of_images(classifier):
+    """A bench's FD is over 16-60 images: in the 32-d features 16 images leave both covariances singular. In 8
+    dimensions (ground-truth renders' top principal directions) tens of images still tell real from wrong."""
+    from tmpdiff.eval.t2i import LowAttributes
+
+    low = LowAttributes(classifier)
+    real_a, _ = render_combos(held_in_combos()[:16], 1, seed=1)
+    real_b, _ = render_combos(held_in_combos()[:16], 1, seed=2)
+    swapped = torch.flip(real_b, dims=[1])
+    assert low.features(real_a).shape == (16, 8)
+    near, far = low.fd(real_a, real_b), low.fd(real_a, swapped)
+    assert low.fd(real_a, real_a) == 0.0 and near < far / 3, (near, far)
+
+
 def test_rendering_is_deterministic_and_coloured_as_asked():
     first, combos = render_combos(all_combos()[:20], 2, seed=5)
     again, _ = render_combos(all_combos()[:20], 2, seed=5)

@@ -221,18 +221,19 @@ def attribute_judge(pipeline_dir: Path, prompts: Sequence[str]) -> tuple[object,
 
 def judge_schedules(session: PipelineSession, schedules: dict[str, Sequence[str]],
                     progress: bool = True) -> dict[str, dict] | None:
-    """Prompt adherence and the Fréchet distance to the reference's images (classifier features) of each schedule,
+    """Prompt adherence and the Fréchet distance to the reference's images (classifier features, 8-d) of each schedule,
     when the pipeline has an attribute judge (`attribute_judge`); None otherwise."""
-    from tmpdiff.eval.t2i import attribute_fd, judge
+    from tmpdiff.eval.t2i import LowAttributes, judge
 
     evaluator: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
     judged = attribute_judge(session.pipeline_dir, evaluator.labels)
     if judged is None:
         return None
     classifier, combos = judged
+    low = LowAttributes(classifier)  # a calibration set's tens of images: FD in 8 dimensions
     reference = evaluator.reference_images * 2 - 1
     out = {}
     for name, schedule in tqdm(schedules.items(), desc="judging", leave=False, disable=not progress):
         images = evaluator.images(schedule) * 2 - 1
-        out[name] = judge(classifier, images, combos) | {"fd_vs_reference": attribute_fd(classifier, images, reference)}
+        out[name] = judge(classifier, images, combos) | {"fd_vs_reference": low.fd(images, reference)}
     return out

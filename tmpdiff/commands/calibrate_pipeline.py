@@ -116,6 +116,6 @@ def print_result(result: CalibrationResult, session: PipelineSession, judged: di
     typer.echo(f"measured error {f.measured.error:.4g} ({metric}), latent error {f.measured.latent_error:.4g}, "
                f"SSIM (RGB) {f.measured.ssim:.4f}, PSNR {psnr}, {f.evaluations} evaluations")
     for name, row in (judged or {}).items():
-        typer.echo(f"{name:<14} adherence {row['adherence']:.1%} of {row['n']}, FD vs all-{f.reference} "
+        typer.echo(f"{name:<14} adherence {row['adherence']:.1%} of {row['n']}, FD (8-d) vs all-{f.reference} "
                    f"{row['fd_vs_reference']:.2f}")
     typer.echo(f"costs: {session.costs.note()}")

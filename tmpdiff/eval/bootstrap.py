@@ -190,19 +190,28 @@ def statistic_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: in
     return _interval(statistic(np.arange(n)), np.array([statistic(i) for i in idx]), level)
 
 
-def jackknife_values(statistic: Callable[[np.ndarray], float], n: int) -> np.ndarray:
-    """The statistic of all n samples, then of each leave-one-out set: n + 1 values.
+def jackknife_values(statistic: Callable[[np.ndarray], float], n: int, clusters=None) -> np.ndarray:
+    """The statistic of all n samples, then of each leave-one-out set: n + 1 values. With `clusters` (one id per
+    sample) each set leaves out one whole cluster (the delete-a-group jackknife: g + 1 values for g clusters), as the
+    bootstrap resamples them: a text-to-image prompt's samples under its seeds are not independent.
 
     Kept apart from the interval so that statistics built from others (a difference of two distances, its ratio to
     one of them) are computed from the same values instead of recomputing each distance per leave-one-out set."""
-    if n < 3:
-        raise TmpdiffError(f"a jackknife interval needs at least 3 samples, got {n}")
     rows = np.arange(n)
-    return np.array([statistic(rows)] + [statistic(np.delete(rows, i)) for i in range(n)], dtype=np.float64)
+    if clusters is None:
+        groups = [np.array([i]) for i in rows]
+    else:
+        ids = _cluster_ids(clusters, n)
+        groups = [np.flatnonzero(ids == g) for g in range(ids.max() + 1)]
+    if len(groups) < 3:
+        what = "samples" if clusters is None else "clusters"
+        raise TmpdiffError(f"a jackknife interval needs at least 3 {what}, got {len(groups)}")
+    return np.array([statistic(rows)] + [statistic(np.delete(rows, g)) for g in groups], dtype=np.float64)
 
 
 def jackknife_interval(values: np.ndarray, z: float = 1.96, positive: bool = False) -> Interval:
-    """A normal interval from the jackknife standard error of `values` (as `jackknife_values` returns them).
+    """A normal interval from the jackknife standard error of `values` (as `jackknife_values` returns them; for
+    clusters, the delete-a-group form, exact for clusters of equal size).
 
     For biased plug-in statistics such as a Fréchet distance of a few tens of samples, the percentile bootstrap
     is shifted (resampling with duplicates shrinks covariances) and can exclude the estimate itself.
