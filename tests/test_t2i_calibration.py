@@ -91,6 +91,28 @@ def test_calibrate_in_the_pipeline_and_run_the_schedule_unchanged(work, tmp_path
 
 
 
+def test_calibrate_in_the_pipeline_takes_no_refine_and_an_ssim_floor_searches_on_ssim(work, tmp_path, monkeypatch):
+    """--no-refine was dropped on the --pipeline path (the knapsack answer was refined anyway), and --min-ssim searched
+    latent error by default while its floor is on SSIM."""
+    from tmpdiff.calibration import calibrate as calibrate_module
+
+    root, build, prompts = work
+
+    def no_refine(*args, **kwargs):
+        raise AssertionError("refined despite --no-refine")
+
+    monkeypatch.setattr(calibrate_module, "refine", no_refine)
+    common = ("--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts", prompts, "--calib-seeds", "0",
+              "--steps", STEPS, "--threads", 1)
+    code, _, err = cli("calibrate", build, *common, "--speedup", 1.3, "--no-refine", "--out", tmp_path / "a.json")
+    assert code == 0, err
+    code, _, err = cli("calibrate", build, *common, "--min-ssim", 0.5, "--out", tmp_path / "b.json")
+    assert code == 0, err
+    assert load_schedule(tmp_path / "b.json").target["metric"] == "ssim"
+    code, _, err = cli("calibrate", build, *common, "--min-ssim", 0.5, "--metric", "latent", "--out", tmp_path / "c.json")
+    assert code == 0 and load_schedule(tmp_path / "c.json").target["metric"] == "latent", err
+
+
 def test_calibrate_refuses_more_calls_than_training_timesteps(work, tmp_path):
     """--steps past the pipeline scheduler's training timesteps is refused by name before any engine runs (the
     pipeline ran and the first repeated timestep was blamed on the request as a NaN)."""

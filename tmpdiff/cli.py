@@ -613,7 +613,8 @@ def calibrate(
     timesteps_from: Annotated[Path | None, typer.Option(help="sample at the timesteps this TMPQ-DM plan or v2+ schedule "
                                                              "chose (every schedule tried, the reference too): "
                                                              "per-step precision over chosen timesteps")] = None,
-    metric: Annotated[str, typer.Option(help="error the search minimises: latent (relative MSE) or ssim (1 - SSIM)")] = "latent",
+    metric: Annotated[str | None, typer.Option(help="error the search minimises: latent (relative MSE) or ssim (1 - "
+                                                    "SSIM); default ssim with --min-ssim, else latent")] = None,
     method: Annotated[str, typer.Option(help="sensitivity (profile + exact knapsack) or bisection (segment bisection, "
                                              "speedup targets only)")] = "sensitivity",
     tolerance: Annotated[float, typer.Option(min=0.0, help="adaptive sensitivity sampling: interpolate when within this")] = 0.05,
@@ -659,6 +660,8 @@ def calibrate(
 
     target = Target(speedup, max_error, min_ssim)
     check_method(method, target)
+    if metric is None:  # an SSIM floor is met by placing the cheap steps where they cost the least SSIM
+        metric = "ssim" if min_ssim is not None else "latent"
     check_threads(threads)
     # what `calibration.report.write_report` and the pipeline's report (`commands.calibrate_pipeline`) write there
     report_files = ("calibration_report.md", "validation.json", "sensitivities.png", "score_fit.png", "images.png",
@@ -676,7 +679,7 @@ def calibrate(
             steps=steps,
             metric=metric, method=method, tolerance=tolerance, reference=reference, guidance=guidance, backend=backend,
             device=device, threads=threads, report=report, on_progress=lambda m: console.print(m),
-            timesteps_from=timesteps_from)
+            timesteps_from=timesteps_from, refine_schedule=refine)
         save_schedule(result.file, out)
         print_result(result, session, judged, metric)
         typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.json'}" if report else ""))

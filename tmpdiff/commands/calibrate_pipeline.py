@@ -23,11 +23,13 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
                        backend: str = "ort", device: str = "cpu", threads: int | None = None,
                        report: Path | None = None, on_evaluation: Callable = lambda _: None,
                        on_progress: Callable[[str], None] = lambda _: None, timing_repeats: int = 3,
-                       timesteps_from: Path | None = None) -> tuple[CalibrationResult, PipelineSession, dict | None]:
+                       timesteps_from: Path | None = None,
+                       refine_schedule: bool = True) -> tuple[CalibrationResult, PipelineSession, dict | None]:
     """Search the schedule (at the timesteps `timesteps_from` names, when given: a TMPQ-DM plan or a v2+ schedule);
     then judge the reference, the all-cheapest and the chosen schedule (prompt adherence and FD, when the pipeline
     ships an attribute classifier) and record that in the schedule's measured figures. The samples are the prompts
-    of `prompts_file`, or `class_labels` for a pipeline that takes them (one of the two), x `seeds`."""
+    of `prompts_file`, or `class_labels` for a pipeline that takes them (one of the two), x `seeds`. `refine_schedule`
+    as `calibration.calibrate.calibrate`'s."""
     if (prompts_file is None) == (class_labels is None):
         raise TmpdiffError("a pipeline calibrates on --prompts FILE or, when it takes class labels (DiTPipeline), on "
                            "--calib-classes: give one of them")
@@ -43,7 +45,8 @@ def calibrate_pipeline(build_dir: Path, costs: Path, pipeline_dir: Path, prompts
                                     backend, device, threads, on_evaluation=on_evaluation,
                                     check=lambda problem: check_target(problem, target), timesteps=timesteps)
     try:
-        result = run_calibration(session, target, method, tolerance, timing_repeats=timing_repeats)
+        result = run_calibration(session, target, method, tolerance, timing_repeats=timing_repeats,
+                                 refine_schedule=refine_schedule)
         problem = session.problem
         compared = {f"all-{problem.reference}": [problem.reference] * problem.steps,
                     f"all-{problem.cheapest}": [problem.cheapest] * problem.steps, "schedule": list(result.schedule)}
