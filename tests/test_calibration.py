@@ -600,9 +600,23 @@ def test_a_schedule_costing_exactly_the_budget_fits_every_search():
     assert problem.schedule_cost(eight) > 2 + 8 * 0.45 and problem.fits(eight, 2 + 8 * 0.45)
     assert segment_bisection(problem, 5 + 5 * 0.45) == ("fp32",) * 5 + ("int4",) * 5  # was: all ten int4
     top = _weighted_problem(20, {"fp32": 1.0, "fp8": 0.55})
-    budget = top.budget_for_speedup(top.max_speedup())
-    assert not top.schedule_cost(("fp8",) * 20) <= budget  # the float sum is over, as at the bench's top target
-    assert evolutionary(top, budget, 10) == ("fp8",) * 20  # was: ValueError from an empty choice
+    assert not top.schedule_cost(("fp8",) * 20) <= 20 / top.max_speedup()  # the float sum is over the top's budget
+    assert evolutionary(top, 20 / top.max_speedup(), 10) == ("fp8",) * 20  # was: ValueError from an empty choice
+
+
+def test_a_target_at_the_top_speedup_within_its_tolerance_is_all_cheapest():
+    """A target up to 1e-9 above the top speedup passes the target check; its budget fell below all-cheapest's float
+    sum (T = 39, int4 at 0.1: 10.00000001x), and the search failed after the sensitivities with 'no schedule fits'."""
+    from tmpdiff.calibration.search import measure_sensitivities, tmpdiff_search
+
+    problem = _weighted_problem(39, {"fp32": 1.0, "int4": 0.1})
+    speedup = problem.max_speedup() * (1 + 1e-9)
+    budget = problem.budget_for_speedup(speedup)
+    assert budget == problem.schedule_cost(("int4",) * 39)
+    schedule, _ = tmpdiff_search(problem, budget, measure_sensitivities(problem))
+    assert schedule == ("int4",) * 39
+    with pytest.raises(TmpdiffError, match="out of reach"):
+        problem.budget_for_speedup(problem.max_speedup() * (1 + 1e-8))
 
 
 def test_refinement_with_two_levels_of_one_cost():

@@ -83,7 +83,9 @@ class Problem:
         if speedup > self.max_speedup() * (1 + 1e-9):
             raise TmpdiffError(f"speedup {speedup:g} is out of reach: the all-{self.cheapest} schedule gives "
                                f"{self.max_speedup():.3f}x at most with these costs")
-        return self.steps * self.cost[self.reference] / speedup
+        # a target within the check's tolerance above the top speedup asks for all-cheapest: not for a budget that
+        # float rounding puts just below all-cheapest's cost (no schedule would fit it)
+        return max(self.steps * self.cost[self.reference] / speedup, self.schedule_cost([self.cheapest] * self.steps))
 
 
 class CountingProblem(Problem):
