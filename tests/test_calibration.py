@@ -619,6 +619,25 @@ def test_a_target_at_the_top_speedup_within_its_tolerance_is_all_cheapest():
         problem.budget_for_speedup(problem.max_speedup() * (1 + 1e-8))
 
 
+def test_segment_bisection_keeps_to_its_evaluations():
+    """--method bisection had no evaluation bound (151 distinct schedules at T = 10 with 4 levels, past the 3*T*L =
+    120 promise) and spent evaluations on a budget only all-cheapest fits."""
+    from tmpdiff.calibration.search import CountingProblem, measure_sensitivities, segment_bisection
+
+    costs = {"fp32": 1.0, "int8": 0.6, "fp8": 0.55, "int4": 0.45}
+    base = _weighted_problem(10, costs)
+    sens = measure_sensitivities(base)
+    uncapped = CountingProblem(base)
+    segment_bisection(uncapped, base.budget_for_speedup(1.6), sens)
+    assert len(uncapped.asked) > 12  # what the cap below cuts
+    capped = CountingProblem(base)
+    schedule = segment_bisection(capped, base.budget_for_speedup(1.6), sens, max_evaluations=12)
+    assert len(capped.asked) <= 12 and base.fits(schedule, base.budget_for_speedup(1.6))
+    top = CountingProblem(base)
+    assert segment_bisection(top, base.budget_for_speedup(base.max_speedup()), sens) == ("int4",) * 10
+    assert top.asked == set()
+
+
 def test_refinement_with_two_levels_of_one_cost():
     """A stated table may give two cheaper levels the same cost: lowering one to the other saves nothing, so paying
     for a raised step skips it (was: ZeroDivisionError)."""

@@ -97,7 +97,8 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
                 left = max(0, evaluation_cap(problem) - session.evaluator.runs)
                 schedule = refine(problem, schedule, budget, left, sens).schedule
         else:
-            schedule = segment_bisection(problem, budget, sens)
+            left = max(0, evaluation_cap(problem) - session.evaluator.runs)
+            schedule = segment_bisection(problem, budget, sens, max_evaluations=left)
             candidates = [schedule]
     else:
         if target.max_error is not None:

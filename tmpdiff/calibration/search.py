@@ -214,12 +214,22 @@ def tmpdiff_search(problem: Problem, budget: float, sens: Sensitivities) -> tupl
 
 
 def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | None = None,
-                      max_rounds: int = 6) -> Schedule:
+                      max_rounds: int = 6, max_evaluations: int | None = None) -> Schedule:
     """Method A: lower whole segments to each cheaper level in turn; split a segment whose error per unit of
     cost saved exceeds lambda. Lambda starts at a quarter of the all-cheapest schedule's error per unit of cost saved
     and doubles, for at most `max_rounds` rounds, until the budget holds; then the knapsack answer (or all-cheapest).
-    """
+    With `max_evaluations` it asks for at most that many distinct schedules (uncapped it can ask for about
+    6 (L - 1)(2T - 1)), then gives the knapsack answer if the budget does not hold yet; a budget only all-cheapest fits
+    is answered without evaluations."""
     T, ref = problem.steps, problem.reference
+    all_cheapest = [problem.cheapest] * T
+    if not any(problem.fits(all_cheapest[1:] + [level], budget) for level in problem.all_levels[:-1]):
+        return tuple(all_cheapest)
+    asked: set[tuple[str, ...]] = {tuple(all_cheapest)}  # distinct schedules this search asked for
+
+    def affordable(*schedules: list[str]) -> bool:
+        return max_evaluations is None or len(asked | {tuple(s) for s in schedules}) <= max_evaluations
+
     current: list[str] = [ref] * T
     full_saving = problem.schedule_cost(current) - problem.schedule_cost([problem.cheapest] * T)
     # Start below the all-cheapest schedule's average rate: at exactly that rate the whole range
@@ -232,14 +242,21 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
             return 0.0
         return float(sens.down[level].values[a : b + 1].sum())
 
+    exhausted = False
     for _ in range(max_rounds):
         for level in problem.levels:
+            if exhausted:
+                break
             stack = [(0, T - 1)]
             while stack and not problem.fits(current, budget):
                 a, b = stack.pop()
                 candidate = [level if a <= i <= b and rank[p] < rank[level] else p for i, p in enumerate(current)]
                 if candidate == current:
                     continue
+                if not affordable(current, candidate):
+                    exhausted = True
+                    break
+                asked |= {tuple(current), tuple(candidate)}
                 added = problem.error(candidate) - problem.error(current)
                 saved = problem.schedule_cost(current) - problem.schedule_cost(candidate)
                 if added <= lam * saved:
@@ -248,7 +265,7 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
                     m = (a + b) // 2
                     halves = sorted([(a, m), (m + 1, b)], key=lambda h: -down_score(*h, level))
                     stack.extend(halves)  # the half with the lower (better) score ends on top
-        if problem.fits(current, budget):
+        if problem.fits(current, budget) or exhausted:
             break
         lam *= 2.0
     if not problem.fits(current, budget):
