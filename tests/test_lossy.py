@@ -115,6 +115,16 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks():
     assert ratio_ci(2 * np.abs(x) + 1, np.abs(x) + 0.5).value == pytest.approx(2.0)
     unformed = ratio_ci(np.ones(5), np.zeros(5))  # every draw divides by 0: no interval, so nothing is significant
     assert np.isnan(unformed.low) and not unformed.excludes(1.0)
+    # a base whose resampled mean is 0 in about a third of the resamples (one non-zero sample in 10): those draws
+    # divide by 0; dropping them (as before) gave a finite upper end, they make it unbounded
+    base, other = np.array([0.0] * 9 + [1.0]), np.ones(10)
+    for interval in (relative_diff_ci(other, base), ratio_ci(other, base)):
+        assert np.isfinite(interval.value) and np.isfinite(interval.low) and interval.high == np.inf, interval
+    from tmpdiff.calibration.matched import compare, format_percent
+
+    change = compare({"latent": other}, {"latent": base}, None)["latent"]  # its JSON has no infinity
+    assert change["percent_interval"][1] is None and json.loads(json.dumps(change, allow_nan=False)) == change
+    assert format_percent(change).endswith(", +inf]")
     j_small, j_large = (jackknife_ci(lambda i, v=v: float(np.var(v[i])), len(v)) for v in (small, large))
     assert j_small.low < j_small.value < j_small.high and j_large.low < j_large.value < j_large.high
     assert (j_large.high - j_large.low) < 0.3 * (j_small.high - j_small.low)

@@ -8,6 +8,7 @@ import numpy as np
 
 from tmpdiff.calibration.exhaustive import load_table, merge_tables
 from tmpdiff.calibration.lossy import exhaustive_comparison, selection_floor, size_curve
+from tmpdiff.calibration.matched import format_percent
 from tmpdiff.calibration.split_curve import GOAL, plot_split_curve, render_split_curve, split_size_curve, table_samples
 from tmpdiff.formats.atomic import write_bytes, write_json
 from tmpdiff.formats.costs import load_costs
@@ -223,8 +224,7 @@ def _render_matched(r: dict) -> list[str]:
         if "headline" not in t:
             continue
         for name, c in t["headline"]["metrics"].items():
-            pct = "" if c["percent"] is None else (f"{c['percent']:+.1f}% [{c['percent_interval'][0]:+.1f}, "
-                                                   f"{c['percent_interval'][1]:+.1f}]")
+            pct = "" if c["percent"] is None else format_percent(c)
             of = "" if c.get("percent_of", "mean") == "mean" else f" (% of {c['percent_of']})"
             lines.append(f"| {t['label']} | {t['headline']['versus']} | {METRIC_NAMES.get(name, name)}{of} | "
                          f"{_ci(c['diff'], '.3g')} | {pct} | {c['significant']} | {c['better']} |")

@@ -92,6 +92,20 @@ def summarise(judged: dict[str, np.ndarray], real_features: np.ndarray | None, s
     return out
 
 
+def percent_interval(r: Interval) -> list[float | None]:
+    """A relative change's interval in %, an unbounded end (resamples whose base mean is 0) as None: JSON has no
+    infinity."""
+    return [100 * end if math.isfinite(end) else None for end in (r.low, r.high)]
+
+
+def format_percent(c: dict) -> str:
+    """'+12.3% [+1.0, +20.5]' from a comparison's percent and percent_interval; 'n/a' without a percent."""
+    if c.get("percent") is None:
+        return "n/a"
+    low, high = (f"{e:+.1f}" if e is not None else bound for e, bound in zip(c["percent_interval"], ("-inf", "+inf"), strict=True))
+    return f"{c['percent']:+.1f}% [{low}, {high}]"
+
+
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: np.ndarray | None, seed: int = 0,
             clusters=None) -> dict:
     """a vs b per metric: difference, % change of b's mean (of its geometric-mean probability for a log-probability:
@@ -110,7 +124,7 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: n
         else:
             r = relative_diff_ci(a[name], b[name], seed=seed, clusters=clusters)
         out[name] = {"diff": d.as_dict(), "percent": None if r is None else 100 * r.value,
-                     "percent_interval": None if r is None else [100 * r.low, 100 * r.high],
+                     "percent_interval": None if r is None else percent_interval(r),
                      "percent_of": LOG_PROBABILITIES.get(name, "mean"),
                      "significant": d.excludes(0.0),
                      "better": (d.value < 0) == LOWER_IS_BETTER[name] if d.value != 0 else None}
@@ -119,7 +133,7 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_features: n
         fd_a, fd_b = (jackknife_values(lambda i, f=f: frechet_distance(f[i], real_features), len(f)) for f in (fa, fb))
         d = jackknife_interval(fd_a - fd_b)
         r = jackknife_interval((fd_a - fd_b) / fd_b)
-        out["fd_low"] = {"diff": d.as_dict(), "percent": 100 * r.value, "percent_interval": [100 * r.low, 100 * r.high],
+        out["fd_low"] = {"diff": d.as_dict(), "percent": 100 * r.value, "percent_interval": percent_interval(r),
                          "percent_of": "mean", "significant": d.excludes(0.0), "better": d.value < 0}
     return out
 

@@ -25,7 +25,7 @@ import torch
 from tmpdiff.calibration.exhaustive import exhaustive_levels, save_table
 from tmpdiff.calibration.lossy import bench_size_curve, exhaustive_comparison, reachable, selection_floor
 from tmpdiff.calibration.lossy_report import _render_exhaustive
-from tmpdiff.calibration.matched import compare, search_matched, summarise
+from tmpdiff.calibration.matched import compare, format_percent, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
 from tmpdiff.calibration.session import check_steps
@@ -302,8 +302,7 @@ def _percent(diffs: dict, key: str) -> str:
     d = diffs[key]
     if d.get("percent") is None:
         return "n/a"
-    low, high = d["percent_interval"]
-    return f"{d['percent']:+.1f}% [{low:+.1f}, {high:+.1f}]{'*' if d['significant'] else ''}"
+    return f"{format_percent(d)}{'*' if d['significant'] else ''}"
 
 
 def _diff(diffs: dict, key: str, scale: float) -> str:

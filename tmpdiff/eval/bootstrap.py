@@ -83,8 +83,19 @@ def _weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def _interval(value: float, draws: np.ndarray, level: float) -> Interval:
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail])
+    if np.isinf(draws).any():  # resamples dividing by 0: an end among them is unbounded (interpolating gives NaN)
+        low, high = np.percentile(draws, [tail, 100 - tail], method="nearest")
+    else:
+        low, high = np.percentile(draws, [tail, 100 - tail])
     return Interval(float(value), float(low), float(high))
+
+
+def _quotients(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarray:
+    """Per-resample quotients; a resample dividing a non-zero numerator by 0 is +-inf and kept (it widens the interval
+    to unbounded where there are enough of them), 0 / 0 says nothing and is dropped."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        draws = numerators / denominators
+    return draws[~np.isnan(draws)]
 
 
 def mean_ci(values, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0, clusters=None) -> Interval:
@@ -129,20 +140,16 @@ def relative_diff_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, see
     if y.mean() == 0:
         return None
     xm, ym = _resampled_means(x, y, resamples, seed, clusters)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        draws = (xm - ym) / np.abs(ym)
-    return _interval((x.mean() - y.mean()) / abs(y.mean()), draws[np.isfinite(draws)], level)
+    return _interval((x.mean() - y.mean()) / abs(y.mean()), _quotients(xm - ym, np.abs(ym)), level)
 
 
 def ratio_ci(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0, clusters=None) -> Interval:
     """mean(a) / mean(b) over paired samples, with its interval (NaN where mean(b) is 0)."""
     x, y = _paired(a, b)
     xm, ym = _resampled_means(x, y, resamples, seed, clusters)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        draws = xm / ym
-        value = x.mean() / y.mean() if y.mean() != 0 else float("nan")
-    draws = draws[np.isfinite(draws)]
-    if not draws.size:
+    value = x.mean() / y.mean() if y.mean() != 0 else float("nan")
+    draws = _quotients(xm, ym)
+    if not np.isfinite(value) or not draws.size:
         return Interval(float(value), float("nan"), float("nan"))
     return _interval(value, draws, level)
 
