@@ -250,7 +250,18 @@ def test_check_holds_schedules_to_what_run_in_the_pipeline_does(work, tmp_path):
     save_schedule(Schedule(steps=3, precisions=["fp32", "int8", "fp32"],
                            scheduler=SchedulerRef(class_name=type(own).__name__, config=config)), same)
     code, out, err = cli("check", build, "--schedule", same, "--no-spot-check")
-    assert code == 0, out + err
+    assert code == 0 and "is not compared with the pipeline's" not in err, out + err
+    # a build none of whose precisions was calibrated in a pipeline (fp32 alone): nothing to compare with, said so
+    from tmpdiff.commands.check import _check_schedule_scheduler
+    from tmpdiff.formats.manifest import load_manifest
+    from tmpdiff.formats.schedule import load_schedule
+
+    manifest = load_manifest(build)
+    fp32_only = manifest.model_copy(update={"precisions": {"fp32": manifest.precisions["fp32"]}})
+    notes: list[str] = []
+    _check_schedule_scheduler(load_schedule(eps), fp32_only, eps, notes)
+    assert notes == [f"{eps}: its scheduler's noise process is not compared with the pipeline's: no precision of this "
+                     "build was calibrated in a pipeline (`run --pipeline` compares them)"], notes
 
 
 def test_calibrate_refuses_a_pipeline_with_another_denoiser(work, tmp_path):

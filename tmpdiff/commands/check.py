@@ -159,6 +159,9 @@ def _check_schedule_scheduler(schedule, manifest, path: Path, notes: list[str] |
         name, reference = recorded
         check_noise_process(scheduler, reference.config, "the schedule's scheduler",
                             f"the pipeline's ({name} was calibrated in it)", path)
+    elif manifest.sampling is None and notes is not None:
+        notes.append(f"{path}: its scheduler's noise process is not compared with the pipeline's: no precision of "
+                     "this build was calibrated in a pipeline (`run --pipeline` compares them)")
     if schedule.timesteps is None:
         try:
             check_distinct_timesteps(scheduler, schedule.steps)
