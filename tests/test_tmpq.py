@@ -90,7 +90,29 @@ def test_timestep_genes_stay_in_their_groups_and_configs_are_capped_per_step():
     for cand in evaluated:
         assert all(t in g for t, g in zip(cand.timesteps, groups, strict=True))
         assert len(cand.distinct_configs) <= 2
-    assert search.rejected > 0  # mutations that make a third configuration were discarded
+    assert search.over_cap > 0  # crossovers of parents with different pools that make a third one were discarded
+    assert search.over_budget == 0 and search.rejected == search.over_cap  # (no budget here) counted apart
+
+
+def test_per_step_mutants_keep_within_the_configuration_cap():
+    # the mutation changes the pool of distinct configurations and which step runs which, never the count past the
+    # cap: redrawing every step's configuration on its own made nearly every mutant one configuration per step
+    search = TmpqSearch(tmpq_groups(8), 24, 3, lambda c: 0.0, lambda c: 0.0, 1.0,
+                        SearchSettings(consistent=False, max_configs=2, seed=0))
+    parent = search.random_candidate()
+    while len(parent.distinct_configs) != 2:
+        parent = search.random_candidate()
+    mutants = [search.mutate(parent, 0.25) for _ in range(200)]
+    assert all(len(m.distinct_configs) <= 2 for m in mutants)
+    assert len(set(mutants) - {parent}) > 190  # and they are new candidates
+
+    def partition(cand: Candidate) -> list[int]:  # which steps share a configuration
+        return [cand.distinct_configs.index(c) for c in cand.configs]
+
+    assert any(partition(m) != partition(parent) for m in mutants)  # the assignment moves too
+    single = search.initial_candidate()  # one configuration: a mutant may split a step off onto a second
+    split = [search.mutate(single, 0.25) for _ in range(100)]
+    assert all(len(m.distinct_configs) <= 2 for m in split) and any(len(m.distinct_configs) == 2 for m in split)
 
 
 def test_search_is_deterministic_for_a_seed():

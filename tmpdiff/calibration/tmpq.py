@@ -197,6 +197,7 @@ def _plan(manifest: Manifest, supernet: SuperNet, table: LayerCostsTable, result
                 "mutations": s.mutations, "crossovers": s.crossovers, "m_prob": s.m_prob, "generations": result.generations,
                 "precisions": supernet.precisions, "metric": options.metric, "calibration_seeds": calibration["seeds"],
                 "seed": s.seed, "evaluations": result.evaluations, "rejected": result.rejected,
+                "over_budget": result.over_budget, "over_cap": result.over_cap,
                 "seconds": round(result.seconds, 1), "history": result.history},
         costs={"table": table.format, "device": table.device, "backend": f"{table.backend} {table.backend_version}",
                "batch": table.batch, "measured_at": table.measured_at})

@@ -10,9 +10,11 @@ From the released code (github sihouzi21c/TMPQ-DM, `alg_on_*.py`, `EvolutionSear
   uniform crossovers (per timestep gene, per layer gene), then random candidates up to the population (50);
 - a candidate seen before, or over the budget, is discarded (never evaluated, never a parent).
 Ours: genes are tmpdiff precisions (not 5-8 bit widths); the budget is predicted engine time from a per-layer costs
-table (BitOPs reported beside); per-step mode caps the distinct layer configurations (each becomes an engine); the
-random draws come from one seeded generator, and every loop that draws until a legal candidate gives up after
-`max_tries` draws per wanted candidate (the released loops have no bound).
+table (BitOPs reported beside); per-step mode caps the distinct layer configurations (each becomes an engine), and
+there a mutant mutates the parent's pool of distinct configurations and which step runs which (a new configuration
+only while under the cap), so it keeps within the cap (candidates over it, e.g. crossovers, are discarded and counted
+apart from those over the budget); the random draws come from one seeded generator, and every loop that draws
+until a legal candidate gives up after `max_tries` draws per wanted candidate (the released loops have no bound).
 """
 
 from __future__ import annotations
@@ -89,11 +91,13 @@ class SearchResult:
     fitness: float
     cost: float
     evaluations: int  # candidates evaluated (fitness computed)
-    rejected: int  # candidates discarded for the budget or the configuration cap (not evaluated)
+    rejected: int  # candidates discarded unevaluated: over_budget + over_cap
     generations: int
     seconds: float
     history: list[dict] = field(default_factory=list)
     top: list[tuple[Candidate, float, float]] = field(default_factory=list)  # (candidate, fitness, cost), best first
+    over_budget: int = 0  # within the configuration cap, over the budget
+    over_cap: int = 0  # per-step mode: more distinct layer configurations than the cap (budget not looked at)
 
 
 class TmpqSearch:
@@ -116,7 +120,8 @@ class TmpqSearch:
         self.on_generation = on_generation
         self.seen: dict[Candidate, dict] = {}
         self.evaluations = 0
-        self.rejected = 0
+        self.over_budget = 0
+        self.over_cap = 0
 
     # --- legality and evaluation -------------------------------------------------------------------------------
     def legal(self, cand: Candidate) -> bool:
@@ -125,13 +130,20 @@ class TmpqSearch:
             return False
         info = self.seen[cand] = {"cost": self.cost_fn(cand)}
         over_cap = not self.s.consistent and len(cand.distinct_configs) > self.s.max_configs
-        if not within_budget(info["cost"], self.budget) or over_cap:
+        if over_cap or not within_budget(info["cost"], self.budget):
             info["fitness"] = math.inf
-            self.rejected += 1
+            if over_cap:
+                self.over_cap += 1
+            else:
+                self.over_budget += 1
             return False
         info["fitness"] = float(self.fitness_fn(cand))
         self.evaluations += 1
         return True
+
+    @property
+    def rejected(self) -> int:
+        return self.over_budget + self.over_cap
 
     def fitness(self, cand: Candidate) -> float:
         return self.seen[cand]["fitness"]
@@ -164,8 +176,23 @@ class TmpqSearch:
         if self.s.consistent:
             configs = (self._mutate_config(parent.configs[0], prob),) * self._steps()
         else:
-            configs = tuple(self._mutate_config(c, prob) for c in parent.configs)
+            configs = self._mutate_per_step(parent.configs, prob)
         return Candidate(timesteps, configs)
+
+    def _mutate_per_step(self, configs: Sequence[Config], prob: float) -> tuple[Config, ...]:
+        """Per-step mode: mutate the pool of distinct configurations (each layer gene with `prob`) and the step ->
+        configuration assignment (each step redrawn with `prob` among the pool's slots, a free slot under the cap
+        taking a mutation of the step's configuration), so a mutant never has more configurations than the cap."""
+        parent_pool = list(dict.fromkeys(configs))
+        slots = [parent_pool.index(c) for c in configs]
+        pool = [self._mutate_config(c, prob) for c in parent_pool]
+        for i in range(len(slots)):
+            if self.rng.random() < prob:
+                slot = self.rng.randrange(min(len(pool) + 1, max(self.s.max_configs, len(pool))))
+                if slot == len(pool):  # a new configuration, split off from the step's own
+                    pool.append(self._mutate_config(pool[slots[i]], prob))
+                slots[i] = slot
+        return tuple(pool[s] for s in slots)
 
     def cross(self, a: Candidate, b: Candidate) -> Candidate:
         pick = [self.rng.random() < 0.5 for _ in a.timesteps]
@@ -212,7 +239,8 @@ class TmpqSearch:
                 raise TmpdiffError("no candidate within the budget: raise the budget (a lower speedup) or allow more "
                                    "precisions")
             record = {"generation": generation, "best_fitness": self.fitness(top[0]), "evaluations": self.evaluations,
-                      "rejected": self.rejected, "population": len(population),
+                      "rejected": self.rejected, "over_budget": self.over_budget, "over_cap": self.over_cap,
+                      "population": len(population),
                       "seconds": round(time.perf_counter() - started, 2)}
             history.append(record)
             self.on_generation(record)
@@ -224,4 +252,5 @@ class TmpqSearch:
         best = top[0]
         return SearchResult(best, self.fitness(best), self.seen[best]["cost"], self.evaluations, self.rejected,
                             generation, time.perf_counter() - started, history,
-                            [(c, self.fitness(c), self.seen[c]["cost"]) for c in top[: self.s.select]])
+                            [(c, self.fitness(c), self.seen[c]["cost"]) for c in top[: self.s.select]],
+                            self.over_budget, self.over_cap)

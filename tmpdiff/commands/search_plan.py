@@ -156,7 +156,7 @@ def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_
         def on_generation(record: dict) -> None:
             progress.update(task, completed=record["generation"] + 1,
                             description=f"generation {record['generation']}: best {record['best_fitness']:.4f}, "
-                                        f"{record['evaluations']} evaluated, {record['rejected']} over budget")
+                                        f"{record['evaluations']} evaluated, {_discarded(record)}")
 
         outcome = search_plan(build_dir, model_dir, table, options, sets, on_generation,
                               on_status=lambda message: progress.update(task, description=message),
@@ -172,13 +172,19 @@ def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_
     return outcome
 
 
+def _discarded(counts: dict) -> str:
+    """Candidates discarded unevaluated: over the budget, and (per-step mode) over the configuration cap."""
+    text = f"{counts['over_budget']} over budget"
+    return text + (f", {counts['over_cap']} over the configuration cap" if counts["over_cap"] else "")
+
+
 def print_outcome(outcome: TmpqOutcome, console: Console) -> None:
     plan = outcome.plan
     counts = {p: sum(c.count(p) for c in plan.step_precisions()) for p in {p for c in plan.configs for p in c}}
     console.print(f"timesteps {plan.timesteps}; {len(plan.configs)} layer configuration(s); layer-steps by precision "
                   f"{dict(sorted(counts.items()))}; predicted {plan.predicted['speedup']:.2f}x over fp32 at "
                   f"{plan.reference['steps']} steps; {outcome.result.evaluations} evaluations, "
-                  f"{outcome.result.rejected} over budget, {outcome.result.seconds:.0f} s")
+                  f"{_discarded(vars(outcome.result))}, {outcome.result.seconds:.0f} s")
     weights = plan.predicted["engine_weight_bytes"]
     console.print(f"engine weights in memory: {sum(weights.values()) / 2**20:.2f} MiB for {len(weights)} configuration(s) "
                   f"(fp32 engine: {plan.predicted['fp32_weight_bytes'] / 2**20:.2f} MiB)")
