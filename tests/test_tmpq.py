@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -31,15 +30,23 @@ def test_groups_partition_the_training_timesteps(steps):
     groups = tmpq_groups(steps)
     covered = [t for g in groups for t in g]
     assert covered == list(range(1000))  # every training timestep in exactly one group, in order
-    bounds = [int(s) for s in (np.linspace(0, math.sqrt(800), steps) ** 2)[1:]]
-    assert len(groups) == len(set(bounds) - {0}) + 1  # repeated (or zero) boundaries open no group
+    assert len(groups) == steps
     if steps >= 4:  # (two steps: [0, 800) and [800, 1000))
         assert len(groups[0]) < len(groups[-1])  # narrow at low noise, wide at high noise
 
 
-def test_fifty_steps_lose_the_empty_first_group():
-    groups = tmpq_groups(50)  # the first boundary is int(0.33) = 0: no [0, 0) group, as the released code skips it
-    assert len(groups) == 49 and (groups[0].start, groups[0].stop) == (0, 1)
+@pytest.mark.parametrize(("steps", "train"), [(30, 1000), (40, 1000), (50, 1000), (100, 1000), (1000, 1000), (20, 100)])
+def test_colliding_boundaries_still_give_one_group_per_step(steps, train):
+    # int() of the released boundaries repeats at low noise (50 steps: 0, 1, 1, 2, ...): the repeats were dropped and
+    # `--steps 50` searched a 49-step plan; now each moves one timestep up and every step keeps its group
+    groups = tmpq_groups(steps, train)
+    assert len(groups) == steps and all(len(g) > 0 for g in groups)
+    assert [t for g in groups for t in g] == list(range(train))
+    assert groups[0] == range(0, 1)  # the lowest-noise groups are one timestep wide
+    if steps <= 100:  # and the wide high-noise groups are the released ones
+        assert groups[-1].start == int(train * 0.8)
+    with pytest.raises(TmpdiffError, match="101 steps need 101 timestep groups, but the scheduler has only 100"):
+        tmpq_groups(101, 100)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

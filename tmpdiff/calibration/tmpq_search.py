@@ -2,7 +2,8 @@
 
 From the released code (github sihouzi21c/TMPQ-DM, `alg_on_*.py`, `EvolutionSearcher`, `groupwise_consistent` mode):
 - timestep groups: boundaries `int((linspace(0, sqrt(0.8 * 1000), T) ** 2)[1:])`, groups [0, b1), [b1, b2), ...,
-  [b_last, 1000) (repeated boundaries dropped); a candidate takes one timestep per group;
+  [b_last, 1000) (repeated boundaries dropped: fewer than T groups; ours moves them apart instead, see
+  `tmpq_groups`); a candidate takes one timestep per group;
 - initial population (`use_ddim_init_x`): the candidate of every group's first timestep, half the population random,
   the rest mutations of that first candidate with gene probability 0.1;
 - a generation: the top `select` (10) of everything seen so far are parents; `mutations` (25) mutants (each timestep
@@ -34,18 +35,22 @@ Config = tuple[int, ...]  # one precision index per layer
 
 
 def tmpq_groups(steps: int, train: int = 1000) -> list[range]:
-    """TMPQ-DM's timestep groups for `steps` steps over `train` training timesteps (ascending; narrow at low noise)."""
+    """TMPQ-DM's timestep groups for `steps` steps over `train` training timesteps (ascending; narrow at low noise):
+    exactly `steps` groups. The released boundaries collide at low noise for many steps (int() of close squares), where
+    its code drops the repeats and searches fewer steps (30, 50, 100 steps: 29, 49, 96 groups); here a repeated (or 0)
+    boundary moves up to one past the one before, and the top ones down below `train` if that pushed them there."""
     if steps < 2:
         raise TmpdiffError(f"TMPQ-DM timestep groups need at least 2 steps, got {steps}")
+    if steps > train:
+        raise TmpdiffError(f"{steps} steps need {steps} timestep groups, but the scheduler has only {train} training "
+                           "timesteps")
     bounds = [int(s) for s in list(np.linspace(0, np.sqrt(train * 0.8), steps) ** 2)[1:]]
-    groups = []
-    for i, bound in enumerate(bounds):
-        if i == 0 and bound != 0:
-            groups.append(range(0, bound))
-        elif i != 0 and bounds[i - 1] != bound:
-            groups.append(range(bounds[i - 1], bound))
-    groups.append(range(bounds[-1], train))
-    return groups
+    for i in range(len(bounds)):  # strictly increasing from 1 ...
+        bounds[i] = max(bounds[i], bounds[i - 1] + 1 if i else 1)
+    for i in reversed(range(len(bounds))):  # ... and below train (steps <= train leaves room for both)
+        bounds[i] = min(bounds[i], bounds[i + 1] - 1 if i + 1 < len(bounds) else train - 1)
+    edges = [0, *bounds, train]
+    return [range(a, b) for a, b in zip(edges, edges[1:], strict=False)]
 
 
 @dataclass(frozen=True)
