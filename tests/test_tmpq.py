@@ -135,6 +135,35 @@ def test_search_is_deterministic_for_a_seed():
     assert first.history[-1]["best_fitness"] <= first.history[0]["best_fitness"]  # elitist: never worse
 
 
+def _sets(calibration: dict, holdout: dict):
+    from tmpdiff.calibration.tmpq import EvaluationSets
+    from tmpdiff.formats.schedule import SchedulerRef
+
+    def unused(_):
+        raise AssertionError("nothing is sampled before the sets are checked")
+
+    return EvaluationSets(unused, unused, 1000, SchedulerRef(class_name="DDIMScheduler", config={}), calibration, holdout)
+
+
+@pytest.mark.parametrize(("calibration", "holdout", "refused"), [
+    # the held-out list extends the calibration one: for seed 0 its first rows are the calibration samples
+    ({"seeds": [0], "prompts": ["a", "b"]}, {"seeds": [0, 1], "prompts": ["a", "b", "c"]}, "seed 0 .* prompt 'a'"),
+    ({"seeds": [5, 3], "prompts": ["a", "b"]}, {"seeds": [3], "prompts": ["c", "b", "a"]}, "seed 3 .* prompt 'a'"),
+    ({"seeds": [0], "prompts": ["a", "b"]}, {"seeds": [1], "prompts": ["a", "b"]}, None),  # other seeds
+    ({"seeds": [0], "prompts": ["a", "b"]}, {"seeds": [0], "prompts": ["c"]}, None),  # other prompts
+    ({"seeds": [7], "classes": [0, 1]}, {"seeds": [7, 8], "classes": [0, 1]}, "seed 7 is both"),  # class-conditional
+])
+def test_held_out_samples_are_never_the_searchs_own(calibration, holdout, refused, tmp_path):
+    from tmpdiff.calibration.tmpq import TmpqOptions, search_plan
+
+    with pytest.raises(TmpdiffError) as error:  # tmp_path is no build: a set that passes fails on its manifest
+        search_plan(tmp_path, tmp_path, None, TmpqOptions(), _sets(calibration, holdout))
+    overlap = "is both a calibration and a held-out seed" in str(error.value)
+    assert overlap == (refused is not None)
+    if refused is not None:
+        assert error.match(refused)
+
+
 def test_sampling_order_is_highest_noise_first():
     cand = Candidate((5, 40, 900), ((0, 1), (1, 1), (2, 2)))
     assert cand.sampling_timesteps() == [900, 40, 5]

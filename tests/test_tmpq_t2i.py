@@ -78,6 +78,11 @@ def test_pipeline_options_go_together(t2i_tmpq):
     code, _, err = cli("search-plan", build, "--model", "bundled", "--layer-costs", costs, "--prompts", calib,
                        "--out", root / "unused.json")
     assert code == 2 and "are for text-to-image builds (--pipeline)" in err
+    more = root / "calibration_and_more.txt"  # the calibration prompts and one more, with the calibration seed
+    more.write_text(calib.read_text() + "a yellow 1 on a green background\n")
+    code, _, err = cli("search-plan", build, "--model", "bundled-t2i", "--layer-costs", costs, "--prompts", calib,
+                       "--holdout-prompts", more, "--calib-seeds", 0, "--holdout-seeds", "0,1", "--out", root / "unused.json")
+    assert code == 2 and "seed 0 is both a calibration and a held-out seed and prompt 'a red 3 on a blue" in err
     other = root / "other_layer_costs.json"
     other.write_text(json.dumps(json.loads(costs.read_text()) | {"model_id": "tiny-dit"}))
     code, _, err = cli("search-plan", build, "--model", "bundled-t2i", "--layer-costs", other, "--out", root / "unused.json")

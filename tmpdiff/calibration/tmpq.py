@@ -99,11 +99,30 @@ def class_conditional_sets(build_dir: Path, classifier_dir: Path, options: TmpqO
                           {"seeds": list(options.holdout_seeds), "classes": list(options.classes)})
 
 
+def check_held_out(calibration: dict, holdout: dict) -> None:
+    """Refuse a held-out set that could hold a sample the search saw: a seed in both sets, with (class-conditional)
+    the same classes in both, or (`prompts` in both records) any prompt in both. A pipeline call draws the noise of its
+    whole prompt batch from the seed's one generator, so the first rows of a longer list get a shorter one's noise:
+    equal lists are not the only way to repeat a (prompt, seed) sample."""
+    seeds = sorted(set(calibration["seeds"]) & set(holdout["seeds"]))
+    if not seeds:
+        return
+    if "prompts" not in calibration or "prompts" not in holdout:
+        raise TmpdiffError(f"seed {seeds[0]} is both a calibration and a held-out seed")
+    held = set(holdout["prompts"])
+    shared = [p for p in calibration["prompts"] if p in held]
+    if shared:
+        raise TmpdiffError(f"seed {seeds[0]} is both a calibration and a held-out seed and prompt {shared[0]!r} is in "
+                           "both prompt lists: the held-out judgement would see samples the search saw; give other "
+                           "held-out seeds or prompts")
+
+
 def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, options: TmpqOptions, sets: EvaluationSets,
                 on_generation: Callable[[dict], None] = lambda _: None,
                 on_status: Callable[[str], None] = lambda _: None, table_file: Path | None = None) -> TmpqOutcome:
     """Run the search on the calibration set, then judge the best plan and the baselines on the held-out set
     (`table_file`: where `table` was read, named in errors about it)."""
+    check_held_out(sets.calibration_record, sets.holdout_record)
     manifest = load_manifest(build_dir)
     if table.model_id != manifest.model_id:
         raise TmpdiffError(f"the layer costs were measured for model {table.model_id!r}, this build is "
@@ -121,9 +140,6 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     if supernet.layers != table.names or "fp32" not in table.precisions:
         raise TmpdiffError("the layer costs table is not for this build's layers (or has no fp32): measure it again "
                            "with `tmpdiff layer-costs`", table_file)
-    overlap = set(sets.calibration_record["seeds"]) & set(sets.holdout_record["seeds"])
-    if overlap and sets.calibration_record.get("prompts") == sets.holdout_record.get("prompts"):
-        raise TmpdiffError(f"seed {min(overlap)} is both a calibration and a held-out seed")
     groups = tmpq_groups(options.steps, sets.train_timesteps)
     steps = len(groups)
     reference_ms = table.config_ms(table.uniform("fp32")) * options.reference_steps

@@ -142,8 +142,11 @@ def search_plan_command(build_dir: Path, layer_costs: Path, out: Path, schedule_
         model_dir = info.transformer_dir
         sets = class_conditional_sets(build_dir, info.classifier_dir, options)
     else:
+        from tmpdiff.calibration.tmpq import check_held_out
         from tmpdiff.calibration.tmpq_pipeline import pipeline_sets
 
+        check_held_out({"seeds": options.seeds, "prompts": pipeline.prompts},  # before the pipeline loads
+                       {"seeds": options.holdout_seeds, "prompts": pipeline.holdout_prompts})
         model_dir = denoiser_dir(str(pipeline.pipeline_dir))
         with console.status("loading the pipeline"):
             sets = pipeline_sets(build_dir, pipeline.pipeline_dir, pipeline.prompts, pipeline.holdout_prompts, options,
