@@ -109,6 +109,9 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
                 return e.ssim >= target.min_ssim
         schedule, candidates = meet_quality_floor(problem, sens, accept)
     evaluation = problem.evaluate(schedule)
+    if not math.isfinite(problem.error(schedule)):
+        raise TmpdiffError(f"the search ended on {' '.join(schedule)}, whose measured {problem.metric} error is "
+                           f"{evaluation.error(problem.metric)}: no schedule it measured within the target was finite")
     reference_s, schedule_s = session.evaluator.time_sampling([[problem.reference] * problem.steps, list(schedule)],
                                                               timing_repeats)
     file = ScheduleFile(
@@ -118,8 +121,8 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
         timesteps=None if session.evaluator.timesteps is None else list(session.evaluator.timesteps),
         reference=problem.reference,
         target=target.as_dict() | {"metric": problem.metric, "method": method},
-        predicted=Figures(speedup=problem.speedup(schedule), error=sens.score_down(schedule),
-                          error_s_up=sens.score_up(schedule, problem.cheapest)),
+        predicted=Figures(speedup=problem.speedup(schedule), error=_finite(sens.score_down(schedule)),
+                          error_s_up=_finite(sens.score_up(schedule, problem.cheapest))),
         measured=Figures(speedup=reference_s / schedule_s, error=evaluation.error(problem.metric),
                          latent_error=evaluation.latent_error, ssim=evaluation.ssim,
                          psnr=evaluation.psnr if evaluation.psnr != float("inf") else None,
@@ -129,3 +132,8 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
         costs=session.costs.provenance() | {f"per_step_{session.costs.unit}": problem.cost},
     )
     return CalibrationResult(schedule, file, sens, candidates)
+
+
+def _finite(value: float) -> float | None:
+    """A predicted score, or None where it is infinite (a level not offered at a step, no up curves)."""
+    return value if math.isfinite(value) else None

@@ -68,7 +68,14 @@ class InteractionModel:
         """Refit the corrections to every measured schedule's error (ridge weight by leave-one-out error)."""
         schedules = list(measured)
         codes = self.encode(schedules)
-        residual = np.array([measured[s] for s in schedules]) - self._score(codes, self.prior_step, self.prior_pair)
+        with np.errstate(invalid="ignore"):  # inf - inf
+            residual = np.array([measured[s] for s in schedules]) - self._score(codes, self.prior_step, self.prior_pair)
+        finite = np.isfinite(residual)  # an infinite error (or prior) says nothing a correction could fit
+        if not finite.all():
+            codes, residual = codes[finite], residual[finite]
+        if residual.size == 0:
+            self.step, self.pair = self.prior_step.copy(), self.prior_pair.copy()
+            return
         X = self._features(codes)
         U, sv, Vt = np.linalg.svd(X, full_matrices=False)
         Uy = U.T @ residual

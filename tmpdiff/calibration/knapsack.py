@@ -1,7 +1,9 @@
 """Multiple-choice knapsack, solved exactly on the given costs as a mixed-integer program (HiGHS via scipy).
 
 Each step t picks one level p with cost c[t][p] and score s[t][p]; minimise the summed score subject to
-the summed cost staying within the budget. Costs are used as given: nothing is rounded or discretised.
+the summed cost staying within the budget. A score of +inf means the option is not offered at that step (a level
+whose measured error there was not finite, `search.Problem.error`): it is never picked.
+Costs are used as given: nothing is rounded or discretised.
 The cost row is sum(cost) <= budget * (1 + 1e-9): the tiny relative tolerance keeps a schedule that
 costs exactly the budget feasible despite float rounding in the sums.
 
@@ -62,10 +64,18 @@ def solve_mckp(costs: Sequence[Sequence[float]], scores: Sequence[Sequence[float
     s = np.asarray(scores, dtype=np.float64)
     if c.ndim != 2 or c.shape != s.shape or c.shape[1] == 0:
         raise TmpdiffError(f"knapsack needs one cost and one score per step and option, got costs {c.shape}, scores {s.shape}")
-    if not (np.isfinite(c).all() and np.isfinite(s).all()):
-        raise TmpdiffError("knapsack costs and scores must be finite")
+    if not np.isfinite(c).all():
+        raise TmpdiffError("knapsack costs must be finite")
+    if np.isnan(s).any() or np.isneginf(s).any():
+        t, p = np.argwhere(np.isnan(s) | np.isneginf(s))[0]
+        raise TmpdiffError(f"knapsack score of step {t}, option {p} is {s[t, p]} (scores must be finite, or +inf for "
+                           "an option not offered)")
+    offered = np.isfinite(s)
+    bare = np.flatnonzero(~offered.any(axis=1))
+    if bare.size:
+        raise TmpdiffError(f"step {int(bare[0])} has no option offered (every score is +inf)")
     limit = budget * (1 + BUDGET_TOLERANCE)
-    if _cost(c, c.argmin(axis=1)) > limit:
+    if _cost(c, np.where(offered, c, np.inf).argmin(axis=1)) > limit:
         raise TmpdiffError("no schedule fits the cost budget (even the cheapest level at every step costs more)")
 
     # The unconstrained optimum (cheapest among equal scores) is the answer when it fits.
@@ -73,8 +83,9 @@ def solve_mckp(costs: Sequence[Sequence[float]], scores: Sequence[Sequence[float
     if _cost(c, free) <= limit:
         return [int(i) for i in free]
 
-    shifted = s - s.min(axis=1, keepdims=True)
+    shifted = np.where(offered, s - np.where(offered, s, np.inf).min(axis=1, keepdims=True), 0.0)
     objective = shifted * (_SCORE_SPAN / float(shifted.max()))  # max > 0, or `free` would have fitted
+    objective[~offered] = np.inf  # kept out by the bounds in `_solve`
     rhs, excess = limit, 0.0
     for _ in range(4):
         picks = _solve(c, objective, rhs)
@@ -132,8 +143,9 @@ def _solve(c: np.ndarray, objective: np.ndarray, rhs: float) -> np.ndarray:
     for t in single:
         integrality[t * options : (t + 1) * options] = 1
     integrality[nx:] = 1
-    upper_bounds = np.r_[np.ones(nx), np.repeat([float(len(g)) for g in shared], options)]
-    cost_vector = np.r_[objective.reshape(nx), np.zeros(n_vars - nx)]
+    offered = np.isfinite(objective)
+    upper_bounds = np.r_[offered.reshape(nx).astype(np.float64), np.repeat([float(len(g)) for g in shared], options)]
+    cost_vector = np.r_[np.where(offered, objective, 0.0).reshape(nx), np.zeros(n_vars - nx)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         result = milp(cost_vector, integrality=integrality, bounds=Bounds(0, upper_bounds),

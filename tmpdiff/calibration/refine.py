@@ -18,6 +18,7 @@ metric it measures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tmpdiff.calibration.interactions import InteractionModel
@@ -56,6 +57,8 @@ def neighbours(problem: Problem, schedule: Schedule, budget: float, sens: Sensit
             return
         seen.add(key)
         delta = sens.score_paired(key) - current_score if sens is not None else 0.0
+        if math.isnan(delta):  # both scores infinite (a level not offered at a step): no prediction
+            delta = 0.0
         span = max(t for t, _ in changes) - min(t for t, _ in changes)
         out.append((delta, span, key, changes))
 
@@ -108,6 +111,8 @@ def raise_and_pay(problem: Problem, schedule: Schedule, t: int, level: str, limi
             trial = candidate.copy()
             trial[u] = lower
             per_cost = (sens.score_paired(trial) - base) / (problem.cost[current] - problem.cost[lower])
+            if math.isnan(per_cost):
+                per_cost = math.inf
             if best is None or per_cost < best[0]:
                 best = (per_cost, u, lower)
         if best is None:

@@ -2,10 +2,15 @@
 
 Both searches work on a `Problem`: T steps, a reference level, cheaper levels with per-step costs
 (from a `tmpdiff.costs/1` table, measured or stated) and an evaluator that measures E(Z) with the real engines.
+
+Non-finite errors: a schedule whose measured error is NaN or infinite counts as +inf error (`Problem.error`), so no
+search chooses it while any schedule measured finite is on offer; where that makes a sensitivity infinite, the level
+is not offered at that step (the knapsack drops the option).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -72,7 +77,10 @@ class Problem:
         return self.steps * self.cost[self.reference] / self.schedule_cost(schedule)
 
     def error(self, schedule: Sequence[str]) -> float:
-        return self.evaluate(schedule).error(self.metric)
+        """The measured error on the metric; +inf when it is not finite (NaN or Inf), so such a schedule is never
+        preferred to one measured finite (comparisons with NaN are all False: min() kept a NaN that came first)."""
+        value = self.evaluate(schedule).error(self.metric)
+        return value if math.isfinite(value) else math.inf
 
     def max_speedup(self) -> float:
         return self.cost[self.reference] / self.cost[self.cheapest]
@@ -133,7 +141,8 @@ class Sensitivities:
         return self.score_down(schedule) + pairs
 
     def score_up(self, schedule: Sequence[str], cheapest: str) -> float:
-        """S-up: E(all cheapest) minus the gains of every step raised above the cheapest level."""
+        """S-up: E(all cheapest) minus the gains of every step raised above the cheapest level (+inf when the
+        all-cheapest error was not finite: then no up curve was measured)."""
         return float(self.cheap_error - sum(self.up[p].values[t] for t, p in enumerate(schedule)
                                             if p != cheapest and p in self.up))
 
@@ -160,6 +169,8 @@ def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions:
     # every curve's first points, side by side where evaluations fan out
     problem.prefetch([all_cheap] + [one_step(level, t, base) for level, base in curves for t in first_points(T)])
     sens.cheap_error = measured(all_cheap)
+    if not math.isfinite(sens.cheap_error):  # gains from an infinite error say nothing: no up curves
+        directions = tuple(d for d in directions if d != "up")
     for level in problem.levels:
         if "down" in directions:
             sens.down[level] = adaptive_curve(
@@ -176,7 +187,8 @@ def measure_sensitivities(problem: Problem, tolerance: float = 0.05, directions:
         sens.cheapest = cheap
         for t, schedule in enumerate(adjacent):
             single = sens.down[cheap].values[t] + sens.down[cheap].values[t + 1] if cheap in sens.down else 0.0
-            sens.adjacent[t] = measured(schedule) - float(single)
+            interaction = measured(schedule) - float(single)
+            sens.adjacent[t] = interaction if math.isfinite(interaction) else math.inf
     return sens
 
 
@@ -204,7 +216,8 @@ def assign_up(problem: Problem, sens: Sensitivities, budget: float) -> Schedule:
 def tmpdiff_search(problem: Problem, budget: float, sens: Sensitivities) -> tuple[Schedule, list[Schedule]]:
     """Method B: both additive scores give a knapsack-optimal candidate; the better *measured* one wins, unless a
     probe measured with the sensitivities that fits the budget is better still (already paid for)."""
-    candidates = list(dict.fromkeys([assign_down(problem, sens, budget), assign_up(problem, sens, budget)]))
+    answers = [assign_down(problem, sens, budget)] + ([assign_up(problem, sens, budget)] if sens.up else [])
+    candidates = list(dict.fromkeys(answers))
     best = min(candidates, key=problem.error)
     probe = sens.best_probe(problem, budget)
     if probe is not None and probe not in candidates and problem.error(probe) < problem.error(best):
@@ -234,7 +247,11 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
     full_saving = problem.schedule_cost(current) - problem.schedule_cost([problem.cheapest] * T)
     # Start below the all-cheapest schedule's average rate: at exactly that rate the whole range
     # [1, T] is always accepted and the search overshoots any budget to the cheapest schedule.
-    lam = 0.25 * max(problem.error([problem.cheapest] * T), 1e-12) / max(full_saving, 1e-12)
+    cheap_error = problem.error([problem.cheapest] * T)
+    if not math.isfinite(cheap_error):  # the all-cheapest run was not finite: the down-scores' sum stands in
+        down_sum = sens.score_down([problem.cheapest] * T) if sens is not None else math.nan
+        cheap_error = down_sum if math.isfinite(down_sum) else 1.0
+    lam = 0.25 * max(cheap_error, 1e-12) / max(full_saving, 1e-12)
     rank = problem.rank
 
     def down_score(a: int, b: int, level: str) -> float:
@@ -259,7 +276,7 @@ def segment_bisection(problem: Problem, budget: float, sens: Sensitivities | Non
                 asked |= {tuple(current), tuple(candidate)}
                 added = problem.error(candidate) - problem.error(current)
                 saved = problem.schedule_cost(current) - problem.schedule_cost(candidate)
-                if added <= lam * saved:
+                if math.isfinite(added) and added <= lam * saved:
                     current = candidate
                 elif a < b:
                     m = (a + b) // 2

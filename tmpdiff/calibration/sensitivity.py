@@ -3,7 +3,9 @@
 d_t(p): error of the reference schedule with step t alone lowered to p. u_t(p): error removed from the
 all-cheapest schedule by raising step t alone to p. Both are sampled adaptively: the two ends first,
 then an interval's midpoint; if it lies within `tolerance` (relative to the largest value seen) of the
-line through the interval's ends the interval is interpolated, else both halves are refined.
+line through the interval's ends the interval is interpolated, else both halves are refined. A measurement that is
+not finite (a level whose output overflowed there: `search.Problem.error` gives +inf) is never interpolated across:
+an interval with a non-finite end or midpoint is always split, so its neighbours are measured, not extrapolated.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def adaptive_curve(steps: int, measure: Callable[[int], float], tolerance: float
             certain = {(x + y) // 2 for x, y in stack if y - x >= 2} | {m}
             prefetch(sorted(certain - set(known)))
         line = known[a] + (known[b] - known[a]) * (m - a) / (b - a)
-        scale = max(abs(v) for v in known.values()) or 1e-12
-        if abs(get(m) - line) <= tolerance * scale:
+        scale = max((abs(v) for v in known.values() if np.isfinite(v)), default=0.0) or 1e-12
+        value = get(m)
+        if np.isfinite([known[a], known[b], value]).all() and abs(value - line) <= tolerance * scale:
             continue  # the line through the ends explains the midpoint: interpolate [a, b]
         stack.append((m, b))
         stack.append((a, m))

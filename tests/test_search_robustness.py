@@ -1,0 +1,105 @@
+"""Searches on synthetic problems: non-finite measured errors, quality floors, NaN fallbacks during calibration.
+
+Every problem here is a fake evaluator (an error formula per schedule), so these run in well under a second each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tmpdiff.calibration.evaluator import Evaluation
+from tmpdiff.calibration.knapsack import solve_mckp
+from tmpdiff.calibration.refine import refine
+from tmpdiff.calibration.search import Problem, measure_sensitivities, segment_bisection, tmpdiff_search
+from tmpdiff.formats.errors import TmpdiffError
+
+THREE = {"fp32": 1.0, "int8": 0.6, "int4": 0.45}
+
+
+def _problem(steps: int, costs: dict[str, float], error):
+    """A problem whose evaluations are `error(schedule)`, cached, with the distinct schedules run counted."""
+    cache: dict[tuple[str, ...], Evaluation] = {}
+
+    def evaluate(schedule):
+        key = tuple(schedule)
+        if key not in cache:
+            e = error(key)
+            cache[key] = Evaluation(key, e, 1.0 - e, 10.0)
+        return cache[key]
+
+    return Problem.create(steps, "fp32", costs, "latent", evaluate), cache
+
+
+def _additive(weights: dict[str, np.ndarray]):
+    def error(schedule) -> float:
+        return float(sum(weights[p][t] for t, p in enumerate(schedule) if p in weights))
+
+    return error
+
+
+WEIGHTS6 = {"int8": np.full(6, 1e-3), "int4": np.array([5, 4, 3, 2, 1, 9.0]) * 1e-3}
+
+
+def test_a_nan_error_is_never_chosen_and_refinement_leaves_it():
+    """A NaN error that came first won `min` (every comparison with NaN is False) and refinement never improved on it
+    (`error < nan` is False too): a non-finite error now counts as +inf."""
+    base = _additive(WEIGHTS6)
+    probe, _ = _problem(6, THREE, base)
+    sens = measure_sensitivities(probe)
+    budget = probe.budget_for_speedup(1.3)
+    first, _ = tmpdiff_search(probe, budget, sens)  # the answer the NaN will be put on
+    problem, _ = _problem(6, THREE, lambda s: math.nan if s == first else base(s))
+    sens = measure_sensitivities(problem)
+    best, candidates = tmpdiff_search(problem, budget, sens)
+    assert first in candidates and best != first and math.isfinite(problem.error(best))
+    assert problem.error(first) == math.inf
+    refined = refine(problem, first, budget, 50, sens)  # started on the NaN schedule
+    assert refined.schedule != first and math.isfinite(refined.error) and problem.fits(refined.schedule, budget)
+
+
+def test_a_non_finite_all_cheapest_schedule_does_not_stop_the_search():
+    """The all-cheapest schedule measuring NaN made every up-score NaN and the knapsack refused with an unnamed
+    "scores must be finite": the up curves are skipped then (their gains are measured from that error)."""
+    base = _additive(WEIGHTS6)
+    problem, _ = _problem(6, THREE, lambda s: math.nan if s[2] == s[3] == "int4" else base(s))
+    sens = measure_sensitivities(problem)
+    assert sens.up == {} and sens.cheap_error == math.inf and sens.adjacent[2] == math.inf
+    for speedup in (1.3, 1.6, 2.0):
+        budget = problem.budget_for_speedup(speedup)
+        start, _ = tmpdiff_search(problem, budget, sens)  # additive scores cannot see the pair: may be +inf
+        refined = refine(problem, start, budget, 50, sens)
+        assert math.isfinite(refined.error) and problem.fits(refined.schedule, budget)
+        bisected = segment_bisection(problem, budget, sens)
+        assert problem.fits(bisected, budget)
+
+
+def test_a_level_whose_probe_is_not_finite_is_not_offered_at_that_step():
+    """int4 overflows at step 2 (its one-step probe is NaN): the down-score there is +inf, the knapsack drops the
+    option and the sensitivity curve is not interpolated across it."""
+    weights = {"int4": np.full(5, 1e-3)}
+    problem, _ = _problem(5, {"fp32": 1.0, "int4": 0.45}, lambda s: math.nan if s[2] == "int4" else _additive(weights)(s))
+    sens = measure_sensitivities(problem)
+    values = sens.down["int4"].values
+    assert values[2] == math.inf and np.isfinite(np.delete(values, 2)).all()
+    for k in range(5):  # k cheap steps: the most the budget allows without step 2 is 4
+        budget = (5 - k) * 1.0 + k * 0.45
+        best, _ = tmpdiff_search(problem, budget, sens)
+        assert best[2] == "fp32" and best.count("int4") == k
+
+
+def test_knapsack_drops_options_scored_inf_and_names_a_nan():
+    costs = [[1.0, 0.5]] * 4
+    inf = math.inf
+    picks = solve_mckp(costs, [[0, 1], [0, inf], [0, 2], [0, 3]], 3.0)
+    assert picks == [1, 0, 1, 0]  # the cheapest two scores among the offered; step 1's int option is not one
+    with pytest.raises(TmpdiffError, match="no schedule fits"):  # step 1 at fp32: 2.5 at least
+        solve_mckp(costs, [[0, 1], [0, inf], [0, 2], [0, 3]], 2.4)
+    with pytest.raises(TmpdiffError, match="step 2, option 1 is nan"):
+        solve_mckp(costs, [[0, 1], [0, 1], [0, math.nan], [0, 1]], 3.0)
+    # steps sharing one cost row (calibration's case) go through the count model and the assignment
+    many = solve_mckp([[1.0, 0.5]] * 12, [[0, inf if t % 3 == 0 else 1 + t] for t in range(12)], 9.0)
+    assert sum(many) == 6 and all(many[t] == 0 for t in range(0, 12, 3))
+    assert [t for t in range(12) if many[t]] == [1, 2, 4, 5, 7, 8]
