@@ -5,6 +5,7 @@ Every problem here is a fake evaluator (an error formula per schedule), so these
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -103,3 +104,31 @@ def test_knapsack_drops_options_scored_inf_and_names_a_nan():
     many = solve_mckp([[1.0, 0.5]] * 12, [[0, inf if t % 3 == 0 else 1 + t] for t in range(12)], 9.0)
     assert sum(many) == 6 and all(many[t] == 0 for t in range(0, 12, 3))
     assert [t for t in range(12) if many[t]] == [1, 2, 4, 5, 7, 8]
+
+
+@pytest.mark.parametrize("floor", [0.003, 0.005, 0.02])
+def test_a_quality_floor_uses_what_it_measured(floor):
+    """int4 is bad at step 7 only, which the adaptive sensitivities interpolate over (they sample steps 0, 4, 9): the
+    knapsack puts int4 at step 7 at every budget below 8.9, and the budget bisection repeated that failing placement
+    down to the dearest answer without it (`ffffffffii`, 1.12x, at each of these floors). Refining at a failing
+    budget with real evaluations, and counting every measured schedule that meets the floor, finds the cheapest
+    schedule meeting it, within 3*T*L evaluations plus 2 per bisection step."""
+    from tmpdiff.calibration.refine import evaluation_cap
+    from tmpdiff.calibration.search import meet_quality_floor
+
+    step7 = np.full(10, 1e-3)
+    step7[7] = 5e-2
+    error = _additive({"int4": step7})
+    costs = {"fp32": 1.0, "int4": 0.45}
+    problem, cache = _problem(10, costs, error)
+    sens = measure_sensitivities(problem)
+    assert 7 not in sens.down["int4"].sampled and sens.down["int4"].values[7] == pytest.approx(1e-3)
+    before = len(cache)
+    schedule, tried = meet_quality_floor(problem, sens, lambda e: e.latent_error <= floor,
+                                         refine_evaluations=evaluation_cap(problem) - before)
+    passing = [z for z in itertools.product(costs, repeat=10) if error(z) <= floor]
+    cheapest = min(problem.schedule_cost(z) for z in passing)
+    assert error(schedule) <= floor and problem.schedule_cost(schedule) == pytest.approx(cheapest)
+    assert schedule[7] == "fp32" and problem.speedup(schedule) > 1.15
+    assert len(cache) <= evaluation_cap(problem) + 2 * (10 + 1)  # the bound the docstring states
+

@@ -619,7 +619,8 @@ def calibrate(
                                              "speedup targets only)")] = "sensitivity",
     tolerance: Annotated[float, typer.Option(min=0.0, help="adaptive sensitivity sampling: interpolate when within this")] = 0.05,
     refine: Annotated[bool, typer.Option(help="refine the knapsack schedule with real evaluations (level swaps while "
-                                              "they help), within 3*T*L evaluations in all")] = True,
+                                              "they help), within 3*T*L evaluations in all (a quality floor: plus 2 "
+                                              "per budget bisection step)")] = True,
     reference: Annotated[str, typer.Option(help="reference precision")] = "fp32",
     calib_seeds: Annotated[str, typer.Option(help="noise seeds of the calibration set")] = "0,1",
     calib_classes: Annotated[str | None, typer.Option(help="classes of the calibration set (default: all; with --pipeline: "

@@ -85,7 +85,9 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
     sampling runs of it and of the all-reference schedule (median of `timing_repeats`, interleaved) here.
 
     With `refine_schedule` the knapsack answer for a speedup target is refined with real evaluations (level swaps
-    while they help, `calibration.refine`) within 3*T*L evaluations in all."""
+    while they help, `calibration.refine`) within 3*T*L evaluations in all; for a quality floor the knapsack answers
+    that fail it are refined at their budgets within the same cap, plus 2 evaluations per budget bisection step
+    (`meet_quality_floor`: at most 3*T*L + 22 in all)."""
     check_method(method, target)
     problem = session.problem
     budget = check_target(problem, target)
@@ -107,7 +109,8 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
         else:
             def accept(e):
                 return e.ssim >= target.min_ssim
-        schedule, candidates = meet_quality_floor(problem, sens, accept)
+        left = max(0, evaluation_cap(problem) - session.evaluator.runs) if refine_schedule else 0
+        schedule, candidates = meet_quality_floor(problem, sens, accept, refine_evaluations=left)
     evaluation = problem.evaluate(schedule)
     if not math.isfinite(problem.error(schedule)):
         raise TmpdiffError(f"the search ended on {' '.join(schedule)}, whose measured {problem.metric} error is "

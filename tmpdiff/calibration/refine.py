@@ -19,6 +19,7 @@ metric it measures.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tmpdiff.calibration.interactions import InteractionModel
@@ -124,10 +125,11 @@ def raise_and_pay(problem: Problem, schedule: Schedule, t: int, level: str, limi
 
 
 def refine(problem: Problem, start: Schedule, budget: float, max_evaluations: int,
-           sens: Sensitivities | None = None) -> Refined:
+           sens: Sensitivities | None = None, until: Callable[[Schedule], bool] | None = None) -> Refined:
     """First-improvement local search from `start` on measured errors, at most `max_evaluations` new evaluations.
     With `sens`, candidates are ordered by an `InteractionModel` refitted after each evaluation, and the schedules
-    the sensitivities measured are not measured again."""
+    the sensitivities measured are not measured again. With `until`, it stops at the first schedule it reaches that
+    `until` accepts (a quality floor met: `search.meet_quality_floor`)."""
     current = tuple(start)
     best = start_error = problem.error(current)
     measured: dict[Schedule, float] = dict(sens.probes) if sens is not None else {}
@@ -137,7 +139,7 @@ def refine(problem: Problem, start: Schedule, budget: float, max_evaluations: in
     moves: list[Move] = []
     spent = 0
     improved = True
-    while improved and spent < max_evaluations:
+    while improved and spent < max_evaluations and not (until is not None and until(current)):
         improved = False
         around = neighbours(problem, current, budget, sens)
         known_better = [m for m in around if m[2] in measured and measured[m[2]] < best]
