@@ -290,7 +290,7 @@ def test_a_schedule_run_ahead_counts_once_a_search_asks_for_it():
     from tmpdiff.calibration.evaluator import Evaluator
     from tmpdiff.formats.manifest import SamplingInfo
 
-    class Pool:  # what the evaluator needs of a `fanout.RaySamplePool`: deterministic latents per schedule
+    class Pool:  # what the evaluator needs of a `fanout.RaySamplePool`: deterministic latents (no fallback) per schedule
         width = 2
 
         def __init__(self):
@@ -298,7 +298,7 @@ def test_a_schedule_run_ahead_counts_once_a_search_asks_for_it():
 
         def map(self, schedules):
             self.ran += [tuple(s) for s in schedules]
-            return [torch.full((1, 1, 8, 8), 1.0 + 0.1 * s.count("int8")) for s in schedules]
+            return [(torch.full((1, 1, 8, 8), 1.0 + 0.1 * s.count("int8")), 0) for s in schedules]
 
     sampling = SamplingInfo(scheduler_class="DDIMScheduler", scheduler_config={}, num_classes=1, null_class=1,
                             image_size=8, channels=1, default_steps=2, guidance_scale=1.0)

@@ -132,3 +132,47 @@ def test_a_quality_floor_uses_what_it_measured(floor):
     assert schedule[7] == "fp32" and problem.speedup(schedule) > 1.15
     assert len(cache) <= evaluation_cap(problem) + 2 * (10 + 1)  # the bound the docstring states
 
+
+class _GuardedRunner:
+    """A runner as the evaluator uses it, whose int4 engine overflows at step 2: the NaN guard re-runs that step at
+    int8, so the run's latents carry int8's error there and its trace names the fallback (as `runtime.runner` does)."""
+
+    ERROR = {"fp32": 0.0, "int8": 0.02, "int4": 0.03}
+
+    def __init__(self):
+        self.call_memo = None
+
+    def sample(self, scheduler, labels, noise, precisions, timesteps=None):
+        from tmpdiff.runtime.runner import RunResult
+        from tmpdiff.runtime.trace import RunTrace, StepEvent
+
+        events = [StepEvent(t, t, "int8" if (t, p) == (2, "int4") else p, 0.0, 0.0,
+                            "int4" if (t, p) == (2, "int4") else None) for t, p in enumerate(precisions)]
+        scale = 1.0 + sum(self.ERROR[e.precision] * (1 + t) for t, e in enumerate(events))
+        return RunResult(latents=noise * scale, trace=RunTrace(events))
+
+
+def test_a_step_that_fell_back_is_not_costed_as_the_cheap_level():
+    """The runner's NaN guard re-runs a step whose output is not finite one precision up; the evaluator kept only the
+    latents, so int4 at step 2 measured as good as int8 there (the fallback's quality) while costed as int4, and the
+    search chose it. The evaluation now counts the steps that fell back, and such a schedule's error is infinite."""
+    from tmpdiff.calibration.calibrate import fallback_note
+    from tmpdiff.calibration.evaluator import Evaluator
+    from tmpdiff.formats.manifest import SamplingInfo
+
+    sampling = SamplingInfo(scheduler_class="DDIMScheduler", scheduler_config={}, num_classes=1, null_class=1,
+                            image_size=8, channels=1, default_steps=4, guidance_scale=1.0)
+    evaluator = Evaluator(runner=_GuardedRunner(), sampling=sampling, classes=[0], seeds=[0], reference="fp32", steps=4,
+                          memo=None)
+    fell = evaluator.evaluate(("fp32", "fp32", "int4", "fp32"))
+    assert fell.fallbacks == 1 and evaluator.evaluate(("int4", "fp32", "fp32", "fp32")).fallbacks == 0
+    problem = Problem.create(4, "fp32", THREE, "latent", evaluator.evaluate)
+    assert problem.error(("fp32", "fp32", "int4", "fp32")) == math.inf
+    sens = measure_sensitivities(problem)
+    assert sens.down["int4"].values[2] == math.inf  # int4 not offered at step 2
+    for speedup in (1.5, 1.8):  # the old code put int4 at step 2 at both
+        budget = problem.budget_for_speedup(speedup)
+        best, _ = tmpdiff_search(problem, budget, sens)
+        refined = refine(problem, best, budget, 20, sens)
+        assert refined.schedule[2] != "int4" and evaluator.evaluate(refined.schedule).fallbacks == 0
+    assert evaluator.fell_back >= 1 and f"{evaluator.fell_back} of the evaluated" in fallback_note(evaluator)

@@ -651,7 +651,7 @@ def calibrate(
     device, backend = _device(backend, device), backend.value
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tmpdiff.calibration.calibrate import Target, check_method
+    from tmpdiff.calibration.calibrate import Target, check_method, fallback_note
     from tmpdiff.calibration.calibrate import calibrate as run_calibration
     from tmpdiff.calibration.session import open_session
     from tmpdiff.engines.loading import check_threads
@@ -700,7 +700,9 @@ def calibrate(
 
         def on_evaluation(evaluation) -> None:
             count["n"] += 1
-            progress.update(task, description=f"{count['n']} evaluations, last error {evaluation.error(metric):.3g}")
+            fell = f" (fell back at {evaluation.fallbacks} step(s))" if evaluation.fallbacks else ""
+            progress.update(task, description=f"{count['n']} evaluations, last error {evaluation.error(metric):.3g}"
+                                              f"{fell}")
 
         from tmpdiff.calibration.calibrate import check_target
 
@@ -724,6 +726,9 @@ def calibrate(
                f"(schedule {f.measured.schedule_ms:.1f} ms, all-{f.reference} {f.measured.reference_ms:.1f} ms, median of "
                f"{f.measured.repeats}, {f.measured.device})")
     typer.echo(f"measured error {f.measured.error:.4g} ({metric}), SSIM {f.measured.ssim:.4f}, {f.evaluations} evaluations")
+    note = fallback_note(session.evaluator)
+    if note:
+        typer.echo(note)
     typer.echo(f"costs: {session.costs.note()}")
     typer.echo(f"wrote {out}" + (f" and {report / 'calibration_report.md'}" if report else ""))
 

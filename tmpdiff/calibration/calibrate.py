@@ -113,8 +113,10 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
         schedule, candidates = meet_quality_floor(problem, sens, accept, refine_evaluations=left)
     evaluation = problem.evaluate(schedule)
     if not math.isfinite(problem.error(schedule)):
-        raise TmpdiffError(f"the search ended on {' '.join(schedule)}, whose measured {problem.metric} error is "
-                           f"{evaluation.error(problem.metric)}: no schedule it measured within the target was finite")
+        what = (f"fell back to a higher precision at {evaluation.fallbacks} step(s) (NaN/Inf output)"
+                if evaluation.fallbacks else f"measured {problem.metric} error is {evaluation.error(problem.metric)}")
+        raise TmpdiffError(f"the search ended on {' '.join(schedule)}, whose {what}: no schedule it measured within "
+                           "the target was finite without a fallback")
     reference_s, schedule_s = session.evaluator.time_sampling([[problem.reference] * problem.steps, list(schedule)],
                                                               timing_repeats)
     file = ScheduleFile(
@@ -135,6 +137,15 @@ def calibrate(session: CalibrationSession, target: Target, method: str = "sensit
         costs=session.costs.provenance() | {f"per_step_{session.costs.unit}": problem.cost},
     )
     return CalibrationResult(schedule, file, sens, candidates)
+
+
+def fallback_note(evaluator) -> str | None:
+    """What calibrate prints when evaluated schedules fell back to a higher precision (None when none did)."""
+    count = getattr(evaluator, "fell_back", 0)
+    if not count:
+        return None
+    return (f"{count} of the evaluated schedules fell back to a higher precision at some step (NaN/Inf output): "
+            "scored as infinite error, never chosen")
 
 
 def _finite(value: float) -> float | None:

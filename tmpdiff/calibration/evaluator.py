@@ -4,6 +4,9 @@ Every evaluation runs the real engines through the runtime (what is calibrated i
 from fixed initial noise, and is cached by schedule; engine calls that repeat an earlier evaluation's exactly (a
 shared prefix) are reused through a `CallMemo`, never while timing. Latent error is the mean relative squared
 distance; SSIM and PSNR of the decoded images come from `tmpdiff.eval.metrics` (scikit-image).
+The runner's NaN guard re-runs a step whose output is not finite one precision up; an evaluation counts the steps
+that fell back (`Evaluation.fallbacks`), since its quality is then the higher precision's while the schedule is
+costed at the lower one: the searches treat such a schedule's error as infinite (`search.Problem.error`).
 `time_sampling` times whole sampling runs of schedules on the same engines and calibration batch.
 """
 
@@ -34,6 +37,7 @@ class Evaluation:
     latent_error: float  # mean over samples of ||x - x_ref||^2 / ||x_ref||^2
     ssim: float  # mean SSIM of decoded images vs the reference's
     psnr: float  # mean PSNR (dB); inf where identical
+    fallbacks: int = 0  # steps whose output was not finite and were re-run one precision up (the NaN guard)
 
     def error(self, metric: str) -> float:
         """The scalar the search minimises: relative latent MSE, or 1 - SSIM."""
@@ -65,28 +69,36 @@ class Evaluator:
         self.labels = torch.tensor([c for _ in self.seeds for c in self.classes], dtype=torch.int64)
         self.noise = torch.cat([initial_noise(len(self.classes), self.sampling.channels, self.sampling.image_size, seed)
                                 for seed in self.seeds])
-        self.reference_latents = self._run([self.reference] * self.steps)
+        self.reference_latents, _ = self._run([self.reference] * self.steps)
         self.reference_images = to_images(self.reference_latents)
         ref = tuple([self.reference] * self.steps)
         self.cache[ref] = Evaluation(ref, 0.0, 1.0, float("inf"))
 
-    def _run(self, schedule: Sequence[str]) -> torch.Tensor:
+    def _run(self, schedule: Sequence[str]) -> tuple[torch.Tensor, int]:
+        """Final latents and how many steps fell back to a higher precision (NaN/Inf output)."""
         if self.pool is not None:
             return self.pool.map([tuple(schedule)])[0]
         with attached(self.runner, self.memo):
-            return self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule),
-                                      timesteps=self.timesteps).latents
+            result = self.runner.sample(sampling_scheduler(self.sampling), self.labels, self.noise, list(schedule),
+                                        timesteps=self.timesteps)
+        return result.latents, len(result.trace.fallbacks)
 
     @property
     def width(self) -> int:
         """Evaluations that run side by side (the pool's live actors; 1 in process)."""
         return 1 if self.pool is None else self.pool.width
 
-    def _score(self, key: tuple[str, ...], latents: torch.Tensor) -> Evaluation:
+    def _score(self, key: tuple[str, ...], run: tuple[torch.Tensor, int]) -> Evaluation:
+        latents, fallbacks = run
         diff = (latents - self.reference_latents).flatten(1).pow(2).sum(1)
         norm = self.reference_latents.flatten(1).pow(2).sum(1).clamp_min(1e-12)
         ssim, psnr = image_metrics(to_images(latents), self.reference_images)
-        return Evaluation(key, float((diff / norm).mean()), ssim, psnr)
+        return Evaluation(key, float((diff / norm).mean()), ssim, psnr, fallbacks)
+
+    @property
+    def fell_back(self) -> int:
+        """Evaluated schedules (asked for by a search) whose run fell back to a higher precision at some step."""
+        return sum(1 for key, e in self.cache.items() if e.fallbacks and key not in self.prefetched)
 
     def evaluate(self, schedule: Sequence[str]) -> Evaluation:
         """E(Z) for a schedule (from the cache when already run)."""
@@ -109,8 +121,8 @@ class Evaluator:
         todo = list(dict.fromkeys(tuple(s) for s in schedules if len(s) == self.steps and tuple(s) not in self.cache))
         if len(todo) < 2:
             return  # one schedule runs when it is asked for
-        for key, latents in zip(todo, self.pool.map(todo), strict=True):
-            self.cache[key] = self._score(key, latents)
+        for key, run in zip(todo, self.pool.map(todo), strict=True):
+            self.cache[key] = self._score(key, run)
             self.prefetched.add(key)
 
     def close(self) -> None:
@@ -142,4 +154,4 @@ class Evaluator:
 
     def latents(self, schedule: Sequence[str]) -> torch.Tensor:
         """Final latents of a schedule (runs it again; used for images and classifier metrics)."""
-        return self._run(schedule)
+        return self._run(schedule)[0]

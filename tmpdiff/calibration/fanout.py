@@ -63,10 +63,11 @@ class SamplingActor:
     def ready(self) -> int:
         return os.getpid()
 
-    def sample(self, schedule: tuple[str, ...]) -> torch.Tensor:
+    def sample(self, schedule: tuple[str, ...]) -> tuple[torch.Tensor, int]:
+        """Final latents and how many steps fell back to a higher precision (NaN/Inf output)."""
         result = self.runner.sample(sampling_scheduler(self.spec.sampling), self.spec.labels, self.spec.noise,
                                     list(schedule), timesteps=self.spec.timesteps)
-        return result.latents.detach().cpu().clone()
+        return result.latents.detach().cpu().clone(), len(result.trace.fallbacks)
 
     def close(self) -> None:
         self.runner.close()
@@ -89,8 +90,9 @@ class RaySamplePool(GroupBacked):
     def width(self) -> int:
         return len(self.actors)
 
-    def map(self, schedules: Sequence[Sequence[str]]) -> list[torch.Tensor]:
-        """Final latents of each schedule, in order; a schedule whose actor died is retried on another."""
+    def map(self, schedules: Sequence[Sequence[str]]) -> list[tuple[torch.Tensor, int]]:
+        """Final latents of each schedule and its steps that fell back (NaN/Inf), in order; a schedule whose actor
+        died is retried on another."""
         import ray
 
         if len(schedules) > 1:
@@ -98,7 +100,7 @@ class RaySamplePool(GroupBacked):
         queue = list(range(len(schedules)))
         idle = list(self.actors)
         running: dict = {}
-        out: list[torch.Tensor | None] = [None] * len(schedules)
+        out: list[tuple[torch.Tensor, int] | None] = [None] * len(schedules)
         while queue or running:
             while queue and idle:
                 actor, index = idle.pop(0), queue.pop(0)

@@ -77,6 +77,7 @@ class PipelineEvaluator:
         """Final latents (samples in seed-major order) and the seconds spent in denoiser calls. Untimed runs reuse
         identical engine calls through `memo`, unless the caller attached its own memo to the denoiser."""
         # timed runs time denoiser calls only: the prompts' encodings may still be reused
+        self.last_fallbacks = 0  # denoiser calls that fell back to a higher precision (NaN/Inf), over every seed
         with attached(self.denoiser, None if timed else self.memo), memoized_encoders(self.pipe, self.encoder_memos):
             return self._run_calls(schedule)
 
@@ -91,7 +92,9 @@ class PipelineEvaluator:
             if at is not None:
                 kwargs["timesteps"] = at  # the drop-in checks the pipeline runs exactly these
             latents.append(final_latents(self.pipe, **self.inputs, **kwargs))
-            seconds += sum(event.seconds for event in self.denoiser.trace.steps)
+            trace = self.denoiser.trace
+            seconds += sum(event.seconds for event in trace.steps)
+            self.last_fallbacks += len(trace.fallbacks)
         return torch.cat(latents), seconds
 
     def evaluate(self, schedule: Sequence[str]) -> Evaluation:
@@ -104,9 +107,14 @@ class PipelineEvaluator:
             diff = (latents - self.reference_latents).flatten(1).pow(2).sum(1)
             norm = self.reference_latents.flatten(1).pow(2).sum(1).clamp_min(1e-12)
             ssim, psnr = mean_rgb_metrics(decode_latents(self.pipe, latents), self.reference_images)
-            self.cache[key] = Evaluation(key, float((diff / norm).mean()), ssim, psnr)
+            self.cache[key] = Evaluation(key, float((diff / norm).mean()), ssim, psnr, self.last_fallbacks)
             self.runs += 1
         return self.cache[key]
+
+    @property
+    def fell_back(self) -> int:
+        """Evaluated schedules whose run fell back to a higher precision at some denoiser call (NaN/Inf output)."""
+        return sum(1 for e in self.cache.values() if e.fallbacks)
 
     def time_sampling(self, schedules: Sequence[Sequence[str]], repeats: int = 3) -> list[float]:
         """Median seconds of denoiser calls per run of the calibration set, each schedule in turn, `repeats` rounds

@@ -3,7 +3,8 @@
 Both searches work on a `Problem`: T steps, a reference level, cheaper levels with per-step costs
 (from a `tmpdiff.costs/1` table, measured or stated) and an evaluator that measures E(Z) with the real engines.
 
-Non-finite errors: a schedule whose measured error is NaN or infinite counts as +inf error (`Problem.error`), so no
+Non-finite errors: a schedule whose measured error is NaN or infinite, or whose run fell back to a higher precision at
+a step whose output was not finite, counts as +inf error (`Problem.error`), so no
 search chooses it while any schedule measured finite is on offer; where that makes a sensitivity infinite, the level
 is not offered at that step (the knapsack drops the option).
 """
@@ -78,9 +79,12 @@ class Problem:
 
     def error(self, schedule: Sequence[str]) -> float:
         """The measured error on the metric; +inf when it is not finite (NaN or Inf), so such a schedule is never
-        preferred to one measured finite (comparisons with NaN are all False: min() kept a NaN that came first)."""
-        value = self.evaluate(schedule).error(self.metric)
-        return value if math.isfinite(value) else math.inf
+        preferred to one measured finite (comparisons with NaN are all False: min() kept a NaN that came first), and
+        +inf when a step fell back to a higher precision (the NaN guard): its quality was the higher precision's while
+        it is costed at the lower one, so that level is not to be chosen at that step."""
+        evaluation = self.evaluate(schedule)
+        value = evaluation.error(self.metric)
+        return value if math.isfinite(value) and not evaluation.fallbacks else math.inf
 
     def max_speedup(self) -> float:
         return self.cost[self.reference] / self.cost[self.cheapest]

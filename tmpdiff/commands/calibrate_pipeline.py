@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tmpdiff.calibration.calibrate import CalibrationResult, Target, check_target
+from tmpdiff.calibration.calibrate import CalibrationResult, Target, check_target, fallback_note
 from tmpdiff.calibration.calibrate import calibrate as run_calibration
 from tmpdiff.calibration.pipeline_session import PipelineSession, judge_schedules, open_pipeline_session
 from tmpdiff.formats.atomic import write_json
@@ -118,6 +118,9 @@ def print_result(result: CalibrationResult, session: PipelineSession, judged: di
     psnr = "inf" if f.measured.psnr is None else f"{f.measured.psnr:.2f} dB"
     typer.echo(f"measured error {f.measured.error:.4g} ({metric}), latent error {f.measured.latent_error:.4g}, "
                f"SSIM (RGB) {f.measured.ssim:.4f}, PSNR {psnr}, {f.evaluations} evaluations")
+    note = fallback_note(session.evaluator)
+    if note:
+        typer.echo(note)
     for name, row in (judged or {}).items():
         typer.echo(f"{name:<14} adherence {row['adherence']:.1%} of {row['n']}, FD (8-d) vs all-{f.reference} "
                    f"{row['fd_vs_reference']:.2f}")
