@@ -168,6 +168,62 @@ def test_learned_rows_are_refused_where_they_do_not_fit(work, tmp_path):
                                                                text_len=16, sample_size=8))
 
 
+def test_the_dropin_checks_each_calls_guidance_against_the_rows(work, monkeypatch):
+    """Attached at the pipeline's default (4.5, the rows'), a later call at another scale is refused at its first
+    denoiser call, naming both; where the pipeline exposes no scale, a batch without guidance's copy is refused."""
+    from tmpdiff.runtime import dropin
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    root, build, _ = work
+    pipe = load_pipeline(t2i_dir())
+    denoiser = dropin.attach_engines(pipe, build, schedule=root / "plan" / "plan.json", threads=1)
+
+    def call(scale):
+        with torch.no_grad():
+            return pipe(PROMPTS, output_type="latent", **call_kwargs(pipe, steps=STEPS, seed=0, guidance_scale=scale,
+                                                                    text_len=16, sample_size=8)).images
+
+    want = call(4.5)
+    for scale in (9.0, 1.0):
+        with pytest.raises(TmpdiffError, match=f"learned at guidance scale 4.5, the run uses {scale}$") as err:
+            call(scale)
+        assert "mteo.safetensors" in str(err.value) and "\n" not in str(err.value)
+        assert denoiser.trace.steps == []  # refused before any engine ran
+    assert torch.equal(call(4.5), want)  # a refused call leaves the pipeline usable
+    monkeypatch.setattr(dropin, "running_guidance", lambda pipe, arguments: None)  # a pipeline that exposes nothing
+    with pytest.raises(TmpdiffError, match="learned with classifier-free guidance at scale 4.5, the pipeline call runs "
+                                           "without it"):
+        call(1.0)
+    assert torch.equal(call(4.5), want)
+
+
+def test_the_running_calls_guidance_and_cfg_batch_are_read():
+    from tmpdiff.runtime.dropin import guided_batch, running_call, running_guidance
+
+    class SetsIt:  # SD3, SDXL, Flux: the scale kept on the pipeline before the loop
+        def __call__(self, scale):
+            self._guidance_scale = scale
+            return denoise(self)
+
+    class KeepsIt:  # PixArt, DiT: the call's argument only
+        def __call__(self, prompt, guidance_scale=4.5):
+            return denoise(self)
+
+    class Neither:
+        def __call__(self, prompt):
+            return denoise(self)
+
+    def denoise(pipe, pipes=None):
+        found = running_call([pipe] if pipes is None else pipes)
+        return None if found is None else running_guidance(*found)
+
+    assert SetsIt()(7.0) == 7.0 and KeepsIt()("a", guidance_scale=2) == 2.0 and KeepsIt()("a") == 4.5
+    assert Neither()("a") is None and running_call([KeepsIt()]) is None
+    x = torch.randn(2, 4, 8, 8)
+    assert guided_batch(torch.cat([x] * 2)) and guided_batch(torch.cat([x[:1]] * 3))
+    assert not guided_batch(x) and not guided_batch(x[:1]) and not guided_batch(torch.cat([x, x[:1]]))
+
+
 def test_quantization_aware_rows_train_through_the_pipelines_fake_quant_model(distiller):
     """Fake-quant models calibrated on the pipeline's captured calls: an int8 step changes the sample, and the loss
     reaches the rows of every step through it."""

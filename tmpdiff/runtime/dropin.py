@@ -8,7 +8,10 @@
 A schedule with custom timesteps (`tmpdiff.schedule/2`) is passed through, not refused: call the pipeline with
 `timesteps=denoiser.timesteps` (None for other schedules, so that call fits every schedule). Attaching refuses a
 pipeline whose call or scheduler cannot take them; a call that samples at other timesteps is refused at its
-first denoiser call, before any engine runs.
+first denoiser call, before any engine runs. A schedule's learned time conditioning (MTEO rows, timestep shifts) is
+checked against the guidance it was learned with at attach (the `guidance_scale` given, else the pipeline's default)
+and again at the first denoiser call of every pipeline call: the call's scale where the pipeline exposes it, and the
+unconditional copy in the batch (`EngineDenoiser._check_call_guidance`).
 
 The pipeline's text encoders, VAE, scheduler and guidance run unchanged; only the denoiser call goes to the
 engines. Each call looks up the scheduler's current step index and runs the engine the schedule names for
@@ -93,6 +96,7 @@ class EngineDenoiser(torch.nn.Module):
         self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
         self._conditioned_timesteps: torch.Tensor | None = None  # last found to be the learned conditioning's
         self._call_timesteps: torch.Tensor | None = None  # the scheduler's timesteps of the current pipeline call
+        self._guided_timesteps: torch.Tensor | None = None  # the call whose guidance was last found to be the rows'
         self._call_thread: int | None = None  # the thread making the current pipeline call
         self._closed = False
         self._calls = 0  # denoiser calls of the current pipeline call (schedulers that keep no step index)
@@ -169,6 +173,7 @@ class EngineDenoiser(torch.nn.Module):
         feeds = call_feeds(self._input_specs, call, self.adapter.architecture)
         hidden_name = self._input_specs[0].name
         hidden = feeds[hidden_name]
+        self._check_call_guidance(hidden)
         self._ensure_buffers(int(hidden.shape[0]))
         result = None if self.drafts is None else self.drafts.take(index)
         if result is None and self.draft_pool is not None:
@@ -332,6 +337,24 @@ class EngineDenoiser(torch.nn.Module):
         conditioning.check_timesteps([int(t) for t in ran])
         self._conditioned_timesteps = timesteps
 
+    def _check_call_guidance(self, hidden: Any) -> None:
+        """Learned rows run at the guidance they were learned with, checked at the first denoiser call of each pipeline
+        call (attaching checked only the scale given to `attach_engines`, or the pipeline's default): the running call's
+        scale where the pipeline exposes it (`running_guidance`), and, rows learned with classifier-free guidance, a
+        batch that holds the unconditional copy (diffusers turns guidance off at guidance_scale <= 1). A denoiser
+        called outside an attached pipeline's call is not checked here."""
+        conditioning = self.plan.conditioning
+        if conditioning is None or self._guided_timesteps is self._call_timesteps:
+            return
+        found = running_call(self.pipelines)
+        if found is not None:
+            pipe, arguments = found
+            scale = running_guidance(pipe, arguments)
+            if scale is not None:
+                conditioning.check_guidance(scale)
+            conditioning.check_guided_batch(guided_batch(hidden))
+        self._guided_timesteps = self._call_timesteps
+
     def close(self) -> None:
         """Release the engines' bindings, freeing engines loaded for this denoiser (and DRiffusion's Ray actors); later
         calls are refused."""
@@ -363,6 +386,48 @@ def call_feeds(input_specs: list[TensorSpec], call: dict[str, Any], architecture
         raise TmpdiffError(f"the {architecture} engines cannot take {', '.join(sorted(unused))} "
                            "(not part of the exported graph)")
     return feeds
+
+
+def running_call(pipes) -> tuple[Any, Mapping[str, Any]] | None:
+    """The innermost `__call__` in progress of one of `pipes` on this thread's stack, with its local variables (its
+    arguments among them); None when the denoiser is called from elsewhere."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "__call__":
+                owner = frame.f_locals.get("self")
+                if owner is not None and any(owner is pipe for pipe in pipes):
+                    return owner, frame.f_locals
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def running_guidance(pipe, arguments: Mapping[str, Any]) -> float | None:
+    """The guidance scale of a pipeline call in progress: what the pipeline set for it before its denoising loop
+    (`_guidance_scale`: SD3, SDXL, Flux, ...), else the call's `guidance_scale` argument (PixArt, DiT, SD 1.x keep it a
+    local); None when the pipeline exposes neither (the scale given at attach was checked then)."""
+    for value in (getattr(pipe, "_guidance_scale", None), arguments.get("guidance_scale")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return float(value)
+    return None
+
+
+def guided_batch(hidden: Any) -> bool:
+    """Whether a denoiser call's latents hold classifier-free guidance's copies: diffusers pipelines guide by calling
+    the denoiser once on `torch.cat([latents] * 2)` (x3 with perturbed-attention guidance), so the batch splits into
+    identical parts."""
+    latents = torch.as_tensor(hidden)
+    rows = int(latents.shape[0]) if latents.dim() else 0
+    for parts in (2, 3):
+        if rows >= parts and rows % parts == 0:
+            chunks = latents.chunk(parts)
+            if all(torch.equal(chunks[0], chunk) for chunk in chunks[1:]):
+                return True
+    return False
 
 
 def _frozen(config: Mapping[str, Any]):
@@ -475,7 +540,10 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     schedule's precisions must all be built. The pipeline may have been loaded without its denoiser
     (`transformer=None`): config and call signature then come from the build directory. With `parallel` N > 1 the
     denoiser drafts ahead (DRiffusion, `dropin_drafts`) in `mode`, from anchors whose signal scale is at least
-    `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's).
+    `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's). Learned
+    time conditioning is checked against it here, and at each pipeline call against the call's own scale where the
+    pipeline exposes one (`running_guidance`; where it exposes none, only against this one) and against a batch
+    without classifier-free guidance's copy.
     `dropin_ray.attach_with_ray_drafts` runs the drafts on Ray actors.
     """
     denoiser, original = prepare_engines(pipe, build_dir, schedule=schedule, precision=precision, backend=backend,

@@ -49,6 +49,14 @@ class TimeConditioning:
             raise TmpdiffError(f"learned at guidance scale {self.info.guidance_scale}, the run uses {guidance_scale}",
                                self.path)
 
+    def check_guided_batch(self, guided: bool) -> None:
+        """Rows learned with classifier-free guidance (any scale but 1) run on a batch that holds the unconditional
+        copy: a pipeline called with guidance_scale <= 1 makes none (diffusers turns guidance off there)."""
+        if self.info.guidance_scale != 1.0 and not guided:
+            raise TmpdiffError(f"learned with classifier-free guidance at scale {self.info.guidance_scale}, the pipeline "
+                               f"call runs without it (no unconditional copy in its denoiser batch: guidance_scale <= 1 "
+                               f"turns guidance off): call it with guidance_scale={self.info.guidance_scale}", self.path)
+
 
 def load_conditioning(schedule: Schedule, schedule_path: Path) -> TimeConditioning | None:
     """The time-embeddings file a /3 schedule names (None for earlier versions), confined to the schedule's
