@@ -161,3 +161,25 @@ def test_quantization_aware_steps_pass_gradients_and_keep_their_forward(setting)
     assert table.grad[1].abs().sum() > 0
     with pytest.raises(TmpdiffError, match="fp8"):
         step_models(["fp8", "int8"], models)
+
+
+def test_the_command_writes_the_trained_table_only_where_it_beats_the_models_own(setting, tmp_path):
+    """The held-out set judges the initial rows (plain sampling) too: a run that beats them is written, else the
+    model's own rows are, and the record says which."""
+    from tmpdiff.commands.distill import distill_embeddings
+
+    distiller, _ = setting
+    initial = distiller.initial(TINY)
+    for name, cfg, kept in [("bad", DistillConfig(**{**TINY.__dict__, "iterations": 2, "lr": 10.0}), "initial"),
+                            ("good", TINY, "learned")]:
+        out = tmp_path / f"{name}.safetensors"
+        distill_embeddings("bundled", cfg, ["trajectory", "final"], out)
+        tensor, info = load_time_embeddings(out)
+        best = min(run.validation_mse for run in info.runs)
+        assert torch.equal(tensor, initial) == (kept == "initial"), name
+        assert info.kept == kept and (best < info.initial_validation_mse) == (kept == "learned"), name
+    code, stdout, err = cli("distill-embeddings", "bundled", "--steps", "2", "--out", tmp_path / "c.safetensors",
+                            "--iterations", "0", "--batch", "2", "--train-samples", "2", "--reference-steps", "6",
+                            "--loss", "final")
+    assert code == 0, err
+    assert "no run beat it: wrote the model's own embeddings" in stdout and "(kept)" not in stdout

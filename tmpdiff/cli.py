@@ -433,7 +433,13 @@ def distill_embeddings(
     info = outcome.info
     for run in info.runs:
         typer.echo(f"{run.loss}: loss {run.initial:.4g} -> {run.final:.4g}, held-out sample MSE {run.validation_mse:.4g}, "
-                   f"{run.seconds:.0f} s wall, {run.cpu_seconds:.0f} s CPU{'  (kept)' if run.loss == info.loss else ''}")
+                   f"{run.seconds:.0f} s wall, {run.cpu_seconds:.0f} s CPU"
+                   f"{'  (kept)' if run.loss == info.loss and info.kept == 'learned' else ''}")
+    if info.initial_validation_mse is not None:
+        what = "the model's own embeddings" if info.kind == "mteo" else "zero shifts"
+        verdict = ("kept the trained tensor" if info.kept == "learned" else
+                   f"no run beat it: wrote {what} (plain sampling); train longer or on more samples")
+        typer.echo(f"{what} before training: held-out sample MSE {info.initial_validation_mse:.4g}; {verdict}")
     typer.echo(f"{info.kind}: {info.trained_parameters:,} trained parameters = {info.parameter_fraction:.3%} of the "
                f"model's {info.model_parameters:,}; timesteps {info.timesteps}")
     typer.echo(f"wrote {outcome.path}")

@@ -176,9 +176,11 @@ class Distiller:
 
 
 def embeddings_info(distiller: Distiller, cfg: DistillConfig, name: str, tensor: torch.Tensor, loss: Loss,
-                    runs: list[LossRecord], model_sha256: str | None = None) -> TimeEmbeddingsInfo:
+                    runs: list[LossRecord], model_sha256: str | None = None, *, kept: str = "learned",
+                    initial_validation_mse: float | None = None) -> TimeEmbeddingsInfo:
     """The record written beside a distilled table (or shift vector): model (name and content hash, as a build's
-    manifest records it), solver, timesteps, slots, training."""
+    manifest records it), solver, timesteps, slots, training, and whether the tensor is the best run's (`kept`
+    "learned") or the initial one's ("initial": no run beat it on the held-out set)."""
     mteo = cfg.kind == "mteo"
     return TimeEmbeddingsInfo(
         kind=cfg.kind, model=name, model_sha256=model_sha256, model_parameters=model_parameters(distiller.model), solver=cfg.solver,
@@ -186,7 +188,8 @@ def embeddings_info(distiller: Distiller, cfg: DistillConfig, name: str, tensor:
         slots=distiller.sampler(cfg.steps).slots if mteo else [], dim=int(tensor.shape[-1]) if mteo else 0,
         trained_parameters=int(tensor.numel()), guidance_scale=distiller.guidance_scale,
         reference_steps=cfg.reference_steps, train_seed=cfg.train_seed, train_samples=cfg.train_samples,
-        validation_seed=cfg.validation_seed, iterations=cfg.iterations, loss=loss, runs=runs)
+        validation_seed=cfg.validation_seed, iterations=cfg.iterations, loss=loss, runs=runs, kept=kept,
+        initial_validation_mse=initial_validation_mse)
 
 
 def model_parameters(model: torch.nn.Module) -> int:

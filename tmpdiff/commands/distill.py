@@ -99,7 +99,8 @@ def distill_embeddings(model: str, cfg: DistillConfig, losses: list[str], out: P
                        seed: int = 0, on_progress: Callable[[str, int, float], None] | None = None,
                        prompts: Path | None = None, guidance_scale: float | None = None,
                        max_sequence_length: int | None = None) -> DistillOutcome:
-    """Check the output, distill once per loss, keep the one with the lower held-out final-sample error, write it."""
+    """Check the output, distill once per loss and write the run with the lower held-out final-sample error, or the
+    model's own embeddings (initial shifts: zero) when neither run beats them on that set (`info.kept` says which)."""
     from tmpdiff.commands.export import model_root
 
     out = check_outputs([Output.file("--out", out, ".safetensors")], force=force,
@@ -122,9 +123,14 @@ def distill_embeddings(model: str, cfg: DistillConfig, losses: list[str], out: P
     for loss in losses:
         results[loss] = distiller.distill(cfg, loss, data,  # type: ignore[arg-type]
                                           None if on_progress is None else lambda i, v, loss=loss: on_progress(loss, i, v))
-    kept = min(results, key=lambda k: results[k].record.validation_mse)
-    tensor = results[kept].tensor
-    info = embeddings_info(distiller, cfg, denoiser_dir.parent.name, tensor, kept,  # type: ignore[arg-type]
-                           [r.record for r in results.values()], model_content_hash(denoiser_dir))
+    best = min(results, key=lambda k: results[k].record.validation_mse)
+    # the model's own rows (plain sampling) on the same held-out set: training that does not beat them is not kept
+    initial = distiller.initial(cfg)
+    initial_mse = distiller.evaluate(cfg, "final", initial, data.val_labels, data.val_noise, data.val_reference)
+    learned = results[best].record.validation_mse < initial_mse
+    tensor = results[best].tensor if learned else initial
+    info = embeddings_info(distiller, cfg, denoiser_dir.parent.name, tensor, best,  # type: ignore[arg-type]
+                           [r.record for r in results.values()], model_content_hash(denoiser_dir),
+                           kept="learned" if learned else "initial", initial_validation_mse=initial_mse)
     save_time_embeddings(out, tensor, info)
     return DistillOutcome(info, out, results)

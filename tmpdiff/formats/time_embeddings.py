@@ -56,7 +56,10 @@ class TimeEmbeddingsInfo(BaseModel):
     train_samples: int = Field(ge=1)
     validation_seed: int
     iterations: int = Field(ge=0)
-    loss: Literal["trajectory", "final"]  # the one kept
+    loss: Literal["trajectory", "final"]  # the run with the lower held-out error (its tensor, when `kept` is learned)
+    # "initial": no run beat the model's own embeddings (zero shifts) on the held-out set, so the file holds those
+    kept: Literal["learned", "initial"] = "learned"
+    initial_validation_mse: float | None = Field(default=None, allow_inf_nan=False)  # the initial tensor's held-out error
     precisions: list[str] | None = None  # quantization-aware: the precision each step was trained at (None: fp32)
     runs: list[LossRecord] = Field(default_factory=list)
 
