@@ -223,7 +223,7 @@ def test_plans_that_cannot_run_are_refused_by_name(embedding_build, learned, tmp
     (folder / "ddim.json").write_text(json.dumps({**data, "scheduler": {
         "class_name": "DDIMScheduler", "config": data["scheduler"]["config"]}}))
     code, _, err = _run(embedding_build, "--schedule", folder / "ddim.json", "--out", tmp_path / "e.png")
-    assert code == 2 and "learned for timesteps" in err
+    assert code == 2 and "learned for dpmsolver++ (DPMSolverMultistepScheduler), the scheduler is DDIMScheduler" in err
     # a damaged rows file
     (folder / "rows.safetensors").write_bytes(b"not a safetensors file")
     code, _, err = _run(embedding_build, "--schedule", plan, "--out", tmp_path / "f.png")
@@ -308,6 +308,53 @@ def test_plan_embeddings_refuses_what_run_would(embedding_build, learned, tmp_pa
     code, _, err = cli("plan-embeddings", embedding_build, rows, "--schedule", elsewhere, "--out", tmp_path / "plan3.json")
     assert code == 2 and f"calibrated at timesteps {other}" in err and str(elsewhere) in err, err
     assert not (tmp_path / "plan3.json").exists()
+
+
+def test_another_solvers_schedule_or_plan_is_refused_by_name(embedding_build, learned, tmp_path):
+    """Precisions calibrated with another solver (its class, DPM-Solver's algorithm, or its spacing: a v1 schedule names
+    no timesteps, its scheduler places them) are refused by plan-embeddings; a plan edited to another solver is refused
+    by run even where the timesteps agree (1 step: DDIM 'trailing' and DPM-Solver++ both sample at [999])."""
+    from tmpdiff.formats.schedule import SchedulerRef, save_schedule
+    from tmpdiff.models.time_embeddings import load_time_embeddings
+
+    distiller, s, files = learned
+    rows = tmp_path / "rows.safetensors"
+    shutil.copy(files["mteo"], rows)
+    config = dict(s.scheduler_config)
+    cases = [("ddim", "DDIMScheduler", {**config, "timestep_spacing": "trailing"}, "calibrated with DDIMScheduler"),
+             ("dpm", "DPMSolverMultistepScheduler", {**config, "algorithm_type": "dpmsolver"},
+              "calibrated with DPMSolverMultistepScheduler"),
+             ("leading", s.scheduler_class, {**config, "timestep_spacing": "leading"}, "calibrated at timesteps"),
+             ("same", s.scheduler_class, config, None)]
+    for name, class_name, scheduler_config, refusal in cases:
+        calibrated = tmp_path / f"{name}.json"
+        save_schedule(Schedule(steps=STEPS, precisions=["int8"] * STEPS,
+                               scheduler=SchedulerRef(class_name=class_name, config=scheduler_config)), calibrated)
+        code, _, err = cli("plan-embeddings", embedding_build, rows, "--schedule", calibrated, "--out",
+                           tmp_path / f"plan-{name}.json")
+        if refusal is None:
+            assert code == 0, err
+            continue
+        assert code == 2 and refusal in err and str(calibrated) in err and "\n" not in err.strip(), (name, err)
+        assert not (tmp_path / f"plan-{name}.json").exists()
+    # 1-step rows (the model's own) for DPM-Solver++, their plan edited to DDIM: same timesteps, other solver
+    one = tmp_path / "one" / "one.safetensors"
+    one.parent.mkdir()
+    _, info = load_time_embeddings(files["mteo"])
+    save_time_embeddings(one, own_embeddings(distiller.model, [999]),
+                         info.model_copy(update={"steps": 1, "timesteps": [999], "trained_parameters": 5 * 192}))
+    plan = one.parent / "plan.json"
+    assert cli("plan-embeddings", embedding_build, one, "--out", plan)[0] == 0
+    data = json.loads(plan.read_text())
+    ddim = make_scheduler("ddim", config)  # DDIM 'trailing' at 1 step
+    ddim.set_timesteps(1)
+    assert [int(t) for t in ddim.timesteps] == [999]
+    (one.parent / "ddim.json").write_text(json.dumps({**data, "scheduler": {
+        "class_name": "DDIMScheduler", "config": {**data["scheduler"]["config"], "timestep_spacing": "trailing"}}}))
+    code, _, err = _run(embedding_build, "--schedule", one.parent / "ddim.json", "--out", tmp_path / "x.png")
+    assert code == 2 and "learned for dpmsolver++ (DPMSolverMultistepScheduler), the scheduler is DDIMScheduler" in err
+    assert not (tmp_path / "x.png").exists()
+    assert _run(embedding_build, "--schedule", plan, "--out", tmp_path / "y.png")[0] == 0  # the plan as written runs
 
 
 def test_an_export_with_other_graph_inputs_does_not_drop_a_build_by_surprise(embedding_build, plain_build, bundled,

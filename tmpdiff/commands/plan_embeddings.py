@@ -20,7 +20,7 @@ from tmpdiff.formats.schedule import Schedule, SchedulerRef, files_read, load_sc
 from tmpdiff.models.schedulers import set_sampling_timesteps
 from tmpdiff.models.time_embeddings import load_time_embeddings
 from tmpdiff.runtime.pipeline_io import pipeline_scheduler_config
-from tmpdiff.runtime.time_conditioning import check_build, load_conditioning
+from tmpdiff.runtime.time_conditioning import SOLVER_CLASSES, check_build, load_conditioning, solver_problem
 
 
 def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: Path | None = None,
@@ -40,7 +40,7 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
     if not embeddings.resolve().is_relative_to(root):
         raise TmpdiffError(f"the plan names its embeddings relative to its own directory: put {embeddings.name} in "
                            f"{root} (or below) or write the plan beside it", embeddings)
-    precisions = _precisions(info.steps, info.precisions, schedule, precision, list(info.timesteps))
+    precisions = _precisions(info.steps, info.precisions, schedule, precision, list(info.timesteps), info.solver)
     missing = sorted(set(precisions) - set(manifest.precisions))
     if missing:
         raise TmpdiffError(f"the plan runs {', '.join(missing)}, which {build_dir} has not exported")
@@ -62,6 +62,17 @@ def plan_embeddings(build_dir: Path, embeddings: Path, out: Path, *, schedule: P
     return plan
 
 
+def _placed_timesteps(given: Schedule, source: Path) -> list[int] | None:
+    """The timesteps a schedule's named scheduler spaces its steps at (None when it names no scheduler)."""
+    if given.scheduler is None:
+        return None
+    from tmpdiff.models.schedulers import scheduler_from
+
+    scheduler = scheduler_from(given.scheduler.class_name, given.scheduler.config, source)
+    set_sampling_timesteps(scheduler, given.steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
 def _scheduler_config(manifest: Manifest, build_dir: Path, pipeline: Path | None) -> dict:
     """The noise process the solver runs on: the class-conditional build's, or the pipeline's scheduler's."""
     if pipeline is None:
@@ -75,15 +86,24 @@ def _scheduler_config(manifest: Manifest, build_dir: Path, pipeline: Path | None
 
 
 def _precisions(steps: int, trained_at: list[str] | None, schedule: Path | None, precision: str | None,
-                timesteps: list[int] | None = None) -> list[str]:
-    """Per-step precisions: a calibrated schedule's (same step count and, when it names them, the embeddings'
-    `timesteps`), one precision, else what the embeddings were trained at (quantization-aware), else fp32."""
+                timesteps: list[int] | None = None, solver: str | None = None) -> list[str]:
+    """Per-step precisions: a calibrated schedule's (same step count, the embeddings' solver when it names its
+    scheduler, and the embeddings' `timesteps`: those it names, else those its scheduler places), one precision,
+    else what the embeddings were trained at (quantization-aware), else fp32. A schedule that names neither scheduler
+    nor timesteps is checked by its step count only."""
     if schedule is not None:
         given = load_schedule(schedule)
         if given.steps != steps:
             raise TmpdiffError(f"{given.steps} steps, the embeddings are for {steps}", schedule)
-        if given.timesteps is not None and timesteps is not None and list(given.timesteps) != list(timesteps):
-            raise TmpdiffError(f"its precisions were calibrated at timesteps {given.timesteps}, the embeddings sample at "
+        if given.scheduler is not None and solver is not None:
+            problem = solver_problem(solver, given.scheduler.class_name, given.scheduler.config)
+            if problem is not None:
+                raise TmpdiffError(f"its precisions were calibrated with {given.scheduler.class_name}, the embeddings "
+                                   f"were learned for {solver} ({SOLVER_CLASSES[solver]}): give --precision, or "
+                                   f"calibrate with that solver", schedule)
+        placed = given.timesteps if given.timesteps is not None else _placed_timesteps(given, schedule)
+        if placed is not None and timesteps is not None and list(placed) != list(timesteps):
+            raise TmpdiffError(f"its precisions were calibrated at timesteps {list(placed)}, the embeddings sample at "
                                f"{timesteps}: calibrate the schedule at those (calibrate --steps {steps} without "
                                "--timesteps-from) or give --precision", schedule)
         chosen = list(given.precisions)

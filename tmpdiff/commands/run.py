@@ -140,6 +140,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
     if conditioning is not None:  # learned rows: for these graphs, this solver's timesteps and this guidance
         check_build(conditioning, manifest, request.build_dir)
         set_sampling_timesteps(scheduler, len(plan.precisions), plan.timesteps)
+        conditioning.check_solver(scheduler)
         conditioning.check_timesteps([int(t) for t in scheduler.timesteps])
         conditioning.check_guidance(guidance)
     rows = len(request.classes) * (2 if guidance != 1.0 else 1)

@@ -334,6 +334,7 @@ class EngineDenoiser(torch.nn.Module):
         if not all(t.is_integer() for t in ran):
             raise TmpdiffError(f"the pipeline samples at non-integer timesteps ({ran[0]:g}, ...); the learned time "
                                "conditioning is for integer ones", conditioning.path)
+        conditioning.check_solver(self._scheduler_of())
         conditioning.check_timesteps([int(t) for t in ran])
         self._conditioned_timesteps = timesteps
 

@@ -160,6 +160,7 @@ def sample_parallel(executor: Executor, scheduler, class_labels: torch.Tensor, n
         check_parallel_scheduler(scheduler)
     ts = list(scheduler.timesteps)
     if conditioning is not None:
+        conditioning.check_solver(scheduler)
         conditioning.check_timesteps([int(t) for t in ts])
     latent = noise * scheduler.init_noise_sigma
     executor.begin(class_labels, conditioning)

@@ -188,6 +188,7 @@ class ScheduledRunner:
         if conditioning.embeddings is not None and INPUT_NAME not in self.inputs:
             raise TmpdiffError("learned time embeddings need engines with a time-embeddings input "
                                "(export with --time-embedding-input)", conditioning.path)
+        conditioning.check_solver(scheduler)
         conditioning.check_timesteps([int(t) for t in scheduler.timesteps])
         conditioning.check_guidance(self.guidance_scale)
 

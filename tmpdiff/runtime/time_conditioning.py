@@ -3,7 +3,8 @@ or (on graphs with a `time_embeddings` input and a plain schedule) the model's o
 
 A `tmpdiff.schedule/3` file names a `tmpdiff.time_embeddings/1` file beside it. The rows are checked before any
 engine is loaded: the file's steps against the schedule's, its slots and dimension against the build's graph input;
-its timesteps and guidance scale against the run's once the scheduler has set its timesteps.
+its solver against the schedule's scheduler; the run's scheduler class, timesteps and guidance scale against the
+run's once the scheduler has set its timesteps.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ class TimeConditioning:
     def shifts(self) -> torch.Tensor | None:
         return self.values if self.info.kind == "timestep-shift" else None
 
+    def check_solver(self, scheduler) -> None:
+        """The run samples with the solver the rows were learned for (a diffusers scheduler, or a schedule's
+        `SchedulerRef`): its class, and DPM-Solver's ++ algorithm. Timesteps alone cannot tell: at N = 1 DDIM
+        ('trailing') and DPM-Solver++ both sample at [999]."""
+        problem = solver_problem(self.info.solver, getattr(scheduler, "class_name", None) or type(scheduler).__name__,
+                                 scheduler.config)
+        if problem is not None:
+            raise TmpdiffError(f"learned for {problem}", self.path)
+
     def check_timesteps(self, timesteps: list[int]) -> None:
         """The run samples at the timesteps the rows were learned for."""
         if timesteps != list(self.info.timesteps):
@@ -58,6 +68,21 @@ class TimeConditioning:
                                f"turns guidance off): call it with guidance_scale={self.info.guidance_scale}", self.path)
 
 
+# the diffusers scheduler each solver of `tmpdiff.time_embeddings/1` is (`calibration.few_step.make_scheduler`)
+SOLVER_CLASSES: dict[str, str] = {"dpmsolver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
+
+
+def solver_problem(solver: str, class_name: str, config) -> str | None:
+    """What differs between `solver` and a scheduler (class and config), as "<solver> (<class>), <scheduler> ..."
+    for a message; None when it is that solver."""
+    want = SOLVER_CLASSES[solver]
+    algorithm = dict(config or {}).get("algorithm_type")
+    if class_name == want and not (solver == "dpmsolver++" and algorithm not in (None, "dpmsolver++")):
+        return None
+    theirs = class_name if class_name != want else f"{class_name} with algorithm_type {algorithm!r}"
+    return f"{solver} ({want}), the scheduler is {theirs}"
+
+
 def load_conditioning(schedule: Schedule, schedule_path: Path) -> TimeConditioning | None:
     """The time-embeddings file a /3 schedule names (None for earlier versions), confined to the schedule's
     directory with symlinks resolved, and its step count checked against the schedule's."""
@@ -73,7 +98,10 @@ def load_conditioning(schedule: Schedule, schedule_path: Path) -> TimeConditioni
         raise TmpdiffError(f"{info.steps} steps of time embeddings for a schedule of {schedule.steps} steps", path)
     if schedule.timesteps is not None and list(schedule.timesteps) != list(info.timesteps):
         raise TmpdiffError(f"learned for timesteps {info.timesteps}, the schedule names {schedule.timesteps}", path)
-    return TimeConditioning(values, info, path)
+    conditioning = TimeConditioning(values, info, path)
+    if schedule.scheduler is not None:  # one it names none of is checked where the run's scheduler is chosen
+        conditioning.check_solver(schedule.scheduler)
+    return conditioning
 
 
 def check_build(conditioning: TimeConditioning | None, manifest: Manifest, build_dir: Path) -> None:
