@@ -27,7 +27,7 @@ from tmpdiff.export import census as graph_census
 from tmpdiff.export.calibration_data import CalibrationRecipe, CalibrationSet, random_recipe
 from tmpdiff.export.disk_plan import require_export_space
 from tmpdiff.export.graph_rewrite import TRT_DOMAIN, ort_twin, remove_dead_nodes, trt_graph
-from tmpdiff.export.half import TRT_DTYPES, preload_autocast, to_half
+from tmpdiff.export.half import FP32_KEPT, TRT_DTYPES, preload_autocast, to_half
 from tmpdiff.export.half_convolutions import fp32_compute, fp32_convolutions
 from tmpdiff.export.memory import activation_bytes_per_row
 from tmpdiff.export.memory_plan import choose_base, tensor_shapes, weight_census
@@ -513,7 +513,8 @@ def _precision_key(spec: Precision, model_hash: str, versions: dict, base: str,
         # by recipe, not by result: the config follows from (model, modelopt config, kept layers), the data from
         # (model, recipe), so checking freshness needs neither the model nor a capture
         key_parts |= {"config": {"modelopt": spec.modelopt_cfg, "keep": list(keep_high_precision)},
-                      "calibration": recipe_description, "trt_dtype": trt_dtype}
+                      "calibration": recipe_description, "trt_dtype": trt_dtype,
+                      "trt_fp32": FP32_KEPT}  # what the 16-bit TensorRT graph keeps in fp32 (older graphs: nothing)
     return _artifact_key(key_parts)
 
 

@@ -1,7 +1,8 @@
 """TensorRT graphs on a 16-bit base: ModelOpt's AutoCast (`modelopt.onnx.autocast.convert_to_f16`, what ModelOpt's
 diffusers example applies with `--trt-high-precision-dtype Half`) rewrites a quantized graph so every layer outside the
 Q/DQ pairs computes in fp16 (attention, softmax, norms, unquantized GEMMs; Q/DQ scales in fp16), with fp32 graph
-inputs and outputs kept by casts (or bf16: `--trt-dtype bfloat16`). A strongly typed TensorRT network then runs
+inputs and outputs kept by casts (or bf16: `--trt-dtype bfloat16`), and `fp32_nodes` (timestep sinusoids) kept in fp32
+as diffusers computes them. A strongly typed TensorRT network then runs
 those layers in 16 bits instead of FP32/TF32. The ORT-CPU twins stay fp32-based (this CPU has no fast fp16)."""
 
 from __future__ import annotations
@@ -158,6 +159,103 @@ def _restore(model: onnx.ModelProto, scratch: Path) -> None:
             tensor.ClearField("data_location")
 
 
+# Op types a sinusoid's argument is computed with from the graph's inputs and constants: timestep / time id /
+# guidance / RoPE position x frequencies (the frequencies themselves: Exp of a Range, or a folded constant).
+_SINUSOID_ARGUMENT_OPS = {"Mul", "Div", "Add", "Sub", "Neg", "Exp", "Pow", "Range", "Unsqueeze", "Squeeze", "Reshape",
+                          "Flatten", "Expand", "Tile", "Concat", "Slice", "Split", "Gather", "Transpose", "Identity",
+                          "Cast", "CastLike", "Constant", "ConstantOfShape", "Where", "Einsum"}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+# What `fp32_nodes` keeps: part of a precision's export key (another rule makes other TensorRT graphs)
+FP32_KEPT = "sinusoids/1"
+
+
+def _tensor_types(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    for node in graph.node:  # Constant outputs carry their tensor's type
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            types[node.output[0]] = node.attribute[0].t.data_type
+    return types
+
+
+class _Graph:
+    """A graph's producers, consumers, tensor types and initializers, for the walks of `fp32_nodes`."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.types = _tensor_types(graph)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producers = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def is_float(self, name: str) -> bool:
+        return self.types.get(name, onnx.TensorProto.UNDEFINED) in _FLOAT_TYPES
+
+    def constant(self, name: str):
+        """The value of an initializer or Constant output, else None."""
+        from onnx import numpy_helper
+
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+
+def _sinusoid_nodes(graph: onnx.GraphProto, g: _Graph) -> set[str]:
+    """Every Sin / Cos and the float nodes its argument is computed by from the graph's inputs and constants."""
+    kept: set[str] = set()
+    stack = []
+    for node in graph.node:
+        if node.op_type in ("Sin", "Cos"):
+            kept.add(node.name)
+            stack.extend(node.input)
+    while stack:
+        name = stack.pop()
+        node = g.producers.get(name)
+        if node is None or node.name in kept or node.op_type not in _SINUSOID_ARGUMENT_OPS or not g.is_float(name):
+            continue
+        kept.add(node.name)
+        stack.extend(i for i in node.input if i)
+    return kept
+
+
+def fp32_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes a 16-bit TensorRT graph keeps in fp32 (what diffusers computes in fp32 in a 16-bit model):
+    every Sin / Cos and the float nodes its argument is computed by (timestep sinusoids: `time_proj`, SDXL's
+    `add_time_proj` over the time ids, Flux's guidance, RoPE angles). In fp16, t ~ 1000 is rounded to 0.5 and the
+    frequencies to 2^-11 relative: phase errors of ~0.3 rad, a sinusoid 7e-2 off (rel L2) at t = 999. Their outputs
+    are cast to 16 bits where 16-bit layers read them."""
+    g = _Graph(model.graph)
+    kept = _sinusoid_nodes(model.graph, g)
+    kept.discard("")  # AutoCast classifies nodes by name: an unnamed node cannot be told apart
+    return kept
+
+
+@contextlib.contextmanager
+def _fp32_kept() -> Iterator[None]:
+    """AutoCast's conversion with `fp32_nodes` of the graph it converts (after its own sanitizing, whose opset
+    conversion can rename nodes) in its high-precision list; `convert_to_f16` only blocks whole op types."""
+    from modelopt.onnx.autocast import precisionconverter
+
+    converter = precisionconverter.PrecisionConverter
+    original = converter.convert
+
+    def convert(self, high_precision_nodes, low_precision_nodes):
+        kept = fp32_nodes(self.model)
+        return original(self, [*high_precision_nodes, *(n for n in low_precision_nodes if n in kept)],
+                        [n for n in low_precision_nodes if n not in kept])
+
+    converter.convert = convert
+    try:
+        yield
+    finally:
+        converter.convert = original
+
+
 def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.ModelProto:
     """The graph with `dtype` (float16 / bfloat16) compute and fp32 I/O; a TmpdiffError naming `where` if AutoCast
     refuses it. bf16 raises the graph's opset to 22 (AutoCast's requirement for bf16 Q/DQ scales)."""
@@ -170,7 +268,7 @@ def to_half(model: onnx.ModelProto, where: str, dtype: str = "float16") -> onnx.
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        with (contextlib.redirect_stdout(io.StringIO()), _stable_subgraph_nodes(), _linear_cleanup(),
+        with (contextlib.redirect_stdout(io.StringIO()), _stable_subgraph_nodes(), _linear_cleanup(), _fp32_kept(),
               _quantized_weights_held(model) as held):
             converted = convert_to_f16(model, low_precision_type=TRT_DTYPES[dtype], keep_io_types=True)
             _restore(converted, held)
