@@ -1,5 +1,6 @@
 """What the 16-bit TensorRT graphs (`export.half.to_half`, ModelOpt's AutoCast) keep in fp32: the timestep / time-id /
-guidance / RoPE sinusoids (diffusers computes them in fp32 in a 16-bit model), read off the written graph."""
+guidance / RoPE sinusoids and RMS norms' mean squares (diffusers computes them in fp32 in a 16-bit model), read off the
+written graph."""
 
 from __future__ import annotations
 
@@ -121,3 +122,21 @@ def test_input_casts_in_input_order():
     ordered = _input_casts_in_input_order(helper.make_model(graph))
     assert [n.input[0] for n in ordered.graph.node[:3]] == names and ordered.graph.node[3].op_type == "Sum"
     assert [v.name for v in ordered.graph.value_info] == ["a16", "b16", "c16"]
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "sana"])
+def test_rms_norms_square_and_average_in_fp32(name):
+    """Flux's, SD3.5's (qk_norm="rms_norm") and Sana's RMS norms: in the 16-bit graph every x * x / x ^ 2 and the
+    ReduceMean over it read fp32 (before: fp16, which overflows for |x| > 256 where TensorRT computes in fp16; Flux's
+    own symbolic computes in fp32 but AutoCast removed its Cast)."""
+    model, adapter = _tiny(name)
+    with traced(adapter.export_module(model), adapter, 19) as (proto, data_dir):
+        load_weights(proto, data_dir)
+        half = to_half(proto, name)
+    inferred, types = _types(half)
+    producers = {out: node for node in inferred.graph.node for out in node.output}
+    means = [n for n in inferred.graph.node if n.op_type == "ReduceMean"]
+    squares = [producers[n.input[0]] for n in means]
+    assert means and all(s.op_type in ("Mul", "Pow") for s in squares), [s.op_type for s in squares]
+    read = [(n.name, types[n.input[0]]) for n in [*means, *squares]]
+    assert all(t == onnx.TensorProto.FLOAT for _, t in read), read

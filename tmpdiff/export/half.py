@@ -1,8 +1,8 @@
 """TensorRT graphs on a 16-bit base: ModelOpt's AutoCast (`modelopt.onnx.autocast.convert_to_f16`, what ModelOpt's
 diffusers example applies with `--trt-high-precision-dtype Half`) rewrites a quantized graph so every layer outside the
 Q/DQ pairs computes in fp16 (attention, softmax, norms, unquantized GEMMs; Q/DQ scales in fp16), with fp32 graph
-inputs and outputs kept by casts (or bf16: `--trt-dtype bfloat16`), and `fp32_nodes` (timestep sinusoids) kept in fp32
-as diffusers computes them. A strongly typed TensorRT network then runs
+inputs and outputs kept by casts (or bf16: `--trt-dtype bfloat16`), and `fp32_nodes` (timestep sinusoids, RMS norms' mean
+squares) kept in fp32 as diffusers computes them. A strongly typed TensorRT network then runs
 those layers in 16 bits instead of FP32/TF32. The ORT-CPU twins stay fp32-based (this CPU has no fast fp16)."""
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ _SINUSOID_ARGUMENT_OPS = {"Mul", "Div", "Add", "Sub", "Neg", "Exp", "Pow", "Rang
                           "Cast", "CastLike", "Constant", "ConstantOfShape", "Where", "Einsum"}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 # What `fp32_nodes` keeps: part of a precision's export key (another rule makes other TensorRT graphs)
-FP32_KEPT = "sinusoids/1"
+FP32_KEPT = "sinusoids+rms-squares/1"
 
 
 def _tensor_types(graph: onnx.GraphProto) -> dict[str, int]:
@@ -223,14 +223,45 @@ def _sinusoid_nodes(graph: onnx.GraphProto, g: _Graph) -> set[str]:
     return kept
 
 
+def _rms_square_nodes(graph: onnx.GraphProto, g: _Graph) -> set[str]:
+    """Every RMS norm's mean square: x * x or x ^ 2 -> ReduceMean, then (+ eps, sqrt, reciprocal) up to the node that
+    divides or multiplies x by it."""
+    kept: set[str] = set()
+    for node in graph.node:
+        square = g.producers.get(node.input[0]) if node.op_type == "ReduceMean" and node.input else None
+        if square is None:
+            continue
+        if square.op_type == "Mul" and len(square.input) == 2 and square.input[0] == square.input[1]:
+            x = square.input[0]
+        elif square.op_type == "Pow" and len(square.input) == 2:
+            exponent = g.constant(square.input[1])
+            if exponent is None or exponent.size != 1 or float(exponent.reshape(())) != 2.0:
+                continue
+            x = square.input[0]
+        else:
+            continue
+        chain = [square, node]
+        while True:
+            following = g.consumers.get(chain[-1].output[0], [])
+            if len(following) != 1 or following[0].op_type not in ("Add", "Sqrt", "Reciprocal", "Div", "Mul"):
+                break
+            chain.append(following[0])
+            if following[0].op_type in ("Div", "Mul") and x in following[0].input:
+                break
+        kept.update(n.name for n in chain)
+    return kept
+
+
 def fp32_nodes(model: onnx.ModelProto) -> set[str]:
     """Names of the nodes a 16-bit TensorRT graph keeps in fp32 (what diffusers computes in fp32 in a 16-bit model):
     every Sin / Cos and the float nodes its argument is computed by (timestep sinusoids: `time_proj`, SDXL's
     `add_time_proj` over the time ids, Flux's guidance, RoPE angles). In fp16, t ~ 1000 is rounded to 0.5 and the
-    frequencies to 2^-11 relative: phase errors of ~0.3 rad, a sinusoid 7e-2 off (rel L2) at t = 999. Their outputs
+    frequencies to 2^-11 relative: phase errors of ~0.3 rad, a sinusoid 7e-2 off (rel L2) at t = 999; and every RMS
+    norm's mean square (Flux's, SD3.5's and Sana's q/k norms; torch computes it in fp32 for 16-bit inputs, Flux's
+    rms_norm symbolic casts to fp32, a Cast AutoCast removes): in fp16, x * x overflows for |x| > 256. Their outputs
     are cast to 16 bits where 16-bit layers read them."""
     g = _Graph(model.graph)
-    kept = _sinusoid_nodes(model.graph, g)
+    kept = _sinusoid_nodes(model.graph, g) | _rms_square_nodes(model.graph, g)
     kept.discard("")  # AutoCast classifies nodes by name: an unnamed node cannot be told apart
     return kept
 
