@@ -71,7 +71,7 @@ MODELS: dict[str, dict] = {
                    "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
                    "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
                    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816},
-        "graph": ["--sample-size", "64"],
+        "graph": ["--sample-size", "64", "--time-ids", "6"],
     },
 }
 

@@ -95,7 +95,7 @@ CASES = {
     # differently in ORT and torch flips quantization steps downstream through the UNet's GroupNorm/resnet stack.
     # int4 on the SD1.5 UNet: its transformer blocks' proj_in/proj_out are 1x1 convs and stay high precision.
     "unet-sd15": Case(_unet(sdxl=False), ALL, rounding_ties=True),
-    "unet-sdxl": Case(_unet(sdxl=True), ALL, rounding_ties=True),
+    "unet-sdxl": Case(_unet(sdxl=True), ALL, {"text_len": 8, "time_ids": 6}, rounding_ties=True),
     "sd3": Case(_sd3, ALL),
     "flux": Case(_flux, ALL, {"text_len": 8, "sample_size": 8}),
     "sana": Case(_sana, ("fp32", "int8", "fp8")),
@@ -222,10 +222,16 @@ def test_adapter_specs_follow_config():
 
     sdxl = adapter_for_config({"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 128,
                                "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-                               "projection_class_embeddings_input_dim": 2816})
+                               "projection_class_embeddings_input_dim": 2816, "time_ids": 6})
     shapes = {s.name: s.shape for s in sdxl.input_specs()}
     assert shapes["text_embeds"] == ("batch", 1280) and shapes["time_ids"] == ("batch", 6)
     assert shapes["encoder_hidden_states"] == ("batch", 77, 2048)
+    refiner = adapter_for_config({"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 128,
+                                  "cross_attention_dim": 1280, "addition_embed_type": "text_time",
+                                  "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2560,
+                                  "time_ids": 5})
+    shapes = {s.name: s.shape for s in refiner.input_specs()}
+    assert shapes["text_embeds"] == ("batch", 1280) and shapes["time_ids"] == ("batch", 5)
 
     pixart = adapter_for_config({"_class_name": "PixArtTransformer2DModel", "in_channels": 4, "sample_size": 128,
                                  "patch_size": 2, "caption_channels": 4096, "cross_attention_dim": 1152})
@@ -272,3 +278,69 @@ def test_a_unet_loaded_in_16_bits_exports_int8_fp8_and_int4(tmp_path):
     assert fused["half"] == fused["full"] > 0
     # as close to the 16-bit model as the fp32-made int8 engine is to the fp32 model (rounding ties allowed: 1.5x)
     assert manifest.precisions["int8"].error_vs_fp32 < 1.5 * load_manifest(full).precisions["int8"].error_vs_fp32
+
+
+def _refiner_pipeline_dir(root):
+    from tests import tiny_pipelines
+
+    torch.manual_seed(0)
+    pipe = tiny_pipelines.sdxl_refiner()
+    pipe.save_pretrained(root / "pipe", safe_serialization=True)
+    return pipe, root / "pipe"
+
+
+def test_an_sdxl_refiner_exports_from_its_pipeline_with_the_inputs_the_pipeline_passes(tmp_path):
+    """The refiner's UNet takes 5 time ids (sizes, crop, aesthetic score): its config gives only 5 x 8 + 32 = 72, so the
+    count comes from its pipeline directory. The fp32 engine then runs inside the img2img pipeline at strength 0.5 and
+    reproduces the torch pipeline's latents (a graph taking 6 time ids and 24 pooled widths cannot be fed there)."""
+    from tests import tiny_pipelines
+    from tmpdiff.engines.build import build_engines
+    from tmpdiff.formats.manifest import load_manifest
+    from tmpdiff.runtime.dropin import attach_engines
+
+    pipe, pipe_dir = _refiner_pipeline_dir(tmp_path)
+    build_dir, _ = export_model(pipe_dir / "unet", tmp_path / "build", ["fp32"], model_id="refiner",
+                                graph_sizes={"text_len": tiny_pipelines.TEXT_LEN})
+    shapes = {spec.name: tuple(spec.shape) for spec in load_manifest(build_dir).inputs}
+    assert shapes["text_embeds"] == ("batch", 32) and shapes["time_ids"] == ("batch", 5), shapes
+    build_engines(build_dir, "ort", "cpu")
+
+    image = torch.rand(2, 3, tiny_pipelines.SIZE, tiny_pipelines.SIZE, generator=torch.Generator().manual_seed(3))
+
+    def call():
+        return pipe(["a photo of a cat", "red house"], image=image, strength=0.5, num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(7), output_type="latent").images.numpy()
+
+    want = call()
+    denoiser = attach_engines(pipe, build_dir, precision="fp32")
+    got = call()
+    assert len(denoiser.trace.steps) == 2  # strength 0.5 of 4 steps
+    assert _relative(got, want) < 1e-4, f"refiner latents differ by {_relative(got, want):.2e}"
+
+
+def test_time_ids_of_an_sdxl_unet_outside_its_pipeline_must_be_given(tmp_path):
+    """A text_time UNet directory alone cannot say whether it takes 6 or 5 time ids: refused by name before anything is
+    written; `graph_sizes={"time_ids": 5}` (--time-ids 5) exports it, and a pipeline whose files disagree is refused."""
+    import json
+
+    pipe, pipe_dir = _refiner_pipeline_dir(tmp_path)
+    alone = tmp_path / "unet"
+    pipe.unet.save_pretrained(alone, safe_serialization=True)
+    with pytest.raises(TmpdiffError, match="--time-ids"):
+        export_model(alone, tmp_path / "out", ["fp32"], graph_sizes={"text_len": 8})
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TmpdiffError, match="--time-ids 9: 9 x addition_time_embed_dim 8 leaves no pooled"):
+        export_model(alone, tmp_path / "out", ["fp32"], graph_sizes={"text_len": 8, "time_ids": 9})
+    assert not (tmp_path / "out").exists()
+    build_dir, _ = export_model(alone, tmp_path / "out", ["fp32"], graph_sizes={"text_len": 8, "time_ids": 5})
+    assert [tuple(s.shape) for s in load_manifest_inputs(build_dir) if s.name == "time_ids"] == [("batch", 5)]
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    (pipe_dir / "model_index.json").write_text(json.dumps(index | {"requires_aesthetics_score": False}))
+    with pytest.raises(TmpdiffError, match="disagree"):
+        export_model(pipe_dir / "unet", tmp_path / "other", ["fp32"], graph_sizes={"text_len": 8})
+
+
+def load_manifest_inputs(build_dir):
+    from tmpdiff.formats.manifest import load_manifest
+
+    return load_manifest(build_dir).inputs

@@ -125,6 +125,22 @@ def sdxl():
                                      tokenizer_2=word_tokenizer(TEXT_LEN, bos=True), unet=unet, scheduler=EulerDiscreteScheduler())
 
 
+def sdxl_refiner():
+    """SDXL's refiner layout: img2img with an aesthetic score, so 5 time ids (sizes, crop, score) x 8 beside the pooled
+    text (32, text_encoder_2's projection); only the second text encoder, as the refiner ships."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 5 * 8,
+                                use_linear_projection=True)
+    return StableDiffusionXLImg2ImgPipeline(vae=tiny_vae(4), text_encoder=None, text_encoder_2=clip_text_encoder(32, 32, True),
+                                            tokenizer=None, tokenizer_2=word_tokenizer(TEXT_LEN, bos=True), unet=unet,
+                                            scheduler=EulerDiscreteScheduler(), requires_aesthetics_score=True)
+
+
 def gemma_text_encoder(hidden: int):
     from transformers import Gemma2Config, Gemma2Model
 
@@ -160,7 +176,7 @@ PIPELINES = {
     "sd3": (sd3, {"text_len": 2 * TEXT_LEN}, {"max_sequence_length": TEXT_LEN}),
     "flux": (flux, {"text_len": TEXT_LEN, "sample_size": SIZE // 2}, {"max_sequence_length": TEXT_LEN}),
     "sd15": (sd15, {"text_len": TEXT_LEN}, {}),
-    "sdxl": (sdxl, {"text_len": TEXT_LEN}, {}),
+    "sdxl": (sdxl, {"text_len": TEXT_LEN, "time_ids": 6}, {}),  # a UNet directory outside its pipeline: given
     "sana": (sana, {"text_len": TEXT_LEN}, {"max_sequence_length": TEXT_LEN, "use_resolution_binning": False,
                                             "height": SANA_SIZE, "width": SANA_SIZE}),
 }

@@ -141,6 +141,9 @@ def export(
                                                             "SD3: CLIP's 77 + T5's); default per architecture")] = None,
     sample_size: Annotated[int | None, typer.Option(min=1, help="latent height = width the graph takes (default: the model "
                                                                "config's sample_size; Flux: 128)")] = None,
+    time_ids: Annotated[int | None, typer.Option(min=1, help="SDXL-style UNet: micro-conditioning time ids the graph "
+                                                            "takes, 6 (base) or 5 (refiner: aesthetic score); default: "
+                                                            "from its pipeline directory")] = None,
     trt_dtype: Annotated[TrtDtype, typer.Option(help="16-bit type the quantized TensorRT graphs compute in outside "
                                                      "their Q/DQ (bfloat16 for models whose activations overflow fp16)")]
     = TrtDtype.float16,
@@ -183,7 +186,8 @@ def export(
                                              needed=any(get_precision(n).modelopt_cfg is not None for n in names))
     build_dir, outcomes = export_model(model_dir, out, names, model_id=model_id, calibration=calibration,
                                        keep_high_precision=keep, on_progress=lambda msg: console.print(msg),
-                                       sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size},
+                                       sampling=sampling, graph_sizes={"text_len": text_len, "sample_size": sample_size,
+                                                    "time_ids": time_ids},
                                        wait=wait, trt_dtype=trt_dtype.value, memory_check=memory_check,
                                        time_embedding_input=time_embedding_input, load_dtype=load_dtype.value,
                                        replace=force)

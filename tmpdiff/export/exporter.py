@@ -65,6 +65,7 @@ from tmpdiff.formats.precisions import HIGH_PRECISION_PATTERNS, Precision, get_p
 from tmpdiff.models.adapter import DenoiserAdapter, model_dtype
 from tmpdiff.models.loading import load_diffusers_model, read_model_config
 from tmpdiff.models.registry import adapter_for_config
+from tmpdiff.models.unet import resolve_time_ids
 
 TRACE_OPSET = 19  # the opset torch's TorchScript exporter traces quantized modules at (modelopt's Q/DQ symbolics)
 FLOAT32_TWIN_KINDS = ("int8", "int4")  # their twins from a 16-bit model compute in fp32 (`export.upcast`)
@@ -226,8 +227,9 @@ def export_model(
 
     A build directory holding another model's build (`check_build_model`) is refused unless `replace`.
 
-    `graph_sizes` ({"text_len": N, "sample_size": N}, None entries ignored) overrides the fixed sizes the
-    graph takes, as the same keys in the model's config.json would. Holds the build directory's lock
+    `graph_sizes` ({"text_len": N, "sample_size": N, "time_ids": N}, None entries ignored) overrides the fixed sizes
+    the graph takes, as the same keys in the model's config.json would (an SDXL-style UNet's time ids otherwise come
+    from its pipeline directory: `models.unet.resolve_time_ids`). Holds the build directory's lock
     throughout, so concurrent exports/builds are serialised (waiting at most `wait` seconds, and saying so).
     `trt_dtype` is the 16-bit type the quantized TensorRT graphs compute in outside their Q/DQ (float16, bfloat16).
     With `memory_check`, an export whose planned peak memory (`export.memory_plan`) exceeds what is available is
@@ -243,7 +245,7 @@ def export_model(
     if trt_dtype not in TRT_DTYPES:
         raise TmpdiffError(f"unknown --trt-dtype {trt_dtype!r} (known: {', '.join(TRT_DTYPES)})")
     options = {k: v for k, v in (graph_sizes or {}).items() if v is not None}
-    config = read_model_config(model_dir) | options
+    config = resolve_time_ids(model_dir, read_model_config(model_dir) | options)
     adapter = adapter_for_config(config, model_dir / "config.json", options)
     check_sampling_size(adapter, sampling, "sample_size" in options, model_dir)
     build_dir = export_build_dir(model_dir, out_root, model_id)

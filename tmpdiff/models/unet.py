@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter, computing_in
 
-TIME_IDS = 6  # SDXL micro-conditioning: original size (2), crop top-left (2), target size (2)
+# SDXL micro-conditioning time ids: the base model takes original size (2), crop top-left (2), target size (2); the
+# refiner (its pipeline's `requires_aesthetics_score`) original size (2), crop top-left (2), aesthetic score (1).
+# The UNet config gives only their product with the pooled text width, so the count is config key `time_ids`
+# (`resolve_time_ids` sets it at export); a build exported before that key existed took 6.
+TIME_IDS = 6
+REFINER_TIME_IDS = 5
+TIME_IDS_HELP = "6 for an SDXL base UNet (sizes and crop), 5 for an SDXL refiner's (sizes, crop, aesthetic score)"
 
 
 class _UNetForExport(torch.nn.Module):
@@ -31,7 +39,8 @@ class _UNetForExport(torch.nn.Module):
 
 class UNetAdapter(DenoiserAdapter):
     """Inputs: sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, text_len, cross_attention_dim);
-    with `addition_embed_type="text_time"` (SDXL) also text_embeds (B, pooled dim) and time_ids (B, 6). All float32.
+    with `addition_embed_type="text_time"` (SDXL) also text_embeds (B, pooled dim) and time_ids (B, `time_ids`: 6 for
+    the base model, 5 for the refiner). All float32.
 
     `text_len` (config key, default 77: CLIP's context) fixes the text sequence length.
     """
@@ -65,8 +74,26 @@ class UNetAdapter(DenoiserAdapter):
         return added == "text_time"
 
     @property
+    def time_ids(self) -> int:
+        """How many micro-conditioning time ids the graph takes (config key `time_ids`; 6 when absent)."""
+        return int(self.config.get("time_ids", TIME_IDS))
+
+    @property
     def text_embeds_dim(self) -> int:
-        return int(self.config["projection_class_embeddings_input_dim"]) - TIME_IDS * int(self.config["addition_time_embed_dim"])
+        return int(self.config["projection_class_embeddings_input_dim"]) - self.time_ids * int(self.config["addition_time_embed_dim"])
+
+    def size_problem(self) -> tuple[str, str] | None:
+        problem = super().size_problem()
+        if problem is not None or "time_ids" not in self.config:
+            return problem
+        count = self.config["time_ids"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            return "time_ids", f"must be a positive integer, got {count!r}"
+        if self.config.get("addition_embed_type") == "text_time" and self.text_embeds_dim < 1:
+            return "time_ids", (f"{count} x addition_time_embed_dim {self.config['addition_time_embed_dim']} leaves no "
+                                f"pooled text width of projection_class_embeddings_input_dim "
+                                f"{self.config['projection_class_embeddings_input_dim']}")
+        return None
 
     def input_specs(self) -> list[TensorSpec]:
         specs = [
@@ -76,7 +103,7 @@ class UNetAdapter(DenoiserAdapter):
         ]
         if self.sdxl:
             specs += [TensorSpec("text_embeds", "float32", ("batch", self.text_embeds_dim)),
-                      TensorSpec("time_ids", "float32", ("batch", TIME_IDS))]
+                      TensorSpec("time_ids", "float32", ("batch", self.time_ids))]
         return specs
 
     def output_specs(self) -> list[TensorSpec]:
@@ -91,3 +118,37 @@ class UNetAdapter(DenoiserAdapter):
         if name == "time_ids":
             return 0.0, 8.0 * max(self.latent_hw)  # pixel sizes and crop offsets
         return None
+
+
+def resolve_time_ids(model_dir: Path, config: dict) -> dict:
+    """`config` with `time_ids` set for an SDXL-style (text_time) UNet that does not give it (config.json or
+    --time-ids): from the pipeline directory the UNet is a component of - text_encoder_2's projection_dim is the pooled
+    text width, whatever is left of projection_class_embeddings_input_dim is the time ids; else model_index.json's
+    `requires_aesthetics_score` (the refiner's 5, else 6). A UNet directory outside a pipeline is refused: its config
+    gives only the product, and a wrong count exports a graph the pipeline cannot feed."""
+    if config.get("addition_embed_type") != "text_time" or "time_ids" in config:
+        return config
+    from tmpdiff.formats.atomic import read_json_object
+
+    pipeline = model_dir.parent
+    index_path = pipeline / "model_index.json"
+    if not index_path.is_file():
+        raise TmpdiffError(f"an SDXL-style UNet outside its pipeline directory: its config does not say how many time "
+                           f"ids it takes; pass --time-ids ({TIME_IDS_HELP}), or export it from the pipeline "
+                           "directory (MODEL --subfolder unet)", model_dir)
+    found: dict[str, int] = {}
+    encoder_path = pipeline / "text_encoder_2" / "config.json"
+    if encoder_path.is_file():
+        pooled = read_json_object(encoder_path).get("projection_dim")
+        rest = int(config["projection_class_embeddings_input_dim"]) - int(pooled or 0)
+        per_id = int(config["addition_time_embed_dim"])
+        if isinstance(pooled, int) and pooled > 0 and rest > 0 and rest % per_id == 0:
+            found[str(encoder_path)] = rest // per_id
+    index = read_json_object(index_path)
+    if "requires_aesthetics_score" in index or not found:
+        found[str(index_path)] = REFINER_TIME_IDS if index.get("requires_aesthetics_score") else TIME_IDS
+    if len(set(found.values())) > 1:
+        said = ", ".join(f"{count} from {path}" for path, count in found.items())
+        raise TmpdiffError(f"the pipeline's files disagree on the UNet's time ids ({said}); pass --time-ids "
+                           f"({TIME_IDS_HELP})", pipeline)
+    return config | {"time_ids": next(iter(found.values()))}

@@ -57,7 +57,7 @@ from tmpdiff.runtime.trace import RunTrace, StepClock, StepEvent, nvtx_wanted
 # Keyword arguments a pipeline passes that carry attention-processor options: honoured only when empty.
 PROCESSOR_OPTIONS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
 # Config keys tmpdiff adds for export (fixed graph sizes); the model config itself does not have them.
-TMPDIFF_CONFIG_KEYS = ("text_len", "sample_size")
+TMPDIFF_CONFIG_KEYS = ("text_len", "sample_size", "time_ids")
 
 
 class EngineDenoiser(torch.nn.Module):
