@@ -344,3 +344,32 @@ def load_manifest_inputs(build_dir):
     from tmpdiff.formats.manifest import load_manifest
 
     return load_manifest(build_dir).inputs
+
+
+def test_a_unet_keeps_the_layers_modelopts_diffusers_example_keeps(tmp_path):
+    """Every layer ModelOpt's diffusers example leaves unquantized (its default filter's names) stays high precision in
+    a UNet with resnet shortcuts (block widths 32 -> 64): the resnets' time_emb_proj and conv_shortcut among them, while
+    attention and resnet convolutions are quantized."""
+    import re
+
+    from diffusers import UNet2DConditionModel
+
+    from tmpdiff.export.quantize import build_config, quantize, quantized_modules
+    from tmpdiff.formats.precisions import get_precision
+
+    modelopt_kept = re.compile(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|"
+                               r"pos_embed|time_text_embed|context_embedder|norm_out|x_embedder).*")
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                 attention_head_dim=8, norm_num_groups=8).eval()
+    names = [name for name, _ in model.named_modules()]
+    assert any("time_emb_proj" in n for n in names) and any("conv_shortcut" in n for n in names)
+    adapter = adapter_for_config(dict(model.config) | {"_class_name": "UNet2DConditionModel", "text_len": 8})
+    batch = adapter.sample_inputs(adapter.default_dims(2))
+    quantized = quantize(model, build_config(get_precision("int8"), model), [batch],
+                         lambda module, inputs: adapter.export_module(module)(*inputs.values()), in_place=True)
+    weights, inputs = quantized_modules(quantized)
+    assert sorted(n for n in weights | inputs if modelopt_kept.match(n)) == []
+    assert any(".attn1.to_q" in n for n in weights & inputs) and any(".resnets.0.conv1" in n for n in weights & inputs)

@@ -49,14 +49,18 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in _TABLE}
 # Highest precision first (the table's order): a step whose output is not finite is re-run one place up.
 PRECISION_ORDER: tuple[str, ...] = tuple(PRECISIONS)
 
-# Layers that stay high precision by default, as TensorRT's diffusion demo keeps them: time and
-# condition embeddings, patch / position embeddings, input and output projections, final norms.
-# modelopt wildcards, matched against quantizer names such as "blocks.0.attn1.to_q.input_quantizer".
+# Layers that stay high precision by default. ModelOpt's diffusers example (examples/diffusers/quantization/utils.py,
+# `filter_func_default`) keeps time_emb_proj, time_embedding, conv_in, conv_out, conv_shortcut, add_embedding,
+# pos_embed, time_text_embed, context_embedder, norm_out and x_embedder; every one of those is kept here too (the
+# UNet's resnet time projections `*time_emb_proj*` and 1x1 shortcut convolutions `*conv_shortcut*` among them), plus
+# the other families' time and condition embeddings, patch embeddings, caption projections, adaLN modulation and
+# output projections. modelopt wildcards, matched against quantizer names such as "blocks.0.attn1.to_q.input_quantizer".
+# Changing this list changes every quantized precision's export key: existing builds re-export.
 HIGH_PRECISION_PATTERNS: tuple[str, ...] = (
     "*pos_embed*", "*patch_embed*", "*x_embedder*", "*context_embedder*", "*caption_projection*",
     "*time_embed*", "*time_proj*", "*timestep_embedder*", "*time_text_embed*", "*add_embedding*",
     "*class_embedding*", "*adaln_single*", "*norm1.emb*", "*norm1.linear*", "*norm1_context.linear*", "*norm.linear*",
-    "*norm_out*", "proj_out*", "conv_in.*", "conv_out.*", "*time_embedding*",
+    "*norm_out*", "proj_out*", "conv_in.*", "conv_out.*", "*time_embedding*", "*time_emb_proj*", "*conv_shortcut*",
 )
 
 
