@@ -373,3 +373,19 @@ def test_a_unet_keeps_the_layers_modelopts_diffusers_example_keeps(tmp_path):
     weights, inputs = quantized_modules(quantized)
     assert sorted(n for n in weights | inputs if modelopt_kept.match(n)) == []
     assert any(".attn1.to_q" in n for n in weights & inputs) and any(".resnets.0.conv1" in n for n in weights & inputs)
+
+
+@pytest.mark.parametrize("extra", [{"time_cond_proj_dim": 16}, {"class_embed_type": "timestep"}])
+def test_a_unet_with_an_input_the_graph_would_drop_is_refused_before_anything_is_written(tmp_path, extra):
+    """An LCM UNet (time_cond_proj_dim: its pipeline passes timestep_cond) or one with class embeddings: the graph would
+    take neither input and so compute another function than the model; export refuses it by name, writing nothing."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, **extra
+                         ).save_pretrained(tmp_path / "model", safe_serialization=True)
+    with pytest.raises(TmpdiffError, match=f"{next(iter(extra))}=.*is not supported"):
+        export_model(tmp_path / "model", tmp_path / "out", ["fp32", "int8"], graph_sizes={"text_len": 8})
+    assert not (tmp_path / "out").exists()

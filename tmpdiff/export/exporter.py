@@ -247,6 +247,9 @@ def export_model(
     options = {k: v for k, v in (graph_sizes or {}).items() if v is not None}
     config = resolve_time_ids(model_dir, read_model_config(model_dir) | options)
     adapter = adapter_for_config(config, model_dir / "config.json", options)
+    problem = adapter.unsupported()
+    if problem is not None:
+        raise TmpdiffError(problem, model_dir / "config.json")
     check_sampling_size(adapter, sampling, "sample_size" in options, model_dir)
     build_dir = export_build_dir(model_dir, out_root, model_id)
     model_id = build_dir.name

@@ -72,6 +72,11 @@ class DenoiserAdapter(ABC):
             return "text_len", f"must be a positive integer, got {self.config['text_len']!r}"
         return None
 
+    def unsupported(self) -> str | None:
+        """Why a model of this config cannot be exported (it takes an input the graph would silently drop), or None;
+        `export_model` refuses such a model before it writes anything."""
+        return None
+
     @abstractmethod
     def input_specs(self) -> list[TensorSpec]: ...
 

@@ -64,14 +64,24 @@ class UNetAdapter(DenoiserAdapter):
         dim = self.config.get("encoder_hid_dim") or self.config["cross_attention_dim"]
         return int(dim[0] if isinstance(dim, list | tuple) else dim)
 
+    def unsupported(self) -> str | None:
+        added = self.config.get("addition_embed_type")
+        if added not in (None, "text_time") or self.config.get("class_embed_type") or self.config.get("num_class_embeds"):
+            return (f"UNet2DConditionModel with addition_embed_type={added!r}, class_embed_type="
+                    f"{self.config.get('class_embed_type')!r} is not supported (plain or SDXL text_time only)")
+        if self.config.get("time_cond_proj_dim"):
+            return (f"UNet2DConditionModel with time_cond_proj_dim={self.config['time_cond_proj_dim']} (a Latent "
+                    "Consistency Model UNet) is not supported: its pipeline passes timestep_cond (the guidance-scale "
+                    "embedding), which the exported graph would not take, so the graph would not compute the model")
+        return None
+
     @property
     def sdxl(self) -> bool:
         """SDXL-style added conditioning (pooled text embeds + size/crop time ids)."""
-        added = self.config.get("addition_embed_type")
-        if added not in (None, "text_time") or self.config.get("class_embed_type") or self.config.get("num_class_embeds"):
-            raise TmpdiffError(f"UNet2DConditionModel with addition_embed_type={added!r}, class_embed_type="
-                               f"{self.config.get('class_embed_type')!r} is not supported (plain or SDXL text_time only)")
-        return added == "text_time"
+        problem = self.unsupported()
+        if problem is not None:
+            raise TmpdiffError(problem)
+        return self.config.get("addition_embed_type") == "text_time"
 
     @property
     def time_ids(self) -> int:
