@@ -121,3 +121,52 @@ def test_model_identity_leaves_out_where_a_config_was_saved(tmp_path, bundled):
     assert recorded_model_hash(model, legacy.hexdigest()) == before  # the bytes changed: no longer the old record
     (model / "config.json").write_text(json.dumps(config | {"num_layers": config["num_layers"] + 1}))
     assert model_content_hash(model) != before
+
+
+def _tiny_unet(half: bool = True):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                 attention_head_dim=8, norm_num_groups=8)
+    return model.half() if half else model
+
+
+def test_a_variant_checkpoint_as_it_ships_loads_plans_and_exports(tmp_path):
+    """A directory holding only `diffusion_pytorch_model.fp16.safetensors` (or its shards) loads that variant; the
+    memory plan counts its parameters once, also when plain weights lie beside it (what diffusers then loads)."""
+    import torch
+
+    from tmpdiff.export.exporter import export_model
+    from tmpdiff.export.memory_plan import parameter_count
+    from tmpdiff.formats.manifest import load_manifest
+
+    model = _tiny_unet()
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(tmp_path / "single", safe_serialization=True, variant="fp16")
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, variant="fp16", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for name in ("single", "sharded"):
+        loaded = load_diffusers_model(tmp_path / name)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True))
+        assert parameter_count(tmp_path / name) == parameters, name
+    _tiny_unet(half=False).save_pretrained(tmp_path / "single", safe_serialization=True)  # plain fp32 beside it
+    assert parameter_count(tmp_path / "single") == parameters
+    assert next(load_diffusers_model(tmp_path / "single").parameters()).dtype == torch.float32
+
+    model.register_to_config(text_len=8)
+    model.save_pretrained(tmp_path / "variant", safe_serialization=True, variant="fp16")
+    build_dir, [outcome] = export_model(tmp_path / "variant", tmp_path / "out", ["fp16"], model_id="v",
+                                        load_dtype="float16")
+    assert outcome.onnx_path.is_file() and load_manifest(build_dir).precisions["fp16"].reference_dtype == "float16"
+
+
+def test_several_variants_and_no_plain_weights_are_refused_by_name(tmp_path):
+    model = _tiny_unet()
+    model.save_pretrained(tmp_path, safe_serialization=True, variant="fp16")
+    model.save_pretrained(tmp_path, safe_serialization=True, variant="bf16")
+    with pytest.raises(TmpdiffError, match=r"several kinds \(bf16, fp16\)"):
+        load_diffusers_model(tmp_path)

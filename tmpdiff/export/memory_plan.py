@@ -106,9 +106,12 @@ def copies(precision: str, base: str, conv_share: float) -> float:
 
 
 def tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
-    """The shape of every tensor in a diffusers model directory's safetensors files, by name, from their headers."""
+    """The shape of every tensor in the safetensors files a diffusers model directory's model is loaded from
+    (`loaded_safetensors`: not a variant lying beside the plain weights), by name, from their headers."""
+    from tmpdiff.models.loading import loaded_safetensors
+
     shapes = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
+    for file in loaded_safetensors(model_dir):
         shapes |= _header_shapes(file, _read_header(file))
     return shapes
 

@@ -6,6 +6,7 @@ Only safetensors weights are ever read: a directory that holds pickle checkpoint
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,37 @@ from tmpdiff.formats.atomic import read_json_object
 from tmpdiff.formats.errors import TmpdiffError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# diffusers' name for a variant checkpoint (`save_pretrained(variant="fp16")`): one file, or shards whose index is
+# diffusion_pytorch_model.safetensors.index.fp16.json
+_VARIANT_FILE = re.compile(r"^diffusion_pytorch_model\.(?P<variant>[A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def _variant_of(name: str) -> str | None:
+    match = _VARIANT_FILE.match(name)
+    return match["variant"] if match else None
+
+
+def weights_variant(model_dir: Path) -> str | None:
+    """The checkpoint variant diffusers must be asked for (`from_pretrained(variant=...)`): None when the directory
+    holds plain weights (what diffusers loads without one, whatever variants lie beside them), else the one variant
+    its safetensors files carry (`diffusion_pytorch_model.fp16.safetensors`, or its shards). Several variants and no
+    plain weights are refused: which one to load is not tmpdiff's guess."""
+    names = [path.name for path in model_dir.glob("*.safetensors")]
+    found = {_variant_of(name) for name in names}
+    if not names or None in found:
+        return None
+    variants = sorted(found)
+    if len(variants) > 1:
+        raise TmpdiffError(f"holds only variant checkpoints of several kinds ({', '.join(variants)}) and no plain "
+                           "diffusion_pytorch_model.safetensors: keep the one variant to export", model_dir)
+    return variants[0]
+
+
+def loaded_safetensors(model_dir: Path) -> list[Path]:
+    """The safetensors files `load_diffusers_model` loads (the plain weights, or the one variant's): what the
+    memory plan and the weight check read. Empty when there are none."""
+    variant = weights_variant(model_dir)
+    return [path for path in sorted(model_dir.glob("*.safetensors")) if _variant_of(path.name) == variant]
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -47,8 +79,9 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors weight files of a model directory; refuses pickle-only directories."""
-    safetensors = sorted(model_dir.glob("*.safetensors"))
+    """The safetensors weight files a model directory's model is loaded from (`loaded_safetensors`); refuses
+    pickle-only directories."""
+    safetensors = loaded_safetensors(model_dir)
     if safetensors:
         return safetensors
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -78,7 +111,7 @@ def check_weights(model_dir: Path) -> None:
 def load_diffusers_model(model_dir: str | Path, subfolder: str | None = None,
                          dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Load a diffusers model class from a local directory via `from_pretrained` (safetensors only), in `dtype`
-    (default: as stored)."""
+    (default: as stored); a directory holding only a variant checkpoint (`*.fp16.safetensors`) loads that variant."""
     import diffusers
 
     model_dir = Path(model_dir)
@@ -89,9 +122,11 @@ def load_diffusers_model(model_dir: str | Path, subfolder: str | None = None,
     if model_cls is None or not isinstance(model_cls, type) or not issubclass(model_cls, diffusers.ModelMixin):
         raise TmpdiffError(f"unknown diffusers model class {class_name!r}", target / "config.json")
     check_weights(target)
+    variant = weights_variant(target)
     try:
         model = model_cls.from_pretrained(str(target), use_safetensors=True, local_files_only=True,
-                                          **({"torch_dtype": dtype} if dtype is not None else {}))
+                                          **({"torch_dtype": dtype} if dtype is not None else {}),
+                                          **({"variant": variant} if variant is not None else {}))
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TmpdiffError(f"could not load {class_name} ({first_line})", target) from None
