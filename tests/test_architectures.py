@@ -389,3 +389,19 @@ def test_a_unet_with_an_input_the_graph_would_drop_is_refused_before_anything_is
     with pytest.raises(TmpdiffError, match=f"{next(iter(extra))}=.*is not supported"):
         export_model(tmp_path / "model", tmp_path / "out", ["fp32", "int8"], graph_sizes={"text_len": 8})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sana", "unet-sd15"])
+def test_time_embedding_input_is_refused_by_name_for_other_architectures(tmp_path, name):
+    """Learned time embeddings know DiT's per-block embedders and PixArt's adaLN-single only: SD3 and Flux (timestep
+    embedded with pooled text), Sana and the UNets are refused naming the architecture, before anything is written,
+    and `time_sites` (distill-embeddings) refuses their models the same way instead of probing them with class labels."""
+    from tmpdiff.models.time_sites import time_sites
+
+    model = _save(CASES[name], tmp_path / "model")
+    architecture = type(model).__name__
+    with pytest.raises(TmpdiffError, match=f"not {architecture}"):
+        export_model(tmp_path / "model", tmp_path / "out", ["fp32"], time_embedding_input=True)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TmpdiffError, match=f"not {architecture}"):
+        time_sites(model).slots()

@@ -250,6 +250,10 @@ def export_model(
     problem = adapter.unsupported()
     if problem is not None:
         raise TmpdiffError(problem, model_dir / "config.json")
+    if time_embedding_input:
+        from tmpdiff.models.time_sites import check_supported
+
+        check_supported(adapter.architecture)  # before anything is written
     check_sampling_size(adapter, sampling, "sample_size" in options, model_dir)
     build_dir = export_build_dir(model_dir, out_root, model_id)
     model_id = build_dir.name

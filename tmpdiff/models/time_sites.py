@@ -24,6 +24,19 @@ import torch
 from tmpdiff.formats.errors import TmpdiffError
 
 EMBEDDER_SUFFIX = "timestep_embedder"
+# The architectures whose time conditioning is one of the two kinds above (DiT's per-block embedders of the timestep
+# and class label; PixArt's adaLN-single). SD3, Flux and Sana embed t together with pooled text or guidance
+# (`time_text_embed`, `time_embed`), UNets through `time_embedding`: neither kind, refused by name.
+SUPPORTED_ARCHITECTURES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+_EMBEDDER_PARENT = "CombinedTimestepLabelEmbeddings"  # DiT's: timestep + class label, what the probe passes
+
+
+def check_supported(architecture: str) -> None:
+    """Refuse learned / input time embeddings for an architecture whose time conditioning is neither kind."""
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise TmpdiffError(f"learned time embeddings (--time-embedding-input, distill-embeddings) support "
+                           f"{' and '.join(SUPPORTED_ARCHITECTURES)} only, not {architecture}: its time conditioning "
+                           "is neither per-block timestep embedders nor adaLN-single")
 OUTPUT_SLOT = "adaln_single"  # adaLN-single: the output layer's slot, named by the module whose output it replaces
 
 
@@ -174,10 +187,18 @@ class AdaLNSingle:
 
 
 def time_sites(model: torch.nn.Module) -> TimeSites:
-    """The model's kind of time-conditioning slots; a model with neither kind is refused."""
+    """The model's kind of time-conditioning slots; a model of another architecture (`SUPPORTED_ARCHITECTURES`) or
+    with neither kind is refused."""
+    check_supported(type(model).__name__)
     if hasattr(model, "adaln_single") and hasattr(model, "transformer_blocks"):
         return AdaLNSingle(model)
     calls = EmbedderCalls(model)
+    modules = dict(model.named_modules())
+    others = sorted({type(modules[name.rsplit(".", 1)[0]]).__name__ for name in calls.embedders if "." in name}
+                    - {_EMBEDDER_PARENT})
+    if others:
+        raise TmpdiffError(f"{type(model).__name__} embeds its timestep in {', '.join(others)}, not DiT's "
+                           f"{_EMBEDDER_PARENT}: learned time embeddings are not supported for it")
     if not calls.embedders:
         raise TmpdiffError(f"{type(model).__name__} has no adaLN-single and no '*.{EMBEDDER_SUFFIX}' modules: "
                            "no time embedding to replace")
