@@ -340,6 +340,21 @@ def test_time_ids_of_an_sdxl_unet_outside_its_pipeline_must_be_given(tmp_path):
         export_model(pipe_dir / "unet", tmp_path / "other", ["fp32"], graph_sizes={"text_len": 8})
 
 
+def test_time_ids_of_sdxl_as_it_ships_follow_from_its_widths(tmp_path):
+    """SDXL's base (2816 = 1280 + 6 x 256) and refiner (2560 = 1280 + 5 x 256) UNets alone: the count that leaves the
+    pooled width 1280 is taken; other widths are refused (above)."""
+    from tmpdiff.models.unet import resolve_time_ids
+
+    alone = tmp_path / "unet"
+    alone.mkdir()
+    base = {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": 2816,
+            "addition_time_embed_dim": 256}
+    assert resolve_time_ids(alone, base)["time_ids"] == 6
+    assert resolve_time_ids(alone, base | {"projection_class_embeddings_input_dim": 2560})["time_ids"] == 5
+    with pytest.raises(TmpdiffError, match="--time-ids"):
+        resolve_time_ids(alone, base | {"projection_class_embeddings_input_dim": 2000})
+
+
 def load_manifest_inputs(build_dir):
     from tmpdiff.formats.manifest import load_manifest
 

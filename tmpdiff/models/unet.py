@@ -16,6 +16,7 @@ from tmpdiff.models.adapter import DenoiserAdapter, computing_in
 # (`resolve_time_ids` sets it at export); a build exported before that key existed took 6.
 TIME_IDS = 6
 REFINER_TIME_IDS = 5
+SDXL_POOLED_DIM = 1280  # text_encoder_2's projection_dim (OpenCLIP ViT-bigG) in SDXL base and refiner alike
 TIME_IDS_HELP = "6 for an SDXL base UNet (sizes and crop), 5 for an SDXL refiner's (sizes, crop, aesthetic score)"
 
 
@@ -134,8 +135,9 @@ def resolve_time_ids(model_dir: Path, config: dict) -> dict:
     """`config` with `time_ids` set for an SDXL-style (text_time) UNet that does not give it (config.json or
     --time-ids): from the pipeline directory the UNet is a component of - text_encoder_2's projection_dim is the pooled
     text width, whatever is left of projection_class_embeddings_input_dim is the time ids; else model_index.json's
-    `requires_aesthetics_score` (the refiner's 5, else 6). A UNet directory outside a pipeline is refused: its config
-    gives only the product, and a wrong count exports a graph the pipeline cannot feed."""
+    `requires_aesthetics_score` (the refiner's 5, else 6). A UNet directory outside a pipeline takes the count that
+    leaves SDXL's pooled width (1280) when one does (SDXL base and refiner as they ship); otherwise it is refused: its
+    config gives only the product, and a wrong count exports a graph the pipeline cannot feed."""
     if config.get("addition_embed_type") != "text_time" or "time_ids" in config:
         return config
     from tmpdiff.formats.atomic import read_json_object
@@ -143,6 +145,11 @@ def resolve_time_ids(model_dir: Path, config: dict) -> dict:
     pipeline = model_dir.parent
     index_path = pipeline / "model_index.json"
     if not index_path.is_file():
+        # alone: SDXL's own widths tell base (2816 = 1280 + 6 x 256) from refiner (2560 = 1280 + 5 x 256)
+        total, per_id = int(config["projection_class_embeddings_input_dim"]), int(config["addition_time_embed_dim"])
+        shipped = [n for n in (TIME_IDS, REFINER_TIME_IDS) if total - n * per_id == SDXL_POOLED_DIM]
+        if len(shipped) == 1:
+            return config | {"time_ids": shipped[0]}
         raise TmpdiffError(f"an SDXL-style UNet outside its pipeline directory: its config does not say how many time "
                            f"ids it takes; pass --time-ids ({TIME_IDS_HELP}), or export it from the pipeline "
                            "directory (MODEL --subfolder unet)", model_dir)
