@@ -198,3 +198,15 @@ def test_parity_rule_accepts_another_draw_of_the_same_quality_only():
     assert not parity_ok("int8", 5.7e-2, 8e-2, 5.01e-2)  # worse than the fake-quant model
     assert not parity_ok("fp32", 5.7e-2, 5e-2, 5e-2)  # unquantized graphs must simply match
     assert not parity_ok("int8", float("nan"), 5e-2, 5e-2)
+
+
+def test_parity_error_refuses_outputs_of_another_shape():
+    """numpy broadcasts: a graph answering one row (or the transposed layout) for two would be measured, not refused."""
+    from tmpdiff.export.exporter import _relative_error
+
+    want = np.arange(1.0, 9.0).reshape(2, 4)
+    assert _relative_error(want.copy(), want) == 0.0
+    with pytest.raises(TmpdiffError, match="shape"):
+        _relative_error(want[:1], want)  # (1, 4) against (2, 4)
+    with pytest.raises(TmpdiffError, match="shape"):
+        _relative_error(np.ones(4), np.ones((2, 4)))

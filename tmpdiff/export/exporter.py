@@ -110,6 +110,10 @@ def _up_to_date(build_dir: Path, entry: PrecisionEntry | None, key: str) -> bool
 
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """Relative L2 of `got` against `want`, which must have its shape (numpy would broadcast a (1, ...) or
+    transposed output into a small number instead of refusing it)."""
+    if np.shape(got) != np.shape(want):
+        raise TmpdiffError(f"output of shape {tuple(np.shape(got))} compared with one of shape {tuple(np.shape(want))}")
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
 
 

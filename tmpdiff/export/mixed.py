@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from tmpdiff.export import census as graph_census
-from tmpdiff.export.exporter import check_half_parity
+from tmpdiff.export.exporter import _relative_error, check_half_parity
 from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
 from tmpdiff.export.half import to_half
 from tmpdiff.export.onnx_export import load_weights, traced
@@ -70,7 +70,7 @@ def _session(path: Path, level: str):
 
 
 def _relative(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+    return _relative_error(got, want)
 
 
 def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
