@@ -627,18 +627,20 @@ def _export_quantized(spec: Precision, take_model: Callable[[], torch.nn.Module]
         "rewrite": {"trt": trt_stats, "ort": twin_stats},
         "state": {"weights": f"{spec.name}/quant_state.safetensors", "config": f"{spec.name}/quant_config.json"},
     }
-    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, expected, reference, quantization, written)
+    entry = _checked_entry(spec, build_dir, rel, trt_rel, key, adapter, expected, reference, quantization, written,
+                           half_reference=dtype != torch.float32)
     return entry, rows
 
 
 def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key: str, adapter: DenoiserAdapter,
                    expected: ParityOutputs, reference: ParityOutputs, quantization: dict | None = None,
-                   extra_files: list[Path] = ()) -> PrecisionEntry:
+                   extra_files: list[Path] = (), half_reference: bool = False) -> PrecisionEntry:
     """The manifest entry of a saved graph (ORT graph `rel`, TensorRT graph `trt_rel`) once its parity with the torch
     module's `expected` outputs holds (errors also against `reference`, the fp32 model's); every other file written
     for it (external data, quantizer state) is hashed too."""
     parity, error, torch_error = _parity(build_dir / rel, spec.name, expected, reference)
-    _check_parity(spec.name, parity, error, torch_error, build_dir / rel)
+    _check_parity(spec.name, parity, error, torch_error, build_dir / rel, rounding_ties=adapter.rounding_ties,
+                  half_reference=half_reference)
     check_io = build_dir / spec.name / CHECK_IO_NAME
     _record_check_io(build_dir / rel, spec.name, adapter, check_io)
     extra_files = [*extra_files, check_io]
@@ -652,23 +654,65 @@ def _checked_entry(spec: Precision, build_dir: Path, rel: str, trt_rel: str, key
     )
 
 
-def parity_ok(precision: str, parity: float, error: float, torch_error: float | None) -> bool:
-    """The twin passes if it matches torch within the precision's tolerance, or - for quantized graphs deep
-    enough that rounding ties flip (UNets; a real-size random-weight SD1.5 UNet: 5.7e-2 apart, both 5.0e-2 from
-    fp32) - if it is of the same quantization quality as torch: its own error vs fp32 within 15% of torch's, and
-    at most 1.5x torch's error away from torch (two independent draws of equal size are sqrt(2) x apart; a graph
-    with missing or wrong quantizers is off in its own error, not only in its draw).
+# The twin's acceptance (`parity_ok`), measured on every export the tests make (median over the three parity
+# batches; "share" = twin vs fake-quant torch / fake-quant torch vs fp32, "quality" = |twin's error vs fp32 - torch's|
+# / torch's), fp32 loads unless noted:
+#   honest twins                      parity     torch err  share   quality
+#   tiny transformers int8/fp8/int4   <=2.6e-7   7e-4..3e-2 <=1e-5  <=0.002  (DiT, SD3, Flux, Sana, PixArt)
+#   bundled DiT int8 / fp8 (trained)  3.8e-4     1.7e-2     0.022   0.001    (one seed of three: 5.0e-3, a tie)
+#   tiny UNets int8 / fp8             1.8e-2     3.4e-2     0.52    0.009    (rounding-tie regime)
+#   16-bit loads (README, real size)  SD3-medium int8 0.84, fp8 0.59, int4 0.16; SDXL-size int8 1.15, fp8 0.88,
+#                                     int4 0.034 (the twin computes in fp32, torch in fp16)
+#   corrupted twins (tiny SD3, the reviewer's scripts)
+#   int8 scales x1.5 on 1..7 of 21    2.1e-3..9.9e-3  7.2e-4  2.8..13.7  1.9..12.8
+#   int4 scales shifted on 1..8 of 21 2.3e-4..2.1e-3  4.7e-3  0.048..0.45 0.001..0.10
+# So: a twin computes the fake-quant maths in fp32, float rounding apart (`EXACT_PARITY`); activation-quantized kinds
+# (int8/fp8) may put an activation on a rounding tie, which moves the output by a share of the quantization error
+# (`TIE_SHARE`), in UNets by most of it (`ROUNDING_TIE_SHARE`, another draw of the same size); a 16-bit load's
+# torch model rounds to 16 bits where the twin does not (int4: `HALF_INT4_SHARE`; int8/fp8: the tie regime). Every
+# quantized twin must keep torch's quality (`QUALITY`). int4 from fp32 has no ties and no 16-bit rounding: exact
+# only (its corruptions above start at 2.3e-4, under any share of its error). Not separable: an int4 corruption the
+# size of the 16-bit rounding in a 16-bit load (the first rows above: shares 0.05..0.45, SD3-medium's honest 0.16).
+EXACT_PARITY = 1e-4
+TIE_SHARE = 0.25
+ROUNDING_TIE_SHARE = 1.5
+HALF_INT4_SHARE = 0.5
+QUALITY = 0.15
+
+
+def parity_ok(precision: str, parity: float, error: float, torch_error: float | None, *,
+              rounding_ties: bool = False, half_reference: bool = False) -> bool:
+    """Whether ONNX Runtime's graph passes its parity check: `parity` from the torch model it came from, `error` and
+    `torch_error` (graph's and torch's) from the reference model (fp32, or the 16-bit load with `half_reference`).
+
+    Plain graphs (fp32, fp16) match within the precision's tolerance. A quantized twin computes the fake-quant maths:
+    it must keep torch's quantization quality (its own error within `QUALITY` of torch's) and be at most as far from
+    torch as its regime allows, relative to the quantization error (table above): float rounding only (int4 from
+    fp32), a rounding tie's share of it (int8/fp8), another draw of the same size (int8/fp8 in deep graphs where
+    ties flip - UNets, `rounding_ties` - or from a 16-bit load; two independent draws of equal size are sqrt(2) x
+    apart: a real-size random-weight SD1.5 UNet measured 5.7e-2 apart, both 5.0e-2 from fp32).
     """
+    spec = get_precision(precision)
     if not np.isfinite(parity):
         return False
-    if parity <= get_precision(precision).parity_tolerance:
-        return True
-    return (get_precision(precision).rewrite_kind is not None and torch_error is not None
-            and parity <= 1.5 * torch_error and abs(error - torch_error) <= 0.15 * torch_error)
+    if spec.rewrite_kind is None:
+        return parity <= spec.parity_tolerance
+    if torch_error is None or not (np.isfinite(error) and np.isfinite(torch_error)):
+        return False
+    if abs(error - torch_error) > QUALITY * torch_error + EXACT_PARITY:
+        return False
+    if spec.rewrite_kind == "int4":
+        share = HALF_INT4_SHARE if half_reference else 0.0
+    else:
+        share = ROUNDING_TIE_SHARE if rounding_ties or half_reference else TIE_SHARE
+    return parity <= max(EXACT_PARITY, share * torch_error)
 
 
-def _check_parity(precision: str, parity: float, error: float, torch_error: float, path: Path) -> None:
-    if not parity_ok(precision, parity, error, torch_error):
+def _check_parity(precision: str, parity: float, error: float, torch_error: float, path: Path, *,
+                  rounding_ties: bool = False, half_reference: bool = False) -> None:
+    if not parity_ok(precision, parity, error, torch_error, rounding_ties=rounding_ties, half_reference=half_reference):
+        rule = (f"tolerance {get_precision(precision).parity_tolerance:.0e}" if get_precision(precision).rewrite_kind is None
+                else "see exporter.parity_ok: a share of the quantization error, and the same error vs the reference")
         raise TmpdiffError(
-            f"{precision}: ONNX Runtime output differs from the torch model by {parity:.2e} (tolerance "
-            f"{get_precision(precision).parity_tolerance:.0e}; error vs fp32: ORT {error:.2e}, torch {torch_error:.2e})", path)
+            f"{precision}: ONNX Runtime output differs from the torch model by {parity:.2e} ({rule}; error vs the "
+            f"reference: ORT {error:.2e}, torch {torch_error:.2e})", path)

@@ -21,16 +21,18 @@ class Precision:
     ort_opset: int  # opset of the ONNX Runtime graph (standard Q/DQ ops)
     trt_opset: int  # opset of the TensorRT graph file (modelopt's trt:: Q/DQ ops; int4's 16-bit graph needs 21)
     rewrite_kind: str | None  # which graph rewrite its Q/DQ nodes need (int8, fp8, int4); None = plain
-    parity_tolerance: float  # ORT graph vs the torch model it came from, relative L2
+    parity_tolerance: float  # plain graphs: ORT graph vs the torch model it came from; engine vs its graph, relative L2
     min_compute_capability: tuple[int, int]  # oldest NVIDIA GPU (major, minor) TensorRT runs it on
     ort_optimization: str = "all"  # ORT graph optimisation level its graph loads at
     needs_cuda: bool = False  # modelopt can only calibrate it on a GPU
 
 
 # Parity: fp32 is the same maths on other kernels (float rounding only). fp16: both sides compute in
-# half but accumulate differently (~1e-3 per layer). Quantized: the twin computes the fake-quant maths
-# exactly, but an activation on a rounding tie in one backend and not the other moves one quantization
-# step, which propagates. int4 is weight-only (W4A16): weights dequantize exactly, float rounding remains.
+# half but accumulate differently (~1e-3 per layer). Quantized: the tolerance is how far an engine may be from
+# its own exported graph's recorded output (`tmpdiff check`, the doctor) - an activation on a rounding tie in
+# one backend and not the other moves one quantization step, which propagates. int4 is weight-only (W4A16):
+# weights dequantize exactly, float rounding remains. The export accepts a quantized twin against its
+# fake-quant model by a stricter rule relative to the measured quantization error (`exporter.parity_ok`).
 # fp8: its float8 Q/DQ graph only loads at ORT's basic level (the extended level fuses it into
 # MatMulIntegerToFloat, which rejects float8 inputs; ORT 1.31).
 # Compute capability: TensorRT 10.5+ runs on Turing (7.5) and newer; the quantized rows follow the Model
