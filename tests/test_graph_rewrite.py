@@ -257,3 +257,36 @@ def test_parity_error_refuses_outputs_of_another_shape():
         _relative_error(want[:1], want)  # (1, 4) against (2, 4)
     with pytest.raises(TmpdiffError, match="shape"):
         _relative_error(np.ones(4), np.ones((2, 4)))
+
+
+# (distance from the fake-quant model, from fp32, fake-quant model's from fp32): medians measured at export
+HONEST_TRT_GRAPHS = [(4.47e-3, 5.07e-3, 3.39e-3), (6.18e-3, 1.22e-2, 1.16e-2),  # tiny DiT int8, fp8
+                     (4.01e-2, 3.45e-2, 3.37e-2), (7.85e-2, 8.63e-2, 8.73e-2),  # tiny UNet int8, fp8
+                     (1.08e-2, 1.61e-2, 1.69e-2), (1.48e-2, 3.23e-2, 2.79e-2)]  # bundled DiT int8, fp8
+PLAIN_FP16_GRAPHS = [(3.43e-3, 4.21e-4, 3.39e-3), (1.16e-2, 4.22e-4, 1.16e-2),  # the fp16 graph in their place
+                     (3.38e-2, 7.74e-4, 3.37e-2), (8.75e-2, 7.69e-4, 8.73e-2),
+                     (1.69e-2, 3.34e-4, 1.69e-2), (2.78e-2, 3.48e-4, 2.79e-2)]
+
+
+@pytest.mark.parametrize(("error", "vs_fp32", "quantization"), HONEST_TRT_GRAPHS)
+def test_half_parity_accepts_the_measured_trt_graphs(error, vs_fp32, quantization, tmp_path):
+    from tmpdiff.export.exporter import check_half_parity
+
+    check_half_parity(error, vs_fp32, quantization, "graph", "the fake-quant model", tmp_path)
+
+
+@pytest.mark.parametrize(("error", "vs_fp32", "quantization"), PLAIN_FP16_GRAPHS)
+def test_half_parity_refuses_a_graph_without_quantization(error, vs_fp32, quantization, tmp_path):
+    """A plain fp16 graph is within the fp16 tolerance of a transformer's fake-quant model (its quantization error is
+    small) and far from a UNet's but near fp32: both passed the one-sided rule."""
+    from tmpdiff.export.exporter import check_half_parity
+
+    with pytest.raises(TmpdiffError, match="does not carry the quantization"):
+        check_half_parity(error, vs_fp32, quantization, "graph", "the fake-quant model", tmp_path)
+
+
+def test_half_parity_still_refuses_a_graph_worse_than_the_fake_quant_model(tmp_path):
+    from tmpdiff.export.exporter import check_half_parity
+
+    with pytest.raises(TmpdiffError, match="differs from"):
+        check_half_parity(6e-2, 6e-2, 3.37e-2, "graph", "the fake-quant model", tmp_path)
