@@ -33,7 +33,7 @@ def print_export_table(outcomes: list[ExportOutcome]) -> None:
     if over_tolerance:  # accepted by `exporter.parity_ok`: a share of the quantization error, the same quality
         table.caption = ("* above the precision's parity tolerance; accepted because its error vs the reference is "
                          "within 15% of torch's own and its distance from torch is a share of that error allowed by "
-                         "exporter.parity_ok (rounding ties; 1.5x in UNets and 16-bit loads)")
+                         "exporter.parity_ok (int8/fp8: rounding ties, up to 1.5x that error)")
     _console.print(table)
 
 

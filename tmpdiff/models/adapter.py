@@ -28,10 +28,6 @@ class DenoiserAdapter(ABC):
 
     architecture: ClassVar[str]
     default_text_len: ClassVar[int] = 77  # text-conditioned models: the pipeline's usual token count
-    # deep enough that one activation on an int8/fp8 rounding tie, rounded one way by ONNX Runtime and the other by
-    # torch, moves the output by a share of the whole quantization error (UNets: GroupNorm/resnet stacks; see
-    # `exporter.parity_ok`)
-    rounding_ties: ClassVar[bool] = False
 
     def __init__(self, config: dict) -> None:
         self.config = config

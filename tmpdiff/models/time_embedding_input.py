@@ -59,7 +59,6 @@ class EmbeddingInputAdapter(DenoiserAdapter):
             raise TmpdiffError(f"own time-embedding table of shape {tuple(own_table.shape)} for {len(slots)} slots")
         self.base, self.slots, self.own_table = base, list(slots), own_table
         self.architecture = base.architecture  # type: ignore[misc]  # the same model class, one more input
-        self.rounding_ties = base.rounding_ties  # type: ignore[misc]
 
     @classmethod
     def for_model(cls, base: DenoiserAdapter, model: torch.nn.Module, train_timesteps: int) -> EmbeddingInputAdapter:

@@ -48,7 +48,6 @@ class UNetAdapter(DenoiserAdapter):
 
     default_text_len = 77
     architecture = "UNet2DConditionModel"
-    rounding_ties = True
 
     def latent_sides(self) -> list:
         size = self.config.get("sample_size")
