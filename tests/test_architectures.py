@@ -204,6 +204,43 @@ def test_fp32_graph_matches_torch_at_other_batch_sizes(exported, batch):
 
 
 @pytest.mark.slow
+def _damaged(twin: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """The twin with one quantized layer's weight scales damaged as a layout bug would: int8 x1.5, int4 shifted by
+    one output channel."""
+    from onnx import numpy_helper
+
+    damaged = onnx.ModelProto()
+    damaged.CopyFrom(twin)
+    inits = {t.name: t for t in damaged.graph.initializer}
+    blocked = precision == "int4"
+    node = next(n for n in damaged.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and numpy_helper.to_array(inits[n.input[1]]).size > 1
+                and any(a.name == "block_size" for a in n.attribute) == blocked)
+    scale = numpy_helper.to_array(inits[node.input[1]])
+    scale = np.roll(scale, 1, axis=1) if blocked else scale * 1.5
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
+    return damaged
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_twin_with_one_layer_of_damaged_scales_is_refused(exported, precision, tmp_path):
+    """One of the tiny SD3's quantized layers with wrong scales: int8's passed the 2e-2 tolerance, int4's the 1.5x
+    rounding-tie rule (int4 quantizes no activation: nothing ties)."""
+    from tmpdiff.export.exporter import _parity, parity_ok, parity_outputs
+
+    name, model, adapter, build_dir, outcomes = exported
+    if name != "sd3":
+        pytest.skip("one transformer is enough")
+    reference = parity_outputs(adapter, adapter.export_module(model))
+    expected = parity_outputs(adapter, adapter.export_module(restore_quantized(model, build_dir / precision)), reference)
+    onnx.save(_damaged(onnx.load(outcomes[precision].onnx_path), precision), str(tmp_path / "damaged.onnx"))
+    honest = _parity(outcomes[precision].onnx_path, precision, expected, reference)
+    damaged = _parity(tmp_path / "damaged.onnx", precision, expected, reference)
+    assert damaged[0] > 10 * honest[0], (honest, damaged)  # the damage is real
+    assert parity_ok(precision, *honest)  # a transformer loaded in fp32: no rounding-tie allowance
+    assert not parity_ok(precision, *damaged), damaged
+
+
 def test_int4_with_conv_layers_kept_high_precision(tmp_path):
     """int4 (W4A16) is a GEMM format: Sana's GLUMBConv feed-forward stays high precision, attention goes int4."""
     _save(CASES["sana"], tmp_path / "model")
