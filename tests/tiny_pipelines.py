@@ -110,16 +110,23 @@ def sd15():
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def _sdxl_unet(cross_attention_dim: int, time_ids: int):
+    """A tiny SDXL-layout UNet: pooled text width 32 (text_encoder_2's projection) + `time_ids` x 8 added conditions."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + time_ids * 8,
+                                use_linear_projection=True)
+
+
 def sdxl():
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     # Added conditioning: pooled text (32, text_encoder_2's projection) + 6 time ids x 8, through added_cond_kwargs.
-    unet = UNet2DConditionModel(sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
-                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
-                                use_linear_projection=True)
+    unet = _sdxl_unet(cross_attention_dim=64, time_ids=6)
     return StableDiffusionXLPipeline(vae=tiny_vae(4), text_encoder=clip_text_encoder(32, 32, False),
                                      text_encoder_2=clip_text_encoder(32, 32, True), tokenizer=word_tokenizer(TEXT_LEN, bos=True),
                                      tokenizer_2=word_tokenizer(TEXT_LEN, bos=True), unet=unet, scheduler=EulerDiscreteScheduler())
@@ -128,14 +135,9 @@ def sdxl():
 def sdxl_refiner():
     """SDXL's refiner layout: img2img with an aesthetic score, so 5 time ids (sizes, crop, score) x 8 beside the pooled
     text (32, text_encoder_2's projection); only the second text encoder, as the refiner ships."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-    unet = UNet2DConditionModel(sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
-                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 5 * 8,
-                                use_linear_projection=True)
+    unet = _sdxl_unet(cross_attention_dim=32, time_ids=5)
     return StableDiffusionXLImg2ImgPipeline(vae=tiny_vae(4), text_encoder=None, text_encoder_2=clip_text_encoder(32, 32, True),
                                             tokenizer=None, tokenizer_2=word_tokenizer(TEXT_LEN, bos=True), unet=unet,
                                             scheduler=EulerDiscreteScheduler(), requires_aesthetics_score=True)
