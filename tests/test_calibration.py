@@ -656,7 +656,7 @@ def test_quality_floor_returns_the_cheapest_accepted_schedule(monkeypatch):
     """The budget bisection can accept, at a larger budget, a schedule cheaper than the one it accepts later at a
     smaller budget (`tmpdiff_search` picks the better *measured* of its knapsack answers, so its answer's cost is not
     monotone in the budget): the answer is the cheapest accepted one."""
-    from tmpdiff.calibration import search
+    from tmpdiff.calibration import floor, search
     from tmpdiff.calibration.evaluator import Evaluation
 
     def evaluate(schedule):
@@ -674,10 +674,10 @@ def test_quality_floor_returns_the_cheapest_accepted_schedule(monkeypatch):
         assert problem.fits(answer, budget)
         return answer, [answer]
 
-    monkeypatch.setattr(search, "tmpdiff_search", scripted)
+    monkeypatch.setattr(floor, "tmpdiff_search", scripted)
     # no refinement: the knapsack answers alone (refinement would measure swaps of `refused` that this floor accepts)
-    schedule, tried = search.meet_quality_floor(problem, None, lambda e: e.schedule not in (all_int4, refused),
-                                                iterations=3, refine_evaluations=0)
+    schedule, tried = floor.meet_quality_floor(problem, None, lambda e: e.schedule not in (all_int4, refused),
+                                               iterations=3, refine_evaluations=0)
     assert tried == [all_int4, cheaper, dearer, refused]
     assert schedule == cheaper  # the last accepted (dearer) was returned before
 

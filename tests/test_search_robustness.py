@@ -113,8 +113,8 @@ def test_a_quality_floor_uses_what_it_measured(floor):
     down to the dearest answer without it (`ffffffffii`, 1.12x, at each of these floors). Refining at a failing
     budget with real evaluations, and counting every measured schedule that meets the floor, finds the cheapest
     schedule meeting it, within 3*T*L evaluations plus 2 per bisection step."""
+    from tmpdiff.calibration.floor import meet_quality_floor
     from tmpdiff.calibration.refine import evaluation_cap
-    from tmpdiff.calibration.search import meet_quality_floor
 
     step7 = np.full(10, 1e-3)
     step7[7] = 5e-2

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tmpdiff.calibration.floor import meet_quality_floor
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
     Problem,
     Schedule,
     Sensitivities,
     measure_sensitivities,
-    meet_quality_floor,
     segment_bisection,
     tmpdiff_search,
 )

@@ -129,7 +129,7 @@ def refine(problem: Problem, start: Schedule, budget: float, max_evaluations: in
     """First-improvement local search from `start` on measured errors, at most `max_evaluations` new evaluations.
     With `sens`, candidates are ordered by an `InteractionModel` refitted after each evaluation, and the schedules
     the sensitivities measured are not measured again. With `until`, it stops at the first schedule it reaches that
-    `until` accepts (a quality floor met: `search.meet_quality_floor`)."""
+    `until` accepts (a quality floor met: `floor.meet_quality_floor`)."""
     current = tuple(start)
     best = start_error = problem.error(current)
     measured: dict[Schedule, float] = dict(sens.probes) if sens is not None else {}
