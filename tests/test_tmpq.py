@@ -97,8 +97,31 @@ def test_timestep_genes_stay_in_their_groups_and_configs_are_capped_per_step():
     for cand in evaluated:
         assert all(t in g for t, g in zip(cand.timesteps, groups, strict=True))
         assert len(cand.distinct_configs) <= 2
-    assert search.over_cap > 0  # crossovers of parents with different pools that make a third one were discarded
-    assert search.over_budget == 0 and search.rejected == search.over_cap  # (no budget here) counted apart
+    assert search.rejected == 0  # no budget here, and every generated candidate keeps within the cap
+
+
+def test_per_step_crossovers_keep_within_the_configuration_cap():
+    # each parent brings up to the cap, so a child of two parents with different pools could run up to twice as many
+    # configurations: it keeps those most of its steps run and moves the other steps to the nearest kept one
+    search = TmpqSearch(tmpq_groups(8), 12, 3, lambda c: 0.0, lambda c: 0.0, 1.0,
+                        SearchSettings(consistent=False, max_configs=2, seed=1))
+    a_pool, b_pool = [(0,) * 12, (1,) * 12], [(2,) * 12, (0,) * 11 + (2,)]
+    a = Candidate(tuple(g[0] for g in search.groups), tuple(a_pool[i % 2] for i in range(8)))
+    b = Candidate(tuple(g[-1] for g in search.groups), tuple(b_pool[i // 4] for i in range(8)))
+    children = [search.cross(a, b) for _ in range(200)]
+    assert all(len(c.distinct_configs) <= 2 for c in children)
+    mixed = [c for c in children if len({*a.configs, *b.configs} & {*c.configs}) == 2 and c.timesteps not in
+             (a.timesteps, b.timesteps)]
+    assert mixed  # children of both parents, not one parent's configurations copied
+    for child in children:
+        for step, config in enumerate(child.configs):
+            own = a.configs[step] if child.timesteps[step] == a.timesteps[step] else b.configs[step]
+            if own in child.configs:  # a kept configuration stays with its step
+                assert config == own
+    # a step whose configuration was dropped takes the nearest kept one: (0,)*11+(2,) is one layer from (0,)*12
+    near = [c for c in children if (0,) * 12 in c.configs and (0,) * 11 + (2,) not in c.configs]
+    assert any(c.configs[s] == (0,) * 12 for c in near for s in range(4)
+               if c.timesteps[s] == b.timesteps[s])
 
 
 def test_per_step_mutants_keep_within_the_configuration_cap():

@@ -13,8 +13,9 @@ From the released code (github sihouzi21c/TMPQ-DM, `alg_on_*.py`, `EvolutionSear
 Ours: genes are tmpdiff precisions (not 5-8 bit widths); the budget is predicted engine time from a per-layer costs
 table (BitOPs reported beside); per-step mode caps the distinct layer configurations (each becomes an engine), and
 there a mutant mutates the parent's pool of distinct configurations and which step runs which (a new configuration
-only while under the cap), so it keeps within the cap (candidates over it, e.g. crossovers, are discarded and counted
-apart from those over the budget); the random draws come from one seeded generator, and every loop that draws
+only while under the cap), and a crossover over the cap keeps the configurations most of its steps run and moves the
+other steps to the nearest kept one, so every generated candidate keeps within the cap (one over it would be discarded
+and counted apart from those over the budget); the random draws come from one seeded generator, and every loop that draws
 until a legal candidate gives up after `max_tries` draws per wanted candidate (the released loops have no bound).
 """
 
@@ -206,8 +207,23 @@ class TmpqSearch:
             config = tuple(x if self.rng.random() < 0.5 else y for x, y in zip(a.configs[0], b.configs[0], strict=True))
             configs = (config,) * self._steps()
         else:  # per-step mode: a step's configuration travels with its timestep gene
-            configs = tuple(x if p else y for p, x, y in zip(pick, a.configs, b.configs, strict=True))
+            configs = self._within_cap(tuple(x if p else y for p, x, y in zip(pick, a.configs, b.configs, strict=True)))
         return Candidate(timesteps, configs)
+
+    def _within_cap(self, configs: tuple[Config, ...]) -> tuple[Config, ...]:
+        """Per-step mode: a crossover's steps may bring more distinct configurations than the cap (each parent brings
+        up to the cap). Keep the `max_configs` that most steps run (ties: the earliest step's first) and give every
+        other step the kept configuration nearest its own (fewest layers differing; ties: the more used)."""
+        pool = list(dict.fromkeys(configs))
+        if len(pool) <= self.s.max_configs:
+            return configs
+        uses = {c: configs.count(c) for c in pool}
+        kept = sorted(pool, key=lambda c: -uses[c])[: self.s.max_configs]  # stable: earliest first among ties
+
+        def nearest(config: Config) -> Config:
+            return min(kept, key=lambda k: sum(x != y for x, y in zip(config, k, strict=True)))
+
+        return tuple(c if c in kept else nearest(c) for c in configs)
 
     def _fill(self, wanted: int, draw: Callable[[], Candidate], into: list[Candidate]) -> None:
         tries = 0
