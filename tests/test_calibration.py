@@ -485,6 +485,9 @@ def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp
     assert all("latent" in r["unseen"] and r["unseen"]["latent"]["low"] <= r["unseen"]["latent"]["value"]
                for r in rows.values())
     assert {r["budget_label"] for r in run["exhaustive_unseen"]["rows"]} == {"K=1", "K=2", "K=3"}
+    # honest engines never fell back, and every row says so on both sample sets
+    assert all(r["fallbacks"] == {"calib": 0, "unseen": 0} for r in [*rows.values(), *run["uniform"]])
+    assert run["exhaustive_unseen"]["fell_back_schedules"] == 0
     assert run["targets"][0]["measured_speedup_tmpdiff_ssim"] > 0
     calls = run["calibration_engine_calls"]
     assert sum(calls["run_by_engine"].values()) == calls["run"] and set(calls["run_by_engine"]) <= {"fp32", "int8"}

@@ -66,7 +66,7 @@ def test_prefix_walk_equals_brute_force(fake):
     levels, steps = ["fp32", "int8", "int4"], 4
     leaves = {}
     count = walk_schedules(runner, sampling_scheduler(sampling), labels, noise, levels, steps,
-                           lambda s, x: leaves.__setitem__(s, x.clone()))
+                           lambda s, x, fell: leaves.__setitem__(s, x.clone()))
     assert count == tree_steps(3, 4) == 3 + 9 + 27 + 81
     assert list(leaves) == list(itertools.product(levels, repeat=steps))
     assert len({x.sum().item() for x in leaves.values()}) > 40  # levels differ: a mixed-up prefix would show
@@ -101,6 +101,74 @@ def test_table_optimum_is_the_brute_force_optimum(fake):
     assert best == min(brute, key=brute.get)
     assert value == pytest.approx(brute[best], rel=1e-12)
     assert sum(p == "int4" for p in best) == 2  # the budget is used: cheaper is worse here
+
+
+class NaNAtStep(FakeEngine):
+    """int4 that overflows (NaN output) at one timestep, as a low-precision engine can; the NaN guard re-runs it."""
+
+    def __init__(self, precision: str, timestep: float) -> None:
+        super().__init__(precision)
+        self.timestep = timestep
+
+    def run(self, stream) -> None:
+        super().run(stream)
+        if float(self.inputs["timestep"][0]) == self.timestep:
+            self.outputs["noise_pred"].fill_(float("nan"))
+
+
+def test_walks_record_fallbacks_and_fallen_schedules_are_no_option(fake, tmp_path):
+    # A schedule whose int4 step fell back to int8 scored int8's quality at int4's cost: before, the walk recorded
+    # that score as the schedule's, so it could be the exhaustive optimum and the search could choose it.
+    from tmpdiff.calibration.exhaustive import TableEvaluator, feasible_rows, fell_back_rows, save_table
+    from tmpdiff.calibration.lossy import search_on_table
+
+    _, sampling, classes, _, _ = fake
+    steps, levels = 4, ["fp32", "int8", "int4"]
+    scheduler = sampling_scheduler(sampling)
+    from tmpdiff.models.schedulers import set_sampling_timesteps
+
+    set_sampling_timesteps(scheduler, steps, None)
+    bad_t = float(scheduler.timesteps[2])
+    engines = {p: FakeEngine(p) for p in ("fp32", "int8")} | {"int4": NaNAtStep("int4", bad_t)}
+    runner = ScheduledRunner(engines, len(classes), sampling.channels, sampling.image_size, sampling.guidance_scale,
+                             sampling.null_class, sampling.num_classes)
+    table = merge_tables([build_table(runner, sampling, classes, [[g]], levels, "fp32", steps, None) for g in (1, 2)])
+    fell = [s for s in table.schedules if s[2] == "int4"]
+    assert fell_back_rows(table) == len(fell) == 27
+    assert all(table.fallbacks[table.row(s)].min() == 1 for s in fell)
+    assert not table.fallbacks[[table.row(s) for s in table.schedules if s[2] != "int4"]].any()
+    cost = {"fp32": 1.0, "int8": 0.6, "int4": 0.45}
+    rows = feasible_rows(table, cost, 4.0)
+    assert len(rows) == 81 - 27 and all(table.schedules[r][2] != "int4" for r in rows)
+    samples = table.samples_of([1])
+    evaluation = TableEvaluator(table, samples)(("fp32", "fp32", "int4", "fp32"))
+    assert evaluation.fallbacks == 1
+    # the cheapest budget with a legal schedule: int4 everywhere but step 2 (int8)
+    budget = 3 * 0.45 + 0.6
+    best, _ = optimum(table, "latent", samples, cost, budget)
+    assert best == ("int4", "int4", "int8", "int4")
+    found = search_on_table(table, samples, cost, "fp32", "latent", budget)
+    assert found["refined"][2] != "int4" and found["knapsack"][2] != "int4"
+    from tmpdiff.calibration.lossy import exhaustive_comparison
+    from tmpdiff.calibration.lossy_report import _render_exhaustive, fallback_lines
+
+    compared = exhaustive_comparison(table, [1], [2], cost, "fp32", metrics=("latent",), speedups=[1.6])
+    assert compared["fell_back_schedules"] == 27
+    methods = compared["rows"][0]["methods"]
+    assert not methods["TMPDiff refined"]["fell_back"] and not methods["calibration optimum"]["fell_back"]
+    assert "27 schedules fell back to a higher precision" in "\n".join(_render_exhaustive("b", compared))
+    rows = [{"method": "uniform int4", "schedule": ["int4"] * steps, "fallbacks": {"calib": 1, "unseen": 2}},
+            {"method": "uniform int8", "schedule": ["int8"] * steps, "fallbacks": {"calib": 0, "unseen": 0}}]
+    note = fallback_lines(rows)[0]
+    assert "uniform int4 (`4444`: calibration 1, unseen 2)" in note and "int8" not in note
+    assert fallback_lines(rows[1:]) == []
+    save_table(table, tmp_path / "t.npz")
+    again = load_table(tmp_path / "t.npz")
+    assert np.array_equal(again.fallbacks, table.fallbacks)
+    old = load_table(tmp_path / "t.npz")
+    old.fallbacks = None  # a table walked before fallbacks were recorded: taken as none, and merges with a new one
+    merged = merge_tables([old, table])
+    assert merged.fallbacks.shape == (81, 2 * len(table.seeds)) and not merged.fallbacks[:, : len(table.seeds)].any()
 
 
 def test_bootstrap_interval_contains_the_mean_and_shrinks():

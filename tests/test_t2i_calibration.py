@@ -323,6 +323,7 @@ def test_bench_in_the_pipeline_judges_on_unseen_prompts_and_seeds(work, tmp_path
     (run,) = report["runs"]
     assert run["steps"] == STEPS and run["unseen_samples"] == 4 and run["skipped_speedups"] == [9.0]
     fp32, int8 = run["uniform"]
+    assert fp32["fallbacks"] == int8["fallbacks"] == {"calib": 0, "unseen": 0}
     assert fp32["unseen"]["one_minus_ssim"]["value"] == 0 and fp32["unseen"]["fd_vs_reference"]["value"] < 1e-6
     assert int8["unseen"]["one_minus_ssim"]["value"] > 0 and int8["speedup"] == pytest.approx(2.0)
     for key in ("latent", "psnr", "correct", "fd_vs_reference"):
@@ -384,8 +385,40 @@ def test_exhaustive_walk_through_the_pipeline_is_exact(work):
             for metric in ("latent", "one_minus_ssim", "psnr"):
                 assert np.array_equal(table.values(metric, schedule, samples), judged[metric]), (schedule, metric)
         assert table.values("latent", ("int8",) * STEPS, samples).min() > 0  # the walk did run int8
+        assert table.fallbacks is not None and not table.fallbacks.any()
+        # an int8 engine that overflows at the first step: every schedule starting with int8 fell back there
+        engines = session.evaluator.denoiser.engines
+        engines["int8"] = _NaNAtFirstStep(engines["int8"])
+        fell = build_pipeline_table(session, [(PROMPTS, [0])], ["fp32", "int8"], progress=False).fallbacks
+        for schedule in itertools.product(["fp32", "int8"], repeat=STEPS):
+            row = fell[table.row(schedule)]
+            assert (row == 1).all() if schedule[0] == "int8" else not row.any(), schedule
     finally:
         session.evaluator.close()
+
+
+class _NaNAtFirstStep:
+    """Wraps an engine so its output is NaN at the first (noisiest) step, as an overflowing engine's can be."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.precision, self.device = engine, engine.precision, engine.device
+        self.input_specs, self.output_specs = engine.input_specs, engine.output_specs
+
+    def bind(self, inputs, outputs):
+        self.inputs, self.outputs = inputs, outputs
+        self.engine.bind(inputs, outputs)
+
+    def run(self, stream):
+        self.engine.run(stream)
+        if float(self.inputs["timestep"].max()) > 900:
+            for out in self.outputs.values():
+                out.fill_(float("nan"))
+
+    def unbind(self):
+        self.engine.unbind()
+
+    def close(self):
+        self.engine.close()
 
 
 def test_prompt_encodings_are_made_once_and_change_no_sample(work):

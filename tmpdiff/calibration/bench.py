@@ -14,6 +14,8 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from tmpdiff.calibration.baselines import (
     HEURISTICS,
     cheap_positions,
@@ -24,6 +26,7 @@ from tmpdiff.calibration.baselines import (
 from tmpdiff.calibration.evaluator import METRICS
 from tmpdiff.calibration.exhaustive import SampleTable, build_table, exhaustive_levels
 from tmpdiff.calibration.lossy import bench_size_curve, exhaustive_comparison, reachable, selection_floor, table_problem
+from tmpdiff.calibration.matched import UnseenJudge, summarise, unseen_groups
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
     CountingProblem,
@@ -41,15 +44,18 @@ from tmpdiff.models.schedulers import sampling_scheduler
 
 
 def _row(session: CalibrationSession, problem: Problem, name: str, schedule, evaluations: int | None,
-         quality: Callable, unseen: Callable | None = None) -> dict:
-    """Calibration-set figures of a schedule, and with `unseen` its figures on unseen seeds with intervals."""
+         quality: Callable, unseen: UnseenJudge | None = None, real: np.ndarray | None = None) -> dict:
+    """Calibration-set figures of a schedule, and with `unseen` its figures on unseen seeds with intervals (`real`:
+    the features the Fréchet distance compares with)."""
     e = session.evaluator.evaluate(schedule)
     row = {"method": name, "schedule": list(schedule), "speedup": problem.speedup(schedule),
            "cheap_steps": sum(p != problem.reference for p in schedule), "latent_error": e.latent_error,
            "one_minus_ssim": 1 - e.ssim, "ssim": e.ssim, "psnr": None if e.psnr == float("inf") else e.psnr,
            "evaluations": evaluations, **quality(schedule)}
+    row["fallbacks"] = {"calib": e.fallbacks}  # steps that fell back to a higher precision (NaN/Inf output)
     if unseen is not None:
-        row["unseen"] = unseen(schedule)
+        row["unseen"] = summarise(unseen(schedule), real)
+        row["fallbacks"]["unseen"] = unseen.fallbacks[tuple(schedule)]
     return row
 
 
@@ -77,7 +83,6 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
     schedule of `exhaustive_at` levels (default: the reference and the cheapest) where there are at most 6,561 (two
     levels: budgets of K cheap steps; three or more: `speedups`), with the selection floor of the unseen samples.
     """
-    from tmpdiff.calibration.matched import UnseenJudge, summarise, unseen_groups
     from tmpdiff.eval.quality import real_low_features, sample_quality
 
     for steps in steps_list:  # every step count before the first one's work (`out` appears with the first write)
@@ -101,15 +106,13 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                 return {}
             return sample_quality(str(classifier_dir), session.evaluator.latents(schedule), labels)
 
-        def unseen(schedule, judge_unseen=judge_unseen):
-            return summarise(judge_unseen(schedule), real)
 
         cheap = session.problem.cheapest
         per_steps: dict = {"steps": steps, "levels": session.problem.all_levels,
                            f"cost_{session.costs.unit}": session.problem.cost,
                            "max_speedup": session.problem.max_speedup(), "targets": []}
         session.problem.prefetch([[p] * steps for p in session.problem.all_levels])
-        per_steps["uniform"] = [_row(session, session.problem, f"uniform {p}", [p] * steps, 0, quality, unseen)
+        per_steps["uniform"] = [_row(session, session.problem, f"uniform {p}", [p] * steps, 0, quality, judge_unseen, real)
                                 for p in session.problem.all_levels]
         sens_by_metric: dict[str, Sensitivities] = {}
         sens_asked: dict[str, set] = {}  # the schedules each metric's sensitivities measured
@@ -133,23 +136,23 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                 counting.asked = set(sens_asked[metric])
                 schedule, _ = tmpdiff_search(counting, budget, sens)
                 spent = len(counting.asked)
-                target["rows"].append(_row(session, counting, f"TMPDiff ({metric})", schedule, spent, quality, unseen))
+                target["rows"].append(_row(session, counting, f"TMPDiff ({metric})", schedule, spent, quality, judge_unseen, real))
                 refined = refine(counting, schedule, budget, max(0, evaluation_cap(counting) - spent), sens)
                 spent_refined = len(counting.asked)
                 target["rows"].append(_row(session, counting, f"TMPDiff refined ({metric})", refined.schedule,
-                                           spent_refined, quality, unseen))
+                                           spent_refined, quality, judge_unseen, real))
                 bisect = CountingProblem(session.with_metric(metric))
                 bisect.asked = set(sens_asked[metric])
                 target["rows"].append(_row(session, bisect, f"bisection ({metric})", segment_bisection(bisect, budget, sens),
-                                           len(bisect.asked), quality, unseen))
+                                           len(bisect.asked), quality, judge_unseen, real))
                 evo_problem = CountingProblem(session.with_metric(metric))  # it may stop short of its allowance
                 evo = evolutionary(evo_problem, budget, spent_refined, seed=steps)
                 target["rows"].append(_row(session, evo_problem, f"evolutionary ({metric})", evo, len(evo_problem.asked),
-                                           quality, unseen))
+                                           quality, judge_unseen, real))
             heuristics = heuristics_at_budget(session.problem, cheap, budget)
             session.problem.prefetch(list(heuristics.values()))
             for kind, schedule in heuristics.items():
-                target["rows"].append(_row(session, session.problem, kind, schedule, 0, quality, unseen))
+                target["rows"].append(_row(session, session.problem, kind, schedule, 0, quality, judge_unseen, real))
             tmp_row = next(r for r in target["rows"] if r["method"] == "TMPDiff (ssim)")
             target["measured_speedup_tmpdiff_ssim"] = _measured_speedup(session, tmp_row["schedule"])
             per_steps["targets"].append(target)
@@ -211,7 +214,7 @@ def _fmt(value) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    from tmpdiff.calibration.lossy_report import _render_exhaustive
+    from tmpdiff.calibration.lossy_report import _render_exhaustive, fallback_lines
 
     costs = report["costs_table"]
     lines = ["# tmpdiff bench", "", f"Costs ({costs['origin']}): {costs['note']}. The speedups in the tables are "
@@ -233,6 +236,7 @@ def render_markdown(report: dict) -> str:
             for row in target["rows"]:
                 lines.append(_table_row(row))
         lines.append("")
+        lines += fallback_lines(run["uniform"] + [r for target in run["targets"] for r in target["rows"]])
         if "exhaustive" in run:
             lines += ["### Exhaustive optimum (two levels) vs TMPDiff vs heuristics, per number K of cheap steps "
                       "(calibration seeds)", "",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tmpdiff.calibration.evaluator import Evaluation
+from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps
 from tmpdiff.runtime.engine_use import exclusive
@@ -38,27 +39,30 @@ def _restore(scheduler, snapshot: dict) -> None:
     scheduler.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in snapshot.items()})
 
 
-def _step(runner: ScheduledRunner, scheduler, latent: torch.Tensor, t, precision: str, index: int) -> torch.Tensor:
-    """One denoising step exactly as `ScheduledRunner` runs it."""
+def _step(runner: ScheduledRunner, scheduler, latent: torch.Tensor, t, precision: str, index: int
+          ) -> tuple[torch.Tensor, bool]:
+    """One denoising step exactly as `ScheduledRunner` runs it, and whether it fell back to a higher precision."""
     scaled = scheduler.scale_model_input(latent, t)
     runner.inputs["hidden_states"][: runner.batch].copy_(scaled)
     if runner.use_cfg:
         runner.inputs["hidden_states"][runner.batch :].copy_(scaled)
     runner.inputs["timestep"].fill_(float(t))
-    run_guarded(runner.engines, precision, runner.outputs["noise_pred"], runner.stream, label=f"step {index}",
-                nan_guard=runner.nan_guard)
+    _, fallback_from = run_guarded(runner.engines, precision, runner.outputs["noise_pred"], runner.stream,
+                                   label=f"step {index}", nan_guard=runner.nan_guard)
     eps = runner.outputs["noise_pred"]
     if runner.use_cfg:
         eps = guided(eps, runner.guidance_scale)
-    return scheduler.step(eps, t, latent).prev_sample
+    return scheduler.step(eps, t, latent).prev_sample, fallback_from is not None
 
 
 @torch.no_grad()
 def walk_schedules(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noise: torch.Tensor, levels: Sequence[str],
-                   steps: int, on_leaf: Callable[[Schedule, torch.Tensor], None],
+                   steps: int, on_leaf: Callable[[Schedule, torch.Tensor, int], None],
                    on_step: Callable[[], None] = lambda: None) -> int:
-    """Call `on_leaf(schedule, final latents)` for every schedule in levels^steps (itertools.product order);
-    returns the number of step evaluations run."""
+    """Call `on_leaf(schedule, final latents, steps that fell back)` for every schedule in levels^steps
+    (itertools.product order); returns the number of step evaluations run. A step whose output is not finite is re-run
+    one precision up (the runner's NaN guard), so a leaf below it scored the higher precision's quality there: the
+    count says so."""
     runner._check_labels(labels)
     missing = sorted(set(levels) - set(runner.engines))
     if missing:
@@ -69,7 +73,7 @@ def walk_schedules(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noi
 
 
 def _walk(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noise: torch.Tensor, levels: Sequence[str],
-          steps: int, on_leaf: Callable[[Schedule, torch.Tensor], None], on_step: Callable[[], None]) -> int:
+          steps: int, on_leaf: Callable[[Schedule, torch.Tensor, int], None], on_step: Callable[[], None]) -> int:
     runner.claim()
     device = runner.inputs["hidden_states"].device
     labels = labels.to(device)
@@ -78,19 +82,19 @@ def _walk(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noise: torch
     timesteps = list(scheduler.timesteps)
     count = 0
 
-    def visit(depth: int, latent: torch.Tensor, state: dict, prefix: tuple[str, ...]) -> None:
+    def visit(depth: int, latent: torch.Tensor, state: dict, prefix: tuple[str, ...], fell: int) -> None:
         nonlocal count
         if depth == steps:
-            on_leaf(prefix, latent)
+            on_leaf(prefix, latent, fell)
             return
         for level in levels:
             _restore(scheduler, state)
-            after = _step(runner, scheduler, latent, timesteps[depth], level, depth)
+            after, fell_back = _step(runner, scheduler, latent, timesteps[depth], level, depth)
             count += 1
             on_step()
-            visit(depth + 1, after, _snapshot(scheduler), (*prefix, level))
+            visit(depth + 1, after, _snapshot(scheduler), (*prefix, level), fell + fell_back)
 
-    visit(0, noise.to(device) * scheduler.init_noise_sigma, _snapshot(scheduler), ())
+    visit(0, noise.to(device) * scheduler.init_noise_sigma, _snapshot(scheduler), (), 0)
     return count
 
 
@@ -127,6 +131,9 @@ class SampleTable:
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (schedules, samples)
     features: np.ndarray | None = None  # (schedules, samples, d)
     step_evaluations: int = 0
+    # (schedules, samples): steps of the sample's run that fell back to a higher precision (NaN/Inf output); None in
+    # tables walked before it was recorded
+    fallbacks: np.ndarray | None = None
 
     @property
     def schedules(self) -> list[Schedule]:
@@ -166,17 +173,21 @@ def build_table(runner: ScheduledRunner, sampling, classes: Sequence[int], seed_
     table = SampleTable(steps, levels, [], [])
     columns: list[dict[str, np.ndarray]] = []
     feature_cols: list[np.ndarray] = []
+    fallback_cols: list[np.ndarray] = []
     for group in seed_groups:
         labels = torch.tensor([c for _ in group for c in classes], dtype=torch.int64)
         noise = torch.cat([initial_noise(len(classes), sampling.channels, sampling.image_size, s) for s in group])
         ref = runner.sample(sampling_scheduler(sampling), labels, noise, [reference] * steps).latents.clone()
         cols: dict[str, np.ndarray] = {}
         feats: np.ndarray | None = None
+        fell = np.zeros((n_sched, len(labels)), dtype=np.int16)
 
-        def on_leaf(schedule: Schedule, latents: torch.Tensor, labels=labels, ref=ref, cols=cols) -> None:
+        def on_leaf(schedule: Schedule, latents: torch.Tensor, fell_back: int, labels=labels, ref=ref, cols=cols,
+                    fell=fell) -> None:
             nonlocal feats
             judged = judge(latents, ref, labels, classifier_dir)
             row = table.row(schedule)
+            fell[row] = fell_back  # the batch ran together: every sample of it fell back with it
             f = judged.pop("features", None)
             for name, v in judged.items():
                 cols.setdefault(name, np.empty((n_sched, len(labels))))[row] = v
@@ -188,11 +199,13 @@ def build_table(runner: ScheduledRunner, sampling, classes: Sequence[int], seed_
         table.step_evaluations += walk_schedules(runner, sampling_scheduler(sampling), labels, noise, levels, steps,
                                                  on_leaf, on_step)
         columns.append(cols)
+        fallback_cols.append(fell)
         if feats is not None:
             feature_cols.append(feats)
         table.seeds += [s for s in group for _ in classes]
         table.labels += [c for _ in group for c in classes]
     table.metrics = {name: np.concatenate([c[name] for c in columns], axis=1) for name in columns[0]}
+    table.fallbacks = np.concatenate(fallback_cols, axis=1)
     if feature_cols:
         table.features = np.concatenate(feature_cols, axis=1)
     return table
@@ -210,9 +223,10 @@ class TableEvaluator:
         key = tuple(schedule)
         self.asked.add(key)
         t = self.table
+        fell = 0 if t.fallbacks is None else int(t.fallbacks[t.row(key), self.samples].max())
         return Evaluation(key, float(t.values("latent", key, self.samples).mean()),
                           1.0 - float(t.values("one_minus_ssim", key, self.samples).mean()),
-                          float(t.values("psnr", key, self.samples).mean()))
+                          float(t.values("psnr", key, self.samples).mean()), fell)
 
 
 def optimum(table: SampleTable, metric: str, samples: np.ndarray, cost: dict[str, float], budget: float
@@ -226,9 +240,19 @@ def optimum(table: SampleTable, metric: str, samples: np.ndarray, cost: dict[str
 
 
 def feasible_rows(table: SampleTable, cost: dict[str, float], budget: float) -> np.ndarray:
-    """The table's rows (schedules) costing at most `budget` (the knapsack's relative tolerance)."""
+    """The table's rows (schedules) costing at most `budget` (the knapsack's relative tolerance), without those that
+    fell back to a higher precision on any walked sample: their scores are the higher precision's at a cheaper cost,
+    and in deployment they would fall back too (at the higher precision's cost)."""
     costs = np.array([sum(cost[p] for p in s) for s in table.schedules])
-    return np.flatnonzero(costs <= budget * (1 + 1e-9))
+    ok = costs <= budget * (1 + BUDGET_TOLERANCE)
+    if table.fallbacks is not None:
+        ok &= ~table.fallbacks.any(axis=1)
+    return np.flatnonzero(ok)
+
+
+def fell_back_rows(table: SampleTable) -> int:
+    """Schedules that fell back on some walked sample (0 where the table did not record it)."""
+    return 0 if table.fallbacks is None else int(table.fallbacks.any(axis=1).sum())
 
 
 def save_table(table: SampleTable, path, metrics_dtype: type | None = None) -> None:
@@ -242,6 +266,8 @@ def save_table(table: SampleTable, path, metrics_dtype: type | None = None) -> N
     arrays = {f"metric_{k}": v if metrics_dtype is None else v.astype(metrics_dtype) for k, v in table.metrics.items()}
     if table.features is not None:
         arrays["features"] = table.features
+    if table.fallbacks is not None:
+        arrays["fallbacks"] = table.fallbacks
     np.savez_compressed(buffer, steps=table.steps, levels=np.array(table.levels), seeds=np.array(table.seeds),
                         labels=np.array(table.labels), step_evaluations=table.step_evaluations, **arrays)
     write_bytes(path, buffer.getvalue())
@@ -252,7 +278,8 @@ def load_table(path) -> SampleTable:
         metrics = {k[len("metric_"):]: data[k] for k in data.files if k.startswith("metric_")}
         return SampleTable(int(data["steps"]), [str(x) for x in data["levels"]], [int(x) for x in data["seeds"]],
                            [int(x) for x in data["labels"]], metrics,
-                           data["features"] if "features" in data.files else None, int(data["step_evaluations"]))
+                           data["features"] if "features" in data.files else None, int(data["step_evaluations"]),
+                           data["fallbacks"] if "fallbacks" in data.files else None)
 
 
 def merge_tables(tables: Sequence[SampleTable]) -> SampleTable:
@@ -262,7 +289,11 @@ def merge_tables(tables: Sequence[SampleTable]) -> SampleTable:
         if (t.steps, t.levels) != (first.steps, first.levels) or set(t.metrics) != set(first.metrics):
             raise TmpdiffError("tables to merge differ in steps, levels or metrics")
     features = None if any(t.features is None for t in tables) else np.concatenate([t.features for t in tables], axis=1)
+    fallbacks = None  # recorded only if some table recorded it (the others' walks are taken as not falling back)
+    if any(t.fallbacks is not None for t in tables):
+        fallbacks = np.concatenate([t.fallbacks if t.fallbacks is not None else
+                                    np.zeros((len(t.schedules), len(t.seeds)), dtype=np.int16) for t in tables], axis=1)
     return SampleTable(first.steps, list(first.levels), [s for t in tables for s in t.seeds],
                        [c for t in tables for c in t.labels],
                        {k: np.concatenate([t.metrics[k] for t in tables], axis=1) for k in first.metrics}, features,
-                       sum(t.step_evaluations for t in tables))
+                       sum(t.step_evaluations for t in tables), fallbacks)

@@ -116,13 +116,39 @@ def _subset(r: dict, which: str) -> str:
     return f" classes {chosen}"
 
 
+def fallback_lines(rows: list[dict]) -> list[str]:
+    """A bench's methods whose schedule fell back to a higher precision (NaN/Inf output) at some step, on the
+    calibration or the unseen samples: their quality there is partly the higher precision's, at the schedule's
+    cost. Nothing when none did."""
+    fell = [f"{r['method']} (`{_short(r['schedule'])}`: calibration {r['fallbacks']['calib']}, "
+            f"unseen {r['fallbacks'].get('unseen', 'not judged')})"
+            for r in rows if r.get("fallbacks") and any(r["fallbacks"].values())]
+    if not fell:
+        return []
+    return ["Fell back to a higher precision at some step (NaN/Inf output; steps that fell back, summed over the "
+            "runs): " + "; ".join(fell) + ". Their figures are partly the higher precision's.", ""]
+
+
+def _fell_back_note(r: dict) -> str:
+    """Schedules whose walk fell back to a higher precision (NaN/Inf): not options, and the methods that chose one."""
+    count = r.get("fell_back_schedules")
+    if not count:
+        return ""
+    chose = sorted({f"{method} ({row['metric']} {row['budget_label']})" for row in r["rows"]
+                    for method, m in row["methods"].items() if m.get("fell_back")})
+    return (f" {count:,} schedules fell back to a higher precision (NaN/Inf output) on some sample: they are no "
+            "option at any budget (their scores are the higher precision's), and the searches count them as "
+            "infinite error" + (f"; chosen anyway by {', '.join(chose)}" if chose else "") + ".")
+
+
 def _render_exhaustive(part: str, r: dict) -> list[str]:
     lines = [f"## ({part}) T = {r['steps']}, levels {', '.join(r['levels'])}: all {r['schedules']:,} schedules", "",
              f"Calibration: seeds {r['calib_seeds']}{_subset(r, 'calib')} ({r['calib_samples']} samples); unseen: "
              f"seeds {r['unseen_seeds']}{_subset(r, 'unseen')} ({r['unseen_samples']} samples)."
              f" Prefix-cached tree walks: {r['step_evaluations']:,} step evaluations ("
              + r.get("walk_note", "batches of 10 classes x each walk's seeds") + ")"
-             + (f", {r['wall_seconds'] / 60:.1f} min wall" if r.get("wall_seconds") else "") + ".",
+             + (f", {r['wall_seconds'] / 60:.1f} min wall" if r.get("wall_seconds") else "") + "."
+             + _fell_back_note(r),
              "", "| metric | budget | speedup | knapsack / opt (calib) | refined / opt (calib) | evaluations | "
              "refined / opt (unseen) [95% CI] | calib-optimum / opt (unseen) | evolutionary / opt (calib, unseen) | "
              "best heuristic / opt (calib) | refined schedule |", "|" + "---|" * 11]

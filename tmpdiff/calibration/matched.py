@@ -149,6 +149,7 @@ class UnseenJudge:
         self.cache: dict[Schedule, dict[str, np.ndarray]] = {}
         self._refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.memo = CallMemo()  # schedules judged here share prefixes with each other
+        self.fallbacks: dict[Schedule, int] = {}  # steps that fell back to a higher precision (NaN/Inf), all groups
 
     @torch.no_grad()
     def __call__(self, schedule: Sequence[str]) -> dict[str, np.ndarray]:
@@ -166,7 +167,9 @@ class UnseenJudge:
         parts: dict[str, list] = {}
         for labels, noise, ref in self._refs:
             with attached(ev.runner, self.memo):
-                latents = ev.runner.sample(sampling_scheduler(ev.sampling), labels, noise, list(key)).latents
+                result = ev.runner.sample(sampling_scheduler(ev.sampling), labels, noise, list(key))
+            latents = result.latents
+            self.fallbacks[key] = self.fallbacks.get(key, 0) + len(result.trace.fallbacks)
             for name, values in judge(latents, ref, labels, self.classifier_dir).items():
                 parts.setdefault(name, []).append(values)
         self.cache[key] = {k: np.concatenate(v) for k, v in parts.items()}

@@ -24,7 +24,7 @@ import torch
 
 from tmpdiff.calibration.exhaustive import exhaustive_levels, save_table
 from tmpdiff.calibration.lossy import bench_size_curve, exhaustive_comparison, reachable, selection_floor
-from tmpdiff.calibration.lossy_report import _render_exhaustive
+from tmpdiff.calibration.lossy_report import _render_exhaustive, fallback_lines
 from tmpdiff.calibration.matched import compare, format_percent, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
@@ -61,6 +61,7 @@ class PipelineJudge:
             self.low = LowAttributes(self.attributes[0])  # FD between tens of images: in 8 dimensions
             self.reference_features = self._read(self.evaluator.reference_images)[1]
         self.cache: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+        self.fallbacks: dict[tuple[str, ...], int] = {}  # denoiser calls that fell back to a higher precision
         self.fd_cache: dict[tuple[str, ...], np.ndarray] = {}
 
     @property
@@ -80,6 +81,7 @@ class PipelineJudge:
         if key not in self.cache:
             ev = self.evaluator
             latents = ev.reference_latents if key == (ev.reference,) * ev.steps else ev.latents(key)
+            self.fallbacks[key] = ev.last_fallbacks if key != (ev.reference,) * ev.steps else 0
             judged, images = ev.sample_errors(latents)
             if self.attributes is not None:
                 from tmpdiff.models.colored_digits import attributes
@@ -182,10 +184,11 @@ def _bench_steps(session: PipelineSession, unseen_prompts: Sequence[str], unseen
 
     def row(name: str, schedule: Sequence[str], evaluations: int | None) -> dict:
         e = session.problem.evaluate(schedule)
+        unseen = judge.summary(schedule)
         return {"method": name, "schedule": list(schedule), "speedup": problem.speedup(schedule),
                 "evaluations": evaluations, "calib": {"latent": e.latent_error, "one_minus_ssim": 1 - e.ssim,
                                                       "psnr": None if e.psnr == float("inf") else e.psnr},
-                "unseen": judge.summary(schedule)}
+                "unseen": unseen, "fallbacks": {"calib": e.fallbacks, "unseen": judge.fallbacks[tuple(schedule)]}}
 
     on_progress(f"T={problem.steps}: judging on {judge.samples} unseen samples")
     run: dict = {"steps": problem.steps, "levels": problem.all_levels, "cost": problem.cost,
@@ -275,6 +278,7 @@ def render_markdown(report: dict) -> str:
                          f"{target['measured_speedup']:.3f}x) |" + " |" * (len(header) - 1))
             lines += [_row(r) for r in target["rows"]]
         lines.append("")
+        lines += fallback_lines(run["uniform"] + [r for target in run["targets"] for r in target["rows"]])
         for target in run["targets"]:
             lines += [f"### {HEADLINE} minus each method at {target['label']} (unseen, paired; * = interval excludes 0)",
                       "", "| method | Δ 1-SSIM | Δ PSNR dB | Δ adherence points | Δ FD |", "|---|---|---|---|---|"]

@@ -37,6 +37,7 @@ def build_pipeline_table(session: PipelineSession, groups: Sequence[PromptGroup]
     calls = sum(len(seeds) for _, seeds in groups)
     table = SampleTable(ev.steps, levels, [], [])
     columns: dict[str, list[np.ndarray]] = {"latent": [], "one_minus_ssim": [], "psnr": []}
+    fallbacks: list[np.ndarray] = []  # per seed's call: (schedules, prompts) denoiser calls that fell back
     memo = CallMemo()
     bar = tqdm(total=len(schedules) * calls, desc=f"exhaustive T={ev.steps}", unit="schedule", mininterval=5,
                disable=not progress)
@@ -48,13 +49,16 @@ def build_pipeline_table(session: PipelineSession, groups: Sequence[PromptGroup]
                 call = PipelineEvaluator(ev.pipe, ev.denoiser, list(prompts), [seed], ev.steps, ev.guidance_scale,
                                          ev.reference, timesteps=ev.timesteps)
                 cols = {name: np.empty((len(schedules), len(prompts))) for name in columns}
+                fell = np.zeros((len(schedules), len(prompts)), dtype=np.int16)
                 for row, schedule in enumerate(schedules):
                     judged, _ = call.sample_errors(call.latents(schedule))
+                    fell[row] = call.last_fallbacks  # the prompts ran as one batch: they fell back together
                     for name, values in judged.items():
                         cols[name][row] = values
                     bar.update()
                 for name, values in cols.items():
                     columns[name].append(values)
+                fallbacks.append(fell)
                 table.seeds += [seed] * len(prompts)
                 table.labels += [offset + i for i in range(len(prompts))]
             offset += len(prompts)
@@ -62,6 +66,7 @@ def build_pipeline_table(session: PipelineSession, groups: Sequence[PromptGroup]
         ev.denoiser.call_memo = None
         bar.close()
     table.metrics = {name: np.concatenate(parts, axis=1) for name, parts in columns.items()}
+    table.fallbacks = np.concatenate(fallbacks, axis=1)
     table.step_evaluations = memo.misses
     expected = calls * tree_steps(len(levels), ev.steps)  # the reference run is the tree's first path
     if memo.misses != expected:  # e.g. a pipeline that calls its denoiser twice per step: still exact, only slower

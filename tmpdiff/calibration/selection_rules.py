@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tmpdiff.calibration.exhaustive import SampleTable
-from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
+from tmpdiff.calibration.exhaustive import SampleTable, feasible_rows
 from tmpdiff.calibration.lossy import TABLE_METRIC, budgets_for, sample_clusters
 from tmpdiff.calibration.split_curve import GOAL, random_halvings
 
@@ -56,8 +55,7 @@ def selection_rules_curve(table: SampleTable, samples: np.ndarray, cost: dict[st
     samples = np.unique(np.asarray(samples))
     halvings = random_halvings(samples, sizes, splits, seed, sample_clusters(table, samples, sample_unit))
     budgets = budgets_for(table, cost, reference, speedups)
-    costs = np.array([sum(cost[p] for p in s) for s in table.schedules])
-    feasible = [np.flatnonzero(costs <= budget * (1 + BUDGET_TOLERANCE)) for _, budget in budgets]
+    feasible = [feasible_rows(table, cost, budget) for _, budget in budgets]
     out: dict = {"samples": int(len(samples)), "unseen_samples": int(len(halvings[0][1])) if halvings else 0,
                  "split_unit": "prompts" if sample_unit == "prompts" else "samples", "splits": splits,
                  "sizes": sorted(sizes),
