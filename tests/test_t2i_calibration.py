@@ -90,6 +90,41 @@ def test_calibrate_in_the_pipeline_and_run_the_schedule_unchanged(work, tmp_path
         attach_engines(load_pipeline(t2i_dir()), build, schedule=schedule_path, guidance_scale=7.0)
 
 
+def test_the_dropin_checks_each_calls_guidance_against_the_calibrated_schedule(work, tmp_path, monkeypatch):
+    """Attached at the scale a schedule was calibrated at (4.5, the pipeline's default), a later pipeline call at another
+    scale is refused at its first denoiser call, before any engine runs, naming the schedule; where the pipeline
+    exposes no scale, a batch without guidance's unconditional copy is refused. A refused call leaves it usable."""
+    from tmpdiff.formats.schedule import Schedule, save_schedule
+    from tmpdiff.runtime import dropin
+    from tmpdiff.runtime.pipeline_io import call_kwargs, load_pipeline
+
+    _, build, _ = work
+    schedule_path, precisions = tmp_path / "schedule.json", ["fp32", "int8", "int8", "fp32"]
+    save_schedule(Schedule(steps=STEPS, precisions=precisions, target={"guidance_scale": 4.5}), schedule_path)
+    pipe = load_pipeline(t2i_dir())
+    denoiser = dropin.attach_engines(pipe, build, schedule=schedule_path, threads=1)
+
+    def call(scale):
+        kwargs = call_kwargs(pipe, steps=STEPS, seed=0, guidance_scale=scale, text_len=denoiser.adapter.text_len,
+                             sample_size=denoiser.config.get("sample_size"))
+        with torch.no_grad():
+            return pipe(PROMPTS, output_type="latent", **kwargs).images
+
+    want = call(4.5)
+    assert [e.precision for e in denoiser.trace.steps] == precisions
+    for scale in (9.0, 1.0):
+        with pytest.raises(TmpdiffError, match=f"calibrated at guidance scale 4.5, this run would use {scale:g}:") as err:
+            call(scale)
+        assert str(schedule_path) in str(err.value) and "\n" not in str(err.value)
+        assert denoiser.trace.steps == []  # refused before any engine ran
+    assert torch.equal(call(4.5), want)
+    monkeypatch.setattr(dropin, "running_guidance", lambda pipe, arguments: None)  # a pipeline that exposes nothing
+    with pytest.raises(TmpdiffError, match="calibrated at guidance scale 4.5, this pipeline call runs without "
+                                           "classifier-free guidance") as err:
+        call(1.0)
+    assert str(schedule_path) in str(err.value) and denoiser.trace.steps == []
+    assert torch.equal(call(4.5), want)
+
 
 def test_calibrate_in_the_pipeline_takes_no_refine_and_an_ssim_floor_searches_on_ssim(work, tmp_path, monkeypatch):
     """--no-refine was dropped on the --pipeline path (the knapsack answer was refined anyway), and --min-ssim searched

@@ -8,10 +8,11 @@
 A schedule with custom timesteps (`tmpdiff.schedule/2`) is passed through, not refused: call the pipeline with
 `timesteps=denoiser.timesteps` (None for other schedules, so that call fits every schedule). Attaching refuses a
 pipeline whose call or scheduler cannot take them; a call that samples at other timesteps is refused at its
-first denoiser call, before any engine runs. A schedule's learned time conditioning (MTEO rows, timestep shifts) is
-checked against the guidance it was learned with at attach (the `guidance_scale` given, else the pipeline's default)
-and again at the first denoiser call of every pipeline call: the call's scale where the pipeline exposes it, and the
-unconditional copy in the batch (`EngineDenoiser._check_call_guidance`).
+first denoiser call, before any engine runs. A schedule's learned time conditioning (MTEO rows, timestep shifts), and
+the guidance scale a schedule calibrated inside a pipeline records, are checked against the run's guidance at attach
+(the `guidance_scale` given, else the pipeline's default) and again at the first denoiser call of every pipeline
+call: the call's scale where the pipeline exposes it, and the unconditional copy in the batch
+(`EngineDenoiser._check_call_guidance`).
 
 The pipeline's text encoders, VAE, scheduler and guidance run unchanged; only the denoiser call goes to the
 engines. Each call looks up the scheduler's current step index and runs the engine the schedule names for
@@ -339,21 +340,27 @@ class EngineDenoiser(torch.nn.Module):
         self._conditioned_timesteps = timesteps
 
     def _check_call_guidance(self, hidden: Any) -> None:
-        """Learned rows run at the guidance they were learned with, checked at the first denoiser call of each pipeline
-        call (attaching checked only the scale given to `attach_engines`, or the pipeline's default): the running call's
-        scale where the pipeline exposes it (`running_guidance`), and, rows learned with classifier-free guidance, a
-        batch that holds the unconditional copy (diffusers turns guidance off at guidance_scale <= 1). A denoiser
-        called outside an attached pipeline's call is not checked here."""
+        """Learned rows, and a schedule calibrated inside a pipeline, run at the guidance they were learned or
+        calibrated with, checked at the first denoiser call of each pipeline call, before any engine runs (attaching
+        checked only the scale given to `attach_engines`, or the pipeline's default): the running call's scale where
+        the pipeline exposes it (`running_guidance`), and a batch that holds classifier-free guidance's unconditional
+        copy where the rows or the schedule were made with it (diffusers turns guidance off at guidance_scale <= 1;
+        for the schedule, read only where the pipeline exposes no scale). A denoiser called outside an attached
+        pipeline's call is not checked here."""
         conditioning = self.plan.conditioning
-        if conditioning is None or self._guided_timesteps is self._call_timesteps:
+        calibrated = calibrated_guidance(self.plan)
+        if (conditioning is None and calibrated is None) or self._guided_timesteps is self._call_timesteps:
             return
         found = running_call(self.pipelines)
         if found is not None:
             pipe, arguments = found
             scale = running_guidance(pipe, arguments)
-            if scale is not None:
-                conditioning.check_guidance(scale)
-            conditioning.check_guided_batch(guided_batch(hidden))
+            guided = guided_batch(hidden)
+            if conditioning is not None:
+                if scale is not None:
+                    conditioning.check_guidance(scale)
+                conditioning.check_guided_batch(guided)
+            check_calibrated_guidance(self.plan, scale, guided=guided)
         self._guided_timesteps = self._call_timesteps
 
     def close(self) -> None:
@@ -511,16 +518,28 @@ def _denoiser_config(manifest: Manifest, adapter: DenoiserAdapter) -> dict[str, 
     return config
 
 
-def check_calibrated_guidance(plan: PrecisionPlan, used: float | None) -> None:
+def calibrated_guidance(plan: PrecisionPlan) -> float | None:
+    """The guidance scale a schedule calibrated inside a pipeline was calibrated at (None: not recorded)."""
+    scale = None if plan.file is None else plan.file.target.get("guidance_scale")
+    return None if scale is None else float(scale)
+
+
+def check_calibrated_guidance(plan: PrecisionPlan, used: float | None, *, guided: bool | None = None) -> None:
     """A schedule calibrated inside a pipeline runs with the guidance scale it was calibrated with (`used`: the run's,
-    None when the pipeline takes none): another changes every step's error, so the schedule's figures would not hold."""
-    if plan.file is None:
+    None when the pipeline takes none or exposes none): another changes every step's error, so the schedule's figures
+    would not hold. At a pipeline call whose scale is not exposed, `guided` (its denoiser batch holds classifier-free
+    guidance's unconditional copy) refuses a schedule calibrated with guidance on (above 1) run without it."""
+    scale = calibrated_guidance(plan)
+    if scale is None:
         return
-    scale = plan.file.target.get("guidance_scale")
-    if scale is not None and used is not None and abs(float(scale) - used) > 1e-9:
+    if used is not None and abs(scale - used) > 1e-9:
         raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this run would use {used:g}: "
                            f"run at {scale:g} (--guidance; in Python guidance_scale= to attach_engines and the pipeline "
                            f"call) or recalibrate at {used:g}", plan.source)
+    if used is None and guided is False and scale > 1:
+        raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this pipeline call runs without "
+                           f"classifier-free guidance (no unconditional copy in its denoiser batch: guidance_scale <= 1 "
+                           f"turns guidance off): call it with guidance_scale={scale:g}", plan.source)
 
 
 def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
@@ -542,9 +561,9 @@ def attach_engines(pipe, build_dir: str | Path, *, schedule: PrecisionPlan | Sch
     (`transformer=None`): config and call signature then come from the build directory. With `parallel` N > 1 the
     denoiser drafts ahead (DRiffusion, `dropin_drafts`) in `mode`, from anchors whose signal scale is at least
     `min_alpha`; `guidance_scale` must be the one the pipeline is called with (default: the pipeline's). Learned
-    time conditioning is checked against it here, and at each pipeline call against the call's own scale where the
-    pipeline exposes one (`running_guidance`; where it exposes none, only against this one) and against a batch
-    without classifier-free guidance's copy.
+    time conditioning and the guidance scale a calibrated schedule records are checked against it here, and at each
+    pipeline call against the call's own scale where the pipeline exposes one (`running_guidance`; where it exposes
+    none, only against this one) and against a batch without classifier-free guidance's copy.
     `dropin_ray.attach_with_ray_drafts` runs the drafts on Ray actors.
     """
     denoiser, original = prepare_engines(pipe, build_dir, schedule=schedule, precision=precision, backend=backend,
