@@ -170,3 +170,68 @@ def test_several_variants_and_no_plain_weights_are_refused_by_name(tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=True, variant="bf16")
     with pytest.raises(TmpdiffError, match=r"several kinds \(bf16, fp16\)"):
         load_diffusers_model(tmp_path)
+
+
+def _variant_pipeline(root):
+    """The bundled text-to-image pipeline saved with `variant="fp16"` (fp32 weights, fp16 names) into `root`."""
+    from tmpdiff.models.tiny_t2i import t2i_dir
+    from tmpdiff.runtime.pipeline_io import load_pipeline
+
+    plain = load_pipeline(t2i_dir(), load_denoiser=True)
+    plain.save_pretrained(root, variant="fp16")
+    return plain
+
+
+def _t2i_latents(pipe):
+    import torch
+
+    from tmpdiff.models.tiny_t2i import TEXT_LEN
+    from tmpdiff.runtime.pipeline_io import call_kwargs, final_latents
+
+    kwargs = call_kwargs(pipe, steps=2, seed=0, guidance_scale=None, text_len=TEXT_LEN, sample_size=8)
+    with torch.no_grad():
+        return final_latents(pipe, prompt=["a red 3 on a blue background"], **kwargs)
+
+
+def test_a_pipeline_saved_as_a_variant_loads_that_variant(tmp_path):
+    """A pipeline directory whose components hold only `*.fp16.safetensors` (the text encoder's as transformers names
+    it) loads with variant="fp16" and samples as the plain one does; a component with plain weights loads them."""
+    import torch
+
+    from tmpdiff.models.tiny_t2i import t2i_dir
+    from tmpdiff.runtime.pipeline_io import load_pipeline, pipeline_variant
+
+    root = tmp_path / "fp16"
+    plain = _variant_pipeline(root)
+    assert sorted(p.name for p in root.rglob("*.safetensors")) == ["diffusion_pytorch_model.fp16.safetensors"] * 2 + [
+        "model.fp16.safetensors"]
+    assert pipeline_variant(root) == "fp16" and pipeline_variant(t2i_dir()) is None
+    want = _t2i_latents(plain)
+    assert torch.equal(_t2i_latents(load_pipeline(root, load_denoiser=True)), want)
+    assert load_pipeline(root).transformer is None  # engines will be attached
+    vae = root / "vae"
+    (vae / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    shutil.copy(t2i_dir() / "vae" / "diffusion_pytorch_model.safetensors", vae)  # plain weights in one component
+    assert pipeline_variant(root) == "fp16"
+    assert torch.equal(_t2i_latents(load_pipeline(root, load_denoiser=True)), want)
+
+
+def test_a_pipelines_components_of_different_variants_are_refused_by_name(tmp_path):
+    """Components holding only variants of different kinds are refused naming the pipeline directory (diffusers takes
+    one variant for the whole pipeline); so are plain weights beside the needed variant's (diffusers would load the
+    variant there). A denoiser that is not loaded (engines attached) does not count."""
+    from tmpdiff.models.tiny_t2i import t2i_dir
+    from tmpdiff.runtime.pipeline_io import load_pipeline
+
+    _variant_pipeline(tmp_path)
+    encoder, transformer = tmp_path / "text_encoder", tmp_path / "transformer"
+    (encoder / "model.fp16.safetensors").rename(encoder / "model.bf16.safetensors")
+    with pytest.raises(TmpdiffError, match=r"different kinds \(text_encoder: bf16, transformer: fp16, vae: fp16\)") as err:
+        load_pipeline(tmp_path, load_denoiser=True)
+    assert str(err.value).startswith(str(tmp_path)) and "\n" not in str(err.value)
+    (encoder / "model.bf16.safetensors").rename(encoder / "model.fp16.safetensors")
+    shutil.copy(t2i_dir() / "transformer" / "diffusion_pytorch_model.safetensors", transformer)  # plain beside fp16
+    with pytest.raises(TmpdiffError, match="holds plain weights beside fp16 ones, and text_encoder, vae only fp16") as err:
+        load_pipeline(tmp_path, load_denoiser=True)
+    assert str(transformer) in str(err.value)
+    assert load_pipeline(tmp_path).transformer is None  # not loaded: its weights are not read

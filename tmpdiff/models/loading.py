@@ -17,11 +17,14 @@ from tmpdiff.formats.errors import TmpdiffError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # diffusers' name for a variant checkpoint (`save_pretrained(variant="fp16")`): one file, or shards whose index is
-# diffusion_pytorch_model.safetensors.index.fp16.json
-_VARIANT_FILE = re.compile(r"^diffusion_pytorch_model\.(?P<variant>[A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
+# diffusion_pytorch_model.safetensors.index.fp16.json; a transformers model's (a pipeline's text encoder) is
+# model.fp16.safetensors, or its shards
+_VARIANT_FILE = re.compile(
+    r"^(?:diffusion_pytorch_model|model)\.(?P<variant>[A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
 
 
-def _variant_of(name: str) -> str | None:
+def variant_of(name: str) -> str | None:
+    """The variant a safetensors file name carries (None: plain weights or another name)."""
     match = _VARIANT_FILE.match(name)
     return match["variant"] if match else None
 
@@ -29,16 +32,18 @@ def _variant_of(name: str) -> str | None:
 def weights_variant(model_dir: Path) -> str | None:
     """The checkpoint variant diffusers must be asked for (`from_pretrained(variant=...)`): None when the directory
     holds plain weights (what diffusers loads without one, whatever variants lie beside them), else the one variant
-    its safetensors files carry (`diffusion_pytorch_model.fp16.safetensors`, or its shards). Several variants and no
-    plain weights are refused: which one to load is not tmpdiff's guess."""
+    its safetensors files carry (`diffusion_pytorch_model.fp16.safetensors`, a transformers model's
+    `model.fp16.safetensors`, or their shards). Several variants and no plain weights are refused: which one to load
+    is not tmpdiff's guess."""
     names = [path.name for path in model_dir.glob("*.safetensors")]
-    found = {_variant_of(name) for name in names}
+    found = {variant_of(name) for name in names}
     if not names or None in found:
         return None
     variants = sorted(found)
     if len(variants) > 1:
         raise TmpdiffError(f"holds only variant checkpoints of several kinds ({', '.join(variants)}) and no plain "
-                           "diffusion_pytorch_model.safetensors: keep the one variant to export", model_dir)
+                           "weights (diffusion_pytorch_model.safetensors or model.safetensors): keep the one variant to "
+                           "load", model_dir)
     return variants[0]
 
 
@@ -46,7 +51,7 @@ def loaded_safetensors(model_dir: Path) -> list[Path]:
     """The safetensors files `load_diffusers_model` loads (the plain weights, or the one variant's): what the
     memory plan and the weight check read. Empty when there are none."""
     variant = weights_variant(model_dir)
-    return [path for path in sorted(model_dir.glob("*.safetensors")) if _variant_of(path.name) == variant]
+    return [path for path in sorted(model_dir.glob("*.safetensors")) if variant_of(path.name) == variant]
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -7,13 +7,14 @@ the graphs' fixed latent size and text length, no aspect-ratio bins, prompts pas
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
 
 from tmpdiff.formats.atomic import read_json_object
 from tmpdiff.formats.errors import TmpdiffError
+from tmpdiff.models.loading import variant_of, weights_variant
 from tmpdiff.models.schedulers import inference_steps_for
 
 DENOISER_COMPONENTS = ("transformer", "unet")
@@ -45,13 +46,48 @@ def pipeline_denoiser_name(pipeline_dir: Path) -> str:
     return name
 
 
+def pipeline_variant(pipeline_dir: Path, skipped: Collection[str] = ()) -> str | None:
+    """The checkpoint variant a pipeline directory is loaded with (`from_pretrained(variant=...)`): None when each
+    component it loads (`skipped`: those passed in instead) holds plain weights or none, else the one variant that the
+    components holding only variant checkpoints carry (`save_pretrained(variant="fp16")`:
+    `diffusion_pytorch_model.fp16.safetensors`, a text encoder's `model.fp16.safetensors`; `weights_variant`).
+    diffusers gives that variant to each component that has its files and loads the others' plain weights. Refused
+    by name: variants of different kinds (diffusers takes one for the whole pipeline), and plain weights beside the
+    needed variant's files in one component (diffusers would load the variant there, not the plain weights)."""
+    index = read_json_object(pipeline_dir / "model_index.json")
+    folders = [pipeline_dir / name for name in sorted(index)
+               if not name.startswith("_") and name not in skipped and (pipeline_dir / name).is_dir()]
+    needed = {folder.name: variant for folder in folders if (variant := weights_variant(folder)) is not None}
+    variants = sorted(set(needed.values()))
+    if len(variants) > 1:
+        listed = ", ".join(f"{name}: {variant}" for name, variant in needed.items())
+        raise TmpdiffError(f"the pipeline's components hold only variant checkpoints of different kinds ({listed}); "
+                           f"diffusers loads one variant for the whole pipeline: save them with one variant, or keep "
+                           f"plain weights beside the others", pipeline_dir)
+    if not variants:
+        return None
+    variant = variants[0]
+    beside = [folder for folder in folders if folder.name not in needed
+              and variant in {variant_of(path.name) for path in folder.glob("*.safetensors")}]
+    if beside:
+        raise TmpdiffError(f"holds plain weights beside {variant} ones, and {', '.join(needed)} only {variant} "
+                           f"checkpoints: loaded with variant={variant!r}, diffusers would take the {variant} weights "
+                           f"here, not the plain ones; keep one of the two", beside[0])
+    return variant
+
+
 def load_pipeline(pipeline_dir: Path, denoiser: torch.nn.Module | None = None, *, load_denoiser: bool = False):
     """The pipeline from a local directory (safetensors only, nothing downloaded): with `denoiser` given, that module
-    as its denoiser; else its own denoiser when `load_denoiser`, none otherwise (engines will be attached)."""
+    as its denoiser; else its own denoiser when `load_denoiser`, none otherwise (engines will be attached).
+    Components saved as a variant only load that variant (`pipeline_variant`)."""
     from diffusers import DiffusionPipeline
 
+    pipeline_dir = Path(pipeline_dir)
     name = pipeline_denoiser_name(pipeline_dir)
     extra = {} if load_denoiser and denoiser is None else {name: denoiser}
+    variant = pipeline_variant(pipeline_dir, skipped=extra)
+    if variant is not None:
+        extra["variant"] = variant
     try:
         pipe = DiffusionPipeline.from_pretrained(pipeline_dir, **extra, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as exc:
