@@ -8,7 +8,7 @@ Phases (run them in order; `train` and `eval` take --steps so two processes can 
   reference  the 20-step fp32 DPM-Solver++ samples of the evaluation set (noise seed --eval-seed) -> OUT/reference.safetensors
   eval       per N: plain N steps, plain 2N steps, timestep shift, MTEO (both losses): classifier accuracy, confidence
              (mean log-prob of the asked class), Frechet distance to the 1,797 real digits in the classifier's feature
-             space (projected on the real features' top 16 principal directions) with a bootstrap 95% interval and
+             space (projected on the real features' top 16 principal directions) with a jackknife 95% interval and
              a paired-bootstrap interval of its difference to plain 2N steps, SSIM to the 20-step reference, wall
              time -> OUT/eval-N{N}.json, OUT/samples-N{N}.safetensors
   report     OUT/mteo.json + OUT/mteo.md from the above
@@ -32,6 +32,7 @@ from tmpdiff.calibration.few_step import FewStepSampler, make_scheduler
 from tmpdiff.calibration.mteo import DistillConfig, embeddings_info
 from tmpdiff.commands.distill import load_distiller
 from tmpdiff.engines.device import cpu_name
+from tmpdiff.eval.bootstrap import jackknife_ci
 from tmpdiff.eval.classifier import DigitClassifier, classify
 from tmpdiff.eval.metrics import image_metrics, to_images
 from tmpdiff.eval.quality import frechet_distance
@@ -45,6 +46,15 @@ from tmpdiff.runtime.runner import initial_noise
 FD_DIMS = 16
 TRAINED = {"mteo-trajectory": ("mteo", "trajectory"), "mteo-final": ("mteo", "final"),
            "shift": ("timestep-shift", "trajectory")}
+# how `fd_ci95` was formed, recorded in each eval/qa file (files without it predate 2026-12-07: percentile bootstrap)
+FD_INTERVAL = "jackknife"
+FD_INTERVAL_TEXT = {
+    "jackknife": "95% jackknife interval (normal on the log of FD, delete-one standard error; the real set fixed), "
+                 "as tmpdiff.eval.bootstrap.jackknife_ci(positive=True)",
+    "percentile-bootstrap": "95% percentile bootstrap of the generated samples (the real set fixed): resampling with "
+                            "replacement duplicates samples and biases FD upward, so the interval sits above the "
+                            "estimate and often excludes it",
+}
 
 
 
@@ -114,7 +124,7 @@ def reference(args) -> None:
 
 
 class Judge:
-    """Classifier accuracy and confidence, FD with a bootstrap interval, SSIM to the reference."""
+    """Classifier accuracy and confidence, FD with a jackknife interval, SSIM to the reference."""
 
     def __init__(self, args, labels: torch.Tensor, reference: torch.Tensor) -> None:
         from tmpdiff.models.digits import load_digits_tensors
@@ -122,7 +132,7 @@ class Judge:
         self.classifier = DigitClassifier.load(load_model_info().classifier_dir)
         real = classify(self.classifier, load_digits_tensors()[0])[1].numpy().astype(np.float64)
         # FD in the top FD_DIMS principal directions of the real digits' features: with a few hundred samples a
-        # 128-dimensional covariance is mostly estimation noise, and its bootstrap interval would be mostly bias
+        # 128-dimensional covariance is mostly estimation noise, and its interval would be mostly bias
         self.mean = real.mean(0)
         self.basis = np.linalg.svd(real - self.mean, full_matrices=False)[2][:FD_DIMS].T
         self.real = self.project(real)
@@ -154,14 +164,14 @@ class Judge:
         asked = logp.gather(1, self.labels[:, None])[:, 0].numpy()
         correct = (preds == self.labels).numpy()
         feats = self.project(feats.numpy())
-        draws = [frechet_distance(feats[i], self.real) for i in self.draws(len(feats))]
+        # not a percentile bootstrap: resampling with replacement duplicates samples and biases FD upward, so that
+        # interval sat above the estimate (101.3 [115.5, 275.7]); the jackknife interval is on the log of FD
+        fd = jackknife_ci(lambda i: frechet_distance(feats[i], self.real), len(feats), positive=True)
         ssim, _ = image_metrics(to_images(samples), self.reference)
         n = len(correct)
         acc_se = float(np.sqrt(correct.mean() * (1 - correct.mean()) / n))
         return {"accuracy": float(correct.mean()), "accuracy_se": acc_se, "confidence": float(asked.mean()),
-                "fd": frechet_distance(feats, self.real), "fd_ci95": [float(np.percentile(draws, 2.5)),
-                                                                       float(np.percentile(draws, 97.5))],
-                "ssim": ssim}
+                "fd": fd.value, "fd_ci95": [fd.low, fd.high], "ssim": ssim}
 
 
 def evaluate(args, steps_list: list[int]) -> None:
@@ -188,7 +198,7 @@ def evaluate(args, steps_list: list[int]) -> None:
         for row in rows:
             row["fd_vs_plain_2N"] = judge.fd_difference(outputs[row["method"]], outputs["plain-2N"])
         _save_samples(args.out / f"samples-N{steps}.safetensors", outputs)
-        write_json(args.out / f"eval-N{steps}.json", {"steps": steps, "rows": rows,
+        write_json(args.out / f"eval-N{steps}.json", {"steps": steps, "rows": rows, "fd_interval": FD_INTERVAL,
                                                        "load_average_1min": round(os.getloadavg()[0], 2)})
 
 
@@ -242,7 +252,32 @@ def quantization_aware(args, steps: int) -> None:
     write_json(args.out / f"qa-{tag}-N{steps}.json", {
         "steps": steps, "schedule": schedule, "loss": args.qa_loss, "quantize_seconds": round(quant_seconds, 1),
         "data_and_reference_seconds": round(data_seconds, 1), "training": r.model_dump(),
-        "loss_curve": [round(v, 5) for v in result.losses], "rows": rows})
+        "loss_curve": [round(v, 5) for v in result.losses], "rows": rows, "fd_interval": FD_INTERVAL})
+
+
+def _samples_path(out: Path, result_path: Path) -> Path:
+    """Where `evaluate` / `quantization_aware` saved the samples judged in eval-N{N}.json / qa-{tag}-N{N}.json."""
+    stem = result_path.stem
+    return out / (f"samples-N{stem.split('-N')[1]}.safetensors" if stem.startswith("eval-") else f"samples-{stem}.safetensors")
+
+
+def _fd_label(results) -> str:
+    """The FD column's interval, from the files' `fd_interval` (absent: the percentile bootstrap of before)."""
+    methods = {r.get("fd_interval", "percentile-bootstrap") for r in results}
+    return f"95% {methods.pop()} CI" if len(methods) == 1 else "95% CI, " + " / ".join(sorted(methods))
+
+
+def _fd_note(results) -> str:
+    """What the FD intervals of these eval files are, and whether `rejudge` recomputed them."""
+    methods = {r.get("fd_interval", "percentile-bootstrap") for r in results} | {FD_INTERVAL}  # + the reference row
+    note = "FD intervals: " + "; ".join(FD_INTERVAL_TEXT[m] for m in sorted(methods)) + "."
+    rejudged = [r["fd_interval_rejudged"] for r in results if "fd_interval_rejudged" in r]
+    if rejudged:
+        worst = max(v for r in rejudged for v in r["max_point_difference"].values())
+        note += (f" Before {min(r['date'] for r in rejudged)} they were the {FD_INTERVAL_TEXT['percentile-bootstrap']}; "
+                 "the evaluated rows' intervals were then recomputed from their saved samples (`bench_mteo.py rejudge`; "
+                 f"the recorded point values reproduced, largest difference {worst:.1g}, and are kept).")
+    return note
 
 
 def _loads(results) -> str:
@@ -272,8 +307,9 @@ def report(args) -> None:
             row["fd_vs_reference"] = judge.fd_difference(samples[row["method"]], ref)
     payload = {"format": "tmpdiff.bench_mteo/1", "machine": cpu_name(), "threads": 1, "solver": args.solver,
                "eval_samples": args.samples, "eval_seed": args.eval_seed, "bootstrap": args.bootstrap,
-               "fd": f"classifier features on the real digits' top {FD_DIMS} principal directions; percentile bootstrap "
-                     "of the generated samples (the real set fixed)",
+               "fd": f"classifier features on the real digits' top {FD_DIMS} principal directions; interval per file "
+                     "(`fd_interval`; the reference row's is computed here): "
+                     + "; ".join(f"{k}: {v}" for k, v in FD_INTERVAL_TEXT.items()),
                "reference": ref_row, "training": {stem: t for (_, stem), t in sorted(trains.items())}, "evaluation": evals}
     write_json(args.out / "mteo.json", payload)
     lines = [f"# MTEO on the bundled DiT ({args.solver}, {args.samples} evaluation samples, noise seed {args.eval_seed})",
@@ -283,7 +319,11 @@ def report(args) -> None:
              "seconds to sample the whole evaluation set in one batch (the 20-step reference row: 200 samples). "
              "Accuracy and confidence saturate on "
              "this model; FD and SSIM separate the methods.", "",
-             "| N | method | model calls | accuracy | confidence (log p) | FD [95% CI] | FD - FD(plain 2N) [paired 95% CI] "
+             _fd_note(evals.values()) + " The paired FD differences are paired bootstraps "
+             f"({args.bootstrap} resamples of the same noises), whose bias mostly cancels.", "",
+             "| N | method | model calls | accuracy | confidence (log p) | "
+             f"FD [{_fd_label([{'fd_interval': FD_INTERVAL}, *evals.values()])}] "
+             "| FD - FD(plain 2N) [paired 95% CI] "
              "| SSIM to 20-step | time s | FD - FD(20-step) [paired 95% CI] |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -303,13 +343,19 @@ def report(args) -> None:
     qas = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("qa-*.json"))}
     payload["quantization_aware"] = qas
     write_json(args.out / "mteo.json", payload)
-    for qa in qas.values():
+    for stem, qa in qas.items():
         n = qa["steps"]
         t = qa["training"]
+        stale = "" if qa.get("fd_interval") == FD_INTERVAL else (
+            f" FD intervals: still the {FD_INTERVAL_TEXT[qa.get('fd_interval', 'percentile-bootstrap')]}; this "
+            f"table's samples were not saved (no {_samples_path(args.out, Path(stem + '.json')).name}), so they could "
+            "not be recomputed: read them as biased.")
         lines += ["", f"Quantization-aware MTEO, N = {n}, every step {' / '.join(qa['schedule'])} (modelopt fake quant), "
                       f"{qa['loss']} loss: loss {t['initial']:.4f} -> {t['final']:.4f}, held-out sample MSE "
-                      f"{t['validation_mse']:.4f}, {t['seconds']:.0f} s wall. FD column: difference to MTEO fp32. Times: load 5-15.", "",
-                  "| N | method | model calls | accuracy | confidence (log p) | FD [95% CI] | FD - FD(MTEO fp32) [paired 95% CI] "
+                      f"{t['validation_mse']:.4f}, {t['seconds']:.0f} s wall. FD column: difference to MTEO fp32. "
+                      f"Times: load 5-15.{stale}", "",
+                  f"| N | method | model calls | accuracy | confidence (log p) | FD [{_fd_label([qa])}] "
+                  "| FD - FD(MTEO fp32) [paired 95% CI] "
                   "| SSIM to 20-step | time s |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [line(r) for r in qa["rows"]]
     lines += ["", f"Training (noise seed {args.train_seed}, validation seed 2000):", "",

@@ -10,10 +10,10 @@ exported plainly and with --time-embedding-input, fp32 and int8, ORT-CPU.
   quality   N = 4 on the 100 evaluation samples of scripts/bench_mteo.py (noise seed 0, labels cycling): plain,
             the timestep shift and MTEO (trajectory loss, the committed tables) through the engines at fp32, MTEO
             with every step int8, and MTEO with a mixed per-step plan; classifier accuracy, confidence, FD with a
-            bootstrap interval, SSIM to the 20-step fp32 reference, SSIM to the torch sampler's samples of the same
-            method (results/.../mteo/samples-N4.safetensors), and wall time per run (median of --sample-repeats);
-            fp32 at 20 steps through the engines is timed in the same run, and every row's end-to-end speedup
-            over it is reported (the issue's 4x goal)
+            jackknife interval (bench_mteo.Judge), SSIM to the 20-step fp32 reference, SSIM to the torch sampler's
+            samples of the same method (results/.../mteo/samples-N4.safetensors), and wall time per run (median of
+            --sample-repeats); fp32 at 20 steps through the engines is timed in the same run, and every row's
+            end-to-end speedup over it is reported (the issue's 4x goal)
 
   python scripts/bench_mteo_deploy.py --out results/cpu-epyc-2core/mteo/deploy.json
 """
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=200, help="latency: rows per call (100 samples with guidance)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--bootstrap", type=int, default=200, help="unused: the FD interval is a jackknife since 2026-12-07")
     parser.add_argument("--sample-repeats", type=int, default=5, help="timed sampling runs per plan (median)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               f"paired ratio {r['ratio_median']:.3f} [{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}]", flush=True)
     write_json(args.out, report)
     report["quality"] = quality(builds, args.work, args.samples, args.bootstrap, args.sample_repeats)
+    report["fd_interval"] = "jackknife"  # quality rows' fd_ci95 (before 2026-12-07, without this key: percentile bootstrap)
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
