@@ -11,6 +11,9 @@ Phases (run them in order; `train` and `eval` take --steps so two processes can 
              space (projected on the real features' top 16 principal directions) with a jackknife 95% interval and
              a paired-bootstrap interval of its difference to plain 2N steps, SSIM to the 20-step reference, wall
              time -> OUT/eval-N{N}.json, OUT/samples-N{N}.safetensors
+  rejudge    recompute the judged figures of the existing OUT/eval-N*.json and OUT/qa-*.json from the samples saved
+             beside them (no sampling): refuses to write unless the point values (FD, accuracy, confidence, SSIM) come
+             out as recorded, then replaces the FD interval and keeps the rest of each row; --dry-run only checks
   report     OUT/mteo.json + OUT/mteo.md from the above
 
   OMP_NUM_THREADS=1 python scripts/bench_mteo.py train --steps 3,8 --out results/cpu-epyc-2core/mteo
@@ -255,10 +258,62 @@ def quantization_aware(args, steps: int) -> None:
         "loss_curve": [round(v, 5) for v in result.losses], "rows": rows, "fd_interval": FD_INTERVAL})
 
 
+POINT_KEYS = ("fd", "accuracy", "accuracy_se", "confidence", "ssim")
+
+
 def _samples_path(out: Path, result_path: Path) -> Path:
     """Where `evaluate` / `quantization_aware` saved the samples judged in eval-N{N}.json / qa-{tag}-N{N}.json."""
     stem = result_path.stem
     return out / (f"samples-N{stem.split('-N')[1]}.safetensors" if stem.startswith("eval-") else f"samples-{stem}.safetensors")
+
+
+def rejudge(args) -> None:
+    """Judge the saved samples of every eval/qa file again (no sampling) and replace each row's FD interval; the rest
+    of each row is kept, the recorded point values included. Nothing is written unless every recomputed point value
+    equals the recorded one (within --tolerance, 0 by default): the saved samples are those the rows judged."""
+    import datetime
+
+    from tmpdiff.models.loading import load_safetensors
+
+    distiller, _ = load_distiller("bundled")
+    labels, _ = _eval_set(args, distiller.conditioning.count, distiller.channels, distiller.image_size)
+    judge = Judge(args, labels, load_safetensors(args.out / "reference.safetensors")["samples"][: args.samples])
+    worst = dict.fromkeys(POINT_KEYS, 0.0)
+    updated = {}
+    for path in sorted(args.out.glob("eval-N*.json")) + sorted(args.out.glob("qa-*.json")):
+        result = json.loads(path.read_text())
+        samples_path = _samples_path(args.out, path)
+        if not samples_path.exists():
+            print(f"{path.name}: no {samples_path.name}, left as it is "
+                  f"({result.get('fd_interval', 'percentile-bootstrap')} FD intervals)", flush=True)
+            continue
+        samples = load_safetensors(samples_path)
+        file_worst = dict.fromkeys(POINT_KEYS, 0.0)
+        for row in result["rows"]:
+            if len(samples[row["method"]]) != args.samples:
+                raise SystemExit(f"{samples_path.name}: {len(samples[row['method']])} samples of {row['method']!r}, "
+                                 f"--samples is {args.samples}")
+            new = judge(samples[row["method"]])
+            for key in POINT_KEYS:
+                file_worst[key] = max(file_worst[key], abs(new[key] - row[key]))
+                worst[key] = max(worst[key], file_worst[key])
+            print(f"{path.name} {row['method']}: FD {row['fd']:.1f} [{row['fd_ci95'][0]:.1f}, {row['fd_ci95'][1]:.1f}]"
+                  f" -> {new['fd']:.1f} [{new['fd_ci95'][0]:.1f}, {new['fd_ci95'][1]:.1f}]", flush=True)
+            row["fd_ci95"] = new["fd_ci95"]
+        result["fd_interval"] = FD_INTERVAL
+        result["fd_interval_rejudged"] = {"date": datetime.date.today().isoformat(), "from": samples_path.name,
+                                          "max_point_difference": file_worst}
+        updated[path] = result
+    print("max |recomputed - recorded| of the point values: "
+          + ", ".join(f"{key} {value:.3g}" for key, value in worst.items()), flush=True)
+    if max(worst.values()) > args.tolerance:
+        raise SystemExit(f"recomputed point values differ from the recorded ones by more than {args.tolerance:g}: "
+                         "nothing written")
+    if args.dry_run:
+        return
+    for path, result in updated.items():
+        write_json(path, result)
+        print(f"wrote {path}", flush=True)
 
 
 def _fd_label(results) -> str:
@@ -373,7 +428,7 @@ def report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["train", "reference", "eval", "qa", "report"])
+    parser.add_argument("phase", choices=["train", "reference", "eval", "qa", "rejudge", "report"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", default="3,4,6,8")
     parser.add_argument("--solver", default="dpmsolver++", choices=["dpmsolver++", "ddim"])
@@ -391,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="", help="train: only these (comma-separated; default all)")
     parser.add_argument("--tag", default="", help="train: suffix of the files written, e.g. -i120")
     parser.add_argument("--extra", default="", help="eval: also these tagged embeddings, e.g. mteo-trajectory-i120")
+    parser.add_argument("--dry-run", action="store_true", help="rejudge: check and print, write nothing")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="rejudge: largest difference of a recomputed point value to the recorded one")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -405,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.phase == "qa":
         for steps in steps_list:
             quantization_aware(args, steps)
+    elif args.phase == "rejudge":
+        rejudge(args)
     else:
         report(args)
     return 0
