@@ -336,9 +336,14 @@ def _fd_note(results) -> str:
 
 
 def _loads(results) -> str:
-    """The recorded load averages of train/eval files, as a range (files from before they were recorded: unknown)."""
+    """The recorded load averages of train/eval files, as a range; files from before they were recorded may carry the
+    range their report stated at the time (`load_average_noted`), else it is unknown."""
+    results = list(results)
     loads = [r["load_average_1min"] for r in results if "load_average_1min" in r]
-    return f"{min(loads):g}-{max(loads):g}" if loads else "not recorded"
+    if loads:
+        return f"{min(loads):g}-{max(loads):g}"
+    noted = sorted({r["load_average_noted"] for r in results if "load_average_noted" in r})
+    return f"{', '.join(noted)} (as stated when they ran, not recorded in the files)" if noted else "not recorded"
 
 
 def report(args) -> None:
