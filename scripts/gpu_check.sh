@@ -2,14 +2,18 @@
 # The first thing to run on a machine with an NVIDIA GPU: lists what the GPU path needs (CUDA torch, TensorRT,
 # onnxruntime-gpu) and what is missing, then runs every GPU check whose prerequisites are present, in order,
 # stopping at the first failure with its cause; writes results/<gpu-name>/gpu_check.json.
-# It installs nothing by itself (a GPU box may have no registry access); TMPDIFF_GPU_INSTALL=1 installs '.[gpu]'.
+# It installs nothing by itself (a GPU box may have no registry access); TMPDIFF_GPU_INSTALL=1 installs TensorRT (the
+# wheel of torch's CUDA version) and swaps onnxruntime for onnxruntime-gpu.
 # Exit codes: 0 every check passed, 1 a check failed, 3 none failed but some were skipped (their prerequisites are
 # missing: the run is incomplete), 2 no GPU (one line).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"
 if [ "${TMPDIFF_GPU_INSTALL:-0}" = "1" ]; then
-    "$VENV/bin/python" -m pip install --quiet -e "$REPO[gpu]"
+    # the TensorRT wheel of torch's CUDA major version (tensorrt-cu12 / -cu13): the metapackage of '.[gpu]' takes the
+    # CUDA 13 one whatever torch was built with
+    TRT_REQ="$("$VENV/bin/python" -c 'import torch; from tmpdiff.commands.doctor import tensorrt_requirement as r; print(r(torch.version.cuda))')"
+    "$VENV/bin/python" -m pip install --quiet "$TRT_REQ"
     # onnxruntime-gpu provides the same module as the CPU package: one replaces the other, never both installed. On a
     # re-run the install above has put the CPU package's files back over the GPU package's, and uninstalling it
     # deletes the shared module: the GPU package is reinstalled in full, not found "already satisfied".

@@ -315,3 +315,12 @@ def test_doctor_gpu_exits_nonzero_unless_every_check_passed(tmp_path, monkeypatc
     got, out, err = cli("doctor", "--gpu", "--work", tmp_path / "work", "--results", tmp_path / "results")
     assert got == code, (out, err)
     assert ("incomplete: 1 of 2 checks skipped" in err) == (code == 3), err
+
+
+def test_tensorrt_wheel_follows_torchs_cuda_version():
+    # the metapackage installs TensorRT's CUDA 13 wheel whatever torch was built with; a CUDA 12 torch needs -cu12
+    from tmpdiff.commands.doctor import tensorrt_requirement
+
+    assert tensorrt_requirement("12.8") == "tensorrt-cu12>=10.8,<11"
+    assert tensorrt_requirement("13.0") == "tensorrt-cu13>=10.8,<11"
+    assert tensorrt_requirement(None) == tensorrt_requirement("11.8") == "tensorrt>=10.8,<11"

@@ -41,11 +41,21 @@ class Inventory:
         if self.torch_cuda is None:
             lines.append("torch is a CPU build: pip install torch --index-url <the CUDA wheel index for your driver>")
         if self.tensorrt is None:
-            lines.append("TensorRT is not installed: pip install 'tensorrt>=10.8,<11' (or pip install '.[gpu]')")
+            lines.append(f"TensorRT is not installed: pip install '{tensorrt_requirement(self.torch_cuda)}' (the "
+                         "package for torch's CUDA major version; TMPDIFF_GPU_INSTALL=1 scripts/gpu_check.sh does it)")
         if "CUDAExecutionProvider" not in self.ort_providers:
             lines.append("onnxruntime has no CUDA provider: pip uninstall -y onnxruntime && pip install "
                          "onnxruntime-gpu==1.31.1 (the same module: never both installed)")
         return lines
+
+
+def tensorrt_requirement(torch_cuda: str | None) -> str:
+    """The TensorRT 10 wheel for a torch built against CUDA `torch_cuda` ("12.8"): `tensorrt-cu12` / `tensorrt-cu13`.
+    The plain `tensorrt` metapackage installs the CUDA 13 variant whatever torch uses, which needs a recent driver
+    and does not load beside a CUDA 12 torch. A CPU torch (None) or another major gets the metapackage."""
+    major = (torch_cuda or "").split(".")[0]
+    name = f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
+    return f"{name}>=10.8,<11"
 
 
 def inventory() -> Inventory:

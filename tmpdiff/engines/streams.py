@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from tmpdiff.engines.trt_build import cuda_device
+
+# GPU engines of a process launch on one CUDA stream (`runtime_stream`) and TensorRT's share one activation memory
+# (`trt.default_device_memory`): two calls at once would interleave on both, or one CUDA graph capture the other's
+# work, and re-pointing the shared memory while another thread launches would hand it freed memory. Calls hold it
+# (`runtime.engine_use.exclusive`), and so does every change to a shared activation memory. Re-entrant: a call
+# inside a call on other GPU engines in the same thread is ordered on the stream, not concurrent.
+GPU_LOCK = threading.RLock()
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tmpdiff.engines.base import check_buffers
-from tmpdiff.engines.streams import CudaStream, Stream
+from tmpdiff.engines.streams import GPU_LOCK, CudaStream, Stream
 from tmpdiff.engines.trt_build import (
     NOT_INSTALLED,
     REBUILD_HINT,
@@ -128,7 +128,12 @@ class SharedDeviceMemory:
 
     def reserve(self, nbytes: int) -> None:
         """Make the allocation at least `nbytes` long (re-pointing attached engines if it moves). An engine that needs
-        no activation memory still gets a valid (1-byte) allocation to point at."""
+        no activation memory still gets a valid (1-byte) allocation to point at. Waits for a call running on another
+        thread (`GPU_LOCK`): its launches must not read a block freed or re-pointed under them."""
+        with GPU_LOCK:
+            self._reserve(nbytes)
+
+    def _reserve(self, nbytes: int) -> None:
         if self._buffer is not None and nbytes <= self.size:
             return
         size = max(nbytes, _ALIGNMENT)  # TensorRT may take a null pointer for 0 bytes, but `address` must stay valid
@@ -167,23 +172,27 @@ class SharedDeviceMemory:
 
     def attach(self, engine: TrtEngine, nbytes: int) -> None:
         """Reserve `nbytes` for `engine` and point its context at the shared allocation."""
-        self.reserve(nbytes)
-        self._users.add(engine)
-        engine._use_device_memory(self)
+        with GPU_LOCK:
+            self._reserve(nbytes)
+            self._users.add(engine)
+            engine._use_device_memory(self)
 
     def detach(self, engine: TrtEngine) -> None:
         """Forget `engine`; with `release_when_unused`, the last detach frees the allocation."""
-        self._users.discard(engine)
-        if self.release_when_unused and not len(self._users):
-            self.close()
+        with GPU_LOCK:
+            self._users.discard(engine)
+            if self.release_when_unused and not len(self._users):
+                self.close()
 
     def close(self) -> None:
         """Free the allocation; attached engines must be closed first."""
-        if len(self._users):
-            raise TmpdiffError(f"shared device memory still has {len(self._users)} engine(s) attached; close them first")
-        if self._buffer is not None:
-            self._wait_for_launches()
-        self._buffer, self._size = None, 0
+        with GPU_LOCK:
+            if len(self._users):
+                raise TmpdiffError(f"shared device memory still has {len(self._users)} engine(s) attached; close "
+                                   "them first")
+            if self._buffer is not None:
+                self._wait_for_launches()
+            self._buffer, self._size = None, 0
 
     def _wait_for_launches(self) -> None:
         if self.torch_device.type == "cuda":
@@ -295,6 +304,9 @@ class TrtEngine:
             if self._context is None:
                 raise TmpdiffError(f"TensorRT could not create an execution context "
                                    f"({first_error(logger.take_errors(), 'no error was logged')})", self.path)
+            # Plans are built with DETAILED profiling verbosity (the layer inspector and `profile --layers` read it);
+            # NVTX ranges at that verbosity slow every enqueue, so the runtime's launches mark layer names only.
+            self._context.nvtx_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
         self._inputs, self._outputs = self._io_specs()
         if input_specs is not None:
             self._inputs = self._check_specs("input", input_specs, self._inputs)
@@ -331,6 +343,7 @@ class TrtEngine:
         # A failed bind leaves the engine unbound, never half re-bound behind an old graph.
         self._graph, self._bound = None, None
         ctx = self._context
+        trt_logger(self._trt).take_errors()  # an earlier call's errors are not this bind's
         for spec in self._inputs:
             shape = tuple(inputs[spec.name].shape)
             if not ctx.set_input_shape(spec.name, shape):
@@ -386,6 +399,9 @@ class TrtEngine:
         if self._bound is None:
             raise TmpdiffError(f"TensorRT {self.precision} engine: run() before bind()")
         torch_stream = _torch_stream(stream, self._device_index)
+        if torch_stream.device.index != self._device_index:  # TensorRT would launch on another GPU's stream
+            raise TmpdiffError(f"TensorRT {self.precision} engine runs on {self.device}, the stream is on "
+                               f"{torch_stream.device}: run it on a stream of its GPU (runtime_stream(engine.device))")
         if self._graph is not None:
             with torch.cuda.stream(torch_stream):
                 self._graph.replay()
@@ -429,6 +445,7 @@ class TrtEngine:
         return self._engine
 
     def _execute(self, handle: int) -> None:
+        trt_logger(self._trt).take_errors()  # a failed enqueue names its own error, not an earlier call's
         if not self._context.execute_async_v3(int(handle)):
             raise TmpdiffError(f"TensorRT {self.precision} engine failed to enqueue "
                                f"({first_error(trt_logger(self._trt).take_errors(), 'no error was logged')})", self.path)

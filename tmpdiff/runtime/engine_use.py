@@ -16,15 +16,13 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from tmpdiff.engines.base import Engine
+from tmpdiff.engines.streams import GPU_LOCK
 from tmpdiff.formats.errors import TmpdiffError
 
 _bound_to: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> weakref of the owner of its buffers
 _in_use: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> lock held while a call runs it
 _registry_lock = threading.Lock()
-# GPU engines of a process launch on one CUDA stream (`runtime_stream`) and TensorRT's share one activation memory
-# (`default_device_memory`): two calls at once would interleave on both, or one CUDA graph capture the other's work.
-# Re-entrant: a call inside a call on other GPU engines in the same thread is ordered on the stream, not concurrent.
-_gpu_lock = threading.RLock()
+_gpu_lock = GPU_LOCK  # one call at a time on a process's GPU engines (why: `engines.streams.GPU_LOCK`)
 
 
 def ensure_bound(owner: object, engines: Iterable[Engine], inputs: Mapping[str, torch.Tensor],
