@@ -248,6 +248,52 @@ def test_int4_gets_no_rounding_tie_allowance():
     assert parity_ok("int4", 1e-3, 2.55e-2, 2.55e-2, half_reference=True)  # fp16 rounding in torch
 
 
+# Layer configurations' twins (`export.mixed`: against the super-network, errors vs its fp32 configuration), medians
+# measured on the bundled DiT (calibrated as tests/conftest.py's quant_build) and t2i transformer (as t2i_int8_build)
+MIXED_TWINS = [  # (kinds, parity, twin's error, super-network's error)
+    ({"int8"}, 2.26e-3, 8.29e-3, 8.16e-3),  # t2i fp32/int8 alternating (tests/test_tmpq_t2i.py): largest share, 0.28
+    ({"fp8"}, 4.25e-3, 2.10e-2, 2.09e-2),  # DiT fp8 but the first layer
+    ({"int8", "int4"}, 8.59e-4, 2.45e-2, 2.46e-2),  # t2i int8/int4/fp32 cycle (tests/test_tmpq_deploy.py's, on the DiT)
+    ({"int8", "fp8", "int4"}, 1.49e-3, 2.06e-2, 2.02e-2),  # DiT int8/fp8/int4 cycle
+    ({"int4"}, 3.80e-7, 1.91e-2, 1.91e-2),  # DiT int4/fp32 alternating: exact, as uniform int4 is
+]
+DAMAGED_MIXED_TWINS = [  # one layer's scales damaged; each passed the absolute 2e-2 the mixed check had
+    ({"int4"}, 1.03e-2, 2.11e-2, 1.91e-2),  # DiT int4/fp32 alternating, scales shifted a channel
+    ({"int4"}, 2.90e-3, 3.88e-2, 3.86e-2),  # t2i int4 but the first layer, shifted
+    ({"int8"}, 1.17e-2, 1.12e-2, 8.16e-3),  # t2i fp32/int8 alternating, scales x1.5
+    ({"fp8"}, 1.13e-2, 1.29e-2, 1.00e-2),  # t2i fp8 every third layer, x1.5
+]
+
+
+@pytest.mark.parametrize(("kinds", "parity", "error", "torch_error"), MIXED_TWINS)
+def test_parity_rule_accepts_the_measured_honest_mixed_twins(kinds, parity, error, torch_error):
+    from tmpdiff.export.exporter import twin_parity_ok
+
+    assert twin_parity_ok(kinds, parity, error, torch_error)
+
+
+@pytest.mark.parametrize(("kinds", "parity", "error", "torch_error"), DAMAGED_MIXED_TWINS)
+def test_parity_rule_refuses_mixed_twins_with_damaged_scales(kinds, parity, error, torch_error):
+    from tmpdiff.export.exporter import twin_parity_ok
+
+    assert parity < 2e-2 and not twin_parity_ok(kinds, parity, error, torch_error)
+
+
+def test_a_mixed_twin_gets_the_largest_allowance_of_its_kinds():
+    """Its uniform precisions' rule: a configuration with an int8 or fp8 layer may tie, one of int4 and fp32 may not."""
+    from tmpdiff.export.exporter import parity_ok, twin_parity_ok
+    from tmpdiff.formats.precisions import get_precision
+
+    for kinds in ({"int8", "int4"}, {"fp8", "int4"}, {"int8"}):
+        assert twin_parity_ok(kinds, 1e-3, 2.55e-2, 2.55e-2)
+    assert not twin_parity_ok({"int4"}, 1e-3, 2.55e-2, 2.55e-2)
+    assert twin_parity_ok({"int4"}, 1e-3, 2.55e-2, 2.55e-2, half_reference=True)
+    assert not twin_parity_ok({"int8", "int4"}, 1e-3, 3.3e-2, 2.55e-2)  # the quality rule holds for every kind
+    for precision in ("int8-sq", "int8", "fp8", "int4"):  # a uniform twin is the one-kind case
+        for row in ((1e-3, 2.55e-2, 2.55e-2), (5e-5, 1e-2, 1e-2), (9e-2, 5e-2, 5e-2), (float("nan"), 1e-2, 1e-2)):
+            assert parity_ok(precision, *row) == twin_parity_ok({get_precision(precision).rewrite_kind}, *row)
+
+
 def test_parity_error_refuses_outputs_of_another_shape():
     """numpy broadcasts: a graph answering one row (or the transposed layout) for two would be measured, not refused."""
     from tmpdiff.export.exporter import _relative_error
