@@ -3,7 +3,9 @@
 The super-network at a configuration is traced as any quantized model is (modelopt's Q/DQ symbolics); then, as for a
 uniform export, each quantization kind present gets its rewrite (`graph_rewrite`, which takes the set of kinds):
 - the ORT twin: int8 / fp8 weights folded to int8 / float8e4m3fn initializers, fp8 activation Q/DQ made standard,
-  int4 weights to int4 DequantizeLinear; parity-checked against the super-network on random inputs;
+  int4 weights to int4 DequantizeLinear; parity-checked against the super-network on random inputs by the uniform
+  twins' rule (`exporter.twin_parity_ok`: relative to the configuration's quantization error, its distance from the
+  super-network's fp32 configuration);
 - the TensorRT graph: the same weights into DequantizeLinear (int4 into trt::DequantizeLinear), on a 16-bit base
   (`export.half`); its graph census must show every non-fp32 layer quantized, and where ONNX Runtime can run it
   (fp16 base, no trt:: ops) it is parity-checked like a uniform precision's TensorRT graph.
@@ -21,16 +23,16 @@ import onnx
 import torch
 
 from tmpdiff.export import census as graph_census
-from tmpdiff.export.exporter import _relative_error, check_half_parity
+from tmpdiff.export.exporter import _relative_error, check_half_parity, parity_ok, twin_parity_ok
 from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
 from tmpdiff.export.half import to_half
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import is_large, tensor_bytes
-from tmpdiff.export.supernet import SuperNet
+from tmpdiff.export.supernet import BASE, SuperNet
 from tmpdiff.formats.atomic import TEMP_SUFFIX, check_confined, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, model_dtype
 
 TRACE_OPSET = 19  # as the uniform exports trace
 PARITY_SEEDS = 3
@@ -42,6 +44,8 @@ class MixedGraphs:
     """What `export_mixed` wrote (relative to its directory's parent build: the caller records it)."""
 
     parity_error: float  # ORT twin vs the super-network
+    error_vs_fp32: float  # ORT twin vs the super-network's fp32 configuration
+    torch_error_vs_fp32: float  # the super-network vs its fp32 configuration: the quantization error
     trt_parity_error: float | None  # TensorRT graph on ONNX Runtime vs the super-network (None: ORT cannot run it)
     census: dict[str, int]
 
@@ -76,10 +80,11 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
-                 trt_dtype: str = "float16", tolerance: float = 2e-2) -> MixedGraphs:
+                 trt_dtype: str = "float16") -> MixedGraphs:
     """Write `model.onnx` (ORT twin) and `model.trt.onnx` (TensorRT graph) of `config` into `directory`; refused
-    (TmpdiffError) when either graph does not compute what the super-network does. Both are made and checked in a
-    staging directory beside it and moved in only then: a refused or killed export leaves the earlier graphs."""
+    (TmpdiffError) when either graph does not compute what the super-network does (`twin_ok`, `check_half_parity`).
+    Both are made and checked in a staging directory beside it and moved in only then: a refused or killed export
+    leaves the earlier graphs."""
     import shutil
     import tempfile
 
@@ -87,7 +92,7 @@ def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAda
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=TEMP_SUFFIX, dir=directory.parent))
     try:
-        graphs = _export_checked(supernet, config, adapter, staging, trt_dtype, tolerance)
+        graphs = _export_checked(supernet, config, adapter, staging, trt_dtype)
         for name in ("model.onnx", "model.trt.onnx"):
             os.replace(staging / name, directory / name)
     finally:
@@ -96,7 +101,7 @@ def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAda
 
 
 def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
-                    trt_dtype: str, tolerance: float) -> MixedGraphs:
+                    trt_dtype: str) -> MixedGraphs:
     kinds = _kinds(config)
     saved = supernet.config
     supernet.select(config)
@@ -112,6 +117,7 @@ def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: Denoiser
     finally:
         supernet.select(saved)
     feeds = [{k: v.numpy() for k, v in x.items()} for x in inputs]
+    half_reference = model_dtype(supernet.model) != torch.float32  # the host loaded in 16 bits: so is the reference
 
     twin, _ = ort_twin(raw, kinds, _opset(config, "ort_opset"))
     twin_path = directory / "model.onnx"
@@ -123,9 +129,15 @@ def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: Denoiser
     onnx.save(twin, str(twin_path))
     del twin
     session = _session(twin_path, optimization_level(config))
-    parity = float(np.median([_relative(session.run(None, f)[0], w) for f, w in zip(feeds, want, strict=True)]))
-    if not parity <= tolerance:
-        raise TmpdiffError(f"the mixed graph differs from the super-network by {parity:.2e} (> {tolerance})", twin_path)
+    got = [session.run(None, f)[0] for f in feeds]
+    parity = float(np.median([_relative(g, w) for g, w in zip(got, want, strict=True)]))
+    error = float(np.median([_relative(g, f) for g, f in zip(got, fp32, strict=True)]))
+    torch_error = float(np.median([_relative(w, f) for w, f in zip(want, fp32, strict=True)]))
+    del got
+    if not twin_ok(config, parity, error, torch_error, half_reference=half_reference):
+        raise TmpdiffError(f"the mixed graph differs from the super-network by {parity:.2e} (see exporter.twin_parity_ok: "
+                           f"a share of the quantization error, and the same error vs the fp32 configuration: ORT "
+                           f"{error:.2e}, super-network {torch_error:.2e})", twin_path)
 
     trt_proto, _ = trt_graph(raw, kinds, _opset(config, "trt_opset"))
     del raw
@@ -139,7 +151,18 @@ def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: Denoiser
     trt_parity = None
     if trt_dtype == "float16" and not any(n.domain == "trt" for n in trt_proto.graph.node):
         trt_parity = _trt_parity(trt_path, feeds, want, fp32)
-    return MixedGraphs(parity, trt_parity, graph_census.summarize(rows))
+    return MixedGraphs(parity_error=parity, error_vs_fp32=error, torch_error_vs_fp32=torch_error,
+                       trt_parity_error=trt_parity, census=graph_census.summarize(rows))
+
+
+def twin_ok(config: Sequence[str], parity: float, error: float, torch_error: float, *,
+            half_reference: bool = False) -> bool:
+    """The uniform twins' rule for `config`'s ORT twin: `parity` from the super-network at `config`, `error` and
+    `torch_error` (the twin's and the super-network's) from its fp32 configuration; with no quantized layer, fp32's."""
+    kinds = _kinds(config)
+    if not kinds:
+        return parity_ok(BASE, parity, error, torch_error)
+    return twin_parity_ok(kinds, parity, error, torch_error, half_reference=half_reference)
 
 
 def _expected_quantized(supernet: SuperNet, config: Sequence[str]) -> tuple[set[str], set[str]]:
