@@ -203,7 +203,6 @@ def test_fp32_graph_matches_torch_at_other_batch_sizes(exported, batch):
     assert _relative(got, want) < 1e-4, f"{name} batch {batch}: relative error {_relative(got, want):.2e}"
 
 
-@pytest.mark.slow
 def _damaged(twin: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     """The twin with one quantized layer's weight scales damaged as a layout bug would: int8 x1.5, int4 shifted by
     one output channel."""

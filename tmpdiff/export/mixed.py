@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 
+from tmpdiff.engines.ort import LEVELS, session_options
 from tmpdiff.export import census as graph_census
 from tmpdiff.export.exporter import _relative_error, check_half_parity, parity_ok, twin_parity_ok
 from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
@@ -36,7 +37,6 @@ from tmpdiff.models.adapter import DenoiserAdapter, model_dtype
 
 TRACE_OPSET = 19  # as the uniform exports trace
 PARITY_SEEDS = 3
-LEVELS = ("disable", "basic", "extended", "all")
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,6 @@ def _session(path: Path, level: str):
     exports' checks): with ORT's own, its MatMulNBits kernel quantized int4 layers' activations to int8 (W4A8, the
     default accuracy level), 4e-3 from the super-network on the tiny DiT where the graph itself is 3e-7 from it."""
     import onnxruntime as ort
-
-    from tmpdiff.engines.ort import session_options
 
     options = session_options(optimization=level, priority_order=True)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
