@@ -124,3 +124,33 @@ def test_growth_lets_the_old_block_go_only_when_both_do_not_fit_and_never_leaves
     with pytest.raises(TmpdiffError, match=r"not enough free memory on cpu for 4 MiB .*keep a 1 MiB block"):
         memory.reserve(4 << 20)
     assert memory.size == 1 << 20 and engine.pointed[-1] == (memory.address, 1 << 20)
+
+
+def test_moving_the_shared_memory_waits_for_a_running_call():
+    # A call on GPU engines holds GPU_LOCK (`engine_use.exclusive`); engines loaded by another thread meanwhile grow
+    # the shared block: re-pointing it under the call's queued launches would hand them freed memory.
+    import threading
+
+    from tmpdiff.engines.streams import GPU_LOCK
+
+    memory = SharedDeviceMemory(torch.device("cpu"), release_when_unused=True)
+    running = _Engine()
+    memory.attach(running, 1024)
+    call_started, call_done = threading.Event(), threading.Event()
+
+    def call() -> None:
+        with GPU_LOCK:
+            call_started.set()
+            call_done.wait(30)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    call_started.wait(30)
+    loader = threading.Thread(target=lambda: memory.attach(_Engine(), 1 << 20))
+    loader.start()
+    loader.join(0.5)
+    assert loader.is_alive() and memory.size == 1024 and running.pointed == [(memory.address, 1024)]  # waiting
+    call_done.set()
+    caller.join(30)
+    loader.join(30)
+    assert not loader.is_alive() and memory.size == 1 << 20 and running.pointed[-1] == (memory.address, 1 << 20)
