@@ -93,6 +93,11 @@ def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAda
         graphs = _export_checked(supernet, config, adapter, staging, trt_dtype)
         for name in ("model.onnx", "model.trt.onnx"):
             os.replace(staging / name, directory / name)
+    except TmpdiffError as exc:  # named by the file it was to become: the staging directory is removed below
+        if exc.path is None or not exc.path.is_relative_to(staging):
+            raise
+        message = str(exc).removeprefix(f"{exc.path}: ")
+        raise TmpdiffError(f"{message} (not written)", directory / exc.path.relative_to(staging)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return graphs
