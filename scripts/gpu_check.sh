@@ -12,7 +12,7 @@ cd "$REPO"
 if [ "${TMPDIFF_GPU_INSTALL:-0}" = "1" ]; then
     # the TensorRT wheel of torch's CUDA major version (tensorrt-cu12 / -cu13): the metapackage of '.[gpu]' takes the
     # CUDA 13 one whatever torch was built with
-    TRT_REQ="$("$VENV/bin/python" -c 'import torch; from tmpdiff.commands.doctor import tensorrt_requirement as r; print(r(torch.version.cuda))')"
+    TRT_REQ="$("$VENV/bin/python" -c 'import torch; from tmpdiff.engines.trt_build import tensorrt_requirement as r; print(r(torch.version.cuda))')"
     "$VENV/bin/python" -m pip install --quiet "$TRT_REQ"
     # onnxruntime-gpu provides the same module as the CPU package: one replaces the other, never both installed. On a
     # re-run the install above has put the CPU package's files back over the GPU package's, and uninstalling it

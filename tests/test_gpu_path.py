@@ -319,7 +319,7 @@ def test_doctor_gpu_exits_nonzero_unless_every_check_passed(tmp_path, monkeypatc
 
 def test_tensorrt_wheel_follows_torchs_cuda_version():
     # the metapackage installs TensorRT's CUDA 13 wheel whatever torch was built with; a CUDA 12 torch needs -cu12
-    from tmpdiff.commands.doctor import tensorrt_requirement
+    from tmpdiff.engines.trt_build import tensorrt_requirement
 
     assert tensorrt_requirement("12.8") == "tensorrt-cu12>=10.8,<11"
     assert tensorrt_requirement("13.0") == "tensorrt-cu13>=10.8,<11"

@@ -16,7 +16,6 @@ import torch
 from tmpdiff.engines import trt as trt_backend
 from tmpdiff.engines import trt_build
 from tmpdiff.engines.trt import (
-    NOT_INSTALLED,
     CudaDevice,
     CudaStream,
     ProfileShape,
@@ -26,6 +25,7 @@ from tmpdiff.engines.trt import (
     build_trt_engine,
     check_engine_compatible,
     check_precision_supported,
+    not_installed,
     parse_compute_capability,
     parse_version,
     plan_file_name,
@@ -248,20 +248,20 @@ def test_missing_tensorrt_is_one_clear_error(monkeypatch, tmp_path):
     onnx_path = _tiny_onnx(tmp_path / "fp32" / "model.onnx")
     with pytest.raises(TmpdiffError) as info:
         TrtEngine(tmp_path / "fp32" / "engine_trt10.8.plan")
-    assert str(info.value) == NOT_INSTALLED
+    assert str(info.value) == not_installed()
     with pytest.raises(TmpdiffError) as info:
         build_trt_engine(onnx_path, tmp_path / "fp32", TINY_SPECS, profile_shapes(TINY_SPECS, 2), TrtBuildOptions(batch=2))
-    assert str(info.value) == NOT_INSTALLED
+    assert str(info.value) == not_installed()
     with pytest.raises(TmpdiffError) as info:
         trt_backend.load_trt_engine(tmp_path, _entry(path="fp32/engine_trt10.8.plan"))
-    assert str(info.value) == NOT_INSTALLED
+    assert str(info.value) == not_installed()
 
 
 def test_stub_tensorrt_package_counts_as_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     with pytest.raises(TmpdiffError) as info:
         TrtEngine("anything.plan")
-    assert str(info.value) == NOT_INSTALLED
+    assert str(info.value) == not_installed()
 
 
 def test_no_gpu_is_one_clear_error(monkeypatch, tmp_path):

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmpdiff.engines.trt_build import tensorrt_requirement
 from tmpdiff.formats.errors import TmpdiffError
 
 
@@ -47,15 +48,6 @@ class Inventory:
             lines.append("onnxruntime has no CUDA provider: pip uninstall -y onnxruntime && pip install "
                          "onnxruntime-gpu==1.31.1 (the same module: never both installed)")
         return lines
-
-
-def tensorrt_requirement(torch_cuda: str | None) -> str:
-    """The TensorRT 10 wheel for a torch built against CUDA `torch_cuda` ("12.8"): `tensorrt-cu12` / `tensorrt-cu13`.
-    The plain `tensorrt` metapackage installs the CUDA 13 variant whatever torch uses, which needs a recent driver
-    and does not load beside a CUDA 12 torch. A CPU torch (None) or another major gets the metapackage."""
-    major = (torch_cuda or "").split(".")[0]
-    name = f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
-    return f"{name}>=10.8,<11"
 
 
 def inventory() -> Inventory:

@@ -21,7 +21,6 @@ import torch
 from tmpdiff.engines.base import check_buffers
 from tmpdiff.engines.streams import GPU_LOCK, CudaStream, Stream
 from tmpdiff.engines.trt_build import (
-    NOT_INSTALLED,
     REBUILD_HINT,
     CudaDevice,
     ProfileShape,
@@ -32,6 +31,7 @@ from tmpdiff.engines.trt_build import (
     cuda_device,
     first_error,
     load_tensorrt,
+    not_installed,
     options_profile,
     parse_compute_capability,
     parse_version,
@@ -48,7 +48,7 @@ from tmpdiff.formats.precisions import PRECISIONS
 from tmpdiff.formats.specs import TensorSpec
 
 __all__ = [
-    "NOT_INSTALLED", "CudaDevice", "ProfileShape", "ProfileShapes",
+    "not_installed", "CudaDevice", "ProfileShape", "ProfileShapes",
     "SharedDeviceMemory", "TrtBuildOptions", "TrtEngine", "build_trt_engine", "check_engine_compatible", "gpu_mismatch",
     "check_precision_supported", "cuda_device", "default_device_memory", "load_tensorrt", "load_trt_engine",
     "options_profile", "parse_compute_capability",

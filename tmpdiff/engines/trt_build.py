@@ -30,7 +30,23 @@ log = logging.getLogger("tmpdiff.trt")
 
 BATCH_AXIS = "batch"
 REBUILD_HINT = "rebuild it with `tmpdiff build --backend trt`"
-NOT_INSTALLED = "TensorRT is not installed: pip install 'tmpdiff[gpu]' on a machine with an NVIDIA GPU"
+
+
+def tensorrt_requirement(torch_cuda: str | None) -> str:
+    """The TensorRT 10 wheel for a torch built against CUDA `torch_cuda` ("12.8"): `tensorrt-cu12` / `tensorrt-cu13`.
+    The plain `tensorrt` metapackage installs the CUDA 13 variant whatever torch uses, which needs a recent driver
+    and does not load beside a CUDA 12 torch. A CPU torch (None) or another major gets the metapackage."""
+    major = (torch_cuda or "").split(".")[0]
+    name = f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
+    return f"{name}>=10.8,<11"
+
+
+def not_installed() -> str:
+    """What to do when TensorRT is missing: install the wheel of this torch's CUDA version."""
+    import torch
+
+    return (f"TensorRT is not installed: pip install '{tensorrt_requirement(torch.version.cuda)}' on a machine with an "
+            "NVIDIA GPU (the wheel of torch's CUDA major version; TMPDIFF_GPU_INSTALL=1 scripts/gpu_check.sh does it)")
 
 _ARCHITECTURES = {(7, 5): "Turing", (8, 0): "Ampere", (8, 9): "Ada", (10, 0): "Blackwell"}
 BFLOAT16_CAPABILITY = (8, 0)  # bfloat16 kernels: Ampere and later
@@ -218,14 +234,14 @@ def load_tensorrt() -> Any:
         import tensorrt
     except ModuleNotFoundError as exc:
         if exc.name in (None, "tensorrt") or (exc.name or "").startswith("tensorrt"):
-            raise TmpdiffError(NOT_INSTALLED) from None
+            raise TmpdiffError(not_installed()) from None
         raise TmpdiffError(f"TensorRT is installed but cannot be imported ({exc})") from None
     except (ImportError, OSError) as exc:  # e.g. libnvinfer or the CUDA driver library failed to load
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TmpdiffError(f"TensorRT is installed but cannot be loaded ({first})") from None
     if not hasattr(tensorrt, "Builder"):
         # PyPI's bare `tensorrt` stub installs without the real bindings on unsupported platforms.
-        raise TmpdiffError(NOT_INSTALLED)
+        raise TmpdiffError(not_installed())
     return tensorrt
 
 
