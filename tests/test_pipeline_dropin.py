@@ -239,6 +239,10 @@ def test_the_calls_a_step_count_makes():
         inference_steps_for(pndm, 2)
     with pytest.raises(TmpdiffError, match="HeunDiscreteScheduler makes no step count of exactly 4"):
         inference_steps_for(HeunDiscreteScheduler(), 4)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # FLUX.1-dev's config: setting its steps needs the pipeline's `mu`, which moves the timesteps, not their count
+    assert inference_steps_for(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 4) == 4
     set_sampling_timesteps(pndm, 9)
     assert len(pndm.timesteps) == 9 and pndm.num_inference_steps == 8
     check_distinct_timesteps(pndm, 9)  # PNDM's own repeat at its first timestep is not refused

@@ -179,10 +179,13 @@ def inference_steps_for(scheduler, calls: int) -> int:
     solvers, `calls - 1` for PNDM with `skip_prk_steps` (its first PLMS step calls the model twice at one timestep).
     Refused, naming the class, when no step count makes exactly that many calls (e.g. an even count for Heun)."""
     probe = type(scheduler).from_config(scheduler.config)  # a copy: the caller's scheduler keeps its state
+    # dynamic shifting (FLUX.1-dev's flow-matching config) needs the pipeline's `mu` to set the steps; it moves the
+    # timesteps, not their count, so any value counts the calls
+    shift = {"mu": 0.0} if scheduler.config.get("use_dynamic_shifting") else {}
     made = []
     for steps in range(calls, 0, -1):  # calls never fall below the step count, and grow with it
         try:
-            probe.set_timesteps(steps)
+            probe.set_timesteps(steps, **shift)
         except (ValueError, TypeError, IndexError):
             continue
         count = len(probe.timesteps)
