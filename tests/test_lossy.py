@@ -595,3 +595,26 @@ def test_fd_jackknife_interval_contains_its_estimate_where_the_percentile_bootst
     assert jackknife.value == percentile.value == frechet_distance(gen, real)
     assert jackknife.low < jackknife.value < jackknife.high
     assert percentile.low > percentile.value  # the old interval lies wholly above its own estimate
+
+
+def test_stochastic_step_noise_is_seeded_and_the_walk_draws_it_as_each_run_does(fake):
+    # DDPM (and Euler ancestral, SDE solvers) draw noise at every step: it came from torch's global generator, so one seed gave another
+    # image on every run and two schedules judged on one seed saw different noise
+    from diffusers import DDPMScheduler
+
+    runner, sampling, _, labels, noise = fake
+
+    def ancestral():
+        return DDPMScheduler.from_config(sampling_scheduler(sampling).config)
+
+    schedule = ["fp32", "int4", "fp32", "int8"]
+    first = runner.sample(ancestral(), labels, noise, schedule).latents.clone()
+    torch.manual_seed(123)  # the global generator no longer matters
+    assert torch.equal(first, runner.sample(ancestral(), labels, noise, schedule).latents)
+    other = runner.sample(ancestral(), labels, noise, schedule, step_seed=1).latents
+    assert (other - first).abs().max() > 1e-3  # the seed does reach the step noise
+    leaves = {}
+    walk_schedules(runner, ancestral(), labels, noise, ["fp32", "int4"], 3,
+                   lambda s, x, fell: leaves.__setitem__(s, x.clone()))
+    for s, walked in leaves.items():
+        assert torch.equal(walked, runner.sample(ancestral(), labels, noise, list(s)).latents), s

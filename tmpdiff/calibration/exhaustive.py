@@ -21,7 +21,7 @@ import torch
 from tmpdiff.calibration.evaluator import Evaluation
 from tmpdiff.calibration.knapsack import BUDGET_TOLERANCE
 from tmpdiff.formats.errors import TmpdiffError
-from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps
+from tmpdiff.models.schedulers import sampling_scheduler, set_sampling_timesteps, step_generator
 from tmpdiff.runtime.engine_use import exclusive
 from tmpdiff.runtime.runner import ScheduledRunner, guided, initial_noise, run_guarded
 
@@ -30,17 +30,26 @@ Schedule = tuple[str, ...]
 EXHAUSTIVE_MAX_SCHEDULES = 6561
 
 
-def _snapshot(scheduler) -> dict:
-    return {k: list(v) if isinstance(v, list) else v for k, v in scheduler.__dict__.items()}
+_GENERATOR_STATE = "__tmpdiff_generator_state"  # a snapshot's key for the step-noise generator's state
 
 
-def _restore(scheduler, snapshot: dict) -> None:
+def _snapshot(scheduler, generator: torch.Generator | None = None) -> dict:
+    state = {k: list(v) if isinstance(v, list) else v for k, v in scheduler.__dict__.items()}
+    if generator is not None:
+        state[_GENERATOR_STATE] = generator.get_state()
+    return state
+
+
+def _restore(scheduler, snapshot: dict, generator: torch.Generator | None = None) -> None:
     scheduler.__dict__.clear()
-    scheduler.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in snapshot.items()})
+    scheduler.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in snapshot.items()
+                               if k != _GENERATOR_STATE})
+    if generator is not None:
+        generator.set_state(snapshot[_GENERATOR_STATE])
 
 
-def _step(runner: ScheduledRunner, scheduler, latent: torch.Tensor, t, precision: str, index: int
-          ) -> tuple[torch.Tensor, bool]:
+def _step(runner: ScheduledRunner, scheduler, latent: torch.Tensor, t, precision: str, index: int,
+          generator: torch.Generator | None) -> tuple[torch.Tensor, bool]:
     """One denoising step exactly as `ScheduledRunner` runs it, and whether it fell back to a higher precision."""
     scaled = scheduler.scale_model_input(latent, t)
     runner.inputs["hidden_states"][: runner.batch].copy_(scaled)
@@ -52,7 +61,8 @@ def _step(runner: ScheduledRunner, scheduler, latent: torch.Tensor, t, precision
     eps = runner.outputs["noise_pred"]
     if runner.use_cfg:
         eps = guided(eps, runner.guidance_scale)
-    return scheduler.step(eps, t, latent).prev_sample, fallback_from is not None
+    noise_kwargs = {} if generator is None else {"generator": generator}
+    return scheduler.step(eps, t, latent, **noise_kwargs).prev_sample, fallback_from is not None
 
 
 @torch.no_grad()
@@ -81,6 +91,9 @@ def _walk(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noise: torch
                                         if runner.use_cfg else labels)
     timesteps = list(scheduler.timesteps)
     count = 0
+    # a stochastic step's noise: as `ScheduledRunner.sample` draws it (step_seed 0), its state restored with the
+    # scheduler's at every node, so each leaf saw the draws its own run would
+    generator = step_generator(scheduler, 0)
 
     def visit(depth: int, latent: torch.Tensor, state: dict, prefix: tuple[str, ...], fell: int) -> None:
         nonlocal count
@@ -88,13 +101,13 @@ def _walk(runner: ScheduledRunner, scheduler, labels: torch.Tensor, noise: torch
             on_leaf(prefix, latent, fell)
             return
         for level in levels:
-            _restore(scheduler, state)
-            after, fell_back = _step(runner, scheduler, latent, timesteps[depth], level, depth)
+            _restore(scheduler, state, generator)
+            after, fell_back = _step(runner, scheduler, latent, timesteps[depth], level, depth, generator)
             count += 1
             on_step()
-            visit(depth + 1, after, _snapshot(scheduler), (*prefix, level), fell + fell_back)
+            visit(depth + 1, after, _snapshot(scheduler, generator), (*prefix, level), fell + fell_back)
 
-    visit(0, noise.to(device) * scheduler.init_noise_sigma, _snapshot(scheduler), (), 0)
+    visit(0, noise.to(device) * scheduler.init_noise_sigma, _snapshot(scheduler, generator), (), 0)
     return count
 
 

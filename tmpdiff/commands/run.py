@@ -158,7 +158,7 @@ def run(request: RunRequest, on_step=None) -> tuple[RunResult | ParallelResult, 
     noise = initial_noise(len(labels), sampling.channels, sampling.image_size, request.seed)
     try:
         result = runner.sample(scheduler, labels, noise, list(plan.precisions), on_step=on_step, timesteps=plan.timesteps,
-                               conditioning=conditioning)
+                               conditioning=conditioning, step_seed=request.seed)
     finally:
         runner.close()
     return result, plan, {"source": plan.source, "guidance_scale": guidance}

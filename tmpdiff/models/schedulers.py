@@ -174,6 +174,18 @@ def set_custom_timesteps(scheduler, timesteps: Sequence[int], source: str | Path
                            f"steps at {shown})", source)
 
 
+def step_generator(scheduler, seed: int):
+    """A CPU generator seeded with `seed` for `scheduler.step(..., generator=)`, or None where the step takes none.
+    Stochastic steps (DDPM, Euler ancestral, SDE solvers) draw their noise from it, so a run is reproducible from its
+    seed and two schedules judged on one seed see the same step noise; without it they draw from torch's global
+    generator. Deterministic solvers ignore it."""
+    import torch
+
+    if "generator" not in inspect.signature(scheduler.step).parameters:
+        return None
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
 def inference_steps_for(scheduler, calls: int) -> int:
     """The `num_inference_steps` at which `scheduler` makes `calls` denoiser calls (one per timestep): `calls` for most
     solvers, `calls - 1` for PNDM with `skip_prk_steps` (its first PLMS step calls the model twice at one timestep).

@@ -17,7 +17,7 @@ from tmpdiff.engines.base import Engine
 from tmpdiff.engines.streams import Stream, on_stream, runtime_stream
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import PRECISION_ORDER, PRECISIONS, next_higher
-from tmpdiff.models.schedulers import set_sampling_timesteps
+from tmpdiff.models.schedulers import set_sampling_timesteps, step_generator
 from tmpdiff.models.time_embedding_input import INPUT_NAME
 from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.engine_use import close_engines, ensure_bound, exclusive, release
@@ -151,11 +151,13 @@ class ScheduledRunner:
     @torch.no_grad()
     def sample(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
                on_step: Callable[[StepEvent], None] | None = None, timesteps: Sequence[int] | None = None,
-               conditioning: TimeConditioning | None = None) -> RunResult:
+               conditioning: TimeConditioning | None = None, step_seed: int = 0) -> RunResult:
         """Run len(precisions) steps from `noise`; returns the final latents and what ran at each step.
 
         The scheduler spaces the steps its own way, or samples at exactly `timesteps` (one per precision) when given.
-        `conditioning` (a /3 schedule's file) feeds each step its learned embedding row or timestep shift.
+        `conditioning` (a /3 schedule's file) feeds each step its learned embedding row or timestep shift. A stochastic
+        scheduler's step noise comes from a generator seeded with `step_seed` (`step_generator`): reproducible, and the
+        same for every schedule sampled from the same seed.
 
         On a GPU nothing here waits for the device between steps (unless the NaN guard is on: reading its
         verdict is one synchronisation per step); step times come from CUDA events read after the run.
@@ -174,7 +176,8 @@ class ScheduledRunner:
         with exclusive(self.engines.values(), "ScheduledRunner.sample"):
             self.claim()
             with on_stream(self.stream):  # the caller's stream and the runtime's are ordered with events, not host waits
-                latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step, conditioning)
+                latent, marks = self._steps(scheduler, class_labels, noise, precisions, on_step, conditioning,
+                                            step_seed)
             self.stream.synchronize()
         trace = RunTrace([self._event(marks[0][4], m) for m in marks])
         if on_step is not None and self.clock.torch_stream is not None:
@@ -203,9 +206,11 @@ class ScheduledRunner:
 
     def _steps(self, scheduler, class_labels: torch.Tensor, noise: torch.Tensor, precisions: list[str],
                on_step: Callable[[StepEvent], None] | None,
-               conditioning: TimeConditioning | None = None) -> tuple[torch.Tensor, list]:
+               conditioning: TimeConditioning | None = None, step_seed: int = 0) -> tuple[torch.Tensor, list]:
         """The loop proper, on the runtime stream: write the bound inputs, run the step's engine, update the latent."""
         device = self.inputs["hidden_states"].device
+        generator = step_generator(scheduler, step_seed)
+        noise_kwargs = {} if generator is None else {"generator": generator}
         latent = noise.to(device) * scheduler.init_noise_sigma
         labels = class_labels.to(device)
         self.inputs["class_labels"].copy_(torch.cat([labels, torch.full_like(labels, self.null_class)])
@@ -224,7 +229,7 @@ class ScheduledRunner:
             # the next engine call overwrites in place (guided() makes a new tensor)
             eps = guided(self.outputs["noise_pred"], self.guidance_scale) if self.use_cfg \
                 else self.outputs["noise_pred"].clone()
-            latent = scheduler.step(eps, t, latent).prev_sample
+            latent = scheduler.step(eps, t, latent, **noise_kwargs).prev_sample
             marks.append((index, int(t), used, fallback_from, start, self.clock.mark()))
             if on_step is not None and self.clock.torch_stream is None:
                 on_step(self._event(marks[0][4], marks[-1]))
