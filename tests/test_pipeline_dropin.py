@@ -271,6 +271,42 @@ def test_a_schedule_from_another_noise_process_is_refused(exported):
     attach_engines(pipe, build_dir, schedule=same)
 
 
+@pytest.mark.parametrize("exported", ["pixart"], indirect=True)
+def test_a_recorded_scheduler_is_checked_at_every_pipeline_call(exported, tmp_path):
+    """A schedule that records its scheduler is refused, before any engine runs, at a call after `pipe.scheduler` was
+    replaced since attach, and at a call given other timesteps than that scheduler's own for the step count; a plain
+    list of precisions still runs at any timesteps."""
+    from diffusers import EulerDiscreteScheduler
+
+    from tmpdiff.formats.schedule import Schedule, SchedulerRef, save_schedule
+
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    own = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    schedule = ["fp32", "int8", "int8", "fp32"]
+    save_schedule(Schedule(steps=STEPS, precisions=schedule,
+                           scheduler=SchedulerRef(class_name=type(pipe.scheduler).__name__, config=own)),
+                  tmp_path / "cal.json")
+    denoiser = attach_engines(pipe, build_dir, schedule=tmp_path / "cal.json")
+    _call(pipe, name, output_type="latent")
+    assert [e.precision for e in denoiser.trace.steps] == schedule
+    with pytest.raises(TmpdiffError, match=r"cal\.json: the schedule was calibrated with DPMSolverMultistepScheduler's "
+                                           r"own 4 timesteps \(999, 749, 500, 250\), this pipeline call samples at "
+                                           r"999, 980, 960, 940"):
+        _call(pipe, name, output_type="latent", timesteps=[999, 980, 960, 940])
+    assert denoiser.trace.steps == []
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(TmpdiffError, match=r"cal\.json: the schedule was calibrated with DPMSolverMultistepScheduler, "
+                                           r"the pipeline samples with EulerDiscreteScheduler"):
+        _call(pipe, name, output_type="latent")
+    assert denoiser.trace.steps == []
+
+    plain = tiny_pipelines.build(name)
+    denoiser = attach_engines(plain, build_dir, schedule=schedule)
+    _call(plain, name, output_type="latent", timesteps=[999, 980, 960, 940])
+    assert [(e.timestep, e.precision) for e in denoiser.trace.steps] == list(zip([999, 980, 960, 940], schedule, strict=True))
+
+
 @pytest.fixture(scope="module")
 def dit_build(tmp_path_factory):
     """(pipeline dir, build dir with fp32 + int8 ORT engines) of a tiny DiTPipeline, int8 calibrated on the denoiser's

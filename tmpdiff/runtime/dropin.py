@@ -43,7 +43,13 @@ from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import Schedule
 from tmpdiff.formats.specs import TEXT_MASK, TensorSpec
 from tmpdiff.models.adapter import DenoiserAdapter
-from tmpdiff.models.schedulers import inference_steps_for, plan_scheduler_for, set_custom_timesteps
+from tmpdiff.models.schedulers import (
+    inference_steps_for,
+    plan_scheduler_for,
+    scheduler_from,
+    set_custom_timesteps,
+    set_sampling_timesteps,
+)
 from tmpdiff.models.time_embedding_input import adapter_for_build
 from tmpdiff.runtime.call_memo import CallMemo
 from tmpdiff.runtime.dropin_drafts import DropInDrafts
@@ -97,6 +103,8 @@ class EngineDenoiser(torch.nn.Module):
         self._matched_timesteps: torch.Tensor | None = None  # the scheduler's timesteps last found to be the plan's
         self._conditioned_timesteps: torch.Tensor | None = None  # last found to be the learned conditioning's
         self._call_timesteps: torch.Tensor | None = None  # the scheduler's timesteps of the current pipeline call
+        self._scheduled_timesteps: torch.Tensor | None = None  # last found to be the recorded scheduler's
+        self._calibrated_timesteps: list[list[float]] | None = None  # the recorded scheduler's (`calibrated_timesteps`)
         self._guided_timesteps: torch.Tensor | None = None  # the call whose guidance was last found to be the rows'
         self._call_thread: int | None = None  # the thread making the current pipeline call
         self._closed = False
@@ -289,6 +297,7 @@ class EngineDenoiser(torch.nn.Module):
             raise TmpdiffError(f"the schedule has {self.plan.steps} steps (one per denoiser call) but the pipeline makes "
                                f"{len(timesteps)} calls: call it with num_inference_steps="
                                f"{inference_steps_for(scheduler, self.plan.steps)}")
+        self._check_call_scheduler(scheduler, timesteps)
         if hasattr(scheduler, "step_index"):
             index = scheduler.step_index
             if index is None:  # set by the scheduler's first step(); before that, the run starts at begin_index
@@ -325,6 +334,30 @@ class EngineDenoiser(torch.nn.Module):
             raise TmpdiffError(f"the schedule samples at its own {len(wanted)} timesteps but the pipeline runs {len(ran)} "
                                f"at {shown}: call it with timesteps=denoiser.timesteps", self.plan.source)
         self._matched_timesteps = timesteps
+
+    def _check_call_scheduler(self, scheduler, timesteps: torch.Tensor) -> None:
+        """A schedule that records its scheduler, at the first denoiser call of each pipeline call: the scheduler must
+        still be that class and noise process (`pipe.scheduler` may have been replaced since attach), and without
+        custom timesteps of its own the call must sample at that scheduler's own timesteps for the schedule's step
+        count (a call given other `timesteps=` or `sigmas=` would run precisions chosen for other timesteps)."""
+        if self.plan.file is None or self.plan.file.scheduler is None or timesteps is self._scheduled_timesteps:
+            return
+        check_plan_scheduler(self.plan, scheduler)
+        if self._calibrated_timesteps is None:
+            self._calibrated_timesteps = calibrated_timesteps(self.plan) or []
+        ran = [float(t) for t in timesteps.tolist()]
+        if self._calibrated_timesteps and not any(
+                len(ran) == len(want) and all(abs(a - b) <= 1e-3 for a, b in zip(ran, want, strict=True))
+                for want in self._calibrated_timesteps):
+            def shown(values: list[float]) -> str:
+                return ", ".join(f"{t:g}" for t in values[:6]) + (", ..." if len(values) > 6 else "")
+
+            raise TmpdiffError(f"the schedule was calibrated with {self.plan.file.scheduler.class_name}'s own "
+                               f"{self.plan.steps} timesteps ({shown(self._calibrated_timesteps[0])}), this pipeline "
+                               f"call samples at {shown(ran)}: call it with num_inference_steps="
+                               f"{inference_steps_for(scheduler, self.plan.steps)} and no timesteps= or sigmas=, or "
+                               "re-calibrate at these timesteps", self.plan.source)
+        self._scheduled_timesteps = timesteps
 
     def _check_conditioning_timesteps(self, timesteps: torch.Tensor) -> None:
         """Learned time embeddings or shifts run at the timesteps they were learned for (read once per pipeline call)."""
@@ -542,6 +575,40 @@ def check_calibrated_guidance(plan: PrecisionPlan, used: float | None, *, guided
                            f"turns guidance off): call it with guidance_scale={scale:g}", plan.source)
 
 
+def check_plan_scheduler(plan: PrecisionPlan, scheduler) -> None:
+    """A schedule that records the scheduler it was calibrated with runs with that class and noise process (checked
+    at attach and again at each pipeline call: `pipe.scheduler` may be replaced in between)."""
+    if plan.file is None or plan.file.scheduler is None:
+        return
+    ours, theirs = plan.file.scheduler.class_name, type(scheduler).__name__
+    if ours != theirs:
+        raise TmpdiffError(f"the schedule was calibrated with {ours}, the pipeline samples with {theirs}: set "
+                           f"pipe.scheduler = {ours}.from_config(pipe.scheduler.config) or re-calibrate", plan.source)
+    plan_scheduler_for(plan.file, scheduler, plan.source)  # refuses another model's noise process
+
+
+def calibrated_timesteps(plan: PrecisionPlan) -> list[list[float]] | None:
+    """The timesteps a schedule that records its scheduler (and no timesteps of its own) was calibrated at: that
+    scheduler's own spacing for the schedule's step count, and for flow-matching schedulers also FluxPipeline's
+    (sigmas 1 .. 1/steps, what Flux pipelines pass). None when not known: no recorded scheduler, custom timesteps
+    (checked by `_check_custom_timesteps`), or dynamic shifting (the timesteps depend on the pipeline's `mu`)."""
+    ref = None if plan.file is None else plan.file.scheduler
+    if ref is None or plan.timesteps is not None or plan.steps is None:
+        return None
+    scheduler = scheduler_from(ref.class_name, ref.config, plan.source)
+    if scheduler.config.get("use_dynamic_shifting"):
+        return None
+    set_sampling_timesteps(scheduler, plan.steps)
+    spacings = [[float(t) for t in scheduler.timesteps]]
+    if ref.class_name.startswith("FlowMatch"):
+        import numpy as np
+
+        flux = scheduler_from(ref.class_name, ref.config, plan.source)
+        flux.set_timesteps(sigmas=np.linspace(1.0, 1 / plan.steps, plan.steps).tolist())
+        spacings.append([float(t) for t in flux.timesteps])
+    return spacings
+
+
 def check_takes_timesteps(pipe, plan: PrecisionPlan) -> None:
     """A schedule's custom timesteps need a pipeline call with `timesteps=` and a scheduler that samples at them."""
     if "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
@@ -589,12 +656,7 @@ def prepare_engines(pipe, build_dir: str | Path, *,
     if plan.conditioning is not None:  # learned rows: for these graphs and this guidance (timesteps: at the 1st call)
         check_build(plan.conditioning, manifest, build_dir)
         plan.conditioning.check_guidance(1.0 if scale is None else float(scale))
-    if plan.file is not None and plan.file.scheduler is not None:
-        ours, theirs = plan.file.scheduler.class_name, type(pipe.scheduler).__name__
-        if ours != theirs:
-            raise TmpdiffError(f"the schedule was calibrated with {ours}, the pipeline samples with {theirs}: set "
-                               f"pipe.scheduler = {ours}.from_config(pipe.scheduler.config) or re-calibrate", plan.source)
-        plan_scheduler_for(plan.file, pipe.scheduler, plan.source)  # refuses another model's noise process
+    check_plan_scheduler(plan, pipe.scheduler)
     if plan.timesteps is not None:
         check_takes_timesteps(pipe, plan)
     check_calibrated_guidance(plan, scale)
