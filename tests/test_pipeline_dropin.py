@@ -196,6 +196,27 @@ def test_a_pipeline_starting_partway_runs_its_steps_precisions(exported, schedul
 
 
 @pytest.mark.parametrize("exported", ["sd15"], indirect=True)
+def test_img2img_with_pndm_starting_at_its_repeated_timestep_runs_its_steps_precisions(exported):
+    """PNDM repeats a timestep ([751, 501, 501, 251, 1] for 4 inference steps); img2img at strength 0.5 runs
+    timesteps[2:], whose first value also stands at step 1: the calls are steps 2, 3 and 4 (were 1, 2, 3)."""
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    denoiser = attach_engines(img2img, build_dir, schedule=["fp32", "int8", "fp32", "int8", "fp32"])
+    img2img(PROMPTS[0], image=torch.rand(1, 3, tiny_pipelines.SIZE, tiny_pipelines.SIZE), strength=0.5,
+            num_inference_steps=denoiser.num_inference_steps, generator=torch.Generator().manual_seed(0),
+            output_type="latent")
+    timesteps = [int(t) for t in img2img.scheduler.timesteps]
+    assert timesteps[1] == timesteps[2]
+    assert [(e.index, e.timestep, e.precision) for e in denoiser.trace.steps] == \
+        [(2, timesteps[2], "fp32"), (3, timesteps[3], "int8"), (4, timesteps[4], "fp32")]
+
+
+@pytest.mark.parametrize("exported", ["sd15"], indirect=True)
 def test_pndm_runs_a_schedule_of_one_precision_per_call(exported, tmp_path):
     """SD1.x's stock PNDM calls the denoiser twice at its first timestep (N inference steps, N + 1 calls): the drop-in
     names the step count that fits the schedule, the fp32 engines reproduce the torch pipeline, and the CLI's

@@ -305,11 +305,30 @@ class EngineDenoiser(torch.nn.Module):
         else:  # DDIM, DDPM, PNDM keep no step index: count the calls since set_timesteps made new timesteps, from the
             # step the first call's timestep stands at (a pipeline that starts partway runs timesteps[t_start:])
             if self._calls == 0:
-                self._first = _position(timesteps, called_at)
+                self._first = self._first_position(timesteps, called_at)
             index, self._calls = self._first + self._calls, self._calls + 1
         if not 0 <= index < len(timesteps):
             raise TmpdiffError(f"scheduler step index {index} is outside its {len(timesteps)} timesteps")
         return index, timesteps[index]  # a 0-d tensor, read as a number only when the trace is asked for
+
+    def _first_position(self, timesteps: torch.Tensor, called_at: Any) -> int:
+        """The step the first denoiser call of a pipeline call makes, for a scheduler that keeps no step index: where its
+        timestep stands in the scheduler's timesteps, or, when that value stands there more than once (PNDM repeats
+        one), where the pipeline's own sliced `timesteps` start (img2img runs `timesteps[t_start * order:]`)."""
+        index = _position(timesteps, called_at)
+        values = torch.as_tensor(called_at if called_at is not None else []).flatten()
+        if values.numel() == 0 or _occurrences(timesteps, values[0]) < 2:
+            return index
+        found = running_call(self.pipelines)
+        sliced = None if found is None else found[1].get("timesteps")
+        if isinstance(sliced, torch.Tensor) and 0 < len(sliced) <= len(timesteps):
+            first = len(timesteps) - len(sliced)
+            if torch.equal(timesteps[first:].cpu(), sliced.cpu()):
+                return first
+        raise TmpdiffError(f"the first denoiser call is at timestep {float(values[0]):g}, which the scheduler's timesteps "
+                           f"hold more than once ({type(self._scheduler_of()).__name__}), and the pipeline call's "
+                           "own timesteps are not readable: which step it makes is not known; use a scheduler "
+                           "without repeated timesteps (e.g. DDIMScheduler)")
 
     def _follow_call(self, timesteps: torch.Tensor) -> None:
         """A pipeline call sets new timesteps: the trace (and DRiffusion's drafts) start again, and the call belongs to
@@ -745,3 +764,9 @@ def _position(timesteps: torch.Tensor, called_at: Any) -> int:
         return 0
     found = torch.nonzero(torch.isclose(timesteps.float().cpu(), values[0].float().cpu(), rtol=0, atol=1e-3)).flatten()
     return int(found[0]) if len(found) else 0
+
+
+def _occurrences(timesteps: torch.Tensor, value: Any) -> int:
+    """How often `value` stands in the scheduler's timesteps."""
+    close = torch.isclose(timesteps.float().cpu(), torch.as_tensor(value).float().cpu(), rtol=0, atol=1e-3)
+    return int(close.sum())
