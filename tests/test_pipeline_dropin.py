@@ -499,3 +499,14 @@ def test_class_labels_go_to_a_pipeline_that_takes_them(dit_build, tmp_path):
     code, _, err = cli("bench", dit_build[1], "--costs", tmp_path / "costs.json", "--pipeline", dit_build[0], "--prompts",
                        tmp_path / "prompts.txt", "--out", tmp_path / "bench")
     assert code == 2 and "a pipeline that takes class labels is not benched" in err, err
+
+
+def test_a_first_call_at_a_timestep_the_scheduler_does_not_hold_is_refused():
+    # schedulers without a step index (DDIM, DDPM, PNDM) are followed from the first call's timestep; one that is not
+    # among the scheduler's timesteps used to start the schedule at step 0, every step at another step's precision
+    from tmpdiff.runtime.dropin import _position
+
+    timesteps = torch.tensor([999, 749, 500, 250])
+    assert _position(timesteps, torch.tensor(500)) == 2 and _position(timesteps, None) == 0
+    with pytest.raises(TmpdiffError, match="timestep 700, which is not among the scheduler's timesteps"):
+        _position(timesteps, torch.tensor([700.0, 700.0]))

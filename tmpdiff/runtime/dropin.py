@@ -193,6 +193,7 @@ class EngineDenoiser(torch.nn.Module):
                 scheduler = self._scheduler_of()
                 self.drafts.after_anchor(index, feeds, hidden_name, result, scheduler,
                                          lambda f, j: self._run(f, j, scheduler.timesteps[j], hidden.dtype))
+        result = result.to(hidden.device)  # where the pipeline's latents are (CPU engines under a CUDA pipeline)
         if not return_dict:
             return (result,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -758,12 +759,16 @@ def engine_denoiser(engines: Mapping[str, Engine], manifest: Manifest, adapter: 
 
 def _position(timesteps: torch.Tensor, called_at: Any) -> int:
     """Where a call's timestep argument (a number, a 0-d tensor or one per batch row) first stands in the scheduler's
-    timesteps; 0 when it is not given or not found there."""
+    timesteps; 0 when it is not given, refused when it is not there."""
     values = torch.as_tensor(called_at if called_at is not None else []).flatten()
     if values.numel() == 0:
         return 0
     found = torch.nonzero(torch.isclose(timesteps.float().cpu(), values[0].float().cpu(), rtol=0, atol=1e-3)).flatten()
-    return int(found[0]) if len(found) else 0
+    if not len(found):  # starting at step 0 would run every step at another step's precision
+        shown = ", ".join(f"{float(t):g}" for t in timesteps[:6]) + (", ..." if len(timesteps) > 6 else "")
+        raise TmpdiffError(f"the first denoiser call is at timestep {float(values[0]):g}, which is not among the "
+                           f"scheduler's timesteps ({shown}): which step it makes is not known")
+    return int(found[0])
 
 
 def _occurrences(timesteps: torch.Tensor, value: Any) -> int:
