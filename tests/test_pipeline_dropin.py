@@ -3,6 +3,7 @@ pipelines with their denoiser replaced by ORT engines."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 
@@ -326,6 +327,34 @@ def test_a_recorded_scheduler_is_checked_at_every_pipeline_call(exported, tmp_pa
     denoiser = attach_engines(plain, build_dir, schedule=schedule)
     _call(plain, name, output_type="latent", timesteps=[999, 980, 960, 940])
     assert [(e.timestep, e.precision) for e in denoiser.trace.steps] == list(zip([999, 980, 960, 940], schedule, strict=True))
+
+
+def test_a_scheduler_reset_during_a_call_refuses_the_call(exported):
+    """Another thread's call on the same pipeline resets the scheduler (new timesteps) while this call runs, and this
+    call's own scheduler.step then advances the reset state: the next denoiser call must not take the new timesteps as
+    a fresh call of its own (it ran on with the other call's state, 5e-2 off, while the other call was refused)."""
+    name, build_dir = exported
+    pipe = tiny_pipelines.build(name)
+    denoiser = attach_engines(pipe, build_dir, schedule=["fp32", "int8", "int8", "fp32"])
+
+    def reset_by_another_call(step: int, latents: torch.Tensor) -> None:
+        if step == 1:  # what the other thread's call and then this call's step do to the shared scheduler
+            pipe.scheduler.set_timesteps(STEPS)
+            pipe.scheduler.step(torch.zeros_like(latents), pipe.scheduler.timesteps[0], latents)
+
+    if "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters:
+        hook = {"callback_on_step_end": lambda _, step, t, tensors: reset_by_another_call(step, tensors["latents"])
+                or {}}
+    else:  # PixArt's older callback(step, t, latents)
+        hook = {"callback": lambda step, t, latents: reset_by_another_call(step, latents)}
+    if not hasattr(pipe.scheduler, "step_index"):
+        pytest.skip(f"{type(pipe.scheduler).__name__} keeps no step index")
+    with pytest.raises(TmpdiffError, match="scheduler was reset during a call"):
+        _call(pipe, name, output_type="latent", **hook)
+    with pytest.raises(TmpdiffError, match="in a call from another thread"):  # the other call's next step as well
+        denoiser._follow_call(pipe.scheduler.timesteps, pipe.scheduler)
+    _call(pipe, name, output_type="latent")  # a new call starts clean
+    assert [e.precision for e in denoiser.trace.steps] == ["fp32", "int8", "int8", "fp32"]
 
 
 @pytest.fixture(scope="module")

@@ -291,7 +291,7 @@ class EngineDenoiser(torch.nn.Module):
         timesteps = scheduler.timesteps
         if timesteps is None:
             raise TmpdiffError("the pipeline's scheduler has no timesteps set")
-        self._follow_call(timesteps)
+        self._follow_call(timesteps, scheduler)
         self._check_custom_timesteps(timesteps)
         self._check_conditioning_timesteps(timesteps)
         if self.plan.steps is not None and len(timesteps) != self.plan.steps:
@@ -331,11 +331,18 @@ class EngineDenoiser(torch.nn.Module):
                            "own timesteps are not readable: which step it makes is not known; use a scheduler "
                            "without repeated timesteps (e.g. DDIMScheduler)")
 
-    def _follow_call(self, timesteps: torch.Tensor) -> None:
+    def _follow_call(self, timesteps: torch.Tensor, scheduler: Any = None) -> None:
         """A pipeline call sets new timesteps: the trace (and DRiffusion's drafts) start again, and the call belongs to
-        the calling thread; a step from another thread meanwhile is refused (its pipeline shares this call's state)."""
+        the calling thread; a step from another thread meanwhile is refused (its pipeline shares this call's state).
+        New timesteps on a scheduler that has already stepped were set by another thread during a call (a call sets
+        them before its first step): both calls are refused from then on, neither runs on the other's state."""
         thread = threading.get_ident()
         if timesteps is not self._call_timesteps:
+            index = getattr(scheduler, "step_index", None)
+            if index is not None and index != (getattr(scheduler, "begin_index", None) or 0):
+                self._call_timesteps, self._call_thread = timesteps, None  # no thread owns this call: all refused
+                raise TmpdiffError("the pipeline's scheduler was reset during a call (another thread started a call "
+                                   "on the same pipeline): both calls are refused; attach one pipeline per thread")
             self._call_timesteps, self._call_thread, self._marks, self._calls = timesteps, thread, [], 0
             if self.drafts is not None:
                 self.drafts.reset()
