@@ -286,3 +286,29 @@ def test_a_scheduler_without_zero_snr_rescaling_runs_the_unrescaled_process():
     with pytest.raises(TmpdiffError, match="rescale_betas_zero_snr: False vs True"):
         check_noise_process(heun, DPMSolverMultistepScheduler(**process, rescale_betas_zero_snr=True).config, "Heun",
                             "DPM", None)
+
+
+def test_call_memo_keys_numpy_inputs_by_their_bytes():
+    # repr() of a numpy array of over 1,000 elements elides its middle: two calls differing there shared a key
+    import numpy as np
+
+    from tmpdiff.runtime.call_memo import digest
+
+    a = np.zeros(2000, dtype=np.float32)
+    b = a.copy()
+    b[1000] = 1.0
+    assert f"{a!r}" == f"{b!r}"  # what the key was made of
+    assert digest(0, "int8", {"x": a}) != digest(0, "int8", {"x": b})
+    assert digest(0, "int8", {"x": a}) == digest(0, "int8", {"x": a.copy()})
+    assert digest(0, "int8", {"x": np.asfortranarray(np.ones((3, 4)))}) == digest(0, "int8", {"x": np.ones((3, 4))})
+
+
+def test_buffers_of_every_dtype_a_tensorrt_engine_names_are_checked():
+    # TensorRT names BOOL / INT8 / UINT8 I/O; without a torch dtype for them a right buffer was refused as wrong
+    from tmpdiff.engines.base import check_buffers
+    from tmpdiff.formats.specs import TensorSpec
+
+    for name, dtype in (("bool", torch.bool), ("int8", torch.int8), ("uint8", torch.uint8)):
+        check_buffers("engine", [TensorSpec("mask", name, ("batch", 4))], {"mask": torch.zeros(2, 4, dtype=dtype)})
+        with pytest.raises(TmpdiffError, match=f"mask buffer is torch.float32, engine expects {name}"):
+            check_buffers("engine", [TensorSpec("mask", name, ("batch", 4))], {"mask": torch.zeros(2, 4)})

@@ -16,7 +16,7 @@ from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.specs import TensorSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
-                "bfloat16": torch.bfloat16}
+                "bfloat16": torch.bfloat16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 
 
 @runtime_checkable

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -34,6 +35,8 @@ def digest(index: int, precision: str, feeds: Mapping[str, Any]) -> bytes:
     h.update(f"{index}\0{precision}".encode())
     for name in sorted(feeds):
         value = feeds[name]
+        if isinstance(value, np.ndarray):  # by its bytes: repr() elides arrays of over 1,000 elements
+            value = torch.from_numpy(np.ascontiguousarray(value))
         if isinstance(value, torch.Tensor):
             tensor = value.detach().contiguous()
             h.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
