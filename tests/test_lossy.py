@@ -119,7 +119,7 @@ class NaNAtStep(FakeEngine):
 def test_walks_record_fallbacks_and_fallen_schedules_are_no_option(fake, tmp_path):
     # A schedule whose int4 step fell back to int8 scored int8's quality at int4's cost: before, the walk recorded
     # that score as the schedule's, so it could be the exhaustive optimum and the search could choose it.
-    from tmpdiff.calibration.exhaustive import TableEvaluator, feasible_rows, fell_back_rows, save_table
+    from tmpdiff.calibration.exhaustive import TableEvaluator, feasible_rows, save_table
     from tmpdiff.calibration.lossy import search_on_table
 
     _, sampling, classes, _, _ = fake
@@ -134,7 +134,7 @@ def test_walks_record_fallbacks_and_fallen_schedules_are_no_option(fake, tmp_pat
                              sampling.null_class, sampling.num_classes)
     table = merge_tables([build_table(runner, sampling, classes, [[g]], levels, "fp32", steps, None) for g in (1, 2)])
     fell = [s for s in table.schedules if s[2] == "int4"]
-    assert fell_back_rows(table) == len(fell) == 27
+    assert int(table.fell_back().sum()) == len(fell) == 27
     assert all(table.fallbacks[table.row(s)].min() == 1 for s in fell)
     assert not table.fallbacks[[table.row(s) for s in table.schedules if s[2] != "int4"]].any()
     cost = {"fp32": 1.0, "int8": 0.6, "int4": 0.45}

@@ -106,7 +106,6 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
                 return {}
             return sample_quality(str(classifier_dir), session.evaluator.latents(schedule), labels)
 
-
         cheap = session.problem.cheapest
         per_steps: dict = {"steps": steps, "levels": session.problem.all_levels,
                            f"cost_{session.costs.unit}": session.problem.cost,

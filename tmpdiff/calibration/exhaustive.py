@@ -148,6 +148,12 @@ class SampleTable:
     # tables walked before it was recorded
     fallbacks: np.ndarray | None = None
 
+    def fell_back(self) -> np.ndarray:
+        """Per row (schedule): whether it fell back on any walked sample (all False where not recorded)."""
+        if self.fallbacks is None:
+            return np.zeros(len(self.levels) ** self.steps, dtype=bool)
+        return self.fallbacks.any(axis=1)
+
     @property
     def schedules(self) -> list[Schedule]:
         return list(itertools.product(self.levels, repeat=self.steps))
@@ -257,15 +263,7 @@ def feasible_rows(table: SampleTable, cost: dict[str, float], budget: float) -> 
     fell back to a higher precision on any walked sample: their scores are the higher precision's at a cheaper cost,
     and in deployment they would fall back too (at the higher precision's cost)."""
     costs = np.array([sum(cost[p] for p in s) for s in table.schedules])
-    ok = costs <= budget * (1 + BUDGET_TOLERANCE)
-    if table.fallbacks is not None:
-        ok &= ~table.fallbacks.any(axis=1)
-    return np.flatnonzero(ok)
-
-
-def fell_back_rows(table: SampleTable) -> int:
-    """Schedules that fell back on some walked sample (0 where the table did not record it)."""
-    return 0 if table.fallbacks is None else int(table.fallbacks.any(axis=1).sum())
+    return np.flatnonzero((costs <= budget * (1 + BUDGET_TOLERANCE)) & ~table.fell_back())
 
 
 def save_table(table: SampleTable, path, metrics_dtype: type | None = None) -> None:

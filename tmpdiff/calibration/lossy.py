@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tmpdiff.calibration.baselines import evolutionary, heuristics_at_budget
-from tmpdiff.calibration.exhaustive import SampleTable, TableEvaluator, feasible_rows, fell_back_rows, optimum
+from tmpdiff.calibration.exhaustive import SampleTable, TableEvaluator, feasible_rows, optimum
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import Problem, measure_sensitivities, tmpdiff_search
 from tmpdiff.eval.bootstrap import RESAMPLES, bootstrap_weights, mean_ci, min_mean_draws, ratio_to_best_ci
@@ -126,9 +126,10 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
                  "step_evaluations": table.step_evaluations, "calib_seeds": list(calib_seeds),
                  "unseen_seeds": list(unseen_seeds), "calib_classes": calib_classes, "unseen_classes": unseen_classes,
                  "calib_samples": int(len(calib)),
-                 "unseen_samples": int(len(unseen)), "fell_back_schedules": fell_back_rows(table), "rows": []}
+                 "unseen_samples": int(len(unseen)), "fell_back_schedules": int(table.fell_back().sum()), "rows": []}
     if sample_unit is not None:
         out["sample_unit"] = sample_unit
+    fell_back = table.fell_back()
     for metric in metrics:
         name = TABLE_METRIC[metric]
         for label, budget in budgets_for(table, cost, reference, speedups):
@@ -154,7 +155,7 @@ def exhaustive_comparison(table: SampleTable, calib_seeds: Sequence[int], unseen
                 calib_value = float(table.values(name, schedule, calib).mean())
                 row["methods"][method] = {
                     "schedule": list(schedule), "evaluations": evals, "calib": calib_value,
-                    "fell_back": bool(table.fallbacks is not None and table.fallbacks[table.row(schedule)].any()),
+                    "fell_back": bool(fell_back[table.row(schedule)]),
                     "calib_ratio": calib_value / opt_c_value if opt_c_value > 0 else float("nan"),
                     "unseen": _judge(table, metric, schedule, candidates, unseen, len(out["rows"]), clusters,
                                      best_draws)}

@@ -80,8 +80,9 @@ class PipelineJudge:
         key = tuple(schedule)
         if key not in self.cache:
             ev = self.evaluator
-            latents = ev.reference_latents if key == (ev.reference,) * ev.steps else ev.latents(key)
-            self.fallbacks[key] = ev.last_fallbacks if key != (ev.reference,) * ev.steps else 0
+            reference = key == (ev.reference,) * ev.steps
+            latents = ev.reference_latents if reference else ev.latents(key)
+            self.fallbacks[key] = 0 if reference else ev.last_fallbacks
             judged, images = ev.sample_errors(latents)
             if self.attributes is not None:
                 from tmpdiff.models.colored_digits import attributes

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tmpdiff.engines.trt_build import tensorrt_requirement
+from tmpdiff.engines.trt_build import not_installed
 from tmpdiff.formats.errors import TmpdiffError
 
 
@@ -42,8 +42,7 @@ class Inventory:
         if self.torch_cuda is None:
             lines.append("torch is a CPU build: pip install torch --index-url <the CUDA wheel index for your driver>")
         if self.tensorrt is None:
-            lines.append(f"TensorRT is not installed: pip install '{tensorrt_requirement(self.torch_cuda)}' (the "
-                         "package for torch's CUDA major version; TMPDIFF_GPU_INSTALL=1 scripts/gpu_check.sh does it)")
+            lines.append(not_installed())
         if "CUDAExecutionProvider" not in self.ort_providers:
             lines.append("onnxruntime has no CUDA provider: pip uninstall -y onnxruntime && pip install "
                          "onnxruntime-gpu==1.31.1 (the same module: never both installed)")

@@ -148,6 +148,12 @@ def takes_custom_timesteps(scheduler) -> bool:
     return "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
 
 
+def shown_timesteps(values: Sequence[float], first: int = 6) -> str:
+    """The first few of a list of timesteps for a message ("999, 749, 500, ...")."""
+    values = [float(t) for t in values]
+    return ", ".join(f"{t:g}" for t in values[:first]) + (", ..." if len(values) > first else "")
+
+
 def set_custom_timesteps(scheduler, timesteps: Sequence[int], source: str | Path | None = None) -> None:
     """Set the scheduler to sample at exactly `timesteps`, or refuse in one line naming the source and the class.
 
@@ -169,9 +175,8 @@ def set_custom_timesteps(scheduler, timesteps: Sequence[int], source: str | Path
         raise TmpdiffError(f"{name} cannot sample at custom timesteps ({reason})", source) from None
     ran = [float(t) for t in scheduler.timesteps]
     if ran != [float(t) for t in timesteps]:
-        shown = ", ".join(f"{t:g}" for t in ran[:6]) + (", ..." if len(ran) > 6 else "")
         raise TmpdiffError(f"{name} does not sample at exactly the schedule's timesteps (it would run {len(ran)} "
-                           f"steps at {shown})", source)
+                           f"steps at {shown_timesteps(ran)})", source)
 
 
 def step_generator(scheduler, seed: int):

@@ -49,6 +49,7 @@ from tmpdiff.models.schedulers import (
     scheduler_from,
     set_custom_timesteps,
     set_sampling_timesteps,
+    shown_timesteps,
 )
 from tmpdiff.models.time_embedding_input import adapter_for_build
 from tmpdiff.runtime.call_memo import CallMemo
@@ -316,20 +317,19 @@ class EngineDenoiser(torch.nn.Module):
         """The step the first denoiser call of a pipeline call makes, for a scheduler that keeps no step index: where its
         timestep stands in the scheduler's timesteps, or, when that value stands there more than once (PNDM repeats
         one), where the pipeline's own sliced `timesteps` start (img2img runs `timesteps[t_start * order:]`)."""
-        index = _position(timesteps, called_at)
-        values = torch.as_tensor(called_at if called_at is not None else []).flatten()
-        if values.numel() == 0 or _occurrences(timesteps, values[0]) < 2:
-            return index
+        places = _places(timesteps, called_at)
+        if places is None or len(places) < 2:
+            return _position(timesteps, called_at)
         found = running_call(self.pipelines)
         sliced = None if found is None else found[1].get("timesteps")
         if isinstance(sliced, torch.Tensor) and 0 < len(sliced) <= len(timesteps):
             first = len(timesteps) - len(sliced)
             if torch.equal(timesteps[first:].cpu(), sliced.cpu()):
                 return first
-        raise TmpdiffError(f"the first denoiser call is at timestep {float(values[0]):g}, which the scheduler's timesteps "
-                           f"hold more than once ({type(self._scheduler_of()).__name__}), and the pipeline call's "
-                           "own timesteps are not readable: which step it makes is not known; use a scheduler "
-                           "without repeated timesteps (e.g. DDIMScheduler)")
+        raise TmpdiffError(f"the first denoiser call is at timestep {float(timesteps[places[0]]):g}, which the "
+                           f"scheduler's timesteps hold more than once ({type(self._scheduler_of()).__name__}), and the "
+                           "pipeline call's own timesteps are not readable: which step it makes is not known; use a "
+                           "scheduler without repeated timesteps (e.g. DDIMScheduler)")
 
     def _follow_call(self, timesteps: torch.Tensor, scheduler: Any = None) -> None:
         """A pipeline call sets new timesteps: the trace (and DRiffusion's drafts) start again, and the call belongs to
@@ -357,9 +357,8 @@ class EngineDenoiser(torch.nn.Module):
             return
         ran = [float(t) for t in timesteps.tolist()]
         if ran != [float(t) for t in wanted]:
-            shown = ", ".join(f"{t:g}" for t in ran[:6]) + (", ..." if len(ran) > 6 else "")
             raise TmpdiffError(f"the schedule samples at its own {len(wanted)} timesteps but the pipeline runs {len(ran)} "
-                               f"at {shown}: call it with timesteps=denoiser.timesteps", self.plan.source)
+                               f"at {shown_timesteps(ran)}: call it with timesteps=denoiser.timesteps", self.plan.source)
         self._matched_timesteps = timesteps
 
     def _check_call_scheduler(self, scheduler, timesteps: torch.Tensor) -> None:
@@ -376,12 +375,9 @@ class EngineDenoiser(torch.nn.Module):
         if self._calibrated_timesteps and not any(
                 len(ran) == len(want) and all(abs(a - b) <= 1e-3 for a, b in zip(ran, want, strict=True))
                 for want in self._calibrated_timesteps):
-            def shown(values: list[float]) -> str:
-                return ", ".join(f"{t:g}" for t in values[:6]) + (", ..." if len(values) > 6 else "")
-
             raise TmpdiffError(f"the schedule was calibrated with {self.plan.file.scheduler.class_name}'s own "
-                               f"{self.plan.steps} timesteps ({shown(self._calibrated_timesteps[0])}), this pipeline "
-                               f"call samples at {shown(ran)}: call it with num_inference_steps="
+                               f"{self.plan.steps} timesteps ({shown_timesteps(self._calibrated_timesteps[0])}), this "
+                               f"pipeline call samples at {shown_timesteps(ran)}: call it with num_inference_steps="
                                f"{inference_steps_for(scheduler, self.plan.steps)} and no timesteps= or sigmas=, or "
                                "re-calibrate at these timesteps", self.plan.source)
         self._scheduled_timesteps = timesteps
@@ -767,18 +763,21 @@ def engine_denoiser(engines: Mapping[str, Engine], manifest: Manifest, adapter: 
 def _position(timesteps: torch.Tensor, called_at: Any) -> int:
     """Where a call's timestep argument (a number, a 0-d tensor or one per batch row) first stands in the scheduler's
     timesteps; 0 when it is not given, refused when it is not there."""
+    places = _places(timesteps, called_at)
+    if places is None:
+        return 0
+    if not places:  # starting at step 0 would run every step at another step's precision
+        value = float(torch.as_tensor(called_at).flatten()[0])
+        raise TmpdiffError(f"the first denoiser call is at timestep {value:g}, which is not among the scheduler's "
+                           f"timesteps ({shown_timesteps(timesteps.tolist())}): which step it makes is not known")
+    return places[0]
+
+
+def _places(timesteps: torch.Tensor, called_at: Any) -> list[int] | None:
+    """Every index of the scheduler's timesteps at which a call's timestep argument (its first value) stands; None
+    when it is not given."""
     values = torch.as_tensor(called_at if called_at is not None else []).flatten()
     if values.numel() == 0:
-        return 0
-    found = torch.nonzero(torch.isclose(timesteps.float().cpu(), values[0].float().cpu(), rtol=0, atol=1e-3)).flatten()
-    if not len(found):  # starting at step 0 would run every step at another step's precision
-        shown = ", ".join(f"{float(t):g}" for t in timesteps[:6]) + (", ..." if len(timesteps) > 6 else "")
-        raise TmpdiffError(f"the first denoiser call is at timestep {float(values[0]):g}, which is not among the "
-                           f"scheduler's timesteps ({shown}): which step it makes is not known")
-    return int(found[0])
-
-
-def _occurrences(timesteps: torch.Tensor, value: Any) -> int:
-    """How often `value` stands in the scheduler's timesteps."""
-    close = torch.isclose(timesteps.float().cpu(), torch.as_tensor(value).float().cpu(), rtol=0, atol=1e-3)
-    return int(close.sum())
+        return None
+    close = torch.isclose(timesteps.float().cpu(), values[0].float().cpu(), rtol=0, atol=1e-3)
+    return torch.nonzero(close).flatten().tolist()

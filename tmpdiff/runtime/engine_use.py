@@ -22,7 +22,6 @@ from tmpdiff.formats.errors import TmpdiffError
 _bound_to: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> weakref of the owner of its buffers
 _in_use: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> lock held while a call runs it
 _registry_lock = threading.Lock()
-_gpu_lock = GPU_LOCK  # one call at a time on a process's GPU engines (why: `engines.streams.GPU_LOCK`)
 
 
 def ensure_bound(owner: object, engines: Iterable[Engine], inputs: Mapping[str, torch.Tensor],
@@ -66,11 +65,11 @@ def exclusive(engines: Iterable[Engine], who: str) -> Iterator[None]:
     engines = list(engines)
     try:
         if any(getattr(engine, "device", "cpu") != "cpu" for engine in engines):
-            if not _gpu_lock.acquire(blocking=False):
+            if not GPU_LOCK.acquire(blocking=False):
                 raise TmpdiffError(f"{who}: GPU engines of this process are running another call (another thread): "
                                    "they share one CUDA stream and one activation memory, so one call runs at a time; "
                                    "queue the requests, or serve from one process per concurrent call")
-            held.append(_gpu_lock)
+            held.append(GPU_LOCK)
         for engine in engines:
             lock = _lock_of(engine)
             if not lock.acquire(blocking=False):
