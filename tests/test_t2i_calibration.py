@@ -36,6 +36,9 @@ def test_export_captures_the_pipelines_denoiser_inputs(work):
     assert calibration["guidance_scale"] == 4.5  # the pipeline's default, read from its class
     # one batch per denoiser call (cond + uncond rows of both prompts: classifier-free guidance batched)
     assert (calibration["calls"], calibration["rows"], calibration["batches"]) == (STEPS, STEPS * 2 * 2, STEPS)
+    # what computed the tensors the scales follow from (a host with other kernels makes other scales)
+    assert calibration["captured_on"] == {"torch": torch.__version__,
+                                          "device": f"cpu: {torch.backends.cpu.get_cpu_capability()} kernels"}
     notes = calibration_notes(build)
     assert len(notes) == 1 and notes[0].startswith("int8: calibrated on 2 prompts x 1 seeds x 4 steps"), notes
 

@@ -88,6 +88,21 @@ def torch_label(model: torch.nn.Module) -> str:
 TORCH_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def captured_on(model: torch.nn.Module) -> dict:
+    """What computed a captured calibration set: torch's version and the model's device (on CPU, the kernel set torch
+    dispatched to). The quantizers' scales follow from the captured tensors, which differ in their last bits between
+    kernel sets (the bundled DiT's int8 graph differs between AVX2 and AVX-512 kernels), so two exports of one recipe
+    on different hosts can differ; this tells which."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        where = f"cuda: {torch.cuda.get_device_name(device)}"
+    elif device.type == "cpu":
+        where = f"cpu: {torch.backends.cpu.get_cpu_capability()} kernels"
+    else:
+        where = device.type
+    return {"torch": torch.__version__, "device": where}
+
+
 def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampling: SamplingInfo, classes: Sequence[int],
                         seeds: Sequence[int], steps: int | None = None) -> CalibrationSet:
     """Inputs of every step of the trajectories of `classes` x `seeds`, sampled by the torch model (as loaded)."""
@@ -104,7 +119,8 @@ def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampli
         noise = initial_noise(len(labels), sampling.channels, sampling.image_size, seed)
         runner.sample(sampling_scheduler(sampling), labels, noise, ["fp32"] * steps)
     return CalibrationSet(batches, {"source": f"sampled trajectories, {torch_label(model)}", "classes": list(classes),
-                                    "seeds": list(seeds), "steps": steps, "guidance_scale": sampling.guidance_scale})
+                                    "seeds": list(seeds), "steps": steps, "guidance_scale": sampling.guidance_scale,
+                                    "captured_on": captured_on(model)})
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -230,5 +246,5 @@ def prompted_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, captu
     rows = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     if not capture.labelled:
         recorded["prompts_file"] = capture.prompts_file
-    recorded |= {"calls": len(batches), "rows": rows}
+    recorded |= {"calls": len(batches), "rows": rows, "captured_on": captured_on(model)}
     return CalibrationSet(batches, recorded)
