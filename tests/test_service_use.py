@@ -244,6 +244,15 @@ def test_a_pipeline_runs_one_call_at_a_time_and_reattaches(t2i_int8_build):
     # says) leaves the first pipeline's engines open: it still calls them
     sibling = type(pipe).from_pipe(pipe)
     assert sibling.transformer is new
+    # not attached to it, the engines refuse its calls: they would step on the first pipeline's scheduler (with one
+    # of its own, a call ran past that one's timesteps) and its guidance would go unchecked
+    with pytest.raises(TmpdiffError, match="from_pipe.*attach the build to this pipeline too"):
+        _call(sibling, 4, seed=1)
+    from diffusers import DPMSolverMultistepScheduler
+
+    with pytest.raises(TmpdiffError, match="from_pipe.*attach the build to this pipeline too"):
+        _call(type(pipe).from_pipe(pipe, scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)), 4)
+    assert torch.equal(_call(pipe, 4, seed=1), alone)  # the attached pipeline still runs
     own = attach_engines(sibling, build, schedule=SCHEDULE, threads=1)
     assert sibling.transformer is own and pipe.transformer is new
     assert torch.equal(_call(pipe, 4, seed=1), alone) and torch.equal(_call(sibling, 4, seed=1), alone)

@@ -64,6 +64,7 @@ class PipelinePlanEvaluator:
                                    nan_guard=False)
         component = denoiser_component(self.pipe)
         setattr(self.pipe, component, denoiser)
+        denoiser.pipelines.add(self.pipe)
         latents = []
         try:
             for seed in self.seeds:

@@ -177,6 +177,7 @@ class EngineDenoiser(torch.nn.Module):
             raise TmpdiffError(f"{self.adapter.architecture} engines called with unexpected arguments ({exc})") from None
         return_dict = call.pop("return_dict", True)
         self._require_open()
+        self._check_caller()
         index, timestep = self._step(call.get("timestep"))
         feed_time_conditioning(call, index, self.plan.conditioning, getattr(self.adapter, "own_table", None),
                                f"step {index}")
@@ -222,6 +223,19 @@ class EngineDenoiser(torch.nn.Module):
         drafts.accept(calls, [o.output.to(device=self._device, dtype=dtype) for o in outputs], result,
                       drafts.channels_of(feeds, hidden_name))
         return result
+
+    def _check_caller(self) -> None:
+        """A pipeline that holds this denoiser but was not attached to it (one made with diffusers' `from_pipe` shares
+        the module, not the attachment) is refused: the denoiser would count steps on the attached pipeline's scheduler,
+        and the per-call checks (scheduler, guidance) would not see its calls."""
+        caller = calling_pipeline(self)
+        if caller is None or any(caller is pipe for pipe in self.pipelines):
+            return
+        attached = sorted({type(pipe).__name__ for pipe in self.pipelines}) or ["no pipeline"]
+        raise TmpdiffError(f"a {type(caller).__name__} calls engines attached to another pipeline "
+                           f"({', '.join(attached)}): it shares the module (diffusers' from_pipe), not the attachment, "
+                           "and the denoiser follows the attached pipeline's scheduler; attach the build to this "
+                           "pipeline too: attach_engines(pipe, build_dir, ...)")
 
     def _require_open(self) -> None:
         if self._closed:
@@ -466,6 +480,32 @@ def running_call(pipes) -> tuple[Any, Mapping[str, Any]] | None:
         return None
     finally:
         del frame
+
+
+def calling_pipeline(denoiser: torch.nn.Module) -> Any | None:
+    """The pipeline whose `__call__` in progress on this thread's stack (the innermost) holds `denoiser` as its
+    transformer or unet; None when the denoiser is called from elsewhere."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "__call__":
+                owner = frame.f_locals.get("self")
+                if owner is not None and _holds(owner, denoiser):
+                    return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _holds(owner: Any, denoiser: torch.nn.Module) -> bool:
+    for name in DENOISER_COMPONENTS:
+        try:
+            if getattr(owner, name, None) is denoiser:
+                return True
+        except Exception:  # noqa: BLE001 - any object's __call__ is on the stack; its attributes are not ours to trust
+            return False
+    return False
 
 
 def running_guidance(pipe, arguments: Mapping[str, Any]) -> float | None:
