@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -222,3 +223,69 @@ def test_a_configuration_too_large_for_inline_graphs_is_refused(deployment, monk
     assert code == 2 and "not supported yet" in err and "GB of weights" in err, err
     assert (build_dir / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in (build_dir / "mixed").iterdir()) == list(load_manifest(build_dir).mixed)
+
+
+def test_a_build_made_from_a_16_bit_model_deploys_its_mixed_configurations(bundled, tmp_path):
+    """`export --load-dtype float16` (what a model too large for fp32 gets): the super-network is that 16-bit model,
+    as the engines were exported from it (it was loaded in fp32), and its mixed graph is made as a uniform export
+    from 16 bits is (convolutions traced in fp32, int8 Q/DQ in the model's dtype, int8 / int4 twins computing in fp32
+    outside their quantized weights): it was refused by torch before (an fp32 input met fp16 weights)."""
+    from tmpdiff.export.supernet import supernet_from_build
+
+    code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "int8,int4",
+                       "--load-dtype", "float16", "--model-id", "half", "--calib-seeds", "0")
+    assert code == 0, err
+    build_dir = tmp_path / "half"
+    supernet = supernet_from_build(build_dir, bundled.transformer_dir, ["int8", "int4"])
+    assert next(supernet.model.parameters()).dtype == torch.float16
+    cycle = ["int8", "int4", "fp32"]
+    mixed = [cycle[i % 3] for i in range(len(supernet.layers))]
+    int8_mixed = ["int8" if i % 2 else "fp32" for i in range(len(supernet.layers))]  # Half Q/DQ, as uniform int8's
+    s = sampling_info(bundled)
+    plan = TmpqPlan(model_id="half", steps=4, timesteps=TIMESTEPS, layers=list(supernet.layers),
+                    scheduler=SchedulerRef(class_name=s.scheduler_class, config=dict(s.scheduler_config)),
+                    configs=[mixed, int8_mixed], step_configs=[0, 1, 1, 0])
+    path = tmp_path / "plan.json"
+    save_tmpq_plan(plan, path)
+    code, out, err = cli("deploy-plan", build_dir, path, "--model", bundled.transformer_dir)
+    assert code == 0, out + err
+    for config in (mixed, int8_mixed):
+        entry = load_manifest(build_dir).mixed[mixed_name(plan.layers, config)]
+        print(f"mixed twin vs the 16-bit super-network: {entry.parity_error:.2e}, its TensorRT graph "
+              f"{entry.trt_parity_error}")
+        assert entry.parity_error < 1e-2  # and within the twins' rule, which deploy-plan checked
+        twin = onnx.load(build_dir / entry.onnx)
+        assert onnx.TensorProto.FLOAT16 not in {t.data_type for t in twin.graph.initializer}
+        trt = onnx.load(build_dir / entry.trt_onnx)
+        assert onnx.TensorProto.FLOAT16 in {t.data_type for t in trt.graph.initializer}
+    # fp32 (the layer costs' base) can only be made from an fp32 load: exported beside them, as a user would
+    code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "fp32", "--model-id",
+                       "half")
+    assert code == 0, err
+    code, _, err = cli("build", build_dir, "--threads", 1)
+    assert code == 0, err
+    result, _ = _run(build_dir, path)
+    assert torch.isfinite(result.latents).all()
+
+    # the search side runs the 16-bit super-network in torch too: its MAC count (layer costs) and its candidates'
+    # engines, whose output is the deployed twin's
+    from tmpdiff.calibration.tmpq import measure_layer_costs
+    from tmpdiff.calibration.tmpq_eval import ConfigEngine
+    from tmpdiff.models.registry import adapter_for_config
+
+    table = measure_layer_costs(build_dir, bundled.transformer_dir, ["int8", "int4"], batch=2, warmup=0, repeats=1,
+                                threads=1)
+    assert table.names == supernet.layers and all(layer.macs > 0 for layer in table.layers)
+    adapter = adapter_for_config(load_manifest(build_dir).denoiser_config)
+    inputs = adapter.sample_inputs(adapter.default_dims(2), seed=3)
+    out = {s.name: torch.zeros(s.concrete(adapter.default_dims(2))) for s in adapter.output_specs()}
+    engine = ConfigEngine(supernet, int8_mixed, adapter, "config")
+    engine.bind(inputs, out)
+    engine.run(None)
+    import onnxruntime as ort
+
+    entry = load_manifest(build_dir).mixed[mixed_name(plan.layers, int8_mixed)]
+    twin = ort.InferenceSession(str(build_dir / entry.onnx), providers=["CPUExecutionProvider"])
+    [want] = twin.run(None, {k: v.numpy() for k, v in inputs.items()})
+    got = next(iter(out.values())).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2

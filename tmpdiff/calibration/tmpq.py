@@ -17,12 +17,14 @@ from tmpdiff.calibration.knapsack import within_budget
 from tmpdiff.calibration.tmpq_eval import CandidateEvaluator, PlanEvaluator, fitness_of
 from tmpdiff.calibration.tmpq_search import Candidate, SearchResult, SearchSettings, TmpqSearch, tmpq_groups
 from tmpdiff.engines.layer_costs import profile_layers
+from tmpdiff.export.half_convolutions import fp32_compute
 from tmpdiff.export.supernet import SuperNet, layer_macs, supernet_from_build
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.layer_costs import LayerCostsTable
 from tmpdiff.formats.manifest import Manifest, load_manifest
 from tmpdiff.formats.schedule import SchedulerRef
 from tmpdiff.formats.tmpq_plan import TmpqPlan
+from tmpdiff.models.adapter import model_dtype
 from tmpdiff.models.registry import adapter_for_config
 from tmpdiff.models.schedulers import sampling_scheduler, train_timesteps
 
@@ -36,7 +38,9 @@ def measure_layer_costs(build_dir: Path, model_dir: Path, precisions: Sequence[s
     manifest = load_manifest(build_dir)
     adapter = adapter_for_config(manifest.denoiser_config)
     inputs = adapter.sample_inputs(adapter.default_dims(1), seed=0)
-    macs = layer_macs(supernet, adapter.export_module(supernet.model), list(inputs.values()))
+    with fp32_compute():  # a 16-bit super-network (the build's model was loaded so) on CPU: `half_convolutions`
+        macs = layer_macs(supernet, adapter.export_module(supernet.model, model_dtype(supernet.model)),
+                          list(inputs.values()))
     if backend == "trt":
         from tmpdiff.engines.trt_layer_costs import profile_trt_layers
 

@@ -19,10 +19,11 @@ import torch
 from tmpdiff.engines.torch_engine import TorchEngine
 from tmpdiff.eval.classifier import DigitClassifier
 from tmpdiff.eval.metrics import image_metrics, to_images
+from tmpdiff.export.half_convolutions import fp32_compute
 from tmpdiff.export.supernet import SuperNet
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.manifest import SamplingInfo
-from tmpdiff.models.adapter import DenoiserAdapter
+from tmpdiff.models.adapter import DenoiserAdapter, model_dtype
 from tmpdiff.models.schedulers import sampling_scheduler
 from tmpdiff.runtime.runner import ScheduledRunner, initial_noise
 
@@ -56,12 +57,15 @@ class ConfigEngine(TorchEngine):
     """The super-network as an engine at one layer configuration (selected before each call)."""
 
     def __init__(self, supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, label: str) -> None:
-        super().__init__(adapter.export_module(supernet.model), adapter.input_specs(), adapter.output_specs(), label)
+        # a 16-bit super-network (the build's model was loaded so) computes in it; inputs and outputs stay float32
+        module = adapter.export_module(supernet.model, model_dtype(supernet.model))
+        super().__init__(module, adapter.input_specs(), adapter.output_specs(), label)
         self.supernet, self.layer_config = supernet, list(config)
 
     def run(self, stream) -> None:
         self.supernet.select(self.layer_config)
-        super().run(stream)
+        with fp32_compute():  # its fp16 CPU convolutions and GEMMs (`half_convolutions`); fp32 models unchanged
+            super().run(stream)
 
 
 @dataclass

@@ -24,11 +24,19 @@ import torch
 
 from tmpdiff.engines.ort import LEVELS, session_options
 from tmpdiff.export import census as graph_census
-from tmpdiff.export.exporter import _relative_error, check_half_parity, parity_ok, twin_parity_ok
+from tmpdiff.export.exporter import (
+    FLOAT32_TWIN_KINDS,
+    _relative_error,
+    check_half_parity,
+    parity_ok,
+    twin_parity_ok,
+)
 from tmpdiff.export.graph_rewrite import ort_twin, trt_graph
 from tmpdiff.export.half import to_half
+from tmpdiff.export.half_convolutions import fp32_compute, fp32_convolutions
 from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import is_large, tensor_bytes
+from tmpdiff.export.quantize import export_qdq_in_model_dtype
 from tmpdiff.export.supernet import BASE, SuperNet
 from tmpdiff.formats.atomic import TEMP_SUFFIX, check_confined, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
@@ -106,23 +114,28 @@ def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAda
 def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
                     trt_dtype: str) -> MixedGraphs:
     kinds = _kinds(config)
+    dtype = model_dtype(supernet.model)  # float32, or the 16 bits the build's model was loaded in (as its exports)
+    half_reference = dtype != torch.float32  # so is the reference every error is measured against
+    if half_reference:
+        _int8_qdq_dtype(supernet, "Float" if "int4" in kinds else "Half")
     saved = supernet.config
     supernet.select(config)
     try:
-        module = adapter.export_module(supernet.model)
-        with traced(module, adapter, TRACE_OPSET) as (raw, data_dir):
+        module = adapter.export_module(supernet.model, dtype)  # graph inputs and outputs stay float32
+        with fp32_convolutions(), traced(module, adapter, TRACE_OPSET) as (raw, data_dir):
             load_weights(raw, data_dir)
         inputs = [adapter.sample_inputs(adapter.default_dims(2), seed=seed) for seed in range(PARITY_SEEDS)]
-        with torch.no_grad():
+        with torch.no_grad(), fp32_compute():  # a 16-bit host's CPU convolutions and GEMMs (`half_convolutions`)
             want = [module(*x.values()).numpy() for x in inputs]
             supernet.select(supernet.uniform("fp32"))
             fp32 = [module(*x.values()).numpy() for x in inputs]
     finally:
         supernet.select(saved)
     feeds = [{k: v.numpy() for k, v in x.items()} for x in inputs]
-    half_reference = model_dtype(supernet.model) != torch.float32  # the host loaded in 16 bits: so is the reference
 
-    twin, _ = ort_twin(raw, kinds, _opset(config, "ort_opset"))
+    # as a uniform export from a 16-bit model: an int8 / int4 twin computes in fp32 outside its quantized weights
+    upcast = half_reference and bool(kinds & set(FLOAT32_TWIN_KINDS))
+    twin, _ = ort_twin(raw, kinds, _opset(config, "ort_opset"), float32=upcast)
     twin_path = directory / "model.onnx"
     if is_large(twin):  # a deployment records its two graph files and their hashes, no external data beside them
         raise TmpdiffError(f"the graphs of this layer configuration hold {tensor_bytes(twin) / 1e9:.2f} GB of weights, "
@@ -181,6 +194,17 @@ def _expected_quantized(supernet: SuperNet, config: Sequence[str]) -> tuple[set[
             if q is not None and q.is_enabled:
                 names.add(path)
     return weights, inputs
+
+
+def _int8_qdq_dtype(supernet: SuperNet, dtype: str) -> None:
+    """The Q/DQ dtype of the int8 layers' quantizers in a 16-bit host: "Half", as the uniform int8 export of a 16-bit
+    model makes them (`quantize.export_qdq_in_model_dtype`), unless int4 layers are present: their fp32 Q/DQ hand
+    fp32 on, and modelopt exports a Half Q/DQ only for 16-bit inputs ("Float" takes either). Set at every export:
+    the super-network serves several configurations."""
+    for name in supernet.layers:
+        alternatives = supernet.switches[name].alternatives
+        if "int8" in alternatives:
+            export_qdq_in_model_dtype(alternatives["int8"], dtype)
 
 
 def _trt_parity(path: Path, feeds: list[dict], want: list[np.ndarray], fp32: list[np.ndarray]) -> float:

@@ -187,16 +187,16 @@ def quantize(
                                "precision or disabled): name fewer layers in --keep-high-precision") from None
 
 
-def export_qdq_in_model_dtype(model: torch.nn.Module) -> None:
+def export_qdq_in_model_dtype(model: torch.nn.Module, dtype: str = "Half") -> None:
     """Make every quantizer of a 16-bit `model` export its Q/DQ in the model's dtype ("Half"), not ModelOpt's default
     fp32 ("Float"). With "Float", ModelOpt's int8 exporter casts each weight to fp32 in the traced graph (an
     SDXL-size UNet's int8 export ran out of 23.5 GiB while tracing, where fp8 peaked at 17.6) and hands the fp32 result
-    on (`export.upcast`)."""
+    on (`export.upcast`). `dtype` "Float" sets the default back."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     for module in model.modules():
         if isinstance(module, TensorQuantizer):
-            module.trt_high_precision_dtype = "Half"
+            module.trt_high_precision_dtype = dtype
 
 
 def quantizer_census(model: torch.nn.Module) -> dict[str, int]:

@@ -124,7 +124,13 @@ def supernet_from_build(build_dir: Path, model_dir: Path, precisions: Sequence[s
         raise TmpdiffError(f"no quantized export of {', '.join(missing)} in the build", build_dir / "manifest.json")
     for name in names:  # the quantizers restored are those the engines were exported from, or nothing runs
         verify_files(build_dir, name, manifest.precisions[name], [f"{name}/{file}" for file in (STATE_NAME, CONFIG_NAME)])
-    model = load_diffusers_model(model_dir).eval()
+    # loaded as the engines' exports were (`export --load-dtype`): their quantizers were calibrated on that model
+    dtypes = {manifest.precisions[name].reference_dtype for name in names}
+    if len(dtypes) > 1:
+        raise TmpdiffError(f"the build's {', '.join(names)} were exported from the model loaded in different dtypes "
+                           f"({', '.join(sorted(dtypes))}): re-export them with one --load-dtype",
+                           build_dir / "manifest.json")
+    model = load_diffusers_model(model_dir, dtype=getattr(torch, dtypes.pop()) if dtypes else None).eval()
     quantized = {p: restore_quantized(model, build_dir / p) for p in names}
     return assemble(model, quantized)
 
