@@ -289,3 +289,54 @@ def test_a_build_made_from_a_16_bit_model_deploys_its_mixed_configurations(bundl
     [want] = twin.run(None, {k: v.numpy() for k, v in inputs.items()})
     got = next(iter(out.values())).numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+
+
+def _scaled_input_scale(layer: int, factor: float):
+    """`graph_rewrite.ort_twin` with the `layer`-th int8 layer's activation scale (its input Q/DQ's) multiplied by
+    `factor`: a damage that moves only the quantization grid, so the output moves by quantization noise."""
+    from onnx import numpy_helper
+
+    from tmpdiff.export.graph_rewrite import ort_twin
+
+    def damaged(*args, **kwargs):
+        twin, stats = ort_twin(*args, **kwargs)
+        node = [n for n in twin.graph.node if n.op_type == "QuantizeLinear" and "/int8/input_quantizer/" in n.name][layer]
+        constant = next(n for n in twin.graph.node if n.op_type == "Constant" and n.output[0] == node.input[1])
+        value = next(a for a in constant.attribute if a.name == "value")
+        scale = numpy_helper.to_array(value.t)
+        value.t.CopyFrom(numpy_helper.from_array((scale * factor).astype(scale.dtype), value.t.name))
+        return twin, stats
+
+    return damaged
+
+
+def test_a_mixed_layer_quantized_unlike_its_uniform_export_is_refused(deployment, monkeypatch, tmp_path):
+    """One int8 layer's activation scale x1.5 among twelve int8 layers moves the output by quantization noise only:
+    the parity rule, relative to the configuration's whole quantization error, passes such a twin (on one export,
+    22 of 24 single-layer damages x1.5 or x0.67; which ones depends on the export), while compared layer by layer
+    with the build's uniform int8 twin every one is refused."""
+    import tmpdiff.export.mixed as mixed
+    from tmpdiff.formats.errors import TmpdiffError
+    from tmpdiff.models.registry import adapter_for_config
+
+    build_dir, _, plan, supernet, _ = deployment
+    adapter = adapter_for_config(load_manifest(build_dir).denoiser_config)
+    config = ["int8" if i % 2 else "fp32" for i in range(len(plan.layers))]
+    uniform = {"int8": build_dir / load_manifest(build_dir).precisions["int8"].onnx}
+    honest = mixed.export_mixed(supernet, config, adapter, tmp_path / "honest", uniform_twins=uniform)
+    passed_parity = []
+    for layer in (6, 7, 10, 11):
+        monkeypatch.setattr(mixed, "ort_twin", _scaled_input_scale(layer, 1.5))
+        with pytest.raises(TmpdiffError, match=r"/int8/input_quantizer/QuantizeLinear input 1 differs from the "
+                                               r"uniform int8 twin's \(values up to 0.5 apart"):
+            mixed.export_mixed(supernet, config, adapter, tmp_path / "checked", uniform_twins=uniform)
+        assert not (tmp_path / "checked" / "model.onnx").exists()
+        try:  # the parity rule alone (no uniform twins given)
+            damaged = mixed.export_mixed(supernet, config, adapter, tmp_path / f"parity-only-{layer}")
+            passed_parity.append((layer, damaged.parity_error))
+        except TmpdiffError:
+            pass
+    print(f"parity: honest {honest.parity_error:.2e}; damaged twins the parity rule passed: {passed_parity}")
+    assert passed_parity and all(error > honest.parity_error for _, error in passed_parity)
+    with pytest.raises(TmpdiffError, match="no uniform twin given for int8"):
+        mixed.export_mixed(supernet, config, adapter, tmp_path / "checked", uniform_twins={"int4": uniform["int8"]})

@@ -94,7 +94,10 @@ def _export(build_dir: Path, manifest, supernet, layers: list[str], config: list
     trt_base = _trt_base(manifest, config)
     new = not directory.exists()
     try:
-        graphs = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), directory, trt_base)
+        # each quantized layer is checked against the uniform export of its precision (`export.twin_match`)
+        uniform = {p: build_dir / manifest.precisions[p].onnx for p in sorted(set(config) - {"fp32"})}
+        graphs = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), directory, trt_base,
+                              uniform_twins=uniform)
     except BaseException:
         if new and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()  # a refused configuration leaves no empty folder behind

@@ -5,7 +5,8 @@ uniform export, each quantization kind present gets its rewrite (`graph_rewrite`
 - the ORT twin: int8 / fp8 weights folded to int8 / float8e4m3fn initializers, fp8 activation Q/DQ made standard,
   int4 weights to int4 DequantizeLinear; parity-checked against the super-network on random inputs by the uniform
   twins' rule (`exporter.twin_parity_ok`: relative to the configuration's quantization error, its distance from the
-  super-network's fp32 configuration);
+  super-network's fp32 configuration), and, layer by layer, its Q/DQ constants against the build's uniform twins
+  (`twin_match`);
 - the TensorRT graph: the same weights into DequantizeLinear (int4 into trt::DequantizeLinear), on a 16-bit base
   (`export.half`); its graph census must show every non-fp32 layer quantized, and where ONNX Runtime can run it
   (fp16 base, no trt:: ops) it is parity-checked like a uniform precision's TensorRT graph.
@@ -14,7 +15,7 @@ uniform export, each quantization kind present gets its rewrite (`graph_rewrite`
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from tmpdiff.export.onnx_export import load_weights, traced
 from tmpdiff.export.onnx_io import is_large, tensor_bytes
 from tmpdiff.export.quantize import export_qdq_in_model_dtype
 from tmpdiff.export.supernet import BASE, SuperNet
+from tmpdiff.export.twin_match import check_layers_match_uniform
 from tmpdiff.formats.atomic import TEMP_SUFFIX, check_confined, temp_prefix
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.precisions import get_precision
@@ -86,9 +88,11 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
-                 trt_dtype: str = "float16") -> MixedGraphs:
+                 trt_dtype: str = "float16", uniform_twins: Mapping[str, Path] | None = None) -> MixedGraphs:
     """Write `model.onnx` (ORT twin) and `model.trt.onnx` (TensorRT graph) of `config` into `directory`; refused
-    (TmpdiffError) when either graph does not compute what the super-network does (`twin_ok`, `check_half_parity`).
+    (TmpdiffError) when either graph does not compute what the super-network does (`twin_ok`, `check_half_parity`),
+    or, given `uniform_twins` (precision -> the build's uniform ORT twin of each quantized precision in `config`),
+    when a layer's quantization differs from that twin's (`twin_match`).
     Both are made and checked in a staging directory beside it and moved in only then: a refused or killed export
     leaves the earlier graphs."""
     import shutil
@@ -98,7 +102,7 @@ def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAda
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=TEMP_SUFFIX, dir=directory.parent))
     try:
-        graphs = _export_checked(supernet, config, adapter, staging, trt_dtype)
+        graphs = _export_checked(supernet, config, adapter, staging, trt_dtype, uniform_twins or {})
         for name in ("model.onnx", "model.trt.onnx"):
             os.replace(staging / name, directory / name)
     except TmpdiffError as exc:  # named by the file it was to become: the staging directory is removed below
@@ -112,7 +116,7 @@ def export_mixed(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAda
 
 
 def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: DenoiserAdapter, directory: Path,
-                    trt_dtype: str) -> MixedGraphs:
+                    trt_dtype: str, uniform_twins: Mapping[str, Path]) -> MixedGraphs:
     kinds = _kinds(config)
     dtype = model_dtype(supernet.model)  # float32, or the 16 bits the build's model was loaded in (as its exports)
     half_reference = dtype != torch.float32  # so is the reference every error is measured against
@@ -142,6 +146,10 @@ def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: Denoiser
                            "past what a graph is written with inline (TMPDIFF_EXTERNAL_DATA_BYTES); deploying layer "
                            "configurations of models this large is not supported yet: run the plan's uniform "
                            "configurations, or deploy on a smaller model", twin_path)
+    missing = sorted(set(config) - {BASE} - set(uniform_twins))
+    if uniform_twins and missing:
+        raise TmpdiffError(f"no uniform twin given for {', '.join(missing)} to check its layers against", twin_path)
+    check_layers_match_uniform(twin, uniform_twins, twin_path)
     onnx.save(twin, str(twin_path))
     del twin
     session = _session(twin_path, optimization_level(config))
