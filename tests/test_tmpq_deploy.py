@@ -340,3 +340,30 @@ def test_a_mixed_layer_quantized_unlike_its_uniform_export_is_refused(deployment
     assert passed_parity and all(error > honest.parity_error for _, error in passed_parity)
     with pytest.raises(TmpdiffError, match="no uniform twin given for int8"):
         mixed.export_mixed(supernet, config, adapter, tmp_path / "checked", uniform_twins={"int4": uniform["int8"]})
+
+
+def test_check_compares_a_deployments_layers_with_the_uniform_twins(deployment, tmp_path):
+    """A deployment whose recorded hash is its file's but whose layer is quantized unlike the uniform export (made
+    before deploy-plan compared them, or edited and re-hashed): `check` names the layer."""
+    from onnx import numpy_helper
+
+    from tmpdiff.formats.atomic import sha256_file
+    from tmpdiff.formats.manifest import save_manifest
+
+    build_dir, _, plan, _, _ = deployment
+    name = mixed_name(plan.layers, plan.configs[0])
+    copy = tmp_path / "tiny-dit"
+    shutil.copytree(build_dir, copy)
+    assert cli("check", copy)[0] == 0
+    graph_path = copy / "mixed" / name / "model.onnx"
+    graph = onnx.load(graph_path)
+    node = next(n for n in graph.graph.node if n.op_type == "QuantizeLinear" and "/int8/input_quantizer/" in n.name)
+    value = next(a for n in graph.graph.node if n.op_type == "Constant" and n.output[0] == node.input[1]
+                 for a in n.attribute if a.name == "value")
+    value.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(value.t) * np.float32(1.5), value.t.name))
+    onnx.save(graph, graph_path)
+    manifest = load_manifest(copy)
+    manifest.mixed[name] = manifest.mixed[name].model_copy(update={"sha256": sha256_file(graph_path)})
+    save_manifest(copy, manifest)
+    code, out, _ = cli("check", copy)
+    assert code != 0 and name in out and f"{node.name} input 1 differs from the uniform int8 twin's" in out, out

@@ -75,7 +75,7 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
     for name in manifest.mixed:
         from tmpdiff.formats.manifest import mixed_problem
 
-        problem = mixed_problem(build_dir, manifest, name)
+        problem = mixed_problem(build_dir, manifest, name) or _mixed_layers_problem(build_dir, manifest, name)
         if problem is not None:
             problems.append(Problem(str(build_dir / manifest.mixed[name].onnx), f"layer configuration {name}: {problem}",
                                     "re-run `tmpdiff deploy-plan` with the plan that names it"))
@@ -138,6 +138,22 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
     if spot_check and not problems:
         problems += _spot_check(build_dir, manifest)
     return problems
+
+
+def _mixed_layers_problem(build_dir: Path, manifest, name: str) -> str | None:
+    """A deployed layer configuration's quantized layers against the uniform twins (`export.twin_match`; deployments
+    made before that check existed were never compared)."""
+    import onnx
+
+    from tmpdiff.export.twin_match import check_layers_match_uniform
+
+    entry = manifest.mixed[name]
+    uniform = {p: build_dir / manifest.precisions[p].onnx for p in sorted(set(entry.precisions) - {"fp32"})}
+    try:
+        check_layers_match_uniform(onnx.load(str(build_dir / entry.onnx)), uniform, build_dir / entry.onnx)
+    except TmpdiffError as exc:
+        return str(exc).removeprefix(f"{exc.path}: ")
+    return None
 
 
 def _check_schedule_scheduler(schedule, manifest, path: Path, notes: list[str] | None) -> None:
