@@ -539,3 +539,45 @@ def test_a_first_call_at_a_timestep_the_scheduler_does_not_hold_is_refused():
     assert _position(timesteps, torch.tensor(500)) == 2 and _position(timesteps, None) == 0
     with pytest.raises(TmpdiffError, match="timestep 700, which is not among the scheduler's timesteps"):
         _position(timesteps, torch.tensor([700.0, 700.0]))
+
+
+def test_a_class_label_pipeline_is_benched_on_unseen_labels(dit_build, tmp_path):
+    """`bench --pipeline DIR --calib-classes`: DiTPipeline benched as a text-to-image pipeline is (searched on
+    calibration labels x seeds, judged on unseen labels x seeds against the fp32 images, the exhaustive optimum
+    through the pipeline); the options of the other kind, or of none, are refused by name."""
+    from tests.cli_helpers import cli
+
+    pipe_dir, build_dir = dit_build
+    costs = tmp_path / "costs.json"
+    code, _, err = cli("costs", "--device", "a test device", "--ratio", "fp32=1,int8=0.5", "--source",
+                       "stated for a test", "--out", costs)
+    assert code == 0, err
+    common = ["bench", build_dir, "--costs", costs, "--pipeline", pipe_dir, "--steps", STEPS, "--speedups", "1.3",
+              "--calib-seeds", "0", "--unseen-seeds", "5,6"]
+    code, out, err = cli(*common, "--calib-classes", "1,7", "--unseen-classes", "2,3", "--out", tmp_path / "bench")
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert report["conditioning"] == "class labels"
+    assert (report["class_labels"], report["unseen_class_labels"]) == ([1, 7], [2, 3])
+    [run] = report["runs"]
+    assert (run["calib_samples"], run["unseen_samples"]) == (2, 4)
+    uniform = {r["method"]: r["unseen"]["latent"]["value"] for r in run["uniform"]}
+    assert uniform["uniform fp32"] == 0 < uniform["uniform int8"]
+    [target] = run["targets"]
+    refined = next(r for r in target["rows"] if r["method"] == "TMPDiff refined (ssim)")
+    assert refined["unseen"]["latent"]["value"] < uniform["uniform int8"]  # half its steps at fp32
+    assert "correct" not in refined["unseen"]  # no judge ships for ImageNet-style labels
+    assert run["exhaustive_unseen"]["schedules"] == 2 ** STEPS
+    assert "2 class labels x seeds [5, 6]" in (tmp_path / "bench" / "bench.md").read_text()
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    code, _, err = cli(*common, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "p")
+    assert code == 2 and "takes class labels, not prompts: pass --calib-classes" in err, err
+    code, _, err = cli(*common, "--out", tmp_path / "p")
+    assert code == 2 and "--pipeline needs its samples" in err, err
+    code, _, err = cli(*common, "--calib-classes", "1", "--unseen-prompts", tmp_path / "prompts.txt", "--out",
+                       tmp_path / "p")
+    assert code == 2 and "--unseen-prompts goes with --prompts" in err, err
+    code, _, err = cli("bench", build_dir, "--costs", costs, "--calib-classes", "1", "--out", tmp_path / "p")
+    assert code == 2 and "need --pipeline" in err, err
+    assert not (tmp_path / "p").exists()

@@ -768,6 +768,11 @@ def bench(
     prompts: Annotated[Path | None, typer.Option(help="--pipeline: calibration prompts file (one per line)")] = None,
     unseen_prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts every schedule is judged on with the "
                                                              "unseen seeds (default: --prompts)")] = None,
+    calib_classes: Annotated[str | None, typer.Option(help="--pipeline taking class labels (DiTPipeline): the "
+                                                           "calibration set's labels, instead of --prompts")] = None,
+    unseen_classes: Annotated[str | None, typer.Option(help="--pipeline taking class labels: labels every schedule is "
+                                                            "judged on with the unseen seeds (default: "
+                                                            "--calib-classes)")] = None,
     guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     refine_evaluations: Annotated[int | None, typer.Option(min=0, help="--pipeline: at most this many evaluations of "
                                                                        "refinement per target (default: up to 3*T*L "
@@ -778,11 +783,18 @@ def bench(
     force: Force = False,
 ) -> None:
     """TMPDiff vs uniform, heuristic, evolutionary and exhaustive schedules at several speedup targets."""
-    if (pipeline is None) != (prompts is None):
+    if pipeline is not None and (prompts is None) == (calib_classes is None):
+        raise TmpdiffError("--pipeline needs its samples: --prompts FILE, or --calib-classes for a pipeline that takes "
+                           "class labels (DiTPipeline)")
+    if pipeline is None and prompts is not None:
         raise TmpdiffError("--pipeline and --prompts go together (a text-conditioned build is benched inside its pipeline)")
     _check_fanout(workers, address, pipeline)
-    if pipeline is None and (unseen_prompts is not None or guidance is not None or refine_evaluations is not None):
-        raise TmpdiffError("--unseen-prompts, --guidance and --refine-evaluations need --pipeline")
+    if pipeline is None and (unseen_prompts is not None or calib_classes is not None or unseen_classes is not None
+                             or guidance is not None or refine_evaluations is not None):
+        raise TmpdiffError("--unseen-prompts, --calib-classes, --unseen-classes, --guidance and --refine-evaluations "
+                           "need --pipeline")
+    if (prompts is None and unseen_prompts is not None) or (calib_classes is None and unseen_classes is not None):
+        raise TmpdiffError("--unseen-prompts goes with --prompts, --unseen-classes with --calib-classes")
     from tmpdiff.calibration.bench import bench as run_bench
     from tmpdiff.engines.loading import check_threads
     from tmpdiff.formats.outputs import Output, check_outputs
@@ -807,14 +819,13 @@ def bench(
         from tmpdiff.runtime.capture import read_prompts
 
         seeds = _seed_list(calib_seeds, "--calib-seeds")
-        from tmpdiff.runtime.pipeline_io import is_pipeline_dir, pipeline_takes_class_labels
-
-        if is_pipeline_dir(pipeline) and pipeline_takes_class_labels(pipeline):
-            raise TmpdiffError("bench --pipeline samples prompts: a pipeline that takes class labels is not benched "
-                               "(calibrate --pipeline DIR --calib-classes searches its schedule)", pipeline)
-        calib = read_prompts(prompts)
-        pipeline_bench(build_dir, costs, out, pipeline, calib, seeds,
-                       calib if unseen_prompts is None else read_prompts(unseen_prompts),
+        if calib_classes is not None:  # a pipeline that takes class labels: refused by name if this one does not
+            calib: list = _int_list(calib_classes, "--calib-classes")
+            unseen = calib if unseen_classes is None else _int_list(unseen_classes, "--unseen-classes")
+        else:
+            calib = read_prompts(prompts)
+            unseen = calib if unseen_prompts is None else read_prompts(unseen_prompts)
+        pipeline_bench(build_dir, costs, out, pipeline, calib, seeds, unseen,
                        [100 + i for i in range(len(seeds))] if unseen_seeds is None
                        else _seed_list(unseen_seeds, "--unseen-seeds"),
                        _int_list(steps or "20", "--steps"), targets, guidance=guidance, reference=reference,

@@ -1,14 +1,15 @@
-"""`tmpdiff bench BUILD --pipeline DIR --prompts FILE`: TMPDiff inside a text-to-image pipeline, against uniform
-precisions, the heuristics and the evolutionary search, searched on calibration prompts x seeds and judged on unseen
-prompts x seeds.
+"""`tmpdiff bench BUILD --pipeline DIR --prompts FILE` (or `--calib-classes` for a pipeline that takes class labels,
+DiTPipeline): TMPDiff inside a diffusers pipeline, against uniform precisions, the heuristics and the evolutionary
+search, searched on calibration prompts (class labels) x seeds and judged on unseen prompts (labels) x seeds.
 
 Per step count: every uniform level; per speedup target, on each metric (latent, ssim), the knapsack and refined
 TMPDiff schedules, the evolutionary search given the refined search's evaluations, and the heuristics at the same
 budget (`search_matched`). Every schedule is judged on the calibration set (what the search saw) and on the unseen
 set, per sample against the fp32 images of the same prompt and seed: latent error, 1 - SSIM and PSNR of the decoded
 RGB images, prompt adherence (all attributes right, when the pipeline ships an attribute classifier) with 95%
-bootstrap intervals (resampling prompts, all seeds of one together: a prompt's errors under its seeds correlate),
-and the Fréchet distance to the fp32 images in the classifier's features (jackknife interval, over samples).
+bootstrap intervals (resampling prompts, all seeds of one together: a prompt's errors under its seeds correlate;
+class labels likewise), and the Fréchet distance to the fp32 images in the classifier's features (jackknife interval,
+over samples). A class-label pipeline has no judge beyond the fp32 images (no ImageNet classifier ships).
 Refined TMPDiff is compared with every other row of its target by paired differences (prompts resampled, paired),
 and its denoiser time is measured against the all-reference schedule's.
 """
@@ -42,11 +43,12 @@ HEADLINE = "TMPDiff refined (ssim)"
 
 
 class PipelineJudge:
-    """Per-sample judgements of schedules on an unseen prompts x seeds set, run in the session's pipeline and engines."""
+    """Per-sample judgements of schedules on an unseen prompts (or class labels) x seeds set, run in the session's
+    pipeline and engines."""
 
-    def __init__(self, session: PipelineSession, prompts: Sequence[str], seeds: Sequence[int]) -> None:
+    def __init__(self, session: PipelineSession, conditions: Sequence[str] | Sequence[int], seeds: Sequence[int]) -> None:
         ev: PipelineEvaluator = session.evaluator  # type: ignore[assignment]
-        self.evaluator = PipelineEvaluator(ev.pipe, ev.denoiser, list(prompts), list(seeds), ev.steps,
+        self.evaluator = PipelineEvaluator(ev.pipe, ev.denoiser, list(conditions), list(seeds), ev.steps,
                                            ev.guidance_scale, ev.reference, timesteps=ev.timesteps)
         self.attributes = attribute_judge(session.pipeline_dir, self.evaluator.labels)
         # samples are prompts x seeds: a prompt's samples under its seeds correlate, so intervals resample prompts
@@ -125,8 +127,9 @@ class PipelineJudge:
         return out
 
 
-def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: Path, prompts: Sequence[str],
-                   seeds: Sequence[int], unseen_prompts: Sequence[str], unseen_seeds: Sequence[int],
+def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: Path,
+                   prompts: Sequence[str] | Sequence[int], seeds: Sequence[int],
+                   unseen_prompts: Sequence[str] | Sequence[int], unseen_seeds: Sequence[int],
                    steps_list: Sequence[int], speedups: Sequence[float], *, guidance: float | None = None,
                    reference: str = "fp32", threads: int | None = None, refine_evaluations: int | None = None,
                    timing_repeats: int = 3, on_progress: Callable[[str], None] = lambda _: None,
@@ -134,10 +137,12 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
     """Run the comparison at every step count and write bench.json, bench.md and pareto.png under `out`; with
     `exhaustive`, also every schedule over `exhaustive_at` levels (default: the reference and the cheapest) where
     they are few enough (`pipeline_exhaustive`; its table saved beside them as exhaustive_T<steps>.npz) as the
-    optimum to judge against."""
+    optimum to judge against. `prompts` / `unseen_prompts` are class labels (ints) for a pipeline that takes them."""
+    labelled = all(isinstance(c, int) for c in [*prompts, *unseen_prompts])
     if set(seeds) & set(unseen_seeds) and set(prompts) & set(unseen_prompts):
-        raise TmpdiffError("the unseen set shares prompts and seeds with the calibration set: give other --unseen-seeds "
-                           "or --unseen-prompts")
+        raise TmpdiffError(f"the unseen set shares {'class labels' if labelled else 'prompts'} and seeds with the "
+                           f"calibration set: give other --unseen-seeds or "
+                           f"{'--unseen-classes' if labelled else '--unseen-prompts'}")
     if len(prompts) * len(seeds) < 2 or len(unseen_prompts) * len(unseen_seeds) < 3:
         raise TmpdiffError("a bench needs at least 2 samples in the calibration set and 3 in the unseen set (intervals; "
                            "a Fréchet distance's jackknife leaves one out)")
@@ -146,7 +151,11 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
     report: dict = {"kind": "pipeline", "pipeline": str(pipeline_dir), "costs": str(costs_path),
                     "costs_table": load_costs(costs_path).provenance(), "prompts": len(prompts), "seeds": list(seeds),
                     "unseen_prompts": len(unseen_prompts), "unseen_seeds": list(unseen_seeds),
-                    "shared_prompts": len(set(prompts) & set(unseen_prompts)), "guidance_scale": guidance, "runs": []}
+                    "shared_prompts": len(set(prompts) & set(unseen_prompts)), "guidance_scale": guidance, "runs": [],
+                    # "prompts" / "unseen_prompts" count class labels where the pipeline takes those
+                    "conditioning": "class labels" if labelled else "prompts"}
+    if labelled:
+        report |= {"class_labels": list(prompts), "unseen_class_labels": list(unseen_prompts)}
     for steps in steps_list:
         on_progress(f"T={steps}: reference runs")
         session = open_pipeline_session(build_dir, costs_path, pipeline_dir, prompts, seeds, steps, "latent", reference,
@@ -256,15 +265,21 @@ def _ci(summary: dict, key: str, scale: float = 1.0) -> str:
 
 def render_markdown(report: dict) -> str:
     costs = report["costs_table"]
-    lines = ["# tmpdiff bench (text-to-image pipeline)", "",
+    labelled = report.get("conditioning") == "class labels"
+    kind, one = ("class labels", "class label") if labelled else ("prompts", "prompt")
+    grid = (f"Searches calibrate on {report['prompts']} {kind} x seeds {report['seeds']}; the *unseen* columns judge "
+            f"every schedule on {report['unseen_prompts']} {kind} x seeds {report['unseen_seeds']} "
+            f"({report['shared_prompts']} {kind} shared with calibration), each sample against the fp32 image of the "
+            f"same {one} and seed: mean [95% bootstrap interval, resampling {kind}]")
+    if labelled:
+        grid += (f" (calibration labels {report['class_labels']}, unseen {report['unseen_class_labels']}). No "
+                 "judge of the images beyond the fp32 ones ships for a class-label pipeline: no adherence or FD.")
+    else:
+        grid += ("; FD (8-d): Fréchet distance of the attribute classifier's features projected on ground-truth "
+                 "renders' top 8 principal directions, with a jackknife interval leaving out one prompt at a time.")
+    lines = [f"# tmpdiff bench ({'class-label' if labelled else 'text-to-image'} pipeline)", "",
              f"Pipeline `{report['pipeline']}`. Costs ({costs['origin']}): {costs['note']}. Speedups in the tables "
-             "are the costs table's; the measured one is timed here on denoiser calls.", "",
-             f"Searches calibrate on {report['prompts']} prompts x seeds {report['seeds']}; the *unseen* columns judge "
-             f"every schedule on {report['unseen_prompts']} prompts x seeds {report['unseen_seeds']} "
-             f"({report['shared_prompts']} prompts shared with calibration), each sample against the fp32 image of the "
-             "same prompt and seed: mean [95% bootstrap interval, resampling prompts]; FD (8-d): Fréchet distance "
-             "of the attribute classifier's features projected on ground-truth renders' top 8 principal directions, "
-             "with a jackknife interval leaving out one prompt at a time.", ""]
+             "are the costs table's; the measured one is timed here on denoiser calls.", "", grid, ""]
     header = ["method", "speedup (costs)", "calib 1-SSIM", "unseen latent err", "unseen 1-SSIM", "unseen PSNR",
               "unseen adherence %", "unseen FD (8-d) vs fp32", "evaluations", "schedule"]
     for run in report["runs"]:
