@@ -509,8 +509,8 @@ def test_a_class_label_pipeline_is_calibrated_on_class_labels(dit_build, tmp_pat
 
 
 def test_class_labels_go_to_a_pipeline_that_takes_them(dit_build, tmp_path):
-    """`export --calib-classes` of a prompt pipeline's denoiser, or with --random-calibration, and `bench --pipeline` of a
-    class-label pipeline are refused by name."""
+    """`export --calib-classes` of a prompt pipeline's denoiser, or with --random-calibration, is refused by name (a
+    class-label pipeline given prompts: `test_a_class_label_pipeline_is_benched_on_unseen_labels`)."""
     from tests.cli_helpers import cli
 
     root = tmp_path / "sd"
@@ -522,12 +522,6 @@ def test_class_labels_go_to_a_pipeline_that_takes_them(dit_build, tmp_path):
                        tmp_path / "b", "--calib-classes", "1", "--random-calibration")
     assert code == 2 and "give --calib-classes or --random-calibration, not both" in err, err
     assert not (tmp_path / "b").exists()
-    (tmp_path / "prompts.txt").write_text("a cat\n")
-    code, _, err = cli("costs", "--device", "a test device", "--ratio", "fp32=1,int8=0.5", "--source", "stated for a test",
-                       "--out", tmp_path / "costs.json")
-    code, _, err = cli("bench", dit_build[1], "--costs", tmp_path / "costs.json", "--pipeline", dit_build[0], "--prompts",
-                       tmp_path / "prompts.txt", "--out", tmp_path / "bench")
-    assert code == 2 and "a pipeline that takes class labels is not benched" in err, err
 
 
 def test_a_first_call_at_a_timestep_the_scheduler_does_not_hold_is_refused():
