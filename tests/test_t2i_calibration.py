@@ -41,6 +41,8 @@ def test_export_captures_the_pipelines_denoiser_inputs(work):
                                           "device": f"cpu: {torch.backends.cpu.get_cpu_capability()} kernels"}
     notes = calibration_notes(build)
     assert len(notes) == 1 and notes[0].startswith("int8: calibrated on 2 prompts x 1 seeds x 4 steps"), notes
+    assert notes[0].endswith(f"captured with torch {torch.__version__} on cpu: "
+                             f"{torch.backends.cpu.get_cpu_capability()} kernels"), notes
 
 
 def test_random_calibration_only_when_asked():
