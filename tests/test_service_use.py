@@ -253,6 +253,21 @@ def test_a_pipeline_runs_one_call_at_a_time_and_reattaches(t2i_int8_build):
     with pytest.raises(TmpdiffError, match="from_pipe.*attach the build to this pipeline too"):
         _call(type(pipe).from_pipe(pipe, scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)), 4)
     assert torch.equal(_call(pipe, 4, seed=1), alone)  # the attached pipeline still runs
+
+    class Logged:  # a wrapper keeping the module under the denoiser's name, inside the attached pipeline: no pipeline
+        def __init__(self, transformer) -> None:
+            self.transformer, self.calls = transformer, 0
+
+        def __getattr__(self, name: str):
+            return getattr(self.__dict__["transformer"], name)
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return self.transformer(*args, **kwargs)
+
+    pipe.transformer = Logged(new)
+    assert torch.equal(_call(pipe, 4, seed=1), alone) and pipe.transformer.calls == 4
+    pipe.transformer = new
     own = attach_engines(sibling, build, schedule=SCHEDULE, threads=1)
     assert sibling.transformer is own and pipe.transformer is new
     assert torch.equal(_call(pipe, 4, seed=1), alone) and torch.equal(_call(sibling, 4, seed=1), alone)

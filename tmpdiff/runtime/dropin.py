@@ -232,7 +232,7 @@ class EngineDenoiser(torch.nn.Module):
         if caller is None or any(caller is pipe for pipe in self.pipelines):
             return
         attached = sorted({type(pipe).__name__ for pipe in self.pipelines}) or ["no pipeline"]
-        raise TmpdiffError(f"a {type(caller).__name__} calls engines attached to another pipeline "
+        raise TmpdiffError(f"{type(caller).__name__} calls engines attached to another pipeline "
                            f"({', '.join(attached)}): it shares the module (diffusers' from_pipe), not the attachment, "
                            "and the denoiser follows the attached pipeline's scheduler; attach the build to this "
                            "pipeline too: attach_engines(pipe, build_dir, ...)")
@@ -499,13 +499,13 @@ def calling_pipeline(denoiser: torch.nn.Module) -> Any | None:
 
 
 def _holds(owner: Any, denoiser: torch.nn.Module) -> bool:
-    for name in DENOISER_COMPONENTS:
-        try:
-            if getattr(owner, name, None) is denoiser:
-                return True
-        except Exception:  # noqa: BLE001 - any object's __call__ is on the stack; its attributes are not ours to trust
-            return False
-    return False
+    """Whether `owner` is a pipeline holding `denoiser` among its components (diffusers' `components`, what
+    `attach_engines` reads): a wrapper or sampling loop that keeps the module under a denoiser's name is not one."""
+    try:  # any object's __call__ is on the stack; its attributes are not ours to trust
+        components = getattr(owner, "components", None)
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(components, Mapping) and any(components.get(name) is denoiser for name in DENOISER_COMPONENTS)
 
 
 def running_guidance(pipe, arguments: Mapping[str, Any]) -> float | None:
