@@ -327,8 +327,8 @@ def test_a_mixed_layer_quantized_unlike_its_uniform_export_is_refused(deployment
     passed_parity = []
     for layer in (6, 7, 10, 11):
         monkeypatch.setattr(mixed, "ort_twin", _scaled_input_scale(layer, 1.5))
-        with pytest.raises(TmpdiffError, match=r"/int8/input_quantizer/QuantizeLinear input 1 differs from the "
-                                               r"uniform int8 twin's \(values up to 0.5 apart"):
+        with pytest.raises(TmpdiffError, match=r"/int8/input_quantizer/QuantizeLinear differs from the uniform "
+                                               r"int8 twin's \(input 1 values up to 0.5 apart"):
             mixed.export_mixed(supernet, config, adapter, tmp_path / "checked", uniform_twins=uniform)
         assert not (tmp_path / "checked" / "model.onnx").exists()
         try:  # the parity rule alone (no uniform twins given)
@@ -366,4 +366,73 @@ def test_check_compares_a_deployments_layers_with_the_uniform_twins(deployment, 
     manifest.mixed[name] = manifest.mixed[name].model_copy(update={"sha256": sha256_file(graph_path)})
     save_manifest(copy, manifest)
     code, out, _ = cli("check", copy)
-    assert code != 0 and name in out and f"{node.name} input 1 differs from the uniform int8 twin's" in out, out
+    assert code != 0 and name in out and f"{node.name} differs from the uniform int8 twin's (input 1 values" in out, out
+    # a uniform twin missing is the precision's own problem (re-export), not a comparison that cannot run
+    (copy / "int8" / "model.onnx").unlink()
+    code, out, err = cli("check", copy)
+    assert code != 0 and "int8: file is missing" in out and "Traceback" not in out + err, out + err
+
+
+def _without_segment(name: str) -> str:
+    return name.replace("/int8/", "/", 1)
+
+
+def _damages():
+    """(what, damage of a mixed twin proto, refusal) for `check_layers_match_uniform`."""
+    from onnx import numpy_helper
+
+    def constant(model, name):
+        inits = {t.name: t for t in model.graph.initializer}
+        if name in inits:
+            return inits[name]
+        return next(a.t for n in model.graph.node if n.op_type == "Constant" and n.output[0] == name
+                    for a in n.attribute if a.name == "value")
+
+    def scale(model, node_part, slot, change):
+        node = next(n for n in model.graph.node if node_part in n.name and n.op_type in ("QuantizeLinear",
+                                                                                         "DequantizeLinear", "Mul"))
+        tensor = constant(model, node.input[slot])
+        value = numpy_helper.to_array(tensor)
+        tensor.CopyFrom(numpy_helper.from_array(np.asarray(change(value)).astype(value.dtype), tensor.name))
+
+    def rename(model):
+        node = next(n for n in model.graph.node if "/int8/input_quantizer/QuantizeLinear" in n.name)
+        node.name = _without_segment(node.name)
+
+    def remove(model):
+        doomed = [n for n in model.graph.node if "/int8/input_quantizer/" in n.name and n.op_type != "Constant"][:2]
+        for node in doomed:
+            model.graph.node.remove(node)
+
+    return [
+        ("renamed", rename, "in no quantized layer's scope"),
+        ("removed", remove, "has no counterpart in this layer"),
+        ("weight zero point", lambda m: scale(m, "/int8/weight_quantizer/", 2, lambda v: v + 1), r"\(zero point\)"),
+        ("awq scale", lambda m: scale(m, "/int4/input_quantizer/Mul", 1, lambda v: v * 1.5), "values up to 0.5"),
+        ("fp16 step", lambda m: scale(m, "/int8/input_quantizer/QuantizeLinear", 1, lambda v: v * (1 + 2 ** -12)),
+         "values up to"),
+    ]
+
+
+@pytest.mark.parametrize("damage", _damages(), ids=lambda d: d[0])
+def test_the_layer_check_refuses_each_kind_of_damage(deployment, damage):
+    """Static: the deployed int8 + int4 + fp32 twin, damaged one way, against the build's uniform twins. An fp16 step
+    of a scale passes only on a 16-bit host's allowance."""
+    from tmpdiff.export.twin_match import check_layers_match_uniform
+    from tmpdiff.formats.errors import TmpdiffError
+
+    build_dir, _, plan, _, _ = deployment
+    manifest = load_manifest(build_dir)
+    entry = manifest.mixed[mixed_name(plan.layers, plan.configs[0])]
+    uniform = {p: build_dir / manifest.precisions[p].onnx for p in ("int8", "int4")}
+    layers = {p: entry.precisions.count(p) for p in uniform}
+    honest = onnx.load(build_dir / entry.onnx)
+    assert check_layers_match_uniform(honest, uniform, layers, build_dir / entry.onnx) > 0
+    with pytest.raises(TmpdiffError, match="8 int8 layers have quantizer nodes, the configuration has 9"):
+        check_layers_match_uniform(honest, uniform, layers | {"int8": 9}, build_dir / entry.onnx)
+    what, damage, refusal = damage
+    damage(honest)
+    with pytest.raises(TmpdiffError, match=refusal):
+        check_layers_match_uniform(honest, uniform, layers, build_dir / entry.onnx)
+    if what == "fp16 step":
+        assert check_layers_match_uniform(honest, uniform, layers, build_dir / entry.onnx, tolerant=True) > 0

@@ -148,9 +148,17 @@ def _mixed_layers_problem(build_dir: Path, manifest, name: str) -> str | None:
     from tmpdiff.export.twin_match import check_layers_match_uniform
 
     entry = manifest.mixed[name]
-    uniform = {p: build_dir / manifest.precisions[p].onnx for p in sorted(set(entry.precisions) - {"fp32"})}
+    quantized = sorted(set(entry.precisions) - {"fp32"})
+    from tmpdiff.formats.manifest import precision_problems
+
+    if any(p not in manifest.precisions or precision_problems(build_dir, manifest.precisions[p]) for p in quantized):
+        return None  # a missing or broken source precision is its own problem, reported with its fix (re-export)
+    uniform = {p: build_dir / manifest.precisions[p].onnx for p in quantized}
+    half = any(manifest.precisions[p].reference_dtype != "float32" for p in quantized)
     try:
-        check_layers_match_uniform(onnx.load(str(build_dir / entry.onnx)), uniform, build_dir / entry.onnx)
+        check_layers_match_uniform(onnx.load(str(build_dir / entry.onnx)), uniform,
+                                   {p: entry.precisions.count(p) for p in quantized}, build_dir / entry.onnx,
+                                   tolerant=half)
     except TmpdiffError as exc:
         return str(exc).removeprefix(f"{exc.path}: ")
     return None

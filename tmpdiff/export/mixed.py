@@ -149,7 +149,8 @@ def _export_checked(supernet: SuperNet, config: Sequence[str], adapter: Denoiser
     missing = sorted(set(config) - {BASE} - set(uniform_twins))
     if uniform_twins and missing:
         raise TmpdiffError(f"no uniform twin given for {', '.join(missing)} to check its layers against", twin_path)
-    check_layers_match_uniform(twin, uniform_twins, twin_path)
+    layers = {precision: config.count(precision) for precision in set(config) - {BASE}}
+    check_layers_match_uniform(twin, uniform_twins, layers, twin_path, tolerant=half_reference)
     onnx.save(twin, str(twin_path))
     del twin
     session = _session(twin_path, optimization_level(config))
