@@ -146,11 +146,10 @@ def _mixed_layers_problem(build_dir: Path, manifest, name: str) -> str | None:
     import onnx
 
     from tmpdiff.export.twin_match import check_layers_match_uniform
+    from tmpdiff.formats.manifest import precision_problems
 
     entry = manifest.mixed[name]
     quantized = sorted(set(entry.precisions) - {"fp32"})
-    from tmpdiff.formats.manifest import precision_problems
-
     if any(p not in manifest.precisions or precision_problems(build_dir, manifest.precisions[p]) for p in quantized):
         return None  # a missing or broken source precision is its own problem, reported with its fix (re-export)
     uniform = {p: build_dir / manifest.precisions[p].onnx for p in quantized}

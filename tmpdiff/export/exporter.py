@@ -720,9 +720,9 @@ def parity_ok(precision: str, parity: float, error: float, torch_error: float | 
 
     Plain graphs (fp32, fp16) match within the precision's tolerance. A quantized twin computes the fake-quant maths:
     it must keep torch's quantization quality (its own error within `QUALITY` of torch's, `HALF_QUALITY` from a
-    16-bit load) and be at most as far from
-    torch as its kind allows, relative to the quantization error (table above): float rounding only (int4 from fp32),
-    16-bit rounding (int4 from a 16-bit load), another draw of the same size (int8/fp8: rounding ties).
+    16-bit load) and be at most as far from torch as its kind allows, relative to the quantization error (table
+    above): float rounding only (int4 from fp32), 16-bit rounding (int4 from a 16-bit load), another draw of the same
+    size (int8/fp8: rounding ties).
     """
     spec = get_precision(precision)
     if spec.rewrite_kind is None:

@@ -128,6 +128,7 @@ def check_layers_match_uniform(twin: onnx.ModelProto, uniform_twins: Mapping[str
         return 0
     precisions = "|".join(map(re.escape, uniform_twins))
     scoped = re.compile(rf"^(?P<scope>.*)/(?P<precision>{precisions})/{QUANTIZERS}/(?P<rest>.*)$")
+    uniform_scoped = re.compile(rf"^(?P<scope>.*)/{QUANTIZERS}/(?P<rest>.*)$")
     nodes, outside = quantizer_nodes(twin, scoped)
     if outside:
         raise TmpdiffError(f"{len(outside)} Q/DQ nodes are in no quantized layer's scope ({outside[0]!r}, ...), so "
@@ -144,7 +145,6 @@ def check_layers_match_uniform(twin: onnx.ModelProto, uniform_twins: Mapping[str
         if len(scopes) != layers.get(precision, 0):
             raise TmpdiffError(f"{len(scopes)} {precision} layers have quantizer nodes, the configuration has "
                                f"{layers.get(precision, 0)}", path)
-        uniform_scoped = re.compile(rf"^(?P<scope>.*)/{QUANTIZERS}/(?P<rest>.*)$")
         uniform, _ = quantizer_nodes(_load(twin_path), uniform_scoped)  # one uniform twin held at a time
         expected = {name for name in uniform if uniform_scoped.match(name)["scope"] in scopes}
         missing = sorted(expected - set(mine))

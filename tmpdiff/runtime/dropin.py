@@ -466,15 +466,15 @@ def call_feeds(input_specs: list[TensorSpec], call: dict[str, Any], architecture
     return feeds
 
 
-def running_call(pipes) -> tuple[Any, Mapping[str, Any]] | None:
-    """The innermost `__call__` in progress of one of `pipes` on this thread's stack, with its local variables (its
-    arguments among them); None when the denoiser is called from elsewhere."""
+def _innermost_call(wanted: Callable[[Any], bool]) -> tuple[Any, Mapping[str, Any]] | None:
+    """The innermost `__call__` in progress on this thread's stack whose `self` is `wanted`, with its local variables
+    (its arguments among them); None when there is none."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             if frame.f_code.co_name == "__call__":
                 owner = frame.f_locals.get("self")
-                if owner is not None and any(owner is pipe for pipe in pipes):
+                if owner is not None and wanted(owner):
                     return owner, frame.f_locals
             frame = frame.f_back
         return None
@@ -482,20 +482,17 @@ def running_call(pipes) -> tuple[Any, Mapping[str, Any]] | None:
         del frame
 
 
+def running_call(pipes) -> tuple[Any, Mapping[str, Any]] | None:
+    """The innermost `__call__` in progress of one of `pipes`, with its local variables; None when the denoiser is
+    called from elsewhere."""
+    return _innermost_call(lambda owner: any(owner is pipe for pipe in pipes))
+
+
 def calling_pipeline(denoiser: torch.nn.Module) -> Any | None:
-    """The pipeline whose `__call__` in progress on this thread's stack (the innermost) holds `denoiser` as its
-    transformer or unet; None when the denoiser is called from elsewhere."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_name == "__call__":
-                owner = frame.f_locals.get("self")
-                if owner is not None and _holds(owner, denoiser):
-                    return owner
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
+    """The pipeline whose `__call__` is in progress (the innermost) and holds `denoiser` among its components; None
+    when the denoiser is called from elsewhere."""
+    found = _innermost_call(lambda owner: _holds(owner, denoiser))
+    return None if found is None else found[0]
 
 
 def _holds(owner: Any, denoiser: torch.nn.Module) -> bool:
