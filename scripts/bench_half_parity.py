@@ -12,14 +12,15 @@ rule refuses is recorded with its message.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
+import torch
 from _code_version import code_version
 
 from tmpdiff.commands.export import calibration_for
+from tmpdiff.engines.device import device_label
 from tmpdiff.export.exporter import HALF_TIE_QUALITY, QUALITY, export_model
 from tmpdiff.formats.atomic import write_json
 from tmpdiff.formats.errors import TmpdiffError
@@ -72,8 +73,9 @@ def main() -> None:
             print(f"{precision}: error ratio {min(ratios):.3f}..{max(ratios):.3f} (sd {summary[precision]['ratio_sd']:.3f}),"
                   f" {summary[precision]['outside_quality']} of {len(ratios)} outside QUALITY {QUALITY}")
     write_json(args.out, {"format": "tmpdiff.bench_half_parity/1", "model": "bundled DiT", "load_dtype": "float16",
-                          "quality": QUALITY, "half_tie_quality": HALF_TIE_QUALITY, "machine": platform.processor() or
-                          platform.machine(), "code_version": code_version(), "rows": rows, "summary": summary})
+                          "quality": QUALITY, "half_tie_quality": HALF_TIE_QUALITY, "machine": device_label("cpu"),
+                          "torch_kernels": torch.backends.cpu.get_cpu_capability(), "code_version": code_version(),
+                          "rows": rows, "summary": summary})
     print(f"wrote {args.out}")
 
 

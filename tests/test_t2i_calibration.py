@@ -37,12 +37,13 @@ def test_export_captures_the_pipelines_denoiser_inputs(work):
     # one batch per denoiser call (cond + uncond rows of both prompts: classifier-free guidance batched)
     assert (calibration["calls"], calibration["rows"], calibration["batches"]) == (STEPS, STEPS * 2 * 2, STEPS)
     # what computed the tensors the scales follow from (a host with other kernels makes other scales)
-    assert calibration["captured_on"] == {"torch": torch.__version__,
-                                          "device": f"cpu: {torch.backends.cpu.get_cpu_capability()} kernels"}
+    from tmpdiff.engines.device import cpu_name
+
+    kernels = torch.backends.cpu.get_cpu_capability()
+    assert calibration["captured_on"] == {"torch": torch.__version__, "device": f"cpu: {cpu_name()}", "kernels": kernels}
     notes = calibration_notes(build)
     assert len(notes) == 1 and notes[0].startswith("int8: calibrated on 2 prompts x 1 seeds x 4 steps"), notes
-    assert notes[0].endswith(f"captured with torch {torch.__version__} on cpu: "
-                             f"{torch.backends.cpu.get_cpu_capability()} kernels"), notes
+    assert notes[0].endswith(f"captured with torch {torch.__version__} on cpu: {cpu_name()} ({kernels} kernels)"), notes
 
 
 def test_random_calibration_only_when_asked():

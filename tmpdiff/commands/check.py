@@ -372,7 +372,8 @@ def calibration_notes(build_dir: Path) -> list[str]:
             notes.append(f"{name}: calibrated on {source}, {calibration.get('batches')} batches")
         host = calibration.get("captured_on")
         if host:  # the scales follow from these tensors, whose last bits depend on the kernels that computed them
-            notes[-1] += f"; captured with torch {host.get('torch')} on {host.get('device')}"
+            kernels = f" ({host['kernels']} kernels)" if host.get("kernels") else ""
+            notes[-1] += f"; captured with torch {host.get('torch')} on {host.get('device')}{kernels}"
     return notes
 
 

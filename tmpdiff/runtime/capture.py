@@ -93,14 +93,15 @@ def captured_on(model: torch.nn.Module) -> dict:
     dispatched to). The quantizers' scales follow from the captured tensors, which differ in their last bits between
     kernel sets (the bundled DiT's int8 graph differs between AVX2 and AVX-512 kernels), so two exports of one recipe
     on different hosts can differ; this tells which."""
+    from tmpdiff.engines.device import cpu_name
+
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type == "cuda":
-        where = f"cuda: {torch.cuda.get_device_name(device)}"
-    elif device.type == "cpu":
-        where = f"cpu: {torch.backends.cpu.get_cpu_capability()} kernels"
-    else:
-        where = device.type
-    return {"torch": torch.__version__, "device": where}
+        return {"torch": torch.__version__, "device": f"cuda: {torch.cuda.get_device_name(device)}"}
+    if device.type == "cpu":
+        return {"torch": torch.__version__, "device": f"cpu: {cpu_name()}",
+                "kernels": torch.backends.cpu.get_cpu_capability()}
+    return {"torch": torch.__version__, "device": device.type}
 
 
 def sampled_calibration(model: torch.nn.Module, adapter: DenoiserAdapter, sampling: SamplingInfo, classes: Sequence[int],
