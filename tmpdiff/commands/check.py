@@ -145,17 +145,16 @@ def _mixed_layers_problem(build_dir: Path, manifest, name: str) -> str | None:
     made before that check existed were never compared)."""
     import onnx
 
-    from tmpdiff.export.twin_match import check_layers_match_uniform
+    from tmpdiff.export.twin_match import check_layers_match_uniform, uniform_twins_of
     from tmpdiff.formats.manifest import precision_problems
 
     entry = manifest.mixed[name]
     quantized = sorted(set(entry.precisions) - {"fp32"})
     if any(p not in manifest.precisions or precision_problems(build_dir, manifest.precisions[p]) for p in quantized):
         return None  # a missing or broken source precision is its own problem, reported with its fix (re-export)
-    uniform = {p: build_dir / manifest.precisions[p].onnx for p in quantized}
     half = any(manifest.precisions[p].reference_dtype != "float32" for p in quantized)
     try:
-        check_layers_match_uniform(onnx.load(str(build_dir / entry.onnx)), uniform,
+        check_layers_match_uniform(onnx.load(str(build_dir / entry.onnx)), uniform_twins_of(build_dir, manifest, quantized),
                                    {p: entry.precisions.count(p) for p in quantized}, build_dir / entry.onnx,
                                    tolerant=half)
     except TmpdiffError as exc:

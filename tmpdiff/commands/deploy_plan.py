@@ -87,6 +87,7 @@ def _supernet(build_dir: Path, model_dir: Path, plan, on_progress: Callable[[str
 
 def _export(build_dir: Path, manifest, supernet, layers: list[str], config: list[str], name: str) -> MixedEntry:
     from tmpdiff.export.mixed import export_mixed, optimization_level
+    from tmpdiff.export.twin_match import uniform_twins_of
     from tmpdiff.models.registry import adapter_for_config
 
     directory = build_dir / "mixed" / name
@@ -95,9 +96,8 @@ def _export(build_dir: Path, manifest, supernet, layers: list[str], config: list
     new = not directory.exists()
     try:
         # each quantized layer is checked against the uniform export of its precision (`export.twin_match`)
-        uniform = {p: build_dir / manifest.precisions[p].onnx for p in sorted(set(config) - {"fp32"})}
         graphs = export_mixed(supernet, config, adapter_for_config(manifest.denoiser_config), directory, trt_base,
-                              uniform_twins=uniform)
+                              uniform_twins=uniform_twins_of(build_dir, manifest, config))
     except BaseException:
         if new and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()  # a refused configuration leaves no empty folder behind

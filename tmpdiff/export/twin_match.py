@@ -16,13 +16,14 @@ differ by one fp16 step (subnormals included) and, where it does, a weight code 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from tmpdiff.export.supernet import BASE
 from tmpdiff.formats.errors import TmpdiffError
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -117,6 +118,11 @@ def _node_difference(got: Node, want: Node, tolerant: bool) -> str | None:
     return None
 
 
+def uniform_twins_of(build_dir: Path, manifest, precisions: Iterable[str]) -> dict[str, Path]:
+    """Precision -> the build's uniform ORT twin, for the quantized precisions among `precisions`."""
+    return {p: build_dir / manifest.precisions[p].onnx for p in sorted(set(precisions) - {BASE})}
+
+
 def check_layers_match_uniform(twin: onnx.ModelProto, uniform_twins: Mapping[str, Path], layers: Mapping[str, int],
                                path: Path, *, tolerant: bool = False) -> int:
     """Refuse (TmpdiffError naming `path`) a mixed twin unless, for every precision p of `uniform_twins` (precision ->
@@ -126,6 +132,9 @@ def check_layers_match_uniform(twin: onnx.ModelProto, uniform_twins: Mapping[str
     precision's quantizer scope is refused too. Returns the count of nodes compared."""
     if not uniform_twins:
         return 0
+    missing = sorted(set(layers) - set(uniform_twins))
+    if missing:
+        raise TmpdiffError(f"no uniform twin given for {', '.join(missing)} to check its layers against", path)
     precisions = "|".join(map(re.escape, uniform_twins))
     scoped = re.compile(rf"^(?P<scope>.*)/(?P<precision>{precisions})/{QUANTIZERS}/(?P<rest>.*)$")
     uniform_scoped = re.compile(rf"^(?P<scope>.*)/{QUANTIZERS}/(?P<rest>.*)$")

@@ -227,10 +227,12 @@ class EngineDenoiser(torch.nn.Module):
     def _check_caller(self) -> None:
         """A pipeline that holds this denoiser but was not attached to it (one made with diffusers' `from_pipe` shares
         the module, not the attachment) is refused: the denoiser would count steps on the attached pipeline's scheduler,
-        and the per-call checks (scheduler, guidance) would not see its calls."""
-        caller = calling_pipeline(self)
-        if caller is None or any(caller is pipe for pipe in self.pipelines):
+        and the per-call checks (scheduler, guidance) would not see its calls. The innermost pipeline call on the stack
+        decides; an attached one is known by identity, so every denoiser call of a normal run reads no components."""
+        found = _innermost_call(lambda owner: _attached(owner, self.pipelines) or _holds(owner, self))
+        if found is None or _attached(found[0], self.pipelines):
             return
+        caller = found[0]
         attached = sorted({type(pipe).__name__ for pipe in self.pipelines}) or ["no pipeline"]
         raise TmpdiffError(f"{type(caller).__name__} calls engines attached to another pipeline "
                            f"({', '.join(attached)}): it shares the module (diffusers' from_pipe), not the attachment, "
@@ -485,14 +487,11 @@ def _innermost_call(wanted: Callable[[Any], bool]) -> tuple[Any, Mapping[str, An
 def running_call(pipes) -> tuple[Any, Mapping[str, Any]] | None:
     """The innermost `__call__` in progress of one of `pipes`, with its local variables; None when the denoiser is
     called from elsewhere."""
-    return _innermost_call(lambda owner: any(owner is pipe for pipe in pipes))
+    return _innermost_call(lambda owner: _attached(owner, pipes))
 
 
-def calling_pipeline(denoiser: torch.nn.Module) -> Any | None:
-    """The pipeline whose `__call__` is in progress (the innermost) and holds `denoiser` among its components; None
-    when the denoiser is called from elsewhere."""
-    found = _innermost_call(lambda owner: _holds(owner, denoiser))
-    return None if found is None else found[0]
+def _attached(owner: Any, pipes) -> bool:
+    return any(owner is pipe for pipe in pipes)
 
 
 def _holds(owner: Any, denoiser: torch.nn.Module) -> bool:
