@@ -24,6 +24,17 @@ def _groups(text: str) -> list[list[int]]:
     return [[int(s) for s in g.split(",")] for g in text.split("/") if g]
 
 
+def provenance_path(table: Path) -> Path:
+    """Beside a table: what made the engines it walked (`build_provenance`), `<table stem>.provenance.json`."""
+    return table.with_name(f"{table.stem}.provenance.json")
+
+
+def write_provenance(session, levels: list[str], table: Path) -> None:
+    from tmpdiff.calibration.provenance import build_provenance
+
+    write_json(provenance_path(table), build_provenance(session.build_dir, session.manifest, levels))
+
+
 def stage_table(args, steps: int, levels: list[str], group: list[int], path: Path) -> None:
     from tmpdiff.calibration.exhaustive import build_table, save_table, tree_steps
     from tmpdiff.calibration.session import open_session
@@ -35,6 +46,7 @@ def stage_table(args, steps: int, levels: list[str], group: list[int], path: Pat
     table = build_table(ev.runner, ev.sampling, list(ev.classes), [group], levels, args.reference, steps,
                         str(bundled_dir() / "classifier"), bar.update)
     save_table(table, path)
+    write_provenance(session, levels, path)
     session.evaluator.runner.close()
 
 
@@ -58,6 +70,7 @@ def stage_pipeline_table(args, path: Path) -> None:
         session.evaluator.close()
     table.labels = [args.label_offset + args.first + i for i in table.labels]
     save_table(table, path)
+    write_provenance(session, table.levels, path)
 
 
 def stage_compact(tables: list[Path], path: Path) -> None:
@@ -65,20 +78,25 @@ def stage_compact(tables: list[Path], path: Path) -> None:
 
     from tmpdiff.calibration.exhaustive import load_table, merge_tables, save_table
 
-    if path.exists():
-        raise SystemExit(f"{path} exists: choose another --name or remove it")
+    for kept in (path, provenance_path(path)):
+        if kept.exists():
+            raise SystemExit(f"{kept} exists: choose another --name or remove it")
     missing = [str(t) for t in tables if not t.is_file()]
     if missing:
         raise SystemExit(f"no such table: {', '.join(missing)}")
     merged = merge_tables([load_table(t) for t in tables])
     merged.features = None  # classifier features (for a Frechet distance): the report does not read a table's
     save_table(merged, path, metrics_dtype=np.float32)
+    # each walk's engines, where recorded (walks before 2026-12-07 did not record them)
+    write_json(provenance_path(path), {t.name: json.loads(provenance_path(t).read_text()) if provenance_path(t).is_file()
+                                       else None for t in tables})
 
 
 def stage_matched(args) -> None:
     from _code_version import code_version  # a search kept from other code is not re-used
 
     from tmpdiff.calibration.matched import judge_unseen, search_matched
+    from tmpdiff.calibration.provenance import build_provenance
     from tmpdiff.calibration.session import open_session
     from tmpdiff.formats.costs import load_costs
     from tmpdiff.models.bundled import bundled_dir
@@ -114,7 +132,9 @@ def stage_matched(args) -> None:
 
     np.savez_compressed(args.out / "matched_samples.npz",
                         **{f"{' '.join(s)}|{k}": v for s, m in judged.items() for k, v in m.items()})
+    made = build_provenance(args.build, session.manifest, session.problem.all_levels)
     write_json(args.out / "matched.json", found | {"costs_table": settings["costs_table"], "calib_seeds": calib_seeds,
+                                                   "build_provenance": made,
                                                    "unseen_seeds": [s for g in unseen_groups for s in g],
                                                    "steps": args.matched_steps, "per_step_cost": cost})
 

@@ -456,8 +456,11 @@ def test_exhaustive_and_evolutionary_on_the_bundled_engines(session6):
 
 
 def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp_path):
+    import torch
+
     from tests.cli_helpers import cli
     from tmpdiff.calibration.baselines import HEURISTICS
+    from tmpdiff.formats.manifest import load_manifest
 
     _, build_dir, _ = quant_build
     out = tmp_path / "bench"
@@ -495,8 +498,20 @@ def test_bench_compares_tmpdiff_with_every_baseline(quant_build, costs_file, tmp
     progress = [line for line in err.splitlines() if line.startswith("[")]
     assert progress and all(re.match(r"\[ +\d+:[0-5]\d\] T=4: ", line) for line in progress), err
     assert any(f"calibration engine calls {calls['run']} run (" in line for line in progress), err
-    assert "| TMPDiff (latent) |" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| TMPDiff (latent) |" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what made the engines it judged: each level's graph, its calibration's host and its engine, and this host
+    made = json.loads((out / "bench.json").read_text())["build_provenance"]
+    manifest = load_manifest(build_dir)
+    assert set(made["precisions"]) == set(run["levels"]) == {"fp32", "int8"}
+    int8 = made["precisions"]["int8"]
+    assert int8["onnx_sha256"] == manifest.precisions["int8"].sha256
+    assert int8["engine"]["sha256"] == manifest.engines["ort:cpu:int8"].sha256
+    kernels = torch.backends.cpu.get_cpu_capability()
+    assert int8["calibration_captured_on"]["kernels"] == made["host"]["torch_kernels"] == kernels
+    assert made["precisions"]["fp32"]["calibration_captured_on"] is None  # nothing calibrated
+    assert f"({kernels} kernels)" in md and made["host"]["device"] in md
 
 
 def test_bench_refuses_bad_arguments_before_making_its_folder(quant_build, costs_file, tmp_path):

@@ -462,10 +462,14 @@ def test_compact_merges_tables_as_float32_and_never_overwrites(fake, tmp_path):
     for group in ([1], [2]):
         paths.append(tmp_path / f"t{group[0]}.npz")
         save_table(build_table(runner, sampling, classes, [group], ["fp32", "int4"], "fp32", 4, None), paths[-1])
+    made = {"build": "b", "host": {"device": "cpu: x"}, "precisions": {}}
+    (tmp_path / "t1.provenance.json").write_text(json.dumps(made))  # t2's walk recorded none
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_lossy.py"
     args = [sys.executable, str(script), "compact", "--out", str(tmp_path / "kept"), "--name", "m.npz", "--tables",
             *map(str, paths)]
     subprocess.run(args, check=True, capture_output=True)
+    # what made each walk's engines, carried beside the merged table
+    assert json.loads((tmp_path / "kept" / "m.provenance.json").read_text()) == {"t1.npz": made, "t2.npz": None}
     merged, compact = merge_tables([load_table(p) for p in paths]), load_table(tmp_path / "kept" / "m.npz")
     assert compact.seeds == merged.seeds and compact.features is None
     for name, values in merged.metrics.items():

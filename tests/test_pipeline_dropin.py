@@ -562,7 +562,12 @@ def test_a_class_label_pipeline_is_benched_on_unseen_labels(dit_build, tmp_path)
     assert refined["unseen"]["latent"]["value"] < uniform["uniform int8"]  # half its steps at fp32
     assert "correct" not in refined["unseen"]  # no judge ships for ImageNet-style labels
     assert run["exhaustive_unseen"]["schedules"] == 2 ** STEPS
-    assert "2 class labels x seeds [5, 6]" in (tmp_path / "bench" / "bench.md").read_text()
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "2 class labels x seeds [5, 6]" in md
+    made = report["build_provenance"]  # the engines it judged, and the host
+    assert made["build"] == str(build_dir) and set(made["precisions"]) == {"fp32", "int8"}
+    assert made["precisions"]["int8"]["calibration_captured_on"]["torch"] == torch.__version__
+    assert made["host"]["device"] in md
 
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     code, _, err = cli(*common, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "p")

@@ -27,6 +27,7 @@ from tmpdiff.calibration.evaluator import METRICS
 from tmpdiff.calibration.exhaustive import SampleTable, build_table, exhaustive_levels
 from tmpdiff.calibration.lossy import bench_size_curve, exhaustive_comparison, reachable, selection_floor, table_problem
 from tmpdiff.calibration.matched import UnseenJudge, summarise, unseen_groups
+from tmpdiff.calibration.provenance import build_provenance, provenance_line
 from tmpdiff.calibration.refine import evaluation_cap, refine
 from tmpdiff.calibration.search import (
     CountingProblem,
@@ -97,6 +98,7 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
         session = open_session(build_dir, costs_path, steps, "latent", reference, seeds=seeds, threads=threads,
                                workers=workers, address=address, on_notice=on_progress)
         labels = session.evaluator.labels
+        report.setdefault("build_provenance", build_provenance(build_dir, session.manifest, session.problem.all_levels))
         # checked before any search runs: a wrong level is refused in seconds, not after the comparison
         levels = exhaustive_levels(session.problem.all_levels, reference, exhaustive_at, steps) if exhaustive else None
         judge_unseen = UnseenJudge(session, groups, clf)
@@ -218,6 +220,8 @@ def render_markdown(report: dict) -> str:
     costs = report["costs_table"]
     lines = ["# tmpdiff bench", "", f"Costs ({costs['origin']}): {costs['note']}. The speedups in the tables are "
              "the costs table's; measured end-to-end speedups are timed here.", ""]
+    if "build_provenance" in report:  # reports written before it was recorded have none
+        lines += [provenance_line(report["build_provenance"]), ""]
     if report.get("unseen_seeds"):
         lines += [f"Searches calibrate on seeds {report['seeds']}; the *unseen* columns judge each schedule on seeds "
                   f"{report['unseen_seeds']} the search never saw (mean [95% bootstrap interval] over samples).", ""]

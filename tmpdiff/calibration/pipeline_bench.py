@@ -29,6 +29,7 @@ from tmpdiff.calibration.lossy_report import _render_exhaustive, fallback_lines
 from tmpdiff.calibration.matched import compare, format_percent, search_matched, summarise
 from tmpdiff.calibration.pipeline_exhaustive import build_pipeline_table
 from tmpdiff.calibration.pipeline_session import PipelineEvaluator, PipelineSession, attribute_judge, open_pipeline_session
+from tmpdiff.calibration.provenance import build_provenance, provenance_line
 from tmpdiff.calibration.session import check_steps
 from tmpdiff.calibration.split_curve import bench_split_curve
 from tmpdiff.eval.bootstrap import jackknife_interval, jackknife_values
@@ -160,6 +161,7 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
         on_progress(f"T={steps}: reference runs")
         session = open_pipeline_session(build_dir, costs_path, pipeline_dir, prompts, seeds, steps, "latent", reference,
                                         guidance, threads=threads)
+        report.setdefault("build_provenance", build_provenance(build_dir, session.manifest, session.problem.all_levels))
         try:
             report["runs"].append(_bench_steps(session, unseen_prompts, unseen_seeds, speedups, refine_evaluations,
                                                timing_repeats, on_progress,
@@ -280,6 +282,8 @@ def render_markdown(report: dict) -> str:
     lines = [f"# tmpdiff bench ({'class-label' if labelled else 'text-to-image'} pipeline)", "",
              f"Pipeline `{report['pipeline']}`. Costs ({costs['origin']}): {costs['note']}. Speedups in the tables "
              "are the costs table's; the measured one is timed here on denoiser calls.", "", grid, ""]
+    if "build_provenance" in report:  # reports written before it was recorded have none
+        lines += [provenance_line(report["build_provenance"]), ""]
     header = ["method", "speedup (costs)", "calib 1-SSIM", "unseen latent err", "unseen 1-SSIM", "unseen PSNR",
               "unseen adherence %", "unseen FD (8-d) vs fp32", "evaluations", "schedule"]
     for run in report["runs"]:
