@@ -70,7 +70,11 @@ def test_round_trip(tmp_path):
     (["--ratio", "fp32=1,=0.5"], "--ratio takes PRECISION=RATIO pairs"),
     (["--ratio", "fp32=1,fp16=half"], "--ratio fp16: 'half' is not a number"),
     (["--ratio", "fp32=1"], "give at least two PRECISION=RATIO pairs"),
-    (["--ratio", " , "], "--ratio gives no precisions"),
+    (["--ratio", " , "], "--ratio ' , ' has an empty pair"),
+    (["--ratio", "fp32=1,,fp16=0.5"], "--ratio 'fp32=1,,fp16=0.5' has an empty pair"),
+    (["--ratio", "fp32=1,fp16=0.5,"], "has an empty pair"),
+    # finite, but a schedule's summed cost would not be (and its speedup NaN): refused when the table is made
+    (["--ratio", "fp32=1e308,fp16=1e307"], "a step cost of 1e+308 is over 1e+12"),
     (["--ratio", "fp32=1,fp16=0.5", "--device", "  "], "--device is empty"),
     (["--ratio", "fp32=1,fp16=0.5", "--source", ""], "--source is empty"),
 ])
@@ -121,6 +125,9 @@ def test_old_measured_file_still_loads(tmp_path):
       "precisions": {"fp99": {"ratio": 1.0}}}, "unknown precision fp99"),
     ({"format": "tmpdiff.costs/1", "origin": "stated", "device": "g", "source": "s",
       "precisions": {"fp32": {"ratio": 0.0}}}, "greater than 0"),
+    ({**OLD_MEASURED, "precisions": {"fp32": {"median_ms": 1e308, "p10_ms": 1e308, "p90_ms": 1e308, "repeats": 3},
+                                     "int8": {"median_ms": 1e305, "p10_ms": 1e305, "p90_ms": 1e305, "repeats": 3}}},
+     "a step cost of 1e+308 is over 1e+12"),
     ({"format": "tmpdiff.costs/1", "origin": "guessed", "device": "g", "source": "s",
       "precisions": {"fp32": {"ratio": 1.0}}}, "origin"),
 ])

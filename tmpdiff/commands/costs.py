@@ -33,7 +33,11 @@ def _ratio(item: str) -> tuple[str, float]:
 def parse_ratios(texts: Iterable[str]) -> dict[str, float]:
     """`fp16=1,fp8=0.55` (one or more options) as {precision: ratio}; a precision given twice is refused."""
     ratios: dict[str, float] = {}
-    for item in (item for text in texts for item in text.split(",") if item.strip()):
+    for text in texts:
+        if any(not item.strip() for item in text.split(",")):  # "fp16=1,,fp8=0.5": a pair lost to a typo?
+            raise TmpdiffError(f"--ratio {text!r} has an empty pair: give PRECISION=RATIO pairs separated by single "
+                               "commas")
+    for item in (item for text in texts for item in text.split(",")):
         name, ratio = _ratio(item)
         if name in ratios:
             raise TmpdiffError(f"--ratio gives {name} twice")

@@ -56,6 +56,8 @@ class PrecisionCost(BaseModel):
 
 
 MAX_COST_SPREAD = 1e6  # dearest / cheapest step cost: far beyond any two precisions of one device
+# largest step cost (ms, or a ratio): 31 years a step; below it a schedule's cost (at most 10,000 steps) stays finite
+MAX_STEP_COST = 1e12
 
 
 class CostsTable(BaseModel):
@@ -86,6 +88,9 @@ class CostsTable(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> CostsTable:
         values = [p.value for p in self.precisions.values()]
+        if max(values) > MAX_STEP_COST:  # e.g. 1e308: finite, yet a schedule's summed cost is not
+            raise ValueError(f"a step cost of {max(values):g} is over {MAX_STEP_COST:g} (in ms or as a ratio): not a "
+                             "device's figure")
         if max(values) > MAX_COST_SPREAD * min(values):
             # e.g. 1e308 and 1e-308: every figure finite, yet a speedup computed from them is not
             raise ValueError(f"the dearest precision ({max(values):g}) costs over {MAX_COST_SPREAD:g} times the "
