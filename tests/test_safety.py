@@ -93,6 +93,11 @@ def test_symlink_output_needs_force_and_then_keeps_the_link(build, work):
     code, out, err = cli(*run_args(build, "--out", link, "--force"))
     assert code == 0, err
     assert link.is_symlink() and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written through, link kept
+    # the bytes land in the target, so its name must end in .png too (was: PNG bytes written into a .json)
+    (work / "s.json").write_text("{}")
+    (work / "to-json.png").symlink_to(work / "s.json")
+    refused(run_args(build, "--out", work / "to-json.png", "--force"), "symbolic link", "must end in .png",
+            roots=(build, work))
 
 
 def test_existing_output_is_kept_unless_forced(build, work):
@@ -170,6 +175,14 @@ def test_a_report_folders_files_are_checked_like_file_outputs(build, work):
     (work / "bench" / "bench.md").mkdir(parents=True)
     refused(["bench", build, "--costs", costs, "--steps", "2", "--speedups", "1.1", "--calib-seeds", "0",
              "--no-exhaustive", "--out", work / "bench", "--force"], "bench.md", "directory", roots=(build, work))
+    # a symbolic link among them (to the build's manifest, another file, or an input) is refused before the work,
+    # --force or not: the folder's files are replaced in place (was: the link replaced silently, or the input refused
+    # only after the whole search)
+    for n, target in enumerate((build / "manifest.json", work / "other.md", costs)):
+        (work / f"rl{n}").mkdir()
+        (work / f"rl{n}" / "calibration_report.md").symlink_to(target)
+        refused([*calibrate, "--report", work / f"rl{n}"], "--report (calibration_report.md)", "symbolic link",
+                roots=(build, work))
 
 
 def test_seed_lists_and_unrunnable_plans_are_refused_before_any_work(build, work):

@@ -6,7 +6,8 @@ Rules (the same for every command):
 - never onto an input of the same command, never onto another output of it, never into the files a build
   directory manages (its manifest, lock, and everything under a precision's folder or named by the manifest);
 - an existing file (or a non-empty output directory) is kept unless the user passed --force;
-- a symbolic link is written through (its target replaced) only with --force;
+- a symbolic link is written through (its target replaced) only with --force, and never among an output folder's
+  files (they are replaced in place);
 - a file's extension matches what is written into it.
 Writes themselves stay atomic (`formats.atomic`).
 """
@@ -116,6 +117,9 @@ def _check_one(output: Output, force: bool) -> Path:
             raise TmpdiffError(f"{output.option} is a symbolic link; pass --force to write through to its target "
                                f"({os.readlink(path)})", path)
         path = path.resolve()
+        if output.suffixes and path.suffix.lower() not in output.suffixes:  # the bytes land in the target
+            raise TmpdiffError(f"{output.option} is a symbolic link to {path}, which must end in "
+                               f"{' or '.join(output.suffixes)} (that is the format written)", output.path)
     if not os.path.lexists(path):
         nearest = next(p for p in path.absolute().parents if os.path.lexists(p))  # "/" always exists
         if not nearest.is_dir():
@@ -171,7 +175,13 @@ def check_outputs(outputs: Iterable[Output], *, force: bool = False, inputs: Ite
         # the named build directories, and any other build directory the output would land in
         owned = owned_by_named + [path for build_dir in build_dirs_holding(real) if build_dir not in named
                                   for path in managed_paths(build_dir)]
-        files = [(output.option, real)] + [(f"{output.option} ({name})", real / name) for name in output.writes]
+        files = [(output.option, real)]
+        for name in output.writes:
+            inside = output.path / name
+            if inside.is_symlink():  # the folder's writes replace its files in place; a link would not be written through
+                raise TmpdiffError(f"{output.option} ({name}) is a symbolic link ({os.readlink(inside)}): a folder's files "
+                                   "are replaced, not written through; remove the link", inside)
+            files.append((f"{output.option} ({name})", real / name))
         for option, target in files:
             if target in resolved_inputs:
                 raise TmpdiffError(f"{option} is also an input of this command ({resolved_inputs[target]})",
