@@ -132,6 +132,25 @@ def test_the_dropin_checks_each_calls_guidance_against_the_calibrated_schedule(w
     assert torch.equal(call(4.5), want)
 
 
+def test_calibrate_in_the_pipeline_on_one_sample_reports_no_frechet_distance(work, tmp_path):
+    """One prompt x one seed calibrates; the Fréchet distance needs two images per set, so it is reported as none
+    (was: a scipy traceback after the search, and no schedule written)."""
+    import numpy as np
+
+    from tmpdiff.eval.quality import frechet_distance
+
+    root, build, _ = work
+    (tmp_path / "one.txt").write_text(PROMPTS[0] + "\n")
+    code, out, err = cli("calibrate", build, "--costs", root / "costs.json", "--pipeline", t2i_dir(), "--prompts",
+                         tmp_path / "one.txt", "--calib-seeds", "0", "--steps", STEPS, "--speedup", 1.1, "--out",
+                         tmp_path / "s.json", "--threads", 1)
+    assert code == 0, err
+    assert out.count("FD (8-d) vs all-fp32 n/a (one sample)") == 3
+    assert load_schedule(tmp_path / "s.json").measured.model_dump()["fd_vs_reference"] is None
+    with pytest.raises(ValueError, match="at least 2 samples per set, got 1 and 1"):
+        frechet_distance(np.zeros((1, 8)), np.ones((1, 8)))
+
+
 def test_calibrate_in_the_pipeline_takes_no_refine_and_an_ssim_floor_searches_on_ssim(work, tmp_path, monkeypatch):
     """--no-refine was dropped on the --pipeline path (the knapsack answer was refined anyway), and --min-ssim searched
     latent error by default while its floor is on SSIM."""

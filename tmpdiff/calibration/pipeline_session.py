@@ -243,5 +243,7 @@ def judge_schedules(session: PipelineSession, schedules: dict[str, Sequence[str]
     out = {}
     for name, schedule in tqdm(schedules.items(), desc="judging", leave=False, disable=not progress):
         images = evaluator.images(schedule) * 2 - 1
-        out[name] = judge(classifier, images, combos) | {"fd_vs_reference": low.fd(images, reference)}
+        # a Fréchet distance needs two images per set (a covariance); one sample has none (None)
+        fd = low.fd(images, reference) if len(images) >= 2 else None
+        out[name] = judge(classifier, images, combos) | {"fd_vs_reference": fd}
     return out

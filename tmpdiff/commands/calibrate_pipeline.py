@@ -122,6 +122,6 @@ def print_result(result: CalibrationResult, session: PipelineSession, judged: di
     if note:
         typer.echo(note)
     for name, row in (judged or {}).items():
-        typer.echo(f"{name:<14} adherence {row['adherence']:.1%} of {row['n']}, FD (8-d) vs all-{f.reference} "
-                   f"{row['fd_vs_reference']:.2f}")
+        fd = "n/a (one sample)" if row["fd_vs_reference"] is None else f"{row['fd_vs_reference']:.2f}"
+        typer.echo(f"{name:<14} adherence {row['adherence']:.1%} of {row['n']}, FD (8-d) vs all-{f.reference} {fd}")
     typer.echo(f"costs: {session.costs.note()}")

@@ -22,6 +22,8 @@ LOW_DIM = 8
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (rows = samples); 0 for a set and itself (the
     matrix square root's rounding gave +-3e-8 there), and never below 0."""
+    if len(a) < 2 or len(b) < 2:  # no covariance: scipy's sqrtm would fail with an internal error
+        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {len(a)} and {len(b)}")
     if a.shape == b.shape and np.array_equal(a, b):
         return 0.0
     mu_a, mu_b = a.mean(0), b.mean(0)
