@@ -763,3 +763,26 @@ def test_check_compares_the_manifests_inputs_with_the_graphs(tampered):
     (tampered / "manifest.json").write_text(json.dumps(data))
     code, out, _ = cli("check", tampered)
     assert code == 1 and "fp32/model.onnx: fp32: its inputs" in out and "are not the manifest's" in out, out
+
+
+def test_options_that_cannot_apply_are_refused_by_name_before_any_work(build, work):
+    """A non-finite guidance scale in every command that takes one (was: search-plan and calibrate sampled without
+    guidance and recorded none, distill-embeddings trained and then failed), per-layer choices naming no quantized
+    precision (was: searched every one), and options of a mode not asked for (were ignored)."""
+    costs = work / "c.json"
+    costs.write_text("{}")
+    guided = [(["run", build, "--out", work / "g.png"], "--guidance"),
+              (["calibrate", build, "--costs", costs, "--speedup", "1.2", "--out", work / "g.json"], "--guidance"),
+              (["bench", build, "--costs", costs, "--out", work / "gb"], "--guidance"),
+              (["search-plan", build, "--layer-costs", costs, "--out", work / "g.json"], "--guidance"),
+              (["distill-embeddings", "bundled", "--out", work / "g.safetensors"], "--guidance"),
+              (["export", "bundled", "--out", work / "gx"], "--calib-guidance")]
+    for args, option in guided:
+        for value in ("nan", "inf"):
+            refused([*args, option, value], f"{option} must be a finite number, got {value}", roots=(build, work))
+    search = ["search-plan", build, "--layer-costs", costs, "--out", work / "p.json"]
+    refused([*search, "--precisions", "fp32"], "--precisions 'fp32' names no quantized precision", roots=(build, work))
+    refused([*search, "--max-configs", "3"], "--max-configs applies to --per-step", roots=(build, work))
+    refused([*run_args(build, "--out", work / "m.png"), "--mode", "aggressive"], "--mode applies to --parallel",
+            roots=(build, work))
+    assert not [p for p in work.iterdir() if p.name.startswith(("g", "p.", "m."))]

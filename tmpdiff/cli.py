@@ -96,6 +96,15 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks
     _state["debug"] = debug
 
 
+def _finite(option: str) -> Callable[[float | None], float | None]:
+    """A callback refusing a non-finite number (nan, inf) for `option` before anything loads."""
+    def check(value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise TmpdiffError(f"{option} must be a finite number, got {value}")
+        return value
+    return check
+
+
 def _pipeline_path(value: Path | None) -> Path | None:
     """`--pipeline bundled-t2i`: the bundled text-to-image pipeline's directory (a folder of that name here wins)."""
     if value is not None and str(value) == "bundled-t2i" and not value.exists():
@@ -125,7 +134,8 @@ def export(
                                                                 "--calib-classes runs (default 20); up to the scheduler's "
                                                                 "training timesteps; not with --random-calibration")]
     = None,
-    calib_guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale of the calibration runs "
+    calib_guidance: Annotated[float | None, typer.Option(
+        callback=_finite("--calib-guidance"), help="classifier-free guidance scale of the calibration runs "
                                                               "(a finite number; default: the class-conditional model's "
                                                               "or the pipeline's); not with --random-calibration")]
     = None,
@@ -410,7 +420,8 @@ def distill_embeddings(
     validation_seed: Annotated[int, typer.Option(help="noise seed of the held-out set that picks the loss")] = 2000,
     prompts: Annotated[Path | None, typer.Option(help="pipelines: training prompts file (one per line; default for "
                                                       "'bundled-t2i': its 270 held-in prompts)")] = None,
-    guidance: Annotated[float | None, typer.Option(help="guidance scale the plan will run at (default: the model's or "
+    guidance: Annotated[float | None, typer.Option(
+        callback=_finite("--guidance"), help="guidance scale the plan will run at (default: the model's or "
                                                         "the pipeline's)")] = None,
     max_sequence_length: Annotated[int | None, typer.Option(min=1, help="pipelines: text tokens, as the engines were "
                                                                         "exported (default: 16 for 'bundled-t2i', else "
@@ -467,7 +478,8 @@ def run(
     batch: Annotated[int, typer.Option(min=1, help="samples per class or prompt")] = 1,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="must equal the schedule's length")] = None,
-    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the model's, or the "
+    guidance: Annotated[float | None, typer.Option(
+        callback=_finite("--guidance"), help="classifier-free guidance scale (default: the model's, or the "
                                                         "pipeline's with --pipeline)")] = None,
     backend: BackendOpt = BackendName.ort,
     device: DeviceOpt = None,
@@ -478,8 +490,8 @@ def run(
     parallel: Annotated[int, typer.Option(min=1, help="DRiffusion draft-and-refine sampling with N workers (1: sequential; with "
                                                                "--pipeline the denoiser drafts ahead and the pipeline's "
                                                                "own scheduler refines)")] = 1,
-    mode: Annotated[SamplingMode, typer.Option(help="conservative: n+1 steps per 2 rounds of calls; aggressive: n per "
-                                                    "round")] = SamplingMode.conservative,
+    mode: Annotated[SamplingMode | None, typer.Option(help="--parallel: conservative (default): n+1 steps per 2 rounds "
+                                                           "of calls; aggressive: n per round")] = None,
     draft_min_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="--pipeline --parallel: keep steps whose "
                                                    "signal scale alpha is below this sequential (0: draft from the "
                                                    "first step, as the paper)")] = 0.0,
@@ -499,6 +511,9 @@ def run(
         raise TmpdiffError("--prompt and --pipeline go together (text-conditioned models run inside their diffusers pipeline)")
     if draft_min_alpha and (pipeline is None or parallel == 1):
         raise TmpdiffError("--draft-min-alpha applies to --pipeline --parallel N (N > 1)")
+    if mode is not None and parallel == 1:
+        raise TmpdiffError("--mode applies to --parallel N (N > 1)")
+    mode = mode or SamplingMode.conservative
     targets = [Output.file("--out", out, ".png")] + ([Output.file("--trace", trace, ".json")] if trace else [])
     from tmpdiff.formats.schedule import files_read
 
@@ -643,7 +658,8 @@ def calibrate(
                                                        "engines run in (its scheduler, steps and guidance)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts file (one per line), each sampled from "
                                                       "every --calib-seeds seed")] = None,
-    guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        callback=_finite("--guidance"), help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     backend: BackendOpt = BackendName.ort,
     device: DeviceOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ORT intra-op threads")] = None,
@@ -773,7 +789,8 @@ def bench(
     unseen_classes: Annotated[str | None, typer.Option(help="--pipeline taking class labels: labels every schedule is "
                                                             "judged on with the unseen seeds (default: "
                                                             "--calib-classes)")] = None,
-    guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        callback=_finite("--guidance"), help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     refine_evaluations: Annotated[int | None, typer.Option(min=0, help="--pipeline: at most this many evaluations of "
                                                                        "refinement per target (default: up to 3*T*L "
                                                                        "in all)")] = None,
@@ -1038,7 +1055,8 @@ def search_plan(
     precisions: Annotated[str | None, typer.Option(help="comma-separated per-layer choices (default: every precision "
                                                         "of the costs table; fp32 is always one)")] = None,
     per_step: Annotated[bool, typer.Option(help="a layer configuration per step (default: one for all steps)")] = False,
-    max_configs: Annotated[int, typer.Option(min=1, help="--per-step: most distinct layer configurations (engines)")] = 2,
+    max_configs: Annotated[int | None, typer.Option(min=1, help="--per-step: most distinct layer configurations "
+                                                              "(engines; default 2)")] = None,
     generations: Annotated[int, typer.Option(min=1)] = 8,
     population: Annotated[int, typer.Option(min=2)] = 50,
     seed: Annotated[int, typer.Option(help="the search's random seed")] = 0,
@@ -1053,7 +1071,8 @@ def search_plan(
                                                       "bundled-t2i: 10 of its held-in prompts)")] = None,
     holdout_prompts: Annotated[Path | None, typer.Option(help="--pipeline: prompts the result is judged on with the "
                                                               "held-out seeds (bundled-t2i: its 30 held-out prompts)")] = None,
-    guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        callback=_finite("--guidance"), help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     force: Force = False,
 ) -> None:
     """TMPQ-DM: search timesteps and per-layer precision jointly under a speedup budget; write the plan."""
@@ -1062,18 +1081,23 @@ def search_plan(
     from tmpdiff.commands.search_plan import build_model, pipeline_sets_for, print_outcome, search_plan_command
 
     _check_speedup(speedup, "--speedup")
+    if max_configs is not None and not per_step:
+        raise TmpdiffError("--max-configs applies to --per-step (one layer configuration for all steps otherwise)")
+    choices = None if precisions is None else [p.strip() for p in precisions.split(",") if p.strip()]
+    if choices is not None and not set(choices) - {"fp32"}:
+        raise TmpdiffError(f"--precisions {precisions!r} names no quantized precision: give at least one (fp32 is "
+                           "always a choice)")
     model = build_model(build_dir, model if model is not None or pipeline is None else str(pipeline))
     sets = pipeline_sets_for(model, pipeline, prompts, holdout_prompts, guidance)
     select = min(10, population)
     mutations, crossovers = min(25, population // 2), min(10, population // 5)
     settings = SearchSettings(population=population, select=select, mutations=mutations, crossovers=crossovers,
-                              generations=generations, consistent=not per_step, max_configs=max_configs, seed=seed,
+                              generations=generations, consistent=not per_step, max_configs=max_configs or 2, seed=seed,
                               max_seconds=None if max_minutes is None else max_minutes * 60)
     options = TmpqOptions(steps=steps, speedup=speedup, metric=metric.value, reference_steps=reference_steps,
                           seeds=_seed_list(calib_seeds, "--calib-seeds"),
                           holdout_seeds=_seed_list(holdout_seeds, "--holdout-seeds"), settings=settings,
-                          precisions=None if precisions is None else
-                          ["fp32", *(p.strip() for p in precisions.split(",") if p.strip() and p.strip() != "fp32")])
+                          precisions=None if choices is None else ["fp32", *(p for p in choices if p != "fp32")])
     outcome = search_plan_command(build_dir, layer_costs, out, schedule_out, model, options, force, console, sets)
     print_outcome(outcome, Console())
     typer.echo(f"wrote {out}" + (f", {schedule_out}" if schedule_out is not None and outcome.plan.uniform_schedule()

@@ -116,9 +116,10 @@ def supernet_from_build(build_dir: Path, model_dir: Path, precisions: Sequence[s
         raise TmpdiffError(f"the build was exported from another model than {model_dir}: pass --model with the one it was "
                            f"exported from (bundled, bundled-t2i, or its pipeline or model directory; the build's model "
                            f"id is {manifest.model_id!r})", build_dir / "manifest.json")
-    # default: every quantized export (16-bit exports are whole-model precisions, not per-layer choices)
-    names = [p for p in (precisions or [p for p in manifest.precisions if get_precision(p).modelopt_cfg is not None])
-             if p != BASE]
+    # default: every quantized export (16-bit exports are whole-model precisions, not per-layer choices); an empty
+    # list is fp32 alone (a search of timesteps only), not the default
+    quantized_exports = [p for p in manifest.precisions if get_precision(p).modelopt_cfg is not None]
+    names = [p for p in (quantized_exports if precisions is None else precisions) if p != BASE]
     missing = [p for p in names if p not in manifest.precisions or get_precision(p).modelopt_cfg is None]
     if missing:
         raise TmpdiffError(f"no quantized export of {', '.join(missing)} in the build", build_dir / "manifest.json")
