@@ -177,7 +177,8 @@ def test_demo_refuses_a_seed_or_step_count_sampling_would_refuse_before_its_work
     from tests.cli_helpers import cli
 
     for args, phrase in ((["--seed", "-1"], "--seed must be in 0..2^63-1"),
-                         (["--steps", "5000"], "--steps 5000: 5000 steps, but the scheduler has")):
+                         (["--steps", "5000"], "--steps 5000: 5000 steps, but the scheduler has"),
+                         (["--precisions", "fp32"], "give --precisions at least one besides fp32")):
         out = tmp_path / f"demo{len(phrase)}"
         code, _, err = cli("demo", "--out", out, *args)
         assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1, err

@@ -651,6 +651,9 @@ def test_special_files_and_read_only_places(build, work, monkeypatch):
     refused(["run", build, "--schedule", fifo, "--out", work / "x.png"], "not a regular file", roots=(build,))
     code, out, err = cli("check", build, "--schedule", fifo)
     assert code == 1 and "not a regular file" in out and "Traceback" not in err, (out, err)
+    (work / "fifo-build").mkdir()
+    os.mkfifo(work / "fifo-build" / "manifest.json")  # named, not "no manifest.json" (was), and never blocked on
+    refused(["info", work / "fifo-build"], "manifest.json", "not a regular file", roots=(build,))
     if Path("/proc").is_dir():  # a folder nobody can write into: refused before any work
         refused(["costs", "--device", "d", "--ratio", "fp32=1,int8=0.5", "--source", "s", "--out", "/proc/c.json"],
                 "cannot write in /proc")

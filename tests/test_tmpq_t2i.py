@@ -170,6 +170,10 @@ def test_run_pipeline_executes_the_mixed_plan(mixed_deployment, tmp_path):
         code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPT, "--schedule", path,
                            "--out", tmp_path / "again.png")
         assert code == 2 and name in err and "made from an older export of int8" in err
+        # and check's advice is the one that works: deploy-plan refuses a plan searched on the older export
+        code, out, err = cli("check", build)
+        assert code == 1 and "made from an older export of int8" in out + err
+        assert "search again (`tmpdiff search-plan`) and deploy the new plan" in out + err
     finally:
         manifest_path.write_bytes(saved)
 

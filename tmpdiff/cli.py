@@ -981,6 +981,8 @@ def demo(
     names = tuple(parse_precisions(precisions))
     if "fp32" not in names:
         raise TmpdiffError("the demo needs fp32 (the reference) among --precisions")
+    if len(names) < 2:  # refused here, not after the export, build and profile
+        raise TmpdiffError("the demo calibrates a schedule over precisions: give --precisions at least one besides fp32")
     if speedup is not None:
         _check_speedup(speedup, "--speedup")
     check_threads(threads)

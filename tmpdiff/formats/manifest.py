@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -333,6 +334,8 @@ def load_manifest(build_dir: str | Path) -> Manifest:
     """Read and validate `build_dir/manifest.json`; errors name the file and the problem."""
     path = Path(build_dir) / MANIFEST_NAME
     if not path.is_file():
+        if os.path.lexists(path):  # a FIFO, device, folder or dangling link where the manifest should be
+            raise TmpdiffError("not a regular file (a tmpdiff manifest is a JSON file)", path)
         if not Path(build_dir).exists():
             raise TmpdiffError("no such build directory", Path(build_dir))
         inside = sorted(str(p.parent) for p in Path(build_dir).glob(f"*/{MANIFEST_NAME}")) if Path(build_dir).is_dir() else []
