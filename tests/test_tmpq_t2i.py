@@ -61,6 +61,8 @@ def test_search_samples_candidates_inside_the_pipeline_and_judges_on_other_promp
     assert measured["calibration"]["prompts"] == [line for line in calib.read_text().splitlines()
                                                   if line and not line.startswith("#")]
     assert measured["holdout"]["prompts"] == held_out.read_text().splitlines() and measured["holdout"]["seeds"] == [0]
+    # the scale it sampled with, the pipeline's default included (was: none, so any scale ran the plan)
+    assert measured["calibration"]["guidance_scale"] == measured["holdout"]["guidance_scale"] == 4.5
     results = measured["holdout"]["results"]
     reference = results["fp32 6 steps (reference)"]
     assert reference["ssim"] == 1.0 and reference["latent_error"] == 0.0
@@ -160,6 +162,12 @@ def test_run_pipeline_executes_the_mixed_plan(mixed_deployment, tmp_path):
                          "--out", tmp_path / "image.png")
     assert code == 0, err
     assert out.count(name) >= 2 and (tmp_path / "image.png").stat().st_size > 0
+    # a plan searched at a recorded scale runs at it: another is refused, as for a calibrated schedule (was: any)
+    guided = tmp_path / "guided-plan.json"
+    save_tmpq_plan(plan.model_copy(update={"measured": {"calibration": {"guidance_scale": 4.5}}}), guided)
+    code, _, err = cli("run", build, "--pipeline", t2i_dir(), "--prompt", PROMPT, "--schedule", guided, "--guidance", 7.0,
+                       "--out", tmp_path / "other.png")
+    assert code == 2 and "the plan was searched at guidance scale 4.5, this run would use 7" in err, err
     # a stale deployment (the int8 export it was made from re-keyed) is refused by name before anything runs
     manifest_path = build / "manifest.json"
     saved = manifest_path.read_bytes()

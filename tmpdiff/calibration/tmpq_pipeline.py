@@ -31,6 +31,7 @@ from tmpdiff.runtime.pipeline_io import (
     call_parameters,
     check_pipeline_denoiser,
     decode_latents,
+    default_guidance_of,
     load_pipeline,
 )
 from tmpdiff.runtime.plan import PrecisionPlan
@@ -124,7 +125,9 @@ def pipeline_sets(build_dir: Path, pipeline_dir: Path, prompts: Sequence[str], h
                                                       guidance_scale, judges[tuple(labels)])
 
     scheduler = SchedulerRef(class_name=type(pipe.scheduler).__name__, config=dict(pipe.scheduler.config))
-    record = {"pipeline": str(pipeline_dir), "guidance_scale": guidance_scale}
+    # the scale sampled with, the pipeline's default included: a run at another is refused (`calibrated_guidance`)
+    used = guidance_scale if guidance_scale is not None else default_guidance_of(type(pipe))
+    record = {"pipeline": str(pipeline_dir), "guidance_scale": used}
     return EvaluationSets(evaluator(prompts, options.seeds), evaluator(holdout_prompts, options.holdout_seeds),
                           train_timesteps(pipe.scheduler), scheduler,
                           record | {"seeds": list(options.seeds), "prompts": list(prompts)},

@@ -611,9 +611,17 @@ def _denoiser_config(manifest: Manifest, adapter: DenoiserAdapter) -> dict[str, 
 
 
 def calibrated_guidance(plan: PrecisionPlan) -> float | None:
-    """The guidance scale a schedule calibrated inside a pipeline was calibrated at (None: not recorded)."""
-    scale = None if plan.file is None else plan.file.target.get("guidance_scale")
+    """The guidance scale a schedule calibrated inside a pipeline was calibrated at, or a TMPQ-DM plan searched inside
+    one was searched at (None: not recorded; plans searched before 2026-12-07 record none for the pipeline's default)."""
+    if plan.tmpq is not None:
+        scale = (plan.tmpq.measured.get("calibration") or {}).get("guidance_scale")
+    else:
+        scale = None if plan.file is None else plan.file.target.get("guidance_scale")
     return None if scale is None else float(scale)
+
+
+def _made(plan: PrecisionPlan) -> str:
+    return "plan was searched" if plan.tmpq is not None else "schedule was calibrated"
 
 
 def check_calibrated_guidance(plan: PrecisionPlan, used: float | None, *, guided: bool | None = None) -> None:
@@ -625,11 +633,11 @@ def check_calibrated_guidance(plan: PrecisionPlan, used: float | None, *, guided
     if scale is None:
         return
     if used is not None and abs(scale - used) > 1e-9:
-        raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this run would use {used:g}: "
+        raise TmpdiffError(f"the {_made(plan)} at guidance scale {scale:g}, this run would use {used:g}: "
                            f"run at {scale:g} (--guidance; in Python guidance_scale= to attach_engines and the pipeline "
                            f"call) or recalibrate at {used:g}", plan.source)
     if used is None and guided is False and scale > 1:
-        raise TmpdiffError(f"the schedule was calibrated at guidance scale {scale:g}, this pipeline call runs without "
+        raise TmpdiffError(f"the {_made(plan)} at guidance scale {scale:g}, this pipeline call runs without "
                            f"classifier-free guidance (no unconditional copy in its denoiser batch: guidance_scale <= 1 "
                            f"turns guidance off): call it with guidance_scale={scale:g}", plan.source)
 
