@@ -14,7 +14,7 @@ import torch
 from tests.cli_helpers import cli
 from tmpdiff.formats.manifest import load_manifest, mixed_name
 from tmpdiff.formats.schedule import SchedulerRef
-from tmpdiff.formats.tmpq_plan import TmpqPlan, save_tmpq_plan
+from tmpdiff.formats.tmpq_plan import TmpqPlan, load_tmpq_plan, save_tmpq_plan
 from tmpdiff.models.bundled import sampling_info
 
 TIMESTEPS = [999, 700, 400, 100]
@@ -436,3 +436,49 @@ def test_the_layer_check_refuses_each_kind_of_damage(deployment, damage):
         check_layers_match_uniform(honest, uniform, layers, build_dir / entry.onnx)
     if what == "fp16 step":
         assert check_layers_match_uniform(honest, uniform, layers, build_dir / entry.onnx, tolerant=True) > 0
+
+
+def test_a_16_bit_build_measures_searches_and_runs_its_unquantized_layers_on_the_fp16_engine(bundled, tmp_path):
+    """A build exported from a 16-bit model with fp16 as its unquantized precision (a GPU build's usual case; it has
+    no fp32 engine): layer-costs measures the unquantized layers on the fp16 engine, the search reads that column as
+    the super-network's unquantized ("fp32") alternative, the plan records the engine, and a step of the all-
+    unquantized configuration runs on it (was: layer-costs and the search refused for want of an fp32 engine)."""
+    from tmpdiff.formats.layer_costs import load_layer_costs
+
+    code, _, err = cli("export", bundled.transformer_dir, "--out", tmp_path, "--precisions", "fp16,int8",
+                       "--load-dtype", "float16", "--model-id", "half16", "--calib-seeds", "0")
+    assert code == 0, err
+    build_dir = tmp_path / "half16"
+    assert cli("build", build_dir, "--threads", 1)[0] == 0
+    costs = tmp_path / "layer_costs.json"
+    code, _, err = cli("layer-costs", build_dir, "--model", bundled.transformer_dir, "--out", costs, "--batch", 2,
+                       "--warmup", 0, "--repeats", 2, "--threads", 1)
+    assert code == 0, err
+    table = load_layer_costs(costs)
+    assert table.precisions == ["fp16", "int8"] and table.base == "fp16" and table.unquantized_engine is None
+    view = table.unquantized_as("fp16")
+    assert view.precisions == ["fp32", "int8"] and view.config_ms(view.uniform("fp32")) == table.config_ms(
+        table.uniform("fp16"))
+    assert view.config_bitops(view.uniform("fp32")) == table.config_bitops(table.uniform("fp16"))  # 16-bit widths
+    plan_path = tmp_path / "plan.json"
+    code, out, err = cli("search-plan", build_dir, "--model", "bundled", "--layer-costs", costs,
+                         "--steps", 3, "--reference-steps", 4, "--speedup", 1.2, "--generations", 1, "--population", 2,
+                         "--calib-seeds", 0, "--holdout-seeds", 1000, "--out", plan_path)
+    assert code == 0, out + err
+    plan = load_tmpq_plan(plan_path)
+    assert plan.unquantized_engine == "fp16" and plan.reference["precision"] == "fp16"
+    assert "fp16 4 steps (reference)" in plan.measured["holdout"]["results"]
+    code, out, err = cli("deploy-plan", build_dir, plan_path, "--model", bundled.transformer_dir)
+    assert code == 0, out + err
+    result, _ = _run(build_dir, plan_path)
+    assert torch.isfinite(result.latents).all()
+    # the all-unquantized configuration runs on the fp16 engine: the plan's steps as fp16 steps, bit for bit
+    unquantized = plan.model_copy(update={"configs": [["fp32"] * len(plan.layers)], "step_configs": [0] * plan.steps})
+    save_tmpq_plan(unquantized, tmp_path / "unquantized.json")
+    result, _ = _run(build_dir, tmp_path / "unquantized.json")
+    assert [s.precision for s in result.trace.steps] == ["fp16"] * plan.steps
+    schedule = tmp_path / "fp16.json"
+    schedule.write_text(json.dumps({"format": "tmpdiff.schedule/2", "steps": plan.steps, "precisions": ["fp16"] * plan.steps,
+                                    "timesteps": plan.timesteps, "scheduler": plan.scheduler.model_dump(mode="json")}))
+    want, _ = _run(build_dir, schedule)
+    assert torch.equal(result.latents, want.latents)

@@ -22,6 +22,7 @@ from tmpdiff.export.supernet import SuperNet, layer_macs, supernet_from_build
 from tmpdiff.formats.errors import TmpdiffError
 from tmpdiff.formats.layer_costs import LayerCostsTable
 from tmpdiff.formats.manifest import Manifest, load_manifest
+from tmpdiff.formats.precisions import get_precision
 from tmpdiff.formats.schedule import SchedulerRef
 from tmpdiff.formats.tmpq_plan import TmpqPlan
 from tmpdiff.models.adapter import model_dtype
@@ -34,8 +35,14 @@ def measure_layer_costs(build_dir: Path, model_dir: Path, precisions: Sequence[s
                         on_start: Callable[[list[str]], None] = lambda _: None) -> LayerCostsTable:
     """The per-layer costs table of a build on `backend` (ort: ORT-CPU engines; trt: TensorRT plans on the GPU): the
     super-network names the layers and counts their MACs."""
+    if backend == "trt":  # no TensorRT here is the first thing to say, before which plans are built
+        from tmpdiff.engines.trt_build import load_tensorrt
+
+        load_tensorrt()
     supernet = supernet_from_build(build_dir, model_dir, precisions)
     manifest = load_manifest(build_dir)
+    engines = [unquantized_engine(build_dir, manifest, supernet, backend),
+               *(p for p in supernet.precisions if p != "fp32")]
     adapter = adapter_for_config(manifest.denoiser_config)
     inputs = adapter.sample_inputs(adapter.default_dims(1), seed=0)
     with fp32_compute():  # a 16-bit super-network (the build's model was loaded so) on CPU: `half_convolutions`
@@ -44,8 +51,24 @@ def measure_layer_costs(build_dir: Path, model_dir: Path, precisions: Sequence[s
     if backend == "trt":
         from tmpdiff.engines.trt_layer_costs import profile_trt_layers
 
-        return profile_trt_layers(build_dir, supernet.layers, macs, supernet.precisions, batch, warmup, repeats, on_start)
-    return profile_layers(build_dir, supernet.layers, macs, supernet.precisions, batch, warmup, repeats, threads, on_start)
+        return profile_trt_layers(build_dir, supernet.layers, macs, engines, batch, warmup, repeats, on_start)
+    return profile_layers(build_dir, supernet.layers, macs, engines, batch, warmup, repeats, threads, on_start)
+
+
+def unquantized_engine(build_dir: Path, manifest: Manifest, supernet: SuperNet, backend: str) -> str:
+    """The engine the super-network's unquantized layers are measured on: fp32's, or for the 16-bit super-network of a
+    build exported from a 16-bit model the fp16 engine when it is built (its unquantized layers run at 16 bits)."""
+    import torch
+
+    built = manifest.built_precisions(backend, "cuda" if backend == "trt" else "cpu")
+    half = model_dtype(supernet.model) == torch.float16
+    if half and "fp16" in built:
+        return "fp16"
+    if "fp32" in built:
+        return "fp32"
+    also = " or fp16 (the quantized precisions were exported from a 16-bit model)" if half else ""
+    raise TmpdiffError(f"no {backend} engine for the unquantized layers: export and build fp32{also}",
+                       build_dir / "manifest.json")
 
 
 @dataclass
@@ -134,6 +157,7 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     if manifest.time_embedding_input is not None:
         raise TmpdiffError("the build's graphs take time embeddings (--time-embedding-input); search TMPQ-DM plans on "
                            "a build exported without it", build_dir / "manifest.json")
+    table = unquantized_view(table, manifest, table_file)
     on_status("building the super-network from the build's quantizer state")
     choices = list(options.precisions or table.precisions)
     unknown = sorted(set(choices) - set(table.precisions))
@@ -152,7 +176,7 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     def cost(cand: Candidate) -> float:
         return sum(table.config_ms(_names(supernet, c)) for c in cand.configs)
 
-    on_status("sampling the fp32 reference on the calibration set")
+    on_status(f"sampling the {table.engine_of('fp32')} reference on the calibration set")
     evaluator = sets.calibration(supernet)
 
     def fitness(cand: Candidate) -> float:
@@ -174,18 +198,35 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     return TmpqOutcome(plan, result, holdout)
 
 
+def unquantized_view(table: LayerCostsTable, manifest: Manifest, table_file: Path | None) -> LayerCostsTable:
+    """The costs table the search reads: its "fp32" column is the unquantized layers' cost. A build whose quantized
+    precisions were exported from a 16-bit model has that model as its super-network, and its unquantized layers run
+    at 16 bits: there the fp16 engine's column stands for it when the table has no fp32 (a GPU build's usual case)."""
+    if "fp32" in table.precisions:
+        return table
+    quantized = [p for p in table.precisions if p in manifest.precisions and get_precision(p).modelopt_cfg is not None]
+    dtypes = {manifest.precisions[p].reference_dtype for p in quantized}
+    if dtypes == {"float16"} and "fp16" in table.precisions:
+        return table.unquantized_as("fp16")
+    raise TmpdiffError("the layer costs table has no fp32 column (the unquantized layers' cost): build and measure the "
+                       "fp32 engine, or, for a build exported from a 16-bit model (`export --load-dtype float16`), the "
+                       "fp16 one", table_file)
+
+
 def engine_weight_bytes(supernet: SuperNet, config: Sequence[str]) -> int:
     """Weight bytes of the engine one layer configuration becomes: each switchable layer's weight at its precision's
-    width (`BITS`; scales and zero points not counted) and its bias at fp32, every other parameter (norms,
-    embeddings, the layers kept high precision) at fp32."""
+    width (`BITS`; scales and zero points not counted) and its bias at the model's, every other parameter (norms,
+    embeddings, the layers kept high precision) and the unquantized ("fp32") layers at the model's width (fp32, or
+    16 bits for the super-network of a build exported from a 16-bit model)."""
     from tmpdiff.formats.layer_costs import BITS
 
-    fixed = sum(p.numel() for n, p in supernet.model.named_parameters() if ".alternatives." not in n) * 4
+    fixed = sum(p.numel() * p.element_size() for n, p in supernet.model.named_parameters() if ".alternatives." not in n)
     switched = 0.0
     for name, precision in zip(supernet.layers, config, strict=True):
         layer = supernet.switches[name].alternatives["fp32"]
-        switched += layer.weight.numel() * BITS[precision][0] / 8
-        switched += 0 if layer.bias is None else layer.bias.numel() * 4
+        bits = layer.weight.element_size() * 8 if precision == "fp32" else BITS[precision][0]
+        switched += layer.weight.numel() * bits / 8
+        switched += 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
     return int(fixed + switched)
 
 
@@ -204,7 +245,8 @@ def _plan(manifest: Manifest, supernet: SuperNet, table: LayerCostsTable, result
         steps=steps, timesteps=best.sampling_timesteps(),
         scheduler=scheduler, layers=supernet.layers, configs=[list(c) for c in distinct],
         step_configs=[distinct.index(c) for c in step_configs],
-        reference={"precision": "fp32", "steps": options.reference_steps, "ms": reference_ms},
+        reference={"precision": table.engine_of("fp32"), "steps": options.reference_steps, "ms": reference_ms},
+        unquantized_engine=table.unquantized_engine,
         predicted={"ms": result.cost, "speedup": reference_ms / result.cost, "budget_ms": budget,
                    "target": {"speedup": options.speedup}, "bitops_per_sample": bitops,
                    "bitops_vs_reference": bitops / reference_bitops,
@@ -230,10 +272,11 @@ def judge(plan: TmpqPlan, supernet: SuperNet, evaluator: CandidateEvaluator, tab
     the held-out set `evaluator` samples."""
     steps = plan.steps
     fp32, int8 = supernet.uniform("fp32"), supernet.uniform("int8") if "int8" in supernet.precisions else None
+    base = table.engine_of("fp32")  # the unquantized model: fp32, or a 16-bit build's 16 bits
     entries: dict[str, tuple[list[list[str]], list[int] | None]] = {
-        f"fp32 {options.reference_steps} steps (reference)": ([fp32] * options.reference_steps, None),
-        f"fp32 {steps} steps (scheduler spacing)": ([fp32] * steps, None),
-        f"fp32 at the plan's {steps} timesteps": ([fp32] * steps, plan.timesteps),
+        f"{base} {options.reference_steps} steps (reference)": ([fp32] * options.reference_steps, None),
+        f"{base} {steps} steps (scheduler spacing)": ([fp32] * steps, None),
+        f"{base} at the plan's {steps} timesteps": ([fp32] * steps, plan.timesteps),
         "plan (timesteps + per-layer precision)": (plan.step_precisions(), plan.timesteps),
     }
     if int8 is not None:

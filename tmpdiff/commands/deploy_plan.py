@@ -57,7 +57,7 @@ def deploy_plan(build_dir: Path, plan_path: Path, model_dir: Path, *, wait: floa
         for config in plan.configs:
             counts = dict(Counter(config))
             if len(counts) == 1:
-                rows.append(DeployedConfig(config[0], counts, "uniform", None))
+                rows.append(DeployedConfig(plan.uniform_engine(config), counts, "uniform", None))
                 continue
             name = mixed_name(plan.layers, list(config))
             if mixed_problem(build_dir, manifest, name, "trt") is None and mixed_problem(build_dir, manifest, name) is None:

@@ -58,6 +58,9 @@ class LayerCostsTable(BaseModel):
     threads: int | None = Field(default=None, ge=1, strict=True)  # intra-op threads per session (None: the backend's)
     precisions: list[str]
     base: str = "fp32"  # precision whose unattributed nodes (`rest_ms`) every configuration pays
+    # set in the search's view of a 16-bit build's table (`unquantized_as`): the 16-bit engine whose figures the "fp32"
+    # (unquantized layers) column holds; never written by layer-costs
+    unquantized_engine: str | None = None
     layers: list[LayerCost]
     rest_ms: dict[str, float]  # per precision: nodes no layer owns
     step_ms: dict[str, float]  # per precision: median profiled duration of a whole engine call
@@ -69,6 +72,10 @@ class LayerCostsTable(BaseModel):
         unknown = sorted({p for p in self.precisions if p not in PRECISIONS or p not in BITS})
         if unknown:
             raise ValueError(f"unknown precision {', '.join(unknown)}")
+        if self.unquantized_engine is not None and (BITS.get(self.unquantized_engine, (0, 0))[0] != 16
+                                                    or "fp32" not in self.precisions):
+            raise ValueError(f"unquantized_engine {self.unquantized_engine!r} must be a 16-bit precision standing for "
+                             "the fp32 column")
         if self.base not in self.precisions:
             raise ValueError(f"base precision {self.base} is not among {self.precisions}")
         if self.base not in self.rest_ms:
@@ -99,9 +106,30 @@ class LayerCostsTable(BaseModel):
         return self.rest_ms[self.base] + sum(layer.ms[p] for layer, p in zip(self.layers, config, strict=True))
 
     def config_bitops(self, config: Sequence[str]) -> float:
-        """BitOPs per sample of one denoiser call of a layer configuration."""
+        """BitOPs per sample of one denoiser call of a layer configuration (unquantized layers at the width of the
+        engine they run on)."""
         self._check(config)
-        return sum(layer.bitops(p) for layer, p in zip(self.layers, config, strict=True))
+        return sum(layer.bitops(self.engine_of(p)) for layer, p in zip(self.layers, config, strict=True))
+
+    def engine_of(self, precision: str) -> str:
+        """The engine precision a configuration's entry runs on: "fp32" (unquantized) on a 16-bit build's engine."""
+        return self.unquantized_engine if precision == "fp32" and self.unquantized_engine is not None else precision
+
+    def unquantized_as(self, engine: str) -> LayerCostsTable:
+        """This table with the 16-bit `engine`'s figures as the "fp32" (unquantized layers) column: a build exported
+        from a 16-bit model has no fp32 engine, and its unquantized layers run at 16 bits."""
+        if engine not in self.precisions or "fp32" in self.precisions:
+            raise TmpdiffError(f"cannot stand {engine} for the unquantized column of a table of {self.precisions}")
+
+        def renamed(values: Mapping) -> dict:
+            return {("fp32" if p == engine else p): v for p, v in values.items()}
+
+        return self.model_copy(update={
+            "precisions": ["fp32" if p == engine else p for p in self.precisions],
+            "base": "fp32" if self.base == engine else self.base, "unquantized_engine": engine,
+            "layers": [layer.model_copy(update={"ms": renamed(layer.ms), "nodes": renamed(layer.nodes)})
+                       for layer in self.layers],
+            "rest_ms": renamed(self.rest_ms), "step_ms": renamed(self.step_ms)})
 
     def uniform(self, precision: str) -> list[str]:
         return [precision] * len(self.layers)

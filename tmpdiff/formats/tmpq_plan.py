@@ -10,6 +10,7 @@ executes (`uniform_schedule`). Mixed configurations need an engine of their own 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +43,9 @@ class TmpqPlan(BaseModel):
     measured: dict = Field(default_factory=dict)  # quality on the search's seeds and on held-out seeds
     search: dict = Field(default_factory=dict)  # settings, evaluations, rejected, seconds, history
     costs: dict = Field(default_factory=dict)  # which per-layer costs table, measured where
+    # a build exported from a 16-bit model: the engine its unquantized ("fp32") layers run on (its super-network was
+    # that 16-bit model), e.g. fp16; None: the fp32 engine
+    unquantized_engine: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TmpqPlan:
@@ -59,6 +63,9 @@ class TmpqPlan(BaseModel):
             unknown = sorted(set(config) - set(PRECISIONS))
             if unknown:
                 raise ValueError(f"unknown precision {', '.join(unknown)}")
+        if self.unquantized_engine is not None and (self.unquantized_engine not in PRECISIONS or self.unquantized_engine
+                                                    == "fp32" or PRECISIONS[self.unquantized_engine].modelopt_cfg):
+            raise ValueError(f"unquantized_engine {self.unquantized_engine!r} is not an unquantized 16-bit precision")
         if any(not 0 <= i < len(self.configs) for i in self.step_configs):
             raise ValueError(f"a step names configuration outside 0..{len(self.configs) - 1}")
         return self
@@ -82,11 +89,19 @@ class TmpqPlan(BaseModel):
     def step_precisions(self) -> list[list[str]]:
         return [self.configs[i] for i in self.step_configs]
 
+    def uniform_engine(self, config: Sequence[str]) -> str | None:
+        """The engine a configuration of one precision runs on (its precision's; unquantized: `unquantized_engine`
+        or fp32); None for a mixed configuration (its deployed graph)."""
+        if len(set(config)) != 1:
+            return None
+        return self.unquantized_engine if config[0] == "fp32" and self.unquantized_engine else config[0]
+
     def uniform_schedule(self) -> Schedule | None:
         """The plan as a v2 schedule when every configuration is one precision for all layers (else None)."""
         if any(len(set(c)) != 1 for c in self.configs):
             return None
-        return Schedule(steps=self.steps, scheduler=self.scheduler, precisions=[c[0] for c in self.step_precisions()],
+        return Schedule(steps=self.steps, scheduler=self.scheduler,
+                        precisions=[self.uniform_engine(c) for c in self.step_precisions()],
                         timesteps=list(self.timesteps), reference=str(self.reference.get("precision", "fp32")),
                         target=dict(self.predicted.get("target", {})),
                         predicted={"speedup": self.predicted.get("speedup")} if self.predicted.get("speedup") else {},

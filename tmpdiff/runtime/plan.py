@@ -121,11 +121,11 @@ def tmpq_precision_plan(plan: TmpqPlan, path: Path, steps: int | None = None) ->
     if steps is not None and steps != plan.steps:
         raise TmpdiffError(f"plan has {plan.steps} steps but --steps {steps} was given", path)
     configs = plan.step_precisions()
-    engines = tuple(c[0] if len(set(c)) == 1 else mixed_name(plan.layers, list(c)) for c in configs)
+    engines = tuple(plan.uniform_engine(c) or mixed_name(plan.layers, list(c)) for c in configs)
     # the schedule view: the plan's timesteps and scheduler, each step's most common layer precision (for reports)
     try:
         view = Schedule(steps=plan.steps, scheduler=plan.scheduler, timesteps=list(plan.timesteps),
-                        precisions=[Counter(c).most_common(1)[0][0] for c in configs])
+                        precisions=[plan.uniform_engine([Counter(c).most_common(1)[0][0]]) for c in configs])
     except ValidationError as exc:
         raise TmpdiffError(f"not a runnable TMPQ-DM plan ({validation_problems(exc)})", path) from None
     return PrecisionPlan(engines, None, str(path), view, tmpq=plan)
