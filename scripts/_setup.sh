@@ -7,6 +7,11 @@ PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 if [ ! -x "$VENV/bin/python" ]; then
+    # pyproject.toml requires Python 3.11: another one fails halfway through the install
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+        echo "[setup] tmpdiff needs Python 3.11; $PY is $("$PY" --version 2>&1 || echo missing): install python3.11 or set PYTHON=/path/to/python3.11" >&2
+        exit 2
+    fi
     echo "[setup] creating $VENV"
     "$PY" -m venv "$VENV"
 fi

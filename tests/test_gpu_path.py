@@ -3,6 +3,7 @@ GPU check stopping cleanly on a machine without a GPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -64,7 +65,8 @@ def test_trt_ep_keeps_its_caches_in_the_build_dir_with_profile_shapes(quant_buil
     assert options["trt_fp16_enable"] == "True" and "trt_fp16_enable" not in trt_ep_options(build_dir, "fp32", manifest)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU exit")
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("tensorrt") is not None,
+                    reason="this checks the no-GPU exit of a machine without TensorRT")
 def test_gpu_check_stops_with_one_line_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TMPDIFF_GPU_INSTALL"}
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=600,
@@ -73,6 +75,19 @@ def test_gpu_check_stops_with_one_line_without_a_gpu():
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert errors == ["error: no NVIDIA GPU visible to torch (torch.cuda.is_available() is False): the GPU checks need one"]
     assert "tensorrt" in done.stdout and "missing: TensorRT is not installed" in done.stdout
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this checks the install refusal of a CPU torch")
+def test_gpu_install_refuses_a_cpu_torch_before_installing_anything():
+    """TMPDIFF_GPU_INSTALL=1 with a CPU build of torch: no TensorRT wheel fits it, so the script stops in one line
+    before pip runs (it installed the CUDA 13 TensorRT metapackage and then failed)."""
+    env = {**os.environ, "TMPDIFF_GPU_INSTALL": "1"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "torch here is a CPU build: install a CUDA 12 or 13 build of torch 2.13.0" in errors[0]
+    assert importlib.util.find_spec("tensorrt") is None
 
 
 def test_a_gpu_batch_is_checked_against_the_gpus_free_memory(quant_build, monkeypatch):
@@ -321,6 +336,6 @@ def test_tensorrt_wheel_follows_torchs_cuda_version():
     # the metapackage installs TensorRT's CUDA 13 wheel whatever torch was built with; a CUDA 12 torch needs -cu12
     from tmpdiff.engines.trt_build import tensorrt_requirement
 
-    assert tensorrt_requirement("12.8") == "tensorrt-cu12>=10.8,<11"
-    assert tensorrt_requirement("13.0") == "tensorrt-cu13>=10.8,<11"
-    assert tensorrt_requirement(None) == tensorrt_requirement("11.8") == "tensorrt>=10.8,<11"
+    assert tensorrt_requirement("12.8") == "tensorrt-cu12==10.16.1.11"  # pinned: plans load on their TensorRT only
+    assert tensorrt_requirement("13.0") == "tensorrt-cu13==10.16.1.11"
+    assert tensorrt_requirement(None) is tensorrt_requirement("11.8") is None  # no wheel fits: a CUDA torch first

@@ -279,6 +279,23 @@ def test_no_gpu_is_one_clear_error(monkeypatch, tmp_path):
             make()
 
 
+def test_a_plan_with_fp8_io_is_refused_by_name():
+    """An imported plan whose input is FP8 (or INT4, FP4): tmpdiff binds no such tensors, so the tensor and its type
+    are named (was: a spec dtype "DataType.FP8" refused later in an unclear way)."""
+    trt = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"))
+    dtypes = {"hidden_states": types.SimpleNamespace(name="FP8"), "out": types.SimpleNamespace(name="FLOAT")}
+    engine = types.SimpleNamespace(num_io_tensors=2, get_tensor_name=lambda i: list(dtypes)[i],
+                                   get_tensor_dtype=dtypes.__getitem__, get_tensor_shape=lambda name: (-1, 4),
+                                   get_tensor_mode=lambda name: "in" if name == "hidden_states" else "out")
+    plan = object.__new__(TrtEngine)
+    plan._trt, plan._engine, plan.path = trt, engine, Path("fp8/engine_trt10.16.plan")
+    with pytest.raises(TmpdiffError, match="the plan's hidden_states is FP8: tmpdiff binds float32/16"):
+        plan._io_specs()
+    dtypes["hidden_states"] = types.SimpleNamespace(name="HALF")
+    inputs, outputs = plan._io_specs()
+    assert [(s.name, s.dtype) for s in inputs + outputs] == [("hidden_states", "float16"), ("out", "float32")]
+
+
 def test_build_options_are_validated():
     with pytest.raises(TmpdiffError, match="0..5"):
         TrtBuildOptions(optimization_level=7)

@@ -410,6 +410,19 @@ def _two_sample_runner(engines, sampling, nan_guard: bool):
 WORK_FILES = ("costs.json", "mixed-plan.json")  # what the checks write in --work besides its build/
 
 
+def _why_torch_sees_none() -> str:
+    """The likely reason torch sees no GPU that nvidia-smi sees: a CPU build, or a driver too old for its CUDA."""
+    import torch
+
+    from tmpdiff.engines.trt_build import torch_build
+
+    if torch.version.cuda is None:
+        return f"torch here is {torch_build()}; install a CUDA 12 or 13 build"
+    # NVIDIA's minimum Linux drivers: CUDA 12.x r525, CUDA 13.x r580
+    needs = "r580" if torch.version.cuda.startswith("13") else "r525"
+    return f"torch here is {torch_build()}, which needs driver {needs} or later (nvidia-smi shows the driver's version)"
+
+
 def gpu_check(work: Path, results_root: Path, inv: Inventory, on_line: Callable[[str], None],
               force: bool = False) -> Path:
     """Run the GPU checks; TmpdiffError (one line) when there is no GPU; returns the JSON written. Its outputs (the
@@ -420,7 +433,7 @@ def gpu_check(work: Path, results_root: Path, inv: Inventory, on_line: Callable[
 
     if inv.gpu is None:
         raise TmpdiffError("no NVIDIA GPU visible to torch (torch.cuda.is_available() is False): the GPU checks need one"
-                           + (f"; nvidia-smi sees {inv.nvidia_smi}" if inv.nvidia_smi else ""))
+                           + (f"; nvidia-smi sees {inv.nvidia_smi}: {_why_torch_sees_none()}" if inv.nvidia_smi else ""))
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", inv.gpu.split(" (")[0]).strip("-").lower()
     paths = check_outputs([Output.folder("--work", work, WORK_FILES),
                            Output.file("--results", results_root / name / "gpu_check.json", ".json")], force=force)

@@ -60,7 +60,9 @@ log = logging.getLogger("tmpdiff.trt")
 # TensorRT DataType member name -> numpy dtype name used by TensorSpec.
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
                 "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
-_ALIGNMENT = 256  # IExecutionContext.set_device_memory wants 256-byte aligned memory
+# IExecutionContext.set_device_memory (setDeviceMemoryV2) wants memory aligned to the device's CUDA alignment
+# property (its texture alignment, 512 bytes on every current GPU); tensor addresses want 256
+_ALIGNMENT = 512
 
 
 def gpu_mismatch(entry: EngineEntry, gpu: CudaDevice, strict_gpu_model: bool = True) -> str | None:
@@ -121,7 +123,7 @@ class SharedDeviceMemory:
 
     @property
     def address(self) -> int:
-        """The block's first 256-byte aligned address (what set_device_memory requires)."""
+        """The block's first `_ALIGNMENT`-byte aligned address (what set_device_memory requires)."""
         if self._buffer is None:
             raise TmpdiffError("shared device memory is not allocated")
         return self._buffer.data_ptr() + (-self._buffer.data_ptr()) % _ALIGNMENT
@@ -306,7 +308,10 @@ class TrtEngine:
                                    f"({first_error(logger.take_errors(), 'no error was logged')})", self.path)
             # Plans are built with DETAILED profiling verbosity (the layer inspector and `profile --layers` read it);
             # NVTX ranges at that verbosity slow every enqueue, so the runtime's launches mark layer names only.
-            self._context.nvtx_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+            # (never above the plan's own verbosity, which TensorRT refuses: an imported plan may have been built
+            # with none)
+            if getattr(self._engine, "profiling_verbosity", None) != trt.ProfilingVerbosity.NONE:
+                self._context.nvtx_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
         self._inputs, self._outputs = self._io_specs()
         if input_specs is not None:
             self._inputs = self._check_specs("input", input_specs, self._inputs)
@@ -497,7 +502,11 @@ class TrtEngine:
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             dtype = engine.get_tensor_dtype(name)
-            dtype_name = _DTYPE_NAMES.get(getattr(dtype, "name", str(dtype)).split(".")[-1], str(dtype))
+            member = getattr(dtype, "name", str(dtype)).split(".")[-1]
+            if member not in _DTYPE_NAMES:  # FP8, INT4, FP4 I/O: the project's graphs keep theirs fp32 behind casts
+                raise TmpdiffError(f"the plan's {name} is {member}: tmpdiff binds float32/16, bfloat16 and integer "
+                                   f"tensors only; {REBUILD_HINT} from the build's graph", self.path)
+            dtype_name = _DTYPE_NAMES[member]
             # Dynamic axes (-1) get names so check_buffers accepts any size there; axis 0 is the batch axis.
             shape = tuple(d if d >= 0 else ("batch" if j == 0 else f"dim{j}") for j, d in enumerate(engine.get_tensor_shape(name)))
             spec = TensorSpec(name, dtype_name, shape)

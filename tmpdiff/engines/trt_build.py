@@ -5,7 +5,7 @@ TensorRT or a GPU (plan names, profile shapes, the precision / compute-capabilit
 equivalent `trtexec` / `polygraphy convert` command lines). `tensorrt` is imported only when a plan is
 built or loaded, so `import tmpdiff.engines.trt_build` works on any machine.
 
-Written against the TensorRT 10 Python API (the `gpu` extra pins tensorrt>=10.8,<11).
+Written against the TensorRT 10 Python API (`TENSORRT_VERSION` is the pin; the `gpu` extra allows tensorrt>=10.8,<11).
 """
 
 from __future__ import annotations
@@ -32,21 +32,37 @@ BATCH_AXIS = "batch"
 REBUILD_HINT = "rebuild it with `tmpdiff build --backend trt`"
 
 
-def tensorrt_requirement(torch_cuda: str | None) -> str:
-    """The TensorRT 10 wheel for a torch built against CUDA `torch_cuda` ("12.8"): `tensorrt-cu12` / `tensorrt-cu13`.
-    The plain `tensorrt` metapackage installs the CUDA 13 variant whatever torch uses, which needs a recent driver
-    and does not load beside a CUDA 12 torch. A CPU torch (None) or another major gets the metapackage."""
+# The TensorRT every GPU check and build of this project is run with: plans load only on the exact version that built
+# them, so results from two machines compare only under one pin (the newest TensorRT 10 on PyPI on 2026-12-07).
+TENSORRT_VERSION = "10.16.1.11"
+
+
+def tensorrt_requirement(torch_cuda: str | None) -> str | None:
+    """The pinned TensorRT wheel for a torch built against CUDA `torch_cuda` ("12.8"): `tensorrt-cu12` /
+    `tensorrt-cu13` (the plain `tensorrt` metapackage installs the CUDA 13 variant whatever torch uses, which needs a
+    recent driver and does not load beside a CUDA 12 torch). None for a CPU torch or another CUDA major: no TensorRT
+    wheel fits it, a CUDA 12/13 build of torch comes first."""
     major = (torch_cuda or "").split(".")[0]
-    name = f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
-    return f"{name}>=10.8,<11"
+    return f"tensorrt-cu{major}=={TENSORRT_VERSION}" if major in ("12", "13") else None
 
 
 def not_installed() -> str:
     """What to do when TensorRT is missing: install the wheel of this torch's CUDA version."""
     import torch
 
-    return (f"TensorRT is not installed: pip install '{tensorrt_requirement(torch.version.cuda)}' on a machine with an "
-            "NVIDIA GPU (the wheel of torch's CUDA major version; TMPDIFF_GPU_INSTALL=1 scripts/gpu_check.sh does it)")
+    requirement = tensorrt_requirement(torch.version.cuda)
+    if requirement is None:
+        return (f"TensorRT is not installed, and torch here is {torch_build()}: install a CUDA 12 or 13 build of torch "
+                f"{torch.__version__.split('+')[0]} first, then the TensorRT wheel of its CUDA version")
+    return (f"TensorRT is not installed: pip install '{requirement}' on a machine with an NVIDIA GPU (the wheel of "
+            "torch's CUDA major version; TMPDIFF_GPU_INSTALL=1 scripts/gpu_check.sh does it)")
+
+
+def torch_build() -> str:
+    """What torch here was built for: 'a CPU build' or 'built for CUDA 12.8'."""
+    import torch
+
+    return "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
 
 _ARCHITECTURES = {(7, 5): "Turing", (8, 0): "Ampere", (8, 9): "Ada", (10, 0): "Blackwell"}
 BFLOAT16_CAPABILITY = (8, 0)  # bfloat16 kernels: Ampere and later
