@@ -541,9 +541,15 @@ def test_bench_walks_three_levels_when_asked(quant_build, tmp_path):
     assert code == 2 and "must hold the reference fp32" in err, err
     code, _, err = cli(*args, "--exhaustive-levels", "fp32,fp8", "--out", tmp_path / "refused2")
     assert code == 2 and "fp8 not among the compared levels" in err, err
+    # a walk asked for by name that cannot happen is refused before any work (was: skipped in silence)
+    code, _, err = cli(*args[:4], "--steps", "9", "--exhaustive-levels", "fp32,int8,int4", "--out", tmp_path / "r3")
+    assert code == 2 and "3^9 = 19,683 schedules at --steps 9, over the 6,561" in err, err
+    code, _, err = cli(*args, "--exhaustive-levels", "fp32,int4", "--no-exhaustive", "--out", tmp_path / "r4")
+    assert code == 2 and "drop --no-exhaustive" in err, err
     code, _, err = cli(*args, "--exhaustive-levels", "int4,fp32,int8", "--out", tmp_path / "bench")
     assert code == 0, err
     (run,) = json.loads((tmp_path / "bench" / "bench.json").read_text())["runs"]
+    assert run["skipped_speedups"] == [9.0] and "skipped: [9.0]" in err  # out of reach: said and recorded
     ex = run["exhaustive_unseen"]
     assert ex["levels"] == ["fp32", "int8", "int4"] and ex["schedules"] == 27
     assert ex["step_evaluations"] == 2 * (3 + 9 + 27)  # two seed groups (calibration, unseen), each tree node once

@@ -825,6 +825,18 @@ def bench(
         _check_speedup(target, "--speedups")
     check_threads(threads)
     walk_levels = None if exhaustive_levels is None else [p.strip() for p in exhaustive_levels.split(",") if p.strip()]
+    if walk_levels is not None:  # asked for by name: a walk that cannot happen is refused, not skipped in silence
+        from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_SCHEDULES
+
+        if not exhaustive:
+            raise TmpdiffError("--exhaustive-levels names the exhaustive walk's levels: drop --no-exhaustive")
+        count = len(set(walk_levels))
+        over = [n for n in _int_list(steps or ("20" if pipeline else "10,20"), "--steps")
+                if count ** n > EXHAUSTIVE_MAX_SCHEDULES]
+        if over:
+            raise TmpdiffError(f"--exhaustive-levels: {count}^{over[0]} = {count ** over[0]:,} schedules at --steps "
+                               f"{over[0]}, over the {EXHAUSTIVE_MAX_SCHEDULES:,} a bench walks (three levels: T <= 8, "
+                               "two: T <= 12)")
     # what `calibration.bench` / `pipeline_bench` write there (the exhaustive table only through a pipeline)
     written = ("bench.json", "bench.md", "pareto.png",
                *(f"exhaustive_T{n}.npz" for n in (_int_list(steps or "20", "--steps") if pipeline else [])))

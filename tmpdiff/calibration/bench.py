@@ -101,6 +101,9 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
         report.setdefault("build_provenance", build_provenance(build_dir, session.manifest, session.problem.all_levels))
         # checked before any search runs: a wrong level is refused in seconds, not after the comparison
         levels = exhaustive_levels(session.problem.all_levels, reference, exhaustive_at, steps) if exhaustive else None
+        if exhaustive and levels is None:
+            on_progress(f"T={steps}: no exhaustive judge (the reference and cheapest level's 2^{steps} schedules are "
+                        "over the 6,561 a bench walks)")
         judge_unseen = UnseenJudge(session, groups, clf)
 
         def quality(schedule, session=session, labels=labels):
@@ -112,6 +115,10 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
         per_steps: dict = {"steps": steps, "levels": session.problem.all_levels,
                            f"cost_{session.costs.unit}": session.problem.cost,
                            "max_speedup": session.problem.max_speedup(), "targets": []}
+        per_steps["skipped_speedups"] = [s for s in speedups if s > session.problem.max_speedup()]
+        if per_steps["skipped_speedups"]:
+            on_progress(f"T={steps}: targets above the costs table's max speedup "
+                        f"({session.problem.max_speedup():.3f}x), skipped: {per_steps['skipped_speedups']}")
         session.problem.prefetch([[p] * steps for p in session.problem.all_levels])
         per_steps["uniform"] = [_row(session, session.problem, f"uniform {p}", [p] * steps, 0, quality, judge_unseen, real)
                                 for p in session.problem.all_levels]
@@ -240,6 +247,8 @@ def render_markdown(report: dict) -> str:
                 lines.append(_table_row(row))
         lines.append("")
         lines += fallback_lines(run["uniform"] + [r for target in run["targets"] for r in target["rows"]])
+        if run.get("skipped_speedups"):  # reports written before it was recorded have none
+            lines += [f"Targets above the costs table's max speedup, skipped: {run['skipped_speedups']}", ""]
         if "exhaustive" in run:
             lines += ["### Exhaustive optimum (two levels) vs TMPDiff vs heuristics, per number K of cheap steps "
                       "(calibration seeds)", "",
