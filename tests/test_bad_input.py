@@ -101,8 +101,10 @@ def test_files_that_parse_but_cannot_work_are_refused_by_name(tmp_path):
         assert name in str(info.value) and all(p in str(info.value) for p in phrases), str(info.value)
 
     stated = {"format": "tmpdiff.costs/1", "origin": "stated", "device": "d", "source": "s",
-              "precisions": {"fp32": {"ratio": 1e308}, "int8": {"ratio": 1e-308}}}
+              "precisions": {"fp32": {"ratio": 1e10}, "int8": {"ratio": 1e-300}}}
     refused("costs.json", stated, load_costs, "over 1e+06 times")  # each finite, no speedup from them is
+    stated["precisions"] = {"fp32": {"ratio": 1e308}, "int8": {"ratio": 1e307}}  # 10x apart, but no sum is finite
+    refused("costs.json", stated, load_costs, "a step cost of 1e+308 is over 1e+12")
     schedule = {"format": "tmpdiff.schedule/2", "steps": 2, "precisions": ["fp32", "int8"],
                 "scheduler": {"class_name": "DPMSolverMultistepScheduler", "config": {"solver_order": 0}}}
     refused("schedule.json", schedule, load_schedule, "solver_order must be an integer >= 1")
