@@ -339,3 +339,22 @@ def test_tensorrt_wheel_follows_torchs_cuda_version():
     assert tensorrt_requirement("12.8") == "tensorrt-cu12==10.16.1.11"  # pinned: plans load on their TensorRT only
     assert tensorrt_requirement("13.0") == "tensorrt-cu13==10.16.1.11"
     assert tensorrt_requirement(None) is tensorrt_requirement("11.8") is None  # no wheel fits: a CUDA torch first
+
+
+def test_an_onnxruntime_gpu_of_another_cuda_major_is_skipped_with_the_reason(tmp_path):
+    """onnxruntime lists its CUDA provider whenever it was compiled in; onnxruntime-gpu 1.31.1 is built for CUDA 13,
+    so beside a CUDA 12 torch the provider check is skipped, saying why (it failed as if ORT were broken)."""
+    from tmpdiff.commands import doctor
+
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cu12 = doctor.Inventory("GPU 0: NVIDIA A10", "12.8", "NVIDIA A10 (compute capability 8.6)", "10.16.1.11", providers)
+    reason = "onnxruntime-gpu==1.31.1 is built for CUDA 13, torch here for CUDA 12.8"
+    assert any(reason in line for line in cu12.missing())
+    check = doctor.GpuCheck(tmp_path, cu12, lambda _: None)
+    assert check._run("ort providers", ["ort_cuda"], lambda: ("ran", {}))
+    [result] = check.results
+    assert result.status == "skipped" and reason in result.detail
+    cu13 = doctor.Inventory("GPU 0: NVIDIA A10", "13.0", "NVIDIA A10 (compute capability 8.6)", "10.16.1.11", providers)
+    assert cu13.ort_cuda_mismatch() is None and not cu13.missing()
+    check = doctor.GpuCheck(tmp_path, cu13, lambda _: None)
+    assert check._run("ort providers", ["ort_cuda"], lambda: ("ran", {})) and check.results[0].status == "passed"

@@ -25,6 +25,10 @@ from typing import Any
 from tmpdiff.engines.trt_build import not_installed
 from tmpdiff.formats.errors import TmpdiffError
 
+# onnxruntime-gpu's pin and the CUDA major its wheel needs (its metadata: nvidia-cuda-runtime~=13.0)
+ORT_GPU = "onnxruntime-gpu==1.31.1"
+ORT_GPU_CUDA = "13"
+
 
 @dataclass
 class Inventory:
@@ -44,9 +48,21 @@ class Inventory:
         if self.tensorrt is None:
             lines.append(not_installed())
         if "CUDAExecutionProvider" not in self.ort_providers:
-            lines.append("onnxruntime has no CUDA provider: pip uninstall -y onnxruntime && pip install "
-                         "onnxruntime-gpu==1.31.1 (the same module: never both installed)")
+            lines.append(f"onnxruntime has no CUDA provider: pip uninstall -y onnxruntime && pip install {ORT_GPU} "
+                         f"(the same module: never both installed; built for CUDA {ORT_GPU_CUDA})")
+        elif self.ort_cuda_mismatch():
+            lines.append(self.ort_cuda_mismatch())
         return lines
+
+    def ort_cuda_mismatch(self) -> str | None:
+        """Why onnxruntime's CUDA provider cannot load beside this torch (None when it can): it lists the provider
+        whenever it was compiled in, so a CUDA major other than its own is only seen when a session starts."""
+        major = (self.torch_cuda or "").split(".")[0]
+        if "CUDAExecutionProvider" in self.ort_providers and major and major != ORT_GPU_CUDA:
+            return (f"{ORT_GPU} is built for CUDA {ORT_GPU_CUDA}, torch here for CUDA {self.torch_cuda}: its CUDA "
+                    f"provider cannot load beside it (a CUDA {ORT_GPU_CUDA} torch, or an onnxruntime-gpu of CUDA "
+                    f"{major})")
+        return None
 
 
 def inventory() -> Inventory:
@@ -118,6 +134,8 @@ class GpuCheck:
     # ---- helpers --------------------------------------------------------------------------------------------
     def _run(self, name: str, needs: list[str], body: Callable[[], tuple[str, dict]]) -> bool:
         absent = [n for n in needs if not getattr(self, f"_has_{n}")()]
+        if "ort_cuda" in absent and self.inv.ort_cuda_mismatch():  # present, but it cannot load: say why
+            absent[absent.index("ort_cuda")] = f"ort_cuda ({self.inv.ort_cuda_mismatch()})"
         if absent:
             self.results.append(CheckResult(name, "skipped", f"needs {', '.join(absent)}"))
             self.say(f"skip  {name}: needs {', '.join(absent)}")
@@ -138,7 +156,7 @@ class GpuCheck:
         return self.inv.tensorrt is not None
 
     def _has_ort_cuda(self) -> bool:
-        return "CUDAExecutionProvider" in self.inv.ort_providers
+        return "CUDAExecutionProvider" in self.inv.ort_providers and self.inv.ort_cuda_mismatch() is None
 
     def _has_ort_trt(self) -> bool:
         return "TensorrtExecutionProvider" in self.inv.ort_providers
