@@ -467,6 +467,12 @@ def test_a_16_bit_build_measures_searches_and_runs_its_unquantized_layers_on_the
     assert code == 0, out + err
     plan = load_tmpq_plan(plan_path)
     assert plan.unquantized_engine == "fp16" and plan.reference["precision"] == "fp16"
+    # naming fp16 among the choices means the unquantized alternative there (was: "the table has no fp16")
+    code, out, err = cli("search-plan", build_dir, "--model", "bundled", "--layer-costs", costs, "--precisions",
+                         "fp16,int8", "--steps", 3, "--reference-steps", 4, "--speedup", 1.2, "--generations", 1,
+                         "--population", 2, "--calib-seeds", 0, "--holdout-seeds", 1000, "--out", tmp_path / "p2.json")
+    assert code == 0, out + err
+    assert load_tmpq_plan(tmp_path / "p2.json").search["precisions"] == ["fp32", "int8"]
     assert "fp16 4 steps (reference)" in plan.measured["holdout"]["results"]
     code, out, err = cli("deploy-plan", build_dir, plan_path, "--model", bundled.transformer_dir)
     assert code == 0, out + err

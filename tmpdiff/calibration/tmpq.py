@@ -160,6 +160,8 @@ def search_plan(build_dir: Path, model_dir: Path, table: LayerCostsTable, option
     table = unquantized_view(table, manifest, table_file)
     on_status("building the super-network from the build's quantizer state")
     choices = list(options.precisions or table.precisions)
+    # a 16-bit build's fp16 engine is its unquantized layers' engine: named, it means the unquantized alternative
+    choices = list(dict.fromkeys("fp32" if p == table.unquantized_engine else p for p in choices))
     unknown = sorted(set(choices) - set(table.precisions))
     if unknown:
         raise TmpdiffError(f"the layer costs table has no {', '.join(unknown)} (it has {', '.join(table.precisions)})",
