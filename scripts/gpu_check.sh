@@ -14,11 +14,7 @@ if [ "${TMPDIFF_GPU_INSTALL:-0}" = "1" ]; then
     # CUDA 13 one whatever torch was built with
     # (pinned: plans load only on the TensorRT that built them). A CPU torch has no TensorRT wheel: stop before any
     # install, rather than put CUDA 13 wheels beside it and fail later.
-    TRT_REQ="$("$VENV/bin/python" -c 'import torch; from tmpdiff.engines.trt_build import tensorrt_requirement as r; print(r(torch.version.cuda) or "")')"
-    if [ -z "$TRT_REQ" ]; then
-        "$VENV/bin/python" -c 'import sys, torch; from tmpdiff.engines.trt_build import torch_build; sys.stderr.write(f"error: torch here is {torch_build()}: install a CUDA 12 or 13 build of torch {torch.__version__.split(chr(43))[0]} into {sys.prefix} first (TMPDIFF_GPU_INSTALL installs TensorRT and onnxruntime-gpu, not torch)\n")'
-        exit 2
-    fi
+    TRT_REQ="$("$VENV/bin/python" -c 'import sys, torch; from tmpdiff.engines.trt_build import not_installed, tensorrt_requirement as r; print(r(torch.version.cuda) or sys.exit("error: " + not_installed()))')" || exit 2
     "$VENV/bin/python" -m pip install --quiet "$TRT_REQ"
     # onnxruntime-gpu provides the same module as the CPU package: one replaces the other, never both installed. On a
     # re-run the install above has put the CPU package's files back over the GPU package's, and uninstalling it

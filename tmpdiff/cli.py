@@ -824,22 +824,18 @@ def bench(
     for target in targets:
         _check_speedup(target, "--speedups")
     check_threads(threads)
+    step_counts = _int_list(steps or ("20" if pipeline else "10,20"), "--steps")
     walk_levels = None if exhaustive_levels is None else [p.strip() for p in exhaustive_levels.split(",") if p.strip()]
     if walk_levels is not None:  # asked for by name: a walk that cannot happen is refused, not skipped in silence
-        from tmpdiff.calibration.exhaustive import EXHAUSTIVE_MAX_SCHEDULES
+        from tmpdiff.calibration.exhaustive import too_many_to_walk
 
         if not exhaustive:
             raise TmpdiffError("--exhaustive-levels names the exhaustive walk's levels: drop --no-exhaustive")
-        count = len(set(walk_levels))
-        over = [n for n in _int_list(steps or ("20" if pipeline else "10,20"), "--steps")
-                if count ** n > EXHAUSTIVE_MAX_SCHEDULES]
+        over = next(filter(None, (too_many_to_walk(len(set(walk_levels)), n) for n in step_counts)), None)
         if over:
-            raise TmpdiffError(f"--exhaustive-levels: {count}^{over[0]} = {count ** over[0]:,} schedules at --steps "
-                               f"{over[0]}, over the {EXHAUSTIVE_MAX_SCHEDULES:,} a bench walks (three levels: T <= 8, "
-                               "two: T <= 12)")
+            raise TmpdiffError(f"--exhaustive-levels: {over}")
     # what `calibration.bench` / `pipeline_bench` write there (the exhaustive table only through a pipeline)
-    written = ("bench.json", "bench.md", "pareto.png",
-               *(f"exhaustive_T{n}.npz" for n in (_int_list(steps or "20", "--steps") if pipeline else [])))
+    written = ("bench.json", "bench.md", "pareto.png", *(f"exhaustive_T{n}.npz" for n in (step_counts if pipeline else [])))
     out = check_outputs([Output.folder("--out", out, written)], force=force,
                         inputs=[costs, pipeline, prompts, unseen_prompts], build_dirs=[build_dir])["--out"]
     progress = _elapsed_progress()
@@ -857,13 +853,13 @@ def bench(
         pipeline_bench(build_dir, costs, out, pipeline, calib, seeds, unseen,
                        [100 + i for i in range(len(seeds))] if unseen_seeds is None
                        else _seed_list(unseen_seeds, "--unseen-seeds"),
-                       _int_list(steps or "20", "--steps"), targets, guidance=guidance, reference=reference,
+                       step_counts, targets, guidance=guidance, reference=reference,
                        threads=threads, refine_evaluations=refine_evaluations, on_progress=progress,
                        exhaustive=exhaustive, exhaustive_at=walk_levels)
         typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'pareto.png'}")
         return
     classifier = bundled_dir() / "classifier"
-    report = run_bench(build_dir, costs, out, _int_list(steps or "10,20", "--steps"), targets,
+    report = run_bench(build_dir, costs, out, step_counts, targets,
                        _seed_list(calib_seeds, "--calib-seeds"),
                        threads, classifier if classifier.is_dir() else None, on_progress=progress,
                        reference=reference, exhaustive=exhaustive,

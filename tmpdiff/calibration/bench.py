@@ -24,7 +24,7 @@ from tmpdiff.calibration.baselines import (
     two_level,
 )
 from tmpdiff.calibration.evaluator import METRICS
-from tmpdiff.calibration.exhaustive import SampleTable, build_table, exhaustive_levels
+from tmpdiff.calibration.exhaustive import SampleTable, build_table, exhaustive_levels, too_many_to_walk
 from tmpdiff.calibration.lossy import bench_size_curve, exhaustive_comparison, reachable, selection_floor, table_problem
 from tmpdiff.calibration.matched import UnseenJudge, summarise, unseen_groups
 from tmpdiff.calibration.provenance import build_provenance, provenance_line
@@ -98,12 +98,13 @@ def bench(build_dir: Path, costs_path: Path, out: Path, steps_list: Sequence[int
         session = open_session(build_dir, costs_path, steps, "latent", reference, seeds=seeds, threads=threads,
                                workers=workers, address=address, on_notice=on_progress)
         labels = session.evaluator.labels
-        report.setdefault("build_provenance", build_provenance(build_dir, session.manifest, session.problem.all_levels))
+        if "build_provenance" not in report:  # once: every step count judges the same engines
+            report["build_provenance"] = build_provenance(build_dir, session.manifest, session.problem.all_levels)
         # checked before any search runs: a wrong level is refused in seconds, not after the comparison
         levels = exhaustive_levels(session.problem.all_levels, reference, exhaustive_at, steps) if exhaustive else None
         if exhaustive and levels is None:
-            on_progress(f"T={steps}: no exhaustive judge (the reference and cheapest level's 2^{steps} schedules are "
-                        "over the 6,561 a bench walks)")
+            walked = len(set(exhaustive_at)) if exhaustive_at else 2  # default: the reference and the cheapest
+            on_progress(f"T={steps}: no exhaustive judge ({too_many_to_walk(walked, steps)})")
         judge_unseen = UnseenJudge(session, groups, clf)
 
         def quality(schedule, session=session, labels=labels):

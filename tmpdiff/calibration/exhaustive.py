@@ -125,7 +125,16 @@ def exhaustive_levels(problem_levels: Sequence[str], reference: str, asked: Sequ
         raise TmpdiffError(f"--exhaustive-levels must hold the reference {reference} and at least one cheaper level, "
                            f"got {', '.join(levels)}")
     levels = [reference, *sorted((p for p in levels if p != reference), key=list(problem_levels).index)]
-    return levels if len(levels) ** steps <= EXHAUSTIVE_MAX_SCHEDULES else None
+    return levels if too_many_to_walk(len(levels), steps) is None else None
+
+
+def too_many_to_walk(levels: int, steps: int) -> str | None:
+    """Why a walk of `levels` levels over `steps` steps is not made (None when it is): more schedules than a bench
+    walks (`EXHAUSTIVE_MAX_SCHEDULES`)."""
+    if levels ** steps <= EXHAUSTIVE_MAX_SCHEDULES:
+        return None
+    return (f"{levels}^{steps} = {levels ** steps:,} schedules at --steps {steps}, over the "
+            f"{EXHAUSTIVE_MAX_SCHEDULES:,} a bench walks (three levels: T <= 8, two: T <= 12)")
 
 
 def tree_steps(levels: int, steps: int) -> int:

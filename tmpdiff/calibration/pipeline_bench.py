@@ -161,7 +161,8 @@ def pipeline_bench(build_dir: Path, costs_path: Path, out: Path, pipeline_dir: P
         on_progress(f"T={steps}: reference runs")
         session = open_pipeline_session(build_dir, costs_path, pipeline_dir, prompts, seeds, steps, "latent", reference,
                                         guidance, threads=threads)
-        report.setdefault("build_provenance", build_provenance(build_dir, session.manifest, session.problem.all_levels))
+        if "build_provenance" not in report:  # once: every step count judges the same engines
+            report["build_provenance"] = build_provenance(build_dir, session.manifest, session.problem.all_levels)
         try:
             report["runs"].append(_bench_steps(session, unseen_prompts, unseen_seeds, speedups, refine_evaluations,
                                                timing_repeats, on_progress,

@@ -73,13 +73,13 @@ def check_build(build_dir: Path, schedules: list[Path] | None = None, spot_check
             if mismatch is not None:
                 problems.append(Problem(str(root / rel), f"{name}: {mismatch}", "re-export without --sample-size"))
     for name in manifest.mixed:
-        from tmpdiff.formats.manifest import mixed_problem
+        from tmpdiff.formats.manifest import STALE_EXPORT, mixed_problem
 
         problem = mixed_problem(build_dir, manifest, name) or _mixed_layers_problem(build_dir, manifest, name)
         if problem is not None:
             # a plan searched on the older export is refused by deploy-plan too: its layers were chosen with those scales
-            fix = ("search again (`tmpdiff search-plan`) and deploy the new plan" if problem.startswith("made from an "
-                   "older export") else "re-run `tmpdiff deploy-plan` with the plan that names it")
+            fix = ("search again (`tmpdiff search-plan`) and deploy the new plan" if problem.startswith(STALE_EXPORT)
+                   else "re-run `tmpdiff deploy-plan` with the plan that names it")
             problems.append(Problem(str(build_dir / manifest.mixed[name].onnx), f"layer configuration {name}: {problem}",
                                     fix))
     if manifest.time_embedding_input is not None:

@@ -201,6 +201,9 @@ def mixed_name(layers: list[str], precisions: list[str]) -> str:
 TMPQ_ON_PLAIN = "TMPQ-DM plans run on a build exported without --time-embedding-input"
 
 
+STALE_EXPORT = "made from an older export of"  # a deployed configuration whose precisions were exported again
+
+
 def mixed_problem(build_dir: Path, manifest: Manifest, name: str, backend: str | None = None) -> str | None:
     """Why a deployed layer configuration cannot run as it is (None when it can): on `backend` (ort: its twin; trt:
     its TensorRT graph, which older deployments lack), or every graph it records when None (what check asks)."""
@@ -221,7 +224,7 @@ def mixed_problem(build_dir: Path, manifest: Manifest, name: str, backend: str |
     stale = sorted(p for p, key in entry.sources.items() if p not in manifest.precisions
                    or manifest.precisions[p].key != key)
     if stale:
-        return f"made from an older export of {', '.join(stale)}"
+        return f"{STALE_EXPORT} {', '.join(stale)}"
     return None
 
 
